@@ -1,0 +1,38 @@
+"""Domain exceptions.
+
+Every exception subclasses a built-in (so callers can catch ``ValueError`` etc.)
+and :class:`ClipsqlError` (so the CLI can turn it into a message and exit code 1).
+Messages say what went wrong *and* how to fix it.
+"""
+
+
+class ClipsqlError(Exception):
+    """Base class of every error clipsql raises on purpose."""
+
+
+class StoreNotFound(ClipsqlError, FileNotFoundError):
+    pass
+
+
+class StoreLocked(ClipsqlError, RuntimeError):
+    pass
+
+
+class ModelError(ClipsqlError, ValueError):
+    """Unknown model, missing checkpoint, weights that cannot be fetched."""
+
+
+class DimensionMismatch(ClipsqlError, ValueError):
+    pass
+
+
+class SourceError(ClipsqlError, ValueError):
+    """A source that cannot be read at all (not a single bad row: those are rejects)."""
+
+
+class StatsError(ClipsqlError, LookupError):
+    """Missing or stale statistics (names the command that fixes it)."""
+
+
+class QueryError(ClipsqlError, RuntimeError):
+    pass
