@@ -1,0 +1,10 @@
+"""The score math (`queries.scores`) and the DuckDB layer (`queries.connect`)."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def connect(store: Any, **kwargs: Any) -> Any:
+    """`queries.connect(STORE)` → an in-memory DuckDB connection with views and score functions."""
+    from .connect import connect as _connect
+    return _connect(store, **kwargs)

@@ -1,0 +1,202 @@
+"""clipsql: a store of CLIP embeddings whose curation scores are SQL.
+
+A thin typer router: each command calls one library function and turns
+clipsql's domain errors into a message and exit code 1. Heavy imports (torch,
+open_clip, lancedb, duckdb) happen inside the commands, so --help is instant.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`, then see `clipsql COMMAND --help`.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+stats_app = typer.Typer(help="Running statistics and fitted reference statistics.", no_args_is_help=True)
+app.add_typer(stats_app, name="stats")
+
+STORE_ARG = typer.Argument(..., help="Store directory (created by `clipsql init`).")
+
+
+class Fmt(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    parquet = "parquet"
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    typer.secho(f"Error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
+    """Call a library function; domain errors become a message and exit 1."""
+    from store.errors import ClipsqlError
+    try:
+        return fn(*args, **kwargs)
+    except ClipsqlError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted (committed batches are kept; re-run to resume)", 130)
+
+
+@app.command()
+def init(store: Path = STORE_ARG,
+         catalog: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the catalog (default: SQLite file "
+                                                          "inside the store), e.g. postgresql://user@host/db")) -> None:
+    """Create a store: a LanceDB database plus a catalog of models, runs, rejects and statistics."""
+    from store.store import Store
+    st = _run(Store.init, store, catalog)
+    typer.echo(f"store ready at {st.path} (catalog: {st.engine.url.render_as_string(hide_password=True)})")
+
+
+@app.command("models")
+def models_cmd(store: Path = STORE_ARG,
+               fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json")) -> None:
+    """List the models whose embeddings the store holds."""
+    from store.store import Store
+    st = _run(Store.open, store)
+    default = st.get_setting("default_model")
+    rows = [dict(model=m.model_id, kind=m.kind, dim=m.dim, logit_scale=round(m.logit_scale, 4),
+                 logit_bias=m.logit_bias, rows=st.count_rows(m), default=m.model_id == default)
+            for m in st.list_models()]
+    if fmt == Fmt.json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no models yet: `clipsql ingest STORE SOURCE --model …`")
+    for r in rows:
+        star = "*" if r["default"] else " "
+        typer.echo(f"{star} {r['model']}  kind={r['kind']} dim={r['dim']} logit_scale={r['logit_scale']} "
+                   f"logit_bias={r['logit_bias']} rows={r['rows']}")
+
+
+@app.command()
+def ingest(
+    store: Path = STORE_ARG,
+    source: str = typer.Argument(..., help="Folder of images + .txt captions, a csv/parquet/jsonl table, "
+                                           "webdataset .tar shard(s), or precomputed embeddings."),
+    model: Optional[str] = typer.Option(None, help="ARCH (with --pretrained), hf-hub:ORG/REPO, local-dir:PATH, "
+                                                   "or clipsql-demo. Default: the store's default model, else the "
+                                                   "bundled demo model."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, e.g. laion2b_s34b_b79k."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A local checkpoint file for ARCH."),
+    batch_size: int = typer.Option(256, min=1, help="Rows per encode/write batch."),
+    workers: int = typer.Option(2, min=0, help="DataLoader workers decoding images in parallel (0 = inline)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    image_column: str = typer.Option("image", help="Table sources: column with the image path."),
+    caption_column: str = typer.Option("caption", help="Table/precomputed sources: caption column."),
+    id_column: Optional[str] = typer.Option(None, help="Column with stable sample ids (default: content hash)."),
+    image_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: image embedding column."),
+    text_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: text embedding column."),
+    kind: Optional[str] = typer.Option(None, help="Force the source kind: folder|table|webdataset|precomputed."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    fmt: Fmt = typer.Option(Fmt.table, "--format", help="Summary as table or json."),
+) -> None:
+    """Encode a source with open_clip and add its raw embeddings; re-running adds nothing new."""
+    from store.store import Store
+    from ingest.pipeline import IngestOptions, ingest as run_ingest
+    st = _run(Store.open, store)
+    if model is None and checkpoint is None:
+        model, pretrained, checkpoint = _default_model(st, pretrained)
+    opts = IngestOptions(batch_size=batch_size, workers=workers, device=device, image_column=image_column,
+                         caption_column=caption_column, id_column=id_column, image_embeddings=image_embeddings,
+                         text_embeddings=text_embeddings, source_kind=kind, progress=progress)
+    summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
+                   checkpoint=str(checkpoint) if checkpoint else None, options=opts)
+    if fmt == Fmt.json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    typer.echo(format_summary(summary))
+
+
+def _default_model(st, pretrained):  # noqa: ANN001, ANN202
+    """No --model: the store's default model, else the bundled demo model (with a plain notice)."""
+    from ingest.models import DEFAULT_MODEL, DEMO_NOTICE
+    if st.list_models():
+        spec = st.model().spec
+        name = spec.get("given") or spec["open_clip_name"]
+        if spec.get("local") and spec.get("pretrained"):
+            return name, None, Path(spec["pretrained"])
+        return name, pretrained or spec.get("pretrained"), None
+    typer.secho(f"note: {DEMO_NOTICE}", fg=typer.colors.YELLOW, err=True)
+    return DEFAULT_MODEL, None, None
+
+
+def format_summary(s) -> str:  # noqa: ANN001
+    lines = [f"run {s.run_id} [{s.model_id}] {s.status}: added {s.added}, skipped (already present) {s.skipped}, "
+             f"rejected {sum(s.rejected.values())}"]
+    for reason, n in sorted(s.rejected.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  rejected {n:>6}  {reason}")
+    lines.append(f"wall {s.wall_seconds:.2f}s, {s.rows_per_second:.1f} rows/s; stage seconds: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in s.seconds.items()))
+    lines.append("see rejects with: clipsql query STORE \"SELECT reason, location, detail FROM rejects\"")
+    return "\n".join(lines)
+
+
+@stats_app.command("show")
+def stats_show(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None, help="Model id (default: the "
+                                                                                        "store's default)."),
+               fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json"),
+               top: int = typer.Option(5, help="How many covariance eigenvalues to show.")) -> None:
+    """Show running statistics: n, mean, norms, top covariance eigenvalues, and whether they are current."""
+    from queries.stats import stats_report
+    from store.store import Store
+    st = _run(Store.open, store)
+    report = _run(stats_report, st, model, top=top)
+    if fmt == Fmt.json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    from queries.stats import format_report
+    typer.echo(format_report(report))
+
+
+@stats_app.command("refresh")
+def stats_refresh(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None, help="Model id (default: "
+                                                                                           "all models).")) -> None:
+    """Recompute the running statistics from every stored vector."""
+    from store.store import Store
+    st = _run(Store.open, store)
+    targets = [_run(st.model, model)] if model else st.list_models()
+    with st.lock():
+        for m in targets:
+            state = st.refresh_stats(m)
+            typer.echo(f"{m.model_id}: statistics recomputed over {state.n} rows")
+
+
+@app.command()
+def query(store: Path = STORE_ARG,
+          sql: str = typer.Argument(..., help="DuckDB SQL over the views samples, embeddings, rejects, "
+                                              "stats, scores and the score functions."),
+          fmt: Fmt = typer.Option(Fmt.table, "--format", help="table | csv | json | parquet"),
+          output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to a file instead of stdout "
+                                                                             "(required for parquet)."),
+          allow_external_access: bool = typer.Option(False, help="Let the SQL read/write files (COPY, read_csv…); "
+                                                                 "off by default so ad-hoc SQL cannot touch files."),
+          max_rows: int = typer.Option(40, help="Rows shown in table format (0 = all).")) -> None:
+    """Run SQL through DuckDB over the store (read-only by default)."""
+    from queries.cli_query import run_query
+    out = _run(run_query, store, sql, fmt.value, output, allow_external_access, max_rows)
+    if out:
+        typer.echo(out)
+
+
+@app.command()
+def sql(store: Path = STORE_ARG,
+        allow_external_access: bool = typer.Option(False, help="Let the SQL read/write files.")) -> None:
+    """An interactive SQL prompt over the store (same views and functions as `query`)."""
+    from queries.cli_query import repl
+    _run(repl, store, allow_external_access)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

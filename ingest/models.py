@@ -1,0 +1,189 @@
+"""Model identity and loading, in open_clip terms.
+
+A model is named the way open_clip names it:
+  * ``ViT-B-32`` + ``--pretrained laion2b_s34b_b79k``   → id ``ViT-B-32/laion2b_s34b_b79k``
+  * ``hf-hub:timm/ViT-B-16-SigLIP``                      → id ``hf-hub:timm/ViT-B-16-SigLIP``
+  * ``local-dir:PATH`` (``open_clip_config.json`` + weights) → id ``local-dir:NAME@<sha256[:12]>``
+  * ``ARCH`` + ``--checkpoint FILE``                     → id ``ARCH@file:<sha256[:12]>``
+  * ``clipsql-demo`` / ``clipsql-demo-sig``: the small models shipped with clipsql
+    (trained here on generated shapes; real work wants a real CLIP).
+
+`resolve` validates a name without loading weights, so an unknown model or a
+missing file fails before anything is written; `load` builds the network.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from store.errors import ModelError
+
+FIXTURE_DIR = Path(__file__).resolve().parent / "fixture_models"
+BUNDLED = {"clipsql-demo": "demo-clip", "clipsql-demo-sig": "demo-sig"}
+DEFAULT_MODEL = "clipsql-demo"
+DEMO_NOTICE = ("using clipsql's bundled demo model (a 3.6M-parameter CLIP trained on generated shapes); "
+               "real work wants a real CLIP, e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model, and the canonical id the store keys it by."""
+    model_id: str
+    open_clip_name: str              # what open_clip.create_model gets as model_name
+    pretrained: str | None = None    # a tag or a checkpoint path
+    local: bool = False              # weights on disk (no download needed)
+    config: dict = field(default_factory=dict, compare=False)
+    given: str | None = None         # the name as the user gave it (e.g. the bundled alias)
+
+    def to_json(self) -> dict:
+        return {"open_clip_name": self.open_clip_name, "pretrained": self.pretrained, "local": self.local,
+                "given": self.given}
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+    device: str
+    kind: str
+    dim: int
+    logit_scale: float
+    logit_bias: float | None
+    context_length: int | None
+
+    def record_fields(self) -> dict:
+        return dict(model_id=self.spec.model_id, kind=self.kind, dim=self.dim, logit_scale=self.logit_scale,
+                    logit_bias=self.logit_bias, context_length=self.context_length, spec=self.spec.to_json())
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def _find_weights(folder: Path) -> Path | None:
+    for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+def resolve(name: str | None, pretrained: str | None = None, checkpoint: str | None = None) -> ModelSpec:
+    """Validate a model name; raise ModelError saying how to fix it. Loads no weights."""
+    name = name or DEFAULT_MODEL
+    if name in BUNDLED:
+        spec = resolve(f"local-dir:{FIXTURE_DIR / BUNDLED[name]}")
+        return ModelSpec(spec.model_id.replace(f"local-dir:{BUNDLED[name]}@", f"{name}@"), spec.open_clip_name,
+                         None, True, spec.config, name)
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):]).expanduser()
+        cfg_path = folder / "open_clip_config.json"
+        if not folder.is_dir():
+            raise ModelError(f"local-dir model folder {folder} does not exist")
+        if not cfg_path.is_file():
+            raise ModelError(f"{folder} has no open_clip_config.json; a local-dir: model is a folder with "
+                             "open_clip_config.json (keys model_cfg, preprocess_cfg) and its weights")
+        try:
+            config = json.loads(cfg_path.read_text())
+        except ValueError as e:
+            raise ModelError(f"{cfg_path} is not valid JSON: {e}") from None
+        if "model_cfg" not in config:
+            raise ModelError(f"{cfg_path} lacks the 'model_cfg' key open_clip needs")
+        weights = _find_weights(folder)
+        if weights is None:
+            raise ModelError(f"{folder} has no weights (*.safetensors, *.bin, *.pth); "
+                             "random weights would make every score meaningless")
+        digest = hashlib.sha256((_sha(weights) + cfg_path.read_text()).encode()).hexdigest()[:12]
+        return ModelSpec(f"local-dir:{folder.resolve().name}@{digest}", f"local-dir:{folder.resolve()}",
+                         None, True, config["model_cfg"])
+    if name.startswith("hf-hub:"):
+        if pretrained or checkpoint:
+            raise ModelError("hf-hub: models carry their own weights; drop --pretrained/--checkpoint")
+        return ModelSpec(name, name, None, False)
+
+    import open_clip  # lazy: heavy
+    arch = name.replace("/", "-")
+    known = open_clip.list_models()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else " See `open_clip.list_models()`."
+        raise ModelError(f"unknown model {name!r}.{hint} Other forms: hf-hub:ORG/REPO, local-dir:PATH, "
+                         "or ARCH --checkpoint FILE.")
+    config = open_clip.get_model_config(arch) or {}
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise ModelError(f"checkpoint file {path} does not exist")
+        return ModelSpec(f"{arch}@file:{_sha(path)}", arch, str(path.resolve()), True, config)
+    if not pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise ModelError(f"{arch} needs weights: pass --pretrained TAG (one of: {', '.join(tags) or 'none known'}) "
+                         "or --checkpoint FILE")
+    if Path(pretrained).expanduser().is_file():
+        path = Path(pretrained).expanduser()
+        return ModelSpec(f"{arch}@file:{_sha(path)}", arch, str(path.resolve()), True, config)
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if pretrained not in tags:
+        raise ModelError(f"unknown pretrained tag {pretrained!r} for {arch}; known tags: {', '.join(tags) or 'none'}")
+    return ModelSpec(f"{arch}/{pretrained}", arch, pretrained, False, config)
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ModelError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return device
+
+
+def load(spec: ModelSpec, device: str = "auto") -> LoadedModel:
+    """Build the open_clip model with its weights; ModelError (with a fix) when that fails."""
+    import open_clip
+    import torch
+    device = pick_device(device)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.open_clip_name, pretrained=spec.pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
+    except Exception as e:  # open_clip raises RuntimeError/ValueError/HF errors
+        how = ("the machine cannot reach the model hub: download the weights elsewhere and pass "
+               "--checkpoint FILE or local-dir:PATH") if not spec.local else "check the files"
+        raise ModelError(f"could not load {spec.model_id}: {e.__class__.__name__}: {str(e)[:300]} — {how}") from None
+    model.eval()
+    with torch.no_grad():
+        dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])
+    bias = getattr(model, "logit_bias", None)
+    return LoadedModel(
+        spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer, device=device,
+        kind="siglip" if bias is not None else "clip", dim=dim,
+        logit_scale=float(model.logit_scale.exp().item()),
+        logit_bias=None if bias is None else float(bias.item()),
+        context_length=getattr(tokenizer, "context_length", None))
+
+
+def record_without_weights(spec: ModelSpec, dim: int) -> dict:
+    """Model fields for precomputed embeddings when the weights are not needed (nor available)."""
+    cfg = spec.config or {}
+    cfg_dim = cfg.get("embed_dim")
+    if cfg_dim is not None and int(cfg_dim) != dim:
+        from store.errors import DimensionMismatch
+        raise DimensionMismatch(f"{spec.model_id} produces {cfg_dim}-d embeddings but the source has {dim}-d vectors")
+    import math
+    siglip = "init_logit_bias" in cfg
+    scale = math.exp(cfg["init_logit_scale"]) if siglip and "init_logit_scale" in cfg else 100.0
+    return dict(model_id=spec.model_id, kind="siglip" if siglip else "clip", dim=dim, logit_scale=scale,
+                logit_bias=float(cfg["init_logit_bias"]) if siglip else None,
+                context_length=(cfg.get("text_cfg") or {}).get("context_length"), spec=spec.to_json())

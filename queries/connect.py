@@ -1,0 +1,115 @@
+"""One DuckDB connection with the store's views and every score function.
+
+    con = queries.connect("my-store")
+    con.sql("SELECT uri, caption FROM scores ORDER BY image_info_gain LIMIT 20")
+
+Lance datasets are registered through Arrow (DuckDB scans them as pyarrow
+datasets with projection and filter pushdown; DuckDB's own lance extension is not
+needed). By default the connection is read-only towards the file system: ad-hoc
+SQL cannot read or write files (``enable_external_access = false``, locked).
+Pass ``allow_external_access=True`` (CLI: ``--allow-external-access``) to COPY
+results out or read other files.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import sqlalchemy as sa
+
+from store import catalog as cat
+from store.store import ModelRecord, Store
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def open_store(store: Store | str | os.PathLike) -> Store:
+    return store if isinstance(store, Store) else Store.open(store)
+
+
+def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = False,
+            threads: int | None = None) -> Any:
+    """An in-memory DuckDB connection over the store: views, stats and score functions."""
+    import duckdb
+    st = open_store(store)
+    config = {"threads": threads} if threads else {}
+    con = duckdb.connect(":memory:", config=config)
+    register_views(con, st)
+    from . import functions
+    functions.register(con, st)
+    if not allow_external_access:
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    return con
+
+
+def register_views(con: Any, st: Store) -> None:
+    _register_samples(con, st)
+    _register_embeddings(con, st)
+    _register_rejects(con, st)
+
+
+def _register_samples(con: Any, st: Store) -> None:
+    import pyarrow as pa
+    from store.store import samples_schema
+    tbl = st.samples_table()
+    con.register("_lance_samples", tbl.to_lance() if tbl is not None else samples_schema().empty_table())
+    base = ["id", "uri", "caption", "width", "height"]
+    cols = [quote_ident(c) for c in base]
+    for name, sql_type in st.metadata_columns().items():
+        alias = name if name not in set(base) | {"source", "location", "caption_truncated", "metadata"} \
+            else f"meta_{name}"
+        path = quote_literal("$." + _json_path_key(name))
+        if sql_type == "VARCHAR":
+            expr = f"json_extract_string(metadata, {path})"
+        else:
+            expr = f"TRY_CAST(json_extract_string(metadata, {path}) AS {sql_type})"
+        cols.append(f"{expr} AS {quote_ident(alias)}")
+    cols += ["source", "location", "caption_truncated", "metadata"]
+    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {', '.join(cols)} FROM _lance_samples")
+    del pa
+
+
+def _json_path_key(name: str) -> str:
+    # JSON path member with quoting so keys with dots/spaces work: $."my key"
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _register_embeddings(con: Any, st: Store) -> None:
+    models = st.list_models()
+    parts = []
+    same_dim = len({m.dim for m in models}) <= 1
+    for i, m in enumerate(models):
+        con.register(f"_lance_emb_{i}", st.embeddings_table(m).to_lance())
+        cast = "" if same_dim else "::FLOAT[]"
+        parts.append(f"SELECT id, {quote_literal(m.model_id)} AS model, image_embedding{cast} AS image_embedding, "
+                     f"text_embedding{cast} AS text_embedding FROM _lance_emb_{i}")
+        con.execute(f"CREATE OR REPLACE VIEW {quote_ident('embeddings_' + str(i))} AS {parts[-1]}")
+    if not parts:
+        parts = ["SELECT NULL::VARCHAR AS id, NULL::VARCHAR AS model, NULL::FLOAT[] AS image_embedding, "
+                 "NULL::FLOAT[] AS text_embedding WHERE false"]
+    con.execute(f"CREATE OR REPLACE VIEW embeddings AS {' UNION ALL '.join(parts)}")
+
+
+def _register_rejects(con: Any, st: Store) -> None:
+    import pyarrow as pa
+    with st.engine.connect() as conn:
+        rows = conn.execute(sa.select(cat.rejects).order_by(cat.rejects.c.reject_id)).fetchall()
+    cols = ["reject_id", "run_id", "model_id", "source", "location", "reason", "detail", "created_at"]
+    data = {c: [r._mapping[c] for r in rows] for c in cols}
+    schema = pa.schema([("reject_id", pa.int64()), ("run_id", pa.int64()), ("model_id", pa.string()),
+                        ("source", pa.string()), ("location", pa.string()), ("reason", pa.string()),
+                        ("detail", pa.string()), ("created_at", pa.float64())])
+    con.register("_rejects", pa.table(data, schema=schema))
+    con.execute("CREATE OR REPLACE VIEW rejects AS SELECT reject_id, run_id, model_id AS model, source, location, "
+                "reason, detail, to_timestamp(created_at) AS created_at FROM _rejects")
+
+
+def model_views(st: Store) -> list[tuple[int, ModelRecord]]:
+    return list(enumerate(st.list_models()))

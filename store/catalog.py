@@ -1,0 +1,182 @@
+"""The catalog: models, ingest runs, rejects and statistics, through SQLAlchemy.
+
+Default backend is a SQLite file inside the store (WAL mode, so analysts can
+read while an ingest writes); any SQLAlchemy URL works (PostgreSQL for a team).
+The schema evolves by numbered migrations, applied in order and recorded in
+``schema_migrations``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any, Callable
+
+import numpy as np
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.Float, nullable=False),
+)
+settings = sa.Table(
+    "settings", metadata,
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+models = sa.Table(
+    "models", metadata,
+    sa.Column("model_id", sa.String(500), primary_key=True),
+    sa.Column("table_name", sa.String(200), nullable=False, unique=True),
+    sa.Column("kind", sa.String(20), nullable=False),           # clip | siglip
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("logit_scale", sa.Float, nullable=False),
+    sa.Column("logit_bias", sa.Float, nullable=True),
+    sa.Column("context_length", sa.Integer, nullable=True),
+    sa.Column("spec", sa.Text, nullable=False),                # JSON: how to load it again
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+ingest_runs = sa.Table(
+    "ingest_runs", metadata,
+    sa.Column("run_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_id", sa.String(500), nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("source_kind", sa.String(40), nullable=False),
+    sa.Column("status", sa.String(20), nullable=False),        # running | done | failed
+    sa.Column("started_at", sa.Float, nullable=False),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.Column("added", sa.Integer, nullable=False, default=0),
+    sa.Column("skipped", sa.Integer, nullable=False, default=0),
+    sa.Column("rejected", sa.Integer, nullable=False, default=0),
+    sa.Column("summary", sa.Text, nullable=True),              # JSON: timings per stage, rejects by reason
+)
+rejects = sa.Table(
+    "rejects", metadata,
+    sa.Column("reject_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("model_id", sa.String(500), nullable=True),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("location", sa.Text, nullable=False),
+    sa.Column("reason", sa.String(100), nullable=False),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("source", "location", "reason", name="uq_reject"),
+)
+running_stats = sa.Table(
+    "running_stats", metadata,
+    sa.Column("model_id", sa.String(500), primary_key=True),
+    sa.Column("modality", sa.String(10), primary_key=True),    # image | text
+    sa.Column("space", sa.String(12), primary_key=True),       # raw | normalized
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),
+    sa.Column("shift", sa.LargeBinary, nullable=True),
+    sa.Column("sum", sa.LargeBinary, nullable=True),
+    sa.Column("sum_outer", sa.LargeBinary, nullable=True),
+    sa.Column("covered_seq", sa.BigInteger, nullable=False),   # highest write batch folded in
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+metadata_columns = sa.Table(
+    "metadata_columns", metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("sql_type", sa.String(20), nullable=False),      # BIGINT | DOUBLE | BOOLEAN | VARCHAR
+)
+fits = sa.Table(
+    "fits", metadata,
+    sa.Column("fit_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_id", sa.String(500), nullable=False, index=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("n_rows", sa.BigInteger, nullable=False),        # rows of the model when fitted
+    sa.Column("covered_seq", sa.BigInteger, nullable=False),
+    sa.Column("reference_size", sa.Integer, nullable=False),
+    sa.Column("options", sa.Text, nullable=False),             # JSON: seed, scale, a, b, prior, …
+    sa.Column("arrays", sa.LargeBinary, nullable=False),       # npz: reference ids/vectors, priors, means, covariances, factors
+)
+
+# Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
+MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
+    (1, "models, runs, rejects, running stats",
+     [settings, models, ingest_runs, rejects, running_stats, metadata_columns]),
+    (2, "fitted statistics with reference samples", [fits]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def make_engine(url: str) -> sa.Engine:
+    engine = sa.create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        @sa.event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+    return engine
+
+
+def migrate(engine: sa.Engine) -> list[int]:
+    """Apply pending migrations; returns the versions applied."""
+    schema_migrations.create(engine, checkfirst=True)
+    with engine.begin() as conn:
+        done = {r[0] for r in conn.execute(sa.select(schema_migrations.c.version))}
+    applied = []
+    for version, name, tables in MIGRATIONS:
+        if version in done:
+            continue
+        with engine.begin() as conn:
+            for table in tables:
+                table.create(conn, checkfirst=True)
+            conn.execute(schema_migrations.insert().values(version=version, name=name, applied_at=time.time()))
+        applied.append(version)
+    return applied
+
+
+def schema_version(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        v = conn.execute(sa.select(sa.func.max(schema_migrations.c.version))).scalar()
+    return int(v or 0)
+
+
+# -- array (de)serialisation: float64 stays float64, bit for bit ---------------------------
+def pack(arr: np.ndarray | None) -> bytes | None:
+    if arr is None:
+        return None
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def unpack(blob: bytes | None) -> np.ndarray | None:
+    if blob is None:
+        return None
+    return np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+def pack_many(arrays: dict[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def unpack_many(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=_json_default)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def transaction(engine: sa.Engine, fn: Callable[[sa.Connection], Any]) -> Any:
+    with engine.begin() as conn:
+        return fn(conn)

@@ -1,0 +1,255 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ingest.pipeline import IngestOptions, ingest
+from store.errors import ModelError, StoreLocked
+from store.store import Store, normalize_rows, to_numpy
+
+from .conftest import write_image_folder
+
+FAST = IngestOptions(batch_size=8, workers=0, progress=False)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stored_vectors(st, model=None):
+    rec = st.model(model)
+    tbl = st.read_embeddings(rec).sort_by("id")
+    return tbl.column("id").to_pylist(), to_numpy(tbl.column("image_embedding")), to_numpy(tbl.column("text_embedding"))
+
+
+def assert_stats_match_vectors(st, model=None):
+    rec = st.model(model)
+    _, img, txt = stored_vectors(st, model)
+    state = st.stats(rec)
+    assert state.n == len(img)
+    for modality, X in (("image", img), ("text", txt)):
+        X = X.astype(np.float64)
+        for space, V in (("raw", X), ("normalized", normalize_rows(X))):
+            m = state.moments[(modality, space)]
+            np.testing.assert_allclose(m.mean, V.mean(0), rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(m.cov, np.cov(V, rowvar=False, bias=True), rtol=1e-9, atol=1e-12)
+
+
+def test_folder_ingest_is_idempotent_and_stats_match(store, image_folder, tiny_model):
+    s1 = ingest(store, str(image_folder), model=tiny_model, options=FAST)
+    assert s1.added == 40 and s1.skipped == 0 and s1.rejected == {}
+    assert set(s1.seconds) >= {"encode", "write", "stats"}
+    s2 = ingest(store, str(image_folder), model=tiny_model, options=FAST)
+    assert s2.added == 0 and s2.skipped == 40
+    assert store.count_rows(store.model()) == 40
+    assert_stats_match_vectors(store)
+    # raw vectors are stored (normalize=False): norms are not all 1
+    _, img, _ = stored_vectors(store)
+    assert not np.allclose(np.linalg.norm(img, axis=1), 1.0)
+
+
+def test_incremental_ingest_adds_only_new_rows(store, tmp_path, tiny_model):
+    folder = write_image_folder(tmp_path / "d", 20)
+    ingest(store, str(folder), model=tiny_model, options=FAST)
+    write_image_folder(tmp_path / "d2", 30, seed=0)   # same first 20 files (same seed) + 10 new
+    s = ingest(store, str(tmp_path / "d2"), model=tiny_model, options=FAST)
+    assert s.added == 10 and s.skipped == 20
+    assert_stats_match_vectors(store)
+
+
+def test_parallel_workers_give_same_rows(tmp_path, image_folder, tiny_model):
+    a, b = Store.init(tmp_path / "a"), Store.init(tmp_path / "b")
+    ingest(a, str(image_folder), model=tiny_model, options=FAST)
+    ingest(b, str(image_folder), model=tiny_model, options=IngestOptions(batch_size=8, workers=2, progress=False))
+    ia, xa, ya = stored_vectors(a)
+    ib, xb, yb = stored_vectors(b)
+    assert ia == ib
+    np.testing.assert_allclose(xa, xb, rtol=1e-5, atol=1e-6)
+
+
+def test_two_models_in_one_store(store, image_folder, tiny_model, tiny_siglip):
+    ingest(store, str(image_folder), model=tiny_model, options=FAST)
+    s = ingest(store, str(image_folder), model=tiny_siglip, options=FAST)
+    assert s.added == 40
+    models = store.list_models()
+    assert len(models) == 2
+    assert {m.kind for m in models} == {"clip", "siglip"}
+    assert store.model().model_id == models[0].model_id        # first model stays the default
+    import queries
+    con = queries.connect(store)
+    counts = dict(con.sql("SELECT model, count(*) FROM embeddings GROUP BY model").fetchall())
+    assert sorted(counts.values()) == [40, 40]
+    assert con.sql("SELECT count(*) FROM samples").fetchone()[0] == 40
+    assert_stats_match_vectors(store, models[1].model_id)
+
+
+def test_unknown_model_fails_before_writing(store, image_folder):
+    with pytest.raises(ModelError, match="unknown model"):
+        ingest(store, str(image_folder), model="ViT-Nope-99", options=FAST)
+    with pytest.raises(ModelError, match="--pretrained"):
+        ingest(store, str(image_folder), model="RN50", options=FAST)
+    with pytest.raises(ModelError, match="known tags"):
+        ingest(store, str(image_folder), model="RN50", pretrained="no-such-tag", options=FAST)
+    with pytest.raises(ModelError, match="does not exist"):
+        ingest(store, str(image_folder), model="RN50", checkpoint="/no/such/file.pt", options=FAST)
+    with pytest.raises(ModelError, match="does not exist"):
+        ingest(store, str(image_folder), model="local-dir:/no/such/dir", options=FAST)
+    assert store.list_models() == []
+
+
+def test_pretrained_tag_that_cannot_be_fetched_fails_fast(store, image_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="could not load"):
+        ingest(store, str(image_folder), model="RN50", pretrained="openai", options=FAST)
+    assert store.list_models() == []
+
+
+def test_concurrent_ingest_is_refused(store, image_folder, tiny_model):
+    with Store.open(store.path).lock():
+        with pytest.raises(StoreLocked):
+            ingest(store, str(image_folder), model=tiny_model, options=FAST)
+
+
+def test_metadata_columns_from_a_table_are_visible_in_samples(store, tmp_path, tiny_model):
+    folder = write_image_folder(tmp_path / "imgs", 6)
+    rows = [{"image": f"imgs/img{i:04d}.png", "caption": f"caption {i}", "kind": "normal" if i % 2 else "blank",
+             "n_attributes": i, "score": i / 2} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    s = ingest(store, str(tmp_path / "t.parquet"), model=tiny_model, options=FAST)
+    assert s.added == 6
+    import queries
+    con = queries.connect(store)
+    got = con.sql("SELECT kind, n_attributes, score, width FROM samples ORDER BY n_attributes").fetchall()
+    assert got[0] == ("blank", 0, 0.0, 24) and got[5] == ("normal", 5, 2.5, 24)
+    types = dict(con.sql("SELECT column_name, data_type FROM (DESCRIBE samples)").fetchall())
+    assert types["n_attributes"] == "BIGINT" and types["kind"] == "VARCHAR"
+    del folder
+
+
+def test_bad_inputs_are_rejected_not_fatal(store, tmp_path, tiny_model):
+    d = write_image_folder(tmp_path / "bad", 4)
+    (d / "zero.png").write_bytes(b"")
+    (d / "zero.txt").write_text("empty file")
+    good = (d / "img0000.png").read_bytes()
+    (d / "trunc.png").write_bytes(good[: len(good) // 2])
+    (d / "trunc.txt").write_text("truncated")
+    (d / "notimg.png").write_text("hello, not an image")
+    (d / "notimg.txt").write_text("text file")
+    Image.new("CMYK", (20, 20), (10, 200, 30, 0)).save(d / "cmyk.jpg")
+    (d / "cmyk.jpg").with_suffix(".txt").write_text("a cmyk image")
+    Image.new("P", (20, 20)).save(d / "pal.png")
+    (d / "pal.txt").write_text("a palette image")
+    Image.new("RGBA", (20, 20), (255, 0, 0, 10)).save(d / "rgba.png")
+    (d / "rgba.txt").write_text("a transparent image")
+    Image.new("I;16", (20, 20)).save(d / "deep.png")
+    (d / "deep.txt").write_text("a 16-bit image")
+    Image.new("RGB", (20, 20)).save(d / "nocap.png")            # no caption file
+    Image.new("RGB", (21, 20)).save(d / "empty.png")
+    (d / "empty.txt").write_text("   \n")
+    Image.new("RGB", (22, 20)).save(d / "latin1.png")
+    (d / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    Image.new("RGB", (23, 20)).save(d / "long.png")
+    (d / "long.txt").write_text(" ".join(["word"] * 200))
+    (d / "dup.png").write_bytes(good)
+    (d / "dup.txt").write_bytes((d / "img0000.txt").read_bytes())
+    s = ingest(store, str(d), model=tiny_model, options=FAST)
+    import queries
+    con = queries.connect(store)
+    reasons = dict(con.sql("SELECT location, reason FROM rejects").fetchall())
+    by_name = {Path(k).stem: v for k, v in reasons.items()}
+    assert by_name["zero"] == "empty_file"
+    assert by_name["trunc"] == "corrupt_image"
+    assert by_name["notimg"] == "not_an_image"
+    assert by_name["nocap"] == "missing_caption"
+    assert by_name["empty"] == "empty_caption"
+    assert by_name["latin1"] == "caption_not_utf8"
+    assert "duplicate_id" in reasons.values()
+    # converted, not rejected: CMYK, palette, RGBA, 16-bit; long caption truncated and noted
+    kept = dict(con.sql("SELECT regexp_extract(uri, '([a-z0-9]+)\\.[a-z]+$', 1), caption_truncated "
+                        "FROM samples").fetchall())
+    for name in ("cmyk", "pal", "rgba", "deep", "long"):
+        assert name in kept, name
+    assert kept["long"] is True and kept["cmyk"] is False
+    assert s.added == 4 + 5
+    # re-running records no duplicate rejects and adds nothing
+    s2 = ingest(store, str(d), model=tiny_model, options=FAST)
+    assert s2.added == 0
+    assert con.sql("SELECT count(*) FROM rejects").fetchone()[0] == len(reasons)
+
+
+def _write_precomputed(folder: Path, n: int, dim: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    (folder / "img_emb").mkdir(parents=True)
+    (folder / "text_emb").mkdir()
+    (folder / "metadata").mkdir()
+    img = rng.normal(size=(n, dim)).astype(np.float32)
+    txt = rng.normal(size=(n, dim)).astype(np.float32)
+    np.save(folder / "img_emb" / "img_emb_0.npy", img)
+    np.save(folder / "text_emb" / "text_emb_0.npy", txt)
+    pq.write_table(pa.table({"url": [f"http://x/{i}.jpg" for i in range(n)],
+                             "caption": [f"caption {i}" for i in range(n)]}),
+                   folder / "metadata" / "metadata_0.parquet")
+    return img, txt
+
+
+def test_precomputed_embeddings_with_bad_vectors(store, tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    img, txt = _write_precomputed(tmp_path / "pre", 12, 16, rng)
+    img[1, 3] = np.nan
+    txt[2, 0] = np.inf
+    img[3] = 0
+    np.save(tmp_path / "pre" / "img_emb" / "img_emb_0.npy", img)
+    np.save(tmp_path / "pre" / "text_emb" / "text_emb_0.npy", txt)
+    s = ingest(store, str(tmp_path / "pre"), model=tiny_model, options=FAST)
+    assert s.added == 9
+    assert s.rejected == {"non_finite_vector": 2, "zero_vector": 1}
+    ids, got_img, _ = stored_vectors(store)
+    assert len(ids) == 9
+    assert_stats_match_vectors(store)
+
+
+def test_precomputed_wrong_dim_is_refused(store, tmp_path, tiny_model):
+    from store.errors import DimensionMismatch
+    _write_precomputed(tmp_path / "pre", 5, 7, np.random.default_rng(0))
+    with pytest.raises(DimensionMismatch, match="16"):
+        ingest(store, str(tmp_path / "pre"), model=tiny_model, options=FAST)
+
+
+def _run_cli(*args, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.parametrize("kill_after", [0.0, 1.5, 3.0])
+def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, tiny_model, kill_after):
+    data = write_image_folder(tmp_path / "data", 120, seed=3)
+    ref = Store.init(tmp_path / "ref")
+    ingest(ref, str(data), model=tiny_model, options=FAST)
+    Store.init(tmp_path / "s")
+    args = ["ingest", str(tmp_path / "s"), str(data), "--model", tiny_model, "--batch-size", "4",
+            "--workers", "0", "--no-progress"]
+    p = _run_cli(*args)
+    st = Store.open(tmp_path / "s")
+    deadline = time.time() + 60
+    while time.time() < deadline and p.poll() is None:   # wait for the first committed batch
+        if st.list_models() and st.count_rows(st.model()) > 0:
+            break
+        time.sleep(0.05)
+    time.sleep(kill_after)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    rerun = _run_cli(*args)
+    out, err = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, err.decode()
+    st = Store.open(tmp_path / "s")
+    ids, img, txt = stored_vectors(st)
+    rids, rimg, rtxt = stored_vectors(ref)
+    assert ids == rids                      # no duplicates, nothing lost
+    np.testing.assert_allclose(img, rimg, rtol=1e-5, atol=1e-6)
+    assert st.sample_ids() == ref.sample_ids()
+    assert_stats_match_vectors(st)
