@@ -1,0 +1,837 @@
+"""Source readers: turn a folder, table, WebDataset or precomputed layout into items.
+
+A :class:`Source` holds only paths and options (it is picklable and is sent to
+DataLoader workers).  ``units()`` splits the work into independent, picklable
+units; ``read(unit)`` opens files lazily and yields :class:`Item` (one sample,
+not yet validated) or :class:`Reject` (one sample the source itself cannot
+produce).  A source that cannot be read at all raises
+:class:`store.errors.SourceError`.
+
+Items carry *raw* data: ``caption_raw`` is bytes or str exactly as stored and
+the pipeline cleans it with :func:`ingest.images.clean_caption`; image bytes
+are decoded by :func:`ingest.images.load_image`; precomputed vectors are
+checked by :func:`ingest.images.check_vector`.
+
+Reject reason codes produced here:
+
+``missing_image``          a caption (folder ``.txt``) or tar sample with no
+                           image, or an empty image cell in a table
+``unsupported_file``       a folder file that is neither an image nor a
+                           caption and has no ``<stem>.txt`` (or a tar member
+                           without an extension)
+``missing_file``           a table row whose image path does not exist
+``remote_uri_unsupported`` a table row whose image is a URL (http, s3, ...)
+``unreadable_file``        a file that exists but could not be read (OSError)
+``bad_metadata``           a ``.json`` sidecar / tar member that is not a JSON
+                           object (the sample itself is still ingested)
+``bad_row``                a malformed CSV row or JSON line
+``corrupt_tar``            a damaged or truncated tar shard (the samples read
+                           before the damage are kept)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import glob
+import itertools
+import json
+import os
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from typing import Iterator
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from store.errors import SourceError
+
+__all__ = ["Item", "Reject", "Source", "FolderSource", "TableSource", "WebDatasetSource",
+           "PrecomputedSource", "open_source", "IMAGE_EXTS", "KINDS"]
+
+KINDS = ("folder", "table", "webdataset", "precomputed")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
+                 ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+FILES_PER_UNIT = 256
+ROWS_PER_UNIT = 1024
+
+SUPPORTED_LAYOUTS = (
+    "supported layouts: "
+    "folder (a directory of .jpg/.jpeg/.png/.webp/.gif/.bmp/.tif/.tiff images with <stem>.txt captions); "
+    "table (a .csv/.tsv/.parquet/.jsonl file with image-path and caption columns); "
+    "webdataset (a .tar shard, a directory of .tar shards, or a pattern such as shard-{00000..00009}.tar or *.tar); "
+    "precomputed (a directory with img_emb/*.npy, text_emb/*.npy and metadata/*.parquet as written by "
+    "clip-retrieval, or a parquet with image_embedding/text_embedding columns)"
+)
+
+
+@dataclass
+class Item:
+    """One sample as the source holds it (nothing validated yet).
+
+    location         where it is in the source, for logs and rejects:
+                     ``img/cat.jpg``, ``table.csv:row 17``, ``shard-00001.tar:000123``
+    uri              what the store records as the sample's uri: an absolute
+                     path, ``/abs/shard.tar::member`` for tar members, the
+                     metadata's url/path for precomputed rows, ``None`` for
+                     image bytes embedded in a table
+    caption_raw      the raw caption (bytes or str) or ``None`` when there is
+                     none; the pipeline calls ``clean_caption`` on it
+    image_bytes      the encoded image, ``None`` for precomputed rows
+    id               the value of the source's id column as str, else ``None``
+    meta             extra metadata: str/int/float/bool/None values only
+                     (nested values are JSON-encoded strings)
+    image_embedding  precomputed sources only: the raw row (not validated)
+    text_embedding   precomputed sources only: the raw row (not validated)
+    """
+
+    location: str
+    uri: str | None
+    caption_raw: bytes | str | None
+    image_bytes: bytes | None = None
+    id: str | None = None
+    meta: dict = field(default_factory=dict)
+    image_embedding: np.ndarray | None = None
+    text_embedding: np.ndarray | None = None
+
+
+@dataclass
+class Reject:
+    """A sample the source could not produce; recorded by the pipeline."""
+
+    location: str
+    reason: str
+    detail: str = ""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _scalar(v, nested=False):
+    """A metadata value as str/int/float/bool/None; lists and dicts become JSON text.
+
+    Bytes are decoded as UTF-8 (bad bytes backslash-escaped), dates and times
+    become ISO strings, anything else its ``str()``.
+    """
+    if isinstance(v, (np.generic, np.ndarray)):
+        v = v.tolist()
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).decode("utf-8", "backslashreplace")
+    if isinstance(v, (_dt.date, _dt.time)):
+        return v.isoformat()
+    if isinstance(v, (dict, list, tuple)):
+        return v if nested else json.dumps(v, ensure_ascii=False, default=lambda o: _scalar(o, True))
+    return str(v)
+
+
+def _id(v) -> str | None:
+    return None if v is None else str(_scalar(v))
+
+
+def _caption(v):
+    return v if v is None or isinstance(v, (bytes, str)) else str(_scalar(v))
+
+
+def _loads(data: bytes):
+    return json.loads(data.removeprefix(b"\xef\xbb\xbf"))  # json refuses a UTF-8 BOM
+
+
+def _json_meta(data: bytes, id_column: str | None) -> tuple[dict, str | None]:
+    """Parse a JSON sidecar into (meta, id); ValueError when it is not a JSON object."""
+    obj = _loads(data)
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    sid = _id(obj.pop(id_column, None)) if id_column else None
+    return {str(k): _scalar(v) for k, v in obj.items()}, sid
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _require(columns, name, option, what, where):
+    if name not in columns:
+        raise SourceError(
+            f"{where} has no column {name!r} (available columns: {', '.join(map(str, columns)) or 'none'}); "
+            f"set the {option} option to the column that holds {what}"
+        )
+
+
+class Source:
+    """Base class.  Subclasses set ``kind`` and implement the three methods.
+
+    Attributes whose name starts with ``_cache`` are per-process caches (open
+    file handles, a parsed CSV) and are dropped when the source is pickled.
+    """
+
+    kind: str = ""
+    precomputed: bool = False
+
+    def units(self) -> list:
+        """Independent, picklable work units, in a deterministic order."""
+        raise NotImplementedError
+
+    def read(self, unit) -> Iterator[Item | Reject]:
+        """Yield the items and rejects of one unit."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for logs."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Item | Reject]:
+        for unit in self.units():
+            yield from self.read(unit)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_cache")}
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.describe()}>"
+
+
+# --------------------------------------------------------------------------- folder
+
+
+class FolderSource(Source):
+    """A directory tree of images with ``<stem>.txt`` captions beside them.
+
+    Walked recursively in sorted order; hidden files and directories (names
+    starting with ``.``) are skipped.  For every file, by extension:
+
+    * an image (``IMAGE_EXTS``, any case): an Item; its caption is the bytes of
+      ``<stem>.txt`` in the same directory, or ``None`` when there is none (the
+      pipeline then records ``missing_caption``); a ``<stem>.json`` object is
+      read as metadata (``id_column``, if set, is taken from it as the id);
+    * ``.txt`` with no image or other file of the same stem: Reject ``missing_image``;
+    * ``.json``: only ever read as a sidecar, otherwise ignored;
+    * anything else: an Item if it has a ``<stem>.txt`` caption (it may be an
+      image with an unusual extension; ``load_image`` decides), otherwise
+      Reject ``unsupported_file``.  Nothing else is dropped silently.
+
+    Several images sharing one stem (``cat.jpg``, ``cat.png``) share its caption.
+    """
+
+    kind = "folder"
+
+    def __init__(self, root, *, id_column: str | None = None, files_per_unit: int = FILES_PER_UNIT):
+        self.root = os.path.abspath(os.fspath(root))
+        self.id_column = id_column
+        self.files_per_unit = files_per_unit
+        if not os.path.isdir(self.root):
+            raise SourceError(f"{self.root} is not a directory")
+        if not _has_image(self.root):
+            raise SourceError(
+                f"{self.root} contains no image files ({' '.join(IMAGE_EXTS)}); {SUPPORTED_LAYOUTS}"
+            )
+
+    def _entries(self) -> list[tuple]:
+        """Sorted (rel_path, tag, txt_rel, json_rel) for every file that matters."""
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            prefix = "" if rel_dir == "." else rel_dir + "/"
+            groups: dict[str, dict[str, list[str]]] = {}
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                stem, ext = os.path.splitext(name)
+                groups.setdefault(stem, {}).setdefault(ext.lower(), []).append(prefix + name)
+            for files in groups.values():
+                txt = files.get(".txt", [None])[0]
+                js = files.get(".json", [None])[0]
+                samples = [(p, e) for e, ps in files.items() if e not in (".txt", ".json") for p in ps]
+                for path, ext in samples:
+                    if ext in IMAGE_EXTS or txt is not None:
+                        entries.append((path, "sample", txt, js))
+                    else:
+                        entries.append((path, "unsupported", None, None))
+                if txt is not None and not samples:
+                    entries.append((txt, "orphan_txt", None, None))
+        entries.sort()
+        return entries
+
+    def units(self) -> list:
+        e = self._entries()
+        n = self.files_per_unit
+        return [tuple(e[i:i + n]) for i in range(0, len(e), n)]
+
+    def read(self, unit) -> Iterator[Item | Reject]:
+        for rel, tag, txt, js in unit:
+            if tag == "orphan_txt":
+                yield Reject(rel, "missing_image", "caption file with no image of the same name beside it")
+                continue
+            if tag == "unsupported":
+                yield Reject(rel, "unsupported_file",
+                             f"not an image ({' '.join(IMAGE_EXTS)}) and no caption; "
+                             "if it is an image, give it a <stem>.txt caption or an image extension")
+                continue
+            path = os.path.join(self.root, *rel.split("/"))
+            try:
+                data = _read_bytes(path)
+                caption = _read_bytes(os.path.join(self.root, *txt.split("/"))) if txt else None
+            except OSError as e:
+                yield Reject(rel, "unreadable_file", str(e))
+                continue
+            meta, sid = {}, None
+            if js:
+                try:
+                    meta, sid = _json_meta(_read_bytes(os.path.join(self.root, *js.split("/"))), self.id_column)
+                except (OSError, ValueError) as e:
+                    yield Reject(js, "bad_metadata", f"{e}; the image is ingested without this metadata")
+            yield Item(location=rel, uri=path, caption_raw=caption, image_bytes=data, id=sid, meta=meta)
+
+    def describe(self) -> str:
+        return f"folder {self.root} (images with <stem>.txt captions)"
+
+
+def _has_image(root: str) -> bool:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(os.path.splitext(n)[1].lower() in IMAGE_EXTS for n in filenames if not n.startswith(".")):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- table
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+class TableSource(Source):
+    """A CSV/TSV, Parquet or JSON-lines table with one sample per row.
+
+    The image column holds a path, relative to the table's directory or
+    absolute (``file://`` URLs are accepted), or the encoded image itself
+    (binary, or a ``{"bytes": ..., "path": ...}`` struct as Hugging Face
+    datasets write).  Every column other than image, caption and id goes to
+    ``meta``.  Units: parquet row groups; ranges of ``rows_per_unit`` rows for
+    CSV (each worker process parses the CSV once and keeps it); ranges of
+    lines for JSON lines (each unit reads only its byte range).
+
+    Locations are ``name.csv:row N`` (N counts data rows from 1, header and
+    malformed rows excluded) and ``name.jsonl:line N``.
+    """
+
+    kind = "table"
+
+    def __init__(self, path, *, image_column="image", caption_column="caption",
+                 id_column=None, rows_per_unit: int = ROWS_PER_UNIT):
+        self.path = os.path.abspath(os.fspath(path))
+        self.fmt = TABLE_FORMATS.get(os.path.splitext(self.path)[1].lower())
+        if self.fmt is None:
+            raise SourceError(f"{self.path}: not a table file (.csv .tsv .parquet .jsonl .json); {SUPPORTED_LAYOUTS}")
+        self.image_column, self.caption_column, self.id_column = image_column, caption_column, id_column
+        self.rows_per_unit = rows_per_unit
+        self.name = os.path.basename(self.path)
+        self.base_dir = os.path.dirname(self.path)
+        columns = self._columns()
+        where = f"table {self.name}"
+        _require(columns, image_column, "image_column", "the image paths", where)
+        _require(columns, caption_column, "caption_column", "the captions", where)
+        if id_column is not None:
+            _require(columns, id_column, "id_column", "the sample ids", where)
+
+    # -- reading the file
+    def _columns(self) -> list[str]:
+        try:
+            if self.fmt == "parquet":
+                return pq.read_schema(self.path).names
+            if self.fmt in ("csv", "tsv"):
+                return self._csv().column_names
+            return list(_first_json_object(self.path).keys())
+        except SourceError:
+            raise
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise SourceError(f"cannot read {self.fmt} table {self.path}: {e}") from None
+
+    def _csv(self) -> pa.Table:
+        table = getattr(self, "_cache_table", None)
+        if table is None:
+            bad: list = []
+            parse = pacsv.ParseOptions(delimiter="\t" if self.fmt == "tsv" else ",",
+                                       invalid_row_handler=lambda row: bad.append(row) or "skip")
+            types = {self.caption_column: pa.binary(), self.image_column: pa.string()}
+            if self.id_column:
+                types[self.id_column] = pa.string()
+
+            def read(threads=True):
+                bad.clear()
+                return pacsv.read_csv(self.path, parse_options=parse,
+                                      read_options=pacsv.ReadOptions(use_threads=threads),
+                                      convert_options=pacsv.ConvertOptions(column_types=types))
+            try:
+                table = read()
+            except pa.ArrowInvalid:  # a type inferred from the first block failed later: all text
+                names = pacsv.open_csv(self.path, parse_options=parse).schema.names
+                types = {n: pa.string() for n in names} | {self.caption_column: pa.binary()}
+                table = read()
+            if bad:  # parse again on one thread: only then does Arrow know their line numbers
+                table = read(threads=False)
+            self._cache_table, self._cache_bad_rows = table, list(bad)
+        return table
+
+    def _parquet(self) -> pq.ParquetFile:
+        if getattr(self, "_cache_pf", None) is None:
+            self._cache_pf = pq.ParquetFile(self.path)
+        return self._cache_pf
+
+    def units(self) -> list:
+        n = self.rows_per_unit
+        if self.fmt == "parquet":
+            md = self._parquet().metadata
+            units, start = [], 0
+            for i in range(md.num_row_groups):
+                rows = md.row_group(i).num_rows
+                if rows:
+                    units.append(("rg", i, start))
+                start += rows
+            return units
+        if self.fmt in ("csv", "tsv"):
+            total = self._csv().num_rows
+            units = [("rows", s, min(s + n, total)) for s in range(0, total, n)]
+            return units or [("rows", 0, 0)]  # unit 0 also reports malformed rows
+        units, start, first, line_no = [], 0, 1, 0
+        with open(self.path, "rb") as f:
+            pos = 0
+            for line in f:
+                line_no += 1
+                pos += len(line)
+                if line_no - first + 1 == n:
+                    units.append(("bytes", start, pos, first))
+                    start, first = pos, line_no + 1
+            if pos > start:
+                units.append(("bytes", start, pos, first))
+        return units
+
+    def read(self, unit) -> Iterator[Item | Reject]:
+        if unit[0] == "rg":
+            _, index, start = unit
+            rows = self._parquet().read_row_group(index).to_pylist()
+            for i, row in enumerate(rows):
+                yield self._row(row, f"{self.name}:row {start + i + 1}")
+        elif unit[0] == "rows":
+            _, start, stop = unit
+            table = self._csv()
+            if start == 0:
+                for bad in self._cache_bad_rows:
+                    where = f"line {bad.number}" if bad.number else "unknown line"
+                    yield Reject(f"{self.name}:{where}", "bad_row",
+                                 f"expected {bad.expected_columns} columns, got {bad.actual_columns}: "
+                                 f"{bad.text[:200]!r}")
+            for i, row in enumerate(table.slice(start, stop - start).to_pylist()):
+                yield self._row(row, f"{self.name}:row {start + i + 1}")
+        else:
+            _, start, stop, first = unit
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                chunk = f.read(stop - start)
+            for i, line in enumerate(chunk.split(b"\n")):
+                if not line.strip():
+                    continue
+                where = f"{self.name}:line {first + i}"
+                try:
+                    row = _loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+                except ValueError as e:
+                    yield Reject(where, "bad_row", str(e))
+                    continue
+                yield self._row(row, where)
+
+    def _row(self, row: dict, where: str) -> Item | Reject:
+        skip = (self.image_column, self.caption_column, self.id_column)
+        meta = {str(k): _scalar(v) for k, v in row.items() if k not in skip}
+        sid = _id(row.get(self.id_column)) if self.id_column else None
+        caption = _caption(row.get(self.caption_column))
+        value = row.get(self.image_column)
+        if isinstance(value, dict):  # {"bytes": b"...", "path": "..."}
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, (bytes, bytearray)) and value:
+            return Item(where, None, caption, bytes(value), sid, meta)
+        if value is None or value == "" or value == b"":
+            return Reject(where, "missing_image", f"column {self.image_column!r} is empty")
+        value = str(value)
+        if _SCHEME.match(value):
+            if not value.lower().startswith("file://"):
+                return Reject(where, "remote_uri_unsupported",
+                              f"{value}: download images first (e.g. img2dataset) and point the table at the files")
+            value = unquote(urlparse(value).path)
+        uri = os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
+        if not os.path.isfile(uri):
+            return Reject(where, "missing_file", f"{uri} does not exist")
+        try:
+            data = _read_bytes(uri)
+        except OSError as e:
+            return Reject(where, "unreadable_file", str(e))
+        return Item(where, uri, caption, data, sid, meta)
+
+    def describe(self) -> str:
+        extra = f", id={self.id_column!r}" if self.id_column else ""
+        return (f"table {self.path} ({self.fmt}; image={self.image_column!r}, "
+                f"caption={self.caption_column!r}{extra})")
+
+
+def _first_json_object(path: str) -> dict:
+    """The first object of a JSON-lines file (its keys are taken as the columns)."""
+    with open(path, "rb") as f:
+        if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            raise SourceError(f"{path} is a JSON array; convert it to JSON lines (one object per line), "
+                              "e.g. jq -c '.[]' in.json > out.jsonl")
+        f.seek(0)
+        for line in itertools.islice(f, 100):
+            try:
+                obj = _loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    raise SourceError(f"{path}: no JSON object found in its first 100 lines; expected JSON lines")
+
+
+# --------------------------------------------------------------------------- webdataset
+
+_WDS_KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # as webdataset's base_plus_ext
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+class WebDatasetSource(Source):
+    """WebDataset tar shards; one unit per shard.
+
+    Consecutive members sharing a key (the path up to the first dot of the
+    basename) form a sample: the image is the first member with an image
+    extension (``IMAGE_EXTS`` order; ``key.x.jpg`` counts as a ``jpg`` when
+    there is no plain one), the caption is ``txt`` (likewise), ``json`` is read
+    as metadata (its ``id_column`` field, if set, becomes the id).  Other
+    members of a sample are ignored; hidden members (``._x``) are skipped.
+    """
+
+    kind = "webdataset"
+
+    def __init__(self, shards, *, id_column: str | None = None):
+        self.shards = [os.path.abspath(os.fspath(s)) for s in shards]
+        self.id_column = id_column
+        if not self.shards:
+            raise SourceError(f"no .tar shards given; {SUPPORTED_LAYOUTS}")
+
+    def units(self) -> list:
+        return list(self.shards)
+
+    def read(self, unit) -> Iterator[Item | Reject]:
+        shard, name = unit, os.path.basename(unit)
+        key, members, kept = None, {}, 0
+        try:
+            with tarfile.open(shard, "r|*") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    match = _WDS_KEY.match(m.name)
+                    if match is None:
+                        if not os.path.basename(m.name).startswith("."):
+                            yield Reject(f"{name}:{m.name}", "unsupported_file", "tar member without an extension")
+                        continue
+                    if match.group(1) != key:
+                        if key is not None:
+                            kept += 1
+                            yield from self._sample(shard, name, key, members)
+                        key, members = match.group(1), {}
+                    data = tf.extractfile(m).read()
+                    members.setdefault(match.group(2).lower(), (m.name, data))
+                end = tf.offset
+            _check_tar_end(shard, end)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            lost = f"; the incomplete sample {key!r} was skipped" if key is not None else ""
+            yield Reject(f"{name}:{key}" if key else name, "corrupt_tar",
+                         f"{e}; {kept} sample(s) read before the damage were kept{lost}")
+            return
+        if key is not None:
+            yield from self._sample(shard, name, key, members)
+
+    def _sample(self, shard, name, key, members) -> Iterator[Item | Reject]:
+        where = f"{name}:{key}"
+        image = _pick(members, [e[1:] for e in IMAGE_EXTS])
+        if image is None:
+            yield Reject(where, "missing_image", f"sample has members {sorted(members)} but no image")
+            return
+        meta, sid = {}, None
+        if "json" in members:
+            try:
+                meta, sid = _json_meta(members["json"][1], self.id_column)
+            except ValueError as e:
+                yield Reject(f"{name}:{members['json'][0]}", "bad_metadata",
+                             f"{e}; the image is ingested without this metadata")
+        caption = _pick(members, ["txt"])
+        caption = None if caption is None else caption[1]
+        yield Item(where, f"{shard}::{image[0]}", caption, image[1], sid, meta)
+
+    def describe(self) -> str:
+        more = f" … {os.path.basename(self.shards[-1])}" if len(self.shards) > 1 else ""
+        return f"webdataset {len(self.shards)} shard(s): {self.shards[0]}{more}"
+
+
+def _pick(members: dict, exts: list[str]):
+    """The member whose extension is exts[0], exts[1], ... or, failing that, ends in one (``a.webp``)."""
+    for e in exts:
+        if e in members:
+            return members[e]
+    return next((members[m] for e in exts for m in members if m.endswith("." + e)), None)
+
+
+def _check_tar_end(path: str, offset: int) -> None:
+    """tarfile stops quietly at a truncated or garbled header; catch that.
+
+    A complete uncompressed tar has a zero block where reading stopped.
+    """
+    with open(path, "rb") as f:
+        if f.read(6).startswith(_COMPRESSED):
+            return
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"truncated or damaged tar header at byte {offset}")
+
+
+def _expand_braces(spec: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if not m:
+        return [spec]
+    a, b = m.group(1), m.group(2)
+    out = []
+    for i in range(int(a), int(b) + 1):
+        out += _expand_braces(spec[:m.start()] + str(i).zfill(len(a)) + spec[m.end():])
+    return out
+
+
+# --------------------------------------------------------------------------- precomputed
+
+class PrecomputedSource(Source):
+    """Rows with precomputed embeddings; ``image_bytes`` is always ``None``.
+
+    Two layouts:
+
+    * ``npy``: a clip-retrieval / LAION directory, ``img_emb/*.npy`` (+ optional
+      ``text_emb/*.npy``) + ``metadata/*.parquet``, files paired by the number
+      at the end of their name, rows in order.  The npy files are memory-mapped.
+    * ``parquet``: one parquet file with embedding columns (lists of numbers).
+
+    Units are parquet row groups (of the metadata file, with the matching npy
+    row range).  caption, id and uri come from the metadata: uri from the
+    ``image_column`` if present, else ``image_path``, else ``url``, stored as
+    is (the images are not read).  Other metadata columns go to ``meta``.
+    """
+
+    kind = "precomputed"
+    precomputed = True
+
+    def __init__(self, path, layout, files, *, image_column="image", caption_column="caption",
+                 id_column=None, image_embeddings=None, text_embeddings=None):
+        self.path, self.layout = os.path.abspath(os.fspath(path)), layout
+        self.files = files  # [(metadata.parquet, img.npy | None, text.npy | None)]
+        self.caption_column, self.id_column = caption_column, id_column
+        self.image_embeddings = image_embeddings or "image_embedding"
+        self.text_embeddings = text_embeddings or "text_embedding"
+        for meta_path, _, _ in files:
+            names = _schema_names(meta_path)
+            where = f"{'parquet' if layout == 'parquet' else 'metadata'} {os.path.basename(meta_path)}"
+            _require(names, caption_column, "caption_column", "the captions", where)
+            if id_column is not None:
+                _require(names, id_column, "id_column", "the sample ids", where)
+            if layout == "parquet":  # named columns must exist; by default one of the two
+                for col, opt in ((image_embeddings, "image_embeddings"), (text_embeddings, "text_embeddings")):
+                    if col is not None:
+                        _require(names, col, opt, "the embeddings", where)
+                if self.image_embeddings not in names and self.text_embeddings not in names:
+                    _require(names, self.image_embeddings, "image_embeddings", "the image embeddings", where)
+            self.uri_column = next((c for c in (image_column, "image_path", "url") if c in names), None)
+
+    @staticmethod
+    def is_npy_layout(path) -> bool:
+        return bool(glob.glob(os.path.join(glob.escape(path), "img_emb", "*.npy"))
+                    and glob.glob(os.path.join(glob.escape(path), "metadata", "*.parquet")))
+
+    @classmethod
+    def from_parquet(cls, path, **opts) -> "PrecomputedSource":
+        return cls(path, "parquet", [(os.path.abspath(path), None, None)], **opts)
+
+    @classmethod
+    def from_npy_dir(cls, path, **opts) -> "PrecomputedSource":
+        def by_number(sub, ext):
+            found = {}
+            for f in sorted(glob.glob(os.path.join(glob.escape(path), sub, "*" + ext))):
+                m = re.search(r"(\d*)$", os.path.splitext(os.path.basename(f))[0])
+                num = int(m.group(1)) if m.group(1) else -1
+                if num in found:
+                    raise SourceError(f"{found[num]} and {f} have the same number; cannot pair files")
+                found[num] = os.path.abspath(f)
+            return found
+
+        img, txt, meta = by_number("img_emb", ".npy"), by_number("text_emb", ".npy"), by_number("metadata", ".parquet")
+        if set(img) != set(meta) or (txt and set(txt) != set(img)):
+            raise SourceError(f"{path}: img_emb/, text_emb/ and metadata/ files do not pair up by number "
+                              f"(img_emb {sorted(img)}, text_emb {sorted(txt)}, metadata {sorted(meta)})")
+        files = [(meta[n], img[n], txt.get(n)) for n in sorted(img)]
+        for meta_path, *npys in files:
+            rows = pq.ParquetFile(meta_path).metadata.num_rows
+            for npy in filter(None, npys):
+                try:
+                    shape = np.load(npy, mmap_mode="r").shape
+                except (OSError, ValueError) as e:
+                    raise SourceError(f"cannot read {npy}: {e}") from None
+                if len(shape) != 2 or shape[0] != rows:
+                    raise SourceError(f"{npy} has shape {shape} but {meta_path} has {rows} rows; "
+                                      "each npy must hold one embedding row per metadata row, in order")
+        return cls(path, "npy", files, **opts)
+
+    def units(self) -> list:
+        units = []
+        for f, (meta_path, _, _) in enumerate(self.files):
+            md, start = pq.ParquetFile(meta_path).metadata, 0
+            for g in range(md.num_row_groups):
+                rows = md.row_group(g).num_rows
+                if rows:
+                    units.append((f, g, start, start + rows))
+                start += rows
+        return units
+
+    def read(self, unit) -> Iterator[Item | Reject]:
+        f, group, start, stop = unit
+        meta_path, img_npy, txt_npy = self.files[f]
+        table = pq.ParquetFile(meta_path).read_row_group(group)
+        n = table.num_rows
+        if self.layout == "npy":
+            img = list(np.array(np.load(img_npy, mmap_mode="r")[start:stop]))
+            txt = list(np.array(np.load(txt_npy, mmap_mode="r")[start:stop])) if txt_npy else [None] * n
+            if len(img) != n or len(txt) != n:
+                raise SourceError(f"{meta_path} row group {group} does not match its npy rows")
+        else:
+            img, txt = _vectors(table, self.image_embeddings, n), _vectors(table, self.text_embeddings, n)
+        skip = {self.caption_column, self.id_column, self.uri_column, self.image_embeddings, self.text_embeddings}
+        name = os.path.basename(meta_path)
+        vectors = [c for c in table.column_names if c in (self.image_embeddings, self.text_embeddings)]
+        for i, row in enumerate(table.drop_columns(vectors).to_pylist()):
+            uri = row.get(self.uri_column) if self.uri_column else None
+            yield Item(location=f"{name}:row {start + i + 1}", uri=None if uri is None else str(_scalar(uri)),
+                       caption_raw=_caption(row.get(self.caption_column)), image_bytes=None,
+                       id=_id(row.get(self.id_column)) if self.id_column else None,
+                       meta={str(k): _scalar(v) for k, v in row.items() if k not in skip},
+                       image_embedding=img[i], text_embedding=txt[i])
+
+    def describe(self) -> str:
+        if self.layout == "npy":
+            return f"precomputed {self.path} (clip-retrieval npy layout, {len(self.files)} file set(s))"
+        return (f"precomputed {self.path} (parquet; image={self.image_embeddings!r}, "
+                f"text={self.text_embeddings!r}, caption={self.caption_column!r})")
+
+
+def _schema_names(path) -> list[str]:
+    try:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"cannot read parquet {path}: {e}") from None
+
+
+def _vectors(table: pa.Table, column: str, n: int) -> list:
+    """One numpy row (or None for a null) per table row of a list-of-numbers column."""
+    if column not in table.column_names:
+        return [None] * n
+    arr = table.column(column).combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        arr = arr.cast(pa.list_(arr.type.value_type))
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        return arr.to_pylist()  # not a list column: check_vector rejects it as bad_vector
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(n)]
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def open_source(path, *, image_column="image", caption_column="caption", id_column=None,
+                image_embeddings=None, text_embeddings=None, kind=None) -> Source:
+    """Open ``path`` as a source, detecting its layout (or forcing ``kind``).
+
+    * a directory of images (with sidecar ``.txt`` captions) -> ``folder``
+    * ``*.csv`` / ``*.tsv`` / ``*.parquet`` / ``*.jsonl`` / ``*.json`` (JSON lines) -> ``table``
+    * ``*.tar``, a directory of ``*.tar`` shards, or a glob / brace pattern -> ``webdataset``
+    * a directory with ``img_emb/*.npy`` (+ ``text_emb/*.npy``) + ``metadata/*.parquet``,
+      or a parquet holding the ``image_embeddings`` / ``text_embeddings`` columns
+      (default names ``image_embedding`` / ``text_embedding``) -> ``precomputed``
+
+    Raises SourceError for a path that matches no layout, a missing column, or
+    a ``kind`` that does not fit the path.
+    """
+    spec = os.fspath(path)
+    if kind is not None and kind not in KINDS:
+        raise SourceError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
+    img_col = image_embeddings or "image_embedding"
+    txt_col = text_embeddings or "text_embedding"
+    emb_opts = dict(image_column=image_column, caption_column=caption_column, id_column=id_column)
+
+    if re.search(r"[*?\[]|\{\d+\.\.\d+\}", spec) and not os.path.exists(spec):
+        if kind not in (None, "webdataset"):
+            raise SourceError(f"a pattern ({spec}) can only name webdataset shards")
+        shards = sorted({p for s in _expand_braces(spec) for p in (glob.glob(s) if re.search(r"[*?\[]", s) else [s])})
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise SourceError(f"{len(missing)} shard(s) of {spec} do not exist, e.g. {missing[0]}")
+        if not shards:
+            raise SourceError(f"no files match {spec}")
+        not_tar = [s for s in shards if not s.endswith(".tar")]
+        if not_tar:
+            raise SourceError(f"{spec} matches files that are not .tar shards, e.g. {not_tar[0]}; {SUPPORTED_LAYOUTS}")
+        return WebDatasetSource(shards, id_column=id_column)
+
+    if not os.path.exists(spec):
+        raise SourceError(f"{spec} does not exist; {SUPPORTED_LAYOUTS}")
+    ext = os.path.splitext(spec)[1].lower()
+
+    if os.path.isdir(spec):
+        laion = PrecomputedSource.is_npy_layout(spec)
+        tars = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+        if kind == "precomputed" or (kind is None and laion):
+            if not laion:
+                raise SourceError(f"{spec} has no img_emb/*.npy + metadata/*.parquet; {SUPPORTED_LAYOUTS}")
+            return PrecomputedSource.from_npy_dir(spec, **emb_opts)
+        if kind == "webdataset" or (kind is None and tars and not _top_level_images(spec)):
+            if not tars:
+                raise SourceError(f"{spec} contains no .tar shards")
+            return WebDatasetSource(tars, id_column=id_column)
+        if kind in (None, "folder"):
+            return FolderSource(spec, id_column=id_column)
+        raise SourceError(f"{spec} is a directory, a {kind} source must be a file; {SUPPORTED_LAYOUTS}")
+
+    if kind == "folder":
+        raise SourceError(f"{spec} is a file, a folder source must be a directory")
+    if kind == "webdataset" or (kind is None and ext == ".tar"):
+        return WebDatasetSource([spec], id_column=id_column)
+    if ext == ".parquet" and kind in (None, "precomputed"):
+        try:
+            names = pq.read_schema(spec).names
+        except (OSError, pa.ArrowException) as e:
+            raise SourceError(f"cannot read parquet {spec}: {e}") from None
+        explicit = image_embeddings is not None or text_embeddings is not None
+        if kind == "precomputed" or img_col in names or txt_col in names or explicit:
+            return PrecomputedSource.from_parquet(spec, image_embeddings=image_embeddings,
+                                                  text_embeddings=text_embeddings, **emb_opts)
+    if kind == "precomputed":
+        raise SourceError(f"{spec}: a precomputed source is a parquet file or an img_emb/ directory")
+    if ext in TABLE_FORMATS:
+        if image_embeddings is not None or text_embeddings is not None:
+            raise SourceError(f"{spec}: embedding columns are only read from parquet files")
+        return TableSource(spec, **emb_opts)
+    raise SourceError(f"{spec}: unsupported file type {ext or '(no extension)'!r}; {SUPPORTED_LAYOUTS}")
+
+
+def _top_level_images(path: str) -> bool:
+    return any(os.path.splitext(n)[1].lower() in IMAGE_EXTS for n in os.listdir(path) if not n.startswith("."))
