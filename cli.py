@@ -169,6 +169,38 @@ def stats_refresh(store: Path = STORE_ARG, model: Optional[str] = typer.Option(N
             typer.echo(f"{m.model_id}: statistics recomputed over {state.n} rows")
 
 
+class Scale(str, Enum):
+    one = "1"
+    model = "model"
+
+
+class Prior(str, Enum):
+    posterior_mean = "posterior-mean"
+    uniform = "uniform"
+
+
+@stats_app.command("fit")
+def stats_fit(store: Path = STORE_ARG,
+              model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
+              reference_size: int = typer.Option(10_000, help="Rows M in the reference sample (all rows when the "
+                                                              "store has fewer)."),
+              seed: int = typer.Option(0, help="Seed of the reference draw (same inputs + seed → same fit)."),
+              scale: Scale = typer.Option(Scale.one, help="Cosine scale a: 1 (the Information Gain paper; the "
+                                                          "approximation is accurate) or the model's logit "
+                                                          "scale (and bias)."),
+              prior: Prior = typer.Option(Prior.posterior_mean, help="Prior over the reference: the mean "
+                                                                     "posterior, or uniform.")) -> None:
+    """Draw the reference sample and fit priors, means and covariances for the scores."""
+    from queries.fit import fit_stats
+    from store.store import Store
+    st = _run(Store.open, store)
+    res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
+               prior=prior.value)
+    typer.echo(f"fit #{res['fit_id']} of {res['model']}: reference M={res['reference_size']} of {res['rows']} rows "
+               f"(seed {res['seed']}, a={res['a']:.4g}, b={res['b']:.4g}, prior {res['prior']}) "
+               f"in {res['seconds']:.2f}s")
+
+
 @app.command()
 def query(store: Path = STORE_ARG,
           sql: str = typer.Argument(..., help="DuckDB SQL over the views samples, embeddings, rejects, "

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+from torch.utils.data import IterableDataset
 
 from store.store import Store, update_moments, merge_sql_types
 from . import models
@@ -62,11 +64,12 @@ class IngestSummary:
         return d
 
 
-class _PreparedStream:
+class _PreparedStream(IterableDataset):
     """IterableDataset over source units; each DataLoader worker takes every n-th unit."""
 
     def __init__(self, source: Any, units: list, preprocess: Any, tokenizer: Any, done_ids: set,
                  dim: int, batch_size: int):
+        super().__init__()
         self.source, self.units, self.preprocess, self.tokenizer = source, units, preprocess, tokenizer
         self.done_ids, self.dim, self.batch_size = done_ids, dim, batch_size
 
@@ -194,6 +197,10 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         workers = 0 if source.precomputed else max(0, opts.workers)
         if workers:
             from torch.utils.data import DataLoader
+            # Workers are forked (fast start, no re-import of torch) and only read source files and
+            # decode images; they never call into Lance, so its fork-safety warning does not apply.
+            warnings.filterwarnings("ignore", message=".*fork.*", module="lance.*")
+            warnings.filterwarnings("ignore", message="lancedb fork support")
             batches = iter(DataLoader(stream, batch_size=None, num_workers=min(workers, max(1, len(units))),
                                       collate_fn=_identity, prefetch_factor=4, persistent_workers=False))
         else:

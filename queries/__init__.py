@@ -6,5 +6,5 @@ from typing import Any
 
 def connect(store: Any, **kwargs: Any) -> Any:
     """`queries.connect(STORE)` → an in-memory DuckDB connection with views and score functions."""
-    from .connect import connect as _connect
+    from .db import connect as _connect
     return _connect(store, **kwargs)

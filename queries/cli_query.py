@@ -8,7 +8,7 @@ from typing import Any
 
 from store.errors import QueryError
 
-from .connect import connect
+from .db import connect
 
 
 def execute(con: Any, sql: str) -> Any:
@@ -23,12 +23,23 @@ def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = No
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
     import duckdb
-    con = connect(store, allow_external_access=allow_external_access)
-    from .functions import staleness_warning
-    warn = staleness_warning(con)
-    if warn:
-        import sys
-        print(f"warning: {warn}", file=sys.stderr)
+    from .db import open_store
+    from .fit import staleness
+    st = open_store(store)
+    if st.list_models():
+        warn = staleness(st, st.model())
+        if warn:
+            import sys
+            print(f"warning: {warn}", file=sys.stderr)
+    con = connect(st, allow_external_access=allow_external_access)
+    try:
+        return _run(con, sql, fmt, output, max_rows)
+    finally:
+        con.close()
+
+
+def _run(con: Any, sql: str, fmt: str, output: Path | None, max_rows: int) -> str:
+    import duckdb
     rel = execute(con, sql)
     if rel is None:
         return ""
@@ -95,6 +106,13 @@ def _table_text(tbl: Any, max_rows: int) -> str:
 def repl(store: Any, allow_external_access: bool = False) -> None:
     """A minimal interactive prompt: statements end with ';', `.quit` leaves."""
     con = connect(store, allow_external_access=allow_external_access)
+    try:
+        _repl(con)
+    finally:
+        con.close()
+
+
+def _repl(con: Any) -> None:
     print("clipsql SQL — views: samples, embeddings, rejects, stats, scores. End statements with ';', .quit to leave.")
     buf: list[str] = []
     while True:

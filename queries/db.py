@@ -12,6 +12,7 @@ results out or read other files.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -43,6 +44,8 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
     register_views(con, st)
     from . import functions
     functions.register(con, st)
+    _register_stats(con, st)
+    _register_scores(con, st)
     if not allow_external_access:
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
@@ -111,5 +114,48 @@ def _register_rejects(con: Any, st: Store) -> None:
                 "reason, detail, to_timestamp(created_at) AS created_at FROM _rejects")
 
 
-def model_views(st: Store) -> list[tuple[int, ModelRecord]]:
-    return list(enumerate(st.list_models()))
+def _register_stats(con: Any, st: Store) -> None:
+    """View `stats`: per model and modality, the running statistics and the latest fit."""
+    import numpy as np
+    import pyarrow as pa
+    rows = []
+    for m in st.list_models():
+        state = st.stats(m)
+        n_rows = st.count_rows(m)
+        fit = st.latest_fit(m, with_arrays=False)
+        for modality in ("image", "text"):
+            raw = state.moments[(modality, "raw")]
+            nrm = state.moments[(modality, "normalized")]
+            rows.append({
+                "model": m.model_id, "modality": modality, "dim": m.dim, "n": raw.n, "rows": n_rows,
+                "current": raw.n == n_rows, "covered_seq": state.covered_seq,
+                "mean": raw.mean.astype(np.float32).tolist() if raw.n else None,
+                "mean_normalized": nrm.mean.astype(np.float32).tolist() if nrm.n else None,
+                "trace_cov": float(np.trace(raw.cov)) if raw.n else None,
+                "fit_id": fit["fit_id"] if fit else None, "fit_rows": fit["n_rows"] if fit else None,
+                "reference_size": fit["reference_size"] if fit else None,
+                "share_added_since_fit": ((n_rows - fit["n_rows"]) / n_rows if fit and n_rows else None),
+                "fit_options": json.dumps(fit["options"]) if fit else None,
+            })
+    schema = pa.schema([("model", pa.string()), ("modality", pa.string()), ("dim", pa.int32()), ("n", pa.int64()),
+                        ("rows", pa.int64()), ("current", pa.bool_()), ("covered_seq", pa.int64()),
+                        ("mean", pa.list_(pa.float32())), ("mean_normalized", pa.list_(pa.float32())),
+                        ("trace_cov", pa.float64()), ("fit_id", pa.int64()), ("fit_rows", pa.int64()),
+                        ("reference_size", pa.int64()), ("share_added_since_fit", pa.float64()),
+                        ("fit_options", pa.string())])
+    con.register("_stats", pa.Table.from_pylist(rows, schema=schema))
+    con.execute("CREATE OR REPLACE VIEW stats AS SELECT * FROM _stats")
+
+
+def _register_scores(con: Any, st: Store) -> None:
+    """View `scores` for the default model: id, uri, caption and one lazily computed column per score."""
+    from .functions import score_expressions
+    models = st.list_models()
+    if not models:
+        return
+    default = st.model()
+    idx = [m.model_id for m in models].index(default.model_id)
+    exprs = score_expressions(quote_literal(default.model_id))
+    cols = ", ".join(f"{e} AS {quote_ident(name)}" for name, e in exprs.items())
+    con.execute(f"CREATE OR REPLACE VIEW scores AS SELECT e.id, s.uri, s.caption, {cols} "
+                f"FROM {quote_ident('embeddings_' + str(idx))} e LEFT JOIN samples s ON s.id = e.id")

@@ -1,16 +1,11 @@
-"""Curation-score math for clipsql: pure numpy, float64 wherever it sums.
+"""Curation-score math for clipsql (SCIENCE.md): pure numpy, float64 wherever it sums.
 
-Every function implements a definition of ``/work/shared/SCIENCE.md`` (quoted in its
-docstring).  Conventions:
-
-* Inputs are raw embeddings (rows of an ``(n, d)`` array of any float dtype); each
-  function normalizes them itself (``x̂ = x/‖x‖``).  A row that is non-finite or
-  zero has no score: its output is NaN (the SQL layer turns NaN into NULL).
-* Reference / target / statistics arrays must be valid; otherwise ``ValueError``.
-* Log-sum-exp is always shifted: per row by its maximum, or, where noted, by a
-  known upper bound of the logits when the logits' range is at most
-  ``_MAX_LOG_SPAN`` (so no ``exp`` over- or underflows: e^-600 is a normal double).
-* Rows are processed in chunks, so memory is O(chunk·M) for an M-row reference.
+Inputs are raw ``(n, d)`` embeddings of any float dtype, normalized here (``x̂ = x/‖x‖``);
+a non-finite or zero row has no score and gives NaN (the SQL layer's NULL).  Reference,
+target and statistics arrays must be valid, else ``ValueError``.  Log-sum-exp is shifted
+by the row maximum, or (where noted) by the logits' known upper bound when their range
+is ≤ ``_MAX_LOG_SPAN`` (e^-600 is still a normal double).  Rows are chunked: memory is
+O(chunk·M) for an M-row reference.
 """
 from __future__ import annotations
 
@@ -25,10 +20,12 @@ _MAX_LOG_SPAN = 600.0
 
 
 # --------------------------------------------------------------------------- helpers
-def _rows(X, name="X") -> np.ndarray:
+def _rows(X, name="X", d=None) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (rows, dim); got shape {X.shape}")
+    if d is not None and X.shape[1] != d:
+        raise ValueError(f"{name} has dimension {X.shape[1]}, expected {d}")
     return X
 
 
@@ -39,11 +36,6 @@ def _vector(v, d, name) -> np.ndarray:
     if not np.isfinite(v).all():
         raise ValueError(f"{name} contains NaN or inf")
     return v
-
-
-def _check_dim(X, d, name):
-    if X.shape[1] != d:
-        raise ValueError(f"{name} has dimension {X.shape[1]}, expected {d}")
 
 
 def _all_valid(X, name) -> np.ndarray:
@@ -70,6 +62,11 @@ def _lse(z, axis=-1) -> np.ndarray:
     with np.errstate(divide="ignore"):
         out = np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True)) + m
     return np.squeeze(out, axis=axis)
+
+
+def _spans(n, chunk) -> list[slice]:
+    c = max(1, int(chunk))
+    return [slice(i, min(i + c, n)) for i in range(0, n, c)]
 
 
 def _log_sigmoid(z, out=None) -> np.ndarray:
@@ -126,14 +123,8 @@ def normalize(X) -> tuple[np.ndarray, np.ndarray]:
 def raw_norm(Q) -> np.ndarray:
     """``raw_norm(x) = ‖x‖²`` on the RAW vector (NaN for invalid rows)."""
     Q = _rows(Q, "Q")
-    _, valid = normalize(Q)
-    out = np.full(len(Q), np.nan)
-    Qv = Q[valid]
-    s = np.abs(Qv).max(axis=1) if len(Qv) else np.zeros(0)
-    Qs = Qv / s[:, None]
-    with np.errstate(over="ignore"):
-        out[valid] = np.einsum("ij,ij->i", Qs, Qs) * s * s
-    return out
+    with np.errstate(over="ignore"):  # ⟨q, q̂⟩ = ‖q‖ without overflowing q·q
+        return np.einsum("ij,ij->i", np.where(np.isfinite(Q), Q, 0.0), normalize(Q)[0]) ** 2
 
 
 def clip_score(X, Y) -> np.ndarray:
@@ -150,8 +141,8 @@ def log_posterior(Qhat, Rhat, a=1.0, b=0.0, kind="clip") -> np.ndarray:
     CLIP:   ``π_j(x) = exp(a·⟨x̂,ŷ_j⟩) / Σ_k exp(a·⟨x̂,ŷ_k⟩)``  (``b`` cancels and is ignored).
     SigLIP: ``π_j(x) = σ(a·⟨x̂,ŷ_j⟩ + b) / Σ_k σ(a·⟨x̂,ŷ_k⟩ + b)``, computed in log space.
     """
-    Qhat, Rhat = _rows(Qhat, "Qhat"), _rows(Rhat, "Rhat")
-    _check_dim(Qhat, Rhat.shape[1], "Qhat")
+    Rhat = _rows(Rhat, "Rhat")
+    Qhat = _rows(Qhat, "Qhat", Rhat.shape[1])
     _check_params(a, b, kind)
     z = _logits(Qhat, Rhat, a, b, kind)
     z -= _lse(z, axis=1)[:, None]
@@ -197,37 +188,34 @@ def _posterior_mean_priors(Xh, Yh, a, b, kind, chunk):
     Otherwise everything stays in log space (row LSE, running column LSE).
     """
     M = len(Xh)
-    chunk = max(1, int(chunk))
-    buf = np.empty((min(chunk, M), M))
-    spans = [(i0, min(i0 + chunk, M)) for i0 in range(0, M, chunk)]
+    buf = np.empty((min(max(1, int(chunk)), M), M))
     logm = np.log(M)
     lo, hi = _logit_bounds(a, b, kind)
-    if hi - lo <= _MAX_LOG_SPAN:
-        acc_t, colsum = np.zeros(M), np.zeros(M)
-        for i0, i1 in spans:
-            E = _logits(Xh[i0:i1], Yh, a, b, kind, out=buf[: i1 - i0])
-            E -= hi
-            np.exp(E, out=E)
+    fast = hi - lo <= _MAX_LOG_SPAN
+
+    def block(sl):  # logits of reference images sl vs all texts; exp(L − hi) if fast
+        L = _logits(Xh[sl], Yh, a, b, kind, out=buf[: sl.stop - sl.start])
+        return np.exp(np.subtract(L, hi, out=L), out=L) if fast else L
+
+    if fast:
+        acc_t, colsum, lpi = np.zeros(M), np.zeros(M), np.empty(M)
+        for sl in _spans(M, chunk):
+            E = block(sl)
             colsum += E.sum(axis=0)
             acc_t += (1.0 / E.sum(axis=1)) @ E
-        w = 1.0 / colsum
-        lpi = np.empty(M)
-        for i0, i1 in spans:
-            E = _logits(Xh[i0:i1], Yh, a, b, kind, out=buf[: i1 - i0])
-            E -= hi
-            np.exp(E, out=E)
-            lpi[i0:i1] = np.log(E @ w)
+        for sl in _spans(M, chunk):
+            lpi[sl] = np.log(block(sl) @ (1.0 / colsum))
         return np.log(acc_t) - logm, lpi - logm
     row, col = np.empty(M), np.full(M, -np.inf)
-    for i0, i1 in spans:
-        L = _logits(Xh[i0:i1], Yh, a, b, kind, out=buf[: i1 - i0])
-        row[i0:i1] = _lse(L, axis=1)
+    for sl in _spans(M, chunk):
+        L = block(sl)
+        row[sl] = _lse(L, axis=1)
         col = np.logaddexp(col, _lse(L, axis=0))
     acc_t, lpi = np.full(M, -np.inf), np.empty(M)
-    for i0, i1 in spans:
-        L = _logits(Xh[i0:i1], Yh, a, b, kind, out=buf[: i1 - i0])
-        lpi[i0:i1] = _lse(L - col[None, :], axis=1)
-        L -= row[i0:i1, None]
+    for sl in _spans(M, chunk):
+        L = block(sl)
+        lpi[sl] = _lse(L - col[None, :], axis=1)
+        L -= row[sl, None]
         acc_t = np.logaddexp(acc_t, _lse(L, axis=0))
     return acc_t - logm, lpi - logm
 
@@ -235,9 +223,9 @@ def _posterior_mean_priors(Xh, Yh, a, b, kind, chunk):
 def _weighted_cov(V, w, u, chunk):
     """``G = Σ_i w_i (v_i − u)(v_i − u)ᵀ`` (chunked, symmetrized)."""
     G = np.zeros((V.shape[1], V.shape[1]))
-    for i0 in range(0, len(V), chunk):
-        D = V[i0 : i0 + chunk] - u
-        G += (D * w[i0 : i0 + chunk, None]).T @ D
+    for sl in _spans(len(V), chunk):
+        D = V[sl] - u
+        G += (D * w[sl, None]).T @ D
     return (G + G.T) / 2
 
 
@@ -265,7 +253,6 @@ def fit(X_ref, Y_ref, a=1.0, b=0.0, kind="clip", prior="posterior-mean", chunk=2
     _check_params(a, b, kind)
     if prior not in PRIORS:
         raise ValueError(f"prior must be one of {PRIORS}; got {prior!r}")
-    chunk = max(1, int(chunk))
     Xh, Yh = _all_valid(X_ref, "X_ref"), _all_valid(Y_ref, "Y_ref")
     M = len(Xh)
     if prior == "uniform":
@@ -302,14 +289,13 @@ def info_gain(Q, fit, modality, reverse=False, chunk=2048) -> np.ndarray:
     Rounding below 0 is clipped to 0.  Cost O(M·d) per row, memory O(chunk·M).
     """
     R, lprior, _, _ = _side(fit, modality)
-    Qh, valid = normalize(_rows(Q, "Q"))
-    _check_dim(Qh, R.shape[1], "Q")
+    Qh, valid = normalize(_rows(Q, "Q", R.shape[1]))
     out = np.full(len(Qh), np.nan)
     ids_all = np.flatnonzero(valid)
     pprior = np.exp(lprior)
     h_prior = pprior @ lprior
-    for c0 in range(0, len(ids_all), max(1, int(chunk))):
-        ids = ids_all[c0 : c0 + chunk]
+    for sl in _spans(len(ids_all), chunk):
+        ids = ids_all[sl]
         lp = log_posterior(Qh[ids], R, fit.a, fit.b, fit.kind)
         if reverse:
             kl = h_prior - lp @ pprior
@@ -324,8 +310,7 @@ def info_gain_approx(Q, fit, modality) -> np.ndarray:
     """``½ a² (x̂ − ū_I)ᵀ G_T (x̂ − ū_I) = ½ a² ‖L_Tᵀ (x̂ − ū_I)‖²`` for images;
     text mirrors it: ``½ a² ‖L_Iᵀ (ŷ − ū_T)‖²``.  O(d²) per row."""
     _, _, u, L = _side(fit, modality)
-    Qh, _ = normalize(_rows(Q, "Q"))
-    _check_dim(Qh, len(u), "Q")
+    Qh, _ = normalize(_rows(Q, "Q", len(u)))
     Z = (Qh - u) @ L
     return 0.5 * fit.a**2 * np.einsum("ij,ij->i", Z, Z)
 
@@ -333,8 +318,7 @@ def info_gain_approx(Q, fit, modality) -> np.ndarray:
 def centered_norm(Q, fit, modality) -> np.ndarray:
     """``centered_norm(x) = a²‖x̂ − ū‖²`` with ``ū = ū_I`` (image) or ``ū_T`` (text)."""
     _, _, u, _ = _side(fit, modality)
-    Qh, _ = normalize(_rows(Q, "Q"))
-    _check_dim(Qh, len(u), "Q")
+    Qh, _ = normalize(_rows(Q, "Q", len(u)))
     D = Qh - u
     return fit.a**2 * np.einsum("ij,ij->i", D, D)
 
@@ -393,24 +377,25 @@ def _pair_chunks(F, G, fit_, ref_index, chunk):
     F, G = _rows(F, "F"), _rows(G, "G")
     if F.shape != G.shape:
         raise ValueError(f"F and G must have the same shape; got {F.shape} and {G.shape}")
-    _check_dim(F, fit_.dim, "F")
+    _rows(F, "F", fit_.dim)
     ref = _ref_index(ref_index, len(F), fit_.size)
     (Fh, vf), (Gh, vg) = normalize(F), normalize(G)
     ids_all = np.flatnonzero(vf & vg)
     yield len(F)
-    for c0 in range(0, len(ids_all), max(1, int(chunk))):
-        ids = ids_all[c0 : c0 + chunk]
+    for sl in _spans(len(ids_all), chunk):
+        ids = ids_all[sl]
         f, g = Fh[ids], Gh[ids]
         yield ids, np.einsum("ij,ij->i", f, g), f @ fit_.Y_ref.T, g @ fit_.X_ref.T, ref[ids]
 
 
-def _exclude_own(T, r, value):
-    """B_k = {i} ∪ R_k holds i once: a reference row's own reference column is dropped."""
+def _exclude_own(T, r):
+    """B_k = {i} ∪ R_k holds i once: a reference row's own reference column adds 0."""
     rows = np.flatnonzero(r >= 0)
-    T[rows, r[rows]] = value
+    T[rows, r[rows]] = 0.0
 
 
 def _indicator(subsets, M):
+    """(M, K) 0/1 matrix: column k marks R_k, so Σ_{j∈R_k} t_j = (t @ ind)_k."""
     ind = np.zeros((M, len(subsets)))
     for k, idx in enumerate(subsets):
         ind[idx, k] = 1.0
@@ -442,7 +427,7 @@ def neg_clip_loss(F, G, fit, ref_index, tau=0.01, batch_size=32768, k=10, seed=0
                 C -= 1.0
                 C *= inv
                 np.exp(C, out=C)
-                _exclude_own(C, r, 0.0)
+                _exclude_own(C, r)
                 total += np.log(C @ ind + np.exp((own - 1.0) * inv)[:, None]) + inv
                 continue
             for kk, idx in enumerate(subsets):
@@ -479,7 +464,7 @@ def neg_siglip_loss(F, G, fit, ref_index, a, b, batch_size=32768, k=10, seed=0,
             C *= -a
             C -= b
             _log_sigmoid(C, out=C)
-            _exclude_own(C, r, 0.0)
+            _exclude_own(C, r)
             total += C @ ind
         out[ids] = _log_sigmoid(a * own + b) + 0.5 * total.mean(axis=1)
     return out
@@ -515,10 +500,10 @@ def neg_clip_loss_pool(F, G, tau=0.01, batch_size=32768, k=10, seed=0,
         for b0 in range(0, (len(pool) // B) * B, B):
             batch = perm[b0 : b0 + B]
             fb, gb = Fh[batch], Gh[batch]
-            for c0 in range(0, B, max(1, int(chunk))):
-                f, g = fb[c0 : c0 + chunk], gb[c0 : c0 + chunk]
+            for sl in _spans(B, chunk):
+                f, g = fb[sl], gb[sl]
                 lse = _lse((f @ gb.T) / tau, axis=1) + _lse((g @ fb.T) / tau, axis=1)
-                rows = batch[c0 : c0 + chunk]
+                rows = batch[sl]
                 total[rows] += np.einsum("ij,ij->i", f, g) - 0.5 * tau * lse
                 count[rows] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -548,39 +533,26 @@ def norm_sim_2(Q, second_moment) -> np.ndarray:
 def norm_sim_inf(Q, T_hat, chunk=2048) -> np.ndarray:
     """``norm_sim_inf(x) = max_t |⟨f_t, x̂⟩|``, chunked over queries and targets
     (targets are (re)normalized; all must be valid)."""
-    Qh, valid = normalize(_rows(Q, "Q"))
     Th = _all_valid(_rows(T_hat, "T_hat"), "T_hat")
-    _check_dim(Qh, Th.shape[1], "Q")
-    chunk = max(1, int(chunk))
+    Qh, valid = normalize(_rows(Q, "Q", Th.shape[1]))
     out = np.full(len(Qh), np.nan)
     ids_all = np.flatnonzero(valid)
-    for c0 in range(0, len(ids_all), chunk):
-        ids = ids_all[c0 : c0 + chunk]
+    for sl in _spans(len(ids_all), chunk):
+        ids = ids_all[sl]
         best = np.zeros(len(ids))
-        for t0 in range(0, len(Th), chunk):
-            best = np.maximum(best, np.abs(Qh[ids] @ Th[t0 : t0 + chunk].T).max(axis=1))
+        for tl in _spans(len(Th), chunk):
+            best = np.maximum(best, np.abs(Qh[ids] @ Th[tl].T).max(axis=1))
         out[ids] = best
     return out
-
-
-def _top_count(fraction, n) -> int:
-    """Exact count kept when cutting a fraction: floor(fraction·n + ½), at least 1."""
-    return max(1, int(np.floor(fraction * n + 0.5)))
-
-
-def _top_rows(ids, score, count) -> np.ndarray:
-    """The ``count`` ids with the highest score; ties broken by the smaller id; sorted by id."""
-    order = np.lexsort((ids, -score))
-    return np.sort(ids[order[:count]])
 
 
 def norm_sim_d(X, keep_fraction=0.2, steps=5, return_mask=False):
     """NormSim-D (no target data; SCIENCE.md §6), iteration implemented:
 
-    ``K_0`` = all valid rows, ``S_0 = Σ_{x∈K_0} x̂ x̂ᵀ``.  For s = 1..steps:
-    ``K_s`` = the top ``_top_count(keep_fraction**(s/steps), n_valid)`` rows of ``K_{s-1}``
-    by ``x̂ᵀ S_{s-1} x̂`` (ties: smaller row index), ``S_s = Σ_{x∈K_s} x̂ x̂ᵀ`` (nested,
-    geometric schedule ending at ``keep_fraction`` of the valid rows).
+    ``K_0`` = all valid rows (n of them), ``S_0 = Σ_{x∈K_0} x̂ x̂ᵀ``.  For s = 1..steps:
+    ``K_s`` = the top ``max(1, floor(keep_fraction**(s/steps)·n + ½))`` rows of ``K_{s-1}``
+    by ``x̂ᵀ S_{s-1} x̂`` (exact count; ties: smaller row index), ``S_s = Σ_{x∈K_s} x̂ x̂ᵀ``
+    (nested subsets, geometric schedule ending at ``keep_fraction`` of the valid rows).
     Score of every valid row: ``sqrt(x̂ᵀ S_steps x̂)`` = NormSim_2 against the final kept
     set.  ``return_mask=True`` also returns the boolean mask of ``K_steps``.
     """
@@ -593,7 +565,8 @@ def norm_sim_d(X, keep_fraction=0.2, steps=5, return_mask=False):
     n = len(kept)
     S = Xh[kept].T @ Xh[kept]
     for s in range(1, int(steps) + 1):
-        kept = _top_rows(kept, _quad(Xh[kept], S), _top_count(keep_fraction ** (s / steps), n))
+        count = max(1, int(np.floor(keep_fraction ** (s / steps) * n + 0.5)))
+        kept = np.sort(kept[np.lexsort((kept, -_quad(Xh[kept], S)))[:count]])
         S = Xh[kept].T @ Xh[kept]
     out = np.sqrt(_quad(Xh, S))
     out[~valid] = np.nan
@@ -611,8 +584,7 @@ def importance_weight(Q, prompt_embedding, X_ref, a=10.0) -> np.ndarray:
     if isinstance(X_ref, Fit):
         X_ref = X_ref.X_ref
     Xr = _all_valid(_rows(X_ref, "X_ref"), "X_ref")
-    Qh, _ = normalize(_rows(Q, "Q"))
-    _check_dim(Qh, Xr.shape[1], "Q")
+    Qh, _ = normalize(_rows(Q, "Q", Xr.shape[1]))
     yq = _all_valid(_vector(prompt_embedding, Xr.shape[1], "prompt_embedding")[None], "prompt")[0]
     if not np.isfinite(a):
         raise ValueError("a must be finite")

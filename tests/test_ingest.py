@@ -85,7 +85,7 @@ def test_two_models_in_one_store(store, image_folder, tiny_model, tiny_siglip):
     con = queries.connect(store)
     counts = dict(con.sql("SELECT model, count(*) FROM embeddings GROUP BY model").fetchall())
     assert sorted(counts.values()) == [40, 40]
-    assert con.sql("SELECT count(*) FROM samples").fetchone()[0] == 40
+    assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 40
     assert_stats_match_vectors(store, models[1].model_id)
 
 
@@ -127,7 +127,7 @@ def test_metadata_columns_from_a_table_are_visible_in_samples(store, tmp_path, t
     con = queries.connect(store)
     got = con.sql("SELECT kind, n_attributes, score, width FROM samples ORDER BY n_attributes").fetchall()
     assert got[0] == ("blank", 0, 0.0, 24) and got[5] == ("normal", 5, 2.5, 24)
-    types = dict(con.sql("SELECT column_name, data_type FROM (DESCRIBE samples)").fetchall())
+    types = dict(con.sql("SELECT column_name, column_type FROM (DESCRIBE samples)").fetchall())
     assert types["n_attributes"] == "BIGINT" and types["kind"] == "VARCHAR"
     del folder
 
@@ -180,7 +180,7 @@ def test_bad_inputs_are_rejected_not_fatal(store, tmp_path, tiny_model):
     # re-running records no duplicate rejects and adds nothing
     s2 = ingest(store, str(d), model=tiny_model, options=FAST)
     assert s2.added == 0
-    assert con.sql("SELECT count(*) FROM rejects").fetchone()[0] == len(reasons)
+    assert con.execute("SELECT count(*) FROM rejects").fetchone()[0] == len(reasons)
 
 
 def _write_precomputed(folder: Path, n: int, dim: int, rng) -> tuple[np.ndarray, np.ndarray]:

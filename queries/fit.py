@@ -1,0 +1,117 @@
+"""`clipsql stats fit`: draw the reference sample and fit the score statistics.
+
+The reference sample is M rows drawn once, seeded, from the rows holding both
+embeddings (all rows when fewer), ordered by id first so the draw does not
+depend on the physical order of the Lance table. The fit (priors, prior-weighted
+means, covariances and their factors; SCIENCE.md §1–2) is stored in the catalog
+stamped with the data version it came from, the seed and the options.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from store.errors import StatsError
+from store.store import ModelRecord, Store, to_numpy
+
+from . import scores
+
+DEFAULT_REFERENCE_SIZE = 10_000
+DEFAULT_STALE_SHARE = 0.10
+ARRAY_KEYS = ("log_prior_text", "log_prior_image", "mean_image", "mean_text", "cov_image", "cov_text",
+              "factor_image", "factor_text")
+
+
+def scale_for(rec: ModelRecord, scale: str) -> tuple[float, float]:
+    """(a, b): `1` → (1, 0) as in the Information Gain paper; `model` → the model's logit scale and bias."""
+    if scale in ("1", "one", 1):
+        return 1.0, 0.0
+    if scale == "model":
+        return float(rec.logit_scale), float(rec.logit_bias or 0.0)
+    try:
+        return float(scale), 0.0
+    except ValueError:
+        raise StatsError(f"--scale must be 1, model or a number; got {scale!r}") from None
+
+
+def draw_reference(st: Store, rec: ModelRecord, size: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    ds = st.embeddings_table(rec).to_lance()
+    ids = ds.to_table(columns=["id"]).column("id").to_numpy(zero_copy_only=False).astype(str)
+    if len(ids) == 0:
+        raise StatsError(f"model {rec.model_id} has no rows yet: ingest data before `clipsql stats fit`")
+    order = np.argsort(ids, kind="stable")
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(ids), size=size, replace=False)) if len(ids) > size else np.arange(len(ids))
+    rows = np.sort(order[pick])
+    tbl = ds.take(rows.tolist(), columns=["id", "image_embedding", "text_embedding"])
+    tbl = tbl.take(pa.array(np.argsort(tbl.column("id").to_numpy(zero_copy_only=False).astype(str),
+                                       kind="stable")))
+    X = to_numpy(tbl.column("image_embedding")).astype(np.float64)
+    Y = to_numpy(tbl.column("text_embedding")).astype(np.float64)
+    ok = (np.isfinite(X).all(1) & np.isfinite(Y).all(1) & (np.abs(X).sum(1) > 0) & (np.abs(Y).sum(1) > 0))
+    ref_ids = [i for i, keep in zip(tbl.column("id").to_pylist(), ok) if keep]
+    return ref_ids, X[ok].astype(np.float32), Y[ok].astype(np.float32)
+
+
+def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFAULT_REFERENCE_SIZE,
+              seed: int = 0, scale: str = "1", prior: str = "posterior-mean") -> dict[str, Any]:
+    """Fit and store the reference statistics of one model; returns a summary."""
+    if prior not in scores.PRIORS:
+        raise StatsError(f"--prior must be one of {', '.join(scores.PRIORS)}; got {prior!r}")
+    if reference_size < 2:
+        raise StatsError("--reference-size must be at least 2")
+    rec = st.model(model)
+    t0 = time.perf_counter()
+    with st.lock():
+        state = st.sync_stats(rec)
+        n_rows = st.count_rows(rec)
+        version = st.embeddings_table(rec).version
+        ref_ids, X, Y = draw_reference(st, rec, reference_size, seed)
+        a, b = scale_for(rec, scale)
+        f = scores.fit(X, Y, a=a, b=b, kind=rec.kind, prior=prior)
+        options = {"seed": seed, "scale": str(scale), "a": a, "b": b, "prior": prior, "kind": rec.kind,
+                   "requested_reference_size": reference_size, "data_version": version,
+                   "neg_clip": {"tau": 0.01, "batch_size": min(32768, len(ref_ids) + 1), "k": 10, "seed": seed}}
+        arrays = {"ref_ids": np.array(ref_ids), "X_ref_raw": X, "Y_ref_raw": Y}
+        arrays.update({k: getattr(f, k) for k in ARRAY_KEYS})
+        fit_id = st.save_fit(rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
+                             options=options, arrays=arrays)
+    return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows,
+            "seconds": round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
+            "data_version": version}
+
+
+def load_fit(st: Store, rec: ModelRecord) -> tuple[scores.Fit, dict]:
+    """The latest fit of a model as a `scores.Fit` (+ its catalog row); StatsError naming the fix if none."""
+    row = st.latest_fit(rec)
+    if row is None:
+        raise StatsError(f"no fitted statistics for model {rec.model_id}: run "
+                         f"`clipsql stats fit STORE --model {rec.model_id}` first")
+    arr, opts = row["arrays"], row["options"]
+    Xh, _ = scores.normalize(arr["X_ref_raw"])
+    Yh, _ = scores.normalize(arr["Y_ref_raw"])
+    f = scores.Fit(a=float(opts["a"]), b=float(opts["b"]), kind=opts["kind"], prior=opts["prior"],
+                   X_ref=Xh, Y_ref=Yh, **{k: arr[k] for k in ARRAY_KEYS})
+    return f, row
+
+
+def stale_share(st: Store) -> float:
+    v = st.get_setting("stale_share")
+    return float(v) if v is not None else DEFAULT_STALE_SHARE
+
+
+def staleness(st: Store, rec: ModelRecord) -> str | None:
+    """A sentence when the latest fit predates more than the stated share of the rows, else None."""
+    fit = st.latest_fit(rec, with_arrays=False)
+    if fit is None:
+        return None
+    rows = st.count_rows(rec)
+    added = rows - int(fit["n_rows"])
+    if rows and added / rows > stale_share(st):
+        return (f"the fit of {rec.model_id} (#{fit['fit_id']}) predates {added} of {rows} rows "
+                f"({100 * added / rows:.0f}% > {100 * stale_share(st):.0f}%): new rows still score against the "
+                f"fixed reference, but re-run `clipsql stats fit` to refresh priors and covariances")
+    return None
