@@ -110,7 +110,7 @@ def staleness(st: Store, rec: ModelRecord) -> str | None:
         return None
     rows = st.count_rows(rec)
     added = rows - int(fit["n_rows"])
-    if rows and added / rows > stale_share(st):
+    if rows and added > 0 and added / rows > stale_share(st):
         return (f"the fit of {rec.model_id} (#{fit['fit_id']}) predates {added} of {rows} rows "
                 f"({100 * added / rows:.0f}% > {100 * stale_share(st):.0f}%): new rows still score against the "
                 f"fixed reference, but re-run `clipsql stats fit` to refresh priors and covariances")

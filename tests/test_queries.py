@@ -1,0 +1,217 @@
+"""The SQL layer: every function through DuckDB equals the pure numpy path (which
+tests/test_scores.py checks against brute force), plus fits, views and errors."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import queries
+from ingest.pipeline import IngestOptions, ingest
+from queries import scores
+from queries.cli_query import run_query
+from queries.fit import fit_stats, load_fit
+from store.errors import QueryError, StatsError
+from store.store import Store, to_numpy
+
+FAST = IngestOptions(batch_size=64, workers=0, progress=False)
+D = 16
+
+
+def clip_like(n, rng, d=D):
+    """Paired image/text vectors with CLIP-like geometry: offset modality means, anisotropic spread."""
+    shared = rng.normal(size=(n, d)) * np.linspace(1.5, 0.2, d)
+    img = 2.0 * np.eye(d)[0] + shared + 0.3 * rng.normal(size=(n, d))
+    txt = -2.0 * np.eye(d)[1] + shared + 0.3 * rng.normal(size=(n, d))
+    return (img * 3).astype(np.float32), (txt * 5).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def scored_store(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("q")
+    rng = np.random.default_rng(7)
+    img, txt = clip_like(600, rng)
+    pq.write_table(pa.table({
+        "id": [f"r{i:04d}" for i in range(600)], "caption": [f"caption {i}" for i in range(600)],
+        "url": [f"file:///x/{i}.jpg" for i in range(600)],
+        "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(img.reshape(-1)), D),
+        "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(txt.reshape(-1)), D),
+    }), root / "emb.parquet")
+    st = Store.init(root / "store")
+    s = ingest(st, str(root / "emb.parquet"), model=tiny_model, options=IngestOptions(
+        batch_size=64, workers=0, progress=False, id_column="id"))
+    assert s.added == 600
+    fit_stats(st, reference_size=250, seed=3)
+    return st
+
+
+def fetch(con, sql):
+    return con.execute(sql).fetchall()
+
+
+def stored(st):
+    tbl = st.read_embeddings(st.model()).sort_by("id")
+    return tbl.column("id").to_pylist(), to_numpy(tbl.column("image_embedding")), to_numpy(tbl.column("text_embedding"))
+
+
+def test_every_sql_function_equals_the_numpy_path(scored_store):
+    st = scored_store
+    ids, X, Y = stored(st)
+    f, _ = load_fit(st, st.model())
+    state = st.stats(st.model())
+    expected = {
+        "image_info_gain": scores.info_gain(X, f, "image"),
+        "text_info_gain": scores.info_gain(Y, f, "text"),
+        "image_info_gain_reverse": scores.info_gain(X, f, "image", reverse=True),
+        "text_info_gain_reverse": scores.info_gain(Y, f, "text", reverse=True),
+        "image_info_gain_approx": scores.info_gain_approx(X, f, "image"),
+        "text_info_gain_approx": scores.info_gain_approx(Y, f, "text"),
+        "image_centered_norm": scores.centered_norm(X, f, "image"),
+        "text_centered_norm": scores.centered_norm(Y, f, "text"),
+        "image_raw_norm": scores.raw_norm(X), "text_raw_norm": scores.raw_norm(Y),
+        "image_conformity": scores.conformity(X, state.moments[("image", "normalized")].sum, 600),
+        "text_conformity": scores.conformity(Y, state.moments[("text", "normalized")].sum, 600),
+        "image_conformity_estimate": scores.conformity_estimate(X, state.moments[("image", "raw")].mean),
+        "text_conformity_estimate": scores.conformity_estimate(Y, state.moments[("text", "raw")].mean),
+        "clip_score": scores.clip_score(X, Y),
+    }
+    con = queries.connect(st)
+    cols = ", ".join(expected)
+    rows = fetch(con, f"SELECT id, {cols} FROM scores ORDER BY id")
+    assert [r[0] for r in rows] == ids
+    for j, name in enumerate(expected, start=1):
+        got = np.array([r[j] for r in rows], dtype=np.float64)
+        np.testing.assert_allclose(got, expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
+    # the explicit-model overloads agree with the defaults
+    mid = st.model().model_id
+    a = fetch(con, "SELECT image_info_gain(image_embedding) FROM embeddings ORDER BY id")
+    b = con.execute("SELECT image_info_gain(image_embedding, ?) FROM embeddings ORDER BY id", [mid]).fetchall()
+    assert a == b
+
+
+def test_exact_conformity_is_the_pairwise_mean(scored_store):
+    _, X, _ = stored(scored_store)
+    con = queries.connect(scored_store)
+    got = np.array([r[0] for r in fetch(con, "SELECT image_conformity FROM scores ORDER BY id")])
+    Xh = X / np.linalg.norm(X, axis=1, keepdims=True)
+    C = Xh.astype(np.float64) @ Xh.T.astype(np.float64)
+    brute = (C.sum(1) - np.diag(C)) / (len(X) - 1)
+    np.testing.assert_allclose(got, brute, rtol=1e-6, atol=1e-9)
+
+
+def test_null_zero_and_non_finite_vectors_score_null(scored_store):
+    con = queries.connect(scored_store)
+    zero = "[" + ", ".join(["0"] * D) + f"]::FLOAT[{D}]"
+    nan = "[" + ", ".join(["'nan'::FLOAT"] + ["1"] * (D - 1)) + f"]::FLOAT[{D}]"
+    for fn in ("image_info_gain", "text_info_gain_approx", "image_conformity", "raw_norm"):
+        assert fetch(con, f"SELECT {fn}({zero}), {fn}({nan}), {fn}(NULL::FLOAT[{D}])") == [(None, None, None)]
+    assert fetch(con, f"SELECT clip_score({zero}, {zero})") == [(None,)]
+
+
+def test_dimension_mismatch_names_both_dims(scored_store):
+    con = queries.connect(scored_store)
+    with pytest.raises(Exception, match="has 3 dimensions but the model has 16"):
+        fetch(con, "SELECT image_info_gain([1, 2, 3]::FLOAT[3])")
+
+
+def test_score_without_fit_names_the_command(tmp_path, tiny_model):
+    rng = np.random.default_rng(0)
+    img, txt = clip_like(20, rng)
+    pq.write_table(pa.table({"caption": [f"c{i}" for i in range(20)], "url": [str(i) for i in range(20)],
+                             "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(img.reshape(-1)), D),
+                             "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(txt.reshape(-1)), D)}),
+                   tmp_path / "e.parquet")
+    st = Store.init(tmp_path / "s")
+    ingest(st, str(tmp_path / "e.parquet"), model=tiny_model, options=FAST)
+    with pytest.raises(QueryError, match="clipsql stats fit"):
+        run_query(st, "SELECT image_info_gain FROM scores")
+    # scores that need no fit still work, and columns are computed lazily
+    assert "clip_score" in run_query(st, "SELECT id, clip_score FROM scores LIMIT 2")
+
+
+def test_fit_is_deterministic_and_versioned(scored_store):
+    st = scored_store
+    a = fit_stats(st, reference_size=100, seed=11)
+    b = fit_stats(st, reference_size=100, seed=11)
+    c = fit_stats(st, reference_size=100, seed=12)
+    fa, ra = load_fit(st, st.model())
+    rows = st.latest_fit(st.model())
+    assert b["fit_id"] == a["fit_id"] + 1 == c["fit_id"] - 1
+    assert rows["options"]["seed"] == 12 and rows["options"]["data_version"] >= 1
+    import store.catalog as cat
+    import sqlalchemy as sa
+    with st.engine.connect() as conn:
+        blobs = {r[0]: cat.unpack_many(r[1]) for r in conn.execute(
+            sa.select(cat.fits.c.fit_id, cat.fits.c.arrays).where(cat.fits.c.fit_id.in_([a["fit_id"], b["fit_id"],
+                                                                                          c["fit_id"]])))}
+    for k in ("ref_ids", "X_ref_raw", "log_prior_text", "factor_image"):
+        np.testing.assert_array_equal(blobs[a["fit_id"]][k], blobs[b["fit_id"]][k])
+    assert list(blobs[a["fit_id"]]["ref_ids"]) != list(blobs[c["fit_id"]]["ref_ids"])
+    fit_stats(st, reference_size=250, seed=3)   # restore the module's fit
+
+
+def test_fit_covers_all_rows_when_store_is_small(scored_store):
+    res = fit_stats(scored_store, reference_size=10_000, seed=3)
+    assert res["reference_size"] == 600
+    fit_stats(scored_store, reference_size=250, seed=3)
+
+
+def test_approximation_tracks_exact_kl(scored_store):
+    con = queries.connect(scored_store)
+    for m in ("image", "text"):
+        rows = fetch(con, f"SELECT {m}_info_gain, {m}_info_gain_approx FROM scores")
+        kl, ap = np.array(rows).T
+        r2 = np.corrcoef(kl, ap)[0, 1] ** 2
+        assert r2 >= 0.98, (m, r2)
+
+
+def test_query_is_read_only_by_default(scored_store, tmp_path):
+    target = tmp_path / "out.csv"
+    with pytest.raises(QueryError, match="disabled"):
+        run_query(scored_store, f"COPY (SELECT 1) TO '{target}'")
+    with pytest.raises(QueryError):
+        run_query(scored_store, "SET enable_external_access = true")
+    assert not target.exists()
+    run_query(scored_store, f"COPY (SELECT 1 AS x) TO '{target}'", allow_external_access=True)
+    assert target.read_text().strip().splitlines() == ["x", "1"]
+
+
+def test_stats_view_and_staleness(scored_store, tmp_path, tiny_model):
+    con = queries.connect(scored_store)
+    rows = fetch(con, "SELECT modality, n, current, fit_id IS NOT NULL FROM stats ORDER BY modality")
+    assert rows == [("image", 600, True, True), ("text", 600, True, True)]
+    from queries.fit import staleness
+    assert staleness(scored_store, scored_store.model()) is None
+    scored_store.set_setting("stale_share", "-1")   # any added row counts as stale...
+    try:
+        assert staleness(scored_store, scored_store.model()) is None   # ...but none were added
+    finally:
+        scored_store.set_setting("stale_share", "0.1")
+
+
+def test_rows_added_after_fit_still_score_and_warn(tmp_path, tiny_model):
+    rng = np.random.default_rng(1)
+    img, txt = clip_like(200, rng)
+
+    def write(lo, hi, name):
+        pq.write_table(pa.table({
+            "id": [f"r{i}" for i in range(lo, hi)], "caption": [f"c{i}" for i in range(lo, hi)],
+            "url": [str(i) for i in range(lo, hi)],
+            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(img[lo:hi].reshape(-1)), D),
+            "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(txt[lo:hi].reshape(-1)), D)}),
+            tmp_path / name)
+    write(0, 100, "a.parquet")
+    write(100, 200, "b.parquet")
+    st = Store.init(tmp_path / "s")
+    opts = IngestOptions(batch_size=64, workers=0, progress=False, id_column="id")
+    ingest(st, str(tmp_path / "a.parquet"), model=tiny_model, options=opts)
+    fit_stats(st, reference_size=50)
+    con = queries.connect(st)
+    before = dict(fetch(con, "SELECT id, image_info_gain FROM scores"))
+    ingest(st, str(tmp_path / "b.parquet"), model=tiny_model, options=opts)
+    from queries.fit import staleness
+    assert "re-run `clipsql stats fit`" in staleness(st, st.model())
+    con = queries.connect(st)
+    after = dict(fetch(con, "SELECT id, image_info_gain FROM scores"))
+    assert len(after) == 200 and all(after[k] is not None for k in after)
+    for k, v in before.items():        # old rows keep their score: the reference is fixed
+        assert after[k] == pytest.approx(v, rel=1e-12)
