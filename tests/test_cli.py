@@ -1,0 +1,121 @@
+"""The CLI as a user drives it: exit codes, messages, formats."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+
+from .conftest import write_image_folder
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("cli")
+    data = write_image_folder(root / "data", 30)
+    r = invoke("init", root / "s")
+    assert r.exit_code == 0, r.output
+    r = invoke("ingest", root / "s", data, "--model", tiny_model, "--workers", "0", "--no-progress",
+               "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    assert "added 30" in r.output and "rows/s" in r.output
+    r = invoke("stats", "fit", root / "s", "--reference-size", "20")
+    assert r.exit_code == 0, r.output
+    return root / "s"
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = ("import sys, cli; from typer.testing import CliRunner; r = CliRunner().invoke(cli.app, ['--help']); "
+            "assert r.exit_code == 0; heavy = [m for m in ('torch', 'open_clip', 'lancedb', 'duckdb') "
+            "if m in sys.modules]; print(heavy)")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert time.perf_counter() - t0 < 10
+
+
+def test_every_command_has_help():
+    for cmd in (["init"], ["models"], ["ingest"], ["query"], ["sql"], ["stats", "show"], ["stats", "fit"],
+                ["stats", "refresh"]):
+        r = invoke(*cmd, "--help")
+        assert r.exit_code == 0 and "Usage" in r.output, cmd
+
+
+def test_models_lists_the_model(cli_store):
+    r = invoke("models", cli_store, "--format", "json")
+    rows = json.loads(r.output)
+    assert len(rows) == 1 and rows[0]["rows"] == 30 and rows[0]["dim"] == 16 and rows[0]["default"]
+
+
+def test_rerun_adds_nothing(cli_store, tmp_path):
+    data = write_image_folder(tmp_path / "data", 30)
+    r = invoke("ingest", cli_store, data, "--workers", "0", "--no-progress", "--format", "json")
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output[r.output.index("{"):])
+    assert summary["added"] == 0 and summary["skipped"] == 30
+
+
+def test_query_formats(cli_store, tmp_path):
+    sql = "SELECT uri, caption, image_info_gain FROM scores ORDER BY image_info_gain LIMIT 3"
+    r = invoke("query", cli_store, sql)
+    assert r.exit_code == 0, r.output
+    assert "image_info_gain" in r.output and "(3 rows)" in r.output
+    r = invoke("query", cli_store, sql, "--format", "json")
+    assert len(json.loads(r.output)) == 3
+    r = invoke("query", cli_store, sql, "--format", "csv")
+    assert r.output.splitlines()[0].replace('"', "") == "uri,caption,image_info_gain"
+    out = tmp_path / "x.parquet"
+    r = invoke("query", cli_store, "SELECT * FROM embeddings", "--format", "parquet", "--output", out)
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+    assert pq.read_table(out).num_rows == 30
+
+
+def test_sql_error_exits_1_with_duckdb_message(cli_store):
+    r = invoke("query", cli_store, "SELEC nonsense")
+    assert r.exit_code == 1
+    assert "syntax error" in r.output.lower()
+
+
+def test_unknown_model_exits_1_before_writing(tmp_path):
+    invoke("init", tmp_path / "s")
+    data = write_image_folder(tmp_path / "d", 3)
+    r = invoke("ingest", tmp_path / "s", data, "--model", "ViT-Q-99")
+    assert r.exit_code == 1 and "unknown model" in r.output
+    r = invoke("models", tmp_path / "s", "--format", "json")
+    assert json.loads(r.output) == []
+
+
+def test_missing_store_exits_1(tmp_path):
+    r = invoke("query", tmp_path / "nothing", "SELECT 1")
+    assert r.exit_code == 1 and "clipsql init" in r.output
+
+
+def test_stats_show_json_and_refresh(cli_store):
+    r = invoke("stats", "show", cli_store, "--format", "json")
+    rep = json.loads(r.output)
+    assert rep["current"] and rep["modalities"]["image"]["n"] == 30 and rep["fit"]["reference_size"] == 20
+    r = invoke("stats", "refresh", cli_store)
+    assert r.exit_code == 0 and "30 rows" in r.output
+
+
+def test_rejects_view(tmp_path, tiny_model):
+    invoke("init", tmp_path / "s")
+    data = write_image_folder(tmp_path / "d", 3)
+    (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (data / "broken.txt").write_text("broken")
+    r = invoke("ingest", tmp_path / "s", data, "--model", tiny_model, "--workers", "0", "--no-progress")
+    assert r.exit_code == 0 and "corrupt_image" in r.output
+    r = invoke("query", tmp_path / "s", "SELECT reason FROM rejects", "--format", "json")
+    assert json.loads(r.output) == [{"reason": "corrupt_image"}]
