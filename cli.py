@@ -226,6 +226,16 @@ def sql(store: Path = STORE_ARG,
     _run(repl, store, allow_external_access)
 
 
+@app.command()
+def demo(store: Path = typer.Argument(Path("clipsql-demo-store"), help="Where to build the demo store."),
+         rows: int = typer.Option(2000, min=50, help="How many generated image–caption pairs."),
+         workers: int = typer.Option(2, min=0, help="Decode workers."),
+         progress: bool = typer.Option(True, help="Show progress bars.")) -> None:
+    """Offline demo: generate shapes, ingest them with the bundled model, fit, and run curation queries."""
+    from queries.demo import run_demo
+    _run(run_demo, store, rows=rows, workers=workers, progress=progress, echo=typer.echo)
+
+
 def main() -> None:
     app()
 
