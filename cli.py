@@ -227,6 +227,20 @@ def sql(store: Path = STORE_ARG,
 
 
 @app.command()
+def score(store: Path = STORE_ARG,
+          columns: str = typer.Option(..., help="Comma-separated score columns of the `scores` view to store, "
+                                                "e.g. image_info_gain,text_info_gain."),
+          model: Optional[str] = typer.Option(None, help="Model id (default: the store's default).")) -> None:
+    """Materialize chosen scores as stored columns (view `stored_scores`), stamped with the fit they came from."""
+    from queries.materialize import materialize_scores
+    from store.store import Store
+    st = _run(Store.open, store)
+    res = _run(materialize_scores, st, [c.strip() for c in columns.split(",") if c.strip()], model)
+    typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
+               f"(fit #{res['fit_id']}) in {res['seconds']:.2f}s — query them in the view stored_scores")
+
+
+@app.command()
 def demo(store: Path = typer.Argument(Path("clipsql-demo-store"), help="Where to build the demo store."),
          rows: int = typer.Option(2000, min=50, help="How many generated image–caption pairs."),
          workers: int = typer.Option(2, min=0, help="Decode workers."),

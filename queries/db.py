@@ -159,3 +159,8 @@ def _register_scores(con: Any, st: Store) -> None:
     cols = ", ".join(f"{e} AS {quote_ident(name)}" for name, e in exprs.items())
     con.execute(f"CREATE OR REPLACE VIEW scores AS SELECT e.id, s.uri, s.caption, {cols} "
                 f"FROM {quote_ident('embeddings_' + str(idx))} e LEFT JOIN samples s ON s.id = e.id")
+    from .materialize import stored_table_name
+    name = stored_table_name(default.table_name)
+    if name in st._table_names():
+        con.register("_lance_stored_scores", st.db.open_table(name).to_lance())
+        con.execute("CREATE OR REPLACE VIEW stored_scores AS SELECT * FROM _lance_stored_scores")

@@ -140,6 +140,7 @@ class Store:
 
     @cached_property
     def db(self):  # noqa: ANN201 - lancedb.DBConnection
+        os.environ.setdefault("LANCE_LOG", "error")   # Lance's Rust logger warns on every table creation
         import lancedb
         return lancedb.connect(str(self.path / "lance"))
 
