@@ -29,7 +29,7 @@ class Prepared:
     rows: list[dict] = field(default_factory=list)        # sample fields (id, uri, caption, width, …)
     pixels: list[Any] = field(default_factory=list)       # preprocessed image tensors
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)      # ids already in the store
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (id, location) already in the store
     image_vectors: list[np.ndarray] = field(default_factory=list)   # precomputed sources
     text_vectors: list[np.ndarray] = field(default_factory=list)
     read_seconds: float = 0.0
@@ -49,7 +49,7 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
         sid = item.id or content_id(item.image_bytes or b"", caption,
                                     extra="" if item.image_bytes is not None else (item.uri or ""))
         if sid in done_ids:
-            out.skipped.append(sid)
+            out.skipped.append((sid, item.location))
             return
         row = {"id": sid, "uri": item.uri, "caption": caption, "width": None, "height": None,
                "location": item.location, "caption_truncated": caption_truncated(tokenizer, caption)

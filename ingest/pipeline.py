@@ -217,11 +217,12 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
                 seconds["read (workers)"] += prepared.read_seconds
                 seconds["decode (workers)"] += prepared.decode_seconds
                 rejects = list(prepared.rejects)
-                for sid in prepared.skipped:
+                for sid, location in prepared.skipped:
                     if sid in seen:
-                        rejects.append((sid, "duplicate_id", "the same id occurs earlier in this source"))
-                    seen.add(sid)
-                summary.skipped += sum(1 for _ in prepared.skipped)
+                        rejects.append((location, "duplicate_id", f"id {sid} occurs earlier in this source"))
+                    else:
+                        seen.add(sid)
+                        summary.skipped += 1
                 keep = []
                 for i, row in enumerate(prepared.rows):
                     if row["id"] in seen:
