@@ -10,7 +10,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -18,6 +18,9 @@ app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 stats_app = typer.Typer(help="Running statistics and fitted reference statistics.", no_args_is_help=True)
 app.add_typer(stats_app, name="stats")
+target_app = typer.Typer(help="Target sets of image embeddings for NormSim (norm_sim_2 / norm_sim_inf).",
+                         no_args_is_help=True)
+app.add_typer(target_app, name="target")
 
 STORE_ARG = typer.Argument(..., help="Store directory (created by `clipsql init`).")
 
@@ -228,16 +231,116 @@ def sql(store: Path = STORE_ARG,
 
 @app.command()
 def score(store: Path = STORE_ARG,
-          columns: str = typer.Option(..., help="Comma-separated score columns of the `scores` view to store, "
-                                                "e.g. image_info_gain,text_info_gain."),
-          model: Optional[str] = typer.Option(None, help="Model id (default: the store's default).")) -> None:
-    """Materialize chosen scores as stored columns (view `stored_scores`), stamped with the fit they came from."""
+          columns: str = typer.Option("", help="Comma-separated score columns of the `scores` view to store, "
+                                               "e.g. image_info_gain,text_info_gain."),
+          model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
+          neg_clip_loss_pool: bool = typer.Option(False, "--neg-clip-loss-pool", help="Also store "
+                                                  "neg_clip_loss_pool: negCLIPLoss in the paper's pool form (K "
+                                                  "random partitions into batches of exactly |B|; τ, K, seed "
+                                                  "from the fit)."),
+          norm_sim_d: bool = typer.Option(False, "--norm-sim-d", help="Also store norm_sim_d: NormSim-D, "
+                                          "for when no target data exist."),
+          pool_batch_size: Optional[int] = typer.Option(None, help="|B| of the pool form (default "
+                                                                    "min(32768, pool))."),
+          seed: Optional[int] = typer.Option(None, help="Seed of the pool partitions (default: the fit's).")) -> None:
+    """Materialize chosen scores as stored columns (view `stored_scores`), stamped with the fit they came from.
+
+    Re-running replaces the table: pass every column you want in one run."""
     from queries.materialize import materialize_scores
     from store.store import Store
     st = _run(Store.open, store)
-    res = _run(materialize_scores, st, [c.strip() for c in columns.split(",") if c.strip()], model)
+    res = _run(materialize_scores, st, [c.strip() for c in columns.split(",") if c.strip()], model,
+               neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d, pool_batch_size=pool_batch_size,
+               seed=seed)
     typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
                f"(fit #{res['fit_id']}) in {res['seconds']:.2f}s — query them in the view stored_scores")
+
+
+@target_app.command("add")
+def target_add(store: Path = STORE_ARG,
+               name: str = typer.Argument(..., help="Target name (letters, digits, _ . -); SQL refers to it."),
+               source: Optional[str] = typer.Argument(None, help="Images to encode with --model (any ingest "
+                                                                 "layout; precomputed sources give their image "
+                                                                 "embeddings)."),
+               query: Optional[str] = typer.Option(None, "--query", help="SQL over the store returning an "
+                                                                          "image_embedding column."),
+               model: Optional[str] = typer.Option(None, help="The model the target belongs to (default: the "
+                                                              "store's default)."),
+               replace: bool = typer.Option(False, help="Replace an existing target of that name."),
+               index: str = typer.Option("auto", help="norm_sim_inf: exact, ann (LanceDB IVF_FLAT cosine index, "
+                                                      "recall measured and recorded) or auto (ann above 200k "
+                                                      "rows)."),
+               seed: int = typer.Option(0, help="Seed of the recall sample (ann).")) -> None:
+    """Add a target set (image embeddings of one model) for norm_sim_2 / norm_sim_inf."""
+    from queries.targets import add_target
+    from store.store import Store
+    st = _run(Store.open, store)
+    res = _run(add_target, st, name, query=query, source=source, model=model, replace=replace, index=index,
+               seed=seed, echo=typer.echo)
+    typer.echo(f"target {res['name']} of {res['model']}: {res['n']} rows (dropped {res['dropped_rows']} invalid), "
+               f"norm_sim_inf {res['index']} in {res['seconds']:.2f}s")
+
+
+@target_app.command("list")
+def target_list(store: Path = STORE_ARG, fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json")) -> None:
+    """List the target sets."""
+    from queries.targets import list_targets
+    from store.store import Store
+    st = _run(Store.open, store)
+    rows = _run(list_targets, st)
+    if fmt == Fmt.json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no targets yet: `clipsql target add STORE NAME --query \"SELECT image_embedding FROM …\"`")
+    for r in rows:
+        recall = f" recall@1={r['recall_at_1']:.4f}" if r["recall_at_1"] is not None else ""
+        typer.echo(f"{r['name']}  model={r['model']} n={r['n']} index={r['index']}{recall}  {r['source']}")
+
+
+@target_app.command("rm")
+def target_rm(store: Path = STORE_ARG, name: str = typer.Argument(..., help="Target name.")) -> None:
+    """Remove a target set."""
+    from queries.targets import remove_target
+    from store.store import Store
+    st = _run(Store.open, store)
+    res = _run(remove_target, st, name)
+    typer.echo(f"removed target {res['name']} ({res['n']} rows of {res['model']})")
+
+
+class Recipe(str, Enum):
+    kl_guided = "kl-guided"
+    negclip_normsim = "negclip-normsim"
+
+
+@app.command("select")
+def select_cmd(store: Path = STORE_ARG,
+               recipe: Optional[Recipe] = typer.Option(None, help="kl-guided: top --fraction (default 0.25) by "
+                                                                  "text_info_gain. negclip-normsim: top "
+                                                                  "--first-fraction (0.3) by neg_clip_loss, then "
+                                                                  "top norm_sim_inf to --fraction (0.2) of the pool."),
+               sql: Optional[str] = typer.Option(None, "--sql", help="SQL returning an id column; its order "
+                                                                      "decides."),
+               target: Optional[str] = typer.Option(None, help="Target set for negclip-normsim."),
+               fraction: Optional[float] = typer.Option(None, help="Keep floor(F × pool) rows (pool = every row "
+                                                                   "of the model; F read as written in decimal)."),
+               limit: Optional[int] = typer.Option(None, help="Keep exactly N rows (instead of --fraction)."),
+               first_fraction: float = typer.Option(0.3, help="negclip-normsim: share kept by negCLIPLoss."),
+               negclip_form: str = typer.Option("row", help="negclip-normsim: row (per-row stable form) or pool "
+                                                            "(stored by `clipsql score --neg-clip-loss-pool`)."),
+               output: Path = typer.Option(..., "--output", "-o", help="subset.parquet | .csv | .txt (one id per "
+                                                                       "line); a <output>.json sidecar records "
+                                                                       "how."),
+               model: Optional[str] = typer.Option(None, help="Model id (default: the store's default).")) -> None:
+    """Choose a subset by a curation recipe or SQL; ties broken by id (ascending), cut to an exact count."""
+    from queries.selection import select
+    from store.store import Store
+    st = _run(Store.open, store)
+    res = _run(select, st, recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
+               limit=limit, output=output, model=model, first_fraction=first_fraction, negclip_form=negclip_form)
+    c = res["counts"]
+    typer.echo(f"selected {c['selected']} of {c['pool']} rows ({res['recipe']}) → {output}; "
+               f"how: {res['sidecar']}")
 
 
 @app.command()

@@ -22,7 +22,6 @@ def execute(con: Any, sql: str) -> Any:
 def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = None,
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
-    import duckdb
     from .db import open_store
     from .fit import staleness
     st = open_store(store)

@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from store import catalog as cat
-from store.store import ModelRecord, Store
+from store.store import Store
 
 
 def quote_ident(name: str) -> str:

@@ -18,8 +18,8 @@ SHOW = "uri, caption, kind"
 
 QUERIES: list[tuple[str, str]] = [
     ("Lowest image Information Gain (blank and placeholder images sink here)",
-     f"SELECT regexp_extract(scores.uri, '[^/]+$') AS file, kind, scores.caption, round(image_info_gain, 4) AS image_info_gain\n"
-     f"FROM scores JOIN samples USING (id)\nORDER BY image_info_gain LIMIT 10"),
+     "SELECT regexp_extract(scores.uri, '[^/]+$') AS file, kind, scores.caption, round(image_info_gain, 4) AS image_info_gain\n"
+     "FROM scores JOIN samples USING (id)\nORDER BY image_info_gain LIMIT 10"),
     ("Highest image Information Gain",
      "SELECT regexp_extract(scores.uri, '[^/]+$') AS file, kind, scores.caption, round(image_info_gain, 4) AS image_info_gain\n"
      "FROM scores JOIN samples USING (id)\nORDER BY image_info_gain DESC LIMIT 10"),

@@ -10,7 +10,7 @@ from ingest.pipeline import IngestOptions, ingest
 from queries import scores
 from queries.cli_query import run_query
 from queries.fit import fit_stats, load_fit
-from store.errors import QueryError, StatsError
+from store.errors import QueryError
 from store.store import Store, to_numpy
 
 FAST = IngestOptions(batch_size=64, workers=0, progress=False)

@@ -1,0 +1,161 @@
+"""Precomputed embeddings as a clipsql source (see ingest.sources)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store.errors import SourceError
+
+
+from .sources import (Item, Reject, Source, _caption, _id, _require, _scalar)
+
+
+class PrecomputedSource(Source):
+    """Rows with precomputed embeddings; ``image_bytes`` is always ``None``.
+
+    Two layouts:
+
+    * ``npy``: a clip-retrieval / LAION directory, ``img_emb/*.npy`` (+ optional
+      ``text_emb/*.npy``) + ``metadata/*.parquet``, files paired by the number
+      at the end of their name, rows in order.  The npy files are memory-mapped.
+    * ``parquet``: one parquet file with embedding columns (lists of numbers).
+
+    Units are parquet row groups (of the metadata file, with the matching npy
+    row range).  caption, id and uri come from the metadata: uri from the
+    ``image_column`` if present, else ``image_path``, else ``url``, stored as
+    is (the images are not read).  Other metadata columns go to ``meta``.
+    """
+
+    kind = "precomputed"
+    precomputed = True
+
+    def __init__(self, path, layout, files, *, image_column="image", caption_column="caption",
+                 id_column=None, image_embeddings=None, text_embeddings=None):
+        self.path, self.layout = os.path.abspath(os.fspath(path)), layout
+        self.files = files  # [(metadata.parquet, img.npy | None, text.npy | None)]
+        self.caption_column, self.id_column = caption_column, id_column
+        self.image_embeddings = image_embeddings or "image_embedding"
+        self.text_embeddings = text_embeddings or "text_embedding"
+        for meta_path, _, _ in files:
+            names = _schema_names(meta_path)
+            where = f"{'parquet' if layout == 'parquet' else 'metadata'} {os.path.basename(meta_path)}"
+            _require(names, caption_column, "caption_column", "the captions", where)
+            if id_column is not None:
+                _require(names, id_column, "id_column", "the sample ids", where)
+            if layout == "parquet":  # named columns must exist; by default one of the two
+                for col, opt in ((image_embeddings, "image_embeddings"), (text_embeddings, "text_embeddings")):
+                    if col is not None:
+                        _require(names, col, opt, "the embeddings", where)
+                if self.image_embeddings not in names and self.text_embeddings not in names:
+                    _require(names, self.image_embeddings, "image_embeddings", "the image embeddings", where)
+            self.uri_column = next((c for c in (image_column, "image_path", "url") if c in names), None)
+
+    @staticmethod
+    def is_npy_layout(path) -> bool:
+        return bool(glob.glob(os.path.join(glob.escape(path), "img_emb", "*.npy"))
+                    and glob.glob(os.path.join(glob.escape(path), "metadata", "*.parquet")))
+
+    @classmethod
+    def from_parquet(cls, path, **opts) -> "PrecomputedSource":
+        return cls(path, "parquet", [(os.path.abspath(path), None, None)], **opts)
+
+    @classmethod
+    def from_npy_dir(cls, path, **opts) -> "PrecomputedSource":
+        def by_number(sub, ext):
+            found = {}
+            for f in sorted(glob.glob(os.path.join(glob.escape(path), sub, "*" + ext))):
+                m = re.search(r"(\d*)$", os.path.splitext(os.path.basename(f))[0])
+                num = int(m.group(1)) if m.group(1) else -1
+                if num in found:
+                    raise SourceError(f"{found[num]} and {f} have the same number; cannot pair files")
+                found[num] = os.path.abspath(f)
+            return found
+
+        img, txt, meta = by_number("img_emb", ".npy"), by_number("text_emb", ".npy"), by_number("metadata", ".parquet")
+        if set(img) != set(meta) or (txt and set(txt) != set(img)):
+            raise SourceError(f"{path}: img_emb/, text_emb/ and metadata/ files do not pair up by number "
+                              f"(img_emb {sorted(img)}, text_emb {sorted(txt)}, metadata {sorted(meta)})")
+        files = [(meta[n], img[n], txt.get(n)) for n in sorted(img)]
+        for meta_path, *npys in files:
+            rows = pq.ParquetFile(meta_path).metadata.num_rows
+            for npy in filter(None, npys):
+                try:
+                    shape = np.load(npy, mmap_mode="r").shape
+                except (OSError, ValueError) as e:
+                    raise SourceError(f"cannot read {npy}: {e}") from None
+                if len(shape) != 2 or shape[0] != rows:
+                    raise SourceError(f"{npy} has shape {shape} but {meta_path} has {rows} rows; "
+                                      "each npy must hold one embedding row per metadata row, in order")
+        return cls(path, "npy", files, **opts)
+
+    def units(self) -> list:
+        units = []
+        for f, (meta_path, _, _) in enumerate(self.files):
+            md, start = pq.ParquetFile(meta_path).metadata, 0
+            for g in range(md.num_row_groups):
+                rows = md.row_group(g).num_rows
+                if rows:
+                    units.append((f, g, start, start + rows))
+                start += rows
+        return units
+
+    def read(self, unit) -> Iterator[Item | Reject]:
+        f, group, start, stop = unit
+        meta_path, img_npy, txt_npy = self.files[f]
+        table = pq.ParquetFile(meta_path).read_row_group(group)
+        n = table.num_rows
+        if self.layout == "npy":
+            img = list(np.array(np.load(img_npy, mmap_mode="r")[start:stop]))
+            txt = list(np.array(np.load(txt_npy, mmap_mode="r")[start:stop])) if txt_npy else [None] * n
+            if len(img) != n or len(txt) != n:
+                raise SourceError(f"{meta_path} row group {group} does not match its npy rows")
+        else:
+            img, txt = _vectors(table, self.image_embeddings, n), _vectors(table, self.text_embeddings, n)
+        skip = {self.caption_column, self.id_column, self.uri_column, self.image_embeddings, self.text_embeddings}
+        name = os.path.basename(meta_path)
+        vectors = [c for c in table.column_names if c in (self.image_embeddings, self.text_embeddings)]
+        for i, row in enumerate(table.drop_columns(vectors).to_pylist()):
+            uri = row.get(self.uri_column) if self.uri_column else None
+            yield Item(location=f"{name}:row {start + i + 1}", uri=None if uri is None else str(_scalar(uri)),
+                       caption_raw=_caption(row.get(self.caption_column)), image_bytes=None,
+                       id=_id(row.get(self.id_column)) if self.id_column else None,
+                       meta={str(k): _scalar(v) for k, v in row.items() if k not in skip},
+                       image_embedding=img[i], text_embedding=txt[i])
+
+    def describe(self) -> str:
+        if self.layout == "npy":
+            return f"precomputed {self.path} (clip-retrieval npy layout, {len(self.files)} file set(s))"
+        return (f"precomputed {self.path} (parquet; image={self.image_embeddings!r}, "
+                f"text={self.text_embeddings!r}, caption={self.caption_column!r})")
+
+
+def _schema_names(path) -> list[str]:
+    try:
+        return pq.read_schema(path).names
+    except (OSError, pa.ArrowException) as e:
+        raise SourceError(f"cannot read parquet {path}: {e}") from None
+
+
+def _vectors(table: pa.Table, column: str, n: int) -> list:
+    """One numpy row (or None for a null) per table row of a list-of-numbers column."""
+    if column not in table.column_names:
+        return [None] * n
+    arr = table.column(column).combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        arr = arr.cast(pa.list_(arr.type.value_type))
+    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
+        return arr.to_pylist()  # not a list column: check_vector rejects it as bad_vector
+    offsets = arr.offsets.to_numpy()
+    values = arr.values.to_numpy(zero_copy_only=False)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(n)]
+
+
+# --------------------------------------------------------------------------- detection

@@ -1,0 +1,129 @@
+"""WebDataset .tar shards as a clipsql source (see ingest.sources)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+import zlib
+from typing import Iterator
+
+
+from store.errors import SourceError
+
+
+from .sources import (IMAGE_EXTS, Item, Reject, Source, SUPPORTED_LAYOUTS, _json_meta)
+
+
+_WDS_KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # as webdataset's base_plus_ext
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
+
+class WebDatasetSource(Source):
+    """WebDataset tar shards; one unit per shard.
+
+    Consecutive members sharing a key (the path up to the first dot of the
+    basename) form a sample: the image is the first member with an image
+    extension (``IMAGE_EXTS`` order; ``key.x.jpg`` counts as a ``jpg`` when
+    there is no plain one), the caption is ``txt`` (likewise), ``json`` is read
+    as metadata (its ``id_column`` field, if set, becomes the id).  Other
+    members of a sample are ignored; hidden members (``._x``) are skipped.
+    """
+
+    kind = "webdataset"
+
+    def __init__(self, shards, *, id_column: str | None = None):
+        self.shards = [os.path.abspath(os.fspath(s)) for s in shards]
+        self.id_column = id_column
+        if not self.shards:
+            raise SourceError(f"no .tar shards given; {SUPPORTED_LAYOUTS}")
+
+    def units(self) -> list:
+        return list(self.shards)
+
+    def read(self, unit) -> Iterator[Item | Reject]:
+        shard, name = unit, os.path.basename(unit)
+        key, members, kept = None, {}, 0
+        try:
+            with tarfile.open(shard, "r|*") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    match = _WDS_KEY.match(m.name)
+                    if match is None:
+                        if not os.path.basename(m.name).startswith("."):
+                            yield Reject(f"{name}:{m.name}", "unsupported_file", "tar member without an extension")
+                        continue
+                    if match.group(1) != key:
+                        if key is not None:
+                            kept += 1
+                            yield from self._sample(shard, name, key, members)
+                        key, members = match.group(1), {}
+                    data = tf.extractfile(m).read()
+                    members.setdefault(match.group(2).lower(), (m.name, data))
+                end = tf.offset
+            _check_tar_end(shard, end)
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+            lost = f"; the incomplete sample {key!r} was skipped" if key is not None else ""
+            yield Reject(f"{name}:{key}" if key else name, "corrupt_tar",
+                         f"{e}; {kept} sample(s) read before the damage were kept{lost}")
+            return
+        if key is not None:
+            yield from self._sample(shard, name, key, members)
+
+    def _sample(self, shard, name, key, members) -> Iterator[Item | Reject]:
+        where = f"{name}:{key}"
+        image = _pick(members, [e[1:] for e in IMAGE_EXTS])
+        if image is None:
+            yield Reject(where, "missing_image", f"sample has members {sorted(members)} but no image")
+            return
+        meta, sid = {}, None
+        if "json" in members:
+            try:
+                meta, sid = _json_meta(members["json"][1], self.id_column)
+            except ValueError as e:
+                yield Reject(f"{name}:{members['json'][0]}", "bad_metadata",
+                             f"{e}; the image is ingested without this metadata")
+        caption = _pick(members, ["txt"])
+        caption = None if caption is None else caption[1]
+        yield Item(where, f"{shard}::{image[0]}", caption, image[1], sid, meta)
+
+    def describe(self) -> str:
+        more = f" … {os.path.basename(self.shards[-1])}" if len(self.shards) > 1 else ""
+        return f"webdataset {len(self.shards)} shard(s): {self.shards[0]}{more}"
+
+
+def _pick(members: dict, exts: list[str]):
+    """The member whose extension is exts[0], exts[1], ... or, failing that, ends in one (``a.webp``)."""
+    for e in exts:
+        if e in members:
+            return members[e]
+    return next((members[m] for e in exts for m in members if m.endswith("." + e)), None)
+
+
+def _check_tar_end(path: str, offset: int) -> None:
+    """tarfile stops quietly at a truncated or garbled header; catch that.
+
+    A complete uncompressed tar has a zero block where reading stopped.
+    """
+    with open(path, "rb") as f:
+        if f.read(6).startswith(_COMPRESSED):
+            return
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"truncated or damaged tar header at byte {offset}")
+
+
+def _expand_braces(spec: str) -> list[str]:
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if not m:
+        return [spec]
+    a, b = m.group(1), m.group(2)
+    out = []
+    for i in range(int(a), int(b) + 1):
+        out += _expand_braces(spec[:m.start()] + str(i).zfill(len(a)) + spec[m.end():])
+    return out
+
+
+# --------------------------------------------------------------------------- precomputed
