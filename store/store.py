@@ -275,6 +275,9 @@ class Store:
         if image.shape != text.shape or image.ndim != 2 or image.shape[1] != model.dim:
             raise DimensionMismatch(f"model {model.model_id} has dim {model.dim}; got image {image.shape} "
                                     f"and text {text.shape}")
+        if meta_types:   # before the samples commit, so a kill cannot leave columns unregistered
+            with self.engine.begin() as conn:
+                self._record_meta_types(conn, meta_types)
         if samples is not None and samples.num_rows:
             self.samples_table(create=True).add(samples)
         if ids:
@@ -286,7 +289,6 @@ class Store:
             }, schema=embeddings_schema(model.dim)))
         with self.engine.begin() as conn:
             self._record_rejects(conn, run_id, model.model_id, source, rejects)
-            self._record_meta_types(conn, meta_types)
             if ids or rejects:
                 conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == run_id).values(
                     added=cat.ingest_runs.c.added + len(ids),
