@@ -104,19 +104,26 @@ def normalize(X) -> tuple[np.ndarray, np.ndarray]:
     """``x̂ = x/‖x‖`` row-wise in float64.
 
     Returns ``(Xhat, valid)``: rows that are non-finite or zero are NaN in ``Xhat``
-    and False in ``valid``.  Each row is first divided by its largest |entry|, so
-    huge or subnormal vectors normalize without overflow or underflow.
+    and False in ``valid``.  Rows whose ``‖x‖²`` is not a safe normal double (inf, NaN,
+    or < 1e-200) are first divided by their largest |entry|, so huge or subnormal
+    vectors normalize without overflow or underflow.
     """
     X = _rows(X)
-    n, d = X.shape
-    finite = np.isfinite(X).all(axis=1)
-    Xf = np.where(finite[:, None], X, 0.0)
-    s = np.abs(Xf).max(axis=1) if d else np.zeros(n)
-    valid = finite & (s > 0)
-    Xh = Xf / np.where(valid, s, 1.0)[:, None]
-    nrm = np.sqrt(np.einsum("ij,ij->i", Xh, Xh))
-    Xh /= np.where(valid, nrm, 1.0)[:, None]
-    Xh[~valid] = np.nan
+    with np.errstate(over="ignore", invalid="ignore"):
+        n2 = np.einsum("ij,ij->i", X, X)
+    valid = np.isfinite(n2) & (n2 > 1e-200)
+    Xh = X / np.sqrt(np.where(valid, n2, 1.0))[:, None]
+    bad = np.flatnonzero(~valid)
+    if len(bad):
+        B = X[bad]
+        finite = np.isfinite(B).all(axis=1)
+        B[~finite] = 0.0
+        s = np.abs(B).max(axis=1) if X.shape[1] else np.zeros(len(bad))
+        ok = finite & (s > 0)
+        B /= np.where(ok, s, 1.0)[:, None]
+        B /= np.sqrt(np.where(ok, np.einsum("ij,ij->i", B, B), 1.0))[:, None]
+        B[~ok] = np.nan
+        Xh[bad], valid[bad] = B, ok
     return Xh, valid
 
 
@@ -263,9 +270,9 @@ def fit(X_ref, Y_ref, a=1.0, b=0.0, kind="clip", prior="posterior-mean", chunk=2
     pt, pi = np.exp(lpt), np.exp(lpi)
     u_i, u_t = pi @ Xh, pt @ Yh
     g_i, g_t = _weighted_cov(Xh, pi, u_i, chunk), _weighted_cov(Yh, pt, u_t, chunk)
-    arrays = dict(X_ref=Xh, Y_ref=Yh, log_prior_text=lpt, log_prior_image=lpi,
-                  mean_image=u_i, mean_text=u_t, cov_image=g_i, cov_text=g_t,
-                  factor_image=_psd_factor(g_i), factor_text=_psd_factor(g_t))
+    arrays = {"X_ref": Xh, "Y_ref": Yh, "log_prior_text": lpt, "log_prior_image": lpi,
+                  "mean_image": u_i, "mean_text": u_t, "cov_image": g_i, "cov_text": g_t,
+                  "factor_image": _psd_factor(g_i), "factor_text": _psd_factor(g_t)}
     for v in arrays.values():
         v.setflags(write=False)
     return Fit(a=float(a), b=float(b), kind=kind, prior=prior, **arrays)
