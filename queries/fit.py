@@ -57,8 +57,12 @@ def draw_reference(st: Store, rec: ModelRecord, size: int, seed: int) -> tuple[l
 
 
 def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFAULT_REFERENCE_SIZE,
-              seed: int = 0, scale: str = "1", prior: str = "posterior-mean") -> dict[str, Any]:
-    """Fit and store the reference statistics of one model; returns a summary."""
+              seed: int = 0, scale: str = "1", prior: str = "posterior-mean",
+              neg_clip: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fit and store the reference statistics of one model; returns a summary.
+
+    `neg_clip` overrides the recorded negCLIPLoss batch options {tau, batch_size, k, seed}
+    (defaults τ = 0.01, |B| = min(32768, M+1), K = 10, the fit's seed)."""
     if prior not in scores.PRIORS:
         raise StatsError(f"--prior must be one of {', '.join(scores.PRIORS)}; got {prior!r}")
     if reference_size < 2:
@@ -74,7 +78,8 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         f = scores.fit(X, Y, a=a, b=b, kind=rec.kind, prior=prior)
         options = {"seed": seed, "scale": str(scale), "a": a, "b": b, "prior": prior, "kind": rec.kind,
                    "requested_reference_size": reference_size, "data_version": version,
-                   "neg_clip": {"tau": 0.01, "batch_size": min(32768, len(ref_ids) + 1), "k": 10, "seed": seed}}
+                   "neg_clip": {"tau": 0.01, "batch_size": min(32768, len(ref_ids) + 1), "k": 10, "seed": seed,
+                                **_neg_clip_overrides(neg_clip, len(ref_ids))}}
         arrays = {"ref_ids": np.array(ref_ids), "X_ref_raw": X, "Y_ref_raw": Y}
         arrays.update({k: getattr(f, k) for k in ARRAY_KEYS})
         fit_id = st.save_fit(rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
@@ -82,6 +87,22 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
     return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows,
             "seconds": round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
             "data_version": version}
+
+
+def _neg_clip_overrides(given: dict[str, Any] | None, m: int) -> dict[str, Any]:
+    out = dict(given or {})
+    unknown = set(out) - {"tau", "batch_size", "k", "seed"}
+    if unknown:
+        raise StatsError(f"unknown negCLIPLoss option(s) {sorted(unknown)}; use tau, batch_size, k, seed")
+    if "tau" in out and not float(out["tau"]) > 0:
+        raise StatsError("negCLIPLoss tau must be > 0")
+    if "batch_size" in out:
+        if int(out["batch_size"]) < 2:
+            raise StatsError("negCLIPLoss batch_size must be >= 2")
+        out["batch_size"] = min(int(out["batch_size"]), m + 1)
+    if "k" in out and int(out["k"]) < 1:
+        raise StatsError("negCLIPLoss k must be >= 1")
+    return out
 
 
 def load_fit(st: Store, rec: ModelRecord) -> tuple[scores.Fit, dict]:

@@ -16,6 +16,18 @@ to one thread inside UDF work; DuckDB's threads parallelize across batches.
 | image_conformity / text_conformity (emb [, model]) | §3 exact, over every stored vector |
 | conformity_estimate(emb, modality [, model]) | §3 cos(x, raw mean) |
 | clip_score(img, txt) | §4 cos(x, y) (DuckDB's array_cosine_similarity) |
+| neg_clip_loss(img, txt [, model]) | §5 per-row stable form over K seeded reference batches |
+| neg_siglip_loss(img, txt [, model]) | §5 negated per-sample SigLIP loss (model's scale and bias) |
+| norm_sim_2(img, target) / norm_sim_inf(img, target) | §6 ‖F_t x̂‖₂ / max_t |⟨f_t, x̂⟩| (queries.targets) |
+| text_embedding(prompt [, model]) | raw text embedding FLOAT[d], cached per prompt (queries.prompts) |
+| importance_weight(img, prompt [, scale [, model]]) | §7 density ratio vs the reference images, a = 10 |
+| vslerp(a, b, theta, alpha [, model [, modality]]) | §8 SLERP(a − αm, b − αm, θ) + αm, FLOAT[d] |
+
+negCLIPLoss needs to know whether a row is itself a reference pair (it then appears
+once in its batch). The UDF sees only vectors, so membership is decided by the
+vectors: the row's (image, text) float32 bytes are looked up in a hash of the fit's
+raw reference pairs (`X_ref_raw`, `Y_ref_raw`). The score is thereby a pure function
+of the pair: a row whose vectors equal a reference pair's is scored as that pair.
 """
 from __future__ import annotations
 
@@ -39,6 +51,10 @@ class ScoreContext:
         self._models: dict[str | None, ModelRecord] = {}
         self._fits: dict[str, scores.Fit] = {}
         self._running: dict[str, Any] = {}
+        self._fit_rows: dict[str, dict] = {}
+        self._ref_lookup: dict[str, dict[bytes, int]] = {}
+        self._targets: dict[str, Any] = {}
+        self._prompts: Any = None
 
     def model(self, name: str | None) -> ModelRecord:
         if name not in self._models:
@@ -48,8 +64,39 @@ class ScoreContext:
     def fit(self, rec: ModelRecord) -> scores.Fit:
         if rec.model_id not in self._fits:
             from .fit import load_fit
-            self._fits[rec.model_id] = load_fit(self.st, rec)[0]
+            self._fits[rec.model_id], self._fit_rows[rec.model_id] = load_fit(self.st, rec)
         return self._fits[rec.model_id]
+
+    def fit_row(self, rec: ModelRecord) -> dict:
+        """The catalog row of the fit `fit(rec)` returns (options, raw reference arrays)."""
+        self.fit(rec)
+        return self._fit_rows[rec.model_id]
+
+    def reference_index(self, rec: ModelRecord, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        """Per row, its index in the reference sample (matched on float32 image+text bytes), else -1."""
+        if rec.model_id not in self._ref_lookup:
+            arr = self.fit_row(rec)["arrays"]
+            keys = np.concatenate([arr["X_ref_raw"].astype(np.float32), arr["Y_ref_raw"].astype(np.float32)], 1)
+            lookup: dict[bytes, int] = {}
+            for j, row in enumerate(keys):
+                lookup.setdefault(row.tobytes(), j)
+            self._ref_lookup[rec.model_id] = lookup
+        lookup = self._ref_lookup[rec.model_id]
+        keys = np.ascontiguousarray(np.concatenate([X.astype(np.float32), Y.astype(np.float32)], 1))
+        return np.array([lookup.get(row.tobytes(), -1) for row in keys], dtype=np.int64)
+
+    def target(self, name: str) -> Any:
+        if name not in self._targets:
+            from .targets import TargetScorer, get_target
+            self._targets[name] = TargetScorer(self.st, get_target(self.st, name))
+        return self._targets[name]
+
+    @property
+    def prompts(self) -> Any:
+        if self._prompts is None:
+            from .prompts import PromptCache
+            self._prompts = PromptCache()
+        return self._prompts
 
     def running(self, rec: ModelRecord) -> Any:
         if rec.model_id not in self._running:
@@ -153,6 +200,109 @@ def _pair_groups(a: Any, b: Any, n: int) -> list[tuple[tuple[Any, Any], np.ndarr
     return [(k, np.array(v)) for k, v in out.items()]
 
 
+def _key_groups(cols: list[Any], n: int) -> list[tuple[tuple, np.ndarray]]:
+    """Split row indices by the tuple of values of (usually constant) argument columns."""
+    lists = [(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c).to_pylist() for c in cols]
+    if all(all(v == vals[0] for v in vals) for vals in lists if vals):
+        return [(tuple(vals[0] if vals else None for vals in lists), np.arange(n))]
+    out: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(*lists)):
+        out.setdefault(key, []).append(i)
+    return [(k, np.array(v)) for k, v in out.items()]
+
+
+def _sub(arr: Any, idx: np.ndarray, n: int) -> Any:
+    return arr if len(idx) == n else _take(arr, idx)
+
+
+def _pair_scored(ctx: ScoreContext, fn: Callable[[np.ndarray, np.ndarray, ModelRecord], np.ndarray]) -> Callable:
+    """Wrap `fn(X, Y, model)` (paired image/text rows) into an Arrow UDF (img, txt, model)."""
+    def udf(img: Any, txt: Any, model: Any) -> pa.Array:
+        n = len(img)
+        out = np.full(n, np.nan)
+        with _one_blas_thread():
+            for (mname,), idx in _key_groups([model], n):
+                rec = ctx.model(mname)
+                X = matrix(_sub(img, idx, n), rec.dim, "image embedding")
+                Y = matrix(_sub(txt, idx, n), rec.dim, "text embedding")
+                out[idx] = fn(X, Y, rec)
+        return _result(out)
+    return udf
+
+
+def _neg_clip_params(ctx: ScoreContext, rec: ModelRecord) -> dict:
+    """negCLIPLoss batch options recorded with the fit (defaults for fits that predate them)."""
+    row = ctx.fit_row(rec)
+    opts = dict(tau=0.01, batch_size=min(32768, int(row["reference_size"]) + 1), k=10,
+                seed=int(row["options"].get("seed", 0)))
+    opts.update(row["options"].get("neg_clip") or {})
+    return opts
+
+
+def _neg_clip(ctx: ScoreContext, X: np.ndarray, Y: np.ndarray, rec: ModelRecord) -> np.ndarray:
+    p = _neg_clip_params(ctx, rec)
+    return scores.neg_clip_loss(X, Y, ctx.fit(rec), ctx.reference_index(rec, X, Y), tau=float(p["tau"]),
+                                batch_size=int(p["batch_size"]), k=int(p["k"]), seed=int(p["seed"]))
+
+
+def _neg_siglip(ctx: ScoreContext, X: np.ndarray, Y: np.ndarray, rec: ModelRecord) -> np.ndarray:
+    if rec.kind != "siglip" or rec.logit_bias is None:
+        raise QueryError(f"neg_siglip_loss needs a SigLIP model (sigmoid loss with a logit bias); "
+                         f"{rec.model_id} is a {rec.kind} model: use neg_clip_loss")
+    p = _neg_clip_params(ctx, rec)
+    return scores.neg_siglip_loss(X, Y, ctx.fit(rec), ctx.reference_index(rec, X, Y), rec.logit_scale,
+                                  rec.logit_bias, batch_size=int(p["batch_size"]), k=int(p["k"]),
+                                  seed=int(p["seed"]))
+
+
+def _target_scored(ctx: ScoreContext, method: str) -> Callable:
+    """Arrow UDF (emb, target name) calling `TargetScorer.<method>(X)`."""
+    def udf(emb: Any, target: Any) -> pa.Array:
+        n = len(emb)
+        out = np.full(n, np.nan)
+        with _one_blas_thread():
+            for (name,), idx in _key_groups([target], n):
+                if name is None:
+                    continue
+                scorer = ctx.target(name)
+                X = matrix(_sub(emb, idx, n), scorer.t.dim, f"image embedding (target {name})")
+                out[idx] = getattr(scorer, method)(X)
+        return _result(out)
+    return udf
+
+
+def _text_embedding(ctx: ScoreContext) -> Callable:
+    def udf(prompt: Any, model: Any) -> pa.Array:
+        n = len(prompt)
+        texts = (prompt.combine_chunks() if isinstance(prompt, pa.ChunkedArray) else prompt).to_pylist()
+        out: list[Any] = [None] * n
+        for (mname,), idx in _key_groups([model], n):
+            rec = ctx.model(mname)
+            todo = sorted({texts[i] for i in idx if texts[i] is not None})
+            vectors = dict(zip(todo, (v.tolist() for v in ctx.prompts.embed(rec, todo))))
+            for i in idx:
+                if texts[i] is not None:
+                    out[i] = vectors[texts[i]]
+        return pa.array(out, type=pa.list_(pa.float32()))
+    return udf
+
+
+def _importance_weight(ctx: ScoreContext) -> Callable:
+    def udf(emb: Any, prompt: Any, scale: Any, model: Any) -> pa.Array:
+        n = len(emb)
+        out = np.full(n, np.nan)
+        with _one_blas_thread():
+            for (p, a, mname), idx in _key_groups([prompt, scale, model], n):
+                if p is None or a is None:
+                    continue
+                rec = ctx.model(mname)
+                yq = ctx.prompts.embed(rec, [p])[0]
+                X = matrix(_sub(emb, idx, n), rec.dim, "image embedding")
+                out[idx] = scores.importance_weight(X, yq, ctx.fit(rec), a=float(a))
+        return _result(out)
+    return udf
+
+
 def register(con: Any, st: Store) -> ScoreContext:
     """Register every clipsql SQL function on `con` (one place, one call)."""
     ctx = ScoreContext(st)
@@ -172,9 +322,18 @@ def register(con: Any, st: Store) -> ScoreContext:
         "_clipsql_conformity_estimate": (_scored(ctx, lambda X, rec, mod: scores.conformity_estimate(
             X, ctx.running(rec).moments[(mod, "raw")].mean)), [F, V, V]),
     }
+    udfs.update({
+        "_clipsql_neg_clip_loss": (_pair_scored(ctx, lambda X, Y, rec: _neg_clip(ctx, X, Y, rec)), [F, F, V]),
+        "_clipsql_neg_siglip_loss": (_pair_scored(ctx, lambda X, Y, rec: _neg_siglip(ctx, X, Y, rec)), [F, F, V]),
+        "_clipsql_norm_sim_2": (_target_scored(ctx, "norm_sim_2"), [F, V]),
+        "_clipsql_norm_sim_inf": (_target_scored(ctx, "norm_sim_inf"), [F, V]),
+        "_clipsql_importance_weight": (_importance_weight(ctx), [F, V, "DOUBLE", V]),
+    })
     for name, (fn, params) in udfs.items():
         con.create_function(name, fn, params, "DOUBLE", type="arrow", null_handling="special",
                             side_effects=False)
+    con.create_function("_clipsql_text_embedding", _text_embedding(ctx), [V, V], "FLOAT[]", type="arrow",
+                        null_handling="special", side_effects=False)
     del B
 
     macros = {
@@ -194,6 +353,32 @@ def register(con: Any, st: Store) -> ScoreContext:
                       ("conformity_estimate", "_clipsql_conformity_estimate")):
         con.execute(f"CREATE OR REPLACE MACRO {name}(emb, modality) AS {udf}(emb, modality, NULL), "
                     f"(emb, modality, model) AS {udf}(emb, modality, model)")
+    for name in ("neg_clip_loss", "neg_siglip_loss"):
+        con.execute(f"CREATE OR REPLACE MACRO {name}(img, txt) AS _clipsql_{name}(img, txt, NULL), "
+                    f"(img, txt, model) AS _clipsql_{name}(img, txt, model)")
+    for name in ("norm_sim_2", "norm_sim_inf"):
+        con.execute(f"CREATE OR REPLACE MACRO {name}(emb, target) AS _clipsql_{name}(emb, target)")
+    con.execute("CREATE OR REPLACE MACRO importance_weight(emb, prompt) AS "
+                "_clipsql_importance_weight(emb, prompt, 10.0, NULL), "
+                "(emb, prompt, scale) AS _clipsql_importance_weight(emb, prompt, scale, NULL), "
+                "(emb, prompt, scale, model) AS _clipsql_importance_weight(emb, prompt, scale, model)")
+    # text_embedding → FLOAT[d]: the default model's d; with a model argument, FLOAT[d] when every
+    # model of the store has the same d, else FLOAT[] (as the `embeddings` view does)
+    dims = sorted({m.dim for m in st.list_models()})
+    default_cast = f"::FLOAT[{st.model().dim}]" if dims else ""
+    model_cast = f"::FLOAT[{dims[0]}]" if len(dims) == 1 else ""
+    con.execute(f"CREATE OR REPLACE MACRO text_embedding(prompt) AS "
+                f"_clipsql_text_embedding(prompt, NULL){default_cast}, "
+                f"(prompt, model) AS _clipsql_text_embedding(prompt, model){model_cast}")
+    # vslerp(a, b, theta, alpha [, model [, modality]]) → FLOAT[d] (§8; see queries.geometry.vslerp_udf)
+    from .geometry import vslerp_udf
+    con.create_function("_clipsql_vslerp", vslerp_udf(ctx), [F, F, "DOUBLE", "DOUBLE", V, V], "FLOAT[]",
+                        type="arrow", null_handling="special", side_effects=False)
+    con.execute(f"CREATE OR REPLACE MACRO vslerp(a, b, theta, alpha) AS "
+                f"_clipsql_vslerp(a, b, theta, alpha, NULL, NULL){default_cast}, "
+                f"(a, b, theta, alpha, model) AS _clipsql_vslerp(a, b, theta, alpha, model, NULL){model_cast}, "
+                f"(a, b, theta, alpha, model, modality) AS "
+                f"_clipsql_vslerp(a, b, theta, alpha, model, modality){model_cast}")
     # native DuckDB array functions where they already compute the thing; non-finite → NULL
     con.execute("CREATE OR REPLACE MACRO _clipsql_finite(x) AS CASE WHEN isfinite(x) THEN x END")
     con.execute("CREATE OR REPLACE MACRO clip_score(img, txt) AS "
@@ -212,7 +397,7 @@ def _conformity(ctx: ScoreContext, X: np.ndarray, rec: ModelRecord, modality: st
 SCORE_COLUMNS = ("image_info_gain", "text_info_gain", "image_info_gain_reverse", "text_info_gain_reverse",
                  "image_info_gain_approx", "text_info_gain_approx", "image_centered_norm", "text_centered_norm",
                  "image_raw_norm", "text_raw_norm", "image_conformity", "text_conformity",
-                 "image_conformity_estimate", "text_conformity_estimate", "clip_score")
+                 "image_conformity_estimate", "text_conformity_estimate", "clip_score", "neg_clip_loss")
 
 
 def score_expressions(model_literal: str) -> dict[str, str]:
@@ -231,4 +416,5 @@ def score_expressions(model_literal: str) -> dict[str, str]:
         "image_conformity_estimate": f"conformity_estimate({i}, 'image', {m})",
         "text_conformity_estimate": f"conformity_estimate({t}, 'text', {m})",
         "clip_score": f"clip_score({i}, {t})",
+        "neg_clip_loss": f"neg_clip_loss({i}, {t}, {m})",
     }

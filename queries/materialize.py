@@ -4,12 +4,25 @@ The values land in a Lance table `scores_<model table>` (id + one column per sco
 stamped with the fit (statistics version) they came from, and show up in SQL as the
 view `stored_scores` (default model) with columns `fit_id` and `computed_at`.
 Re-running replaces the table: a materialization is a snapshot of one fit.
+
+Two scores are properties of the whole pool, not of a row, so they exist only as
+stored columns (SCIENCE.md §5–6), computed in numpy over every row of the model:
+* `neg_clip_loss_pool` (`--neg-clip-loss-pool`): negCLIPLoss in the paper's pool form,
+  K random partitions of the pool into batches of exactly |B| (default
+  min(32768, pool)); τ, K and the seed come from the fit's `neg_clip` options.
+  A row that sat out every partition (possible when |B| does not divide the pool)
+  is NULL; the count is reported. Cost O(K·n·|B|·d).
+* `norm_sim_d` (`--norm-sim-d`): NormSim-D, the pool's own second moment refined
+  by repeatedly keeping the top rows (keep fraction 0.2 over 5 steps). O(n·d²).
+Their parameters are recorded in the Lance table's schema metadata (key `clipsql`).
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from store.errors import QueryError
@@ -22,10 +35,16 @@ def stored_table_name(model_table: str) -> str:
     return "scores_" + model_table
 
 
-def materialize_scores(st: Store, columns: list[str], model: str | None = None) -> dict[str, Any]:
+POOL_COLUMNS = ("neg_clip_loss_pool", "norm_sim_d")
+
+
+def materialize_scores(st: Store, columns: list[str], model: str | None = None, *,
+                       neg_clip_loss_pool: bool = False, norm_sim_d: bool = False,
+                       pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
     unknown = [c for c in columns if c not in SCORE_COLUMNS]
-    if unknown or not columns:
-        raise QueryError(f"unknown score column(s) {unknown}; choose from: {', '.join(SCORE_COLUMNS)}")
+    if unknown or not (columns or neg_clip_loss_pool or norm_sim_d):
+        raise QueryError(f"unknown score column(s) {unknown}; choose from: {', '.join(SCORE_COLUMNS)} "
+                         "(or --neg-clip-loss-pool / --norm-sim-d)")
     from .db import connect, quote_ident, quote_literal
     rec = st.model(model)
     fit = st.latest_fit(rec, with_arrays=False)
@@ -35,19 +54,63 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None) 
         try:
             idx = [m.model_id for m in st.list_models()].index(rec.model_id)
             exprs = score_expressions(quote_literal(rec.model_id))
-            cols = ", ".join(f"{exprs[c]} AS {quote_ident(c)}" for c in columns)
-            tbl = _arrow(con.sql(f"SELECT e.id, {cols} FROM {quote_ident(f'embeddings_{idx}')} e ORDER BY e.id"))
+            cols = "".join(f", {exprs[c]} AS {quote_ident(c)}" for c in columns)
+            tbl = _arrow(con.sql(f"SELECT e.id{cols} FROM {quote_ident(f'embeddings_{idx}')} e ORDER BY e.id"))
         except Exception as e:  # noqa: BLE001 - DuckDB wraps UDF errors
             raise QueryError(str(e)) from None
         finally:
             con.close()
+        params: dict[str, Any] = {}
+        if neg_clip_loss_pool or norm_sim_d:
+            tbl, params = _pool_columns(st, rec, tbl, fit, neg_clip_loss_pool, norm_sim_d, pool_batch_size, seed)
         n = tbl.num_rows
         tbl = tbl.append_column("fit_id", pa.array([fit["fit_id"] if fit else None] * n, pa.int64()))
         now = int(time.time() * 1e6)
         tbl = tbl.append_column("computed_at", pa.array([now] * n, pa.timestamp("us", tz="UTC")))
+        if params:
+            tbl = tbl.replace_schema_metadata({"clipsql": json.dumps(params, sort_keys=True)})
         st.db.create_table(stored_table_name(rec.table_name), data=tbl, mode="overwrite")
-    return {"model": rec.model_id, "rows": n, "columns": columns, "fit_id": fit["fit_id"] if fit else None,
-            "seconds": round(time.perf_counter() - t0, 3)}
+    stored = list(columns) + [c for c, on in zip(POOL_COLUMNS, (neg_clip_loss_pool, norm_sim_d)) if on]
+    return {"model": rec.model_id, "rows": n, "columns": stored, "fit_id": fit["fit_id"] if fit else None,
+            "seconds": round(time.perf_counter() - t0, 3), "params": params}
+
+
+def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bool, normsim_d: bool,
+                  batch_size: int | None, seed: int | None) -> tuple[pa.Table, dict]:
+    """Append the pool-form columns, computed over every row of the model, aligned on id."""
+    from store.store import to_numpy
+
+    from . import scores
+    emb = st.read_embeddings(rec)
+    pos = pa.compute.index_in(tbl.column("id"), value_set=emb.column("id")).to_numpy(zero_copy_only=False)
+    X, Y = to_numpy(emb.column("image_embedding")), to_numpy(emb.column("text_embedding"))
+    params: dict[str, Any] = {}
+    if pool:
+        opts = {"tau": 0.01, "k": 10, "seed": 0}
+        if fit:
+            opts.update({k: v for k, v in (fit["options"].get("neg_clip") or {}).items() if k in opts})
+        if seed is not None:
+            opts["seed"] = int(seed)
+        n_valid = int((scores.normalize(X)[1] & scores.normalize(Y)[1]).sum())
+        B = int(batch_size) if batch_size else min(32768, n_valid)
+        if B < 2 or B > n_valid:
+            raise QueryError(f"--pool-batch-size must be between 2 and the {n_valid} valid rows of the pool; "
+                             f"got {B}")
+        v = scores.neg_clip_loss_pool(X, Y, tau=float(opts["tau"]), batch_size=B, k=int(opts["k"]),
+                                      seed=int(opts["seed"]), chunk=512)
+        params["neg_clip_loss_pool"] = {**opts, "batch_size": B, "pool": n_valid,
+                                        "batches_per_partition": n_valid // B,
+                                        "rows_never_batched": int(np.isnan(v).sum() - (len(X) - n_valid))}
+        tbl = tbl.append_column("neg_clip_loss_pool", _col(v[pos]))
+    if normsim_d:
+        keep, steps = 0.2, 5
+        tbl = tbl.append_column("norm_sim_d", _col(scores.norm_sim_d(X, keep_fraction=keep, steps=steps)[pos]))
+        params["norm_sim_d"] = {"keep_fraction": keep, "steps": steps}
+    return tbl, params
+
+
+def _col(v: np.ndarray) -> pa.Array:
+    return pa.array(v, type=pa.float64(), mask=~np.isfinite(v))
 
 
 def _arrow(rel: Any) -> pa.Table:

@@ -95,12 +95,25 @@ fits = sa.Table(
     sa.Column("options", sa.Text, nullable=False),             # JSON: seed, scale, a, b, prior, …
     sa.Column("arrays", sa.LargeBinary, nullable=False),       # npz: reference ids/vectors, priors, means, covariances, factors
 )
+targets = sa.Table(
+    "targets", metadata,
+    sa.Column("name", sa.String(200), primary_key=True),       # unique per store: SQL names it alone
+    sa.Column("model_id", sa.String(500), nullable=False, index=True),
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("n", sa.BigInteger, nullable=False),             # target rows N_t (valid, normalized)
+    sa.Column("table_name", sa.String(200), nullable=False),   # Lance table with the normalized rows
+    sa.Column("source", sa.Text, nullable=False),              # what the rows came from (query or source path)
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("options", sa.Text, nullable=False),             # JSON: dropped rows, index and its measured recall
+    sa.Column("second_moment", sa.LargeBinary, nullable=False),  # npy float64 (d, d): F_t^T F_t
+)
 
 # Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "models, runs, rejects, running stats",
      [settings, models, ingest_runs, rejects, running_stats, metadata_columns]),
     (2, "fitted statistics with reference samples", [fits]),
+    (3, "target sets", [targets]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -36,3 +36,11 @@ class StatsError(ClipsqlError, LookupError):
 
 class QueryError(ClipsqlError, RuntimeError):
     pass
+
+
+class TargetError(ClipsqlError, LookupError):
+    """Unknown, empty or mismatched target set (names the `clipsql target` command that fixes it)."""
+
+
+class SelectionError(ClipsqlError, ValueError):
+    """A curation request that cannot run as given (bad recipe, fraction, SQL or output)."""

@@ -1,0 +1,350 @@
+"""Target sets for NormSim (SCIENCE.md §6): `clipsql target add|list|rm`.
+
+A target is a named set of image embeddings F_t of one model (e.g. the training
+images of the downstream tasks a user cares about). Storage, split by size:
+
+* the N_t normalized rows (float32) go to a Lance table `target_<slug>_<hash>`:
+  they grow with N_t (a 1M-row ViT-L target is 3 GB, too large for a catalog blob),
+  they are read in chunks by `norm_sim_inf`, and LanceDB can index them for
+  nearest-neighbour search;
+* the uncentred second moment S = F_tᵀF_t (d×d float64, what `norm_sim_2` needs,
+  computed once from the float64-normalized rows) and the metadata (name, model,
+  N_t, source, options, index recall) go to the catalog table `targets`
+  (migration 3), so they are versioned with the rest of the statistics.
+
+`norm_sim_inf` is exact by default: max |⟨f_t, x̂⟩| over target chunks of
+`TARGET_CHUNK` rows (memory O(chunk·d) per batch). A target with more than
+`ANN_MIN_ROWS` rows (or `index="ann"`) also gets a LanceDB IVF_FLAT cosine index;
+scoring then asks the index for the nearest row to x̂ and to −x̂ (max |cos| =
+the larger of the two cosines, recomputed in float64 from the returned vectors).
+Its recall@1 (share of sampled pool rows whose ANN score equals the exact one)
+is measured on a seeded sample of the model's stored images when the index is
+built, printed, and recorded in the target's options; nprobes is raised until
+the recall reaches `target_recall` or every partition is probed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import sqlalchemy as sa
+
+from store import catalog as cat
+from store.errors import QueryError, TargetError
+from store.store import ModelRecord, Store
+
+from . import scores
+
+ANN_MIN_ROWS = 200_000
+TARGET_CHUNK = 16_384
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+INDEX_CHOICES = ("auto", "exact", "ann")
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    model_id: str
+    dim: int
+    n: int
+    table_name: str
+    source: str
+    created_at: float
+    options: dict
+    second_moment: np.ndarray
+
+    @property
+    def ann(self) -> dict | None:
+        return self.options.get("index")
+
+    def summary(self) -> dict:
+        idx = self.ann
+        return {"name": self.name, "model": self.model_id, "n": self.n, "dim": self.dim, "source": self.source,
+                "created_at": self.created_at, "dropped_rows": self.options.get("dropped_rows", 0),
+                "index": "ann" if idx else "exact",
+                "recall_at_1": idx["recall_at_1"] if idx else None, "nprobes": idx["nprobes"] if idx else None}
+
+
+def table_name_for(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40]
+    return f"target_{slug}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+# --------------------------------------------------------------------------- catalog
+def get_target(st: Store, name: str) -> Target:
+    """The target called `name`; TargetError listing the known ones if there is none."""
+    with st.engine.connect() as conn:
+        row = conn.execute(sa.select(cat.targets).where(cat.targets.c.name == name)).first()
+    if row is None:
+        known = ", ".join(t["name"] for t in list_targets(st)) or "none yet"
+        raise TargetError(f"unknown target {name!r} (known targets: {known}); add one with "
+                          f"`clipsql target add STORE {name} --query \"SELECT image_embedding FROM …\"` "
+                          "or `clipsql target add STORE NAME SOURCE --model M`")
+    m = row._mapping
+    return Target(m["name"], m["model_id"], int(m["dim"]), int(m["n"]), m["table_name"], m["source"],
+                  float(m["created_at"]), json.loads(m["options"]), cat.unpack(m["second_moment"]))
+
+
+def list_targets(st: Store) -> list[dict]:
+    cols = [c for c in cat.targets.c if c.name != "second_moment"]
+    with st.engine.connect() as conn:
+        rows = conn.execute(sa.select(*cols).order_by(cat.targets.c.name)).fetchall()
+    out = []
+    for r in rows:
+        m = dict(r._mapping)
+        opts = json.loads(m.pop("options"))
+        idx = opts.get("index")
+        m.pop("table_name")
+        m.update(model=m.pop("model_id"), dropped_rows=opts.get("dropped_rows", 0), index="ann" if idx else "exact",
+                 recall_at_1=idx["recall_at_1"] if idx else None)
+        out.append(m)
+    return out
+
+
+def remove_target(st: Store, name: str) -> dict:
+    with st.lock():
+        t = get_target(st, name)
+        with st.engine.begin() as conn:
+            conn.execute(sa.delete(cat.targets).where(cat.targets.c.name == name))
+        if t.table_name in st._table_names():
+            st.db.drop_table(t.table_name)
+    return t.summary()
+
+
+def target_rows(st: Store, t: Target) -> np.ndarray:
+    """(N_t, d) float32 normalized target rows, in insertion order."""
+    ds = st.db.open_table(t.table_name).to_lance()
+    tbl = ds.to_table(columns=["row", "vector"])
+    tbl = tbl.take(pa.compute.sort_indices(tbl.column("row")))
+    from store.store import to_numpy
+    return to_numpy(tbl.column("vector"))
+
+
+# --------------------------------------------------------------------------- adding
+def add_target(st: Store, name: str, *, query: str | None = None, source: str | None = None,
+               model: str | None = None, replace: bool = False, index: str = "auto", seed: int = 0,
+               recall_sample: int = 1000, target_recall: float = 0.95, echo: Any = None,
+               **source_options: Any) -> dict:
+    """Create target `name` of `model` from the `image_embedding` column of `query` (SQL over the
+    store), or by encoding the images of `source` (any ingest layout; captions are ignored;
+    precomputed sources give their image embeddings). Invalid (zero, NULL, non-finite) rows are
+    dropped and counted; a target with no valid row is an error."""
+    if not NAME_RE.match(name or ""):
+        raise TargetError(f"target name {name!r} must be 1-100 letters, digits, '_', '.', '-' "
+                          "(starting with a letter or digit)")
+    if (query is None) == (source is None):
+        raise TargetError("give exactly one of --query \"SQL returning image_embedding\" or a SOURCE "
+                          "(with --model)")
+    if index not in INDEX_CHOICES:
+        raise TargetError(f"--index must be one of {', '.join(INDEX_CHOICES)}; got {index!r}")
+    rec = st.model(model)
+    if not replace:
+        with st.engine.connect() as conn:
+            if conn.execute(sa.select(cat.targets.c.name).where(cat.targets.c.name == name)).first():
+                raise TargetError(f"target {name!r} already exists: pass --replace, or "
+                                  f"`clipsql target rm STORE {name}` first")
+    t0 = time.perf_counter()
+    if query is not None:
+        X, described, rejected = _from_query(st, rec, query), f"query: {query}", {}
+    else:
+        X, rejected = _from_source(rec, source, **source_options)
+        described = f"source: {source}"
+    Xh, valid = scores.normalize(X)
+    rows = Xh[valid]
+    if len(rows) == 0:
+        raise TargetError(f"target {name!r} would be empty: the {'query' if query else 'source'} gave "
+                          f"{len(X)} row(s) and none has a valid (non-zero, finite) image embedding")
+    S = scores.second_moment(rows)
+    use_ann = index == "ann" or (index == "auto" and len(rows) > ANN_MIN_ROWS)
+    options: dict[str, Any] = {"dropped_rows": int((~valid).sum()), "rejected": rejected, "seed": seed}
+    tname = table_name_for(name)
+    with st.lock():
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.float32).reshape(-1)), rec.dim)
+        data = pa.table({"row": pa.array(np.arange(len(rows), dtype=np.int64)), "vector": vec})
+        if tname in st._table_names():
+            st.db.drop_table(tname)
+        st.db.create_table(tname, schema=data.schema).add(data)     # (creating with data logs a warning)
+        if use_ann:
+            options["index"] = _build_index(st, rec, tname, rows.astype(np.float32), seed=seed,
+                                            sample=recall_sample, target_recall=target_recall)
+            if echo:
+                ix = options["index"]
+                echo(f"target {name}: IVF_FLAT cosine index, {ix['num_partitions']} partitions, nprobes "
+                     f"{ix['nprobes']}: recall@1 {ix['recall_at_1']:.4f} on {ix['sample']} sampled "
+                     f"{ix['queries']} (mean |error| {ix['mean_abs_error']:.2e})")
+        with st.engine.begin() as conn:
+            conn.execute(sa.delete(cat.targets).where(cat.targets.c.name == name))
+            conn.execute(cat.targets.insert().values(
+                name=name, model_id=rec.model_id, dim=rec.dim, n=len(rows), table_name=tname,
+                source=described[:2000], created_at=time.time(), options=cat.to_json(options),
+                second_moment=cat.pack(S)))
+    out = get_target(st, name).summary()
+    out["seconds"] = round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
+    import duckdb
+    from .db import connect
+    from .functions import matrix
+    con = connect(st)
+    try:
+        tbl = con.sql(query)
+        if tbl is None or "image_embedding" not in tbl.columns:
+            raise TargetError("the target --query must return a column named image_embedding, e.g. "
+                              "\"SELECT image_embedding FROM embeddings WHERE id IN (…)\"")
+        arr = tbl.select("image_embedding").arrow()
+        arr = arr.read_all() if hasattr(arr, "read_all") else arr
+    except duckdb.Error as e:
+        raise QueryError(f"target query failed: {e}") from None
+    finally:
+        con.close()
+    col = arr.column("image_embedding").combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        col = col.cast(pa.list_(col.type.value_type))
+    return matrix(col, rec.dim, "target image_embedding")
+
+
+def _from_source(rec: ModelRecord, source: str, batch: int = 256, **opts: Any) -> tuple[np.ndarray, dict]:
+    from ingest.images import ItemRejected, check_vector, load_image
+    from ingest.sources import Reject, open_source
+
+    from .prompts import encode_images, load_for_record
+    src = open_source(source, **opts)
+    rejected: dict[str, int] = {}
+    out: list[np.ndarray] = []
+    pending: list[Any] = []
+    loaded = None
+
+    def flush() -> None:
+        nonlocal loaded
+        if pending:
+            loaded = loaded or load_for_record(rec)
+            out.append(encode_images(loaded, pending))
+            pending.clear()
+
+    for unit in src.units():
+        for item in src.read(unit):
+            try:
+                if isinstance(item, Reject):
+                    raise ItemRejected(item.reason, item.detail)
+                if item.image_bytes is None:
+                    out.append(check_vector(item.image_embedding, rec.dim)[None, :])
+                    continue
+                pending.append(load_image(item.image_bytes))
+            except ItemRejected as e:
+                rejected[e.reason] = rejected.get(e.reason, 0) + 1
+            if len(pending) >= batch:
+                flush()
+    flush()
+    X = np.concatenate(out).astype(np.float64) if out else np.empty((0, rec.dim))
+    return X, rejected
+
+
+# --------------------------------------------------------------------------- scoring
+class TargetScorer:
+    """A loaded target: second moment, lazily loaded rows (exact) or the Lance index (ann)."""
+
+    def __init__(self, st: Store, t: Target):
+        self.st, self.t = st, t
+        self._rows: list[np.ndarray] | None = None
+        self._table = None
+
+    def norm_sim_2(self, X: np.ndarray) -> np.ndarray:
+        return scores.norm_sim_2(X, self.t.second_moment)
+
+    def norm_sim_inf(self, X: np.ndarray) -> np.ndarray:
+        if self.t.ann:
+            return self.norm_sim_inf_ann(X, self.t.ann["nprobes"])
+        return self.norm_sim_inf_exact(X)
+
+    def chunks(self) -> list[np.ndarray]:
+        if self._rows is None:
+            R = target_rows(self.st, self.t)
+            self._rows = [R[s] for s in scores._spans(len(R), TARGET_CHUNK)]
+        return self._rows
+
+    def norm_sim_inf_exact(self, X: np.ndarray) -> np.ndarray:
+        """max over target chunks of `scores.norm_sim_inf` (the max of maxes is the max)."""
+        best = None
+        for T in self.chunks():
+            s = scores.norm_sim_inf(X, T)
+            best = s if best is None else np.fmax(best, s)
+        return best
+
+    def norm_sim_inf_ann(self, X: np.ndarray, nprobes: int) -> np.ndarray:
+        if self._table is None:
+            self._table = self.st.db.open_table(self.t.table_name)
+        return _ann_max_abs_cos(self._table, X, nprobes)
+
+
+def _ann_max_abs_cos(table: Any, X: np.ndarray, nprobes: int) -> np.ndarray:
+    Qh, valid = scores.normalize(X)
+    out = np.full(len(Qh), np.nan)
+    ids = np.flatnonzero(valid)
+    if len(ids) == 0:
+        return out
+    Q = Qh[ids]
+    best = np.zeros(len(ids))
+    for sign in (1.0, -1.0):
+        res = (table.search((sign * Q).astype(np.float32)).distance_type("cosine").limit(1)
+               .nprobes(int(nprobes)).select(["vector", "_distance"]).to_arrow())
+        if res.num_rows == 0:
+            continue
+        qi = res.column("query_index").to_numpy() if len(ids) > 1 or "query_index" in res.column_names \
+            else np.zeros(res.num_rows, dtype=np.int64)
+        from store.store import to_numpy
+        V, _ = scores.normalize(to_numpy(res.column("vector")))     # float64, like the exact path
+        cos = np.abs(np.einsum("ij,ij->i", V, Q[qi]))
+        np.maximum.at(best, qi, cos)
+    out[ids] = best
+    return out
+
+
+def _build_index(st: Store, rec: ModelRecord, tname: str, rows: np.ndarray, *, seed: int, sample: int,
+                 target_recall: float) -> dict:
+    """IVF_FLAT cosine index on the target table; nprobes raised until recall@1 ≥ target_recall."""
+    from lancedb.index import IvfFlat
+    table = st.db.open_table(tname)
+    parts = int(max(1, min(len(rows) // 32, round(np.sqrt(len(rows))))))
+    t0 = time.perf_counter()
+    table.create_index("vector", config=IvfFlat(distance_type="cosine", num_partitions=parts), replace=True)
+    build_s = time.perf_counter() - t0
+    Q, what = _recall_queries(st, rec, rows, seed, sample)
+    exact = np.zeros(len(Q))
+    for T in (rows[s] for s in scores._spans(len(rows), TARGET_CHUNK)):
+        exact = np.fmax(exact, scores.norm_sim_inf(Q, T))
+    nprobes, probes = max(1, parts // 16), []
+    while True:
+        got = _ann_max_abs_cos(table, Q, nprobes)
+        recall = float(np.mean(np.abs(got - exact) <= 1e-6))
+        probes.append({"nprobes": nprobes, "recall_at_1": recall})
+        if recall >= target_recall or nprobes >= parts:
+            break
+        nprobes = min(parts, nprobes * 2)
+    return {"kind": "IVF_FLAT", "metric": "cosine", "num_partitions": parts, "nprobes": nprobes,
+            "recall_at_1": recall, "mean_abs_error": float(np.mean(np.abs(got - exact))), "sample": len(Q),
+            "queries": what, "seed": seed, "target_recall": target_recall, "probes": probes,
+            "build_seconds": round(build_s, 3)}
+
+
+def _recall_queries(st: Store, rec: ModelRecord, rows: np.ndarray, seed: int, sample: int) -> tuple[np.ndarray, str]:
+    """A seeded sample of the model's stored images (what the target will score), else target rows."""
+    rng = np.random.default_rng(seed)
+    n = st.count_rows(rec)
+    if n:
+        ds = st.embeddings_table(rec).to_lance()
+        pick = np.sort(rng.choice(n, size=min(sample, n), replace=False))
+        from store.store import to_numpy
+        X = to_numpy(ds.take(pick.tolist(), columns=["image_embedding"]).column("image_embedding"))
+        X = X[scores.normalize(X)[1]]
+        if len(X):
+            return X.astype(np.float64), "pool images"
+    pick = rng.choice(len(rows), size=min(sample, len(rows)), replace=False)
+    return rows[pick].astype(np.float64), "target rows"

@@ -1,0 +1,474 @@
+"""negCLIPLoss, NormSim, prompts and `clipsql select` through SQL, against brute-force numpy
+of each definition (SCIENCE.md §5–7, §9), on synthetic vectors and on the demo model."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+import queries
+from ingest.pipeline import IngestOptions, ingest
+from queries import scores
+from queries.fit import fit_stats
+from queries.materialize import materialize_scores
+from queries.selection import count_for, rank, select
+from queries.targets import add_target, get_target, list_targets, remove_target, target_rows
+from store import catalog as cat
+from store.errors import ClipsqlError, SelectionError, StatsError, TargetError
+from store.store import Store, to_numpy
+
+from .test_queries import clip_like
+
+D = 16
+N = 400
+M = 150
+TAU = 0.01
+
+
+def write_precomputed(path, img, txt, start=0):
+    n = len(img)
+    pq.write_table(pa.table({
+        "id": [f"r{i:04d}" for i in range(start, start + n)], "caption": [f"caption {i}" for i in range(n)],
+        "url": [f"file:///x/{i}.jpg" for i in range(n)],
+        "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(img.reshape(-1)), img.shape[1]),
+        "text_embedding": pa.FixedSizeListArray.from_arrays(pa.array(txt.reshape(-1)), txt.shape[1]),
+    }), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sel_store(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("sel")
+    img, txt = clip_like(N, np.random.default_rng(11))
+    st = Store.init(root / "store")
+    ingest(st, str(write_precomputed(root / "e.parquet", img, txt)), model=tiny_model,
+           options=IngestOptions(batch_size=128, workers=0, progress=False, id_column="id"))
+    fit_stats(st, reference_size=M, seed=3)
+    return st
+
+
+def fetch(con, sql, params=None):
+    return con.execute(sql, params or []).fetchall()
+
+
+def stored(st):
+    tbl = st.read_embeddings(st.model()).sort_by("id")
+    return (np.array(tbl.column("id").to_pylist()), to_numpy(tbl.column("image_embedding")).astype(np.float64),
+            to_numpy(tbl.column("text_embedding")).astype(np.float64))
+
+
+def unit(X):
+    X = np.asarray(X, dtype=np.float64)
+    return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def lse(z):
+    m = z.max()
+    return m + np.log(np.exp(z - m).sum())
+
+
+def reference(st):
+    arr = st.latest_fit(st.model())["arrays"]
+    return list(arr["ref_ids"]), unit(arr["X_ref_raw"]), unit(arr["Y_ref_raw"])
+
+
+def bf_neg_clip(f, g, Fb, Gb, tau=TAU):
+    """cos(f,g) − (τ/2)[LSE_j(⟨f,g_j⟩/τ) + LSE_j(⟨f_j,g⟩/τ)], j over the batch (which holds the pair)."""
+    return f @ g - tau / 2 * (lse(Gb @ f / tau) + lse(Fb @ g / tau))
+
+
+def batch_with(i_pos, f, g, Xr, Yr, idx):
+    """B = {i} ∪ R (R = reference rows idx), holding i once."""
+    keep = [j for j in idx if j != i_pos]
+    return np.vstack([f, Xr[keep]]), np.vstack([g, Yr[keep]])
+
+
+# --------------------------------------------------------------------------- §5 negCLIPLoss
+def test_neg_clip_loss_whole_reference_is_exact(sel_store):
+    ids, X, Y = stored(sel_store)
+    ref_ids, Xr, Yr = reference(sel_store)
+    pos = {r: j for j, r in enumerate(ref_ids)}
+    assert sel_store.latest_fit(sel_store.model(), with_arrays=False)["options"]["neg_clip"]["batch_size"] == M + 1
+    con = queries.connect(sel_store)
+    got = np.array([r[0] for r in fetch(con, "SELECT neg_clip_loss(image_embedding, text_embedding) "
+                                             "FROM embeddings ORDER BY id")])
+    F, G = unit(X), unit(Y)
+    want = np.array([bf_neg_clip(F[i], G[i], *batch_with(pos.get(ids[i], -1), F[i], G[i], Xr, Yr, range(M)))
+                     for i in range(N)])
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+    # reference rows were recognised as such: counting them twice would give another value
+    members = [i for i in range(N) if ids[i] in pos]
+    assert len(members) == M
+    twice = [bf_neg_clip(F[i], G[i], np.vstack([F[i], Xr]), np.vstack([G[i], Yr])) for i in members[:5]]
+    assert not np.allclose(got[members[:5]], twice, rtol=1e-6)
+    # the scores view carries it too, and the model overload agrees
+    view = fetch(con, "SELECT neg_clip_loss FROM scores ORDER BY id LIMIT 5")
+    assert [v[0] for v in view] == pytest.approx(list(got[:5]), rel=1e-12)
+    mid = sel_store.model().model_id
+    assert fetch(con, "SELECT neg_clip_loss(image_embedding, text_embedding, ?) FROM embeddings ORDER BY id "
+                      "LIMIT 3", [mid]) == [(v,) for v in got[:3]]
+
+
+def test_neg_clip_loss_k_seeded_batches_match_brute_force_and_are_deterministic(sel_store):
+    st = sel_store
+    fit_stats(st, reference_size=M, seed=3, neg_clip={"batch_size": 40, "k": 3, "seed": 5})
+    try:
+        ids, X, Y = stored(st)
+        ref_ids, Xr, Yr = reference(st)
+        pos = {r: j for j, r in enumerate(ref_ids)}
+        rng = np.random.default_rng(5)
+        subsets = [rng.choice(M, size=39, replace=False) for _ in range(3)]
+        F, G = unit(X), unit(Y)
+        rows = list(range(0, N, 7))
+        want = []
+        for i in rows:
+            r = pos.get(ids[i], -1)
+            want.append(np.mean([bf_neg_clip(F[i], G[i], *batch_with(r, F[i], G[i], Xr, Yr, R)) for R in subsets]))
+        sql = "SELECT neg_clip_loss(image_embedding, text_embedding) FROM embeddings ORDER BY id"
+        got = np.array([v[0] for v in fetch(queries.connect(st), sql)])
+        np.testing.assert_allclose(got[rows], want, rtol=1e-9, atol=1e-12)
+        again = np.array([v[0] for v in fetch(queries.connect(st), sql)])
+        np.testing.assert_array_equal(got, again)                       # same seed → same scores
+        fit_stats(st, reference_size=M, seed=3, neg_clip={"batch_size": 40, "k": 3, "seed": 6})
+        other = np.array([v[0] for v in fetch(queries.connect(st), sql)])
+        assert not np.allclose(got, other)                              # another seed → other batches
+    finally:
+        fit_stats(st, reference_size=M, seed=3)
+    with pytest.raises(StatsError, match="unknown negCLIPLoss option"):
+        fit_stats(st, reference_size=M, neg_clip={"batchsize": 3})
+
+
+def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
+    ids, X, Y = stored(sel_store)
+    res = materialize_scores(sel_store, ["clip_score"], neg_clip_loss_pool=True, norm_sim_d=True,
+                             pool_batch_size=N)
+    assert res["columns"] == ["clip_score", "neg_clip_loss_pool", "norm_sim_d"]
+    assert res["params"]["neg_clip_loss_pool"]["batch_size"] == N
+    con = queries.connect(sel_store)
+    got = np.array(fetch(con, "SELECT neg_clip_loss_pool, norm_sim_d FROM stored_scores ORDER BY id"))
+    F, G = unit(X), unit(Y)
+    want = [bf_neg_clip(F[i], G[i], F, G) for i in range(N)]          # one batch = the whole pool
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got[:, 1], scores.norm_sim_d(X, keep_fraction=0.2, steps=5), rtol=1e-12)
+    # batches of exactly |B|: 400 // 150 = 2 per partition, 100 rows sit each partition out
+    res = materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=150, seed=9)
+    p = res["params"]["neg_clip_loss_pool"]
+    assert p["batches_per_partition"] == 2 and p["seed"] == 9 and p["k"] == 10
+    got = np.array([r[0] for r in fetch(queries.connect(sel_store),
+                                        "SELECT neg_clip_loss_pool FROM stored_scores ORDER BY id")], dtype=float)
+    want = scores.neg_clip_loss_pool(X, Y, tau=TAU, batch_size=150, k=10, seed=9)
+    np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+    assert int(np.isnan(got).sum()) == p["rows_never_batched"]
+    meta = json.loads(sel_store.db.open_table("scores_" + sel_store.model().table_name).schema.metadata[b"clipsql"])
+    assert meta["neg_clip_loss_pool"]["batch_size"] == 150
+    with pytest.raises(ClipsqlError, match="pool-batch-size"):
+        materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=N + 1)
+
+
+@pytest.fixture(scope="module")
+def siglip_store(tmp_path_factory, tiny_siglip):
+    root = tmp_path_factory.mktemp("sig")
+    img, txt = clip_like(120, np.random.default_rng(2))
+    st = Store.init(root / "store")
+    ingest(st, str(write_precomputed(root / "e.parquet", img, txt)), model=tiny_siglip,
+           options=IngestOptions(batch_size=128, workers=0, progress=False, id_column="id"))
+    fit_stats(st, reference_size=60, seed=1)
+    return st
+
+
+def test_neg_siglip_loss_uses_the_models_scale_and_bias(siglip_store, sel_store):
+    st = siglip_store
+    rec = st.model()
+    assert rec.kind == "siglip" and rec.logit_bias == pytest.approx(-10.0)
+    ids, X, Y = stored(st)
+    ref_ids, Xr, Yr = reference(st)
+    pos = {r: j for j, r in enumerate(ref_ids)}
+    a, b = rec.logit_scale, rec.logit_bias
+    logsig = lambda z: -np.logaddexp(0.0, -z)  # noqa: E731
+    F, G = unit(X), unit(Y)
+    want = []
+    for i in range(len(ids)):
+        keep = [j for j in range(len(Xr)) if j != pos.get(ids[i], -1)]
+        want.append(logsig(a * F[i] @ G[i] + b) + 0.5 * (logsig(-(a * Yr[keep] @ F[i] + b)).sum()
+                                                         + logsig(-(a * Xr[keep] @ G[i] + b)).sum()))
+    got = [r[0] for r in fetch(queries.connect(st), "SELECT neg_siglip_loss(image_embedding, text_embedding) "
+                                                    "FROM embeddings ORDER BY id")]
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    with pytest.raises(Exception, match="needs a SigLIP model"):
+        fetch(queries.connect(sel_store), "SELECT neg_siglip_loss(image_embedding, text_embedding) FROM embeddings")
+
+
+# --------------------------------------------------------------------------- §6 NormSim and targets
+def test_norm_sim_through_a_target_equals_brute_force(sel_store):
+    ids, X, _ = stored(sel_store)
+    res = add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
+    assert res["n"] == 80 and res["index"] == "exact"
+    T = unit(X[:80])
+    con = queries.connect(sel_store)
+    got = np.array(fetch(con, "SELECT norm_sim_2(image_embedding, 'tgt-a'), norm_sim_inf(image_embedding, "
+                              "'tgt-a') FROM embeddings ORDER BY id"))
+    Q = unit(X)
+    brute2 = np.sqrt(((Q @ T.T) ** 2).sum(axis=1))                      # ‖F_t x̂‖₂
+    second = T.T @ T / len(T)                                            # uncentred second moment
+    np.testing.assert_allclose(got[:, 0], brute2, rtol=1e-6)
+    np.testing.assert_allclose(got[:, 0] ** 2, len(T) * np.einsum("ij,jk,ik->i", Q, second, Q), rtol=1e-6)
+    np.testing.assert_allclose(got[:, 1], np.abs(Q @ T.T).max(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(got[:80, 1], 1.0, rtol=1e-6)             # a target row is its own nearest
+    np.testing.assert_allclose(get_target(sel_store, "tgt-a").second_moment, T.T @ T, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(target_rows(sel_store, get_target(sel_store, "tgt-a")), T, atol=1e-6)
+
+
+def test_ann_index_recall_is_measured_and_recorded(sel_store):
+    res = add_target(sel_store, "tgt-ann", query="SELECT image_embedding FROM embeddings WHERE id >= 'r0100'",
+                     index="ann", seed=4)
+    t = get_target(sel_store, "tgt-ann")
+    idx = t.options["index"]
+    assert res["index"] == "ann" and idx["queries"] == "pool images" and idx["sample"] == N
+    assert 0.5 <= idx["recall_at_1"] <= 1.0 and idx["kind"] == "IVF_FLAT"
+    assert [r["recall_at_1"] for r in list_targets(sel_store) if r["name"] == "tgt-ann"] == [idx["recall_at_1"]]
+    _, X, _ = stored(sel_store)
+    exact = np.abs(unit(X) @ unit(X[100:]).T).max(axis=1)
+    got = np.array([r[0] for r in fetch(queries.connect(sel_store), "SELECT norm_sim_inf(image_embedding, "
+                                                                    "'tgt-ann') FROM embeddings ORDER BY id")])
+    assert (got <= exact + 1e-6).all()                     # ANN can only miss the maximum (float32 rows)
+    assert np.mean(np.abs(got - exact) <= 1e-6) == pytest.approx(idx["recall_at_1"], abs=0.02)
+    remove_target(sel_store, "tgt-ann")
+
+
+def test_target_errors_are_clear(sel_store):
+    con = queries.connect(sel_store)
+    with pytest.raises(Exception, match="unknown target 'nope'.*clipsql target add"):
+        fetch(con, "SELECT norm_sim_2(image_embedding, 'nope') FROM embeddings")
+    with pytest.raises(TargetError, match="would be empty"):
+        add_target(sel_store, "empty", query="SELECT image_embedding FROM embeddings WHERE false")
+    zero = "[" + ", ".join(["0"] * D) + f"]::FLOAT[{D}]"
+    with pytest.raises(TargetError, match="would be empty"):
+        add_target(sel_store, "zeros", query=f"SELECT {zero} AS image_embedding")
+    assert "empty" not in [t["name"] for t in list_targets(sel_store)]
+    with pytest.raises(TargetError, match="must return a column named image_embedding"):
+        add_target(sel_store, "x", query="SELECT id FROM embeddings")
+    with pytest.raises(TargetError, match="exactly one of"):
+        add_target(sel_store, "x")
+    with pytest.raises(TargetError, match="must be 1-100"):
+        add_target(sel_store, "bad name", query="SELECT image_embedding FROM embeddings")
+    add_target(sel_store, "tmp", query="SELECT image_embedding FROM embeddings LIMIT 5")
+    with pytest.raises(TargetError, match="already exists"):
+        add_target(sel_store, "tmp", query="SELECT image_embedding FROM embeddings LIMIT 5")
+    assert add_target(sel_store, "tmp", query="SELECT image_embedding FROM embeddings LIMIT 7",
+                      replace=True)["n"] == 7
+    remove_target(sel_store, "tmp")
+    with pytest.raises(TargetError, match="unknown target 'tmp'"):
+        remove_target(sel_store, "tmp")
+
+
+def test_target_from_a_source_encodes_its_images(sel_store, tmp_path):
+    from .conftest import write_image_folder
+    folder = write_image_folder(tmp_path / "imgs", 6)
+    (folder / "img0000.txt").unlink()                                    # captions are not needed
+    res = add_target(sel_store, "from-images", source=str(folder), model=sel_store.model().model_id)
+    assert res["n"] == 6 and res["source"].startswith("source:")
+    from PIL import Image
+
+    from queries.prompts import encode_images, load_for_record
+    want = encode_images(load_for_record(sel_store.model()), [Image.open(p).convert("RGB")
+                                                             for p in sorted(folder.glob("*.png"))])
+    np.testing.assert_allclose(target_rows(sel_store, get_target(sel_store, "from-images")), unit(want), atol=1e-5)
+    remove_target(sel_store, "from-images")
+
+
+# --------------------------------------------------------------------------- §7 prompts, on the demo model
+@pytest.fixture(scope="module")
+def demo_store(tmp_path_factory):
+    from ingest.demo import write_dataset
+    root = tmp_path_factory.mktemp("demo-sel")
+    st = Store.init(root / "store")
+    ingest(st, str(write_dataset(root / "data", n=120, seed=2)), model="clipsql-demo",
+           options=IngestOptions(batch_size=64, workers=0, progress=False))
+    fit_stats(st, reference_size=80, seed=0)
+    return st
+
+
+def test_text_embedding_is_the_text_tower_cached_per_prompt(demo_store):
+    import duckdb
+
+    from queries.db import register_views
+    from queries.functions import register
+    con = duckdb.connect()
+    register_views(con, demo_store)
+    ctx = register(con, demo_store)
+    dim = demo_store.model().dim
+    assert fetch(con, "SELECT typeof(text_embedding('a photo of nothing at all'))") == [(f"FLOAT[{dim}]",)]
+    # the prompt's embedding is the stored text embedding of the same caption (same tower, same raw vector)
+    rows = fetch(con, "SELECT list_cosine_similarity(text_embedding(s.caption), e.text_embedding), "
+                      "list_distance(text_embedding(s.caption), e.text_embedding) / sqrt(list_dot_product("
+                      "e.text_embedding, e.text_embedding)) FROM samples s JOIN embeddings e USING (id)")
+    cos, rel = np.array(rows).T
+    assert cos.min() > 1 - 1e-6 and rel.max() < 1e-3
+    distinct = fetch(con, "SELECT count(DISTINCT caption) FROM samples")[0][0]
+    assert ctx.prompts.encoded == distinct                              # (typeof only binds, runs nothing)
+    fetch(con, "SELECT list_dot_product(image_embedding, text_embedding('a photo of nothing at all')), "
+               "importance_weight(image_embedding, 'a photo of nothing at all') FROM embeddings")
+    assert ctx.prompts.encoded == distinct + 1                           # one prompt, encoded once
+    fetch(con, "SELECT importance_weight(image_embedding, 'an empty white page', 3.0) FROM embeddings")
+    assert ctx.prompts.encoded == distinct + 2
+    fetch(con, "SELECT text_embedding('an empty white page'), text_embedding(caption) FROM samples")
+    assert ctx.prompts.encoded == distinct + 2                           # cached per connection
+
+
+def test_importance_weight_is_the_density_ratio_with_mean_one_over_the_reference(demo_store):
+    st = demo_store
+    ref_ids, Xr, _ = reference(st)
+    ids, X, _ = stored(st)
+    con = queries.connect(st)
+    yq = np.array(fetch(con, "SELECT text_embedding('a small green triangle')")[0][0], dtype=np.float64)
+    yq /= np.linalg.norm(yq)
+    for a, call in ((10.0, "importance_weight(image_embedding, 'a small green triangle')"),
+                    (3.0, "importance_weight(image_embedding, 'a small green triangle', 3.0)"),
+                    (3.0, f"importance_weight(image_embedding, 'a small green triangle', 3, "
+                          f"'{st.model().model_id}')")):
+        got = np.array([r[0] for r in fetch(con, f"SELECT {call} FROM embeddings ORDER BY id")])
+        want = np.exp(a * unit(X) @ yq) / np.mean(np.exp(a * Xr @ yq))
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        ref = set(ref_ids)
+        assert np.mean(got[[i for i, k in enumerate(ids) if k in ref]]) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_unknown_or_unloadable_prompt_model_is_a_clear_error(demo_store, tmp_path):
+    con = queries.connect(demo_store)
+    with pytest.raises(Exception, match="model 'nope' is not in this store"):
+        fetch(con, "SELECT text_embedding('x', 'nope')")
+    st = Store.init(tmp_path / "s")
+    st.register_model(model_id="hf-hub:nobody/precomputed-only", kind="clip", dim=16, logit_scale=100.0,
+                      logit_bias=None, context_length=None,
+                      spec={"open_clip_name": "hf-hub:nobody/precomputed-only", "pretrained": None, "local": False,
+                            "given": None})
+    with pytest.raises(Exception, match="cannot load the text tower of model hf-hub:nobody/precomputed-only"):
+        fetch(queries.connect(st), "SELECT text_embedding('x')")
+
+
+# --------------------------------------------------------------------------- §9 selection
+def test_count_and_tie_rule():
+    assert count_for(0.29, 100) == 29 and count_for(0.3, 401) == 120 and count_for(1, 7) == 7
+    ids = np.array(["b", "a", "d", "c", "e"])
+    s = np.array([1.0, 1.0, np.nan, 2.0, 1.0])
+    assert list(ids[rank(ids, s)]) == ["c", "a", "b", "e"]
+
+
+def test_kl_guided_keeps_the_top_quarter_by_text_information_gain(sel_store, tmp_path):
+    out = tmp_path / "kl.parquet"
+    side = select(sel_store, recipe="kl-guided", output=out)
+    con = queries.connect(sel_store)
+    ig = dict(fetch(con, "SELECT id, text_info_gain FROM scores"))
+    want = sorted(ig, key=lambda k: (-ig[k], k))[:count_for(0.25, N)]
+    tbl = pq.read_table(out)
+    assert tbl.column_names == ["id", "uri", "caption", "text_info_gain"]
+    assert tbl.column("id").to_pylist() == want
+    assert tbl.column("text_info_gain").to_pylist() == [ig[k] for k in want]
+    assert tbl.column("uri").to_pylist()[0].startswith("file:///x/")
+    meta = json.loads((tmp_path / "kl.parquet.json").read_text())
+    fit = sel_store.latest_fit(sel_store.model(), with_arrays=False)
+    assert meta["recipe"] == "kl-guided" and meta["model"] == sel_store.model().model_id
+    assert meta["statistics"]["fit_id"] == fit["fit_id"] and meta["seeds"] == {"reference": 3, "neg_clip": 3}
+    assert meta["counts"] == {"pool": N, "requested": 100, "null_scores": 0, "selected": 100}
+    assert meta["fraction"] == 0.25 and "ties by id" in meta["ties"]
+
+
+def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):
+    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+        add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
+    a = select(sel_store, recipe="negclip-normsim", target="tgt-a", output=tmp_path / "a.csv")
+    b = select(sel_store, recipe="negclip-normsim", target="tgt-a", output=tmp_path / "b.csv")
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+    con = queries.connect(sel_store)
+    rows = fetch(con, "SELECT id, neg_clip_loss, norm_sim_inf(image_embedding, 'tgt-a') FROM scores "
+                      "JOIN embeddings USING (id)")
+    nc = {r[0]: r[1] for r in rows}
+    ns = {r[0]: r[2] for r in rows}
+    stage1 = sorted(nc, key=lambda k: (-nc[k], k))[:120]
+    want = sorted(stage1, key=lambda k: (-ns[k], k))[:80]
+    import pyarrow.csv as pcsv
+    got = pcsv.read_csv(tmp_path / "a.csv")
+    assert got.column("id").to_pylist() == want
+    assert got.column_names == ["id", "uri", "caption", "neg_clip_loss", "norm_sim_inf"]
+    assert a["counts"]["stage1"] == 120 and a["counts"]["selected"] == 80 and a["target"]["name"] == "tgt-a"
+    assert a["counts"] == b["counts"]
+    # fractions are configurable; --limit cuts to an exact count; txt is one id per line
+    c = select(sel_store, recipe="negclip-normsim", target="tgt-a", first_fraction=0.5, limit=7,
+               output=tmp_path / "c.txt")
+    assert c["counts"]["stage1"] == 200
+    assert (tmp_path / "c.txt").read_text().splitlines() == \
+        sorted(sorted(nc, key=lambda k: (-nc[k], k))[:200], key=lambda k: (-ns[k], k))[:7]
+
+
+def test_negclip_normsim_with_the_stored_pool_form(sel_store, tmp_path):
+    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+        add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
+    materialize_scores(sel_store, ["clip_score"])
+    with pytest.raises(SelectionError, match="clipsql score STORE --neg-clip-loss-pool"):
+        select(sel_store, recipe="negclip-normsim", target="tgt-a", negclip_form="pool", output=tmp_path / "x.txt")
+    materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=N)
+    side = select(sel_store, recipe="negclip-normsim", target="tgt-a", negclip_form="pool",
+                  output=tmp_path / "p.parquet")
+    con = queries.connect(sel_store)
+    pool = dict(fetch(con, "SELECT id, neg_clip_loss_pool FROM stored_scores"))
+    ns = dict(fetch(con, "SELECT id, norm_sim_inf(image_embedding, 'tgt-a') FROM embeddings"))
+    stage1 = sorted(pool, key=lambda k: (-pool[k], k))[:120]
+    tbl = pq.read_table(tmp_path / "p.parquet")
+    assert tbl.column("id").to_pylist() == sorted(stage1, key=lambda k: (-ns[k], k))[:80]
+    assert "neg_clip_loss_pool" in tbl.column_names and side["negclip_form"] == "pool"
+
+
+def test_sql_selection_keeps_the_sql_order(sel_store, tmp_path):
+    side = select(sel_store, sql="SELECT id, clip_score FROM scores ORDER BY clip_score, id", fraction=0.1,
+                  output=tmp_path / "s.parquet")
+    cs = dict(fetch(queries.connect(sel_store), "SELECT id, clip_score FROM scores"))
+    want = sorted(cs, key=lambda k: (cs[k], k))[:40]
+    assert pq.read_table(tmp_path / "s.parquet").column("id").to_pylist() == want
+    assert side["recipe"] == "sql" and side["counts"]["selected"] == 40
+
+
+def test_selection_errors(sel_store, tmp_path):
+    out = tmp_path / "x.parquet"
+    cases = [
+        (dict(sql="SELECT clip_score FROM scores", output=out), "must return a column named id"),
+        (dict(recipe="kl-guided", fraction=0.1, limit=3, output=out), "not both"),
+        (dict(recipe="kl-guided", output=tmp_path / "x.xlsx"), "must end in"),
+        (dict(recipe="nope", output=out), "unknown recipe"),
+        (dict(recipe="negclip-normsim", output=out), "needs --target"),
+        (dict(recipe="negclip-normsim", target="nope", output=out), "unknown target 'nope'"),
+        (dict(recipe="negclip-normsim", target="tgt-a", fraction=0.4, output=out), "exceeds --first-fraction"),
+        (dict(recipe="kl-guided", fraction=1.5, output=out), r"must be in \(0, 1\]"),
+    ]
+    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+        add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
+    for kwargs, msg in cases:
+        with pytest.raises(ClipsqlError, match=msg):
+            select(sel_store, **kwargs)
+    assert not out.exists()
+
+
+def test_cli_target_select_and_score(sel_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    path = sel_store.path
+    r = run("target", "add", path, "cli-t", "--query", "SELECT image_embedding FROM embeddings LIMIT 30")
+    assert r.exit_code == 0 and "30 rows" in r.output, r.output
+    r = run("target", "list", path)
+    assert "cli-t" in r.output and "n=30" in r.output
+    r = run("select", path, "--recipe", "negclip-normsim", "--target", "cli-t", "--fraction", "0.1",
+            "--output", tmp_path / "o.txt")
+    assert r.exit_code == 0 and "selected 40 of 400" in r.output, r.output
+    assert len((tmp_path / "o.txt").read_text().splitlines()) == 40
+    assert json.loads((tmp_path / "o.txt.json").read_text())["target"]["n"] == 30
+    r = run("select", path, "--recipe", "negclip-normsim", "--target", "missing", "--output", tmp_path / "p.txt")
+    assert r.exit_code == 1 and "unknown target 'missing'" in r.output
+    r = run("score", path, "--neg-clip-loss-pool", "--pool-batch-size", "100")
+    assert r.exit_code == 0 and "neg_clip_loss_pool" in r.output, r.output
+    r = run("target", "rm", path, "cli-t")
+    assert r.exit_code == 0 and "removed target cli-t" in r.output
+    with sel_store.engine.connect() as conn:
+        assert conn.execute(sa.select(cat.targets.c.name).where(cat.targets.c.name == "cli-t")).first() is None
