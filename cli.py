@@ -10,7 +10,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -341,6 +341,76 @@ def select_cmd(store: Path = STORE_ARG,
     c = res["counts"]
     typer.echo(f"selected {c['selected']} of {c['pool']} rows ({res['recipe']}) → {output}; "
                f"how: {res['sidecar']}")
+
+
+class PlotKind(str, Enum):
+    hist = "hist"
+    scatter = "scatter"
+
+
+@app.command()
+def gallery(store: Path = STORE_ARG,
+            sql: str = typer.Argument(..., help="SQL returning an `id` column and any others, e.g. "
+                                                "\"SELECT id, image_info_gain FROM scores\"; uri/caption are "
+                                                "joined from samples when missing."),
+            output: Path = typer.Option(Path("gallery.html"), "--output", "-o", help="The HTML file to write."),
+            limit: int = typer.Option(1000, min=1, help="Most rows shown (ignored with --top-bottom, which "
+                                                        "ranks every row)."),
+            thumb: int = typer.Option(128, min=8, help="Thumbnail size in pixels."),
+            top_bottom: Optional[Tuple[str, int]] = typer.Option(None, "--top-bottom", metavar="COLUMN N",
+                                                                 help="The N lowest and N highest rows by "
+                                                                      "COLUMN, side by side.")) -> None:
+    """One self-contained HTML page of thumbnails (embedded, no network) for any SQL result."""
+    from queries.gallery import write_gallery
+    tb = (top_bottom[0], top_bottom[1]) if top_bottom else None
+    res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb)
+    note = f", {res['broken']} broken image(s)" if res["broken"] else ""
+    typer.echo(f"gallery of {res['shown']} of {res['rows']} rows{note}: {res['path']}")
+
+
+@app.command()
+def plot(store: Path = STORE_ARG,
+         kind: PlotKind = typer.Argument(..., help="hist COLUMN | scatter X Y"),
+         columns: List[str] = typer.Argument(..., help="hist: one column; scatter: X and Y."),
+         sql: Optional[str] = typer.Option(None, help="SQL choosing the rows; must return the columns "
+                                                      "(default: SELECT COLUMNS FROM scores)."),
+         output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG file (default: "
+                                                                            "<kind>-<columns>.png)."),
+         bins: int = typer.Option(50, min=1, help="hist: number of bins.")) -> None:
+    """PNG plots of score columns: a histogram, or a scatter with the fitted line and R²."""
+    from queries.plots import plot_hist, plot_scatter
+    want = 1 if kind == PlotKind.hist else 2
+    if len(columns) != want:
+        _fail(f"plot {kind.value} takes {want} column(s), got {len(columns)}")
+    out = output or Path(f"{kind.value}-{'-'.join(columns)}.png")
+    if kind == PlotKind.hist:
+        res = _run(plot_hist, store, columns[0], sql=sql, output=out, bins=bins)
+        typer.echo(f"{res['path']}: n={res['n']} mean={res['mean']:.4g} std={res['std']:.4g}")
+    else:
+        res = _run(plot_scatter, store, columns[0], columns[1], sql=sql, output=out)
+        typer.echo(f"{res['path']}: n={res['n']} R²={res['r2']:.4f} slope={res['slope']:.4g} "
+                   f"intercept={res['intercept']:.4g}")
+
+
+@app.command()
+def geometry(store: Path = STORE_ARG,
+             model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
+             output: Path = typer.Option(Path("geometry-report"), "--output", "-o",
+                                         help="Directory for report.json, report.html and the PNG plots."),
+             sample: Optional[int] = typer.Option(None, min=2, help="Use a seeded random sample of this many "
+                                                                    "rows (default: every row)."),
+             seed: int = typer.Option(0, help="Seed of --sample."),
+             top: int = typer.Option(10, min=2, help="How many top separable features to list.")) -> None:
+    """Geometry of the raw embeddings (SCIENCE.md §8): offset ratio, thin shell, separability, ODD, conformity."""
+    from queries.geometry import geometry_report
+    res = _run(geometry_report, store, model, output, sample=sample, seed=seed, top=top)
+    for m in ("image", "text"):
+        r = res[m]
+        typer.echo(f"{m}: offset ratio {r['offset_ratio']:.4g}, ‖x−m‖ mean {r['thin_shell']['mu']:.4g} "
+                   f"var {r['thin_shell']['var']:.4g} vs sqrt(tr C) {r['thin_shell']['sqrt_trace']:.4g}")
+    s = res["separator"]
+    typer.echo(f"separator on features {s['features'][0]}, {s['features'][1]}: train accuracy {s['accuracy']:.4f}")
+    typer.echo(f"report: {res['paths']['html']}")
 
 
 @app.command()

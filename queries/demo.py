@@ -55,6 +55,7 @@ class DemoResult:
     store: Path
     seconds: dict[str, float] = field(default_factory=dict)
     tables: list[tuple[str, str, str]] = field(default_factory=list)   # (title, sql, rendered table)
+    gallery: Path | None = None
 
 
 def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROWS, workers: int = 2,
@@ -96,8 +97,18 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
         res.tables.append((title, sql, text))
         echo(f"\n== {title}\n-- {sql.replace(chr(10), chr(10) + '-- ')}\n{text}")
     res.seconds["queries"] = time.perf_counter() - t
+    t = time.perf_counter()
+    from .gallery import write_gallery
+    n_show = max(12, rows // 10)          # 200 of 2,000: where the blank and placeholder images sit
+    gallery = write_gallery(st, "SELECT id, kind, image_info_gain FROM scores JOIN samples USING (id)",
+                            path / "gallery-image-info-gain.html", top_bottom=("image_info_gain", n_show),
+                            thumb=64, title=f"clipsql demo: the {n_show} lowest and highest image Information Gain")
+    res.seconds["gallery"] = time.perf_counter() - t
     res.seconds["total"] = time.perf_counter() - t0
     echo(f"\ndemo store: {path}  (try: clipsql query {path} \"SELECT uri, caption FROM scores "
          f"ORDER BY image_info_gain LIMIT 20\")")
     echo("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items()))
+    echo(f"gallery of the lowest and highest image Information Gain (blank and placeholder images at the low "
+         f"end): {gallery['path']}")
+    res.gallery = Path(gallery["path"])
     return res
