@@ -31,7 +31,9 @@ of the pair: a row whose vectors equal a reference pair's is scored as that pair
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import threading
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -104,25 +106,50 @@ class ScoreContext:
         return self._running[rec.model_id]
 
 
-def _controller() -> Any:
-    try:
-        from threadpoolctl import ThreadpoolController
-        return ThreadpoolController()
-    except Exception:  # noqa: BLE001 - pinning is an optimisation only
-        return None
+class _BlasPin:
+    """Pin BLAS to one thread while any UDF batch runs; restore when the last one leaves.
+
+    The BLAS thread count is process-global and DuckDB calls UDFs from several threads at
+    once, so a plain save/restore per call interleaves and can leave the process at one
+    thread after the query. Here the first entrant pins and the last one out restores.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter: Any = None
+        self._ctl: Any = None
+
+    def _controller(self) -> Any:
+        if self._ctl is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+                self._ctl = ThreadpoolController()
+            except Exception:  # noqa: BLE001 - pinning is an optimisation only
+                self._ctl = False
+        return self._ctl
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        ctl = self._controller()
+        if not ctl:
+            yield
+            return
+        with self._lock:
+            if self._depth == 0:
+                self._limiter = ctl.limit(limits=1, user_api="blas")
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._limiter.restore_original_limits()
+                    self._limiter = None
 
 
-_CTL = None
-
-
-def _one_blas_thread() -> Any:
-    global _CTL
-    if _CTL is None:
-        _CTL = _controller() or False
-    if _CTL:
-        return _CTL.limit(limits=1, user_api="blas")
-    import contextlib
-    return contextlib.nullcontext()
+_one_blas_thread = _BlasPin()
 
 
 def matrix(arr: Any, dim: int, what: str = "embedding") -> np.ndarray:

@@ -229,3 +229,15 @@ def test_score_command_materializes_columns_with_their_fit(scored_store):
         assert fit_id == res["fit_id"]
     with pytest.raises(QueryError, match="unknown score column"):
         materialize_scores(scored_store, ["image_info_gain; DROP TABLE x"])
+
+
+def test_blas_thread_count_is_restored_after_parallel_udf_work(scored_store):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    before = blas_threads()
+    con = queries.connect(scored_store, threads=2)
+    for _ in range(3):
+        fetch(con, "SELECT sum(image_info_gain_approx), sum(text_info_gain) FROM scores")
+    assert blas_threads() == before
