@@ -80,10 +80,10 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
                    "requested_reference_size": reference_size, "data_version": version,
                    "neg_clip": {"tau": 0.01, "batch_size": min(32768, len(ref_ids) + 1), "k": 10, "seed": seed,
                                 **_neg_clip_overrides(neg_clip, len(ref_ids))}}
-        arrays = {"ref_ids": np.array(ref_ids), "X_ref_raw": X, "Y_ref_raw": Y}
-        arrays.update({k: getattr(f, k) for k in ARRAY_KEYS})
+        reference = {"ref_ids": np.array(ref_ids), "X_ref_raw": X, "Y_ref_raw": Y}
+        arrays = {k: getattr(f, k) for k in ARRAY_KEYS}
         fit_id = st.save_fit(rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
-                             options=options, arrays=arrays)
+                             options=options, arrays=arrays, reference=reference)
     return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows,
             "seconds": round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
             "data_version": version}
@@ -105,15 +105,22 @@ def _neg_clip_overrides(given: dict[str, Any] | None, m: int) -> dict[str, Any]:
     return out
 
 
-def load_fit(st: Store, rec: ModelRecord) -> tuple[scores.Fit, dict]:
-    """The latest fit of a model as a `scores.Fit` (+ its catalog row); StatsError naming the fix if none."""
-    row = st.latest_fit(rec)
+def load_fit(st: Store, rec: ModelRecord, reference: bool = True) -> tuple[scores.Fit, dict]:
+    """The latest fit of a model as a `scores.Fit` (+ its catalog row); StatsError naming the fix if none.
+
+    `reference=False` skips the M × d reference sample (X_ref/Y_ref come back empty): enough
+    for the approximation and centered norms, whose memory then does not grow with M.
+    """
+    row = st.latest_fit(rec, with_reference=reference)
     if row is None:
         raise StatsError(f"no fitted statistics for model {rec.model_id}: run "
                          f"`clipsql stats fit STORE --model {rec.model_id}` first")
     arr, opts = row["arrays"], row["options"]
-    Xh, _ = scores.normalize(arr["X_ref_raw"])
-    Yh, _ = scores.normalize(arr["Y_ref_raw"])
+    if reference:
+        Xh, _ = scores.normalize(arr["X_ref_raw"])
+        Yh, _ = scores.normalize(arr["Y_ref_raw"])
+    else:
+        Xh = Yh = np.empty((0, rec.dim))
     f = scores.Fit(a=float(opts["a"]), b=float(opts["b"]), kind=opts["kind"], prior=opts["prior"],
                    X_ref=Xh, Y_ref=Yh, **{k: arr[k] for k in ARRAY_KEYS})
     return f, row

@@ -54,6 +54,7 @@ class ScoreContext:
         self._fits: dict[str, scores.Fit] = {}
         self._running: dict[str, Any] = {}
         self._fit_rows: dict[str, dict] = {}
+        self._light: dict[str, scores.Fit] = {}
         self._ref_lookup: dict[str, dict[bytes, int]] = {}
         self._targets: dict[str, Any] = {}
         self._prompts: Any = None
@@ -68,6 +69,15 @@ class ScoreContext:
             from .fit import load_fit
             self._fits[rec.model_id], self._fit_rows[rec.model_id] = load_fit(self.st, rec)
         return self._fits[rec.model_id]
+
+    def fit_light(self, rec: ModelRecord) -> scores.Fit:
+        """The fit without its reference sample (means, covariances, factors): O(d²) memory."""
+        if rec.model_id in self._fits:
+            return self._fits[rec.model_id]
+        if rec.model_id not in self._light:
+            from .fit import load_fit
+            self._light[rec.model_id] = load_fit(self.st, rec, reference=False)[0]
+        return self._light[rec.model_id]
 
     def fit_row(self, rec: ModelRecord) -> dict:
         """The catalog row of the fit `fit(rec)` returns (options, raw reference arrays)."""
@@ -342,9 +352,9 @@ def register(con: Any, st: Store) -> ScoreContext:
         "_clipsql_info_gain": (_scored(ctx, ig(False)), [F, V, V]),
         "_clipsql_info_gain_reverse": (_scored(ctx, ig(True)), [F, V, V]),
         "_clipsql_info_gain_approx": (_scored(ctx, lambda X, rec, mod: scores.info_gain_approx(
-            X, ctx.fit(rec), mod)), [F, V, V]),
+            X, ctx.fit_light(rec), mod)), [F, V, V]),
         "_clipsql_centered_norm": (_scored(ctx, lambda X, rec, mod: scores.centered_norm(
-            X, ctx.fit(rec), mod)), [F, V, V]),
+            X, ctx.fit_light(rec), mod)), [F, V, V]),
         "_clipsql_conformity": (_scored(ctx, lambda X, rec, mod: _conformity(ctx, X, rec, mod)), [F, V, V]),
         "_clipsql_conformity_estimate": (_scored(ctx, lambda X, rec, mod: scores.conformity_estimate(
             X, ctx.running(rec).moments[(mod, "raw")].mean)), [F, V, V]),

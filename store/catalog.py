@@ -108,12 +108,19 @@ targets = sa.Table(
     sa.Column("second_moment", sa.LargeBinary, nullable=False),  # npy float64 (d, d): F_t^T F_t
 )
 
+fit_references = sa.Table(
+    "fit_references", metadata,
+    sa.Column("fit_id", sa.Integer, primary_key=True),
+    sa.Column("arrays", sa.LargeBinary, nullable=False),       # npz: ref_ids, X_ref_raw, Y_ref_raw (M × d)
+)
+
 # Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "models, runs, rejects, running stats",
      [settings, models, ingest_runs, rejects, running_stats, metadata_columns]),
     (2, "fitted statistics with reference samples", [fits]),
     (3, "target sets", [targets]),
+    (4, "reference samples apart from the fit's O(d²) arrays", [fit_references]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -410,24 +410,33 @@ class Store:
 
     # -- fits (reference samples) -------------------------------------------------------------
     def save_fit(self, model: ModelRecord, *, n_rows: int, covered_seq: int, reference_size: int,
-                 options: dict, arrays: dict[str, np.ndarray]) -> int:
+                 options: dict, arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> int:
+        """Store a fit: its O(M + d²) arrays in `fits`, the M × d reference sample in `fit_references`
+        (so scores that need only means and factors never load the reference)."""
         with self.engine.begin() as conn:
             res = conn.execute(cat.fits.insert().values(
                 model_id=model.model_id, created_at=time.time(), n_rows=n_rows, covered_seq=covered_seq,
                 reference_size=reference_size, options=cat.to_json(options), arrays=cat.pack_many(arrays)))
-            return int(res.inserted_primary_key[0])
+            fit_id = int(res.inserted_primary_key[0])
+            conn.execute(cat.fit_references.insert().values(fit_id=fit_id, arrays=cat.pack_many(reference)))
+            return fit_id
 
-    def latest_fit(self, model: ModelRecord, with_arrays: bool = True) -> dict | None:
+    def latest_fit(self, model: ModelRecord, with_arrays: bool = True, with_reference: bool = False) -> dict | None:
+        """The newest fit's catalog row; `arrays` (and the reference sample merged into them) on request."""
         cols = [c for c in cat.fits.c if with_arrays or c.name != "arrays"]
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(*cols).where(cat.fits.c.model_id == model.model_id)
                                .order_by(cat.fits.c.fit_id.desc()).limit(1)).first()
-        if row is None:
-            return None
-        out = dict(row._mapping)
+            if row is None:
+                return None
+            out = dict(row._mapping)
+            if with_arrays:
+                out["arrays"] = cat.unpack_many(out["arrays"])
+                if with_reference:
+                    blob = conn.execute(sa.select(cat.fit_references.c.arrays).where(
+                        cat.fit_references.c.fit_id == out["fit_id"])).scalar()
+                    out["arrays"].update(cat.unpack_many(blob))
         out["options"] = json.loads(out["options"])
-        if with_arrays:
-            out["arrays"] = cat.unpack_many(out["arrays"])
         return out
 
 

@@ -139,10 +139,12 @@ def test_fit_is_deterministic_and_versioned(scored_store):
     assert rows["options"]["seed"] == 12 and rows["options"]["data_version"] >= 1
     import store.catalog as cat
     import sqlalchemy as sa
+    ids = [a["fit_id"], b["fit_id"], c["fit_id"]]
     with st.engine.connect() as conn:
-        blobs = {r[0]: cat.unpack_many(r[1]) for r in conn.execute(
-            sa.select(cat.fits.c.fit_id, cat.fits.c.arrays).where(cat.fits.c.fit_id.in_([a["fit_id"], b["fit_id"],
-                                                                                          c["fit_id"]])))}
+        blobs = {r[0]: {**cat.unpack_many(r[1]), **cat.unpack_many(r[2])} for r in conn.execute(
+            sa.select(cat.fits.c.fit_id, cat.fits.c.arrays, cat.fit_references.c.arrays)
+            .join(cat.fit_references, cat.fit_references.c.fit_id == cat.fits.c.fit_id)
+            .where(cat.fits.c.fit_id.in_(ids)))}
     for k in ("ref_ids", "X_ref_raw", "log_prior_text", "factor_image"):
         np.testing.assert_array_equal(blobs[a["fit_id"]][k], blobs[b["fit_id"]][k])
     assert list(blobs[a["fit_id"]]["ref_ids"]) != list(blobs[c["fit_id"]]["ref_ids"])

@@ -70,7 +70,7 @@ def lse(z):
 
 
 def reference(st):
-    arr = st.latest_fit(st.model())["arrays"]
+    arr = st.latest_fit(st.model(), with_reference=True)["arrays"]
     return list(arr["ref_ids"]), unit(arr["X_ref_raw"]), unit(arr["Y_ref_raw"])
 
 

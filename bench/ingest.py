@@ -1,0 +1,463 @@
+"""Ingest throughput: the whole pipeline against the bare encoder forward.
+
+    python bench/ingest.py                      # 4000 demo rows, clipsql-demo, batch 256, 2 workers
+    python bench/ingest.py --rows 2000 --repeats 3 --json ingest.json
+    python bench/ingest.py --model ViT-B-32 --pretrained laion2b_s34b_b79k --device cuda
+
+Figures (see bench/README.md):
+
+* ``ratio`` = pipeline rows/s ÷ bare-forward rows/s on the same images, model, device
+  and batch size (target ≥ 0.9).  *Bare forward*: every image decoded and
+  preprocessed and every caption tokenized up front (not timed), then only
+  ``encode_image`` + ``encode_text`` (normalize=False, no_grad, autocast on cuda) over
+  the same batches.  *Pipeline*: ``ingest()`` into a fresh store, wall time minus
+  model loading (``summary.seconds['load_model']``).
+* ``stats_share`` = the running-statistics update (``store.update_moments``: raw and
+  normalized moments of both modalities) per 1k rows ÷ encode time per 1k rows
+  (target ≤ 5 %), at the model's dim and at d=512 (what a real CLIP's vectors cost),
+  the latter also against the forward of a real-size CLIP architecture (random weights,
+  no download) on this device.
+
+The two sides are interleaved and repeated; each keeps its best repetition, so the
+ratio holds on a loaded machine.  ``--experiments`` (default on) also runs the
+pipeline under changes that are not in pipeline.py (monkeypatched or set from here)
+to show what moves the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# `python bench/ingest.py` puts bench/ first on sys.path, where this file would shadow the
+# `ingest` package: import from the repository root instead.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+import numpy as np
+
+from bench import _common as C
+
+
+# --------------------------------------------------------------------------- data
+def make_data(tmp: Path, rows: int, seed: int, unit_rows: int) -> dict[str, Path]:
+    """The demo dataset as generated (one parquet row group) and the same rows split into row groups."""
+    import pyarrow.parquet as pq
+
+    from ingest import demo
+    data = tmp / "data"
+    path = demo.write_dataset(data, rows, seed)
+    split = data / "demo_split.parquet"     # same image paths (relative to the same folder)
+    pq.write_table(pq.read_table(path), split, row_group_size=unit_rows)
+    return {"as-generated": path, "split": split}
+
+
+def prepared_batches(loaded: Any, parquet: Path, batch_size: int) -> list[tuple[Any, Any]]:
+    """Decode + preprocess every image and tokenize every caption (untimed), in batches."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from ingest.images import clean_caption, load_image
+    rows = pq.read_table(parquet, columns=["image", "caption"]).to_pylist()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        pixels = torch.stack([loaded.preprocess(load_image((parquet.parent / r["image"]).read_bytes()))
+                              for r in chunk])
+        tokens = loaded.tokenizer([clean_caption(r["caption"]) for r in chunk])
+        out.append((pixels, tokens))
+    return out
+
+
+def tokenize_seconds(loaded: Any, parquet: Path, batch_size: int, repeats: int) -> float:
+    """Best time to tokenize every caption in batches: work the pipeline's main process does
+    (Encoder) and the bare forward does not."""
+    import pyarrow.parquet as pq
+
+    from ingest.images import clean_caption
+    caps = [clean_caption(c) for c in pq.read_table(parquet, columns=["caption"]).column("caption").to_pylist()]
+    return min(C.timed(lambda: [loaded.tokenizer(caps[i:i + batch_size]) for i in range(0, len(caps), batch_size)])[0]
+               for _ in range(repeats))
+
+
+def bare_forward(loaded: Any, batches: list[tuple[Any, Any]]) -> int:
+    import torch
+    dev = loaded.device
+    amp = dev.startswith("cuda")
+    n = 0
+    with torch.no_grad(), torch.autocast(device_type="cuda", enabled=amp):
+        for pixels, tokens in batches:
+            img = loaded.model.encode_image(pixels.to(dev, non_blocking=True), normalize=False)
+            txt = loaded.model.encode_text(tokens.to(dev, non_blocking=True), normalize=False)
+            img.float().cpu(), txt.float().cpu()   # the pipeline needs the vectors on the host too
+            n += len(pixels)
+    if amp:
+        torch.cuda.synchronize()
+    return n
+
+
+def build_random_model(folder: Path, arch: str, seed: int = 0) -> str:
+    """A `local-dir:` model of open_clip architecture `arch` with seeded random weights (no download):
+    the forward costs what the real model costs, the vectors mean nothing."""
+    import json
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise SystemExit(f"--random-arch: unknown open_clip architecture {arch!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(arch, pretrained=None)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    size = cfg.get("vision_cfg", {}).get("image_size", 224)
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": cfg,
+        "preprocess_cfg": {"size": size, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                           "std": list(open_clip.OPENAI_DATASET_STD)}}))
+    return f"local-dir:{folder}"
+
+
+# --------------------------------------------------------------------------- pipeline runs
+_RUN = [0]
+
+
+def pipeline_run(tmp: Path, source: Path, args: argparse.Namespace, *, workers: int | None = None,
+                 torch_threads: int | None = None) -> Any:
+    """One ingest into a fresh store; returns the summary (seconds measured from it)."""
+    import torch
+
+    from ingest.pipeline import IngestOptions, ingest
+    from store.store import Store
+    _RUN[0] += 1
+    path = tmp / f"store{_RUN[0]}"
+    st = Store.init(path)
+    before = torch.get_num_threads()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    try:
+        s = ingest(st, str(source), model=args.model, pretrained=args.pretrained,
+                   options=IngestOptions(batch_size=args.batch_size,
+                                         workers=args.workers if workers is None else workers,
+                                         device=args.device, progress=False))
+    finally:
+        torch.set_num_threads(before)
+        st.engine.dispose()
+        shutil.rmtree(path, ignore_errors=True)
+    if s.added != args.rows:
+        raise SystemExit(f"pipeline added {s.added} rows, expected {args.rows} (rejected: {s.rejected})")
+    return s
+
+
+class TokCaption(str):
+    """A caption that carries its token row (made in the worker), for the tokens-in-workers experiment."""
+    tokens: Any = None
+
+    def __reduce__(self) -> Any:
+        return (_tok_caption, (str(self), self.tokens))
+
+
+def _tok_caption(text: str, tokens: Any) -> TokCaption:
+    c = TokCaption(text)
+    c.tokens = tokens
+    return c
+
+
+@contextlib.contextmanager
+def tokens_from_workers():
+    """Experiment: the DataLoader workers tokenize each caption; the main process only stacks the rows.
+    (Monkeypatches ingest.pipeline.prepare_item and ingest.pipeline.Encoder for the duration.)"""
+    import torch
+
+    from ingest import pipeline
+    orig_prepare, orig_encoder = pipeline.prepare_item, pipeline.Encoder
+
+    def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, out: Any, **kw: Any) -> None:
+        n = len(out.rows)
+        orig_prepare(item, preprocess=preprocess, tokenizer=tokenizer, out=out, **kw)
+        if len(out.rows) > n and tokenizer is not None:
+            row = out.rows[-1]
+            row["caption"] = _tok_caption(row["caption"], tokenizer([row["caption"]])[0].numpy())
+
+    class Encoder(orig_encoder):
+        def __call__(self, pixels: list, captions: list) -> Any:
+            if not all(getattr(c, "tokens", None) is not None for c in captions):
+                return super().__call__(pixels, captions)
+            import numpy as np_
+            lm = self.loaded
+            images = torch.stack(pixels).to(lm.device, non_blocking=True)
+            tokens = torch.from_numpy(np_.stack([c.tokens for c in captions])).to(lm.device, non_blocking=True)
+            amp = lm.device.startswith("cuda")
+            with torch.no_grad(), torch.autocast(device_type="cuda", enabled=amp):
+                img = lm.model.encode_image(images, normalize=False)
+                txt = lm.model.encode_text(tokens, normalize=False)
+            return (img.float().cpu().numpy().astype(np_.float32, copy=False),
+                    txt.float().cpu().numpy().astype(np_.float32, copy=False))
+
+    pipeline.prepare_item, pipeline.Encoder = prepare_item, Encoder
+    try:
+        yield
+    finally:
+        pipeline.prepare_item, pipeline.Encoder = orig_prepare, orig_encoder
+
+
+def pipeline_seconds(s: Any) -> float:
+    return s.wall_seconds - s.seconds.get("load_model", 0.0)
+
+
+# --------------------------------------------------------------------------- stats cost
+def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> float:
+    """Best time of `update_moments` (raw + normalized, image + text) for `rows` rows of dim `dim`."""
+    from store.stats import RunningMoments
+    from store.store import MODALITIES, SPACES, StatsState, update_moments
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=dim).astype(np.float32)
+    img = (mean + rng.normal(size=(rows, dim))).astype(np.float32)
+    txt = (mean[::-1] + rng.normal(size=(rows, dim))).astype(np.float32)
+    state = StatsState("bench", {(m, s): RunningMoments(dim) for m in MODALITIES for s in SPACES}, 0)
+    update_moments(state, img, txt)      # first batch sets the shift
+    return min(C.timed(lambda: update_moments(state, img, txt))[0] for _ in range(repeats))
+
+
+def save_stats_seconds(tmp: Path, dim: int, repeats: int) -> float:
+    """Best time of one `store.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
+    from store.stats import RunningMoments
+    from store.store import MODALITIES, SPACES, StatsState, Store, update_moments
+    st = Store.init(tmp / f"stats-store-{dim}")
+    rec = st.register_model(model_id=f"bench-{dim}", kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
+                            context_length=77, spec={})
+    state = StatsState(rec.model_id, {(m, s): RunningMoments(dim) for m in MODALITIES for s in SPACES}, 0)
+    X = np.random.default_rng(1).normal(size=(64, dim)).astype(np.float32) + 1
+    update_moments(state, X, X)
+    try:
+        return min(C.timed(lambda: st.save_stats(state))[0] for _ in range(repeats))
+    finally:
+        st.engine.dispose()
+
+
+def real_clip_encode_seconds_per_1k(arch: str, device: str, rows: int, repeats: int) -> float | None:
+    """Forward time per 1k rows of a real-size open_clip architecture, random weights (no download)."""
+    import open_clip
+    import torch
+
+    from ingest.models import pick_device
+    dev = pick_device(device)
+    try:
+        model = open_clip.create_model(arch, pretrained=None, device=dev).eval()
+        tok = open_clip.get_tokenizer(arch)
+    except Exception as e:  # noqa: BLE001 - a reference figure only
+        print(f"  (real-arch reference skipped: {e.__class__.__name__}: {e})")
+        return None
+    size = model.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    pixels = torch.randn(rows, 3, *size)
+    tokens = tok(["a photo of a large red circle on the left and a small blue square"] * rows)
+    loaded = type("L", (), {"model": model, "device": dev})()
+    bare_forward(loaded, [(pixels, tokens)])         # warm-up
+    best_s = min(C.timed(lambda: bare_forward(loaded, [(pixels, tokens)]))[0] for _ in range(repeats))
+    del model
+    return best_s / rows * 1000
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--model", default="clipsql-demo")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best of each side is kept")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--unit-rows", type=int, default=512,
+                   help="row-group size of the split copy of the source used by the experiments")
+    p.add_argument("--experiments", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the pipeline under changes that are not in pipeline.py")
+    p.add_argument("--real-arch", default="ViT-B-32",
+                   help="real-size architecture whose forward (random weights) prices the d=512 stats update; "
+                        "'' to skip")
+    p.add_argument("--real-rows", type=int, default=32)
+    p.add_argument("--random-arch", default=None,
+                   help="run the pipeline with this open_clip architecture and random weights instead of "
+                        "--model (a realistic forward cost without a download), e.g. ViT-B-32")
+    p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument("--tmp", default=None, help="work directory (default: a temporary one, removed)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from ingest import models
+
+    ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)
+    with ctx as tmpname:
+        tmp = Path(tmpname)
+        tmp.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        sources = make_data(tmp, args.rows, args.seed, args.unit_rows)
+        gen_s = time.perf_counter() - t0
+        if args.random_arch:
+            args.model, args.pretrained = build_random_model(tmp / "random-model", args.random_arch), None
+        spec = models.resolve(args.model, args.pretrained)
+        loaded = models.load(spec, args.device)
+        dev = loaded.device
+        batches = prepared_batches(loaded, sources["as-generated"], args.batch_size)
+        print(f"clipsql ingest bench: {args.rows} demo rows (generated in {gen_s:.1f}s), model {spec.model_id} "
+              f"(dim {loaded.dim}) on {dev}, batch {args.batch_size}, workers {args.workers}, "
+              f"torch threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, "
+              f"{args.repeats} interleaved rounds, "
+              f"machine {C.machine()}")
+        bare_forward(loaded, batches[:1])   # warm-up (allocator, autotuning)
+
+        variants: dict[str, Any] = {
+            "bare forward": lambda: bare_forward(loaded, batches),
+            "pipeline": lambda: pipeline_run(tmp, sources["as-generated"], args),
+        }
+        cpu = not dev.startswith("cuda")
+        if args.experiments:
+            variants["pipeline, source split in row groups"] = \
+                lambda: pipeline_run(tmp, sources["split"], args)
+            if cpu:
+                nt = max(1, (os.cpu_count() or 1) - args.workers)
+                variants["bare forward, 1 torch thread"] = lambda: _with_threads(1, lambda: bare_forward(
+                    loaded, batches))
+                variants[f"pipeline, torch threads {nt} in main"] = \
+                    lambda: pipeline_run(tmp, sources["as-generated"], args, torch_threads=nt)
+                variants[f"pipeline, split + torch threads {nt}"] = \
+                    lambda: pipeline_run(tmp, sources["split"], args, torch_threads=nt)
+            if cpu:
+                variants[f"pipeline, split + threads {nt} + tokens in workers"] = lambda: _in(
+                    tokens_from_workers, lambda: pipeline_run(tmp, sources["split"], args, torch_threads=nt))
+            else:
+                variants["pipeline, split + tokens in workers"] = lambda: _in(
+                    tokens_from_workers, lambda: pipeline_run(tmp, sources["split"], args))
+            variants["pipeline, workers=0 (serial)"] = \
+                lambda: pipeline_run(tmp, sources["as-generated"], args, workers=0)
+        runs = C.interleaved(variants, args.repeats)
+
+        def secs(name: str, r: tuple[float, Any]) -> float:
+            return r[0] if name.startswith("bare") else pipeline_seconds(r[1])
+
+        best_s = {name: min(secs(name, r) for r in rs) for name, rs in runs.items()}
+        best_run = {name: min(rs, key=lambda r: secs(name, r))[1] for name, rs in runs.items()}
+        bare_s = best_s["bare forward"]
+        rps = {name: args.rows / s for name, s in best_s.items()}
+        ratio = rps["pipeline"] / rps["bare forward"]
+        fastest_bare = max(v for k, v in rps.items() if k.startswith("bare"))
+        per_round = [pipeline_seconds(p[1]) for p in runs["pipeline"]]
+        round_ratios = [b[0] / ps for b, ps in zip(runs["bare forward"], per_round)]
+
+        rows_tbl = []
+        stage_names = ["read+decode (wait)", "read (workers)", "decode (workers)", "encode", "write", "stats"]
+        for name in variants:
+            s = best_run[name]
+            stage = [s.seconds.get(k, 0.0) for k in stage_names] if not name.startswith("bare") else \
+                ["", "", "", best_s[name], "", ""]
+            rows_tbl.append([name, best_s[name], rps[name], rps[name] / rps["bare forward"], *stage])
+        print()
+        print(C.table(rows_tbl, [f"run (best of {args.repeats})", "s", "rows/s", "÷bare",
+                                 "wait", "read(w)", "decode(w)", "encode", "write", "stats"]))
+        print("  wait = main process blocked on the DataLoader; read(w)/decode(w) = summed over workers;\n"
+              "  pipeline s = wall − load_model; ÷bare = rows/s ÷ the bare forward (default threads)")
+
+        # ------------------------------------------------ stats-update cost
+        reps = max(5, args.repeats)
+        enc_per_1k = bare_s / args.rows * 1000
+        upd_model = stats_update_seconds(loaded.dim, 1000, reps)
+        upd_512 = stats_update_seconds(512, 1000, reps) if loaded.dim != 512 else upd_model
+        save_model = save_stats_seconds(tmp, loaded.dim, reps)
+        save_512 = save_stats_seconds(tmp, 512, reps) if loaded.dim != 512 else save_model
+        base = best_run["pipeline"]
+        in_pipe_share = base.seconds.get("stats", 0.0) / max(base.seconds.get("encode", 0.0), 1e-9)
+        tok_per_1k = tokenize_seconds(loaded, sources["as-generated"], args.batch_size, reps) / args.rows * 1000
+        real_per_1k = None
+        if args.real_arch:
+            real_per_1k = real_clip_encode_seconds_per_1k(args.real_arch, args.device, args.real_rows, 2)
+        print()
+        stat_rows = [
+            [f"update_moments, d={loaded.dim} (this model)", upd_model * 1e3, enc_per_1k * 1e3,
+             upd_model / enc_per_1k],
+            ["update_moments, d=512", upd_512 * 1e3, enc_per_1k * 1e3, upd_512 / enc_per_1k],
+        ]
+        if real_per_1k:
+            stat_rows.append([f"update_moments, d=512 vs {args.real_arch} forward", upd_512 * 1e3,
+                              real_per_1k * 1e3, upd_512 / real_per_1k])
+        stat_rows.append([f"in the pipeline: stats ÷ encode seconds (d={loaded.dim})",
+                          base.seconds.get("stats", 0.0) * 1e3, base.seconds.get("encode", 0.0) * 1e3,
+                          in_pipe_share])
+        print(C.table(stat_rows, ["stats update per 1k rows", "ms", "encode ms/1k", "share"]))
+        print(f"  tokenizing the captions in the main process (inside 'encode'): {tok_per_1k * 1e3:.0f} ms per 1k rows "
+              f"= {tok_per_1k / enc_per_1k:.1%} of the bare forward")
+        print(f"  save_stats (one flush, every {5.0:g}s of ingest): {save_model * 1e3:.1f} ms at d={loaded.dim}, "
+              f"{save_512 * 1e3:.1f} ms at d=512")
+
+        figures = {
+            "rows": args.rows, "model": spec.model_id, "dim": loaded.dim, "device": dev,
+            "batch_size": args.batch_size, "workers": args.workers, "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "bare_rows_per_s": round(rps["bare forward"], 1),
+            "pipeline_rows_per_s": round(rps["pipeline"], 1),
+            "ratio": round(ratio, 3),
+            "ratio_vs_fastest_bare": round(rps["pipeline"] / fastest_bare, 3),
+            "best_pipeline_variant_ratio_vs_fastest_bare": round(
+                max(v for k, v in rps.items() if not k.startswith("bare")) / fastest_bare, 3),
+            "ratio_per_round": [round(r, 3) for r in round_ratios],
+            "encode_ms_per_1k": round(enc_per_1k * 1e3, 2),
+            "stats_ms_per_1k": round(upd_model * 1e3, 3),
+            "stats_share": round(upd_model / enc_per_1k, 4),
+            "stats_ms_per_1k_d512": round(upd_512 * 1e3, 3),
+            "stats_share_d512": round(upd_512 / enc_per_1k, 4),
+            "stats_share_in_pipeline": round(in_pipe_share, 4),
+            "tokenize_ms_per_1k": round(tok_per_1k * 1e3, 1),
+            "tokenize_share": round(tok_per_1k / enc_per_1k, 4),
+            "save_stats_ms": round(save_model * 1e3, 2),
+            "save_stats_ms_d512": round(save_512 * 1e3, 2),
+        }
+        if real_per_1k:
+            figures[f"real_encode_ms_per_1k_{args.real_arch}"] = round(real_per_1k * 1e3, 1)
+            figures["stats_share_d512_real"] = round(upd_512 / real_per_1k, 5)
+        if args.experiments:
+            for name in variants:
+                if name not in ("bare forward", "pipeline"):
+                    figures["ratio_" + _slug(name)] = round(rps[name] / rps["bare forward"], 3)
+        print()
+        print(C.key_values({k: v for k, v in figures.items() if not isinstance(v, list)}))
+        C.write_json(args.json, {"figures": figures, "machine": C.machine(),
+                                 "runs": {name: {"best_seconds": best_s[name], "rows_per_s": rps[name],
+                                                 "all_seconds": [secs(name, r) for r in runs[name]],
+                                                 "stage_seconds": (None if name.startswith("bare")
+                                                                   else best_run[name].seconds)}
+                                          for name in variants}})
+        return figures
+
+
+def _in(cm: Any, fn: Any) -> Any:
+    with cm():
+        return fn()
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower().replace("pipeline, ", "")).strip("_")
+
+
+def _with_threads(n: int, fn: Any) -> Any:
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+if __name__ == "__main__":
+    main()
