@@ -28,6 +28,7 @@ class Prepared:
     """What one worker hands the main process: a batch ready for the forward pass."""
     rows: list[dict] = field(default_factory=list)        # sample fields (id, uri, caption, width, …)
     pixels: list[Any] = field(default_factory=list)       # preprocessed image tensors
+    tokens: list[Any] = field(default_factory=list)       # tokenized captions (tokenized once, here)
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (id, location) already in the store
     image_vectors: list[np.ndarray] = field(default_factory=list)   # precomputed sources
@@ -65,6 +66,7 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
             image = load_image(item.image_bytes)
             row["width"], row["height"] = image.size
             out.pixels.append(preprocess(image))
+            out.tokens.append(tokenizer([caption])[0])
         out.rows.append(row)
     except ItemRejected as e:
         out.rejects.append((item.location, e.reason, e.detail))
@@ -80,11 +82,11 @@ class Encoder:
     def __init__(self, loaded: Any):
         self.loaded = loaded
 
-    def __call__(self, pixels: list[Any], captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels: list[Any], tokens: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         import torch
         lm = self.loaded
         images = torch.stack(pixels).to(lm.device, non_blocking=True)
-        tokens = lm.tokenizer(captions).to(lm.device, non_blocking=True)
+        tokens = torch.stack(tokens).to(lm.device, non_blocking=True)
         use_amp = lm.device.startswith("cuda")
         with torch.no_grad(), torch.autocast(device_type="cuda", enabled=use_amp):
             img = lm.model.encode_image(images, normalize=False)

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset
 
-from store.store import Store, update_moments, merge_sql_types
+from store.store import Store, merge_sql_types, update_moments
 from . import models
 from .encode import Encoder, Prepared, prepare_item
 from .sources import Reject, open_source
@@ -205,6 +205,14 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
                                       collate_fn=_identity, prefetch_factor=4, persistent_workers=False))
         else:
             batches = iter(stream)
+        stats = _StatsFolder(store, state)
+        torch_threads = None
+        if encoder is not None and not loaded.device.startswith("cuda"):
+            # On CPU the forward shares the cores with the decode workers: measured (bench/ingest.py),
+            # torch's default thread count made the encode stage 3× slower than a bare forward.
+            import torch
+            torch_threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
         bar = _progress(opts.progress, rec.model_id)
         last_flush = time.perf_counter()
         try:
@@ -235,7 +243,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
                 if rows:
                     t0 = time.perf_counter()
                     if encoder is not None:
-                        img, txt = encoder([prepared.pixels[i] for i in keep], [r["caption"] for r in rows])
+                        img, txt = encoder([prepared.pixels[i] for i in keep], [prepared.tokens[i] for i in keep])
                     else:
                         img = np.stack([prepared.image_vectors[i] for i in keep])
                         txt = np.stack([prepared.text_vectors[i] for i in keep])
@@ -254,10 +262,9 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
                     seconds["write"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     if need:
-                        update_moments(state, img[need], txt[need])
-                        state.covered_seq = seq
+                        stats.fold(img[need], txt[need], seq)
                         if time.perf_counter() - last_flush > opts.stats_flush_seconds:
-                            store.save_stats(state)
+                            stats.save()
                             last_flush = time.perf_counter()
                     seconds["stats"] += time.perf_counter() - t0
                     summary.added += len(need)
@@ -276,13 +283,51 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         finally:
             bar.close()
             t0 = time.perf_counter()
-            store.save_stats(state)
+            stats.save()
+            stats.close()
             seconds["stats"] += time.perf_counter() - t0
+            seconds["stats (background)"] = stats.seconds
+            if torch_threads is not None:
+                import torch
+                torch.set_num_threads(torch_threads)
             summary.rejected = dict(rejected)
             summary.wall_seconds = time.perf_counter() - t_start
             summary.seconds = {k: round(v, 4) for k, v in seconds.items()}
             store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
     return summary
+
+
+class _StatsFolder:
+    """Folds committed batches into the running statistics on a background thread.
+
+    BLAS releases the GIL, so the d×d outer-product sums (the costly part at d = 512)
+    overlap with decoding and encoding; one worker keeps the batches in commit order.
+    `save()` waits for the folds queued so far and stores the moments with their seq.
+    """
+
+    def __init__(self, store: Store, state: Any):
+        from concurrent.futures import ThreadPoolExecutor
+        self.store, self.state = store, state
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsql-stats")
+        self.pending: Any = None
+        self.seconds = 0.0
+
+    def _fold(self, image: np.ndarray, text: np.ndarray, seq: int) -> None:
+        t0 = time.perf_counter()
+        update_moments(self.state, image, text)
+        self.state.covered_seq = seq
+        self.seconds += time.perf_counter() - t0
+
+    def fold(self, image: np.ndarray, text: np.ndarray, seq: int) -> None:
+        self.pending = self.pool.submit(self._fold, image, text, seq)
+
+    def save(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+        self.store.save_stats(self.state)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 def _progress(enabled: bool, model_id: str) -> Any:

@@ -312,7 +312,8 @@ class TableSource(Source):
     absolute (``file://`` URLs are accepted), or the encoded image itself
     (binary, or a ``{"bytes": ..., "path": ...}`` struct as Hugging Face
     datasets write).  Every column other than image, caption and id goes to
-    ``meta``.  Units: parquet row groups; ranges of ``rows_per_unit`` rows for
+    ``meta``.  Units: ranges of ``rows_per_unit`` rows within parquet row groups;
+    ranges of ``rows_per_unit`` rows for
     CSV (each worker process parses the CSV once and keeps it); ranges of
     lines for JSON lines (each unit reads only its byte range).
 
@@ -388,10 +389,9 @@ class TableSource(Source):
         if self.fmt == "parquet":
             md = self._parquet().metadata
             units, start = [], 0
-            for i in range(md.num_row_groups):
+            for i in range(md.num_row_groups):   # row groups, cut into ranges so every worker gets work
                 rows = md.row_group(i).num_rows
-                if rows:
-                    units.append(("rg", i, start))
+                units += [("rg", i, start, lo, min(lo + n, rows)) for lo in range(0, rows, n)]
                 start += rows
             return units
         if self.fmt in ("csv", "tsv"):
@@ -413,10 +413,12 @@ class TableSource(Source):
 
     def read(self, unit) -> Iterator[Item | Reject]:
         if unit[0] == "rg":
-            _, index, start = unit
-            rows = self._parquet().read_row_group(index).to_pylist()
-            for i, row in enumerate(rows):
-                yield self._row(row, f"{self.name}:row {start + i + 1}")
+            _, index, start, lo, hi = unit
+            cached = getattr(self, "_cache_rg", None)
+            if cached is None or cached[0] != index:   # a worker's units of one row group share one read
+                cached = self._cache_rg = (index, self._parquet().read_row_group(index))
+            for i, row in enumerate(cached[1].slice(lo, hi - lo).to_pylist()):
+                yield self._row(row, f"{self.name}:row {start + lo + i + 1}")
         elif unit[0] == "rows":
             _, start, stop = unit
             table = self._csv()
