@@ -47,7 +47,8 @@ def test_help_is_instant_and_imports_nothing_heavy():
 
 def test_every_command_has_help():
     for cmd in (["init"], ["models"], ["ingest"], ["query"], ["sql"], ["stats", "show"], ["stats", "fit"],
-                ["stats", "refresh"]):
+                ["stats", "refresh"], ["score"], ["select"], ["target", "add"], ["target", "list"],
+                ["target", "rm"], ["gallery"], ["plot"], ["geometry"], ["demo"]):
         r = invoke(*cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output, cmd
 
