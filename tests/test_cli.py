@@ -120,3 +120,11 @@ def test_rejects_view(tmp_path, tiny_model):
     assert r.exit_code == 0 and "corrupt_image" in r.output
     r = invoke("query", tmp_path / "s", "SELECT reason FROM rejects", "--format", "json")
     assert json.loads(r.output) == [{"reason": "corrupt_image"}]
+
+
+def test_interactive_sql_prompt(cli_store):
+    r = runner.invoke(app, ["sql", str(cli_store)],
+                      input="SELECT count(*) AS n\nFROM samples;\nSELEC broken;\n.quit\n")
+    assert r.exit_code == 0, r.output
+    assert "30" in r.output and "(1 rows)" in r.output
+    assert "Error:" in r.output          # a bad statement reports and the prompt goes on
