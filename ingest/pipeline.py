@@ -206,13 +206,6 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         else:
             batches = iter(stream)
         stats = _StatsFolder(store, state)
-        torch_threads = None
-        if encoder is not None and not loaded.device.startswith("cuda"):
-            # On CPU the forward shares the cores with the decode workers: measured (bench/ingest.py),
-            # torch's default thread count made the encode stage 3× slower than a bare forward.
-            import torch
-            torch_threads = torch.get_num_threads()
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
         bar = _progress(opts.progress, rec.model_id)
         last_flush = time.perf_counter()
         try:
@@ -287,9 +280,6 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
             stats.close()
             seconds["stats"] += time.perf_counter() - t0
             seconds["stats (background)"] = stats.seconds
-            if torch_threads is not None:
-                import torch
-                torch.set_num_threads(torch_threads)
             summary.rejected = dict(rejected)
             summary.wall_seconds = time.perf_counter() - t_start
             summary.seconds = {k: round(v, 4) for k, v in seconds.items()}

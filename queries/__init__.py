@@ -8,3 +8,9 @@ def connect(store: Any, **kwargs: Any) -> Any:
     """`queries.connect(STORE)` → an in-memory DuckDB connection with views and score functions."""
     from .db import connect as _connect
     return _connect(store, **kwargs)
+
+
+def one_blas_thread() -> Any:
+    """Context manager pinning BLAS to one thread while DuckDB's threads run score UDFs."""
+    from .functions import one_blas_thread as _pin
+    return _pin()

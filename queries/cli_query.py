@@ -9,6 +9,7 @@ from typing import Any
 from store.errors import QueryError
 
 from .db import connect
+from .functions import one_blas_thread
 
 
 def execute(con: Any, sql: str) -> Any:
@@ -32,7 +33,8 @@ def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = No
             print(f"warning: {warn}", file=sys.stderr)
     con = connect(st, allow_external_access=allow_external_access)
     try:
-        return _run(con, sql, fmt, output, max_rows)
+        with one_blas_thread():
+            return _run(con, sql, fmt, output, max_rows)
     finally:
         con.close()
 
@@ -127,11 +129,10 @@ def _repl(con: Any) -> None:
             stmt = "\n".join(buf)
             buf = []
             try:
-                rel = execute(con, stmt)
-                if rel is not None:
-                    tbl = rel.arrow()
-                    if hasattr(tbl, "read_all"):
-                        tbl = tbl.read_all()
-                    print(_table_text(tbl, 40))
+                with one_blas_thread():
+                    rel = execute(con, stmt)
+                    tbl = None if rel is None else rel.arrow()
+                if tbl is not None:
+                    print(_table_text(tbl.read_all() if hasattr(tbl, "read_all") else tbl, 40))
             except QueryError as e:
                 print(f"Error: {e}")

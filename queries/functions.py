@@ -32,7 +32,7 @@ of the pair: a row whose vectors equal a reference pair's is scored as that pair
 from __future__ import annotations
 
 import contextlib
-import threading
+import functools
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -116,50 +116,32 @@ class ScoreContext:
         return self._running[rec.model_id]
 
 
-class _BlasPin:
-    """Pin BLAS to one thread while any UDF batch runs; restore when the last one leaves.
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Pin BLAS to one thread around a query, on the calling thread.
 
-    The BLAS thread count is process-global and DuckDB calls UDFs from several threads at
-    once, so a plain save/restore per call interleaves and can leave the process at one
-    thread after the query. Here the first entrant pins and the last one out restores.
+    DuckDB runs UDF batches on several threads; with a multi-threaded BLAS under each
+    they oversubscribe the cores (measured: half the throughput). The BLAS thread count
+    is process-global and OpenBLAS ignores changes made from DuckDB's worker threads, so
+    the pin belongs around the query on the thread that runs it — `clipsql query` and
+    the other commands do this; from Python: `with queries.one_blas_thread(): con.sql(…)`.
     """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._depth = 0
-        self._limiter: Any = None
-        self._ctl: Any = None
-
-    def _controller(self) -> Any:
-        if self._ctl is None:
-            try:
-                from threadpoolctl import ThreadpoolController
-                self._ctl = ThreadpoolController()
-            except Exception:  # noqa: BLE001 - pinning is an optimisation only
-                self._ctl = False
-        return self._ctl
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        ctl = self._controller()
-        if not ctl:
-            yield
-            return
-        with self._lock:
-            if self._depth == 0:
-                self._limiter = ctl.limit(limits=1, user_api="blas")
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._depth -= 1
-                if self._depth == 0:
-                    self._limiter.restore_original_limits()
-                    self._limiter = None
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pinning is an optimisation only
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
-_one_blas_thread = _BlasPin()
+def blas_pinned(fn: Callable) -> Callable:
+    """Decorator: run `fn` (an entry point that runs score SQL) under `one_blas_thread()`."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with one_blas_thread():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def matrix(arr: Any, dim: int, what: str = "embedding") -> np.ndarray:
@@ -207,13 +189,12 @@ def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.n
     def udf(emb: Any, modality: Any, model: Any) -> pa.Array:
         n = len(emb)
         out = np.full(n, np.nan)
-        with _one_blas_thread():
-            for (mod, mname), idx in _pair_groups(modality, model, n):
-                if mod not in (None, "image", "text"):
-                    raise QueryError(f"modality must be 'image' or 'text', got {mod!r}")
-                rec = ctx.model(mname)
-                col = emb if len(idx) == n else _take(emb, idx)
-                out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip()), rec, mod)
+        for (mod, mname), idx in _pair_groups(modality, model, n):
+            if mod not in (None, "image", "text"):
+                raise QueryError(f"modality must be 'image' or 'text', got {mod!r}")
+            rec = ctx.model(mname)
+            col = emb if len(idx) == n else _take(emb, idx)
+            out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip()), rec, mod)
         return _result(out)
     return udf
 
@@ -257,12 +238,11 @@ def _pair_scored(ctx: ScoreContext, fn: Callable[[np.ndarray, np.ndarray, ModelR
     def udf(img: Any, txt: Any, model: Any) -> pa.Array:
         n = len(img)
         out = np.full(n, np.nan)
-        with _one_blas_thread():
-            for (mname,), idx in _key_groups([model], n):
-                rec = ctx.model(mname)
-                X = matrix(_sub(img, idx, n), rec.dim, "image embedding")
-                Y = matrix(_sub(txt, idx, n), rec.dim, "text embedding")
-                out[idx] = fn(X, Y, rec)
+        for (mname,), idx in _key_groups([model], n):
+            rec = ctx.model(mname)
+            X = matrix(_sub(img, idx, n), rec.dim, "image embedding")
+            Y = matrix(_sub(txt, idx, n), rec.dim, "text embedding")
+            out[idx] = fn(X, Y, rec)
         return _result(out)
     return udf
 
@@ -297,13 +277,12 @@ def _target_scored(ctx: ScoreContext, method: str) -> Callable:
     def udf(emb: Any, target: Any) -> pa.Array:
         n = len(emb)
         out = np.full(n, np.nan)
-        with _one_blas_thread():
-            for (name,), idx in _key_groups([target], n):
-                if name is None:
-                    continue
-                scorer = ctx.target(name)
-                X = matrix(_sub(emb, idx, n), scorer.t.dim, f"image embedding (target {name})")
-                out[idx] = getattr(scorer, method)(X)
+        for (name,), idx in _key_groups([target], n):
+            if name is None:
+                continue
+            scorer = ctx.target(name)
+            X = matrix(_sub(emb, idx, n), scorer.t.dim, f"image embedding (target {name})")
+            out[idx] = getattr(scorer, method)(X)
         return _result(out)
     return udf
 
@@ -328,14 +307,13 @@ def _importance_weight(ctx: ScoreContext) -> Callable:
     def udf(emb: Any, prompt: Any, scale: Any, model: Any) -> pa.Array:
         n = len(emb)
         out = np.full(n, np.nan)
-        with _one_blas_thread():
-            for (p, a, mname), idx in _key_groups([prompt, scale, model], n):
-                if p is None or a is None:
-                    continue
-                rec = ctx.model(mname)
-                yq = ctx.prompts.embed(rec, [p])[0]
-                X = matrix(_sub(emb, idx, n), rec.dim, "image embedding")
-                out[idx] = scores.importance_weight(X, yq, ctx.fit(rec), a=float(a))
+        for (p, a, mname), idx in _key_groups([prompt, scale, model], n):
+            if p is None or a is None:
+                continue
+            rec = ctx.model(mname)
+            yq = ctx.prompts.embed(rec, [p])[0]
+            X = matrix(_sub(emb, idx, n), rec.dim, "image embedding")
+            out[idx] = scores.importance_weight(X, yq, ctx.fit(rec), a=float(a))
         return _result(out)
     return udf
 

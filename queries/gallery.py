@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from store.errors import QueryError
+from .functions import blas_pinned
 
 LAZY_AFTER = 200
 DEFAULT_LIMIT = 1000
@@ -329,6 +330,7 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
     return page, summary
 
 
+@blas_pinned
 def write_gallery(store: Any, sql: str, output: str | os.PathLike = "gallery.html", *,
                   limit: int | None = DEFAULT_LIMIT, thumb: int = 128,
                   top_bottom: tuple[str, int] | None = None, title: str | None = None,

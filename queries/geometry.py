@@ -189,7 +189,7 @@ def vslerp_udf(ctx: Any) -> Callable:
 
     from store.errors import QueryError
 
-    from .functions import _one_blas_thread, _pair_groups, _take, matrix
+    from .functions import _pair_groups, _take, matrix
 
     def col(arr: Any) -> np.ndarray:
         if isinstance(arr, pa.ChunkedArray):
@@ -202,31 +202,30 @@ def vslerp_udf(ctx: Any) -> Callable:
         n = len(a)
         th, al = col(theta), col(alpha)
         rows: list[Any] = [None] * n
-        with _one_blas_thread():
-            for (mod, mname), idx in _pair_groups(modality, model, n):
-                if mod not in (None, "image", "text"):
-                    raise QueryError(f"vslerp modality must be 'image', 'text' or NULL, got {mod!r}")
-                rec = ctx.model(mname)
-                A = matrix(a if len(idx) == n else _take(a, idx), rec.dim, "vslerp a")
-                B = matrix(b if len(idx) == n else _take(b, idx), rec.dim, "vslerp b")
-                state = ctx.running(rec)
-                centre = {m: state.moments[(m, "raw")].mean for m in MODS}
-                if mod is None:
-                    ll = {m: _gaussian_loglik((A + B) / 2, *_ellipsoid(cache, rec, state, m)) for m in MODS}
-                    which = np.where(ll["image"] >= ll["text"], "image", "text")
-                else:
-                    which = np.full(len(idx), mod)
-                t, al_g = th[idx], al[idx]
-                ok = np.isfinite(A).all(1) & np.isfinite(B).all(1) & np.isfinite(t) & np.isfinite(al_g)
-                for m in MODS:
-                    if not np.isfinite(centre[m]).all():
-                        continue
-                    for alpha_v in np.unique(al_g[ok & (which == m)]):
-                        sel = np.flatnonzero(ok & (which == m) & (al_g == alpha_v))
-                        res = scores.vslerp(A[sel], B[sel], t[sel, None], float(alpha_v), centre[m])
-                        for j, row in zip(sel, res):
-                            if np.isfinite(row).all():
-                                rows[idx[j]] = row.astype(np.float32)
+        for (mod, mname), idx in _pair_groups(modality, model, n):
+            if mod not in (None, "image", "text"):
+                raise QueryError(f"vslerp modality must be 'image', 'text' or NULL, got {mod!r}")
+            rec = ctx.model(mname)
+            A = matrix(a if len(idx) == n else _take(a, idx), rec.dim, "vslerp a")
+            B = matrix(b if len(idx) == n else _take(b, idx), rec.dim, "vslerp b")
+            state = ctx.running(rec)
+            centre = {m: state.moments[(m, "raw")].mean for m in MODS}
+            if mod is None:
+                ll = {m: _gaussian_loglik((A + B) / 2, *_ellipsoid(cache, rec, state, m)) for m in MODS}
+                which = np.where(ll["image"] >= ll["text"], "image", "text")
+            else:
+                which = np.full(len(idx), mod)
+            t, al_g = th[idx], al[idx]
+            ok = np.isfinite(A).all(1) & np.isfinite(B).all(1) & np.isfinite(t) & np.isfinite(al_g)
+            for m in MODS:
+                if not np.isfinite(centre[m]).all():
+                    continue
+                for alpha_v in np.unique(al_g[ok & (which == m)]):
+                    sel = np.flatnonzero(ok & (which == m) & (al_g == alpha_v))
+                    res = scores.vslerp(A[sel], B[sel], t[sel, None], float(alpha_v), centre[m])
+                    for j, row in zip(sel, res):
+                        if np.isfinite(row).all():
+                            rows[idx[j]] = row.astype(np.float32)
         return pa.array(rows, type=pa.list_(pa.float32()))
     return udf
 

@@ -29,6 +29,7 @@ from store.errors import QueryError
 from store.store import Store
 
 from .functions import SCORE_COLUMNS, score_expressions
+from .functions import blas_pinned
 
 
 def stored_table_name(model_table: str) -> str:
@@ -38,6 +39,7 @@ def stored_table_name(model_table: str) -> str:
 POOL_COLUMNS = ("neg_clip_loss_pool", "norm_sim_d")
 
 
+@blas_pinned
 def materialize_scores(st: Store, columns: list[str], model: str | None = None, *,
                        neg_clip_loss_pool: bool = False, norm_sim_d: bool = False,
                        pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:

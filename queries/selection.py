@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from store.errors import SelectionError
 from store.store import ModelRecord, Store
+from .functions import blas_pinned
 
 RECIPES = ("kl-guided", "negclip-normsim")
 DEFAULT_FRACTION = {"kl-guided": 0.25, "negclip-normsim": 0.20}
@@ -58,6 +59,7 @@ def rank(ids: np.ndarray, score: np.ndarray) -> np.ndarray:
     return ok[order]
 
 
+@blas_pinned
 def select(st: Store, *, recipe: str | None = None, sql: str | None = None, target: str | None = None,
            fraction: float | None = None, limit: int | None = None, output: str | Path,
            model: str | None = None, first_fraction: float = DEFAULT_FIRST_FRACTION,

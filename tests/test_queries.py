@@ -233,13 +233,26 @@ def test_score_command_materializes_columns_with_their_fit(scored_store):
         materialize_scores(scored_store, ["image_info_gain; DROP TABLE x"])
 
 
-def test_blas_thread_count_is_restored_after_parallel_udf_work(scored_store):
+def test_queries_pin_blas_to_one_thread_and_restore_it(scored_store):
     from threadpoolctl import threadpool_info
 
     def blas_threads():
         return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
     before = blas_threads()
-    con = queries.connect(scored_store, threads=2)
-    for _ in range(3):
-        fetch(con, "SELECT sum(image_info_gain_approx), sum(text_info_gain) FROM scores")
+    with queries.one_blas_thread():
+        assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before
+    seen = []
+    import queries.functions as F
+    orig = F.scores.info_gain_approx
+
+    def spy(*a, **k):
+        seen.append(blas_threads())
+        return orig(*a, **k)
+    F.scores.info_gain_approx = spy
+    try:
+        run_query(scored_store, "SELECT sum(image_info_gain_approx) FROM scores")
+    finally:
+        F.scores.info_gain_approx = orig
+    assert seen and all(all(n == 1 for n in s) for s in seen)    # pinned while UDF batches run
+    assert blas_threads() == before                              # and restored afterwards

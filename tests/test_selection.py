@@ -358,7 +358,7 @@ def test_count_and_tie_rule():
 
 def test_kl_guided_keeps_the_top_quarter_by_text_information_gain(sel_store, tmp_path):
     out = tmp_path / "kl.parquet"
-    side = select(sel_store, recipe="kl-guided", output=out)
+    select(sel_store, recipe="kl-guided", output=out)
     con = queries.connect(sel_store)
     ig = dict(fetch(con, "SELECT id, text_info_gain FROM scores"))
     want = sorted(ig, key=lambda k: (-ig[k], k))[:count_for(0.25, N)]
