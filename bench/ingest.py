@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         cpu = not dev.startswith("cuda")
         units = source_units(source)
         batches = prepared_batches(loaded, source, args.batch_size)
-        main_threads = max(1, (os.cpu_count() or 1) - args.workers) if cpu else torch.get_num_threads()
+        main_threads = torch.get_num_threads()   # the pipeline leaves torch's thread count as it is
         print(f"clipsql ingest bench: {args.rows} demo rows (generated in {gen_s:.1f}s, {units} source unit(s)), "
               f"model {spec.model_id} (dim {loaded.dim}) on {dev}, batch {args.batch_size}, "
               f"workers {args.workers} (used: {min(args.workers, units)}), torch threads: bare "

@@ -113,7 +113,13 @@ def _reusable(path: Path, args: argparse.Namespace) -> Any:
 
 # --------------------------------------------------------------------------- experiments
 def sql_runner(con: Any, sql: str) -> Callable[[], float]:
-    return lambda: con.execute(sql).fetchall()[0][0]
+    """The query as `clipsql query` runs it: BLAS pinned to one thread around it on this thread."""
+    import queries
+
+    def run() -> float:
+        with queries.one_blas_thread():
+            return con.execute(sql).fetchall()[0][0]
+    return run
 
 def numpy_runner(X: np.ndarray, fit: Any, chunk: int, blas_threads: int | None = None) -> Callable[[], float]:
     from queries import scores
@@ -194,40 +200,6 @@ def patched(**changes: Any):
             setattr(F, k, v)
 
 
-def refcounted_one_blas_thread() -> Callable[[], Any]:
-    """Candidate for functions._one_blas_thread: thread-safe pinning. The per-call
-    `ThreadpoolController.limit` saves and restores the process-global OpenBLAS thread
-    count; two DuckDB threads interleaving save/restore leave it at 1 after the query
-    (measured: `blas_threads_after_query`) and can restore it mid-query under another
-    thread's BLAS call. Here the first entrant pins, the last one out restores."""
-    import threading
-
-    from queries import functions as F
-    lock = threading.Lock()
-    state: dict[str, Any] = {"depth": 0, "limiter": None}
-
-    @contextlib.contextmanager
-    def pin() -> Any:
-        if F._CTL is None:
-            F._CTL = F._controller() or False
-        if not F._CTL:
-            yield
-            return
-        with lock:
-            if state["depth"] == 0:
-                state["limiter"] = F._CTL.limit(limits=1, user_api="blas")
-            state["depth"] += 1
-        try:
-            yield
-        finally:
-            with lock:
-                state["depth"] -= 1
-                if state["depth"] == 0:
-                    state["limiter"].restore_original_limits()
-                    state["limiter"] = None
-    return pin
-
-
 def blas_threads() -> int | None:
     try:
         from threadpoolctl import ThreadpoolController
@@ -235,15 +207,6 @@ def blas_threads() -> int | None:
         return libs[0].get_num_threads() if libs else None
     except Exception:  # noqa: BLE001
         return None
-
-
-def with_blas_once(fn: Callable[[], Any]) -> Callable[[], Any]:
-    """No per-batch threadpoolctl call: BLAS pinned to 1 thread once around the whole query."""
-    def run() -> Any:
-        from threadpoolctl import threadpool_limits
-        with patched(_one_blas_thread=contextlib.nullcontext), threadpool_limits(1, user_api="blas"):
-            return fn()
-    return run
 
 
 def with_patch(fn: Callable[[], Any], **changes: Any) -> Callable[[], Any]:
@@ -395,12 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "probe: ... + functions.matrix()": sql_runner(
                     default_con, "SELECT sum(_bench_matrix(image_embedding)) FROM embeddings"),
                 "try: matrix reads the values buffer": with_patch(sql_runner(default_con, full), matrix=matrix_fast),
-                "try: BLAS pinned once per query": with_blas_once(sql_runner(default_con, full)),
-                "try: BLAS pin ref-counted (thread-safe)": with_patch(sql_runner(default_con, full),
-                                                                       _one_blas_thread=refcounted_one_blas_thread()),
                 "try: typed macro → UDF on FLOAT[d] (no cast)": sql_runner(typed_con, full),
-                "try: typed macro + ref-counted pin": with_patch(sql_runner(typed_con, full),
-                                                                  _one_blas_thread=refcounted_one_blas_thread()),
             })
         runs = C.interleaved(variants, args.repeats)
         best = {k: C.best(v) for k, v in runs.items()}
@@ -421,12 +379,12 @@ def main(argv: list[str] | None = None) -> dict:
               "  cpu÷wall = process CPU seconds ÷ wall seconds: how many cores the run kept busy")
 
         probe_con = queries.connect(st)
-        probe_con.execute(full).fetchall()
+        sql_runner(probe_con, full)()
         blas_after_full = blas_threads()
         probe_con.close()
         print(f"  process BLAS threads: {blas0} before any SQL query, {blas_after_full} after one more full query on "
-              "a default connection (functions._one_blas_thread saves/restores a process-global count from "
-              "several DuckDB threads at once)")
+              "a default connection (queries.one_blas_thread pins around the query on the calling thread and "
+              "restores the count)")
 
         # ---------------------------------------------------------------- (b) exact vs approx
         sub = f"(SELECT image_embedding FROM embeddings LIMIT {args.exact_rows})"
