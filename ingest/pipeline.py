@@ -24,7 +24,6 @@ from . import models
 from .encode import Encoder, Prepared, prepare_item
 from .sources import Reject, open_source
 
-RESERVED = {"id", "uri", "caption", "width", "height", "source", "location", "caption_truncated", "metadata"}
 
 
 @dataclass

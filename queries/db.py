@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from store import catalog as cat
-from store.store import Store
+from store.store import SAMPLE_COLUMNS, Store
 
 
 def quote_ident(name: str) -> str:
@@ -66,8 +66,7 @@ def _register_samples(con: Any, st: Store) -> None:
     base = ["id", "uri", "caption", "width", "height"]
     cols = [quote_ident(c) for c in base]
     for name, sql_type in st.metadata_columns().items():
-        alias = name if name not in set(base) | {"source", "location", "caption_truncated", "metadata"} \
-            else f"meta_{name}"
+        alias = name if name not in SAMPLE_COLUMNS else f"meta_{name}"
         path = quote_literal("$." + _json_path_key(name))
         if sql_type == "VARCHAR":
             expr = f"json_extract_string(metadata, {path})"

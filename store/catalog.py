@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
@@ -195,8 +195,3 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def transaction(engine: sa.Engine, fn: Callable[[sa.Connection], Any]) -> Any:
-    with engine.begin() as conn:
-        return fn(conn)
