@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from store.catalog import NPY_LOCK
 from store.errors import SourceError
 
 
@@ -87,7 +88,7 @@ class PrecomputedSource(Source):
             rows = pq.ParquetFile(meta_path).metadata.num_rows
             for npy in filter(None, npys):
                 try:
-                    shape = np.load(npy, mmap_mode="r").shape
+                    shape = _npy(npy).shape
                 except (OSError, ValueError) as e:
                     raise SourceError(f"cannot read {npy}: {e}") from None
                 if len(shape) != 2 or shape[0] != rows:
@@ -112,8 +113,8 @@ class PrecomputedSource(Source):
         table = pq.ParquetFile(meta_path).read_row_group(group)
         n = table.num_rows
         if self.layout == "npy":
-            img = list(np.array(np.load(img_npy, mmap_mode="r")[start:stop]))
-            txt = list(np.array(np.load(txt_npy, mmap_mode="r")[start:stop])) if txt_npy else [None] * n
+            img = list(np.array(_npy(img_npy)[start:stop]))
+            txt = list(np.array(_npy(txt_npy)[start:stop])) if txt_npy else [None] * n
             if len(img) != n or len(txt) != n:
                 raise SourceError(f"{meta_path} row group {group} does not match its npy rows")
         else:
@@ -159,3 +160,9 @@ def _vectors(table: pa.Table, column: str, n: int) -> list:
 
 
 # --------------------------------------------------------------------------- detection
+
+
+def _npy(path: str) -> np.ndarray:
+    """Memory-map an .npy file (under NPY_LOCK: np.load's header parse is not thread-safe on 3.11)."""
+    with NPY_LOCK:
+        return np.load(path, mmap_mode="r")

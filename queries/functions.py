@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -46,10 +47,15 @@ from . import scores
 
 
 class ScoreContext:
-    """Per-connection cache of models, fits and running statistics (loaded on first use)."""
+    """Per-connection cache of models, fits and running statistics (loaded on first use).
+
+    DuckDB calls UDFs from several threads at once, so every first load happens under
+    one lock: each object is loaded once, and catalog reads never run concurrently.
+    """
 
     def __init__(self, st: Store):
         self.st = st
+        self._lock = threading.RLock()
         self._models: dict[str | None, ModelRecord] = {}
         self._fits: dict[str, scores.Fit] = {}
         self._running: dict[str, Any] = {}
@@ -59,25 +65,36 @@ class ScoreContext:
         self._targets: dict[str, Any] = {}
         self._prompts: Any = None
 
+    def _cached(self, cache: dict, key: Any, load: Callable[[], Any]) -> Any:
+        try:
+            return cache[key]
+        except KeyError:
+            pass
+        with self._lock:
+            if key not in cache:
+                cache[key] = load()
+            return cache[key]
+
     def model(self, name: str | None) -> ModelRecord:
-        if name not in self._models:
-            self._models[name] = self.st.model(name)
-        return self._models[name]
+        return self._cached(self._models, name, lambda: self.st.model(name))
+
+    def _load_fit(self, rec: ModelRecord) -> scores.Fit:
+        from .fit import load_fit
+        fit, self._fit_rows[rec.model_id] = load_fit(self.st, rec)
+        return fit
 
     def fit(self, rec: ModelRecord) -> scores.Fit:
-        if rec.model_id not in self._fits:
-            from .fit import load_fit
-            self._fits[rec.model_id], self._fit_rows[rec.model_id] = load_fit(self.st, rec)
-        return self._fits[rec.model_id]
+        return self._cached(self._fits, rec.model_id, lambda: self._load_fit(rec))
 
     def fit_light(self, rec: ModelRecord) -> scores.Fit:
         """The fit without its reference sample (means, covariances, factors): O(d²) memory."""
         if rec.model_id in self._fits:
             return self._fits[rec.model_id]
-        if rec.model_id not in self._light:
+
+        def load() -> scores.Fit:
             from .fit import load_fit
-            self._light[rec.model_id] = load_fit(self.st, rec, reference=False)[0]
-        return self._light[rec.model_id]
+            return self._fits.get(rec.model_id) or load_fit(self.st, rec, reference=False)[0]
+        return self._cached(self._light, rec.model_id, load)
 
     def fit_row(self, rec: ModelRecord) -> dict:
         """The catalog row of the fit `fit(rec)` returns (options, raw reference arrays)."""
@@ -86,34 +103,34 @@ class ScoreContext:
 
     def reference_index(self, rec: ModelRecord, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """Per row, its index in the reference sample (matched on float32 image+text bytes), else -1."""
-        if rec.model_id not in self._ref_lookup:
+        def build() -> dict[bytes, int]:
             arr = self.fit_row(rec)["arrays"]
             keys = np.concatenate([arr["X_ref_raw"].astype(np.float32), arr["Y_ref_raw"].astype(np.float32)], 1)
             lookup: dict[bytes, int] = {}
             for j, row in enumerate(keys):
                 lookup.setdefault(row.tobytes(), j)
-            self._ref_lookup[rec.model_id] = lookup
-        lookup = self._ref_lookup[rec.model_id]
+            return lookup
+        lookup = self._cached(self._ref_lookup, rec.model_id, build)
         keys = np.ascontiguousarray(np.concatenate([X.astype(np.float32), Y.astype(np.float32)], 1))
         return np.array([lookup.get(row.tobytes(), -1) for row in keys], dtype=np.int64)
 
     def target(self, name: str) -> Any:
-        if name not in self._targets:
+        def load() -> Any:
             from .targets import TargetScorer, get_target
-            self._targets[name] = TargetScorer(self.st, get_target(self.st, name))
-        return self._targets[name]
+            return TargetScorer(self.st, get_target(self.st, name))
+        return self._cached(self._targets, name, load)
 
     @property
     def prompts(self) -> Any:
         if self._prompts is None:
-            from .prompts import PromptCache
-            self._prompts = PromptCache()
+            with self._lock:
+                if self._prompts is None:
+                    from .prompts import PromptCache
+                    self._prompts = PromptCache()
         return self._prompts
 
     def running(self, rec: ModelRecord) -> Any:
-        if rec.model_id not in self._running:
-            self._running[rec.model_id] = self.st.stats(rec)
-        return self._running[rec.model_id]
+        return self._cached(self._running, rec.model_id, lambda: self.st.stats(rec))
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 from typing import Any
 
@@ -170,10 +171,18 @@ def pack(arr: np.ndarray | None) -> bytes | None:
     return buf.getvalue()
 
 
+# np.load parses the .npy header with ast.literal_eval, and on CPython 3.11 building
+# AST objects on two threads at once can fail with "SystemError: AST constructor
+# recursion depth mismatch" (the depth counter is interpreter-global; cpython#106905).
+# DuckDB calls score UDFs from several threads, so every unpack goes through one lock.
+NPY_LOCK = threading.Lock()
+
+
 def unpack(blob: bytes | None) -> np.ndarray | None:
     if blob is None:
         return None
-    return np.load(io.BytesIO(blob), allow_pickle=False)
+    with NPY_LOCK:
+        return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
 def pack_many(arrays: dict[str, np.ndarray]) -> bytes:
@@ -183,7 +192,7 @@ def pack_many(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def unpack_many(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+    with NPY_LOCK, np.load(io.BytesIO(blob), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 

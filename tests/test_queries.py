@@ -256,3 +256,66 @@ def test_queries_pin_blas_to_one_thread_and_restore_it(scored_store):
         F.scores.info_gain_approx = orig
     assert seen and all(all(n == 1 for n in s) for s in seen)    # pinned while UDF batches run
     assert blas_threads() == before                              # and restored afterwards
+
+
+class _Overlap:
+    """Counts calls and the most that ran at the same time (each call holds the floor briefly)."""
+
+    def __init__(self, result=None):
+        import threading
+        self.lock, self.calls, self.active, self.most, self.result = threading.Lock(), 0, 0, 0, result
+
+    def __call__(self, *args, **kwargs):
+        import time
+        with self.lock:
+            self.calls += 1
+            self.active += 1
+            self.most = max(self.most, self.active)
+        time.sleep(0.02)
+        with self.lock:
+            self.active -= 1
+        return self.result
+
+
+def _on_threads(fn, n=8):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: fn(), range(n)))
+
+
+def test_first_loads_happen_once_even_when_duckdb_threads_race(scored_store):
+    """DuckDB calls UDFs from several threads; a first load must run once, never concurrently."""
+    from queries.functions import ScoreContext
+
+    class SlowStore:
+        model = _Overlap(result=scored_store.model())
+        stats = _Overlap(result="running")
+
+    ctx = ScoreContext(SlowStore())
+    recs = _on_threads(lambda: ctx.model(None))
+    assert SlowStore.model.calls == 1 and SlowStore.model.most == 1
+    assert all(r is recs[0] for r in recs)
+    assert _on_threads(lambda: ctx.running(recs[0])) == ["running"] * 8
+    assert SlowStore.stats.calls == 1 and SlowStore.stats.most == 1
+
+
+def test_npy_blobs_are_never_parsed_on_two_threads_at_once(monkeypatch):
+    """np.load parses its header with ast.literal_eval, which CPython 3.11 cannot run on two
+    threads at once ("AST constructor recursion depth mismatch", seen in CI); unpack serializes it."""
+    from store import catalog
+    blob = catalog.pack(np.arange(6.0))
+    probe = _Overlap(result=np.arange(6.0))
+    monkeypatch.setattr(catalog.np, "load", probe)
+    _on_threads(lambda: catalog.unpack(blob))
+    assert probe.calls == 8 and probe.most == 1
+
+
+def test_scores_from_many_duckdb_threads_match_one_thread(scored_store):
+    """Two UDFs whose first batches load the fit at the same moment (the CI failure's query)."""
+    sql = "SELECT id, text_info_gain, text_info_gain_approx, image_conformity FROM scores ORDER BY id"
+    results = []
+    for threads in (1, 4):
+        con = queries.connect(scored_store.path, threads=threads)
+        results.append(fetch(con, sql))
+        con.close()
+    assert results[0] == results[1]
