@@ -90,7 +90,9 @@ def ingest(
     pretrained: Optional[str] = typer.Option(None, help="open_clip pretrained tag, e.g. laion2b_s34b_b79k."),
     checkpoint: Optional[Path] = typer.Option(None, help="A local checkpoint file for ARCH."),
     batch_size: int = typer.Option(256, min=1, help="Rows per encode/write batch."),
-    workers: int = typer.Option(2, min=0, help="DataLoader workers decoding images in parallel (0 = inline)."),
+    workers: Optional[int] = typer.Option(
+        None, min=0, help="DataLoader workers decoding images in parallel (0 = inline). Default: on CUDA all "
+        "cores but one (up to 8); on CPU one per 4 cores (up to 4; none on 2 cores, where the forward needs both)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     image_column: str = typer.Option("image", help="Table sources: column with the image path."),
     caption_column: str = typer.Option("caption", help="Table/precomputed sources: caption column."),
@@ -136,7 +138,8 @@ def format_summary(s) -> str:  # noqa: ANN001
              f"rejected {sum(s.rejected.values())}"]
     for reason, n in sorted(s.rejected.items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {n:>6}  {reason}")
-    lines.append(f"wall {s.wall_seconds:.2f}s, {s.rows_per_second:.1f} rows/s; stage seconds: "
+    lines.append(f"device {s.device or '-'}, {s.workers} decode workers; "
+                 f"wall {s.wall_seconds:.2f}s, {s.rows_per_second:.1f} rows/s; stage seconds: "
                  + ", ".join(f"{k} {v:.2f}" for k, v in s.seconds.items()))
     lines.append("see rejects with: clipsql query STORE \"SELECT reason, location, detail FROM rejects\"")
     return "\n".join(lines)
@@ -416,7 +419,7 @@ def geometry(store: Path = STORE_ARG,
 @app.command()
 def demo(store: Path = typer.Argument(Path("clipsql-demo-store"), help="Where to build the demo store."),
          rows: int = typer.Option(2000, min=50, help="How many generated image–caption pairs."),
-         workers: int = typer.Option(2, min=0, help="Decode workers."),
+         workers: Optional[int] = typer.Option(None, min=0, help="Decode workers (default: as `ingest`)."),
          progress: bool = typer.Option(True, help="Show progress bars.")) -> None:
     """Offline demo: generate shapes, ingest them with the bundled model, fit, and run curation queries."""
     from queries.demo import run_demo

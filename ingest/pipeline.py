@@ -29,7 +29,7 @@ from .sources import Reject, open_source
 @dataclass
 class IngestOptions:
     batch_size: int = 256
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int | None = None          # None: default_workers(device)
     device: str = "auto"
     image_column: str = "image"
     caption_column: str = "caption"
@@ -39,6 +39,18 @@ class IngestOptions:
     source_kind: str | None = None
     progress: bool = True
     stats_flush_seconds: float = 5.0
+
+
+def default_workers(device: str, cpus: int | None = None) -> int:
+    """Decode workers when the user does not say: on CUDA the cores are free for decoding
+    (all but one, up to 8); on CPU the forward already uses every core, and a decode worker
+    takes cores from it — measured on 2 cores, workers=0 was faster for both a decode-bound
+    model (0.39 vs 0.19 of the bare forward) and a ViT (0.94 vs 0.81) — so one worker per
+    4 cores, up to 4 (none on 2 cores)."""
+    cpus = cpus or os.cpu_count() or 1
+    if str(device).startswith("cuda"):
+        return min(8, max(1, cpus - 1))
+    return min(4, cpus // 4)
 
 
 @dataclass
@@ -52,6 +64,8 @@ class IngestSummary:
     seconds: dict[str, float] = field(default_factory=dict)   # per stage
     wall_seconds: float = 0.0
     status: str = "running"
+    device: str = ""
+    workers: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -193,7 +207,9 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         units = source.units()
         stream = _PreparedStream(source, units, None if loaded is None else loaded.preprocess,
                                  None if loaded is None else loaded.tokenizer, done, rec.dim, opts.batch_size)
-        workers = 0 if source.precomputed else max(0, opts.workers)
+        workers = 0 if source.precomputed or loaded is None else (
+            default_workers(loaded.device) if opts.workers is None else max(0, opts.workers))
+        summary.workers, summary.device = workers, "" if loaded is None else str(loaded.device)
         if workers:
             from torch.utils.data import DataLoader
             # Workers are forked (fast start, no re-import of torch) and only read source files and

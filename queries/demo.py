@@ -58,7 +58,7 @@ class DemoResult:
     gallery: Path | None = None
 
 
-def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROWS, workers: int = 2,
+def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROWS, workers: int | None = None,
              progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
     """Build (or reuse) the demo store and print the curation queries. Idempotent."""
     from ingest.demo import write_dataset

@@ -361,12 +361,34 @@ def register(con: Any, st: Store) -> ScoreContext:
         "_clipsql_norm_sim_inf": (_target_scored(ctx, "norm_sim_inf"), [F, V]),
         "_clipsql_importance_weight": (_importance_weight(ctx), [F, V, "DOUBLE", V]),
     })
+    # The store's embedding width, when all its models share one: every UDF taking embeddings
+    # is also declared on FLOAT[d] and each macro gets an overload typed on FLOAT[d], so
+    # FLOAT[d] columns reach the UDF without DuckDB's ARRAY → LIST cast (measured ~10 % of a
+    # scan; bench/scores.py). With several widths the typed overloads would be ambiguous for
+    # NULL and list literals, so only the untyped FLOAT[] path is registered then.
+    dims = sorted({m.dim for m in st.list_models()})
+    typed = dims[0] if len(dims) == 1 else None
     for name, (fn, params) in udfs.items():
         con.create_function(name, fn, params, "DOUBLE", type="arrow", null_handling="special",
                             side_effects=False)
+        if typed is not None:
+            con.create_function(f"{name}_d{typed}", fn, [f"FLOAT[{typed}]" if t == F else t for t in params],
+                                "DOUBLE", type="arrow", null_handling="special", side_effects=False)
     con.create_function("_clipsql_text_embedding", _text_embedding(ctx), [V, V], "FLOAT[]", type="arrow",
                         null_handling="special", side_effects=False)
     del B
+
+    def macro(name: str, *overloads: tuple[str, str]) -> None:
+        """CREATE MACRO name with overloads (params, call); in `call`, `{udf}` is a UDF's name
+        stem and `{emb}` marks each embedding argument (`emb`, `img`, `txt`)."""
+        parts = []
+        for params, call in overloads:
+            if typed is not None:
+                tparams = ", ".join(f"{p} FLOAT[{typed}]" if p in ("emb", "img", "txt") else p
+                                    for p in params.split(", "))
+                parts.append(f"({tparams}) AS " + call.replace("{udf}", f"_d{typed}").replace("{cast}", ""))
+            parts.append(f"({params}) AS " + call.replace("{udf}", "").replace("{cast}", "::FLOAT[]"))
+        con.execute(f"CREATE OR REPLACE MACRO {name}" + ", ".join(parts))
 
     macros = {
         "image_info_gain": ("_clipsql_info_gain", "'image'"),
@@ -379,24 +401,23 @@ def register(con: Any, st: Store) -> ScoreContext:
         "text_conformity": ("_clipsql_conformity", "'text'"),
     }
     for name, (udf, modality) in macros.items():
-        con.execute(f"CREATE OR REPLACE MACRO {name}(emb) AS {udf}(emb, {modality}, NULL), "
-                    f"(emb, model) AS {udf}(emb, {modality}, model)")
+        macro(name, ("emb", f"{udf}{{udf}}(emb{{cast}}, {modality}, NULL)"),
+              ("emb, model", f"{udf}{{udf}}(emb{{cast}}, {modality}, model)"))
     for name, udf in (("centered_norm", "_clipsql_centered_norm"),
                       ("conformity_estimate", "_clipsql_conformity_estimate")):
-        con.execute(f"CREATE OR REPLACE MACRO {name}(emb, modality) AS {udf}(emb, modality, NULL), "
-                    f"(emb, modality, model) AS {udf}(emb, modality, model)")
+        macro(name, ("emb, modality", f"{udf}{{udf}}(emb{{cast}}, modality, NULL)"),
+              ("emb, modality, model", f"{udf}{{udf}}(emb{{cast}}, modality, model)"))
     for name in ("neg_clip_loss", "neg_siglip_loss"):
-        con.execute(f"CREATE OR REPLACE MACRO {name}(img, txt) AS _clipsql_{name}(img, txt, NULL), "
-                    f"(img, txt, model) AS _clipsql_{name}(img, txt, model)")
+        macro(name, ("img, txt", f"_clipsql_{name}{{udf}}(img{{cast}}, txt{{cast}}, NULL)"),
+              ("img, txt, model", f"_clipsql_{name}{{udf}}(img{{cast}}, txt{{cast}}, model)"))
     for name in ("norm_sim_2", "norm_sim_inf"):
-        con.execute(f"CREATE OR REPLACE MACRO {name}(emb, target) AS _clipsql_{name}(emb, target)")
-    con.execute("CREATE OR REPLACE MACRO importance_weight(emb, prompt) AS "
-                "_clipsql_importance_weight(emb, prompt, 10.0, NULL), "
-                "(emb, prompt, scale) AS _clipsql_importance_weight(emb, prompt, scale, NULL), "
-                "(emb, prompt, scale, model) AS _clipsql_importance_weight(emb, prompt, scale, model)")
+        macro(name, ("emb, target", f"_clipsql_{name}{{udf}}(emb{{cast}}, target)"))
+    macro("importance_weight",
+          ("emb, prompt", "_clipsql_importance_weight{udf}(emb{cast}, prompt, 10.0, NULL)"),
+          ("emb, prompt, scale", "_clipsql_importance_weight{udf}(emb{cast}, prompt, scale, NULL)"),
+          ("emb, prompt, scale, model", "_clipsql_importance_weight{udf}(emb{cast}, prompt, scale, model)"))
     # text_embedding → FLOAT[d]: the default model's d; with a model argument, FLOAT[d] when every
     # model of the store has the same d, else FLOAT[] (as the `embeddings` view does)
-    dims = sorted({m.dim for m in st.list_models()})
     default_cast = f"::FLOAT[{st.model().dim}]" if dims else ""
     model_cast = f"::FLOAT[{dims[0]}]" if len(dims) == 1 else ""
     con.execute(f"CREATE OR REPLACE MACRO text_embedding(prompt) AS "

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -249,12 +250,14 @@ def _from_source(rec: ModelRecord, source: str, batch: int = 256, **opts: Any) -
 
 # --------------------------------------------------------------------------- scoring
 class TargetScorer:
-    """A loaded target: second moment, lazily loaded rows (exact) or the Lance index (ann)."""
+    """A loaded target: second moment, lazily loaded rows (exact) or the Lance index (ann).
+    DuckDB scores batches on several threads: the lazy loads run once, under a lock."""
 
     def __init__(self, st: Store, t: Target):
         self.st, self.t = st, t
         self._rows: list[np.ndarray] | None = None
         self._table = None
+        self._lock = threading.Lock()
 
     def norm_sim_2(self, X: np.ndarray) -> np.ndarray:
         return scores.norm_sim_2(X, self.t.second_moment)
@@ -265,9 +268,10 @@ class TargetScorer:
         return self.norm_sim_inf_exact(X)
 
     def chunks(self) -> list[np.ndarray]:
-        if self._rows is None:
-            R = target_rows(self.st, self.t)
-            self._rows = [R[s] for s in scores._spans(len(R), TARGET_CHUNK)]
+        with self._lock:
+            if self._rows is None:
+                R = target_rows(self.st, self.t)
+                self._rows = [R[s] for s in scores._spans(len(R), TARGET_CHUNK)]
         return self._rows
 
     def norm_sim_inf_exact(self, X: np.ndarray) -> np.ndarray:
@@ -279,8 +283,9 @@ class TargetScorer:
         return best
 
     def norm_sim_inf_ann(self, X: np.ndarray, nprobes: int) -> np.ndarray:
-        if self._table is None:
-            self._table = self.st.db.open_table(self.t.table_name)
+        with self._lock:
+            if self._table is None:
+                self._table = self.st.db.open_table(self.t.table_name)
         return _ann_max_abs_cos(self._table, X, nprobes)
 
 

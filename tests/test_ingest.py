@@ -251,3 +251,16 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, tiny_model, kill_afte
     np.testing.assert_allclose(img, rimg, rtol=1e-5, atol=1e-6)
     assert st.sample_ids() == ref.sample_ids()
     assert_stats_match_vectors(st)
+
+
+def test_default_workers_leave_the_cpu_forward_its_cores():
+    from ingest.pipeline import default_workers
+    assert [default_workers("cpu", n) for n in (1, 2, 4, 8, 16, 64)] == [0, 0, 1, 2, 4, 4]
+    assert [default_workers("cuda:0", n) for n in (1, 2, 16, 64)] == [1, 1, 8, 8]
+
+
+def test_summary_reports_device_and_workers(tmp_path, image_folder, tiny_model):
+    st = Store.init(tmp_path / "s")
+    s = ingest(st, str(image_folder), model=tiny_model, options=IngestOptions(batch_size=8, progress=False))
+    from ingest.pipeline import default_workers
+    assert s.device == "cpu" and s.workers == default_workers("cpu")

@@ -111,6 +111,42 @@ def test_dimension_mismatch_names_both_dims(scored_store):
     con = queries.connect(scored_store)
     with pytest.raises(Exception, match="has 3 dimensions but the model has 16"):
         fetch(con, "SELECT image_info_gain([1, 2, 3]::FLOAT[3])")
+    # a list literal of the wrong length fails in DuckDB's cast to FLOAT[16], which names both lengths
+    with pytest.raises(Exception, match="length 3 to array with length 16"):
+        fetch(con, "SELECT image_info_gain([1, 2, 3])")
+    con.close()
+
+
+def test_every_vector_type_reaches_the_same_score(scored_store):
+    """FLOAT[d] takes the typed (cast-free) overload; FLOAT[], DOUBLE[d], DOUBLE[] and list
+    literals take the FLOAT[] path or DuckDB's cast; all give the same numbers."""
+    con = queries.connect(scored_store)
+    vec = fetch(con, "SELECT image_embedding FROM embeddings ORDER BY id LIMIT 1")[0][0]
+    lit = "[" + ", ".join(repr(float(v)) for v in vec) + "]"
+    got = [fetch(con, f"SELECT image_info_gain_approx({lit}{cast}), centered_norm({lit}{cast}, 'image'), "
+                      f"neg_clip_loss({lit}{cast}, {lit}{cast})")[0]
+           for cast in (f"::FLOAT[{D}]", "::FLOAT[]", f"::DOUBLE[{D}]", "::DOUBLE[]", "")]
+    for row in got[1:]:
+        np.testing.assert_allclose(row, got[0], rtol=1e-6)
+    plan = fetch(con, "EXPLAIN SELECT image_info_gain_approx(image_embedding) FROM embeddings")
+    assert f"_clipsql_info_gain_approx_d{D}" in str(plan)      # no ARRAY → LIST cast on the hot path
+    con.close()
+
+
+def test_stores_with_several_widths_keep_list_literals_and_nulls_working(tmp_path, scored_store):
+    """Typed overloads for two widths would be ambiguous for NULL and list literals: not registered then."""
+    import shutil
+    shutil.copytree(scored_store.path, tmp_path / "s")
+    st = Store.open(tmp_path / "s")
+    st.register_model(model_id="hf-hub:nobody/wide", kind="clip", dim=2 * D, logit_scale=100.0,
+                      logit_bias=None, context_length=None, spec={})
+    con = queries.connect(st)
+    vec = fetch(con, "SELECT image_embedding FROM embeddings ORDER BY id LIMIT 1")[0][0]
+    lit = "[" + ", ".join(repr(float(v)) for v in vec) + "]"
+    a, b, c = fetch(con, f"SELECT image_info_gain_approx({lit}), image_info_gain_approx({lit}::FLOAT[{D}]), "
+                         "image_info_gain_approx(NULL)")[0]
+    assert a == pytest.approx(b) and c is None
+    con.close()
 
 
 def test_score_without_fit_names_the_command(tmp_path, tiny_model):
