@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from .errors import CatalogError
+
 metadata = sa.MetaData()
 
 schema_migrations = sa.Table(
@@ -126,8 +128,31 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
+def safe_url(url: str | sa.URL) -> str:
+    """The URL with its password masked, for messages."""
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return "<unparseable URL>"
+
+
+_DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pg8000": "pg8000",
+            "asyncpg": "asyncpg", "pymysql": "pymysql", "mysqldb": "mysqlclient"}
+
+
 def make_engine(url: str) -> sa.Engine:
-    engine = sa.create_engine(url, future=True)
+    try:
+        engine = sa.create_engine(url, future=True)
+    except sa.exc.NoSuchModuleError as e:
+        raise CatalogError(f"catalog URL {safe_url(url)}: unknown database dialect ({e})") from None
+    except sa.exc.ArgumentError as e:
+        raise CatalogError(f"catalog URL {url!r} is not a SQLAlchemy URL ({e}); expected e.g. "
+                           "sqlite:////abs/path/catalog.sqlite or postgresql+psycopg://user:pw@host/db") from None
+    except ImportError as e:
+        name = (e.name or "").split(".")[0]
+        hint = _DRIVERS.get(name, name or "the database driver")
+        raise CatalogError(f"catalog URL {safe_url(url)} needs the {name or 'database'} driver, which is not "
+                           f"installed: pip install '{hint}' (for PostgreSQL: pip install -e '.[postgres]')") from None
     if engine.dialect.name == "sqlite":
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
@@ -141,7 +166,13 @@ def make_engine(url: str) -> sa.Engine:
 
 def migrate(engine: sa.Engine) -> list[int]:
     """Apply pending migrations; returns the versions applied."""
-    schema_migrations.create(engine, checkfirst=True)
+    try:
+        schema_migrations.create(engine, checkfirst=True)
+    except sa.exc.OperationalError as e:
+        first = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        raise CatalogError(f"cannot reach the catalog at {safe_url(engine.url)}: {first}. Check that the "
+                           "server is running and the URL's user, password, host and database are right "
+                           "(CLIPSQL_CATALOG_URL overrides the URL a store recorded)") from None
     with engine.begin() as conn:
         done = {r[0] for r in conn.execute(sa.select(schema_migrations.c.version))}
     applied = []

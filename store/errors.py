@@ -44,3 +44,7 @@ class TargetError(ClipsqlError, LookupError):
 
 class SelectionError(ClipsqlError, ValueError):
     """A curation request that cannot run as given (bad recipe, fraction, SQL or output)."""
+
+
+class CatalogError(ClipsqlError, ConnectionError):
+    """The catalog database cannot be reached or used (bad URL, missing driver, server down)."""

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -117,12 +118,19 @@ class Store:
         if path.exists() and any(path.iterdir()):
             raise StoreNotFound(f"{path} exists and is not an empty directory or a clipsql store; "
                                 "choose a new path")
+        created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        (path / "lance").mkdir(exist_ok=True)
-        marker = {"format": FORMAT_VERSION, "catalog": catalog_url}  # None = catalog.sqlite inside
-        store = cls(path, catalog_url or _default_catalog(path))
-        cat.migrate(store.engine)
-        (path / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        try:
+            (path / "lance").mkdir(exist_ok=True)
+            marker = {"format": FORMAT_VERSION, "catalog": catalog_url}  # None = catalog.sqlite inside
+            store = cls(path, catalog_url or _default_catalog(path))
+            cat.migrate(store.engine)
+            (path / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        except BaseException:
+            # leave nothing half-made behind (an unreachable catalog, a missing driver): the same
+            # `clipsql init` works once the cause is fixed
+            _undo_init(path, remove_dir=created)
+            raise
         return store
 
     @classmethod
@@ -438,6 +446,18 @@ class Store:
                     out["arrays"].update(cat.unpack_many(blob))
         out["options"] = json.loads(out["options"])
         return out
+
+
+def _undo_init(path: Path, remove_dir: bool) -> None:
+    """Remove what a failed `Store.init` made (the directory was new, or empty before)."""
+    if remove_dir:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _default_catalog(path: Path) -> str:

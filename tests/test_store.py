@@ -96,3 +96,21 @@ def test_stats_roundtrip_through_catalog(store):
     again = store.stats(rec)
     np.testing.assert_allclose(again.moments[("image", "raw")].mean, img.astype(np.float32).mean(0), rtol=1e-6)
     assert store.uncovered_rows(rec) == 0
+
+
+@pytest.mark.parametrize("url, message", [
+    ("postgresql+pg8000://u:secret@localhost/x", "needs the pg8000 driver, which is not installed: pip install"),
+    ("postgresql+psycopg://u:secret@127.0.0.1:1/x", "cannot reach the catalog at postgresql\\+psycopg://u:\\*\\*\\*@"),
+    ("nosuch://x", "unknown database dialect"),
+    ("not a url", "is not a SQLAlchemy URL"),
+])
+def test_bad_catalog_url_is_a_clear_error_and_leaves_nothing_behind(tmp_path, url, message):
+    from store.errors import CatalogError
+    with pytest.raises(CatalogError, match=message) as e:
+        Store.init(tmp_path / "s", catalog_url=url)
+    assert "secret" not in str(e.value)
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "empty").mkdir()                       # an empty directory given: emptied again
+    with pytest.raises(CatalogError):
+        Store.init(tmp_path / "empty", catalog_url=url)
+    assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
