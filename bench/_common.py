@@ -32,14 +32,19 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 CPU: dict[str, list[float]] = {}   # process CPU seconds of each run of the last `interleaved` call
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[tuple[float, Any]]]:
+def interleaved(variants: dict[str, Callable[[], Any]], repeats: int,
+                settle: float = 0.5) -> dict[str, list[tuple[float, Any]]]:
     """Run every variant once per round, `repeats` rounds; {name: [(seconds, result), ...]}.
-    The process CPU time of each run lands in CPU[name] (CPU ÷ wall shows how parallel a run was)."""
+    The process CPU time of each run lands in CPU[name] (CPU ÷ wall shows how parallel a run was).
+    Before each run the process idles `settle` seconds: OpenBLAS's worker threads keep spinning
+    for a while after a multi-threaded call (measured: the variant run right after the numpy
+    baseline lost ~8 % to them), and a run must not pay for its predecessor."""
     out: dict[str, list[tuple[float, Any]]] = {k: [] for k in variants}
     for k in variants:
         CPU[k] = []
     for _ in range(max(1, repeats)):
         for name, fn in variants.items():
+            time.sleep(settle)
             c0 = time.process_time()
             out[name].append(timed(fn))
             CPU[name].append(time.process_time() - c0)

@@ -156,48 +156,6 @@ def register_probes(con: Any, st: Any, dim: int) -> None:
                         null_handling="special", side_effects=False)
     con.create_function("_bench_matrix", to_matrix, ["FLOAT[]"], "DOUBLE", type="arrow",
                         null_handling="special", side_effects=False)
-    # the same approximation UDF, declared on FLOAT[dim] (no ARRAY → LIST cast)
-    ctx = F.ScoreContext(st)
-    fn = F._scored(ctx, lambda X, rec, mod: F.scores.info_gain_approx(X, ctx.fit(rec), mod))
-    con.create_function("_bench_approx_array", fn, [f"FLOAT[{dim}]", "VARCHAR", "VARCHAR"], "DOUBLE",
-                        type="arrow", null_handling="special", side_effects=False)
-
-
-def matrix_fast(arr: Any, dim: int, what: str = "embedding") -> np.ndarray:
-    """Candidate for functions.matrix: read the child values buffer directly when no row is NULL."""
-    import pyarrow as pa
-
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if arr.null_count == 0 and len(arr):
-        if pa.types.is_fixed_size_list(arr.type):
-            if arr.type.list_size == dim:
-                vals = arr.values.slice(arr.offset * dim, len(arr) * dim)
-                return vals.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(arr), dim)
-        else:
-            offs = arr.offsets.to_numpy()
-            if offs[-1] - offs[0] == len(arr) * dim and np.all(np.diff(offs) == dim):
-                vals = arr.values.slice(int(offs[0]), len(arr) * dim)
-                return vals.to_numpy(zero_copy_only=False).astype(np.float64).reshape(len(arr), dim)
-    return _ORIG["matrix"](arr, dim, what)
-
-
-_ORIG: dict[str, Any] = {}
-
-
-@contextlib.contextmanager
-def patched(**changes: Any):
-    """Temporarily replace attributes of queries.functions (the UDF closures look them up per call)."""
-    from queries import functions as F
-    saved = {k: getattr(F, k) for k in changes}
-    _ORIG.update(saved)
-    for k, v in changes.items():
-        setattr(F, k, v)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            setattr(F, k, v)
 
 
 def blas_threads() -> int | None:
@@ -207,13 +165,6 @@ def blas_threads() -> int | None:
         return libs[0].get_num_threads() if libs else None
     except Exception:  # noqa: BLE001
         return None
-
-
-def with_patch(fn: Callable[[], Any], **changes: Any) -> Callable[[], Any]:
-    def run() -> Any:
-        with patched(**changes):
-            return fn()
-    return run
 
 
 # --------------------------------------------------------------------------- memory probe (subprocess)
@@ -288,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="prior of the sweep's fits (uniform skips the O(M²d) prior; query memory is the same)")
     p.add_argument("--mem-rows", type=int, default=20000, help="rows scored by each memory probe")
     p.add_argument("--experiments", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time candidate changes to queries/functions.py (monkeypatched)")
+                   help="also split the SQL cost with probe UDFs and time the untyped FLOAT[] path")
     p.add_argument("--json", default=None)
     p.add_argument("--tmp", default=None, help="work directory (default: a temporary one, removed)")
     p.add_argument("--_memprobe", default=None, help=argparse.SUPPRESS)
@@ -351,7 +302,6 @@ def main(argv: list[str] | None = None) -> dict:
                 "probe: ... + functions.matrix()": sql_runner(
                     default_con, "SELECT sum(_bench_matrix(image_embedding)) FROM embeddings"),
                 "SQL via the FLOAT[] UDF (ARRAY → LIST cast)": sql_runner(default_con, untyped),
-                "try: matrix reads the values buffer": with_patch(sql_runner(default_con, full), matrix=matrix_fast),
             })
         runs = C.interleaved(variants, args.repeats)
         best = {k: C.best(v) for k, v in runs.items()}
@@ -435,8 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
             if m["light"]:
                 figures[f"approx_peak_mib_light_M{M}"] = round(m["light"]["added_mib"], 1)
         if args.experiments:
-            slug = {"try: matrix reads the values buffer": "matrix_fast",
-                    "SQL via the FLOAT[] UDF (ARRAY → LIST cast)": "untyped_udf",
+            slug = {"SQL via the FLOAT[] UDF (ARRAY → LIST cast)": "untyped_udf",
                     "probe: scan + cast + noop UDF": "noop_udf",
                     "probe: scan + noop UDF on FLOAT[d] (no cast)": "noop_udf_array", "probe: ... + functions.matrix()": "matrix_only"}
             for k, s in slug.items():

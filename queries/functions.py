@@ -168,6 +168,17 @@ def matrix(arr: Any, dim: int, what: str = "embedding") -> np.ndarray:
     n = len(arr)
     if n == 0:
         return np.empty((0, dim))
+    if arr.null_count == 0:      # the common case: read the child values buffer directly
+        if pa.types.is_fixed_size_list(arr.type) and arr.type.list_size == dim:
+            start = arr.offset * dim
+        elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            offsets = arr.offsets.to_numpy()
+            start = int(offsets[0]) if (np.diff(offsets) == dim).all() else None
+        else:
+            start = None
+        if start is not None:
+            flat = arr.values.slice(start, n * dim).to_numpy(zero_copy_only=False)
+            return flat.astype(np.float64, copy=False).reshape(n, dim)
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     valid = ~np.isnan(lengths.astype(np.float64)) if arr.null_count else np.ones(n, bool)
     bad = valid & (lengths != dim)

@@ -355,3 +355,22 @@ def test_scores_from_many_duckdb_threads_match_one_thread(scored_store):
         results.append(fetch(con, sql))
         con.close()
     assert results[0] == results[1]
+
+
+def test_matrix_reads_sliced_and_chunked_arrow_lists():
+    """The fast path reads the child buffer directly: offsets of sliced arrays must be honoured."""
+    from queries.functions import matrix
+    X = np.arange(40, dtype=np.float32).reshape(10, 4)
+    fsl = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 4)
+    lst = pa.array(X.tolist(), type=pa.list_(pa.float32()))
+    for arr in (fsl, lst, pa.array(X.tolist(), type=pa.large_list(pa.float32()))):
+        np.testing.assert_array_equal(matrix(arr, 4), X)
+        np.testing.assert_array_equal(matrix(arr.slice(3, 4), 4), X[3:7])
+        np.testing.assert_array_equal(matrix(pa.chunked_array([arr.slice(1, 2), arr.slice(6, 3)]), 4),
+                                      X[[1, 2, 6, 7, 8]])
+    with_null = pa.array([X[0].tolist(), None, X[2].tolist()], type=pa.list_(pa.float32(), 4))
+    got = matrix(with_null, 4)
+    np.testing.assert_array_equal(got[[0, 2]], X[[0, 2]])
+    assert np.isnan(got[1]).all()
+    with pytest.raises(Exception, match="has 3 dimensions but the model has 4"):
+        matrix(pa.array([[1.0, 2, 3, 4], [1.0, 2, 3]], type=pa.list_(pa.float32())), 4)
