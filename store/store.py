@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -37,7 +38,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from . import catalog as cat
-from .errors import DimensionMismatch, ModelError, StoreLocked, StoreNotFound
+from .errors import CatalogError, DimensionMismatch, ModelError, StoreLocked, StoreNotFound
 from .stats import RunningMoments, normalize_rows
 
 MARKER = "clipsql.json"
@@ -122,9 +123,12 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         try:
             (path / "lance").mkdir(exist_ok=True)
-            marker = {"format": FORMAT_VERSION, "catalog": catalog_url}  # None = catalog.sqlite inside
+            store_id = uuid.uuid4().hex
+            marker = {"format": FORMAT_VERSION, "catalog": catalog_url,  # None = catalog.sqlite inside
+                      "store_id": store_id}
             store = cls(path, catalog_url or _default_catalog(path))
             cat.migrate(store.engine)
+            store._claim_catalog(store_id)
             (path / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         except BaseException:
             # leave nothing half-made behind (an unreachable catalog, a missing driver): the same
@@ -144,7 +148,30 @@ class Store:
         store = cls(path, url)
         if migrate:
             cat.migrate(store.engine)
+        if marker.get("store_id"):
+            store._check_catalog(marker["store_id"])
         return store
+
+    def _claim_catalog(self, store_id: str) -> None:
+        """Bind a new store's catalog to it: one catalog database holds one store."""
+        owner = self.get_setting("store_id")
+        if owner is not None:
+            where = self.get_setting("store_path") or "another directory"
+            raise CatalogError(f"the catalog at {cat.safe_url(self.engine.url)} already holds a store "
+                               f"(created at {where}); give each store its own database, e.g. "
+                               "CREATE DATABASE clipsql_<name>, and pass its URL to --catalog")
+        self.set_setting("store_path", str(self.path.resolve()))
+        self.set_setting("store_id", store_id)
+
+    def _check_catalog(self, store_id: str) -> None:
+        owner = self.get_setting("store_id")
+        if owner is None:            # a catalog from before store ids: adopt it
+            self.set_setting("store_id", store_id)
+        elif owner != store_id:
+            where = self.get_setting("store_path") or "another directory"
+            raise CatalogError(f"{self.path} and the catalog at {cat.safe_url(self.engine.url)} belong to "
+                               f"different stores (the catalog was created with {where}); "
+                               "point CLIPSQL_CATALOG_URL (or the store's clipsql.json) at this store's catalog")
 
     @cached_property
     def db(self):  # noqa: ANN201 - lancedb.DBConnection

@@ -114,3 +114,21 @@ def test_bad_catalog_url_is_a_clear_error_and_leaves_nothing_behind(tmp_path, ur
     with pytest.raises(CatalogError):
         Store.init(tmp_path / "empty", catalog_url=url)
     assert (tmp_path / "empty").is_dir() and not any((tmp_path / "empty").iterdir())
+
+
+def test_one_catalog_database_holds_one_store(tmp_path, monkeypatch):
+    from store.errors import CatalogError
+    url = f"sqlite:///{tmp_path / 'team.sqlite'}"
+    first = Store.init(tmp_path / "a", catalog_url=url)
+    first.register_model(model_id="m", kind="clip", dim=8, logit_scale=100.0, logit_bias=None,
+                         context_length=77, spec={})
+    with pytest.raises(CatalogError, match="already holds a store .*its own database"):
+        Store.init(tmp_path / "b", catalog_url=url)
+    assert not (tmp_path / "b").exists()
+    assert [m.model_id for m in Store.open(tmp_path / "a").list_models()] == ["m"]
+    # a store opened against another store's catalog is refused, not silently mixed
+    Store.init(tmp_path / "c")
+    monkeypatch.setenv("CLIPSQL_CATALOG_URL", url)
+    with pytest.raises(CatalogError, match="belong to different stores"):
+        Store.open(tmp_path / "c")
+    assert Store.open(tmp_path / "a").list_models()[0].model_id == "m"
