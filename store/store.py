@@ -1,7 +1,8 @@
 """A clipsql store is a directory: a LanceDB database plus a SQLAlchemy catalog.
 
     STORE/
-      clipsql.json       marker: format version and catalog URL
+      clipsql.json       marker: format version, catalog URL and the store id (also in the
+                         catalog's `settings`: one catalog database holds one store)
       lance/             LanceDB: table `samples` and one `emb_<model>` table per model
       catalog.sqlite     default catalog (WAL); `--catalog URL` puts it elsewhere
       .write.lock        flock()ed by the one writer
