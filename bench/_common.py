@@ -68,25 +68,25 @@ def paired_median_ratio(ref: list[tuple[float, Any]], other: list[tuple[float, A
     return statistics.median(r[0] / o[0] for r, o in zip(ref, other))
 
 
-def vm_hwm_kib() -> int | None:
-    """Peak resident set size of this process (VmHWM, KiB) from /proc; None where unavailable."""
+def _proc_status_kib(field: str) -> int | None:
+    """A KiB figure of this process from /proc/self/status; None where unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def vm_hwm_kib() -> int | None:
+    """Peak resident set size of this process (VmHWM, KiB)."""
+    return _proc_status_kib("VmHWM")
 
 
 def vm_rss_kib() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+    """Current resident set size of this process (VmRSS, KiB)."""
+    return _proc_status_kib("VmRSS")
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

@@ -159,9 +159,6 @@ def _vectors(table: pa.Table, column: str, n: int) -> list:
     return [values[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(n)]
 
 
-# --------------------------------------------------------------------------- detection
-
-
 def _npy(path: str) -> np.ndarray:
     """Memory-map an .npy file (under NPY_LOCK: np.load's header parse is not thread-safe on 3.11)."""
     with NPY_LOCK:

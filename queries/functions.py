@@ -93,7 +93,7 @@ class ScoreContext:
 
         def load() -> scores.Fit:
             from .fit import load_fit
-            return self._fits.get(rec.model_id) or load_fit(self.st, rec, reference=False)[0]
+            return load_fit(self.st, rec, reference=False)[0]
         return self._cached(self._light, rec.model_id, load)
 
     def fit_row(self, rec: ModelRecord) -> dict:
@@ -390,8 +390,9 @@ def register(con: Any, st: Store) -> ScoreContext:
     del B
 
     def macro(name: str, *overloads: tuple[str, str]) -> None:
-        """CREATE MACRO name with overloads (params, call); in `call`, `{udf}` is a UDF's name
-        stem and `{emb}` marks each embedding argument (`emb`, `img`, `txt`)."""
+        """CREATE MACRO name with overloads (params, call). Each overload is emitted typed on
+        FLOAT[d] (params `emb`, `img`, `txt`; `{udf}` → the `_d{d}` UDF, `{cast}` → nothing) when
+        the store has one width, and untyped (`{udf}` → the FLOAT[] UDF, `{cast}` → `::FLOAT[]`)."""
         parts = []
         for params, call in overloads:
             if typed is not None:

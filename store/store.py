@@ -165,13 +165,10 @@ class Store:
         self.set_setting("store_id", store_id)
 
     def _check_catalog(self, store_id: str) -> None:
-        owner = self.get_setting("store_id")
-        if owner is None:            # a catalog from before store ids: adopt it
-            self.set_setting("store_id", store_id)
-        elif owner != store_id:
-            where = self.get_setting("store_path") or "another directory"
+        if self.get_setting("store_id") != store_id:
+            where = self.get_setting("store_path") or "no store"
             raise CatalogError(f"{self.path} and the catalog at {cat.safe_url(self.engine.url)} belong to "
-                               f"different stores (the catalog was created with {where}); "
+                               f"different stores (the catalog holds {where}); "
                                "point CLIPSQL_CATALOG_URL (or the store's clipsql.json) at this store's catalog")
 
     @cached_property
