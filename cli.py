@@ -45,7 +45,7 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     except ClipsqlError as e:
         _fail(str(e))
     except KeyboardInterrupt:
-        _fail("interrupted (committed batches are kept; re-run to resume)", 130)
+        _fail("interrupted (committed rows are kept; re-run to resume)", 130)
 
 
 @app.command()
@@ -101,17 +101,28 @@ def ingest(
     text_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: text embedding column."),
     kind: Optional[str] = typer.Option(None, help="Force the source kind: folder|table|webdataset|precomputed."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    commit_rows: int = typer.Option(100_000, min=1, help="Commit (make rows visible, record the source units "
+                                    "done) every N rows …"),
+    commit_seconds: float = typer.Option(30.0, min=0.0, help="… or every T seconds, whichever comes first. A "
+                                         "killed run loses at most this much work, never committed rows."),
     fmt: Fmt = typer.Option(Fmt.table, "--format", help="Summary as table or json."),
 ) -> None:
-    """Encode a source with open_clip and add its raw embeddings; re-running adds nothing new."""
+    """Encode a source with open_clip and add its raw embeddings; re-running adds nothing new.
+
+    Source units already ingested with this model (files, row groups, shards: recognised by
+    path, size and mtime) are skipped without being read; new rows are checked against the
+    store's id index. Rows become visible in commits of --commit-rows rows or --commit-seconds.
+    """
     from store.store import Store
+    from store.writer import CommitPolicy
     from ingest.pipeline import IngestOptions, ingest as run_ingest
     st = _run(Store.open, store)
     if model is None and checkpoint is None:
         model, pretrained, checkpoint = _default_model(st, pretrained)
     opts = IngestOptions(batch_size=batch_size, workers=workers, device=device, image_column=image_column,
                          caption_column=caption_column, id_column=id_column, image_embeddings=image_embeddings,
-                         text_embeddings=text_embeddings, source_kind=kind, progress=progress)
+                         text_embeddings=text_embeddings, source_kind=kind, progress=progress,
+                         policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds))
     summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
                    checkpoint=str(checkpoint) if checkpoint else None, options=opts)
     if fmt == Fmt.json:
@@ -135,14 +146,53 @@ def _default_model(st, pretrained):  # noqa: ANN001, ANN202
 
 def format_summary(s) -> str:  # noqa: ANN001
     lines = [f"run {s.run_id} [{s.model_id}] {s.status}: added {s.added}, skipped (already present) {s.skipped}, "
-             f"rejected {sum(s.rejected.values())}"]
+             f"rejected {sum(s.rejected.values())}; {s.commits} commit(s)"
+             + (f", {s.units_skipped} source unit(s) already ingested" if s.units_skipped else "")]
     for reason, n in sorted(s.rejected.items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {n:>6}  {reason}")
     lines.append(f"device {s.device or '-'}, {s.workers} decode workers; "
                  f"wall {s.wall_seconds:.2f}s, {s.rows_per_second:.1f} rows/s; stage seconds: "
                  + ", ".join(f"{k} {v:.2f}" for k, v in s.seconds.items()))
+    if s.maintenance:
+        lines.append(f"maintenance: {_maintenance_line(s.maintenance)}")
     lines.append("see rejects with: clipsql query STORE \"SELECT reason, location, detail FROM rejects\"")
     return "\n".join(lines)
+
+
+def _maintenance_line(report: dict) -> str:
+    parts = []
+    for name, t in report.get("tables", {}).items():
+        bits = [f"{t.get('fragments_before')}→{t.get('fragments')} fragments"]
+        if t.get("index"):
+            bits.append(f"index {t['index']}")
+        if "versions_pruned" in t:
+            bits.append(f"{t['versions_pruned']} old versions pruned, {t['versions']} kept")
+        parts.append(f"{name}: " + ", ".join(bits))
+    return "; ".join(parts) + f" ({report.get('seconds', 0):.1f}s)"
+
+
+@app.command()
+def optimize(store: Path = STORE_ARG,
+             retention_hours: float = typer.Option(24.0, min=0.0, help="Keep every version younger than this "
+                                                   "(running queries and recent selections read them); versions "
+                                                   "a fit was computed on are kept always."),
+             compact: bool = typer.Option(True, help="Rewrite small fragments into ~1M-row ones."),
+             index: bool = typer.Option(True, help="Build or refresh the BTREE index on `id` of every table."),
+             prune: bool = typer.Option(True, help="Delete versions older than --retention-hours."),
+             fmt: Fmt = typer.Option(Fmt.table, "--format", help="Report as table or json.")) -> None:
+    """Compact fragments, build or refresh the id indexes and prune old versions (under the writer lock).
+
+    Ingest runs the first two by itself when a table passes 64 fragments or a quarter of its rows
+    are outside the id index. Queries running meanwhile keep their snapshot; a kill loses nothing.
+    """
+    from store.maintenance import optimize as run_optimize
+    from store.store import Store
+    st = _run(Store.open, store)
+    report = _run(run_optimize, st, compact=compact, index=index, prune=prune, retention_hours=retention_hours)
+    if fmt == Fmt.json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    typer.echo(f"optimized {store}: {_maintenance_line(report)}")
 
 
 @stats_app.command("show")
@@ -169,10 +219,12 @@ def stats_refresh(store: Path = STORE_ARG, model: Optional[str] = typer.Option(N
     from store.store import Store
     st = _run(Store.open, store)
     targets = [_run(st.model, model)] if model else st.list_models()
-    with st.lock():
-        for m in targets:
-            state = st.refresh_stats(m)
-            typer.echo(f"{m.model_id}: statistics recomputed over {state.n} rows")
+    def refresh() -> None:
+        with st.lock():
+            for m in targets:
+                state = st.refresh_stats(m)
+                typer.echo(f"{m.model_id}: statistics recomputed over {state.n} rows")
+    _run(refresh)
 
 
 class Scale(str, Enum):

@@ -33,6 +33,7 @@ class Prepared:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (id, location) already in the store
     image_vectors: list[np.ndarray] = field(default_factory=list)   # precomputed sources
     text_vectors: list[np.ndarray] = field(default_factory=list)
+    units_done: list[tuple[str, int, int]] = field(default_factory=list)  # (unit key, rows, rejects)
     read_seconds: float = 0.0
     decode_seconds: float = 0.0
 

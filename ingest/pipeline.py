@@ -1,9 +1,9 @@
 """The ingest worker: read → decode/encode → write → stats, each stage timed.
 
-Idempotent and resumable: a sample's id is a content hash (or the source's id
-column); ids already stored with this model are skipped before decoding, so a
-re-run adds nothing and a killed run picks up where its last committed batch
-ended (see store.store for the write protocol).
+Idempotent and resumable: source units the commit ledger holds for the model are
+skipped unread; within new units a sample's id (a content hash, or the source's id
+column) is checked against the store's id index, so a re-run adds nothing and a
+killed run picks up after its last commit (see store.store for the write protocol).
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ import numpy as np
 import pyarrow as pa
 from torch.utils.data import IterableDataset
 
-from store.store import Store, merge_sql_types, update_moments
+from store.store import Store, merge_sql_types
+from store.writer import CommitPolicy, Writer
 from . import models
+from .dedup import IdChecker
 from .encode import Encoder, Prepared, prepare_item
 from .sources import Reject, open_source
 
@@ -38,7 +40,8 @@ class IngestOptions:
     text_embeddings: str | None = None
     source_kind: str | None = None
     progress: bool = True
-    stats_flush_seconds: float = 5.0
+    policy: CommitPolicy = field(default_factory=CommitPolicy)   # when to commit (rows / seconds)
+    maintain: bool = True               # compact / index / prune when thresholds are crossed
 
 
 def default_workers(device: str, cpus: int | None = None) -> int:
@@ -66,6 +69,9 @@ class IngestSummary:
     status: str = "running"
     device: str = ""
     workers: int = 0
+    commits: int = 0
+    units_skipped: int = 0              # source units the ledger already held
+    maintenance: dict = field(default_factory=dict)
 
     @property
     def rows_per_second(self) -> float:
@@ -78,13 +84,15 @@ class IngestSummary:
 
 
 class _PreparedStream(IterableDataset):
-    """IterableDataset over source units; each DataLoader worker takes every n-th unit."""
+    """IterableDataset over source units; each DataLoader worker takes every n-th unit.
 
-    def __init__(self, source: Any, units: list, preprocess: Any, tokenizer: Any, done_ids: set,
-                 dim: int, batch_size: int):
+    A unit's last batch carries `unit_done = (key, rows, rejects)`: every row of the unit
+    arrived in it or in that worker's earlier batches, so the writer may mark it done."""
+
+    def __init__(self, source: Any, units: list, preprocess: Any, tokenizer: Any, dim: int, batch_size: int):
         super().__init__()
         self.source, self.units, self.preprocess, self.tokenizer = source, units, preprocess, tokenizer
-        self.done_ids, self.dim, self.batch_size = done_ids, dim, batch_size
+        self.dim, self.batch_size = dim, batch_size
 
     def __iter__(self) -> Iterator[Prepared]:
         import torch
@@ -93,37 +101,35 @@ class _PreparedStream(IterableDataset):
             torch.set_num_threads(1)
         mine = self.units[info.id::info.num_workers] if info is not None else self.units
         out = Prepared()
-        for unit in mine:
+        for unit, key in mine:
             records = iter(self.source.read(unit))
+            rows = rejects = 0
             while True:
                 t0 = time.perf_counter()
                 rec = next(records, None)
                 out.read_seconds += time.perf_counter() - t0
                 if rec is None:
                     break
+                before = len(out.rejects)
                 if isinstance(rec, Reject):
                     out.rejects.append((rec.location, rec.reason, rec.detail))
                 else:
                     prepare_item(rec, preprocess=self.preprocess, tokenizer=self.tokenizer,
-                                 done_ids=self.done_ids, dim=self.dim, out=out)
-                if len(out.rows) + len(out.skipped) + len(out.rejects) >= self.batch_size:
+                                 done_ids=frozenset(), dim=self.dim, out=out)
+                if len(out.rejects) > before:
+                    rejects += 1
+                else:
+                    rows += 1
+                if len(out.rows) + len(out.rejects) >= self.batch_size:
                     yield out
                     out = Prepared()
-        if out.rows or out.skipped or out.rejects:
+            out.units_done.append((key, rows, rejects))
             yield out
+            out = Prepared()
 
 
 def _identity(x: Any) -> Any:
     return x
-
-
-def _peek_dim(source: Any) -> int:
-    for unit in source.units():
-        for rec in source.read(unit):
-            if not isinstance(rec, Reject) and rec.image_embedding is not None:
-                return int(np.asarray(rec.image_embedding).reshape(-1).shape[0])
-    from store.errors import SourceError
-    raise SourceError(f"{source.describe()}: no embeddings found to ingest")
 
 
 def _sql_type(v: Any) -> str | None:
@@ -166,173 +172,218 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
            on_batch: Any = None) -> IngestSummary:
     """Ingest one source with one model into the store. Returns the run's summary.
 
-    Everything that can fail for the whole run (unknown model, unreadable source, a
-    locked store) fails before the first write; bad items become rejects.
+    The writer lock is taken first (a second writer is refused at once); everything that
+    can fail for the whole run (unknown model, unreadable source) fails before the first
+    write; bad items become rejects. Source units the ledger already holds for this model
+    are skipped without being read, and when nothing is new the model is not even loaded.
     """
     opts = options or IngestOptions()
     t_start = time.perf_counter()
     spec = models.resolve(model, pretrained, checkpoint)
-    source = open_source(source_path, image_column=opts.image_column, caption_column=opts.caption_column,
-                         id_column=opts.id_column, image_embeddings=opts.image_embeddings,
-                         text_embeddings=opts.text_embeddings, kind=opts.source_kind)
-    loaded = None
-    if not source.precomputed or spec.local:
-        loaded = models.load(spec, opts.device)
-    source_name = str(source_path)
     seconds: Counter = Counter()
-    seconds["load_model"] = time.perf_counter() - t_start
-
     with store.lock():
-        if loaded is not None:
-            fields = loaded.record_fields()
-            if source.precomputed:
-                dim = _peek_dim(source)
-                if dim != loaded.dim:
-                    from store.errors import DimensionMismatch
-                    raise DimensionMismatch(f"{spec.model_id} produces {loaded.dim}-d embeddings but "
-                                            f"{source_name} holds {dim}-d vectors: name the model that made them")
-        else:
-            fields = models.record_without_weights(spec, _peek_dim(source))
-        rec = store.register_model(**fields)
-        state = store.sync_stats(rec)
-        seq = store.max_seq(rec)
-        emb_ids = store.embedding_ids(rec)
-        sample_ids = store.sample_ids()
-        done = emb_ids & sample_ids
-        run_id = store.start_run(rec.model_id, source_name, source.kind)
-        summary = IngestSummary(run_id, rec.model_id, source_name)
-        rejected: Counter = Counter()
-        seen: set[str] = set()
-        encoder = Encoder(loaded) if loaded is not None and not source.precomputed else None
+        source = open_source(source_path, image_column=opts.image_column, caption_column=opts.caption_column,
+                             id_column=opts.id_column, image_embeddings=opts.image_embeddings,
+                             text_embeddings=opts.text_embeddings, kind=opts.source_kind)
+        source_name = str(source_path)
+        store.recover()
+        t0 = time.perf_counter()
         units = source.units()
-        stream = _PreparedStream(source, units, None if loaded is None else loaded.preprocess,
-                                 None if loaded is None else loaded.tokenizer, done, rec.dim, opts.batch_size)
-        workers = 0 if source.precomputed or loaded is None else (
-            default_workers(loaded.device) if opts.workers is None else max(0, opts.workers))
-        summary.workers, summary.device = workers, "" if loaded is None else str(loaded.device)
-        if workers:
-            from torch.utils.data import DataLoader
-            # Workers are forked (fast start, no re-import of torch) and only read source files and
-            # decode images; they never call into Lance, so its fork-safety warning does not apply.
-            warnings.filterwarnings("ignore", message=".*fork.*", module="lance.*")
-            warnings.filterwarnings("ignore", message="lancedb fork support")
-            batches = iter(DataLoader(stream, batch_size=None, num_workers=min(workers, max(1, len(units))),
-                                      collate_fn=_identity, prefetch_factor=4, persistent_workers=False))
+        keys = [source.unit_key(u) for u in units]
+        known = {m.model_id: m for m in store.list_models()}.get(spec.model_id)
+        done = store.done_units(known, keys) if known is not None else {}
+        todo = [(u, k) for u, k in zip(units, keys) if k not in done]
+        seconds["plan"] = time.perf_counter() - t0
+        already = sum(r for r, _ in done.values())
+        if known is not None and not todo:      # nothing new: no model load, no reads
+            run_id = store.start_run(known.model_id, source_name, source.kind)
+            summary = IngestSummary(run_id, known.model_id, source_name, skipped=already, status="done",
+                                    units_skipped=len(done))
+            summary.wall_seconds = time.perf_counter() - t_start
+            summary.seconds = {k: round(v, 4) for k, v in seconds.items()}
+            store.finish_run(run_id, "done", already, summary.to_dict())
+            return summary
+        t0 = time.perf_counter()
+        loaded = None
+        if not source.precomputed or spec.local:
+            loaded = models.load(spec, opts.device)
+        seconds["load_model"] = time.perf_counter() - t0
+        if source.precomputed:
+            dim = source.dim()
+            if loaded is not None and dim != loaded.dim:
+                from store.errors import DimensionMismatch
+                raise DimensionMismatch(f"{spec.model_id} produces {loaded.dim}-d embeddings but "
+                                        f"{source_name} holds {dim}-d vectors: name the model that made them")
+            fields = loaded.record_fields() if loaded is not None else models.record_without_weights(spec, dim)
         else:
-            batches = iter(stream)
-        stats = _StatsFolder(store, state)
+            fields = loaded.record_fields()
+        rec = store.register_model(**fields)
+        store.sync_stats(rec)   # stores written before the commit ledger may lag
+        run_id = store.start_run(rec.model_id, source_name, source.kind)
+        summary = IngestSummary(run_id, rec.model_id, source_name, skipped=already, units_skipped=len(done))
+        rejected: Counter = Counter()
+        writer = Writer(store, rec, run_id=run_id, source=source_name, policy=opts.policy)
+        checker = IdChecker(store, rec)
         bar = _progress(opts.progress, rec.model_id)
-        last_flush = time.perf_counter()
+        bar.update(already)
+        ok = False
         try:
-            while True:
-                t0 = time.perf_counter()
-                prepared = next(batches, None)
-                seconds["read+decode (wait)"] += time.perf_counter() - t0
-                if prepared is None:
-                    break
-                seconds["read (workers)"] += prepared.read_seconds
-                seconds["decode (workers)"] += prepared.decode_seconds
-                rejects = list(prepared.rejects)
-                for sid, location in prepared.skipped:
-                    if sid in seen:
-                        rejects.append((location, "duplicate_id", f"id {sid} occurs earlier in this source"))
-                    else:
-                        seen.add(sid)
-                        summary.skipped += 1
-                keep = []
-                for i, row in enumerate(prepared.rows):
-                    if row["id"] in seen:
-                        rejects.append((row["location"], "duplicate_id",
-                                        f"id {row['id']} occurs earlier in this source"))
-                    else:
-                        seen.add(row["id"])
-                        keep.append(i)
-                rows = [prepared.rows[i] for i in keep]
-                if rows:
-                    t0 = time.perf_counter()
-                    if encoder is not None:
-                        img, txt = encoder([prepared.pixels[i] for i in keep], [prepared.tokens[i] for i in keep])
-                    else:
-                        img = np.stack([prepared.image_vectors[i] for i in keep])
-                        txt = np.stack([prepared.text_vectors[i] for i in keep])
-                    seconds["encode"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    new_samples = [r for r in rows if r["id"] not in sample_ids]
-                    samples_tbl, meta_types = _samples_table(new_samples, source_name) if new_samples else (None, {})
-                    need = [i for i, r in enumerate(rows) if r["id"] not in emb_ids]
-                    if need:
-                        seq += 1
-                    store.write_batch(rec, samples=samples_tbl, ids=[rows[i]["id"] for i in need],
-                                      image=img[need], text=txt[need], seq=seq, run_id=run_id,
-                                      source=source_name, rejects=rejects, meta_types=meta_types)
-                    sample_ids.update(r["id"] for r in new_samples)
-                    emb_ids.update(rows[i]["id"] for i in need)
-                    seconds["write"] += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    if need:
-                        stats.fold(img[need], txt[need], seq)
-                        if time.perf_counter() - last_flush > opts.stats_flush_seconds:
-                            stats.save()
-                            last_flush = time.perf_counter()
-                    seconds["stats"] += time.perf_counter() - t0
-                    summary.added += len(need)
-                elif rejects:
-                    store.record_rejects(run_id, rec.model_id, source_name, rejects)
-                for _, reason, _ in rejects:
-                    rejected[reason] += 1
-                bar.update(len(prepared.rows) + len(prepared.skipped) + len(prepared.rejects))
-                bar.set_postfix(added=summary.added, skipped=summary.skipped, rejected=sum(rejected.values()))
-                if on_batch is not None:
-                    on_batch(summary)
+            run = _ingest_columns if source.precomputed else _ingest_items
+            run(source, todo, rec, loaded, opts, writer, checker, summary, rejected, seconds, bar, on_batch)
+            t0 = time.perf_counter()
+            writer.commit()
+            seconds["write"] += time.perf_counter() - t0
+            ok = True
             summary.status = "done"
         except BaseException:
             summary.status = "failed"
             raise
         finally:
             bar.close()
-            t0 = time.perf_counter()
-            stats.save()
-            stats.close()
-            seconds["stats"] += time.perf_counter() - t0
-            seconds["stats (background)"] = stats.seconds
+            writer.close(commit=False)
+            seconds["stats"] = writer.fold_wait_seconds
+            seconds["stats (background)"] = writer.fold_seconds
+            summary.commits = writer.commits
             summary.rejected = dict(rejected)
             summary.wall_seconds = time.perf_counter() - t_start
             summary.seconds = {k: round(v, 4) for k, v in seconds.items()}
             store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
+        if ok and opts.maintain:
+            from store.maintenance import maintain_after_ingest
+            t0 = time.perf_counter()
+            summary.maintenance = maintain_after_ingest(store, rec)
+            summary.seconds["maintain"] = round(time.perf_counter() - t0, 4)
     return summary
 
 
-class _StatsFolder:
-    """Folds committed batches into the running statistics on a background thread.
+def _classify(checker: IdChecker, ids: pa.Array, locations: list[str] | None, loc_col: pa.Array | None,
+              summary: IngestSummary, rejects: list) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose sample is new, rows whose embedding is new); duplicates become rejects."""
+    dup, in_s, in_e = checker.check(ids)
+    if dup.any():
+        idx = np.flatnonzero(dup)
+        locs = [locations[i] for i in idx] if locations is not None else loc_col.take(pa.array(idx)).to_pylist()
+        dup_ids = ids.take(pa.array(idx)).to_pylist()
+        rejects += [(loc, "duplicate_id", f"id {sid} occurs earlier in this source") for loc, sid in zip(locs, dup_ids)]
+    summary.skipped += int((~dup & in_s & in_e).sum())
+    return ~dup & ~in_s, ~dup & ~in_e
 
-    BLAS releases the GIL, so the d×d outer-product sums (the costly part at d = 512)
-    overlap with decoding and encoding; one worker keeps the batches in commit order.
-    `save()` waits for the folds queued so far and stores the moments with their seq.
-    """
 
-    def __init__(self, store: Store, state: Any):
-        from concurrent.futures import ThreadPoolExecutor
-        self.store, self.state = store, state
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsql-stats")
-        self.pending: Any = None
-        self.seconds = 0.0
-
-    def _fold(self, image: np.ndarray, text: np.ndarray, seq: int) -> None:
+def _commit_if_due(writer: Writer, checker: IdChecker, seconds: Counter) -> None:
+    if writer.due():
         t0 = time.perf_counter()
-        update_moments(self.state, image, text)
-        self.state.covered_seq = seq
-        self.seconds += time.perf_counter() - t0
+        writer.commit()
+        checker.committed()
+        seconds["write"] += time.perf_counter() - t0
 
-    def fold(self, image: np.ndarray, text: np.ndarray, seq: int) -> None:
-        self.pending = self.pool.submit(self._fold, image, text, seq)
 
-    def save(self) -> None:
-        if self.pending is not None:
-            self.pending.result()
-        self.store.save_stats(self.state)
+def _ingest_items(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOptions, writer: Writer,
+                  checker: IdChecker, summary: IngestSummary, rejected: Counter, seconds: Counter, bar: Any,
+                  on_batch: Any) -> None:
+    """Images: decode/preprocess (DataLoader workers when asked) → forward → writer."""
+    encoder = Encoder(loaded)
+    stream = _PreparedStream(source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size)
+    workers = default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
+    summary.workers, summary.device = workers, str(loaded.device)
+    if workers:
+        from torch.utils.data import DataLoader
+        # Workers are forked (fast start, no re-import of torch) and only read source files and
+        # decode images; they never call into Lance, so its fork-safety warning does not apply.
+        warnings.filterwarnings("ignore", message=".*fork.*", module="lance.*")
+        warnings.filterwarnings("ignore", message="lancedb fork support")
+        batches = iter(DataLoader(stream, batch_size=None, num_workers=min(workers, max(1, len(todo))),
+                                  collate_fn=_identity, prefetch_factor=4, persistent_workers=False))
+    else:
+        batches = iter(stream)
+    while True:
+        t0 = time.perf_counter()
+        prepared = next(batches, None)
+        seconds["read+decode (wait)"] += time.perf_counter() - t0
+        if prepared is None:
+            break
+        seconds["read (workers)"] += prepared.read_seconds
+        seconds["decode (workers)"] += prepared.decode_seconds
+        rejects = list(prepared.rejects)
+        rows = prepared.rows
+        if rows:
+            ids = pa.array([r["id"] for r in rows], pa.string())
+            new_sample, new_emb = _classify(checker, ids, [r["location"] for r in rows], None, summary, rejects)
+            need = np.flatnonzero(new_emb)
+            t0 = time.perf_counter()
+            if len(need):
+                img, txt = encoder([prepared.pixels[i] for i in need], [prepared.tokens[i] for i in need])
+            else:
+                img = txt = np.empty((0, rec.dim), dtype=np.float32)
+            seconds["encode"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            new_rows = [rows[i] for i in np.flatnonzero(new_sample)]
+            samples_tbl, meta_types = _samples_table(new_rows, summary.source) if new_rows else (None, {})
+            writer.add(samples_tbl, ids.take(pa.array(need, pa.int64())), img, txt, meta_types=meta_types)
+            summary.added += len(need)
+            seconds["write"] += time.perf_counter() - t0
+        writer.reject(rejects)
+        for key, n_rows, n_rej in prepared.units_done:
+            writer.unit_done(key, n_rows, n_rej)
+        for _, reason, _ in rejects:
+            rejected[reason] += 1
+        _commit_if_due(writer, checker, seconds)
+        bar.update(len(prepared.rows) + len(prepared.rejects))
+        bar.set_postfix(added=summary.added, skipped=summary.skipped, rejected=sum(rejected.values()))
+        if on_batch is not None:
+            on_batch(summary)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+
+def _ingest_columns(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOptions, writer: Writer,
+                    checker: IdChecker, summary: IngestSummary, rejected: Counter, seconds: Counter, bar: Any,
+                    on_batch: Any) -> None:
+    """Precomputed vectors: whole units as Arrow columns, read one unit ahead on a thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(unit: Any) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        cols = source.read_columns(unit, rec.dim)
+        return cols, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsql-read") as pool:
+        ahead = pool.submit(read, todo[0][0]) if todo else None
+        for i, (unit, key) in enumerate(todo):
+            t0 = time.perf_counter()
+            cols, read_s = ahead.result()
+            seconds["read (wait)"] += time.perf_counter() - t0
+            seconds["read+check (thread)"] += read_s
+            ahead = pool.submit(read, todo[i + 1][0]) if i + 1 < len(todo) else None
+            t0 = time.perf_counter()
+            rejects = list(cols.rejects)
+            new_sample, new_emb = _classify(checker, cols.ids, None, cols.location, summary, rejects)
+            seconds["dedup"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            samples_tbl = None
+            if new_sample.any():
+                s = cols if new_sample.all() else cols.take(np.flatnonzero(new_sample))
+                samples_tbl = _samples_columns(s, summary.source)
+            e = cols if new_emb.all() else cols.take(np.flatnonzero(new_emb))
+            writer.add(samples_tbl, e.ids, e.image, e.text, meta_types=cols.meta_types if samples_tbl else None)
+            summary.added += len(e)
+            writer.reject(rejects)
+            writer.unit_done(key, len(cols), len(rejects))
+            for _, reason, _ in rejects:
+                rejected[reason] += 1
+            seconds["write"] += time.perf_counter() - t0
+            _commit_if_due(writer, checker, seconds)
+            bar.update(len(cols) + len(cols.rejects))
+            bar.set_postfix(added=summary.added, skipped=summary.skipped, rejected=sum(rejected.values()))
+            if on_batch is not None:
+                on_batch(summary)
+
+
+def _samples_columns(c: Any, source: str) -> pa.Table:
+    from store.store import samples_schema
+    n = len(c)
+    return pa.table({
+        "id": c.ids, "uri": c.uri, "caption": c.caption, "width": pa.nulls(n, pa.int32()),
+        "height": pa.nulls(n, pa.int32()), "source": pa.array([source] * n, pa.string()),
+        "location": c.location, "caption_truncated": pa.array(np.zeros(n, dtype=bool)), "metadata": c.metadata,
+    }, schema=samples_schema())
 
 
 def _progress(enabled: bool, model_id: str) -> Any:

@@ -9,6 +9,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from store.catalog import NPY_LOCK
@@ -16,6 +17,10 @@ from store.errors import SourceError
 
 
 from .sources import (Item, Reject, Source, _caption, _id, _require, _scalar)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .columnar import Columns
 
 
 class PrecomputedSource(Source):
@@ -129,6 +134,86 @@ class PrecomputedSource(Source):
                        id=_id(row.get(self.id_column)) if self.id_column else None,
                        meta={str(k): _scalar(v) for k, v in row.items() if k not in skip},
                        image_embedding=img[i], text_embedding=txt[i])
+
+    def unit_files(self, unit) -> list[str]:
+        return [p for p in self.files[unit[0]] if p]
+
+    def dim(self) -> int:
+        """The vectors' width, from the files' shape (npy) or the first non-NULL list (parquet)."""
+        for meta_path, img_npy, txt_npy in self.files:
+            for npy in (img_npy, txt_npy):
+                if npy:
+                    return int(_npy(npy).shape[1])
+            pf = pq.ParquetFile(meta_path)
+            for g in range(pf.metadata.num_row_groups):
+                for column in (self.image_embeddings, self.text_embeddings):
+                    if column not in pf.schema_arrow.names:
+                        continue
+                    arr = pf.read_row_group(g, columns=[column]).column(column).combine_chunks()
+                    if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+                            or pa.types.is_fixed_size_list(arr.type)):
+                        continue
+                    lengths = pc.list_value_length(arr).drop_null()
+                    if len(lengths):
+                        return int(pc.mode(lengths)[0]["mode"].as_py())
+        raise SourceError(f"{self.describe()}: no embeddings found to ingest")
+
+    def read_columns(self, unit, dim: int) -> "Columns":
+        """One unit as columns (ingest.columnar): the vectorised equivalent of `read` + the per-item
+        checks, with the same ids, captions, metadata and reject reasons."""
+        from .columnar import Columns, clean_captions, content_ids, locations, metadata_json, vector_matrix
+        f, group, start, stop = unit
+        meta_path, img_npy, txt_npy = self.files[f]
+        table = pq.ParquetFile(meta_path).read_row_group(group)
+        n = table.num_rows
+        name = os.path.basename(meta_path)
+        loc = locations(name, start + 1, n)
+        if self.layout == "npy":
+            img_src = _npy(img_npy)[start:stop]
+            txt_src = _npy(txt_npy)[start:stop] if txt_npy else None
+            if len(img_src) != n or (txt_src is not None and len(txt_src) != n):
+                raise SourceError(f"{meta_path} row group {group} does not match its npy rows")
+        else:
+            img_src = table.column(self.image_embeddings) if self.image_embeddings in table.column_names else None
+            txt_src = table.column(self.text_embeddings) if self.text_embeddings in table.column_names else None
+        captions, cap_rejects = clean_captions(table.column(self.caption_column).combine_chunks())
+        bad: dict[int, tuple[str, str]] = {i: (r, d) for i, r, d in cap_rejects}
+        img, img_bad = vector_matrix(img_src, n, dim)
+        txt, txt_bad = vector_matrix(txt_src, n, dim)
+        for i in (range(n) if (any(img_bad) or any(txt_bad)) else ()):
+            a, b = img_bad[i], txt_bad[i]
+            if i in bad or not (a or b):
+                continue
+            if (a or "").startswith("missing_vector") or (b or "").startswith("missing_vector"):
+                bad[i] = ("missing_vector", "row has no image or text embedding")
+            else:
+                reason, _, detail = (a or b).partition("\t")
+                bad[i] = (reason, detail)
+        if self.uri_column:
+            uri_col = table.column(self.uri_column).combine_chunks()
+            uris = uri_col if pa.types.is_string(uri_col.type) else pa.array(
+                [None if v is None else str(_scalar(v)) for v in uri_col.to_pylist()], pa.string())
+        else:
+            uris = pa.nulls(n, pa.string())
+        given = table.column(self.id_column).combine_chunks() if self.id_column else None
+        if given is not None and not (pa.types.is_string(given.type) or pa.types.is_integer(given.type)):
+            given = pa.array([_id(v) for v in given.to_pylist()], pa.string())
+        skip = {self.caption_column, self.id_column, self.uri_column, self.image_embeddings, self.text_embeddings}
+        meta_cols = [c for c in table.column_names if c not in skip]
+        metadata, meta_types = metadata_json(table.select(meta_cols))
+        keep = np.ones(n, dtype=bool)
+        rejects = []
+        if bad:
+            idx = np.array(sorted(bad), dtype=np.int64)
+            keep[idx] = False
+            locs = loc.take(pa.array(idx)).to_pylist()
+            rejects = [(locs[j], *bad[int(i)]) for j, i in enumerate(idx)]
+        rows = np.flatnonzero(keep)
+        t = pa.array(rows, pa.int64())
+        caps, us = captions.take(t), uris.take(t)
+        ids = content_ids(caps, us, None if given is None else given.take(t))
+        return Columns(ids, us, caps, loc.take(t), metadata.take(t), img[rows], txt[rows],
+                       meta_types, rejects)
 
     def describe(self) -> str:
         if self.layout == "npy":

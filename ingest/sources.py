@@ -129,6 +129,10 @@ def _scalar(v, nested=False):
     return str(v)
 
 
+def _jsonable(u):
+    return [_jsonable(x) for x in u] if isinstance(u, (list, tuple)) else u
+
+
 def _id(v) -> str | None:
     return None if v is None else str(_scalar(v))
 
@@ -184,6 +188,31 @@ class Source:
     def describe(self) -> str:
         """One line for logs."""
         raise NotImplementedError
+
+    def unit_files(self, unit) -> list[str]:
+        """The files a unit reads (their size and mtime go into its fingerprint)."""
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        """The options that change what a unit yields (part of its fingerprint)."""
+        return {k: v for k, v in sorted(self.__dict__.items())
+                if k.endswith("_column") or k.endswith("_embeddings")}
+
+    def unit_key(self, unit) -> str:
+        """A unit's fingerprint: the kind, the options, the unit and, for every file it reads, the
+        resolved path, size and mtime. The commit ledger keys ingested units by it, so a re-run
+        skips a unit without reading it, and a changed file is read again."""
+        import hashlib
+        files = []
+        for f in self.unit_files(unit):
+            try:
+                st = os.stat(f)
+                files.append((os.path.realpath(f), st.st_size, st.st_mtime_ns))
+            except OSError:
+                files.append((os.path.realpath(f), None, None))
+        blob = json.dumps([self.kind, self.options(), _jsonable(unit), files], sort_keys=True,
+                          ensure_ascii=False, default=str)
+        return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
     def __iter__(self) -> Iterator[Item | Reject]:
         for unit in self.units():
@@ -290,6 +319,10 @@ class FolderSource(Source):
 
     def describe(self) -> str:
         return f"folder {self.root} (images with <stem>.txt captions)"
+
+    def unit_files(self, unit) -> list[str]:
+        return [os.path.join(self.root, *rel.split("/")) for entry in unit for rel in (entry[0], entry[2], entry[3])
+                if rel]
 
 
 def _has_image(root: str) -> bool:
@@ -474,6 +507,9 @@ class TableSource(Source):
         except OSError as e:
             return Reject(where, "unreadable_file", str(e))
         return Item(where, uri, caption, data, sid, meta)
+
+    def unit_files(self, unit) -> list[str]:
+        return [self.path]
 
     def describe(self) -> str:
         extra = f", id={self.id_column!r}" if self.id_column else ""

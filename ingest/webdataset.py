@@ -41,6 +41,9 @@ class WebDatasetSource(Source):
     def units(self) -> list:
         return list(self.shards)
 
+    def unit_files(self, unit) -> list[str]:
+        return [unit]
+
     def read(self, unit) -> Iterator[Item | Reject]:
         shard, name = unit, os.path.basename(unit)
         key, members, kept = None, {}, 0

@@ -53,16 +53,19 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
 
 
 def register_views(con: Any, st: Store) -> None:
-    _register_samples(con, st)
-    _register_embeddings(con, st)
+    """Views over one snapshot: every table at the version the ledger's last commit names, read
+    once, so `samples`, `embeddings` and `scores` come from the same commit."""
+    versions = st.committed_versions()
+    _register_samples(con, st, versions)
+    _register_embeddings(con, st, versions)
     _register_rejects(con, st)
 
 
-def _register_samples(con: Any, st: Store) -> None:
+def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
     import pyarrow as pa
     from store.store import samples_schema
-    tbl = st.samples_table()
-    con.register("_lance_samples", tbl.to_lance() if tbl is not None else samples_schema().empty_table())
+    tbl = st.samples_table(versions.get("samples"))
+    con.register("_lance_samples", tbl if tbl is not None else samples_schema().empty_table())
     base = ["id", "uri", "caption", "width", "height"]
     cols = [quote_ident(c) for c in base]
     for name, sql_type in st.metadata_columns().items():
@@ -83,12 +86,12 @@ def _json_path_key(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _register_embeddings(con: Any, st: Store) -> None:
+def _register_embeddings(con: Any, st: Store, versions: dict[str, int]) -> None:
     models = st.list_models()
     parts = []
     same_dim = len({m.dim for m in models}) <= 1
     for i, m in enumerate(models):
-        con.register(f"_lance_emb_{i}", st.embeddings_table(m).to_lance())
+        con.register(f"_lance_emb_{i}", st.embeddings_table(m, versions.get(m.table_name)))
         cast = "" if same_dim else "::FLOAT[]"
         parts.append(f"SELECT id, {quote_literal(m.model_id)} AS model, image_embedding{cast} AS image_embedding, "
                      f"text_embedding{cast} AS text_embedding FROM _lance_emb_{i}")

@@ -250,7 +250,7 @@ def _gaussian_loglik(X: np.ndarray, mean: np.ndarray, W: np.ndarray, logdet_l: f
 
 # --------------------------------------------------------------------------- store
 def _store_batches(st: Store, rec: Any, sample: int | None, seed: int, batch_rows: int = 16384) -> tuple[Batches, int]:
-    ds = st.embeddings_table(rec).to_lance()
+    ds = st.embeddings_table(rec)
     total = ds.count_rows()
     cols = ["image_embedding", "text_embedding"]
     rows = None

@@ -344,7 +344,7 @@ def _recall_queries(st: Store, rec: ModelRecord, rows: np.ndarray, seed: int, sa
     rng = np.random.default_rng(seed)
     n = st.count_rows(rec)
     if n:
-        ds = st.embeddings_table(rec).to_lance()
+        ds = st.embeddings_table(rec)
         pick = np.sort(rng.choice(n, size=min(sample, n), replace=False))
         from store.store import to_numpy
         X = to_numpy(ds.take(pick.tolist(), columns=["image_embedding"]).column("image_embedding"))

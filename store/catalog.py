@@ -117,6 +117,38 @@ fit_references = sa.Table(
     sa.Column("arrays", sa.LargeBinary, nullable=False),       # npz: ref_ids, X_ref_raw, Y_ref_raw (M × d)
 )
 
+# The commit ledger (migration 5). A write is visible once its `commits` row exists:
+# readers open each Lance table at the version `table_versions` names, and a writer that
+# finds a table ahead of it (a kill between the Lance commit and this transaction) rolls
+# the table back to that version first. `ingested_units` remembers which source units a
+# model already holds, so a re-run skips them without reading them.
+commits = sa.Table(
+    "commits", metadata,
+    sa.Column("commit_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_id", sa.String(500), nullable=True),      # NULL: maintenance (optimize)
+    sa.Column("run_id", sa.Integer, nullable=True),
+    sa.Column("kind", sa.String(20), nullable=False),          # append | optimize | adopt
+    sa.Column("rows", sa.BigInteger, nullable=False),          # embedding rows added
+    sa.Column("sample_rows", sa.BigInteger, nullable=False),   # sample rows added
+    sa.Column("versions", sa.Text, nullable=False),            # JSON {table: version} after the commit
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+table_versions = sa.Table(
+    "table_versions", metadata,
+    sa.Column("table_name", sa.String(200), primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),       # the committed Lance version readers open
+    sa.Column("commit_id", sa.Integer, nullable=True),
+)
+ingested_units = sa.Table(
+    "ingested_units", metadata,
+    sa.Column("model_id", sa.String(500), primary_key=True),
+    sa.Column("unit_key", sa.String(64), primary_key=True),    # fingerprint: files, sizes, mtimes, row range
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("commit_id", sa.Integer, nullable=True),
+    sa.Column("rows", sa.BigInteger, nullable=False),          # rows of the unit stored with this model
+    sa.Column("rejected", sa.BigInteger, nullable=False),
+)
+
 # Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "models, runs, rejects, running stats",
@@ -124,6 +156,8 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (2, "fitted statistics with reference samples", [fits]),
     (3, "target sets", [targets]),
     (4, "reference samples apart from the fit's O(d²) arrays", [fit_references]),
+    (5, "commit ledger: commits, committed table versions, ingested source units",
+     [commits, table_versions, ingested_units]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -42,6 +42,31 @@ class RunningMoments:
         self.s1 += Xc.sum(axis=0)
         self.s2 += Xc.T @ Xc
 
+    def merge(self, other: "RunningMoments") -> None:
+        """Add another set of moments (e.g. a commit's partial) exactly: with δ = c_o − c,
+        Σ(x − c) = S1_o + n_o·δ and Σ(x − c)(x − c)ᵀ = S2_o + S1_o δᵀ + δ S1_oᵀ + n_o δδᵀ."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge {other.dim}-d moments into {self.dim}-d ones")
+        if other.n == 0:
+            return
+        if self.shift is None:
+            self.shift = other.shift.copy()
+        delta = other.shift - self.shift
+        self.n += other.n
+        if not delta.any():
+            self.s1 += other.s1
+            self.s2 += other.s2
+            return
+        self.s1 += other.s1 + other.n * delta
+        cross = np.outer(other.s1, delta)
+        self.s2 += other.s2 + cross + cross.T + other.n * np.outer(delta, delta)
+
+    def empty_like(self) -> "RunningMoments":
+        """Zero moments with the same shift (so a later merge adds without rounding)."""
+        out = RunningMoments(self.dim)
+        out.shift = None if self.shift is None else self.shift.copy()
+        return out
+
     @property
     def mean(self) -> np.ndarray:
         if self.n == 0:

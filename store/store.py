@@ -1,22 +1,27 @@
-"""A clipsql store is a directory: a LanceDB database plus a SQLAlchemy catalog.
+"""A clipsql store is a directory: Lance tables plus a SQLAlchemy catalog.
 
     STORE/
       clipsql.json       marker: format version, catalog URL and the store id (also in the
                          catalog's `settings`: one catalog database holds one store)
-      lance/             LanceDB: table `samples` and one `emb_<model>` table per model
+      lance/             Lance datasets (LanceDB layout): `samples` and one `emb_<model>` per
+                         model, created with stable row ids and V2 manifest paths
       catalog.sqlite     default catalog (WAL); `--catalog URL` puts it elsewhere
       .write.lock        flock()ed by the one writer
 
-Write protocol for one batch (single writer, under the lock):
-  1. append new sample rows to `samples`          (one Lance commit)
-  2. append embedding rows, stamped `seq`, to the model table   (one Lance commit)
-  3. one catalog transaction: record rejects, metadata column types and run counters.
-The writer folds each committed batch into its in-memory running statistics and
-saves them (stamped `covered_seq`, the last batch folded in) every few seconds and
-at the end. Rows of a killed run beyond `covered_seq` are folded in by
-`sync_stats` at the next ingest or `stats refresh`, so the statistics always
-equal the stored vectors. A kill
-between 1 and 2 leaves samples without embeddings, which the next ingest encodes.
+Write protocol (one writer, under the lock; store.writer does the buffering):
+  1. rows arrive in small batches; their Lance data files are written as they come
+     (`lance.fragment.write_fragments`), invisible to every reader;
+  2. every N rows or T seconds, one *commit*: a Lance Append of the written fragments to
+     `samples` and to the model table (two Lance versions), then ONE catalog transaction
+     that inserts the `commits` ledger row, moves `table_versions` to the new versions,
+     merges the commit's statistics partial into `running_stats`, marks the source units
+     it completed in `ingested_units`, and records its rejects and run counters.
+The catalog transaction is the commit point. Readers open each table at the version
+`table_versions` names, so they see whole commits, `samples` and embeddings from the
+same commit, and statistics that cover exactly the rows they see. A writer that finds
+a Lance table ahead of its recorded version (a kill between 2's Lance commits and the
+catalog transaction) restores the recorded version before it writes (`recover`);
+data files of a killed commit are unreferenced and `clipsql optimize` deletes them.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +44,7 @@ import pyarrow as pa
 import sqlalchemy as sa
 
 from . import catalog as cat
+from .faults import fault
 from .errors import CatalogError, DimensionMismatch, ModelError, StoreLocked, StoreNotFound
 from .stats import RunningMoments, normalize_rows
 
@@ -224,8 +230,8 @@ class Store:
             return rec
         rec = ModelRecord(model_id, table_name_for(model_id), kind, int(dim), float(logit_scale),
                           None if logit_bias is None else float(logit_bias), context_length, spec)
-        if rec.table_name not in self._table_names():
-            self.db.create_table(rec.table_name, schema=embeddings_schema(rec.dim))
+        if not os.path.exists(self.table_uri(rec.table_name)):
+            self._create_table(rec.table_name, embeddings_schema(rec.dim))
         with self.engine.begin() as conn:
             conn.execute(cat.models.insert().values(
                 model_id=rec.model_id, table_name=rec.table_name, kind=rec.kind, dim=rec.dim,
@@ -259,73 +265,172 @@ class Store:
         res = self.db.list_tables()
         return list(getattr(res, "tables", res))
 
-    def samples_table(self, create: bool = False):  # noqa: ANN201
-        if "samples" not in self._table_names():
-            if not create:
-                return None
-            return self.db.create_table("samples", schema=samples_schema())
-        return self.db.open_table("samples")
+    def table_uri(self, name: str) -> str:
+        return str(self.path / "lance" / f"{name}.lance")
 
-    def embeddings_table(self, model: ModelRecord):  # noqa: ANN201
-        return self.db.open_table(model.table_name)
+    def _create_table(self, name: str, schema: pa.Schema) -> None:
+        """An empty Lance table with stable row ids and V2 manifest paths, recorded at version 1."""
+        import lance
+        ds = lance.write_dataset(schema.empty_table(), self.table_uri(name), schema=schema, mode="create",
+                                 enable_stable_row_ids=True, enable_v2_manifest_paths=True)
+        with self.engine.begin() as conn:
+            _set_version(conn, name, ds.version, None)
 
-    def sample_ids(self) -> set[str]:
-        tbl = self.samples_table()
-        if tbl is None:
-            return set()
-        return set(tbl.to_lance().to_table(columns=["id"]).column("id").to_pylist())
+    def committed_versions(self) -> dict[str, int]:
+        """{table: the Lance version the ledger's last commit names} (what readers open)."""
+        with self.engine.connect() as conn:
+            return dict(conn.execute(sa.select(cat.table_versions.c.table_name, cat.table_versions.c.version)).all())
 
-    def embedding_ids(self, model: ModelRecord) -> set[str]:
-        ds = self.embeddings_table(model).to_lance()
-        return set(ds.to_table(columns=["id"]).column("id").to_pylist())
+    def dataset(self, name: str, version: int | None = None, *, latest: bool = False):  # noqa: ANN201
+        """The Lance dataset `name` at its committed version (or `version`; `latest` for writers)."""
+        import lance
+        os.environ.setdefault("LANCE_LOG", "error")
+        if version is None and not latest:
+            version = self.committed_versions().get(name)
+        try:
+            return lance.dataset(self.table_uri(name), version=version)
+        except (OSError, ValueError) as e:
+            raise StoreNotFound(f"Lance table {name} of {self.path} cannot be opened at version {version}: "
+                                f"{str(e).splitlines()[0]}") from None
 
-    def max_seq(self, model: ModelRecord) -> int:
-        ds = self.embeddings_table(model).to_lance()
-        col = ds.to_table(columns=["seq"]).column("seq")
-        return int(pa.compute.max(col).as_py() or 0) if len(col) else 0
+    def samples_table(self, version: int | None = None):  # noqa: ANN201
+        """The `samples` Lance dataset at its committed version, or None before the first ingest."""
+        if not (self.path / "lance" / "samples.lance").exists():
+            return None
+        return self.dataset("samples", version)
 
-    def count_rows(self, model: ModelRecord) -> int:
-        return self.embeddings_table(model).count_rows()
+    def ensure_samples_table(self) -> None:
+        if not (self.path / "lance" / "samples.lance").exists():
+            self._create_table("samples", samples_schema())
+
+    def embeddings_table(self, model: ModelRecord, version: int | None = None):  # noqa: ANN201
+        return self.dataset(model.table_name, version)
+
+    def recover(self) -> dict[str, int]:
+        """Writers only (under the lock): roll every table whose Lance version is ahead of the ledger
+        back to the committed version; adopt tables the ledger does not know yet (stores written
+        before the ledger existed). Returns {table: rows rolled back}."""
+        import lance
+        recorded = self.committed_versions()
+        rolled: dict[str, int] = {}
+        names = ["samples"] + [m.table_name for m in self.list_models()]
+        for name in names:
+            uri = self.table_uri(name)
+            if not os.path.exists(uri):
+                continue
+            latest = lance.dataset(uri)
+            if name not in recorded:
+                with self.engine.begin() as conn:
+                    _set_version(conn, name, latest.version, None)
+                continue
+            if latest.version > recorded[name]:
+                good = lance.dataset(uri, version=recorded[name])
+                rolled[name] = latest.count_rows() - good.count_rows()
+                good.restore()
+                with self.engine.begin() as conn:
+                    _set_version(conn, name, lance.dataset(uri).version, None)
+        return rolled
 
     def read_embeddings(self, model: ModelRecord, *, min_seq: int | None = None,
                         ids: list[str] | None = None, columns: tuple[str, ...] = ("id", "image_embedding",
                                                                                    "text_embedding")) -> pa.Table:
-        ds = self.embeddings_table(model).to_lance()
+        import pyarrow.compute as pc
+        ds = self.embeddings_table(model)
         filt = None
         if min_seq is not None:
-            filt = f"seq > {int(min_seq)}"
-        tbl = ds.to_table(columns=list(columns), filter=filt)
+            filt = pc.field("seq") > int(min_seq)
         if ids is not None:
+            f = pc.field("id").isin(pa.array(ids, pa.string()))
+            filt = f if filt is None else filt & f
+        return ds.to_table(columns=list(columns), filter=filt)
+
+    def count_rows(self, model: ModelRecord) -> int:
+        return self.embeddings_table(model).count_rows()
+
+    def stored_ids(self, model: ModelRecord, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """For each of `ids`: (already in `samples`, already in the model's table), looked up through
+        the `id` index (plus a scan of fragments not yet indexed), never a set of every stored id."""
+        out = []
+        for ds in (self.samples_table(), self.embeddings_table(model)):
+            if ds is None or len(ids) == 0 or ds.count_rows() == 0:
+                out.append(np.zeros(len(ids), dtype=bool))
+                continue
             import pyarrow.compute as pc
-            tbl = tbl.filter(pc.is_in(tbl.column("id"), value_set=pa.array(ids, pa.string())))
-        return tbl
+            found = ds.to_table(columns=["id"], filter=pc.field("id").isin(ids)).column("id")
+            out.append(pc.is_in(ids, value_set=found.combine_chunks()).to_numpy(zero_copy_only=False))
+        return out[0], out[1]
 
     # -- writing ------------------------------------------------------------------------
     def write_batch(self, model: ModelRecord, *, samples: pa.Table | None, ids: list[str],
-                    image: np.ndarray, text: np.ndarray, seq: int, run_id: int,
+                    image: np.ndarray, text: np.ndarray, seq: int | None = None, run_id: int,
                     source: str, rejects: list[tuple[str, str, str]], meta_types: dict[str, str]) -> None:
-        """Commit one batch following the write protocol in the module docstring."""
+        """Write and commit one batch (a convenience over store.writer.Writer for small writes)."""
+        from .writer import Writer
         if image.shape != text.shape or image.ndim != 2 or image.shape[1] != model.dim:
             raise DimensionMismatch(f"model {model.model_id} has dim {model.dim}; got image {image.shape} "
                                     f"and text {text.shape}")
-        if meta_types:   # before the samples commit, so a kill cannot leave columns unregistered
+        w = Writer(self, model, run_id=run_id, source=source)
+        w.add(samples, pa.array(ids, pa.string()), image, text, meta_types=meta_types)
+        w.reject(rejects)
+        w.commit()
+        w.close()
+
+    def commit(self, model: ModelRecord, c: "PendingCommit") -> int | None:
+        """Make one pending commit visible (the write protocol of the module docstring)."""
+        from lance import LanceDataset, LanceOperation
+        if c.meta_types:   # before the Lance commits, so a kill cannot leave columns unregistered
             with self.engine.begin() as conn:
-                self._record_meta_types(conn, meta_types)
-        if samples is not None and samples.num_rows:
-            self.samples_table(create=True).add(samples)
-        if ids:
-            self.embeddings_table(model).add(pa.table({
-                "id": pa.array(ids, pa.string()),
-                "image_embedding": _fixed_list(image, model.dim),
-                "text_embedding": _fixed_list(text, model.dim),
-                "seq": pa.array(np.full(len(ids), seq, dtype=np.int64)),
-            }, schema=embeddings_schema(model.dim)))
+                self._record_meta_types(conn, c.meta_types)
+        recorded = self.committed_versions()
+        versions: dict[str, int] = {}
+        for name, frags in (("samples", c.sample_fragments), (model.table_name, c.fragments)):
+            if frags:
+                ds = LanceDataset.commit(self.table_uri(name), LanceOperation.Append(frags),
+                                         read_version=recorded[name])
+                versions[name] = ds.version
+                fault("commit:between-tables")
+        fault("commit:after-lance")
+        if not (versions or c.units or c.rejects):
+            return None
         with self.engine.begin() as conn:
-            self._record_rejects(conn, run_id, model.model_id, source, rejects)
-            if ids or rejects:
-                conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == run_id).values(
-                    added=cat.ingest_runs.c.added + len(ids),
-                    rejected=cat.ingest_runs.c.rejected + len(rejects)))
+            commit_id = None
+            if versions:
+                res = conn.execute(cat.commits.insert().values(
+                    model_id=model.model_id, run_id=c.run_id, kind="append", rows=c.rows,
+                    sample_rows=c.sample_rows, versions=cat.to_json(versions), created_at=time.time()))
+                commit_id = int(res.inserted_primary_key[0])
+                for name, v in versions.items():
+                    _set_version(conn, name, v, commit_id)
+            if c.rows:
+                state = self._load_stats(conn, model)
+                for key, part in c.moments.items():
+                    state.moments[key].merge(part)
+                state.covered_seq = max(state.covered_seq, c.seq)
+                self._save_stats(conn, state)
+            for unit_key, rows, rejected in c.units:
+                conn.execute(sa.delete(cat.ingested_units).where(
+                    cat.ingested_units.c.model_id == model.model_id, cat.ingested_units.c.unit_key == unit_key))
+                conn.execute(cat.ingested_units.insert().values(
+                    model_id=model.model_id, unit_key=unit_key, source=c.source, commit_id=commit_id,
+                    rows=rows, rejected=rejected))
+            self._record_rejects(conn, c.run_id, model.model_id, c.source, c.rejects)
+            if c.run_id is not None:
+                conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == c.run_id).values(
+                    added=cat.ingest_runs.c.added + c.rows,
+                    rejected=cat.ingest_runs.c.rejected + len(c.rejects)))
+        return commit_id
+
+    def done_units(self, model: ModelRecord, keys: list[str]) -> dict[str, tuple[int, int]]:
+        """{unit_key: (rows, rejected)} for the given source units this model already holds."""
+        out: dict[str, tuple[int, int]] = {}
+        t = cat.ingested_units
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 500):
+                part = keys[i:i + 500]
+                for k, rows, rej in conn.execute(sa.select(t.c.unit_key, t.c.rows, t.c.rejected).where(
+                        t.c.model_id == model.model_id, t.c.unit_key.in_(part))):
+                    out[k] = (int(rows), int(rej))
+        return out
 
     def record_rejects(self, run_id: int, model_id: str | None, source: str,
                        rejects: list[tuple[str, str, str]]) -> None:
@@ -406,37 +511,36 @@ class Store:
                 model_id=state.model_id, modality=mo, space=sp, dim=rm.dim, n=rm.n, shift=cat.pack(rm.shift),
                 sum=cat.pack(rm.s1), sum_outer=cat.pack(rm.s2), covered_seq=state.covered_seq, updated_at=now))
 
-    def _fold(self, state: StatsState, tbl: pa.Table) -> None:
-        if tbl.num_rows:
-            update_moments(state, to_numpy(tbl.column("image_embedding")),
-                            to_numpy(tbl.column("text_embedding")))
-
     def uncovered_rows(self, model: ModelRecord) -> int:
-        state = self.stats(model)
-        return self.count_rows(model) - state.n
+        return self.count_rows(model) - self.stats(model).n
 
     def sync_stats(self, model: ModelRecord) -> StatsState:
-        """Fold in rows committed after the last statistics update (a killed ingest leaves some)."""
+        """Fold in rows the statistics do not cover. Commits carry their statistics, so this finds
+        nothing on a store written by this version; stores written before the ledger may lag."""
+        state = self.stats(model)
+        if self.count_rows(model) == state.n:
+            return state
         with self.engine.begin() as conn:
             state = self._load_stats(conn, model)
             tbl = self.read_embeddings(model, min_seq=state.covered_seq,
                                        columns=("image_embedding", "text_embedding", "seq"))
             if tbl.num_rows:
-                self._fold(state, tbl)
+                update_moments(state, to_numpy(tbl.column("image_embedding")),
+                               to_numpy(tbl.column("text_embedding")))
                 state.covered_seq = int(pa.compute.max(tbl.column("seq")).as_py())
                 self._save_stats(conn, state)
             return state
 
     def refresh_stats(self, model: ModelRecord, batch_rows: int = 65536) -> StatsState:
-        """Recompute the running statistics from every stored vector."""
+        """Recompute the running statistics from every stored vector (streamed: memory O(batch·d + d²))."""
         state = StatsState(model.model_id, {(mo, sp): RunningMoments(model.dim) for mo in MODALITIES
                                             for sp in SPACES}, 0)
-        ds = self.embeddings_table(model).to_lance()
+        ds = self.embeddings_table(model)
         for batch in ds.to_batches(columns=["image_embedding", "text_embedding", "seq"], batch_size=batch_rows):
-            tbl = pa.Table.from_batches([batch])
-            self._fold(state, tbl)
-            if tbl.num_rows:
-                state.covered_seq = max(state.covered_seq, int(pa.compute.max(tbl.column("seq")).as_py()))
+            if batch.num_rows:
+                update_moments(state, to_numpy(batch.column("image_embedding")),
+                               to_numpy(batch.column("text_embedding")))
+                state.covered_seq = max(state.covered_seq, int(pa.compute.max(batch.column("seq")).as_py()))
         with self.engine.begin() as conn:
             self._save_stats(conn, state)
         return state
@@ -483,6 +587,28 @@ def _undo_init(path: Path, remove_dir: bool) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+
+
+def _set_version(conn: sa.Connection, name: str, version: int, commit_id: int | None) -> None:
+    conn.execute(sa.delete(cat.table_versions).where(cat.table_versions.c.table_name == name))
+    conn.execute(cat.table_versions.insert().values(table_name=name, version=int(version), commit_id=commit_id))
+
+
+@dataclass
+class PendingCommit:
+    """What one commit makes visible: written (unreferenced) fragments, their statistics
+    partial, the source units it completes and the rejects seen since the last commit."""
+    run_id: int | None
+    source: str
+    seq: int
+    fragments: list = field(default_factory=list)          # model table
+    sample_fragments: list = field(default_factory=list)   # samples table
+    rows: int = 0
+    sample_rows: int = 0
+    moments: dict = field(default_factory=dict)            # (modality, space) → RunningMoments partial
+    units: list = field(default_factory=list)              # (unit_key, rows, rejected)
+    rejects: list = field(default_factory=list)            # (location, reason, detail)
+    meta_types: dict = field(default_factory=dict)
 
 
 def _default_catalog(path: Path) -> str:

@@ -1,0 +1,216 @@
+"""Columnar rows: a precomputed unit as Arrow columns and (n, d) arrays, never one object per row.
+
+The precomputed reader (ingest.precomputed) hands the pipeline a `Columns` per unit. Every
+check the per-item path makes (ingest.encode.prepare_item, ingest.images) is made here on
+whole columns, with the same reject reasons and in the same order: the caption first
+(`missing_caption`, `caption_not_utf8`, `empty_caption`), then the vectors
+(`missing_vector`, `bad_vector`, `wrong_dim`, `non_finite_vector`, `zero_vector`).
+Only captions that need cleaning and rows without an id go through Python one by one.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .images import ItemRejected, clean_caption, content_id
+
+# A caption that is already clean: runs of characters that are neither control/format
+# (\p{C}) nor separators (\p{Z}), joined by single spaces. Every character clean_caption
+# deletes or treats as whitespace is in \p{C} ∪ \p{Z}, so such a caption is its own cleaning.
+_CLEAN = r"^[^\p{C}\p{Z}]+( [^\p{C}\p{Z}]+)*$"
+
+
+@dataclass
+class Columns:
+    """The rows of one unit that passed every check, plus the rejects of the others."""
+    ids: pa.Array
+    uri: pa.Array
+    caption: pa.Array
+    location: pa.Array
+    metadata: pa.Array
+    image: np.ndarray
+    text: np.ndarray
+    meta_types: dict = field(default_factory=dict)
+    rejects: list = field(default_factory=list)      # (location, reason, detail)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, idx: np.ndarray) -> "Columns":
+        t = pa.array(idx, pa.int64())
+        return Columns(self.ids.take(t), self.uri.take(t), self.caption.take(t), self.location.take(t),
+                       self.metadata.take(t), self.image[idx], self.text[idx], self.meta_types, self.rejects)
+
+
+def locations(name: str, first_row: int, n: int) -> pa.Array:
+    """`name:row N` for N = first_row … first_row + n − 1 (rows count from 1)."""
+    nums = pc.cast(pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), pa.string())
+    return pc.binary_join_element_wise(pa.scalar(f"{name}:row "), nums, "")
+
+
+def clean_captions(col: pa.Array) -> tuple[pa.Array, list[tuple[int, str, str]]]:
+    """Cleaned captions (NULL where rejected) and [(row, reason, detail)] for the rejected rows."""
+    n = len(col)
+    text = None
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        try:
+            text = pc.cast(col, pa.string())
+        except pa.ArrowInvalid:     # some row is not UTF-8: clean_caption says which byte
+            text = None
+    elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        text = col.cast(pa.string())
+    if text is None:
+        values = col.to_pylist()
+        clean = np.zeros(n, dtype=bool)
+    else:
+        ok = pc.match_substring_regex(text, _CLEAN)
+        clean = pc.fill_null(ok, False).to_numpy(zero_copy_only=False)
+        if clean.all():
+            return text, []
+        values = None
+    out = text.to_pylist() if text is not None else [None] * n
+    rejects = []
+    for i in np.flatnonzero(~clean):
+        raw = values[i] if values is not None else col[int(i)].as_py()
+        if raw is not None and not isinstance(raw, (bytes, str)):
+            raw = str(raw)
+        try:
+            out[i] = clean_caption(raw)
+        except ItemRejected as e:
+            out[i] = None
+            rejects.append((int(i), e.reason, e.detail))
+    return pa.array(out, pa.string()), rejects
+
+
+def vector_matrix(col: pa.Array | np.ndarray | None, n: int, dim: int) -> tuple[np.ndarray, list[str | None]]:
+    """(n, dim) float32 and per row None or the reject reason + detail ("reason\\tdetail").
+
+    `col` is an (n, d) numpy array (npy rows) or an Arrow list column (parquet)."""
+    reasons: list[str | None] = [None] * n
+    out = np.zeros((n, dim), dtype=np.float32)
+    if col is None:
+        return out, ["missing_vector\trow has no image or text embedding"] * n
+    if isinstance(col, np.ndarray):
+        if col.dtype.kind not in "iuf" or col.ndim != 2:
+            return out, [f"bad_vector\texpected real numbers, got dtype {col.dtype}"] * n
+        if col.shape[1] != dim:
+            return out, [f"wrong_dim\texpected {dim}, got {col.shape[1]}"] * n
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = np.asarray(col, dtype=np.float32)
+            if out is col:
+                out = out.copy()
+        valid = np.ones(n, dtype=bool)
+    else:
+        arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        if pa.types.is_fixed_size_list(arr.type):
+            arr = arr.cast(pa.list_(arr.type.value_type))
+        if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or \
+                not (pa.types.is_integer(arr.type.value_type) or pa.types.is_floating(arr.type.value_type)):
+            valid = arr.is_valid().to_numpy(zero_copy_only=False)
+            return out, [f"bad_vector\tnot a numeric vector ({arr.type})" if v else
+                         "missing_vector\trow has no image or text embedding" for v in valid]
+        valid = arr.is_valid().to_numpy(zero_copy_only=False)
+        lengths = pc.fill_null(pc.list_value_length(arr), -1).to_numpy(zero_copy_only=False)
+        for i in np.flatnonzero(~valid):
+            reasons[i] = "missing_vector\trow has no image or text embedding"
+        wrong = valid & (lengths != dim)
+        for i in np.flatnonzero(wrong):
+            reasons[i] = f"wrong_dim\texpected {dim}, got {int(lengths[i])}"
+        good = valid & ~wrong
+        if good.any():
+            sub = arr.filter(pa.array(good))
+            flat = sub.flatten().to_numpy(zero_copy_only=False)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[good] = flat.astype(np.float32).reshape(-1, dim)
+            # NULL elements inside a list read as NaN: non-finite, as check_vector says
+        valid = good
+    finite = np.isfinite(out).all(axis=1)
+    for i in np.flatnonzero(valid & ~finite):
+        j = int(np.flatnonzero(~np.isfinite(out[i]))[0])
+        reasons[i] = f"non_finite_vector\tvalue {out[i, j]} at index {j}"
+    zero = valid & finite & ~out.any(axis=1)
+    for i in np.flatnonzero(zero):
+        reasons[i] = "zero_vector\tall components are zero"
+    return out, reasons
+
+
+_DUCK = threading.local()
+
+
+def _duck():  # noqa: ANN202
+    con = getattr(_DUCK, "con", None)
+    if con is None:
+        import duckdb
+        con = _DUCK.con = duckdb.connect(":memory:", config={"threads": 1})
+    return con
+
+
+def _sql_type(t: pa.DataType) -> str:
+    if pa.types.is_boolean(t):
+        return "BOOLEAN"
+    if pa.types.is_integer(t):
+        return "BIGINT"
+    if pa.types.is_floating(t):
+        return "DOUBLE"
+    return "VARCHAR"
+
+
+def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
+    """One JSON object per row of `table`'s columns (keys sorted; NULL when it has no columns)
+    and each column's SQL type, built by DuckDB's to_json in one vectorised pass."""
+    n = table.num_rows
+    if table.num_columns == 0:
+        return pa.nulls(n, pa.string()), {}
+    types = {}
+    cols = {}
+    for name in sorted(table.column_names):
+        col = table.column(name)
+        t = col.type
+        if pa.types.is_dictionary(t):
+            col = col.cast(t.value_type)
+            t = t.value_type
+        if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
+                or pa.types.is_string(t) or pa.types.is_large_string(t)):
+            # nested values become JSON text, dates ISO strings, bytes UTF-8 (as ingest.sources._scalar)
+            from .sources import _scalar
+            col = pa.array([None if v is None else str(_scalar(v)) for v in col.to_pylist()], pa.string())
+            t = pa.string()
+        types[str(name)] = _sql_type(t)
+        cols[str(name)] = col
+    tbl = pa.table(cols)
+    keys = ", ".join(f"{_q(k)} := t.{_qi(k)}" for k in cols)
+    con = _duck()
+    con.register("_clipsql_meta", tbl)
+    try:
+        out = con.sql(f"SELECT to_json(struct_pack({keys}))::VARCHAR AS m FROM _clipsql_meta t").to_arrow_table()
+    finally:
+        con.unregister("_clipsql_meta")
+    col = out.column("m")
+    return col.combine_chunks().cast(pa.string()), types
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+_qi = _q
+
+
+def content_ids(captions: pa.Array, uris: pa.Array, given: pa.Array | None) -> pa.Array:
+    """The id column where the source has one, else content_id(b"", caption, uri) per row."""
+    if given is not None:
+        ids = pc.cast(given, pa.string()) if not pa.types.is_string(given.type) else given
+        if ids.null_count == 0:
+            return ids
+        out = ids.to_pylist()
+    else:
+        out = [None] * len(captions)
+    caps, us = captions.to_pylist(), uris.to_pylist()
+    for i, v in enumerate(out):
+        if v is None:
+            out[i] = content_id(b"", caps[i] or "", us[i] or "")
+    return pa.array(out, pa.string())

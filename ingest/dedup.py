@@ -1,0 +1,103 @@
+"""Which ids of a batch are new: O(new data) work, never a set of every stored id.
+
+* Ids this run already added: 64-bit fingerprints in sorted numpy chunks (8 bytes a row).
+  A fingerprint hit is confirmed exactly — against the exact ids not yet committed, or
+  through the store's `id` index for committed ones — so a hash collision never rejects
+  a row.
+* Ids stored before this run: `Store.stored_ids`, an `id IN (…)` lookup through the Lance
+  BTREE index on `id` (and a scan of fragments not indexed yet). Skipped when the store
+  had no rows when the run started.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+_LOCAL = threading.local()
+
+
+def fingerprints(ids: pa.Array) -> np.ndarray:
+    """64-bit hashes of strings (DuckDB's hash(), vectorised)."""
+    con = getattr(_LOCAL, "con", None)
+    if con is None:
+        import duckdb
+        con = _LOCAL.con = duckdb.connect(":memory:", config={"threads": 1})
+    con.register("_clipsql_ids", pa.table({"id": ids}))
+    try:
+        out = con.sql("SELECT hash(id) AS h FROM _clipsql_ids").to_arrow_table()
+    finally:
+        con.unregister("_clipsql_ids")
+    col = out.column("h")
+    return col.to_numpy().astype(np.uint64, copy=False)
+
+
+class _SortedChunks:
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def contains(self, h: np.ndarray) -> np.ndarray:
+        hit = np.zeros(len(h), dtype=bool)
+        for c in self.chunks:
+            pos = np.searchsorted(c, h)
+            pos[pos == len(c)] = 0
+            hit |= c[pos] == h if len(c) else False
+        return hit
+
+    def add(self, h: np.ndarray) -> None:
+        if len(h):
+            self.chunks.append(np.sort(h))
+        if len(self.chunks) > 12:   # merge: amortised O(n log n), lookups stay few searchsorted calls
+            self.chunks = [np.sort(np.concatenate(self.chunks))]
+
+
+class IdChecker:
+    """Classifies the ids of each batch: duplicate within this run, stored before it, or new."""
+
+    def __init__(self, store, model) -> None:  # noqa: ANN001
+        self.store, self.model = store, model
+        samples = store.samples_table()
+        self.lookup = bool((samples is not None and samples.count_rows()) or store.count_rows(model))
+        self.seen = _SortedChunks()
+        self.uncommitted: set[str] = set()
+
+    def check(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(duplicate of an earlier row of this run, already in samples, already in the model table)."""
+        n = len(ids)
+        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        dup = np.zeros(n, dtype=bool)
+        if n == 0:
+            return dup, dup.copy(), dup.copy()
+        # within the batch, exactly: a row whose id occurred at a smaller index
+        codes = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
+        _, first = np.unique(codes, return_index=True)
+        dup[:] = True
+        dup[first] = False
+        h = fingerprints(ids)
+        cand = np.flatnonzero(~dup & self.seen.contains(h))
+        if len(cand):
+            cand_ids = ids.take(pa.array(cand))
+            exact = np.array([v in self.uncommitted for v in cand_ids.to_pylist()], dtype=bool)
+            rest = cand[~exact]
+            if len(rest):
+                _, in_emb = self.store.stored_ids(self.model, ids.take(pa.array(rest)))
+                exact[~exact] = in_emb
+            dup[cand[exact]] = True
+        in_s = np.zeros(n, dtype=bool)
+        in_e = np.zeros(n, dtype=bool)
+        fresh = np.flatnonzero(~dup)
+        if self.lookup and len(fresh):
+            s, e = self.store.stored_ids(self.model, ids.take(pa.array(fresh)))
+            in_s[fresh], in_e[fresh] = s, e
+        self.seen.add(h[fresh])
+        self.uncommitted.update(ids.take(pa.array(fresh)).to_pylist() if len(fresh) < n else ids.to_pylist())
+        return dup, in_s, in_e
+
+    def committed(self) -> None:
+        """The writer committed: the ids so far are in the store (found through its index)."""
+        self.uncommitted.clear()

@@ -1,0 +1,157 @@
+"""`clipsql optimize`: compact small fragments, build or refresh the `id` indexes, prune old versions.
+
+Runs under the writer lock. Each table's compaction and index commits are Lance versions
+that change no row; the catalog's `table_versions` moves to them in one transaction (a
+`commits` row of kind `optimize`) before anything is pruned, so
+
+* a query running meanwhile keeps reading the version it opened (pruning keeps every
+  version younger than the retention window, default 24 h);
+* a SIGKILL before that transaction leaves the ledger at the old versions, whose files
+  are all still there: the next writer restores them (Store.recover) and nothing is lost;
+* versions a fit was computed on are tagged (`fit-<id>`) and never pruned.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+from . import catalog as cat
+from .faults import fault
+from .store import ModelRecord, Store, _set_version
+
+DEFAULT_RETENTION_HOURS = 24.0
+TARGET_ROWS_PER_FRAGMENT = 1 << 20
+INDEX_MIN_ROWS = 10_000          # below this a scan is as fast as the index
+AUTO_FRAGMENTS = 64              # ingest compacts when a table has more fragments than this
+AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of rows is not in it
+
+
+def _tables(st: Store) -> list[str]:
+    names = ["samples"] if os.path.exists(st.table_uri("samples")) else []
+    return names + [m.table_name for m in st.list_models()]
+
+
+def _unindexed(ds: Any) -> int | None:
+    """Rows the `id` index does not cover (None: there is no index)."""
+    for idx in ds.describe_indices():
+        if list(idx.field_names) == ["id"]:
+            return int(ds.stats.index_stats(idx.name)["num_unindexed_rows"])
+    return None
+
+
+def table_health(st: Store) -> list[dict[str, Any]]:
+    """Per table: rows, fragments, committed and latest Lance versions, rows outside the id index."""
+    out = []
+    for name in _tables(st):
+        ds = st.dataset(name)
+        out.append({"table": name, "rows": ds.count_rows(), "fragments": len(ds.get_fragments()),
+                    "version": ds.version, "versions": len(ds.versions()), "unindexed_rows": _unindexed(ds)})
+    return out
+
+
+def _tag_fit_versions(st: Store, ds: Any, name: str) -> int:
+    """Tag the versions fits were computed on (tags are never pruned)."""
+    models = {m.table_name: m for m in st.list_models()}
+    rec: ModelRecord | None = models.get(name)
+    if rec is None:
+        return 0
+    import json
+    existing = set(ds.tags.list())
+    n = 0
+    with st.engine.connect() as conn:
+        rows = conn.execute(sa.select(cat.fits.c.fit_id, cat.fits.c.options).where(
+            cat.fits.c.model_id == rec.model_id)).fetchall()
+    have = {v["version"] for v in ds.versions()}
+    for fit_id, options in rows:
+        version = json.loads(options).get("data_version")
+        tag = f"fit-{fit_id}"
+        if version in have and tag not in existing:
+            ds.tags.create(tag, int(version))
+            n += 1
+    return n
+
+
+def optimize(st: Store, *, compact: bool = True, index: bool = True, prune: bool = True,
+             retention_hours: float = DEFAULT_RETENTION_HOURS, locked: bool = False) -> dict[str, Any]:
+    """Compact, index and prune every table of the store; returns a report per table."""
+    if locked:
+        return _optimize(st, compact, index, prune, retention_hours)
+    with st.lock():
+        return _optimize(st, compact, index, prune, retention_hours)
+
+
+def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hours: float) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    st.recover()
+    report: dict[str, Any] = {"tables": {}}
+    new_versions: dict[str, int] = {}
+    for name in _tables(st):
+        ds = st.dataset(name, latest=True)
+        info: dict[str, Any] = {"fragments_before": len(ds.get_fragments()), "version_before": ds.version}
+        t0 = time.perf_counter()
+        if compact and info["fragments_before"] > 1:
+            m = ds.optimize.compact_files(target_rows_per_fragment=TARGET_ROWS_PER_FRAGMENT)
+            info["fragments_removed"], info["fragments_added"] = m.fragments_removed, m.fragments_added
+            ds = st.dataset(name, latest=True)
+            fault("optimize:after-compact")
+        info["compact_seconds"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        if index and ds.count_rows() >= INDEX_MIN_ROWS:
+            unindexed = _unindexed(ds)
+            if unindexed is None:
+                ds.create_scalar_index("id", "BTREE")
+                info["index"] = "built"
+            elif unindexed:
+                ds.optimize.optimize_indices()
+                info["index"] = f"refreshed ({unindexed} rows added)"
+            ds = st.dataset(name, latest=True)
+        info["index_seconds"] = round(time.perf_counter() - t0, 3)
+        info["fragments"] = len(ds.get_fragments())
+        if ds.version != info["version_before"]:
+            new_versions[name] = ds.version
+        report["tables"][name] = info
+    if new_versions:
+        with st.engine.begin() as conn:
+            res = conn.execute(cat.commits.insert().values(
+                model_id=None, run_id=None, kind="optimize", rows=0, sample_rows=0,
+                versions=cat.to_json(new_versions), created_at=time.time()))
+            commit_id = int(res.inserted_primary_key[0])
+            for name, v in new_versions.items():
+                _set_version(conn, name, v, commit_id)
+    fault("optimize:before-prune")
+    if prune:
+        older = _dt.timedelta(hours=max(0.0, float(retention_hours)))
+        for name in _tables(st):
+            ds = st.dataset(name, latest=True)
+            tagged = _tag_fit_versions(st, ds, name)
+            stats = ds.cleanup_old_versions(older_than=older, error_if_tagged_old_versions=False)
+            info = report["tables"][name]
+            info["versions_pruned"] = int(stats.old_versions)
+            info["bytes_pruned"] = int(stats.bytes_removed)
+            info["versions_tagged"] = tagged
+            info["versions"] = len(ds.versions())
+    report["seconds"] = round(time.perf_counter() - t_start, 3)
+    return report
+
+
+def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
+    """What ingest runs (under its lock) when a threshold is crossed: many fragments, or many rows
+    outside the id index. Returns {} when nothing was due."""
+    due = False
+    for name in ("samples", rec.table_name):
+        if not os.path.exists(st.table_uri(name)):
+            continue
+        ds = st.dataset(name)
+        rows = ds.count_rows()
+        unindexed = _unindexed(ds)
+        if len(ds.get_fragments()) > AUTO_FRAGMENTS:
+            due = True
+        if rows >= INDEX_MIN_ROWS and (unindexed is None or unindexed > AUTO_UNINDEXED_SHARE * rows):
+            due = True
+    if not due:
+        return {}
+    return optimize(st, prune=False, locked=True)

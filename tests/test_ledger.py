@@ -1,0 +1,254 @@
+"""The commit ledger: commits decoupled from batches, exact recovery after kills at every
+commit boundary, unit skipping without reads, id checks without a set of the store, optimize."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ingest.pipeline import IngestOptions, ingest
+from store.stats import RunningMoments
+from store.store import Store
+from store.writer import CommitPolicy
+
+from .test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]   # precomputed: no weights needed
+D = 512
+
+
+def write_pool(folder: Path, shards: int, rows: int, seed: int = 0, row_group: int = 250) -> None:
+    """A clip-retrieval layout: img_emb/*.npy, text_emb/*.npy, metadata/*.parquet (with row groups)."""
+    rng = np.random.default_rng(seed)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        base = rng.normal(size=(rows, D)).astype(np.float32)
+        np.save(folder / "img_emb" / f"img_emb_{s}.npy", base + 0.3 * rng.normal(size=(rows, D)).astype(np.float32))
+        np.save(folder / "text_emb" / f"text_emb_{s}.npy", base + 0.3 * rng.normal(size=(rows, D)).astype(np.float32))
+        keys = [f"{s:03d}{i:06d}" for i in range(rows)]
+        pq.write_table(pa.table({"key": keys, "url": [f"http://x/{k}.jpg" for k in keys],
+                                 "caption": [f"a photo number {k}" for k in keys],
+                                 "width": np.arange(rows, dtype=np.int64)}),
+                       folder / "metadata" / f"metadata_{s}.parquet", row_group_size=row_group)
+
+
+def cli(*args, env=None, check=True):
+    e = dict(os.environ, **(env or {}))
+    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, env=e,
+                       timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pool")
+    write_pool(folder, shards=2, rows=1500)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(pool, tmp_path_factory):
+    st = Store.init(tmp_path_factory.mktemp("ref") / "s")
+    cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
+    return Store.open(st.path)
+
+
+def assert_same_store(st, ref):
+    ids, img, txt = stored_vectors(st)
+    rids, rimg, rtxt = stored_vectors(ref)
+    assert ids == rids
+    np.testing.assert_array_equal(img, rimg)
+    np.testing.assert_array_equal(txt, rtxt)
+    assert sample_ids(st) == sample_ids(ref)
+    assert_stats_match_vectors(st)
+
+
+def assert_consistent_snapshot(st):
+    """What any reader sees: samples and embeddings of the same commits, statistics current."""
+    if not st.list_models():
+        return
+    rec = st.model()
+    assert st.stats(rec).n == st.count_rows(rec)
+    emb = set(st.read_embeddings(rec, columns=("id",)).column("id").to_pylist())
+    assert emb <= set(sample_ids(st))
+    assert_stats_match_vectors(st)
+
+
+def test_commits_are_decoupled_from_batches(pool, tmp_path, reference):
+    st = Store.init(tmp_path / "s")
+    p = cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress",
+            "--commit-rows", "1000", "--batch-size", "64", "--format", "json")
+    import json
+    summary = json.loads(p.stdout)
+    assert summary["added"] == 3000 and summary["commits"] == 3
+    st = Store.open(st.path)
+    ds = lance.dataset(st.table_uri(st.model().table_name))
+    assert len(ds.versions()) <= 1 + 3 + 2          # create, 3 appends, maintenance (compact + index)
+    assert_same_store(st, reference)
+
+
+@pytest.mark.parametrize("point", ["commit:between-tables", "commit:after-lance"])
+def test_kill_at_a_commit_boundary_then_rerun_is_exact(pool, tmp_path, reference, point):
+    st = Store.init(tmp_path / "s")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress",
+            "--commit-rows", "1000"]
+    # the second commit dies at the boundary: one whole commit is visible, nothing of the second
+    p = cli(*args, env={"CLIPSQL_FAULT": point}, check=False)
+    assert p.returncode == -9
+    st = Store.open(st.path)
+    assert_consistent_snapshot(st)
+    assert st.count_rows(st.model()) == 1000
+    cli(*args)
+    assert_same_store(Store.open(st.path), reference)
+
+
+def test_rerun_skips_units_without_reading_or_loading_the_model(pool, tmp_path, monkeypatch):
+    st = Store.init(tmp_path / "s")
+    opts = IngestOptions(progress=False, id_column="key")
+    first = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
+    assert first.added == 3000
+
+    import ingest.models as models
+    import ingest.precomputed as pre
+
+    def boom(*a, **k):
+        raise AssertionError("a no-op re-run must not load weights or read units")
+    monkeypatch.setattr(models, "load", boom)
+    monkeypatch.setattr(pre.PrecomputedSource, "read_columns", boom)
+    again = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
+    assert again.added == 0 and again.skipped == 3000 and again.units_skipped == 12 and again.commits == 0
+
+
+def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=500)
+    st = Store.init(tmp_path / "s")
+    opts = IngestOptions(progress=False, id_column="key")
+    assert ingest(st, str(pool), model="ViT-B-32", pretrained="x", options=opts).added == 500
+    meta = pool / "metadata" / "metadata_0.parquet"
+    os.utime(meta, ns=(os.stat(meta).st_atime_ns, os.stat(meta).st_mtime_ns + 10**9))
+    again = ingest(st, str(pool), model="ViT-B-32", pretrained="x", options=opts)
+    assert again.added == 0 and again.skipped == 500 and again.units_skipped == 0
+
+
+def test_ids_already_stored_are_found_through_the_index(tmp_path):
+    """Another layout of the same rows: every id is found in the store (BTREE index + unindexed scan)."""
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=2000, row_group=500)
+    st = Store.init(tmp_path / "s")
+    opts = IngestOptions(progress=False, id_column="key")
+    ingest(st, str(pool), model="ViT-B-32", pretrained="x", options=opts)
+    ds = st.embeddings_table(st.model())
+    assert [i.field_names for i in ds.describe_indices()] == [["id"]]   # built after the first ingest
+    tbl = pq.read_table(pool / "metadata" / "metadata_0.parquet")
+    img = np.load(pool / "img_emb" / "img_emb_0.npy")
+    txt = np.load(pool / "text_emb" / "text_emb_0.npy")
+    fsl = lambda X: pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), D)  # noqa: E731
+    pq.write_table(tbl.append_column("image_embedding", fsl(img)).append_column("text_embedding", fsl(txt)),
+                   tmp_path / "same.parquet", row_group_size=700)
+    s = ingest(st, str(tmp_path / "same.parquet"), model="ViT-B-32", pretrained="x", options=opts)
+    assert s.added == 0 and s.skipped == 2000
+
+
+def test_fingerprint_collisions_never_reject_a_row(tmp_path, monkeypatch):
+    import ingest.dedup as dedup
+    monkeypatch.setattr(dedup, "fingerprints", lambda ids: np.zeros(len(ids), dtype=np.uint64))
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=600, row_group=100)
+    st = Store.init(tmp_path / "s")
+    s = ingest(st, str(pool), model="ViT-B-32", pretrained="x",
+               options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=250)))
+    assert s.added == 600 and not s.rejected
+
+
+def test_duplicates_within_a_run_are_rejected_across_commits(tmp_path):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=300, row_group=100)
+    # shard 1 repeats shard 0's keys: each is a duplicate of a row committed earlier in the run
+    pq.write_table(pq.read_table(pool / "metadata" / "metadata_0.parquet"), pool / "metadata" / "metadata_1.parquet",
+                   row_group_size=100)
+    st = Store.init(tmp_path / "s")
+    s = ingest(st, str(pool), model="ViT-B-32", pretrained="x",
+               options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=150)))
+    assert s.added == 300 and s.rejected == {"duplicate_id": 300}
+
+
+def test_readers_ignore_lance_versions_the_ledger_has_not_committed(pool, tmp_path):
+    st = Store.init(tmp_path / "s")
+    ingest(st, str(pool), model="ViT-B-32", pretrained="x", options=IngestOptions(progress=False, id_column="key"))
+    rec = st.model()
+    before = st.count_rows(rec)
+    ds = lance.dataset(st.table_uri(rec.table_name))
+    lance.write_dataset(ds.to_table(limit=10), ds.uri, mode="append")     # a commit the catalog never saw
+    assert st.count_rows(rec) == before
+    from queries.db import connect
+    assert connect(st).sql("SELECT count(*) FROM embeddings").fetchone()[0] == before
+    with st.lock():
+        assert st.recover() == {rec.table_name: 10}
+    assert lance.dataset(ds.uri).count_rows() == before
+
+
+@pytest.mark.parametrize("point", ["optimize:after-compact", "optimize:before-prune"])
+def test_kill_during_optimize_loses_nothing(pool, tmp_path, reference, point):
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "500")
+    p = cli("optimize", str(st.path), env={"CLIPSQL_FAULT": point}, check=False)
+    assert p.returncode == -9
+    st = Store.open(st.path)
+    assert_consistent_snapshot(st)
+    assert_same_store(st, reference)
+    out = cli("optimize", str(st.path), "--retention-hours", "0", "--format", "json")
+    import json
+    report = json.loads(out.stdout)
+    assert report["tables"][st.model().table_name]["fragments"] <= 2
+    assert_same_store(Store.open(st.path), reference)
+
+
+def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path):
+    from queries.fit import fit_stats
+    st = Store.init(tmp_path / "s")
+    ingest(st, str(pool), model="ViT-B-32", pretrained="x",
+           options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=500), maintain=False))
+    f = fit_stats(st, reference_size=100)
+    from store.maintenance import optimize
+    optimize(st, retention_hours=0)
+    ds = lance.dataset(st.table_uri(st.model().table_name), version=f["data_version"])
+    assert ds.count_rows() == 3000
+    assert f"fit-{f['fit_id']}" in ds.tags.list()
+
+
+def test_query_during_optimize_reads_its_snapshot(pool, tmp_path):
+    st = Store.init(tmp_path / "s")
+    ingest(st, str(pool), model="ViT-B-32", pretrained="x",
+           options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=300), maintain=False))
+    from queries.db import connect
+    con = connect(st)
+    expected = con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchone()
+    from store.maintenance import optimize
+    optimize(st, retention_hours=24)
+    assert con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchone() == expected
+    assert connect(st).sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchone() == expected
+
+
+def test_merged_partials_equal_one_pass():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(900, 7)) * 3 + 10
+    whole = RunningMoments(7)
+    whole.update(X)
+    merged = RunningMoments(7)
+    for part in (X[:100], X[100:550], X[550:]):
+        m = RunningMoments(7)
+        m.update(part)                   # each partial with its own shift
+        merged.merge(m)
+    np.testing.assert_allclose(merged.mean, X.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(merged.cov, np.cov(X, rowvar=False, bias=True), rtol=1e-10)
+    assert merged.n == whole.n == 900
