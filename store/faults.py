@@ -11,6 +11,17 @@ import os
 import signal
 
 
+_hits: dict[str, int] = {}
+
+
 def fault(point: str) -> None:
-    if os.environ.get("CLIPSQL_FAULT") == point:
+    """`CLIPSQL_FAULT=point` kills at the first pass through `point`, `point@N` at the N-th."""
+    want = os.environ.get("CLIPSQL_FAULT")
+    if not want:
+        return
+    name, _, nth = want.partition("@")
+    if name != point:
+        return
+    _hits[point] = _hits.get(point, 0) + 1
+    if _hits[point] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

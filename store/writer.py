@@ -163,7 +163,7 @@ class Writer:
 
     def due(self) -> bool:
         p = self.pending
-        if p.rows + p.sample_rows >= self.policy.rows:
+        if max(p.rows, p.sample_rows) >= self.policy.rows:
             return True
         return bool(p.rows or p.sample_rows or p.units or p.rejects) and \
             time.monotonic() - self._started >= self.policy.seconds

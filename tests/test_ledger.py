@@ -102,7 +102,7 @@ def test_kill_at_a_commit_boundary_then_rerun_is_exact(pool, tmp_path, reference
     args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress",
             "--commit-rows", "1000"]
     # the second commit dies at the boundary: one whole commit is visible, nothing of the second
-    p = cli(*args, env={"CLIPSQL_FAULT": point}, check=False)
+    p = cli(*args, env={"CLIPSQL_FAULT": f"{point}@2"}, check=False)
     assert p.returncode == -9
     st = Store.open(st.path)
     assert_consistent_snapshot(st)
@@ -133,20 +133,22 @@ def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path):
     write_pool(pool, shards=1, rows=500)
     st = Store.init(tmp_path / "s")
     opts = IngestOptions(progress=False, id_column="key")
-    assert ingest(st, str(pool), model="ViT-B-32", pretrained="x", options=opts).added == 500
+    assert ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts).added == 500
     meta = pool / "metadata" / "metadata_0.parquet"
     os.utime(meta, ns=(os.stat(meta).st_atime_ns, os.stat(meta).st_mtime_ns + 10**9))
-    again = ingest(st, str(pool), model="ViT-B-32", pretrained="x", options=opts)
+    again = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
     assert again.added == 0 and again.skipped == 500 and again.units_skipped == 0
 
 
-def test_ids_already_stored_are_found_through_the_index(tmp_path):
+def test_ids_already_stored_are_found_through_the_index(tmp_path, monkeypatch):
     """Another layout of the same rows: every id is found in the store (BTREE index + unindexed scan)."""
+    import store.maintenance
+    monkeypatch.setattr(store.maintenance, "INDEX_MIN_ROWS", 1000)
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=2000, row_group=500)
     st = Store.init(tmp_path / "s")
     opts = IngestOptions(progress=False, id_column="key")
-    ingest(st, str(pool), model="ViT-B-32", pretrained="x", options=opts)
+    ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
     ds = st.embeddings_table(st.model())
     assert [i.field_names for i in ds.describe_indices()] == [["id"]]   # built after the first ingest
     tbl = pq.read_table(pool / "metadata" / "metadata_0.parquet")
@@ -155,7 +157,7 @@ def test_ids_already_stored_are_found_through_the_index(tmp_path):
     fsl = lambda X: pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), D)  # noqa: E731
     pq.write_table(tbl.append_column("image_embedding", fsl(img)).append_column("text_embedding", fsl(txt)),
                    tmp_path / "same.parquet", row_group_size=700)
-    s = ingest(st, str(tmp_path / "same.parquet"), model="ViT-B-32", pretrained="x", options=opts)
+    s = ingest(st, str(tmp_path / "same.parquet"), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
     assert s.added == 0 and s.skipped == 2000
 
 
@@ -165,7 +167,7 @@ def test_fingerprint_collisions_never_reject_a_row(tmp_path, monkeypatch):
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=600, row_group=100)
     st = Store.init(tmp_path / "s")
-    s = ingest(st, str(pool), model="ViT-B-32", pretrained="x",
+    s = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
                options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=250)))
     assert s.added == 600 and not s.rejected
 
@@ -177,21 +179,21 @@ def test_duplicates_within_a_run_are_rejected_across_commits(tmp_path):
     pq.write_table(pq.read_table(pool / "metadata" / "metadata_0.parquet"), pool / "metadata" / "metadata_1.parquet",
                    row_group_size=100)
     st = Store.init(tmp_path / "s")
-    s = ingest(st, str(pool), model="ViT-B-32", pretrained="x",
+    s = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
                options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=150)))
     assert s.added == 300 and s.rejected == {"duplicate_id": 300}
 
 
 def test_readers_ignore_lance_versions_the_ledger_has_not_committed(pool, tmp_path):
     st = Store.init(tmp_path / "s")
-    ingest(st, str(pool), model="ViT-B-32", pretrained="x", options=IngestOptions(progress=False, id_column="key"))
+    ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=IngestOptions(progress=False, id_column="key"))
     rec = st.model()
     before = st.count_rows(rec)
     ds = lance.dataset(st.table_uri(rec.table_name))
     lance.write_dataset(ds.to_table(limit=10), ds.uri, mode="append")     # a commit the catalog never saw
     assert st.count_rows(rec) == before
     from queries.db import connect
-    assert connect(st).sql("SELECT count(*) FROM embeddings").fetchone()[0] == before
+    assert connect(st).sql("SELECT count(*) FROM embeddings").fetchall()[0][0] == before
     with st.lock():
         assert st.recover() == {rec.table_name: 10}
     assert lance.dataset(ds.uri).count_rows() == before
@@ -216,7 +218,7 @@ def test_kill_during_optimize_loses_nothing(pool, tmp_path, reference, point):
 def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path):
     from queries.fit import fit_stats
     st = Store.init(tmp_path / "s")
-    ingest(st, str(pool), model="ViT-B-32", pretrained="x",
+    ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
            options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=500), maintain=False))
     f = fit_stats(st, reference_size=100)
     from store.maintenance import optimize
@@ -228,15 +230,15 @@ def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path):
 
 def test_query_during_optimize_reads_its_snapshot(pool, tmp_path):
     st = Store.init(tmp_path / "s")
-    ingest(st, str(pool), model="ViT-B-32", pretrained="x",
+    ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
            options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=300), maintain=False))
     from queries.db import connect
     con = connect(st)
-    expected = con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchone()
+    expected = con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchall()
     from store.maintenance import optimize
     optimize(st, retention_hours=24)
-    assert con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchone() == expected
-    assert connect(st).sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchone() == expected
+    assert con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchall() == expected
+    assert connect(st).sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchall() == expected
 
 
 def test_merged_partials_equal_one_pass():
