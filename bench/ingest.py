@@ -162,12 +162,12 @@ def with_threads(n: int, fn: Any) -> Any:
 def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> float:
     """Best time of `update_moments` (raw + normalized, image + text) for `rows` rows of dim `dim`."""
     from store.stats import RunningMoments
-    from store.store import MODALITIES, SPACES, StatsState, update_moments
+    from store.store import StatsState, new_moments, update_moments
     rng = np.random.default_rng(seed)
     mean = rng.normal(size=dim).astype(np.float32)
     img = (mean + rng.normal(size=(rows, dim))).astype(np.float32)
     txt = (mean[::-1] + rng.normal(size=(rows, dim))).astype(np.float32)
-    state = StatsState("bench", {(m, s): RunningMoments(dim) for m in MODALITIES for s in SPACES}, 0)
+    state = StatsState("bench", new_moments(dim), 0)
     update_moments(state, img, txt)      # first batch sets the shift
     return min(C.timed(lambda: update_moments(state, img, txt))[0] for _ in range(repeats))
 
@@ -175,11 +175,11 @@ def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> fl
 def save_stats_seconds(tmp: Path, dim: int, repeats: int) -> float:
     """Best time of one `store.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
     from store.stats import RunningMoments
-    from store.store import MODALITIES, SPACES, StatsState, Store, update_moments
+    from store.store import StatsState, Store, new_moments, update_moments
     st = Store.init(tmp / f"stats-store-{dim}")
     rec = st.register_model(model_id=f"bench-{dim}", kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={})
-    state = StatsState(rec.model_id, {(m, s): RunningMoments(dim) for m in MODALITIES for s in SPACES}, 0)
+    state = StatsState(rec.model_id, new_moments(dim), 0)
     X = np.random.default_rng(1).normal(size=(64, dim)).astype(np.float32) + 1
     update_moments(state, X, X)
     try:

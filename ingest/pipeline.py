@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-from torch.utils.data import IterableDataset
 
 from store.store import Store, merge_sql_types
 from store.writer import CommitPolicy, Writer
@@ -83,14 +82,22 @@ class IngestSummary:
         return d
 
 
-class _PreparedStream(IterableDataset):
+def _prepared_stream(*args: Any) -> Any:
+    """A `_PreparedStream` (a torch IterableDataset; torch is imported only when images are encoded)."""
+    from torch.utils.data import IterableDataset
+
+    class _Stream(_PreparedStream, IterableDataset):
+        pass
+    return _Stream(*args)
+
+
+class _PreparedStream:
     """IterableDataset over source units; each DataLoader worker takes every n-th unit.
 
     A unit's last batch carries `unit_done = (key, rows, rejects)`: every row of the unit
     arrived in it or in that worker's earlier batches, so the writer may mark it done."""
 
     def __init__(self, source: Any, units: list, preprocess: Any, tokenizer: Any, dim: int, batch_size: int):
-        super().__init__()
         self.source, self.units, self.preprocess, self.tokenizer = source, units, preprocess, tokenizer
         self.dim, self.batch_size = dim, batch_size
 
@@ -179,8 +186,10 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
     """
     opts = options or IngestOptions()
     t_start = time.perf_counter()
-    spec = models.resolve(model, pretrained, checkpoint)
     seconds: Counter = Counter()
+    spec = models.resolve_known(model, pretrained, checkpoint, [(m.model_id, m.spec) for m in store.list_models()]) \
+        or models.resolve(model, pretrained, checkpoint)
+    seconds["resolve_model"] = time.perf_counter() - t_start
     with store.lock():
         source = open_source(source_path, image_column=opts.image_column, caption_column=opts.caption_column,
                              id_column=opts.id_column, image_embeddings=opts.image_embeddings,
@@ -282,7 +291,7 @@ def _ingest_items(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOp
                   on_batch: Any) -> None:
     """Images: decode/preprocess (DataLoader workers when asked) → forward → writer."""
     encoder = Encoder(loaded)
-    stream = _PreparedStream(source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size)
+    stream = _prepared_stream(source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size)
     workers = default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
     summary.workers, summary.device = workers, str(loaded.device)
     if workers:

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 from store.catalog import NPY_LOCK
 from store.errors import SourceError
 
+ROWS_PER_UNIT = 65_536      # rows a unit holds in memory at once: 256 MiB of vectors at d = 512
+
 
 from .sources import (Item, Reject, Source, _caption, _id, _require, _scalar)
 from typing import TYPE_CHECKING
@@ -33,8 +35,8 @@ class PrecomputedSource(Source):
       at the end of their name, rows in order.  The npy files are memory-mapped.
     * ``parquet``: one parquet file with embedding columns (lists of numbers).
 
-    Units are parquet row groups (of the metadata file, with the matching npy
-    row range).  caption, id and uri come from the metadata: uri from the
+    Units are ranges of at most ``ROWS_PER_UNIT`` rows of a parquet row group (of
+    the metadata file, with the matching npy row range).  caption, id and uri come from the metadata: uri from the
     ``image_column`` if present, else ``image_path``, else ``url``, stored as
     is (the images are not read).  Other metadata columns go to ``meta``.
     """
@@ -46,6 +48,7 @@ class PrecomputedSource(Source):
                  id_column=None, image_embeddings=None, text_embeddings=None):
         self.path, self.layout = os.path.abspath(os.fspath(path)), layout
         self.files = files  # [(metadata.parquet, img.npy | None, text.npy | None)]
+        self.rows_per_unit = ROWS_PER_UNIT
         self.caption_column, self.id_column = caption_column, id_column
         self.image_embeddings = image_embeddings or "image_embedding"
         self.text_embeddings = text_embeddings or "text_embedding"
@@ -102,20 +105,30 @@ class PrecomputedSource(Source):
         return cls(path, "npy", files, **opts)
 
     def units(self) -> list:
+        """(file, row group, first row of the group in the file, lo, hi): ranges of at most
+        `rows_per_unit` rows of a row group (metadata parquets often hold 1M-row groups)."""
         units = []
+        step = self.rows_per_unit
         for f, (meta_path, _, _) in enumerate(self.files):
             md, start = pq.ParquetFile(meta_path).metadata, 0
             for g in range(md.num_row_groups):
                 rows = md.row_group(g).num_rows
-                if rows:
-                    units.append((f, g, start, start + rows))
+                units += [(f, g, start, lo, min(lo + step, rows)) for lo in range(0, rows, step)]
                 start += rows
         return units
 
+    def _row_group(self, f: int, g: int) -> pa.Table:
+        """A row group, cached: the units of one group are read in order by one reader."""
+        cached = getattr(self, "_cache_rg", None)
+        if cached is None or cached[0] != (f, g):
+            cached = self._cache_rg = ((f, g), pq.ParquetFile(self.files[f][0]).read_row_group(g))
+        return cached[1]
+
     def read(self, unit) -> Iterator[Item | Reject]:
-        f, group, start, stop = unit
+        f, group, first, lo, hi = unit
+        start, stop = first + lo, first + hi
         meta_path, img_npy, txt_npy = self.files[f]
-        table = pq.ParquetFile(meta_path).read_row_group(group)
+        table = self._row_group(f, group).slice(lo, hi - lo)
         n = table.num_rows
         if self.layout == "npy":
             img = list(np.array(_npy(img_npy)[start:stop]))
@@ -162,9 +175,10 @@ class PrecomputedSource(Source):
         """One unit as columns (ingest.columnar): the vectorised equivalent of `read` + the per-item
         checks, with the same ids, captions, metadata and reject reasons."""
         from .columnar import Columns, clean_captions, content_ids, locations, metadata_json, vector_matrix
-        f, group, start, stop = unit
+        f, group, first, lo, hi = unit
+        start, stop = first + lo, first + hi
         meta_path, img_npy, txt_npy = self.files[f]
-        table = pq.ParquetFile(meta_path).read_row_group(group)
+        table = self._row_group(f, group).slice(lo, hi - lo)
         n = table.num_rows
         name = os.path.basename(meta_path)
         loc = locations(name, start + 1, n)

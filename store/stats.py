@@ -6,13 +6,19 @@ For vectors x_1..x_n and a fixed shift c (the mean of the first batch ever seen)
 Unshifted sums lose ~8 significant digits when ‖mean‖ ≫ spread (raw CLIP vectors
 sit far from the origin); with c ≈ mean the subtraction is benign. Updates are
 additive, so a batch folds in with two BLAS calls and the totals do not depend on
-how rows were batched (up to float64 rounding).
+how rows were batched (up to float64 rounding); partials merge exactly (`merge`).
+
+`second=False` keeps only the first moment (n, S1): the store keeps it for normalized
+vectors, whose mean conformity needs and whose covariance no score uses, which halves
+the d² work of every fold.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+FOLD_CHUNK = 4096   # rows cast to float64 at a time (16 MiB at d = 512, reused: no page faults)
 
 
 @dataclass
@@ -21,26 +27,35 @@ class RunningMoments:
     n: int = 0
     shift: np.ndarray | None = None
     s1: np.ndarray = field(default=None)  # type: ignore[assignment]
-    s2: np.ndarray = field(default=None)  # type: ignore[assignment]
+    s2: np.ndarray | None = field(default=None)
+    second: bool = True
 
     def __post_init__(self) -> None:
         if self.s1 is None:
             self.s1 = np.zeros(self.dim, dtype=np.float64)
-        if self.s2 is None:
+        if self.s2 is None and self.second:
             self.s2 = np.zeros((self.dim, self.dim), dtype=np.float64)
+        if self.s2 is not None:
+            self.second = True
 
     def update(self, X: np.ndarray) -> None:
-        X = np.asarray(X, dtype=np.float64)
+        X = np.asarray(X)
         if X.ndim != 2 or X.shape[1] != self.dim:
             raise ValueError(f"expected (n, {self.dim}) vectors, got shape {X.shape}")
         if len(X) == 0:
             return
         if self.shift is None:
-            self.shift = X.mean(axis=0)
-        Xc = X - self.shift
+            self.shift = X[:FOLD_CHUNK].mean(axis=0, dtype=np.float64)
+        buf = np.empty((min(len(X), FOLD_CHUNK), self.dim))
+        for i in range(0, len(X), FOLD_CHUNK):
+            part = X[i:i + FOLD_CHUNK]
+            b = buf[:len(part)]
+            np.copyto(b, part, casting="unsafe")
+            b -= self.shift
+            self.s1 += b.sum(axis=0)
+            if self.second:
+                self.s2 += b.T @ b
         self.n += len(X)
-        self.s1 += Xc.sum(axis=0)
-        self.s2 += Xc.T @ Xc
 
     def merge(self, other: "RunningMoments") -> None:
         """Add another set of moments (e.g. a commit's partial) exactly: with δ = c_o − c,
@@ -51,21 +66,19 @@ class RunningMoments:
             return
         if self.shift is None:
             self.shift = other.shift.copy()
+        if self.second and not other.second:
+            self.s2, self.second = None, False     # the merged moments keep what both have
         delta = other.shift - self.shift
         self.n += other.n
         if not delta.any():
             self.s1 += other.s1
-            self.s2 += other.s2
+            if self.second:
+                self.s2 += other.s2
             return
         self.s1 += other.s1 + other.n * delta
-        cross = np.outer(other.s1, delta)
-        self.s2 += other.s2 + cross + cross.T + other.n * np.outer(delta, delta)
-
-    def empty_like(self) -> "RunningMoments":
-        """Zero moments with the same shift (so a later merge adds without rounding)."""
-        out = RunningMoments(self.dim)
-        out.shift = None if self.shift is None else self.shift.copy()
-        return out
+        if self.second:
+            cross = np.outer(other.s1, delta)
+            self.s2 += other.s2 + cross + cross.T + other.n * np.outer(delta, delta)
 
     @property
     def mean(self) -> np.ndarray:
@@ -82,6 +95,8 @@ class RunningMoments:
 
     @property
     def cov(self) -> np.ndarray:
+        if not self.second:
+            raise ValueError("these moments keep the mean only (no second moment)")
         if self.n == 0:
             return np.full((self.dim, self.dim), np.nan)
         d = self.s1 / self.n
@@ -92,3 +107,35 @@ class RunningMoments:
 def normalize_rows(X: np.ndarray) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     return X / np.linalg.norm(X, axis=1, keepdims=True)
+
+
+def fold_pair(raw: RunningMoments, normalized: RunningMoments, X: np.ndarray) -> None:
+    """Fold rows (any float dtype) into raw moments (mean + covariance) and the moments of the
+    normalized rows, through one reused float64 buffer of FOLD_CHUNK rows: per chunk one cast,
+    one row-norm pass, one GEMV (Σ x/‖x‖), one in-place centring and one SYRK (Xcᵀ Xc)."""
+    X = np.asarray(X)
+    n = len(X)
+    if n == 0:
+        return
+    if X.ndim != 2 or X.shape[1] != raw.dim:
+        raise ValueError(f"expected (n, {raw.dim}) vectors, got shape {X.shape}")
+    head = np.asarray(X[:FOLD_CHUNK], dtype=np.float64)
+    if raw.shift is None:
+        raw.shift = head.mean(axis=0)
+    if normalized.shift is None:
+        normalized.shift = (head / np.linalg.norm(head, axis=1, keepdims=True)).mean(axis=0)
+    buf = np.empty((min(n, FOLD_CHUNK), raw.dim))
+    for i in range(0, n, FOLD_CHUNK):
+        b = buf[:min(FOLD_CHUNK, n - i)]
+        np.copyto(b, X[i:i + FOLD_CHUNK], casting="unsafe")
+        inv = 1.0 / np.sqrt(np.einsum("ij,ij->i", b, b))
+        normalized.s1 += inv @ b - len(b) * normalized.shift
+        if normalized.second:
+            v = b * inv[:, None] - normalized.shift
+            normalized.s2 += v.T @ v
+        b -= raw.shift
+        raw.s1 += b.sum(axis=0)
+        if raw.second:
+            raw.s2 += b.T @ b
+    raw.n += n
+    normalized.n += n

@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .store import (MODALITIES, SPACES, ModelRecord, PendingCommit, Store, _fixed_list, embeddings_schema,
-                    samples_schema)
-from .stats import normalize_rows
+from .store import ModelRecord, PendingCommit, Store, _fixed_list, embeddings_schema, new_moments, samples_schema
+from .stats import fold_pair
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,16 @@ class CommitPolicy:
 
 
 class _Buffer:
-    """Arrow tables for one Lance table, cut into data files of ~`limit` bytes."""
+    """Arrow tables for one Lance table, cut into data files of ~`limit` bytes written on the
+    writer's I/O thread (Lance's encoder releases the GIL), so reading, checking and the
+    statistics fold of the next rows overlap with the write of these."""
 
-    def __init__(self, uri: str, schema: pa.Schema, storage_version: str, limit: int):
-        self.uri, self.schema, self.storage_version, self.limit = uri, schema, storage_version, limit
+    def __init__(self, uri: str, schema: pa.Schema, storage_version: str, limit: int, io: ThreadPoolExecutor):
+        self.uri, self.schema, self.storage_version, self.limit, self.io = uri, schema, storage_version, limit, io
         self.tables: list[pa.Table] = []
         self.bytes = 0
-        self.fragments: list = []
-        self.rows = 0           # rows in self.fragments + self.tables
+        self.writes: list = []      # futures of write_fragments, in order
+        self.rows = 0               # rows in self.writes + self.tables
 
     def add(self, tbl: pa.Table) -> None:
         if tbl.num_rows == 0:
@@ -63,17 +64,22 @@ class _Buffer:
     def flush(self) -> None:
         if not self.tables:
             return
-        import lance
         data = pa.concat_tables(self.tables) if len(self.tables) > 1 else self.tables[0]
-        self.fragments += lance.fragment.write_fragments(
-            data, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
-            data_storage_version=self.storage_version)
         self.tables, self.bytes = [], 0
+        if len(self.writes) >= 2:        # at most two data files in flight: memory stays bounded
+            self.writes[-2].result()
+        self.writes.append(self.io.submit(self._write, data))
+
+    def _write(self, data: pa.Table) -> list:
+        import lance
+        return lance.fragment.write_fragments(data, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
+                                              data_storage_version=self.storage_version)
 
     def take(self) -> tuple[list, int]:
         self.flush()
-        out = self.fragments, self.rows
-        self.fragments, self.rows = [], 0
+        fragments = [f for w in self.writes for f in w.result()]
+        out = fragments, self.rows
+        self.writes, self.rows = [], 0
         return out
 
 
@@ -89,6 +95,7 @@ class Writer:
         self.seq = state.covered_seq
         self._shifts = {k: m.shift for k, m in state.moments.items()}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsql-stats")
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsql-write")
         self._folds: list = []
         self.fold_seconds = 0.0
         self.fold_wait_seconds = 0.0     # main thread blocked on folds at a commit
@@ -101,15 +108,13 @@ class Writer:
         st, rec = self.store, self.model
         version = st.dataset(rec.table_name).data_storage_version
         self._emb = _Buffer(st.table_uri(rec.table_name), embeddings_schema(rec.dim), version,
-                            self.policy.fragment_bytes)
+                            self.policy.fragment_bytes, self._io)
         self._samples = _Buffer(st.table_uri("samples"), samples_schema(),
-                                st.dataset("samples").data_storage_version, self.policy.fragment_bytes)
+                                st.dataset("samples").data_storage_version, self.policy.fragment_bytes, self._io)
         self.pending = PendingCommit(run_id=self.run_id, source=self.source, seq=self.seq + 1)
-        for key in ((mo, sp) for mo in MODALITIES for sp in SPACES):
-            from .stats import RunningMoments
-            m = RunningMoments(rec.dim)
+        self.pending.moments = new_moments(rec.dim)
+        for key, m in self.pending.moments.items():
             m.shift = None if self._shifts.get(key) is None else self._shifts[key].copy()
-            self.pending.moments[key] = m
         self._started = time.monotonic()
 
     # -- adding ---------------------------------------------------------------------------
@@ -141,10 +146,8 @@ class Writer:
     def _fold(self, moments: dict, image: np.ndarray, text: np.ndarray) -> None:
         t0 = time.perf_counter()
         for modality, X in (("image", image), ("text", text)):
-            X64 = X.astype(np.float64)
             raw = moments[(modality, "raw")]
-            raw.update(X64)
-            moments[(modality, "normalized")].update(normalize_rows(X64))
+            fold_pair(raw, moments[(modality, "normalized")], X)
             if raw.shift is not None and self._shifts.get((modality, "raw")) is None:
                 self._shifts[(modality, "raw")] = raw.shift
                 self._shifts[(modality, "normalized")] = moments[(modality, "normalized")].shift
@@ -194,6 +197,7 @@ class Writer:
                 self.commit()
         finally:
             self._pool.shutdown(wait=True)
+            self._io.shutdown(wait=True)
 
     def stats_summary(self) -> dict[str, Any]:
         return {"commits": self.commits, "fold_seconds": round(self.fold_seconds, 4),

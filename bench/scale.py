@@ -1,0 +1,287 @@
+"""Growth curve of one store at DataComp-like sizes: 100k → 1M → 5M rows, d = 512.
+
+    .venv/bin/python bench/scale.py [--max-rows 5000000] [--dim 512] [--json scale.json] [--tmp DIR]
+
+One store grows through the sizes; each step adds the rows up to the next size from a
+freshly generated clip-retrieval pool (img_emb/*.npy, text_emb/*.npy, metadata/*.parquet;
+synthetic, seeded, written in shards and deleted after the step so the disk holds one
+increment at a time) and ingests it with the CLI's command (`clipsql ingest … --model
+ViT-B-32 --pretrained laion2b_s34b_b79k --id-column key`, no forward pass). Every step
+that has a peak memory runs in its own process (peak RSS = VmHWM of that process).
+
+Per size it prints: ingest rows/s and its ratio to a bare `lance.write_dataset` of the same
+Arrow data (the samples and embedding tables, measured in the same run on the same rows),
+Lance versions and manifest bytes, bytes on disk per row ÷ raw float32 bytes per row,
+the no-op re-ingest's seconds and peak RSS, `clipsql query STORE "SELECT 1"` (a fresh
+process: import + open + views), count and point-lookup latency, approximate-score rows/s
+over the whole store, exact-score rows/s on a subsample with its FLOP efficiency against a
+numpy float32 GEMM of the same shape, `stats fit` seconds, and the per-row cost ratio
+largest ÷ smallest size for each figure that should stay flat (target ≤ 1.25).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import ROOT, key_values, machine, table, vm_hwm_kib, write_json  # noqa: E402
+
+MODEL = ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]
+SHARD_ROWS = 250_000
+
+
+# ----------------------------------------------------------------------------- data
+def generate(folder: Path, start: int, stop: int, dim: int, seed: int) -> int:
+    """Rows start..stop-1 of a CLIP-like pool in clip-retrieval layout (streamed in chunks)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=dim).astype(np.float32) * 0.5
+    nbytes = 0
+    for s, lo in enumerate(range(start, stop, SHARD_ROWS)):
+        hi = min(lo + SHARD_ROWS, stop)
+        n = hi - lo
+        img = np.lib.format.open_memmap(folder / "img_emb" / f"img_emb_{s}.npy", "w+", np.float32, (n, dim))
+        txt = np.lib.format.open_memmap(folder / "text_emb" / f"text_emb_{s}.npy", "w+", np.float32, (n, dim))
+        for a in range(0, n, 50_000):
+            b = min(a + 50_000, n)
+            z = rng.standard_normal((b - a, dim), dtype=np.float32)
+            img[a:b] = centre + z + 0.5 * rng.standard_normal((b - a, dim), dtype=np.float32)
+            txt[a:b] = -centre + z + 0.5 * rng.standard_normal((b - a, dim), dtype=np.float32)
+        img.flush()
+        txt.flush()
+        del img, txt
+        keys = np.char.add("k", np.arange(lo, hi).astype(str))
+        pq.write_table(pa.table({"key": keys, "url": np.char.add("http://example.com/", keys),
+                                 "caption": np.char.add("a synthetic photo ", keys),
+                                 "similarity": rng.random(n)}),
+                       folder / "metadata" / f"metadata_{s}.parquet", row_group_size=1_000_000)
+        nbytes += 2 * n * dim * 4
+    return nbytes
+
+
+# ----------------------------------------------------------------------------- steps in a child process
+def child(argv: list[str]) -> dict:
+    """Run `bench/scale.py --step …` in a fresh process; its JSON result plus wall seconds."""
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, __file__, "--step", *argv], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"step {argv[0]} failed:\n{p.stderr[-3000:]}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out["process_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def step(args: argparse.Namespace, rest: list[str]) -> None:
+    name = rest[0]
+    t0 = time.perf_counter()
+    out: dict = {}
+    if name == "ingest":
+        from typer.testing import CliRunner  # noqa: F401 - the CLI's own code path, in-process
+        import cli
+        store, src = rest[1], rest[2]
+        sys.argv = ["clipsql", "ingest", store, src, *MODEL, "--id-column", "key", "--no-progress",
+                    "--format", "json"]
+        import contextlib
+        import io
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            try:
+                cli.app(prog_name="clipsql")
+            except SystemExit as e:
+                if e.code:
+                    raise
+        out["summary"] = json.loads(buf.getvalue())
+    elif name == "bare":
+        out.update(bare_write(Path(rest[1]), Path(rest[2]), int(rest[3])))
+    elif name == "select1":
+        import queries
+        con = queries.connect(rest[1])
+        con.sql("SELECT 1").fetchall()
+    elif name == "queries":
+        out.update(query_figures(rest[1], int(rest[2])))
+    elif name == "fit":
+        from queries.fit import fit_stats
+        from store.store import Store
+        out["fit"] = fit_stats(Store.open(rest[1]))
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mib"] = (vm_hwm_kib() or 0) / 1024
+    print(json.dumps(out, default=str))
+
+
+def bare_write(src: Path, tmp: Path, rows: int) -> dict:
+    """A bare lance.write_dataset of the samples and embedding tables the ingest writes, for `rows` rows."""
+    import lance
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from store.store import _fixed_list, embeddings_schema, samples_schema
+    meta = pq.read_table(src / "metadata" / "metadata_0.parquet").slice(0, rows)
+    img = np.load(src / "img_emb" / "img_emb_0.npy", mmap_mode="r")[:rows]
+    txt = np.load(src / "text_emb" / "text_emb_0.npy", mmap_mode="r")[:rows]
+    n, dim = img.shape
+    t0 = time.perf_counter()
+    samples = pa.table({"id": meta["key"], "uri": meta["url"], "caption": meta["caption"],
+                        "width": pa.nulls(n, pa.int32()), "height": pa.nulls(n, pa.int32()),
+                        "source": pa.array([str(src)] * n), "location": pa.array([""] * n),
+                        "caption_truncated": pa.array(np.zeros(n, bool)),
+                        "metadata": pa.array(['{"similarity": 0.5}'] * n)}, schema=samples_schema())
+    emb = pa.table({"id": meta["key"], "image_embedding": _fixed_list(np.asarray(img), dim),
+                    "text_embedding": _fixed_list(np.asarray(txt), dim),
+                    "seq": pa.array(np.ones(n, np.int64))}, schema=embeddings_schema(dim))
+    lance.write_dataset(samples, str(tmp / "bare_samples.lance"), mode="overwrite")
+    lance.write_dataset(emb, str(tmp / "bare_emb.lance"), mode="overwrite")
+    secs = time.perf_counter() - t0
+    shutil.rmtree(tmp / "bare_samples.lance", ignore_errors=True)
+    shutil.rmtree(tmp / "bare_emb.lance", ignore_errors=True)
+    return {"bare_rows_per_s": n / secs, "bare_seconds": secs}
+
+
+def query_figures(store: str, exact_rows: int) -> dict:
+    import queries
+    from queries.functions import one_blas_thread
+    from store.store import Store
+    st = Store.open(store)
+    con = queries.connect(st)
+    out: dict = {}
+    n = con.sql("SELECT count(*) FROM samples").fetchall()[0][0]
+    out["rows"] = n
+
+    def best_of(sql: str, k: int = 3) -> float:
+        times = []
+        for _ in range(k):
+            t0 = time.perf_counter()
+            con.sql(sql).fetchall()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    out["count_s"] = best_of("SELECT count(*) FROM samples")
+    key = f"k{n // 2}"
+    out["point_lookup_s"] = best_of(f"SELECT id, caption FROM samples WHERE id = '{key}'")
+    out["point_lookup_emb_s"] = best_of(f"SELECT id FROM embeddings WHERE id = '{key}'")
+    with one_blas_thread():
+        t0 = time.perf_counter()
+        con.sql("SELECT avg(image_info_gain_approx) FROM scores").fetchall()
+        secs = time.perf_counter() - t0
+    out["approx_rows_per_s"] = n / secs
+    # exact Information Gain on a subsample, and a numpy float32 GEMM of the same shape
+    rec = st.model()
+    fit_rows = st.latest_fit(rec, with_arrays=False)["reference_size"]
+    sub = min(exact_rows, n)
+    with one_blas_thread():
+        t0 = time.perf_counter()
+        con.sql(f"SELECT avg(text_info_gain(text_embedding)) FROM (SELECT text_embedding FROM embeddings "
+                f"LIMIT {int(sub)})").fetchall()
+        secs = time.perf_counter() - t0
+    out["exact_rows_per_s"] = sub / secs
+    d = rec.dim
+    A = np.random.default_rng(0).standard_normal((sub, d), dtype=np.float32)
+    B = np.random.default_rng(1).standard_normal((fit_rows, d), dtype=np.float32)
+    t0 = time.perf_counter()
+    for i in range(0, sub, 2048):
+        A[i:i + 2048] @ B.T
+    gemm = time.perf_counter() - t0
+    out["gemm_rows_per_s"] = sub / gemm
+    out["exact_flop_efficiency"] = out["exact_rows_per_s"] / out["gemm_rows_per_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def dir_bytes(path: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in path.rglob(pattern) if p.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--max-rows", type=int, default=5_000_000)
+    ap.add_argument("--sizes", default="100000,1000000,5000000")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--exact-rows", type=int, default=20_000)
+    ap.add_argument("--bare-rows", type=int, default=200_000)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tmp", default=None)
+    ap.add_argument("--step", action="store_true", help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args()
+    if args.step:
+        step(args, rest)
+        return
+    sizes = [s for s in (int(x) for x in args.sizes.split(",")) if s <= args.max_rows]
+    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="clipsql-scale-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    store = tmp / "store"
+    subprocess.run([sys.executable, str(ROOT / "cli.py"), "init", str(store)], check=True, capture_output=True)
+    results = []
+    have = 0
+    for i, size in enumerate(sizes):
+        src = tmp / f"src{i}"
+        raw = generate(src, have, size, args.dim, seed=i)
+        rows = size - have
+        bare = child(["bare", str(src), str(tmp), str(min(args.bare_rows, rows))])
+        ing = child(["ingest", str(store), str(src)])
+        noop = child(["ingest", str(store), str(src)])
+        shutil.rmtree(src)
+        fit = child(["fit", str(store)])
+        sel1 = child(["select1", str(store)])
+        q = child(["queries", str(store), str(args.exact_rows)])
+        s = ing["summary"]
+        lance_dir = store / "lance"
+        manifests = dir_bytes(lance_dir, "*.manifest")
+        data = dir_bytes(lance_dir)
+        versions = {p.name.removesuffix(".lance"): len(list((p / "_versions").glob("*.manifest")))
+                    for p in lance_dir.glob("*.lance")}
+        ingest_s = s["wall_seconds"] - s["seconds"].get("maintain", 0)
+        r = {"size": size, "added": s["added"], "ingest_rows_per_s": s["added"] / ingest_s,
+             "bare_rows_per_s": bare["bare_rows_per_s"],
+             "ingest_ratio": (s["added"] / ingest_s) / bare["bare_rows_per_s"],
+             "maintain_s": s["seconds"].get("maintain", 0), "commits": s["commits"],
+             "ingest_peak_rss_mib": ing["peak_rss_mib"],
+             "versions_max": max(versions.values()), "manifest_bytes": manifests,
+             "manifest_share": manifests / max(1, data), "disk_per_row_ratio": data / (size * 2 * args.dim * 4),
+             "noop_s": noop["summary"]["wall_seconds"], "noop_process_s": noop["process_seconds"],
+             "noop_share": noop["summary"]["wall_seconds"] / s["wall_seconds"],
+             "noop_peak_rss_mib": noop["peak_rss_mib"],
+             "select1_process_s": sel1["process_seconds"], "select1_s": sel1["seconds"],
+             "fit_s": fit["fit"]["seconds"], "fit_peak_rss_mib": fit["peak_rss_mib"],
+             "count_s": q["count_s"], "point_lookup_s": q["point_lookup_s"],
+             "point_lookup_emb_s": q["point_lookup_emb_s"],
+             "approx_rows_per_s": q["approx_rows_per_s"], "exact_rows_per_s": q["exact_rows_per_s"],
+             "exact_flop_efficiency": q["exact_flop_efficiency"], "query_peak_rss_mib": q["peak_rss_mib"],
+             "stage_seconds": s["seconds"], "source_bytes": raw}
+        results.append(r)
+        have = size
+        print(table([[k, _f(v)] for k, v in r.items() if k != "stage_seconds"], ["figure", f"{size:,} rows"]))
+        print("stages:", s["seconds"], flush=True)
+    figures = {"machine": machine(), "steps": results}
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        figures["per_row_cost_ratio"] = {
+            "ingest": a["ingest_rows_per_s"] / b["ingest_rows_per_s"],
+            "approx_score": a["approx_rows_per_s"] / b["approx_rows_per_s"],
+            "exact_score": a["exact_rows_per_s"] / b["exact_rows_per_s"],
+            "ingest_peak_rss": b["ingest_peak_rss_mib"] / a["ingest_peak_rss_mib"],
+            "query_peak_rss": b["query_peak_rss_mib"] / a["query_peak_rss_mib"],
+        }
+        print("per-row cost, largest ÷ smallest size (target ≤ 1.25):", key_values(figures["per_row_cost_ratio"]))
+    write_json(args.json, figures)
+    if not args.tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _f(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+if __name__ == "__main__":
+    main()
