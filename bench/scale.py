@@ -136,7 +136,8 @@ def bare_write(src: Path, tmp: Path, rows: int) -> dict:
                         "source": pa.array([str(src)] * n), "location": pa.array([""] * n),
                         "caption_truncated": pa.array(np.zeros(n, bool)),
                         "metadata": pa.array(['{"similarity": 0.5}'] * n)}, schema=samples_schema())
-    emb = pa.table({"id": meta["key"], "image_embedding": _fixed_list(np.asarray(img), dim),
+    emb = pa.table({"id": meta["key"], "uri": meta["url"], "caption": meta["caption"],
+                    "image_embedding": _fixed_list(np.asarray(img), dim),
                     "text_embedding": _fixed_list(np.asarray(txt), dim),
                     "seq": pa.array(np.ones(n, np.int64))}, schema=embeddings_schema(dim))
     lance.write_dataset(samples, str(tmp / "bare_samples.lance"), mode="overwrite")

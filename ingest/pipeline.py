@@ -327,7 +327,10 @@ def _ingest_items(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOp
             t0 = time.perf_counter()
             new_rows = [rows[i] for i in np.flatnonzero(new_sample)]
             samples_tbl, meta_types = _samples_table(new_rows, summary.source) if new_rows else (None, {})
-            writer.add(samples_tbl, ids.take(pa.array(need, pa.int64())), img, txt, meta_types=meta_types)
+            take = pa.array(need, pa.int64())
+            uri = pa.array([r["uri"] for r in rows], pa.string()).take(take)
+            caption = pa.array([r["caption"] for r in rows], pa.string()).take(take)
+            writer.add(samples_tbl, ids.take(take), img, txt, uri=uri, caption=caption, meta_types=meta_types)
             summary.added += len(need)
             seconds["write"] += time.perf_counter() - t0
         writer.reject(rejects)
@@ -371,7 +374,8 @@ def _ingest_columns(source: Any, todo: list, rec: Any, loaded: Any, opts: Ingest
                 s = cols if new_sample.all() else cols.take(np.flatnonzero(new_sample))
                 samples_tbl = _samples_columns(s, summary.source)
             e = cols if new_emb.all() else cols.take(np.flatnonzero(new_emb))
-            writer.add(samples_tbl, e.ids, e.image, e.text, meta_types=cols.meta_types if samples_tbl else None)
+            writer.add(samples_tbl, e.ids, e.image, e.text, uri=e.uri, caption=e.caption,
+                       meta_types=cols.meta_types if samples_tbl else None)
             summary.added += len(e)
             writer.reject(rejects)
             writer.unit_done(key, len(cols), len(rejects))

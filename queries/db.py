@@ -159,8 +159,13 @@ def _register_scores(con: Any, st: Store) -> None:
     idx = [m.model_id for m in models].index(default.model_id)
     exprs = score_expressions(quote_literal(default.model_id))
     cols = ", ".join(f"{e} AS {quote_ident(name)}" for name, e in exprs.items())
-    con.execute(f"CREATE OR REPLACE VIEW scores AS SELECT e.id, s.uri, s.caption, {cols} "
-                f"FROM {quote_ident('embeddings_' + str(idx))} e LEFT JOIN samples s ON s.id = e.id")
+    if {"uri", "caption"} <= set(st.embeddings_table(default).schema.names):
+        # one scan: uri and caption live beside the vectors (no join growing with the store)
+        con.execute(f"CREATE OR REPLACE VIEW scores AS SELECT e.id, e.uri, e.caption, {cols} "
+                    f"FROM _lance_emb_{idx} e")
+    else:   # a table written before uri/caption were copied into it
+        con.execute(f"CREATE OR REPLACE VIEW scores AS SELECT e.id, s.uri, s.caption, {cols} "
+                    f"FROM {quote_ident('embeddings_' + str(idx))} e LEFT JOIN samples s ON s.id = e.id")
     from .materialize import stored_table_name
     name = stored_table_name(default.table_name)
     if name in st._table_names():

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .store import ModelRecord, PendingCommit, Store, _fixed_list, embeddings_schema, new_moments, samples_schema
+from .store import ModelRecord, PendingCommit, Store, _fixed_list, new_moments, samples_schema
 from .stats import fold_pair
 
 
@@ -106,8 +106,10 @@ class Writer:
 
     def _new_pending(self) -> None:
         st, rec = self.store, self.model
-        version = st.dataset(rec.table_name).data_storage_version
-        self._emb = _Buffer(st.table_uri(rec.table_name), embeddings_schema(rec.dim), version,
+        ds = st.dataset(rec.table_name)
+        version = ds.data_storage_version
+        self._emb_schema = ds.schema     # tables from before uri/caption were copied lack them
+        self._emb = _Buffer(st.table_uri(rec.table_name), self._emb_schema, version,
                             self.policy.fragment_bytes, self._io)
         self._samples = _Buffer(st.table_uri("samples"), samples_schema(),
                                 st.dataset("samples").data_storage_version, self.policy.fragment_bytes, self._io)
@@ -119,8 +121,10 @@ class Writer:
 
     # -- adding ---------------------------------------------------------------------------
     def add(self, samples: pa.Table | None, ids: pa.Array, image: np.ndarray, text: np.ndarray, *,
+            uri: pa.Array | None = None, caption: pa.Array | None = None,
             meta_types: dict[str, str] | None = None) -> None:
-        """Buffer new sample rows and the model's embedding rows (ids, (n, d) float32 each)."""
+        """Buffer new sample rows and the model's embedding rows (ids, their uri and caption,
+        (n, d) float32 vectors each)."""
         n = len(ids)
         if samples is not None and samples.num_rows:
             self._samples.add(samples)
@@ -135,10 +139,11 @@ class Writer:
         d = self.model.dim
         image = np.ascontiguousarray(image, dtype=np.float32)
         text = np.ascontiguousarray(text, dtype=np.float32)
-        self._emb.add(pa.table({
-            "id": ids, "image_embedding": _fixed_list(image, d), "text_embedding": _fixed_list(text, d),
-            "seq": pa.array(np.full(n, self.pending.seq, dtype=np.int64)),
-        }, schema=embeddings_schema(d)))
+        cols = {"id": ids, "uri": uri if uri is not None else pa.nulls(n, pa.string()),
+                "caption": caption if caption is not None else pa.nulls(n, pa.string()),
+                "image_embedding": _fixed_list(image, d), "text_embedding": _fixed_list(text, d),
+                "seq": pa.array(np.full(n, self.pending.seq, dtype=np.int64))}
+        self._emb.add(pa.table({k: cols[k] for k in self._emb_schema.names}, schema=self._emb_schema))
         self.pending.rows += n
         self.added += n
         self._folds.append(self._pool.submit(self._fold, self.pending.moments, image, text))
