@@ -5,8 +5,10 @@
   through the store's `id` index for committed ones — so a hash collision never rejects
   a row.
 * Ids stored before this run: `Store.stored_ids`, an `id IN (…)` lookup through the Lance
-  BTREE index on `id` (and a scan of fragments not indexed yet). Skipped when the store
-  had no rows when the run started.
+  BTREE index on `id` (and a scan of fragments not indexed yet), in the table versions of
+  the run's start — so the rows the run commits itself (not indexed yet) are never scanned
+  again: a lookup costs the same at the end of a long run as at its start. Skipped when
+  the store had no rows when the run started.
 """
 from __future__ import annotations
 
@@ -62,7 +64,8 @@ class IdChecker:
     def __init__(self, store, model) -> None:  # noqa: ANN001
         self.store, self.model = store, model
         samples = store.samples_table()
-        self.lookup = bool((samples is not None and samples.count_rows()) or store.count_rows(model))
+        self.before = (samples, store.embeddings_table(model))   # the store as the run found it
+        self.lookup = bool((samples is not None and samples.count_rows()) or self.before[1].count_rows())
         self.seen = _SortedChunks()
         self.uncommitted: set[str] = set()
 
@@ -92,7 +95,7 @@ class IdChecker:
         in_e = np.zeros(n, dtype=bool)
         fresh = np.flatnonzero(~dup)
         if self.lookup and len(fresh):
-            s, e = self.store.stored_ids(self.model, ids.take(pa.array(fresh)))
+            s, e = self.store.stored_ids(self.model, ids.take(pa.array(fresh)), self.before)
             in_s[fresh], in_e[fresh] = s, e
         self.seen.add(h[fresh])
         self.uncommitted.update(ids.take(pa.array(fresh)).to_pylist() if len(fresh) < n else ids.to_pylist())

@@ -222,6 +222,9 @@ class PrecomputedSource(Source):
             keep[idx] = False
             locs = loc.take(pa.array(idx)).to_pylist()
             rejects = [(locs[j], *bad[int(i)]) for j, i in enumerate(idx)]
+        if keep.all():
+            ids = content_ids(captions, uris, given)
+            return Columns(ids, uris, captions, loc, metadata, img, txt, meta_types, rejects)
         rows = np.flatnonzero(keep)
         t = pa.array(rows, pa.int64())
         caps, us = captions.take(t), uris.take(t)

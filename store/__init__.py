@@ -1,0 +1,1 @@
+"""The clipsql store: Lance tables + a SQLAlchemy catalog (see store.store)."""

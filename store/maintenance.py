@@ -141,17 +141,16 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
 def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
     """What ingest runs (under its lock) when a threshold is crossed: many fragments, or many rows
     outside the id index. Returns {} when nothing was due."""
-    due = False
+    compact = index = False
     for name in ("samples", rec.table_name):
         if not os.path.exists(st.table_uri(name)):
             continue
         ds = st.dataset(name)
         rows = ds.count_rows()
         unindexed = _unindexed(ds)
-        if len(ds.get_fragments()) > AUTO_FRAGMENTS:
-            due = True
-        if rows >= INDEX_MIN_ROWS and (unindexed is None or unindexed > AUTO_UNINDEXED_SHARE * rows):
-            due = True
-    if not due:
+        compact |= len(ds.get_fragments()) > AUTO_FRAGMENTS
+        index |= rows >= INDEX_MIN_ROWS and (unindexed is None or unindexed > AUTO_UNINDEXED_SHARE * rows)
+    if not (compact or index):
         return {}
-    return optimize(st, prune=False, locked=True)
+    # no pruning here: the versions a compaction replaces stay until `clipsql optimize` (retention)
+    return optimize(st, compact=compact, index=index, prune=False, locked=True)

@@ -352,11 +352,13 @@ class Store:
     def count_rows(self, model: ModelRecord) -> int:
         return self.embeddings_table(model).count_rows()
 
-    def stored_ids(self, model: ModelRecord, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    def stored_ids(self, model: ModelRecord, ids: pa.Array,
+                   tables: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For each of `ids`: (already in `samples`, already in the model's table), looked up through
-        the `id` index (plus a scan of fragments not yet indexed), never a set of every stored id."""
+        the `id` index (plus a scan of fragments not yet indexed), never a set of every stored id.
+        `tables`: the (samples, model) datasets to look in (default: the committed versions)."""
         out = []
-        for ds in (self.samples_table(), self.embeddings_table(model)):
+        for ds in tables or (self.samples_table(), self.embeddings_table(model)):
             if ds is None or len(ids) == 0 or ds.count_rows() == 0:
                 out.append(np.zeros(len(ids), dtype=bool))
                 continue
