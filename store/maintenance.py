@@ -1,6 +1,9 @@
 """`clipsql optimize`: compact small fragments, build or refresh the `id` indexes, prune old versions.
 
-Runs under the writer lock. Each table's compaction and index commits are Lance versions
+Compaction merges fragments smaller than ~256 MiB (64k rows of a d = 512 embedding table,
+which is what one ingest unit writes, so a precomputed ingest leaves nothing to merge)
+into fragments of that size; the rewritten data stays on disk until pruned. Runs under
+the writer lock. Each table's compaction and index commits are Lance versions
 that change no row; the catalog's `table_versions` moves to them in one transaction (a
 `commits` row of kind `optimize`) before anything is pruned, so
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+from pathlib import Path
 import time
 from typing import Any
 
@@ -21,12 +25,12 @@ import sqlalchemy as sa
 
 from . import catalog as cat
 from .faults import fault
-from .store import ModelRecord, Store, _set_version
+from .store import ModelRecord, Store, set_committed_version
 
 DEFAULT_RETENTION_HOURS = 24.0
-TARGET_ROWS_PER_FRAGMENT = 1 << 20
+FRAGMENT_BYTES = 256 << 20       # compaction merges fragments smaller than this into ones of this size
 INDEX_MIN_ROWS = 10_000          # below this a scan is as fast as the index
-AUTO_FRAGMENTS = 64              # ingest compacts when a table has more fragments than this
+AUTO_FRAGMENTS = 64              # ingest compacts when a table has more *small* fragments than this
 AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of rows is not in it
 
 
@@ -41,6 +45,22 @@ def _unindexed(ds: Any) -> int | None:
         if list(idx.field_names) == ["id"]:
             return int(ds.stats.index_stats(idx.name)["num_unindexed_rows"])
     return None
+
+
+def target_rows(ds: Any) -> int:
+    """Rows per compacted fragment: FRAGMENT_BYTES of this table's rows, 64k to 1M rows (an
+    embedding table at d = 512 holds ~4 KiB a row: 64k rows; `samples` ~150 B: 1M rows)."""
+    rows = ds.count_rows()
+    if not rows:
+        return 1 << 20
+    per_row = max(1, sum(f.stat().st_size for f in Path(ds.uri, "data").glob("*") if f.is_file()) // rows)
+    return int(min(1 << 20, max(1 << 16, FRAGMENT_BYTES // per_row)))
+
+
+def small_fragments(ds: Any, target: int | None = None) -> int:
+    """Fragments with fewer than half the target rows (what compaction would merge)."""
+    t = target or target_rows(ds)
+    return sum(1 for f in ds.get_fragments() if f.count_rows() < t // 2)
 
 
 def table_health(st: Store) -> list[dict[str, Any]]:
@@ -93,8 +113,9 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
         ds = st.dataset(name, latest=True)
         info: dict[str, Any] = {"fragments_before": len(ds.get_fragments()), "version_before": ds.version}
         t0 = time.perf_counter()
-        if compact and info["fragments_before"] > 1:
-            m = ds.optimize.compact_files(target_rows_per_fragment=TARGET_ROWS_PER_FRAGMENT)
+        target = target_rows(ds)
+        if compact and small_fragments(ds, target) > 1:
+            m = ds.optimize.compact_files(target_rows_per_fragment=target)
             info["fragments_removed"], info["fragments_added"] = m.fragments_removed, m.fragments_added
             ds = st.dataset(name, latest=True)
             fault("optimize:after-compact")
@@ -121,7 +142,7 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
                 versions=cat.to_json(new_versions), created_at=time.time()))
             commit_id = int(res.inserted_primary_key[0])
             for name, v in new_versions.items():
-                _set_version(conn, name, v, commit_id)
+                set_committed_version(conn, name, v, commit_id)
     fault("optimize:before-prune")
     if prune:
         older = _dt.timedelta(hours=max(0.0, float(retention_hours)))
@@ -148,7 +169,7 @@ def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
         ds = st.dataset(name)
         rows = ds.count_rows()
         unindexed = _unindexed(ds)
-        compact |= len(ds.get_fragments()) > AUTO_FRAGMENTS
+        compact |= small_fragments(ds) > AUTO_FRAGMENTS
         index |= rows >= INDEX_MIN_ROWS and (unindexed is None or unindexed > AUTO_UNINDEXED_SHARE * rows)
     if not (compact or index):
         return {}

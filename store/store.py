@@ -279,7 +279,7 @@ class Store:
         ds = lance.write_dataset(schema.empty_table(), self.table_uri(name), schema=schema, mode="create",
                                  enable_stable_row_ids=True, enable_v2_manifest_paths=True)
         with self.engine.begin() as conn:
-            _set_version(conn, name, ds.version, None)
+            set_committed_version(conn, name, ds.version, None)
 
     def committed_versions(self) -> dict[str, int]:
         """{table: the Lance version the ledger's last commit names} (what readers open)."""
@@ -326,14 +326,14 @@ class Store:
             latest = lance.dataset(uri)
             if name not in recorded:
                 with self.engine.begin() as conn:
-                    _set_version(conn, name, latest.version, None)
+                    set_committed_version(conn, name, latest.version, None)
                 continue
             if latest.version > recorded[name]:
                 good = lance.dataset(uri, version=recorded[name])
                 rolled[name] = latest.count_rows() - good.count_rows()
                 good.restore()
                 with self.engine.begin() as conn:
-                    _set_version(conn, name, lance.dataset(uri).version, None)
+                    set_committed_version(conn, name, lance.dataset(uri).version, None)
         return rolled
 
     def read_embeddings(self, model: ModelRecord, *, min_seq: int | None = None,
@@ -357,15 +357,22 @@ class Store:
         """For each of `ids`: (already in `samples`, already in the model's table), looked up through
         the `id` index (plus a scan of fragments not yet indexed), never a set of every stored id.
         `tables`: the (samples, model) datasets to look in (default: the committed versions)."""
-        out = []
-        for ds in tables or (self.samples_table(), self.embeddings_table(model)):
-            if ds is None or len(ids) == 0 or ds.count_rows() == 0:
-                out.append(np.zeros(len(ids), dtype=bool))
-                continue
-            import pyarrow.compute as pc
-            found = ds.to_table(columns=["id"], filter=pc.field("id").isin(ids)).column("id")
-            out.append(pc.is_in(ids, value_set=found.combine_chunks()).to_numpy(zero_copy_only=False))
-        return out[0], out[1]
+        import pyarrow.compute as pc
+        samples, emb = tables or (self.samples_table(), self.embeddings_table(model))
+        n = len(ids)
+
+        def lookup(ds: Any, keys: pa.Array) -> np.ndarray:
+            if ds is None or len(keys) == 0 or ds.count_rows() == 0:
+                return np.zeros(len(keys), dtype=bool)
+            found = ds.to_table(columns=["id"], filter=pc.field("id").isin(keys)).column("id")
+            return pc.is_in(keys, value_set=found.combine_chunks()).to_numpy(zero_copy_only=False)
+
+        in_emb = lookup(emb, ids)
+        in_samples = in_emb.copy()        # a model row is committed with its sample: only misses need a look
+        miss = np.flatnonzero(~in_emb)
+        if len(miss) and samples is not None and samples.count_rows() > (emb.count_rows() if emb else 0):
+            in_samples[miss] = lookup(samples, ids if len(miss) == n else ids.take(pa.array(miss)))
+        return in_samples, in_emb
 
     def sample_fields(self, ids: pa.Array, samples: pa.Table | None = None) -> tuple[pa.Array, pa.Array]:
         """uri and caption of each id, from `samples` (the rows about to be written) or the store."""
@@ -425,7 +432,7 @@ class Store:
                     sample_rows=c.sample_rows, versions=cat.to_json(versions), created_at=time.time()))
                 commit_id = int(res.inserted_primary_key[0])
                 for name, v in versions.items():
-                    _set_version(conn, name, v, commit_id)
+                    set_committed_version(conn, name, v, commit_id)
             if c.rows:
                 state = self._load_stats(conn, model)
                 for key, part in c.moments.items():
@@ -614,7 +621,7 @@ def _undo_init(path: Path, remove_dir: bool) -> None:
             child.unlink(missing_ok=True)
 
 
-def _set_version(conn: sa.Connection, name: str, version: int, commit_id: int | None) -> None:
+def set_committed_version(conn: sa.Connection, name: str, version: int, commit_id: int | None) -> None:
     conn.execute(sa.delete(cat.table_versions).where(cat.table_versions.c.table_name == name))
     conn.execute(cat.table_versions.insert().values(table_name=name, version=int(version), commit_id=commit_id))
 
@@ -640,7 +647,7 @@ def _default_catalog(path: Path) -> str:
     return f"sqlite:///{(Path(path) / 'catalog.sqlite').resolve()}"
 
 
-def _fixed_list(X: np.ndarray, dim: int) -> pa.FixedSizeListArray:
+def fixed_list(X: np.ndarray, dim: int) -> pa.FixedSizeListArray:
     flat = pa.array(np.ascontiguousarray(X, dtype=np.float32).reshape(-1))
     return pa.FixedSizeListArray.from_arrays(flat, dim)
 

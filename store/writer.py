@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .store import ModelRecord, PendingCommit, Store, _fixed_list, new_moments, samples_schema
+from .store import ModelRecord, PendingCommit, Store, fixed_list, new_moments, samples_schema
 from .stats import fold_pair
 
 
@@ -141,7 +141,7 @@ class Writer:
         text = np.ascontiguousarray(text, dtype=np.float32)
         cols = {"id": ids, "uri": uri if uri is not None else pa.nulls(n, pa.string()),
                 "caption": caption if caption is not None else pa.nulls(n, pa.string()),
-                "image_embedding": _fixed_list(image, d), "text_embedding": _fixed_list(text, d),
+                "image_embedding": fixed_list(image, d), "text_embedding": fixed_list(text, d),
                 "seq": pa.array(np.full(n, self.pending.seq, dtype=np.int64))}
         self._emb.add(pa.table({k: cols[k] for k in self._emb_schema.names}, schema=self._emb_schema))
         self.pending.rows += n
