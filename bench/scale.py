@@ -189,11 +189,14 @@ def query_figures(store: str, exact_rows: int) -> dict:
     # exact Information Gain on a subsample, and a numpy float32 GEMM of the same shape
     rec = st.model()
     fit_rows = st.latest_fit(rec, with_arrays=False)["reference_size"]
-    every = max(1, n // exact_rows)        # a hash filter keeps the scan parallel (LIMIT would not)
-    sub = con.sql(f"SELECT count(*) FROM embeddings WHERE hash(id) % {every} = 0").fetchall()[0][0]
+    # the subsample: rows of the first commit (a `seq` filter Lance applies before reading vectors,
+    # and DuckDB scans in parallel; LIMIT would run on one thread, a hash filter read every vector)
+    first = int(con.sql("SELECT min(seq) FROM _lance_emb_0").fetchall()[0][0])
+    where = f"FROM _lance_emb_0 WHERE seq = {first}"
+    sub = con.sql(f"SELECT count(*) {where}").fetchall()[0][0]
     with one_blas_thread():
         t0 = time.perf_counter()
-        con.sql(f"SELECT avg(text_info_gain(text_embedding)) FROM embeddings WHERE hash(id) % {every} = 0").fetchall()
+        con.sql(f"SELECT avg(text_info_gain(text_embedding)) {where}").fetchall()
         secs = time.perf_counter() - t0
     out["exact_rows_per_s"] = sub / secs
     out.update(gemm_rows_per_s(sub, fit_rows, rec.dim))
