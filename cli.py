@@ -43,7 +43,7 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     try:
         return fn(*args, **kwargs)
     except ClipsqlError as e:
-        _fail(str(e))
+        _fail(str(e), getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         _fail("interrupted (committed rows are kept; re-run to resume)", 130)
 

@@ -20,7 +20,7 @@ Figures (see bench/README.md):
 
 No model forward: the store holds synthetic CLIP-like raw vectors (an offset mean
 of norm 7 per modality, a power-law covariance of trace 49 so ‖x‖ ≈ 10, images and
-texts paired through a shared latent), written with Store.write_batch.  Every
+texts paired through a shared latent), written with Store.write_batch (one commit per 20k rows).  Every
 comparison is interleaved and repeated; each side keeps its best repetition.
 """
 from __future__ import annotations
@@ -72,11 +72,10 @@ def synthetic_batches(rows: int, dim: int, seed: int, batch: int):
 def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) -> Any:
     import pyarrow as pa
 
-    from store.store import Store, samples_schema, update_moments
+    from store.store import Store, samples_schema
     st = Store.init(path)
     rec = st.register_model(model_id=MODEL_ID, kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={"bench": "synthetic", "seed": seed})
-    state = st.sync_stats(rec)
     run_id = st.start_run(rec.model_id, "synthetic", "precomputed")
     seq = 0
     for seq, (start, img, txt) in enumerate(synthetic_batches(rows, dim, seed, batch), start=1):
@@ -89,9 +88,7 @@ def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) 
             "caption_truncated": [False] * n, "metadata": [None] * n}, schema=samples_schema())
         st.write_batch(rec, samples=samples, ids=ids, image=img, text=txt, seq=seq, run_id=run_id,
                        source="synthetic", rejects=[], meta_types={})
-        update_moments(state, img, txt)
-        state.covered_seq = seq
-    st.save_stats(state)
+        # each write_batch is one commit, and a commit carries its statistics
     st.finish_run(run_id, "done", 0, {"added": rows})
     return st
 

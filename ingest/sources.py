@@ -27,6 +27,8 @@ Reject reason codes produced here:
 ``bad_row``                a malformed CSV row or JSON line
 ``corrupt_tar``            a damaged or truncated tar shard (the samples read
                            before the damage are kept)
+``path_not_utf8``          a folder file whose name is not valid UTF-8 (its
+                           location shows the bytes as \\xNN escapes)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from store.errors import SourceError
+from store.store import printable_text
 
 __all__ = ["Item", "Reject", "Source", "FolderSource", "TableSource", "WebDatasetSource",
            "PrecomputedSource", "open_source", "IMAGE_EXTS", "KINDS"]
@@ -294,6 +297,11 @@ class FolderSource(Source):
 
     def read(self, unit) -> Iterator[Item | Reject]:
         for rel, tag, txt, js in unit:
+            shown = printable_text(rel)
+            if shown != rel:
+                yield Reject(shown, "path_not_utf8", "the file name is not valid UTF-8 (shown with \\x escapes), "
+                             "so it cannot be stored as a uri; rename it, e.g. convmv -f latin1 -t utf8 --notest")
+                continue
             if tag == "orphan_txt":
                 yield Reject(rel, "missing_image", "caption file with no image of the same name beside it")
                 continue

@@ -3,13 +3,35 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
-from store.errors import QueryError
+from store.errors import ClipsqlError, QueryCancelled, QueryError
 
 from .db import connect
 from .functions import one_blas_thread
+
+_UDF_PREFIX = re.compile(r"^.*?Python exception occurred while executing the UDF: (?:\w+\.)*\w+: ", re.S)
+
+
+def clean_error(e: BaseException, con: Any = None) -> str:
+    """DuckDB's message, with what clipsql can add: a score function's own message without
+    DuckDB's UDF wrapper, and the fix for the two errors new users meet first."""
+    msg = str(e).strip()
+    msg = _UDF_PREFIX.sub("", msg, count=1)
+    if "enable_external_access" in msg or "disabled by configuration" in msg or "Permission Error" in msg:
+        msg += ("\n(clipsql query is read-only towards files by default: pass --allow-external-access to "
+                "COPY results out or read other files)")
+    elif re.search(r"Table with name (scores|stats|embeddings) does not exist", msg) and con is not None:
+        try:
+            has_models = bool(con.sql("SELECT count(*) FROM embeddings").fetchall()[0][0])
+        except Exception:  # noqa: BLE001 - a hint only
+            has_models = True
+        if not has_models:
+            msg = "the store has no models yet: ingest data first (`clipsql ingest STORE SOURCE --model …`)"
+    return msg
 
 
 def execute(con: Any, sql: str) -> Any:
@@ -17,7 +39,64 @@ def execute(con: Any, sql: str) -> Any:
     try:
         return con.sql(sql)
     except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+        raise QueryError(clean_error(e, con)) from None
+
+
+def fetch_table(con: Any, sql: str) -> Any:
+    """Run `sql` to an Arrow table (None for a statement without rows), BLAS pinned on the
+    thread that runs it; a DuckDB error becomes QueryError with a clean message."""
+    import duckdb
+    with one_blas_thread():
+        rel = execute(con, sql)
+        if rel is None:
+            return None
+        try:
+            tbl = rel.arrow()
+            return tbl.read_all() if hasattr(tbl, "read_all") else tbl
+        except duckdb.InterruptException:
+            raise QueryCancelled("query cancelled") from None
+        except duckdb.Error as e:
+            raise QueryError(clean_error(e, con)) from None
+
+
+def interruptible(con: Any, fn: Any) -> Any:
+    """Run `fn()` (a query on `con`) on a worker thread so that Ctrl-C / SIGINT cancels it.
+
+    The main thread waits in short joins with its own SIGINT handler, which interrupts the
+    connection (repeatedly: a query that had not started yet would run on) and makes this raise
+    QueryCancelled. A plain KeyboardInterrupt is not used: raised while DuckDB runs, it left the
+    worker's thread state torn down and the process aborted at exit. Off the main thread (no
+    signal handlers there) the query runs inline."""
+    import signal
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    box: dict[str, Any] = {}
+    hit = threading.Event()
+
+    def target() -> None:
+        try:
+            box["out"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["err"] = e
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        hit.set()
+        con.interrupt()
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        t = threading.Thread(target=target, name="clipsql-query", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.1)
+            if hit.is_set():
+                con.interrupt()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit.is_set():
+        raise QueryCancelled("query cancelled")
+    if "err" in box:
+        raise box["err"]
+    return box.get("out")
 
 
 def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = None,
@@ -33,23 +112,15 @@ def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = No
             print(f"warning: {warn}", file=sys.stderr)
     con = connect(st, allow_external_access=allow_external_access)
     try:
-        with one_blas_thread():
-            return _run(con, sql, fmt, output, max_rows)
+        tbl = interruptible(con, lambda: fetch_table(con, sql))
+        return _format(tbl, fmt, output, max_rows)
     finally:
         con.close()
 
 
-def _run(con: Any, sql: str, fmt: str, output: Path | None, max_rows: int) -> str:
-    import duckdb
-    rel = execute(con, sql)
-    if rel is None:
+def _format(tbl: Any, fmt: str, output: Path | None, max_rows: int) -> str:
+    if tbl is None:
         return ""
-    try:
-        tbl = rel.arrow()
-        if hasattr(tbl, "read_all"):
-            tbl = tbl.read_all()
-    except duckdb.Error as e:
-        raise QueryError(str(e)) from None
     if fmt == "parquet":
         if output is None:
             raise QueryError("--format parquet needs --output FILE")
@@ -105,34 +176,71 @@ def _table_text(tbl: Any, max_rows: int) -> str:
 
 
 def repl(store: Any, allow_external_access: bool = False) -> None:
-    """A minimal interactive prompt: statements end with ';', `.quit` leaves."""
+    """The interactive prompt: statements end with ';' (a last one without it runs at Ctrl-D),
+    errors print and the prompt goes on, Ctrl-C cancels the running query (or clears the line),
+    Ctrl-D or `.quit` leaves; line editing and history (~/.clipsql_history) through readline."""
     con = connect(store, allow_external_access=allow_external_access)
+    history = _readline()
     try:
         _repl(con)
     finally:
         con.close()
+        if history is not None:
+            history()
+
+
+def _readline() -> Any:
+    """Line editing + history where the readline module exists; returns a function saving it."""
+    try:
+        import os
+        import readline
+    except ImportError:
+        return None
+    path = os.path.expanduser("~/.clipsql_history")
+    try:
+        readline.read_history_file(path)
+    except OSError:
+        pass
+    readline.set_history_length(2000)
+
+    def save() -> None:
+        try:
+            readline.write_history_file(path)
+        except OSError:
+            pass
+    return save
 
 
 def _repl(con: Any) -> None:
-    print("clipsql SQL — views: samples, embeddings, rejects, stats, scores. End statements with ';', .quit to leave.")
+    print("clipsql SQL — views: samples, embeddings, rejects, stats, scores. End statements with ';'; "
+          "Ctrl-C cancels, Ctrl-D or .quit leaves.")
     buf: list[str] = []
     while True:
         try:
             line = input("... " if buf else "sql> ")
+        except KeyboardInterrupt:          # at the prompt: drop the half-typed statement
+            print()
+            buf = []
+            continue
         except EOFError:
             print()
+            if "\n".join(buf).strip():
+                _run_statement(con, "\n".join(buf))
             return
         if not buf and line.strip() in (".quit", ".exit", "\\q"):
             return
         buf.append(line)
         if line.rstrip().endswith(";"):
-            stmt = "\n".join(buf)
-            buf = []
-            try:
-                with one_blas_thread():
-                    rel = execute(con, stmt)
-                    tbl = None if rel is None else rel.arrow()
-                if tbl is not None:
-                    print(_table_text(tbl.read_all() if hasattr(tbl, "read_all") else tbl, 40))
-            except QueryError as e:
-                print(f"Error: {e}")
+            stmt, buf = "\n".join(buf), []
+            _run_statement(con, stmt)
+
+
+def _run_statement(con: Any, stmt: str) -> None:
+    try:
+        tbl = interruptible(con, lambda: fetch_table(con, stmt))
+        if tbl is not None:
+            print(_table_text(tbl, 40))
+    except QueryCancelled:
+        print("cancelled")
+    except ClipsqlError as e:
+        print(f"Error: {e}")

@@ -8,6 +8,7 @@ Messages say what went wrong *and* how to fix it.
 
 class ClipsqlError(Exception):
     """Base class of every error clipsql raises on purpose."""
+    exit_code = 1
 
 
 class StoreNotFound(ClipsqlError, FileNotFoundError):
@@ -36,6 +37,11 @@ class StatsError(ClipsqlError, LookupError):
 
 class QueryError(ClipsqlError, RuntimeError):
     pass
+
+
+class QueryCancelled(QueryError):
+    """Ctrl-C / SIGINT interrupted a running query."""
+    exit_code = 130
 
 
 class TargetError(ClipsqlError, LookupError):

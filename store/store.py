@@ -475,6 +475,7 @@ class Store:
                         rejects: list[tuple[str, str, str]]) -> None:
         now = time.time()
         for location, reason, detail in rejects:
+            location, detail = printable_text(location), printable_text(detail)
             exists = conn.execute(sa.select(cat.rejects.c.reject_id).where(
                 cat.rejects.c.source == source, cat.rejects.c.location == location,
                 cat.rejects.c.reason == reason)).first()
@@ -619,6 +620,17 @@ def _undo_init(path: Path, remove_dir: bool) -> None:
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)
+
+
+def printable_text(text: str | None) -> str | None:
+    """Text the catalog can store: lone surrogates (undecodable file-name bytes) as \\x escapes."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def set_committed_version(conn: sa.Connection, name: str, version: int, commit_id: int | None) -> None:

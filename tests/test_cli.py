@@ -1,5 +1,7 @@
 """The CLI as a user drives it: exit codes, messages, formats."""
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -128,3 +130,70 @@ def test_interactive_sql_prompt(cli_store):
     assert r.exit_code == 0, r.output
     assert "30" in r.output and "(1 rows)" in r.output
     assert "Error:" in r.output          # a bad statement reports and the prompt goes on
+
+
+# -- issue 10 items 5–7, 11: the SQL prompt, cancelling, clean errors ------------------------
+def test_sql_prompt_reports_errors_raised_while_a_query_runs(tmp_path, tiny_model):
+    invoke("init", tmp_path / "s")
+    data = write_image_folder(tmp_path / "d", 4)
+    invoke("ingest", tmp_path / "s", data, "--model", tiny_model, "--workers", "0", "--no-progress")
+    # no `stats fit` yet: the score function raises inside DuckDB; then a cast error; then a last
+    # statement without ';' that runs at end of input
+    r = runner.invoke(app, ["sql", str(tmp_path / "s")],
+                      input="SELECT image_info_gain(image_embedding) FROM embeddings;\n"
+                            "SELECT CAST(caption AS INTEGER) FROM samples;\nSELECT 40 + 2 AS answer\n")
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output
+    assert "Error: no fitted statistics for model" in r.output          # the clipsql message alone
+    assert "Python exception occurred" not in r.output
+    assert "Error: Conversion Error" in r.output
+    assert "42" in r.output
+
+
+def test_query_errors_name_the_fix(tmp_path, tiny_model):
+    invoke("init", tmp_path / "empty")
+    r = invoke("query", tmp_path / "empty", "SELECT * FROM scores")
+    assert r.exit_code == 1 and "no models yet: ingest data first" in r.output
+    invoke("init", tmp_path / "s")
+    data = write_image_folder(tmp_path / "d", 3)
+    invoke("ingest", tmp_path / "s", data, "--model", tiny_model, "--workers", "0", "--no-progress")
+    r = invoke("query", tmp_path / "s", "SELECT text_info_gain(text_embedding) FROM embeddings")
+    assert r.exit_code == 1 and "Python exception" not in r.output and "clipsql stats fit" in r.output
+    r = invoke("query", tmp_path / "s", f"COPY samples TO '{tmp_path / 'out.csv'}'")
+    assert r.exit_code == 1 and "--allow-external-access" in r.output
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_sigint_cancels_a_long_query_promptly(cli_store):
+    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "query", str(cli_store),
+                          "SELECT sum(a.range * b.range) FROM range(100000) a, range(1000000) b"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(4)                    # imports, connect, and the query is running
+    assert p.poll() is None
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130, err.decode()
+    assert time.time() - t0 < 5
+    assert b"query cancelled" in err and b"Traceback" not in err
+
+
+def test_ctrl_c_in_the_prompt_cancels_the_query_and_keeps_the_prompt(cli_store, capsys, monkeypatch):
+    import threading
+
+    from queries.cli_query import repl
+    lines = iter(["SELECT sum(a.range * b.range) FROM range(100000) a, range(1000000) b;", "SELECT 7 * 6 AS x;"])
+
+    def fake_input(prompt=""):
+        line = next(lines, None)
+        if line is None:
+            raise EOFError
+        if "range" in line:
+            threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        return line
+    monkeypatch.setattr("builtins.input", fake_input)
+    t0 = time.time()
+    repl(cli_store)
+    out = capsys.readouterr().out
+    assert "cancelled" in out and "42" in out
+    assert time.time() - t0 < 20

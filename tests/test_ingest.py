@@ -1,3 +1,4 @@
+import os
 import signal
 import subprocess
 import sys
@@ -273,3 +274,18 @@ def test_summary_reports_device_and_workers(tmp_path, image_folder, tiny_model):
     s = ingest(st, str(image_folder), model=tiny_model, options=IngestOptions(batch_size=8, progress=False))
     from ingest.pipeline import default_workers
     assert s.device == "cpu" and s.workers == default_workers("cpu")
+
+
+def test_a_non_utf8_file_name_is_one_reject_not_a_lost_batch(store, tmp_path, tiny_model):
+    """Issue 11.1: `caf\\xe9.png` aborted the whole folder ingest (pa.table refused the surrogates)."""
+    data = write_image_folder(tmp_path / "data", 6)
+    raw = os.fsencode(str(data))
+    os.rename(os.path.join(raw, b"img0002.png"), os.path.join(raw, b"caf\xe9.png"))
+    os.rename(os.path.join(raw, b"img0002.txt"), os.path.join(raw, b"caf\xe9.txt"))
+    s = ingest(store, str(data), model=tiny_model, options=FAST)
+    assert s.added == 5 and s.rejected == {"path_not_utf8": 1}
+    from queries.db import connect
+    rows = connect(store).sql("SELECT location, reason, detail FROM rejects").fetchall()
+    assert rows[0][0] == "caf\\xe9.png" and rows[0][1] == "path_not_utf8" and "rename" in rows[0][2]
+    again = ingest(store, str(data), model=tiny_model, options=FAST)      # and a re-run is as quiet
+    assert again.added == 0 and again.skipped == 5
