@@ -194,7 +194,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         source = open_source(source_path, image_column=opts.image_column, caption_column=opts.caption_column,
                              id_column=opts.id_column, image_embeddings=opts.image_embeddings,
                              text_embeddings=opts.text_embeddings, kind=opts.source_kind)
-        source_name = str(source_path)
+        source_name = source.canonical()
         store.recover()
         t0 = time.perf_counter()
         units = source.units()
@@ -238,7 +238,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         ok = False
         try:
             run = _ingest_columns if source.precomputed else _ingest_items
-            with _blas_pin(source.precomputed):
+            with _blas_pin():
                 run(source, todo, rec, loaded, opts, writer, checker, summary, rejected, seconds, bar, on_batch)
             t0 = time.perf_counter()
             writer.commit()
@@ -266,14 +266,13 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
     return summary
 
 
-def _blas_pin(precomputed: bool) -> Any:
-    """Precomputed ingest: numpy's BLAS on one thread. The statistics fold (a SYRK per chunk) runs
-    beside Lance's encoder threads; with two BLAS threads the cores are oversubscribed and the
-    two together took 18.5 s where one BLAS thread took 10.4 s (400k × 512, 2 cores). Image
-    ingest leaves BLAS alone: the forward owns the cores there."""
+def _blas_pin() -> Any:
+    """numpy's BLAS on one thread while ingest runs (torch's own threads are OpenMP, untouched).
+    The statistics fold (a SYRK per chunk, one thread per modality) runs beside Lance's encoder
+    and, for images, the forward: with two BLAS threads the cores were oversubscribed — fold and
+    write together took 18.5 s where one BLAS thread took 10.4 s (400k × 512, 2 cores), and a
+    ViT-B-32 forward inside the pipeline ran 15 % slower than bare (OpenBLAS's spinning threads)."""
     import contextlib
-    if not precomputed:
-        return contextlib.nullcontext()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

@@ -196,6 +196,12 @@ class Source:
         """The files a unit reads (their size and mtime go into its fingerprint)."""
         raise NotImplementedError
 
+    def canonical(self) -> str:
+        """The source as the store records it (samples.source, rejects.source): the resolved path
+        of its root, so `data/photos`, `/abs/data/photos/` and a symlink to it are one source and
+        a second run records no reject twice. Locations are relative to it."""
+        return os.path.realpath(getattr(self, "root", None) or getattr(self, "path"))
+
     def options(self) -> dict:
         """The options that change what a unit yields (part of its fingerprint)."""
         return {k: v for k, v in sorted(self.__dict__.items())

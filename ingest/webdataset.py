@@ -44,6 +44,11 @@ class WebDatasetSource(Source):
     def unit_files(self, unit) -> list[str]:
         return [unit]
 
+    def canonical(self) -> str:
+        """The directory holding the shards (locations are `shard.tar:member`), however the shards
+        were named: one file, the directory, a brace pattern or a glob."""
+        return os.path.commonpath([os.path.dirname(os.path.realpath(s)) for s in self.shards])
+
     def read(self, unit) -> Iterator[Item | Reject]:
         shard, name = unit, os.path.basename(unit)
         key, members, kept = None, {}, 0

@@ -123,15 +123,25 @@ class Store:
     @classmethod
     def init(cls, path: str | os.PathLike, catalog_url: str | None = None) -> "Store":
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise StoreNotFound(f"{path} is a file, not a directory: choose a new path for the store")
         if (path / MARKER).exists():
             store = cls.open(path)
+            recorded = json.loads((path / MARKER).read_text()).get("catalog")
+            if catalog_url and catalog_url != recorded:
+                raise CatalogError(f"{path} is already a store, with its catalog at "
+                                   f"{cat.safe_url(store.engine.url)}; --catalog applies only when a store is "
+                                   "created (to reach its catalog elsewhere, set CLIPSQL_CATALOG_URL)")
             cat.migrate(store.engine)
             return store
         if path.exists() and any(path.iterdir()):
             raise StoreNotFound(f"{path} exists and is not an empty directory or a clipsql store; "
                                 "choose a new path")
         created = not path.exists()
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreNotFound(f"cannot create the store directory {path}: {e.strerror or e}") from None
         try:
             (path / "lance").mkdir(exist_ok=True)
             store_id = uuid.uuid4().hex

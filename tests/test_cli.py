@@ -197,3 +197,17 @@ def test_ctrl_c_in_the_prompt_cancels_the_query_and_keeps_the_prompt(cli_store, 
     out = capsys.readouterr().out
     assert "cancelled" in out and "42" in out
     assert time.time() - t0 < 20
+
+
+def test_init_errors_are_one_line(tmp_path):
+    """Issue 10.10: tracebacks for /proc/x and a file; --catalog silently ignored on an existing store."""
+    r = invoke("init", "/proc/x/store")
+    assert r.exit_code == 1 and "cannot create the store directory" in r.output and "Traceback" not in r.output
+    f = tmp_path / "some-file.py"
+    f.write_text("print(1)\n")
+    r = invoke("init", f)
+    assert r.exit_code == 1 and "is a file, not a directory" in r.output
+    assert invoke("init", tmp_path / "s").exit_code == 0
+    r = invoke("init", tmp_path / "s", "--catalog", f"sqlite:///{tmp_path / 'other.sqlite'}")
+    assert r.exit_code == 1 and "already a store" in r.output and "CLIPSQL_CATALOG_URL" in r.output
+    assert invoke("init", tmp_path / "s").exit_code == 0          # re-running init is still fine
