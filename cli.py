@@ -201,14 +201,14 @@ def stats_show(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None
                fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json"),
                top: int = typer.Option(5, help="How many covariance eigenvalues to show.")) -> None:
     """Show running statistics: n, mean, norms, top covariance eigenvalues, and whether they are current."""
-    from queries.stats import stats_report
+    from queries.present.stats import stats_report
     from store.store import Store
     st = _run(Store.open, store)
     report = _run(stats_report, st, model, top=top)
     if fmt == Fmt.json:
         typer.echo(json.dumps(report, indent=2))
         return
-    from queries.stats import format_report
+    from queries.present.stats import format_report
     typer.echo(format_report(report))
 
 
@@ -249,7 +249,7 @@ def stats_fit(store: Path = STORE_ARG,
               prior: Prior = typer.Option(Prior.posterior_mean, help="Prior over the reference: the mean "
                                                                      "posterior, or uniform.")) -> None:
     """Draw the reference sample and fit priors, means and covariances for the scores."""
-    from queries.fit import fit_stats
+    from queries.curation.fit import fit_stats
     from store.store import Store
     st = _run(Store.open, store)
     res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
@@ -270,7 +270,7 @@ def query(store: Path = STORE_ARG,
                                                                  "off by default so ad-hoc SQL cannot touch files."),
           max_rows: int = typer.Option(40, help="Rows shown in table format (0 = all).")) -> None:
     """Run SQL through DuckDB over the store (read-only by default)."""
-    from queries.cli_query import run_query
+    from queries.sql.cli_query import run_query
     out = _run(run_query, store, sql, fmt.value, output, allow_external_access, max_rows)
     if out:
         typer.echo(out)
@@ -280,7 +280,7 @@ def query(store: Path = STORE_ARG,
 def sql(store: Path = STORE_ARG,
         allow_external_access: bool = typer.Option(False, help="Let the SQL read/write files.")) -> None:
     """An interactive SQL prompt over the store (same views and functions as `query`)."""
-    from queries.cli_query import repl
+    from queries.sql.cli_query import repl
     _run(repl, store, allow_external_access)
 
 
@@ -301,7 +301,7 @@ def score(store: Path = STORE_ARG,
     """Materialize chosen scores as stored columns (view `stored_scores`), stamped with the fit they came from.
 
     Re-running replaces the table: pass every column you want in one run."""
-    from queries.materialize import materialize_scores
+    from queries.sql.materialize import materialize_scores
     from store.store import Store
     st = _run(Store.open, store)
     res = _run(materialize_scores, st, [c.strip() for c in columns.split(",") if c.strip()], model,
@@ -327,7 +327,7 @@ def target_add(store: Path = STORE_ARG,
                                                       "rows)."),
                seed: int = typer.Option(0, help="Seed of the recall sample (ann).")) -> None:
     """Add a target set (image embeddings of one model) for norm_sim_2 / norm_sim_inf."""
-    from queries.targets import add_target
+    from queries.curation.targets import add_target
     from store.store import Store
     st = _run(Store.open, store)
     res = _run(add_target, st, name, query=query, source=source, model=model, replace=replace, index=index,
@@ -339,7 +339,7 @@ def target_add(store: Path = STORE_ARG,
 @target_app.command("list")
 def target_list(store: Path = STORE_ARG, fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json")) -> None:
     """List the target sets."""
-    from queries.targets import list_targets
+    from queries.curation.targets import list_targets
     from store.store import Store
     st = _run(Store.open, store)
     rows = _run(list_targets, st)
@@ -356,7 +356,7 @@ def target_list(store: Path = STORE_ARG, fmt: Fmt = typer.Option(Fmt.table, "--f
 @target_app.command("rm")
 def target_rm(store: Path = STORE_ARG, name: str = typer.Argument(..., help="Target name.")) -> None:
     """Remove a target set."""
-    from queries.targets import remove_target
+    from queries.curation.targets import remove_target
     from store.store import Store
     st = _run(Store.open, store)
     res = _run(remove_target, st, name)
@@ -388,7 +388,7 @@ def select_cmd(store: Path = STORE_ARG,
                                                                        "how."),
                model: Optional[str] = typer.Option(None, help="Model id (default: the store's default).")) -> None:
     """Choose a subset by a curation recipe or SQL; ties broken by id (ascending), cut to an exact count."""
-    from queries.selection import select
+    from queries.curation.selection import select
     from store.store import Store
     st = _run(Store.open, store)
     res = _run(select, st, recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
@@ -416,7 +416,7 @@ def gallery(store: Path = STORE_ARG,
                                                                  help="The N lowest and N highest rows by "
                                                                       "COLUMN, side by side.")) -> None:
     """One self-contained HTML page of thumbnails (embedded, no network) for any SQL result."""
-    from queries.gallery import write_gallery
+    from queries.present.gallery import write_gallery
     tb = (top_bottom[0], top_bottom[1]) if top_bottom else None
     res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb)
     note = f", {res['broken']} broken image(s)" if res["broken"] else ""
@@ -433,7 +433,7 @@ def plot(store: Path = STORE_ARG,
                                                                             "<kind>-<columns>.png)."),
          bins: int = typer.Option(50, min=1, help="hist: number of bins.")) -> None:
     """PNG plots of score columns: a histogram, or a scatter with the fitted line and R²."""
-    from queries.plots import plot_hist, plot_scatter
+    from queries.present.plots import plot_hist, plot_scatter
     want = 1 if kind == PlotKind.hist else 2
     if len(columns) != want:
         _fail(f"plot {kind.value} takes {want} column(s), got {len(columns)}")
@@ -457,7 +457,7 @@ def geometry(store: Path = STORE_ARG,
              seed: int = typer.Option(0, help="Seed of --sample."),
              top: int = typer.Option(10, min=2, help="How many top separable features to list.")) -> None:
     """Geometry of the raw embeddings (SCIENCE.md §8): offset ratio, thin shell, separability, ODD, conformity."""
-    from queries.geometry import geometry_report
+    from queries.present.geometry import geometry_report
     res = _run(geometry_report, store, model, output, sample=sample, seed=seed, top=top)
     for m in ("image", "text"):
         r = res[m]
@@ -474,7 +474,7 @@ def demo(store: Path = typer.Argument(Path("clipsql-demo-store"), help="Where to
          workers: Optional[int] = typer.Option(None, min=0, help="Decode workers (default: as `ingest`)."),
          progress: bool = typer.Option(True, help="Show progress bars.")) -> None:
     """Offline demo: generate shapes, ingest them with the bundled model, fit, and run curation queries."""
-    from queries.demo import run_demo
+    from queries.present.demo import run_demo
     _run(run_demo, store, rows=rows, workers=workers, progress=progress, echo=typer.echo)
 
 

@@ -114,8 +114,8 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
     elif name == "queries":
         out.update(query_figures(rest[1], int(rest[2])))
     elif name == "select":
-        from queries.functions import one_blas_thread  # noqa: F401 - select pins BLAS itself
-        from queries.selection import select
+        from queries.sql.functions import one_blas_thread  # noqa: F401 - select pins BLAS itself
+        from queries.curation.selection import select
         from store.store import Store
         st = Store.open(rest[1])
         out["sidecar"] = select(st, recipe="kl-guided", output=rest[2])
@@ -123,7 +123,7 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
         fit_rows = st.latest_fit(st.model(), with_arrays=False)["reference_size"]
         out.update(gemm_rows_per_s(min(n, 50_000), fit_rows, st.model().dim))
     elif name == "fit":
-        from queries.fit import fit_stats
+        from queries.curation.fit import fit_stats
         from store.store import Store
         out["fit"] = fit_stats(Store.open(rest[1]))
     out["seconds"] = time.perf_counter() - t0
@@ -161,7 +161,7 @@ def bare_write(src: Path, tmp: Path, rows: int) -> dict:
 
 def query_figures(store: str, exact_rows: int) -> dict:
     import queries
-    from queries.functions import one_blas_thread
+    from queries.sql.functions import one_blas_thread
     from store.store import Store
     st = Store.open(store)
     con = queries.connect(st)

@@ -119,7 +119,7 @@ def sql_runner(con: Any, sql: str) -> Callable[[], float]:
     return run
 
 def numpy_runner(X: np.ndarray, fit: Any, chunk: int, blas_threads: int | None = None) -> Callable[[], float]:
-    from queries import scores
+    from queries.kernels import scores
 
     def run() -> float:
         ctx = contextlib.nullcontext()
@@ -138,7 +138,7 @@ def register_probes(con: Any, st: Any, dim: int) -> None:
     """UDFs that do part of the work, to split the SQL cost (same registration style as functions.py)."""
     import pyarrow as pa
 
-    from queries import functions as F
+    from queries.sql import functions as F
 
     def noop(emb: Any) -> Any:
         return pa.array(np.zeros(len(emb)))
@@ -189,8 +189,8 @@ def _light_fit() -> None:
 
     import sqlalchemy as sa
 
-    from queries import functions as F
-    from queries import scores
+    from queries.sql import functions as F
+    from queries.kernels import scores
     from store import catalog as cat
 
     def fit(self: Any, rec: Any) -> Any:
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     import queries
-    from queries.fit import fit_stats, load_fit
+    from queries.curation.fit import fit_stats, load_fit
     from store.store import to_numpy
 
     ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)

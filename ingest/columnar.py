@@ -176,8 +176,8 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
         if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
                 or pa.types.is_string(t) or pa.types.is_large_string(t)):
             # nested values become JSON text, dates ISO strings, bytes UTF-8 (as ingest.sources._scalar)
-            from .sources import _scalar
-            col = pa.array([None if v is None else str(_scalar(v)) for v in col.to_pylist()], pa.string())
+            from .sources import scalar_value
+            col = pa.array([None if v is None else str(scalar_value(v)) for v in col.to_pylist()], pa.string())
             t = pa.string()
         types[str(name)] = _sql_type(t)
         cols[str(name)] = col

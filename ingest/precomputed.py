@@ -18,7 +18,7 @@ from store.errors import SourceError
 ROWS_PER_UNIT = 65_536      # rows a unit holds in memory at once: 256 MiB of vectors at d = 512
 
 
-from .sources import (Item, Reject, Source, _caption, _id, _require, _scalar)
+from .sources import (Item, Reject, Source, caption_value, id_value, require_column, scalar_value)
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -55,15 +55,15 @@ class PrecomputedSource(Source):
         for meta_path, _, _ in files:
             names = _schema_names(meta_path)
             where = f"{'parquet' if layout == 'parquet' else 'metadata'} {os.path.basename(meta_path)}"
-            _require(names, caption_column, "caption_column", "the captions", where)
+            require_column(names, caption_column, "caption_column", "the captions", where)
             if id_column is not None:
-                _require(names, id_column, "id_column", "the sample ids", where)
+                require_column(names, id_column, "id_column", "the sample ids", where)
             if layout == "parquet":  # named columns must exist; by default one of the two
                 for col, opt in ((image_embeddings, "image_embeddings"), (text_embeddings, "text_embeddings")):
                     if col is not None:
-                        _require(names, col, opt, "the embeddings", where)
+                        require_column(names, col, opt, "the embeddings", where)
                 if self.image_embeddings not in names and self.text_embeddings not in names:
-                    _require(names, self.image_embeddings, "image_embeddings", "the image embeddings", where)
+                    require_column(names, self.image_embeddings, "image_embeddings", "the image embeddings", where)
             self.uri_column = next((c for c in (image_column, "image_path", "url") if c in names), None)
 
     @staticmethod
@@ -142,10 +142,10 @@ class PrecomputedSource(Source):
         vectors = [c for c in table.column_names if c in (self.image_embeddings, self.text_embeddings)]
         for i, row in enumerate(table.drop_columns(vectors).to_pylist()):
             uri = row.get(self.uri_column) if self.uri_column else None
-            yield Item(location=f"{name}:row {start + i + 1}", uri=None if uri is None else str(_scalar(uri)),
-                       caption_raw=_caption(row.get(self.caption_column)), image_bytes=None,
-                       id=_id(row.get(self.id_column)) if self.id_column else None,
-                       meta={str(k): _scalar(v) for k, v in row.items() if k not in skip},
+            yield Item(location=f"{name}:row {start + i + 1}", uri=None if uri is None else str(scalar_value(uri)),
+                       caption_raw=caption_value(row.get(self.caption_column)), image_bytes=None,
+                       id=id_value(row.get(self.id_column)) if self.id_column else None,
+                       meta={str(k): scalar_value(v) for k, v in row.items() if k not in skip},
                        image_embedding=img[i], text_embedding=txt[i])
 
     def unit_files(self, unit) -> list[str]:
@@ -206,12 +206,12 @@ class PrecomputedSource(Source):
         if self.uri_column:
             uri_col = table.column(self.uri_column).combine_chunks()
             uris = uri_col if pa.types.is_string(uri_col.type) else pa.array(
-                [None if v is None else str(_scalar(v)) for v in uri_col.to_pylist()], pa.string())
+                [None if v is None else str(scalar_value(v)) for v in uri_col.to_pylist()], pa.string())
         else:
             uris = pa.nulls(n, pa.string())
         given = table.column(self.id_column).combine_chunks() if self.id_column else None
         if given is not None and not (pa.types.is_string(given.type) or pa.types.is_integer(given.type)):
-            given = pa.array([_id(v) for v in given.to_pylist()], pa.string())
+            given = pa.array([id_value(v) for v in given.to_pylist()], pa.string())
         skip = {self.caption_column, self.id_column, self.uri_column, self.image_embeddings, self.text_embeddings}
         meta_cols = [c for c in table.column_names if c not in skip]
         metadata, meta_types = metadata_json(table.select(meta_cols))

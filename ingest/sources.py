@@ -113,7 +113,7 @@ class Reject:
 # --------------------------------------------------------------------------- helpers
 
 
-def _scalar(v, nested=False):
+def scalar_value(v, nested=False):
     """A metadata value as str/int/float/bool/None; lists and dicts become JSON text.
 
     Bytes are decoded as UTF-8 (bad bytes backslash-escaped), dates and times
@@ -128,7 +128,7 @@ def _scalar(v, nested=False):
     if isinstance(v, (_dt.date, _dt.time)):
         return v.isoformat()
     if isinstance(v, (dict, list, tuple)):
-        return v if nested else json.dumps(v, ensure_ascii=False, default=lambda o: _scalar(o, True))
+        return v if nested else json.dumps(v, ensure_ascii=False, default=lambda o: scalar_value(o, True))
     return str(v)
 
 
@@ -136,25 +136,25 @@ def _jsonable(u):
     return [_jsonable(x) for x in u] if isinstance(u, (list, tuple)) else u
 
 
-def _id(v) -> str | None:
-    return None if v is None else str(_scalar(v))
+def id_value(v) -> str | None:
+    return None if v is None else str(scalar_value(v))
 
 
-def _caption(v):
-    return v if v is None or isinstance(v, (bytes, str)) else str(_scalar(v))
+def caption_value(v):
+    return v if v is None or isinstance(v, (bytes, str)) else str(scalar_value(v))
 
 
 def _loads(data: bytes):
     return json.loads(data.removeprefix(b"\xef\xbb\xbf"))  # json refuses a UTF-8 BOM
 
 
-def _json_meta(data: bytes, id_column: str | None) -> tuple[dict, str | None]:
+def json_meta(data: bytes, id_column: str | None) -> tuple[dict, str | None]:
     """Parse a JSON sidecar into (meta, id); ValueError when it is not a JSON object."""
     obj = _loads(data)
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    sid = _id(obj.pop(id_column, None)) if id_column else None
-    return {str(k): _scalar(v) for k, v in obj.items()}, sid
+    sid = id_value(obj.pop(id_column, None)) if id_column else None
+    return {str(k): scalar_value(v) for k, v in obj.items()}, sid
 
 
 def _read_bytes(path: str) -> bytes:
@@ -162,7 +162,7 @@ def _read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def _require(columns, name, option, what, where):
+def require_column(columns, name, option, what, where):
     if name not in columns:
         raise SourceError(
             f"{where} has no column {name!r} (available columns: {', '.join(map(str, columns)) or 'none'}); "
@@ -326,7 +326,7 @@ class FolderSource(Source):
             meta, sid = {}, None
             if js:
                 try:
-                    meta, sid = _json_meta(_read_bytes(os.path.join(self.root, *js.split("/"))), self.id_column)
+                    meta, sid = json_meta(_read_bytes(os.path.join(self.root, *js.split("/"))), self.id_column)
                 except (OSError, ValueError) as e:
                     yield Reject(js, "bad_metadata", f"{e}; the image is ingested without this metadata")
             yield Item(location=rel, uri=path, caption_raw=caption, image_bytes=data, id=sid, meta=meta)
@@ -382,10 +382,10 @@ class TableSource(Source):
         self.base_dir = os.path.dirname(self.path)
         columns = self._columns()
         where = f"table {self.name}"
-        _require(columns, image_column, "image_column", "the image paths", where)
-        _require(columns, caption_column, "caption_column", "the captions", where)
+        require_column(columns, image_column, "image_column", "the image paths", where)
+        require_column(columns, caption_column, "caption_column", "the captions", where)
         if id_column is not None:
-            _require(columns, id_column, "id_column", "the sample ids", where)
+            require_column(columns, id_column, "id_column", "the sample ids", where)
 
     # -- reading the file
     def _columns(self) -> list[str]:
@@ -497,9 +497,9 @@ class TableSource(Source):
 
     def _row(self, row: dict, where: str) -> Item | Reject:
         skip = (self.image_column, self.caption_column, self.id_column)
-        meta = {str(k): _scalar(v) for k, v in row.items() if k not in skip}
-        sid = _id(row.get(self.id_column)) if self.id_column else None
-        caption = _caption(row.get(self.caption_column))
+        meta = {str(k): scalar_value(v) for k, v in row.items() if k not in skip}
+        sid = id_value(row.get(self.id_column)) if self.id_column else None
+        caption = caption_value(row.get(self.caption_column))
         value = row.get(self.image_column)
         if isinstance(value, dict):  # {"bytes": b"...", "path": "..."}
             value = value.get("bytes") or value.get("path")
@@ -574,7 +574,7 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
     if re.search(r"[*?\[]|\{\d+\.\.\d+\}", spec) and not os.path.exists(spec):
         if kind not in (None, "webdataset"):
             raise SourceError(f"a pattern ({spec}) can only name webdataset shards")
-        shards = sorted({p for s in _expand_braces(spec) for p in (glob.glob(s) if re.search(r"[*?\[]", s) else [s])})
+        shards = sorted({p for s in expand_braces(spec) for p in (glob.glob(s) if re.search(r"[*?\[]", s) else [s])})
         missing = [s for s in shards if not os.path.isfile(s)]
         if missing:
             raise SourceError(f"{len(missing)} shard(s) of {spec} do not exist, e.g. {missing[0]}")
@@ -632,4 +632,4 @@ def _top_level_images(path: str) -> bool:
 
 # Kinds kept in their own modules (they import the shared pieces above).
 from .precomputed import PrecomputedSource  # noqa: E402
-from .webdataset import WebDatasetSource, _expand_braces  # noqa: E402
+from .webdataset import WebDatasetSource, expand_braces  # noqa: E402

@@ -12,7 +12,7 @@ from typing import Iterator
 from store.errors import SourceError
 
 
-from .sources import (IMAGE_EXTS, Item, Reject, Source, SUPPORTED_LAYOUTS, _json_meta)
+from .sources import (IMAGE_EXTS, Item, Reject, Source, SUPPORTED_LAYOUTS, json_meta)
 
 
 _WDS_KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # as webdataset's base_plus_ext
@@ -88,7 +88,7 @@ class WebDatasetSource(Source):
         meta, sid = {}, None
         if "json" in members:
             try:
-                meta, sid = _json_meta(members["json"][1], self.id_column)
+                meta, sid = json_meta(members["json"][1], self.id_column)
             except ValueError as e:
                 yield Reject(f"{name}:{members['json'][0]}", "bad_metadata",
                              f"{e}; the image is ingested without this metadata")
@@ -123,14 +123,14 @@ def _check_tar_end(path: str, offset: int) -> None:
         raise tarfile.ReadError(f"truncated or damaged tar header at byte {offset}")
 
 
-def _expand_braces(spec: str) -> list[str]:
+def expand_braces(spec: str) -> list[str]:
     m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
     if not m:
         return [spec]
     a, b = m.group(1), m.group(2)
     out = []
     for i in range(int(a), int(b) + 1):
-        out += _expand_braces(spec[:m.start()] + str(i).zfill(len(a)) + spec[m.end():])
+        out += expand_braces(spec[:m.start()] + str(i).zfill(len(a)) + spec[m.end():])
     return out
 
 

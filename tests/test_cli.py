@@ -181,7 +181,7 @@ def test_sigint_cancels_a_long_query_promptly(cli_store):
 def test_ctrl_c_in_the_prompt_cancels_the_query_and_keeps_the_prompt(cli_store, capsys, monkeypatch):
     import threading
 
-    from queries.cli_query import repl
+    from queries.sql.cli_query import repl
     lines = iter(["SELECT sum(a.range * b.range) FROM range(100000) a, range(1000000) b;", "SELECT 7 * 6 AS x;"])
 
     def fake_input(prompt=""):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import queries
-from queries.demo import run_demo
+from queries.present.demo import run_demo
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from queries.gallery import LAZY_AFTER, write_gallery
+from queries.present.gallery import LAZY_AFTER, write_gallery
 from store.errors import QueryError
 
 from ._small_demo import small_demo_store

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 import queries
-from queries import scores
-from queries.geometry import compute_geometry, geometry_report, logistic_separator
+from queries.kernels import scores
+from queries.present.geometry import compute_geometry, geometry_report, logistic_separator
 from store.store import Store, to_numpy
 
 from ._small_demo import small_demo_store
@@ -154,7 +154,7 @@ def test_geometry_without_valid_rows():
 
 
 def test_degenerate_single_row_is_json_safe():
-    from queries.geometry import _finite
+    from queries.present.geometry import _finite
     rng = np.random.default_rng(0)
     res = compute_geometry(lambda: [(rng.normal(size=(1, 5)), rng.normal(size=(1, 5)))])
     res.pop("_arrays")

@@ -284,7 +284,7 @@ def test_a_non_utf8_file_name_is_one_reject_not_a_lost_batch(store, tmp_path, ti
     os.rename(os.path.join(raw, b"img0002.txt"), os.path.join(raw, b"caf\xe9.txt"))
     s = ingest(store, str(data), model=tiny_model, options=FAST)
     assert s.added == 5 and s.rejected == {"path_not_utf8": 1}
-    from queries.db import connect
+    from queries.sql.db import connect
     rows = connect(store).sql("SELECT location, reason, detail FROM rejects").fetchall()
     assert rows[0][0] == "caf\\xe9.png" and rows[0][1] == "path_not_utf8" and "rename" in rows[0][2]
     again = ingest(store, str(data), model=tiny_model, options=FAST)      # and a re-run is as quiet

@@ -210,7 +210,7 @@ def test_readers_ignore_lance_versions_the_ledger_has_not_committed(pool, tmp_pa
     ds = lance.dataset(st.table_uri(rec.table_name))
     lance.write_dataset(ds.to_table(limit=10), ds.uri, mode="append")     # a commit the catalog never saw
     assert st.count_rows(rec) == before
-    from queries.db import connect
+    from queries.sql.db import connect
     assert connect(st).sql("SELECT count(*) FROM embeddings").fetchall()[0][0] == before
     with st.lock():
         assert st.recover() == {rec.table_name: 10}
@@ -234,7 +234,7 @@ def test_kill_during_optimize_loses_nothing(pool, tmp_path, reference, point):
 
 
 def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path):
-    from queries.fit import fit_stats
+    from queries.curation.fit import fit_stats
     st = Store.init(tmp_path / "s")
     ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
            options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=500), maintain=False))
@@ -250,7 +250,7 @@ def test_query_during_optimize_reads_its_snapshot(pool, tmp_path):
     st = Store.init(tmp_path / "s")
     ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
            options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=300), maintain=False))
-    from queries.db import connect
+    from queries.sql.db import connect
     con = connect(st)
     expected = con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchall()
     from store.maintenance import optimize

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import queries
-from queries.plots import linear_fit, plot_hist, plot_scatter
+from queries.present.plots import linear_fit, plot_hist, plot_scatter
 from store.errors import QueryError
 
 from ._small_demo import small_demo_store
@@ -68,6 +68,6 @@ def test_nulls_dropped_and_errors(tmp_path):
 
 
 def test_matplotlib_is_imported_lazily():
-    code = ("import sys, cli, queries.plots, queries.gallery, queries.geometry; "
+    code = ("import sys, cli, queries.present.plots, queries.present.gallery, queries.present.geometry; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported at import time'")
     subprocess.run([sys.executable, "-c", code], check=True)

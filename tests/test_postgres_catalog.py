@@ -11,9 +11,9 @@ import pytest
 
 import queries
 from ingest.pipeline import IngestOptions, ingest
-from queries.fit import fit_stats
-from queries.selection import select
-from queries.targets import add_target
+from queries.curation.fit import fit_stats
+from queries.curation.selection import select
+from queries.curation.targets import add_target
 from store import catalog as cat
 from store.store import Store, to_numpy
 from tests import pg

@@ -7,9 +7,9 @@ import pytest
 
 import queries
 from ingest.pipeline import IngestOptions, ingest
-from queries import scores
-from queries.cli_query import run_query
-from queries.fit import fit_stats, load_fit
+from queries.kernels import scores
+from queries.sql.cli_query import run_query
+from queries.curation.fit import fit_stats, load_fit
 from store.errors import QueryError
 from store.store import Store, to_numpy
 
@@ -217,7 +217,7 @@ def test_stats_view_and_staleness(scored_store, tmp_path, tiny_model):
     con = queries.connect(scored_store)
     rows = fetch(con, "SELECT modality, n, current, fit_id IS NOT NULL FROM stats ORDER BY modality")
     assert rows == [("image", 600, True, True), ("text", 600, True, True)]
-    from queries.fit import staleness
+    from queries.curation.fit import staleness
     assert staleness(scored_store, scored_store.model()) is None
     scored_store.set_setting("stale_share", "-1")   # any added row counts as stale...
     try:
@@ -246,7 +246,7 @@ def test_rows_added_after_fit_still_score_and_warn(tmp_path, tiny_model):
     con = queries.connect(st)
     before = dict(fetch(con, "SELECT id, image_info_gain FROM scores"))
     ingest(st, str(tmp_path / "b.parquet"), model=tiny_model, options=opts)
-    from queries.fit import staleness
+    from queries.curation.fit import staleness
     assert "re-run `clipsql stats fit`" in staleness(st, st.model())
     con = queries.connect(st)
     after = dict(fetch(con, "SELECT id, image_info_gain FROM scores"))
@@ -256,7 +256,7 @@ def test_rows_added_after_fit_still_score_and_warn(tmp_path, tiny_model):
 
 
 def test_score_command_materializes_columns_with_their_fit(scored_store):
-    from queries.materialize import materialize_scores
+    from queries.sql.materialize import materialize_scores
     res = materialize_scores(scored_store, ["image_info_gain", "clip_score"])
     assert res["rows"] == 600
     con = queries.connect(scored_store)
@@ -279,7 +279,7 @@ def test_queries_pin_blas_to_one_thread_and_restore_it(scored_store):
         assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before
     seen = []
-    import queries.functions as F
+    import queries.sql.functions as F
     orig = F.scores.info_gain_approx
 
     def spy(*a, **k):
@@ -321,7 +321,7 @@ def _on_threads(fn, n=8):
 
 def test_first_loads_happen_once_even_when_duckdb_threads_race(scored_store):
     """DuckDB calls UDFs from several threads; a first load must run once, never concurrently."""
-    from queries.functions import ScoreContext
+    from queries.sql.functions import ScoreContext
 
     class SlowStore:
         model = _Overlap(result=scored_store.model())
@@ -359,7 +359,7 @@ def test_scores_from_many_duckdb_threads_match_one_thread(scored_store):
 
 def test_matrix_reads_sliced_and_chunked_arrow_lists():
     """The fast path reads the child buffer directly: offsets of sliced arrays must be honoured."""
-    from queries.functions import matrix
+    from queries.sql.functions import matrix
     X = np.arange(40, dtype=np.float32).reshape(10, 4)
     fsl = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 4)
     lst = pa.array(X.tolist(), type=pa.list_(pa.float32()))

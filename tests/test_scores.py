@@ -1,7 +1,7 @@
-"""Tests of queries/scores.py against brute-force versions of SCIENCE.md.
+"""Tests of queries/kernels/scores.py against brute-force versions of SCIENCE.md.
 
 Every ``bf_*`` function below is written directly from the formula in SCIENCE.md with
-plain loops / per-row numpy and shares no code with ``queries.scores``.  All data are
+plain loops / per-row numpy and shares no code with ``queries.kernels.scores``.  All data are
 seeded; comparisons are float64 at rtol = atol = 1e-6 unless said otherwise.
 """
 import math
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from queries import scores as S
+from queries.kernels import scores as S
 
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 M, D, N = 300, 16, 50

@@ -10,11 +10,11 @@ import sqlalchemy as sa
 
 import queries
 from ingest.pipeline import IngestOptions, ingest
-from queries import scores
-from queries.fit import fit_stats
-from queries.materialize import materialize_scores
-from queries.selection import count_for, rank, select
-from queries.targets import add_target, get_target, list_targets, remove_target, target_rows
+from queries.kernels import scores
+from queries.curation.fit import fit_stats
+from queries.sql.materialize import materialize_scores
+from queries.curation.selection import count_for, rank, select
+from queries.curation.targets import add_target, get_target, list_targets, remove_target, target_rows
 from store import catalog as cat
 from store.errors import ClipsqlError, SelectionError, StatsError, TargetError
 from store.store import Store, to_numpy
@@ -271,7 +271,7 @@ def test_target_from_a_source_encodes_its_images(sel_store, tmp_path):
     assert res["n"] == 6 and res["source"].startswith("source:")
     from PIL import Image
 
-    from queries.prompts import encode_images, load_for_record
+    from queries.curation.prompts import encode_images, load_for_record
     want = encode_images(load_for_record(sel_store.model()), [Image.open(p).convert("RGB")
                                                              for p in sorted(folder.glob("*.png"))])
     np.testing.assert_allclose(target_rows(sel_store, get_target(sel_store, "from-images")), unit(want), atol=1e-5)
@@ -293,8 +293,8 @@ def demo_store(tmp_path_factory):
 def test_text_embedding_is_the_text_tower_cached_per_prompt(demo_store):
     import duckdb
 
-    from queries.db import register_views
-    from queries.functions import register
+    from queries.sql.db import register_views
+    from queries.sql.functions import register
     con = duckdb.connect()
     register_views(con, demo_store)
     ctx = register(con, demo_store)

@@ -454,7 +454,7 @@ def test_rejects_are_recorded_once_however_the_source_is_named(tmp_path, tiny_mo
     import tarfile
 
     from ingest.pipeline import IngestOptions, ingest
-    from queries.db import connect
+    from queries.sql.db import connect
     from store.store import Store
 
     from .conftest import write_image_folder

@@ -103,7 +103,7 @@ def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = No
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
     from .db import open_store
-    from .fit import staleness
+    from ..curation.fit import staleness
     st = open_store(store)
     if st.list_models():
         warn = staleness(st, st.model())

@@ -17,7 +17,7 @@ import pyarrow as pa
 from store.errors import StatsError
 from store.store import ModelRecord, Store, to_numpy
 
-from . import scores
+from ..kernels import scores
 
 DEFAULT_REFERENCE_SIZE = 10_000
 DEFAULT_STALE_SHARE = 0.10

@@ -64,8 +64,8 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
     from ingest.demo import write_dataset
     from ingest.pipeline import IngestOptions, ingest
 
-    from .cli_query import run_query
-    from .fit import fit_stats
+    from ..sql.cli_query import run_query
+    from ..curation.fit import fit_stats
     path = Path(store_path)
     res = DemoResult(path)
     t0 = time.perf_counter()

@@ -18,8 +18,8 @@ to one thread inside UDF work; DuckDB's threads parallelize across batches.
 | clip_score(img, txt) | §4 cos(x, y) (DuckDB's array_cosine_similarity) |
 | neg_clip_loss(img, txt [, model]) | §5 per-row stable form over K seeded reference batches |
 | neg_siglip_loss(img, txt [, model]) | §5 negated per-sample SigLIP loss (model's scale and bias) |
-| norm_sim_2(img, target) / norm_sim_inf(img, target) | §6 ‖F_t x̂‖₂ / max_t |⟨f_t, x̂⟩| (queries.targets) |
-| text_embedding(prompt [, model]) | raw text embedding FLOAT[d], cached per prompt (queries.prompts) |
+| norm_sim_2(img, target) / norm_sim_inf(img, target) | §6 ‖F_t x̂‖₂ / max_t |⟨f_t, x̂⟩| (queries.curation.targets) |
+| text_embedding(prompt [, model]) | raw text embedding FLOAT[d], cached per prompt (queries.curation.prompts) |
 | importance_weight(img, prompt [, scale [, model]]) | §7 density ratio vs the reference images, a = 10 |
 | vslerp(a, b, theta, alpha [, model [, modality]]) | §8 SLERP(a − αm, b − αm, θ) + αm, FLOAT[d] |
 
@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from store.errors import DimensionMismatch, QueryError
 from store.store import ModelRecord, Store
 
-from . import scores
+from ..kernels import scores
 
 
 class ScoreContext:
@@ -79,7 +79,7 @@ class ScoreContext:
         return self._cached(self._models, name, lambda: self.st.model(name))
 
     def _load_fit(self, rec: ModelRecord) -> scores.Fit:
-        from .fit import load_fit
+        from ..curation.fit import load_fit
         fit, self._fit_rows[rec.model_id] = load_fit(self.st, rec)
         return fit
 
@@ -92,7 +92,7 @@ class ScoreContext:
             return self._fits[rec.model_id]
 
         def load() -> scores.Fit:
-            from .fit import load_fit
+            from ..curation.fit import load_fit
             return load_fit(self.st, rec, reference=False)[0]
         return self._cached(self._light, rec.model_id, load)
 
@@ -116,7 +116,7 @@ class ScoreContext:
 
     def target(self, name: str) -> Any:
         def load() -> Any:
-            from .targets import TargetScorer, get_target
+            from ..curation.targets import TargetScorer, get_target
             return TargetScorer(self.st, get_target(self.st, name))
         return self._cached(self._targets, name, load)
 
@@ -125,7 +125,7 @@ class ScoreContext:
         if self._prompts is None:
             with self._lock:
                 if self._prompts is None:
-                    from .prompts import PromptCache
+                    from ..curation.prompts import PromptCache
                     self._prompts = PromptCache()
         return self._prompts
 
@@ -217,23 +217,23 @@ def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.n
     def udf(emb: Any, modality: Any, model: Any) -> pa.Array:
         n = len(emb)
         out = np.full(n, np.nan)
-        for (mod, mname), idx in _pair_groups(modality, model, n):
+        for (mod, mname), idx in pair_groups(modality, model, n):
             if mod not in (None, "image", "text"):
                 raise QueryError(f"modality must be 'image' or 'text', got {mod!r}")
             rec = ctx.model(mname)
-            col = emb if len(idx) == n else _take(emb, idx)
+            col = emb if len(idx) == n else take_rows(emb, idx)
             out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip()), rec, mod)
         return _result(out)
     return udf
 
 
-def _take(arr: Any, idx: np.ndarray) -> Any:
+def take_rows(arr: Any, idx: np.ndarray) -> Any:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     return arr.take(pa.array(idx))
 
 
-def _pair_groups(a: Any, b: Any, n: int) -> list[tuple[tuple[Any, Any], np.ndarray]]:
+def pair_groups(a: Any, b: Any, n: int) -> list[tuple[tuple[Any, Any], np.ndarray]]:
     ga = _groups(a, n)
     gb = _groups(b, n)
     if len(ga) == 1 and len(gb) == 1:
@@ -258,7 +258,7 @@ def _key_groups(cols: list[Any], n: int) -> list[tuple[tuple, np.ndarray]]:
 
 
 def _sub(arr: Any, idx: np.ndarray, n: int) -> Any:
-    return arr if len(idx) == n else _take(arr, idx)
+    return arr if len(idx) == n else take_rows(arr, idx)
 
 
 def _pair_scored(ctx: ScoreContext, fn: Callable[[np.ndarray, np.ndarray, ModelRecord], np.ndarray]) -> Callable:
@@ -435,8 +435,8 @@ def register(con: Any, st: Store) -> ScoreContext:
     con.execute(f"CREATE OR REPLACE MACRO text_embedding(prompt) AS "
                 f"_clipsql_text_embedding(prompt, NULL){default_cast}, "
                 f"(prompt, model) AS _clipsql_text_embedding(prompt, model){model_cast}")
-    # vslerp(a, b, theta, alpha [, model [, modality]]) → FLOAT[d] (§8; see queries.geometry.vslerp_udf)
-    from .geometry import vslerp_udf
+    # vslerp(a, b, theta, alpha [, model [, modality]]) → FLOAT[d] (§8; see queries.present.geometry.vslerp_udf)
+    from ..present.geometry import vslerp_udf
     con.create_function("_clipsql_vslerp", vslerp_udf(ctx), [F, F, "DOUBLE", "DOUBLE", V, V], "FLOAT[]",
                         type="arrow", null_handling="special", side_effects=False)
     con.execute(f"CREATE OR REPLACE MACRO vslerp(a, b, theta, alpha) AS "

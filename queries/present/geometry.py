@@ -18,7 +18,7 @@ left out and counted), with m the mean, C the covariance (ddof=0) and σ = sqrt(
 The data are streamed twice in batches (pass 1: float64 shifted moments, exact over all
 rows; pass 2: per-row ‖x − m‖, conformity and the two separator features), so memory is
 O(d² + rows) scalars, never the (rows × d) matrix. ``sample`` limits the report to a
-seeded random subset of rows. Definitions match queries.scores.geometry (tested).
+seeded random subset of rows. Definitions match queries.kernels.scores.geometry (tested).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from store.errors import StatsError
 from store.stats import RunningMoments
 from store.store import Store, to_numpy
 
-from . import scores
+from ..kernels import scores
 
 MODS = ("image", "text")
 PAPER = {"offset_ratio": {"image": 0.94, "text": 1.03}}
@@ -171,7 +171,7 @@ def compute_geometry(batches: Batches, top: int = 10) -> dict:
 # --------------------------------------------------------------------------- vslerp (SQL)
 def vslerp_udf(ctx: Any) -> Callable:
     """Arrow UDF behind ``vslerp(a, b, theta, alpha [, model [, modality]])`` (registered in
-    queries.functions.register): ``SLERP(a − αm, b − αm, θ) + αm`` by ``scores.vslerp``.
+    queries.sql.functions.register): ``SLERP(a − αm, b − αm, θ) + αm`` by ``scores.vslerp``.
 
     ``m`` is the modality centre: the RAW mean of that modality's stored vectors of the model
     (its running statistics, so it tracks the store). The 6th argument names the modality
@@ -189,7 +189,7 @@ def vslerp_udf(ctx: Any) -> Callable:
 
     from store.errors import QueryError
 
-    from .functions import _pair_groups, _take, matrix
+    from ..sql.functions import pair_groups, take_rows, matrix
 
     def col(arr: Any) -> np.ndarray:
         if isinstance(arr, pa.ChunkedArray):
@@ -202,12 +202,12 @@ def vslerp_udf(ctx: Any) -> Callable:
         n = len(a)
         th, al = col(theta), col(alpha)
         rows: list[Any] = [None] * n
-        for (mod, mname), idx in _pair_groups(modality, model, n):
+        for (mod, mname), idx in pair_groups(modality, model, n):
             if mod not in (None, "image", "text"):
                 raise QueryError(f"vslerp modality must be 'image', 'text' or NULL, got {mod!r}")
             rec = ctx.model(mname)
-            A = matrix(a if len(idx) == n else _take(a, idx), rec.dim, "vslerp a")
-            B = matrix(b if len(idx) == n else _take(b, idx), rec.dim, "vslerp b")
+            A = matrix(a if len(idx) == n else take_rows(a, idx), rec.dim, "vslerp a")
+            B = matrix(b if len(idx) == n else take_rows(b, idx), rec.dim, "vslerp b")
             state = ctx.running(rec)
             centre = {m: state.moments[(m, "raw")].mean for m in MODS}
             if mod is None:
@@ -273,7 +273,7 @@ def geometry_report(store: Any, model: str | None = None, output: str | os.PathL
                     sample: int | None = None, seed: int = 0, top: int = 10) -> dict:
     """Compute the §8 report for one model and write ``report.json``, ``report.html`` and
     the PNG plots into ``output``; returns the JSON dict (plus ``paths``)."""
-    from .db import open_store
+    from ..sql.db import open_store
     st = open_store(store)
     rec = st.model(model)
     t0 = time.perf_counter()
@@ -410,7 +410,7 @@ def _html(res: dict, pngs: dict[str, str], out: Path) -> str:
         return f'<figure><img src="data:image/png;base64,{data}" alt="{e(alt)}"><figcaption>{e(pngs[key])}' \
                f'</figcaption></figure>'
 
-    from .gallery import _SCRIPT
+    from .gallery import GALLERY_SCRIPT
     sample = f", a seeded sample of {res['sample']}" if res["sample"] else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>clipsql geometry report</title>"
@@ -431,4 +431,4 @@ def _html(res: dict, pngs: dict[str, str], out: Path) -> str:
         f"text {g(s['accuracy_text'])}); the line {e(verdict)}.</p>{img('separator', 'top-2 feature scatter')}"
         f"<h2>Off-diagonal dominance and conformity</h2>{img('odd_conformity', 'ODD and conformity histograms')}"
         '<div id="image-check" data-decoded="-1" data-total="-1" data-pending="-1"></div>'
-        f"<script>{_SCRIPT}</script></body></html>\n")
+        f"<script>{GALLERY_SCRIPT}</script></body></html>\n")

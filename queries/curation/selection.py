@@ -37,7 +37,7 @@ import pyarrow as pa
 
 from store.errors import SelectionError
 from store.store import ModelRecord, Store
-from .functions import blas_pinned
+from ..sql.functions import blas_pinned
 
 RECIPES = ("kl-guided", "negclip-normsim")
 DEFAULT_FRACTION = {"kl-guided": 0.25, "negclip-normsim": 0.20}
@@ -98,7 +98,7 @@ def select(st: Store, *, recipe: str | None = None, sql: str | None = None, targ
         "fraction": fraction, "limit": limit, "rounding": ROUNDING, "ties": TIE_RULE,
         "statistics": _fit_info(st, rec), "output": str(output), "format": fmt[1:],
     }
-    from .db import connect
+    from ..sql.db import connect
     con = connect(st)
     try:
         if recipe == "kl-guided":
@@ -136,7 +136,7 @@ def select(st: Store, *, recipe: str | None = None, sql: str | None = None, targ
 
 # --------------------------------------------------------------------------- recipes
 def _emb_view(st: Store, rec: ModelRecord) -> str:
-    from .db import quote_ident
+    from ..sql.db import quote_ident
     return quote_ident(f"embeddings_{[m.model_id for m in st.list_models()].index(rec.model_id)}")
 
 
@@ -156,7 +156,7 @@ def _top(tbl: pa.Table, column: str, count: int | None) -> tuple[pa.Table, int]:
 
 
 def _kl_guided(con: Any, st: Store, rec: ModelRecord, count: int | None) -> tuple[pa.Table, dict]:
-    from .db import quote_literal
+    from ..sql.db import quote_literal
     tbl = _arrow(con.sql(f"SELECT e.id, text_info_gain(e.text_embedding, {quote_literal(rec.model_id)}) "
                          f"AS text_info_gain FROM {_emb_view(st, rec)} e"))
     top, nulls = _top(tbl, "text_info_gain", count)
@@ -165,7 +165,7 @@ def _kl_guided(con: Any, st: Store, rec: ModelRecord, count: int | None) -> tupl
 
 def _negclip_normsim(con: Any, st: Store, rec: ModelRecord, target: str, count: int | None, first: int,
                      form: str) -> tuple[pa.Table, dict, dict]:
-    from .db import quote_literal
+    from ..sql.db import quote_literal
     from .targets import get_target
     t = get_target(st, target)
     if t.model_id != rec.model_id:
@@ -191,7 +191,7 @@ def _negclip_normsim(con: Any, st: Store, rec: ModelRecord, target: str, count: 
 
 
 def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
-    from .materialize import stored_table_name
+    from ..sql.materialize import stored_table_name
     name = stored_table_name(rec.table_name)
     tbl = st.db.open_table(name).to_lance().to_table() if name in st._table_names() else None
     if tbl is None or "neg_clip_loss_pool" not in tbl.column_names:

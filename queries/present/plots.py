@@ -46,7 +46,7 @@ def fetch_columns(store: Any, columns: list[str], sql: str | None = None, con: A
     """The named columns of ``sql`` (default: the ``scores`` view) as float64 arrays (NULL → NaN)."""
     import duckdb
 
-    from .db import connect, quote_ident
+    from ..sql.db import connect, quote_ident
     own = con is None
     con = connect(store) if own else con
     try:

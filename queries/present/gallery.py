@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from store.errors import QueryError
-from .functions import blas_pinned
+from ..sql.functions import blas_pinned
 
 LAZY_AFTER = 200
 DEFAULT_LIMIT = 1000
@@ -61,7 +61,7 @@ table.kv td.k{color:#777}table.kv td.v{text-align:right;word-break:break-word}
 #image-check{color:#777;font-size:12px;margin-top:12px}
 """
 
-_SCRIPT = """
+GALLERY_SCRIPT = """
 window.addEventListener('load', function () {
   var imgs = document.querySelectorAll('img'), ok = 0, pending = 0;
   for (var i = 0; i < imgs.length; i++) {
@@ -273,7 +273,7 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
         raise QueryError("--thumb must be at least 8 pixels")
     own = con is None
     if own:
-        from .db import connect
+        from ..sql.db import connect
         con = connect(store)
     try:
         # top/bottom needs every row to rank; otherwise only the first `limit`
@@ -324,7 +324,7 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
         f"</head><body><h1>{e(head_title)}</h1><div class=\"meta\">{e(what)}</div>"
         f"<details><summary>SQL</summary><pre>{e(sql)}</pre></details>{body}"
         f'<div id="image-check" data-decoded="-1" data-total="-1" data-pending="-1"></div>'
-        f"<script>{_SCRIPT}</script></body></html>\n")
+        f"<script>{GALLERY_SCRIPT}</script></body></html>\n")
     summary = {"rows": total, "shown": len(shown), "broken": broken, "cut": cut, "nulls": nulls,
                "lazy": lazy}
     return page, summary

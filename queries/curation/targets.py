@@ -40,7 +40,7 @@ from store import catalog as cat
 from store.errors import QueryError, TargetError
 from store.store import ModelRecord, Store
 
-from . import scores
+from ..kernels import scores
 
 ANN_MIN_ROWS = 200_000
 TARGET_CHUNK = 16_384
@@ -192,8 +192,8 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
 
 def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
     import duckdb
-    from .db import connect
-    from .functions import matrix
+    from ..sql.db import connect
+    from ..sql.functions import matrix
     con = connect(st)
     try:
         tbl = con.sql(query)

@@ -82,7 +82,7 @@ def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bo
     """Append the pool-form columns, computed over every row of the model, aligned on id."""
     from store.store import to_numpy
 
-    from . import scores
+    from ..kernels import scores
     emb = st.read_embeddings(rec)
     pos = pa.compute.index_in(tbl.column("id"), value_set=emb.column("id")).to_numpy(zero_copy_only=False)
     X, Y = to_numpy(emb.column("image_embedding")), to_numpy(emb.column("text_embedding"))

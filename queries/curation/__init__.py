@@ -1,0 +1,2 @@
+"""Curation workflows: fitted reference statistics, target sets, prompt embeddings and the
+`clipsql select` recipes."""
