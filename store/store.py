@@ -474,13 +474,6 @@ class Store:
                     out[k] = (int(rows), int(rej))
         return out
 
-    def record_rejects(self, run_id: int, model_id: str | None, source: str,
-                       rejects: list[tuple[str, str, str]]) -> None:
-        with self.engine.begin() as conn:
-            self._record_rejects(conn, run_id, model_id, source, rejects)
-            conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == run_id).values(
-                rejected=cat.ingest_runs.c.rejected + len(rejects)))
-
     def _record_rejects(self, conn: sa.Connection, run_id: int, model_id: str | None, source: str,
                         rejects: list[tuple[str, str, str]]) -> None:
         now = time.time()

@@ -143,8 +143,9 @@ def test_stores_with_several_widths_keep_list_literals_and_nulls_working(tmp_pat
     con = queries.connect(st)
     vec = fetch(con, "SELECT image_embedding FROM embeddings ORDER BY id LIMIT 1")[0][0]
     lit = "[" + ", ".join(repr(float(v)) for v in vec) + "]"
-    a, b, c = fetch(con, f"SELECT image_info_gain_approx({lit}), image_info_gain_approx({lit}::FLOAT[{D}]), "
-                         "image_info_gain_approx(NULL)")[0]
+    m = f"'{scored_store.model().model_id}'"
+    a, b, c = fetch(con, f"SELECT image_info_gain_approx({lit}, {m}), image_info_gain_approx({lit}::FLOAT[{D}], {m}), "
+                         f"image_info_gain_approx(NULL, {m})")[0]
     assert a == pytest.approx(b) and c is None
     con.close()
 
@@ -374,3 +375,42 @@ def test_matrix_reads_sliced_and_chunked_arrow_lists():
     assert np.isnan(got[1]).all()
     with pytest.raises(Exception, match="has 3 dimensions but the model has 4"):
         matrix(pa.array([[1.0, 2, 3, 4], [1.0, 2, 3]], type=pa.list_(pa.float32())), 4)
+
+
+def test_two_models_never_score_with_the_wrong_fit(tmp_path, tiny_model, tiny_siglip):
+    """Issue 10.1: with two models of the same width, image_info_gain(image_embedding) scored SigLIP
+    vectors with the default (CLIP) fit without a word. Now: a score function without a model
+    refuses and names the models; the `scores` view has a `model` column and scores every row with
+    its own model's fit."""
+    from ingest.pipeline import IngestOptions, ingest
+    from queries.curation.fit import fit_stats, load_fit
+    from store.store import Store
+
+    from .conftest import write_image_folder
+    st = Store.init(tmp_path / "s")
+    data = write_image_folder(tmp_path / "d", 30)
+    opts = IngestOptions(batch_size=8, workers=0, progress=False)
+    ingest(st, str(data), model=tiny_model, options=opts)
+    ingest(st, str(data), model=tiny_siglip, options=opts)
+    clip, sig = st.list_models()
+    assert clip.dim == sig.dim
+    for m in (clip, sig):
+        fit_stats(st, m.model_id, reference_size=20)
+    con = queries.connect(st)
+    with pytest.raises(Exception, match="called without a model on a store holding 2 models") as e:
+        fetch(con, f"SELECT image_info_gain(image_embedding) FROM embeddings WHERE model = '{sig.model_id}'")
+    assert clip.model_id in str(e.value) and sig.model_id in str(e.value)
+    rows = fetch(con, "SELECT model, id, image_info_gain, text_info_gain_approx FROM scores ORDER BY model, id")
+    assert {r[0] for r in rows} == {clip.model_id, sig.model_id} and len(rows) == 60
+    for m in (clip, sig):
+        tbl = st.read_embeddings(m).sort_by("id")
+        f, _ = load_fit(st, m)
+        want_ig = scores.info_gain(to_numpy(tbl.column("image_embedding")), f, "image")
+        want_ap = scores.info_gain_approx(to_numpy(tbl.column("text_embedding")), f, "text")
+        got = [r for r in rows if r[0] == m.model_id]
+        np.testing.assert_allclose([r[2] for r in got], want_ig, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose([r[3] for r in got], want_ap, rtol=1e-6, atol=1e-9)
+    # the explicit model argument still works for either model
+    got = fetch(con, f"SELECT image_info_gain(image_embedding, '{sig.model_id}') FROM embeddings "
+                     f"WHERE model = '{sig.model_id}' ORDER BY id")
+    np.testing.assert_allclose([r[0] for r in got], [r[2] for r in rows if r[0] == sig.model_id], rtol=1e-12)

@@ -150,22 +150,28 @@ def _register_stats(con: Any, st: Store) -> None:
 
 
 def _register_scores(con: Any, st: Store) -> None:
-    """View `scores` for the default model: id, uri, caption and one lazily computed column per score."""
+    """View `scores`: id, model, uri, caption and one lazily computed column per score, for every
+    model that has fitted statistics (each row scored with its own model's fit); with no fit yet,
+    the default model's rows (whose score columns then say to run `clipsql stats fit`)."""
     from .functions import score_expressions
     models = st.list_models()
     if not models:
         return
     default = st.model()
-    idx = [m.model_id for m in models].index(default.model_id)
-    exprs = score_expressions(quote_literal(default.model_id))
-    cols = ", ".join(f"{e} AS {quote_ident(name)}" for name, e in exprs.items())
-    if {"uri", "caption"} <= set(st.embeddings_table(default).schema.names):
-        # one scan: uri and caption live beside the vectors (no join growing with the store)
-        con.execute(f"CREATE OR REPLACE VIEW scores AS SELECT e.id, e.uri, e.caption, {cols} "
-                    f"FROM _lance_emb_{idx} e")
-    else:   # a table written before uri/caption were copied into it
-        con.execute(f"CREATE OR REPLACE VIEW scores AS SELECT e.id, s.uri, s.caption, {cols} "
-                    f"FROM {quote_ident('embeddings_' + str(idx))} e LEFT JOIN samples s ON s.id = e.id")
+    fitted = [m for m in models if st.latest_fit(m, with_arrays=False) is not None] or [default]
+    parts = []
+    for m in fitted:
+        idx = [x.model_id for x in models].index(m.model_id)
+        exprs = score_expressions(quote_literal(m.model_id))
+        cols = ", ".join(f"{e} AS {quote_ident(name)}" for name, e in exprs.items())
+        model = f"{quote_literal(m.model_id)} AS model"
+        if {"uri", "caption"} <= set(st.embeddings_table(m).schema.names):
+            # one scan: uri and caption live beside the vectors (no join growing with the store)
+            parts.append(f"SELECT e.id, {model}, e.uri, e.caption, {cols} FROM _lance_emb_{idx} e")
+        else:   # a table written before uri/caption were copied into it
+            parts.append(f"SELECT e.id, {model}, s.uri, s.caption, {cols} "
+                         f"FROM {quote_ident('embeddings_' + str(idx))} e LEFT JOIN samples s ON s.id = e.id")
+    con.execute("CREATE OR REPLACE VIEW scores AS " + " UNION ALL ".join(parts))
     from .materialize import stored_table_name
     name = stored_table_name(default.table_name)
     if name in st._table_names():

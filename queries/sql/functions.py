@@ -78,6 +78,20 @@ class ScoreContext:
     def model(self, name: str | None) -> ModelRecord:
         return self._cached(self._models, name, lambda: self.st.model(name))
 
+    def score_model(self, name: str | None, function: str) -> ModelRecord:
+        """The model a score is computed with. Without a model argument on a store holding several
+        models this refuses, naming them: a vector does not say which model made it, and scoring it
+        with the default model's fit would be silently wrong (the `scores` view passes each row's own)."""
+        if name is None:
+            models = self._cached(self._models, "__all__", self.st.list_models)
+            if len(models) > 1:
+                ids = ", ".join(repr(m.model_id) for m in models)
+                example = "image_info_gain(image_embedding, " + ids.split(", ")[0] + ")"
+                raise QueryError(f"{function} was called without a model on a store holding {len(models)} models "
+                                 f"({ids}): pass the model as its last argument, e.g. {example}, or query the "
+                                 "`scores` view, which scores every row with its own model")
+        return self.model(name)
+
     def _load_fit(self, rec: ModelRecord) -> scores.Fit:
         from ..curation.fit import load_fit
         fit, self._fit_rows[rec.model_id] = load_fit(self.st, rec)
@@ -220,7 +234,7 @@ def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.n
         for (mod, mname), idx in pair_groups(modality, model, n):
             if mod not in (None, "image", "text"):
                 raise QueryError(f"modality must be 'image' or 'text', got {mod!r}")
-            rec = ctx.model(mname)
+            rec = ctx.score_model(mname, "a score function")
             col = emb if len(idx) == n else take_rows(emb, idx)
             out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip()), rec, mod)
         return _result(out)
@@ -267,7 +281,7 @@ def _pair_scored(ctx: ScoreContext, fn: Callable[[np.ndarray, np.ndarray, ModelR
         n = len(img)
         out = np.full(n, np.nan)
         for (mname,), idx in _key_groups([model], n):
-            rec = ctx.model(mname)
+            rec = ctx.score_model(mname, "a score function")
             X = matrix(_sub(img, idx, n), rec.dim, "image embedding")
             Y = matrix(_sub(txt, idx, n), rec.dim, "text embedding")
             out[idx] = fn(X, Y, rec)
@@ -338,7 +352,7 @@ def _importance_weight(ctx: ScoreContext) -> Callable:
         for (p, a, mname), idx in _key_groups([prompt, scale, model], n):
             if p is None or a is None:
                 continue
-            rec = ctx.model(mname)
+            rec = ctx.score_model(mname, "importance_weight")
             yq = ctx.prompts.embed(rec, [p])[0]
             X = matrix(_sub(emb, idx, n), rec.dim, "image embedding")
             out[idx] = scores.importance_weight(X, yq, ctx.fit(rec), a=float(a))
