@@ -428,7 +428,7 @@ def plot(store: Path = STORE_ARG,
          kind: PlotKind = typer.Argument(..., help="hist COLUMN | scatter X Y"),
          columns: List[str] = typer.Argument(..., help="hist: one column; scatter: X and Y."),
          sql: Optional[str] = typer.Option(None, help="SQL choosing the rows; must return the columns "
-                                                      "(default: SELECT COLUMNS FROM scores)."),
+                                                      "(default: SELECT COLUMNS FROM scores WHERE model = the default model)."),
          output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG file (default: "
                                                                             "<kind>-<columns>.png)."),
          bins: int = typer.Option(50, min=1, help="hist: number of bins.")) -> None:

@@ -43,15 +43,19 @@ def save_figure(fig: Any, output: str | os.PathLike) -> str:
 
 
 def fetch_columns(store: Any, columns: list[str], sql: str | None = None, con: Any = None) -> dict[str, np.ndarray]:
-    """The named columns of ``sql`` (default: the ``scores`` view) as float64 arrays (NULL → NaN)."""
+    """The named columns of ``sql`` (default: the ``scores`` view's rows of the default model, so
+    two models' scores never mix in one plot) as float64 arrays (NULL → NaN)."""
     import duckdb
 
-    from ..sql.db import connect, quote_ident
+    from ..sql.db import connect, open_store, quote_ident, quote_literal
     own = con is None
+    if sql is None:
+        st = open_store(store)
+        where = f" WHERE model = {quote_literal(st.model().model_id)}" if st.list_models() else ""
     con = connect(store) if own else con
     try:
         query = sql.strip().rstrip(";") if sql else \
-            f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM scores"
+            f"SELECT {', '.join(quote_ident(c) for c in columns)} FROM scores{where}"
         try:
             rel = con.sql(query)
             if rel is None:
