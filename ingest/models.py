@@ -115,7 +115,7 @@ def resolve(name: str | None, pretrained: str | None = None, checkpoint: str | N
     arch = name.replace("/", "-")
     known = open_clip.list_models()
     if arch not in known:
-        close = difflib.get_close_matches(arch, known, n=5)
+        close = difflib.get_close_matches(arch, known + list(BUNDLED), n=5)
         hint = f" Did you mean: {', '.join(close)}?" if close else " See `open_clip.list_models()`."
         raise ModelError(f"unknown model {name!r}.{hint} Other forms: hf-hub:ORG/REPO, local-dir:PATH, "
                          "or ARCH --checkpoint FILE.")

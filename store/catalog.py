@@ -184,7 +184,7 @@ def make_engine(url: str) -> sa.Engine:
                            "sqlite:////abs/path/catalog.sqlite or postgresql+psycopg://user:pw@host/db") from None
     except ImportError as e:
         name = (e.name or "").split(".")[0]
-        hint = _DRIVERS.get(name, name or "the database driver")
+        hint = _DRIVERS.get(name.lower(), name or "the database driver")
         raise CatalogError(f"catalog URL {safe_url(url)} needs the {name or 'database'} driver, which is not "
                            f"installed: pip install '{hint}' (for PostgreSQL: pip install -e '.[postgres]')") from None
     if engine.dialect.name == "sqlite":

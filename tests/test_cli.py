@@ -211,3 +211,25 @@ def test_init_errors_are_one_line(tmp_path):
     r = invoke("init", tmp_path / "s", "--catalog", f"sqlite:///{tmp_path / 'other.sqlite'}")
     assert r.exit_code == 1 and "already a store" in r.output and "CLIPSQL_CATALOG_URL" in r.output
     assert invoke("init", tmp_path / "s").exit_code == 0          # re-running init is still fine
+
+
+def test_small_messages_say_what_to_do(tmp_path, cli_store):
+    """Issue 10.12 (part): `score` without columns, a misspelt bundled model, the MySQL driver hint."""
+    r = invoke("score", cli_store)
+    assert r.exit_code == 1 and "[]" not in r.output and "name the scores to store: --columns" in r.output
+    invoke("init", tmp_path / "s")
+    r = invoke("ingest", tmp_path / "s", tmp_path, "--model", "clipsql-dmeo", "--no-progress")
+    assert r.exit_code == 1 and "Did you mean: clipsql-demo" in r.output
+    import builtins
+    from unittest import mock
+
+    from store.catalog import make_engine
+    from store.errors import CatalogError
+    real = builtins.__import__
+
+    def no_mysqldb(name, *a, **k):
+        if name == "MySQLdb":
+            raise ImportError("No module named 'MySQLdb'", name="MySQLdb")
+        return real(name, *a, **k)
+    with mock.patch("builtins.__import__", no_mysqldb), pytest.raises(CatalogError, match="pip install 'mysqlclient'"):
+        make_engine("mysql://u:p@localhost/db")

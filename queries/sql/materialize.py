@@ -44,8 +44,11 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
                        neg_clip_loss_pool: bool = False, norm_sim_d: bool = False,
                        pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
     unknown = [c for c in columns if c not in SCORE_COLUMNS]
-    if unknown or not (columns or neg_clip_loss_pool or norm_sim_d):
-        raise QueryError(f"unknown score column(s) {unknown}; choose from: {', '.join(SCORE_COLUMNS)} "
+    if not (columns or neg_clip_loss_pool or norm_sim_d):
+        raise QueryError("name the scores to store: --columns image_info_gain,text_info_gain,… (from: "
+                         f"{', '.join(SCORE_COLUMNS)}), or --neg-clip-loss-pool / --norm-sim-d")
+    if unknown:
+        raise QueryError(f"unknown score column(s) {', '.join(unknown)}; choose from: {', '.join(SCORE_COLUMNS)} "
                          "(or --neg-clip-loss-pool / --norm-sim-d)")
     from .db import connect, quote_ident, quote_literal
     rec = st.model(model)
