@@ -90,7 +90,6 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
     t0 = time.perf_counter()
     out: dict = {}
     if name == "ingest":
-        from typer.testing import CliRunner  # noqa: F401 - the CLI's own code path, in-process
         import cli
         store, src = rest[1], rest[2]
         sys.argv = ["clipsql", "ingest", store, src, *MODEL, "--id-column", "key", "--no-progress",

@@ -182,7 +182,7 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
         types[str(name)] = _sql_type(t)
         cols[str(name)] = col
     tbl = pa.table(cols)
-    keys = ", ".join(f"{_q(k)} := t.{_qi(k)}" for k in cols)
+    keys = ", ".join(f"{_q(k)} := t.{_q(k)}" for k in cols)
     con = _duck()
     con.register("_clipsql_meta", tbl)
     try:
@@ -196,8 +196,6 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
-
-_qi = _q
 
 
 def content_ids(captions: pa.Array, uris: pa.Array, given: pa.Array | None) -> pa.Array:

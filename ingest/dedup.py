@@ -1,9 +1,9 @@
 """Which ids of a batch are new: O(new data) work, never a set of every stored id.
 
 * Ids this run already added: 64-bit fingerprints in sorted numpy chunks (8 bytes a row).
-  A fingerprint hit is confirmed exactly — against the exact ids not yet committed, or
-  through the store's `id` index for committed ones — so a hash collision never rejects
-  a row.
+  A fingerprint hit is confirmed exactly — against the Arrow arrays of ids not yet
+  committed, or through the store's `id` index for committed ones — so a hash collision
+  never rejects a row.
 * Ids stored before this run: `Store.stored_ids`, an `id IN (…)` lookup through the Lance
   BTREE index on `id` (and a scan of fragments not indexed yet), in the table versions of
   the run's start — so the rows the run commits itself (not indexed yet) are never scanned
@@ -67,7 +67,7 @@ class IdChecker:
         self.before = (samples, store.embeddings_table(model))   # the store as the run found it
         self.lookup = bool((samples is not None and samples.count_rows()) or self.before[1].count_rows())
         self.seen = _SortedChunks()
-        self.uncommitted: set[str] = set()
+        self.uncommitted: list[pa.Array] = []     # ids since the last commit, as Arrow arrays
 
     def check(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(duplicate of an earlier row of this run, already in samples, already in the model table)."""
@@ -85,7 +85,9 @@ class IdChecker:
         cand = np.flatnonzero(~dup & self.seen.contains(h))
         if len(cand):
             cand_ids = ids.take(pa.array(cand))
-            exact = np.array([v in self.uncommitted for v in cand_ids.to_pylist()], dtype=bool)
+            exact = np.zeros(len(cand), dtype=bool)
+            for seen_ids in self.uncommitted:
+                exact |= pc.is_in(cand_ids, value_set=seen_ids).to_numpy(zero_copy_only=False)
             rest = cand[~exact]
             if len(rest):
                 _, in_emb = self.store.stored_ids(self.model, ids.take(pa.array(rest)))
@@ -98,7 +100,7 @@ class IdChecker:
             s, e = self.store.stored_ids(self.model, ids.take(pa.array(fresh)), self.before)
             in_s[fresh], in_e[fresh] = s, e
         self.seen.add(h[fresh])
-        self.uncommitted.update(ids.take(pa.array(fresh)).to_pylist() if len(fresh) < n else ids.to_pylist())
+        self.uncommitted.append(ids if len(fresh) == n else ids.take(pa.array(fresh)))
         return dup, in_s, in_e
 
     def committed(self) -> None:

@@ -63,16 +63,6 @@ def small_fragments(ds: Any, target: int | None = None) -> int:
     return sum(1 for f in ds.get_fragments() if f.count_rows() < t // 2)
 
 
-def table_health(st: Store) -> list[dict[str, Any]]:
-    """Per table: rows, fragments, committed and latest Lance versions, rows outside the id index."""
-    out = []
-    for name in _tables(st):
-        ds = st.dataset(name)
-        out.append({"table": name, "rows": ds.count_rows(), "fragments": len(ds.get_fragments()),
-                    "version": ds.version, "versions": len(ds.versions()), "unindexed_rows": _unindexed(ds)})
-    return out
-
-
 def _tag_fit_versions(st: Store, ds: Any, name: str) -> int:
     """Tag the versions fits were computed on (tags are never pruned)."""
     models = {m.table_name: m for m in st.list_models()}

@@ -173,10 +173,6 @@ class Writer:
         self.pending.units.append((unit_key, rows, rejected))
 
     # -- committing -----------------------------------------------------------------------
-    @property
-    def pending_rows(self) -> int:
-        return self.pending.rows
-
     def due(self) -> bool:
         p = self.pending
         if max(p.rows, p.sample_rows) >= self.policy.rows:
@@ -212,7 +208,3 @@ class Writer:
             for pool in self._pools.values():
                 pool.shutdown(wait=True)
             self._io.shutdown(wait=True)
-
-    def stats_summary(self) -> dict[str, Any]:
-        return {"commits": self.commits, "fold_seconds": round(self.fold_seconds, 4),
-                "commit_seconds": round(self.commit_seconds, 4)}
