@@ -32,6 +32,12 @@ class Fmt(str, Enum):
     parquet = "parquet"
 
 
+class TableFmt(str, Enum):
+    """Commands whose output is a report, not rows: a table for people or json for programs."""
+    table = "table"
+    json = "json"
+
+
 def _fail(msg: str, code: int = 1) -> None:
     typer.secho(f"Error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -58,17 +64,31 @@ def init(store: Path = STORE_ARG,
     typer.echo(f"store ready at {st.path} (catalog: {st.engine.url.render_as_string(hide_password=True)})")
 
 
-@app.command("models")
-def models_cmd(store: Path = STORE_ARG,
-               fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json")) -> None:
-    """List the models whose embeddings the store holds."""
+class _DefaultList(typer.core.TyperGroup):
+    """`clipsql models STORE` lists (as before); `models default|rm STORE MODEL` manage."""
+
+    def parse_args(self, ctx, args):  # noqa: ANN001, ANN201
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["list", *args]
+        return super().parse_args(ctx, args)
+
+
+models_app = typer.Typer(cls=_DefaultList, no_args_is_help=True,
+                         help="The models whose embeddings the store holds: list, choose the default, remove.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list(store: Path = STORE_ARG,
+                fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
+    """List the models (`*` marks the default, which commands use without --model)."""
     from store.store import Store
     st = _run(Store.open, store)
     default = st.get_setting("default_model")
     rows = [dict(model=m.model_id, kind=m.kind, dim=m.dim, logit_scale=round(m.logit_scale, 4),
                  logit_bias=m.logit_bias, rows=st.count_rows(m), default=m.model_id == default)
             for m in st.list_models()]
-    if fmt == Fmt.json:
+    if fmt == TableFmt.json:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
@@ -77,6 +97,51 @@ def models_cmd(store: Path = STORE_ARG,
         star = "*" if r["default"] else " "
         typer.echo(f"{star} {r['model']}  kind={r['kind']} dim={r['dim']} logit_scale={r['logit_scale']} "
                    f"logit_bias={r['logit_bias']} rows={r['rows']}")
+
+
+@models_app.command("default")
+def models_default(store: Path = STORE_ARG,
+                   model: str = typer.Argument(..., help="Model id (or a unique part of it).")) -> None:
+    """Make MODEL the default: what ingest, stats, score and the score functions use without --model."""
+    from store.manage import set_default_model
+    from store.store import Store
+    st = _run(Store.open, store)
+    rec = _run(set_default_model, st, model)
+    typer.echo(f"default model of {store}: {rec.model_id}")
+
+
+@models_app.command("rm")
+def models_rm(store: Path = STORE_ARG, model: str = typer.Argument(..., help="The exact model id.")) -> None:
+    """Remove a model: its embeddings, running statistics, fits and targets (samples stay)."""
+    from store.manage import remove_model
+    from store.store import Store
+    st = _run(Store.open, store)
+    out = _run(remove_model, st, model)
+    typer.echo(f"removed {out['model']}: {out['rows']} embedding rows, {out['fits']} fit(s), "
+               f"{len(out['targets'])} target(s); default model now: {out['default_model'] or 'none'}")
+
+
+@app.command()
+def delete(store: Path = STORE_ARG,
+           where: str = typer.Option(..., help="SQL condition on the `samples` view (metadata columns "
+                                               "included), e.g. \"caption IS NULL\" or \"width < 64\"."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted; change nothing.")) -> None:
+    """Delete samples and their embeddings under every model, in one commit.
+
+    Running statistics are downdated exactly (the deleted rows' sums subtract); fits that
+    covered a deleted row are marked stale. Source units already ingested stay recorded, so a
+    re-ingest of the same files does not bring the rows back.
+    """
+    from queries.curation.delete import delete_where
+    from store.store import Store
+    st = _run(Store.open, store)
+    out = _run(delete_where, st, where, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    per = ", ".join(f"{n} from {m}" for m, n in out["rows"].items()) or "no embedding rows"
+    typer.echo(f"{verb} {out['samples']} samples ({per})")
+    if out["stale_fits"]:
+        typer.echo(f"fit(s) {', '.join('#' + str(f) for f in out['stale_fits'])} covered deleted rows and are "
+                   "now stale: re-run `clipsql stats fit`")
 
 
 @app.command()
@@ -105,7 +170,7 @@ def ingest(
                                     "done) every N rows …"),
     commit_seconds: float = typer.Option(30.0, min=0.0, help="… or every T seconds, whichever comes first. A "
                                          "killed run loses at most this much work, never committed rows."),
-    fmt: Fmt = typer.Option(Fmt.table, "--format", help="Summary as table or json."),
+    fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="Summary as table or json."),
 ) -> None:
     """Encode a source with open_clip and add its raw embeddings; re-running adds nothing new.
 
@@ -125,7 +190,7 @@ def ingest(
                          policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds))
     summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
                    checkpoint=str(checkpoint) if checkpoint else None, options=opts)
-    if fmt == Fmt.json:
+    if fmt == TableFmt.json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
     typer.echo(format_summary(summary))
@@ -179,7 +244,7 @@ def optimize(store: Path = STORE_ARG,
              compact: bool = typer.Option(True, help="Rewrite small fragments into ~1M-row ones."),
              index: bool = typer.Option(True, help="Build or refresh the BTREE index on `id` of every table."),
              prune: bool = typer.Option(True, help="Delete versions older than --retention-hours."),
-             fmt: Fmt = typer.Option(Fmt.table, "--format", help="Report as table or json.")) -> None:
+             fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="Report as table or json.")) -> None:
     """Compact fragments, build or refresh the id indexes and prune old versions (under the writer lock).
 
     Ingest runs the first two by itself when a table passes 64 fragments or a quarter of its rows
@@ -189,7 +254,7 @@ def optimize(store: Path = STORE_ARG,
     from store.store import Store
     st = _run(Store.open, store)
     report = _run(run_optimize, st, compact=compact, index=index, prune=prune, retention_hours=retention_hours)
-    if fmt == Fmt.json:
+    if fmt == TableFmt.json:
         typer.echo(json.dumps(report, indent=2))
         return
     typer.echo(f"optimized {store}: {_maintenance_line(report)}")
@@ -198,14 +263,14 @@ def optimize(store: Path = STORE_ARG,
 @stats_app.command("show")
 def stats_show(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None, help="Model id (default: the "
                                                                                         "store's default)."),
-               fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json"),
+               fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json"),
                top: int = typer.Option(5, help="How many covariance eigenvalues to show.")) -> None:
     """Show running statistics: n, mean, norms, top covariance eigenvalues, and whether they are current."""
     from queries.present.stats import stats_report
     from store.store import Store
     st = _run(Store.open, store)
     report = _run(stats_report, st, model, top=top)
-    if fmt == Fmt.json:
+    if fmt == TableFmt.json:
         typer.echo(json.dumps(report, indent=2))
         return
     from queries.present.stats import format_report
@@ -337,13 +402,13 @@ def target_add(store: Path = STORE_ARG,
 
 
 @target_app.command("list")
-def target_list(store: Path = STORE_ARG, fmt: Fmt = typer.Option(Fmt.table, "--format", help="table or json")) -> None:
+def target_list(store: Path = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
     """List the target sets."""
     from queries.curation.targets import list_targets
     from store.store import Store
     st = _run(Store.open, store)
     rows = _run(list_targets, st)
-    if fmt == Fmt.json:
+    if fmt == TableFmt.json:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:

@@ -149,6 +149,15 @@ ingested_units = sa.Table(
     sa.Column("rejected", sa.BigInteger, nullable=False),
 )
 
+# Fits invalidated by a change to rows they covered (migration 6): `clipsql delete` and
+# `ingest --update` record each fit whose covered rows were removed or rewritten.
+stale_fits = sa.Table(
+    "stale_fits", metadata,
+    sa.Column("fit_id", sa.Integer, primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
 # Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "models, runs, rejects, running stats",
@@ -158,6 +167,7 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (4, "reference samples apart from the fit's O(d²) arrays", [fit_references]),
     (5, "commit ledger: commits, committed table versions, ingested source units",
      [commits, table_versions, ingested_units]),
+    (6, "fits made stale by deleted or rewritten rows", [stale_fits]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -80,6 +80,22 @@ class RunningMoments:
             cross = np.outer(other.s1, delta)
             self.s2 += other.s2 + cross + cross.T + other.n * np.outer(delta, delta)
 
+    def subtract(self, other: "RunningMoments") -> None:
+        """Remove rows whose moments are `other` (deleted or rewritten rows): the sums subtract,
+        exactly as `merge` adds them (the same δ terms with the opposite sign)."""
+        if other.n > self.n:
+            raise ValueError(f"cannot remove {other.n} rows from moments of {self.n}")
+        if other.n == 0:
+            return
+        if other.n == self.n:      # nothing left: back to empty (no rounding residue)
+            self.n, self.shift = 0, None
+            self.s1 = np.zeros(self.dim)
+            self.s2 = np.zeros((self.dim, self.dim)) if self.second else None
+            return
+        neg = RunningMoments(other.dim, -other.n, other.shift, -other.s1,
+                             None if other.s2 is None else -other.s2, second=other.second)
+        self.merge(neg)
+
     @property
     def mean(self) -> np.ndarray:
         if self.n == 0:

@@ -326,6 +326,8 @@ class Store:
         back to the committed version; adopt tables the ledger does not know yet (stores written
         before the ledger existed). Returns {table: rows rolled back}."""
         import lance
+        from .manage import sweep_dropped_tables
+        sweep_dropped_tables(self)
         recorded = self.committed_versions()
         rolled: dict[str, int] = {}
         names = ["samples"] + [m.table_name for m in self.list_models()]
@@ -593,6 +595,11 @@ class Store:
             fit_id = int(res.inserted_primary_key[0])
             conn.execute(cat.fit_references.insert().values(fit_id=fit_id, arrays=cat.pack_many(reference)))
             return fit_id
+
+    def stale_fit_reason(self, fit_id: int) -> str | None:
+        """Why a fit no longer describes its rows (rows it covered were deleted or rewritten), or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(cat.stale_fits.c.reason).where(cat.stale_fits.c.fit_id == fit_id)).scalar()
 
     def latest_fit(self, model: ModelRecord, with_arrays: bool = True, with_reference: bool = False) -> dict | None:
         """The newest fit's catalog row; `arrays` (and the reference sample merged into them) on request."""

@@ -140,6 +140,10 @@ def staleness(st: Store, rec: ModelRecord) -> str | None:
     fit = st.latest_fit(rec, with_arrays=False)
     if fit is None:
         return None
+    reason = st.stale_fit_reason(int(fit["fit_id"]))
+    if reason is not None:
+        return (f"the fit of {rec.model_id} (#{fit['fit_id']}) is stale: {reason} since it was computed; "
+                "re-run `clipsql stats fit`")
     rows = st.count_rows(rec)
     added = rows - int(fit["n_rows"])
     if rows and added > 0 and added / rows > stale_share(st):

@@ -24,6 +24,8 @@ the recall reaches `target_recall` or every partition is probed.
 """
 from __future__ import annotations
 
+import datetime as _dt
+
 import hashlib
 import json
 import re
@@ -67,7 +69,8 @@ class Target:
     def summary(self) -> dict:
         idx = self.ann
         return {"name": self.name, "model": self.model_id, "n": self.n, "dim": self.dim, "source": self.source,
-                "created_at": self.created_at, "dropped_rows": self.options.get("dropped_rows", 0),
+                "created_at": _dt.datetime.fromtimestamp(self.created_at, _dt.timezone.utc).isoformat(
+                    timespec="seconds"), "dropped_rows": self.options.get("dropped_rows", 0),
                 "index": "ann" if idx else "exact",
                 "recall_at_1": idx["recall_at_1"] if idx else None, "nprobes": idx["nprobes"] if idx else None}
 

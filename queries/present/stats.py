@@ -44,6 +44,10 @@ def stats_report(st: Store, model: str | None = None, top: int = 5) -> dict[str,
         report["fit"] = {"fit_id": fit["fit_id"], "n_rows": fit["n_rows"], "reference_size": fit["reference_size"],
                          "options": fit["options"], "rows_added_since": rows - fit["n_rows"],
                          "share_added_since": share}
+        from ..curation.fit import staleness
+        warning = staleness(st, rec)
+        if warning:
+            report["fit"]["stale"] = warning
     return report
 
 
@@ -66,4 +70,6 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  fit #{f['fit_id']}: reference M={f['reference_size']} from {f['n_rows']} rows, "
                      f"{f['rows_added_since']} rows added since ({100 * f['share_added_since']:.1f}%), "
                      f"options {f['options']}")
+        if f.get("stale"):
+            lines.append(f"  ! {f['stale']}")
     return "\n".join(lines)
