@@ -170,6 +170,8 @@ def ingest(
                                     "done) every N rows …"),
     commit_seconds: float = typer.Option(30.0, min=0.0, help="… or every T seconds, whichever comes first. A "
                                          "killed run loses at most this much work, never committed rows."),
+    update: bool = typer.Option(False, "--update", help="Rewrite rows the store already holds whose caption or "
+                                "metadata changed in the source (re-encoding changed captions). Needs --id-column."),
     fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="Summary as table or json."),
 ) -> None:
     """Encode a source with open_clip and add its raw embeddings; re-running adds nothing new.
@@ -187,7 +189,7 @@ def ingest(
     opts = IngestOptions(batch_size=batch_size, workers=workers, device=device, image_column=image_column,
                          caption_column=caption_column, id_column=id_column, image_embeddings=image_embeddings,
                          text_embeddings=text_embeddings, source_kind=kind, progress=progress,
-                         policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds))
+                         policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds), update=update)
     summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
                    checkpoint=str(checkpoint) if checkpoint else None, options=opts)
     if fmt == TableFmt.json:
@@ -213,6 +215,8 @@ def format_summary(s) -> str:  # noqa: ANN001
     lines = [f"run {s.run_id} [{s.model_id}] {s.status}: added {s.added}, skipped (already present) {s.skipped}, "
              f"rejected {sum(s.rejected.values())}; {s.commits} commit(s)"
              + (f", {s.units_skipped} source unit(s) already ingested" if s.units_skipped else "")]
+    if s.updated or s.updated_samples:
+        lines.append(f"  updated: {s.updated_samples} samples rewritten, {s.updated} text embeddings re-encoded")
     for reason, n in sorted(s.rejected.items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {n:>6}  {reason}")
     lines.append(f"device {s.device or '-'}, {s.workers} decode workers; "

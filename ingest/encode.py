@@ -94,3 +94,14 @@ class Encoder:
             txt = lm.model.encode_text(tokens, normalize=False)
         return (img.float().cpu().numpy().astype(np.float32, copy=False),
                 txt.float().cpu().numpy().astype(np.float32, copy=False))
+
+    def text(self, tokens: list[Any]) -> np.ndarray:
+        """The text tower alone (`ingest --update` re-encodes changed captions)."""
+        import torch
+        lm = self.loaded
+        if not tokens:
+            return np.empty((0, lm.dim), dtype=np.float32)
+        toks = torch.stack(tokens).to(lm.device, non_blocking=True)
+        with torch.no_grad(), torch.autocast(device_type="cuda", enabled=lm.device.startswith("cuda")):
+            txt = lm.model.encode_text(toks, normalize=False)
+        return txt.float().cpu().numpy().astype(np.float32, copy=False)

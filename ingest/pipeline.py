@@ -24,6 +24,7 @@ from . import models
 from .dedup import IdChecker
 from .encode import Encoder, Prepared, prepare_item
 from .sources import Reject, open_source
+from .update import Updater, require_ids, row_arrays
 
 
 
@@ -41,6 +42,7 @@ class IngestOptions:
     progress: bool = True
     policy: CommitPolicy = field(default_factory=CommitPolicy)   # when to commit (rows / seconds)
     maintain: bool = True               # compact / index / prune when thresholds are crossed
+    update: bool = False                # rewrite stored rows whose caption / metadata changed (needs ids)
 
 
 def default_workers(device: str, cpus: int | None = None) -> int:
@@ -70,6 +72,8 @@ class IngestSummary:
     workers: int = 0
     commits: int = 0
     units_skipped: int = 0              # source units the ledger already held
+    updated: int = 0                    # rows re-encoded with a changed caption (--update)
+    updated_samples: int = 0            # samples whose caption or metadata was rewritten (--update)
     maintenance: dict = field(default_factory=dict)
 
     @property
@@ -195,6 +199,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
                              id_column=opts.id_column, image_embeddings=opts.image_embeddings,
                              text_embeddings=opts.text_embeddings, kind=opts.source_kind)
         source_name = source.canonical()
+        require_ids(opts.id_column, opts.update)
         store.recover()
         t0 = time.perf_counter()
         units = source.units()
@@ -232,16 +237,16 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         summary = IngestSummary(run_id, rec.model_id, source_name, skipped=already, units_skipped=len(done))
         rejected: Counter = Counter()
         writer = Writer(store, rec, run_id=run_id, source=source_name, policy=opts.policy)
-        checker = IdChecker(store, rec)
         bar = _progress(opts.progress, rec.model_id)
         bar.update(already)
+        r = _Run(source, todo, rec, loaded, opts, writer, IdChecker(store, rec), summary, rejected, seconds,
+                 bar, on_batch, Updater(store, rec) if opts.update else None)
         ok = False
         try:
-            run = _ingest_columns if source.precomputed else _ingest_items
             with _blas_pin():
-                run(source, todo, rec, loaded, opts, writer, checker, summary, rejected, seconds, bar, on_batch)
+                (_ingest_columns if source.precomputed else _ingest_items)(r)
             t0 = time.perf_counter()
-            writer.commit()
+            r.commit()
             seconds["write"] += time.perf_counter() - t0
             ok = True
             summary.status = "done"
@@ -280,9 +285,47 @@ def _blas_pin() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
+@dataclass
+class _Run:
+    """What the two ingest loops share for one run."""
+    source: Any
+    todo: list
+    rec: Any
+    loaded: Any
+    opts: IngestOptions
+    writer: Writer
+    checker: IdChecker
+    summary: IngestSummary
+    rejected: Counter
+    seconds: Counter
+    bar: Any
+    on_batch: Any
+    updater: Updater | None
+
+    def queue_updates(self, ids: pa.Array, new_sample: np.ndarray, new_emb: np.ndarray, dup: np.ndarray,
+                      caption: pa.Array, metadata: pa.Array, truncated: pa.Array, text: Any,
+                      meta_types: dict | None) -> None:
+        """--update: queue rewrites of the batch's stored rows whose caption or metadata changed."""
+        if self.updater is None:
+            return
+        n = self.updater.check(ids, caption, metadata, truncated, ~dup & ~new_sample, ~dup & ~new_emb, text,
+                               meta_types)
+        self.summary.updated += n
+        self.summary.skipped -= n
+        self.updater.flush()
+
+    def commit(self) -> None:
+        """A writer commit marks source units done, so the units' queued rewrites go first
+        (a kill in between leaves the units to redo, never rewrites lost)."""
+        if self.updater is not None:
+            self.updater.flush(force=True)
+            self.summary.updated_samples = self.updater.updated_samples
+        self.writer.commit()
+
+
 def _classify(checker: IdChecker, ids: pa.Array, locations: list[str] | None, loc_col: pa.Array | None,
-              summary: IngestSummary, rejects: list) -> tuple[np.ndarray, np.ndarray]:
-    """(rows whose sample is new, rows whose embedding is new); duplicates become rejects."""
+              summary: IngestSummary, rejects: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows whose sample is new, rows whose embedding is new, duplicates); duplicates become rejects."""
     dup, in_s, in_e = checker.check(ids)
     if dup.any():
         idx = np.flatnonzero(dup)
@@ -290,21 +333,21 @@ def _classify(checker: IdChecker, ids: pa.Array, locations: list[str] | None, lo
         dup_ids = ids.take(pa.array(idx)).to_pylist()
         rejects += [(loc, "duplicate_id", f"id {sid} occurs earlier in this source") for loc, sid in zip(locs, dup_ids)]
     summary.skipped += int((~dup & in_s & in_e).sum())
-    return ~dup & ~in_s, ~dup & ~in_e
+    return ~dup & ~in_s, ~dup & ~in_e, dup
 
 
-def _commit_if_due(writer: Writer, checker: IdChecker, seconds: Counter) -> None:
-    if writer.due():
+def _commit_if_due(r: _Run) -> None:
+    if r.writer.due():
         t0 = time.perf_counter()
-        writer.commit()
-        checker.committed()
-        seconds["write"] += time.perf_counter() - t0
+        r.commit()
+        r.checker.committed()
+        r.seconds["write"] += time.perf_counter() - t0
 
 
-def _ingest_items(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOptions, writer: Writer,
-                  checker: IdChecker, summary: IngestSummary, rejected: Counter, seconds: Counter, bar: Any,
-                  on_batch: Any) -> None:
+def _ingest_items(r: _Run) -> None:
     """Images: decode/preprocess (DataLoader workers when asked) → forward → writer."""
+    source, todo, rec, loaded, opts, writer = r.source, r.todo, r.rec, r.loaded, r.opts, r.writer
+    checker, summary, rejected, seconds, bar, on_batch = r.checker, r.summary, r.rejected, r.seconds, r.bar, r.on_batch
     encoder = Encoder(loaded)
     stream = _prepared_stream(source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size)
     workers = default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
@@ -330,8 +373,13 @@ def _ingest_items(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOp
         rejects = list(prepared.rejects)
         rows = prepared.rows
         if rows:
-            ids = pa.array([r["id"] for r in rows], pa.string())
-            new_sample, new_emb = _classify(checker, ids, [r["location"] for r in rows], None, summary, rejects)
+            ids = pa.array([x["id"] for x in rows], pa.string())
+            new_sample, new_emb, dup = _classify(checker, ids, [x["location"] for x in rows], None, summary,
+                                                 rejects)
+            if r.updater is not None:
+                tokens = prepared.tokens
+                r.queue_updates(ids, new_sample, new_emb, dup, *row_arrays(rows),
+                                lambda idx: encoder.text([tokens[i] for i in idx]), _samples_table(rows, "")[1])
             need = np.flatnonzero(new_emb)
             t0 = time.perf_counter()
             if len(need):
@@ -343,8 +391,8 @@ def _ingest_items(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOp
             new_rows = [rows[i] for i in np.flatnonzero(new_sample)]
             samples_tbl, meta_types = _samples_table(new_rows, summary.source) if new_rows else (None, {})
             take = pa.array(need, pa.int64())
-            uri = pa.array([r["uri"] for r in rows], pa.string()).take(take)
-            caption = pa.array([r["caption"] for r in rows], pa.string()).take(take)
+            uri = pa.array([x["uri"] for x in rows], pa.string()).take(take)
+            caption = pa.array([x["caption"] for x in rows], pa.string()).take(take)
             writer.add(samples_tbl, ids.take(take), img, txt, uri=uri, caption=caption, meta_types=meta_types)
             summary.added += len(need)
             seconds["write"] += time.perf_counter() - t0
@@ -353,17 +401,17 @@ def _ingest_items(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOp
             writer.unit_done(key, n_rows, n_rej)
         for _, reason, _ in rejects:
             rejected[reason] += 1
-        _commit_if_due(writer, checker, seconds)
+        _commit_if_due(r)
         bar.update(len(prepared.rows) + len(prepared.rejects))
         bar.set_postfix(added=summary.added, skipped=summary.skipped, rejected=sum(rejected.values()))
         if on_batch is not None:
             on_batch(summary)
 
 
-def _ingest_columns(source: Any, todo: list, rec: Any, loaded: Any, opts: IngestOptions, writer: Writer,
-                    checker: IdChecker, summary: IngestSummary, rejected: Counter, seconds: Counter, bar: Any,
-                    on_batch: Any) -> None:
+def _ingest_columns(r: _Run) -> None:
     """Precomputed vectors: whole units as Arrow columns, read one unit ahead on a thread."""
+    source, todo, rec, writer = r.source, r.todo, r.rec, r.writer
+    checker, summary, rejected, seconds, bar, on_batch = r.checker, r.summary, r.rejected, r.seconds, r.bar, r.on_batch
     from concurrent.futures import ThreadPoolExecutor
 
     def read(unit: Any) -> tuple[Any, float]:
@@ -381,7 +429,10 @@ def _ingest_columns(source: Any, todo: list, rec: Any, loaded: Any, opts: Ingest
             ahead = pool.submit(read, todo[i + 1][0]) if i + 1 < len(todo) else None
             t0 = time.perf_counter()
             rejects = list(cols.rejects)
-            new_sample, new_emb = _classify(checker, cols.ids, None, cols.location, summary, rejects)
+            new_sample, new_emb, dup = _classify(checker, cols.ids, None, cols.location, summary, rejects)
+            r.queue_updates(cols.ids, new_sample, new_emb, dup, cols.caption, cols.metadata,
+                            pa.array(np.zeros(len(cols), dtype=bool)), lambda idx, c=cols: c.text[idx],
+                            cols.meta_types)
             seconds["dedup"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             samples_tbl = None
@@ -397,7 +448,7 @@ def _ingest_columns(source: Any, todo: list, rec: Any, loaded: Any, opts: Ingest
             for _, reason, _ in rejects:
                 rejected[reason] += 1
             seconds["write"] += time.perf_counter() - t0
-            _commit_if_due(writer, checker, seconds)
+            _commit_if_due(r)
             bar.update(len(cols) + len(cols.rejects))
             bar.set_postfix(added=summary.added, skipped=summary.skipped, rejected=sum(rejected.values()))
             if on_batch is not None:

@@ -131,10 +131,10 @@ def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | No
             parts, n, low = removed[rec.model_id]
             if not n:
                 continue
-            state = st._load_stats(conn, rec)
+            state = st.load_stats_in(conn, rec)
             for key, part in parts.items():
                 state.moments[key].subtract(part)
-            st._save_stats(conn, state)
+            st.save_stats_in(conn, state)
             out["rows"][rec.model_id] = n
             out["stale_fits"] += mark_stale_fits(conn, rec, low, f"{n} of its rows were deleted")
     out["samples"] = n_samples
@@ -143,7 +143,7 @@ def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | No
 
 
 def apply_update(st: Store, rec: ModelRecord, sample_changes: pa.Table | None,
-                 model_changes: pa.Table | None) -> dict[str, int]:
+                 model_changes: pa.Table | None, meta_types: dict[str, str] | None = None) -> dict[str, int]:
     """Rewrite stored rows (`ingest --update`; the caller holds the lock).
 
     sample_changes: id + the `samples` columns to overwrite (caption, caption_truncated, metadata);
@@ -151,6 +151,9 @@ def apply_update(st: Store, rec: ModelRecord, sample_changes: pa.Table | None,
     statistics lose the old vectors and gain the new ones; fits covering them become stale."""
     import lance
     import pyarrow.compute as pc
+    if meta_types:    # before the Lance commits, so a kill cannot leave columns unregistered
+        with st.engine.begin() as conn:
+            st.record_meta_types(conn, meta_types)
     versions: dict[str, int] = {}
     parts = None
     low = None
@@ -181,12 +184,12 @@ def apply_update(st: Store, rec: ModelRecord, sample_changes: pa.Table | None,
         for name, v in versions.items():
             set_committed_version(conn, name, v, commit_id)
         if parts is not None:
-            state = st._load_stats(conn, rec)
+            state = st.load_stats_in(conn, rec)
             for key in state.moments:
                 if key[0] == "text":
                     state.moments[key].subtract(parts["old"][key])
                     state.moments[key].merge(parts["new"][key])
-            st._save_stats(conn, state)
+            st.save_stats_in(conn, state)
             mark_stale_fits(conn, rec, low, f"the captions of {n_model} of its rows were rewritten")
     return {"samples": sample_changes.num_rows if sample_changes is not None else 0, "rows": n_model}
 
@@ -236,5 +239,5 @@ def _delete_from_stored_scores(st: Store, models: list[ModelRecord], where: Any)
     """Materialized scores (`clipsql score --store`) are a derived copy: drop the deleted ids too."""
     for rec in models:
         name = "scores_" + rec.table_name
-        if name in st._table_names():
+        if name in st.table_names():
             st.dataset(name, latest=True).delete(where)

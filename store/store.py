@@ -275,7 +275,7 @@ class Store:
         raise ModelError(f"model {name!r} is not in this store; known models: {known}")
 
     # -- Lance tables ---------------------------------------------------------------------
-    def _table_names(self) -> list[str]:
+    def table_names(self) -> list[str]:
         """Lance tables of the store (a directory listing: importing lancedb costs ~1.5 s)."""
         root = self.path / "lance"
         return sorted(p.name[:-len(".lance")] for p in root.glob("*.lance")) if root.is_dir() else []
@@ -423,7 +423,7 @@ class Store:
         from lance import LanceDataset, LanceOperation
         if c.meta_types:   # before the Lance commits, so a kill cannot leave columns unregistered
             with self.engine.begin() as conn:
-                self._record_meta_types(conn, c.meta_types)
+                self.record_meta_types(conn, c.meta_types)
         recorded = self.committed_versions()
         versions: dict[str, int] = {}
         for name, frags in (("samples", c.sample_fragments), (model.table_name, c.fragments)):
@@ -446,11 +446,11 @@ class Store:
                 for name, v in versions.items():
                     set_committed_version(conn, name, v, commit_id)
             if c.rows:
-                state = self._load_stats(conn, model)
+                state = self.load_stats_in(conn, model)
                 for key, part in c.moments.items():
                     state.moments[key].merge(part)
                 state.covered_seq = max(state.covered_seq, c.seq)
-                self._save_stats(conn, state)
+                self.save_stats_in(conn, state)
             for unit_key, rows, rejected in c.units:
                 conn.execute(sa.delete(cat.ingested_units).where(
                     cat.ingested_units.c.model_id == model.model_id, cat.ingested_units.c.unit_key == unit_key))
@@ -489,7 +489,7 @@ class Store:
                     run_id=run_id, model_id=model_id, source=source, location=location, reason=reason,
                     detail=detail, created_at=now))
 
-    def _record_meta_types(self, conn: sa.Connection, meta_types: dict[str, str]) -> None:
+    def record_meta_types(self, conn: sa.Connection, meta_types: dict[str, str]) -> None:
         if not meta_types:
             return
         known = dict(conn.execute(sa.select(cat.metadata_columns.c.name, cat.metadata_columns.c.sql_type)).all())
@@ -523,9 +523,9 @@ class Store:
     # -- statistics -----------------------------------------------------------------------
     def stats(self, model: ModelRecord) -> StatsState:
         with self.engine.connect() as conn:
-            return self._load_stats(conn, model)
+            return self.load_stats_in(conn, model)
 
-    def _load_stats(self, conn: sa.Connection, model: ModelRecord) -> StatsState:
+    def load_stats_in(self, conn: sa.Connection, model: ModelRecord) -> StatsState:
         rows = conn.execute(sa.select(cat.running_stats).where(
             cat.running_stats.c.model_id == model.model_id)).fetchall()
         moments = new_moments(model.dim)
@@ -540,9 +540,9 @@ class Store:
 
     def save_stats(self, state: StatsState) -> None:
         with self.engine.begin() as conn:
-            self._save_stats(conn, state)
+            self.save_stats_in(conn, state)
 
-    def _save_stats(self, conn: sa.Connection, state: StatsState) -> None:
+    def save_stats_in(self, conn: sa.Connection, state: StatsState) -> None:
         conn.execute(sa.delete(cat.running_stats).where(cat.running_stats.c.model_id == state.model_id))
         now = time.time()
         for (mo, sp), rm in state.moments.items():
@@ -560,14 +560,14 @@ class Store:
         if self.count_rows(model) == state.n:
             return state
         with self.engine.begin() as conn:
-            state = self._load_stats(conn, model)
+            state = self.load_stats_in(conn, model)
             tbl = self.read_embeddings(model, min_seq=state.covered_seq,
                                        columns=("image_embedding", "text_embedding", "seq"))
             if tbl.num_rows:
                 update_moments(state, to_numpy(tbl.column("image_embedding")),
                                to_numpy(tbl.column("text_embedding")))
                 state.covered_seq = int(pa.compute.max(tbl.column("seq")).as_py())
-                self._save_stats(conn, state)
+                self.save_stats_in(conn, state)
             return state
 
     def refresh_stats(self, model: ModelRecord, batch_rows: int = 65536) -> StatsState:
@@ -580,7 +580,7 @@ class Store:
                                to_numpy(batch.column("text_embedding")))
                 state.covered_seq = max(state.covered_seq, int(pa.compute.max(batch.column("seq")).as_py()))
         with self.engine.begin() as conn:
-            self._save_stats(conn, state)
+            self.save_stats_in(conn, state)
         return state
 
     # -- fits (reference samples) -------------------------------------------------------------

@@ -58,7 +58,7 @@ def test_models_rm_removes_everything_of_the_model(two_models):
     assert "1200 embedding rows, 1 fit(s)" in out and f"default model now: {b}" in out
     st = Store.open(st.path)
     assert model_ids(st) == [b] and st.model().model_id == b
-    assert table not in st._table_names()
+    assert table not in st.table_names()
     assert st.latest_fit(st.model(b)) is None and len(sample_ids(st)) == 1200   # samples stay
     assert_stats_match_vectors(st, b)
     # ingesting the removed model again starts from nothing (its source units were forgotten)
@@ -127,9 +127,9 @@ def test_kill_during_delete_or_rm_leaves_a_consistent_store(two_models, point):
     else:
         assert model_ids(st) == [b]                      # committed: the model is gone ...
         cli("optimize", str(st.path))                    # ... and the next writer removes its table
-        assert st.model(b).table_name in Store.open(st.path)._table_names()
+        assert st.model(b).table_name in Store.open(st.path).table_names()
         assert not any(n.startswith("emb_") and n != st.model(b).table_name
-                       for n in Store.open(st.path)._table_names())
+                       for n in Store.open(st.path).table_names())
 
 
 def write_csv(path, captions, extra=None):
@@ -137,3 +137,95 @@ def write_csv(path, captions, extra=None):
             "caption": captions}
     cols.update(extra or {})
     pcsv.write_csv(pa.table(cols), path)
+
+
+def write_folder_csv(folder, captions, meta=None):
+    """A csv of images (the conftest tiny PNGs) with a stable key column."""
+    from .conftest import write_image_folder
+    imgs = write_image_folder(folder / "imgs", len(captions))
+    files = sorted(p.name for p in imgs.glob("*.png"))
+    cols = {"key": [f"k{i}" for i in range(len(captions))], "image": [str(imgs / f) for f in files],
+            "caption": captions}
+    cols.update(meta or {})
+    path = folder / "data.csv"
+    pcsv.write_csv(pa.table(cols), path)
+    return path
+
+
+def test_ingest_update_rewrites_captions_and_reencodes_text(tmp_path, tiny_model):
+    caps = [f"a picture of thing {i}" for i in range(12)]
+    path = write_folder_csv(tmp_path, caps, {"score": list(range(12))})
+    st = Store.init(tmp_path / "s")
+    args = ["ingest", str(st.path), str(path), "--model", tiny_model, "--id-column", "key", "--no-progress"]
+    cli(*args)
+    cli("stats", "fit", str(st.path), "--reference-size", "5")
+    _, img0, txt0 = stored_vectors(Store.open(st.path))
+    fixed = list(caps)
+    fixed[3], fixed[7] = "a corrected caption", "another corrected caption"
+    score = list(range(12))
+    score[5] = 99
+    os.utime(path, None)
+    write_folder_csv(tmp_path, fixed, {"score": score})
+    plain = cli(*args).stdout.decode()                       # without --update: nothing changes …
+    assert "skipped (already present) 12" in plain
+    assert Store.open(st.path).samples_table().to_table().column("caption").to_pylist().count(fixed[3]) == 0
+    bad = cli("ingest", str(st.path), str(path), "--model", tiny_model, "--update", check=False)
+    assert bad.returncode == 1 and "--id-column" in bad.stderr.decode()
+    write_folder_csv(tmp_path, fixed, {"score": score})      # a new mtime: the unit is read again
+    out = cli(*args, "--update").stdout.decode()             # … with it, the changed rows are rewritten
+    assert "3 samples rewritten, 2 text embeddings re-encoded" in out, out
+    st = Store.open(st.path)
+    ids, img, txt = stored_vectors(st)
+    caps_by_id = dict(zip(*[st.samples_table().to_table().column(c).to_pylist() for c in ("id", "caption")]))
+    assert caps_by_id["k3"] == fixed[3] and caps_by_id["k7"] == fixed[7] and caps_by_id["k0"] == caps[0]
+    emb_caps = dict(zip(*[st.embeddings_table(st.model()).to_table().column(c).to_pylist() for c in ("id", "caption")]))
+    assert emb_caps["k3"] == fixed[3]
+    np.testing.assert_array_equal(img, img0)                 # images untouched
+    changed = [ids.index("k3"), ids.index("k7")]
+    same = [i for i in range(12) if i not in changed]
+    np.testing.assert_array_equal(txt[same], txt0[same])
+    assert not np.allclose(txt[changed], txt0[changed])
+    # the new text vectors are what the model gives the new captions (a fresh store agrees)
+    fresh = Store.init(tmp_path / "fresh")
+    cli("ingest", str(fresh.path), str(path), "--model", tiny_model, "--id-column", "key", "--no-progress")
+    _, _, txt_fresh = stored_vectors(Store.open(fresh.path))
+    np.testing.assert_allclose(txt, txt_fresh, rtol=1e-5, atol=1e-6)
+    assert_stats_match_vectors(st)
+    meta = st.samples_table().to_table(columns=["id", "metadata"]).to_pylist()
+    assert json.loads(next(m for m in meta if m["id"] == "k5")["metadata"])["score"] == 99
+    from queries.curation.fit import staleness
+    assert "captions of 2 of its rows were rewritten" in staleness(st, st.model())
+    again = cli(*args, "--update").stdout.decode()           # nothing changed since: nothing rewritten
+    assert "rewritten" not in again
+
+
+def test_kill_during_update_leaves_old_rows(tmp_path):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=300)
+    st = Store.init(tmp_path / "s")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress"]
+    cli(*args)
+    _, _, txt0 = stored_vectors(Store.open(st.path))
+    import pyarrow.parquet as pq
+    meta = pool / "metadata" / "metadata_0.parquet"
+    t = pq.read_table(meta)
+    caps = t.column("caption").to_pylist()
+    caps[10] = "changed"
+    pq.write_table(t.set_column(t.schema.get_field_index("caption"), "caption", pa.array(caps)), meta,
+                   row_group_size=250)
+    txt_file = pool / "text_emb" / "text_emb_0.npy"
+    T = np.load(txt_file)
+    T[10] += 1.0
+    np.save(txt_file, T)
+    p = cli(*args, "--update", env={"CLIPSQL_FAULT": "update:after-lance"}, check=False)
+    assert p.returncode == -9
+    st = Store.open(st.path)
+    _, _, txt = stored_vectors(st)
+    np.testing.assert_array_equal(txt, txt0)
+    assert_stats_match_vectors(st)
+    out = cli(*args, "--update").stdout.decode()
+    assert "1 samples rewritten, 1 text embeddings re-encoded" in out, out
+    st = Store.open(st.path)
+    ids, _, txt = stored_vectors(st)
+    np.testing.assert_array_equal(txt[ids.index("000000010")], T[10])
+    assert_stats_match_vectors(st)

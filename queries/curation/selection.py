@@ -193,7 +193,7 @@ def _negclip_normsim(con: Any, st: Store, rec: ModelRecord, target: str, count: 
 def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
     from ..sql.materialize import stored_table_name
     name = stored_table_name(rec.table_name)
-    tbl = st.db.open_table(name).to_lance().to_table() if name in st._table_names() else None
+    tbl = st.db.open_table(name).to_lance().to_table() if name in st.table_names() else None
     if tbl is None or "neg_clip_loss_pool" not in tbl.column_names:
         raise SelectionError(f"no stored neg_clip_loss_pool for {rec.model_id}: run "
                              "`clipsql score STORE --neg-clip-loss-pool` first, or use --negclip-form row")

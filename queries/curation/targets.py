@@ -116,7 +116,7 @@ def remove_target(st: Store, name: str) -> dict:
         t = get_target(st, name)
         with st.engine.begin() as conn:
             conn.execute(sa.delete(cat.targets).where(cat.targets.c.name == name))
-        if t.table_name in st._table_names():
+        if t.table_name in st.table_names():
             st.db.drop_table(t.table_name)
     return t.summary()
 
@@ -171,7 +171,7 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
     with st.lock():
         vec = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.float32).reshape(-1)), rec.dim)
         data = pa.table({"row": pa.array(np.arange(len(rows), dtype=np.int64)), "vector": vec})
-        if tname in st._table_names():
+        if tname in st.table_names():
             st.db.drop_table(tname)
         st.db.create_table(tname, schema=data.schema).add(data)     # (creating with data logs a warning)
         if use_ann:

@@ -174,6 +174,6 @@ def _register_scores(con: Any, st: Store) -> None:
     con.execute("CREATE OR REPLACE VIEW scores AS " + " UNION ALL ".join(parts))
     from .materialize import stored_table_name
     name = stored_table_name(default.table_name)
-    if name in st._table_names():
+    if name in st.table_names():
         con.register("_lance_stored_scores", st.dataset(name, latest=True))
         con.execute("CREATE OR REPLACE VIEW stored_scores AS SELECT * FROM _lance_stored_scores")
