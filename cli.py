@@ -170,6 +170,10 @@ def ingest(
                                     "done) every N rows …"),
     commit_seconds: float = typer.Option(30.0, min=0.0, help="… or every T seconds, whichever comes first. A "
                                          "killed run loses at most this much work, never committed rows."),
+    allow_missing_captions: bool = typer.Option(
+        False, "--allow-missing-captions", help="Keep images that have no caption (none, or empty once cleaned) "
+        "with a NULL caption and text embedding: image-only scores work, text and pair scores are NULL. "
+        "Default: rejected as missing_caption / empty_caption."),
     update: bool = typer.Option(False, "--update", help="Rewrite rows the store already holds whose caption or "
                                 "metadata changed in the source (re-encoding changed captions). Needs --id-column."),
     fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="Summary as table or json."),
@@ -189,7 +193,8 @@ def ingest(
     opts = IngestOptions(batch_size=batch_size, workers=workers, device=device, image_column=image_column,
                          caption_column=caption_column, id_column=id_column, image_embeddings=image_embeddings,
                          text_embeddings=text_embeddings, source_kind=kind, progress=progress,
-                         policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds), update=update)
+                         policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds), update=update,
+                         allow_missing_captions=allow_missing_captions)
     summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
                    checkpoint=str(checkpoint) if checkpoint else None, options=opts)
     if fmt == TableFmt.json:

@@ -42,21 +42,31 @@ class Prepared:
 
 
 def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozenset | set,
-                 dim: int | None, out: Prepared) -> None:
-    """Clean, id, skip-or-decode one source item into `out` (a reject is recorded, never raised)."""
+                 dim: int | None, out: Prepared, allow_missing_captions: bool = False) -> None:
+    """Clean, id, skip-or-decode one source item into `out` (a reject is recorded, never raised).
+
+    An image's own fault (corrupt, too large, …) is reported before its caption's; with
+    `allow_missing_captions` an image without a caption (none, or empty after cleaning) is kept
+    with a NULL caption and no text embedding."""
     from .images import check_vector
     t0 = time.perf_counter()
     try:
-        caption = clean_caption(item.caption_raw)
-        sid = item.id or content_id(item.image_bytes or b"", caption,
+        image = load_image(item.image_bytes) if item.image_bytes is not None else None
+        try:
+            caption = clean_caption(item.caption_raw)
+        except ItemRejected as e:
+            if not (allow_missing_captions and e.reason in NO_CAPTION):
+                raise
+            caption = None
+        sid = item.id or content_id(item.image_bytes or b"", caption or "",
                                     extra="" if item.image_bytes is not None else (item.uri or ""))
         if sid in done_ids:
             out.skipped.append((sid, item.location))
             return
         row = {"id": sid, "uri": item.uri, "caption": caption, "width": None, "height": None,
                "location": item.location, "caption_truncated": caption_truncated(tokenizer, caption)
-               if tokenizer is not None else False, "meta": item.meta or {}}
-        if item.image_bytes is None:   # precomputed embeddings
+               if tokenizer is not None and caption is not None else False, "meta": item.meta or {}}
+        if image is None:   # precomputed embeddings
             if item.image_embedding is None or item.text_embedding is None:
                 raise ItemRejected("missing_vector", "row has no image or text embedding")
             img = check_vector(item.image_embedding, dim)
@@ -64,10 +74,11 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
             out.image_vectors.append(img)
             out.text_vectors.append(txt)
         else:
-            image = load_image(item.image_bytes)
             row["width"], row["height"] = image.size
-            out.pixels.append(preprocess(image))
-            out.tokens.append(tokenizer([caption])[0])
+            pixels = preprocess(image)
+            tokens = tokenizer([caption])[0] if caption is not None else None
+            out.pixels.append(pixels)        # appended together: rows, pixels and tokens stay aligned
+            out.tokens.append(tokens)
         out.rows.append(row)
     except ItemRejected as e:
         out.rejects.append((item.location, e.reason, e.detail))
@@ -77,6 +88,9 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
         out.decode_seconds += time.perf_counter() - t0
 
 
+NO_CAPTION = ("missing_caption", "empty_caption")   # what --allow-missing-captions keeps
+
+
 class Encoder:
     """Runs the open_clip towers (normalize=False: raw vectors are stored)."""
 
@@ -84,16 +98,23 @@ class Encoder:
         self.loaded = loaded
 
     def __call__(self, pixels: list[Any], tokens: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(image, text) vectors; a row without tokens (no caption) gets a NaN text row (NULL)."""
         import torch
         lm = self.loaded
         images = torch.stack(pixels).to(lm.device, non_blocking=True)
-        tokens = torch.stack(tokens).to(lm.device, non_blocking=True)
+        have = [i for i, t in enumerate(tokens) if t is not None]
         use_amp = lm.device.startswith("cuda")
         with torch.no_grad(), torch.autocast(device_type="cuda", enabled=use_amp):
-            img = lm.model.encode_image(images, normalize=False)
-            txt = lm.model.encode_text(tokens, normalize=False)
-        return (img.float().cpu().numpy().astype(np.float32, copy=False),
-                txt.float().cpu().numpy().astype(np.float32, copy=False))
+            img = lm.model.encode_image(images, normalize=False).float().cpu().numpy()
+            if len(have) == len(tokens):
+                txt = lm.model.encode_text(torch.stack(tokens).to(lm.device, non_blocking=True), normalize=False)
+                txt = txt.float().cpu().numpy()
+            else:
+                txt = np.full(img.shape, np.nan, dtype=np.float32)
+                if have:
+                    part = torch.stack([tokens[i] for i in have]).to(lm.device, non_blocking=True)
+                    txt[have] = lm.model.encode_text(part, normalize=False).float().cpu().numpy()
+        return img.astype(np.float32, copy=False), txt.astype(np.float32, copy=False)
 
     def text(self, tokens: list[Any]) -> np.ndarray:
         """The text tower alone (`ingest --update` re-encodes changed captions)."""

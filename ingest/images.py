@@ -27,6 +27,8 @@ Reject reason codes raised here:
 
 from __future__ import annotations
 
+import unicodedata
+
 import hashlib
 import io
 import warnings
@@ -243,6 +245,9 @@ def clean_caption(raw: bytes | str | None, context_note: str | None = None) -> s
     text = " ".join(text.translate(_DELETE_CONTROLS).split())
     if not text:
         raise ItemRejected("empty_caption", f"caption is empty after cleaning{where}")
+    if all(c == " " or unicodedata.category(c) == "Cf" for c in text):   # stops at the first visible one
+        raise ItemRejected("empty_caption", f"caption has only invisible characters (zero-width spaces, "
+                                            f"joiners, marks){where}")
     return text
 
 

@@ -43,6 +43,7 @@ class IngestOptions:
     policy: CommitPolicy = field(default_factory=CommitPolicy)   # when to commit (rows / seconds)
     maintain: bool = True               # compact / index / prune when thresholds are crossed
     update: bool = False                # rewrite stored rows whose caption / metadata changed (needs ids)
+    allow_missing_captions: bool = False   # keep images without a caption (NULL caption and text embedding)
 
 
 def default_workers(device: str, cpus: int | None = None) -> int:
@@ -101,9 +102,10 @@ class _PreparedStream:
     A unit's last batch carries `unit_done = (key, rows, rejects)`: every row of the unit
     arrived in it or in that worker's earlier batches, so the writer may mark it done."""
 
-    def __init__(self, source: Any, units: list, preprocess: Any, tokenizer: Any, dim: int, batch_size: int):
+    def __init__(self, source: Any, units: list, preprocess: Any, tokenizer: Any, dim: int, batch_size: int,
+                 allow_missing_captions: bool = False):
         self.source, self.units, self.preprocess, self.tokenizer = source, units, preprocess, tokenizer
-        self.dim, self.batch_size = dim, batch_size
+        self.dim, self.batch_size, self.allow_missing_captions = dim, batch_size, allow_missing_captions
 
     def __iter__(self) -> Iterator[Prepared]:
         import torch
@@ -126,7 +128,8 @@ class _PreparedStream:
                     out.rejects.append((rec.location, rec.reason, rec.detail))
                 else:
                     prepare_item(rec, preprocess=self.preprocess, tokenizer=self.tokenizer,
-                                 done_ids=frozenset(), dim=self.dim, out=out)
+                                 done_ids=frozenset(), dim=self.dim, out=out,
+                                 allow_missing_captions=self.allow_missing_captions)
                 if len(out.rejects) > before:
                     rejects += 1
                 else:
@@ -349,7 +352,8 @@ def _ingest_items(r: _Run) -> None:
     source, todo, rec, loaded, opts, writer = r.source, r.todo, r.rec, r.loaded, r.opts, r.writer
     checker, summary, rejected, seconds, bar, on_batch = r.checker, r.summary, r.rejected, r.seconds, r.bar, r.on_batch
     encoder = Encoder(loaded)
-    stream = _prepared_stream(source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size)
+    stream = _prepared_stream(source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size,
+                              opts.allow_missing_captions)
     workers = default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
     summary.workers, summary.device = workers, str(loaded.device)
     if workers:

@@ -128,13 +128,19 @@ def normalize_rows(X: np.ndarray) -> np.ndarray:
 def fold_pair(raw: RunningMoments, normalized: RunningMoments, X: np.ndarray) -> None:
     """Fold rows (any float dtype) into raw moments (mean + covariance) and the moments of the
     normalized rows, through one reused float64 buffer of FOLD_CHUNK rows: per chunk one cast,
-    one row-norm pass, one GEMV (Σ x/‖x‖), one in-place centring and one SYRK (Xcᵀ Xc)."""
+    one row-norm pass, one GEMV (Σ x/‖x‖), one in-place centring and one SYRK (Xcᵀ Xc).
+    NaN rows (NULL vectors: no text embedding for an image kept without a caption) are not rows
+    of the statistics and are skipped."""
     X = np.asarray(X)
-    n = len(X)
-    if n == 0:
+    if len(X) == 0:
         return
     if X.ndim != 2 or X.shape[1] != raw.dim:
         raise ValueError(f"expected (n, {raw.dim}) vectors, got shape {X.shape}")
+    if X.dtype.kind == "f" and np.isnan(X[:, 0]).any():
+        X = X[~np.isnan(X[:, 0])]
+    n = len(X)
+    if n == 0:
+        return
     head = np.asarray(X[:FOLD_CHUNK], dtype=np.float64)
     if raw.shift is None:
         raw.shift = head.mean(axis=0)

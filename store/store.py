@@ -669,16 +669,27 @@ def _default_catalog(path: Path) -> str:
     return f"sqlite:///{(Path(path) / 'catalog.sqlite').resolve()}"
 
 
-def fixed_list(X: np.ndarray, dim: int) -> pa.FixedSizeListArray:
-    flat = pa.array(np.ascontiguousarray(X, dtype=np.float32).reshape(-1))
+def fixed_list(X: np.ndarray, dim: int, nan_is_null: bool = False) -> pa.FixedSizeListArray:
+    """(n, d) → FLOAT[d]; with `nan_is_null`, rows that are NaN (no vector: an image kept without a
+    caption has no text embedding) become NULL."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    flat = pa.array(X.reshape(-1))
+    if nan_is_null and len(X) and np.isnan(X[:, 0]).any():
+        missing = np.isnan(X[:, 0])
+        flat = pa.array(np.where(missing[:, None], np.float32(0), X).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(missing))
     return pa.FixedSizeListArray.from_arrays(flat, dim)
 
 
 def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """FLOAT[d] column → (n, d) float32 array (zero-copy where possible)."""
+    """FLOAT[d] column → (n, d) float32 array (zero-copy where possible); NULL rows are NaN rows."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     dim = arr.type.list_size
-    return arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), dim)
+    out = arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), dim)
+    if arr.null_count:
+        out = out.astype(np.float32, copy=True)
+        out[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+    return out
 
 
 def new_moments(dim: int) -> dict[tuple[str, str], RunningMoments]:

@@ -127,7 +127,7 @@ class Writer:
             uri: pa.Array | None = None, caption: pa.Array | None = None,
             meta_types: dict[str, str] | None = None) -> None:
         """Buffer new sample rows and the model's embedding rows (ids, their uri and caption,
-        (n, d) float32 vectors each)."""
+        (n, d) float32 vectors each; a NaN text row is stored as a NULL text embedding)."""
         n = len(ids)
         if samples is not None and samples.num_rows:
             self._samples.add(samples)
@@ -144,7 +144,7 @@ class Writer:
         text = np.ascontiguousarray(text, dtype=np.float32)
         cols = {"id": ids, "uri": uri if uri is not None else pa.nulls(n, pa.string()),
                 "caption": caption if caption is not None else pa.nulls(n, pa.string()),
-                "image_embedding": fixed_list(image, d), "text_embedding": fixed_list(text, d),
+                "image_embedding": fixed_list(image, d), "text_embedding": fixed_list(text, d, nan_is_null=True),
                 "seq": pa.array(np.full(n, self.pending.seq, dtype=np.int64))}
         self._emb.add(pa.table({k: cols[k] for k in self._emb_schema.names}, schema=self._emb_schema))
         self.pending.rows += n

@@ -38,7 +38,7 @@ def assert_stats_match_vectors(st, model=None):
     state = st.stats(rec)
     assert state.n == len(img)
     for modality, X in (("image", img), ("text", txt)):
-        X = X.astype(np.float64)
+        X = X[~np.isnan(X[:, 0])].astype(np.float64)     # NULL text embeddings are not in the statistics
         for space, V in (("raw", X), ("normalized", normalize_rows(X))):
             m = state.moments[(modality, space)]
             np.testing.assert_allclose(m.mean, V.mean(0), rtol=1e-9, atol=1e-12)
@@ -289,3 +289,40 @@ def test_a_non_utf8_file_name_is_one_reject_not_a_lost_batch(store, tmp_path, ti
     assert rows[0][0] == "caf\\xe9.png" and rows[0][1] == "path_not_utf8" and "rename" in rows[0][2]
     again = ingest(store, str(data), model=tiny_model, options=FAST)      # and a re-run is as quiet
     assert again.added == 0 and again.skipped == 5
+
+
+def test_images_without_captions_allowed_and_faults_reported_first(tmp_path, tiny_model):
+    """Issue 10.4: an image's own fault comes before its missing caption; --allow-missing-captions
+    keeps captionless images with a NULL text embedding (image scores work, text/pair are NULL)."""
+    from queries.sql.db import connect
+    folder = write_image_folder(tmp_path / "d", 10)
+    for i in (1, 2, 3):
+        (folder / f"img{i:04d}.txt").unlink()
+    (folder / "img0004.txt").write_text("   \u200b ")          # empty once cleaned
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"junk" * 10)   # corrupt, no caption
+    st = Store.init(tmp_path / "plain")
+    s = ingest(st, str(folder), model=tiny_model, options=IngestOptions(progress=False))
+    assert s.added == 6 and s.rejected.get("corrupt_image") == 1
+    assert s.rejected.get("missing_caption") == 3
+    st2 = Store.init(tmp_path / "allowed")
+    s2 = ingest(st2, str(folder), model=tiny_model,
+                options=IngestOptions(progress=False, allow_missing_captions=True))
+    assert s2.added == 10 and s2.rejected == {"corrupt_image": 1}
+    ids, img, txt = stored_vectors(st2)
+    assert np.isnan(txt[:, 0]).sum() == 4 and not np.isnan(img).any()
+    assert_stats_match_vectors(st2)
+    state = st2.stats(st2.model())
+    assert state.moments[("image", "raw")].n == 10 and state.moments[("text", "raw")].n == 6
+    from queries.curation.fit import fit_stats
+    fit_stats(st2, reference_size=100)
+    con = connect(st2)
+    rows = con.sql("SELECT caption IS NULL AS nocap, image_info_gain, text_info_gain, clip_score "
+                   "FROM scores").fetchall()
+    assert len(rows) == 10
+    for nocap, iig, tig, cs in rows:
+        assert iig is not None
+        assert (tig is None) == nocap and (cs is None) == nocap
+    # content ids: the same image with no caption is one sample, re-runs add nothing
+    again = ingest(st2, str(folder), model=tiny_model,
+                   options=IngestOptions(progress=False, allow_missing_captions=True))
+    assert again.added == 0

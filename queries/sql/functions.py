@@ -460,10 +460,11 @@ def register(con: Any, st: Store) -> ScoreContext:
                 f"_clipsql_vslerp(a, b, theta, alpha, model, modality){model_cast}")
     # native DuckDB array functions where they already compute the thing; non-finite → NULL
     con.execute("CREATE OR REPLACE MACRO _clipsql_finite(x) AS CASE WHEN isfinite(x) THEN x END")
-    con.execute("CREATE OR REPLACE MACRO clip_score(img, txt) AS "
-                "_clipsql_finite(list_cosine_similarity(img::FLOAT[], txt::FLOAT[]))")
+    # (a NULL vector is tested first: DuckDB's list functions refuse a NULL array read from Arrow)
+    con.execute("CREATE OR REPLACE MACRO clip_score(img, txt) AS CASE WHEN img IS NOT NULL AND txt IS NOT NULL "
+                "THEN _clipsql_finite(list_cosine_similarity(img::FLOAT[], txt::FLOAT[])) END")
     con.execute("CREATE OR REPLACE MACRO raw_norm(emb) AS "
-                "CASE WHEN list_dot_product(emb::FLOAT[], emb::FLOAT[]) > 0 THEN "
+                "CASE WHEN emb IS NOT NULL AND list_dot_product(emb::FLOAT[], emb::FLOAT[]) > 0 THEN "
                 "_clipsql_finite(list_dot_product(emb::FLOAT[], emb::FLOAT[])::DOUBLE) END")
     return ctx
 
