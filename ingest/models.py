@@ -14,6 +14,7 @@ missing file fails before anything is written; `load` builds the network.
 from __future__ import annotations
 
 import difflib
+import os
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -163,8 +164,83 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
-def load(spec: ModelSpec, device: str = "auto") -> LoadedModel:
-    """Build the open_clip model with its weights; ModelError (with a fix) when that fails."""
+HUB_CONNECT_TIMEOUT = 3.0     # seconds: an unreachable hub is known in this, not after minutes of retries
+INGEST_HOW = ("download them on a connected machine and pass --checkpoint FILE (with --model ARCH) or "
+              "--model local-dir:PATH (a folder with open_clip_config.json and the weights), or copy that "
+              "machine's ~/.cache/huggingface here")
+
+
+def hub_files(spec: ModelSpec) -> list[tuple[str, str]]:
+    """[(repo_id, filename)] open_clip would fetch the weights from (any one of them suffices)."""
+    weights = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if spec.local:
+        return []
+    if spec.open_clip_name.startswith("hf-hub:"):
+        return [(spec.open_clip_name[len("hf-hub:"):], f) for f in weights]
+    import open_clip
+    cfg = open_clip.get_pretrained_cfg(spec.open_clip_name, spec.pretrained or "") or {}
+    hub = cfg.get("hf_hub") or ""
+    if not hub:
+        return []
+    repo, filename = os.path.split(hub)
+    if filename:
+        stem = filename.rsplit(".", 1)[0]
+        return [(repo, stem + ".safetensors"), (repo, filename)]
+    return [(repo, f) for f in weights]
+
+
+def weights_cached(spec: ModelSpec) -> bool:
+    """Whether the weights are already in this machine's Hugging Face cache."""
+    files = hub_files(spec)
+    if not files:
+        return spec.local
+    from huggingface_hub import try_to_load_from_cache
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for repo, f in files)
+
+
+def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT) -> bool:
+    """One TCP connect to the hub (HF_ENDPOINT), no retries; False at once under HF_HUB_OFFLINE."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _go_offline() -> None:
+    """Make huggingface_hub use its cache without asking the network (and without retrying)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as hc
+        hc.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def check_weights_reachable(spec: ModelSpec, how: str = INGEST_HOW) -> None:
+    """Fail in seconds, in one line, when hub weights are neither cached nor downloadable; when the
+    hub is unreachable but the weights are cached, load them from the cache without network calls."""
+    if spec.local or not hub_files(spec):
+        return
+    if hub_reachable():
+        return
+    if weights_cached(spec):
+        _go_offline()
+        return
+    endpoint = os.environ.get("HF_ENDPOINT") or "huggingface.co"
+    why = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") else f"{endpoint} cannot be reached"
+    raise ModelError(f"the weights of {spec.model_id} are not cached on this machine and {why}: {how}")
+
+
+def load(spec: ModelSpec, device: str = "auto", how: str = INGEST_HOW) -> LoadedModel:
+    """Build the open_clip model with its weights; ModelError (with a fix: `how`) when that fails."""
+    check_weights_reachable(spec, how)
     import open_clip
     import torch
     device = pick_device(device)
@@ -173,9 +249,10 @@ def load(spec: ModelSpec, device: str = "auto") -> LoadedModel:
             spec.open_clip_name, pretrained=spec.pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(spec.open_clip_name)
     except Exception as e:  # open_clip raises RuntimeError/ValueError/HF errors
-        how = ("the machine cannot reach the model hub: download the weights elsewhere and pass "
-               "--checkpoint FILE or local-dir:PATH") if not spec.local else "check the files"
-        raise ModelError(f"could not load {spec.model_id}: {e.__class__.__name__}: {str(e)[:300]} — {how}") from None
+        first = " ".join(str(e).split())
+        first = first if len(first) <= 240 else first[:first.rfind(" ", 0, 240)] + " …"
+        fix = how if not spec.local else "check the model's files"
+        raise ModelError(f"could not load {spec.model_id}: {e.__class__.__name__}: {first} — {fix}") from None
     model.eval()
     with torch.no_grad():
         dim = int(model.encode_text(tokenizer(["a"]).to(device)).shape[-1])

@@ -42,14 +42,22 @@ def load_for_record(rec: ModelRecord, device: str = "auto") -> Any:
         if resolved.model_id != rec.model_id:
             raise ModelError(f"{name} now resolves to {resolved.model_id}, not {rec.model_id} "
                              "(the weights changed since ingest)")
-        loaded = models.load(resolved, device)
     except ModelError as e:
         raise ModelError(f"cannot load the text tower of model {rec.model_id}: {e}. {how[0].upper()}{how[1:]}") \
             from None
+    try:
+        loaded = models.load(resolved, device, how=QUERY_HOW)
+    except ModelError as e:
+        raise ModelError(f"prompts need the text tower of {rec.model_id}; {e}") from None
     if loaded.dim != rec.dim:
         raise ModelError(f"model {rec.model_id} now produces {loaded.dim}-d embeddings, the store holds "
                          f"{rec.dim}-d ones")
     return loaded
+
+
+QUERY_HOW = ("copy the weights into this machine's Hugging Face cache (~/.cache/huggingface/hub, e.g. "
+             "`huggingface-cli download REPO` on a connected machine), or embed the prompt elsewhere and "
+             "pass the vector itself instead of the prompt text")
 
 
 class PromptCache:
