@@ -188,13 +188,14 @@ def ingest(
     from store.writer import CommitPolicy
     from ingest.pipeline import IngestOptions, ingest as run_ingest
     st = _run(Store.open, store)
-    if model is None and checkpoint is None:
+    model_given = model is not None or checkpoint is not None
+    if not model_given:
         model, pretrained, checkpoint = _default_model(st, pretrained)
     opts = IngestOptions(batch_size=batch_size, workers=workers, device=device, image_column=image_column,
                          caption_column=caption_column, id_column=id_column, image_embeddings=image_embeddings,
                          text_embeddings=text_embeddings, source_kind=kind, progress=progress,
                          policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds), update=update,
-                         allow_missing_captions=allow_missing_captions)
+                         allow_missing_captions=allow_missing_captions, model_given=model_given)
     summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
                    checkpoint=str(checkpoint) if checkpoint else None, options=opts)
     if fmt == TableFmt.json:
@@ -468,6 +469,8 @@ def select_cmd(store: Path = STORE_ARG,
     res = _run(select, st, recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
                limit=limit, output=output, model=model, first_fraction=first_fraction, negclip_form=negclip_form)
     c = res["counts"]
+    for w in res.get("warnings", []):
+        typer.secho(f"Warning: {w}", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"selected {c['selected']} of {c['pool']} rows ({res['recipe']}) → {output}; "
                f"how: {res['sidecar']}")
 
@@ -530,7 +533,13 @@ def geometry(store: Path = STORE_ARG,
                                                                     "rows (default: every row)."),
              seed: int = typer.Option(0, help="Seed of --sample."),
              top: int = typer.Option(10, min=2, help="How many top separable features to list.")) -> None:
-    """Geometry of the raw embeddings (SCIENCE.md §8): offset ratio, thin shell, separability, ODD, conformity."""
+    """Geometry of the raw embeddings, per modality (mean m, per-feature std σ, covariance C).
+
+    Reports the offset ratio ‖m‖/‖σ‖; the thin shell (μ = E‖x − m‖, var ‖x − m‖, and √tr C
+    against μ); feature separability Sep(l) = |m_I(l) − m_T(l)| / √(var_I(l) + var_T(l));
+    off-diagonal dominance ODD(l) = Σ_{k≠l} |C_lk| / C_ll; and the image vs text conformity
+    distributions. Writes an HTML report with figures.
+    """
     from queries.present.geometry import geometry_report
     res = _run(geometry_report, store, model, output, sample=sample, seed=seed, top=top)
     for m in ("image", "text"):

@@ -44,6 +44,7 @@ class IngestOptions:
     maintain: bool = True               # compact / index / prune when thresholds are crossed
     update: bool = False                # rewrite stored rows whose caption / metadata changed (needs ids)
     allow_missing_captions: bool = False   # keep images without a caption (NULL caption and text embedding)
+    model_given: bool = True            # False: the caller fell back to a default model (no --model)
 
 
 def default_workers(device: str, cpus: int | None = None) -> int:
@@ -203,6 +204,11 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
                              text_embeddings=opts.text_embeddings, kind=opts.source_kind)
         source_name = source.canonical()
         require_ids(opts.id_column, opts.update)
+        if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
+            from store.errors import SourceError
+            raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
+                              "--model (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k); clipsql cannot "
+                              "tell it from the vectors, and filing them under the demo model would be wrong")
         store.recover()
         t0 = time.perf_counter()
         units = source.units()

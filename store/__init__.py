@@ -21,3 +21,8 @@ def _limit_malloc_arenas(arenas: int = 2) -> None:
 
 
 _limit_malloc_arenas()
+# Lance's Rust logger is configured once, when `lance` is first imported, from LANCE_LOG: set
+# it (and LANCEDB_LOG) here (every path to lance goes through this package) so its WARN lines, e.g. "No existing
+# dataset … it will be created", never reach a user's terminal. LANCE_LOG in the environment wins.
+_os.environ.setdefault("LANCE_LOG", "error")
+_os.environ.setdefault("LANCEDB_LOG", "error")     # lancedb bundles its own Lance and logger

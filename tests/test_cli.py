@@ -233,3 +233,44 @@ def test_small_messages_say_what_to_do(tmp_path, cli_store):
         return real(name, *a, **k)
     with mock.patch("builtins.__import__", no_mysqldb), pytest.raises(CatalogError, match="pip install 'mysqlclient'"):
         make_engine("mysql://u:p@localhost/db")
+
+
+def test_help_texts_explain_themselves_without_science_md():
+    """Issue 10.12: a clone has no SCIENCE.md, so no --help may send the reader there."""
+    import re
+    from typer.testing import CliRunner
+    from cli import app
+    runner = CliRunner()
+    commands = ["", "init", "models", "models list", "models default", "models rm", "ingest", "delete", "optimize",
+                "stats", "stats show", "stats refresh", "stats fit", "query", "sql", "score", "target add",
+                "target list", "target rm", "select", "gallery", "plot", "geometry", "demo"]
+    for c in commands:
+        res = runner.invoke(app, [*c.split(), "--help"])
+        assert res.exit_code == 0, (c, res.output)
+        assert not re.search(r"SCIENCE|§", res.output), (c, res.output)
+    assert "offset ratio" in runner.invoke(app, ["geometry", "--help"]).output
+
+
+def test_precomputed_without_model_is_refused_and_score_prints_no_lance_warning(tmp_path):
+    """Issue 10.12: precomputed vectors are never filed under the demo model because no --model was
+    given (even when the dimension matches); 10.12/11.20: no Lance WARN line on the first `score`."""
+    from .test_ledger import MODEL, cli as run
+    import tests.test_ledger as tl
+    pool = tmp_path / "pool"
+    old = tl.D
+    tl.D = 64                                   # the demo model's dimension
+    try:
+        tl.write_pool(pool, shards=1, rows=100)
+    finally:
+        tl.D = old
+    st = tmp_path / "s"
+    run("init", str(st))
+    p = run("ingest", str(st), str(pool), "--no-progress", check=False)
+    assert p.returncode == 1 and "name the model that made them" in p.stderr.decode()
+    assert "Traceback" not in p.stderr.decode()
+    pool512 = tmp_path / "pool512"
+    tl.write_pool(pool512, shards=1, rows=100)
+    run("ingest", str(st), str(pool512), *MODEL, "--no-progress")
+    run("stats", "fit", str(st), "--reference-size", "50")
+    p = run("score", str(st), "--columns", "image_info_gain")
+    assert "WARN" not in p.stderr.decode() and "lance" not in p.stderr.decode().lower(), p.stderr.decode()

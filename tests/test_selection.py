@@ -1,6 +1,7 @@
 """negCLIPLoss, NormSim, prompts and `clipsql select` through SQL, against brute-force numpy
 of each definition (SCIENCE.md §5–7, §9), on synthetic vectors and on the demo model."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -472,3 +473,42 @@ def test_cli_target_select_and_score(sel_store, tmp_path):
     assert r.exit_code == 0 and "removed target cli-t" in r.output
     with sel_store.engine.connect() as conn:
         assert conn.execute(sa.select(cat.targets.c.name).where(cat.targets.c.name == "cli-t")).first() is None
+
+
+def test_scores_view_has_neg_siglip_loss_for_siglip_and_null_for_clip(siglip_store, sel_store):
+    """Issue 10.12: the SigLIP `scores` view carries neg_siglip_loss (equal to the function)."""
+    got = fetch(queries.connect(siglip_store), "SELECT s.neg_siglip_loss, neg_siglip_loss(e.image_embedding, "
+                "e.text_embedding) FROM scores s JOIN embeddings e USING (id) ORDER BY id")
+    assert len(got) == 120 and all(a is not None and a == pytest.approx(b, rel=1e-12) for a, b in got)
+    assert {r[0] for r in fetch(queries.connect(sel_store), "SELECT neg_siglip_loss FROM scores")} == {None}
+
+
+def test_empty_prompt_is_refused(sel_store):
+    for sql in ("SELECT importance_weight(image_embedding, '') FROM embeddings",
+                "SELECT text_embedding('   ')"):
+        with pytest.raises(Exception, match="the prompt is empty"):
+            fetch(queries.connect(sel_store), sql)
+
+
+def test_select_limit_beyond_the_pool_warns_and_outputs_are_atomic(sel_store, tmp_path):
+    """Issue 10.12 (a --limit larger than the pool says so) and 11.5 (a killed select leaves the
+    previous output and sidecar, whole; the sidecar names the output's sha256)."""
+    import hashlib
+    from .test_ledger import cli
+    out = tmp_path / "sel.csv"
+    pool = sel_store.count_rows(sel_store.model())
+    p = cli("select", str(sel_store.path), "--sql", "SELECT id FROM embeddings", "--limit", str(pool + 50),
+            "-o", str(out))
+    assert f"--limit {pool + 50} is more than the {pool} rows" in p.stderr.decode()
+    side = json.loads(Path(str(out) + ".json").read_text())
+    assert side["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert side["warnings"] and side["counts"]["selected"] == pool
+    before, before_side = out.read_bytes(), Path(str(out) + ".json").read_bytes()
+    killed = cli("select", str(sel_store.path), "--sql", "SELECT id FROM embeddings", "--limit", "5",
+                 "-o", str(out), env={"CLIPSQL_FAULT": "select:before-rename"}, check=False)
+    assert killed.returncode == -9
+    assert out.read_bytes() == before and Path(str(out) + ".json").read_bytes() == before_side
+    cli("select", str(sel_store.path), "--sql", "SELECT id FROM embeddings", "--limit", "5", "-o", str(out))
+    side = json.loads(Path(str(out) + ".json").read_text())
+    assert side["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and side["counts"]["selected"] == 5
+    assert not side["warnings"]

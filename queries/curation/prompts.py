@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import ModelError
+from store.errors import ModelError, QueryError
 from store.store import ModelRecord
 
 
@@ -78,6 +78,9 @@ class PromptCache:
     def embed(self, rec: ModelRecord, prompts: list[str]) -> np.ndarray:
         """(len(prompts), d) float32 raw text embeddings. Each new distinct prompt is encoded alone (a batch
         of one), so its vector never depends on which other prompts a query happens to hold."""
+        if any(not p.strip() for p in prompts):
+            raise QueryError("the prompt is empty: give text to embed, e.g. importance_weight(image_embedding, "
+                             "'a photo of a dog')")
         with self._lock:
             todo = sorted({p for p in prompts if (rec.model_id, p) not in self._vectors})
             if todo:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import math
 import time
 from decimal import Decimal
@@ -36,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from store.errors import SelectionError
+from store.faults import fault
 from store.store import ModelRecord, Store
 from ..sql.functions import blas_pinned
 
@@ -125,11 +127,15 @@ def select(st: Store, *, recipe: str | None = None, sql: str | None = None, targ
                      "neg_clip": ((side["statistics"] or {}).get("neg_clip") or {}).get("seed")}
     side["score_columns"] = [c for c in tbl.column_names if c not in ("id", "uri", "caption")]
     side["counts"] = counts
-    _write(tbl, output, fmt)
+    side["warnings"] = []
+    if limit is not None and limit > tbl.num_rows:
+        side["warnings"].append(f"--limit {limit} is more than the {tbl.num_rows} rows there are to select "
+                                f"(pool {pool}): all of them were selected")
+    side["sha256"] = _write(tbl, output, fmt)
     side["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     side["seconds"] = round(time.perf_counter() - t0, 3)
     sidecar = Path(str(output) + ".json")
-    sidecar.write_text(json.dumps(side, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_text_atomic(sidecar, json.dumps(side, indent=2, sort_keys=True, default=_json_default) + "\n")
     side["sidecar"] = str(sidecar)
     return side
 
@@ -241,18 +247,63 @@ def _with_samples(con: Any, tbl: pa.Table) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- output
-def _write(tbl: pa.Table, output: Path, fmt: str) -> None:
+def _write(tbl: pa.Table, output: Path, fmt: str) -> str:
+    """Write the selection atomically (temporary file in the same directory, fsync, rename: a kill
+    leaves the previous output or the new one, never a truncated file); returns its sha256."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == ".txt":
-        ids = tbl.column("id").to_pylist()
-        output.write_text("".join(f"{i}\n" for i in ids))
-    elif fmt == ".csv":
-        import pyarrow.csv as pcsv
-        flat = [c for c, f in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(f.type)]
-        pcsv.write_csv(tbl.select(flat), output)
-    else:
-        import pyarrow.parquet as pq
-        pq.write_table(tbl, output)
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    try:
+        if fmt == ".txt":
+            ids = tbl.column("id").to_pylist()
+            tmp.write_text("".join(f"{i}\n" for i in ids))
+        elif fmt == ".csv":
+            import pyarrow.csv as pcsv
+            flat = [c for c, f in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(f.type)]
+            pcsv.write_csv(tbl.select(flat), tmp)
+        else:
+            import pyarrow.parquet as pq
+            pq.write_table(tbl, tmp)
+        digest = _fsync_sha256(tmp)
+        fault("select:before-rename")
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(output.parent)
+    return digest
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(text)
+        _fsync_sha256(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb+") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+        os.fsync(fh.fileno())
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fit_info(st: Store, rec: ModelRecord) -> dict | None:

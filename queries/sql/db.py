@@ -162,7 +162,7 @@ def _register_scores(con: Any, st: Store) -> None:
     parts = []
     for m in fitted:
         idx = [x.model_id for x in models].index(m.model_id)
-        exprs = score_expressions(quote_literal(m.model_id))
+        exprs = score_expressions(quote_literal(m.model_id), m.kind)
         cols = ", ".join(f"{e} AS {quote_ident(name)}" for name, e in exprs.items())
         model = f"{quote_literal(m.model_id)} AS model"
         if {"uri", "caption"} <= set(st.embeddings_table(m).schema.names):

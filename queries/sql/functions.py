@@ -477,11 +477,13 @@ def _conformity(ctx: ScoreContext, X: np.ndarray, rec: ModelRecord, modality: st
 SCORE_COLUMNS = ("image_info_gain", "text_info_gain", "image_info_gain_reverse", "text_info_gain_reverse",
                  "image_info_gain_approx", "text_info_gain_approx", "image_centered_norm", "text_centered_norm",
                  "image_raw_norm", "text_raw_norm", "image_conformity", "text_conformity",
-                 "image_conformity_estimate", "text_conformity_estimate", "clip_score", "neg_clip_loss")
+                 "image_conformity_estimate", "text_conformity_estimate", "clip_score", "neg_clip_loss",
+                 "neg_siglip_loss")
 
 
-def score_expressions(model_literal: str) -> dict[str, str]:
-    """SQL expression of each `scores` column for one model (over e.image_embedding/e.text_embedding)."""
+def score_expressions(model_literal: str, kind: str = "clip") -> dict[str, str]:
+    """SQL expression of each `scores` column for one model (over e.image_embedding/e.text_embedding);
+    `neg_siglip_loss` is NULL for a CLIP model (it needs SigLIP's sigmoid loss and bias)."""
     i, t, m = "e.image_embedding", "e.text_embedding", model_literal
     return {
         "image_info_gain": f"image_info_gain({i}, {m})", "text_info_gain": f"text_info_gain({t}, {m})",
@@ -497,4 +499,5 @@ def score_expressions(model_literal: str) -> dict[str, str]:
         "text_conformity_estimate": f"conformity_estimate({t}, 'text', {m})",
         "clip_score": f"clip_score({i}, {t})",
         "neg_clip_loss": f"neg_clip_loss({i}, {t}, {m})",
+        "neg_siglip_loss": f"neg_siglip_loss({i}, {t}, {m})" if kind == "siglip" else "NULL::DOUBLE",
     }

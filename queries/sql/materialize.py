@@ -52,13 +52,15 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
                          "(or --neg-clip-loss-pool / --norm-sim-d)")
     from .db import connect, quote_ident, quote_literal
     rec = st.model(model)
+    if "neg_siglip_loss" in columns and rec.kind != "siglip":
+        raise QueryError(f"neg_siglip_loss needs a SigLIP model; {rec.model_id} is a CLIP model (use neg_clip_loss)")
     fit = st.latest_fit(rec, with_arrays=False)
     t0 = time.perf_counter()
     with st.lock():
         con = connect(st)
         try:
             idx = [m.model_id for m in st.list_models()].index(rec.model_id)
-            exprs = score_expressions(quote_literal(rec.model_id))
+            exprs = score_expressions(quote_literal(rec.model_id), rec.kind)
             cols = "".join(f", {exprs[c]} AS {quote_ident(c)}" for c in columns)
             tbl = _arrow(con.sql(f"SELECT e.id{cols} FROM {quote_ident(f'embeddings_{idx}')} e ORDER BY e.id"))
         except Exception as e:  # noqa: BLE001 - DuckDB wraps UDF errors
