@@ -174,6 +174,8 @@ def ingest(
         False, "--allow-missing-captions", help="Keep images that have no caption (none, or empty once cleaned) "
         "with a NULL caption and text embedding: image-only scores work, text and pair scores are NULL. "
         "Default: rejected as missing_caption / empty_caption."),
+    max_file_mb: float = typer.Option(256.0, min=0.001, help="Image or caption files (and tar members) larger "
+                                      "than this many MiB are rejected unread (file_too_large)."),
     update: bool = typer.Option(False, "--update", help="Rewrite rows the store already holds whose caption or "
                                 "metadata changed in the source (re-encoding changed captions). Needs --id-column."),
     fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="Summary as table or json."),
@@ -195,7 +197,8 @@ def ingest(
                          caption_column=caption_column, id_column=id_column, image_embeddings=image_embeddings,
                          text_embeddings=text_embeddings, source_kind=kind, progress=progress,
                          policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds), update=update,
-                         allow_missing_captions=allow_missing_captions, model_given=model_given)
+                         allow_missing_captions=allow_missing_captions, model_given=model_given,
+                         max_file_bytes=int(max_file_mb * (1 << 20)))
     summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
                    checkpoint=str(checkpoint) if checkpoint else None, options=opts)
     if fmt == TableFmt.json:
@@ -491,11 +494,15 @@ def gallery(store: Path = STORE_ARG,
             thumb: int = typer.Option(128, min=8, help="Thumbnail size in pixels."),
             top_bottom: Optional[Tuple[str, int]] = typer.Option(None, "--top-bottom", metavar="COLUMN N",
                                                                  help="The N lowest and N highest rows by "
-                                                                      "COLUMN, side by side.")) -> None:
+                                                                      "COLUMN, side by side."),
+            allow_external_access: bool = typer.Option(
+                False, "--allow-external-access", help="Also show images the store's samples do not name (a "
+                "query can put any path in `uri`; by default those tiles are left empty).")) -> None:
     """One self-contained HTML page of thumbnails (embedded, no network) for any SQL result."""
     from queries.present.gallery import write_gallery
     tb = (top_bottom[0], top_bottom[1]) if top_bottom else None
-    res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb)
+    res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb,
+               allow_external_access=allow_external_access)
     note = f", {res['broken']} broken image(s)" if res["broken"] else ""
     typer.echo(f"gallery of {res['shown']} of {res['rows']} rows{note}: {res['path']}")
 

@@ -198,8 +198,11 @@ def _q(name: str) -> str:
 
 
 
-def content_ids(captions: pa.Array, uris: pa.Array, given: pa.Array | None) -> pa.Array:
-    """The id column where the source has one, else content_id(b"", caption, uri) per row."""
+def content_ids(captions: pa.Array, uris: pa.Array, given: pa.Array | None,
+                image: np.ndarray | None = None) -> pa.Array:
+    """The id column where the source has one, else a content hash per row: of caption + uri,
+    or, for a row without a uri, of its image vector + caption (two different vectors that share
+    a caption such as "a photo" are two samples, not a duplicate)."""
     if given is not None:
         ids = pc.cast(given, pa.string()) if not pa.types.is_string(given.type) else given
         if ids.null_count == 0:
@@ -210,5 +213,8 @@ def content_ids(captions: pa.Array, uris: pa.Array, given: pa.Array | None) -> p
     caps, us = captions.to_pylist(), uris.to_pylist()
     for i, v in enumerate(out):
         if v is None:
-            out[i] = content_id(b"", caps[i] or "", us[i] or "")
+            if us[i] is None and image is not None:
+                out[i] = content_id(np.ascontiguousarray(image[i], dtype="<f4").tobytes(), caps[i] or "", "vector")
+            else:
+                out[i] = content_id(b"", caps[i] or "", us[i] or "")
     return pa.array(out, pa.string())

@@ -15,6 +15,8 @@ Reject reason codes raised here:
 ``decompression_bomb``   the header claims more pixels than ``max_pixels``
                          (checked *before* any pixel is decoded) or Pillow
                          raised its own decompression-bomb warning/error
+``extreme_aspect_ratio`` longer side over ``MAX_ASPECT`` (100) times the shorter: the
+                         model's resize would blow it up to gigabytes
 ``unsupported_image_mode`` a pixel mode that cannot be turned into RGB
 ``missing_caption``      no caption at all (``None``)
 ``caption_not_utf8``     caption bytes that are not valid UTF-8
@@ -47,6 +49,8 @@ __all__ = [
 
 #: Same default as Pillow's ``Image.MAX_IMAGE_PIXELS`` (about 0.09 gigapixels).
 DEFAULT_MAX_PIXELS = 89_478_485
+#: Longest side / shortest side beyond which an image is rejected (``extreme_aspect_ratio``).
+MAX_ASPECT = 100
 
 
 class ItemRejected(Exception):
@@ -131,6 +135,12 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             )
         if width == 0 or height == 0:
             raise ItemRejected("corrupt_image", f"image has no pixels ({width}x{height})")
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            # preprocessing resizes the short side to the model's size: 1 x 300,000 would become
+            # 224 x 67M pixels (GBs) before the centre crop
+            raise ItemRejected("extreme_aspect_ratio", f"{width}x{height} is more than {MAX_ASPECT}:1; "
+                                                       "the model's resize would blow it up to "
+                                                       f"{max(width, height) // min(width, height)}x its crop")
         try:
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

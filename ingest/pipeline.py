@@ -23,7 +23,7 @@ from store.writer import CommitPolicy, Writer
 from . import models
 from .dedup import IdChecker
 from .encode import Encoder, Prepared, prepare_item
-from .sources import Reject, open_source
+from .sources import DEFAULT_MAX_FILE_BYTES, Reject, open_source
 from .update import Updater, require_ids, row_arrays
 
 
@@ -45,6 +45,7 @@ class IngestOptions:
     update: bool = False                # rewrite stored rows whose caption / metadata changed (needs ids)
     allow_missing_captions: bool = False   # keep images without a caption (NULL caption and text embedding)
     model_given: bool = True            # False: the caller fell back to a default model (no --model)
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES   # larger image / caption files are rejected unread
 
 
 def default_workers(device: str, cpus: int | None = None) -> int:
@@ -203,6 +204,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
                              id_column=opts.id_column, image_embeddings=opts.image_embeddings,
                              text_embeddings=opts.text_embeddings, kind=opts.source_kind)
         source_name = source.canonical()
+        source.max_file_bytes = int(opts.max_file_bytes)
         require_ids(opts.id_column, opts.update)
         if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
             from store.errors import SourceError

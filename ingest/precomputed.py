@@ -65,6 +65,13 @@ class PrecomputedSource(Source):
                 if self.image_embeddings not in names and self.text_embeddings not in names:
                     require_column(names, self.image_embeddings, "image_embeddings", "the image embeddings", where)
             self.uri_column = next((c for c in (image_column, "image_path", "url") if c in names), None)
+            if layout == "parquet" and self.image_embeddings not in names:
+                raise SourceError(f"{where} has text embeddings but no image embedding column "
+                                  f"{self.image_embeddings!r} (name it with --image-embeddings): clipsql stores "
+                                  "image-text pairs, or images alone, but not texts alone")
+        # image-only sources (no text_emb/ files, no text column) store NULL text embeddings
+        self.image_only = (all(t is None for _, _, t in files) if layout == "npy" else
+                           all(self.text_embeddings not in _schema_names(m) for m, _, _ in files))
 
     @staticmethod
     def is_npy_layout(path) -> bool:
@@ -193,7 +200,10 @@ class PrecomputedSource(Source):
         captions, cap_rejects = clean_captions(table.column(self.caption_column).combine_chunks())
         bad: dict[int, tuple[str, str]] = {i: (r, d) for i, r, d in cap_rejects}
         img, img_bad = vector_matrix(img_src, n, dim)
-        txt, txt_bad = vector_matrix(txt_src, n, dim)
+        if txt_src is None and self.image_only:     # no text embeddings at all: NULL text vectors
+            txt, txt_bad = np.full((n, dim), np.nan, dtype=np.float32), [None] * n
+        else:
+            txt, txt_bad = vector_matrix(txt_src, n, dim)
         for i in (range(n) if (any(img_bad) or any(txt_bad)) else ()):
             a, b = img_bad[i], txt_bad[i]
             if i in bad or not (a or b):
@@ -223,12 +233,12 @@ class PrecomputedSource(Source):
             locs = loc.take(pa.array(idx)).to_pylist()
             rejects = [(locs[j], *bad[int(i)]) for j, i in enumerate(idx)]
         if keep.all():
-            ids = content_ids(captions, uris, given)
+            ids = content_ids(captions, uris, given, img)
             return Columns(ids, uris, captions, loc, metadata, img, txt, meta_types, rejects)
         rows = np.flatnonzero(keep)
         t = pa.array(rows, pa.int64())
         caps, us = captions.take(t), uris.take(t)
-        ids = content_ids(caps, us, None if given is None else given.take(t))
+        ids = content_ids(caps, us, None if given is None else given.take(t), img[rows])
         return Columns(ids, us, caps, loc.take(t), metadata.take(t), img[rows], txt[rows],
                        meta_types, rejects)
 

@@ -65,7 +65,7 @@ SUPPORTED_LAYOUTS = (
     "supported layouts: "
     "folder (a directory of .jpg/.jpeg/.png/.webp/.gif/.bmp/.tif/.tiff images with <stem>.txt captions); "
     "table (a .csv/.tsv/.parquet/.jsonl file with image-path and caption columns); "
-    "webdataset (a .tar shard, a directory of .tar shards, or a pattern such as shard-{00000..00009}.tar or *.tar); "
+    "webdataset (a .tar (or .tar.gz/.tgz/.tar.bz2/.tar.xz) shard, a directory of shards, or a pattern such as shard-{00000..00009}.tar or *.tar); "
     "precomputed (a directory with img_emb/*.npy, text_emb/*.npy and metadata/*.parquet as written by "
     "clip-retrieval, or a parquet with image_embedding/text_embedding columns)"
 )
@@ -157,9 +157,35 @@ def json_meta(data: bytes, id_column: str | None) -> tuple[dict, str | None]:
     return {str(k): scalar_value(v) for k, v in obj.items()}, sid
 
 
-def _read_bytes(path: str) -> bytes:
+DEFAULT_MAX_FILE_BYTES = 256 << 20   # an image (or caption) file larger than this is rejected unread
+
+
+class FileTooLarge(OSError):
+    """A file or tar member over the source's `max_file_bytes` (recorded as `file_too_large`)."""
+
+
+def too_large(size: int, limit: int) -> str:
+    return (f"{size:,} bytes is over the limit of {limit:,} bytes (raise it with --max-file-mb "
+            "if such files are real images)")
+
+
+def _read_bytes(path: str, limit: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The file's bytes, never more than `limit` read (FileTooLarge beyond: a huge or sparse file
+    must not exhaust memory)."""
     with open(path, "rb") as f:
-        return f.read()
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise FileTooLarge(too_large(size, limit))
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise FileTooLarge(too_large(len(data), limit))
+    return data
+
+
+def unreadable(where: str, e: OSError) -> "Reject":
+    if isinstance(e, FileTooLarge):
+        return Reject(where, "file_too_large", str(e))
+    return Reject(where, "unreadable_file", str(e))
 
 
 def require_column(columns, name, option, what, where):
@@ -179,6 +205,7 @@ class Source:
 
     kind: str = ""
     precomputed: bool = False
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES   # set per run (IngestOptions.max_file_bytes)
 
     def units(self) -> list:
         """Independent, picklable work units, in a deterministic order."""
@@ -318,15 +345,16 @@ class FolderSource(Source):
                 continue
             path = os.path.join(self.root, *rel.split("/"))
             try:
-                data = _read_bytes(path)
-                caption = _read_bytes(os.path.join(self.root, *txt.split("/"))) if txt else None
+                data = _read_bytes(path, self.max_file_bytes)
+                caption = _read_bytes(os.path.join(self.root, *txt.split("/")), self.max_file_bytes) if txt else None
             except OSError as e:
-                yield Reject(rel, "unreadable_file", str(e))
+                yield unreadable(rel, e)
                 continue
             meta, sid = {}, None
             if js:
                 try:
-                    meta, sid = json_meta(_read_bytes(os.path.join(self.root, *js.split("/"))), self.id_column)
+                    meta, sid = json_meta(_read_bytes(os.path.join(self.root, *js.split("/")), self.max_file_bytes),
+                                          self.id_column)
                 except (OSError, ValueError) as e:
                     yield Reject(js, "bad_metadata", f"{e}; the image is ingested without this metadata")
             yield Item(location=rel, uri=path, caption_raw=caption, image_bytes=data, id=sid, meta=meta)
@@ -517,9 +545,9 @@ class TableSource(Source):
         if not os.path.isfile(uri):
             return Reject(where, "missing_file", f"{uri} does not exist")
         try:
-            data = _read_bytes(uri)
+            data = _read_bytes(uri, self.max_file_bytes)
         except OSError as e:
-            return Reject(where, "unreadable_file", str(e))
+            return unreadable(where, e)
         return Item(where, uri, caption, data, sid, meta)
 
     def unit_files(self, unit) -> list[str]:
@@ -549,6 +577,14 @@ def _first_json_object(path: str) -> dict:
 
 
 # --------------------------------------------------------------------------- webdataset
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+
+
+def is_shard_name(path: str) -> bool:
+    """A webdataset shard: .tar, or a compressed tar (.tar.gz / .tgz / .tar.bz2 / .tar.xz)."""
+    return path.lower().endswith(SHARD_SUFFIXES) and os.path.isfile(path)
+
 
 def open_source(path, *, image_column="image", caption_column="caption", id_column=None,
                 image_embeddings=None, text_embeddings=None, kind=None) -> Source:
@@ -580,7 +616,7 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
             raise SourceError(f"{len(missing)} shard(s) of {spec} do not exist, e.g. {missing[0]}")
         if not shards:
             raise SourceError(f"no files match {spec}")
-        not_tar = [s for s in shards if not s.endswith(".tar")]
+        not_tar = [s for s in shards if not is_shard_name(s)]
         if not_tar:
             raise SourceError(f"{spec} matches files that are not .tar shards, e.g. {not_tar[0]}; {SUPPORTED_LAYOUTS}")
         return WebDatasetSource(shards, id_column=id_column)
@@ -591,7 +627,7 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
 
     if os.path.isdir(spec):
         laion = PrecomputedSource.is_npy_layout(spec)
-        tars = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+        tars = sorted(p for p in glob.glob(os.path.join(glob.escape(spec), "*")) if is_shard_name(p))
         if kind == "precomputed" or (kind is None and laion):
             if not laion:
                 raise SourceError(f"{spec} has no img_emb/*.npy + metadata/*.parquet; {SUPPORTED_LAYOUTS}")
@@ -606,7 +642,7 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
 
     if kind == "folder":
         raise SourceError(f"{spec} is a file, a folder source must be a directory")
-    if kind == "webdataset" or (kind is None and ext == ".tar"):
+    if kind == "webdataset" or (kind is None and is_shard_name(spec)):
         return WebDatasetSource([spec], id_column=id_column)
     if ext == ".parquet" and kind in (None, "precomputed"):
         try:

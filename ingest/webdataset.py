@@ -12,7 +12,7 @@ from typing import Iterator
 from store.errors import SourceError
 
 
-from .sources import (IMAGE_EXTS, Item, Reject, Source, SUPPORTED_LAYOUTS, json_meta)
+from .sources import (IMAGE_EXTS, Item, Reject, Source, SUPPORTED_LAYOUTS, json_meta, too_large)
 
 
 _WDS_KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # as webdataset's base_plus_ext
@@ -53,7 +53,7 @@ class WebDatasetSource(Source):
         shard, name = unit, os.path.basename(unit)
         key, members, kept = None, {}, 0
         try:
-            with tarfile.open(shard, "r|*") as tf:
+            with _decompressed(shard) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
                 for m in tf:
                     if not m.isfile():
                         continue
@@ -67,9 +67,17 @@ class WebDatasetSource(Source):
                             kept += 1
                             yield from self._sample(shard, name, key, members)
                         key, members = match.group(1), {}
+                    if m.size > self.max_file_bytes:      # not read: a huge (or sparse) member
+                        yield Reject(f"{name}:{m.name}", "file_too_large", too_large(m.size, self.max_file_bytes))
+                        members.setdefault(match.group(2).lower(), (m.name, None))   # its sample: no 2nd reject
+                        continue
                     data = tf.extractfile(m).read()
                     members.setdefault(match.group(2).lower(), (m.name, data))
                 end = tf.offset
+                # stream-mode tarfile stops quietly where a compressed shard is cut short; reading the
+                # decompressor to its end checks the stream's trailer (EOFError when truncated)
+                while raw.read(1 << 20):
+                    pass
             _check_tar_end(shard, end)
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             lost = f"; the incomplete sample {key!r} was skipped" if key is not None else ""
@@ -85,6 +93,8 @@ class WebDatasetSource(Source):
         if image is None:
             yield Reject(where, "missing_image", f"sample has members {sorted(members)} but no image")
             return
+        if image[1] is None:        # its image was rejected as too large
+            return
         meta, sid = {}, None
         if "json" in members:
             try:
@@ -92,8 +102,10 @@ class WebDatasetSource(Source):
             except ValueError as e:
                 yield Reject(f"{name}:{members['json'][0]}", "bad_metadata",
                              f"{e}; the image is ingested without this metadata")
-        caption = _pick(members, ["txt"])
-        caption = None if caption is None else caption[1]
+        cap = _pick(members, ["txt"])
+        if cap is not None and cap[1] is None:
+            return                  # its caption was rejected as too large
+        caption = None if cap is None else cap[1]
         yield Item(where, f"{shard}::{image[0]}", caption, image[1], sid, meta)
 
     def describe(self) -> str:
@@ -107,6 +119,23 @@ def _pick(members: dict, exts: list[str]):
         if e in members:
             return members[e]
     return next((members[m] for e in exts for m in members if m.endswith("." + e)), None)
+
+
+def _decompressed(path: str):  # noqa: ANN202 - a binary file object
+    """The shard's tar bytes: gzip / bzip2 / xz are decompressed by modules that raise EOFError at a
+    truncated stream (tarfile's own stream mode ends quietly there)."""
+    import bz2
+    import gzip
+    import lzma
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(path, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(path)
+    if head.startswith(b"\xfd7zXZ"):
+        return lzma.LZMAFile(path)
+    return open(path, "rb")
 
 
 def _check_tar_end(path: str, offset: int) -> None:

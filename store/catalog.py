@@ -49,7 +49,7 @@ ingest_runs = sa.Table(
     sa.Column("model_id", sa.String(500), nullable=False),
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("source_kind", sa.String(40), nullable=False),
-    sa.Column("status", sa.String(20), nullable=False),        # running | done | failed
+    sa.Column("status", sa.String(20), nullable=False),        # running | done | failed | aborted (killed)
     sa.Column("started_at", sa.Float, nullable=False),
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("added", sa.Integer, nullable=False, default=0),

@@ -73,8 +73,7 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
                 if rest is not None:
                     conn.execute(cat.settings.insert().values(key="default_model", value=rest[0]))
             for table in (rec.table_name, *target_tables.values(), "scores_" + rec.table_name):
-                conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == DROP_PREFIX + table))
-                conn.execute(cat.settings.insert().values(key=DROP_PREFIX + table, value=rec.model_id))
+                mark_for_drop(conn, table, rec.model_id)
         fault("models-rm:after-catalog")
         sweep_dropped_tables(st)
     return {"model": rec.model_id, "rows": rows, "fits": len(fit_ids), "targets": sorted(target_tables),
@@ -205,6 +204,17 @@ def mark_stale_fits(conn: sa.Connection, rec: ModelRecord, lowest_seq: int | Non
         if fit_id not in known:
             conn.execute(cat.stale_fits.insert().values(fit_id=fit_id, reason=why, created_at=time.time()))
     return [f for f in fits if f not in known]
+
+
+def mark_for_drop(conn: sa.Connection, table: str, owner: str) -> None:
+    """Record (in the caller's transaction) that Lance table `table` is to be deleted: a table being
+    built (until the transaction that adopts it unmarks it) or one a committed change let go."""
+    conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == DROP_PREFIX + table))
+    conn.execute(cat.settings.insert().values(key=DROP_PREFIX + table, value=owner))
+
+
+def unmark_drop(conn: sa.Connection, table: str) -> None:
+    conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == DROP_PREFIX + table))
 
 
 def sweep_dropped_tables(st: Store) -> list[str]:

@@ -328,6 +328,7 @@ class Store:
         import lance
         from .manage import sweep_dropped_tables
         sweep_dropped_tables(self)
+        self.abort_dead_runs()
         recorded = self.committed_versions()
         rolled: dict[str, int] = {}
         names = ["samples"] + [m.table_name for m in self.list_models()]
@@ -514,6 +515,19 @@ class Store:
                 model_id=model_id, source=source, source_kind=source_kind, status="running",
                 started_at=time.time(), added=0, skipped=0, rejected=0))
             return int(res.inserted_primary_key[0])
+
+    def abort_dead_runs(self) -> list[int]:
+        """Writers only (under the lock, so no other run is alive): runs still `running` were killed.
+        Mark them `aborted`, with `added` counted from their committed ledger entries."""
+        r, c = cat.ingest_runs, cat.commits
+        with self.engine.begin() as conn:
+            dead = [int(x) for x in conn.execute(sa.select(r.c.run_id).where(r.c.status == "running")).scalars()]
+            for run_id in dead:
+                added = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(c.c.rows), 0)).where(
+                    c.c.run_id == run_id)).scalar()
+                conn.execute(sa.update(r).where(r.c.run_id == run_id).values(
+                    status="aborted", added=int(added), finished_at=time.time()))
+        return dead
 
     def finish_run(self, run_id: int, status: str, skipped: int, summary: dict) -> None:
         with self.engine.begin() as conn:

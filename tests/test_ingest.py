@@ -39,6 +39,9 @@ def assert_stats_match_vectors(st, model=None):
     assert state.n == len(img)
     for modality, X in (("image", img), ("text", txt)):
         X = X[~np.isnan(X[:, 0])].astype(np.float64)     # NULL text embeddings are not in the statistics
+        if len(X) == 0:
+            assert state.moments[(modality, "raw")].n == 0
+            continue
         for space, V in (("raw", X), ("normalized", normalize_rows(X))):
             m = state.moments[(modality, space)]
             np.testing.assert_allclose(m.mean, V.mean(0), rtol=1e-9, atol=1e-12)
@@ -110,7 +113,7 @@ def test_unknown_model_fails_before_writing(store, image_folder):
 
 def test_pretrained_tag_that_cannot_be_fetched_fails_fast(store, image_folder, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelError, match="could not load"):
+    with pytest.raises(ModelError, match="not cached on this machine"):
         ingest(store, str(image_folder), model="RN50", pretrained="openai", options=FAST)
     assert store.list_models() == []
 

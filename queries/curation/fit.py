@@ -78,6 +78,10 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         ds = st.embeddings_table(rec)
         n_rows, version = ds.count_rows(), ds.version
         ref_ids, X, Y = draw_reference(st, rec, reference_size, seed, version)
+        if len(ref_ids) < 2:
+            raise StatsError(f"model {rec.model_id}: {len(ref_ids)} of the drawn rows hold both a valid image and "
+                             "a text embedding; the reference sample needs image-text pairs (rows without "
+                             "text, e.g. an image-only source, still get raw_norm, conformity and NormSim)")
         a, b = scale_for(rec, scale)
         f = scores.fit(X, Y, a=a, b=b, kind=rec.kind, prior=prior)
         options = {"seed": seed, "scale": str(scale), "a": a, "b": b, "prior": prior, "kind": rec.kind,

@@ -48,7 +48,7 @@ def load_for_record(rec: ModelRecord, device: str = "auto") -> Any:
     try:
         loaded = models.load(resolved, device, how=QUERY_HOW)
     except ModelError as e:
-        raise ModelError(f"prompts need the text tower of {rec.model_id}; {e}") from None
+        raise ModelError(f"cannot load the text tower of model {rec.model_id} (prompts need it): {e}") from None
     if loaded.dim != rec.dim:
         raise ModelError(f"model {rec.model_id} now produces {loaded.dim}-d embeddings, the store holds "
                          f"{rec.dim}-d ones")

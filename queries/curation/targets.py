@@ -25,6 +25,7 @@ the recall reaches `target_recall` or every partition is probed.
 from __future__ import annotations
 
 import datetime as _dt
+import uuid
 
 import hashlib
 import json
@@ -40,6 +41,8 @@ import sqlalchemy as sa
 
 from store import catalog as cat
 from store.errors import QueryError, TargetError
+from store.faults import fault
+from store.manage import mark_for_drop, sweep_dropped_tables, unmark_drop
 from store.store import ModelRecord, Store
 
 from ..kernels import scores
@@ -116,8 +119,8 @@ def remove_target(st: Store, name: str) -> dict:
         t = get_target(st, name)
         with st.engine.begin() as conn:
             conn.execute(sa.delete(cat.targets).where(cat.targets.c.name == name))
-        if t.table_name in st.table_names():
-            st.db.drop_table(t.table_name)
+            mark_for_drop(conn, t.table_name, f"target {name}")
+        sweep_dropped_tables(st)
     return t.summary()
 
 
@@ -167,13 +170,18 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
     S = scores.second_moment(rows)
     use_ann = index == "ann" or (index == "auto" and len(rows) > ANN_MIN_ROWS)
     options: dict[str, Any] = {"dropped_rows": int((~valid).sum()), "rejected": rejected, "seed": seed}
-    tname = table_name_for(name)
     with st.lock():
+        # The new rows go to a table of their own, marked for deletion until the one catalog
+        # transaction that switches the target to it: a kill at any point leaves the old target
+        # whole (and the half-made table is deleted by the next writer), never a mixed one.
+        st.recover()
+        tname = f"{table_name_for(name)}_{uuid.uuid4().hex[:8]}"
+        with st.engine.begin() as conn:
+            mark_for_drop(conn, tname, f"target {name} (being built)")
         vec = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.float32).reshape(-1)), rec.dim)
         data = pa.table({"row": pa.array(np.arange(len(rows), dtype=np.int64)), "vector": vec})
-        if tname in st.table_names():
-            st.db.drop_table(tname)
-        st.db.create_table(tname, schema=data.schema).add(data)     # (creating with data logs a warning)
+        st.db.create_table(tname, schema=data.schema).add(data)
+        fault("target:after-table")
         if use_ann:
             options["index"] = _build_index(st, rec, tname, rows.astype(np.float32), seed=seed,
                                             sample=recall_sample, target_recall=target_recall)
@@ -183,11 +191,17 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
                      f"{ix['nprobes']}: recall@1 {ix['recall_at_1']:.4f} on {ix['sample']} sampled "
                      f"{ix['queries']} (mean |error| {ix['mean_abs_error']:.2e})")
         with st.engine.begin() as conn:
+            old = conn.execute(sa.select(cat.targets.c.table_name).where(cat.targets.c.name == name)).scalar()
             conn.execute(sa.delete(cat.targets).where(cat.targets.c.name == name))
             conn.execute(cat.targets.insert().values(
                 name=name, model_id=rec.model_id, dim=rec.dim, n=len(rows), table_name=tname,
                 source=described[:2000], created_at=time.time(), options=cat.to_json(options),
                 second_moment=cat.pack(S)))
+            unmark_drop(conn, tname)
+            if old is not None:
+                mark_for_drop(conn, old, f"target {name} (replaced)")
+        fault("target:after-switch")
+        sweep_dropped_tables(st)
     out = get_target(st, name).summary()
     out["seconds"] = round(time.perf_counter() - t0, 3)
     return out

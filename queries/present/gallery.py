@@ -30,6 +30,7 @@ import io
 import math
 import os
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,14 @@ class ImageReader:
                 old = next(iter(self._tars))
                 self._tars.pop(old)[0].close()
             tf = tarfile.open(shard, "r:*")
-            self._tars[shard] = (tf, {m.name: m for m in tf.getmembers() if m.isfile()})
+            index: dict[str, tarfile.TarInfo] = {}
+            try:
+                for m in tf:          # a damaged shard still serves the members before the damage
+                    if m.isfile():
+                        index[m.name] = m
+            except (tarfile.TarError, EOFError, OSError, zlib.error):
+                pass
+            self._tars[shard] = (tf, index)
         return self._tars[shard]
 
     def close(self) -> None:
@@ -155,10 +163,28 @@ def load_thumbnail(reader: ImageReader, uri: str | None, thumb: int) -> tuple[st
         return None, "missing file"
     except OSError as e:
         return None, f"unreadable: {e.strerror or type(e).__name__}"
+    except (tarfile.TarError, EOFError, zlib.error) as e:     # a truncated or damaged shard
+        return None, f"unreadable shard: {type(e).__name__}"
     try:
         return thumbnail_data_uri(data, thumb), None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a broken tile, never a crash
         return None, f"cannot decode: {type(e).__name__}"
+
+
+FOREIGN = "not an image of this store (--allow-external-access shows other files)"
+
+
+def _store_uris(store: Any, uris: list[str | None]) -> set[str]:
+    """The given uris that some sample of the store holds (one filtered scan of `uri`)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from ..sql.db import open_store
+    want = sorted({u for u in uris if u})
+    samples = open_store(store).samples_table() if want else None
+    if samples is None:
+        return set()
+    found = samples.to_table(columns=["uri"], filter=pc.field("uri").isin(pa.array(want, pa.string())))
+    return set(found.column("uri").to_pylist())
 
 
 # --------------------------------------------------------------------------- data
@@ -267,8 +293,11 @@ def _grid(rows: list[dict], columns: list[str], thumbs: dict[int, tuple[str | No
 
 def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thumb: int = 128,
                  top_bottom: tuple[str, int] | None = None, title: str | None = None,
-                 con: Any = None) -> tuple[str, dict]:
-    """Build the page; returns (html, summary dict: rows, shown, broken, cut, nulls)."""
+                 con: Any = None, allow_external_access: bool = False) -> tuple[str, dict]:
+    """Build the page; returns (html, summary dict: rows, shown, broken, cut, nulls).
+
+    Only images the store's samples name are read (a query can put any path in a `uri` column);
+    `allow_external_access` shows other files too."""
     if thumb < 8:
         raise QueryError("--thumb must be at least 8 pixels")
     own = con is None
@@ -296,9 +325,12 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
     finally:
         if own:
             con.close()
+    known = None if allow_external_access else _store_uris(store, [r.get("uri") for r in shown])
     reader = ImageReader()
     try:
-        thumbs = {id(r): load_thumbnail(reader, r.get("uri"), thumb) for r in shown}
+        thumbs = {id(r): (load_thumbnail(reader, r.get("uri"), thumb)
+                          if known is None or r.get("uri") in known or not r.get("uri") else (None, FOREIGN))
+                  for r in shown}
     finally:
         reader.close()
     lazy = len(shown) > LAZY_AFTER
@@ -334,10 +366,10 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
 def write_gallery(store: Any, sql: str, output: str | os.PathLike = "gallery.html", *,
                   limit: int | None = DEFAULT_LIMIT, thumb: int = 128,
                   top_bottom: tuple[str, int] | None = None, title: str | None = None,
-                  con: Any = None) -> dict:
+                  con: Any = None, allow_external_access: bool = False) -> dict:
     """Write the gallery page to ``output``; returns the summary with ``path`` (absolute)."""
     page, summary = gallery_html(store, sql, limit=limit, thumb=thumb, top_bottom=top_bottom,
-                                 title=title, con=con)
+                                 title=title, con=con, allow_external_access=allow_external_access)
     out = Path(output)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,13 +93,19 @@ def _register_embeddings(con: Any, st: Store, versions: dict[str, int]) -> None:
     for i, m in enumerate(models):
         con.register(f"_lance_emb_{i}", st.embeddings_table(m, versions.get(m.table_name)))
         cast = "" if same_dim else "::FLOAT[]"
-        parts.append(f"SELECT id, {quote_literal(m.model_id)} AS model, image_embedding{cast} AS image_embedding, "
-                     f"text_embedding{cast} AS text_embedding FROM _lance_emb_{i}")
+        parts.append(f"SELECT id, {quote_literal(m.model_id)} AS model, {_vec('image_embedding')}{cast} AS "
+                     f"image_embedding, {_vec('text_embedding')}{cast} AS text_embedding FROM _lance_emb_{i}")
         con.execute(f"CREATE OR REPLACE VIEW {quote_ident('embeddings_' + str(i))} AS {parts[-1]}")
     if not parts:
         parts = ["SELECT NULL::VARCHAR AS id, NULL::VARCHAR AS model, NULL::FLOAT[] AS image_embedding, "
                  "NULL::FLOAT[] AS text_embedding WHERE false"]
     con.execute(f"CREATE OR REPLACE VIEW embeddings AS {' UNION ALL '.join(parts)}")
+
+
+def _vec(col: str) -> str:
+    """A vector column as an expression DuckDB does not push into the Lance scan: its Arrow scan
+    pushes `v IS NULL` without projecting `v`, which Lance refuses ("No match for FieldRef")."""
+    return f"CASE WHEN {col} IS NULL THEN NULL ELSE {col} END"
 
 
 def _register_rejects(con: Any, st: Store) -> None:

@@ -1,0 +1,234 @@
+"""Faults, kills and hostile input (issue 11): each test reproduces one finding first."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from store import catalog as cat
+from store.store import Store
+
+from .test_ingest import assert_stats_match_vectors
+from .test_ledger import MODEL, cli, write_pool
+
+
+@pytest.fixture
+def pool_store(tmp_path):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=400)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
+    cli("stats", "fit", str(st.path), "--reference-size", "100")
+    return Store.open(st.path)
+
+
+def norm_sim(st, name):
+    import queries
+    con = queries.connect(st)
+    return con.sql(f"SELECT count(*), avg(norm_sim_inf(image_embedding, '{name}')), "
+                   f"avg(norm_sim_2(image_embedding, '{name}')) FROM embeddings").fetchall()[0]
+
+
+@pytest.mark.parametrize("point", ["target:after-table", "target:after-switch"])
+def test_target_replace_killed_leaves_one_whole_target(pool_store, point):
+    """11.4: a killed `target add --replace` leaves the old target or the new one, never a mix."""
+    st = pool_store
+    cli("target", "add", str(st.path), "t", "--query", "SELECT image_embedding FROM embeddings LIMIT 50")
+    old = norm_sim(st, "t")
+    p = cli("target", "add", str(st.path), "t", "--replace", "--query",
+            "SELECT image_embedding FROM embeddings ORDER BY id DESC LIMIT 120", env={"CLIPSQL_FAULT": point},
+            check=False)
+    assert p.returncode == -9
+    st = Store.open(st.path)
+    from queries.curation.targets import get_target, target_rows
+    t = get_target(st, "t")
+    assert len(target_rows(st, t)) == t.n == (50 if point == "target:after-table" else 120)
+    now = norm_sim(st, "t")
+    assert now[1] is not None and now[2] is not None
+    if point == "target:after-table":
+        assert now == pytest.approx(old)
+    cli("optimize", str(st.path))        # the next writer deletes the table nobody uses any more
+    names = [n for n in Store.open(st.path).table_names() if n.startswith("target_")]
+    assert names == [t.table_name]
+
+
+def test_killed_runs_are_marked_aborted_with_counts_from_the_ledger(tmp_path):
+    """11.6: a killed ingest does not stay `running` forever; its counters come from the ledger."""
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=300, row_group=100)
+    st = Store.init(tmp_path / "s")
+    p = cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress",
+            "--commit-rows", "100", env={"CLIPSQL_FAULT": "commit:after-lance@3"}, check=False)
+    assert p.returncode == -9
+    runs = lambda: Store.open(st.path).engine.connect().execute(  # noqa: E731
+        sa.select(cat.ingest_runs.c.status, cat.ingest_runs.c.added).order_by(cat.ingest_runs.c.run_id)).all()
+    assert runs() == [("running", 200)]
+    cli("optimize", str(st.path))                          # any writer marks it
+    assert runs() == [("aborted", 200)]
+    cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
+    assert runs()[-1] == ("done", 400) and Store.open(st.path).count_rows(Store.open(st.path).model()) == 600
+
+
+def write_shard(path, n, seed=0):
+    import io
+    import tarfile
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    mode = "w:gz" if str(path).endswith(".gz") else "w"
+    with tarfile.open(path, mode) as tf:
+        for i in range(n):
+            b = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(b, format="PNG")
+            for ext, data in (("png", b.getvalue()), ("txt", f"caption number {i}".encode())):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("share", [0.4, "trailer"])
+def test_truncated_tar_gz_is_recorded(tmp_path, tiny_model, share):
+    """11.7: a .tar.gz cut short records corrupt_tar (at any point, also inside the gzip trailer)."""
+    from ingest.pipeline import IngestOptions, ingest
+    shard = write_shard(tmp_path / "a.tar.gz", 20)
+    data = shard.read_bytes()
+    cut = int(len(data) * share) if share != "trailer" else len(data) - 4
+    shard.write_bytes(data[:cut])
+    st = Store.init(tmp_path / "s")
+    s = ingest(st, str(shard), model=tiny_model, options=IngestOptions(progress=False))
+    assert s.rejected.get("corrupt_tar") == 1, s.rejected
+    assert s.added + 1 >= (20 if share == "trailer" else 1)
+    with st.engine.connect() as conn:
+        detail = conn.execute(sa.select(cat.rejects.c.detail).where(cat.rejects.c.reason == "corrupt_tar")).scalar()
+    assert "read before the damage were kept" in detail
+
+
+@pytest.mark.parametrize("name", ["a.tar", "a.tar.gz"])
+def test_gallery_on_a_damaged_shard_shows_broken_tiles(tmp_path, tiny_model, name):
+    """11.8: samples whose shard was truncated afterwards are broken tiles, not a crash."""
+    shard = write_shard(tmp_path / name, 12)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(shard), "--model", tiny_model, "--no-progress")
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    p = cli("gallery", str(st.path), "SELECT id FROM samples", "-o", str(tmp_path / "g.html"), check=False)
+    assert p.returncode == 0, p.stderr.decode()
+    assert "broken image" in p.stdout.decode()
+    html = (tmp_path / "g.html").read_text()
+    assert "unreadable shard" in html or "missing file" in html or "cannot decode" in html
+
+
+def test_gallery_reads_only_the_stores_images_unless_allowed(tmp_path, tiny_model):
+    """11.15: a query naming any local file in `uri` does not get it embedded."""
+    from PIL import Image
+    shard = write_shard(tmp_path / "a.tar", 3)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(shard), "--model", tiny_model, "--no-progress")
+    secret = tmp_path / "private.png"
+    Image.new("RGB", (20, 20), (255, 0, 0)).save(secret)
+    sql = f"SELECT 'x' AS id, '{secret}' AS uri, 'c' AS caption UNION ALL SELECT id, uri, caption FROM samples"
+    out = tmp_path / "g.html"
+    cli("gallery", str(st.path), sql, "-o", str(out))
+    html = out.read_text()
+    assert html.count("data:image/") == 3 and "not an image of this store" in html
+    cli("gallery", str(st.path), sql, "-o", str(out), "--allow-external-access")
+    assert out.read_text().count("data:image/") == 4
+
+
+def test_extreme_aspect_ratio_is_rejected_before_preprocessing():
+    """11.9: a 664-byte 1 x 300,000 PNG would be upscaled to 64 x 19.2M pixels by the preprocess."""
+    import io
+    from PIL import Image
+    from ingest.images import ItemRejected, load_image
+    for size in ((1, 300_000), (300_000, 1), (1, 1_000_000)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, (0, 0, 0)).save(buf, format="PNG")
+        assert len(buf.getvalue()) < 5000
+        with pytest.raises(ItemRejected) as e:
+            load_image(buf.getvalue())
+        assert e.value.reason == "extreme_aspect_ratio"
+    buf = io.BytesIO()
+    Image.new("RGB", (1000, 20), (0, 0, 0)).save(buf, format="PNG")      # a 50:1 banner is fine
+    assert load_image(buf.getvalue()).size == (1000, 20)
+
+
+def test_huge_members_and_files_are_rejected_unread(tmp_path, tiny_model):
+    """11.10: a tar with a 6 GB sparse member keeps its good sample; folder files over the cap
+    are rejected by reason, without being read."""
+    import subprocess
+    from ingest.pipeline import IngestOptions, ingest
+    from .conftest import write_image_folder
+    work = tmp_path / "w"
+    work.mkdir()
+    write_image_folder(work, 1)
+    with open(work / "big.png", "wb") as f:          # a sparse 6 GB file
+        f.truncate(6 << 30)
+    (work / "big.txt").write_text("a huge image")
+    shard = tmp_path / "s.tar"
+    subprocess.run(["tar", "--sparse", "-cf", str(shard), "-C", str(work), "img0000.png", "img0000.txt",
+                    "big.png", "big.txt"], check=True)
+    assert shard.stat().st_size < 1 << 20
+    st = Store.init(tmp_path / "st")
+    s = ingest(st, str(shard), model=tiny_model, options=IngestOptions(progress=False))
+    assert s.added == 1 and s.rejected == {"file_too_large": 1}, s.rejected
+    st2 = Store.init(tmp_path / "st2")
+    s = ingest(st2, str(work), model=tiny_model, options=IngestOptions(progress=False, max_file_bytes=1 << 20))
+    assert s.added == 1 and s.rejected == {"file_too_large": 1}, s.rejected
+    with st2.engine.connect() as conn:
+        detail = conn.execute(sa.select(cat.rejects.c.detail)).scalar()
+    assert "--max-file-mb" in detail
+
+
+def test_precomputed_rows_without_uri_are_identified_by_their_vectors(tmp_path):
+    """11.11: distinct vectors sharing a caption are distinct samples; a repeated pair is a duplicate."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ingest.pipeline import IngestOptions, ingest
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(6, 512)).astype(np.float32)
+    Y = rng.normal(size=(6, 512)).astype(np.float32)
+    X[5], Y[5] = X[4], Y[4]                         # row 6 repeats row 5 exactly
+    caps = ["a photo"] * 4 + ["<PERSON>"] * 2
+    pq.write_table(pa.table({"caption": caps, "image_embedding": list(X), "text_embedding": list(Y)}),
+                   tmp_path / "e.parquet")
+    st = Store.init(tmp_path / "s")
+    s = ingest(st, str(tmp_path / "e.parquet"), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
+               options=IngestOptions(progress=False))
+    assert s.added == 5 and s.rejected == {"duplicate_id": 1}
+
+
+def test_first_row_bad_vector_and_image_only_sources(tmp_path):
+    """11.12: the dimension comes from the file, not row 0; an img_emb/ source without text_emb/
+    is ingested with NULL text embeddings (image statistics only)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ingest.pipeline import IngestOptions, ingest
+    rng = np.random.default_rng(1)
+    X = [rng.normal(size=512).astype(np.float32) for _ in range(8)]
+    Y = [rng.normal(size=512).astype(np.float32) for _ in range(8)]
+    X[0] = np.ones(3, dtype=np.float32)             # a bad first row
+    pq.write_table(pa.table({"url": [f"u{i}" for i in range(8)], "caption": [f"c {i}" for i in range(8)],
+                             "image_embedding": X, "text_embedding": Y}), tmp_path / "e.parquet")
+    st = Store.init(tmp_path / "s")
+    s = ingest(st, str(tmp_path / "e.parquet"), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
+               options=IngestOptions(progress=False))
+    assert s.added == 7 and s.rejected == {"wrong_dim": 1}
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=200)
+    import shutil
+    shutil.rmtree(pool / "text_emb")
+    st2 = Store.init(tmp_path / "s2")
+    p = cli("ingest", str(st2.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
+    assert "added 200" in p.stdout.decode()
+    st2 = Store.open(st2.path)
+    state = st2.stats(st2.model())
+    assert state.moments[("image", "raw")].n == 200 and state.moments[("text", "raw")].n == 0
+    assert_stats_match_vectors(st2)
+    import queries
+    con = queries.connect(st2)
+    assert con.sql("SELECT count(*) FROM embeddings WHERE text_embedding IS NULL").fetchall() == [(200,)]
+    assert con.sql("SELECT count(raw_norm(image_embedding)) FROM embeddings").fetchall() == [(200,)]
+    fit = cli("stats", "fit", str(st2.path), check=False)
+    assert fit.returncode == 1 and "both" in fit.stderr.decode() and "Traceback" not in fit.stderr.decode()
