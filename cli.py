@@ -228,6 +228,8 @@ def format_summary(s) -> str:  # noqa: ANN001
         lines.append(f"  updated: {s.updated_samples} samples rewritten, {s.updated} text embeddings re-encoded")
     for reason, n in sorted(s.rejected.items(), key=lambda kv: -kv[1]):
         lines.append(f"  rejected {n:>6}  {reason}")
+    for note in s.notes:
+        lines.append(f"  note: {note}")
     lines.append(f"device {s.device or '-'}, {s.workers} decode workers; "
                  f"wall {s.wall_seconds:.2f}s, {s.rows_per_second:.1f} rows/s; stage seconds: "
                  + ", ".join(f"{k} {v:.2f}" for k, v in s.seconds.items()))

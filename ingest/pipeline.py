@@ -77,6 +77,7 @@ class IngestSummary:
     units_skipped: int = 0              # source units the ledger already held
     updated: int = 0                    # rows re-encoded with a changed caption (--update)
     updated_samples: int = 0            # samples whose caption or metadata was rewritten (--update)
+    notes: list = field(default_factory=list)   # things the user should know (renamed metadata columns)
     maintenance: dict = field(default_factory=dict)
 
     @property
@@ -243,6 +244,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         else:
             fields = loaded.record_fields()
         rec = store.register_model(**fields)
+        meta_before = set(store.metadata_columns())
         store.sync_stats(rec)   # stores written before the commit ledger may lag
         run_id = store.start_run(rec.model_id, source_name, source.kind)
         summary = IngestSummary(run_id, rec.model_id, source_name, skipped=already, units_skipped=len(done))
@@ -274,12 +276,22 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
             summary.wall_seconds = time.perf_counter() - t_start
             summary.seconds = {k: round(v, 4) for k, v in seconds.items()}
             store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
+        if ok:
+            summary.notes += _renamed_metadata(store, meta_before)
         if ok and opts.maintain:
             from store.maintenance import maintain_after_ingest
             t0 = time.perf_counter()
             summary.maintenance = maintain_after_ingest(store, rec)
             summary.seconds["maintain"] = round(time.perf_counter() - t0, 4)
     return summary
+
+
+def _renamed_metadata(store: Store, before: set[str]) -> list[str]:
+    """A note per metadata column this run added whose name in `samples` differs from the source's."""
+    from store.store import metadata_aliases
+    aliases = metadata_aliases(list(store.metadata_columns()))
+    return [f"metadata column {name!r} is {alias!r} in the samples view ({name} is a samples column)"
+            for name, alias in sorted(aliases.items()) if name not in before and alias != name]
 
 
 def _blas_pin() -> Any:

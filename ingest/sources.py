@@ -299,7 +299,12 @@ class FolderSource(Source):
     def _entries(self) -> list[tuple]:
         """Sorted (rel_path, tag, txt_rel, json_rel) for every file that matters."""
         entries = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+
+        def unreadable(err: OSError) -> None:     # os.walk skips such a directory silently otherwise
+            rel = os.path.relpath(err.filename or self.root, self.root).replace(os.sep, "/")
+            entries.append((rel, "unreadable_dir", err.strerror or str(err), None))
+
+        for dirpath, dirnames, filenames in os.walk(self.root, onerror=unreadable):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
             prefix = "" if rel_dir == "." else rel_dir + "/"
@@ -335,6 +340,10 @@ class FolderSource(Source):
                 yield Reject(shown, "path_not_utf8", "the file name is not valid UTF-8 (shown with \\x escapes), "
                              "so it cannot be stored as a uri; rename it, e.g. convmv -f latin1 -t utf8 --notest")
                 continue
+            if tag == "unreadable_dir":
+                yield Reject(rel, "unreadable_directory", f"cannot list this directory ({txt}); its files "
+                                                          "were not read")
+                continue
             if tag == "orphan_txt":
                 yield Reject(rel, "missing_image", "caption file with no image of the same name beside it")
                 continue
@@ -363,8 +372,8 @@ class FolderSource(Source):
         return f"folder {self.root} (images with <stem>.txt captions)"
 
     def unit_files(self, unit) -> list[str]:
-        return [os.path.join(self.root, *rel.split("/")) for entry in unit for rel in (entry[0], entry[2], entry[3])
-                if rel]
+        return [os.path.join(self.root, *rel.split("/")) for entry in unit
+                for rel in ((entry[0],) if entry[1] == "unreadable_dir" else (entry[0], entry[2], entry[3])) if rel]
 
 
 def _has_image(root: str) -> bool:
@@ -410,6 +419,10 @@ class TableSource(Source):
         self.base_dir = os.path.dirname(self.path)
         columns = self._columns()
         where = f"table {self.name}"
+        dups = sorted({c for c in columns if columns.count(c) > 1})
+        if dups:   # a row as a dict would keep only the last of them, silently
+            raise SourceError(f"{where} has the column name(s) {', '.join(map(repr, dups))} more than once; "
+                              "rename them so each column has its own name")
         require_column(columns, image_column, "image_column", "the image paths", where)
         require_column(columns, caption_column, "caption_column", "the captions", where)
         if id_column is not None:

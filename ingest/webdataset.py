@@ -55,6 +55,18 @@ class WebDatasetSource(Source):
         try:
             with _decompressed(shard) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
                 for m in tf:
+                    if m.issym() or m.islnk():
+                        match = _WDS_KEY.match(m.name)
+                        yield Reject(f"{name}:{m.name}", "link_member", f"a {'symbolic' if m.issym() else 'hard'} "
+                                     f"link to {m.linkname!r}: tar links are not followed; store the file itself")
+                        if match is not None and match.group(1) == key:
+                            members.setdefault(match.group(2).lower(), (m.name, None))
+                        elif match is not None:
+                            if key is not None:
+                                kept += 1
+                                yield from self._sample(shard, name, key, members)
+                            key, members = match.group(1), {match.group(2).lower(): (m.name, None)}
+                        continue
                     if not m.isfile():
                         continue
                     match = _WDS_KEY.match(m.name)
@@ -71,8 +83,12 @@ class WebDatasetSource(Source):
                         yield Reject(f"{name}:{m.name}", "file_too_large", too_large(m.size, self.max_file_bytes))
                         members.setdefault(match.group(2).lower(), (m.name, None))   # its sample: no 2nd reject
                         continue
-                    data = tf.extractfile(m).read()
-                    members.setdefault(match.group(2).lower(), (m.name, data))
+                    ext = match.group(2).lower()
+                    if ext in members:
+                        yield Reject(f"{name}:{m.name}", "duplicate_member", f"the sample already has a "
+                                     f"{ext!r} member ({members[ext][0]!r}); the first one is kept")
+                        continue
+                    members[ext] = (m.name, tf.extractfile(m).read())
                 end = tf.offset
                 # stream-mode tarfile stops quietly where a compressed shard is cut short; reading the
                 # decompressor to its end checks the stream's trailer (EOFError when truncated)

@@ -108,6 +108,24 @@ def embeddings_schema(dim: int) -> pa.Schema:
     ])
 
 
+def metadata_aliases(names: list[str]) -> dict[str, str]:
+    """{metadata key: its column name in the `samples` view}. A key that is a samples column (id,
+    uri, caption, …) becomes meta_<key>; if that is taken too, meta_<key>_2, _3, … (sorted keys:
+    the same store always gives the same names)."""
+    taken = set(SAMPLE_COLUMNS) | set(names)
+    out: dict[str, str] = {}
+    for name in sorted(names):
+        if name not in SAMPLE_COLUMNS:
+            out[name] = name
+            continue
+        alias, k = f"meta_{name}", 2
+        while alias in taken:
+            alias, k = f"meta_{name}_{k}", k + 1
+        taken.add(alias)
+        out[name] = alias
+    return out
+
+
 def table_name_for(model_id: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "_", model_id.lower()).strip("_")[:40]
     return f"emb_{slug}_{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"

@@ -232,3 +232,63 @@ def test_first_row_bad_vector_and_image_only_sources(tmp_path):
     assert con.sql("SELECT count(raw_norm(image_embedding)) FROM embeddings").fetchall() == [(200,)]
     fit = cli("stats", "fit", str(st2.path), check=False)
     assert fit.returncode == 1 and "both" in fit.stderr.decode() and "Traceback" not in fit.stderr.decode()
+
+
+def test_silent_drops_are_recorded(tmp_path, tiny_model, monkeypatch):
+    """11.13: unreadable sub-directories, duplicate / link tar members, duplicate CSV headers and
+    renamed metadata columns are all recorded, never dropped without a word."""
+    import io
+    import tarfile
+    from ingest.pipeline import IngestOptions, ingest
+    from ingest.sources import FolderSource, open_source
+    from store.errors import SourceError
+    from .conftest import write_image_folder
+    # an unreadable sub-directory (root reads anything, so the listing failure is simulated)
+    root = tmp_path / "f"
+    write_image_folder(root, 2)
+    write_image_folder(root / "locked", 2)
+    real = os.scandir
+    locked = str(root / "locked")
+
+    def scandir(path="."):
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied", locked)
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    src = FolderSource(root)
+    rejects = [r for u in src.units() for r in src.read(u) if type(r).__name__ == "Reject"]
+    assert [(r.location, r.reason) for r in rejects] == [("locked", "unreadable_directory")]
+    monkeypatch.setattr(os, "scandir", real)
+    # duplicate and link members in a shard
+    shard = tmp_path / "s.tar"
+    from PIL import Image
+    b = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(b, format="PNG")
+    with tarfile.open(shard, "w") as tf:
+        for mname, data in (("a.png", b.getvalue()), ("a.txt", b"first"), ("a.txt", b"second"),
+                            ("b.txt", b"caption of a link")):
+            info = tarfile.TarInfo(mname)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("b.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.png"
+        tf.addfile(link)
+    st = Store.init(tmp_path / "st")
+    s = ingest(st, str(shard), model=tiny_model, options=IngestOptions(progress=False))
+    assert s.added == 1 and s.rejected == {"duplicate_member": 1, "link_member": 1}, s.rejected
+    # a duplicate CSV header
+    csv = tmp_path / "t.csv"
+    csv.write_text("image,caption,caption\nx.png,a,b\n")
+    with pytest.raises(SourceError, match="'caption' more than once"):
+        open_source(str(csv))
+    # metadata columns named like samples columns: renamed, and the summary says so
+    imgs = write_image_folder(tmp_path / "imgs", 2)
+    (tmp_path / "m.csv").write_text("image,caption,key,id,meta_id\n" + "".join(
+        f"{imgs}/img{i:04d}.png,cap {i},k{i},{i},{10 + i}\n" for i in range(2)))
+    st2 = Store.init(tmp_path / "st2")
+    s = ingest(st2, str(tmp_path / "m.csv"), model=tiny_model, options=IngestOptions(progress=False,
+                                                                                   id_column="key"))
+    assert s.notes == ["metadata column 'id' is 'meta_id_2' in the samples view (id is a samples column)"]
+    import queries
+    row = queries.connect(st2).sql("SELECT meta_id, meta_id_2 FROM samples ORDER BY meta_id").fetchall()
+    assert row == [(10, 0), (11, 1)]

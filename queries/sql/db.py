@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from store import catalog as cat
-from store.store import SAMPLE_COLUMNS, Store
+from store.store import Store, metadata_aliases
 
 
 def quote_ident(name: str) -> str:
@@ -68,8 +68,10 @@ def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
     con.register("_lance_samples", tbl if tbl is not None else samples_schema().empty_table())
     base = ["id", "uri", "caption", "width", "height"]
     cols = [quote_ident(c) for c in base]
-    for name, sql_type in st.metadata_columns().items():
-        alias = name if name not in SAMPLE_COLUMNS else f"meta_{name}"
+    meta = st.metadata_columns()
+    aliases = metadata_aliases(list(meta))
+    for name, sql_type in meta.items():
+        alias = aliases[name]
         path = quote_literal("$." + _json_path_key(name))
         if sql_type == "VARCHAR":
             expr = f"json_extract_string(metadata, {path})"
