@@ -52,6 +52,27 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
         _fail(str(e), getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         _fail("interrupted (committed rows are kept; re-run to resume)", 130)
+    except Exception as e:  # noqa: BLE001 - storage faults a command cannot recover from: one line
+        msg = storage_fault(e)
+        if msg is None:
+            raise
+        _fail(msg)
+
+
+def storage_fault(e: BaseException) -> str | None:
+    """One line for a damaged or full disk / catalog / Lance file (see `clipsql doctor`), else None."""
+    import errno
+    mod = type(e).__module__ or ""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e) \
+            or "database or disk is full" in str(e):
+        return (f"the disk is full ({getattr(e, 'filename', None) or text}): free space and re-run; "
+                "committed rows are kept and the run resumes where it stopped")
+    if mod.startswith("sqlalchemy") or isinstance(e, UnicodeDecodeError):
+        return f"the catalog cannot be read ({type(e).__name__}: {text}): run `clipsql doctor STORE`"
+    if mod.startswith(("lance", "pyarrow")) or type(e).__name__ in ("LanceError", "ArrowInvalid", "ArrowIOError"):
+        return f"a Lance table cannot be read ({text}): run `clipsql doctor STORE` (and --repair)"
+    return None
 
 
 @app.command()
@@ -83,7 +104,7 @@ def models_list(store: Path = STORE_ARG,
                 fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
     """List the models (`*` marks the default, which commands use without --model)."""
     from store.store import Store
-    st = _run(Store.open, store)
+    st = _run(Store.open, store, read_only=True)
     default = st.get_setting("default_model")
     rows = [dict(model=m.model_id, kind=m.kind, dim=m.dim, logit_scale=round(m.logit_scale, 4),
                  logit_bias=m.logit_bias, rows=st.count_rows(m), default=m.model_id == default)
@@ -283,7 +304,7 @@ def stats_show(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None
     """Show running statistics: n, mean, norms, top covariance eigenvalues, and whether they are current."""
     from queries.present.stats import stats_report
     from store.store import Store
-    st = _run(Store.open, store)
+    st = _run(Store.open, store, read_only=True)
     report = _run(stats_report, st, model, top=top)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(report, indent=2))
@@ -421,7 +442,7 @@ def target_list(store: Path = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.t
     """List the target sets."""
     from queries.curation.targets import list_targets
     from store.store import Store
-    st = _run(Store.open, store)
+    st = _run(Store.open, store, read_only=True)
     rows = _run(list_targets, st)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(rows, indent=2))
@@ -470,7 +491,7 @@ def select_cmd(store: Path = STORE_ARG,
     """Choose a subset by a curation recipe or SQL; ties broken by id (ascending), cut to an exact count."""
     from queries.curation.selection import select
     from store.store import Store
-    st = _run(Store.open, store)
+    st = _run(Store.open, store, read_only=True)
     res = _run(select, st, recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
                limit=limit, output=output, model=model, first_fraction=first_fraction, negclip_form=negclip_form)
     c = res["counts"]

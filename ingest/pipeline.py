@@ -268,14 +268,18 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
             raise
         finally:
             bar.close()
-            writer.close(commit=False)
+            # after a failure (a full disk, say) the bookkeeping below may fail too; it must never
+            # replace the error that stopped the run (the next writer marks the run aborted)
+            with _unless_failing(summary):
+                writer.close(commit=False)
             seconds["stats"] = writer.fold_wait_seconds
             seconds["stats (background)"] = writer.fold_seconds
             summary.commits = writer.commits
             summary.rejected = dict(rejected)
             summary.wall_seconds = time.perf_counter() - t_start
             summary.seconds = {k: round(v, 4) for k, v in seconds.items()}
-            store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
+            with _unless_failing(summary):
+                store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
         if ok:
             summary.notes += _renamed_metadata(store, meta_before)
         if ok and opts.maintain:
@@ -284,6 +288,19 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
             summary.maintenance = maintain_after_ingest(store, rec)
             summary.seconds["maintain"] = round(time.perf_counter() - t0, 4)
     return summary
+
+
+class _unless_failing:
+    """Suppress errors of cleanup code while the run is already failing (keeps the first error)."""
+
+    def __init__(self, summary: IngestSummary):
+        self.summary = summary
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, Exception) and self.summary.status == "failed"
 
 
 def _renamed_metadata(store: Store, before: set[str]) -> list[str]:

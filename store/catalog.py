@@ -184,8 +184,25 @@ _DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pg8000
             "asyncpg": "asyncpg", "pymysql": "pymysql", "mysqldb": "mysqlclient"}
 
 
-def make_engine(url: str) -> sa.Engine:
+def read_only_url(url: str) -> str:
+    """A SQLite file URL opened read-only (`mode=ro`), or `immutable=1` when its directory cannot
+    be written (a read-only file system: WAL readers otherwise need to create -shm); other
+    databases unchanged."""
+    u = sa.make_url(url)
+    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:" or \
+            u.database.startswith("file:"):
+        return url
+    import os
+    from urllib.parse import quote
+    path = os.path.abspath(u.database)
+    flag = "mode=ro" if os.access(os.path.dirname(path), os.W_OK) else "immutable=1"
+    return f"sqlite:///file:{quote(path)}?{flag}&uri=true"
+
+
+def make_engine(url: str, read_only: bool = False) -> sa.Engine:
     try:
+        if read_only:
+            url = read_only_url(url)
         engine = sa.create_engine(url, future=True)
     except sa.exc.NoSuchModuleError as e:
         raise CatalogError(f"catalog URL {safe_url(url)}: unknown database dialect ({e})") from None
@@ -201,8 +218,9 @@ def make_engine(url: str) -> sa.Engine:
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            if not read_only:        # (setting the journal mode writes the file)
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
     return engine
@@ -214,11 +232,18 @@ def migrate(engine: sa.Engine) -> list[int]:
         schema_migrations.create(engine, checkfirst=True)
     except sa.exc.OperationalError as e:
         first = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        if engine.dialect.name == "sqlite":
+            raise CatalogError(f"cannot open the catalog at {safe_url(engine.url)}: {first}") from None
         raise CatalogError(f"cannot reach the catalog at {safe_url(engine.url)}: {first}. Check that the "
                            "server is running and the URL's user, password, host and database are right "
                            "(CLIPSQL_CATALOG_URL overrides the URL a store recorded)") from None
+    except sa.exc.DatabaseError as e:     # not a database any more: truncated, overwritten
+        raise damaged(engine, e) from None
     with engine.begin() as conn:
         done = {r[0] for r in conn.execute(sa.select(schema_migrations.c.version))}
+    if done and max(done) > SCHEMA_VERSION:
+        raise CatalogError(f"the catalog at {safe_url(engine.url)} has schema version {max(done)}, newer than "
+                           f"this clipsql understands ({SCHEMA_VERSION}): upgrade clipsql")
     applied = []
     for version, name, tables in MIGRATIONS:
         if version in done:
@@ -229,6 +254,31 @@ def migrate(engine: sa.Engine) -> list[int]:
             conn.execute(schema_migrations.insert().values(version=version, name=name, applied_at=time.time()))
         applied.append(version)
     return applied
+
+
+def damaged(engine: sa.Engine, e: BaseException) -> CatalogError:
+    first = (str(getattr(e, "orig", e)).strip().splitlines() or [type(e).__name__])[0]
+    return CatalogError(f"the catalog at {safe_url(engine.url)} is damaged ({first}): restore it from a backup, "
+                        "or rebuild it from the Lance data with `clipsql doctor STORE --repair`")
+
+
+def check_schema(engine: sa.Engine, writer: bool) -> None:
+    """Refuse a catalog newer than this clipsql; a reader also refuses one that needs migrating
+    (readers never migrate: only a writer changes the catalog)."""
+    try:
+        v = schema_version(engine)
+    except sa.exc.OperationalError as e:
+        first = str(getattr(e, "orig", e)).strip().splitlines()[0]
+        raise CatalogError(f"cannot read the catalog at {safe_url(engine.url)}: {first}") from None
+    except sa.exc.DatabaseError as e:
+        raise damaged(engine, e) from None
+    if v > SCHEMA_VERSION:
+        raise CatalogError(f"the catalog at {safe_url(engine.url)} has schema version {v}, newer than this "
+                           f"clipsql understands ({SCHEMA_VERSION}): upgrade clipsql")
+    if v < SCHEMA_VERSION and not writer:
+        raise CatalogError(f"the catalog at {safe_url(engine.url)} has schema version {v} and this clipsql "
+                           f"needs {SCHEMA_VERSION}; readers never migrate it: run a write command once, "
+                           "e.g. `clipsql optimize STORE`")
 
 
 def schema_version(engine: sa.Engine) -> int:

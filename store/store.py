@@ -132,10 +132,11 @@ def table_name_for(model_id: str) -> str:
 
 
 class Store:
-    def __init__(self, path: Path, catalog_url: str):
+    def __init__(self, path: Path, catalog_url: str, read_only: bool = False):
         self.path = Path(path)
         self.catalog_url = catalog_url
-        self.engine = cat.make_engine(catalog_url)
+        self.read_only = read_only
+        self.engine = cat.make_engine(catalog_url, read_only=read_only)
 
     # -- lifecycle ----------------------------------------------------------------------
     @classmethod
@@ -177,15 +178,20 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike, migrate: bool = True) -> "Store":
+    def open(cls, path: str | os.PathLike, migrate: bool = True, *, read_only: bool = False) -> "Store":
+        """Open a store. Writers migrate the catalog; `read_only` (queries, reports) opens it read-only
+        and never changes it (a catalog that needs migrating is refused with the command that does it)."""
         path = Path(path)
-        marker_path = path / MARKER
-        if not marker_path.exists():
-            raise StoreNotFound(f"no clipsql store at {path}: create one with `clipsql init {path}`")
-        marker = json.loads(marker_path.read_text())
+        marker = read_marker(path)
         url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or _default_catalog(path)
-        store = cls(path, url)
-        if migrate:
+        if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") \
+                and not (path / "catalog.sqlite").exists():
+            raise CatalogError(f"the catalog of {path} ({path / 'catalog.sqlite'}) is missing: restore it from a "
+                               f"backup, or rebuild it from the Lance data with `clipsql doctor {path} --repair`")
+        store = cls(path, url, read_only=read_only)
+        if read_only:
+            cat.check_schema(store.engine, writer=False)
+        elif migrate:
             cat.migrate(store.engine)
         if marker.get("store_id"):
             store._check_catalog(marker["store_id"])
@@ -203,7 +209,17 @@ class Store:
         self.set_setting("store_id", store_id)
 
     def _check_catalog(self, store_id: str) -> None:
-        if self.get_setting("store_id") != store_id:
+        try:
+            owner = self.get_setting("store_id")
+        except sa.exc.DatabaseError as e:
+            first = str(getattr(e, "orig", e)).strip().splitlines()[0]
+            raise CatalogError(f"the catalog at {cat.safe_url(self.engine.url)} cannot be read ({first}): restore "
+                               f"it, or rebuild it with `clipsql doctor {self.path} --repair`") from None
+        if owner is None:
+            raise CatalogError(f"the catalog at {cat.safe_url(self.engine.url)} holds no store (it was deleted or "
+                               f"emptied, or the URL names the wrong database): restore it, or rebuild it from "
+                               f"the Lance data with `clipsql doctor {self.path} --repair`")
+        if owner != store_id:
             where = self.get_setting("store_path") or "no store"
             raise CatalogError(f"{self.path} and the catalog at {cat.safe_url(self.engine.url)} belong to "
                                f"different stores (the catalog holds {where}); "
@@ -548,6 +564,7 @@ class Store:
         return dead
 
     def finish_run(self, run_id: int, status: str, skipped: int, summary: dict) -> None:
+        fault("run:finish")
         with self.engine.begin() as conn:
             conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == run_id).values(
                 status=status, finished_at=time.time(), skipped=skipped, summary=cat.to_json(summary)))
@@ -650,6 +667,26 @@ class Store:
                     out["arrays"].update(cat.unpack_many(blob))
         out["options"] = json.loads(out["options"])
         return out
+
+
+def read_marker(path: Path) -> dict:
+    """The store's clipsql.json, checked: present, valid JSON, a format this clipsql reads."""
+    marker_path = Path(path) / MARKER
+    if not marker_path.exists():
+        raise StoreNotFound(f"no clipsql store at {path}: create one with `clipsql init {path}`")
+    try:
+        marker = json.loads(marker_path.read_text(encoding="utf-8"))
+        if not isinstance(marker, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        raise StoreNotFound(f"{marker_path} is damaged ({str(e).splitlines()[0][:120]}): it should be a JSON object "
+                            "like {\"format\": 1, \"catalog\": null, \"store_id\": \"…\"}; restore it (the store "
+                            "id is in the catalog's settings table)") from None
+    fmt = marker.get("format", FORMAT_VERSION)
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        raise StoreNotFound(f"{path} is a store of format {fmt!r}, newer than this clipsql reads ({FORMAT_VERSION}): "
+                            "upgrade clipsql")
+    return marker
 
 
 def _undo_init(path: Path, remove_dir: bool) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from .store import ModelRecord, PendingCommit, Store, fixed_list, new_moments, samples_schema
+from .faults import fault
 from .stats import fold_pair
 
 
@@ -72,6 +73,7 @@ class _Buffer:
 
     def _write(self, data: pa.Table) -> list:
         import lance
+        fault("writer:data-file")
         return lance.fragment.write_fragments(data, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
                                               data_storage_version=self.storage_version)
 

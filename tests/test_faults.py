@@ -292,3 +292,98 @@ def test_silent_drops_are_recorded(tmp_path, tiny_model, monkeypatch):
     import queries
     row = queries.connect(st2).sql("SELECT meta_id, meta_id_2 FROM samples ORDER BY meta_id").fetchall()
     assert row == [(10, 0), (11, 1)]
+
+
+def test_read_only_queries_spill_to_a_bounded_private_directory(pool_store, tmp_path, monkeypatch):
+    """11.14: a read-only query never spills into the caller's working directory."""
+    import queries
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLIPSQL_SPILL_GB", "0.5")
+    con = queries.connect(pool_store)
+    folder, limit = con.sql("SELECT current_setting('temp_directory'), "
+                            "current_setting('max_temp_directory_size')").fetchall()[0]
+    assert "clipsql-spill-" in folder and not folder.startswith(str(tmp_path)) and "512" in limit
+    with pytest.raises(Exception):
+        con.execute("SET temp_directory = '.tmp'")
+    con.sql("SELECT id, image_embedding FROM embeddings ORDER BY image_embedding[1]").fetchall()
+    assert not (tmp_path / ".tmp").exists()
+
+
+def test_full_disk_during_ingest_is_one_line_and_resumes(tmp_path):
+    """11.17: a full disk ends the run with one line naming it (not a traceback of the cleanup that
+    failed after it); the run is marked aborted by the next writer, and a re-run completes."""
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=300, row_group=100)
+    st = Store.init(tmp_path / "s")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "100"]
+    p = cli(*args, env={"CLIPSQL_FAULT": "writer:data-file@3=enospc,run:finish=enospc"}, check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1, err
+    assert [x for x in err.splitlines() if x.strip()] == [err.strip()] and "disk is full" in err
+    assert "Traceback" not in err
+    cli(*args)
+    st = Store.open(st.path)
+    assert st.count_rows(st.model()) == 600
+    assert_stats_match_vectors(st)
+    with st.engine.connect() as conn:
+        assert [r[0] for r in conn.execute(sa.select(cat.ingest_runs.c.status).order_by(
+            cat.ingest_runs.c.run_id))] == ["aborted", "done"]
+
+
+def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkeypatch):
+    """11.16: a query opens the SQLite catalog read-only (immutable where the directory cannot be
+    written) and never migrates an older catalog; only a writer does."""
+    st = pool_store
+    with st.engine.begin() as conn:                    # make it look like a catalog from before migration 6
+        conn.execute(sa.delete(cat.schema_migrations).where(cat.schema_migrations.c.version == 6))
+        conn.execute(sa.text("DROP TABLE stale_fits"))
+    p = cli("query", str(st.path), "SELECT count(*) FROM samples", check=False)
+    assert p.returncode == 1 and "readers never migrate" in p.stderr.decode() and "clipsql optimize" in p.stderr.decode()
+    assert cat.schema_version(Store(st.path, st.catalog_url).engine) == 5
+    cli("optimize", str(st.path))
+    assert "400" in cli("query", str(st.path), "SELECT count(*) FROM samples").stdout.decode()
+    ro = Store.open(st.path, read_only=True)
+    assert "mode=ro" in str(ro.engine.url)
+    with pytest.raises(Exception, match="readonly"):
+        ro.set_setting("x", "y")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(st.path) and m == os.W_OK else real(p, m))
+    im = Store.open(st.path, read_only=True)
+    assert "immutable=1" in str(im.engine.url) and im.count_rows(im.model()) == 400
+
+
+def test_damaged_store_files_give_one_line(pool_store, tmp_path):
+    """11.18: damaged or missing catalog, damaged clipsql.json, newer formats: one line each."""
+    import shutil
+    st = pool_store
+    marker = st.path / "clipsql.json"
+    good = marker.read_text()
+    for bad, want in (('{"format": 99}', "newer than this clipsql"), ("{not json", "clipsql.json is damaged")):
+        marker.write_text(bad)
+        p = cli("query", str(st.path), "SELECT 1", check=False)
+        assert p.returncode == 1 and want in p.stderr.decode() and "Traceback" not in p.stderr.decode()
+    marker.write_text(good)
+    with st.engine.begin() as conn:
+        conn.execute(cat.schema_migrations.insert().values(version=99, name="future", applied_at=0))
+    for args in (("query", str(st.path), "SELECT 1"), ("optimize", str(st.path))):
+        p = cli(*args, check=False)
+        assert p.returncode == 1 and "schema version 99, newer" in p.stderr.decode(), p.stderr.decode()
+    with st.engine.begin() as conn:
+        conn.execute(sa.delete(cat.schema_migrations).where(cat.schema_migrations.c.version == 99))
+    catalog = st.path / "catalog.sqlite"
+    st.engine.dispose()
+    backup = tmp_path / "catalog.bak"
+    shutil.copy(catalog, backup)
+    for f in st.path.glob("catalog.sqlite-*"):
+        f.unlink()
+    catalog.write_bytes(catalog.read_bytes()[:1000])              # truncated
+    for args in (("query", str(st.path), "SELECT 1"), ("ingest", str(st.path), "x"), ("stats", "show", str(st.path))):
+        p = cli(*args, check=False)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "doctor" in err
+    catalog.unlink()                                              # deleted: refused, never recreated
+    p = cli("ingest", str(st.path), "x", check=False)
+    assert p.returncode == 1 and "is missing" in p.stderr.decode() and not catalog.exists()
+    shutil.copy(backup, catalog)
+    assert "400" in cli("query", str(st.path), "SELECT count(*) FROM samples").stdout.decode()

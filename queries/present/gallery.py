@@ -174,17 +174,13 @@ def load_thumbnail(reader: ImageReader, uri: str | None, thumb: int) -> tuple[st
 FOREIGN = "not an image of this store (--allow-external-access shows other files)"
 
 
-def _store_uris(store: Any, uris: list[str | None]) -> set[str]:
-    """The given uris that some sample of the store holds (one filtered scan of `uri`)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    from ..sql.db import open_store
+def _store_uris(con: Any, uris: list[str | None]) -> set[str]:
+    """The given uris that some sample of the store holds (a parameterized query on `samples`)."""
     want = sorted({u for u in uris if u})
-    samples = open_store(store).samples_table() if want else None
-    if samples is None:
+    if not want:
         return set()
-    found = samples.to_table(columns=["uri"], filter=pc.field("uri").isin(pa.array(want, pa.string())))
-    return set(found.column("uri").to_pylist())
+    rows = con.execute("SELECT DISTINCT uri FROM samples WHERE list_contains(?, uri)", [want]).fetchall()
+    return {r[0] for r in rows}
 
 
 # --------------------------------------------------------------------------- data
@@ -322,10 +318,10 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
             shown = low + high
         else:
             shown = _with_samples(con, tbl)
+        known = None if allow_external_access else _store_uris(con, [r.get("uri") for r in shown])
     finally:
         if own:
             con.close()
-    known = None if allow_external_access else _store_uris(store, [r.get("uri") for r in shown])
     reader = ImageReader()
     try:
         thumbs = {id(r): (load_thumbnail(reader, r.get("uri"), thumb)

@@ -8,7 +8,8 @@ datasets with projection and filter pushdown; DuckDB's own lance extension is no
 needed). By default the connection is read-only towards the file system: ad-hoc
 SQL cannot read or write files (``enable_external_access = false``, locked).
 Pass ``allow_external_access=True`` (CLI: ``--allow-external-access``) to COPY
-results out or read other files.
+results out or read other files. Spill files go to a private, bounded temporary directory
+(see `_bounded_spill`), never the caller's working directory.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def quote_literal(value: str) -> str:
 
 
 def open_store(store: Store | str | os.PathLike) -> Store:
-    return store if isinstance(store, Store) else Store.open(store)
+    return store if isinstance(store, Store) else Store.open(store, read_only=True)
 
 
 def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = False,
@@ -46,10 +47,33 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
     functions.register(con, st)
     _register_stats(con, st)
     _register_scores(con, st)
+    _bounded_spill(con)
     if not allow_external_access:
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+DEFAULT_SPILL_GB = 8.0
+
+
+def _bounded_spill(con: Any) -> str:
+    """Spill files (a sort or join larger than memory) go to a private directory under the system
+    temp dir, removed at exit, at most CLIPSQL_SPILL_GB (default 8) GiB — never DuckDB's default
+    `./.tmp` in the caller's working directory with up to 90% of the disk; past the bound a query
+    fails with DuckDB's out-of-memory message instead of filling the disk."""
+    import atexit
+    import shutil
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="clipsql-spill-")
+    atexit.register(shutil.rmtree, folder, True)
+    try:
+        gb = float(os.environ.get("CLIPSQL_SPILL_GB", DEFAULT_SPILL_GB))
+    except ValueError:
+        gb = DEFAULT_SPILL_GB
+    con.execute(f"SET temp_directory = {quote_literal(folder)}")
+    con.execute(f"SET max_temp_directory_size = '{max(gb, 0.0):.3f}GiB'")
+    return folder
 
 
 def register_views(con: Any, st: Store) -> None:
