@@ -70,7 +70,8 @@ def storage_fault(e: BaseException) -> str | None:
                 "committed rows are kept and the run resumes where it stopped")
     if mod.startswith("sqlalchemy") or isinstance(e, UnicodeDecodeError):
         return f"the catalog cannot be read ({type(e).__name__}: {text}): run `clipsql doctor STORE`"
-    if mod.startswith(("lance", "pyarrow")) or type(e).__name__ in ("LanceError", "ArrowInvalid", "ArrowIOError"):
+    if mod.startswith(("lance", "pyarrow")) or type(e).__name__ in ("LanceError", "ArrowInvalid", "ArrowIOError") \
+            or "LanceError" in text:
         return f"a Lance table cannot be read ({text}): run `clipsql doctor STORE` (and --repair)"
     return None
 
@@ -294,6 +295,30 @@ def optimize(store: Path = STORE_ARG,
         typer.echo(json.dumps(report, indent=2))
         return
     typer.echo(f"optimized {store}: {_maintenance_line(report)}")
+
+
+@app.command()
+def doctor(store: Path = STORE_ARG,
+           repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed (under the writer lock), "
+                                                               "reporting each step."),
+           fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
+    """Check the store after a crash or a storage fault; exit 0 when it is consistent.
+
+    Checks formats, catalog integrity, the commit ledger against the Lance versions, row counts,
+    duplicate ids, embeddings without samples, statistics against a recomputation from the
+    vectors, fits, targets, runs left running and dropped tables. --repair rolls tables back to
+    the ledger (or to their newest readable version, quarantining unreadable manifests), deletes
+    orphan embeddings, recomputes statistics, marks dead runs aborted and rebuilds a lost catalog
+    from the Lance data (fits and targets are then listed as lost).
+    """
+    from store.doctor import doctor as run_doctor, format_report
+    report = _run(run_doctor, store, repair=repair)
+    if fmt == TableFmt.json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(format_report(report))
+    if not report.consistent:
+        raise typer.Exit(1)
 
 
 @stats_app.command("show")

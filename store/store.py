@@ -49,6 +49,7 @@ from .errors import CatalogError, DimensionMismatch, ModelError, StoreLocked, St
 from .stats import RunningMoments, fold_pair, normalize_rows
 
 MARKER = "clipsql.json"
+MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
 FORMAT_VERSION = 1
 MODALITIES = ("image", "text")
 SPACES = ("raw", "normalized")
@@ -279,7 +280,11 @@ class Store:
         rec = ModelRecord(model_id, table_name_for(model_id), kind, int(dim), float(logit_scale),
                           None if logit_bias is None else float(logit_bias), context_length, spec)
         if not os.path.exists(self.table_uri(rec.table_name)):
-            self._create_table(rec.table_name, embeddings_schema(rec.dim))
+            # the table carries its model record, so `clipsql doctor --repair` can rebuild a lost catalog
+            meta = {MODEL_METADATA_KEY: json.dumps(dict(
+                model_id=rec.model_id, kind=rec.kind, dim=rec.dim, logit_scale=rec.logit_scale,
+                logit_bias=rec.logit_bias, context_length=rec.context_length, spec=rec.spec), sort_keys=True)}
+            self._create_table(rec.table_name, embeddings_schema(rec.dim).with_metadata(meta))
         with self.engine.begin() as conn:
             conn.execute(cat.models.insert().values(
                 model_id=rec.model_id, table_name=rec.table_name, kind=rec.kind, dim=rec.dim,
@@ -340,7 +345,7 @@ class Store:
             return lance.dataset(self.table_uri(name), version=version)
         except (OSError, ValueError) as e:
             raise StoreNotFound(f"Lance table {name} of {self.path} cannot be opened at version {version}: "
-                                f"{str(e).splitlines()[0]}") from None
+                                f"{str(e).splitlines()[0]} — run `clipsql doctor {self.path}`") from None
 
     def samples_table(self, version: int | None = None):  # noqa: ANN201
         """The `samples` Lance dataset at its committed version, or None before the first ingest."""

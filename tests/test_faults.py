@@ -387,3 +387,162 @@ def test_damaged_store_files_give_one_line(pool_store, tmp_path):
     assert p.returncode == 1 and "is missing" in p.stderr.decode() and not catalog.exists()
     shutil.copy(backup, catalog)
     assert "400" in cli("query", str(st.path), "SELECT count(*) FROM samples").stdout.decode()
+
+
+def doctor_json(st, *args, check=False):
+    p = cli("doctor", str(st.path), "--format", "json", *args, check=False)
+    assert "Traceback" not in p.stderr.decode(), p.stderr.decode()
+    return p.returncode, json.loads(p.stdout)
+
+
+def test_doctor_reports_a_healthy_store(pool_store):
+    rc, rep = doctor_json(pool_store)
+    assert rc == 0 and rep["consistent"] and rep["warnings"] == 0, rep
+    assert any(f["check"].startswith("statistics") and f["level"] == "ok" for f in rep["findings"])
+    assert "consistent" in cli("doctor", str(pool_store.path)).stdout.decode()
+
+
+def test_doctor_repairs_damaged_lance_data_and_stale_statistics(pool_store):
+    """11.18/11.19: a truncated manifest of the committed version and a deleted data file are rolled
+    back to the newest readable version; statistics that disagree are recomputed."""
+    import glob
+    import lance
+    pool = pool_store.path.parent / "pool3"
+    write_pool(pool, shards=1, rows=400, row_group=100)
+    st = Store.init(pool_store.path.parent / "s3")
+    cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "100")
+    rec = st.model()
+    uri = st.table_uri(rec.table_name)
+    committed = st.committed_versions()[rec.table_name]
+    mf = [m for m in glob.glob(f"{uri}/_versions/*.manifest") if int(os.path.basename(m)[:-9]) ==
+          (1 << 64) - 1 - committed][0]
+    data = open(mf, "rb").read()
+    open(mf, "wb").write(data[:len(data) // 2])
+    p = cli("query", str(st.path), "SELECT count(*) FROM embeddings", check=False)
+    assert p.returncode == 1 and len(p.stderr.decode().strip().splitlines()) == 1, p.stderr.decode()
+    rc, rep = doctor_json(st)
+    assert rc == 1 and any("cannot be read" in f["detail"] for f in rep["findings"]), rep
+    rc, rep = doctor_json(st, "--repair")
+    assert rc == 0, rep
+    assert any(f["repaired"] and "rolled back" in f["repaired"] for f in rep["findings"])
+    rc, rep = doctor_json(st)
+    assert rc == 0 and rep["warnings"] == 0, rep
+    st = Store.open(st.path)
+    assert st.count_rows(st.model()) == 300           # the last commit's manifest was lost
+    assert_stats_match_vectors(st)
+    # a deleted data file
+    frag = lance.dataset(uri, version=st.committed_versions()[rec.table_name]).get_fragments()[-1]
+    os.unlink(os.path.join(uri, "data", frag.data_files()[0].path))
+    rc, rep = doctor_json(st)
+    assert rc == 1 and any("missing" in f["detail"] for f in rep["findings"]), rep
+    rc, rep = doctor_json(st, "--repair")
+    assert rc == 0 and doctor_json(st)[0] == 0, rep
+    assert_stats_match_vectors(Store.open(st.path))
+    # statistics that do not match the vectors
+    st = Store.open(st.path)
+    state = st.stats(st.model())
+    state.moments[("image", "raw")].s1 += 1.0
+    st.save_stats(state)
+    rc, rep = doctor_json(st)
+    assert rc == 1 and any("differs from a recomputation" in f["detail"] for f in rep["findings"])
+    assert doctor_json(st, "--repair")[0] == 0 and doctor_json(st)[0] == 0
+    assert_stats_match_vectors(Store.open(st.path))
+
+
+def test_doctor_rebuilds_a_lost_catalog(pool_store):
+    st = pool_store
+    before = Store.open(st.path)
+    n = before.count_rows(before.model())
+    st.engine.dispose()
+    (st.path / "catalog.sqlite").unlink()
+    for f in st.path.glob("catalog.sqlite-*"):
+        f.unlink()
+    rc, rep = doctor_json(st)
+    assert rc == 1 and "missing" in rep["findings"][-1]["detail"]
+    rc, rep = doctor_json(st, "--repair")
+    assert rc == 0, rep
+    rebuilt = [f for f in rep["findings"] if f["repaired"] and "rebuilt" in f["repaired"]]
+    assert rebuilt and "fits, targets" in rebuilt[0]["repaired"]
+    st = Store.open(st.path)
+    assert [m.model_id for m in st.list_models()] == [MODEL[1] + "/" + MODEL[3]]
+    assert st.count_rows(st.model()) == n and st.stats(st.model()).n == n
+    assert_stats_match_vectors(st)
+    assert doctor_json(st)[0] == 0
+    pool = st.path.parent / "pool"
+    out = cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress").stdout.decode()
+    assert "added 0" in out                                 # the ledger of units is gone, the ids are not
+
+
+def assert_doctor_consistent(st, when):
+    rc, rep = doctor_json(st)
+    assert rc == 0, (when, [f for f in rep["findings"] if f["level"] == "error"])
+    stats = [f for f in rep["findings"] if f["check"].startswith("statistics")]
+    assert all(f["level"] == "ok" for f in stats), (when, stats)
+    assert stats or not st.list_models(), when
+
+
+def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_path):
+    """Issue 11, done-when: SIGKILL at every commit boundary of ingest, optimize, stats fit, target
+    add, score and select (and at seeded random moments of an ingest); after each kill `clipsql
+    doctor` reports a consistent store with current statistics, and re-running the command works."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from .test_ledger import ROOT
+    whole = tmp_path / "whole"
+    write_pool(whole, shards=6, rows=400, row_group=100)
+    pools = []
+    for k in range(6):                     # one directory per shard: each ingest below has new data
+        d = tmp_path / f"p{k}"
+        for sub, name in (("img_emb", f"img_emb_{k}.npy"), ("text_emb", f"text_emb_{k}.npy"),
+                          ("metadata", f"metadata_{k}.parquet")):
+            (d / sub).mkdir(parents=True)
+            shutil.copy(whole / sub / name, d / sub / name)
+        pools.append(d)
+    st = Store.init(tmp_path / "s")
+
+    def ingest(k):
+        return ["ingest", str(st.path), str(pools[k]), *MODEL, "--id-column", "key", "--no-progress",
+                "--commit-rows", "100"]
+    rng = np.random.default_rng(0)
+    killed = 0
+    for trial in range(3):                          # seeded random moments of an ingest
+        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *ingest(0)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(float(rng.uniform(1.0, 3.5)))
+        proc.send_signal(signal.SIGKILL)
+        killed += proc.wait() == -9
+        assert_doctor_consistent(st, f"random kill {trial}")
+    assert killed >= 1
+    cli(*ingest(0))
+    for k, point in enumerate(["commit:between-tables@2", "commit:after-lance@3", "writer:data-file@2",
+                               "run:finish"], start=1):
+        p = cli(*ingest(k), env={"CLIPSQL_FAULT": point}, check=False)
+        assert p.returncode == -9, (point, p.stderr.decode()[-500:])
+        assert_doctor_consistent(st, point)
+        cli(*ingest(k))
+        assert_doctor_consistent(st, f"after re-running the ingest killed at {point}")
+    steps = [
+        (["optimize", str(st.path), "--retention-hours", "0"], ["optimize:after-compact", "optimize:before-prune"]),
+        (["stats", "fit", str(st.path), "--reference-size", "200"], ["fit:before-save"]),
+        (["target", "add", str(st.path), "t", "--replace", "--query",
+          "SELECT image_embedding FROM embeddings LIMIT 300"], ["target:after-table", "target:after-switch"]),
+        (["score", str(st.path), "--columns", "image_info_gain"], ["score:before-write"]),
+        (["select", str(st.path), "--sql", "SELECT id FROM scores ORDER BY image_info_gain", "--limit", "50",
+          "-o", str(tmp_path / "sel.parquet")], ["select:before-rename"]),
+        (["delete", str(st.path), "--where", "id LIKE '003%'"], ["delete:after-lance"]),
+    ]
+    for args, points in steps:
+        for point in points:
+            p = cli(*args, env={"CLIPSQL_FAULT": point}, check=False)
+            assert p.returncode == -9, (point, p.stderr.decode()[-500:])
+            assert_doctor_consistent(st, point)
+        cli(*args)
+        assert_doctor_consistent(st, f"after {args[0]}")
+    st = Store.open(st.path)
+    assert st.count_rows(st.model()) == 5 * 400 - 400        # shards 0-4, then shard 3 deleted
+    assert_stats_match_vectors(st)
+    rc, rep = doctor_json(st, "--repair")
+    assert rc == 0 and doctor_json(st)[1]["warnings"] == 0

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from store.errors import StatsError
+from store.faults import fault
 from store.store import ModelRecord, Store, to_numpy
 
 from ..kernels import scores
@@ -90,6 +91,7 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
                                 **_neg_clip_overrides(neg_clip, len(ref_ids))}}
         reference = {"ref_ids": np.array(ref_ids), "X_ref_raw": X, "Y_ref_raw": Y}
         arrays = {k: getattr(f, k) for k in ARRAY_KEYS}
+        fault("fit:before-save")
         fit_id = st.save_fit(rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
                              options=options, arrays=arrays, reference=reference)
     return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows,

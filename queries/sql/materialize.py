@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from store.errors import QueryError
+from store.faults import fault
 from store.store import Store
 
 from .functions import SCORE_COLUMNS, score_expressions
@@ -76,6 +77,7 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
         tbl = tbl.append_column("computed_at", pa.array([now] * n, pa.timestamp("us", tz="UTC")))
         if params:
             tbl = tbl.replace_schema_metadata({"clipsql": json.dumps(params, sort_keys=True)})
+        fault("score:before-write")
         st.db.create_table(stored_table_name(rec.table_name), data=tbl, mode="overwrite")
     stored = list(columns) + [c for c, on in zip(POOL_COLUMNS, (neg_clip_loss_pool, norm_sim_d)) if on]
     return {"model": rec.model_id, "rows": n, "columns": stored, "fit_id": fit["fit_id"] if fit else None,

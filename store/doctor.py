@@ -1,0 +1,460 @@
+"""`clipsql doctor STORE [--repair]`: check a store the way a database checks itself after a crash.
+
+Checks (each a `Finding`, level ok / warn / error):
+
+* formats: clipsql.json and the catalog's schema version;
+* the catalog: SQLite's `PRAGMA integrity_check` (other databases: that it answers);
+* the ledger against Lance: every table the ledger names exists and its committed version
+  opens and scans; versions beyond it (a writer killed before its catalog transaction) are
+  a warning, rolled back by the next writer or by --repair;
+* rows: per table the row count and distinct ids; embeddings without a sample (error) and
+  samples no model holds (ok: `models rm` leaves them);
+* statistics: recomputed from the stored vectors (streamed, float64) and compared with the
+  catalog's; fits (their model exists) and targets (their table holds their rows);
+* runs left `running` by a killed process; tables a committed `models rm` dropped.
+
+`--repair` (under the writer lock): rolls tables back to the ledger, quarantines unreadable
+Lance manifests (moved to STORE/quarantine/, never deleted) back to the newest version that
+reads, deletes embeddings whose samples are gone, recomputes the statistics, marks dead runs
+aborted, sweeps dropped tables, and rebuilds a lost or damaged catalog from the Lance data
+(models from each table's recorded model record, committed versions, statistics; fits,
+targets and the ingested-unit ledger are reported lost: re-run `stats fit`, `target add`; a
+re-ingest re-reads its sources and adds nothing twice). Each step is reported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from . import catalog as cat
+from .errors import CatalogError, ClipsqlError
+from .store import (FORMAT_VERSION, MODEL_METADATA_KEY, ModelRecord, Store, _default_catalog, new_moments,
+                    read_marker, set_committed_version, to_numpy, update_moments, StatsState)
+
+STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
+
+
+@dataclass
+class Finding:
+    check: str
+    level: str              # ok | warn | error
+    detail: str
+    repaired: str | None = None
+
+
+@dataclass
+class Report:
+    store: str
+    findings: list[Finding] = field(default_factory=list)
+    repair: bool = False
+    unreadable: set = field(default_factory=set)     # tables the later checks must not scan
+
+    def add(self, check: str, level: str, detail: str, repaired: str | None = None) -> Finding:
+        f = Finding(check, level, detail, repaired)
+        self.findings.append(f)
+        return f
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error" and not f.repaired]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warn" and not f.repaired]
+
+    @property
+    def consistent(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {"store": self.store, "consistent": self.consistent, "repair": self.repair,
+                "errors": len(self.errors), "warnings": len(self.warnings),
+                "findings": [asdict(f) for f in self.findings]}
+
+
+def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
+    path = Path(path)
+    report = Report(str(path), repair=repair)
+    marker = read_marker(path)          # a missing / damaged / newer clipsql.json is a one-line refusal
+    report.add("format", "ok", f"clipsql.json format {marker.get('format', FORMAT_VERSION)}")
+    url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or _default_catalog(path)
+    st = Store(path, url)
+    lost = _catalog_problem(st, marker, path)
+    if lost and not repair:
+        report.add("catalog", "error", lost + " — `clipsql doctor STORE --repair` rebuilds it from the Lance data")
+        return report
+    if not repair:
+        version = cat.schema_version(st.engine)
+        if version < cat.SCHEMA_VERSION:
+            report.add("catalog", "warn", f"schema version {version} < {cat.SCHEMA_VERSION}: the next writer (or "
+                                          "--repair) migrates it")
+            return report
+        report.add("catalog", "ok", f"{cat.safe_url(st.engine.url)} (schema {version})")
+        _check(st, report, repair=False)
+        return report
+    with st.lock():
+        if lost:
+            st = _rebuild_catalog(st, marker, path, report, lost)
+        else:
+            report.add("catalog", "ok", f"{cat.safe_url(st.engine.url)} (schema {cat.schema_version(st.engine)})")
+        cat.migrate(st.engine)
+        _check(st, report, repair=True)
+    return report
+
+
+# --------------------------------------------------------------------------- the catalog
+def _catalog_problem(st: Store, marker: dict, path: Path) -> str | None:
+    """Why the catalog cannot be used (missing, damaged, empty, another store's), or None."""
+    if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") \
+            and not (path / "catalog.sqlite").exists():
+        return f"the catalog {path / 'catalog.sqlite'} is missing"
+    try:
+        if st.engine.dialect.name == "sqlite":
+            with st.engine.connect() as conn:
+                res = [r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check").fetchall()]
+            if res != ["ok"]:
+                return f"the catalog fails SQLite's integrity check ({'; '.join(res[:3])})"
+        version = cat.schema_version(st.engine)
+        if version > cat.SCHEMA_VERSION:
+            raise CatalogError(f"the catalog has schema version {version}, newer than this clipsql "
+                               f"understands ({cat.SCHEMA_VERSION}): upgrade clipsql")
+        owner = st.get_setting("store_id")
+    except CatalogError:
+        raise
+    except (sa.exc.DatabaseError, UnicodeDecodeError, ValueError) as e:
+        return f"the catalog cannot be read ({(str(getattr(e, 'orig', e)).splitlines() or ['?'])[0][:200]})"
+    if owner is None:
+        return "the catalog holds no store (deleted or emptied)"
+    if marker.get("store_id") and owner != marker["store_id"]:
+        raise CatalogError("the catalog belongs to another store (its store id differs from clipsql.json): "
+                           "point CLIPSQL_CATALOG_URL at this store's catalog; doctor will not overwrite it")
+    return None
+
+
+def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: str) -> Store:
+    """A new catalog from the Lance data: models (each table's recorded model record), committed
+    versions (the newest readable), statistics (recomputed); the rest reported lost."""
+    import lance
+    if st.engine.dialect.name == "sqlite" and not marker.get("catalog"):
+        st.engine.dispose()
+        old = path / "catalog.sqlite"
+        kept = None
+        if old.exists():
+            kept = path / "quarantine" / f"catalog.sqlite.{int(time.time())}"
+            kept.parent.mkdir(exist_ok=True)
+            shutil.move(str(old), kept)
+            for side in ("-wal", "-shm"):
+                Path(str(old) + side).unlink(missing_ok=True)
+        st = Store(path, _default_catalog(path))
+    cat.migrate(st.engine)
+    if st.get_setting("store_id") is None:
+        st.set_setting("store_path", str(path.resolve()))
+        st.set_setting("store_id", marker.get("store_id") or "")
+    models, skipped = [], []
+    for name in st.table_names():
+        if not name.startswith("emb_"):
+            continue
+        good = _newest_readable(st, name, None, report, repair=True)
+        if good is None:
+            continue
+        ds = lance.dataset(st.table_uri(name), version=good)
+        meta = (ds.schema.metadata or {}).get(MODEL_METADATA_KEY.encode())
+        if meta is None:
+            skipped.append(name)
+            continue
+        m = json.loads(meta)
+        with st.engine.begin() as conn:
+            conn.execute(cat.models.insert().values(
+                model_id=m["model_id"], table_name=name, kind=m["kind"], dim=int(m["dim"]),
+                logit_scale=float(m["logit_scale"]), logit_bias=m["logit_bias"], context_length=m["context_length"],
+                spec=cat.to_json(m["spec"]), created_at=time.time()))
+            set_committed_version(conn, name, good, None)
+        models.append(m["model_id"])
+    if os.path.exists(st.table_uri("samples")):
+        good = _newest_readable(st, "samples", None, report, repair=True)
+        if good is not None:
+            with st.engine.begin() as conn:
+                set_committed_version(conn, "samples", good, None)
+    if models:
+        st.set_setting("default_model", models[0])
+    targets = [n for n in st.table_names() if n.startswith("target_")]
+    lost = "fits, targets (" + (", ".join(targets) or "none") + ") and the ingested-unit ledger are lost: " \
+           "re-run `clipsql stats fit` and `clipsql target add`; a re-ingest re-reads its sources and adds nothing twice"
+    note = f"; tables without a model record (written before clipsql recorded one): {', '.join(skipped)}" if skipped else ""
+    report.add("catalog", "error", why, repaired=f"rebuilt from the Lance data: models {models or 'none'}; {lost}{note}")
+    return st
+
+
+# --------------------------------------------------------------------------- Lance tables
+def _scan_ok(ds: Any) -> str | None:
+    """None if every data file of this version exists and its ids scan, else why not."""
+    for frag in ds.get_fragments():
+        for f in frag.data_files():
+            p = f.path if hasattr(f, "path") else str(f)
+            full = p if os.path.isabs(p) else os.path.join(ds.uri, "data", p)
+            if not os.path.exists(full):
+                return f"data file {os.path.basename(full)} is missing"
+    try:
+        for _ in ds.to_batches(columns=["id"], batch_size=1 << 16):
+            pass
+    except Exception as e:  # noqa: BLE001 - any read failure is what doctor reports
+        return f"{type(e).__name__}: {(str(e).splitlines() or ['?'])[0][:200]}"
+    return None
+
+
+def _versions_desc(uri: str) -> list[int]:
+    names = os.listdir(os.path.join(uri, "_versions"))
+    out = []
+    for n in names:
+        if not n.endswith(".manifest"):
+            continue
+        v = int(n[:-len(".manifest")])
+        out.append((1 << 64) - 1 - v if v > 1 << 62 else v)      # V2 paths count down from u64::MAX
+    return sorted(out, reverse=True)
+
+
+def _manifest_path(uri: str, version: int) -> str:
+    v2 = os.path.join(uri, "_versions", f"{(1 << 64) - 1 - version:020d}.manifest")
+    return v2 if os.path.exists(v2) else os.path.join(uri, "_versions", f"{version}.manifest")
+
+
+def _newest_readable(st: Store, name: str, limit: int | None, report: Report, repair: bool) -> int | None:
+    """The newest version ≤ `limit` that opens and scans; with `repair`, the manifests of every newer
+    version are moved to STORE/quarantine/<table>/ (Lance then sees the good version as the latest)."""
+    import lance
+    uri = st.table_uri(name)
+    versions = [v for v in _versions_desc(uri) if limit is None or v <= limit]
+    for v in versions:
+        try:
+            why = _scan_ok(lance.dataset(uri, version=v))
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {(str(e).splitlines() or ['?'])[0][:200]}"
+        if why is None:
+            if repair:
+                newer = [x for x in _versions_desc(uri) if x > v]
+                if newer:
+                    q = st.path / "quarantine" / name
+                    q.mkdir(parents=True, exist_ok=True)
+                    for x in newer:
+                        src = _manifest_path(uri, x)
+                        if os.path.exists(src):
+                            shutil.move(src, q / os.path.basename(src))
+                    hint = os.path.join(uri, "_versions", "latest_version_hint.json")
+                    if os.path.exists(hint):
+                        os.unlink(hint)
+            return v
+    report.add(f"table {name}", "error", "no version of this table can be read")
+    return None
+
+
+def _check_tables(st: Store, report: Report, repair: bool) -> None:
+    import lance
+    recorded = st.committed_versions()
+    names = (["samples"] if os.path.exists(st.table_uri("samples")) else []) + [m.table_name for m in st.list_models()]
+    for name in names:
+        uri = st.table_uri(name)
+        check = f"table {name}"
+        if not os.path.exists(uri):
+            report.add(check, "error", "the catalog names it but its Lance directory is missing")
+            continue
+        v = recorded.get(name)
+        try:
+            why = _scan_ok(lance.dataset(uri, version=v))
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {(str(e).splitlines() or ['?'])[0][:200]}"
+        latest = _versions_desc(uri)[0] if _versions_desc(uri) else None
+        if why is not None:
+            f = report.add(check, "error", f"committed version {v} cannot be read: {why}")
+            report.unreadable.add(name)
+            if repair:
+                good = _newest_readable(st, name, v, report, repair=True)
+                if good is not None:
+                    lost = _rows_at(uri, v) - _rows_at(uri, good)
+                    with st.engine.begin() as conn:
+                        set_committed_version(conn, name, good, None)
+                    f.repaired = (f"rolled back to version {good}, the newest that reads "
+                                  f"({lost if lost >= 0 else 'unknown'} rows of later commits lost; "
+                                  "the unreadable manifests are in STORE/quarantine/)")
+                    report.unreadable.discard(name)
+            continue
+        if latest is not None and v is not None and latest > v:
+            f = report.add(check, "warn", f"Lance versions {v + 1}..{latest} are not in the ledger (a writer killed "
+                                          "before its catalog transaction): the next writer rolls them back")
+            if repair:
+                rolled = st.recover().get(name)
+                f.repaired = f"rolled back to the committed version ({rolled or 0} uncommitted rows dropped)"
+            continue
+        report.add(check, "ok", f"version {v}, {lance.dataset(uri, version=v).count_rows()} rows")
+
+
+def _rows_at(uri: str, version: int | None) -> int:
+    import lance
+    try:
+        return lance.dataset(uri, version=version).count_rows()
+    except Exception:  # noqa: BLE001
+        return -1
+
+
+def _check_rows(st: Store, report: Report, repair: bool) -> None:
+    import duckdb
+    samples = st.samples_table() if "samples" not in report.unreadable else None
+    con = duckdb.connect()
+    if samples is not None:
+        con.register("s", samples)
+        n, distinct = con.sql("SELECT count(*), count(DISTINCT id) FROM s").fetchall()[0]
+        report.add("rows samples", "ok" if n == distinct else "error",
+                   f"{n} rows, {distinct} distinct ids" + ("" if n == distinct else f": {n - distinct} duplicated"))
+    held = []
+    for i, rec in enumerate(st.list_models()):
+        if rec.table_name in report.unreadable:
+            continue
+        ds = st.embeddings_table(rec)
+        con.register(f"e{i}", ds)
+        held.append(f"SELECT id FROM e{i}")
+        n, distinct = con.sql(f"SELECT count(*), count(DISTINCT id) FROM e{i}").fetchall()[0]
+        report.add(f"rows {rec.model_id}", "ok" if n == distinct else "error",
+                   f"{n} rows, {distinct} distinct ids" + ("" if n == distinct else f": {n - distinct} duplicated"))
+        if samples is None:
+            continue
+        orphans = con.sql(f"SELECT id FROM e{i} ANTI JOIN s USING (id)").fetchall()
+        if orphans:
+            f = report.add(f"orphans {rec.model_id}", "error", f"{len(orphans)} embedding rows have no sample")
+            if repair:
+                import pyarrow as pa
+                from .manage import delete_ids
+                delete_ids(st, pa.array([o[0] for o in orphans], pa.string()))
+                f.repaired = f"deleted the {len(orphans)} rows (their statistics subtracted)"
+    if samples is not None and held:
+        unheld = con.sql(f"SELECT count(*) FROM s ANTI JOIN ({' UNION ALL '.join(held)}) USING (id)").fetchall()[0][0]
+        report.add("samples without embeddings", "ok",
+                   f"{unheld} samples no model holds" + (" (left by `models rm`, or a model's rejects)" if unheld else ""))
+    con.close()
+
+
+def _check_stats(st: Store, report: Report, repair: bool) -> None:
+    for rec in st.list_models():
+        if rec.table_name in report.unreadable:
+            report.add(f"statistics {rec.model_id}", "warn", "not checked: the table cannot be read")
+            continue
+        stored = st.stats(rec)
+        fresh = StatsState(rec.model_id, new_moments(rec.dim), 0)
+        for batch in st.embeddings_table(rec).to_batches(columns=["image_embedding", "text_embedding"],
+                                                         batch_size=1 << 16):
+            if batch.num_rows:
+                update_moments(fresh, to_numpy(batch.column("image_embedding")),
+                               to_numpy(batch.column("text_embedding")))
+        why = _moments_differ(stored, fresh)
+        check = f"statistics {rec.model_id}"
+        if why is None:
+            report.add(check, "ok", f"current: cover all {fresh.n} rows and equal a recomputation")
+            continue
+        f = report.add(check, "error", why)
+        if repair:
+            st.refresh_stats(rec)
+            f.repaired = "recomputed from the stored vectors"
+
+
+def _moments_differ(a: StatsState, b: StatsState) -> str | None:
+    for key, mb in b.moments.items():
+        ma = a.moments[key]
+        if ma.n != mb.n:
+            return f"{key[0]} {key[1]} statistics cover {ma.n} rows, the table holds {mb.n}"
+        if mb.n == 0:
+            continue
+        if not np.allclose(ma.mean, mb.mean, rtol=STATS_RTOL, atol=STATS_RTOL * (np.abs(mb.mean).max() + 1e-12)):
+            return f"{key[0]} {key[1]} mean differs from a recomputation"
+        if ma.second and mb.second:
+            scale = np.abs(mb.cov).max() + 1e-12
+            if not np.allclose(ma.cov, mb.cov, rtol=STATS_RTOL, atol=STATS_RTOL * scale):
+                return f"{key[0]} {key[1]} covariance differs from a recomputation"
+    return None
+
+
+def _check_fits_targets(st: Store, report: Report, repair: bool) -> None:
+    known = {m.model_id for m in st.list_models()}
+    with st.engine.connect() as conn:
+        fits = conn.execute(sa.select(cat.fits.c.fit_id, cat.fits.c.model_id)).all()
+        targets = conn.execute(sa.select(cat.targets.c.name, cat.targets.c.table_name, cat.targets.c.n)).all()
+        refs = {r[0] for r in conn.execute(sa.select(cat.fit_references.c.fit_id))}
+    bad = [f for f, m in fits if m not in known or f not in refs]
+    report.add("fits", "error" if bad else "ok",
+               f"{len(fits)} fits" + (f"; #{', #'.join(map(str, bad))} lack their model or reference" if bad else ""))
+    names = set(st.table_names())
+    for name, table, n in targets:
+        if table not in names:
+            report.add(f"target {name}", "error", f"its table {table} is missing: re-add it with `clipsql target add`")
+            continue
+        rows = _rows_at(st.table_uri(table), None)
+        report.add(f"target {name}", "ok" if rows == n else "error", f"{rows} rows, the catalog says {n}")
+
+
+def _check_runs(st: Store, report: Report, repair: bool) -> None:
+    with st.engine.connect() as conn:
+        running = [r[0] for r in conn.execute(sa.select(cat.ingest_runs.c.run_id).where(
+            cat.ingest_runs.c.status == "running"))]
+        drops = [r[0] for r in conn.execute(sa.select(cat.settings.c.key).where(cat.settings.c.key.like("drop:%")))]
+    if running:
+        holder = _lock_holder(st)
+        if holder is None or repair:
+            f = report.add("runs", "warn", f"run(s) {running} are `running` but no writer holds the lock (killed)")
+            if repair:
+                dead = st.abort_dead_runs()
+                f.repaired = f"marked {dead} aborted, counts from the ledger"
+        else:
+            report.add("runs", "ok", f"run(s) {running} in progress ({holder})")
+    else:
+        report.add("runs", "ok", "no run left running")
+    if drops:
+        f = report.add("dropped tables", "warn", f"{len(drops)} table(s) a committed change let go are still on disk")
+        if repair:
+            from .manage import sweep_dropped_tables
+            f.repaired = f"deleted {sweep_dropped_tables(st)}"
+
+
+def _lock_holder(st: Store) -> str | None:
+    """Who holds the writer lock (None: nobody), without taking it."""
+    import fcntl
+    lock = st.path / ".write.lock"
+    if not lock.exists():
+        return None
+    with open(lock, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def _check(st: Store, report: Report, repair: bool) -> None:
+    try:
+        _check_tables(st, report, repair)
+        _check_rows(st, report, repair)
+        _check_stats(st, report, repair)
+        _check_fits_targets(st, report, repair)
+        _check_runs(st, report, repair)
+    except ClipsqlError as e:
+        report.add("store", "error", str(e))
+
+
+def format_report(r: Report) -> str:
+    marks = {"ok": "ok   ", "warn": "WARN ", "error": "ERROR"}
+    lines = []
+    for f in r.findings:
+        lines.append(f"{marks[f.level]} {f.check}: {f.detail}")
+        if f.repaired:
+            lines.append(f"      repaired: {f.repaired}")
+    verdict = ("consistent" if r.consistent else f"{len(r.errors)} problem(s)") + \
+              (f", {len(r.warnings)} warning(s)" if r.warnings else "")
+    hint = "" if r.consistent and not r.warnings or r.repair else " — `clipsql doctor STORE --repair` fixes what it can"
+    lines.append(f"{r.store}: {verdict}{hint}")
+    return "\n".join(lines)
