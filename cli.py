@@ -200,6 +200,10 @@ def ingest(
                                       "than this many MiB are rejected unread (file_too_large)."),
     update: bool = typer.Option(False, "--update", help="Rewrite rows the store already holds whose caption or "
                                 "metadata changed in the source (re-encoding changed captions). Needs --id-column."),
+    engine: str = typer.Option("local", help="local (this process) or ray (source units as Ray tasks; images "
+                               "encoded by an actor pool, one GPU per actor where the cluster has GPUs)."),
+    ray_address: Optional[str] = typer.Option(None, help="--engine ray: `auto` or host:port joins a running "
+                                              "cluster; default: start a local Ray for this command."),
     fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="Summary as table or json."),
 ) -> None:
     """Encode a source with open_clip and add its raw embeddings; re-running adds nothing new.
@@ -221,8 +225,14 @@ def ingest(
                          policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds), update=update,
                          allow_missing_captions=allow_missing_captions, model_given=model_given,
                          max_file_bytes=int(max_file_mb * (1 << 20)))
-    summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
-                   checkpoint=str(checkpoint) if checkpoint else None, options=opts)
+    from cluster.engine import check_engine
+    if _run(check_engine, engine) == "ray":
+        from cluster.ingest import ingest_ray
+        summary = _run(ingest_ray, st, source, model=model, pretrained=pretrained,
+                       checkpoint=str(checkpoint) if checkpoint else None, options=opts, address=ray_address)
+    else:
+        summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
+                       checkpoint=str(checkpoint) if checkpoint else None, options=opts)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return

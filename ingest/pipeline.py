@@ -184,6 +184,90 @@ def _samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, s
     return pa.table(cols, schema=samples_schema()), types
 
 
+@dataclass
+class Plan:
+    """What a run will do, decided under the writer lock before anything is loaded or written."""
+    spec: Any
+    source: Any
+    source_name: str
+    todo: list                  # [(unit, unit_key)] not yet in the ledger for this model
+    done: dict                  # {unit_key: (rows, rejected)} already ingested
+    known: Any                  # the model's record if the store has it
+    seconds: Counter
+    t_start: float
+
+    @property
+    def already(self) -> int:
+        return sum(r for r, _ in self.done.values())
+
+
+def plan_run(store: Store, source_path: str, model: str | None, pretrained: str | None, checkpoint: str | None,
+             opts: IngestOptions) -> Plan:
+    """Resolve the model, open the source and find its units the ledger does not hold (the caller
+    holds the lock). Everything that can fail for the whole run fails here, before any write."""
+    t_start = time.perf_counter()
+    seconds: Counter = Counter()
+    spec = models.resolve_known(model, pretrained, checkpoint, [(m.model_id, m.spec) for m in store.list_models()]) \
+        or models.resolve(model, pretrained, checkpoint)
+    seconds["resolve_model"] = time.perf_counter() - t_start
+    source = open_source(source_path, image_column=opts.image_column, caption_column=opts.caption_column,
+                         id_column=opts.id_column, image_embeddings=opts.image_embeddings,
+                         text_embeddings=opts.text_embeddings, kind=opts.source_kind)
+    source_name = source.canonical()
+    source.max_file_bytes = int(opts.max_file_bytes)
+    require_ids(opts.id_column, opts.update)
+    if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
+        from store.errors import SourceError
+        raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
+                          "--model (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k); clipsql cannot "
+                          "tell it from the vectors, and filing them under the demo model would be wrong")
+    store.recover()
+    t0 = time.perf_counter()
+    units = source.units()
+    keys = [source.unit_key(u) for u in units]
+    known = {m.model_id: m for m in store.list_models()}.get(spec.model_id)
+    done = store.done_units(known, keys) if known is not None else {}
+    todo = [(u, k) for u, k in zip(units, keys) if k not in done]
+    seconds["plan"] = time.perf_counter() - t0
+    return Plan(spec, source, source_name, todo, done, known, seconds, t_start)
+
+
+def finish_noop(store: Store, plan: Plan) -> IngestSummary | None:
+    """When the ledger holds every unit: record a run that did nothing (no model load, no reads)."""
+    if plan.known is None or plan.todo:
+        return None
+    run_id = store.start_run(plan.known.model_id, plan.source_name, plan.source.kind)
+    summary = IngestSummary(run_id, plan.known.model_id, plan.source_name, skipped=plan.already, status="done",
+                            units_skipped=len(plan.done))
+    summary.wall_seconds = time.perf_counter() - plan.t_start
+    summary.seconds = {k: round(v, 4) for k, v in plan.seconds.items()}
+    store.finish_run(run_id, "done", plan.already, summary.to_dict())
+    return summary
+
+
+def register_model(store: Store, plan: Plan, device: str) -> tuple[Any, Any]:
+    """(model record, loaded model or None): the model is loaded when images must be encoded (or
+    its weights are local), and checked against a precomputed source's dimension."""
+    t0 = time.perf_counter()
+    spec, source = plan.spec, plan.source
+    loaded = None
+    if not source.precomputed or spec.local:
+        loaded = models.load(spec, device)
+    plan.seconds["load_model"] = time.perf_counter() - t0
+    if source.precomputed:
+        dim = source.dim()
+        if loaded is not None and dim != loaded.dim:
+            from store.errors import DimensionMismatch
+            raise DimensionMismatch(f"{spec.model_id} produces {loaded.dim}-d embeddings but "
+                                    f"{plan.source_name} holds {dim}-d vectors: name the model that made them")
+        fields = loaded.record_fields() if loaded is not None else models.record_without_weights(spec, dim)
+    else:
+        fields = loaded.record_fields()
+    rec = store.register_model(**fields)
+    store.sync_stats(rec)   # stores written before the commit ledger may lag
+    return rec, loaded
+
+
 def ingest(store: Store, source_path: str, *, model: str | None = None, pretrained: str | None = None,
            checkpoint: str | None = None, options: IngestOptions | None = None,
            on_batch: Any = None) -> IngestSummary:
@@ -195,57 +279,15 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
     are skipped without being read, and when nothing is new the model is not even loaded.
     """
     opts = options or IngestOptions()
-    t_start = time.perf_counter()
-    seconds: Counter = Counter()
-    spec = models.resolve_known(model, pretrained, checkpoint, [(m.model_id, m.spec) for m in store.list_models()]) \
-        or models.resolve(model, pretrained, checkpoint)
-    seconds["resolve_model"] = time.perf_counter() - t_start
     with store.lock():
-        source = open_source(source_path, image_column=opts.image_column, caption_column=opts.caption_column,
-                             id_column=opts.id_column, image_embeddings=opts.image_embeddings,
-                             text_embeddings=opts.text_embeddings, kind=opts.source_kind)
-        source_name = source.canonical()
-        source.max_file_bytes = int(opts.max_file_bytes)
-        require_ids(opts.id_column, opts.update)
-        if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
-            from store.errors import SourceError
-            raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
-                              "--model (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k); clipsql cannot "
-                              "tell it from the vectors, and filing them under the demo model would be wrong")
-        store.recover()
-        t0 = time.perf_counter()
-        units = source.units()
-        keys = [source.unit_key(u) for u in units]
-        known = {m.model_id: m for m in store.list_models()}.get(spec.model_id)
-        done = store.done_units(known, keys) if known is not None else {}
-        todo = [(u, k) for u, k in zip(units, keys) if k not in done]
-        seconds["plan"] = time.perf_counter() - t0
-        already = sum(r for r, _ in done.values())
-        if known is not None and not todo:      # nothing new: no model load, no reads
-            run_id = store.start_run(known.model_id, source_name, source.kind)
-            summary = IngestSummary(run_id, known.model_id, source_name, skipped=already, status="done",
-                                    units_skipped=len(done))
-            summary.wall_seconds = time.perf_counter() - t_start
-            summary.seconds = {k: round(v, 4) for k, v in seconds.items()}
-            store.finish_run(run_id, "done", already, summary.to_dict())
-            return summary
-        t0 = time.perf_counter()
-        loaded = None
-        if not source.precomputed or spec.local:
-            loaded = models.load(spec, opts.device)
-        seconds["load_model"] = time.perf_counter() - t0
-        if source.precomputed:
-            dim = source.dim()
-            if loaded is not None and dim != loaded.dim:
-                from store.errors import DimensionMismatch
-                raise DimensionMismatch(f"{spec.model_id} produces {loaded.dim}-d embeddings but "
-                                        f"{source_name} holds {dim}-d vectors: name the model that made them")
-            fields = loaded.record_fields() if loaded is not None else models.record_without_weights(spec, dim)
-        else:
-            fields = loaded.record_fields()
-        rec = store.register_model(**fields)
+        plan = plan_run(store, source_path, model, pretrained, checkpoint, opts)
+        noop = finish_noop(store, plan)
+        if noop is not None:
+            return noop
         meta_before = set(store.metadata_columns())
-        store.sync_stats(rec)   # stores written before the commit ledger may lag
+        rec, loaded = register_model(store, plan, opts.device)
+        source, source_name, todo, done, already = plan.source, plan.source_name, plan.todo, plan.done, plan.already
+        seconds, t_start = plan.seconds, plan.t_start
         run_id = store.start_run(rec.model_id, source_name, source.kind)
         summary = IngestSummary(run_id, rec.model_id, source_name, skipped=already, units_skipped=len(done))
         rejected: Counter = Counter()

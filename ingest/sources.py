@@ -613,6 +613,8 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
     Raises SourceError for a path that matches no layout, a missing column, or
     a ``kind`` that does not fit the path.
     """
+    from .precomputed import PrecomputedSource
+    from .webdataset import WebDatasetSource, expand_braces
     spec = os.fspath(path)
     if kind is not None and kind not in KINDS:
         raise SourceError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -679,6 +681,13 @@ def _top_level_images(path: str) -> bool:
     return any(os.path.splitext(n)[1].lower() in IMAGE_EXTS for n in os.listdir(path) if not n.startswith("."))
 
 
-# Kinds kept in their own modules (they import the shared pieces above).
-from .precomputed import PrecomputedSource  # noqa: E402
-from .webdataset import WebDatasetSource, expand_braces  # noqa: E402
+# Kinds kept in their own modules (they import the shared pieces above), imported when first used,
+# so either module can be imported (or unpickled on a Ray worker) before this one finishes.
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy attributes
+    if name == "PrecomputedSource":
+        from .precomputed import PrecomputedSource
+        return PrecomputedSource
+    if name in ("WebDatasetSource", "expand_braces"):
+        from . import webdataset
+        return getattr(webdataset, name)
+    raise AttributeError(name)

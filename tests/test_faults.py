@@ -546,3 +546,30 @@ def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_pa
     assert_stats_match_vectors(st)
     rc, rep = doctor_json(st, "--repair")
     assert rc == 0 and doctor_json(st)[1]["warnings"] == 0
+
+
+def test_damaged_bytes_and_missing_data_files_are_one_line(pool_store):
+    """11.18: flipped catalog bytes and a deleted Lance data file give one line pointing to doctor."""
+    import lance
+    st = pool_store
+    rec = st.model()
+    uri = st.table_uri(rec.table_name)
+    frag = lance.dataset(uri, version=st.committed_versions()[rec.table_name]).get_fragments()[0]
+    os.unlink(os.path.join(uri, "data", frag.data_files()[0].path))
+    for args in (("stats", "refresh", str(st.path)), ("query", str(st.path), "SELECT avg(raw_norm(image_embedding)) "
+                                                                              "FROM embeddings")):
+        p = cli(*args, check=False)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "doctor" in err or "not found" in err.lower(), err
+    st.engine.dispose()
+    catalog = st.path / "catalog.sqlite"
+    data = bytearray(catalog.read_bytes())
+    rng = np.random.default_rng(3)
+    for i in rng.integers(100, len(data), 400):
+        data[i] ^= 0xFF
+    catalog.write_bytes(bytes(data))
+    for args in (("query", str(st.path), "SELECT 1"), ("stats", "show", str(st.path)), ("doctor", str(st.path))):
+        p = cli(*args, check=False)
+        err = p.stderr.decode() + p.stdout.decode()
+        assert p.returncode == 1 and "Traceback" not in err, err

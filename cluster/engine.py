@@ -1,0 +1,71 @@
+"""The engine seam: `local` (this process) or `ray` (a Ray cluster), chosen in one place."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterator
+
+from store.errors import ClipsqlError
+
+ENGINES = ("local", "ray")
+
+
+class EngineError(ClipsqlError, RuntimeError):
+    """The engine cannot be used (Ray missing, unreachable cluster)."""
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise EngineError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
+    return engine
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
+    """A connected Ray: `address` None starts a local Ray for this command (quiet: no dashboard, no
+    usage stats); `auto` or `ray://…`/`host:port` joins a running cluster. A session that was
+    already connected (tests, notebooks) is reused and left running."""
+    try:
+        import ray
+    except ImportError:
+        raise EngineError("--engine ray needs Ray: pip install -e '.[ray]' (ray[data] 2.60)") from None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    if address is None:
+        kwargs.update(num_cpus=num_cpus, object_store_memory=int(os.environ.get("CLIPSQL_RAY_OBJECT_STORE",
+                                                                                 256 << 20)))
+    else:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise EngineError(f"cannot reach the Ray cluster at {address or 'a new local Ray'}: "
+                          f"{(str(e).splitlines() or ['?'])[0][:200]} (start one with `ray start --head`, "
+                          "or pass --ray-address auto / host:port)") from None
+    try:
+        _quiet_data()
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _quiet_data() -> None:
+    """Ray Data's progress bars and per-operator logs are noise in a CLI that prints a summary."""
+    import logging
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def worker_count(ray: Any) -> int:
+    """CPUs in the cluster (one task per CPU at a time)."""
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def gpu_count(ray: Any) -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
