@@ -72,3 +72,31 @@ def image_folder(tmp_path) -> Path:
 def store(tmp_path):
     from store.store import Store
     return Store.init(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A local multi-node Ray cluster (head + 2 worker nodes, 1 CPU each, small object stores,
+    no dashboard, no usage stats, loopback only), started once per session. Skips when Ray is
+    not installed, unless CLIPSQL_REQUIRE_RAY=1 (.ci/run sets it)."""
+    try:
+        import ray
+        from ray.cluster_utils import Cluster
+    except ImportError:
+        if os.environ.get("CLIPSQL_REQUIRE_RAY"):
+            pytest.fail("the Ray tests cannot run: ray is not installed (pip install -e '.[test]')")
+        pytest.skip("ray is not installed (pip install -e '.[ray]')")
+    for k, v in (("RAY_AUTH_MODE", "disabled"), ("RAY_USAGE_STATS_ENABLED", "0"),
+                 ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")):
+        os.environ.setdefault(k, v)
+    temp = tmp_path_factory.mktemp("ray")
+    args = dict(num_cpus=1, object_store_memory=96 << 20, node_ip_address="127.0.0.1")
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args=dict(args, include_dashboard=False, temp_dir=str(temp)))
+    workers = [cluster.add_node(**args) for _ in range(2)]
+    cluster.wait_for_nodes()
+    cluster.workers = workers
+    yield cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()

@@ -1,0 +1,105 @@
+"""`--engine ray` on a local multi-node Ray cluster (issue 12): Ray ingest equals local ingest,
+a killed worker's tasks are retried, a killed driver's re-run completes exactly."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from store.store import Store
+
+from .conftest import write_image_folder
+from .test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
+from .test_ledger import MODEL, ROOT, cli, write_pool
+
+
+def ray_cli(cluster, *args, check=True, env=None):
+    return cli(*args, "--engine", "ray", "--ray-address", cluster.address, env=env, check=check)
+
+
+def assert_equal_stores(a, b, exact=True):
+    ia, xa, ya = stored_vectors(a)
+    ib, xb, yb = stored_vectors(b)
+    assert ia == ib and sample_ids(a) == sample_ids(b)
+    if exact:
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    else:
+        np.testing.assert_allclose(xa, xb, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ya, yb, rtol=1e-5, atol=1e-6)
+    sa, sb = a.stats(a.model()), b.stats(b.model())
+    for k, m in sa.moments.items():
+        assert m.n == sb.moments[k].n
+        np.testing.assert_allclose(m.mean, sb.moments[k].mean, rtol=1e-9, atol=1e-12)
+        if m.second:
+            np.testing.assert_allclose(m.cov, sb.moments[k].cov, rtol=1e-9, atol=1e-12)
+
+
+def test_ray_ingest_of_precomputed_embeddings_equals_local(ray_cluster, tmp_path):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=3, rows=700, row_group=200)
+    local, dist = Store.init(tmp_path / "local"), Store.init(tmp_path / "ray")
+    args = [str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "500"]
+    cli("ingest", str(local.path), *args)
+    out = ray_cli(ray_cluster, "ingest", str(dist.path), *args).stdout.decode()
+    assert "added 2100" in out and "device ray" in out
+    assert_equal_stores(Store.open(dist.path), Store.open(local.path))
+    assert_stats_match_vectors(Store.open(dist.path))
+    again = ray_cli(ray_cluster, "ingest", str(dist.path), *args).stdout.decode()
+    assert "added 0" in again and "source unit(s) already ingested" in again
+
+
+def test_ray_ingest_of_images_equals_local(ray_cluster, tmp_path, tiny_model):
+    folder = write_image_folder(tmp_path / "imgs", 90)
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("a broken image")
+    local, dist = Store.init(tmp_path / "local"), Store.init(tmp_path / "ray")
+    cli("ingest", str(local.path), str(folder), "--model", tiny_model, "--no-progress")
+    out = ray_cli(ray_cluster, "ingest", str(dist.path), str(folder), "--model", tiny_model, "--no-progress")
+    assert "added 90" in out.stdout.decode() and "rejected 1" in out.stdout.decode()
+    assert_equal_stores(Store.open(dist.path), Store.open(local.path), exact=False)
+    assert_stats_match_vectors(Store.open(dist.path))
+
+
+def test_killed_driver_leaves_no_half_commit_and_the_rerun_is_exact(ray_cluster, tmp_path):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=4, rows=300, row_group=100)
+    ref, st = Store.init(tmp_path / "ref"), Store.init(tmp_path / "s")
+    args = [str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "200"]
+    cli("ingest", str(ref.path), *args)
+    p = ray_cli(ray_cluster, "ingest", str(st.path), *args, env={"CLIPSQL_FAULT": "ray:before-commit@3"},
+                check=False)
+    assert p.returncode == -9
+    mid = Store.open(st.path)
+    assert mid.stats(mid.model()).n == mid.count_rows(mid.model()) < 1200     # whole commits only
+    ray_cli(ray_cluster, "ingest", str(st.path), *args)
+    assert_equal_stores(Store.open(st.path), Store.open(ref.path))
+    assert cli("doctor", str(st.path), check=False).returncode == 0
+
+
+def test_a_killed_worker_node_does_not_fail_the_job(ray_cluster, tmp_path):
+    """A worker node dies mid-job: its tasks are retried on the others and the job completes."""
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=6, rows=400, row_group=50)
+    ref, st = Store.init(tmp_path / "ref"), Store.init(tmp_path / "s")
+    args = [str(pool), *MODEL, "--id-column", "key", "--no-progress"]
+    cli("ingest", str(ref.path), *args)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ingest", str(st.path), *args, "--engine", "ray",
+                             "--ray-address", ray_cluster.address], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(6)
+    assert proc.poll() is None                        # still running: the node dies mid-job
+    victim = ray_cluster.workers[-1]
+    ray_cluster.remove_node(victim, allow_graceful=False)
+    try:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert "added 2400" in out.decode()
+    finally:
+        ray_cluster.workers[-1] = ray_cluster.add_node(num_cpus=1, object_store_memory=96 << 20,
+                                                       node_ip_address="127.0.0.1")
+        ray_cluster.wait_for_nodes()
+    assert_equal_stores(Store.open(st.path), Store.open(ref.path))
