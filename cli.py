@@ -348,18 +348,31 @@ def stats_show(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None
     typer.echo(format_report(report))
 
 
+ENGINE_OPT = typer.Option("local", help="local (this process) or ray (one task per Lance fragment).")
+RAY_ADDRESS_OPT = typer.Option(None, help="--engine ray: `auto` or host:port joins a running cluster; "
+                                          "default: start a local Ray for this command.")
+
+
 @stats_app.command("refresh")
 def stats_refresh(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None, help="Model id (default: "
-                                                                                           "all models).")) -> None:
+                                                                                           "all models)."),
+                  engine: str = ENGINE_OPT, ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Recompute the running statistics from every stored vector."""
+    from cluster.engine import check_engine
     from store.store import Store
     st = _run(Store.open, store)
     targets = [_run(st.model, model)] if model else st.list_models()
+    use_ray = _run(check_engine, engine) == "ray"
+
     def refresh() -> None:
-        with st.lock():
-            for m in targets:
-                state = st.refresh_stats(m)
-                typer.echo(f"{m.model_id}: statistics recomputed over {state.n} rows")
+        for m in targets:
+            if use_ray:
+                from cluster.scores import refresh_stats_ray
+                state = refresh_stats_ray(st, m, address=ray_address)
+            else:
+                with st.lock():
+                    state = st.refresh_stats(m)
+            typer.echo(f"{m.model_id}: statistics recomputed over {state.n} rows")
     _run(refresh)
 
 
@@ -433,14 +446,30 @@ def score(store: Path = STORE_ARG,
                                           "for when no target data exist."),
           pool_batch_size: Optional[int] = typer.Option(None, help="|B| of the pool form (default "
                                                                     "min(32768, pool))."),
-          seed: Optional[int] = typer.Option(None, help="Seed of the pool partitions (default: the fit's).")) -> None:
+          seed: Optional[int] = typer.Option(None, help="Seed of the pool partitions (default: the fit's)."),
+          engine: str = ENGINE_OPT, ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Materialize chosen scores as stored columns (view `stored_scores`), stamped with the fit they came from.
 
-    Re-running replaces the table: pass every column you want in one run."""
-    from queries.sql.materialize import materialize_scores
+    Locally, re-running replaces the table: pass every column you want in one run. With
+    --engine ray each fragment is a task; a re-run with the same fit and columns scores only
+    rows added since (another fit or other columns rescore all), and rows an ingest commits
+    while the job runs are reported as pending."""
+    from cluster.engine import check_engine
     from store.store import Store
     st = _run(Store.open, store)
-    res = _run(materialize_scores, st, [c.strip() for c in columns.split(",") if c.strip()], model,
+    cols = [c.strip() for c in columns.split(",") if c.strip()]
+    if _run(check_engine, engine) == "ray":
+        if neg_clip_loss_pool or norm_sim_d:
+            _fail("the pool-form scores (--neg-clip-loss-pool, --norm-sim-d) need the whole pool at once: "
+                  "use --engine local")
+        from cluster.scores import score_ray
+        res = _run(score_ray, st, cols, model, address=ray_address)
+        typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
+                   f"(fit #{res['fit_id']}, {res['mode']}, {res['tasks']} tasks) in {res['seconds']:.2f}s; "
+                   f"{res['pending']} rows committed meanwhile are pending (re-run to score them)")
+        return
+    from queries.sql.materialize import materialize_scores
+    res = _run(materialize_scores, st, cols, model,
                neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d, pool_batch_size=pool_batch_size,
                seed=seed)
     typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "

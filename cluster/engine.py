@@ -30,6 +30,9 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     except ImportError:
         raise EngineError("--engine ray needs Ray: pip install -e '.[ray]' (ray[data] 2.60)") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import warnings
+    # Ray forks helper processes after `lance` is imported; they never call into Lance
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
     if ray.is_initialized():
         yield ray
         return

@@ -315,9 +315,11 @@ class Store:
 
     # -- Lance tables ---------------------------------------------------------------------
     def table_names(self) -> list[str]:
-        """Lance tables of the store (a directory listing: importing lancedb costs ~1.5 s)."""
+        """Lance tables of the store (a directory listing: importing lancedb costs ~1.5 s). A directory
+        without `_versions` holds only data files of a table not yet committed (a job in flight)."""
         root = self.path / "lance"
-        return sorted(p.name[:-len(".lance")] for p in root.glob("*.lance")) if root.is_dir() else []
+        return sorted(p.name[:-len(".lance")] for p in root.glob("*.lance") if (p / "_versions").is_dir()) \
+            if root.is_dir() else []
 
     def table_uri(self, name: str) -> str:
         return str(self.path / "lance" / f"{name}.lance")

@@ -103,3 +103,57 @@ def test_a_killed_worker_node_does_not_fail_the_job(ray_cluster, tmp_path):
                                                        node_ip_address="127.0.0.1")
         ray_cluster.wait_for_nodes()
     assert_equal_stores(Store.open(st.path), Store.open(ref.path))
+
+
+def test_ray_scores_equal_sql_scores_and_rerun_scores_only_new_rows(ray_cluster, tmp_path):
+    import queries
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=3, rows=400, row_group=100)
+    st = Store.init(tmp_path / "s")
+    first = tmp_path / "first"
+    (first / "img_emb").mkdir(parents=True)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (first / sub).mkdir(exist_ok=True)
+        for f in (pool / sub).iterdir():
+            if f.name.split("_")[-1].split(".")[0] in ("0", "1"):
+                os.link(f, first / sub / f.name)
+    cli("ingest", str(st.path), str(first), *MODEL, "--id-column", "key", "--no-progress")
+    cli("stats", "fit", str(st.path), "--reference-size", "300")
+    cols = "image_info_gain,text_info_gain,image_conformity,clip_score,neg_clip_loss"
+    out = ray_cli(ray_cluster, "score", str(st.path), "--columns", cols).stdout.decode()
+    assert "for 800 rows" in out and "overwrite" in out
+    con = queries.connect(Store.open(st.path))
+    got = con.sql(f"SELECT s.id, {cols.replace(',', ', s.')} FROM stored_scores s ORDER BY id").fetchall()
+    want = con.sql(f"SELECT id, {cols} FROM scores ORDER BY id").fetchall()
+    assert len(got) == len(want) == 800
+    np.testing.assert_allclose(np.array([g[1:] for g in got], float), np.array([w[1:] for w in want], float),
+                               rtol=1e-6, atol=1e-9)
+    # an ingest appends while a score job runs: both finish, the job reports what it left pending
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ingest", str(st.path), str(pool), *MODEL,
+                             "--id-column", "key", "--no-progress", "--commit-rows", "50", "--commit-seconds", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = ray_cli(ray_cluster, "score", str(st.path), "--columns", cols).stdout.decode()
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err.decode()[-1500:]
+    assert "append" in out and "pending" in out
+    final = ray_cli(ray_cluster, "score", str(st.path), "--columns", cols).stdout.decode()
+    con = queries.connect(Store.open(st.path))
+    n, distinct = con.sql("SELECT count(*), count(DISTINCT id) FROM stored_scores").fetchall()[0]
+    assert n == distinct == 1200, (out, final)
+    assert "0 rows committed meanwhile" in final
+
+
+def test_ray_stats_refresh_equals_local(ray_cluster, tmp_path):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=500, row_group=100)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "100")
+    before = Store.open(st.path).stats(st.model())
+    ray_cli(ray_cluster, "stats", "refresh", str(st.path))
+    after = Store.open(st.path).stats(st.model())
+    for k, m in before.moments.items():
+        assert after.moments[k].n == m.n
+        np.testing.assert_allclose(after.moments[k].mean, m.mean, rtol=1e-9, atol=1e-12)
+        if m.second:
+            np.testing.assert_allclose(after.moments[k].cov, m.cov, rtol=1e-9, atol=1e-12)
+    assert_stats_match_vectors(Store.open(st.path))

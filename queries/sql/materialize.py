@@ -51,19 +51,16 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
     if unknown:
         raise QueryError(f"unknown score column(s) {', '.join(unknown)}; choose from: {', '.join(SCORE_COLUMNS)} "
                          "(or --neg-clip-loss-pool / --norm-sim-d)")
-    from .db import connect, quote_ident, quote_literal
+    from .db import connect, quote_ident
     rec = st.model(model)
-    if "neg_siglip_loss" in columns and rec.kind != "siglip":
-        raise QueryError(f"neg_siglip_loss needs a SigLIP model; {rec.model_id} is a CLIP model (use neg_clip_loss)")
+    check_columns(rec, columns)
     fit = st.latest_fit(rec, with_arrays=False)
     t0 = time.perf_counter()
     with st.lock():
         con = connect(st)
         try:
             idx = [m.model_id for m in st.list_models()].index(rec.model_id)
-            exprs = score_expressions(quote_literal(rec.model_id), rec.kind)
-            cols = "".join(f", {exprs[c]} AS {quote_ident(c)}" for c in columns)
-            tbl = _arrow(con.sql(f"SELECT e.id{cols} FROM {quote_ident(f'embeddings_{idx}')} e ORDER BY e.id"))
+            tbl = score_relation(con, rec, quote_ident(f"embeddings_{idx}"), columns)
         except Exception as e:  # noqa: BLE001 - DuckDB wraps UDF errors
             raise QueryError(str(e)) from None
         finally:
@@ -82,6 +79,21 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
     stored = list(columns) + [c for c, on in zip(POOL_COLUMNS, (neg_clip_loss_pool, norm_sim_d)) if on]
     return {"model": rec.model_id, "rows": n, "columns": stored, "fit_id": fit["fit_id"] if fit else None,
             "seconds": round(time.perf_counter() - t0, 3), "params": params}
+
+
+def check_columns(rec: Any, columns: list[str]) -> None:
+    if "neg_siglip_loss" in columns and rec.kind != "siglip":
+        raise QueryError(f"neg_siglip_loss needs a SigLIP model; {rec.model_id} is a CLIP model (use neg_clip_loss)")
+
+
+def score_relation(con: Any, rec: Any, relation: str, columns: list[str]) -> pa.Table:
+    """id + the score columns of every row of `relation` (its image_embedding / text_embedding),
+    through the SQL score functions themselves: what `clipsql score` stores locally and what each
+    Ray task computes for its fragment (cluster.scores) are the same expressions."""
+    from .db import quote_ident, quote_literal
+    exprs = score_expressions(quote_literal(rec.model_id), rec.kind)
+    cols = "".join(f", {exprs[c]} AS {quote_ident(c)}" for c in columns)
+    return _arrow(con.sql(f"SELECT e.id{cols} FROM {relation} e ORDER BY e.id"))
 
 
 def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bool, normsim_d: bool,

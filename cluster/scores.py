@@ -1,0 +1,187 @@
+"""`clipsql score --engine ray` and `clipsql stats refresh --engine ray`: one task per fragment.
+
+Scores: each task reads one fragment of the model table (the committed version the job
+started from), computes the score columns through the same SQL score functions the local
+`clipsql score` uses (`queries.sql.materialize.score_relation`, the fit loaded from the catalog
+in each worker), and writes them as a data file of the model's stored-scores table; the driver
+commits them in one Lance operation stamped (schema metadata) with the fit and the columns.
+A re-run with the same fit and columns scores only the rows the score table lacks (each task
+looks its fragment's ids up in it: an Append); another fit or other columns rescore
+everything (an Overwrite). The score table is not the model table, so a job never conflicts with an ingest
+appending meanwhile; rows committed after its snapshot are reported as pending.
+
+Statistics: each task folds one fragment's vectors with the store's shift; the driver merges
+the partials exactly (`RunningMoments.merge`) and saves them under the writer lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import pickle
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from store.errors import QueryError, StoreLocked
+from store.store import ModelRecord, StatsState, Store, new_moments, to_numpy, update_moments
+
+from .engine import ray_session
+
+SCORED_KEY = "clipsql.scored"
+
+
+@contextlib.contextmanager
+def score_lock(st: Store) -> Iterator[None]:
+    """One score job per store at a time (its own lock: ingest may append meanwhile)."""
+    fh = open(st.path / ".score.lock", "a+")
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreLocked(f"another `clipsql score` is running on {st.path}; wait for it") from None
+        yield
+    finally:
+        fh.close()
+
+
+def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id: int, columns: list[str],
+                    scored_version: int | None, fit_id: int | None, out_uri: str, schema: pa.Schema) -> dict:
+    """Worker: score the fragment's rows the score table (at `scored_version`) lacks; write them as
+    a data file of the score table."""
+    import lance
+    import pyarrow.compute as pc
+    from queries.sql.db import connect
+    from queries.sql.materialize import score_relation
+    t0 = time.perf_counter()
+    st = Store.open(store_path, read_only=True)
+    frag = st.embeddings_table(rec, version).get_fragment(fragment_id)
+    tbl = frag.to_table(columns=["id", "image_embedding", "text_embedding"])
+    if scored_version is not None and tbl.num_rows:      # only rows not scored yet (an index lookup)
+        done = lance.dataset(out_uri, version=scored_version).to_table(
+            columns=["id"], filter=pc.field("id").isin(tbl.column("id"))).column("id")
+        if len(done):
+            tbl = tbl.filter(pc.invert(pc.is_in(tbl.column("id"), value_set=done.combine_chunks())))
+    if tbl.num_rows == 0:
+        return {"fragments": [], "rows": 0, "seconds": time.perf_counter() - t0}
+    con = connect(st)
+    try:
+        con.register("_fragment", tbl)
+        scored = score_relation(con, rec, "_fragment", columns)
+    finally:
+        con.close()
+    n = scored.num_rows
+    scored = scored.append_column("fit_id", pa.array([fit_id] * n, pa.int64()))
+    scored = scored.append_column("computed_at", pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC")))
+    frags = lance.fragment.write_fragments(scored.cast(schema), out_uri, schema=schema, max_rows_per_file=1 << 30)
+    return {"fragments": [json.dumps(f.to_json()) for f in frags], "rows": n, "seconds": time.perf_counter() - t0}
+
+
+def score_ray(st: Store, columns: list[str], model: str | None = None, *, address: str | None = None) -> dict:
+    import lance
+    from lance import LanceOperation
+    from queries.sql.materialize import SCORE_COLUMNS, check_columns, stored_table_name
+    if not columns:
+        raise QueryError(f"name the scores to store: --columns image_info_gain,… (from: {', '.join(SCORE_COLUMNS)})")
+    unknown = [c for c in columns if c not in SCORE_COLUMNS]
+    if unknown:
+        raise QueryError(f"unknown score column(s) {', '.join(unknown)}; choose from: {', '.join(SCORE_COLUMNS)}")
+    rec = st.model(model)
+    check_columns(rec, columns)
+    fit = st.latest_fit(rec, with_arrays=False)
+    fit_id = fit["fit_id"] if fit else None
+    t0 = time.perf_counter()
+    with score_lock(st):
+        ds = st.embeddings_table(rec)                 # the committed snapshot this job scores
+        version = ds.version
+        name = stored_table_name(rec.table_name)
+        uri = st.table_uri(name)
+        schema = pa.schema([("id", pa.string())] + [(c, pa.float64()) for c in columns] +
+                           [("fit_id", pa.int64()), ("computed_at", pa.timestamp("us", tz="UTC"))])
+        prev = _scored_meta(st, name)
+        append = prev is not None and prev["fit_id"] == fit_id and prev["columns"] == list(columns)
+        scored_version = lance.dataset(uri).version if append else None
+        schema = schema.with_metadata({SCORED_KEY: json.dumps({"fit_id": fit_id, "columns": list(columns),
+                                                               "version": version})})
+        with ray_session(address) as ray:
+            task = ray.remote(max_retries=3)(_score_fragment)
+            refs = [task.remote(str(st.path), rec, version, f.fragment_id, list(columns), scored_version, fit_id, uri,
+                                schema)
+                    for f in ds.get_fragments()]
+            outs = ray.get(refs)
+        from lance.fragment import FragmentMetadata
+        frags = [FragmentMetadata.from_json(b) for o in outs for b in o["fragments"]]
+        rows = sum(o["rows"] for o in outs)
+        if append:
+            if frags:
+                _commit(uri, LanceOperation.Append(frags), scored_version)
+            _set_scored_meta(uri, schema.metadata)
+        else:
+            _commit(uri, LanceOperation.Overwrite(schema, frags), None)
+        out_ds = lance.dataset(uri)
+        if out_ds.count_rows() >= 10_000:      # the next re-run's "already scored?" lookups use it
+            out_ds.create_scalar_index("id", "BTREE", replace=True)
+        pending = st.embeddings_table(rec).count_rows() - ds.count_rows()
+    return {"model": rec.model_id, "rows": rows, "columns": list(columns), "fit_id": fit_id, "mode":
+            "append" if append else "overwrite", "tasks": len(outs), "pending": max(0, pending),
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _commit(uri: str, op: Any, read_version: int | None) -> None:
+    from lance import LanceDataset
+    LanceDataset.commit(uri, op, read_version=read_version)
+
+
+def _scored_meta(st: Store, name: str) -> dict | None:
+    if name not in st.table_names():
+        return None
+    meta = (st.dataset(name, latest=True).schema.metadata or {}).get(SCORED_KEY.encode())
+    return json.loads(meta) if meta else None
+
+
+def _set_scored_meta(uri: str, metadata: dict) -> None:
+    import lance
+    ds = lance.dataset(uri)
+    ds.replace_schema_metadata({k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                                for k, v in metadata.items()})
+
+
+# --------------------------------------------------------------------------- statistics
+def _fold_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id: int, shifts: dict) -> bytes:
+    st = Store.open(store_path, read_only=True)
+    frag = st.embeddings_table(rec, version).get_fragment(fragment_id)
+    state = StatsState(rec.model_id, new_moments(rec.dim), 0)
+    for k, m in state.moments.items():
+        m.shift = None if shifts.get(k) is None else np.array(shifts[k])
+    for batch in frag.to_batches(columns=["image_embedding", "text_embedding", "seq"], batch_size=1 << 16):
+        if batch.num_rows:
+            update_moments(state, to_numpy(batch.column("image_embedding")), to_numpy(batch.column("text_embedding")))
+            state.covered_seq = max(state.covered_seq, int(pa.compute.max(batch.column("seq")).as_py()))
+    return pickle.dumps(state, protocol=5)
+
+
+def refresh_stats_ray(st: Store, model: ModelRecord, *, address: str | None = None) -> StatsState:
+    """Recompute a model's running statistics from every stored vector, one task per fragment."""
+    with st.lock():
+        ds = st.embeddings_table(model)
+        current = st.stats(model)
+        shifts = {k: m.shift for k, m in current.moments.items()}
+        if any(v is None for v in shifts.values()) and ds.count_rows():
+            first = StatsState(model.model_id, new_moments(model.dim), 0)
+            head = ds.head(4096, columns=["image_embedding", "text_embedding"])
+            update_moments(first, to_numpy(head.column("image_embedding")), to_numpy(head.column("text_embedding")))
+            shifts = {k: m.shift for k, m in first.moments.items()}
+        with ray_session(address) as ray:
+            task = ray.remote(max_retries=3)(_fold_fragment)
+            parts = ray.get([task.remote(str(st.path), model, ds.version, f.fragment_id, shifts)
+                             for f in ds.get_fragments()])
+        state = StatsState(model.model_id, new_moments(model.dim), 0)
+        for blob in parts:          # fragment order: the same sums every run
+            p = pickle.loads(blob)
+            for k, m in p.moments.items():
+                state.moments[k].merge(m)
+            state.covered_seq = max(state.covered_seq, p.covered_seq)
+        st.save_stats(state)
+    return state
