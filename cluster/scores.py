@@ -15,17 +15,15 @@ the partials exactly (`RunningMoments.merge`) and saves them under the writer lo
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import pickle
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from store.errors import QueryError, StoreLocked
+from store.errors import QueryError
 from store.store import ModelRecord, StatsState, Store, new_moments, to_numpy, update_moments
 
 from .engine import ray_session
@@ -33,18 +31,9 @@ from .engine import ray_session
 SCORED_KEY = "clipsql.scored"
 
 
-@contextlib.contextmanager
-def score_lock(st: Store) -> Iterator[None]:
-    """One score job per store at a time (its own lock: ingest may append meanwhile)."""
-    fh = open(st.path / ".score.lock", "a+")
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreLocked(f"another `clipsql score` is running on {st.path}; wait for it") from None
-        yield
-    finally:
-        fh.close()
+def score_lock(st: Store):  # noqa: ANN201 - a context manager
+    """One score job per store at a time (its own lock: an ingest may append meanwhile)."""
+    return st.lock("score")
 
 
 def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id: int, columns: list[str],

@@ -158,6 +158,16 @@ stale_fits = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+# Writer leases (migration 7): a store on object storage with a server catalog has no local
+# directory to hold a lock file, so its writer lock is a row here, renewed by a heartbeat and
+# lapsing at `expires_at` when its holder dies.
+leases = sa.Table(
+    "leases", metadata,
+    sa.Column("name", sa.String(100), primary_key=True),      # writer | score
+    sa.Column("holder", sa.String(300), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
 # Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "models, runs, rejects, running stats",
@@ -168,6 +178,7 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (5, "commit ledger: commits, committed table versions, ingested source units",
      [commits, table_versions, ingested_units]),
     (6, "fits made stale by deleted or rewritten rows", [stale_fits]),
+    (7, "writer leases for stores on object storage", [leases]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

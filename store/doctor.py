@@ -36,6 +36,7 @@ import sqlalchemy as sa
 
 from . import catalog as cat
 from .errors import CatalogError, ClipsqlError
+from .location import exists, is_remote, move, store_path
 from .store import (FORMAT_VERSION, MODEL_METADATA_KEY, ModelRecord, Store, _default_catalog, new_moments,
                     read_marker, set_committed_version, to_numpy, update_moments, StatsState)
 
@@ -81,7 +82,7 @@ class Report:
 
 
 def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
-    path = Path(path)
+    path = store_path(path)
     report = Report(str(path), repair=repair)
     marker = read_marker(path)          # a missing / damaged / newer clipsql.json is a one-line refusal
     report.add("format", "ok", f"clipsql.json format {marker.get('format', FORMAT_VERSION)}")
@@ -113,7 +114,7 @@ def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
 # --------------------------------------------------------------------------- the catalog
 def _catalog_problem(st: Store, marker: dict, path: Path) -> str | None:
     """Why the catalog cannot be used (missing, damaged, empty, another store's), or None."""
-    if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") \
+    if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") and not is_remote(path) \
             and not (path / "catalog.sqlite").exists():
         return f"the catalog {path / 'catalog.sqlite'} is missing"
     try:
@@ -178,7 +179,7 @@ def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: s
                 spec=cat.to_json(m["spec"]), created_at=time.time()))
             set_committed_version(conn, name, good, None)
         models.append(m["model_id"])
-    if os.path.exists(st.table_uri("samples")):
+    if exists(st.table_uri("samples")):
         good = _newest_readable(st, "samples", None, report, repair=True)
         if good is not None:
             with st.engine.begin() as conn:
@@ -199,9 +200,9 @@ def _scan_ok(ds: Any) -> str | None:
     for frag in ds.get_fragments():
         for f in frag.data_files():
             p = f.path if hasattr(f, "path") else str(f)
-            full = p if os.path.isabs(p) else os.path.join(ds.uri, "data", p)
-            if not os.path.exists(full):
-                return f"data file {os.path.basename(full)} is missing"
+            full = p if os.path.isabs(p) or "://" in p else f"{ds.uri}/data/{p}"
+            if not exists(full):
+                return f"data file {full.rsplit('/', 1)[-1]} is missing"
     try:
         for _ in ds.to_batches(columns=["id"], batch_size=1 << 16):
             pass
@@ -211,7 +212,7 @@ def _scan_ok(ds: Any) -> str | None:
 
 
 def _versions_desc(uri: str) -> list[int]:
-    names = os.listdir(os.path.join(uri, "_versions"))
+    names = [p.name for p in (store_path(uri) / "_versions").iterdir()]
     out = []
     for n in names:
         if not n.endswith(".manifest"):
@@ -222,8 +223,8 @@ def _versions_desc(uri: str) -> list[int]:
 
 
 def _manifest_path(uri: str, version: int) -> str:
-    v2 = os.path.join(uri, "_versions", f"{(1 << 64) - 1 - version:020d}.manifest")
-    return v2 if os.path.exists(v2) else os.path.join(uri, "_versions", f"{version}.manifest")
+    v2 = f"{uri}/_versions/{(1 << 64) - 1 - version:020d}.manifest"
+    return v2 if exists(v2) else f"{uri}/_versions/{version}.manifest"
 
 
 def _newest_readable(st: Store, name: str, limit: int | None, report: Report, repair: bool) -> int | None:
@@ -245,11 +246,11 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
                     q.mkdir(parents=True, exist_ok=True)
                     for x in newer:
                         src = _manifest_path(uri, x)
-                        if os.path.exists(src):
-                            shutil.move(src, q / os.path.basename(src))
-                    hint = os.path.join(uri, "_versions", "latest_version_hint.json")
-                    if os.path.exists(hint):
-                        os.unlink(hint)
+                        if exists(src):
+                            move(src, q / src.rsplit("/", 1)[-1])
+                    hint = store_path(f"{uri}/_versions/latest_version_hint.json")
+                    if hint.exists():
+                        hint.unlink()
             return v
     report.add(f"table {name}", "error", "no version of this table can be read")
     return None
@@ -258,11 +259,11 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
 def _check_tables(st: Store, report: Report, repair: bool) -> None:
     import lance
     recorded = st.committed_versions()
-    names = (["samples"] if os.path.exists(st.table_uri("samples")) else []) + [m.table_name for m in st.list_models()]
+    names = (["samples"] if exists(st.table_uri("samples")) else []) + [m.table_name for m in st.list_models()]
     for name in names:
         uri = st.table_uri(name)
         check = f"table {name}"
-        if not os.path.exists(uri):
+        if not exists(uri):
             report.add(check, "error", "the catalog names it but its Lance directory is missing")
             continue
         v = recorded.get(name)
@@ -422,7 +423,13 @@ def _check_runs(st: Store, report: Report, repair: bool) -> None:
 def _lock_holder(st: Store) -> str | None:
     """Who holds the writer lock (None: nobody), without taking it."""
     import fcntl
-    lock = st.path / ".write.lock"
+    if is_remote(st.path):
+        if st.engine.dialect.name != "sqlite":
+            from .locks import lease_holder
+            return lease_holder(st.engine, "writer")
+        lock = Path((st.engine.url.database or "").split("?")[0].removeprefix("file:") + ".write.lock")
+    else:
+        lock = st.path / ".write.lock"
     if not lock.exists():
         return None
     with open(lock, "a+") as fh:

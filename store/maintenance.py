@@ -16,8 +16,6 @@ that change no row; the catalog's `table_versions` moves to them in one transact
 from __future__ import annotations
 
 import datetime as _dt
-import os
-from pathlib import Path
 import time
 from typing import Any
 
@@ -25,6 +23,7 @@ import sqlalchemy as sa
 
 from . import catalog as cat
 from .faults import fault
+from .location import exists
 from .store import ModelRecord, Store, set_committed_version
 
 DEFAULT_RETENTION_HOURS = 24.0
@@ -35,7 +34,7 @@ AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of
 
 
 def _tables(st: Store) -> list[str]:
-    names = ["samples"] if os.path.exists(st.table_uri("samples")) else []
+    names = ["samples"] if exists(st.table_uri("samples")) else []
     return names + [m.table_name for m in st.list_models()]
 
 
@@ -53,7 +52,8 @@ def target_rows(ds: Any) -> int:
     rows = ds.count_rows()
     if not rows:
         return 1 << 20
-    per_row = max(1, sum(f.stat().st_size for f in Path(ds.uri, "data").glob("*") if f.is_file()) // rows)
+    size = sum(f.file_size_bytes or 0 for frag in ds.get_fragments() for f in frag.data_files())
+    per_row = max(1, size // rows)
     return int(min(1 << 20, max(1 << 16, FRAGMENT_BYTES // per_row)))
 
 
@@ -154,7 +154,7 @@ def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
     outside the id index. Returns {} when nothing was due."""
     compact = index = False
     for name in ("samples", rec.table_name):
-        if not os.path.exists(st.table_uri(name)):
+        if not exists(st.table_uri(name)):
             continue
         ds = st.dataset(name)
         rows = ds.count_rows()

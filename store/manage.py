@@ -15,7 +15,6 @@ view say to re-run `clipsql stats fit`.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ import sqlalchemy as sa
 from . import catalog as cat
 from .errors import ModelError
 from .faults import fault
+from .location import rmtree
 from .store import ModelRecord, Store, new_moments, set_committed_version, to_numpy
 
 SCAN_BATCH = 65536
@@ -227,7 +227,7 @@ def sweep_dropped_tables(st: Store) -> list[str]:
     gone = []
     for key in keys:
         table = key[len(DROP_PREFIX):]
-        shutil.rmtree(st.table_uri(table), ignore_errors=True)
+        rmtree(st.table_uri(table))
         with st.engine.begin() as conn:
             conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == key))
         gone.append(table)

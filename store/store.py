@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ import sqlalchemy as sa
 from . import catalog as cat
 from .faults import fault
 from .errors import CatalogError, DimensionMismatch, ModelError, StoreLocked, StoreNotFound
+from .location import exists, is_remote, rmtree, store_path
 from .stats import RunningMoments, fold_pair, normalize_rows
 
 MARKER = "clipsql.json"
@@ -134,7 +134,7 @@ def table_name_for(model_id: str) -> str:
 
 class Store:
     def __init__(self, path: Path, catalog_url: str, read_only: bool = False):
-        self.path = Path(path)
+        self.path = store_path(path)
         self.catalog_url = catalog_url
         self.read_only = read_only
         self.engine = cat.make_engine(catalog_url, read_only=read_only)
@@ -142,7 +142,11 @@ class Store:
     # -- lifecycle ----------------------------------------------------------------------
     @classmethod
     def init(cls, path: str | os.PathLike, catalog_url: str | None = None) -> "Store":
-        path = Path(path)
+        path = store_path(path)
+        if is_remote(path) and not catalog_url and not (path / MARKER).exists():
+            raise CatalogError(f"a store on object storage ({path}) keeps its catalog elsewhere: pass --catalog "
+                               "postgresql+psycopg://user@host/db (a team), or sqlite:////local/dir/catalog.sqlite "
+                               "(one machine)")
         if path.exists() and not path.is_dir():
             raise StoreNotFound(f"{path} is a file, not a directory: choose a new path for the store")
         if (path / MARKER).exists():
@@ -182,10 +186,10 @@ class Store:
     def open(cls, path: str | os.PathLike, migrate: bool = True, *, read_only: bool = False) -> "Store":
         """Open a store. Writers migrate the catalog; `read_only` (queries, reports) opens it read-only
         and never changes it (a catalog that needs migrating is refused with the command that does it)."""
-        path = Path(path)
+        path = store_path(path)
         marker = read_marker(path)
         url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or _default_catalog(path)
-        if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") \
+        if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") and not is_remote(path) \
                 and not (path / "catalog.sqlite").exists():
             raise CatalogError(f"the catalog of {path} ({path / 'catalog.sqlite'}) is missing: restore it from a "
                                f"backup, or rebuild it from the Lance data with `clipsql doctor {path} --repair`")
@@ -233,25 +237,23 @@ class Store:
         return lancedb.connect(str(self.path / "lance"))
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Exclusive writer lock; a second writer fails at once with StoreLocked."""
-        lock_path = self.path / ".write.lock"
-        fh = open(lock_path, "a+")
-        try:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                raise StoreLocked(f"{self.path} is being written by {holder}; one writer per store — "
-                                  "wait for it to finish (readers such as `clipsql query` can run meanwhile)") from None
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()}")
-            fh.flush()
-            yield
-        finally:
-            fh.close()  # closing releases the flock
+    def lock(self, name: str = "writer") -> Iterator[None]:
+        """Exclusive lock `name` (the writer lock, or `score` for score jobs); a second holder fails at
+        once with StoreLocked. A local store flock()s a file in its directory; a store on object
+        storage flock()s a file beside its local SQLite catalog, or holds a lease in its server
+        catalog (store.locks)."""
+        from .locks import file_lock, lease
+        suffix = ".write.lock" if name == "writer" else f".{name}.lock"
+        if not is_remote(self.path):
+            with file_lock(str(self.path / suffix), str(self.path)):
+                yield
+        elif self.engine.dialect.name == "sqlite":
+            db = self.engine.url.database or ""
+            with file_lock(db.split("?")[0].removeprefix("file:") + suffix, str(self.path)):
+                yield
+        else:
+            with lease(self.engine, name, str(self.path)):
+                yield
 
     # -- settings and models ------------------------------------------------------------
     def get_setting(self, key: str) -> str | None:
@@ -279,7 +281,7 @@ class Store:
             return rec
         rec = ModelRecord(model_id, table_name_for(model_id), kind, int(dim), float(logit_scale),
                           None if logit_bias is None else float(logit_bias), context_length, spec)
-        if not os.path.exists(self.table_uri(rec.table_name)):
+        if not exists(self.table_uri(rec.table_name)):
             # the table carries its model record, so `clipsql doctor --repair` can rebuild a lost catalog
             meta = {MODEL_METADATA_KEY: json.dumps(dict(
                 model_id=rec.model_id, kind=rec.kind, dim=rec.dim, logit_scale=rec.logit_scale,
@@ -375,7 +377,7 @@ class Store:
         names = ["samples"] + [m.table_name for m in self.list_models()]
         for name in names:
             uri = self.table_uri(name)
-            if not os.path.exists(uri):
+            if not exists(uri):
                 continue
             latest = lance.dataset(uri)
             if name not in recorded:
@@ -678,7 +680,7 @@ class Store:
 
 def read_marker(path: Path) -> dict:
     """The store's clipsql.json, checked: present, valid JSON, a format this clipsql reads."""
-    marker_path = Path(path) / MARKER
+    marker_path = store_path(path) / MARKER
     if not marker_path.exists():
         raise StoreNotFound(f"no clipsql store at {path}: create one with `clipsql init {path}`")
     try:
@@ -699,11 +701,11 @@ def read_marker(path: Path) -> dict:
 def _undo_init(path: Path, remove_dir: bool) -> None:
     """Remove what a failed `Store.init` made (the directory was new, or empty before)."""
     if remove_dir:
-        shutil.rmtree(path, ignore_errors=True)
+        rmtree(path)
         return
     for child in path.iterdir():
         if child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
+            rmtree(child)
         else:
             child.unlink(missing_ok=True)
 

@@ -1,0 +1,167 @@
+"""Where a store lives: a local directory (pathlib.Path) or object storage (`s3://bucket/prefix`).
+
+`store_path(spec)` returns a `Path` for a local store and an `ObjectPath` for an object-store
+URI. `ObjectPath` offers the few pathlib operations a store needs (`/`, `exists`, `is_dir`,
+`read_text`, `write_text`, `iterdir`, `glob("*.lance")`, `mkdir`, `rmtree`) through
+`pyarrow.fs`, so the store code is the same for both. Lance, pyarrow and DuckDB reach the
+objects with the usual AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_REGION, AWS_ENDPOINT_URL, AWS_ALLOW_HTTP for a plain-HTTP endpoint such as MinIO or moto).
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMES = ("s3://", "gs://", "az://")
+
+
+def is_remote(spec: Any) -> bool:
+    return isinstance(spec, ObjectPath) or str(spec).startswith(SCHEMES)
+
+
+def store_path(spec: Any) -> "Path | ObjectPath":
+    if isinstance(spec, ObjectPath):
+        return spec
+    text = os.fspath(spec) if not isinstance(spec, str) else spec
+    if text.startswith(SCHEMES):
+        return ObjectPath(text.rstrip("/"))
+    return Path(text)
+
+
+class ObjectPath:
+    """A path on object storage, with the pathlib subset a store uses."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.scheme, _, self.key = uri.partition("://")
+
+    # -- pathlib-like ------------------------------------------------------------------
+    def __truediv__(self, part: str) -> "ObjectPath":
+        return ObjectPath(f"{self.uri}/{str(part).strip('/')}")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __fspath__(self) -> str:
+        return self.uri
+
+    def __repr__(self) -> str:
+        return f"ObjectPath({self.uri!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectPath) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    @property
+    def name(self) -> str:
+        return self.key.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "ObjectPath":
+        return ObjectPath(self.uri.rsplit("/", 1)[0])
+
+    def resolve(self) -> "ObjectPath":
+        return self
+
+    def _fs(self) -> Any:
+        import pyarrow.fs as pafs
+        fs, path = pafs.FileSystem.from_uri(self.uri)
+        return fs, path
+
+    def _info(self) -> Any:
+        fs, path = self._fs()
+        return fs.get_file_info(path)
+
+    def exists(self) -> bool:
+        import pyarrow.fs as pafs
+        if self._info().type != pafs.FileType.NotFound:
+            return True
+        return self.is_dir()
+
+    def is_dir(self) -> bool:
+        import pyarrow.fs as pafs
+        fs, path = self._fs()
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            return True
+        try:       # object stores have no directories: a prefix with objects under it is one
+            return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+        except (FileNotFoundError, OSError):
+            return False
+
+    def is_file(self) -> bool:
+        import pyarrow.fs as pafs
+        return self._info().type == pafs.FileType.File
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def read_bytes(self) -> bytes:
+        fs, path = self._fs()
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except (FileNotFoundError, OSError) as e:
+            raise FileNotFoundError(f"{self.uri}: {e}") from None
+
+    def write_text(self, text: str, encoding: str = "utf-8") -> int:
+        fs, path = self._fs()
+        data = text.encode(encoding)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return len(data)
+
+    def iterdir(self) -> Iterator["ObjectPath"]:
+        import pyarrow.fs as pafs
+        fs, path = self._fs()
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        except (FileNotFoundError, OSError):
+            return iter(())
+        return iter(ObjectPath(f"{self.scheme}://{i.path}") for i in infos)
+
+    def glob(self, pattern: str) -> Iterator["ObjectPath"]:
+        return (p for p in self.iterdir() if fnmatch.fnmatch(p.name, pattern))
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        return None          # prefixes need no creation
+
+    def unlink(self, missing_ok: bool = False) -> None:
+        fs, path = self._fs()
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+
+
+def rmtree(path: "Path | ObjectPath | str") -> None:
+    """Delete a directory tree (a local one or every object under a prefix); missing is fine."""
+    p = store_path(path)
+    if isinstance(p, ObjectPath):
+        fs, key = p._fs()
+        try:
+            fs.delete_dir(key)
+        except (FileNotFoundError, OSError):
+            pass
+        return
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def exists(path: "Path | ObjectPath | str") -> bool:
+    return store_path(path).exists()
+
+
+def move(src: "Path | ObjectPath | str", dst: "Path | ObjectPath | str") -> None:
+    s, d = store_path(src), store_path(dst)
+    if isinstance(s, ObjectPath):
+        fs, a = s._fs()
+        _, b = d._fs()
+        fs.move(a, b)
+        return
+    Path(d).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(s), str(d))
