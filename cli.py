@@ -77,7 +77,7 @@ def storage_fault(e: BaseException) -> str | None:
 
 
 @app.command()
-def init(store: Path = STORE_ARG,
+def init(store: str = STORE_ARG,
          catalog: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the catalog (default: SQLite file "
                                                           "inside the store), e.g. postgresql://user@host/db")) -> None:
     """Create a store: a LanceDB database plus a catalog of models, runs, rejects and statistics."""
@@ -101,7 +101,7 @@ app.add_typer(models_app, name="models")
 
 
 @models_app.command("list")
-def models_list(store: Path = STORE_ARG,
+def models_list(store: str = STORE_ARG,
                 fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
     """List the models (`*` marks the default, which commands use without --model)."""
     from store.store import Store
@@ -122,7 +122,7 @@ def models_list(store: Path = STORE_ARG,
 
 
 @models_app.command("default")
-def models_default(store: Path = STORE_ARG,
+def models_default(store: str = STORE_ARG,
                    model: str = typer.Argument(..., help="Model id (or a unique part of it).")) -> None:
     """Make MODEL the default: what ingest, stats, score and the score functions use without --model."""
     from store.manage import set_default_model
@@ -133,7 +133,7 @@ def models_default(store: Path = STORE_ARG,
 
 
 @models_app.command("rm")
-def models_rm(store: Path = STORE_ARG, model: str = typer.Argument(..., help="The exact model id.")) -> None:
+def models_rm(store: str = STORE_ARG, model: str = typer.Argument(..., help="The exact model id.")) -> None:
     """Remove a model: its embeddings, running statistics, fits and targets (samples stay)."""
     from store.manage import remove_model
     from store.store import Store
@@ -144,7 +144,7 @@ def models_rm(store: Path = STORE_ARG, model: str = typer.Argument(..., help="Th
 
 
 @app.command()
-def delete(store: Path = STORE_ARG,
+def delete(store: str = STORE_ARG,
            where: str = typer.Option(..., help="SQL condition on the `samples` view (metadata columns "
                                                "included), e.g. \"caption IS NULL\" or \"width < 64\"."),
            dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted; change nothing.")) -> None:
@@ -168,7 +168,7 @@ def delete(store: Path = STORE_ARG,
 
 @app.command()
 def ingest(
-    store: Path = STORE_ARG,
+    store: str = STORE_ARG,
     source: str = typer.Argument(..., help="Folder of images + .txt captions, a csv/parquet/jsonl table, "
                                            "webdataset .tar shard(s), or precomputed embeddings."),
     model: Optional[str] = typer.Option(None, help="ARCH (with --pretrained), hf-hub:ORG/REPO, local-dir:PATH, "
@@ -284,7 +284,7 @@ def _maintenance_line(report: dict) -> str:
 
 
 @app.command()
-def optimize(store: Path = STORE_ARG,
+def optimize(store: str = STORE_ARG,
              retention_hours: float = typer.Option(24.0, min=0.0, help="Keep every version younger than this "
                                                    "(running queries and recent selections read them); versions "
                                                    "a fit was computed on are kept always."),
@@ -308,7 +308,7 @@ def optimize(store: Path = STORE_ARG,
 
 
 @app.command()
-def doctor(store: Path = STORE_ARG,
+def doctor(store: str = STORE_ARG,
            repair: bool = typer.Option(False, "--repair", help="Fix what can be fixed (under the writer lock), "
                                                                "reporting each step."),
            fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
@@ -332,7 +332,7 @@ def doctor(store: Path = STORE_ARG,
 
 
 @stats_app.command("show")
-def stats_show(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None, help="Model id (default: the "
+def stats_show(store: str = STORE_ARG, model: Optional[str] = typer.Option(None, help="Model id (default: the "
                                                                                         "store's default)."),
                fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json"),
                top: int = typer.Option(5, help="How many covariance eigenvalues to show.")) -> None:
@@ -354,7 +354,7 @@ RAY_ADDRESS_OPT = typer.Option(None, help="--engine ray: `auto` or host:port joi
 
 
 @stats_app.command("refresh")
-def stats_refresh(store: Path = STORE_ARG, model: Optional[str] = typer.Option(None, help="Model id (default: "
+def stats_refresh(store: str = STORE_ARG, model: Optional[str] = typer.Option(None, help="Model id (default: "
                                                                                            "all models)."),
                   engine: str = ENGINE_OPT, ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Recompute the running statistics from every stored vector."""
@@ -387,7 +387,7 @@ class Prior(str, Enum):
 
 
 @stats_app.command("fit")
-def stats_fit(store: Path = STORE_ARG,
+def stats_fit(store: str = STORE_ARG,
               model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
               reference_size: int = typer.Option(10_000, help="Rows M in the reference sample (all rows when the "
                                                               "store has fewer)."),
@@ -409,7 +409,7 @@ def stats_fit(store: Path = STORE_ARG,
 
 
 @app.command()
-def query(store: Path = STORE_ARG,
+def query(store: str = STORE_ARG,
           sql: str = typer.Argument(..., help="DuckDB SQL over the views samples, embeddings, rejects, "
                                               "stats, scores and the score functions."),
           fmt: Fmt = typer.Option(Fmt.table, "--format", help="table | csv | json | parquet"),
@@ -426,7 +426,7 @@ def query(store: Path = STORE_ARG,
 
 
 @app.command()
-def sql(store: Path = STORE_ARG,
+def sql(store: str = STORE_ARG,
         allow_external_access: bool = typer.Option(False, help="Let the SQL read/write files.")) -> None:
     """An interactive SQL prompt over the store (same views and functions as `query`)."""
     from queries.sql.cli_query import repl
@@ -434,7 +434,7 @@ def sql(store: Path = STORE_ARG,
 
 
 @app.command()
-def score(store: Path = STORE_ARG,
+def score(store: str = STORE_ARG,
           columns: str = typer.Option("", help="Comma-separated score columns of the `scores` view to store, "
                                                "e.g. image_info_gain,text_info_gain."),
           model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
@@ -477,7 +477,7 @@ def score(store: Path = STORE_ARG,
 
 
 @target_app.command("add")
-def target_add(store: Path = STORE_ARG,
+def target_add(store: str = STORE_ARG,
                name: str = typer.Argument(..., help="Target name (letters, digits, _ . -); SQL refers to it."),
                source: Optional[str] = typer.Argument(None, help="Images to encode with --model (any ingest "
                                                                  "layout; precomputed sources give their image "
@@ -502,7 +502,7 @@ def target_add(store: Path = STORE_ARG,
 
 
 @target_app.command("list")
-def target_list(store: Path = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
+def target_list(store: str = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
     """List the target sets."""
     from queries.curation.targets import list_targets
     from store.store import Store
@@ -519,7 +519,7 @@ def target_list(store: Path = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.t
 
 
 @target_app.command("rm")
-def target_rm(store: Path = STORE_ARG, name: str = typer.Argument(..., help="Target name.")) -> None:
+def target_rm(store: str = STORE_ARG, name: str = typer.Argument(..., help="Target name.")) -> None:
     """Remove a target set."""
     from queries.curation.targets import remove_target
     from store.store import Store
@@ -534,7 +534,7 @@ class Recipe(str, Enum):
 
 
 @app.command("select")
-def select_cmd(store: Path = STORE_ARG,
+def select_cmd(store: str = STORE_ARG,
                recipe: Optional[Recipe] = typer.Option(None, help="kl-guided: top --fraction (default 0.25) by "
                                                                   "text_info_gain. negclip-normsim: top "
                                                                   "--first-fraction (0.3) by neg_clip_loss, then "
@@ -571,7 +571,7 @@ class PlotKind(str, Enum):
 
 
 @app.command()
-def gallery(store: Path = STORE_ARG,
+def gallery(store: str = STORE_ARG,
             sql: str = typer.Argument(..., help="SQL returning an `id` column and any others, e.g. "
                                                 "\"SELECT id, image_info_gain FROM scores\"; uri/caption are "
                                                 "joined from samples when missing."),
@@ -595,7 +595,7 @@ def gallery(store: Path = STORE_ARG,
 
 
 @app.command()
-def plot(store: Path = STORE_ARG,
+def plot(store: str = STORE_ARG,
          kind: PlotKind = typer.Argument(..., help="hist COLUMN | scatter X Y"),
          columns: List[str] = typer.Argument(..., help="hist: one column; scatter: X and Y."),
          sql: Optional[str] = typer.Option(None, help="SQL choosing the rows; must return the columns "
@@ -619,7 +619,7 @@ def plot(store: Path = STORE_ARG,
 
 
 @app.command()
-def geometry(store: Path = STORE_ARG,
+def geometry(store: str = STORE_ARG,
              model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
              output: Path = typer.Option(Path("geometry-report"), "--output", "-o",
                                          help="Directory for report.json, report.html and the PNG plots."),

@@ -1,0 +1,137 @@
+"""A store on object storage (issue 12.2/12.6): Lance data on an S3-compatible server (moto, on
+loopback, started by the fixture) with a PostgreSQL catalog (tests/pg.py): init, ingest, fit,
+query, select, gallery, score, doctor end to end; the writer lock is a lease in the catalog that
+refuses a second writer and lapses when its holder dies. Nothing leaves the machine."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from store import catalog as cat
+from store.errors import StoreLocked
+from store.store import Store
+from tests import pg
+
+from .conftest import write_image_folder
+from .test_ingest import assert_stats_match_vectors
+from .test_ledger import MODEL, cli, write_pool
+
+BUCKET = "clipsql-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    try:
+        import boto3
+    except ImportError:
+        if os.environ.get("CLIPSQL_REQUIRE_S3"):
+            pytest.fail("the object-storage tests cannot run: moto[server] is not installed")
+        pytest.skip("moto[server] is not installed (pip install -e '.[test]')")
+    port = _free_port()
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for _ in range(100):
+        try:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+            break
+        except Exception:  # noqa: BLE001 - the server is starting
+            time.sleep(0.1)
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=30)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    reason = pg.why_unavailable()
+    if reason:
+        if os.environ.get("CLIPSQL_REQUIRE_POSTGRES"):
+            pytest.fail(f"PostgreSQL catalog tests cannot run: {reason}")
+        pytest.skip(reason)
+    srv = pg.PostgresServer().start()
+    yield srv
+    srv.stop()
+
+
+def test_a_store_on_s3_with_a_postgres_catalog_end_to_end(s3, pg_server, tmp_path, tiny_model):
+    uri = f"s3://{BUCKET}/stores/one"
+    url = pg_server.new_database()
+    p = cli("init", uri, check=False)
+    assert p.returncode == 1 and "--catalog" in p.stderr.decode()
+    cli("init", uri, "--catalog", url)
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=300, row_group=100)
+    out = cli("ingest", uri, str(pool), *MODEL, "--id-column", "key", "--no-progress").stdout.decode()
+    assert "added 600" in out
+    assert "added 0" in cli("ingest", uri, str(pool), *MODEL, "--id-column", "key", "--no-progress").stdout.decode()
+    st = Store.open(uri)
+    assert st.count_rows(st.model()) == 600 and str(st.table_uri("samples")).startswith("s3://")
+    assert_stats_match_vectors(st)
+    cli("stats", "fit", uri, "--reference-size", "200")
+    q = cli("query", uri, "SELECT count(*) AS n, count(image_info_gain) AS scored FROM scores", "--format", "json")
+    assert json.loads(q.stdout) == [{"n": 600, "scored": 600}]
+    sel = tmp_path / "sel.csv"
+    cli("select", uri, "--recipe", "kl-guided", "--fraction", "0.25", "-o", str(sel))
+    assert len(sel.read_text().splitlines()) == 1 + 150
+    cli("score", uri, "--columns", "image_info_gain")
+    assert "600" in cli("query", uri, "SELECT count(*) FROM stored_scores").stdout.decode()
+    rc = cli("doctor", uri, check=False)
+    assert rc.returncode == 0, rc.stdout.decode()
+    # images: a folder ingested into a second S3 store, shown in a gallery
+    uri2 = f"s3://{BUCKET}/stores/two"
+    cli("init", uri2, "--catalog", pg_server.new_database())
+    folder = write_image_folder(tmp_path / "imgs", 8)
+    cli("ingest", uri2, str(folder), "--model", tiny_model, "--no-progress")
+    g = cli("gallery", uri2, "SELECT id FROM samples", "-o", str(tmp_path / "g.html")).stdout.decode()
+    assert "gallery of 8 of 8 rows" in g and (tmp_path / "g.html").read_text().count("data:image/") == 8
+
+
+def test_the_writer_lease_refuses_a_second_writer_and_lapses(s3, pg_server, tmp_path, monkeypatch):
+    uri = f"s3://{BUCKET}/stores/lease"
+    st = Store.init(uri, pg_server.new_database())
+    monkeypatch.setenv("CLIPSQL_LEASE_SECONDS", "3")
+    with st.lock():
+        with pytest.raises(StoreLocked, match="is being written by pid"):
+            with Store.open(uri).lock():
+                pass
+        p = cli("optimize", uri, check=False)
+        assert p.returncode == 1 and "being written by" in p.stderr.decode()
+        time.sleep(4)                   # the heartbeat keeps a live lease alive past its TTL
+        with pytest.raises(StoreLocked):
+            with Store.open(uri).lock():
+                pass
+    with Store.open(uri).lock():        # released
+        pass
+    with st.engine.begin() as conn:     # a dead holder's lease (never renewed) lapses
+        conn.execute(cat.leases.insert().values(name="writer", holder="pid 1 on gone", expires_at=time.time() + 2))
+    with pytest.raises(StoreLocked, match="pid 1 on gone"):
+        with st.lock():
+            pass
+    time.sleep(2.5)
+    with st.lock():
+        pass
