@@ -95,25 +95,27 @@ def _results(ray: Any, ctx: RunContext, todo: list, opts: IngestOptions, actors:
     items = [{"i": i} for i in range(len(todo))]
     units = ray.put(todo)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    retry = {"max_retries": 3, "retry_exceptions": False}
+    # Ray Data retries a task whose worker died, and restarts a dead actor, by default
     if ctx.source.precomputed:
         def one(row: dict, _ctx=ctx_ref, _units=units) -> dict:
             import ray as _ray
             c, u = _ray.get(_ctx), _ray.get(_units)
             unit, key = u[row["i"]]
             return precomputed_unit(c, unit, key).to_row()
-        out = ds.map(one, **retry)
+        out = ds.map(one)
     else:
         def decode(row: dict, _ctx=ctx_ref, _units=units) -> dict:
             import ray as _ray
             c, u = _ray.get(_ctx), _ray.get(_units)
             unit, key = u[row["i"]]
             return decode_unit(c, unit, key)
-        gpus = gpu_count(ray)
-        size = actors or (gpus if gpus else max(1, worker_count(ray) // 2))
-        out = ds.map(decode, **retry).map_batches(
-            EncodeWriter, fn_constructor_args=(ctx,), batch_size=1, concurrency=size,
-            num_gpus=1 if gpus else 0, max_restarts=3, max_task_retries=3)
+        gpus, cpus = gpu_count(ray), worker_count(ray)
+        size = actors or (gpus if gpus else max(1, cpus // 2))
+        # on a cluster of one CPU an encoder actor holding a whole CPU would starve the decode tasks
+        share = 1 if gpus or cpus >= 2 else 0.5
+        out = ds.map(decode, num_cpus=share).map_batches(
+            EncodeWriter, fn_constructor_args=(ctx,), batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+            num_gpus=1 if gpus else 0, num_cpus=share)
     for row in out.iter_rows():
         r = row["result"]
         yield pickle.loads(r) if isinstance(r, (bytes, bytearray)) else UnitResult.from_row(row)

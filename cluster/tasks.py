@@ -235,8 +235,3 @@ class EncodeWriter:
         res.seconds.update(p["seconds"])
         res.seconds["encode"] = enc_s
         return res
-
-
-def results_json(r: UnitResult) -> str:
-    """For logs: the result without its payloads."""
-    return json.dumps({"key": r.key, "rows": r.rows, "sample_rows": r.sample_rows, "rejects": len(r.rejects)})
