@@ -135,3 +135,23 @@ def test_the_writer_lease_refuses_a_second_writer_and_lapses(s3, pg_server, tmp_
     time.sleep(2.5)
     with st.lock():
         pass
+
+
+def test_ray_ingest_and_scores_into_an_s3_store(s3, pg_server, tmp_path):
+    """--engine ray against a store on object storage: the command's own local Ray, whose workers
+    reach the bucket with the same AWS environment."""
+    uri = f"s3://{BUCKET}/stores/ray"
+    cli("init", uri, "--catalog", pg_server.new_database())
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=200, row_group=100)
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    out = cli("ingest", uri, str(pool), *MODEL, "--id-column", "key", "--no-progress", "--engine", "ray",
+              env=env).stdout.decode()
+    assert "added 400" in out and "device ray" in out
+    st = Store.open(uri)
+    assert st.count_rows(st.model()) == 400
+    assert_stats_match_vectors(st)
+    cli("stats", "fit", uri, "--reference-size", "100")
+    out = cli("score", uri, "--columns", "clip_score", "--engine", "ray", env=env).stdout.decode()
+    assert "for 400 rows" in out
+    assert "400" in cli("query", uri, "SELECT count(clip_score) FROM stored_scores").stdout.decode()
