@@ -2,13 +2,14 @@
 
 Scores: each task reads one fragment of the model table (the committed version the job
 started from), computes the score columns through the same SQL score functions the local
-`clipsql score` uses (`queries.sql.materialize.score_relation`, the fit loaded from the catalog
-in each worker), and writes them as a data file of the model's stored-scores table; the driver
-commits them in one Lance operation stamped (schema metadata) with the fit and the columns.
-A re-run with the same fit and columns scores only the rows the score table lacks (each task
-looks its fragment's ids up in it: an Append); another fit or other columns rescore
-everything (an Overwrite). The score table is not the model table, so a job never conflicts with an ingest
-appending meanwhile; rows committed after its snapshot are reported as pending.
+`clipsql score` uses (`queries.sql.materialize.score_relation`, with the fit the driver read
+once and broadcast through the object store), and writes them as a data file of the model's
+stored-scores table; the driver commits them in one Lance operation stamped (schema metadata)
+with the fit and the columns. A re-run with the same fit and columns scores only the rows the
+score table lacks (each task looks its fragment's ids up in it: an Append); another fit or
+other columns rescore everything (an Overwrite). The score table is not the model table, so a
+job never conflicts with an ingest appending meanwhile; rows committed after its snapshot are
+reported as pending.
 
 Statistics: each task folds one fragment's vectors with the store's shift; the driver merges
 the partials exactly (`RunningMoments.merge`) and saves them under the writer lock.
@@ -37,7 +38,8 @@ def score_lock(st: Store):  # noqa: ANN201 - a context manager
 
 
 def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id: int, columns: list[str],
-                    scored_version: int | None, fit_id: int | None, out_uri: str, schema: pa.Schema) -> dict:
+                    scored_version: int | None, fit_id: int | None, out_uri: str, schema: pa.Schema,
+                    fit: Any = None) -> dict:
     """Worker: score the fragment's rows the score table (at `scored_version`) lacks; write them as
     a data file of the score table."""
     import lance
@@ -55,7 +57,7 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
             tbl = tbl.filter(pc.invert(pc.is_in(tbl.column("id"), value_set=done.combine_chunks())))
     if tbl.num_rows == 0:
         return {"fragments": [], "rows": 0, "seconds": time.perf_counter() - t0}
-    con = connect(st)
+    con = connect(st, fits={rec.model_id: fit} if fit is not None else None)
     try:
         con.register("_fragment", tbl)
         scored = score_relation(con, rec, "_fragment", columns)
@@ -94,10 +96,15 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *, addres
         scored_version = lance.dataset(uri).version if append else None
         schema = schema.with_metadata({SCORED_KEY: json.dumps({"fit_id": fit_id, "columns": list(columns),
                                                                "version": version})})
+        broadcast = None
+        if fit is not None:
+            from queries.curation.fit import load_fit
+            broadcast = load_fit(st, rec)        # (scores.Fit, row): read once, shared by every task
         with ray_session(address) as ray:
             task = ray.remote(max_retries=3)(_score_fragment)
+            fit_ref = ray.put(broadcast)
             refs = [task.remote(str(st.path), rec, version, f.fragment_id, list(columns), scored_version, fit_id, uri,
-                                schema)
+                                schema, fit_ref)
                     for f in ds.get_fragments()]
             outs = ray.get(refs)
         from lance.fragment import FragmentMetadata

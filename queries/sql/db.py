@@ -36,15 +36,18 @@ def open_store(store: Store | str | os.PathLike) -> Store:
 
 
 def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = False,
-            threads: int | None = None) -> Any:
-    """An in-memory DuckDB connection over the store: views, stats and score functions."""
+            threads: int | None = None, fits: dict | None = None) -> Any:
+    """An in-memory DuckDB connection over the store: views, stats and score functions.
+    `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks)."""
     import duckdb
     st = open_store(store)
     config = {"threads": threads} if threads else {}
     con = duckdb.connect(":memory:", config=config)
     register_views(con, st)
     from . import functions
-    functions.register(con, st)
+    ctx = functions.register(con, st)
+    for model_id, (fit, row) in (fits or {}).items():
+        ctx.preload_fit(model_id, fit, row)
     _register_stats(con, st)
     _register_scores(con, st)
     _bounded_spill(con)

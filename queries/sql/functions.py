@@ -100,6 +100,12 @@ class ScoreContext:
     def fit(self, rec: ModelRecord) -> scores.Fit:
         return self._cached(self._fits, rec.model_id, lambda: self._load_fit(rec))
 
+    def preload_fit(self, model_id: str, fit: scores.Fit, row: dict) -> None:
+        """Use this fit (and its catalog row) for `model_id` instead of reading the catalog: a Ray
+        task gets the fit the driver broadcast, so every task scores with the same one."""
+        with self._lock:
+            self._fits[model_id], self._fit_rows[model_id] = fit, row
+
     def fit_light(self, rec: ModelRecord) -> scores.Fit:
         """The fit without its reference sample (means, covariances, factors): O(d²) memory."""
         if rec.model_id in self._fits:
