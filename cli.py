@@ -551,13 +551,17 @@ def select_cmd(store: str = STORE_ARG,
                output: Path = typer.Option(..., "--output", "-o", help="subset.parquet | .csv | .txt (one id per "
                                                                        "line); a <output>.json sidecar records "
                                                                        "how."),
-               model: Optional[str] = typer.Option(None, help="Model id (default: the store's default).")) -> None:
+               model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
+               engine: str = typer.Option("local", help="local, or ray: the recipe's pool-wide score (text "
+                                          "Information Gain / negCLIPLoss) one Ray task per fragment."),
+               ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Choose a subset by a curation recipe or SQL; ties broken by id (ascending), cut to an exact count."""
     from queries.curation.selection import select
     from store.store import Store
     st = _run(Store.open, store, read_only=True)
     res = _run(select, st, recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
-               limit=limit, output=output, model=model, first_fraction=first_fraction, negclip_form=negclip_form)
+               limit=limit, output=output, model=model, first_fraction=first_fraction, negclip_form=negclip_form,
+               engine=engine, ray_address=ray_address)
     c = res["counts"]
     for w in res.get("warnings", []):
         typer.secho(f"Warning: {w}", fg=typer.colors.YELLOW, err=True)

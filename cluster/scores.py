@@ -57,6 +57,8 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
             tbl = tbl.filter(pc.invert(pc.is_in(tbl.column("id"), value_set=done.combine_chunks())))
     if tbl.num_rows == 0:
         return {"fragments": [], "rows": 0, "seconds": time.perf_counter() - t0}
+    if scored_version is not None and out_uri is None:
+        raise ValueError("scored_version needs the score table (out_uri)")
     con = connect(st, fits={rec.model_id: fit} if fit is not None else None)
     try:
         con.register("_fragment", tbl)
@@ -64,6 +66,11 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
     finally:
         con.close()
     n = scored.num_rows
+    if out_uri is None:         # `select --engine ray`: the values go back to the driver
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, scored.schema) as w:
+            w.write_table(scored)
+        return {"table": sink.getvalue().to_pybytes(), "rows": n, "seconds": time.perf_counter() - t0}
     scored = scored.append_column("fit_id", pa.array([fit_id] * n, pa.int64()))
     scored = scored.append_column("computed_at", pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC")))
     frags = lance.fragment.write_fragments(scored.cast(schema), out_uri, schema=schema, max_rows_per_file=1 << 30)
@@ -123,6 +130,23 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *, addres
     return {"model": rec.model_id, "rows": rows, "columns": list(columns), "fit_id": fit_id, "mode":
             "append" if append else "overwrite", "tasks": len(outs), "pending": max(0, pending),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def score_columns_ray(st: Store, rec: ModelRecord, columns: list[str], *, address: str | None = None) -> pa.Table:
+    """id + `columns` for every row of the model's committed table, one Ray task per fragment,
+    through the SQL score functions with the broadcast fit (what `select --engine ray` ranks)."""
+    from queries.curation.fit import load_fit
+    ds = st.embeddings_table(rec)
+    broadcast = load_fit(st, rec) if st.latest_fit(rec, with_arrays=False) is not None else None
+    with ray_session(address) as ray:
+        task = ray.remote(max_retries=3)(_score_fragment)
+        fit_ref = ray.put(broadcast)
+        outs = ray.get([task.remote(str(st.path), rec, ds.version, f.fragment_id, list(columns), None, None, None,
+                                    None, fit_ref) for f in ds.get_fragments()])
+    tables = [pa.ipc.open_stream(o["table"]).read_all() for o in outs if o.get("table")]
+    if not tables:
+        return pa.table({"id": pa.array([], pa.string()), **{c: pa.array([], pa.float64()) for c in columns}})
+    return pa.concat_tables(tables)
 
 
 def _commit(uri: str, op: Any, read_version: int | None) -> None:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,23 @@ def test_ray_stats_refresh_equals_local(ray_cluster, tmp_path):
         if m.second:
             np.testing.assert_allclose(after.moments[k].cov, m.cov, rtol=1e-9, atol=1e-12)
     assert_stats_match_vectors(Store.open(st.path))
+
+
+def test_select_with_the_ray_engine_chooses_what_the_local_engine_chooses(ray_cluster, tmp_path):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=300, row_group=100)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "100")
+    cli("stats", "fit", str(st.path), "--reference-size", "200", "--scale", "model", "--prior", "uniform")
+    cli("target", "add", str(st.path), "t", "--query", "SELECT image_embedding FROM embeddings LIMIT 40")
+    for args in (["--recipe", "kl-guided", "--fraction", "0.25"],
+                 ["--recipe", "negclip-normsim", "--target", "t", "--fraction", "0.1"]):
+        local, dist = tmp_path / "local.txt", tmp_path / "ray.txt"
+        cli("select", str(st.path), *args, "-o", str(local))
+        ray_cli(ray_cluster, "select", str(st.path), *args, "-o", str(dist))
+        assert local.read_text() == dist.read_text() and len(local.read_text().splitlines()) > 0
+        import json
+        assert json.loads(Path(str(dist) + ".json").read_text())["engine"] == "ray"
+    bad = ray_cli(ray_cluster, "select", str(st.path), "--sql", "SELECT id FROM samples", "-o",
+                  str(tmp_path / "x.txt"), check=False)
+    assert bad.returncode == 1 and "--engine local" in bad.stderr.decode()

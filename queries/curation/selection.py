@@ -65,8 +65,11 @@ def rank(ids: np.ndarray, score: np.ndarray) -> np.ndarray:
 def select(st: Store, *, recipe: str | None = None, sql: str | None = None, target: str | None = None,
            fraction: float | None = None, limit: int | None = None, output: str | Path,
            model: str | None = None, first_fraction: float = DEFAULT_FIRST_FRACTION,
-           negclip_form: str = "row") -> dict[str, Any]:
-    """Run a recipe (or SQL), cut to the exact count, write `output` and `<output>.json`; returns the sidecar."""
+           negclip_form: str = "row", engine: str = "local", ray_address: str | None = None) -> dict[str, Any]:
+    """Run a recipe (or SQL), cut to the exact count, write `output` and `<output>.json`; returns the sidecar.
+
+    `engine="ray"` computes the recipe's pool-wide score (text Information Gain, or negCLIPLoss)
+    with one Ray task per fragment (cluster.scores.score_columns_ray); ranking and the cut are the same."""
     t0 = time.perf_counter()
     output = Path(output)
     fmt = output.suffix.lower()
@@ -89,6 +92,11 @@ def select(st: Store, *, recipe: str | None = None, sql: str | None = None, targ
         raise SelectionError("--target is only used by --recipe negclip-normsim")
     if negclip_form not in ("row", "pool"):
         raise SelectionError(f"--negclip-form must be row or pool; got {negclip_form!r}")
+    if engine not in ("local", "ray"):
+        raise SelectionError(f"--engine must be local or ray; got {engine!r}")
+    if engine == "ray" and sql is not None:
+        raise SelectionError("--sql runs in DuckDB: use --engine local (`clipsql score --engine ray` stores "
+                             "scores that --sql can read from stored_scores)")
 
     rec = st.model(model)
     pool = st.count_rows(rec)
@@ -102,15 +110,24 @@ def select(st: Store, *, recipe: str | None = None, sql: str | None = None, targ
     }
     from ..sql.db import connect
     con = connect(st)
+    side["engine"] = engine
+
+    def score_all(columns: list[str]) -> pa.Table:
+        """id + `columns` for every row of the model: DuckDB here, or one Ray task per fragment."""
+        if engine == "ray":
+            from cluster.scores import score_columns_ray
+            return score_columns_ray(st, rec, columns, address=ray_address)
+        from ..sql.materialize import score_relation
+        return score_relation(con, rec, _emb_view(st, rec), columns)
     try:
         if recipe == "kl-guided":
-            tbl, counts = _kl_guided(con, st, rec, count)
+            tbl, counts = _kl_guided(score_all, count)
         elif recipe == "negclip-normsim":
             if count is not None and count > count_for(first_fraction, pool) and limit is None:
                 raise SelectionError(f"--fraction {fraction} exceeds --first-fraction {first_fraction}: the "
                                      "NormSim stage can only keep rows the negCLIPLoss stage kept")
             tbl, counts, extra = _negclip_normsim(con, st, rec, target, count, count_for(first_fraction, pool),
-                                                  negclip_form)
+                                                  negclip_form, score_all)
             side.update(first_fraction=first_fraction, negclip_form=negclip_form, **extra)
         else:
             tbl, counts = _from_sql(con, sql, count)
@@ -161,26 +178,23 @@ def _top(tbl: pa.Table, column: str, count: int | None) -> tuple[pa.Table, int]:
     return tbl.take(pa.array(order, pa.int64())), int((~np.isfinite(score)).sum())
 
 
-def _kl_guided(con: Any, st: Store, rec: ModelRecord, count: int | None) -> tuple[pa.Table, dict]:
-    from ..sql.db import quote_literal
-    tbl = _arrow(con.sql(f"SELECT e.id, text_info_gain(e.text_embedding, {quote_literal(rec.model_id)}) "
-                         f"AS text_info_gain FROM {_emb_view(st, rec)} e"))
+def _kl_guided(score_all: Any, count: int | None) -> tuple[pa.Table, dict]:
+    tbl = score_all(["text_info_gain"])
     top, nulls = _top(tbl, "text_info_gain", count)
     return top, {"null_scores": nulls}
 
 
 def _negclip_normsim(con: Any, st: Store, rec: ModelRecord, target: str, count: int | None, first: int,
-                     form: str) -> tuple[pa.Table, dict, dict]:
+                     form: str, score_all: Any) -> tuple[pa.Table, dict, dict]:
     from ..sql.db import quote_literal
     from .targets import get_target
     t = get_target(st, target)
     if t.model_id != rec.model_id:
         raise SelectionError(f"target {target!r} belongs to model {t.model_id}, not {rec.model_id}: pass "
                              f"--model {t.model_id} or add a target for this model")
-    view, m = _emb_view(st, rec), quote_literal(rec.model_id)
+    view = _emb_view(st, rec)
     if form == "row":
-        s1 = _arrow(con.sql(f"SELECT e.id, neg_clip_loss(e.image_embedding, e.text_embedding, {m}) "
-                            f"AS neg_clip_loss FROM {view} e"))
+        s1 = score_all(["neg_clip_loss"])
         col = "neg_clip_loss"
     else:
         s1 = _stored_pool_column(st, rec)
