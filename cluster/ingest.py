@@ -59,7 +59,7 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
         run_id = store.start_run(rec.model_id, plan.source_name, plan.source.kind)
         summary = IngestSummary(run_id, rec.model_id, plan.source_name, skipped=plan.already,
                                 units_skipped=len(plan.done), device="ray")
-        driver = _Driver(store, rec, ctx, run_id, plan.source_name, opts, summary)
+        driver = _Driver(store, rec, ctx, run_id, plan.source_name, opts, summary, plan.todo)
         ok = False
         try:
             with ray_session(address) as ray:
@@ -91,6 +91,9 @@ def _results(ray: Any, ctx: RunContext, todo: list, opts: IngestOptions, actors:
     import ray.data
     if not todo:
         return
+    # results in unit order: the first occurrence of an id in source order is the one kept (as
+    # locally), and commits group units in the same order on every run
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     ctx_ref = ray.put(ctx)
     items = [{"i": i} for i in range(len(todo))]
     units = ray.put(todo)
@@ -125,9 +128,10 @@ class _Driver:
     """Collects unit results into pending commits (the same commit the local writer makes)."""
 
     def __init__(self, store: Store, rec: Any, ctx: RunContext, run_id: int, source: str, opts: IngestOptions,
-                 summary: IngestSummary):
+                 summary: IngestSummary, todo: list):
         self.store, self.rec, self.ctx, self.run_id, self.source, self.opts = store, rec, ctx, run_id, source, opts
         self.summary = summary
+        self.units = {key: unit for unit, key in todo}
         self.checker = IdChecker(store, rec)
         self.checker.lookup = False           # workers looked in the store; here only this run's duplicates
         self.rejected: Counter = Counter()
@@ -170,15 +174,13 @@ class _Driver:
             self.commit()
 
     def _redo(self, r: UnitResult, exclude: frozenset) -> UnitResult:
-        unit = next(u for u, k in self._todo() if k == r.key)
+        """The unit again, here, without the ids an earlier unit of this run holds (they become
+        duplicate_id rejects); its first data files stay unreferenced."""
+        unit = self.units[r.key]
         if self.ctx.source.precomputed:
             return precomputed_unit(self.ctx, unit, r.key, exclude)
-        from .tasks import decode_unit as dec
-        p = pickle.loads(dec(self.ctx, unit, r.key)["payload"])
+        p = pickle.loads(decode_unit(self.ctx, unit, r.key)["payload"])
         return EncodeWriter(self.ctx).encode(p, exclude)
-
-    def _todo(self) -> list:
-        return [(u, self.ctx.source.unit_key(u)) for u in self.ctx.source.units()]
 
     def commit(self) -> None:
         p = self.pending

@@ -171,25 +171,19 @@ def decode_unit(ctx: RunContext, unit: Any, key: str) -> dict:
     """CPU stage: read the unit, decode + preprocess its images and tokenize its captions."""
     from ingest.encode import Prepared, prepare_item
     from ingest.sources import Reject
-    loaded = _preprocess(ctx)
     out = Prepared()
     t0 = time.perf_counter()
     for item in ctx.source.read(unit):
         if isinstance(item, Reject):
             out.rejects.append((item.location, item.reason, item.detail))
             continue
-        prepare_item(item, preprocess=loaded[0], tokenizer=loaded[1], done_ids=frozenset(), dim=ctx.rec.dim,
+        prepare_item(item, preprocess=ctx.preprocess, tokenizer=ctx.tokenizer, done_ids=frozenset(), dim=ctx.rec.dim,
                      out=out, allow_missing_captions=ctx.allow_missing_captions)
     payload = {"key": key, "rows": out.rows, "rejects": out.rejects,
                "pixels": np.stack([p.numpy() for p in out.pixels]) if out.pixels else None,
                "tokens": [None if t is None else t.numpy() for t in out.tokens],
                "seconds": {"read+decode": time.perf_counter() - t0}}
     return {"payload": pickle.dumps(payload, protocol=5)}
-
-
-def _preprocess(ctx: RunContext) -> tuple[Any, Any]:
-    """(preprocess, tokenizer): the driver's own, shipped in the context (no weights on CPU workers)."""
-    return ctx.preprocess, ctx.tokenizer
 
 
 class EncodeWriter:
