@@ -23,7 +23,8 @@ def check_engine(engine: str) -> str:
 @contextlib.contextmanager
 def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> Iterator[Any]:
     """A connected Ray: `address` None starts a local Ray for this command (quiet: no dashboard, no
-    usage stats); `auto` or `ray://…`/`host:port` joins a running cluster. A session that was
+    usage stats) unless RAY_ADDRESS names a cluster; `auto` or `ray://…`/`host:port` joins a
+    running cluster. A session that was
     already connected (tests, notebooks) is reused and left running."""
     try:
         import ray
@@ -37,9 +38,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         yield ray
         return
     kwargs: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    if address is None:
-        kwargs.update(num_cpus=num_cpus, object_store_memory=int(os.environ.get("CLIPSQL_RAY_OBJECT_STORE",
-                                                                                 256 << 20)))
+    address = address or os.environ.get("RAY_ADDRESS") or None     # Ray's own variable joins a cluster too
+    if address is None:     # a new Ray of this machine, for this command only
+        kwargs.update(address="local", num_cpus=num_cpus,
+                      object_store_memory=int(os.environ.get("CLIPSQL_RAY_OBJECT_STORE", 256 << 20)))
     else:
         kwargs["address"] = address
     try:

@@ -144,7 +144,8 @@ def test_ray_ingest_and_scores_into_an_s3_store(s3, pg_server, tmp_path):
     cli("init", uri, "--catalog", pg_server.new_database())
     pool = tmp_path / "pool"
     write_pool(pool, shards=2, rows=200, row_group=100)
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ADDRESS": ""}     # not the session's test cluster: a fresh local Ray inherits the AWS environment
     out = cli("ingest", uri, str(pool), *MODEL, "--id-column", "key", "--no-progress", "--engine", "ray",
               env=env).stdout.decode()
     assert "added 400" in out and "device ray" in out
