@@ -57,8 +57,6 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
             tbl = tbl.filter(pc.invert(pc.is_in(tbl.column("id"), value_set=done.combine_chunks())))
     if tbl.num_rows == 0:
         return {"fragments": [], "rows": 0, "seconds": time.perf_counter() - t0}
-    if scored_version is not None and out_uri is None:
-        raise ValueError("scored_version needs the score table (out_uri)")
     con = connect(st, fits={rec.model_id: fit} if fit is not None else None)
     try:
         con.register("_fragment", tbl)

@@ -161,8 +161,9 @@ def _sql_type(v: Any) -> str | None:
     return "VARCHAR"
 
 
-def _samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, str]]:
-    from store.store import samples_schema
+def metadata_fields(rows: list[dict]) -> tuple[list[str | None], dict[str, str]]:
+    """Per row the metadata JSON `samples` stores (sorted keys, None when empty), and the SQL type
+    of every key over the rows."""
     types: dict[str, str] = {}
     metas = []
     for r in rows:
@@ -175,6 +176,12 @@ def _samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, s
             if t:
                 types[k] = merge_sql_types(types[k], t) if k in types else t
         metas.append(json.dumps(meta, sort_keys=True, default=str) if meta else None)
+    return metas, types
+
+
+def _samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, str]]:
+    from store.store import samples_schema
+    metas, types = metadata_fields(rows)
     cols = {
         "id": [r["id"] for r in rows], "uri": [r["uri"] for r in rows], "caption": [r["caption"] for r in rows],
         "width": [r["width"] for r in rows], "height": [r["height"] for r in rows],
@@ -385,8 +392,8 @@ class _Run:
     updater: Updater | None
 
     def queue_updates(self, ids: pa.Array, new_sample: np.ndarray, new_emb: np.ndarray, dup: np.ndarray,
-                      caption: pa.Array, metadata: pa.Array, truncated: pa.Array, text: Any,
-                      meta_types: dict | None) -> None:
+                      caption: pa.Array, metadata: pa.Array, truncated: pa.Array, meta_types: dict | None,
+                      text: Any) -> None:
         """--update: queue rewrites of the batch's stored rows whose caption or metadata changed."""
         if self.updater is None:
             return
@@ -462,7 +469,7 @@ def _ingest_items(r: _Run) -> None:
             if r.updater is not None:
                 tokens = prepared.tokens
                 r.queue_updates(ids, new_sample, new_emb, dup, *row_arrays(rows),
-                                lambda idx: encoder.text([tokens[i] for i in idx]), _samples_table(rows, "")[1])
+                                lambda idx: encoder.text([tokens[i] for i in idx]))
             need = np.flatnonzero(new_emb)
             t0 = time.perf_counter()
             if len(need):
@@ -514,8 +521,8 @@ def _ingest_columns(r: _Run) -> None:
             rejects = list(cols.rejects)
             new_sample, new_emb, dup = _classify(checker, cols.ids, None, cols.location, summary, rejects)
             r.queue_updates(cols.ids, new_sample, new_emb, dup, cols.caption, cols.metadata,
-                            pa.array(np.zeros(len(cols), dtype=bool)), lambda idx, c=cols: c.text[idx],
-                            cols.meta_types)
+                            pa.array(np.zeros(len(cols), dtype=bool)), cols.meta_types,
+                            lambda idx, c=cols: c.text[idx])
             seconds["dedup"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             samples_tbl = None

@@ -105,10 +105,10 @@ class Updater:
         self._samples, self._model, self._types, self.pending = [], [], {}, 0
 
 
-def row_arrays(rows: list[dict[str, Any]]) -> tuple[pa.Array, pa.Array, pa.Array]:
-    """caption, metadata JSON and caption_truncated of prepared image rows (as `samples` stores them)."""
-    import json
-    meta = [json.dumps({k: (v.item() if isinstance(v, np.generic) else v) for k, v in r["meta"].items()},
-                       sort_keys=True, default=str) if r["meta"] else None for r in rows]
-    return (pa.array([r["caption"] for r in rows], pa.string()), pa.array(meta, pa.string()),
-            pa.array([bool(r["caption_truncated"]) for r in rows], pa.bool_()))
+def row_arrays(rows: list[dict[str, Any]]) -> tuple[pa.Array, pa.Array, pa.Array, dict[str, str]]:
+    """caption, metadata JSON, caption_truncated and metadata types of prepared image rows, as
+    `samples` stores them."""
+    from .pipeline import metadata_fields
+    metas, types = metadata_fields(rows)
+    return (pa.array([r["caption"] for r in rows], pa.string()), pa.array(metas, pa.string()),
+            pa.array([bool(r["caption_truncated"]) for r in rows], pa.bool_()), types)

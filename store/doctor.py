@@ -37,8 +37,8 @@ import sqlalchemy as sa
 from . import catalog as cat
 from .errors import CatalogError, ClipsqlError
 from .location import exists, is_remote, move, store_path
-from .store import (FORMAT_VERSION, MODEL_METADATA_KEY, ModelRecord, Store, _default_catalog, new_moments,
-                    read_marker, set_committed_version, to_numpy, update_moments, StatsState)
+from .store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, _default_catalog, read_marker,
+                    set_committed_version)
 
 STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
 
@@ -346,12 +346,7 @@ def _check_stats(st: Store, report: Report, repair: bool) -> None:
             report.add(f"statistics {rec.model_id}", "warn", "not checked: the table cannot be read")
             continue
         stored = st.stats(rec)
-        fresh = StatsState(rec.model_id, new_moments(rec.dim), 0)
-        for batch in st.embeddings_table(rec).to_batches(columns=["image_embedding", "text_embedding"],
-                                                         batch_size=1 << 16):
-            if batch.num_rows:
-                update_moments(fresh, to_numpy(batch.column("image_embedding")),
-                               to_numpy(batch.column("text_embedding")))
+        fresh = st.recompute_stats(rec)
         why = _moments_differ(stored, fresh)
         check = f"statistics {rec.model_id}"
         if why is None:

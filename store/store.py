@@ -629,7 +629,14 @@ class Store:
             return state
 
     def refresh_stats(self, model: ModelRecord, batch_rows: int = 65536) -> StatsState:
-        """Recompute the running statistics from every stored vector (streamed: memory O(batch·d + d²))."""
+        """Recompute the running statistics from every stored vector and save them."""
+        state = self.recompute_stats(model, batch_rows)
+        with self.engine.begin() as conn:
+            self.save_stats_in(conn, state)
+        return state
+
+    def recompute_stats(self, model: ModelRecord, batch_rows: int = 65536) -> StatsState:
+        """The running statistics of every stored vector, from scratch (streamed: memory O(batch·d + d²))."""
         state = StatsState(model.model_id, new_moments(model.dim), 0)
         ds = self.embeddings_table(model)
         for batch in ds.to_batches(columns=["image_embedding", "text_embedding", "seq"], batch_size=batch_rows):
@@ -637,8 +644,6 @@ class Store:
                 update_moments(state, to_numpy(batch.column("image_embedding")),
                                to_numpy(batch.column("text_embedding")))
                 state.covered_seq = max(state.covered_seq, int(pa.compute.max(batch.column("seq")).as_py()))
-        with self.engine.begin() as conn:
-            self.save_stats_in(conn, state)
         return state
 
     # -- fits (reference samples) -------------------------------------------------------------

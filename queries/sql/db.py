@@ -58,6 +58,7 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
 
 
 DEFAULT_SPILL_GB = 8.0
+_SPILL_DIR: str | None = None
 
 
 def _bounded_spill(con: Any) -> str:
@@ -65,11 +66,14 @@ def _bounded_spill(con: Any) -> str:
     temp dir, removed at exit, at most CLIPSQL_SPILL_GB (default 8) GiB — never DuckDB's default
     `./.tmp` in the caller's working directory with up to 90% of the disk; past the bound a query
     fails with DuckDB's out-of-memory message instead of filling the disk."""
-    import atexit
-    import shutil
-    import tempfile
-    folder = tempfile.mkdtemp(prefix="clipsql-spill-")
-    atexit.register(shutil.rmtree, folder, True)
+    global _SPILL_DIR
+    if _SPILL_DIR is None:      # one per process (a Ray worker opens a connection per task)
+        import atexit
+        import shutil
+        import tempfile
+        _SPILL_DIR = tempfile.mkdtemp(prefix="clipsql-spill-")
+        atexit.register(shutil.rmtree, _SPILL_DIR, True)
+    folder = _SPILL_DIR
     try:
         gb = float(os.environ.get("CLIPSQL_SPILL_GB", DEFAULT_SPILL_GB))
     except ValueError:
