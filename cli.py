@@ -170,7 +170,8 @@ def delete(store: str = STORE_ARG,
 def ingest(
     store: str = STORE_ARG,
     source: str = typer.Argument(..., help="Folder of images + .txt captions, a csv/parquet/jsonl table, "
-                                           "webdataset .tar shard(s), or precomputed embeddings."),
+                                           "webdataset .tar shard(s), or precomputed embeddings (also a "
+                                           "DataComp pool folder: both feature sets, as two models)."),
     model: Optional[str] = typer.Option(None, help="ARCH (with --pretrained), hf-hub:ORG/REPO, local-dir:PATH, "
                                                    "or clipsql-demo. Default: the store's default model, else the "
                                                    "bundled demo model."),
@@ -186,7 +187,12 @@ def ingest(
     id_column: Optional[str] = typer.Option(None, help="Column with stable sample ids (default: content hash)."),
     image_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: image embedding column."),
     text_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: text embedding column."),
-    kind: Optional[str] = typer.Option(None, help="Force the source kind: folder|table|webdataset|precomputed."),
+    kind: Optional[str] = typer.Option(None, help="Force the source kind: folder|table|webdataset|precomputed|"
+                                       "datacomp."),
+    datacomp_features: Optional[str] = typer.Option(
+        None, "--datacomp-features", help="DataComp pools (<stem>.parquet + <stem>.npz shards, found in SOURCE or "
+        "SOURCE/metadata): b32 (ViT-B-32/openai, 512-d), l14 (ViT-L-14/openai, 768-d) or all (default: both, one "
+        "run per model, ids = uids)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     commit_rows: int = typer.Option(100_000, min=1, help="Commit (make rows visible, record the source units "
                                     "done) every N rows …"),
@@ -216,8 +222,12 @@ def ingest(
     from store.writer import CommitPolicy
     from ingest.pipeline import IngestOptions, ingest as run_ingest
     st = _run(Store.open, store)
+    from ingest.datacomp import is_datacomp_pool
+    datacomp = kind == "datacomp" or (kind is None and is_datacomp_pool(source))
+    if datacomp_features is not None and not datacomp:
+        _fail(f"--datacomp-features applies to DataComp pools only; {source} is not one")
     model_given = model is not None or checkpoint is not None
-    if not model_given:
+    if not model_given and not datacomp:
         model, pretrained, checkpoint = _default_model(st, pretrained)
     opts = IngestOptions(batch_size=batch_size, workers=workers, device=device, image_column=image_column,
                          caption_column=caption_column, id_column=id_column, image_embeddings=image_embeddings,
@@ -226,6 +236,10 @@ def ingest(
                          allow_missing_captions=allow_missing_captions, model_given=model_given,
                          max_file_bytes=int(max_file_mb * (1 << 20)))
     from cluster.engine import check_engine
+    if datacomp:
+        _ingest_datacomp(st, source, datacomp_features, model, pretrained, checkpoint, opts,
+                         _run(check_engine, engine), ray_address, fmt)
+        return
     if _run(check_engine, engine) == "ray":
         from cluster.ingest import ingest_ray
         summary = _run(ingest_ray, st, source, model=model, pretrained=pretrained,
@@ -237,6 +251,22 @@ def ingest(
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
     typer.echo(format_summary(summary))
+
+
+def _ingest_datacomp(st, source, features, model, pretrained, checkpoint, opts, engine, address, fmt):  # noqa: ANN001, ANN202
+    """A DataComp pool: one run per feature set (ingest.datacomp.ingest_pool), a summary each."""
+    from ingest.datacomp import ingest_pool
+    run = None
+    if engine == "ray":
+        import functools
+        from cluster.ingest import ingest_ray
+        run = functools.partial(ingest_ray, address=address)
+    summaries = _run(ingest_pool, st, source, features=features, model=model, pretrained=pretrained,
+                     checkpoint=checkpoint, options=opts, run=run)
+    if fmt == TableFmt.json:
+        typer.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
+    else:
+        typer.echo("\n".join(format_summary(s) for s in summaries))
 
 
 def _default_model(st, pretrained):  # noqa: ANN001, ANN202
@@ -396,15 +426,21 @@ def stats_fit(store: str = STORE_ARG,
                                                           "approximation is accurate) or the model's logit "
                                                           "scale (and bias)."),
               prior: Prior = typer.Option(Prior.posterior_mean, help="Prior over the reference: the mean "
-                                                                     "posterior, or uniform.")) -> None:
+                                                                     "posterior, or uniform."),
+              for_recipe: Optional[str] = typer.Option(None, "--for-recipe", help="Make the fit a curation "
+                                                       "recipe runs on, with its published settings (kl-guided: "
+                                                       "the model's logit scale, uniform prior; overrides --scale "
+                                                       "and --prior), kept apart: the default fit of the scores "
+                                                       "view stays as it is.")) -> None:
     """Draw the reference sample and fit priors, means and covariances for the scores."""
     from queries.curation.fit import fit_stats
     from store.store import Store
     st = _run(Store.open, store)
     res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
-               prior=prior.value)
-    typer.echo(f"fit #{res['fit_id']} of {res['model']}: reference M={res['reference_size']} of {res['rows']} rows "
-               f"(seed {res['seed']}, a={res['a']:.4g}, b={res['b']:.4g}, prior {res['prior']}) "
+               prior=prior.value, recipe=for_recipe)
+    kind = f" for {res['recipe']}" if res.get("recipe") else ""
+    typer.echo(f"fit #{res['fit_id']}{kind} of {res['model']}: reference M={res['reference_size']} of {res['rows']} "
+               f"rows (seed {res['seed']}, a={res['a']:.4g}, b={res['b']:.4g}, prior {res['prior']}) "
                f"in {res['seconds']:.2f}s")
 
 
@@ -531,40 +567,84 @@ def target_rm(store: str = STORE_ARG, name: str = typer.Argument(..., help="Targ
 class Recipe(str, Enum):
     kl_guided = "kl-guided"
     negclip_normsim = "negclip-normsim"
+    clip_score = "clip-score"
+    image_based = "image-based"
+
+
+class OutFmt(str, Enum):
+    parquet = "parquet"
+    csv = "csv"
+    txt = "txt"
+    datacomp_uids = "datacomp-uids"
 
 
 @app.command("select")
 def select_cmd(store: str = STORE_ARG,
-               recipe: Optional[Recipe] = typer.Option(None, help="kl-guided: top --fraction (default 0.25) by "
-                                                                  "text_info_gain. negclip-normsim: top "
+               recipe: Optional[Recipe] = typer.Option(None, help="kl-guided: top --fraction (0.25) by text "
+                                                                  "Information Gain against the uniform prior at the "
+                                                                  "model's logit scale (on a fit with those settings, "
+                                                                  "made if missing). negclip-normsim: top "
                                                                   "--first-fraction (0.3) by neg_clip_loss, then "
-                                                                  "top norm_sim_inf to --fraction (0.2) of the pool."),
+                                                                  "top norm_sim_inf to --fraction (0.2) of the pool. "
+                                                                  "clip-score: DataComp's baseline, top --fraction "
+                                                                  "(0.3) by clip_score or --threshold. image-based: "
+                                                                  "DataComp's baseline, the pool rows in the k-means "
+                                                                  "clusters of a --target's images."),
                sql: Optional[str] = typer.Option(None, "--sql", help="SQL returning an id column; its order "
                                                                       "decides."),
-               target: Optional[str] = typer.Option(None, help="Target set for negclip-normsim."),
+               where: Optional[str] = typer.Option(None, "--where", help="SQL condition narrowing the pool "
+                                                   "first, over samples columns, semdedup_cluster / "
+                                                   "semdedup_max_sim (after `clipsql dedup`) and stored scores, "
+                                                   "e.g. \"semdedup_max_sim < 0.99\"; fractions are of what "
+                                                   "passes."),
+               target: Optional[str] = typer.Option(None, help="Target set for negclip-normsim and image-based."),
                fraction: Optional[float] = typer.Option(None, help="Keep floor(F × pool) rows (pool = every row "
-                                                                   "of the model; F read as written in decimal)."),
+                                                                   "of the model, or those passing --where; F read "
+                                                                   "as written in decimal)."),
                limit: Optional[int] = typer.Option(None, help="Keep exactly N rows (instead of --fraction)."),
+               threshold: Optional[float] = typer.Option(None, help="clip-score: keep every row with clip_score "
+                                                                    ">= T (DataComp uses 0.25 for B/32, 0.3 for "
+                                                                    "L/14)."),
                first_fraction: float = typer.Option(0.3, help="negclip-normsim: share kept by negCLIPLoss."),
                negclip_form: str = typer.Option("row", help="negclip-normsim: row (per-row stable form) or pool "
                                                             "(stored by `clipsql score --neg-clip-loss-pool`)."),
+               clusters: Optional[int] = typer.Option(None, help="image-based: k-means clusters (default pool / "
+                                                                 "128, DataComp's 100,000 for 12.8M rows)."),
+               sample: Optional[int] = typer.Option(None, help="image-based: rows the k-means trains on (seeded; "
+                                                               "default the whole pool)."),
+               seed: Optional[int] = typer.Option(None, help="image-based: k-means seed (default 0); kl-guided: "
+                                                             "seed of a fit it makes (default the default fit's)."),
+               make_fit: bool = typer.Option(True, "--make-fit/--no-make-fit", help="kl-guided: make the recipe's "
+                                             "fit when the store has none (else refuse, naming the command)."),
                output: Path = typer.Option(..., "--output", "-o", help="subset.parquet | .csv | .txt (one id per "
-                                                                       "line); a <output>.json sidecar records "
-                                                                       "how."),
+                                                                       "line) | .npy (DataComp uids); a "
+                                                                       "<output>.json sidecar records how."),
+               fmt: Optional[OutFmt] = typer.Option(None, "--format", help="Output format (default: from the "
+                                                    "suffix); datacomp-uids writes the sorted u8,u8 uid array "
+                                                    "DataComp's resharder reads."),
                model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
                engine: str = typer.Option("local", help="local, or ray: the recipe's pool-wide score (text "
-                                          "Information Gain / negCLIPLoss) one Ray task per fragment."),
+                                          "Information Gain / negCLIPLoss / clip_score) one Ray task per "
+                                          "fragment."),
                ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Choose a subset by a curation recipe or SQL; ties broken by id (ascending), cut to an exact count."""
-    from queries.curation.selection import select
+    from queries.curation.selection import SelectSpec, select
     from store.store import Store
-    st = _run(Store.open, store, read_only=True)
-    res = _run(select, st, recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
-               limit=limit, output=output, model=model, first_fraction=first_fraction, negclip_form=negclip_form,
-               engine=engine, ray_address=ray_address)
+    spec = SelectSpec(recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
+                      limit=limit, threshold=threshold, where=where, first_fraction=first_fraction,
+                      negclip_form=negclip_form, clusters=clusters, sample=sample, seed=seed, make_fit=make_fit,
+                      format=fmt.value if fmt else None)
+    # kl-guided may make its fit (a catalog write); every other selection only reads the store
+    writes = spec.recipe == "kl-guided" and make_fit
+    st = _run(Store.open, store, read_only=not writes)
+    res = _run(select, st, spec, output=output, model=model, engine=engine, ray_address=ray_address)
     c = res["counts"]
     for w in res.get("warnings", []):
         typer.secho(f"Warning: {w}", fg=typer.colors.YELLOW, err=True)
+    made = res.get("recipe_fit", {})
+    if made.get("made"):
+        typer.echo(f"made fit #{made['fit_id']} for {res['recipe']} (a={made['a']:.6g}, prior {made['prior']}, "
+                   f"seed {made['seed']}, M={made['reference_size']}); the default fit is unchanged")
     typer.echo(f"selected {c['selected']} of {c['pool']} rows ({res['recipe']}) → {output}; "
                f"how: {res['sidecar']}")
 
@@ -572,6 +652,61 @@ def select_cmd(store: str = STORE_ARG,
 class PlotKind(str, Enum):
     hist = "hist"
     scatter = "scatter"
+
+
+@app.command()
+def dedup(store: str = STORE_ARG,
+          model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
+          clusters: Optional[int] = typer.Option(None, "--clusters", help="K of the spherical k-means (default "
+                                                 "round(√ valid rows), at most 50,000: 1,000 at 1M rows)."),
+          sample: Optional[int] = typer.Option(None, "--sample", help="Rows the k-means is fitted on, a seeded "
+                                               "sample (default min(pool, max(10,000, 64·K)))."),
+          seed: Optional[int] = typer.Option(None, help="Seed of the sample and the k-means++ init (default 0)."),
+          iterations: Optional[int] = typer.Option(None, help="At most this many Lloyd iterations (default 20; "
+                                                   "stops earlier when no row changes cluster)."),
+          refit: bool = typer.Option(False, "--refit", help="Fit new centroids even when the parameters match "
+                                     "the stored run (unspecified options: the current pool's defaults)."),
+          status: bool = typer.Option(False, "--status", help="Only report what is stored and how many rows are "
+                                      "pending; compute nothing."),
+          memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="GiB of image vectors held at once "
+                                                    "(default $CLIPSQL_DEDUP_MEMORY_GB or 2); never changes a value."),
+          progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+    """Semantic deduplication (SemDeDup): per row semdedup_cluster and semdedup_max_sim (view `semdedup`).
+
+    semdedup_max_sim is the largest cosine of a row's image embedding to the members of its
+    k-means cluster ranked before it (farthest from the centroid first); removing
+    semdedup_max_sim > 1 − ε keeps one row of every duplicate group, e.g. ε = 0.01:
+    `clipsql query STORE "SELECT count(*) FROM semdedup WHERE semdedup_max_sim > 0.99"`.
+    A re-run with the same parameters (the default: the stored ones) assigns rows added
+    since to the stored centroids and recomputes only the clusters that changed."""
+    from queries.curation.dedup import dedup_status, semdedup
+    from store.store import Store
+    if status:
+        st = _run(Store.open, store, read_only=True)
+        res = _run(dedup_status, st, model)
+        p = res["params"]
+        how = (f"K={p.get('clusters')}, sample {p.get('sample')}, seed {p.get('seed')}, "
+               f"iterations {p.get('iterations')}, {p.get('init')}" if p else "never computed")
+        todo = " — run `clipsql dedup STORE` to bring it up to date" if res["pending"] or res["stale"] else ""
+        typer.echo(f"semdedup of {res['model']}: {res['stored']} of {res['rows']} rows have a value ({how}); "
+                   f"{res['pending']} pending, {res['stale']} stored rows deleted since{todo}")
+        return
+    st = _run(Store.open, store)
+    res = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,
+               refit=refit, progress=progress, memory_gb=memory_gb)
+    rm = ", ".join(f"ε={e}: {c} ({c / max(res['rows'], 1):.1%})" for e, c in res["removable"].items())
+    if res["mode"] == "current":
+        how = "already up to date"
+    elif res["mode"] == "incremental":
+        how = (f"incremental: {res['new_rows']} new rows assigned, {res['removed_rows']} deleted, "
+               f"{res['recomputed']} clusters recomputed")
+    else:
+        fit = res["fit"] or {}
+        how = f"full: k-means {fit.get('iterations_run')} iterations{' (converged)' if fit.get('converged') else ''}"
+    typer.echo(f"semdedup of {res['model']}: {res['rows']} rows ({res['valid']} with an image vector), "
+               f"K={res['clusters']}, sample {res['sample']}, seed {res['seed']}; {how}; "
+               f"{res['pending_before']} rows were pending; in {res['seconds']:.2f}s")
+    typer.echo(f"removable (semdedup_max_sim > 1 − ε): {rm} — view `semdedup`")
 
 
 @app.command()
@@ -647,6 +782,69 @@ def geometry(store: str = STORE_ARG,
     s = res["separator"]
     typer.echo(f"separator on features {s['features'][0]}, {s['features'][1]}: train accuracy {s['accuracy']:.4f}")
     typer.echo(f"report: {res['paths']['html']}")
+
+
+class IndexKind(str, Enum):
+    ivf_hnsw_sq = "ivf_hnsw_sq"
+    ivf_pq = "ivf_pq"
+
+
+class Modality(str, Enum):
+    image = "image"
+    text = "text"
+
+
+@app.command("index")
+def index_cmd(store: str = STORE_ARG,
+              model: Optional[str] = typer.Option(None, "--model", help="Model id (default: the store's default)."),
+              modality: Modality = typer.Option(Modality.image, "--modality",
+                                                help="Which stored vectors to index: image or text embeddings."),
+              kind: IndexKind = typer.Option(IndexKind.ivf_hnsw_sq, "--kind",
+                                             help="ivf_hnsw_sq (IVF partitions with an HNSW graph over 8-bit "
+                                                  "scalar-quantized vectors; the default, measured best at 1M rows) "
+                                                  "or ivf_pq (product quantization: smaller, lower recall)."),
+              seed: int = typer.Option(0, "--seed", help="Seed of the sampled stored vectors the recall is "
+                                                        "measured with."),
+              fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
+    """Build a cosine vector index on a model's vectors and print its recall@10 against exact search.
+
+    Partitions ≈ √rows; tables too small for the index are refused (exact search is fast there).
+    nprobes is raised until recall@10 on 100 sampled stored vectors reaches 0.95; the figures are
+    recorded in the catalog and used by `nearest(...)` / `clipsql search`. Rows ingested later are
+    searched flat until `clipsql optimize` folds them into the index."""
+    from queries.search.index import build_index
+    from store.store import Store
+    st = _run(Store.open, store)
+    res = _run(build_index, st, model, modality.value, kind.value, seed=seed,
+               echo=None if fmt == TableFmt.json else typer.echo)
+    if fmt == TableFmt.json:
+        typer.echo(json.dumps(res, indent=1, default=str))
+
+
+@app.command()
+def search(store: str = STORE_ARG,
+           prompt: Optional[str] = typer.Argument(None, help="Text to search by (encoded with the model's text "
+                                                             "tower, like the SQL function text_embedding)."),
+           k: int = typer.Option(50, "-k", help="How many rows to return (best first, ties by id)."),
+           model: Optional[str] = typer.Option(None, "--model", help="Model id (default: the store's default)."),
+           modality: Modality = typer.Option(Modality.image, "--modality",
+                                             help="Which stored vectors to rank: image (text → image) or text."),
+           where: Optional[str] = typer.Option(None, "--where", help="SQL boolean expression over the samples "
+                                               "view's columns, applied before the top-k (e.g. \"width >= 256\"); "
+                                               "filtered searches are exact."),
+           like: Optional[str] = typer.Option(None, "--like", help="Search by the stored vector of the row with "
+                                              "this id instead of a prompt (image → image)."),
+           exact: bool = typer.Option(False, "--exact", help="Exact search even when a vector index exists."),
+           gallery: Optional[Path] = typer.Option(None, "--gallery", help="Also write an HTML gallery of the "
+                                                  "results to this file."),
+           fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
+    """Similarity search by a prompt or a stored row: prints id, cosine score, uri and caption.
+
+    The SQL behind it: SELECT * FROM nearest(text_embedding('a red circle'), 50)."""
+    from queries.search.command import format_search, search as run_search
+    res = _run(run_search, store, prompt, like=like, k=k, model=model, modality=modality.value, where=where,
+               exact=exact, gallery=str(gallery) if gallery else None)
+    typer.echo(format_search(res, fmt.value))
 
 
 @app.command()

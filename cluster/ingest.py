@@ -21,7 +21,7 @@ from collections import Counter
 from typing import Any
 
 from ingest.dedup import IdChecker
-from ingest.pipeline import (IngestOptions, IngestSummary, _renamed_metadata, _unless_failing, finish_noop,
+from ingest.pipeline import (IngestOptions, IngestSummary, renamed_metadata, unless_failing, finish_noop,
                              plan_run, register_model)
 from store.faults import fault
 from store.store import PendingCommit, Store, new_moments
@@ -76,10 +76,10 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
             summary.rejected = dict(driver.rejected)
             summary.wall_seconds = time.perf_counter() - plan.t_start
             summary.seconds = {k: round(v, 4) for k, v in (plan.seconds + driver.seconds).items()}
-            with _unless_failing(summary):
+            with unless_failing(summary):
                 store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
         if ok:
-            summary.notes += _renamed_metadata(store, meta_before)
+            summary.notes += renamed_metadata(store, meta_before)
             if opts.maintain:
                 from store.maintenance import maintain_after_ingest
                 summary.maintenance = maintain_after_ingest(store, rec)

@@ -130,12 +130,15 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *, addres
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def score_columns_ray(st: Store, rec: ModelRecord, columns: list[str], *, address: str | None = None) -> pa.Table:
+def score_columns_ray(st: Store, rec: ModelRecord, columns: list[str], *, address: str | None = None,
+                      fit: Any = None) -> pa.Table:
     """id + `columns` for every row of the model's committed table, one Ray task per fragment,
-    through the SQL score functions with the broadcast fit (what `select --engine ray` ranks)."""
+    through the SQL score functions with the broadcast fit (what `select --engine ray` ranks):
+    the default fit, or `fit` = (scores.Fit, row) (a recipe's own fit)."""
     from queries.curation.fit import load_fit
     ds = st.embeddings_table(rec)
-    broadcast = load_fit(st, rec) if st.latest_fit(rec, with_arrays=False) is not None else None
+    broadcast = fit if fit is not None else (
+        load_fit(st, rec) if st.latest_fit(rec, with_arrays=False) is not None else None)
     with ray_session(address) as ray:
         task = ray.remote(max_retries=3)(_score_fragment)
         fit_ref = ray.put(broadcast)

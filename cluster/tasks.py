@@ -155,11 +155,11 @@ def samples_locations(samples: pa.Table | None, ids: pa.Array, mask: np.ndarray)
 # --------------------------------------------------------------------------- precomputed
 def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: frozenset = frozenset()) -> UnitResult:
     """One unit of precomputed vectors: the columnar checks, then `write_unit`."""
-    from ingest.pipeline import _samples_columns
+    from ingest.pipeline import samples_columns
     t0 = time.perf_counter()
     cols = ctx.source.read_columns(unit, ctx.rec.dim)
     read_s = time.perf_counter() - t0
-    samples = _samples_columns(cols, ctx.source.canonical()) if len(cols) else None
+    samples = samples_columns(cols, ctx.source.canonical()) if len(cols) else None
     res = write_unit(ctx, key, cols.ids, samples, cols.image, cols.text, cols.uri, cols.caption,
                      list(cols.rejects), len(cols), cols.meta_types, exclude)
     res.seconds["read+check"] = read_s
@@ -204,7 +204,7 @@ class EncodeWriter:
 
     def encode(self, p: dict, exclude: frozenset = frozenset()) -> UnitResult:
         import torch
-        from ingest.pipeline import _samples_table
+        from ingest.pipeline import samples_table
         ctx, rows = self.ctx, p["rows"]
         t0 = time.perf_counter()
         n = len(rows)
@@ -220,7 +220,7 @@ class EncodeWriter:
         else:
             image = text = np.empty((0, ctx.rec.dim), dtype=np.float32)
         enc_s = time.perf_counter() - t0
-        samples, meta_types = _samples_table(rows, ctx.source.canonical()) if n else (None, {})
+        samples, meta_types = samples_table(rows, ctx.source.canonical()) if n else (None, {})
         ids = pa.array([r["id"] for r in rows], pa.string())
         uri = pa.array([r["uri"] for r in rows], pa.string())
         caption = pa.array([r["caption"] for r in rows], pa.string())

@@ -141,7 +141,7 @@ def vector_matrix(col: pa.Array | np.ndarray | None, n: int, dim: int) -> tuple[
 _DUCK = threading.local()
 
 
-def _duck():  # noqa: ANN202
+def duck_connection():  # noqa: ANN202
     con = getattr(_DUCK, "con", None)
     if con is None:
         import duckdb
@@ -182,8 +182,8 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
         types[str(name)] = _sql_type(t)
         cols[str(name)] = col
     tbl = pa.table(cols)
-    keys = ", ".join(f"{_q(k)} := t.{_q(k)}" for k in cols)
-    con = _duck()
+    keys = ", ".join(f"{quote_ident(k)} := t.{quote_ident(k)}" for k in cols)
+    con = duck_connection()
     con.register("_clipsql_meta", tbl)
     try:
         out = con.sql(f"SELECT to_json(struct_pack({keys}))::VARCHAR AS m FROM _clipsql_meta t").to_arrow_table()
@@ -193,7 +193,7 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
     return col.combine_chunks().cast(pa.string()), types
 
 
-def _q(name: str) -> str:
+def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 

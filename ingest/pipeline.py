@@ -39,6 +39,7 @@ class IngestOptions:
     image_embeddings: str | None = None
     text_embeddings: str | None = None
     source_kind: str | None = None
+    datacomp_features: str | None = None   # DataComp pools: b32 | l14 (None: from the model)
     progress: bool = True
     policy: CommitPolicy = field(default_factory=CommitPolicy)   # when to commit (rows / seconds)
     maintain: bool = True               # compact / index / prune when thresholds are crossed
@@ -179,7 +180,7 @@ def metadata_fields(rows: list[dict]) -> tuple[list[str | None], dict[str, str]]
     return metas, types
 
 
-def _samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, str]]:
+def samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, str]]:
     from store.store import samples_schema
     metas, types = metadata_fields(rows)
     cols = {
@@ -219,7 +220,10 @@ def plan_run(store: Store, source_path: str, model: str | None, pretrained: str 
     seconds["resolve_model"] = time.perf_counter() - t_start
     source = open_source(source_path, image_column=opts.image_column, caption_column=opts.caption_column,
                          id_column=opts.id_column, image_embeddings=opts.image_embeddings,
-                         text_embeddings=opts.text_embeddings, kind=opts.source_kind)
+                         text_embeddings=opts.text_embeddings, kind=opts.source_kind,
+                         datacomp_features=opts.datacomp_features)
+    if source.kind == "datacomp":   # its features are one model's: refuse filing them under another
+        source.bind_model(spec.model_id)
     source_name = source.canonical()
     source.max_file_bytes = int(opts.max_file_bytes)
     require_ids(opts.id_column, opts.update)
@@ -319,7 +323,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
             bar.close()
             # after a failure (a full disk, say) the bookkeeping below may fail too; it must never
             # replace the error that stopped the run (the next writer marks the run aborted)
-            with _unless_failing(summary):
+            with unless_failing(summary):
                 writer.close(commit=False)
             seconds["stats"] = writer.fold_wait_seconds
             seconds["stats (background)"] = writer.fold_seconds
@@ -327,10 +331,10 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
             summary.rejected = dict(rejected)
             summary.wall_seconds = time.perf_counter() - t_start
             summary.seconds = {k: round(v, 4) for k, v in seconds.items()}
-            with _unless_failing(summary):
+            with unless_failing(summary):
                 store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
         if ok:
-            summary.notes += _renamed_metadata(store, meta_before)
+            summary.notes += renamed_metadata(store, meta_before)
         if ok and opts.maintain:
             from store.maintenance import maintain_after_ingest
             t0 = time.perf_counter()
@@ -339,7 +343,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
     return summary
 
 
-class _unless_failing:
+class unless_failing:
     """Suppress errors of cleanup code while the run is already failing (keeps the first error)."""
 
     def __init__(self, summary: IngestSummary):
@@ -352,7 +356,7 @@ class _unless_failing:
         return kind is not None and issubclass(kind, Exception) and self.summary.status == "failed"
 
 
-def _renamed_metadata(store: Store, before: set[str]) -> list[str]:
+def renamed_metadata(store: Store, before: set[str]) -> list[str]:
     """A note per metadata column this run added whose name in `samples` differs from the source's."""
     from store.store import metadata_aliases
     aliases = metadata_aliases(list(store.metadata_columns()))
@@ -479,7 +483,7 @@ def _ingest_items(r: _Run) -> None:
             seconds["encode"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             new_rows = [rows[i] for i in np.flatnonzero(new_sample)]
-            samples_tbl, meta_types = _samples_table(new_rows, summary.source) if new_rows else (None, {})
+            samples_tbl, meta_types = samples_table(new_rows, summary.source) if new_rows else (None, {})
             take = pa.array(need, pa.int64())
             uri = pa.array([x["uri"] for x in rows], pa.string()).take(take)
             caption = pa.array([x["caption"] for x in rows], pa.string()).take(take)
@@ -528,7 +532,7 @@ def _ingest_columns(r: _Run) -> None:
             samples_tbl = None
             if new_sample.any():
                 s = cols if new_sample.all() else cols.take(np.flatnonzero(new_sample))
-                samples_tbl = _samples_columns(s, summary.source)
+                samples_tbl = samples_columns(s, summary.source)
             e = cols if new_emb.all() else cols.take(np.flatnonzero(new_emb))
             writer.add(samples_tbl, e.ids, e.image, e.text, uri=e.uri, caption=e.caption,
                        meta_types=cols.meta_types if samples_tbl else None)
@@ -545,7 +549,7 @@ def _ingest_columns(r: _Run) -> None:
                 on_batch(summary)
 
 
-def _samples_columns(c: Any, source: str) -> pa.Table:
+def samples_columns(c: Any, source: str) -> pa.Table:
     from store.store import samples_schema
     n = len(c)
     return pa.table({

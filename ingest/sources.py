@@ -54,7 +54,7 @@ from store.store import printable_text
 __all__ = ["Item", "Reject", "Source", "FolderSource", "TableSource", "WebDatasetSource",
            "PrecomputedSource", "open_source", "IMAGE_EXTS", "KINDS"]
 
-KINDS = ("folder", "table", "webdataset", "precomputed")
+KINDS = ("folder", "table", "webdataset", "precomputed", "datacomp")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
                  ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -67,7 +67,8 @@ SUPPORTED_LAYOUTS = (
     "table (a .csv/.tsv/.parquet/.jsonl file with image-path and caption columns); "
     "webdataset (a .tar (or .tar.gz/.tgz/.tar.bz2/.tar.xz) shard, a directory of shards, or a pattern such as shard-{00000..00009}.tar or *.tar); "
     "precomputed (a directory with img_emb/*.npy, text_emb/*.npy and metadata/*.parquet as written by "
-    "clip-retrieval, or a parquet with image_embedding/text_embedding columns)"
+    "clip-retrieval, or a parquet with image_embedding/text_embedding columns); "
+    "datacomp (a DataComp pool: <stem>.parquet + <stem>.npz shards, in the folder or its metadata/)"
 )
 
 
@@ -600,7 +601,7 @@ def is_shard_name(path: str) -> bool:
 
 
 def open_source(path, *, image_column="image", caption_column="caption", id_column=None,
-                image_embeddings=None, text_embeddings=None, kind=None) -> Source:
+                image_embeddings=None, text_embeddings=None, kind=None, datacomp_features=None) -> Source:
     """Open ``path`` as a source, detecting its layout (or forcing ``kind``).
 
     * a directory of images (with sidecar ``.txt`` captions) -> ``folder``
@@ -609,6 +610,8 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
     * a directory with ``img_emb/*.npy`` (+ ``text_emb/*.npy``) + ``metadata/*.parquet``,
       or a parquet holding the ``image_embeddings`` / ``text_embeddings`` columns
       (default names ``image_embedding`` / ``text_embedding``) -> ``precomputed``
+    * a directory (or its ``metadata/``) of DataComp ``<stem>.parquet`` + ``<stem>.npz`` shards
+      -> ``datacomp`` (one feature set, ``datacomp_features`` b32 | l14; see ingest.datacomp)
 
     Raises SourceError for a path that matches no layout, a missing column, or
     a ``kind`` that does not fit the path.
@@ -641,6 +644,9 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
     ext = os.path.splitext(spec)[1].lower()
 
     if os.path.isdir(spec):
+        from .datacomp import DataCompSource, pool_dir
+        if kind == "datacomp" or (kind is None and pool_dir(spec)):
+            return DataCompSource(spec, datacomp_features)
         laion = PrecomputedSource.is_npy_layout(spec)
         tars = sorted(p for p in glob.glob(os.path.join(glob.escape(spec), "*")) if is_shard_name(p))
         if kind == "precomputed" or (kind is None and laion):
@@ -655,8 +661,8 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
             return FolderSource(spec, id_column=id_column)
         raise SourceError(f"{spec} is a directory, a {kind} source must be a file; {SUPPORTED_LAYOUTS}")
 
-    if kind == "folder":
-        raise SourceError(f"{spec} is a file, a folder source must be a directory")
+    if kind in ("folder", "datacomp"):
+        raise SourceError(f"{spec} is a file, a {kind} source must be a directory")
     if kind == "webdataset" or (kind is None and is_shard_name(spec)):
         return WebDatasetSource([spec], id_column=id_column)
     if ext == ".parquet" and kind in (None, "precomputed"):

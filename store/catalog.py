@@ -168,6 +168,15 @@ leases = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False),
 )
 
+# Fits made for a curation recipe (migration 8), e.g. `select --recipe kl-guided` at the model's
+# logit scale with the uniform prior: kept out of `latest_fit`, so the default fit that the
+# `scores` view uses is never replaced by a recipe's.
+recipe_fits = sa.Table(
+    "recipe_fits", metadata,
+    sa.Column("fit_id", sa.Integer, primary_key=True),
+    sa.Column("recipe", sa.String(100), nullable=False, index=True),
+)
+
 # Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "models, runs, rejects, running stats",
@@ -179,6 +188,7 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
      [commits, table_versions, ingested_units]),
     (6, "fits made stale by deleted or rewritten rows", [stale_fits]),
     (7, "writer leases for stores on object storage", [leases]),
+    (8, "fits made for a curation recipe, apart from the default fit", [recipe_fits]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -37,7 +37,7 @@ import sqlalchemy as sa
 from . import catalog as cat
 from .errors import CatalogError, ClipsqlError
 from .location import exists, is_remote, move, store_path
-from .store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, _default_catalog, read_marker,
+from .store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
                     set_committed_version)
 
 STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
@@ -86,7 +86,7 @@ def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
     report = Report(str(path), repair=repair)
     marker = read_marker(path)          # a missing / damaged / newer clipsql.json is a one-line refusal
     report.add("format", "ok", f"clipsql.json format {marker.get('format', FORMAT_VERSION)}")
-    url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or _default_catalog(path)
+    url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or default_catalog(path)
     st = Store(path, url)
     lost = _catalog_problem(st, marker, path)
     if lost and not repair:
@@ -154,7 +154,7 @@ def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: s
             shutil.move(str(old), kept)
             for side in ("-wal", "-shm"):
                 Path(str(old) + side).unlink(missing_ok=True)
-        st = Store(path, _default_catalog(path))
+        st = Store(path, default_catalog(path))
     cat.migrate(st.engine)
     if st.get_setting("store_id") is None:
         st.set_setting("store_path", str(path.resolve()))

@@ -60,7 +60,7 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
                                (cat.fits, cat.fits.c.model_id), (cat.targets, cat.targets.c.model_id),
                                (cat.ingested_units, cat.ingested_units.c.model_id)):
                 conn.execute(sa.delete(table).where(col == rec.model_id))
-            for table in (cat.fit_references, cat.stale_fits):
+            for table in (cat.fit_references, cat.stale_fits, cat.recipe_fits):
                 conn.execute(sa.delete(table).where(table.c.fit_id.in_(fit_ids)))
             conn.execute(sa.delete(cat.table_versions).where(
                 cat.table_versions.c.table_name.in_([rec.table_name, *target_tables.values()])))
@@ -72,7 +72,8 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
                 conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == "default_model"))
                 if rest is not None:
                     conn.execute(cat.settings.insert().values(key="default_model", value=rest[0]))
-            for table in (rec.table_name, *target_tables.values(), "scores_" + rec.table_name):
+            for table in (rec.table_name, *target_tables.values(), "scores_" + rec.table_name,
+                          "semdedup_" + rec.table_name, "semdedup_" + rec.table_name + "_centroids"):
                 mark_for_drop(conn, table, rec.model_id)
         fault("models-rm:after-catalog")
         sweep_dropped_tables(st)

@@ -36,7 +36,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -171,7 +171,7 @@ class Store:
             store_id = uuid.uuid4().hex
             marker = {"format": FORMAT_VERSION, "catalog": catalog_url,  # None = catalog.sqlite inside
                       "store_id": store_id}
-            store = cls(path, catalog_url or _default_catalog(path))
+            store = cls(path, catalog_url or default_catalog(path))
             cat.migrate(store.engine)
             store._claim_catalog(store_id)
             (path / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
@@ -188,7 +188,7 @@ class Store:
         and never changes it (a catalog that needs migrating is refused with the command that does it)."""
         path = store_path(path)
         marker = read_marker(path)
-        url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or _default_catalog(path)
+        url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or default_catalog(path)
         if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") and not is_remote(path) \
                 and not (path / "catalog.sqlite").exists():
             raise CatalogError(f"the catalog of {path} ({path / 'catalog.sqlite'}) is missing: restore it from a "
@@ -648,15 +648,19 @@ class Store:
 
     # -- fits (reference samples) -------------------------------------------------------------
     def save_fit(self, model: ModelRecord, *, n_rows: int, covered_seq: int, reference_size: int,
-                 options: dict, arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> int:
+                 options: dict, arrays: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                 recipe: str | None = None) -> int:
         """Store a fit: its O(M + d²) arrays in `fits`, the M × d reference sample in `fit_references`
-        (so scores that need only means and factors never load the reference)."""
+        (so scores that need only means and factors never load the reference). `recipe`: a fit made
+        for that curation recipe, which never becomes the default fit (`latest_fit`)."""
         with self.engine.begin() as conn:
             res = conn.execute(cat.fits.insert().values(
                 model_id=model.model_id, created_at=time.time(), n_rows=n_rows, covered_seq=covered_seq,
                 reference_size=reference_size, options=cat.to_json(options), arrays=cat.pack_many(arrays)))
             fit_id = int(res.inserted_primary_key[0])
             conn.execute(cat.fit_references.insert().values(fit_id=fit_id, arrays=cat.pack_many(reference)))
+            if recipe is not None:
+                conn.execute(cat.recipe_fits.insert().values(fit_id=fit_id, recipe=recipe))
             return fit_id
 
     def stale_fit_reason(self, fit_id: int) -> str | None:
@@ -664,12 +668,28 @@ class Store:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(cat.stale_fits.c.reason).where(cat.stale_fits.c.fit_id == fit_id)).scalar()
 
-    def latest_fit(self, model: ModelRecord, with_arrays: bool = True, with_reference: bool = False) -> dict | None:
-        """The newest fit's catalog row; `arrays` (and the reference sample merged into them) on request."""
+    def latest_fit(self, model: ModelRecord, with_arrays: bool = True, with_reference: bool = False,
+                   recipe: str | None = None, where: Callable[[dict], bool] | None = None) -> dict | None:
+        """The newest default fit's catalog row (fits made for a recipe excluded) or, with `recipe`,
+        the newest fit made for that recipe whose options satisfy `where`; `arrays` (and the
+        reference sample merged into them) on request."""
+        made_for = sa.select(cat.recipe_fits.c.fit_id)
+        if recipe is not None:
+            made_for = made_for.where(cat.recipe_fits.c.recipe == recipe)
+        chosen = cat.fits.c.fit_id.in_(made_for) if recipe is not None else cat.fits.c.fit_id.not_in(made_for)
+        with self.engine.connect() as conn:
+            query = sa.select(cat.fits.c.fit_id, cat.fits.c.options).where(
+                cat.fits.c.model_id == model.model_id, chosen).order_by(cat.fits.c.fit_id.desc())
+            if where is None:
+                query = query.limit(1)
+            fit_id = next((r[0] for r in conn.execute(query) if where is None or where(json.loads(r[1]))), None)
+        return None if fit_id is None else self.get_fit(fit_id, with_arrays, with_reference)
+
+    def get_fit(self, fit_id: int, with_arrays: bool = True, with_reference: bool = False) -> dict | None:
+        """One fit's catalog row by id (None if there is none); arrays and reference as in `latest_fit`."""
         cols = [c for c in cat.fits.c if with_arrays or c.name != "arrays"]
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(*cols).where(cat.fits.c.model_id == model.model_id)
-                               .order_by(cat.fits.c.fit_id.desc()).limit(1)).first()
+            row = conn.execute(sa.select(*cols).where(cat.fits.c.fit_id == fit_id)).first()
             if row is None:
                 return None
             out = dict(row._mapping)
@@ -748,7 +768,7 @@ class PendingCommit:
     meta_types: dict = field(default_factory=dict)
 
 
-def _default_catalog(path: Path) -> str:
+def default_catalog(path: Path) -> str:
     return f"sqlite:///{(Path(path) / 'catalog.sqlite').resolve()}"
 
 

@@ -70,8 +70,8 @@ def test_every_sql_function_equals_the_numpy_path(scored_store):
         "image_raw_norm": scores.raw_norm(X), "text_raw_norm": scores.raw_norm(Y),
         "image_conformity": scores.conformity(X, state.moments[("image", "normalized")].sum, 600),
         "text_conformity": scores.conformity(Y, state.moments[("text", "normalized")].sum, 600),
-        "image_conformity_estimate": scores.conformity_estimate(X, state.moments[("image", "raw")].mean),
-        "text_conformity_estimate": scores.conformity_estimate(Y, state.moments[("text", "raw")].mean),
+        "image_conformity_estimate": scores.conformity_estimate(X, state.moments[("image", "normalized")].mean),
+        "text_conformity_estimate": scores.conformity_estimate(Y, state.moments[("text", "normalized")].mean),
         "clip_score": scores.clip_score(X, Y),
     }
     con = queries.connect(st)

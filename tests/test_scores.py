@@ -56,8 +56,15 @@ def bf_fit(X, Y, a, b, kind):
     prior_i = np.mean([bf_posterior(y, Xh, a, b, kind) for y in Yh], axis=0)
     u_i = sum(p * x for p, x in zip(prior_i, Xh))
     u_t = sum(p * y for p, y in zip(prior_t, Yh))
-    g_i = sum(p * np.outer(x - u_i, x - u_i) for p, x in zip(prior_i, Xh))
-    g_t = sum(p * np.outer(y - u_t, y - u_t) for p, y in zip(prior_t, Yh))
+    # §2: the metric is the covariance of the other modality's vectors; for SigLIP each is scaled
+    # by 1 − σ(a⟨ū, ·⟩ + b), ū the mean of the modality being scored
+    def fisher(R, u, prior):
+        if kind == "siglip":
+            R = [(1.0 - 1.0 / (1.0 + math.exp(-(a * float(r @ u) + b)))) * r for r in R]
+        gbar = sum(p * r for p, r in zip(prior, R))
+        return sum(p * np.outer(r - gbar, r - gbar) for p, r in zip(prior, R))
+    g_i = fisher(Xh, u_t, prior_i)
+    g_t = fisher(Yh, u_i, prior_t)
     return {"Xh": Xh, "Yh": Yh, "prior_t": prior_t, "prior_i": prior_i, "u_i": u_i, "u_t": u_t, "g_i": g_i, "g_t": g_t}
 
 
@@ -294,12 +301,33 @@ def test_conformity_exact_equals_pairwise_mean(data):
 
 def test_conformity_estimate_and_clip_score(data):
     V = data["Xr"]
-    m_raw = V.mean(axis=0)
-    want = [float(bf_unit(v) @ bf_unit(m_raw)) for v in V[:20]]
-    np.testing.assert_allclose(S.conformity_estimate(V[:20], m_raw), want, **TOL)
+    m = bf_units(V).mean(axis=0)            # §3: the mean of the NORMALIZED vectors
+    want = [float(bf_unit(v) @ bf_unit(m)) for v in V[:20]]
+    np.testing.assert_allclose(S.conformity_estimate(V[:20], m), want, **TOL)
     assert np.isnan(S.conformity_estimate(V[:3], np.zeros(D))).all()
+    m_raw = V.mean(axis=0)                  # the raw-mean variant, under its own name
+    want_raw = [float(bf_unit(v) @ bf_unit(m_raw)) for v in V[:20]]
+    np.testing.assert_allclose(S.conformity_estimate_raw(V[:20], m_raw), want_raw, **TOL)
     want = [float(bf_unit(x) @ bf_unit(y)) for x, y in zip(data["Xq"], data["Yq"])]
     np.testing.assert_allclose(S.clip_score(data["Xq"], data["Yq"]), want, **TOL)
+
+
+def test_conformity_estimate_is_an_exact_affine_of_conformity():
+    """§3: Ĉ(v) = cos(v, m) with m the mean of the normalized vectors is an exact affine function
+    of C(v) over the members of S — Pearson 1 to 1e-12 — even when the raw norms vary widely, where
+    the cosine to the raw mean is not."""
+    rng = np.random.default_rng(3)
+    V = rng.standard_normal((3000, 32)) + 0.8
+    V *= np.exp(rng.normal(0, 1.0, size=(len(V), 1)))          # raw norms spread over ~e^±2
+    V[:, 0] += 3 * (np.linalg.norm(V, axis=1) > np.median(np.linalg.norm(V, axis=1)))
+    Vh = V / np.linalg.norm(V, axis=1, keepdims=True)
+    exact = S.conformity(V, Vh.sum(axis=0), len(V), member=True)
+    est = S.conformity_estimate(V, Vh.mean(axis=0))
+    assert abs(np.corrcoef(exact, est)[0, 1] - 1.0) < 1e-12
+    n, norm_m = len(V), np.linalg.norm(Vh.mean(axis=0))
+    np.testing.assert_allclose((n * norm_m * est - 1) / (n - 1), exact, rtol=0, atol=1e-12)
+    raw = S.conformity_estimate_raw(V, V.mean(axis=0))
+    assert np.corrcoef(exact, raw)[0, 1] < 0.999
 
 
 def test_invalid_rows_give_nan(data):

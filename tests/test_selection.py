@@ -357,23 +357,85 @@ def test_count_and_tie_rule():
     assert list(ids[rank(ids, s)]) == ["c", "a", "b", "e"]
 
 
-def test_kl_guided_keeps_the_top_quarter_by_text_information_gain(sel_store, tmp_path):
+def paper_kl_guided(ids, Y, ref_ids, Xref_raw, a, fraction):
+    """The density-ratio paper's D_KL selection, written independently of clipsql's kernels: for each
+    caption the posterior over the reference images π = softmax(a·⟨ŷ, x̂_j⟩), D_KL(π ‖ U) = log M − H(π),
+    keep the top `fraction` (ties by id)."""
+    Xh = unit(Xref_raw)
+    M = len(Xh)
+    kl = []
+    for y in unit(Y):
+        z = a * (Xh @ y)
+        logp = z - lse(z)
+        kl.append(np.log(M) + float(np.exp(logp) @ logp))
+    kl = np.array(kl)
+    order = sorted(range(len(ids)), key=lambda i: (-kl[i], ids[i]))
+    return [ids[i] for i in order[:int(np.floor(fraction * len(ids)))]], dict(zip(ids, kl))
+
+
+def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
+    """§9: the recipe runs at the model's logit scale with the uniform prior, on a fit it makes
+    (seeded like the default fit) without touching the default fit; the chosen quarter equals an
+    independent implementation of the paper's selection exactly (overlap 1.0, same order)."""
+    st = sel_store
+    default_before = st.latest_fit(st.model(), with_arrays=False)
     out = tmp_path / "kl.parquet"
-    select(sel_store, recipe="kl-guided", output=out)
-    con = queries.connect(sel_store)
-    ig = dict(fetch(con, "SELECT id, text_info_gain FROM scores"))
-    want = sorted(ig, key=lambda k: (-ig[k], k))[:count_for(0.25, N)]
+    side = select(st, recipe="kl-guided", output=out)
+    rec = st.model()
+    made = side["recipe_fit"]
+    assert made["made"] and made["prior"] == "uniform" and made["a"] == pytest.approx(rec.logit_scale)
+    assert made["seed"] == 3 and made["fit_id"] != default_before["fit_id"]
+    assert st.latest_fit(rec, with_arrays=False)["fit_id"] == default_before["fit_id"]   # scores view unchanged
+    assert side["statistics"]["fit_id"] == made["fit_id"] and side["statistics"]["recipe"] == "kl-guided"
+    ids, _, Y = stored(st)
+    ref = st.get_fit(made["fit_id"], with_reference=True)["arrays"]
+    # the recipe's reference sample is the default fit's rows (same seed and size)
+    assert list(ref["ref_ids"]) == list(st.latest_fit(rec, with_reference=True)["arrays"]["ref_ids"])
+    want, kl = paper_kl_guided(list(ids), Y, ref["ref_ids"], ref["X_ref_raw"], rec.logit_scale, 0.25)
     tbl = pq.read_table(out)
+    got = tbl.column("id").to_pylist()
+    assert len(set(got) & set(want)) / len(want) == 1.0 and got == want
+    np.testing.assert_allclose(tbl.column("text_info_gain").to_pylist(), [kl[k] for k in want], rtol=1e-9)
     assert tbl.column_names == ["id", "uri", "caption", "text_info_gain"]
-    assert tbl.column("id").to_pylist() == want
-    assert tbl.column("text_info_gain").to_pylist() == [ig[k] for k in want]
-    assert tbl.column("uri").to_pylist()[0].startswith("file:///x/")
     meta = json.loads((tmp_path / "kl.parquet.json").read_text())
-    fit = sel_store.latest_fit(sel_store.model(), with_arrays=False)
-    assert meta["recipe"] == "kl-guided" and meta["model"] == sel_store.model().model_id
-    assert meta["statistics"]["fit_id"] == fit["fit_id"] and meta["seeds"] == {"reference": 3, "neg_clip": 3}
-    assert meta["counts"] == {"pool": N, "requested": 100, "null_scores": 0, "selected": 100}
-    assert meta["fraction"] == 0.25 and "ties by id" in meta["ties"]
+    assert meta["recipe"] == "kl-guided" and meta["counts"] == {"pool": N, "requested": 100, "null_scores": 0,
+                                                                "selected": 100}
+    assert meta["recipe_fit"]["settings"] == {"a": rec.logit_scale, "b": 0.0, "prior": "uniform"}
+    assert meta["fraction"] == 0.25 and "ties by id" in meta["ties"] and meta["options"]["make_fit"] is True
+    # a second run reuses the recipe's fit; the selection is byte-identical
+    again = select(st, recipe="kl-guided", output=tmp_path / "kl2.parquet")
+    assert not again["recipe_fit"]["made"] and again["recipe_fit"]["fit_id"] == made["fit_id"]
+    assert pq.read_table(tmp_path / "kl2.parquet").equals(tbl)
+
+
+def test_kl_guided_refuses_without_its_fit_naming_the_command(tmp_path, tiny_model):
+    from typer.testing import CliRunner
+
+    from cli import app
+    img, txt = clip_like(120, np.random.default_rng(5))
+    st = Store.init(tmp_path / "s")
+    ingest(st, str(write_precomputed(tmp_path / "e.parquet", img, txt)), model=tiny_model,
+           options=IngestOptions(batch_size=64, workers=0, progress=False, id_column="id"))
+    fit_stats(st, reference_size=50, seed=9)
+    with pytest.raises(SelectionError, match=r"run `clipsql stats fit STORE --model .* --for-recipe kl-guided "
+                                             r"--reference-size 50 --seed 9`"):
+        select(st, recipe="kl-guided", make_fit=False, output=tmp_path / "x.txt")
+    ro = Store.open(st.path, read_only=True)
+    with pytest.raises(SelectionError, match="--for-recipe kl-guided"):
+        select(ro, recipe="kl-guided", output=tmp_path / "x.txt")
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    r = run("select", st.path, "--recipe", "kl-guided", "--no-make-fit", "-o", tmp_path / "x.txt")
+    assert r.exit_code == 1 and "--for-recipe kl-guided" in r.output and "Traceback" not in r.output
+    r = run("stats", "fit", st.path, "--for-recipe", "kl-guided", "--reference-size", 50, "--seed", 9)
+    assert r.exit_code == 0 and "for kl-guided" in r.output, r.output
+    r = run("select", st.path, "--recipe", "kl-guided", "--no-make-fit", "-o", tmp_path / "x.txt")
+    assert r.exit_code == 0 and "selected 30 of 120" in r.output, r.output
+    assert st.latest_fit(st.model(), with_arrays=False)["options"]["prior"] == "posterior-mean"
+    # a default fit that already has the recipe's settings is used as it is
+    fit_stats(st, reference_size=50, seed=9, scale="model", prior="uniform")
+    side = select(st, recipe="kl-guided", make_fit=False, output=tmp_path / "y.txt")
+    assert side["recipe_fit"]["fit"] == "default fit"
+    assert (tmp_path / "x.txt").read_text() == (tmp_path / "y.txt").read_text()
 
 
 def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):

@@ -22,6 +22,8 @@ from ..kernels import scores
 
 DEFAULT_REFERENCE_SIZE = 10_000
 DEFAULT_STALE_SHARE = 0.10
+# Fits made for a curation recipe: the settings that recipe is published with (SCIENCE.md §9).
+RECIPE_FITS = {"kl-guided": {"scale": "model", "prior": "uniform"}}
 ARRAY_KEYS = ("log_prior_text", "log_prior_image", "mean_image", "mean_text", "cov_image", "cov_text",
               "factor_image", "factor_text")
 
@@ -63,11 +65,17 @@ def draw_reference(st: Store, rec: ModelRecord, size: int, seed: int,
 
 def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFAULT_REFERENCE_SIZE,
               seed: int = 0, scale: str = "1", prior: str = "posterior-mean",
-              neg_clip: dict[str, Any] | None = None) -> dict[str, Any]:
+              neg_clip: dict[str, Any] | None = None, recipe: str | None = None) -> dict[str, Any]:
     """Fit and store the reference statistics of one model; returns a summary.
 
     `neg_clip` overrides the recorded negCLIPLoss batch options {tau, batch_size, k, seed}
-    (defaults τ = 0.01, |B| = min(32768, M+1), K = 10, the fit's seed)."""
+    (defaults τ = 0.01, |B| = min(32768, M+1), K = 10, the fit's seed). `recipe`: a fit made
+    for that curation recipe (e.g. kl-guided), kept apart: the default fit the `scores` view
+    uses is not replaced."""
+    if recipe is not None:
+        if recipe not in RECIPE_FITS:
+            raise StatsError(f"--for-recipe must be one of {', '.join(RECIPE_FITS)}; got {recipe!r}")
+        scale, prior = RECIPE_FITS[recipe]["scale"], RECIPE_FITS[recipe]["prior"]
     if prior not in scores.PRIORS:
         raise StatsError(f"--prior must be one of {', '.join(scores.PRIORS)}; got {prior!r}")
     if reference_size < 2:
@@ -86,6 +94,8 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         a, b = scale_for(rec, scale)
         f = scores.fit(X, Y, a=a, b=b, kind=rec.kind, prior=prior)
         options = {"seed": seed, "scale": str(scale), "a": a, "b": b, "prior": prior, "kind": rec.kind,
+                   "approx_metric": "fisher-1-minus-sigma" if rec.kind == "siglip" else "covariance",
+                   **({"recipe": recipe} if recipe else {}),
                    "requested_reference_size": reference_size, "data_version": version,
                    "neg_clip": {"tau": 0.01, "batch_size": min(32768, len(ref_ids) + 1), "k": 10, "seed": seed,
                                 **_neg_clip_overrides(neg_clip, len(ref_ids))}}
@@ -93,8 +103,8 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         arrays = {k: getattr(f, k) for k in ARRAY_KEYS}
         fault("fit:before-save")
         fit_id = st.save_fit(rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
-                             options=options, arrays=arrays, reference=reference)
-    return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows,
+                             options=options, arrays=arrays, reference=reference, recipe=recipe)
+    return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows, "recipe": recipe,
             "seconds": round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
             "data_version": version}
 
@@ -115,13 +125,14 @@ def _neg_clip_overrides(given: dict[str, Any] | None, m: int) -> dict[str, Any]:
     return out
 
 
-def load_fit(st: Store, rec: ModelRecord, reference: bool = True) -> tuple[scores.Fit, dict]:
-    """The latest fit of a model as a `scores.Fit` (+ its catalog row); StatsError naming the fix if none.
+def load_fit(st: Store, rec: ModelRecord, reference: bool = True, row: dict | None = None) -> tuple[scores.Fit, dict]:
+    """The latest fit of a model (or the fit of `row`, a `latest_fit` row with arrays and reference)
+    as a `scores.Fit` (+ its catalog row); StatsError naming the fix if none.
 
     `reference=False` skips the M × d reference sample (X_ref/Y_ref come back empty): enough
     for the approximation and centered norms, whose memory then does not grow with M.
     """
-    row = st.latest_fit(rec, with_reference=reference)
+    row = row if row is not None else st.latest_fit(rec, with_reference=reference)
     if row is None:
         raise StatsError(f"no fitted statistics for model {rec.model_id}: run "
                          f"`clipsql stats fit STORE --model {rec.model_id}` first")
@@ -147,6 +158,8 @@ def staleness(st: Store, rec: ModelRecord) -> str | None:
     if fit is None:
         return None
     reason = st.stale_fit_reason(int(fit["fit_id"]))
+    if reason is None and rec.kind == "siglip" and "approx_metric" not in fit["options"]:
+        reason = "the SigLIP approximation's metric was corrected (the (1 − σ)-scaled Fisher metric)"
     if reason is not None:
         return (f"the fit of {rec.model_id} (#{fit['fit_id']}) is stale: {reason} since it was computed; "
                 "re-run `clipsql stats fit`")

@@ -1,35 +1,37 @@
-"""`clipsql select`: curation recipes (SCIENCE.md §9) and the export of the chosen ids.
+"""`clipsql select`: curation recipes (SCIENCE.md §9, §11) and the export of the chosen ids.
 
-    select(st, recipe="kl-guided", fraction=0.25, output="subset.parquet")
+    select(st, recipe="kl-guided", output="subset.parquet")
+    select(st, SelectSpec(recipe="clip-score", where="semdedup_max_sim < 0.99"), output="uids.npy")
 
-* `kl-guided` (density-ratio revision): the top `fraction` (default 25%) of the pool
-  by `text_info_gain`.
-* `negclip-normsim` (Wang et al.): the top `first_fraction` (default 30%) of the pool
-  by `neg_clip_loss` (the per-row stable form; `negclip_form="pool"` uses the stored
-  `neg_clip_loss_pool` column of `clipsql score --neg-clip-loss-pool` instead), then
-  among those the top rows by `norm_sim_inf(image, target)` up to `fraction`
-  (default 20%) of the whole pool.
+Recipes (queries.curation.recipes has their definitions):
+* `kl-guided`: the top `fraction` (default 25%) by text Information Gain against the uniform
+  prior at the model's logit scale, on a fit with exactly those settings (made if needed).
+* `negclip-normsim`: the top `first_fraction` (default 30%) by `neg_clip_loss` (the per-row
+  stable form; `negclip_form="pool"` uses the stored `neg_clip_loss_pool`), then among those the
+  top rows by `norm_sim_inf(image, target)` up to `fraction` (default 20%) of the pool.
+* `clip-score`: DataComp's CLIP-score baseline, the top `fraction` (default 30%) by `clip_score`
+  or every row with `clip_score >= threshold`.
+* `image-based`: DataComp's image-based clustering baseline against a named target set.
 * `sql`: any query returning an `id` column; its row order decides.
 
-The pool is every row of the model. A fraction F keeps `floor(F × pool)` rows, F read
-as the decimal it is written as (so 0.29 × 100 is 29, not 28); `limit` keeps N rows.
-Rows are ranked by score descending, ties broken by id ascending (byte order); rows
-whose score is NULL are never chosen, so fewer rows than asked come back when the
-pool has fewer scored rows (the sidecar says so). Scores go through the SQL functions,
-so a selection is exactly what `clipsql query` would rank.
+`where` (SQL over `samples`, the model's `semdedup_*` columns and its stored scores) narrows the
+pool first, so "dedup, then KL-guided" is one call; fractions are of the narrowed pool.
+A fraction F keeps `floor(F × pool)` rows, F read as the decimal it is written as (so 0.29 × 100
+is 29, not 28); `limit` keeps N rows. Rows are ranked by score descending, ties broken by id
+ascending (byte order); rows whose score is NULL are never chosen, so fewer rows than asked
+come back when the pool has fewer scored rows (the sidecar says so).
 
-Output: `.parquet`, `.csv` (id, uri, caption, the scores used, in rank order) or
-`.txt` (one id per line), plus `<output>.json`: recipe, model, statistics version (fit),
-seeds, options and counts.
+Output: `.parquet`, `.csv` (id, uri, caption, the scores used, in rank order), `.txt` (one id per
+line) or `datacomp-uids` (`.npy`: the sorted uid array DataComp's resharder reads), plus
+`<output>.json`: recipe, model, statistics version (fit), seeds, every option and the counts.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import os
-import math
 import time
-from decimal import Decimal
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,98 +42,93 @@ from store.errors import SelectionError
 from store.faults import fault
 from store.store import ModelRecord, Store
 from ..sql.functions import blas_pinned
+from . import recipes
+from .recipes import fraction_count as count_for, rank  # noqa: F401 - the public names of this module
 
-RECIPES = ("kl-guided", "negclip-normsim")
-DEFAULT_FRACTION = {"kl-guided": 0.25, "negclip-normsim": 0.20}
+RECIPES = ("kl-guided", "negclip-normsim", "clip-score", "image-based")
+DEFAULT_FRACTION = {"kl-guided": 0.25, "negclip-normsim": 0.20, "clip-score": 0.30}
 DEFAULT_FIRST_FRACTION = 0.30
-FORMATS = (".parquet", ".csv", ".txt")
+FORMATS = (".parquet", ".csv", ".txt", ".npy")
+OUTPUT_FORMATS = ("parquet", "csv", "txt", "datacomp-uids")
 TIE_RULE = "score descending, ties by id ascending; NULL scores never chosen"
 ROUNDING = "count = floor(F x pool), F as written in decimal; --limit N keeps N"
 
 
-def count_for(fraction: float, pool: int) -> int:
-    """floor(F × pool) with F taken as the decimal it is written as (no binary rounding surprises)."""
-    return int(math.floor(Decimal(str(fraction)) * pool))
+@dataclass(frozen=True)
+class SelectSpec:
+    """What to select: a recipe (and its options) or SQL, the cut, and the pool filter."""
+    recipe: str | None = None
+    sql: str | None = None
+    target: str | None = None
+    fraction: float | None = None
+    limit: int | None = None
+    threshold: float | None = None          # clip-score: keep clip_score >= threshold
+    where: str | None = None                # SQL narrowing the pool first
+    first_fraction: float = DEFAULT_FIRST_FRACTION
+    negclip_form: str = "row"
+    clusters: int | None = None             # image-based: k (default pool / 128)
+    sample: int | None = None               # image-based: k-means training rows (default: the pool)
+    seed: int | None = None                 # image-based k-means; kl-guided's fit (default: the default fit's)
+    reference_size: int | None = None       # kl-guided's fit (default: the default fit's)
+    make_fit: bool = True                   # kl-guided: make the recipe's fit when missing
+    format: str | None = None               # output format (default: from the suffix)
 
-
-def rank(ids: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """Positions of the rows with a finite score, best first: score descending, then id ascending."""
-    ok = np.flatnonzero(np.isfinite(score))
-    order = np.lexsort((ids[ok], -score[ok]))
-    return ok[order]
+    def check(self) -> None:
+        s = self
+        if (s.recipe is None) == (s.sql is None):
+            raise SelectionError(f"give exactly one of --recipe ({' | '.join(RECIPES)}) or --sql \"SELECT id …\"")
+        if s.recipe is not None and s.recipe not in RECIPES:
+            raise SelectionError(f"unknown recipe {s.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if sum(x is not None for x in (s.fraction, s.limit, s.threshold)) > 1:
+            raise SelectionError("give one of --fraction, --limit or --threshold, not both")
+        for name, f in (("--fraction", s.fraction), ("--first-fraction", s.first_fraction)):
+            if f is not None and not 0 < f <= 1:
+                raise SelectionError(f"{name} must be in (0, 1]; got {f}")
+        if s.limit is not None and s.limit < 0:
+            raise SelectionError(f"--limit must be >= 0; got {s.limit}")
+        if s.threshold is not None and s.recipe != "clip-score":
+            raise SelectionError("--threshold is only used by --recipe clip-score")
+        if s.recipe in ("negclip-normsim", "image-based") and not s.target:
+            raise SelectionError(f"the {s.recipe} recipe needs --target NAME (see `clipsql target list`)")
+        if s.target and s.recipe not in ("negclip-normsim", "image-based"):
+            raise SelectionError("--target is only used by --recipe negclip-normsim and image-based")
+        if s.recipe == "image-based" and (s.fraction is not None or s.limit is not None):
+            raise SelectionError("image-based keeps whole clusters: it takes no --fraction or --limit (narrow "
+                                 "the pool with --where, or set --clusters)")
+        if (s.clusters is not None or s.sample is not None) and s.recipe != "image-based":
+            raise SelectionError("--clusters and --sample are only used by --recipe image-based")
+        if s.clusters is not None and s.clusters < 1:
+            raise SelectionError(f"--clusters must be >= 1; got {s.clusters}")
+        if s.negclip_form not in ("row", "pool"):
+            raise SelectionError(f"--negclip-form must be row or pool; got {s.negclip_form!r}")
+        if s.format is not None and s.format not in OUTPUT_FORMATS:
+            raise SelectionError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; got {s.format!r}")
 
 
 @blas_pinned
-def select(st: Store, *, recipe: str | None = None, sql: str | None = None, target: str | None = None,
-           fraction: float | None = None, limit: int | None = None, output: str | Path,
-           model: str | None = None, first_fraction: float = DEFAULT_FIRST_FRACTION,
-           negclip_form: str = "row", engine: str = "local", ray_address: str | None = None) -> dict[str, Any]:
+def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, model: str | None = None,
+           engine: str = "local", ray_address: str | None = None, **fields: Any) -> dict[str, Any]:
     """Run a recipe (or SQL), cut to the exact count, write `output` and `<output>.json`; returns the sidecar.
 
-    `engine="ray"` computes the recipe's pool-wide score (text Information Gain, or negCLIPLoss)
-    with one Ray task per fragment (cluster.scores.score_columns_ray); ranking and the cut are the same."""
+    `spec` (or its fields as keywords) says what to select. `engine="ray"` computes the recipe's
+    pool-wide score with one Ray task per fragment (cluster.scores.score_columns_ray); the ranking
+    and the cut are the same."""
     t0 = time.perf_counter()
+    spec = SelectSpec(**fields) if spec is None else SelectSpec(**{**asdict(spec), **fields})
     output = Path(output)
-    fmt = output.suffix.lower()
-    if fmt not in FORMATS:
-        raise SelectionError(f"--output must end in {', '.join(FORMATS)}; got {output.name!r}")
-    if (recipe is None) == (sql is None):
-        raise SelectionError("give exactly one of --recipe (kl-guided | negclip-normsim) or --sql \"SELECT id …\"")
-    if recipe is not None and recipe not in RECIPES:
-        raise SelectionError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    if fraction is not None and limit is not None:
-        raise SelectionError("give --fraction or --limit, not both")
-    for name, f in (("--fraction", fraction), ("--first-fraction", first_fraction)):
-        if f is not None and not 0 < f <= 1:
-            raise SelectionError(f"{name} must be in (0, 1]; got {f}")
-    if limit is not None and limit < 0:
-        raise SelectionError(f"--limit must be >= 0; got {limit}")
-    if recipe == "negclip-normsim" and not target:
-        raise SelectionError("the negclip-normsim recipe needs --target NAME (see `clipsql target list`)")
-    if target and recipe != "negclip-normsim":
-        raise SelectionError("--target is only used by --recipe negclip-normsim")
-    if negclip_form not in ("row", "pool"):
-        raise SelectionError(f"--negclip-form must be row or pool; got {negclip_form!r}")
+    fmt = _output_format(output, spec.format)
+    spec.check()
     if engine not in ("local", "ray"):
         raise SelectionError(f"--engine must be local or ray; got {engine!r}")
-    if engine == "ray" and sql is not None:
+    if engine == "ray" and spec.sql is not None:
         raise SelectionError("--sql runs in DuckDB: use --engine local (`clipsql score --engine ray` stores "
                              "scores that --sql can read from stored_scores)")
-
     rec = st.model(model)
-    pool = st.count_rows(rec)
-    if recipe is not None and fraction is None and limit is None:
-        fraction = DEFAULT_FRACTION[recipe]
-    count = limit if limit is not None else (count_for(fraction, pool) if fraction is not None else None)
-    side: dict[str, Any] = {
-        "recipe": recipe or "sql", "sql": sql, "model": rec.model_id, "model_kind": rec.kind,
-        "fraction": fraction, "limit": limit, "rounding": ROUNDING, "ties": TIE_RULE,
-        "statistics": _fit_info(st, rec), "output": str(output), "format": fmt[1:],
-    }
     from ..sql.db import connect
     con = connect(st)
-    side["engine"] = engine
-
-    def score_all(columns: list[str]) -> pa.Table:
-        """id + `columns` for every row of the model: DuckDB here, or one Ray task per fragment."""
-        if engine == "ray":
-            from cluster.scores import score_columns_ray
-            return score_columns_ray(st, rec, columns, address=ray_address)
-        from ..sql.materialize import score_relation
-        return score_relation(con, rec, _emb_view(st, rec), columns)
     try:
-        if recipe == "kl-guided":
-            tbl, counts = _kl_guided(score_all, count)
-        elif recipe == "negclip-normsim":
-            if count is not None and count > count_for(first_fraction, pool) and limit is None:
-                raise SelectionError(f"--fraction {fraction} exceeds --first-fraction {first_fraction}: the "
-                                     "NormSim stage can only keep rows the negCLIPLoss stage kept")
-            tbl, counts, extra = _negclip_normsim(con, st, rec, target, count, count_for(first_fraction, pool),
-                                                  negclip_form, score_all)
-            side.update(first_fraction=first_fraction, negclip_form=negclip_form, **extra)
-        else:
-            tbl, counts = _from_sql(con, sql, count)
-        counts = {"pool": pool, "requested": count, **counts, "selected": tbl.num_rows}
+        pool = _pool(st, rec, con, spec.where, engine, ray_address)
+        tbl, counts, side = _run(pool, spec)
         tbl = _with_samples(con, tbl)
     except Exception as e:  # noqa: BLE001 - DuckDB wraps errors raised inside UDFs
         from store.errors import ClipsqlError
@@ -140,14 +137,21 @@ def select(st: Store, *, recipe: str | None = None, sql: str | None = None, targ
         raise SelectionError(f"selection failed: {e}") from None
     finally:
         con.close()
-    side["seeds"] = {"reference": (side["statistics"] or {}).get("seed"),
-                     "neg_clip": ((side["statistics"] or {}).get("neg_clip") or {}).get("seed")}
+    fit_info = _fit_info(st, rec, side.get("recipe_fit", {}).get("fit_id"))
+    side.update({"recipe": spec.recipe or "sql", "sql": spec.sql, "model": rec.model_id, "model_kind": rec.kind,
+                 "fraction": side.get("fraction", spec.fraction), "limit": spec.limit, "where": spec.where,
+                 "rounding": ROUNDING, "ties": TIE_RULE, "statistics": fit_info, "output": str(output),
+                 "format": fmt, "engine": engine, "options": {k: v for k, v in asdict(spec).items()
+                                                              if k not in ("recipe", "sql")}})
+    side["seeds"] = {"reference": (fit_info or {}).get("seed"),
+                     "neg_clip": ((fit_info or {}).get("neg_clip") or {}).get("seed"),
+                     **({"kmeans": side["image_based"]["seed"]} if "image_based" in side else {})}
     side["score_columns"] = [c for c in tbl.column_names if c not in ("id", "uri", "caption")]
-    side["counts"] = counts
-    side["warnings"] = []
-    if limit is not None and limit > tbl.num_rows:
-        side["warnings"].append(f"--limit {limit} is more than the {tbl.num_rows} rows there are to select "
-                                f"(pool {pool}): all of them were selected")
+    side["counts"] = {**counts, "selected": tbl.num_rows}
+    side["warnings"] = list(pool.info.get("warnings", []))
+    if spec.limit is not None and spec.limit > tbl.num_rows:
+        side["warnings"].append(f"--limit {spec.limit} is more than the {tbl.num_rows} rows there are to select "
+                                f"(pool {pool.size}): all of them were selected")
     side["sha256"] = _write(tbl, output, fmt)
     side["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     side["seconds"] = round(time.perf_counter() - t0, 3)
@@ -155,6 +159,141 @@ def select(st: Store, *, recipe: str | None = None, sql: str | None = None, targ
     write_text_atomic(sidecar, json.dumps(side, indent=2, sort_keys=True, default=_json_default) + "\n")
     side["sidecar"] = str(sidecar)
     return side
+
+
+def _output_format(output: Path, given: str | None) -> str:
+    suffix = output.suffix.lower()
+    if given is None:
+        if suffix not in FORMATS:
+            raise SelectionError(f"--output must end in {', '.join(FORMATS)}; got {output.name!r}")
+        return "datacomp-uids" if suffix == ".npy" else suffix[1:]
+    if given not in OUTPUT_FORMATS:
+        raise SelectionError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; got {given!r}")
+    want = ".npy" if given == "datacomp-uids" else "." + given
+    if suffix != want:
+        raise SelectionError(f"--format {given} writes a {want} file; got --output {output.name!r}")
+    return given
+
+
+def _run(pool: recipes.Pool, spec: SelectSpec) -> tuple[pa.Table, dict, dict]:
+    """(chosen rows, counts, sidecar fields) of the spec's recipe over the pool."""
+    fraction = spec.fraction
+    if spec.recipe is not None and fraction is None and spec.limit is None and spec.threshold is None:
+        fraction = DEFAULT_FRACTION.get(spec.recipe)
+    count = spec.limit if spec.limit is not None else (count_for(fraction, pool.size) if fraction is not None else None)
+    counts: dict[str, Any] = {"pool": pool.size, "requested": count, **pool.info.get("counts", {})}
+    side: dict[str, Any] = {"fraction": fraction}
+    if spec.recipe == "kl-guided":
+        tbl, c, extra = recipes.kl_guided(pool, count, make_fit=spec.make_fit, seed=spec.seed,
+                                          reference_size=spec.reference_size)
+    elif spec.recipe == "clip-score":
+        tbl, c, extra = recipes.clip_score(pool, count, spec.threshold)
+    elif spec.recipe == "image-based":
+        t, rows = _target(pool, spec.target)
+        tbl, c, extra = recipes.image_based(pool, t, rows, clusters=spec.clusters, sample=spec.sample,
+                                            seed=spec.seed if spec.seed is not None else 0)
+    elif spec.recipe == "negclip-normsim":
+        first = count_for(spec.first_fraction, pool.size)
+        if count is not None and count > first and spec.limit is None:
+            raise SelectionError(f"--fraction {fraction} exceeds --first-fraction {spec.first_fraction}: the "
+                                 "NormSim stage can only keep rows the negCLIPLoss stage kept")
+        tbl, c, extra = _negclip_normsim(pool, spec.target, count, first, spec.negclip_form)
+        extra.update(first_fraction=spec.first_fraction, negclip_form=spec.negclip_form)
+    else:
+        tbl, c = _from_sql(pool.con, spec.sql, count)
+        extra = {}
+    return tbl, {**counts, **c}, {**side, **extra}
+
+
+# --------------------------------------------------------------------------- the pool
+def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: str,
+          ray_address: str | None) -> recipes.Pool:
+    """Every row of the model, or those passing `where`, and how to score them (DuckDB or Ray)."""
+    view = _emb_view(st, rec)
+    total = st.count_rows(rec)
+    allowed = None
+    info: dict[str, Any] = {}
+    relation = view
+    if where is not None:
+        allowed, info = _where_ids(st, rec, con, view, where)
+        con.register("_clipsql_allowed", pa.table({"id": allowed}))
+        relation = f"(SELECT * FROM {view} WHERE id IN (SELECT id FROM _clipsql_allowed))"
+        info["counts"] = {"pool_before_where": total}
+
+    def score_all(columns: list[str], fit: Any = None) -> pa.Table:
+        """id + `columns` for every pool row: DuckDB here, or one Ray task per fragment (then filtered)."""
+        if engine == "ray":
+            from cluster.scores import score_columns_ray
+            return score_columns_ray(st, rec, columns, address=ray_address, fit=fit)
+        from ..sql.db import connect
+        from ..sql.materialize import score_relation
+        if fit is None:
+            return score_relation(con, rec, relation, columns)
+        own = connect(st, fits={rec.model_id: fit})     # a recipe's own fit, this connection only
+        try:
+            if allowed is not None:
+                own.register("_clipsql_allowed", pa.table({"id": allowed}))
+            return score_relation(own, rec, relation, columns)
+        finally:
+            own.close()
+    size = total if allowed is None else len(allowed)
+    return recipes.Pool(st, rec, con, relation, size, allowed if where is not None else None, score_all, info)
+
+
+def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> tuple[pa.Array, dict]:
+    """Ids of the model's rows for which `where` holds, over samples + semdedup + stored scores."""
+    import duckdb
+
+    from ..sql.db import quote_ident
+    from ..sql.materialize import stored_table_name
+    joins, cols, info = [], [], {"warnings": []}
+    dedup = _dedup_table(st, rec)
+    if dedup is not None:
+        con.register("_clipsql_where_dedup", st.dataset(dedup, latest=True))
+        joins.append("LEFT JOIN _clipsql_where_dedup d ON d.id = e.id")
+        cols += ["d.semdedup_cluster", "d.semdedup_max_sim"]
+    elif "semdedup_" in where:
+        raise SelectionError(f"--where uses semantic-dedup columns but model {rec.model_id} has none yet: run "
+                             f"`clipsql dedup STORE --model {rec.model_id}` first")
+    name = stored_table_name(rec.table_name)
+    if name in st.table_names():
+        ds = st.dataset(name, latest=True)
+        con.register("_clipsql_where_stored", ds)
+        joins.append("LEFT JOIN _clipsql_where_stored sc ON sc.id = e.id")
+        cols += [f"sc.{quote_ident(c)}" for c in ds.schema.names if c not in ("id", "fit_id", "computed_at")]
+    extra = "".join(", " + c for c in cols)
+    pool_sql = (f"SELECT s.*, e.image_embedding, e.text_embedding{extra} FROM {view} e "
+                f"LEFT JOIN samples s ON s.id = e.id {' '.join(joins)}")
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP VIEW _clipsql_pool AS {pool_sql}")
+        tbl = _arrow(con.sql(f"SELECT id FROM _clipsql_pool WHERE ({where})"))
+        if dedup is not None and "semdedup_" in where:
+            pending = con.execute("SELECT count(*) FROM _clipsql_pool WHERE semdedup_max_sim IS NULL "
+                                  "AND image_embedding IS NOT NULL").fetchall()[0][0]
+            if pending:
+                info["warnings"].append(f"{pending} rows have no semantic-dedup score yet (added since `clipsql "
+                                        "dedup` ran): a condition on semdedup_* leaves them out; re-run dedup")
+    except duckdb.Error as e:
+        raise SelectionError(f"--where failed: {str(e).splitlines()[0]}") from None
+    return tbl.column("id").combine_chunks().cast(pa.string()), info
+
+
+def _dedup_table(st: Store, rec: ModelRecord) -> str | None:
+    try:
+        from .dedup import dedup_table_name
+    except ImportError:
+        return None
+    name = dedup_table_name(rec.table_name)
+    return name if name in st.table_names() else None
+
+
+def _target(pool: recipes.Pool, name: str) -> tuple[Any, np.ndarray]:
+    from .targets import get_target, target_rows
+    t = get_target(pool.st, name)
+    if t.model_id != pool.rec.model_id:
+        raise SelectionError(f"target {name!r} belongs to model {t.model_id}, not {pool.rec.model_id}: pass "
+                             f"--model {t.model_id} or add a target for this model")
+    return t, target_rows(pool.st, t)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -168,46 +307,27 @@ def _arrow(rel: Any) -> pa.Table:
     return tbl.read_all() if hasattr(tbl, "read_all") else tbl
 
 
-def _top(tbl: pa.Table, column: str, count: int | None) -> tuple[pa.Table, int]:
-    """Rows of `tbl` ranked by `column` (desc, ties by id), cut to `count`; also the NULL count."""
-    ids = np.array(tbl.column("id").to_pylist(), dtype=object).astype(str)
-    score = tbl.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-    order = rank(ids, score)
-    if count is not None:
-        order = order[:count]
-    return tbl.take(pa.array(order, pa.int64())), int((~np.isfinite(score)).sum())
-
-
-def _kl_guided(score_all: Any, count: int | None) -> tuple[pa.Table, dict]:
-    tbl = score_all(["text_info_gain"])
-    top, nulls = _top(tbl, "text_info_gain", count)
-    return top, {"null_scores": nulls}
-
-
-def _negclip_normsim(con: Any, st: Store, rec: ModelRecord, target: str, count: int | None, first: int,
-                     form: str, score_all: Any) -> tuple[pa.Table, dict, dict]:
+def _negclip_normsim(pool: recipes.Pool, target: str, count: int | None, first: int,
+                     form: str) -> tuple[pa.Table, dict, dict]:
     from ..sql.db import quote_literal
-    from .targets import get_target
-    t = get_target(st, target)
-    if t.model_id != rec.model_id:
-        raise SelectionError(f"target {target!r} belongs to model {t.model_id}, not {rec.model_id}: pass "
-                             f"--model {t.model_id} or add a target for this model")
-    view = _emb_view(st, rec)
+    t, _ = _target(pool, target)
     if form == "row":
-        s1 = score_all(["neg_clip_loss"])
+        s1 = pool.score(["neg_clip_loss"])
         col = "neg_clip_loss"
     else:
-        s1 = _stored_pool_column(st, rec)
+        s1 = _stored_pool_column(pool.st, pool.rec)
+        if pool.allowed is not None:
+            s1 = s1.filter(pa.compute.is_in(s1.column("id"), value_set=pool.allowed))
         col = "neg_clip_loss_pool"
-    stage1, nulls1 = _top(s1, col, first)
+    stage1, nulls1 = recipes.top(s1, col, first)
+    con = pool.con
     con.register("_clipsql_stage1", stage1)
     s2 = _arrow(con.sql(f"SELECT s.id, s.{col}, norm_sim_inf(e.image_embedding, {quote_literal(target)}) "
-                        f"AS norm_sim_inf FROM _clipsql_stage1 s JOIN {view} e USING (id)"))
+                        f"AS norm_sim_inf FROM _clipsql_stage1 s JOIN {_emb_view(pool.st, pool.rec)} e USING (id)"))
     con.unregister("_clipsql_stage1")
-    top, nulls2 = _top(s2, "norm_sim_inf", count)
-    extra = {"target": t.summary()}
-    return top, {"stage1": stage1.num_rows, "stage1_requested": first, "null_scores": nulls1,
-                 "null_norm_sim": nulls2}, extra
+    chosen, nulls2 = recipes.top(s2, "norm_sim_inf", count)
+    return chosen, {"stage1": stage1.num_rows, "stage1_requested": first, "null_scores": nulls1,
+                    "null_norm_sim": nulls2}, {"target": t.summary()}
 
 
 def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
@@ -267,10 +387,13 @@ def _write(tbl: pa.Table, output: Path, fmt: str) -> str:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     try:
-        if fmt == ".txt":
+        if fmt == "datacomp-uids":
+            from .datacomp import save_uids
+            save_uids(tbl.column("id").to_pylist(), tmp)
+        elif fmt == "txt":
             ids = tbl.column("id").to_pylist()
             tmp.write_text("".join(f"{i}\n" for i in ids))
-        elif fmt == ".csv":
+        elif fmt == "csv":
             import pyarrow.csv as pcsv
             flat = [c for c, f in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(f.type)]
             pcsv.write_csv(tbl.select(flat), tmp)
@@ -320,15 +443,16 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _fit_info(st: Store, rec: ModelRecord) -> dict | None:
-    fit = st.latest_fit(rec, with_arrays=False)
+def _fit_info(st: Store, rec: ModelRecord, fit_id: int | None = None) -> dict | None:
+    """The fit a selection used: `fit_id` (a recipe's own fit) or the default fit."""
+    fit = st.get_fit(fit_id, with_arrays=False) if fit_id is not None else st.latest_fit(rec, with_arrays=False)
     if fit is None:
         return None
     o = fit["options"]
     return {"fit_id": fit["fit_id"], "created_at": fit["created_at"], "n_rows": fit["n_rows"],
             "reference_size": fit["reference_size"], "data_version": o.get("data_version"), "seed": o.get("seed"),
             "a": o.get("a"), "b": o.get("b"), "prior": o.get("prior"), "scale": o.get("scale"),
-            "neg_clip": o.get("neg_clip")}
+            "neg_clip": o.get("neg_clip"), "recipe": o.get("recipe")}
 
 
 def _json_default(o: Any) -> Any:

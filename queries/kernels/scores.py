@@ -236,6 +236,17 @@ def _weighted_cov(V, w, u, chunk):
     return (G + G.T) / 2
 
 
+def _fisher_vectors(R, u, a, b, kind) -> np.ndarray:
+    """The vectors whose prior-weighted covariance is the Fisher metric at the mean ``u``:
+    ``R`` itself for CLIP (softmax of ``a⟨u, r_j⟩``); for SigLIP (normalized sigmoid, log-partition
+    ``log Σ_j σ(a⟨u, r_j⟩ + b)``) the rows scaled by ``1 − σ(a⟨u, r_j⟩ + b)`` (SCIENCE.md §2)."""
+    if kind != "siglip":
+        return R
+    z = a * (R @ u) + b
+    one_minus_sigma = np.exp(_log_sigmoid(-z))       # 1 − σ(z) = σ(−z), stable for large |z|
+    return R * one_minus_sigma[:, None]
+
+
 def _psd_factor(G) -> np.ndarray:
     """``L`` with ``G = L Lᵀ``: eigh, negative eigenvalues clipped to 0, ``L = V·diag(√λ)``."""
     lam, V = np.linalg.eigh(G)
@@ -250,6 +261,8 @@ def fit(X_ref, Y_ref, a=1.0, b=0.0, kind="clip", prior="posterior-mean", chunk=2
       ``prior="uniform"``: ``p̄_j = 1/M``.
     * ``ū_I = Σ_i p̄^I_i x̂_i``, ``ū_T = Σ_j p̄^T_j ŷ_j``,
       ``G_I = Σ_i p̄^I_i (x̂_i − ū_I)(x̂_i − ū_I)ᵀ``, ``G_T`` likewise, ``G = L Lᵀ``.
+    * SigLIP: ``G_T = Σ_j p̄^T_j (g_j − ḡ)(g_j − ḡ)ᵀ`` with ``g_j = (1 − σ(a⟨ū_I, ŷ_j⟩ + b))·ŷ_j``,
+      ``ḡ = Σ_j p̄^T_j g_j`` (the Fisher metric at ū_I); ``G_I`` mirrors it with ū_T and the x̂_i.
 
     Cost O(M²·d) flops for the posterior-mean prior, memory O(chunk·M + M·d + d²).
     """
@@ -269,7 +282,11 @@ def fit(X_ref, Y_ref, a=1.0, b=0.0, kind="clip", prior="posterior-mean", chunk=2
         lpt, lpi = _posterior_mean_priors(Xh, Yh, float(a), float(b), kind, chunk)
     pt, pi = np.exp(lpt), np.exp(lpi)
     u_i, u_t = pi @ Xh, pt @ Yh
-    g_i, g_t = _weighted_cov(Xh, pi, u_i, chunk), _weighted_cov(Yh, pt, u_t, chunk)
+    # the metric of the image approximation lives on the texts (and vice versa): for SigLIP the
+    # gradient of log σ(z) is 1 − σ(z), so the Fisher metric at ū uses g_j = (1 − σ(a⟨ū, ŷ_j⟩ + b))·ŷ_j
+    Gt = _fisher_vectors(Yh, u_i, a, b, kind)
+    Gi = _fisher_vectors(Xh, u_t, a, b, kind)
+    g_i, g_t = _weighted_cov(Gi, pi, pi @ Gi, chunk), _weighted_cov(Gt, pt, pt @ Gt, chunk)
     arrays = {"X_ref": Xh, "Y_ref": Yh, "log_prior_text": lpt, "log_prior_image": lpi,
                   "mean_image": u_i, "mean_text": u_t, "cov_image": g_i, "cov_text": g_t,
                   "factor_image": _psd_factor(g_i), "factor_text": _psd_factor(g_t)}
@@ -389,8 +406,18 @@ def conformity(Q, normalized_sum, count, member=True) -> np.ndarray:
     return (N * dot - 1.0) / (N - 1.0) if member else dot
 
 
-def conformity_estimate(Q, raw_mean) -> np.ndarray:
-    """The paper's estimate ``Ĉ(v) = cos(v, m_raw)`` (NaN everywhere if ``m_raw`` is zero)."""
+def conformity_estimate(Q, normalized_mean) -> np.ndarray:
+    """The paper's estimate ``Ĉ(v) = cos(v, m)`` with ``m = (1/N) Σ_k v̂_k`` the mean of the
+    **normalized** vectors, as in the authors' code: an exact affine function of the conformity
+    of a member, ``C = (N·‖m‖·Ĉ − 1)/(N − 1)``. NaN everywhere if ``m`` is zero."""
+    Qh, _ = normalize(_rows(Q, "Q"))
+    m = _vector(normalized_mean, Qh.shape[1], "normalized_mean")
+    return Qh @ normalize(m[None, :])[0][0]
+
+
+def conformity_estimate_raw(Q, raw_mean) -> np.ndarray:
+    """``cos(v, m_raw)``, the cosine to the mean of the *raw* vectors: a different quantity from
+    conformity (Pearson only ≈ 0.88 with it when raw norms vary widely); kept under its own name."""
     Qh, _ = normalize(_rows(Q, "Q"))
     m = _vector(raw_mean, Qh.shape[1], "raw_mean")
     return Qh @ normalize(m[None, :])[0][0]

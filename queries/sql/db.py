@@ -216,3 +216,9 @@ def _register_scores(con: Any, st: Store) -> None:
     if name in st.table_names():
         con.register("_lance_stored_scores", st.dataset(name, latest=True))
         con.execute("CREATE OR REPLACE VIEW stored_scores AS SELECT * FROM _lance_stored_scores")
+    from ..curation.dedup import dedup_table_name
+    name = dedup_table_name(default.table_name)
+    if name in st.table_names():   # `clipsql dedup`: only rows it computed (rows added since are pending)
+        con.register("_lance_semdedup", st.dataset(name, latest=True))
+        con.execute("CREATE OR REPLACE VIEW semdedup AS SELECT id, semdedup_cluster, semdedup_max_sim "
+                    "FROM _lance_semdedup")

@@ -14,7 +14,8 @@ to one thread inside UDF work; DuckDB's threads parallelize across batches.
 | centered_norm(emb, modality [, model]) | §2 a²‖x̂−ū‖² |
 | raw_norm(emb) | §2 ‖x‖² |
 | image_conformity / text_conformity (emb [, model]) | §3 exact, over every stored vector |
-| conformity_estimate(emb, modality [, model]) | §3 cos(x, raw mean) |
+| conformity_estimate(emb, modality [, model]) | §3 cos(x, mean of the normalized vectors) |
+| conformity_estimate_raw(emb, modality [, model]) | cos(x, raw mean): not conformity's estimate |
 | clip_score(img, txt) | §4 cos(x, y) (DuckDB's array_cosine_similarity) |
 | neg_clip_loss(img, txt [, model]) | §5 per-row stable form over K seeded reference batches |
 | neg_siglip_loss(img, txt [, model]) | §5 negated per-sample SigLIP loss (model's scale and bias) |
@@ -383,6 +384,8 @@ def register(con: Any, st: Store) -> ScoreContext:
             X, ctx.fit_light(rec), mod)), [F, V, V]),
         "_clipsql_conformity": (_scored(ctx, lambda X, rec, mod: _conformity(ctx, X, rec, mod)), [F, V, V]),
         "_clipsql_conformity_estimate": (_scored(ctx, lambda X, rec, mod: scores.conformity_estimate(
+            X, ctx.running(rec).moments[(mod, "normalized")].mean)), [F, V, V]),
+        "_clipsql_conformity_estimate_raw": (_scored(ctx, lambda X, rec, mod: scores.conformity_estimate_raw(
             X, ctx.running(rec).moments[(mod, "raw")].mean)), [F, V, V]),
     }
     udfs.update({
@@ -436,7 +439,8 @@ def register(con: Any, st: Store) -> ScoreContext:
         macro(name, ("emb", f"{udf}{{udf}}(emb{{cast}}, {modality}, NULL)"),
               ("emb, model", f"{udf}{{udf}}(emb{{cast}}, {modality}, model)"))
     for name, udf in (("centered_norm", "_clipsql_centered_norm"),
-                      ("conformity_estimate", "_clipsql_conformity_estimate")):
+                      ("conformity_estimate", "_clipsql_conformity_estimate"),
+                      ("conformity_estimate_raw", "_clipsql_conformity_estimate_raw")):
         macro(name, ("emb, modality", f"{udf}{{udf}}(emb{{cast}}, modality, NULL)"),
               ("emb, modality, model", f"{udf}{{udf}}(emb{{cast}}, modality, model)"))
     for name in ("neg_clip_loss", "neg_siglip_loss"):
@@ -472,6 +476,9 @@ def register(con: Any, st: Store) -> ScoreContext:
     con.execute("CREATE OR REPLACE MACRO raw_norm(emb) AS "
                 "CASE WHEN emb IS NOT NULL AND list_dot_product(emb::FLOAT[], emb::FLOAT[]) > 0 THEN "
                 "_clipsql_finite(list_dot_product(emb::FLOAT[], emb::FLOAT[])::DOUBLE) END")
+    # nearest(q, k [, model [, modality]] [, filter := SQL] [, exact := bool]) (queries.search.nearest)
+    from ..search.nearest import register_nearest
+    register_nearest(con, ctx)
     return ctx
 
 

@@ -1,0 +1,218 @@
+"""`clipsql dedup` (SemDeDup, SCIENCE.md §10) on a 1M-row store, d = 512, against bare numpy GEMMs.
+
+    .venv/bin/python bench/dedup.py [--rows 1000000] [--dim 512] [--memory-gb 2] [--json dedup.json] [--tmp DIR]
+
+Data: synthetic clustered image embeddings (2,000 true clusters of lognormal sizes, within-cluster
+cosine ≈ 0.5, raw norms 5–15) with planted duplicates: 10 % of the rows are copies of another row
+plus tiny noise (cosine > 0.999: removable at ε = 0.01) and 10 % near copies at cosine 0.97
+(removable at ε = 0.05 only). Generated and written in chunks of 100k rows (each chunk's copies are
+of its own base rows), so the bench holds one chunk at a time at any size; straight into a store
+through `Store.write_batch` (one commit per chunk, text vectors NULL: dedup never reads them, and
+the store is then ≈ 2 KiB per row). The dedup then runs with the defaults (K = round(√n) = 1,000
+at 1M, sample 64·K, ≤ 20 iterations) and the given memory budget in a fresh process (peak RSS =
+its ru_maxrss), then once more after 1 % more rows of the same clusters are appended (the
+incremental re-run).
+
+Printed per stage (pass 1 scan, sample read, sample k-means, pass 2 assign, within-cluster pass,
+write): seconds, the float32 GEMM flops the stage's definition needs, and their ratio to a bare
+numpy float32 GEMM of the same flop count (shapes like the stage's: rows × K for the k-means and
+the assignment, 2048 × 2048 blocks for the pairs) measured in the same run; the share removed at
+ε = 0.001, 0.01, 0.05 against the planted shares; the peak RSS against the memory budget, the
+O(n) per-row arrays (≈ 90 bytes per row) and the raw float32 matrix (n × d × 4 bytes), which the
+run never holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._common import ROOT, key_values, machine, table, write_json  # noqa: E402
+
+MODEL = "bench/semdedup-synthetic"
+CHUNK = 100_000
+TRUE_CLUSTERS = 2000
+
+
+def generate(n: int, d: int, seed: int = 0, centre_seed: int = 0) -> Iterator[tuple[np.ndarray, dict]]:
+    """n rows in chunks of CHUNK: per chunk 80 % clustered base rows, 10 % tiny-noise copies of them,
+    10 % near copies (cos 0.97) of distinct ones. Yields (rows, planted counts of the chunk)."""
+    crng = np.random.default_rng(centre_seed)
+    centres = crng.standard_normal((TRUE_CLUSTERS, d), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    sizes = crng.lognormal(0, 1, TRUE_CLUSTERS)
+    p = sizes / sizes.sum()
+    rng = np.random.default_rng(seed)
+    for a in range(0, n, CHUNK):
+        m = min(CHUNK, n - a)
+        n_copy = n_near = m // 10
+        n_base = m - n_copy - n_near
+        Z = centres[rng.choice(TRUE_CLUSTERS, n_base, p=p)] + \
+            rng.standard_normal((n_base, d), dtype=np.float32) / np.float32(math.sqrt(d))
+        base = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+        src = rng.integers(0, n_base, n_copy)
+        copies = base[src] + 1e-3 * rng.standard_normal((n_copy, d), dtype=np.float32) / np.float32(math.sqrt(d))
+        x = base[rng.choice(n_base, n_near, replace=False)].astype(np.float64)
+        z = rng.standard_normal((n_near, d))
+        z -= (z * x).sum(1, keepdims=True) * x
+        z /= np.linalg.norm(z, axis=1, keepdims=True)
+        X = np.concatenate([base, copies, (0.97 * x + math.sqrt(1 - 0.97 ** 2) * z).astype(np.float32)])
+        X *= rng.uniform(5, 15, (m, 1)).astype(np.float32)
+        yield X, {"base": n_base, "copies": n_copy, "near": n_near,
+                  "copy_groups_distinct_sources": int(len(np.unique(src)))}
+
+
+def build(path: Path, chunks: Iterator[tuple[np.ndarray, dict]], start: int = 0, init: bool = True) -> dict:
+    """Write the chunks into the store (one commit each); the summed planted counts."""
+    from store.store import Store
+    st = Store.init(path) if init else Store.open(path)
+    planted: dict = {}
+    pos = start
+    for X, counts in chunks:
+        if init and not planted:
+            st.register_model(model_id=MODEL, kind="clip", dim=X.shape[1], logit_scale=100.0, logit_bias=None,
+                              context_length=77, spec={})
+        rec = st.model(MODEL)
+        run = st.start_run(MODEL, "bench", "precomputed")
+        ids = np.char.add("k", np.char.zfill(np.arange(pos, pos + len(X)).astype(str), 9)).tolist()
+        st.write_batch(rec, samples=None, ids=ids, image=X, text=np.full_like(X, np.nan), run_id=run,
+                       source="bench", rejects=[], meta_types={})
+        pos += len(X)
+        for k, v in counts.items():
+            planted[k] = planted.get(k, 0) + v
+    return planted
+
+
+def step_dedup(store: str, memory_gb: str) -> None:
+    """Child process: one `semdedup` run; its report plus peak RSS."""
+    from bench._common import vm_rss_kib
+    from queries.curation.dedup import semdedup
+    from store.store import Store
+    st = Store.open(store)
+    before = (vm_rss_kib() or 0) / 1024                    # the interpreter, numpy, Lance, DuckDB
+    res = semdedup(st, progress=False, memory_gb=float(memory_gb))
+    res["rss_before_mib"] = before
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(res, default=str))
+
+
+def child(*argv: str) -> dict:
+    p = subprocess.run([sys.executable, __file__, "--step", *argv], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"step failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def gemm_rate(m: int, k: int, n: int, repeats: int = 3) -> float:
+    """Best float32 GEMM flop/s of (m×k)·(k×n) (numpy, every core)."""
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((m, k), dtype=np.float32)
+    B = rng.standard_normal((k, n), dtype=np.float32)
+    A @ B
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        A @ B
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--memory-gb", type=float, default=2.0)
+    ap.add_argument("--json")
+    ap.add_argument("--tmp")
+    ap.add_argument("--step", nargs="+")
+    args = ap.parse_args()
+    if args.step:
+        step_dedup(args.step[1], args.step[2])
+        return
+    tmp = Path(args.tmp or tempfile.mkdtemp(prefix="clipsql-bench-dedup-"))
+    store = tmp / "store"
+    try:
+        t0 = time.perf_counter()
+        planted = build(store, generate(args.rows, args.dim))
+        build_s = time.perf_counter() - t0
+        mem = str(args.memory_gb)
+        full = child("dedup", str(store), mem)
+        print(f"full run: {full['seconds']:.1f}s, timings {full['timings']}, peak RSS "
+              f"{full['peak_rss_mib']:.0f} MiB", flush=True)
+        build(store, generate(args.rows // 100, args.dim, seed=1), start=args.rows, init=False)
+        incr = child("dedup", str(store), mem)
+        store_gib = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2 ** 30
+        report(args, full, incr, planted, build_s, store_gib)
+    finally:
+        if not args.tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def report(args: argparse.Namespace, full: dict, incr: dict, planted: dict, build_s: float, store_gib: float
+           ) -> None:
+    n, d, k = full["rows"], args.dim, full["clusters"]
+    N, it = full["sample"], full["fit"]["iterations_run"]
+    t = full["timings"]
+    flops = {"fit": 2.0 * N * k * d * (it + 1),            # Lloyd assignments + the k-means++ passes
+             "assign": 2.0 * n * k * d,
+             "pairs": 2.0 * full["pairs"] * d}              # Σ n_c(n_c − 1)/2 cosines
+    rates = {"fit": gemm_rate(8192, d, k), "assign": gemm_rate(8192, d, k), "pairs": gemm_rate(2048, d, 2048)}
+    rows = []
+    figures: dict = {"rows": n, "dim": d, "clusters": k, "sample": N, "iterations_run": it,
+                     "largest_cluster": full["largest_cluster"], "groups": full["groups"],
+                     "big_clusters": full["big_clusters"], "group_rows": full["group_rows"]}
+    rows.append(["pass 1: scan ids + norms", t["load_s"], 0.0, 0.0, 0.0, 0.0])
+    rows.append(["sample read (take)", t["sample_read_s"], 0.0, 0.0, 0.0, 0.0])
+    for stage, key in (("sample k-means", "fit"), ("pass 2: assign (scan)", "assign"),
+                       ("within-cluster pass (take per group)", "pairs")):
+        s = t[key + "_s"] - (t["sample_read_s"] if key == "fit" else 0.0)
+        bare = flops[key] / rates[key]
+        rows.append([stage, s, flops[key] / 1e9, rates[key] / 1e9, bare, bare / s])
+        figures[f"{key}_s"] = round(s, 2)
+        figures[f"{key}_gemm_ratio"] = round(bare / s, 3)
+    rows.append(["write (one Lance commit)", t["write_s"], 0.0, 0.0, 0.0, 0.0])
+    figures["load_s"] = round(t["load_s"], 2)
+    figures["sample_read_s"] = round(t["sample_read_s"], 2)
+    figures["write_s"] = round(t["write_s"], 2)
+    total_bare = sum(flops[k_] / rates[k_] for k_ in flops)
+    budget = full["memory_budget_mib"]
+    per_row = n * 90 / 2 ** 20                             # ids, ranks, inv, labels, cos, max_sim, … (O(n))
+    figures.update({"total_s": full["seconds"], "total_gemm_ratio": round(total_bare / full["seconds"], 3),
+                    "memory_budget_mib": budget, "per_row_arrays_mib_est": round(per_row),
+                    "peak_rss_mib": round(full["peak_rss_mib"]), "rss_before_mib": round(full["rss_before_mib"]),
+                    "peak_rss_per_budget": round(full["peak_rss_mib"] / budget, 2),
+                    "peak_rss_per_matrix": round(full["peak_rss_mib"] * 2 ** 20 / (n * d * 4), 2),
+                    "store_gib": round(store_gib, 1)})
+    for e, c in full["removable"].items():
+        figures[f"removed_share_eps_{e}"] = round(c / n, 4)
+    figures["planted_copy_share"] = planted["copies"] / n
+    figures["planted_near_share"] = planted["near"] / n
+    figures.update({"incremental_new_rows": incr["new_rows"], "incremental_clusters": incr["recomputed"],
+                    "incremental_s": incr["seconds"], "incremental_peak_rss_mib": round(incr["peak_rss_mib"]),
+                    "build_store_s": round(build_s, 1)})
+    print(table(rows, ["stage", "seconds", "GFLOP", "GEMM GFLOP/s", "bare GEMM s", "bare ÷ stage"]))
+    print(f"removed share at ε: {full['removable']} of {n} (planted: {planted})")
+    print(f"peak RSS {full['peak_rss_mib']:.0f} MiB = {figures['peak_rss_per_budget']}× the {budget:.0f} MiB budget "
+          f"(process before the run {full['rss_before_mib']:.0f} MiB, per-row arrays ≈ {per_row:.0f} MiB; "
+          f"the float32 matrix would be {n * d * 4 / 2 ** 20:.0f} MiB)")
+    print(f"incremental re-run (+{incr['new_rows']} rows): {incr['seconds']:.1f}s, {incr['recomputed']} clusters "
+          f"recomputed, peak RSS {incr['peak_rss_mib']:.0f} MiB, timings {incr['timings']}")
+    print(key_values(figures))
+    write_json(args.json, {"figures": figures, "full": full, "incremental": incr, "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""`clipsql dedup`: semantic deduplication (SemDeDup, SCIENCE.md §10) as stored columns.
+
+Per row of a model: `semdedup_cluster` (INT, the spherical k-means cluster of its normalized
+image embedding) and `semdedup_max_sim` (DOUBLE, the largest cosine to a member of its cluster
+ranked before it; farthest-from-the-centroid first, ties by id). `semdedup_max_sim > 1 − ε`
+marks the removable rows, keeping one of each duplicate group; ε is chosen in SQL afterwards.
+Rows without a usable image vector (NULL, all-zero, non-finite) have NULL in both.
+
+Storage: Lance table `semdedup_<model table>` (id, semdedup_cluster, semdedup_max_sim,
+computed_at), its parameters in the schema metadata (key `clipsql`), and the centroids (float32)
+in `semdedup_<model table>_centroids` (cluster, centroid), whose version and sha256 the main
+table's metadata names. SQL: the view `semdedup` (default model). Each write is one Lance commit
+of the main table (the centroids are written first, at a new version the old main table does not
+name), under the store's writer lock: a kill leaves the old result or the new one.
+
+Defaults (documented in `clipsql dedup --help`): K = round(√(valid rows)) capped at 50,000
+(1,000 at 1M rows; NeMo Curator uses ≥ 1,000 at scale); sample = min(valid rows, max(10,000,
+64·K)) (faiss warns below 39 rows per centroid); seed 0; at most 20 Lloyd iterations; init
+k-means++. A re-run without options reuses the stored run's parameters: rows added since are
+assigned to the stored centroids; a cluster that only gained members is updated against them
+(new members: max over every earlier member; old ones: max of the stored value and the new
+members ranked before them, O(n_c·new_c·d)), a cluster that lost members (deleted rows) is
+recomputed — either way the values a full pass with those centroids gives, bit for bit. Other
+parameters, or --refit, recompute everything (unspecified options then take the defaults of the
+current pool).
+
+Memory: the image vectors are never all in memory. Pass 1 streams the committed version's
+(id, image_embedding) batches for the ids and 1/‖x‖ (validity); the sample (the same seeded draw
+of valid rows in id order as ever) is read with Lance `take` by row position — the positions of
+the scan order of that one version — as float32 unit rows for the k-means; pass 2 streams the
+batches again to assign every row; the within-cluster pass reads the clusters in groups of at most
+budget / (16·d) members by `take` (`queries.kernels.semdedup_blocks`; a larger cluster alone, out
+of core). Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
+changes a stored value. Beyond it: O(n) per-row arrays (ids, ranks, norms, labels, cos, max_sim:
+≈ 90 bytes a row) and the k-means sample as float32 unit rows (4·sample·d bytes: 0.4 GiB at 10⁷ rows
+with the defaults). The incremental path takes only the new rows and the changed clusters' rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from store.errors import ClipsqlError, SelectionError
+from store.faults import fault
+from store.store import ModelRecord, Store, to_numpy
+
+META_KEY = "clipsql"
+MAX_DEFAULT_CLUSTERS = 50_000
+DEFAULT_ITERATIONS = 20
+DEFAULT_SEED = 0
+EPS_REPORTED = (0.001, 0.01, 0.05)
+SCAN_BATCH = 65536          # rows per streamed batch (fewer under a small budget)
+DEFAULT_MEMORY_GB = 2.0
+MEMORY_ENV = "CLIPSQL_DEDUP_MEMORY_GB"
+PARAMS = ("clusters", "sample", "seed", "iterations", "init", "kernel", "dim")
+
+
+def dedup_table_name(model_table: str) -> str:
+    """The Lance table of a model's SemDeDup columns (id, semdedup_cluster, semdedup_max_sim, computed_at)."""
+    return "semdedup_" + model_table
+
+
+def centroids_table_name(model_table: str) -> str:
+    return "semdedup_" + model_table + "_centroids"
+
+
+def default_clusters(n_valid: int) -> int:
+    return max(1, min(MAX_DEFAULT_CLUSTERS, n_valid, round(math.sqrt(n_valid))))
+
+
+def default_sample(n_valid: int, k: int) -> int:
+    return min(n_valid, max(10_000, 64 * k))
+
+
+def _schema(params: dict | None = None) -> pa.Schema:
+    s = pa.schema([("id", pa.string()), ("semdedup_cluster", pa.int32()), ("semdedup_max_sim", pa.float64()),
+                   ("computed_at", pa.timestamp("us", tz="UTC"))])
+    return s.with_metadata({META_KEY: json.dumps(params, sort_keys=True)}) if params is not None else s
+
+
+# --------------------------------------------------------------------------- reading
+class _Rows:
+    """The image vectors of one committed version of a model's table, by row position (the scan
+    order: Lance `take` offsets of that version), streamed or taken — never all in memory."""
+
+    def __init__(self, st: Store, rec: ModelRecord, batch: int):
+        self.ds = st.embeddings_table(rec)
+        self.version, self.dim, self.batch = int(self.ds.version), rec.dim, batch
+        self.ids: pa.Array | None = None
+
+    def scan(self, columns: tuple[str, ...] = ("image_embedding",)) -> Iterator[tuple[int, pa.RecordBatch]]:
+        pos = 0
+        for b in self.ds.to_batches(columns=list(columns), batch_size=self.batch, scan_in_order=True):
+            if b.num_rows:
+                yield pos, b
+                pos += b.num_rows
+
+    def take(self, pos: np.ndarray) -> np.ndarray:
+        """Raw float32 rows at the sorted positions `pos`; checks that they are the rows pass 1 read."""
+        import pyarrow.compute as pc
+        if not len(pos):
+            return np.empty((0, self.dim), dtype=np.float32)
+        t = self.ds.take(np.asarray(pos, dtype=np.int64), columns=["id", "image_embedding"])
+        if self.ids is not None and not pc.all(pc.equal(t.column("id"), self.ids.take(pa.array(pos)))).as_py():
+            raise ClipsqlError(f"{self.ds.uri}: rows read by position do not match the scan of version "
+                             f"{self.version}: run `clipsql doctor`")
+        return to_numpy(t.column("image_embedding"))
+
+
+def _scan_norms(rows: _Rows) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Pass 1 over the committed table: (ids, inv, valid); inv = 1/‖x‖ float64 (0 for invalid rows)."""
+    from ..kernels.semdedup import inverse_norms
+    n = rows.ds.count_rows()
+    inv, valid = np.zeros(n), np.zeros(n, dtype=bool)
+    ids = []
+    end = 0
+    for pos, b in rows.scan(("id", "image_embedding")):
+        end = pos + b.num_rows
+        if end > n:
+            raise ClipsqlError(f"{rows.ds.uri}: version {rows.version} has more rows than it counts: "
+                             "run `clipsql doctor`")
+        inv[pos:end], valid[pos:end] = inverse_norms(to_numpy(b.column("image_embedding")))
+        ids.append(b.column("id"))
+    ids_arr = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
+    rows.ids = ids_arr
+    return ids_arr, inv[:end], valid[:end]
+
+
+def _previous(st: Store, rec: ModelRecord, columns: list[str] | None = None) -> tuple[dict, pa.Table] | None:
+    name = dedup_table_name(rec.table_name)
+    if name not in st.table_names():
+        return None
+    ds = st.dataset(name, latest=True)
+    raw = (ds.schema.metadata or {}).get(META_KEY.encode())
+    params = json.loads(raw) if raw else {}
+    return params, ds.to_table(columns=columns or ["id", "semdedup_cluster", "semdedup_max_sim", "computed_at"])
+
+
+def _centroids(st: Store, rec: ModelRecord, params: dict) -> np.ndarray | None:
+    """The stored centroids the result was computed with (None if missing or not matching its hash)."""
+    ref = params.get("centroids") or {}
+    name = centroids_table_name(rec.table_name)
+    if name not in st.table_names() or "version" not in ref:
+        return None
+    try:
+        tbl = st.dataset(name, version=int(ref["version"])).to_table().sort_by("cluster")
+    except Exception:  # noqa: BLE001 - a pruned or damaged version: refit
+        return None
+    C = np.ascontiguousarray(to_numpy(tbl.column("centroid")), dtype=np.float32)
+    return C if hashlib.sha256(C.tobytes()).hexdigest() == ref.get("sha256") else None
+
+
+def _id_positions(ids: pa.Array, stored_ids: pa.Array) -> np.ndarray:
+    """For each of `ids`: its row in `stored_ids`, or -1."""
+    import pyarrow.compute as pc
+    idx = pc.index_in(ids, value_set=stored_ids)
+    return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def dedup_status(st: Store, model: str | None = None) -> dict[str, Any]:
+    """What is stored for a model: rows, rows with a value, pending (added since), stale (deleted since)."""
+    import pyarrow.compute as pc
+    rec = st.model(model)
+    ids = st.embeddings_table(rec).to_table(columns=["id"]).column("id").combine_chunks()
+    prev = _previous(st, rec, ["id"])
+    out = {"model": rec.model_id, "rows": len(ids), "table": dedup_table_name(rec.table_name)}
+    if prev is None:
+        return {**out, "stored": 0, "pending": len(ids), "stale": 0, "params": None}
+    params, tbl = prev
+    stored = tbl.column("id").combine_chunks()
+    have = int(pc.sum(pc.is_in(ids, value_set=stored)).as_py() or 0)
+    stale = len(stored) - int(pc.sum(pc.is_in(stored, value_set=ids)).as_py() or 0)
+    return {**out, "stored": have, "pending": len(ids) - have, "stale": stale, "params": params}
+
+
+# --------------------------------------------------------------------------- computing
+def _check(name: str, value: int | None, low: int = 1) -> None:
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
+        raise SelectionError(f"--{name} must be an integer ≥ {low}; got {value}")
+
+
+def memory_budget(memory_gb: float | None = None) -> float:
+    """Bytes the within-cluster pass may hold: `memory_gb` (GiB), else $CLIPSQL_DEDUP_MEMORY_GB, else 2."""
+    raw = memory_gb if memory_gb is not None else os.environ.get(MEMORY_ENV)
+    try:
+        gb = DEFAULT_MEMORY_GB if raw is None else float(raw)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb > 0):
+        src = "--memory-gb" if memory_gb is not None else MEMORY_ENV
+        raise SelectionError(f"{src} must be a number of GiB > 0; got {raw!r}")
+    return gb * 2.0 ** 30
+
+
+def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None, sample: int | None = None,
+             seed: int | None = None, iterations: int | None = None, refit: bool = False, progress: bool = False,
+             chunk: int | None = None, memory_gb: float | None = None) -> dict[str, Any]:
+    """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring."""
+    import pyarrow.compute as pc
+
+    from ..kernels import semdedup as K
+    from ..kernels import semdedup_blocks as B
+    _check("clusters", clusters)
+    _check("sample", sample)
+    _check("iterations", iterations)
+    _check("seed", seed, 0)
+    budget = memory_budget(memory_gb)
+    rec = st.model(model)
+    cap = B.cap_rows(budget, rec.dim)
+    block = chunk or K.ROW_BLOCK
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    with st.lock():
+        reader = _Rows(st, rec, max(256, min(SCAN_BATCH, cap)))
+        ids, inv, valid = _scan_norms(reader)                  # pass 1: ids, norms, validity
+        version, n = reader.version, len(ids)
+        if n == 0:
+            raise SelectionError(f"model {rec.model_id} has no rows yet: ingest data first "
+                                 "(`clipsql ingest STORE SOURCE --model …`)")
+        n_valid = int(valid.sum())
+        if n_valid == 0:
+            raise SelectionError(f"none of the {n} rows of {rec.model_id} has a usable image embedding "
+                                 "(all NULL, zero or non-finite): nothing to deduplicate")
+        timings["load_s"] = time.perf_counter() - t0
+        prev = _previous(st, rec)
+        old = prev[0] if prev is not None and not refit else {}
+        k = clusters if clusters is not None else old.get("clusters") or default_clusters(n_valid)
+        if k > n_valid:
+            raise SelectionError(f"--clusters {k} is more than the {n_valid} rows of {rec.model_id} with a usable "
+                                 "image embedding: choose K ≤ the pool" + (" (or --refit)" if old else ""))
+        m = sample if sample is not None else old.get("sample") or default_sample(n_valid, k)
+        if not k <= m <= n_valid:
+            raise SelectionError(f"--sample must be between --clusters ({k}) and the {n_valid} rows with a usable "
+                                 f"image embedding; got {m}")
+        params = {"clusters": int(k), "sample": int(m),
+                  "seed": int(seed if seed is not None else old.get("seed", DEFAULT_SEED)),
+                  "iterations": int(iterations or old.get("iterations") or DEFAULT_ITERATIONS),
+                  "init": K.INIT, "kernel": K.KERNEL_VERSION, "dim": rec.dim}
+        perm = pc.sort_indices(ids).to_numpy()
+        id_rank = np.empty(n, dtype=np.int64)
+        id_rank[perm] = np.arange(n)
+        C32 = _centroids(st, rec, old) if old and all(old.get(p) == params[p] for p in PARAMS) else None
+        now = int(time.time() * 1e6)
+        bar = _bar(progress, f"semdedup [{rec.model_id}]")
+        pos = None if prev is None else _id_positions(ids, prev[1].column("id").combine_chunks())
+        pending_before = n if pos is None else int((pos < 0).sum())
+        cos = np.full(n, np.nan)
+        if C32 is not None:                               # incremental: assign new rows to the stored centroids
+            stored = prev[1]
+            have = pos >= 0
+            labels = np.full(n, -1, dtype=np.int64)
+            old_lab = stored.column("semdedup_cluster").fill_null(-1).to_numpy(zero_copy_only=False)
+            labels[have] = old_lab[pos[have]]
+            max_sim = np.full(n, np.nan)
+            old_ms = stored.column("semdedup_max_sim").to_numpy(zero_copy_only=False).astype(np.float64)
+            max_sim[have] = old_ms[pos[have]]
+            computed = np.full(n, now, dtype=np.int64)
+            computed[have] = stored.column("computed_at").cast(pa.int64()).to_numpy(zero_copy_only=False)[pos[have]]
+            gone = ~pc.is_in(stored.column("id"), value_set=ids).to_numpy(zero_copy_only=False)
+            del stored, pos, prev
+            new_rows = np.flatnonzero(~have)
+            if not new_rows.size and not gone.any():
+                bar.close()
+                return _report(rec, params, old, "current", n, n_valid, max_sim, t0, timings, pending_before=0,
+                               new_rows=0, removed_rows=0, recomputed=0)
+            t1 = time.perf_counter()
+            bar.reset(total=len(new_rows))
+            bar.set_description(f"semdedup [{rec.model_id}]: assign new rows")
+            for a in range(0, len(new_rows), cap):            # taken in chunks of the budget
+                r = new_rows[a:a + cap]
+                labels[r], cos[r] = K.assign(reader.take(r), inv[r], valid[r], C32, progress=bar.update)
+            timings["assign_s"] = time.perf_counter() - t1
+            shrunk = np.unique(old_lab[gone])
+            shrunk = shrunk[shrunk >= 0]                  # lost members: recompute those clusters in full
+            grown = np.setdiff1d(np.unique(labels[new_rows]), shrunk)
+            grown = grown[grown >= 0]                     # only gained: update against the new members
+            affected = np.union1d(shrunk, grown)
+            t1 = time.perf_counter()
+            bar.reset(total=int(np.isin(labels, affected).sum()))
+            bar.set_description(f"semdedup [{rec.model_id}]: within clusters")
+            part, pinfo = B.within_clusters(reader.take, inv, labels, cos, id_rank, C32, shrunk, cap, grown=grown,
+                                            old=max_sim, new=~have, rows=block, progress=bar.update)
+            rows = np.flatnonzero(np.isin(labels, affected))
+            max_sim[rows] = part[rows]
+            computed[rows] = now
+            timings["pairs_s"] = time.perf_counter() - t1
+            mode = "incremental"
+            fit, cent = old["fit"], old["centroids"]
+            extra = {"new_rows": int(len(new_rows)), "removed_rows": int(gone.sum()), "recomputed": int(len(affected))}
+        else:                                             # a full run: fit, assign all, every cluster
+            rng = np.random.default_rng(params["seed"])
+            S = K.draw_sample(perm[valid[perm]], params["sample"], rng)    # valid rows in id order
+            t1 = time.perf_counter()
+            U = _sample_units(reader, inv, S, cap)
+            timings["sample_read_s"] = time.perf_counter() - t1
+            bar.reset(total=params["iterations"])
+            bar.set_description(f"semdedup [{rec.model_id}]: k-means (K={k}, sample {m})")
+            C32, info = K.fit_units(U, k, rng, params["iterations"], progress=bar.update)
+            del U, S
+            timings["fit_s"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            bar.reset(total=n)
+            bar.set_description(f"semdedup [{rec.model_id}]: assign")
+            labels = np.full(n, -1, dtype=np.int64)
+            for a, b in reader.scan():                     # pass 2: every row to its centroid
+                e = a + b.num_rows
+                labels[a:e], cos[a:e] = K.assign(to_numpy(b.column("image_embedding")), inv[a:e], valid[a:e],
+                                                 C32, progress=bar.update)
+            timings["assign_s"] = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            bar.reset(total=n_valid)
+            bar.set_description(f"semdedup [{rec.model_id}]: within clusters")
+            max_sim, pinfo = B.within_clusters(reader.take, inv, labels, cos, id_rank, C32, np.arange(k), cap,
+                                               rows=block, progress=bar.update)
+            timings["pairs_s"] = time.perf_counter() - t1
+            computed = np.full(n, now, dtype=np.int64)
+            mode = "full"
+            fit = {**info, "pool": n_valid, "rows": n, "data_version": version}
+            cent = _write_centroids(st, rec, C32)
+            extra = {"new_rows": n, "removed_rows": 0, "recomputed": int(k)}
+        bar.close()
+        del cos, inv, valid, perm, id_rank
+        fault("dedup:before-write")
+        t1 = time.perf_counter()
+        meta = {**params, "fit": fit, "centroids": cent, "data_version": version, "rows": n, "valid": n_valid,
+                "order": "cos to centroid ascending (farthest first), ties by id ascending",
+                "assignment": "max cosine, ties to the lowest cluster", "last_run": {"mode": mode, **extra,
+                                                                                     "pairs": pinfo["pairs"]}}
+        tbl = pa.table({"id": ids, "semdedup_cluster": pa.array(labels.astype(np.int32), mask=labels < 0),
+                        "semdedup_max_sim": pa.array(max_sim, pa.float64(), mask=~np.isfinite(max_sim)),
+                        "computed_at": pa.array(computed, pa.int64()).cast(pa.timestamp("us", tz="UTC"))},
+                       schema=_schema(meta))
+        st.db.create_table(dedup_table_name(rec.table_name), data=tbl, mode="overwrite")
+        timings["write_s"] = time.perf_counter() - t1
+    return _report(rec, params, meta, mode, n, n_valid, max_sim, t0, timings, pending_before=pending_before,
+                   largest_cluster=pinfo["largest_cluster"], pairs=pinfo["pairs"], groups=pinfo["groups"],
+                   big_clusters=pinfo["big_clusters"], memory_budget_mib=round(budget / 2 ** 20, 1),
+                   group_rows=cap, **extra)
+
+
+def _sample_units(reader: _Rows, inv: np.ndarray, S: np.ndarray, cap: int) -> np.ndarray:
+    """The float32 unit rows of the sample S (row positions, in S's order), taken in chunks of `cap`."""
+    from ..kernels.semdedup import unit32
+    o = np.argsort(S, kind="stable")
+    U = np.empty((len(S), reader.dim), dtype=np.float32)
+    for a in range(0, len(S), cap):
+        j = o[a:a + cap]
+        U[j] = unit32(reader.take(S[j]), inv[S[j]], np.arange(len(j)))
+    return U
+
+
+def _write_centroids(st: Store, rec: ModelRecord, C32: np.ndarray) -> dict:
+    from store.store import fixed_list
+    C32 = np.ascontiguousarray(C32, dtype=np.float32)
+    name = centroids_table_name(rec.table_name)
+    st.db.create_table(name, data=pa.table({"cluster": pa.array(np.arange(len(C32), dtype=np.int32)),
+                                            "centroid": fixed_list(C32, C32.shape[1])}), mode="overwrite")
+    return {"table": name, "version": int(st.dataset(name, latest=True).version),
+            "sha256": hashlib.sha256(C32.tobytes()).hexdigest()}
+
+
+def _report(rec: ModelRecord, params: dict, meta: dict, mode: str, n: int, n_valid: int, max_sim: np.ndarray,
+            t0: float, timings: dict, **extra: Any) -> dict[str, Any]:
+    from ..kernels.semdedup import removable
+    return {"model": rec.model_id, "table": dedup_table_name(rec.table_name), "mode": mode, "rows": n,
+            "valid": n_valid, **{p: params[p] for p in ("clusters", "sample", "seed", "iterations", "init")},
+            "fit": meta.get("fit"), "removable": {str(e): int(removable(max_sim, e).sum()) for e in EPS_REPORTED},
+            "seconds": round(time.perf_counter() - t0, 3), "timings": {k: round(v, 3) for k, v in timings.items()},
+            **extra}
+
+
+def _bar(enabled: bool, desc: str) -> Any:
+    from tqdm import tqdm
+    return tqdm(desc=desc, unit="rows", disable=not enabled, dynamic_ncols=True, mininterval=0.5)

@@ -1,0 +1,118 @@
+"""`clipsql search`: similarity search for people who don't write SQL.
+
+    search(st, "a red circle", k=50)              # text → image: the prompt through the text tower
+    search(st, like="r0042", k=20)                # image → image from a stored row
+    search(st, "a dog", where="width >= 256", gallery="dogs.html")
+
+The prompt goes through the same encoder path as the SQL function `text_embedding` (it *is*
+that function, on a connection over the store); the top-k is `nearest`'s (queries.search.nearest).
+Returns {"rows": [{rank, id, score, uri, caption}], "method", "reason", "model", "query", …}.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from store.errors import QueryError
+from store.store import Store
+
+from . import index as vindex
+from .nearest import Searcher, allowed_ids
+
+
+def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, modality: str) -> np.ndarray:
+    import duckdb
+    if (prompt is None) == (like is None):
+        raise QueryError("give exactly one of a PROMPT (text to search by) or --like ID (a stored row)")
+    try:
+        if prompt is not None:
+            if not prompt.strip():
+                raise QueryError("the prompt is empty: give text to search by, e.g. \"a red circle\"")
+            row = con.execute("SELECT text_embedding(?, ?)::FLOAT[]", [prompt, rec.model_id]).fetchall()[0]
+            return np.asarray(row[0], dtype=np.float64)[None, :]
+        column = vindex.column_for(modality)
+        rows = con.execute(f"SELECT {column}::FLOAT[] FROM embeddings WHERE id = ? AND model = ? LIMIT 1",
+                           [like, rec.model_id]).fetchall()
+        row = rows[0] if rows else None
+    except duckdb.Error as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise QueryError(f"cannot embed the query: {first}") from None
+    if row is None:
+        raise QueryError(f"no stored row has id {like!r} for model {rec.model_id} (--like takes an id of the "
+                         "samples / embeddings views)")
+    if row[0] is None:
+        raise QueryError(f"row {like!r} has no {modality} embedding to search by")
+    return np.asarray(row[0], dtype=np.float64)[None, :]
+
+
+def search(store: Store | str, prompt: str | None = None, *, like: str | None = None, k: int = 50,
+           model: str | None = None, modality: str = "image", where: str | None = None, exact: bool = False,
+           gallery: str | None = None, con: Any = None) -> dict:
+    """The k best stored rows for a prompt or a stored row (see the module doc)."""
+    from ..sql.db import connect, open_store
+    from ..sql.functions import one_blas_thread
+    if k is None or int(k) < 1:
+        raise QueryError(f"-k must be a positive integer; got {k}")
+    st = open_store(store)
+    own = con is None
+    con = con if con is not None else connect(st)
+    try:
+        rec = st.model(model)
+        vindex.column_for(modality)
+        with one_blas_thread():
+            q = _query_vector(con, rec, prompt, like, modality)
+        searcher = Searcher(st)
+        allowed = allowed_ids(con, where) if where else None
+        ids, scores = searcher.search(q, int(k), rec.model_id, modality, allowed, exact)[0]
+        res = pa.table({"rank": pa.array(np.arange(1, len(ids) + 1), pa.int32()),
+                        "id": pa.array(ids.tolist(), pa.string()), "score": pa.array(scores, pa.float64())})
+        con.register("_clipsql_search_result", res)
+        tbl = con.execute("SELECT r.rank, r.id, r.score, s.uri, s.caption FROM _clipsql_search_result r "
+                          "LEFT JOIN samples s USING (id) ORDER BY r.rank").to_arrow_table()
+        tbl = tbl.read_all() if hasattr(tbl, "read_all") else tbl
+        out = dict(searcher.last)
+        out.update(rows=tbl.to_pylist(), k=int(k), query=prompt if prompt is not None else f"like {like}",
+                   where=where)
+        if gallery:
+            from ..present.gallery import write_gallery
+            title = f"clipsql search: {out['query']}" + (f" where {where}" if where else "")
+            con.register("_clipsql_search_rows", tbl)
+            g = write_gallery(st, "SELECT id, round(score, 4) AS score, uri, caption FROM "
+                              "_clipsql_search_rows ORDER BY rank", gallery, limit=None, title=title, con=con)
+            out["gallery"] = g
+        return out
+    finally:
+        if own:
+            con.close()
+
+
+def format_search(res: dict, fmt: str = "table") -> str:
+    """The report `clipsql search` prints: json, or a header line, a table and notes."""
+    if fmt == "json":
+        return json.dumps({k: v for k, v in res.items() if k != "gallery"} | (
+            {"gallery": res["gallery"]["path"]} if res.get("gallery") else {}), default=str, indent=1)
+    head = f"{len(res['rows'])} nearest {res['column'].split('_')[0]}s of {res['model']} to {res['query']!r}"
+    head += f" ({res['method']}" + (f", nprobes {res['nprobes']}, recall@10 {res['recall']:.3f}"
+                                     if res.get("nprobes") and res.get("recall") is not None else "") + ")"
+    if res.get("where"):
+        head += f"; filter {res['where']!r}: {res['allowed']} allowed rows"
+    names = ["rank", "id", "score", "uri", "caption"]
+    grid = [[_cell(r[n]) for n in names] for r in res["rows"]]
+    widths = [max([len(n)] + [len(g[i]) for g in grid]) for i, n in enumerate(names)]
+    lines = [head, " | ".join(n.ljust(w) for n, w in zip(names, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(g, widths)) for g in grid]
+    if res.get("reason"):
+        lines.append(f"note: {res['reason']}")
+    if res.get("gallery"):
+        lines.append(f"gallery: {res['gallery']['path']} ({res['gallery']['shown']} images)")
+    return "\n".join(lines)
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    s = "NULL" if v is None else str(v)
+    return s if len(s) <= 60 else s[:57] + "…"

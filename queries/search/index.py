@@ -1,0 +1,218 @@
+"""`clipsql index`: a Lance vector index (cosine) on a model table's vector column, with its recall.
+
+    build_index(st, model=None, modality="image", kind="ivf_hnsw_sq", seed=0)
+
+* partitions = round(√n), capped at n // 256 (Lance trains each IVF centroid on 256 sampled
+  rows); a table with fewer than `MIN_PARTITIONS` × 256 valid vectors is refused: exact
+  search is fast at that size.
+* The index is a new Lance version of the model table that changes no row; the writer lock is
+  held, and the catalog's `table_versions` moves to it in one transaction (a `commits` row of
+  kind `index`), so readers see it from their next connection.
+* Recall@10 against exact search is measured on `sample` seeded stored vectors used as
+  queries; nprobes doubles until it reaches `target_recall` (or every partition is probed).
+  The figures are recorded as the JSON setting `index:<table>:<column>` and used at search time.
+* Rows ingested after the build are not in the index; Lance searches them flat and merges
+  them in (`clipsql optimize` folds them into the index with its id-index refresh).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from store.errors import QueryError
+from store.store import ModelRecord, Store, set_committed_version
+
+from . import kernels
+
+KINDS = ("ivf_hnsw_sq", "ivf_pq")
+DEFAULT_KIND = "ivf_hnsw_sq"         # measured (bench/search.py): see bench/README.md
+MIN_PARTITIONS = 4
+TRAIN_ROWS_PER_PARTITION = 256
+CHUNK_ROWS = 32768
+MODALITIES = ("image", "text")
+
+
+def column_for(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise QueryError(f"modality must be 'image' or 'text'; got {modality!r}")
+    return f"{modality}_embedding"
+
+
+def setting_key(rec: ModelRecord, column: str) -> str:
+    return f"index:{rec.table_name}:{column}"
+
+
+def vector_index(ds: Any, column: str) -> Any:
+    """The vector index on `column` of Lance dataset `ds` (at its version), or None."""
+    for idx in ds.describe_indices():
+        if list(idx.field_names) == [column] and "Vector" in str(getattr(idx, "type_url", "")):
+            return idx
+    return None
+
+
+def index_info(st: Store, rec: ModelRecord, column: str, ds: Any) -> dict | None:
+    """The recorded figures of the index `ds` has on `column` (defaults if unrecorded), or None."""
+    if vector_index(ds, column) is None:
+        return None
+    raw = st.get_setting(setting_key(rec, column))
+    info = json.loads(raw) if raw else {}
+    info.setdefault("nprobes", 20)
+    info.setdefault("kind", "unknown")
+    return info
+
+
+def scan_chunks(ds: Any, column: str, *, ids: pa.Array | None = None,
+                batch: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(X float32 (c, d) with NaN rows for NULL, ids (c,) object) chunks of `column`; `ids`: only
+    those rows (Lance evaluates the `isin`, through its id index where there is one)."""
+    filt = None if ids is None else pc.field("id").isin(ids)
+    for b in ds.to_batches(columns=["id", column], filter=filt, batch_size=batch):
+        if b.num_rows:
+            yield vectors(b.column(column)), b.column("id").to_numpy(zero_copy_only=False)
+
+
+def vectors(arr: Any) -> np.ndarray:
+    """FLOAT[d] Arrow array (offset-aware) → (n, d) float32; NULL rows are NaN rows."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    d = arr.type.list_size
+    flat = arr.values.slice(arr.offset * d, len(arr) * d).to_numpy(zero_copy_only=False)
+    X = flat.reshape(len(arr), d)
+    if arr.null_count:
+        X = X.astype(np.float32, copy=True)
+        X[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+    return X
+
+
+def index_search(ds: Any, column: str, q: np.ndarray, k: int, info: dict,
+                 nprobes: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Top-k through the index: (ids, float64 cosines re-scored from the returned vectors), best
+    first, ties by id; None when the index gave fewer than k valid rows (the caller goes exact)."""
+    qh, ok = kernels.unit_queries(q)
+    slack = 16                                 # NULL / zero vectors the index may return
+    params: dict[str, Any] = {"column": column, "q": qh[0].astype(np.float32), "k": int(k) + slack,
+                              "metric": "cosine", "nprobes": int(nprobes or info["nprobes"])}
+    if info.get("refine_factor"):
+        params["refine_factor"] = int(info["refine_factor"])
+    if info.get("ef"):
+        params["ef"] = max(int(info["ef"]), int(k) + slack)
+    tbl = ds.to_table(nearest=params, columns=["id", column])
+    X = vectors(tbl.column(column))
+    sq = kernels.row_norms_sq(X)
+    valid = np.isfinite(sq) & (sq > 0)
+    ids = tbl.column("id").to_numpy(zero_copy_only=False)[valid]
+    s = np.clip(kernels.rescore(X[valid], qh[0], 1.0 / np.sqrt(sq[valid])), -1.0, 1.0)
+    order = np.lexsort((ids.astype(str), -s))[:k]
+    if len(order) < k:
+        return None
+    return ids[order], s[order]
+
+
+def partitions_for(n: int) -> int:
+    return int(min(round(np.sqrt(n)), n // TRAIN_ROWS_PER_PARTITION))
+
+
+def _sub_vectors(d: int) -> int:
+    """PQ sub-vectors: the largest divisor of d that is at most d/8 (8-wide sub-vectors at d = 512)."""
+    target = max(1, d // 8)
+    return max(m for m in range(1, target + 1) if d % m == 0)
+
+
+def build_index(st: Store, model: str | None = None, modality: str = "image", kind: str = DEFAULT_KIND, *,
+                seed: int = 0, sample: int = 100, target_recall: float = 0.95, k: int = 10,
+                echo: Any = None) -> dict:
+    """Build (or replace) the vector index; returns its recorded figures (see the module doc)."""
+    if kind not in KINDS:
+        raise QueryError(f"--kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    column = column_for(modality)
+    rec = st.model(model)
+    with st.lock():
+        st.recover()
+        ds = st.dataset(rec.table_name, latest=True)
+        n = ds.count_rows(filter=f"{column} IS NOT NULL")
+        parts = partitions_for(n)
+        if parts < MIN_PARTITIONS:
+            raise QueryError(f"model {rec.model_id} holds {n} {modality} embeddings: too few for a "
+                             f"vector index (it needs at least {MIN_PARTITIONS * TRAIN_ROWS_PER_PARTITION}, "
+                             f"{TRAIN_ROWS_PER_PARTITION} training rows for each of ≥ {MIN_PARTITIONS} "
+                             "partitions); exact search is fast at this size — `clipsql search` needs no index")
+        info = create_vector_index(ds, column, kind, rec.dim, parts)
+        ds = st.dataset(rec.table_name, latest=True)
+        info.update(rows=int(n), version=int(ds.version), seed=seed, k=k)
+        info.update(measure_recall(ds, column, info, seed=seed, sample=sample, k=k, target_recall=target_recall))
+        from store import catalog as cat
+        with st.engine.begin() as conn:
+            res = conn.execute(cat.commits.insert().values(
+                model_id=None, run_id=None, kind="index", rows=0, sample_rows=0,
+                versions=cat.to_json({rec.table_name: int(ds.version)}), created_at=time.time()))
+            set_committed_version(conn, rec.table_name, int(ds.version), int(res.inserted_primary_key[0]))
+        st.set_setting(setting_key(rec, column), json.dumps(info, sort_keys=True))
+    info["model"] = rec.model_id
+    info["table"] = rec.table_name
+    if echo:
+        echo(describe(info))
+    return info
+
+
+def create_vector_index(ds: Any, column: str, kind: str, dim: int, partitions: int) -> dict:
+    """Build the Lance index on `ds` (a new version); returns its parameters and build seconds."""
+    opts: dict[str, Any] = {"index_type": kind.upper(), "metric": "cosine", "num_partitions": int(partitions),
+                            "replace": True}
+    if kind == "ivf_pq":
+        opts["num_sub_vectors"] = _sub_vectors(dim)
+    t0 = time.perf_counter()
+    ds.create_index(column, **opts)
+    info: dict[str, Any] = {"kind": kind, "metric": "cosine", "column": column, "partitions": int(partitions),
+                            "build_seconds": round(time.perf_counter() - t0, 3)}
+    if kind == "ivf_pq":
+        info.update(num_sub_vectors=opts["num_sub_vectors"], refine_factor=10)
+    else:
+        info["ef"] = 64
+    return info
+
+
+def describe(info: dict) -> str:
+    return (f"index {info['kind']} (cosine) on {info['column']} of {info.get('model', info.get('table'))}: "
+            f"{info['rows']} rows, {info['partitions']} partitions, built in {info['build_seconds']:.2f}s; "
+            f"nprobes {info['nprobes']}: recall@{info['k']} {info['recall']:.3f} against exact search on "
+            f"{info['queries']} sampled stored vectors (seed {info['seed']})")
+
+
+def sample_queries(ds: Any, column: str, sample: int, seed: int) -> np.ndarray:
+    """`sample` seeded stored vectors of `column` (valid ones only) as float64 queries."""
+    rng = np.random.default_rng(seed)
+    n = ds.count_rows()
+    pick = np.sort(rng.choice(n, size=min(n, max(sample * 2, sample + 32)), replace=False))
+    X = vectors(ds.take(pick.tolist(), columns=[column]).column(column)).astype(np.float64)
+    X = X[kernels.unit_queries(X)[1]]
+    return X[rng.permutation(len(X))[:sample]]
+
+
+def measure_recall(ds: Any, column: str, info: dict, *, seed: int, sample: int, k: int,
+                   target_recall: float) -> dict:
+    """recall@k of the index against exact chunked search; nprobes doubled until `target_recall`."""
+    Q = sample_queries(ds, column, sample, seed)
+    if len(Q) == 0:
+        raise QueryError(f"no valid stored {column} to measure the index recall on")
+    exact = kernels.exact_topk(Q, scan_chunks(ds, column), k)
+    parts = int(info["partitions"])
+    nprobes, probes = max(1, min(parts, max(2, parts // 64))), []
+    while True:
+        t0 = time.perf_counter()
+        hits = 0
+        for q, (want, _) in zip(Q, exact):
+            got = index_search(ds, column, q, k, info, nprobes=nprobes)
+            hits += len(set(want.tolist()) & set(got[0].tolist())) if got else 0
+        recall = hits / float(sum(len(w) for w, _ in exact))
+        probes.append({"nprobes": nprobes, "recall": round(recall, 4),
+                       "ms_per_query": round(1000 * (time.perf_counter() - t0) / len(Q), 3)})
+        if recall >= target_recall or nprobes >= parts:
+            break
+        nprobes = min(parts, nprobes * 2)
+    return {"nprobes": nprobes, "recall": recall, "queries": len(Q), "target_recall": target_recall,
+            "probes": probes}
