@@ -226,3 +226,21 @@ def test_help_explains_the_options():
         r = cli(cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output
     assert "--like" in cli("search", "--help").output and "--kind" in cli("index", "--help").output
+
+
+def test_optimize_folds_rows_added_after_the_build_into_the_vector_index(big, tiny_model):
+    from store.maintenance import optimize
+    if not [i for i in big.embeddings_table(big.model()).describe_indices() if list(i.field_names) != ["id"]]:
+        build_index(big, kind="ivf_pq", seed=2)
+    q = np.random.default_rng(9).normal(size=D).astype(np.float32) * 40
+    load(big, write(big.tmp_root / "later.parquet", ["later0"], q[None, :], q[None, :]), tiny_model)
+
+    def unindexed():
+        ds = big.embeddings_table(big.model(), big.committed_versions()[big.model().table_name])
+        return [int(ds.stats.index_stats(i.name)["num_unindexed_rows"]) for i in ds.describe_indices()
+                if list(i.field_names) != ["id"]]
+    assert max(unindexed()) >= 1
+    report = optimize(big)
+    assert "vector_index" in report["tables"][big.model().table_name]
+    assert max(unindexed()) == 0
+    assert nearest(queries.connect(big), "?::FLOAT[16], 1", [q.tolist()])[0] == ["later0"]

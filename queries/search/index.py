@@ -12,7 +12,7 @@
   queries; nprobes doubles until it reaches `target_recall` (or every partition is probed).
   The figures are recorded as the JSON setting `index:<table>:<column>` and used at search time.
 * Rows ingested after the build are not in the index; Lance searches them flat and merges
-  them in (`clipsql optimize` folds them into the index with its id-index refresh).
+  them in (`clipsql optimize` folds them into the index: store.maintenance refreshes vector indexes).
 """
 from __future__ import annotations
 
