@@ -214,3 +214,25 @@ def test_cli_recipes(pool_store, tmp_path):
     assert r.exit_code == 1 and "--threshold is only used by --recipe clip-score" in r.output
     r = run("select", pool_store.path, "--recipe", "clip-score", "--where", "nope(", "-o", tmp_path / "c.txt")
     assert r.exit_code == 1 and "--where failed" in r.output and "Traceback" not in r.output
+
+
+def test_lloyd_kmeans_equals_brute_force_and_ignores_the_chunking():
+    from queries.kernels import kmeans
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 24)).astype(np.float32)
+    P = X.astype(np.float64)
+    C = P[np.sort(np.random.default_rng(1).choice(len(P), 20, replace=False))].copy()
+    labels = None
+    for _ in range(20):
+        new = ((P[:, None, :] - C[None]) ** 2).sum(-1).argmin(1)
+        if labels is not None and (new == labels).all():
+            break
+        labels = new
+        for c in range(20):
+            if (labels == c).any():
+                C[c] = P[labels == c].mean(0)
+    for chunk in (65536, 1000, 333):
+        np.testing.assert_allclose(kmeans.lloyd(X, 20, seed=1, chunk=chunk), C, atol=1e-6)
+    assert (kmeans.assign(X, C) == (P @ C.T).argmax(1)).all()
+    with pytest.raises(ValueError, match="k must be between"):
+        kmeans.lloyd(X, 0)

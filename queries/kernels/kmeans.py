@@ -60,10 +60,12 @@ def lloyd(X: np.ndarray, k: int, *, iterations: int = DEFAULT_ITERATIONS, seed: 
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        sums = np.zeros_like(C)
-        for sl in _spans(n, chunk):
-            np.add.at(sums, labels[sl], X[sl].astype(np.float64))
         counts = np.bincount(labels, minlength=k)
-        moved = counts > 0
-        C[moved] = sums[moved] / counts[moved, None]
+        sums = np.zeros((X.shape[1], k))
+        for sl in _spans(n, chunk):          # per-cluster sums in float64: one weighted bincount per feature
+            cols = np.ascontiguousarray(X[sl].T)
+            for f in range(len(cols)):
+                sums[f] += np.bincount(labels[sl], weights=cols[f], minlength=k)
+        moved = np.flatnonzero(counts)
+        C[moved] = sums.T[moved] / counts[moved, None]
     return C.astype(np.float32)
