@@ -149,7 +149,9 @@ def main() -> None:
         mem = str(args.memory_gb)
         full = child("dedup", str(store), mem)
         print(f"full run: {full['seconds']:.1f}s, timings {full['timings']}, peak RSS "
-              f"{full['peak_rss_mib']:.0f} MiB", flush=True)
+              f"{full['peak_rss_mib']:.0f} MiB, removable {full['removable']} of {full['rows']}, "
+              f"K={full['clusters']}, {full['groups']} groups, largest cluster {full['largest_cluster']}",
+              flush=True)
         build(store, generate(args.rows // 100, args.dim, seed=1), start=args.rows, init=False)
         incr = child("dedup", str(store), mem)
         store_gib = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2 ** 30

@@ -341,9 +341,11 @@ def test_update_after_additions_equals_a_full_pass_kernel():
 
 
 def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch):
-    """A budget of 120 members (d = 32): the scan in 256-row batches, the clusters in many groups, some
-    clusters alone and out of core (super-blocks of 60 against the earlier ones re-read): the stored
-    values equal the default budget's bit for bit — full run, additions and deletions alike."""
+    """A budget of 120 members (d = 32): the scan in 256-row batches, reads in takes of 7 rows, the
+    clusters in many groups, some alone and out of core (super-blocks of 60 against the earlier ones
+    re-read): the stored values equal the default budget's bit for bit — full run, additions (grown
+    clusters updated) and deletions (shrunk ones recomputed) alike."""
+    from queries.curation import dedup
     from queries.kernels import semdedup_blocks as B
     from store.manage import delete_ids
     X, ids, _ = planted(seed=8)
@@ -355,6 +357,7 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
         st, rec = make_store(tmp_path / name, X[:n0], ids[:n0])
         stores[name] = (st, rec)
     ref = semdedup(stores["default"][0], clusters=25, seed=2)
+    monkeypatch.setattr(dedup, "TAKE_ROWS", 7)                   # Lance takes of 7 rows
     res = semdedup(stores["tiny"][0], clusters=25, seed=2, memory_gb=tiny)
     assert ref["groups"] == 1 and ref["big_clusters"] == 0
     assert res["group_rows"] == 120 and res["big_clusters"] >= 2 and res["largest_cluster"] > 120

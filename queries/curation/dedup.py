@@ -56,7 +56,7 @@ MAX_DEFAULT_CLUSTERS = 50_000
 DEFAULT_ITERATIONS = 20
 DEFAULT_SEED = 0
 EPS_REPORTED = (0.001, 0.01, 0.05)
-SCAN_BATCH = 65536          # rows per streamed batch (fewer under a small budget)
+SCAN_BATCH = 16384          # rows per streamed batch (fewer under a small budget)
 TAKE_ROWS = 4096            # rows per Lance take
 DEFAULT_MEMORY_GB = 2.0
 MEMORY_ENV = "CLIPSQL_DEDUP_MEMORY_GB"
@@ -132,9 +132,10 @@ def _scan_norms(rows: _Rows) -> tuple[pa.Array, np.ndarray, np.ndarray]:
         end = pos + b.num_rows
         if end > n:
             raise ClipsqlError(f"{rows.ds.uri}: version {rows.version} has more rows than it counts: "
-                             "run `clipsql doctor`")
-        inv[pos:end], valid[pos:end] = inverse_norms(to_numpy(b.column("image_embedding")))
-        ids.append(b.column("id"))
+                               "run `clipsql doctor`")
+        inv[pos:end], valid[pos:end] = inverse_norms(to_numpy(b.column("image_embedding")), chunk=8192)
+        ids.append(pa.concat_arrays([b.column("id")]))   # a compact copy: a slice keeps Lance's whole
+        #                                                  decoded buffers (vectors included) alive
     ids_arr = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
     rows.ids = ids_arr
     return ids_arr, inv[:end], valid[:end]

@@ -3,9 +3,11 @@ largest cosine of every member to the members ranked before it.
 
 Pure numpy, no store and no DuckDB, so the store workflow (`queries.curation.dedup`), a DuckDB
 UDF or a Ray task import the very same functions; `semdedup_blocks` runs the within-cluster pass
-over rows fetched group by group (bounded memory) with these kernels. Rows are given as the raw float32 matrix `X`
-(as stored) with `inv` = 1 / ‖x‖ in float64 (0 for rows without a vector: NULL, all-zero or
-non-finite, `valid` False); unit vectors are formed chunk by chunk, never as a second copy of X.
+with them over rows fetched group by group (bounded memory). Rows are given as the raw float32
+matrix `X` (as stored; in the store workflow a batch, a sample or a group of clusters) with `inv`
+= 1 / ‖x‖ in float64 (0 for rows without a vector: NULL, all-zero or non-finite, `valid` False);
+unit vectors are formed chunk by chunk, never as a second copy of X. Every per-row value is the
+same whichever rows are processed together, so streaming or grouping never changes a result.
 
 Definitions (the tests check them against a brute force written from SCIENCE.md):
 * fit: seeded sample of the valid rows (in id order, so storage order does not matter), seeded
@@ -246,9 +248,9 @@ def cluster_order(labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
 def cluster_max_sim(X: np.ndarray, inv: np.ndarray, members: np.ndarray, *, rows: int = ROW_BLOCK,
                     cols: int = COL_BLOCK, empty: float = 0.0) -> np.ndarray:
     """max_sim of each of `members` (row indices in rank order): the float64 max cosine to the
-    members before it (`empty`, default 0, for the first). Row blocks of `rows` against the earlier members in column
-    blocks of at most `cols`, then the square diagonal block (masked to strictly earlier columns):
-    scores in memory O(rows · cols), work Σ n_c²/2 + n_c·rows/2 products."""
+    members before it (`empty`, default 0, for the first). Row blocks of `rows` against the earlier
+    members in column blocks of at most `cols`, then the square diagonal block (masked to strictly
+    earlier columns): scores in memory O(rows · cols), work Σ n_c²/2 + n_c·rows/2 products."""
     n = len(members)
     out = np.full(n, empty)
     if n <= 1:
