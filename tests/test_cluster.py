@@ -199,3 +199,20 @@ def test_ids_repeated_across_units_are_rejected_as_locally(ray_cluster, tmp_path
     assert "added 390" in a and "added 390" in b and "duplicate_id" in b, b
     assert_equal_stores(Store.open(dist.path), Store.open(local.path))
     assert_stats_match_vectors(Store.open(dist.path))
+
+
+def test_ray_ingest_of_a_datacomp_pool_equals_local(ray_cluster, tmp_path):
+    from .datacomp_pool import write_datacomp_pool
+    write_datacomp_pool(tmp_path / "pool", n_shards=2, rows=[60, 45], row_group_size=20)
+    local, dist = Store.init(tmp_path / "local"), Store.init(tmp_path / "ray")
+    cli("ingest", str(local.path), str(tmp_path / "pool"), "--no-progress")
+    out = ray_cli(ray_cluster, "ingest", str(dist.path), str(tmp_path / "pool"), "--no-progress").stdout.decode()
+    assert "[ViT-B-32/openai] done: added 105" in out and "[ViT-L-14/openai] done: added 105" in out, out
+    a, b = Store.open(dist.path), Store.open(local.path)
+    assert [m.model_id for m in a.list_models()] == [m.model_id for m in b.list_models()]
+    for m in b.list_models():
+        ta = a.read_embeddings(a.model(m.model_id)).sort_by("id")
+        tb = b.read_embeddings(b.model(m.model_id)).sort_by("id")
+        assert ta.select(["id", "image_embedding", "text_embedding"]).equals(
+            tb.select(["id", "image_embedding", "text_embedding"]))
+    assert sample_ids(a) == sample_ids(b)
