@@ -574,3 +574,14 @@ def test_select_limit_beyond_the_pool_warns_and_outputs_are_atomic(sel_store, tm
     side = json.loads(Path(str(out) + ".json").read_text())
     assert side["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and side["counts"]["selected"] == 5
     assert not side["warnings"]
+
+
+def test_sql_selection_keeps_the_first_of_each_id_and_drops_nulls(sel_store, tmp_path):
+    side = select(sel_store, sql="SELECT id, clip_score FROM (SELECT id, clip_score FROM scores UNION ALL "
+                                 "SELECT id, clip_score - 1 FROM scores UNION ALL SELECT NULL, 9.0) "
+                                 "ORDER BY clip_score DESC, id", output=tmp_path / "d.parquet")
+    cs = dict(fetch(queries.connect(sel_store), "SELECT id, clip_score FROM scores"))
+    tbl = pq.read_table(tmp_path / "d.parquet")
+    assert tbl.column("id").to_pylist() == sorted(cs, key=lambda k: (-cs[k], k))
+    np.testing.assert_allclose(tbl.column("clip_score").to_pylist(), sorted(cs.values(), reverse=True))
+    assert side["counts"]["sql_rows"] == 2 * N + 1 and side["counts"]["duplicate_or_null_ids_dropped"] == N + 1

@@ -152,9 +152,10 @@ def stale_share(st: Store) -> float:
     return float(v) if v is not None else DEFAULT_STALE_SHARE
 
 
-def staleness(st: Store, rec: ModelRecord) -> str | None:
-    """A sentence when the latest fit predates more than the stated share of the rows, else None."""
-    fit = st.latest_fit(rec, with_arrays=False)
+def staleness(st: Store, rec: ModelRecord, fit: dict | None = None) -> str | None:
+    """A sentence when the latest fit (or the fit row `fit`) is stale or predates more than the
+    stated share of the rows, else None."""
+    fit = fit if fit is not None else st.latest_fit(rec, with_arrays=False)
     if fit is None:
         return None
     reason = st.stale_fit_reason(int(fit["fit_id"]))

@@ -30,7 +30,7 @@ from store.errors import SelectionError
 from store.store import ModelRecord, Store, to_numpy
 
 from ..kernels import kmeans
-from .fit import RECIPE_FITS, DEFAULT_REFERENCE_SIZE, load_fit, stale_share
+from .fit import DEFAULT_REFERENCE_SIZE, load_fit, staleness
 
 ROWS_PER_CLUSTER = 128          # DataComp: 100,000 clusters for the 12.8M-row small pool
 KL_GUIDED = "kl-guided"
@@ -44,16 +44,19 @@ def rank(ids: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 
 def top(tbl: pa.Table, column: str, count: int | None, threshold: float | None = None) -> tuple[pa.Table, int]:
-    """Rows of `tbl` ranked by `column` (desc, ties by id), cut to `count` (or to the rows with
-    `column >= threshold`); also the count of NULL scores."""
-    ids = np.asarray(tbl.column("id").to_numpy(zero_copy_only=False)).astype(str)
-    score = tbl.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-    order = rank(ids, score)
+    """Rows of `tbl` ranked by `column` (desc, ties by id in byte order, as `rank`), cut to `count`
+    (or to the rows with `column >= threshold`); also the count of NULL scores. Arrow sorts and
+    filters: no Python object per row."""
+    score = tbl.column(column).cast(pa.float64())
+    ok = pc.fill_null(pc.is_finite(score), False)
     if threshold is not None:
-        order = order[score[order] >= threshold]
+        ok = pc.and_(ok, pc.fill_null(pc.greater_equal(score, threshold), False))
+    kept = tbl.filter(ok)
+    kept = kept.take(pc.sort_indices(kept, sort_keys=[(column, "descending"), ("id", "ascending")]))
     if count is not None:
-        order = order[:count]
-    return tbl.take(pa.array(order, pa.int64())), int((~np.isfinite(score)).sum())
+        kept = kept.slice(0, count)
+    nulls = tbl.num_rows - int(pc.sum(pc.fill_null(pc.is_finite(score), False).cast(pa.int64())).as_py() or 0)
+    return kept, nulls
 
 
 @dataclass
@@ -110,18 +113,13 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
     d_opts = default["options"] if default else {}
     seed = int(seed if seed is not None else d_opts.get("seed", 0))
     size = int(reference_size or d_opts.get("requested_reference_size") or DEFAULT_REFERENCE_SIZE)
-    rows = st.count_rows(rec)
 
     def current(row: dict | None) -> bool:
-        if row is None or st.stale_fit_reason(int(row["fit_id"])) is not None:
+        """Not stale (fit.staleness), and drawn with the asked seed and reference size."""
+        if row is None or staleness(st, rec, row) is not None:
             return False
         o = row["options"]
-        if reference_size is not None and o.get("requested_reference_size") != size:
-            return False
-        if int(o.get("seed", 0)) != seed:
-            return False
-        added = rows - int(row["n_rows"])
-        return not (rows and added > 0 and added / rows > stale_share(st))
+        return int(o.get("seed", 0)) == seed and (reference_size is None or o.get("requested_reference_size") == size)
 
     if default is not None and _has_settings(d_opts, want) and current(default):
         row, how = default, "default fit"
@@ -231,4 +229,4 @@ def fraction_count(fraction: float, pool: int) -> int:
 
 
 __all__ = ["Pool", "rank", "top", "kl_guided", "kl_guided_fit", "kl_guided_settings", "clip_score", "image_based",
-           "default_clusters", "fraction_count", "RECIPE_FITS"]
+           "default_clusters", "fraction_count"]

@@ -101,8 +101,6 @@ class SelectSpec:
             raise SelectionError(f"--clusters must be >= 1; got {s.clusters}")
         if s.negclip_form not in ("row", "pool"):
             raise SelectionError(f"--negclip-form must be row or pool; got {s.negclip_form!r}")
-        if s.format is not None and s.format not in OUTPUT_FORMATS:
-            raise SelectionError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; got {s.format!r}")
 
 
 @blas_pinned
@@ -237,7 +235,7 @@ def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: str,
         finally:
             own.close()
     size = total if allowed is None else len(allowed)
-    return recipes.Pool(st, rec, con, relation, size, allowed if where is not None else None, score_all, info)
+    return recipes.Pool(st, rec, con, relation, size, allowed, score_all, info)
 
 
 def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> tuple[pa.Array, dict]:
@@ -349,20 +347,17 @@ def _from_sql(con: Any, sql: str, count: int | None) -> tuple[pa.Table, dict]:
     if rel is None or "id" not in rel.columns:
         raise SelectionError("--sql must return a column named id (and decides the order), e.g. "
                              "\"SELECT id, clip_score FROM scores ORDER BY clip_score DESC, id\"")
-    tbl = _arrow(rel)
-    ids = tbl.column("id").to_pylist()
-    seen: set = set()
-    keep = []
-    for i, v in enumerate(ids):
-        if v is not None and v not in seen:
-            seen.add(v)
-            keep.append(i)
-    dropped = len(ids) - len(keep)
-    if count is not None:
-        keep = keep[:count]
-    tbl = tbl.take(pa.array(keep, pa.int64()))
+    # the first row of each non-NULL id, in the SQL's order (DuckDB: no Python object per row)
+    con.execute("DROP TABLE IF EXISTS _clipsql_sql_rows")
+    rel.create("_clipsql_sql_rows")             # rows in the SQL's order: rowid is the position
+    n, firsts = con.execute("SELECT count(*), count(DISTINCT id) FROM _clipsql_sql_rows").fetchall()[0]
+    limit = "" if count is None else f" LIMIT {int(count)}"
+    tbl = _arrow(con.sql("SELECT * EXCLUDE (_pos) FROM (SELECT rowid AS _pos, * FROM _clipsql_sql_rows) "
+                         "WHERE id IS NOT NULL QUALIFY row_number() OVER (PARTITION BY id ORDER BY _pos) = 1 "
+                         f"ORDER BY _pos{limit}"))
+    con.execute("DROP TABLE _clipsql_sql_rows")
     tbl = tbl.set_column(tbl.column_names.index("id"), "id", tbl.column("id").cast(pa.string()))
-    return tbl, {"sql_rows": len(ids), "duplicate_or_null_ids_dropped": dropped}
+    return tbl, {"sql_rows": n, "duplicate_or_null_ids_dropped": n - firsts}
 
 
 def _with_samples(con: Any, tbl: pa.Table) -> pa.Table:
