@@ -75,7 +75,7 @@ def generate(n: int, d: int, seed: int = 0, centre_seed: int = 0) -> Iterator[tu
 
 def build(path: Path, chunks: Iterator[tuple[np.ndarray, dict]], start: int = 0, init: bool = True) -> dict:
     """Write the chunks into the store (one commit each); the summed planted counts."""
-    from store.store import Store
+    from clipsql.store.store import Store
     st = Store.init(path) if init else Store.open(path)
     planted: dict = {}
     pos = start
@@ -97,8 +97,8 @@ def build(path: Path, chunks: Iterator[tuple[np.ndarray, dict]], start: int = 0,
 def step_dedup(store: str, memory_gb: str) -> None:
     """Child process: one `semdedup` run; its report plus peak RSS."""
     from bench._common import vm_rss_kib
-    from queries.curation.dedup import semdedup
-    from store.store import Store
+    from clipsql.queries.curation.dedup import semdedup
+    from clipsql.store.store import Store
     st = Store.open(store)
     before = (vm_rss_kib() or 0) / 1024                    # the interpreter, numpy, Lance, DuckDB
     res = semdedup(st, progress=False, memory_gb=float(memory_gb))

@@ -50,11 +50,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
     import ray
-    from cluster.ingest import ingest_ray
-    from cluster.scores import score_ray
-    from ingest.pipeline import IngestOptions, ingest
-    from queries.curation.fit import fit_stats
-    from store.store import Store
+    from clipsql.engines.ingest import ingest_ray
+    from clipsql.engines.scores import score_ray
+    from clipsql.ingest.pipeline import IngestOptions, ingest
+    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.store.store import Store
     from tests.conftest import write_image_folder
     from tests.test_ledger import write_pool
 
@@ -78,7 +78,7 @@ def main() -> None:
         c = cluster(workers, work / f"ray{workers}")
         try:
             ray.init(address=c.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-            from cluster.engine import _quiet_data
+            from clipsql.engines.engine import _quiet_data
             _quiet_data()
             runs = interleaved({
                 "precomputed": lambda: ingest_ray(fresh(), str(work / "pool"), options=opts, **model).added,

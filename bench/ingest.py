@@ -53,13 +53,13 @@ PIPELINE = "pipeline"
 # --------------------------------------------------------------------------- data
 def make_data(tmp: Path, rows: int, seed: int) -> Path:
     """The demo dataset as `clipsql demo` generates it (64×64 PNGs + one parquet of paths and captions)."""
-    from ingest import demo
+    from clipsql.ingest import demo
     return demo.write_dataset(tmp / "data", rows, seed)
 
 
 def source_units(parquet: Path) -> int:
     """How many units the product's TableSource cuts the parquet into (what the DataLoader workers share)."""
-    from ingest.sources import TableSource
+    from clipsql.ingest.sources import TableSource
     return len(TableSource(parquet).units())
 
 
@@ -68,7 +68,7 @@ def prepared_batches(loaded: Any, parquet: Path, batch_size: int) -> list[tuple[
     import pyarrow.parquet as pq
     import torch
 
-    from ingest.images import clean_caption, load_image
+    from clipsql.ingest.images import clean_caption, load_image
     rows = pq.read_table(parquet, columns=["image", "caption"]).to_pylist()
     out = []
     for i in range(0, len(rows), batch_size):
@@ -126,8 +126,8 @@ _RUN = [0]
 
 def pipeline_run(tmp: Path, source: Path, args: argparse.Namespace, *, workers: int | None = None) -> Any:
     """One ingest into a fresh store, as the product runs it; returns the summary (seconds measured from it)."""
-    from ingest.pipeline import IngestOptions, ingest
-    from store.store import Store
+    from clipsql.ingest.pipeline import IngestOptions, ingest
+    from clipsql.store.store import Store
     _RUN[0] += 1
     path = tmp / f"store{_RUN[0]}"
     st = Store.init(path)
@@ -161,8 +161,8 @@ def with_threads(n: int, fn: Any) -> Any:
 # --------------------------------------------------------------------------- stats cost
 def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> float:
     """Best time of `update_moments` (raw + normalized, image + text) for `rows` rows of dim `dim`."""
-    from store.stats import RunningMoments
-    from store.store import StatsState, new_moments, update_moments
+    from clipsql.store.stats import RunningMoments
+    from clipsql.store.store import StatsState, new_moments, update_moments
     rng = np.random.default_rng(seed)
     mean = rng.normal(size=dim).astype(np.float32)
     img = (mean + rng.normal(size=(rows, dim))).astype(np.float32)
@@ -174,8 +174,8 @@ def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> fl
 
 def save_stats_seconds(tmp: Path, dim: int, repeats: int) -> float:
     """Best time of one `store.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
-    from store.stats import RunningMoments
-    from store.store import StatsState, Store, new_moments, update_moments
+    from clipsql.store.stats import RunningMoments
+    from clipsql.store.store import StatsState, Store, new_moments, update_moments
     st = Store.init(tmp / f"stats-store-{dim}")
     rec = st.register_model(model_id=f"bench-{dim}", kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={})
@@ -193,7 +193,7 @@ def real_clip_encode_seconds_per_1k(arch: str, device: str, rows: int, repeats: 
     import open_clip
     import torch
 
-    from ingest.models import pick_device
+    from clipsql.models.loading import pick_device
     dev = pick_device(device)
     try:
         model = open_clip.create_model(arch, pretrained=None, device=dev).eval()
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from ingest import models
+    from clipsql.models import loading as models
 
     ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)
     with ctx as tmpname:
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         units = source_units(source)
         batches = prepared_batches(loaded, source, args.batch_size)
         main_threads = torch.get_num_threads()   # the pipeline leaves torch's thread count as it is
-        from ingest.pipeline import default_workers
+        from clipsql.ingest.pipeline import default_workers
         workers = default_workers(dev) if args.workers is None else args.workers
         alt_workers = 0 if workers else 2
         alt_name = f"pipeline, workers={alt_workers}"

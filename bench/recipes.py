@@ -48,12 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from bench.scores import build_store
-    from queries.curation.fit import fit_stats
-    from queries.curation.recipes import default_clusters
-    from queries.curation.selection import select
-    from queries.curation.targets import add_target
-    from queries.kernels import scores
-    from store.store import to_numpy
+    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.queries.curation.recipes import default_clusters
+    from clipsql.queries.curation.selection import select
+    from clipsql.queries.curation.targets import add_target
+    from clipsql.kernels import scores
+    from clipsql.store.store import to_numpy
 
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="clipsql-bench-recipes-"))
     figures: dict[str, Any] = {"machine": C.machine(), "args": vars(args)}
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         t_make, side = C.timed(lambda: select(st, recipe="kl-guided", output=tmp / "k.parquet"))
         t_reuse, side = C.timed(lambda: select(st, recipe="kl-guided", output=tmp / "k2.parquet"))
-        from queries.curation.recipes import kl_guided_fit
+        from clipsql.queries.curation.recipes import kl_guided_fit
         (fit, _), _ = kl_guided_fit(st, st.model(), make=False, seed=None, reference_size=None)
         t_bare_kl, _ = C.timed(lambda: np.argsort(-scores.info_gain(Y, fit, "text"), kind="stable"))
         rows.append(["kl-guided (makes its fit)", t_make, t_bare_kl, t_bare_kl / t_make])

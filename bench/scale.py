@@ -90,7 +90,7 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
     t0 = time.perf_counter()
     out: dict = {}
     if name == "ingest":
-        import cli
+        from clipsql import cli
         store, src = rest[1], rest[2]
         sys.argv = ["clipsql", "ingest", store, src, *MODEL, "--id-column", "key", "--no-progress",
                     "--format", "json"]
@@ -107,23 +107,23 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
     elif name == "bare":
         out.update(bare_write(Path(rest[1]), Path(rest[2]), int(rest[3])))
     elif name == "select1":
-        import queries
+        from clipsql import queries
         con = queries.connect(rest[1])
         con.sql("SELECT 1").fetchall()
     elif name == "queries":
         out.update(query_figures(rest[1], int(rest[2])))
     elif name == "select":
-        from queries.sql.functions import one_blas_thread  # noqa: F401 - select pins BLAS itself
-        from queries.curation.selection import select
-        from store.store import Store
+        from clipsql.queries.sql.functions import one_blas_thread  # noqa: F401 - select pins BLAS itself
+        from clipsql.queries.curation.selection import select
+        from clipsql.store.store import Store
         st = Store.open(rest[1])
         out["sidecar"] = select(st, recipe="kl-guided", output=rest[2])
         n = st.count_rows(st.model())
         fit_rows = st.latest_fit(st.model(), with_arrays=False)["reference_size"]
         out.update(gemm_rows_per_s(min(n, 50_000), fit_rows, st.model().dim))
     elif name == "fit":
-        from queries.curation.fit import fit_stats
-        from store.store import Store
+        from clipsql.queries.curation.fit import fit_stats
+        from clipsql.store.store import Store
         out["fit"] = fit_stats(Store.open(rest[1]))
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mib"] = (vm_hwm_kib() or 0) / 1024
@@ -135,7 +135,7 @@ def bare_write(src: Path, tmp: Path, rows: int) -> dict:
     import lance
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from store.store import fixed_list, embeddings_schema, samples_schema
+    from clipsql.store.store import fixed_list, embeddings_schema, samples_schema
     meta = pq.read_table(src / "metadata" / "metadata_0.parquet").slice(0, rows)
     img = np.load(src / "img_emb" / "img_emb_0.npy", mmap_mode="r")[:rows]
     txt = np.load(src / "text_emb" / "text_emb_0.npy", mmap_mode="r")[:rows]
@@ -159,9 +159,9 @@ def bare_write(src: Path, tmp: Path, rows: int) -> dict:
 
 
 def query_figures(store: str, exact_rows: int) -> dict:
-    import queries
-    from queries.sql.functions import one_blas_thread
-    from store.store import Store
+    from clipsql import queries
+    from clipsql.queries.sql.functions import one_blas_thread
+    from clipsql.store.store import Store
     st = Store.open(store)
     con = queries.connect(st)
     out: dict = {}
@@ -240,7 +240,7 @@ def main() -> None:
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="clipsql-scale-"))
     tmp.mkdir(parents=True, exist_ok=True)
     store = tmp / "store"
-    subprocess.run([sys.executable, str(ROOT / "cli.py"), "init", str(store)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "clipsql", "init", str(store)], check=True, capture_output=True)
     results = []
     have = 0
     for i, size in enumerate(sizes):

@@ -72,7 +72,7 @@ def synthetic_batches(rows: int, dim: int, seed: int, batch: int):
 def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) -> Any:
     import pyarrow as pa
 
-    from store.store import Store, samples_schema
+    from clipsql.store.store import Store, samples_schema
     st = Store.init(path)
     rec = st.register_model(model_id=MODEL_ID, kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={"bench": "synthetic", "seed": seed})
@@ -95,7 +95,7 @@ def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) 
 
 def _reusable(path: Path, args: argparse.Namespace) -> Any:
     """The store a previous run left in --tmp, if it has the same rows, dim and seed."""
-    from store.store import Store
+    from clipsql.store.store import Store
     if not (path / "clipsql.json").exists():
         return None
     st = Store.open(path)
@@ -111,7 +111,7 @@ def _reusable(path: Path, args: argparse.Namespace) -> Any:
 # --------------------------------------------------------------------------- experiments
 def sql_runner(con: Any, sql: str) -> Callable[[], float]:
     """The query as `clipsql query` runs it: BLAS pinned to one thread around it on this thread."""
-    import queries
+    from clipsql import queries
 
     def run() -> float:
         with queries.one_blas_thread():
@@ -119,7 +119,7 @@ def sql_runner(con: Any, sql: str) -> Callable[[], float]:
     return run
 
 def numpy_runner(X: np.ndarray, fit: Any, chunk: int, blas_threads: int | None = None) -> Callable[[], float]:
-    from queries.kernels import scores
+    from clipsql.kernels import scores
 
     def run() -> float:
         ctx = contextlib.nullcontext()
@@ -138,7 +138,7 @@ def register_probes(con: Any, st: Any, dim: int) -> None:
     """UDFs that do part of the work, to split the SQL cost (same registration style as functions.py)."""
     import pyarrow as pa
 
-    from queries.sql import functions as F
+    from clipsql.queries.sql import functions as F
 
     def noop(emb: Any) -> Any:
         return pa.array(np.zeros(len(emb)))
@@ -167,8 +167,8 @@ def blas_threads() -> int | None:
 # --------------------------------------------------------------------------- memory probe (subprocess)
 def memprobe(store_path: str, rows: int, light: bool) -> dict:
     """Run in a fresh process: peak RSS before and after one approximation query."""
-    import queries
-    from store.store import Store
+    from clipsql import queries
+    from clipsql.store.store import Store
     st = Store.open(store_path)
     if light:
         _light_fit()
@@ -189,9 +189,9 @@ def _light_fit() -> None:
 
     import sqlalchemy as sa
 
-    from queries.sql import functions as F
-    from queries.kernels import scores
-    from store import catalog as cat
+    from clipsql.queries.sql import functions as F
+    from clipsql.kernels import scores
+    from clipsql.store import catalog as cat
 
     def fit(self: Any, rec: Any) -> Any:
         if rec.model_id not in self._fits:
@@ -247,9 +247,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(memprobe(args._memprobe, args.mem_rows, args._light)))
         return {}
 
-    import queries
-    from queries.curation.fit import fit_stats, load_fit
-    from store.store import to_numpy
+    from clipsql import queries
+    from clipsql.queries.curation.fit import fit_stats, load_fit
+    from clipsql.store.store import to_numpy
 
     ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)
     with ctx as tmpname:

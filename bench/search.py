@@ -60,8 +60,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     import lance
-    from queries.search import index as vindex
-    from queries.search import kernels
+    from clipsql.queries.search import index as vindex
+    from clipsql.kernels import topk as kernels
     tmp = Path(a.tmp or tempfile.mkdtemp(prefix="clipsql-bench-search-"))
     uri = str(tmp / "emb.lance")
     col = "image_embedding"

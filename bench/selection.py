@@ -69,12 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    import queries
+    from clipsql import queries
     from bench.scores import build_store
-    from queries.kernels import scores
-    from queries.curation.fit import fit_stats
-    from queries.curation.targets import add_target
-    from store.store import to_numpy
+    from clipsql.kernels import scores
+    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.queries.curation.targets import add_target
+    from clipsql.store.store import to_numpy
 
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="clipsql-bench-sel-"))
     figures: dict[str, Any] = {"machine": C.machine(), "args": vars(args)}
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
             figures["ann_target_seconds"], ann = C.timed(lambda: add_target(
                 st, "bench-ann", query=f"SELECT image_embedding FROM embeddings WHERE id >= '{cut}'",
                 index="ann", seed=args.seed, echo=print))
-            from queries.curation.targets import get_target
+            from clipsql.queries.curation.targets import get_target
             figures["ann_index"] = get_target(st, "bench-ann").options["index"]
         slow = f"{args.slow_rows:09d}"
         con = queries.connect(st)

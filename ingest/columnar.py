@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .images import ItemRejected, clean_caption, content_id
+from clipsql.ingest.images import ItemRejected, clean_caption, content_id
 
 # A caption that is already clean: runs of characters that are neither control/format
 # (\p{C}) nor separators (\p{Z}), joined by single spaces. Every character clean_caption
@@ -176,7 +176,7 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
         if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
                 or pa.types.is_string(t) or pa.types.is_large_string(t)):
             # nested values become JSON text, dates ISO strings, bytes UTF-8 (as ingest.sources._scalar)
-            from .sources import scalar_value
+            from clipsql.ingest.sources import scalar_value
             col = pa.array([None if v is None else str(scalar_value(v)) for v in col.to_pylist()], pa.string())
             t = pa.string()
         types[str(name)] = _sql_type(t)

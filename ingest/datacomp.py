@@ -34,8 +34,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from store.errors import SourceError
-from .sources import Item, Reject, Source
+from clipsql.errors import SourceError
+from clipsql.ingest.sources import Item, Reject, Source
 
 # feature set -> (open_clip architecture, pretrained tag, embedding width)
 FEATURES = {"b32": ("ViT-B-32", "openai", 512), "l14": ("ViT-L-14", "openai", 768)}
@@ -87,7 +87,7 @@ def _stems(folder: str) -> tuple[set, set]:
 def npz_members(path: str) -> dict[str, tuple]:
     """{key: (shape, dtype, fortran_order, data offset in the file or None when compressed)},
     from the zip directory and each member's .npy header only (no array data is read)."""
-    from store.catalog import NPY_LOCK
+    from clipsql.store.catalog import NPY_LOCK
     out = {}
     with zipfile.ZipFile(path) as z, open(path, "rb") as raw:
         for info in z.infolist():
@@ -241,7 +241,7 @@ class DataCompSource(Source):
 
     def read_columns(self, unit, dim: int) -> Any:
         """One unit as columns (ingest.columnar), rows that fail a check as rejects."""
-        from .columnar import Columns, clean_captions, locations, metadata_json, vector_matrix
+        from clipsql.ingest.columnar import Columns, clean_captions, locations, metadata_json, vector_matrix
         if unit[0] == "bad":
             return _empty(dim, [tuple(unit[2:])])
         s, g, first, lo, hi = unit
@@ -308,7 +308,7 @@ class DataCompSource(Source):
 
 
 def _empty(dim: int, rejects: list) -> Any:
-    from .columnar import Columns
+    from clipsql.ingest.columnar import Columns
     e = pa.array([], pa.string())
     z = np.zeros((0, dim), dtype=np.float32)
     return Columns(e, e, e, e, e, z, z.copy(), {}, rejects)
@@ -331,7 +331,7 @@ def _flat_metadata(table: pa.Table) -> pa.Table:
     nested = [c for c in table.column_names if pa.types.is_nested(table.schema.field(c).type)]
     if not nested:
         return table
-    from .columnar import duck_connection, quote_ident
+    from clipsql.ingest.columnar import duck_connection, quote_ident
     con = duck_connection()
     con.register("_clipsql_nested", table.select(nested))
     try:
@@ -370,7 +370,7 @@ def ingest_pool(store: Any, path: Any, *, features: str | None = "all", model: s
     """Ingest a DataComp pool: one run per feature set, each filed under its open_clip model.
     `run` is the ingest function (default ingest.pipeline.ingest; cluster.ingest.ingest_ray
     fits too). Returns the runs' summaries, in b32, l14 order."""
-    from .pipeline import IngestOptions, ingest
+    from clipsql.ingest.pipeline import IngestOptions, ingest
     if checkpoint is not None:
         raise SourceError("a DataComp pool's vectors are precomputed: --checkpoint does not apply")
     keys = pick_features(features, model, pretrained)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .images import ItemRejected, clean_caption, content_id, load_image
+from clipsql.ingest.images import ItemRejected, clean_caption, content_id, load_image
 
 
 def caption_truncated(tokenizer: Any, caption: str) -> bool:
@@ -48,7 +48,7 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
     An image's own fault (corrupt, too large, …) is reported before its caption's; with
     `allow_missing_captions` an image without a caption (none, or empty after cleaning) is kept
     with a NULL caption and no text embedding."""
-    from .images import check_vector
+    from clipsql.ingest.images import check_vector
     t0 = time.perf_counter()
     try:
         image = load_image(item.image_bytes) if item.image_bytes is not None else None

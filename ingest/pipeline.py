@@ -18,13 +18,13 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from store.store import Store, merge_sql_types
-from store.writer import CommitPolicy, Writer
-from . import models
-from .dedup import IdChecker
-from .encode import Encoder, Prepared, prepare_item
-from .sources import DEFAULT_MAX_FILE_BYTES, Reject, open_source
-from .update import Updater, require_ids, row_arrays
+from clipsql.store.store import Store, merge_sql_types
+from clipsql.store.writer import CommitPolicy, Writer
+from clipsql.models import loading as models
+from clipsql.ingest.dedup import IdChecker
+from clipsql.ingest.encode import Encoder, Prepared, prepare_item
+from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES, Reject, open_source
+from clipsql.ingest.update import Updater, require_ids, row_arrays
 
 
 
@@ -181,7 +181,7 @@ def metadata_fields(rows: list[dict]) -> tuple[list[str | None], dict[str, str]]
 
 
 def samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, str]]:
-    from store.store import samples_schema
+    from clipsql.store.store import samples_schema
     metas, types = metadata_fields(rows)
     cols = {
         "id": [r["id"] for r in rows], "uri": [r["uri"] for r in rows], "caption": [r["caption"] for r in rows],
@@ -228,7 +228,7 @@ def plan_run(store: Store, source_path: str, model: str | None, pretrained: str 
     source.max_file_bytes = int(opts.max_file_bytes)
     require_ids(opts.id_column, opts.update)
     if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
-        from store.errors import SourceError
+        from clipsql.errors import SourceError
         raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
                           "--model (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k); clipsql cannot "
                           "tell it from the vectors, and filing them under the demo model would be wrong")
@@ -268,7 +268,7 @@ def register_model(store: Store, plan: Plan, device: str) -> tuple[Any, Any]:
     if source.precomputed:
         dim = source.dim()
         if loaded is not None and dim != loaded.dim:
-            from store.errors import DimensionMismatch
+            from clipsql.errors import DimensionMismatch
             raise DimensionMismatch(f"{spec.model_id} produces {loaded.dim}-d embeddings but "
                                     f"{plan.source_name} holds {dim}-d vectors: name the model that made them")
         fields = loaded.record_fields() if loaded is not None else models.record_without_weights(spec, dim)
@@ -336,7 +336,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         if ok:
             summary.notes += renamed_metadata(store, meta_before)
         if ok and opts.maintain:
-            from store.maintenance import maintain_after_ingest
+            from clipsql.store.maintenance import maintain_after_ingest
             t0 = time.perf_counter()
             summary.maintenance = maintain_after_ingest(store, rec)
             summary.seconds["maintain"] = round(time.perf_counter() - t0, 4)
@@ -358,7 +358,7 @@ class unless_failing:
 
 def renamed_metadata(store: Store, before: set[str]) -> list[str]:
     """A note per metadata column this run added whose name in `samples` differs from the source's."""
-    from store.store import metadata_aliases
+    from clipsql.store.store import metadata_aliases
     aliases = metadata_aliases(list(store.metadata_columns()))
     return [f"metadata column {name!r} is {alias!r} in the samples view ({name} is a samples column)"
             for name, alias in sorted(aliases.items()) if name not in before and alias != name]
@@ -550,7 +550,7 @@ def _ingest_columns(r: _Run) -> None:
 
 
 def samples_columns(c: Any, source: str) -> pa.Table:
-    from store.store import samples_schema
+    from clipsql.store.store import samples_schema
     n = len(c)
     return pa.table({
         "id": c.ids, "uri": c.uri, "caption": c.caption, "width": pa.nulls(n, pa.int32()),

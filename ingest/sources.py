@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from store.errors import SourceError
-from store.store import printable_text
+from clipsql.errors import SourceError
+from clipsql.store.store import printable_text
 
 __all__ = ["Item", "Reject", "Source", "FolderSource", "TableSource", "WebDatasetSource",
            "PrecomputedSource", "open_source", "IMAGE_EXTS", "KINDS"]
@@ -616,8 +616,8 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
     Raises SourceError for a path that matches no layout, a missing column, or
     a ``kind`` that does not fit the path.
     """
-    from .precomputed import PrecomputedSource
-    from .webdataset import WebDatasetSource, expand_braces
+    from clipsql.ingest.precomputed import PrecomputedSource
+    from clipsql.ingest.webdataset import WebDatasetSource, expand_braces
     spec = os.fspath(path)
     if kind is not None and kind not in KINDS:
         raise SourceError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -644,7 +644,7 @@ def open_source(path, *, image_column="image", caption_column="caption", id_colu
     ext = os.path.splitext(spec)[1].lower()
 
     if os.path.isdir(spec):
-        from .datacomp import DataCompSource, pool_dir
+        from clipsql.ingest.datacomp import DataCompSource, pool_dir
         if kind == "datacomp" or (kind is None and pool_dir(spec)):
             return DataCompSource(spec, datacomp_features)
         laion = PrecomputedSource.is_npy_layout(spec)
@@ -691,9 +691,9 @@ def _top_level_images(path: str) -> bool:
 # so either module can be imported (or unpickled on a Ray worker) before this one finishes.
 def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy attributes
     if name == "PrecomputedSource":
-        from .precomputed import PrecomputedSource
+        from clipsql.ingest.precomputed import PrecomputedSource
         return PrecomputedSource
     if name in ("WebDatasetSource", "expand_braces"):
-        from . import webdataset
+        from clipsql.ingest import webdataset
         return getattr(webdataset, name)
     raise AttributeError(name)

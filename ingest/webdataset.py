@@ -9,10 +9,10 @@ import zlib
 from typing import Iterator
 
 
-from store.errors import SourceError
+from clipsql.errors import SourceError
 
 
-from .sources import (IMAGE_EXTS, Item, Reject, Source, SUPPORTED_LAYOUTS, json_meta, too_large)
+from clipsql.ingest.sources import (IMAGE_EXTS, Item, Reject, Source, SUPPORTED_LAYOUTS, json_meta, too_large)
 
 
 _WDS_KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # as webdataset's base_plus_ext

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from .errors import CatalogError
+from clipsql.errors import CatalogError
 
 metadata = sa.MetaData()
 

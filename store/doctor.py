@@ -34,10 +34,10 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from . import catalog as cat
-from .errors import CatalogError, ClipsqlError
-from .location import exists, is_remote, move, store_path
-from .store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
+from clipsql.store import catalog as cat
+from clipsql.errors import CatalogError, ClipsqlError
+from clipsql.store.location import exists, is_remote, move, store_path
+from clipsql.store.store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
                     set_committed_version)
 
 STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
@@ -330,7 +330,7 @@ def _check_rows(st: Store, report: Report, repair: bool) -> None:
             f = report.add(f"orphans {rec.model_id}", "error", f"{len(orphans)} embedding rows have no sample")
             if repair:
                 import pyarrow as pa
-                from .manage import delete_ids
+                from clipsql.store.manage import delete_ids
                 delete_ids(st, pa.array([o[0] for o in orphans], pa.string()))
                 f.repaired = f"deleted the {len(orphans)} rows (their statistics subtracted)"
     if samples is not None and held:
@@ -411,7 +411,7 @@ def _check_runs(st: Store, report: Report, repair: bool) -> None:
     if drops:
         f = report.add("dropped tables", "warn", f"{len(drops)} table(s) a committed change let go are still on disk")
         if repair:
-            from .manage import sweep_dropped_tables
+            from clipsql.store.manage import sweep_dropped_tables
             f.repaired = f"deleted {sweep_dropped_tables(st)}"
 
 
@@ -420,7 +420,7 @@ def _lock_holder(st: Store) -> str | None:
     import fcntl
     if is_remote(st.path):
         if st.engine.dialect.name != "sqlite":
-            from .locks import lease_holder
+            from clipsql.store.locks import lease_holder
             return lease_holder(st.engine, "writer")
         lock = Path((st.engine.url.database or "").split("?")[0].removeprefix("file:") + ".write.lock")
     else:

@@ -18,8 +18,8 @@ from typing import Iterator
 
 import sqlalchemy as sa
 
-from . import catalog as cat
-from .errors import StoreLocked
+from clipsql.store import catalog as cat
+from clipsql.errors import StoreLocked
 
 WAIT_HINT = "one writer per store — wait for it to finish (readers such as `clipsql query` can run meanwhile)"
 

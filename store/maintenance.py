@@ -21,10 +21,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from . import catalog as cat
-from .faults import fault
-from .location import exists
-from .store import ModelRecord, Store, set_committed_version
+from clipsql.store import catalog as cat
+from clipsql.store.faults import fault
+from clipsql.store.location import exists
+from clipsql.store.store import ModelRecord, Store, set_committed_version
 
 DEFAULT_RETENTION_HOURS = 24.0
 FRAGMENT_BYTES = 256 << 20       # compaction merges fragments smaller than this into ones of this size

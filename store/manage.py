@@ -21,11 +21,11 @@ from typing import Any, Callable
 import pyarrow as pa
 import sqlalchemy as sa
 
-from . import catalog as cat
-from .errors import ModelError
-from .faults import fault
-from .location import rmtree
-from .store import ModelRecord, Store, new_moments, set_committed_version, to_numpy
+from clipsql.store import catalog as cat
+from clipsql.errors import ModelError
+from clipsql.store.faults import fault
+from clipsql.store.location import rmtree
+from clipsql.store.store import ModelRecord, Store, new_moments, set_committed_version, to_numpy
 
 SCAN_BATCH = 65536
 DROP_PREFIX = "drop:"
@@ -236,13 +236,13 @@ def sweep_dropped_tables(st: Store) -> list[str]:
 
 
 def _fold(parts: dict, image: Any, text: Any) -> None:
-    from .stats import fold_pair
+    from clipsql.store.stats import fold_pair
     fold_pair(parts[("image", "raw")], parts[("image", "normalized")], image)
     fold_pair(parts[("text", "raw")], parts[("text", "normalized")], text)
 
 
 def _fold_text(parts: dict, text: Any) -> None:
-    from .stats import fold_pair
+    from clipsql.store.stats import fold_pair
     fold_pair(parts[("text", "raw")], parts[("text", "normalized")], text)
 
 

@@ -42,11 +42,11 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from . import catalog as cat
-from .faults import fault
-from .errors import CatalogError, DimensionMismatch, ModelError, StoreLocked, StoreNotFound
-from .location import exists, is_remote, rmtree, store_path
-from .stats import RunningMoments, fold_pair, normalize_rows
+from clipsql.store import catalog as cat
+from clipsql.store.faults import fault
+from clipsql.errors import CatalogError, DimensionMismatch, ModelError, StoreLocked, StoreNotFound
+from clipsql.store.location import exists, is_remote, rmtree, store_path
+from clipsql.store.stats import RunningMoments, fold_pair, normalize_rows
 
 MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
@@ -242,7 +242,7 @@ class Store:
         once with StoreLocked. A local store flock()s a file in its directory; a store on object
         storage flock()s a file beside its local SQLite catalog, or holds a lease in its server
         catalog (store.locks)."""
-        from .locks import file_lock, lease
+        from clipsql.store.locks import file_lock, lease
         suffix = ".write.lock" if name == "writer" else f".{name}.lock"
         if not is_remote(self.path):
             with file_lock(str(self.path / suffix), str(self.path)):
@@ -369,7 +369,7 @@ class Store:
         back to the committed version; adopt tables the ledger does not know yet (stores written
         before the ledger existed). Returns {table: rows rolled back}."""
         import lance
-        from .manage import sweep_dropped_tables
+        from clipsql.store.manage import sweep_dropped_tables
         sweep_dropped_tables(self)
         self.abort_dead_runs()
         recorded = self.committed_versions()
@@ -450,7 +450,7 @@ class Store:
                     image: np.ndarray, text: np.ndarray, seq: int | None = None, run_id: int,
                     source: str, rejects: list[tuple[str, str, str]], meta_types: dict[str, str]) -> None:
         """Write and commit one batch (a convenience over store.writer.Writer for small writes)."""
-        from .writer import Writer
+        from clipsql.store.writer import Writer
         if image.shape != text.shape or image.ndim != 2 or image.shape[1] != model.dim:
             raise DimensionMismatch(f"model {model.model_id} has dim {model.dim}; got image {image.shape} "
                                     f"and text {text.shape}")

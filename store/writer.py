@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .store import ModelRecord, PendingCommit, Store, fixed_list, new_moments, samples_schema
-from .faults import fault
-from .stats import fold_pair
+from clipsql.store.store import ModelRecord, PendingCommit, Store, fixed_list, new_moments, samples_schema
+from clipsql.store.faults import fault
+from clipsql.store.stats import fold_pair
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Writer:
             self._samples.add(samples)
             self.pending.sample_rows += samples.num_rows
         if meta_types:
-            from .store import merge_sql_types
+            from clipsql.store.store import merge_sql_types
             mt = self.pending.meta_types
             for k, v in meta_types.items():
                 mt[k] = merge_sql_types(mt[k], v) if k in mt else v

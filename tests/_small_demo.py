@@ -8,7 +8,7 @@ SMALL_DEMO_ROWS = 300
 
 
 def small_demo_store(tmp_path_factory) -> Path:
-    from queries.present.demo import run_demo
+    from clipsql.queries.present.demo import run_demo
     path = tmp_path_factory.getbasetemp() / "small-demo-store"
     done = path / ".small-demo-done"
     if not done.exists():

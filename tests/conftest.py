@@ -70,7 +70,7 @@ def image_folder(tmp_path) -> Path:
 
 @pytest.fixture
 def store(tmp_path):
-    from store.store import Store
+    from clipsql.store.store import Store
     return Store.init(tmp_path / "store")
 
 

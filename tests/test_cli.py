@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cli import app
+from clipsql.cli import app
 
-from .conftest import write_image_folder
+from conftest import write_image_folder
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def cli_store(tmp_path_factory, tiny_model):
 
 
 def test_help_is_instant_and_imports_nothing_heavy():
-    code = ("import sys, cli; from typer.testing import CliRunner; r = CliRunner().invoke(cli.app, ['--help']); "
+    code = ("import sys; from clipsql import cli; from typer.testing import CliRunner; r = CliRunner().invoke(cli.app, ['--help']); "
             "assert r.exit_code == 0; heavy = [m for m in ('torch', 'open_clip', 'lancedb', 'duckdb') "
             "if m in sys.modules]; print(heavy)")
     t0 = time.perf_counter()
@@ -165,7 +165,7 @@ def test_query_errors_name_the_fix(tmp_path, tiny_model):
 
 
 def test_sigint_cancels_a_long_query_promptly(cli_store):
-    p = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "query", str(cli_store),
+    p = subprocess.Popen([sys.executable, "-m", "clipsql", "query", str(cli_store),
                           "SELECT sum(a.range * b.range) FROM range(100000) a, range(1000000) b"],
                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(4)                    # imports, connect, and the query is running
@@ -181,7 +181,7 @@ def test_sigint_cancels_a_long_query_promptly(cli_store):
 def test_ctrl_c_in_the_prompt_cancels_the_query_and_keeps_the_prompt(cli_store, capsys, monkeypatch):
     import threading
 
-    from queries.sql.cli_query import repl
+    from clipsql.queries.sql.cli_query import repl
     lines = iter(["SELECT sum(a.range * b.range) FROM range(100000) a, range(1000000) b;", "SELECT 7 * 6 AS x;"])
 
     def fake_input(prompt=""):
@@ -223,8 +223,8 @@ def test_small_messages_say_what_to_do(tmp_path, cli_store):
     import builtins
     from unittest import mock
 
-    from store.catalog import make_engine
-    from store.errors import CatalogError
+    from clipsql.store.catalog import make_engine
+    from clipsql.errors import CatalogError
     real = builtins.__import__
 
     def no_mysqldb(name, *a, **k):
@@ -239,7 +239,7 @@ def test_help_texts_explain_themselves_without_science_md():
     """Issue 10.12: a clone has no SCIENCE.md, so no --help may send the reader there."""
     import re
     from typer.testing import CliRunner
-    from cli import app
+    from clipsql.cli import app
     runner = CliRunner()
     commands = ["", "init", "models", "models list", "models default", "models rm", "ingest", "delete", "optimize",
                 "stats", "stats show", "stats refresh", "stats fit", "query", "sql", "score", "target add",
@@ -254,8 +254,8 @@ def test_help_texts_explain_themselves_without_science_md():
 def test_precomputed_without_model_is_refused_and_score_prints_no_lance_warning(tmp_path):
     """Issue 10.12: precomputed vectors are never filed under the demo model because no --model was
     given (even when the dimension matches); 10.12/11.20: no Lance WARN line on the first `score`."""
-    from .test_ledger import MODEL, cli as run
-    import tests.test_ledger as tl
+    from test_ledger import MODEL, cli as run
+    import test_ledger as tl
     pool = tmp_path / "pool"
     old = tl.D
     tl.D = 64                                   # the demo model's dimension

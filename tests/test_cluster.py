@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store.store import Store
+from clipsql.store.store import Store
 
-from .conftest import write_image_folder
-from .test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
-from .test_ledger import MODEL, ROOT, cli, write_pool
+from conftest import write_image_folder
+from test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
+from test_ledger import MODEL, ROOT, cli, write_pool
 
 
 def ray_cli(cluster, *args, check=True, env=None):
@@ -88,7 +88,7 @@ def test_a_killed_worker_node_does_not_fail_the_job(ray_cluster, tmp_path):
     ref, st = Store.init(tmp_path / "ref"), Store.init(tmp_path / "s")
     args = [str(pool), *MODEL, "--id-column", "key", "--no-progress"]
     cli("ingest", str(ref.path), *args)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ingest", str(st.path), *args, "--engine", "ray",
+    proc = subprocess.Popen([sys.executable, "-m", "clipsql", "ingest", str(st.path), *args, "--engine", "ray",
                              "--ray-address", ray_cluster.address], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     time.sleep(6)
@@ -107,7 +107,7 @@ def test_a_killed_worker_node_does_not_fail_the_job(ray_cluster, tmp_path):
 
 
 def test_ray_scores_equal_sql_scores_and_rerun_scores_only_new_rows(ray_cluster, tmp_path):
-    import queries
+    from clipsql import queries
     pool = tmp_path / "pool"
     write_pool(pool, shards=3, rows=400, row_group=100)
     st = Store.init(tmp_path / "s")
@@ -130,7 +130,7 @@ def test_ray_scores_equal_sql_scores_and_rerun_scores_only_new_rows(ray_cluster,
     np.testing.assert_allclose(np.array([g[1:] for g in got], float), np.array([w[1:] for w in want], float),
                                rtol=1e-6, atol=1e-9)
     # an ingest appends while a score job runs: both finish, the job reports what it left pending
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "ingest", str(st.path), str(pool), *MODEL,
+    proc = subprocess.Popen([sys.executable, "-m", "clipsql", "ingest", str(st.path), str(pool), *MODEL,
                              "--id-column", "key", "--no-progress", "--commit-rows", "50", "--commit-seconds", "0"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out = ray_cli(ray_cluster, "score", str(st.path), "--columns", cols).stdout.decode()
@@ -202,7 +202,7 @@ def test_ids_repeated_across_units_are_rejected_as_locally(ray_cluster, tmp_path
 
 
 def test_ray_ingest_of_a_datacomp_pool_equals_local(ray_cluster, tmp_path):
-    from .datacomp_pool import write_datacomp_pool
+    from datacomp_pool import write_datacomp_pool
     write_datacomp_pool(tmp_path / "pool", n_shards=2, rows=[60, 45], row_group_size=20)
     local, dist = Store.init(tmp_path / "local"), Store.init(tmp_path / "ray")
     cli("ingest", str(local.path), str(tmp_path / "pool"), "--no-progress")

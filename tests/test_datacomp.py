@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import queries
-from ingest.datacomp import DataCompSource, ingest_pool, is_datacomp_pool, pick_features
-from ingest.pipeline import IngestOptions, ingest
-from ingest.sources import open_source
-from queries.curation.datacomp import load_uids, save_uids, uid_array
-from store.errors import SelectionError, SourceError
-from store.store import to_numpy
+from clipsql import queries
+from clipsql.ingest.datacomp import DataCompSource, ingest_pool, is_datacomp_pool, pick_features
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.ingest.sources import open_source
+from clipsql.queries.curation.datacomp import load_uids, save_uids, uid_array
+from clipsql.errors import SelectionError, SourceError
+from clipsql.store.store import to_numpy
 
-from .datacomp_pool import damage_npz, drop_npz_rows, write_datacomp_pool
+from datacomp_pool import damage_npz, drop_npz_rows, write_datacomp_pool
 
 FAST = IngestOptions(progress=False)
 MODELS = {"b32": "ViT-B-32/openai", "l14": "ViT-L-14/openai"}
@@ -222,7 +222,7 @@ def test_a_stores_ids_go_out_as_the_pools_uids(store, tmp_path):
 # --------------------------------------------------------------------------- CLI
 
 def test_cli_end_to_end(tmp_path):
-    from cli import app
+    from clipsql.cli import app
     runner = CliRunner()
 
     def invoke(*args):
@@ -258,7 +258,7 @@ def test_a_pool_in_and_datacomps_clip_score_baseline_out(store, tmp_path):
     """End to end: a DataComp-layout pool goes in, `select --recipe clip-score --model ViT-L-14/openai`
     writes the uid file, and the resharder's lookup finds exactly DataComp's top 30% by the L/14
     cosine computed from the npz itself (ties by uid; DataComp's own threshold keeps one more row)."""
-    from cli import app
+    from clipsql.cli import app
     pool = write_datacomp_pool(tmp_path / "pool", n_shards=2, rows=[40, 35])
     r = CliRunner().invoke(app, ["ingest", str(store.path), str(tmp_path / "pool"), "--no-progress"])
     assert r.exit_code == 0, r.output

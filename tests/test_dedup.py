@@ -6,12 +6,12 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-import queries
-from cli import app
-from queries.curation.dedup import centroids_table_name, dedup_status, dedup_table_name, semdedup
-from queries.kernels import semdedup as K
-from store.errors import ClipsqlError, SelectionError
-from store.store import Store, to_numpy
+from clipsql import queries
+from clipsql.cli import app
+from clipsql.queries.curation.dedup import centroids_table_name, dedup_status, dedup_table_name, semdedup
+from clipsql.kernels import semdedup as K
+from clipsql.errors import ClipsqlError, SelectionError
+from clipsql.store.store import Store, to_numpy
 
 D = 32
 MODEL = "test/semdedup"
@@ -235,7 +235,7 @@ def test_incremental_rerun_equals_a_full_pass_with_the_same_centroids(tmp_path):
     assert [got[i][0] for i in ids] == labels.tolist()
     assert np.array_equal(np.array([got[i][1] for i in ids]), ms)
     # deletions: the clusters that lost members are recomputed too
-    from store.manage import delete_ids
+    from clipsql.store.manage import delete_ids
     with st.lock():
         st.recover()
         delete_ids(st, pa.array(ids[:50]))
@@ -255,7 +255,7 @@ def test_incremental_rerun_equals_a_full_pass_with_the_same_centroids(tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_result(tmp_path, monkeypatch):
-    from store import faults
+    from clipsql.store import faults
     X, ids, _ = planted(n_base=600, n_groups=20, n_near=0, n_far=0, seed=4)
     st, rec = make_store(tmp_path / "s", X, ids)
     semdedup(st, clusters=5)
@@ -271,7 +271,7 @@ def test_a_failed_write_leaves_the_old_result(tmp_path, monkeypatch):
 
 
 def test_model_removal_drops_the_tables(tmp_path):
-    from store.manage import remove_model
+    from clipsql.store.manage import remove_model
     X, ids, _ = planted(n_base=300, n_groups=5, n_near=0, n_far=0, seed=6)
     st, rec = make_store(tmp_path / "s", X, ids)
     semdedup(st, clusters=3)
@@ -345,9 +345,9 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
     clusters in many groups, some alone and out of core (super-blocks of 60 against the earlier ones
     re-read): the stored values equal the default budget's bit for bit — full run, additions (grown
     clusters updated) and deletions (shrunk ones recomputed) alike."""
-    from queries.curation import dedup
-    from queries.kernels import semdedup_blocks as B
-    from store.manage import delete_ids
+    from clipsql.queries.curation import dedup
+    from clipsql.kernels import semdedup_blocks as B
+    from clipsql.store.manage import delete_ids
     X, ids, _ = planted(seed=8)
     n0 = 2300
     tiny = 120 * B.BYTES_PER_DIM * D / 2 ** 30
@@ -399,7 +399,7 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
 def test_out_of_core_cluster_kernel_equals_in_memory():
     """One cluster through `big_cluster` (cap 10: super-blocks of 5; odd row blocks) against `cluster_max_sim`;
     a super-block's first member with a negative max_sim (the earlier blocks' value, not 0, must win)."""
-    from queries.kernels import semdedup_blocks as B
+    from clipsql.kernels import semdedup_blocks as B
     rng = np.random.default_rng(11)
     X = rng.normal(size=(47, 8)).astype(np.float32)
     X[[5, 20]] = X[[3, 3]] * np.float32(2.0)                   # exact duplicates across super-blocks

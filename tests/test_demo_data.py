@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ingest import demo
+from clipsql.ingest import demo
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def samples():
 def test_module_does_not_import_torch():
     import subprocess
 
-    code = "import sys, ingest.demo; print('torch' in sys.modules)"
+    code = "import sys, clipsql.ingest.demo; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-import queries
-from queries.present.demo import run_demo
+from clipsql import queries
+from clipsql.queries.present.demo import run_demo
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from store import catalog as cat
-from store.store import Store
+from clipsql.store import catalog as cat
+from clipsql.store.store import Store
 
-from .test_ingest import assert_stats_match_vectors
-from .test_ledger import MODEL, cli, write_pool
+from test_ingest import assert_stats_match_vectors
+from test_ledger import MODEL, cli, write_pool
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def pool_store(tmp_path):
 
 
 def norm_sim(st, name):
-    import queries
+    from clipsql import queries
     con = queries.connect(st)
     return con.sql(f"SELECT count(*), avg(norm_sim_inf(image_embedding, '{name}')), "
                    f"avg(norm_sim_2(image_embedding, '{name}')) FROM embeddings").fetchall()[0]
@@ -42,7 +42,7 @@ def test_target_replace_killed_leaves_one_whole_target(pool_store, point):
             check=False)
     assert p.returncode == -9
     st = Store.open(st.path)
-    from queries.curation.targets import get_target, target_rows
+    from clipsql.queries.curation.targets import get_target, target_rows
     t = get_target(st, "t")
     assert len(target_rows(st, t)) == t.n == (50 if point == "target:after-table" else 120)
     now = norm_sim(st, "t")
@@ -91,7 +91,7 @@ def write_shard(path, n, seed=0):
 @pytest.mark.parametrize("share", [0.4, "trailer"])
 def test_truncated_tar_gz_is_recorded(tmp_path, tiny_model, share):
     """11.7: a .tar.gz cut short records corrupt_tar (at any point, also inside the gzip trailer)."""
-    from ingest.pipeline import IngestOptions, ingest
+    from clipsql.ingest.pipeline import IngestOptions, ingest
     shard = write_shard(tmp_path / "a.tar.gz", 20)
     data = shard.read_bytes()
     cut = int(len(data) * share) if share != "trailer" else len(data) - 4
@@ -141,7 +141,7 @@ def test_extreme_aspect_ratio_is_rejected_before_preprocessing():
     """11.9: a 664-byte 1 x 300,000 PNG would be upscaled to 64 x 19.2M pixels by the preprocess."""
     import io
     from PIL import Image
-    from ingest.images import ItemRejected, load_image
+    from clipsql.ingest.images import ItemRejected, load_image
     for size in ((1, 300_000), (300_000, 1), (1, 1_000_000)):
         buf = io.BytesIO()
         Image.new("RGB", size, (0, 0, 0)).save(buf, format="PNG")
@@ -158,8 +158,8 @@ def test_huge_members_and_files_are_rejected_unread(tmp_path, tiny_model):
     """11.10: a tar with a 6 GB sparse member keeps its good sample; folder files over the cap
     are rejected by reason, without being read."""
     import subprocess
-    from ingest.pipeline import IngestOptions, ingest
-    from .conftest import write_image_folder
+    from clipsql.ingest.pipeline import IngestOptions, ingest
+    from conftest import write_image_folder
     work = tmp_path / "w"
     work.mkdir()
     write_image_folder(work, 1)
@@ -185,7 +185,7 @@ def test_precomputed_rows_without_uri_are_identified_by_their_vectors(tmp_path):
     """11.11: distinct vectors sharing a caption are distinct samples; a repeated pair is a duplicate."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ingest.pipeline import IngestOptions, ingest
+    from clipsql.ingest.pipeline import IngestOptions, ingest
     rng = np.random.default_rng(0)
     X = rng.normal(size=(6, 512)).astype(np.float32)
     Y = rng.normal(size=(6, 512)).astype(np.float32)
@@ -204,7 +204,7 @@ def test_first_row_bad_vector_and_image_only_sources(tmp_path):
     is ingested with NULL text embeddings (image statistics only)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from ingest.pipeline import IngestOptions, ingest
+    from clipsql.ingest.pipeline import IngestOptions, ingest
     rng = np.random.default_rng(1)
     X = [rng.normal(size=512).astype(np.float32) for _ in range(8)]
     Y = [rng.normal(size=512).astype(np.float32) for _ in range(8)]
@@ -226,7 +226,7 @@ def test_first_row_bad_vector_and_image_only_sources(tmp_path):
     state = st2.stats(st2.model())
     assert state.moments[("image", "raw")].n == 200 and state.moments[("text", "raw")].n == 0
     assert_stats_match_vectors(st2)
-    import queries
+    from clipsql import queries
     con = queries.connect(st2)
     assert con.sql("SELECT count(*) FROM embeddings WHERE text_embedding IS NULL").fetchall() == [(200,)]
     assert con.sql("SELECT count(raw_norm(image_embedding)) FROM embeddings").fetchall() == [(200,)]
@@ -239,10 +239,10 @@ def test_silent_drops_are_recorded(tmp_path, tiny_model, monkeypatch):
     renamed metadata columns are all recorded, never dropped without a word."""
     import io
     import tarfile
-    from ingest.pipeline import IngestOptions, ingest
-    from ingest.sources import FolderSource, open_source
-    from store.errors import SourceError
-    from .conftest import write_image_folder
+    from clipsql.ingest.pipeline import IngestOptions, ingest
+    from clipsql.ingest.sources import FolderSource, open_source
+    from clipsql.errors import SourceError
+    from conftest import write_image_folder
     # an unreadable sub-directory (root reads anything, so the listing failure is simulated)
     root = tmp_path / "f"
     write_image_folder(root, 2)
@@ -289,14 +289,14 @@ def test_silent_drops_are_recorded(tmp_path, tiny_model, monkeypatch):
     s = ingest(st2, str(tmp_path / "m.csv"), model=tiny_model, options=IngestOptions(progress=False,
                                                                                    id_column="key"))
     assert s.notes == ["metadata column 'id' is 'meta_id_2' in the samples view (id is a samples column)"]
-    import queries
+    from clipsql import queries
     row = queries.connect(st2).sql("SELECT meta_id, meta_id_2 FROM samples ORDER BY meta_id").fetchall()
     assert row == [(10, 0), (11, 1)]
 
 
 def test_read_only_queries_spill_to_a_bounded_private_directory(pool_store, tmp_path, monkeypatch):
     """11.14: a read-only query never spills into the caller's working directory."""
-    import queries
+    from clipsql import queries
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CLIPSQL_SPILL_GB", "0.5")
     con = queries.connect(pool_store)
@@ -491,7 +491,7 @@ def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_pa
     import subprocess
     import sys
     import time
-    from .test_ledger import ROOT
+    from test_ledger import ROOT
     whole = tmp_path / "whole"
     write_pool(whole, shards=6, rows=400, row_group=100)
     pools = []
@@ -510,7 +510,7 @@ def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_pa
     rng = np.random.default_rng(0)
     killed = 0
     for trial in range(3):                          # seeded random moments of an ingest
-        proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *ingest(0)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "clipsql", *ingest(0)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(float(rng.uniform(1.0, 3.5)))
         proc.send_signal(signal.SIGKILL)

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from ingest import demo  # noqa: E402
+from clipsql.ingest import demo  # noqa: E402
 
 FIXTURES = Path(demo.__file__).resolve().parent / "fixture_models"
 # held-out image->text top-1 thresholds (200 samples, groups of 100 candidates);
@@ -147,7 +147,7 @@ def test_siglip_info_gain_approx_slope_on_the_shipped_model():
     0.994; with the plain ŷ_j (no scaling) the slope is 4.09 / 4.07 at the same R²."""
     from PIL import Image
 
-    from queries.kernels import scores as S
+    from clipsql.kernels import scores as S
     torch.set_num_threads(1)
     path = FIXTURES / "demo-sig"
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{path}")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from queries.present.gallery import LAZY_AFTER, write_gallery
-from store.errors import QueryError
+from clipsql.queries.present.gallery import LAZY_AFTER, write_gallery
+from clipsql.errors import QueryError
 
-from ._small_demo import small_demo_store
-from .browser import image_check, screenshot
+from _small_demo import small_demo_store
+from browser import image_check, screenshot
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_limit_and_lazy_loading(tmp_path):
 def test_demo_gallery_low_end_and_browser(demo_store, tmp_path):
     """The demo's gallery of lowest/highest image Information Gain: blank and placeholder
     images fill the low end; in Chromium every image decodes; a screenshot is saved."""
-    import queries
+    from clipsql import queries
     sql = ("SELECT id, kind, round(image_info_gain, 5) AS image_info_gain "
            "FROM scores JOIN samples USING (id)")
     out = tmp_path / "demo-gallery.html"

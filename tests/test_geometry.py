@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import queries
-from queries.kernels import scores
-from queries.present.geometry import compute_geometry, geometry_report, logistic_separator
-from store.store import Store, to_numpy
+from clipsql import queries
+from clipsql.kernels import scores
+from clipsql.queries.present.geometry import compute_geometry, geometry_report, logistic_separator
+from clipsql.store.store import Store, to_numpy
 
-from ._small_demo import small_demo_store
-from .browser import image_check, screenshot
+from _small_demo import small_demo_store
+from browser import image_check, screenshot
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +147,14 @@ def test_vslerp_sql(demo_store):
 
 
 def test_geometry_without_valid_rows():
-    from store.errors import StatsError
+    from clipsql.errors import StatsError
     Z = np.zeros((5, 4))
     with pytest.raises(StatsError):
         compute_geometry(lambda: [(Z, Z)])
 
 
 def test_degenerate_single_row_is_json_safe():
-    from queries.present.geometry import _finite
+    from clipsql.queries.present.geometry import _finite
     rng = np.random.default_rng(0)
     res = compute_geometry(lambda: [(rng.normal(size=(1, 5)), rng.normal(size=(1, 5)))])
     res.pop("_arrays")

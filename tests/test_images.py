@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ingest.images import ItemRejected, check_vector, clean_caption, content_id, load_image
+from clipsql.ingest.images import ItemRejected, check_vector, clean_caption, content_id, load_image
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ingest.pipeline import IngestOptions, ingest
-from store.errors import ModelError, StoreLocked
-from store.store import Store, normalize_rows, to_numpy
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.errors import ModelError, StoreLocked
+from clipsql.store.store import Store, normalize_rows, to_numpy
 
-from .conftest import write_image_folder
+from conftest import write_image_folder
 
 FAST = IngestOptions(batch_size=8, workers=0, progress=False)
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_two_models_in_one_store(store, image_folder, tiny_model, tiny_siglip):
     assert len(models) == 2
     assert {m.kind for m in models} == {"clip", "siglip"}
     assert store.model().model_id == models[0].model_id        # first model stays the default
-    import queries
+    from clipsql import queries
     con = queries.connect(store)
     counts = dict(con.sql("SELECT model, count(*) FROM embeddings GROUP BY model").fetchall())
     assert sorted(counts.values()) == [40, 40]
@@ -131,7 +131,7 @@ def test_metadata_columns_from_a_table_are_visible_in_samples(store, tmp_path, t
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
     s = ingest(store, str(tmp_path / "t.parquet"), model=tiny_model, options=FAST)
     assert s.added == 6
-    import queries
+    from clipsql import queries
     con = queries.connect(store)
     got = con.sql("SELECT kind, n_attributes, score, width FROM samples ORDER BY n_attributes").fetchall()
     assert got[0] == ("blank", 0, 0.0, 24) and got[5] == ("normal", 5, 2.5, 24)
@@ -167,7 +167,7 @@ def test_bad_inputs_are_rejected_not_fatal(store, tmp_path, tiny_model):
     (d / "dup.png").write_bytes(good)
     (d / "dup.txt").write_bytes((d / "img0000.txt").read_bytes())
     s = ingest(store, str(d), model=tiny_model, options=FAST)
-    import queries
+    from clipsql import queries
     con = queries.connect(store)
     reasons = dict(con.sql("SELECT location, reason FROM rejects").fetchall())
     by_name = {Path(k).stem: v for k, v in reasons.items()}
@@ -222,14 +222,14 @@ def test_precomputed_embeddings_with_bad_vectors(store, tmp_path, tiny_model):
 
 
 def test_precomputed_wrong_dim_is_refused(store, tmp_path, tiny_model):
-    from store.errors import DimensionMismatch
+    from clipsql.errors import DimensionMismatch
     _write_precomputed(tmp_path / "pre", 5, 7, np.random.default_rng(0))
     with pytest.raises(DimensionMismatch, match="16"):
         ingest(store, str(tmp_path / "pre"), model=tiny_model, options=FAST)
 
 
 def _run_cli(*args, **kw):
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "clipsql", *args], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, **kw)
 
 
@@ -267,7 +267,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, tiny_model, kill_afte
 
 
 def test_default_workers_leave_the_cpu_forward_its_cores():
-    from ingest.pipeline import default_workers
+    from clipsql.ingest.pipeline import default_workers
     assert [default_workers("cpu", n) for n in (1, 2, 4, 8, 16, 64)] == [0, 0, 1, 2, 4, 4]
     assert [default_workers("cuda:0", n) for n in (1, 2, 16, 64)] == [1, 1, 8, 8]
 
@@ -275,7 +275,7 @@ def test_default_workers_leave_the_cpu_forward_its_cores():
 def test_summary_reports_device_and_workers(tmp_path, image_folder, tiny_model):
     st = Store.init(tmp_path / "s")
     s = ingest(st, str(image_folder), model=tiny_model, options=IngestOptions(batch_size=8, progress=False))
-    from ingest.pipeline import default_workers
+    from clipsql.ingest.pipeline import default_workers
     assert s.device == "cpu" and s.workers == default_workers("cpu")
 
 
@@ -287,7 +287,7 @@ def test_a_non_utf8_file_name_is_one_reject_not_a_lost_batch(store, tmp_path, ti
     os.rename(os.path.join(raw, b"img0002.txt"), os.path.join(raw, b"caf\xe9.txt"))
     s = ingest(store, str(data), model=tiny_model, options=FAST)
     assert s.added == 5 and s.rejected == {"path_not_utf8": 1}
-    from queries.sql.db import connect
+    from clipsql.queries.sql.db import connect
     rows = connect(store).sql("SELECT location, reason, detail FROM rejects").fetchall()
     assert rows[0][0] == "caf\\xe9.png" and rows[0][1] == "path_not_utf8" and "rename" in rows[0][2]
     again = ingest(store, str(data), model=tiny_model, options=FAST)      # and a re-run is as quiet
@@ -297,7 +297,7 @@ def test_a_non_utf8_file_name_is_one_reject_not_a_lost_batch(store, tmp_path, ti
 def test_images_without_captions_allowed_and_faults_reported_first(tmp_path, tiny_model):
     """Issue 10.4: an image's own fault comes before its missing caption; --allow-missing-captions
     keeps captionless images with a NULL text embedding (image scores work, text/pair are NULL)."""
-    from queries.sql.db import connect
+    from clipsql.queries.sql.db import connect
     folder = write_image_folder(tmp_path / "d", 10)
     for i in (1, 2, 3):
         (folder / f"img{i:04d}.txt").unlink()
@@ -316,7 +316,7 @@ def test_images_without_captions_allowed_and_faults_reported_first(tmp_path, tin
     assert_stats_match_vectors(st2)
     state = st2.stats(st2.model())
     assert state.moments[("image", "raw")].n == 10 and state.moments[("text", "raw")].n == 6
-    from queries.curation.fit import fit_stats
+    from clipsql.queries.curation.fit import fit_stats
     fit_stats(st2, reference_size=100)
     con = connect(st2)
     rows = con.sql("SELECT caption IS NULL AS nocap, image_info_gain, text_info_gain, clip_score "

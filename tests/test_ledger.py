@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ingest.pipeline import IngestOptions, ingest
-from store.stats import RunningMoments
-from store.store import Store
-from store.writer import CommitPolicy
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.store.stats import RunningMoments
+from clipsql.store.store import Store
+from clipsql.store.writer import CommitPolicy
 
-from .test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
+from test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]   # precomputed: no weights needed
@@ -41,7 +41,7 @@ def write_pool(folder: Path, shards: int, rows: int, seed: int = 0, row_group: i
 
 def cli(*args, env=None, check=True):
     e = dict(os.environ, **(env or {}))
-    p = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=ROOT, capture_output=True, env=e,
+    p = subprocess.run([sys.executable, "-m", "clipsql", *args], cwd=ROOT, capture_output=True, env=e,
                        timeout=300)
     if check:
         assert p.returncode == 0, p.stderr.decode()[-2000:]
@@ -135,8 +135,8 @@ def test_rerun_skips_units_without_reading_or_loading_the_model(pool, tmp_path, 
     first = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
     assert first.added == 3000
 
-    import ingest.models as models
-    import ingest.precomputed as pre
+    from clipsql.models import loading as models
+    from clipsql.ingest import precomputed as pre
 
     def boom(*a, **k):
         raise AssertionError("a no-op re-run must not load weights or read units")
@@ -160,8 +160,8 @@ def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path):
 
 def test_ids_already_stored_are_found_through_the_index(tmp_path, monkeypatch):
     """Another layout of the same rows: every id is found in the store (BTREE index + unindexed scan)."""
-    import store.maintenance
-    monkeypatch.setattr(store.maintenance, "INDEX_MIN_ROWS", 1000)
+    from clipsql.store import maintenance as store_maintenance
+    monkeypatch.setattr(store_maintenance, "INDEX_MIN_ROWS", 1000)
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=2000, row_group=500)
     st = Store.init(tmp_path / "s")
@@ -180,7 +180,7 @@ def test_ids_already_stored_are_found_through_the_index(tmp_path, monkeypatch):
 
 
 def test_fingerprint_collisions_never_reject_a_row(tmp_path, monkeypatch):
-    import ingest.dedup as dedup
+    from clipsql.ingest import dedup
     monkeypatch.setattr(dedup, "fingerprints", lambda ids: np.zeros(len(ids), dtype=np.uint64))
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=600, row_group=100)
@@ -210,7 +210,7 @@ def test_readers_ignore_lance_versions_the_ledger_has_not_committed(pool, tmp_pa
     ds = lance.dataset(st.table_uri(rec.table_name))
     lance.write_dataset(ds.to_table(limit=10), ds.uri, mode="append")     # a commit the catalog never saw
     assert st.count_rows(rec) == before
-    from queries.sql.db import connect
+    from clipsql.queries.sql.db import connect
     assert connect(st).sql("SELECT count(*) FROM embeddings").fetchall()[0][0] == before
     with st.lock():
         assert st.recover() == {rec.table_name: 10}
@@ -234,12 +234,12 @@ def test_kill_during_optimize_loses_nothing(pool, tmp_path, reference, point):
 
 
 def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path):
-    from queries.curation.fit import fit_stats
+    from clipsql.queries.curation.fit import fit_stats
     st = Store.init(tmp_path / "s")
     ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
            options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=500), maintain=False))
     f = fit_stats(st, reference_size=100)
-    from store.maintenance import optimize
+    from clipsql.store.maintenance import optimize
     optimize(st, retention_hours=0)
     ds = lance.dataset(st.table_uri(st.model().table_name), version=f["data_version"])
     assert ds.count_rows() == 3000
@@ -250,10 +250,10 @@ def test_query_during_optimize_reads_its_snapshot(pool, tmp_path):
     st = Store.init(tmp_path / "s")
     ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
            options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=300), maintain=False))
-    from queries.sql.db import connect
+    from clipsql.queries.sql.db import connect
     con = connect(st)
     expected = con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchall()
-    from store.maintenance import optimize
+    from clipsql.store.maintenance import optimize
     optimize(st, retention_hours=24)
     assert con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchall() == expected
     assert connect(st).sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchall() == expected

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pytest
 
-from store.store import Store
+from clipsql.store.store import Store
 
-from .test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
-from .test_ledger import MODEL, cli, write_pool
+from test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
+from test_ledger import MODEL, cli, write_pool
 
 OTHER = ["--model", "ViT-B-32", "--pretrained", "openai"]
 A = "ViT-B-32/laion2b_s34b_b79k"
@@ -86,7 +86,7 @@ def test_delete_downdates_statistics_exactly_and_marks_fits_stale(two_models):
     assert len(sample_ids(st)) == 1000
     for m in (a, b):                       # every model downdated: equal to numpy over what is left
         assert_stats_match_vectors(st, m)
-    from queries.curation.fit import staleness
+    from clipsql.queries.curation.fit import staleness
     assert "stale: 200 of its rows were deleted" in staleness(st, st.model(a))
     assert staleness(st, st.model(b)) is None           # no fit
     show = cli("stats", "show", str(st.path), "--model", a).stdout.decode()
@@ -141,7 +141,7 @@ def write_csv(path, captions, extra=None):
 
 def write_folder_csv(folder, captions, meta=None):
     """A csv of images (the conftest tiny PNGs) with a stable key column."""
-    from .conftest import write_image_folder
+    from conftest import write_image_folder
     imgs = write_image_folder(folder / "imgs", len(captions))
     files = sorted(p.name for p in imgs.glob("*.png"))
     cols = {"key": [f"k{i}" for i in range(len(captions))], "image": [str(imgs / f) for f in files],
@@ -193,7 +193,7 @@ def test_ingest_update_rewrites_captions_and_reencodes_text(tmp_path, tiny_model
     assert_stats_match_vectors(st)
     meta = st.samples_table().to_table(columns=["id", "metadata"]).to_pylist()
     assert json.loads(next(m for m in meta if m["id"] == "k5")["metadata"])["score"] == 99
-    from queries.curation.fit import staleness
+    from clipsql.queries.curation.fit import staleness
     assert "captions of 2 of its rows were rewritten" in staleness(st, st.model())
     again = cli(*args, "--update").stdout.decode()           # nothing changed since: nothing rewritten
     assert "rewritten" not in again

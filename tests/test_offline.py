@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from store.store import Store
+from clipsql.store.store import Store
 
-from .test_ledger import MODEL, cli, write_pool
+from test_ledger import MODEL, cli, write_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"     # the discard port: connection refused at once
@@ -54,7 +54,7 @@ def test_cached_weights_load_without_the_network(tmp_path):
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"x")
-    code = ("import os; from ingest import models; s = models.resolve('ViT-B-32', 'laion2b_s34b_b79k'); "
+    code = ("import os; from clipsql.models import loading as models; s = models.resolve('ViT-B-32', 'laion2b_s34b_b79k'); "
             "print(models.weights_cached(s)); models.check_weights_reachable(s); "
             "import huggingface_hub.constants as c; print(os.environ['HF_HUB_OFFLINE'], c.HF_HUB_OFFLINE)")
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=CLOSED, HF_HUB_OFFLINE="")

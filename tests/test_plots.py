@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import queries
-from queries.present.plots import linear_fit, plot_hist, plot_scatter
-from store.errors import QueryError
+from clipsql import queries
+from clipsql.queries.present.plots import linear_fit, plot_hist, plot_scatter
+from clipsql.errors import QueryError
 
-from ._small_demo import small_demo_store
+from _small_demo import small_demo_store
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,6 @@ def test_nulls_dropped_and_errors(tmp_path):
 
 
 def test_matplotlib_is_imported_lazily():
-    code = ("import sys, cli, queries.present.plots, queries.present.gallery, queries.present.geometry; "
+    code = ("import sys, clipsql.cli, clipsql.queries.present.plots, clipsql.queries.present.gallery, clipsql.queries.present.geometry; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported at import time'")
     subprocess.run([sys.executable, "-c", code], check=True)

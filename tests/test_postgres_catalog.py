@@ -9,14 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import queries
-from ingest.pipeline import IngestOptions, ingest
-from queries.curation.fit import fit_stats
-from queries.curation.selection import select
-from queries.curation.targets import add_target
-from store import catalog as cat
-from store.store import Store, to_numpy
-from tests import pg
+from clipsql import queries
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.queries.curation.fit import fit_stats
+from clipsql.queries.curation.selection import select
+from clipsql.queries.curation.targets import add_target
+from clipsql.store import catalog as cat
+from clipsql.store.store import Store, to_numpy
+import pg
 
 D = 16
 

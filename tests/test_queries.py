@@ -5,13 +5,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import queries
-from ingest.pipeline import IngestOptions, ingest
-from queries.kernels import scores
-from queries.sql.cli_query import run_query
-from queries.curation.fit import fit_stats, load_fit
-from store.errors import QueryError
-from store.store import Store, to_numpy
+from clipsql import queries
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.kernels import scores
+from clipsql.queries.sql.cli_query import run_query
+from clipsql.queries.curation.fit import fit_stats, load_fit
+from clipsql.errors import QueryError
+from clipsql.store.store import Store, to_numpy
 
 FAST = IngestOptions(batch_size=64, workers=0, progress=False)
 D = 16
@@ -174,7 +174,7 @@ def test_fit_is_deterministic_and_versioned(scored_store):
     rows = st.latest_fit(st.model())
     assert b["fit_id"] == a["fit_id"] + 1 == c["fit_id"] - 1
     assert rows["options"]["seed"] == 12 and rows["options"]["data_version"] >= 1
-    import store.catalog as cat
+    from clipsql.store import catalog as cat
     import sqlalchemy as sa
     ids = [a["fit_id"], b["fit_id"], c["fit_id"]]
     with st.engine.connect() as conn:
@@ -218,7 +218,7 @@ def test_stats_view_and_staleness(scored_store, tmp_path, tiny_model):
     con = queries.connect(scored_store)
     rows = fetch(con, "SELECT modality, n, current, fit_id IS NOT NULL FROM stats ORDER BY modality")
     assert rows == [("image", 600, True, True), ("text", 600, True, True)]
-    from queries.curation.fit import staleness
+    from clipsql.queries.curation.fit import staleness
     assert staleness(scored_store, scored_store.model()) is None
     scored_store.set_setting("stale_share", "-1")   # any added row counts as stale...
     try:
@@ -247,7 +247,7 @@ def test_rows_added_after_fit_still_score_and_warn(tmp_path, tiny_model):
     con = queries.connect(st)
     before = dict(fetch(con, "SELECT id, image_info_gain FROM scores"))
     ingest(st, str(tmp_path / "b.parquet"), model=tiny_model, options=opts)
-    from queries.curation.fit import staleness
+    from clipsql.queries.curation.fit import staleness
     assert "re-run `clipsql stats fit`" in staleness(st, st.model())
     con = queries.connect(st)
     after = dict(fetch(con, "SELECT id, image_info_gain FROM scores"))
@@ -257,7 +257,7 @@ def test_rows_added_after_fit_still_score_and_warn(tmp_path, tiny_model):
 
 
 def test_score_command_materializes_columns_with_their_fit(scored_store):
-    from queries.sql.materialize import materialize_scores
+    from clipsql.queries.sql.materialize import materialize_scores
     res = materialize_scores(scored_store, ["image_info_gain", "clip_score"])
     assert res["rows"] == 600
     con = queries.connect(scored_store)
@@ -280,7 +280,7 @@ def test_queries_pin_blas_to_one_thread_and_restore_it(scored_store):
         assert all(n == 1 for n in blas_threads())
     assert blas_threads() == before
     seen = []
-    import queries.sql.functions as F
+    from clipsql.queries.sql import functions as F
     orig = F.scores.info_gain_approx
 
     def spy(*a, **k):
@@ -322,7 +322,7 @@ def _on_threads(fn, n=8):
 
 def test_first_loads_happen_once_even_when_duckdb_threads_race(scored_store):
     """DuckDB calls UDFs from several threads; a first load must run once, never concurrently."""
-    from queries.sql.functions import ScoreContext
+    from clipsql.queries.sql.functions import ScoreContext
 
     class SlowStore:
         model = _Overlap(result=scored_store.model())
@@ -339,7 +339,7 @@ def test_first_loads_happen_once_even_when_duckdb_threads_race(scored_store):
 def test_npy_blobs_are_never_parsed_on_two_threads_at_once(monkeypatch):
     """np.load parses its header with ast.literal_eval, which CPython 3.11 cannot run on two
     threads at once ("AST constructor recursion depth mismatch", seen in CI); unpack serializes it."""
-    from store import catalog
+    from clipsql.store import catalog
     blob = catalog.pack(np.arange(6.0))
     probe = _Overlap(result=np.arange(6.0))
     monkeypatch.setattr(catalog.np, "load", probe)
@@ -360,7 +360,7 @@ def test_scores_from_many_duckdb_threads_match_one_thread(scored_store):
 
 def test_matrix_reads_sliced_and_chunked_arrow_lists():
     """The fast path reads the child buffer directly: offsets of sliced arrays must be honoured."""
-    from queries.sql.functions import matrix
+    from clipsql.queries.sql.functions import matrix
     X = np.arange(40, dtype=np.float32).reshape(10, 4)
     fsl = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 4)
     lst = pa.array(X.tolist(), type=pa.list_(pa.float32()))
@@ -382,11 +382,11 @@ def test_two_models_never_score_with_the_wrong_fit(tmp_path, tiny_model, tiny_si
     vectors with the default (CLIP) fit without a word. Now: a score function without a model
     refuses and names the models; the `scores` view has a `model` column and scores every row with
     its own model's fit."""
-    from ingest.pipeline import IngestOptions, ingest
-    from queries.curation.fit import fit_stats, load_fit
-    from store.store import Store
+    from clipsql.ingest.pipeline import IngestOptions, ingest
+    from clipsql.queries.curation.fit import fit_stats, load_fit
+    from clipsql.store.store import Store
 
-    from .conftest import write_image_folder
+    from conftest import write_image_folder
     st = Store.init(tmp_path / "s")
     data = write_image_folder(tmp_path / "d", 30)
     opts = IngestOptions(batch_size=8, workers=0, progress=False)

@@ -7,15 +7,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import queries
-from ingest.pipeline import IngestOptions, ingest
-from queries.curation.fit import fit_stats
-from queries.curation.selection import count_for, select
-from queries.curation.targets import add_target
-from store.errors import ClipsqlError, SelectionError
-from store.store import Store, to_numpy
+from clipsql import queries
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.queries.curation.fit import fit_stats
+from clipsql.queries.curation.selection import count_for, select
+from clipsql.queries.curation.targets import add_target
+from clipsql.errors import ClipsqlError, SelectionError
+from clipsql.store.store import Store, to_numpy
 
-from .test_queries import clip_like
+from test_queries import clip_like
 
 N = 360
 
@@ -150,7 +150,7 @@ def test_where_narrows_the_pool_before_the_recipe(pool_store, tmp_path):
 
 def test_where_on_semantic_dedup_then_kl_guided(tmp_path, tiny_model):
     """"dedup, then KL-guided" is one command: the planted duplicates keep exactly one row."""
-    from queries.curation.dedup import semdedup
+    from clipsql.queries.curation.dedup import semdedup
     img, txt = clip_like(200, np.random.default_rng(8))
     img[1] = img[0] * 2.0
     img[2] = img[0] * 0.5
@@ -172,7 +172,7 @@ def test_where_on_semantic_dedup_then_kl_guided(tmp_path, tiny_model):
 
 # --------------------------------------------------------------------------- datacomp-uids
 def test_datacomp_uids_output_round_trips_through_the_resharders_reading(pool_store, tmp_path):
-    from queries.curation.datacomp import load_subset
+    from clipsql.queries.curation.datacomp import load_subset
     side = select(pool_store, recipe="clip-score", output=tmp_path / "uids.npy")
     arr = load_subset(tmp_path / "uids.npy")
     assert arr.dtype == np.dtype("u8,u8") and side["format"] == "datacomp-uids"
@@ -203,7 +203,7 @@ def test_datacomp_uids_refuses_ids_that_are_not_uids(tmp_path, tiny_model):
 def test_cli_recipes(pool_store, tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from clipsql.cli import app
     run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
     r = run("select", pool_store.path, "--recipe", "clip-score", "--where", "quality >= 200", "-o", tmp_path / "a.npy")
     assert r.exit_code == 0 and "(clip-score)" in r.output, r.output
@@ -217,7 +217,7 @@ def test_cli_recipes(pool_store, tmp_path):
 
 
 def test_lloyd_kmeans_equals_brute_force_and_ignores_the_chunking():
-    from queries.kernels import kmeans
+    from clipsql.kernels import kmeans
     rng = np.random.default_rng(0)
     X = rng.standard_normal((3000, 24)).astype(np.float32)
     P = X.astype(np.float64)

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from store import catalog as cat
-from store.errors import StoreLocked
-from store.store import Store
-from tests import pg
+from clipsql.store import catalog as cat
+from clipsql.errors import StoreLocked
+from clipsql.store.store import Store
+import pg
 
-from .conftest import write_image_folder
-from .test_ingest import assert_stats_match_vectors
-from .test_ledger import MODEL, cli, write_pool
+from conftest import write_image_folder
+from test_ingest import assert_stats_match_vectors
+from test_ledger import MODEL, cli, write_pool
 
 BUCKET = "clipsql-test"
 

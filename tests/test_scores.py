@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from queries.kernels import scores as S
+from clipsql.kernels import scores as S
 
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 M, D, N = 300, 16, 50

@@ -7,12 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import queries
-from ingest.pipeline import IngestOptions, ingest
-from queries.search import kernels
-from queries.search.index import build_index
-from store.errors import ClipsqlError, QueryError
-from store.store import Store, to_numpy
+from clipsql import queries
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.kernels import topk as kernels
+from clipsql.queries.search.index import build_index
+from clipsql.errors import ClipsqlError, QueryError
+from clipsql.store.store import Store, to_numpy
 
 D = 16
 
@@ -176,7 +176,7 @@ def test_index_refuses_a_small_table(small):
 def cli(*args):
     from typer.testing import CliRunner
 
-    from cli import app
+    from clipsql.cli import app
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
@@ -229,7 +229,7 @@ def test_help_explains_the_options():
 
 
 def test_optimize_folds_rows_added_after_the_build_into_the_vector_index(big, tiny_model):
-    from store.maintenance import optimize
+    from clipsql.store.maintenance import optimize
     if not [i for i in big.embeddings_table(big.model()).describe_indices() if list(i.field_names) != ["id"]]:
         build_index(big, kind="ivf_pq", seed=2)
     q = np.random.default_rng(9).normal(size=D).astype(np.float32) * 40

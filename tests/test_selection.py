@@ -9,18 +9,18 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
-import queries
-from ingest.pipeline import IngestOptions, ingest
-from queries.kernels import scores
-from queries.curation.fit import fit_stats
-from queries.sql.materialize import materialize_scores
-from queries.curation.selection import count_for, rank, select
-from queries.curation.targets import add_target, get_target, list_targets, remove_target, target_rows
-from store import catalog as cat
-from store.errors import ClipsqlError, SelectionError, StatsError, TargetError
-from store.store import Store, to_numpy
+from clipsql import queries
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.kernels import scores
+from clipsql.queries.curation.fit import fit_stats
+from clipsql.queries.sql.materialize import materialize_scores
+from clipsql.queries.curation.selection import count_for, rank, select
+from clipsql.queries.curation.targets import add_target, get_target, list_targets, remove_target, target_rows
+from clipsql.store import catalog as cat
+from clipsql.errors import ClipsqlError, SelectionError, StatsError, TargetError
+from clipsql.store.store import Store, to_numpy
 
-from .test_queries import clip_like
+from test_queries import clip_like
 
 D = 16
 N = 400
@@ -265,14 +265,14 @@ def test_target_errors_are_clear(sel_store):
 
 
 def test_target_from_a_source_encodes_its_images(sel_store, tmp_path):
-    from .conftest import write_image_folder
+    from conftest import write_image_folder
     folder = write_image_folder(tmp_path / "imgs", 6)
     (folder / "img0000.txt").unlink()                                    # captions are not needed
     res = add_target(sel_store, "from-images", source=str(folder), model=sel_store.model().model_id)
     assert res["n"] == 6 and res["source"].startswith("source:")
     from PIL import Image
 
-    from queries.curation.prompts import encode_images, load_for_record
+    from clipsql.models.prompts import encode_images, load_for_record
     want = encode_images(load_for_record(sel_store.model()), [Image.open(p).convert("RGB")
                                                              for p in sorted(folder.glob("*.png"))])
     np.testing.assert_allclose(target_rows(sel_store, get_target(sel_store, "from-images")), unit(want), atol=1e-5)
@@ -282,7 +282,7 @@ def test_target_from_a_source_encodes_its_images(sel_store, tmp_path):
 # --------------------------------------------------------------------------- §7 prompts, on the demo model
 @pytest.fixture(scope="module")
 def demo_store(tmp_path_factory):
-    from ingest.demo import write_dataset
+    from clipsql.ingest.demo import write_dataset
     root = tmp_path_factory.mktemp("demo-sel")
     st = Store.init(root / "store")
     ingest(st, str(write_dataset(root / "data", n=120, seed=2)), model="clipsql-demo",
@@ -294,8 +294,8 @@ def demo_store(tmp_path_factory):
 def test_text_embedding_is_the_text_tower_cached_per_prompt(demo_store):
     import duckdb
 
-    from queries.sql.db import register_views
-    from queries.sql.functions import register
+    from clipsql.queries.sql.db import register_views
+    from clipsql.queries.sql.functions import register
     con = duckdb.connect()
     register_views(con, demo_store)
     ctx = register(con, demo_store)
@@ -411,7 +411,7 @@ def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
 def test_kl_guided_refuses_without_its_fit_naming_the_command(tmp_path, tiny_model):
     from typer.testing import CliRunner
 
-    from cli import app
+    from clipsql.cli import app
     img, txt = clip_like(120, np.random.default_rng(5))
     st = Store.init(tmp_path / "s")
     ingest(st, str(write_precomputed(tmp_path / "e.parquet", img, txt)), model=tiny_model,
@@ -515,7 +515,7 @@ def test_selection_errors(sel_store, tmp_path):
 def test_cli_target_select_and_score(sel_store, tmp_path):
     from typer.testing import CliRunner
 
-    from cli import app
+    from clipsql.cli import app
     run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
     path = sel_store.path
     r = run("target", "add", path, "cli-t", "--query", "SELECT image_embedding FROM embeddings LIMIT 30")
@@ -556,7 +556,7 @@ def test_select_limit_beyond_the_pool_warns_and_outputs_are_atomic(sel_store, tm
     """Issue 10.12 (a --limit larger than the pool says so) and 11.5 (a killed select leaves the
     previous output and sidecar, whole; the sidecar names the output's sha256)."""
     import hashlib
-    from .test_ledger import cli
+    from test_ledger import cli
     out = tmp_path / "sel.csv"
     pool = sel_store.count_rows(sel_store.model())
     p = cli("select", str(sel_store.path), "--sql", "SELECT id FROM embeddings", "--limit", str(pool + 50),

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ingest.sources import Item, Reject, open_source
-from store.errors import SourceError
+from clipsql.ingest.sources import Item, Reject, open_source
+from clipsql.errors import SourceError
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
 
@@ -453,11 +453,11 @@ def test_rejects_are_recorded_once_however_the_source_is_named(tmp_path, tiny_mo
     webdataset shards given as a file, a directory, a brace pattern and a glob, four times."""
     import tarfile
 
-    from ingest.pipeline import IngestOptions, ingest
-    from queries.sql.db import connect
-    from store.store import Store
+    from clipsql.ingest.pipeline import IngestOptions, ingest
+    from clipsql.queries.sql.db import connect
+    from clipsql.store.store import Store
 
-    from .conftest import write_image_folder
+    from conftest import write_image_folder
     opts = IngestOptions(batch_size=8, workers=0, progress=False)
     st = Store.init(tmp_path / "s")
     data = write_image_folder(tmp_path / "data" / "photos", 3)

@@ -3,10 +3,10 @@ import sqlite3
 import numpy as np
 import pytest
 
-from store import catalog as cat
-from store.errors import DimensionMismatch, StoreLocked, StoreNotFound
-from store.stats import RunningMoments
-from store.store import Store
+from clipsql.store import catalog as cat
+from clipsql.errors import DimensionMismatch, StoreLocked, StoreNotFound
+from clipsql.store.stats import RunningMoments
+from clipsql.store.store import Store
 
 
 def test_init_creates_store_with_migrations(tmp_path):
@@ -105,7 +105,7 @@ def test_stats_roundtrip_through_catalog(store):
     ("not a url", "is not a SQLAlchemy URL"),
 ])
 def test_bad_catalog_url_is_a_clear_error_and_leaves_nothing_behind(tmp_path, url, message):
-    from store.errors import CatalogError
+    from clipsql.errors import CatalogError
     with pytest.raises(CatalogError, match=message) as e:
         Store.init(tmp_path / "s", catalog_url=url)
     assert "secret" not in str(e.value)
@@ -117,7 +117,7 @@ def test_bad_catalog_url_is_a_clear_error_and_leaves_nothing_behind(tmp_path, ur
 
 
 def test_one_catalog_database_holds_one_store(tmp_path, monkeypatch):
-    from store.errors import CatalogError
+    from clipsql.errors import CatalogError
     url = f"sqlite:///{tmp_path / 'team.sqlite'}"
     first = Store.init(tmp_path / "a", catalog_url=url)
     first.register_model(model_id="m", kind="clip", dim=8, logit_scale=100.0, logit_bias=None,

@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:
 import open_clip  # noqa: E402
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa: E402
 
-from ingest import demo  # noqa: E402
+from clipsql.ingest import demo  # noqa: E402
 
 # Seeds of the data streams.  Training batch ``step`` of run ``--seed s`` uses
 # generate_samples(batch, TRAIN_DATA_SEED_BASE * (s + 1) + step); the held-out

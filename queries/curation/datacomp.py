@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import SelectionError
+from clipsql.errors import SelectionError
 
 U16 = np.dtype("u8,u8")      # resharder.py: u16 = np.dtype("u8,u8")
 _HEX = np.full(256, 255, dtype=np.uint8)

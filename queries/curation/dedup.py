@@ -47,9 +47,9 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from store.errors import ClipsqlError, SelectionError
-from store.faults import fault
-from store.store import ModelRecord, Store, to_numpy
+from clipsql.errors import ClipsqlError, SelectionError
+from clipsql.store.faults import fault
+from clipsql.store.store import ModelRecord, Store, to_numpy
 
 META_KEY = "clipsql"
 MAX_DEFAULT_CLUSTERS = 50_000
@@ -123,7 +123,7 @@ class _Rows:
 
 def _scan_norms(rows: _Rows) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Pass 1 over the committed table: (ids, inv, valid); inv = 1/‖x‖ float64 (0 for invalid rows)."""
-    from ..kernels.semdedup import inverse_norms
+    from clipsql.kernels.semdedup import inverse_norms
     n = rows.ds.count_rows()
     inv, valid = np.zeros(n), np.zeros(n, dtype=bool)
     ids = []
@@ -213,8 +213,8 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
     """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring."""
     import pyarrow.compute as pc
 
-    from ..kernels import semdedup as K
-    from ..kernels import semdedup_blocks as B
+    from clipsql.kernels import semdedup as K
+    from clipsql.kernels import semdedup_blocks as B
     _check("clusters", clusters)
     _check("sample", sample)
     _check("iterations", iterations)
@@ -355,7 +355,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
 
 def _sample_units(reader: _Rows, inv: np.ndarray, S: np.ndarray, cap: int) -> np.ndarray:
     """The float32 unit rows of the sample S (row positions, in S's order), taken in chunks of `cap`."""
-    from ..kernels.semdedup import unit32
+    from clipsql.kernels.semdedup import unit32
     o = np.argsort(S, kind="stable")
     U = np.empty((len(S), reader.dim), dtype=np.float32)
     for a in range(0, len(S), cap):
@@ -365,7 +365,7 @@ def _sample_units(reader: _Rows, inv: np.ndarray, S: np.ndarray, cap: int) -> np
 
 
 def _write_centroids(st: Store, rec: ModelRecord, C32: np.ndarray) -> dict:
-    from store.store import fixed_list
+    from clipsql.store.store import fixed_list
     C32 = np.ascontiguousarray(C32, dtype=np.float32)
     name = centroids_table_name(rec.table_name)
     st.db.create_table(name, data=pa.table({"cluster": pa.array(np.arange(len(C32), dtype=np.int32)),
@@ -376,7 +376,7 @@ def _write_centroids(st: Store, rec: ModelRecord, C32: np.ndarray) -> dict:
 
 def _report(rec: ModelRecord, params: dict, meta: dict, mode: str, n: int, n_valid: int, max_sim: np.ndarray,
             t0: float, timings: dict, **extra: Any) -> dict[str, Any]:
-    from ..kernels.semdedup import removable
+    from clipsql.kernels.semdedup import removable
     return {"model": rec.model_id, "table": dedup_table_name(rec.table_name), "mode": mode, "rows": n,
             "valid": n_valid, **{p: params[p] for p in ("clusters", "sample", "seed", "iterations", "init")},
             "fit": meta.get("fit"), "removable": {str(e): int(removable(max_sim, e).sum()) for e in EPS_REPORTED},

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from store.manage import delete_ids
-from store.store import Store
-from store.errors import QueryError
+from clipsql.store.manage import delete_ids
+from clipsql.store.store import Store
+from clipsql.errors import QueryError
 
-from ..sql.cli_query import fetch_table
-from ..sql.db import connect
+from clipsql.queries.sql.cli_query import fetch_table
+from clipsql.queries.sql.db import connect
 
 
 def ids_where(st: Store, where: str) -> Any:

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.errors import StatsError
-from store.faults import fault
-from store.store import ModelRecord, Store, to_numpy
+from clipsql.errors import StatsError
+from clipsql.store.faults import fault
+from clipsql.store.store import ModelRecord, Store, to_numpy
 
-from ..kernels import scores
+from clipsql.kernels import scores
 
 DEFAULT_REFERENCE_SIZE = 10_000
 DEFAULT_STALE_SHARE = 0.10

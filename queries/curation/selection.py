@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.errors import SelectionError
-from store.faults import fault
-from store.store import ModelRecord, Store
-from ..sql.functions import blas_pinned
-from . import recipes
-from .recipes import fraction_count as count_for, rank  # noqa: F401 - the public names of this module
+from clipsql.errors import SelectionError
+from clipsql.store.faults import fault
+from clipsql.store.store import ModelRecord, Store
+from clipsql.queries.sql.functions import blas_pinned
+from clipsql.queries.curation import recipes
+from clipsql.queries.curation.recipes import fraction_count as count_for, rank  # noqa: F401 - the public names of this module
 
 RECIPES = ("kl-guided", "negclip-normsim", "clip-score", "image-based")
 DEFAULT_FRACTION = {"kl-guided": 0.25, "negclip-normsim": 0.20, "clip-score": 0.30}
@@ -122,14 +122,14 @@ def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, mod
         raise SelectionError("--sql runs in DuckDB: use --engine local (`clipsql score --engine ray` stores "
                              "scores that --sql can read from stored_scores)")
     rec = st.model(model)
-    from ..sql.db import connect
+    from clipsql.queries.sql.db import connect
     con = connect(st)
     try:
         pool = _pool(st, rec, con, spec.where, engine, ray_address)
         tbl, counts, side = _run(pool, spec)
         tbl = _with_samples(con, tbl)
     except Exception as e:  # noqa: BLE001 - DuckDB wraps errors raised inside UDFs
-        from store.errors import ClipsqlError
+        from clipsql.errors import ClipsqlError
         if isinstance(e, ClipsqlError):
             raise
         raise SelectionError(f"selection failed: {e}") from None
@@ -221,10 +221,10 @@ def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: str,
     def score_all(columns: list[str], fit: Any = None) -> pa.Table:
         """id + `columns` for every pool row: DuckDB here, or one Ray task per fragment (then filtered)."""
         if engine == "ray":
-            from cluster.scores import score_columns_ray
+            from clipsql.engines.scores import score_columns_ray
             return score_columns_ray(st, rec, columns, address=ray_address, fit=fit)
-        from ..sql.db import connect
-        from ..sql.materialize import score_relation
+        from clipsql.queries.sql.db import connect
+        from clipsql.queries.sql.materialize import score_relation
         if fit is None:
             return score_relation(con, rec, relation, columns)
         own = connect(st, fits={rec.model_id: fit})     # a recipe's own fit, this connection only
@@ -242,8 +242,8 @@ def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> 
     """Ids of the model's rows for which `where` holds, over samples + semdedup + stored scores."""
     import duckdb
 
-    from ..sql.db import quote_ident
-    from ..sql.materialize import stored_table_name
+    from clipsql.queries.sql.db import quote_ident
+    from clipsql.queries.sql.materialize import stored_table_name
     joins, cols, info = [], [], {"warnings": []}
     dedup = _dedup_table(st, rec)
     if dedup is not None:
@@ -278,7 +278,7 @@ def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> 
 
 def _dedup_table(st: Store, rec: ModelRecord) -> str | None:
     try:
-        from .dedup import dedup_table_name
+        from clipsql.queries.curation.dedup import dedup_table_name
     except ImportError:
         return None
     name = dedup_table_name(rec.table_name)
@@ -286,7 +286,7 @@ def _dedup_table(st: Store, rec: ModelRecord) -> str | None:
 
 
 def _target(pool: recipes.Pool, name: str) -> tuple[Any, np.ndarray]:
-    from .targets import get_target, target_rows
+    from clipsql.queries.curation.targets import get_target, target_rows
     t = get_target(pool.st, name)
     if t.model_id != pool.rec.model_id:
         raise SelectionError(f"target {name!r} belongs to model {t.model_id}, not {pool.rec.model_id}: pass "
@@ -296,7 +296,7 @@ def _target(pool: recipes.Pool, name: str) -> tuple[Any, np.ndarray]:
 
 # --------------------------------------------------------------------------- recipes
 def _emb_view(st: Store, rec: ModelRecord) -> str:
-    from ..sql.db import quote_ident
+    from clipsql.queries.sql.db import quote_ident
     return quote_ident(f"embeddings_{[m.model_id for m in st.list_models()].index(rec.model_id)}")
 
 
@@ -307,7 +307,7 @@ def _arrow(rel: Any) -> pa.Table:
 
 def _negclip_normsim(pool: recipes.Pool, target: str, count: int | None, first: int,
                      form: str) -> tuple[pa.Table, dict, dict]:
-    from ..sql.db import quote_literal
+    from clipsql.queries.sql.db import quote_literal
     t, _ = _target(pool, target)
     if form == "row":
         s1 = pool.score(["neg_clip_loss"])
@@ -329,7 +329,7 @@ def _negclip_normsim(pool: recipes.Pool, target: str, count: int | None, first: 
 
 
 def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
-    from ..sql.materialize import stored_table_name
+    from clipsql.queries.sql.materialize import stored_table_name
     name = stored_table_name(rec.table_name)
     tbl = st.db.open_table(name).to_lance().to_table() if name in st.table_names() else None
     if tbl is None or "neg_clip_loss_pool" not in tbl.column_names:
@@ -383,7 +383,7 @@ def _write(tbl: pa.Table, output: Path, fmt: str) -> str:
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     try:
         if fmt == "datacomp-uids":
-            from .datacomp import save_uids
+            from clipsql.queries.curation.datacomp import save_uids
             save_uids(tbl.column("id").to_pylist(), tmp)
         elif fmt == "txt":
             ids = tbl.column("id").to_pylist()

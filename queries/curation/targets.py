@@ -39,13 +39,13 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from store import catalog as cat
-from store.errors import QueryError, TargetError
-from store.faults import fault
-from store.manage import mark_for_drop, sweep_dropped_tables, unmark_drop
-from store.store import ModelRecord, Store
+from clipsql.store import catalog as cat
+from clipsql.errors import QueryError, TargetError
+from clipsql.store.faults import fault
+from clipsql.store.manage import mark_for_drop, sweep_dropped_tables, unmark_drop
+from clipsql.store.store import ModelRecord, Store
 
-from ..kernels import scores
+from clipsql.kernels import scores
 
 ANN_MIN_ROWS = 200_000
 TARGET_CHUNK = 16_384
@@ -129,7 +129,7 @@ def target_rows(st: Store, t: Target) -> np.ndarray:
     ds = st.db.open_table(t.table_name).to_lance()
     tbl = ds.to_table(columns=["row", "vector"])
     tbl = tbl.take(pa.compute.sort_indices(tbl.column("row")))
-    from store.store import to_numpy
+    from clipsql.store.store import to_numpy
     return to_numpy(tbl.column("vector"))
 
 
@@ -209,8 +209,8 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
 
 def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
     import duckdb
-    from ..sql.db import connect
-    from ..sql.functions import matrix
+    from clipsql.queries.sql.db import connect
+    from clipsql.queries.sql.functions import matrix
     con = connect(st)
     try:
         tbl = con.sql(query)
@@ -230,10 +230,10 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
 
 
 def _from_source(rec: ModelRecord, source: str, batch: int = 256, **opts: Any) -> tuple[np.ndarray, dict]:
-    from ingest.images import ItemRejected, check_vector, load_image
-    from ingest.sources import Reject, open_source
+    from clipsql.ingest.images import ItemRejected, check_vector, load_image
+    from clipsql.ingest.sources import Reject, open_source
 
-    from .prompts import encode_images, load_for_record
+    from clipsql.models.prompts import encode_images, load_for_record
     src = open_source(source, **opts)
     rejected: dict[str, int] = {}
     out: list[np.ndarray] = []
@@ -321,7 +321,7 @@ def _ann_max_abs_cos(table: Any, X: np.ndarray, nprobes: int) -> np.ndarray:
             continue
         qi = res.column("query_index").to_numpy() if len(ids) > 1 or "query_index" in res.column_names \
             else np.zeros(res.num_rows, dtype=np.int64)
-        from store.store import to_numpy
+        from clipsql.store.store import to_numpy
         V, _ = scores.normalize(to_numpy(res.column("vector")))     # float64, like the exact path
         cos = np.abs(np.einsum("ij,ij->i", V, Q[qi]))
         np.maximum.at(best, qi, cos)
@@ -363,7 +363,7 @@ def _recall_queries(st: Store, rec: ModelRecord, rows: np.ndarray, seed: int, sa
     if n:
         ds = st.embeddings_table(rec)
         pick = np.sort(rng.choice(n, size=min(sample, n), replace=False))
-        from store.store import to_numpy
+        from clipsql.store.store import to_numpy
         X = to_numpy(ds.take(pick.tolist(), columns=["image_embedding"]).column("image_embedding"))
         X = X[scores.normalize(X)[1]]
         if len(X):

@@ -34,8 +34,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from store.errors import QueryError
-from ..sql.functions import blas_pinned
+from clipsql.errors import QueryError
+from clipsql.queries.sql.functions import blas_pinned
 
 LAZY_AFTER = 200
 DEFAULT_LIMIT = 1000
@@ -298,7 +298,7 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
         raise QueryError("--thumb must be at least 8 pixels")
     own = con is None
     if own:
-        from ..sql.db import connect
+        from clipsql.queries.sql.db import connect
         con = connect(store)
     try:
         # top/bottom needs every row to rank; otherwise only the first `limit`

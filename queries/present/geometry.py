@@ -32,11 +32,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from store.errors import StatsError
-from store.stats import RunningMoments
-from store.store import Store, to_numpy
+from clipsql.errors import StatsError
+from clipsql.store.stats import RunningMoments
+from clipsql.store.store import Store, to_numpy
 
-from ..kernels import scores
+from clipsql.kernels import scores
 
 MODS = ("image", "text")
 PAPER = {"offset_ratio": {"image": 0.94, "text": 1.03}}
@@ -187,9 +187,9 @@ def vslerp_udf(ctx: Any) -> Callable:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from store.errors import QueryError
+    from clipsql.errors import QueryError
 
-    from ..sql.functions import pair_groups, take_rows, matrix
+    from clipsql.queries.sql.functions import pair_groups, take_rows, matrix
 
     def col(arr: Any) -> np.ndarray:
         if isinstance(arr, pa.ChunkedArray):
@@ -273,7 +273,7 @@ def geometry_report(store: Any, model: str | None = None, output: str | os.PathL
                     sample: int | None = None, seed: int = 0, top: int = 10) -> dict:
     """Compute the §8 report for one model and write ``report.json``, ``report.html`` and
     the PNG plots into ``output``; returns the JSON dict (plus ``paths``)."""
-    from ..sql.db import open_store
+    from clipsql.queries.sql.db import open_store
     st = open_store(store)
     rec = st.model(model)
     t0 = time.perf_counter()
@@ -312,7 +312,7 @@ COLORS = {"image": "#4477aa", "text": "#ee7733"}
 
 
 def _plots(res: dict, arrays: dict, out: Path) -> dict[str, str]:
-    from .plots import new_figure, save_figure
+    from clipsql.queries.present.plots import new_figure, save_figure
     files: dict[str, str] = {}
 
     fig = new_figure(9, 3.6)
@@ -410,7 +410,7 @@ def _html(res: dict, pngs: dict[str, str], out: Path) -> str:
         return f'<figure><img src="data:image/png;base64,{data}" alt="{e(alt)}"><figcaption>{e(pngs[key])}' \
                f'</figcaption></figure>'
 
-    from .gallery import GALLERY_SCRIPT
+    from clipsql.queries.present.gallery import GALLERY_SCRIPT
     sample = f", a seeded sample of {res['sample']}" if res["sample"] else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>clipsql geometry report</title>"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import QueryError
+from clipsql.errors import QueryError
 
 
 def new_figure(width: float = 7.0, height: float = 4.5) -> Any:
@@ -47,7 +47,7 @@ def fetch_columns(store: Any, columns: list[str], sql: str | None = None, con: A
     two models' scores never mix in one plot) as float64 arrays (NULL → NaN)."""
     import duckdb
 
-    from ..sql.db import connect, open_store, quote_ident, quote_literal
+    from clipsql.queries.sql.db import connect, open_store, quote_ident, quote_literal
     own = con is None
     if sql is None:
         st = open_store(store)

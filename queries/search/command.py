@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.errors import QueryError
-from store.store import Store
+from clipsql.errors import QueryError
+from clipsql.store.store import Store
 
-from . import index as vindex
-from .nearest import Searcher, allowed_ids
+from clipsql.queries.search import index as vindex
+from clipsql.queries.search.nearest import Searcher, allowed_ids
 
 
 def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, modality: str) -> np.ndarray:
@@ -52,8 +52,8 @@ def search(store: Store | str, prompt: str | None = None, *, like: str | None = 
            model: str | None = None, modality: str = "image", where: str | None = None, exact: bool = False,
            gallery: str | None = None, con: Any = None) -> dict:
     """The k best stored rows for a prompt or a stored row (see the module doc)."""
-    from ..sql.db import connect, open_store
-    from ..sql.functions import one_blas_thread
+    from clipsql.queries.sql.db import connect, open_store
+    from clipsql.queries.sql.functions import one_blas_thread
     if k is None or int(k) < 1:
         raise QueryError(f"-k must be a positive integer; got {k}")
     st = open_store(store)
@@ -77,7 +77,7 @@ def search(store: Store | str, prompt: str | None = None, *, like: str | None = 
         out.update(rows=tbl.to_pylist(), k=int(k), query=prompt if prompt is not None else f"like {like}",
                    where=where)
         if gallery:
-            from ..present.gallery import write_gallery
+            from clipsql.queries.present.gallery import write_gallery
             title = f"clipsql search: {out['query']}" + (f" where {where}" if where else "")
             con.register("_clipsql_search_rows", tbl)
             g = write_gallery(st, "SELECT id, round(score, 4) AS score, uri, caption FROM "

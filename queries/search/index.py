@@ -24,10 +24,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from store.errors import QueryError
-from store.store import ModelRecord, Store, set_committed_version
+from clipsql.errors import QueryError
+from clipsql.store.store import ModelRecord, Store, set_committed_version
 
-from . import kernels
+from clipsql.kernels import topk as kernels
 
 KINDS = ("ivf_hnsw_sq", "ivf_pq")
 DEFAULT_KIND = "ivf_hnsw_sq"         # measured (bench/search.py): see bench/README.md
@@ -145,7 +145,7 @@ def build_index(st: Store, model: str | None = None, modality: str = "image", ki
         ds = st.dataset(rec.table_name, latest=True)
         info.update(rows=int(n), version=int(ds.version), seed=seed, k=k)
         info.update(measure_recall(ds, column, info, seed=seed, sample=sample, k=k, target_recall=target_recall))
-        from store import catalog as cat
+        from clipsql.store import catalog as cat
         with st.engine.begin() as conn:
             res = conn.execute(cat.commits.insert().values(
                 model_id=None, run_id=None, kind="index", rows=0, sample_rows=0,

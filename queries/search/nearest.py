@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.errors import DimensionMismatch, QueryError
-from store.store import ModelRecord, Store
+from clipsql.errors import DimensionMismatch, QueryError
+from clipsql.store.store import ModelRecord, Store
 
-from . import index as vindex
-from . import kernels
+from clipsql.queries.search import index as vindex
+from clipsql.kernels import topk as kernels
 
 RESULT_TYPE = pa.list_(pa.struct([("id", pa.string()), ("score", pa.float64())]))
 
@@ -124,7 +124,7 @@ def nearest_udf(searcher: Searcher) -> Any:
     """Arrow UDF (q, k, model, modality, allowed ids, exact) → LIST(STRUCT(id, score)). Rows without a
     filter are grouped by their constant arguments (a batch of queries is one chunked pass); a row
     with an allowed-id list is searched alone (its list is read as an Arrow array, never as objects)."""
-    from ..sql.functions import matrix
+    from clipsql.queries.sql.functions import matrix
 
     def udf(q: Any, k: Any, model: Any, modality: Any, allowed: Any, exact: Any) -> pa.Array:
         n = len(q)

@@ -8,10 +8,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from store.errors import ClipsqlError, QueryCancelled, QueryError
+from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
 
-from .db import connect
-from .functions import one_blas_thread
+from clipsql.queries.sql.db import connect
+from clipsql.queries.sql.functions import one_blas_thread
 
 _UDF_PREFIX = re.compile(r"^.*?Python exception occurred while executing the UDF: (?:\w+\.)*\w+: ", re.S)
 
@@ -102,8 +102,8 @@ def interruptible(con: Any, fn: Any) -> Any:
 def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = None,
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
-    from .db import open_store
-    from ..curation.fit import staleness
+    from clipsql.queries.sql.db import open_store
+    from clipsql.queries.curation.fit import staleness
     st = open_store(store)
     if st.list_models():
         warn = staleness(st, st.model())

@@ -19,8 +19,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from store import catalog as cat
-from store.store import Store, metadata_aliases
+from clipsql.store import catalog as cat
+from clipsql.store.store import Store, metadata_aliases
 
 
 def quote_ident(name: str) -> str:
@@ -44,7 +44,7 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
     config = {"threads": threads} if threads else {}
     con = duckdb.connect(":memory:", config=config)
     register_views(con, st)
-    from . import functions
+    from clipsql.queries.sql import functions
     ctx = functions.register(con, st)
     for model_id, (fit, row) in (fits or {}).items():
         ctx.preload_fit(model_id, fit, row)
@@ -94,7 +94,7 @@ def register_views(con: Any, st: Store) -> None:
 
 def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
     import pyarrow as pa
-    from store.store import samples_schema
+    from clipsql.store.store import samples_schema
     tbl = st.samples_table(versions.get("samples"))
     con.register("_lance_samples", tbl if tbl is not None else samples_schema().empty_table())
     base = ["id", "uri", "caption", "width", "height"]
@@ -192,7 +192,7 @@ def _register_scores(con: Any, st: Store) -> None:
     """View `scores`: id, model, uri, caption and one lazily computed column per score, for every
     model that has fitted statistics (each row scored with its own model's fit); with no fit yet,
     the default model's rows (whose score columns then say to run `clipsql stats fit`)."""
-    from .functions import score_expressions
+    from clipsql.queries.sql.functions import score_expressions
     models = st.list_models()
     if not models:
         return
@@ -211,12 +211,12 @@ def _register_scores(con: Any, st: Store) -> None:
             parts.append(f"SELECT e.id, {model}, s.uri, s.caption, {cols} "
                          f"FROM {quote_ident('embeddings_' + str(idx))} e LEFT JOIN samples s ON s.id = e.id")
     con.execute("CREATE OR REPLACE VIEW scores AS " + " UNION ALL ".join(parts))
-    from .materialize import stored_table_name
+    from clipsql.queries.sql.materialize import stored_table_name
     name = stored_table_name(default.table_name)
     if name in st.table_names():
         con.register("_lance_stored_scores", st.dataset(name, latest=True))
         con.execute("CREATE OR REPLACE VIEW stored_scores AS SELECT * FROM _lance_stored_scores")
-    from ..curation.dedup import dedup_table_name
+    from clipsql.queries.curation.dedup import dedup_table_name
     name = dedup_table_name(default.table_name)
     if name in st.table_names():   # `clipsql dedup`: only rows it computed (rows added since are pending)
         con.register("_lance_semdedup", st.dataset(name, latest=True))

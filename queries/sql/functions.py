@@ -41,10 +41,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from store.errors import DimensionMismatch, QueryError
-from store.store import ModelRecord, Store
+from clipsql.errors import DimensionMismatch, QueryError
+from clipsql.store.store import ModelRecord, Store
 
-from ..kernels import scores
+from clipsql.kernels import scores
 
 
 class ScoreContext:
@@ -94,7 +94,7 @@ class ScoreContext:
         return self.model(name)
 
     def _load_fit(self, rec: ModelRecord) -> scores.Fit:
-        from ..curation.fit import load_fit
+        from clipsql.queries.curation.fit import load_fit
         fit, self._fit_rows[rec.model_id] = load_fit(self.st, rec)
         return fit
 
@@ -113,7 +113,7 @@ class ScoreContext:
             return self._fits[rec.model_id]
 
         def load() -> scores.Fit:
-            from ..curation.fit import load_fit
+            from clipsql.queries.curation.fit import load_fit
             return load_fit(self.st, rec, reference=False)[0]
         return self._cached(self._light, rec.model_id, load)
 
@@ -137,7 +137,7 @@ class ScoreContext:
 
     def target(self, name: str) -> Any:
         def load() -> Any:
-            from ..curation.targets import TargetScorer, get_target
+            from clipsql.queries.curation.targets import TargetScorer, get_target
             return TargetScorer(self.st, get_target(self.st, name))
         return self._cached(self._targets, name, load)
 
@@ -146,7 +146,7 @@ class ScoreContext:
         if self._prompts is None:
             with self._lock:
                 if self._prompts is None:
-                    from ..curation.prompts import PromptCache
+                    from clipsql.models.prompts import PromptCache
                     self._prompts = PromptCache()
         return self._prompts
 
@@ -460,7 +460,7 @@ def register(con: Any, st: Store) -> ScoreContext:
                 f"_clipsql_text_embedding(prompt, NULL){default_cast}, "
                 f"(prompt, model) AS _clipsql_text_embedding(prompt, model){model_cast}")
     # vslerp(a, b, theta, alpha [, model [, modality]]) → FLOAT[d] (§8; see queries.present.geometry.vslerp_udf)
-    from ..present.geometry import vslerp_udf
+    from clipsql.queries.present.geometry import vslerp_udf
     con.create_function("_clipsql_vslerp", vslerp_udf(ctx), [F, F, "DOUBLE", "DOUBLE", V, V], "FLOAT[]",
                         type="arrow", null_handling="special", side_effects=False)
     con.execute(f"CREATE OR REPLACE MACRO vslerp(a, b, theta, alpha) AS "
@@ -477,7 +477,7 @@ def register(con: Any, st: Store) -> ScoreContext:
                 "CASE WHEN emb IS NOT NULL AND list_dot_product(emb::FLOAT[], emb::FLOAT[]) > 0 THEN "
                 "_clipsql_finite(list_dot_product(emb::FLOAT[], emb::FLOAT[])::DOUBLE) END")
     # nearest(q, k [, model [, modality]] [, filter := SQL] [, exact := bool]) (queries.search.nearest)
-    from ..search.nearest import register_nearest
+    from clipsql.queries.search.nearest import register_nearest
     register_nearest(con, ctx)
     return ctx
 

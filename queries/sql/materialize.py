@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.errors import QueryError
-from store.faults import fault
-from store.store import Store
+from clipsql.errors import QueryError
+from clipsql.store.faults import fault
+from clipsql.store.store import Store
 
-from .functions import SCORE_COLUMNS, score_expressions
-from .functions import blas_pinned
+from clipsql.queries.sql.functions import SCORE_COLUMNS, score_expressions
+from clipsql.queries.sql.functions import blas_pinned
 
 
 def stored_table_name(model_table: str) -> str:
@@ -51,7 +51,7 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
     if unknown:
         raise QueryError(f"unknown score column(s) {', '.join(unknown)}; choose from: {', '.join(SCORE_COLUMNS)} "
                          "(or --neg-clip-loss-pool / --norm-sim-d)")
-    from .db import connect, quote_ident
+    from clipsql.queries.sql.db import connect, quote_ident
     rec = st.model(model)
     check_columns(rec, columns)
     fit = st.latest_fit(rec, with_arrays=False)
@@ -90,7 +90,7 @@ def score_relation(con: Any, rec: Any, relation: str, columns: list[str]) -> pa.
     """id + the score columns of every row of `relation` (its image_embedding / text_embedding),
     through the SQL score functions themselves: what `clipsql score` stores locally and what each
     Ray task computes for its fragment (cluster.scores) are the same expressions."""
-    from .db import quote_ident, quote_literal
+    from clipsql.queries.sql.db import quote_ident, quote_literal
     exprs = score_expressions(quote_literal(rec.model_id), rec.kind)
     cols = "".join(f", {exprs[c]} AS {quote_ident(c)}" for c in columns)
     return _arrow(con.sql(f"SELECT e.id{cols} FROM {relation} e ORDER BY e.id"))
@@ -99,9 +99,9 @@ def score_relation(con: Any, rec: Any, relation: str, columns: list[str]) -> pa.
 def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bool, normsim_d: bool,
                   batch_size: int | None, seed: int | None) -> tuple[pa.Table, dict]:
     """Append the pool-form columns, computed over every row of the model, aligned on id."""
-    from store.store import to_numpy
+    from clipsql.store.store import to_numpy
 
-    from ..kernels import scores
+    from clipsql.kernels import scores
     emb = st.read_embeddings(rec)
     pos = pa.compute.index_in(tbl.column("id"), value_set=emb.column("id")).to_numpy(zero_copy_only=False)
     X, Y = to_numpy(emb.column("image_embedding")), to_numpy(emb.column("text_embedding"))

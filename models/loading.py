@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.errors import ModelError
+from clipsql.errors import ModelError
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture_models"
 BUNDLED = {"clipsql-demo": "demo-clip", "clipsql-demo-sig": "demo-sig"}
@@ -270,7 +270,7 @@ def record_without_weights(spec: ModelSpec, dim: int) -> dict:
     cfg = spec.config or {}
     cfg_dim = cfg.get("embed_dim")
     if cfg_dim is not None and int(cfg_dim) != dim:
-        from store.errors import DimensionMismatch
+        from clipsql.errors import DimensionMismatch
         raise DimensionMismatch(f"{spec.model_id} produces {cfg_dim}-d embeddings but the source has {dim}-d vectors")
     import math
     siglip = "init_logit_bias" in cfg

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from store.errors import ModelError, QueryError
-from store.store import ModelRecord
+from clipsql.errors import ModelError, QueryError
+from clipsql.store.store import ModelRecord
 
 
 def load_for_record(rec: ModelRecord, device: str = "auto") -> Any:
@@ -27,7 +27,7 @@ def load_for_record(rec: ModelRecord, device: str = "auto") -> Any:
     ModelError naming the model when its weights cannot be loaded here (precomputed
     embeddings of a hub model on an offline machine, a moved local folder, …).
     """
-    from ingest import models
+    from clipsql.models import loading as models
     spec = rec.spec or {}
     name = spec.get("given") or spec.get("open_clip_name")
     pretrained, checkpoint = spec.get("pretrained"), None

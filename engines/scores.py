@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.errors import QueryError
-from store.store import ModelRecord, StatsState, Store, new_moments, to_numpy, update_moments
+from clipsql.errors import QueryError
+from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, to_numpy, update_moments
 
-from .engine import ray_session
+from clipsql.engines.engine import ray_session
 
 SCORED_KEY = "clipsql.scored"
 
@@ -44,8 +44,8 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
     a data file of the score table."""
     import lance
     import pyarrow.compute as pc
-    from queries.sql.db import connect
-    from queries.sql.materialize import score_relation
+    from clipsql.queries.sql.db import connect
+    from clipsql.queries.sql.materialize import score_relation
     t0 = time.perf_counter()
     st = Store.open(store_path, read_only=True)
     frag = st.embeddings_table(rec, version).get_fragment(fragment_id)
@@ -78,7 +78,7 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
 def score_ray(st: Store, columns: list[str], model: str | None = None, *, address: str | None = None) -> dict:
     import lance
     from lance import LanceOperation
-    from queries.sql.materialize import SCORE_COLUMNS, check_columns, stored_table_name
+    from clipsql.queries.sql.materialize import SCORE_COLUMNS, check_columns, stored_table_name
     if not columns:
         raise QueryError(f"name the scores to store: --columns image_info_gain,… (from: {', '.join(SCORE_COLUMNS)})")
     unknown = [c for c in columns if c not in SCORE_COLUMNS]
@@ -103,7 +103,7 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *, addres
                                                                "version": version})})
         broadcast = None
         if fit is not None:
-            from queries.curation.fit import load_fit
+            from clipsql.queries.curation.fit import load_fit
             broadcast = load_fit(st, rec)        # (scores.Fit, row): read once, shared by every task
         with ray_session(address) as ray:
             task = ray.remote(max_retries=3)(_score_fragment)
@@ -135,7 +135,7 @@ def score_columns_ray(st: Store, rec: ModelRecord, columns: list[str], *, addres
     """id + `columns` for every row of the model's committed table, one Ray task per fragment,
     through the SQL score functions with the broadcast fit (what `select --engine ray` ranks):
     the default fit, or `fit` = (scores.Fit, row) (a recipe's own fit)."""
-    from queries.curation.fit import load_fit
+    from clipsql.queries.curation.fit import load_fit
     ds = st.embeddings_table(rec)
     broadcast = fit if fit is not None else (
         load_fit(st, rec) if st.latest_fit(rec, with_arrays=False) is not None else None)

@@ -20,14 +20,14 @@ import time
 from collections import Counter
 from typing import Any
 
-from ingest.dedup import IdChecker
-from ingest.pipeline import (IngestOptions, IngestSummary, renamed_metadata, unless_failing, finish_noop,
+from clipsql.ingest.dedup import IdChecker
+from clipsql.ingest.pipeline import (IngestOptions, IngestSummary, renamed_metadata, unless_failing, finish_noop,
                              plan_run, register_model)
-from store.faults import fault
-from store.store import PendingCommit, Store, new_moments
+from clipsql.store.faults import fault
+from clipsql.store.store import PendingCommit, Store, new_moments
 
-from .engine import gpu_count, ray_session, worker_count
-from .tasks import EncodeWriter, RunContext, UnitResult, decode_unit, precomputed_unit, read_ids
+from clipsql.engines.engine import gpu_count, ray_session, worker_count
+from clipsql.engines.tasks import EncodeWriter, RunContext, UnitResult, decode_unit, precomputed_unit, read_ids
 
 
 def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pretrained: str | None = None,
@@ -35,7 +35,7 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
                address: str | None = None, actors: int | None = None) -> IngestSummary:
     opts = options or IngestOptions()
     if opts.update:
-        from store.errors import SourceError
+        from clipsql.errors import SourceError
         raise SourceError("--update runs with --engine local (it rewrites rows in place, one commit at a time)")
     with store.lock():
         plan = plan_run(store, source_path, model, pretrained, checkpoint, opts)
@@ -81,7 +81,7 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
         if ok:
             summary.notes += renamed_metadata(store, meta_before)
             if opts.maintain:
-                from store.maintenance import maintain_after_ingest
+                from clipsql.store.maintenance import maintain_after_ingest
                 summary.maintenance = maintain_after_ingest(store, rec)
     return summary
 
@@ -163,7 +163,7 @@ class _Driver:
         p.units.append((r.key, r.unit_rows, r.unit_rejected))
         p.rejects += r.rejects
         for k, v in r.meta_types.items():
-            from store.store import merge_sql_types
+            from clipsql.store.store import merge_sql_types
             p.meta_types[k] = merge_sql_types(p.meta_types[k], v) if k in p.meta_types else v
         for _, reason, _ in r.rejects:
             self.rejected[reason] += 1

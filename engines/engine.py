@@ -5,7 +5,7 @@ import contextlib
 import os
 from typing import Any, Iterator
 
-from store.errors import ClipsqlError
+from clipsql.errors import ClipsqlError
 
 ENGINES = ("local", "ray")
 

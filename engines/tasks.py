@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from store.store import ModelRecord, Store, StatsState, fixed_list, new_moments, samples_schema, update_moments
+from clipsql.store.store import ModelRecord, Store, StatsState, fixed_list, new_moments, samples_schema, update_moments
 
 
 @dataclass
@@ -155,7 +155,7 @@ def samples_locations(samples: pa.Table | None, ids: pa.Array, mask: np.ndarray)
 # --------------------------------------------------------------------------- precomputed
 def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: frozenset = frozenset()) -> UnitResult:
     """One unit of precomputed vectors: the columnar checks, then `write_unit`."""
-    from ingest.pipeline import samples_columns
+    from clipsql.ingest.pipeline import samples_columns
     t0 = time.perf_counter()
     cols = ctx.source.read_columns(unit, ctx.rec.dim)
     read_s = time.perf_counter() - t0
@@ -169,8 +169,8 @@ def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: frozenset = 
 # --------------------------------------------------------------------------- images
 def decode_unit(ctx: RunContext, unit: Any, key: str) -> dict:
     """CPU stage: read the unit, decode + preprocess its images and tokenize its captions."""
-    from ingest.encode import Prepared, prepare_item
-    from ingest.sources import Reject
+    from clipsql.ingest.encode import Prepared, prepare_item
+    from clipsql.ingest.sources import Reject
     out = Prepared()
     t0 = time.perf_counter()
     for item in ctx.source.read(unit):
@@ -190,8 +190,8 @@ class EncodeWriter:
     """GPU (or CPU) stage, an actor: the model loaded once; each unit is encoded, written, folded."""
 
     def __init__(self, ctx: RunContext):
-        from ingest import models
-        from ingest.encode import Encoder
+        from clipsql.models import loading as models
+        from clipsql.ingest.encode import Encoder
         self.ctx = ctx
         self.loaded = models.load(ctx.spec, ctx.device)
         self.encoder = Encoder(self.loaded)
@@ -204,7 +204,7 @@ class EncodeWriter:
 
     def encode(self, p: dict, exclude: frozenset = frozenset()) -> UnitResult:
         import torch
-        from ingest.pipeline import samples_table
+        from clipsql.ingest.pipeline import samples_table
         ctx, rows = self.ctx, p["rows"]
         t0 = time.perf_counter()
         n = len(rows)

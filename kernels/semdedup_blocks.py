@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import semdedup as K
+from clipsql.kernels import semdedup as K
 
 BYTES_PER_DIM = 16          # per member held: raw float32 + float32 unit + float64 unit rows
 MIN_CAP = 16
