@@ -14,6 +14,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from clipsql import __version__
+
 app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`, then see `clipsql COMMAND --help`.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 stats_app = typer.Typer(help="Running statistics and fitted reference statistics.", no_args_is_help=True)
@@ -21,6 +23,18 @@ app.add_typer(stats_app, name="stats")
 target_app = typer.Typer(help="Target sets of image embeddings for NormSim (norm_sim_2 / norm_sim_inf).",
                          no_args_is_help=True)
 app.add_typer(target_app, name="target")
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipsql {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print clipsql's version and exit.")) -> None:
+    pass
+
 
 STORE_ARG = typer.Argument(..., help="Store directory (created by `clipsql init`).")
 

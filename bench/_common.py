@@ -15,9 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]   # run as `python bench/x.py`: bench/ is on sys.path, clipsql installed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -37,8 +37,7 @@ from typing import Iterator
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import ROOT, key_values, machine, table, write_json  # noqa: E402
+from _common import ROOT, key_values, machine, table, write_json  # noqa: E402
 
 MODEL = "bench/semdedup-synthetic"
 CHUNK = 100_000
@@ -96,7 +95,7 @@ def build(path: Path, chunks: Iterator[tuple[np.ndarray, dict]], start: int = 0,
 
 def step_dedup(store: str, memory_gb: str) -> None:
     """Child process: one `semdedup` run; its report plus peak RSS."""
-    from bench._common import vm_rss_kib
+    from _common import vm_rss_kib
     from clipsql.queries.curation.dedup import semdedup
     from clipsql.store.store import Store
     st = Store.open(store)

@@ -30,20 +30,14 @@ import argparse
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-# `python bench/ingest.py` puts bench/ first on sys.path, where this file would shadow the
-# `ingest` package: import from the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
 import numpy as np
 
-from bench import _common as C
+import _common as C
 
 BARE = "bare forward"
 BARE_1T = "bare forward, 1 torch thread"
@@ -161,7 +155,6 @@ def with_threads(n: int, fn: Any) -> Any:
 # --------------------------------------------------------------------------- stats cost
 def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> float:
     """Best time of `update_moments` (raw + normalized, image + text) for `rows` rows of dim `dim`."""
-    from clipsql.store.stats import RunningMoments
     from clipsql.store.store import StatsState, new_moments, update_moments
     rng = np.random.default_rng(seed)
     mean = rng.normal(size=dim).astype(np.float32)
@@ -174,7 +167,6 @@ def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> fl
 
 def save_stats_seconds(tmp: Path, dim: int, repeats: int) -> float:
     """Best time of one `store.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
-    from clipsql.store.stats import RunningMoments
     from clipsql.store.store import StatsState, Store, new_moments, update_moments
     st = Store.init(tmp / f"stats-store-{dim}")
     rec = st.register_model(model_id=f"bench-{dim}", kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,

@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-from bench import _common as C  # noqa: E402
+import _common as C  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -47,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from bench.scores import build_store
+    from scores import build_store
     from clipsql.queries.curation.fit import fit_stats
     from clipsql.queries.curation.recipes import default_clusters
     from clipsql.queries.curation.selection import select

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,8 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._common import ROOT, key_values, machine, table, vm_hwm_kib, write_json  # noqa: E402
+from _common import ROOT, key_values, machine, table, vm_hwm_kib, write_json  # noqa: E402
 
 MODEL = ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]
 SHARD_ROWS = 250_000

@@ -36,12 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
 import numpy as np
 
-from bench import _common as C
+import _common as C
 
 MODEL_ID = "bench-synthetic-clip"
 APPROX_SQL = "SELECT sum(image_info_gain_approx(image_embedding)) FROM {src}"

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401  (sys.path, offline env)
+import _common  # noqa: F401  (offline environment)
 import numpy as np
 import pyarrow as pa
 

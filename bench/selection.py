@@ -27,16 +27,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-from bench import _common as C  # noqa: E402
+import _common as C  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from clipsql import queries
-    from bench.scores import build_store
+    from scores import build_store
     from clipsql.kernels import scores
     from clipsql.queries.curation.fit import fit_stats
     from clipsql.queries.curation.targets import add_target
