@@ -1,4 +1,4 @@
-"""The shipped demo models in ingest/fixture_models/ (trained by training/train_demo_model.py)."""
+"""The shipped demo models in models/fixture_models/ (trained by training/train_demo_model.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
+import clipsql.models  # noqa: E402
 from clipsql.ingest import demo  # noqa: E402
 
-FIXTURES = Path(demo.__file__).resolve().parent / "fixture_models"
+FIXTURES = Path(clipsql.models.__file__).resolve().parent / "fixture_models"
 # held-out image->text top-1 thresholds (200 samples, groups of 100 candidates);
 # measured values are recorded in each folder's provenance.json
 MODELS = {"demo-clip": ("clip", 0.90), "demo-sig": ("siglip", 0.85)}

@@ -1,6 +1,6 @@
 """`clipsql demo`: generated data → ingest with the bundled model → fit → curation queries.
 
-Everything runs offline on the project's own model (ingest/fixture_models/demo-clip,
+Everything runs offline on the project's own model (models/fixture_models/demo-clip,
 trained by training/train_demo_model.py on the generator in ingest/demo.py).
 """
 from __future__ import annotations
