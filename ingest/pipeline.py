@@ -552,9 +552,13 @@ def _ingest_columns(r: _Run) -> None:
 def samples_columns(c: Any, source: str) -> pa.Table:
     from clipsql.store.store import samples_schema
     n = len(c)
+    width = getattr(c, "width", None)
+    height = getattr(c, "height", None)
     return pa.table({
-        "id": c.ids, "uri": c.uri, "caption": c.caption, "width": pa.nulls(n, pa.int32()),
-        "height": pa.nulls(n, pa.int32()), "source": pa.array([source] * n, pa.string()),
+        "id": c.ids, "uri": c.uri, "caption": c.caption,
+        "width": pa.nulls(n, pa.int32()) if width is None else width,
+        "height": pa.nulls(n, pa.int32()) if height is None else height,
+        "source": pa.array([source] * n, pa.string()),
         "location": c.location, "caption_truncated": pa.array(np.zeros(n, dtype=bool)), "metadata": c.metadata,
     }, schema=samples_schema())
 

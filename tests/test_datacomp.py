@@ -58,6 +58,9 @@ def test_pool_goes_in_as_two_models(store, tmp_path):
         assert (uri, caption) == (shard["url"][i], shard["text"][i])
         assert sha == hashlib.sha256(uri.encode()).hexdigest() and width >= 64 and 0.1 <= score <= 0.4
         assert bboxes == ("[[0.1,0.2,0.3,0.4]]" if i % 3 == 0 else "[]")
+    # the images are not decoded: the pool's original size is the samples' width / height
+    assert con.sql("SELECT count(width), count(height), count(*) FILTER (WHERE width IS DISTINCT FROM "
+                   "original_width OR height IS DISTINCT FROM original_height) FROM samples").fetchall() == [(55, 55, 0)]
 
 
 def test_reingest_adds_nothing_and_a_new_shard_adds_only_its_rows(store, tmp_path):
@@ -272,3 +275,4 @@ def test_a_pool_in_and_datacomps_clip_score_baseline_out(store, tmp_path):
     want = set(sorted(uids, key=lambda u: (-cos[uids.index(u)], u))[:int(0.3 * 75)])
     found = resharder_lookup(tmp_path / "uids.npy", uids)
     assert {u for u, k in zip(uids, found) if k} == want and max(found) == 1
+

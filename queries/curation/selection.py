@@ -214,6 +214,10 @@ def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: str,
     relation = view
     if where is not None:
         allowed, info = _where_ids(st, rec, con, view, where)
+        if len(allowed) == 0:
+            raise SelectionError(f"--where {where!r} leaves no rows of the {total} of model {rec.model_id}: "
+                                 "nothing to select (a column that is NULL fails every comparison; look with "
+                                 "`clipsql query STORE \"SELECT … FROM samples\"`)")
         con.register("_clipsql_allowed", pa.table({"id": allowed}))
         relation = f"(SELECT * FROM {view} WHERE id IN (SELECT id FROM _clipsql_allowed))"
         info["counts"] = {"pool_before_where": total}
