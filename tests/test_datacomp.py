@@ -276,3 +276,40 @@ def test_a_pool_in_and_datacomps_clip_score_baseline_out(store, tmp_path):
     found = resharder_lookup(tmp_path / "uids.npy", uids)
     assert {u for u, k in zip(uids, found) if k} == want and max(found) == 1
 
+
+def test_a_uid_file_is_refused_unless_every_selected_id_came_from_a_datacomp_pool(store, tmp_path):
+    """A .npy "DataComp uid" file from a store whose ids are not DataComp uids was written without a
+    word: content-hash ids are 32 hex characters too, and match nothing in any pool."""
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipsql.cli import app
+    from clipsql.queries.curation.selection import select
+    pool = write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=12)
+    ingest_pool(store, tmp_path / "pool", features="b32", options=FAST)
+    rng = np.random.default_rng(3)          # the same model's vectors from a plain precomputed parquet
+    vec = lambda: pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(5 * 512).astype(np.float32)), 512)  # noqa: E731
+    pq.write_table(pa.table({"caption": [f"other {i}" for i in range(5)], "url": [f"http://o/{i}" for i in range(5)],
+                             "image_embedding": vec(), "text_embedding": vec()}), tmp_path / "other.parquet")
+    s = ingest(store, str(tmp_path / "other.parquet"), model="ViT-B-32", pretrained="openai",
+               options=dataclasses.replace(FAST, model_given=True))
+    assert s.added == 5
+    ids = [r[0] for r in queries.connect(store).sql("SELECT id FROM samples").fetchall()]
+    assert len(ids) == 17 and all(len(i) == 32 for i in ids)      # every id looks like a uid
+    out = tmp_path / "uids.npy"
+    with pytest.raises(SelectionError, match=r"5 of the 17 selected ids did not come from a DataComp pool") as e:
+        select(store, sql="SELECT id FROM samples ORDER BY id", output=out)
+    assert "\n" not in str(e.value) and "--format" in str(e.value)
+    assert not out.exists() and not Path(str(out) + ".json").exists()
+    r = CliRunner().invoke(app, ["select", str(store.path), "--sql", "SELECT id FROM samples", "-o", str(out)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "5 of the 17" in r.output, r.output
+    assert not out.exists()
+    # every other format is fine; and the pool's own rows go out as uids
+    select(store, sql="SELECT id FROM samples ORDER BY id", output=tmp_path / "all.txt")
+    assert len((tmp_path / "all.txt").read_text().split()) == 17
+    side = select(store, sql="SELECT id FROM samples WHERE original_width IS NOT NULL", output=out)
+    assert side["counts"]["selected"] == 12
+    uids = [u for sh in pool.values() for u in sh["uid"]]
+    assert resharder_lookup(out, uids) == [1] * 12
