@@ -142,9 +142,10 @@ def vector_matrix(col: pa.Array | np.ndarray | None, n: int, dim: int) -> tuple[
         if col.shape[1] != dim:
             return out, [f"wrong_dim\texpected {dim}, got {col.shape[1]}"] * n
         with np.errstate(over="ignore", invalid="ignore"):
-            out = np.asarray(col, dtype=np.float32)
-            if out is col:
-                out = out.copy()
+            # always a fresh, aligned, C-ordered float32 array: `col` may be a memory map of an npz
+            # member at an offset that is no multiple of 4 (Lance refuses unaligned buffers), in
+            # Fortran order, big-endian, or float16 / float64 (float64 rounds to the stored float32)
+            out = np.array(col, dtype=np.float32, order="C", copy=True)
         valid = np.ones(n, dtype=bool)
     else:
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col

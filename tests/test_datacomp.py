@@ -134,6 +134,25 @@ def test_compressed_npz_numbered_stems_and_one_feature_set(store, tmp_path):
     assert sorted(i.id for i in items) == ids and items[0].meta["original_width"] > 0
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_memory_mapped_npz_of_any_float_dtype_goes_in(store, tmp_path, dtype):
+    """float32 is what np.savez of CLIP outputs gives: its members, memory-mapped in place at an offset
+    that is not a multiple of 4, crashed the ingest with a Rust panic (memory pointer not aligned)."""
+    from clipsql.ingest.datacomp import npz_members
+    pool = write_datacomp_pool(tmp_path / "pool", n_shards=2, rows=[7, 5], dtype=dtype)
+    members = npz_members(str(next(iter(pool.values()))["npz"]))
+    assert members["b32_img"][1] == np.dtype(dtype) and members["b32_img"][3] is not None    # stored: mapped
+    summaries = ingest_pool(store, tmp_path / "pool", options=FAST)
+    assert [(s.added, s.rejected, s.status) for s in summaries] == [(12, {}, "done")] * 2
+    for feat, model in MODELS.items():
+        ids, img, txt = embeddings(store, model)
+        want = {u: (sh[f"{feat}_img"][i], sh[f"{feat}_txt"][i]) for sh in pool.values() for i, u in enumerate(sh["uid"])}
+        assert img.dtype == np.float32 and ids == sorted(want)
+        # float16 and float32 exactly; float64 rounded to the store's float32, as for every source
+        assert np.array_equal(img, np.stack([want[u][0] for u in ids]).astype(np.float32))
+        assert np.array_equal(txt, np.stack([want[u][1] for u in ids]).astype(np.float32))
+
+
 def test_the_model_picks_the_features_and_a_wrong_model_is_refused(store, tmp_path):
     write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=6)
     assert is_datacomp_pool(tmp_path / "pool") and not is_datacomp_pool(tmp_path)
