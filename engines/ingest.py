@@ -58,7 +58,8 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
             tokenizer=loaded.tokenizer if loaded is not None and not plan.source.precomputed else None)
         run_id = store.start_run(rec.model_id, plan.source_name, plan.source.kind)
         summary = IngestSummary(run_id, rec.model_id, plan.source_name, skipped=plan.already,
-                                units_skipped=len(plan.done), device="ray")
+                                units_skipped=len(plan.done), device="ray",
+                                id_column=getattr(plan.source, "id_column", None))
         driver = _Driver(store, rec, ctx, run_id, plan.source_name, opts, summary, plan.todo)
         ok = False
         try:

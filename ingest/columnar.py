@@ -36,6 +36,8 @@ class Columns:
     text: np.ndarray
     meta_types: dict = field(default_factory=dict)
     rejects: list = field(default_factory=list)      # (location, reason, detail)
+    width: pa.Array | None = None                    # int32 image size from the source's columns (image_size)
+    height: pa.Array | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -43,7 +45,47 @@ class Columns:
     def take(self, idx: np.ndarray) -> "Columns":
         t = pa.array(idx, pa.int64())
         return Columns(self.ids.take(t), self.uri.take(t), self.caption.take(t), self.location.take(t),
-                       self.metadata.take(t), self.image[idx], self.text[idx], self.meta_types, self.rejects)
+                       self.metadata.take(t), self.image[idx], self.text[idx], self.meta_types, self.rejects,
+                       None if self.width is None else self.width.take(t),
+                       None if self.height is None else self.height.take(t))
+
+
+# The source columns that give an undecoded image's size, first match wins (names compared in
+# lower case): clip-retrieval / img2dataset metadata and LAION parquets have width / height
+# (WIDTH / HEIGHT), DataComp pools original_width / original_height.
+SIZE_COLUMNS = {"width": ("width", "original_width"), "height": ("height", "original_height")}
+_INT32_MAX = 2 ** 31 - 1
+
+
+def image_size(table: pa.Table) -> tuple[pa.Array | None, pa.Array | None]:
+    """(width, height) as int32 arrays from the table's own size columns (see SIZE_COLUMNS), for
+    rows whose image is never decoded; None where the table has no such column. A value that is
+    not a positive whole number below 2**31 (or not numeric at all) is NULL; the source column
+    itself stays in the row's metadata, so nothing is lost."""
+    lower = {name.lower(): name for name in reversed(table.column_names)}      # the first of WIDTH, Width …
+    lower.update({name: name for name in table.column_names if name == name.lower()})   # … unless width
+    out = []
+    for dim in ("width", "height"):
+        name = next((lower[c] for c in SIZE_COLUMNS[dim] if c in lower), None)
+        out.append(None if name is None else _size_values(table.column(name)))
+    return out[0], out[1]
+
+
+def _size_values(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    t = arr.type
+    if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+            or pa.types.is_string(t) or pa.types.is_large_string(t)):
+        return pa.nulls(len(arr), pa.int32())
+    try:
+        x = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)   # strings such as "256" parse
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return pa.nulls(len(arr), pa.int32())
+    x = np.where(np.isnan(x), 0.0, x)       # NULL reads as NaN
+    ok = (x >= 1) & (x <= _INT32_MAX) & (x == np.floor(x))
+    return pa.array(np.where(ok, x, 0).astype(np.int32), pa.int32(), mask=~ok)
 
 
 def locations(name: str, first_row: int, n: int) -> pa.Array:
@@ -100,9 +142,10 @@ def vector_matrix(col: pa.Array | np.ndarray | None, n: int, dim: int) -> tuple[
         if col.shape[1] != dim:
             return out, [f"wrong_dim\texpected {dim}, got {col.shape[1]}"] * n
         with np.errstate(over="ignore", invalid="ignore"):
-            out = np.asarray(col, dtype=np.float32)
-            if out is col:
-                out = out.copy()
+            # always a fresh, aligned, C-ordered float32 array: `col` may be a memory map of an npz
+            # member at an offset that is no multiple of 4 (Lance refuses unaligned buffers), in
+            # Fortran order, big-endian, or float16 / float64 (float64 rounds to the stored float32)
+            out = np.array(col, dtype=np.float32, order="C", copy=True)
         valid = np.ones(n, dtype=bool)
     else:
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col

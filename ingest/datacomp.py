@@ -241,7 +241,8 @@ class DataCompSource(Source):
 
     def read_columns(self, unit, dim: int) -> Any:
         """One unit as columns (ingest.columnar), rows that fail a check as rejects."""
-        from clipsql.ingest.columnar import Columns, clean_captions, locations, metadata_json, vector_matrix
+        from clipsql.ingest.columnar import (Columns, clean_captions, image_size, locations, metadata_json,
+                                             vector_matrix)
         if unit[0] == "bad":
             return _empty(dim, [tuple(unit[2:])])
         s, g, first, lo, hi = unit
@@ -275,8 +276,9 @@ class DataCompSource(Source):
             bad.setdefault(int(i), (reason, detail))
         uri = table.column("url").combine_chunks().cast(pa.string()) if "url" in table.column_names else \
             pa.nulls(n, pa.string())
-        metadata, meta_types = metadata_json(_flat_metadata(table.drop_columns(
-            [c for c in ("uid", "text", "url") if c in table.column_names])))
+        meta_table = table.drop_columns([c for c in ("uid", "text", "url") if c in table.column_names])
+        metadata, meta_types = metadata_json(_flat_metadata(meta_table))
+        width, height = image_size(meta_table)      # original_width / original_height
         rejects = []
         if bad:
             idx = np.array(sorted(bad), dtype=np.int64)
@@ -287,8 +289,9 @@ class DataCompSource(Source):
             rows = pa.array(np.flatnonzero(keep), pa.int64())
             kept = np.flatnonzero(keep)
             return Columns(uids.take(rows), uri.take(rows), captions.take(rows), loc.take(rows),
-                           metadata.take(rows), img[kept], txt[kept], meta_types, rejects)
-        return Columns(uids, uri, captions, loc, metadata, img, txt, meta_types, rejects)
+                           metadata.take(rows), img[kept], txt[kept], meta_types, rejects,
+                           None if width is None else width.take(rows), None if height is None else height.take(rows))
+        return Columns(uids, uri, captions, loc, metadata, img, txt, meta_types, rejects, width, height)
 
     def read(self, unit) -> Iterator[Item | Reject]:
         """The columnar rows as Items (validated already) and Rejects: for tools that iterate."""

@@ -80,6 +80,7 @@ class IngestSummary:
     updated_samples: int = 0            # samples whose caption or metadata was rewritten (--update)
     notes: list = field(default_factory=list)   # things the user should know (renamed metadata columns)
     maintenance: dict = field(default_factory=dict)
+    id_column: str | None = None        # the source column the ids came from; None: content hashes (DataComp: uids)
 
     @property
     def rows_per_second(self) -> float:
@@ -249,7 +250,7 @@ def finish_noop(store: Store, plan: Plan) -> IngestSummary | None:
         return None
     run_id = store.start_run(plan.known.model_id, plan.source_name, plan.source.kind)
     summary = IngestSummary(run_id, plan.known.model_id, plan.source_name, skipped=plan.already, status="done",
-                            units_skipped=len(plan.done))
+                            units_skipped=len(plan.done), id_column=getattr(plan.source, "id_column", None))
     summary.wall_seconds = time.perf_counter() - plan.t_start
     summary.seconds = {k: round(v, 4) for k, v in plan.seconds.items()}
     store.finish_run(run_id, "done", plan.already, summary.to_dict())
@@ -300,7 +301,8 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         source, source_name, todo, done, already = plan.source, plan.source_name, plan.todo, plan.done, plan.already
         seconds, t_start = plan.seconds, plan.t_start
         run_id = store.start_run(rec.model_id, source_name, source.kind)
-        summary = IngestSummary(run_id, rec.model_id, source_name, skipped=already, units_skipped=len(done))
+        summary = IngestSummary(run_id, rec.model_id, source_name, skipped=already, units_skipped=len(done),
+                                id_column=getattr(source, "id_column", None))
         rejected: Counter = Counter()
         writer = Writer(store, rec, run_id=run_id, source=source_name, policy=opts.policy)
         bar = _progress(opts.progress, rec.model_id)
@@ -552,9 +554,13 @@ def _ingest_columns(r: _Run) -> None:
 def samples_columns(c: Any, source: str) -> pa.Table:
     from clipsql.store.store import samples_schema
     n = len(c)
+    width = getattr(c, "width", None)
+    height = getattr(c, "height", None)
     return pa.table({
-        "id": c.ids, "uri": c.uri, "caption": c.caption, "width": pa.nulls(n, pa.int32()),
-        "height": pa.nulls(n, pa.int32()), "source": pa.array([source] * n, pa.string()),
+        "id": c.ids, "uri": c.uri, "caption": c.caption,
+        "width": pa.nulls(n, pa.int32()) if width is None else width,
+        "height": pa.nulls(n, pa.int32()) if height is None else height,
+        "source": pa.array([source] * n, pa.string()),
         "location": c.location, "caption_truncated": pa.array(np.zeros(n, dtype=bool)), "metadata": c.metadata,
     }, schema=samples_schema())
 

@@ -181,7 +181,8 @@ class PrecomputedSource(Source):
     def read_columns(self, unit, dim: int) -> "Columns":
         """One unit as columns (ingest.columnar): the vectorised equivalent of `read` + the per-item
         checks, with the same ids, captions, metadata and reject reasons."""
-        from clipsql.ingest.columnar import Columns, clean_captions, content_ids, locations, metadata_json, vector_matrix
+        from clipsql.ingest.columnar import (Columns, clean_captions, content_ids, image_size, locations, metadata_json,
+                                             vector_matrix)
         f, group, first, lo, hi = unit
         start, stop = first + lo, first + hi
         meta_path, img_npy, txt_npy = self.files[f]
@@ -225,6 +226,7 @@ class PrecomputedSource(Source):
         skip = {self.caption_column, self.id_column, self.uri_column, self.image_embeddings, self.text_embeddings}
         meta_cols = [c for c in table.column_names if c not in skip]
         metadata, meta_types = metadata_json(table.select(meta_cols))
+        width, height = image_size(table.select(meta_cols))     # images are not decoded: the source's size
         keep = np.ones(n, dtype=bool)
         rejects = []
         if bad:
@@ -234,13 +236,14 @@ class PrecomputedSource(Source):
             rejects = [(locs[j], *bad[int(i)]) for j, i in enumerate(idx)]
         if keep.all():
             ids = content_ids(captions, uris, given, img)
-            return Columns(ids, uris, captions, loc, metadata, img, txt, meta_types, rejects)
+            return Columns(ids, uris, captions, loc, metadata, img, txt, meta_types, rejects, width, height)
         rows = np.flatnonzero(keep)
         t = pa.array(rows, pa.int64())
         caps, us = captions.take(t), uris.take(t)
         ids = content_ids(caps, us, None if given is None else given.take(t), img[rows])
         return Columns(ids, us, caps, loc.take(t), metadata.take(t), img[rows], txt[rows],
-                       meta_types, rejects)
+                       meta_types, rejects, None if width is None else width.take(t),
+                       None if height is None else height.take(t))
 
     def describe(self) -> str:
         if self.layout == "npy":

@@ -27,6 +27,9 @@ Reject reason codes produced here:
 ``bad_row``                a malformed CSV row or JSON line
 ``corrupt_tar``            a damaged or truncated tar shard (the samples read
                            before the damage are kept)
+``ambiguous_sample``       a tar key whose members do not form one image and
+                           one caption (e.g. ``k.0.jpg``, ``k.1.jpg``,
+                           ``k.1.txt``): the unpaired members are named
 ``path_not_utf8``          a folder file whose name is not valid UTF-8 (its
                            location shows the bytes as \\xNN escapes)
 """

@@ -23,11 +23,12 @@ class WebDatasetSource(Source):
     """WebDataset tar shards; one unit per shard.
 
     Consecutive members sharing a key (the path up to the first dot of the
-    basename) form a sample: the image is the first member with an image
-    extension (``IMAGE_EXTS`` order; ``key.x.jpg`` counts as a ``jpg`` when
-    there is no plain one), the caption is ``txt`` (likewise), ``json`` is read
-    as metadata (its ``id_column`` field, if set, becomes the id).  Other
-    members of a sample are ignored; hidden members (``._x``) are skipped.
+    basename, as webdataset groups them) form a sample: its one image member
+    (``key.jpg``, or ``key.x.jpg``: any extension ending in an image type), the
+    caption ``txt`` (else the one member ending in ``.txt``), ``json`` read as
+    metadata (its ``id_column`` field, if set, becomes the id).  A key with
+    several images is split by full stem or rejected (see ``_sample``), never
+    guessed.  Other members are ignored; hidden members (``._x``) are skipped.
     """
 
     kind = "webdataset"
@@ -104,37 +105,75 @@ class WebDatasetSource(Source):
             yield from self._sample(shard, name, key, members)
 
     def _sample(self, shard, name, key, members) -> Iterator[Item | Reject]:
+        """The sample(s) of one webdataset key.  ``members`` maps each extension (everything after the
+        key's first dot, lower case) to ``(member name, bytes or None when rejected already)``.
+
+        One image member (any extension ending in an image type) is the sample's image; its caption is
+        the ``txt`` field, else the only member ending in ``.txt``.  A key holding several images (or one
+        image and several non-``txt`` captions) is not guessed at: each full stem (the member name less
+        its last extension) with exactly one image and one caption is a sample of its own, and every
+        other image / caption member is named in one ``ambiguous_sample`` reject."""
         where = f"{name}:{key}"
-        image = _pick(members, [e[1:] for e in IMAGE_EXTS])
-        if image is None:
+        images = [e for e in members if _is_image(e)]
+        captions = [e for e in members if _final_ext(e) == "txt"]
+        if not images:
             yield Reject(where, "missing_image", f"sample has members {sorted(members)} but no image")
             return
-        if image[1] is None:        # its image was rejected as too large
+        if len(images) == 1:
+            caption = "txt" if "txt" in members else captions[0] if len(captions) == 1 else None
+            if caption is not None or not captions:
+                yield from self._item(shard, name, where, members[images[0]],
+                                      None if caption is None else members[caption], members.get("json"))
+                return
+        stems: dict[str, list[str]] = {}
+        for ext in members:
+            stems.setdefault(ext.rpartition(".")[0], []).append(ext)
+        unpaired = []
+        for stem, exts in stems.items():
+            imgs = [e for e in exts if _is_image(e)]
+            caps = [e for e in exts if _final_ext(e) == "txt"]
+            if len(imgs) == 1 and len(caps) == 1:
+                meta = next((members[e] for e in exts if _final_ext(e) == "json"), None)
+                yield from self._item(shard, name, f"{name}:{key}.{stem}" if stem else where,
+                                      members[imgs[0]], members[caps[0]], meta)
+            else:
+                unpaired += [members[e][0] for e in imgs + caps]
+        if unpaired:
+            shown = ", ".join(repr(m) for m in unpaired[:_SHOWN])
+            more = f" and {len(unpaired) - _SHOWN} more" if len(unpaired) > _SHOWN else ""
+            yield Reject(where, "ambiguous_sample",
+                         f"the key {key!r} has {len(images)} image and {len(captions)} caption members; which "
+                         f"image goes with which caption is not guessed: members {shown}{more} were not "
+                         f"ingested (the key's members whose full names pair one image with one caption were)")
+
+    def _item(self, shard, name, where, image, cap, meta_member) -> Iterator[Item | Reject]:
+        """One sample from its (member name, bytes) pairs; a member whose bytes are None was rejected
+        already (too large, a link) and so is the sample, without a second reject."""
+        if image[1] is None or (cap is not None and cap[1] is None):
             return
         meta, sid = {}, None
-        if "json" in members:
+        if meta_member is not None and meta_member[1] is not None:
             try:
-                meta, sid = json_meta(members["json"][1], self.id_column)
+                meta, sid = json_meta(meta_member[1], self.id_column)
             except ValueError as e:
-                yield Reject(f"{name}:{members['json'][0]}", "bad_metadata",
+                yield Reject(f"{name}:{meta_member[0]}", "bad_metadata",
                              f"{e}; the image is ingested without this metadata")
-        cap = _pick(members, ["txt"])
-        if cap is not None and cap[1] is None:
-            return                  # its caption was rejected as too large
-        caption = None if cap is None else cap[1]
-        yield Item(where, f"{shard}::{image[0]}", caption, image[1], sid, meta)
+        yield Item(where, f"{shard}::{image[0]}", None if cap is None else cap[1], image[1], sid, meta)
 
     def describe(self) -> str:
         more = f" … {os.path.basename(self.shards[-1])}" if len(self.shards) > 1 else ""
         return f"webdataset {len(self.shards)} shard(s): {self.shards[0]}{more}"
 
 
-def _pick(members: dict, exts: list[str]):
-    """The member whose extension is exts[0], exts[1], ... or, failing that, ends in one (``a.webp``)."""
-    for e in exts:
-        if e in members:
-            return members[e]
-    return next((members[m] for e in exts for m in members if m.endswith("." + e)), None)
+_SHOWN = 40     # members named in an ambiguous_sample reject
+
+
+def _final_ext(ext: str) -> str:
+    return ext.rpartition(".")[2]
+
+
+def _is_image(ext: str) -> bool:
+    return "." + _final_ext(ext) in IMAGE_EXTS
 
 
 def _decompressed(path: str):  # noqa: ANN202 - a binary file object

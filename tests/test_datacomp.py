@@ -58,6 +58,10 @@ def test_pool_goes_in_as_two_models(store, tmp_path):
         assert (uri, caption) == (shard["url"][i], shard["text"][i])
         assert sha == hashlib.sha256(uri.encode()).hexdigest() and width >= 64 and 0.1 <= score <= 0.4
         assert bboxes == ("[[0.1,0.2,0.3,0.4]]" if i % 3 == 0 else "[]")
+    # the images are not decoded: the pool's original size is the samples' width / height
+    sizes = con.sql("SELECT count(width), count(height), count(*) FILTER (WHERE width IS DISTINCT FROM "
+                    "original_width OR height IS DISTINCT FROM original_height) FROM samples").fetchall()
+    assert sizes == [(55, 55, 0)]
 
 
 def test_reingest_adds_nothing_and_a_new_shard_adds_only_its_rows(store, tmp_path):
@@ -129,6 +133,26 @@ def test_compressed_npz_numbered_stems_and_one_feature_set(store, tmp_path):
     assert np.array_equal(txt, np.stack([want[u][1] for u in ids]))
     items = [r for u in src.units() for r in src.read(u)]     # the item path reads the same rows
     assert sorted(i.id for i in items) == ids and items[0].meta["original_width"] > 0
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_memory_mapped_npz_of_any_float_dtype_goes_in(store, tmp_path, dtype):
+    """float32 is what np.savez of CLIP outputs gives: its members, memory-mapped in place at an offset
+    that is not a multiple of 4, crashed the ingest with a Rust panic (memory pointer not aligned)."""
+    from clipsql.ingest.datacomp import npz_members
+    pool = write_datacomp_pool(tmp_path / "pool", n_shards=2, rows=[7, 5], dtype=dtype)
+    members = npz_members(str(next(iter(pool.values()))["npz"]))
+    assert members["b32_img"][1] == np.dtype(dtype) and members["b32_img"][3] is not None    # stored: mapped
+    summaries = ingest_pool(store, tmp_path / "pool", options=FAST)
+    assert [(s.added, s.rejected, s.status) for s in summaries] == [(12, {}, "done")] * 2
+    for feat, model in MODELS.items():
+        ids, img, txt = embeddings(store, model)
+        want = {u: (sh[f"{feat}_img"][i], sh[f"{feat}_txt"][i])
+                for sh in pool.values() for i, u in enumerate(sh["uid"])}
+        assert img.dtype == np.float32 and ids == sorted(want)
+        # float16 and float32 exactly; float64 rounded to the store's float32, as for every source
+        assert np.array_equal(img, np.stack([want[u][0] for u in ids]).astype(np.float32))
+        assert np.array_equal(txt, np.stack([want[u][1] for u in ids]).astype(np.float32))
 
 
 def test_the_model_picks_the_features_and_a_wrong_model_is_refused(store, tmp_path):
@@ -272,3 +296,42 @@ def test_a_pool_in_and_datacomps_clip_score_baseline_out(store, tmp_path):
     want = set(sorted(uids, key=lambda u: (-cos[uids.index(u)], u))[:int(0.3 * 75)])
     found = resharder_lookup(tmp_path / "uids.npy", uids)
     assert {u for u, k in zip(uids, found) if k} == want and max(found) == 1
+
+
+def test_a_uid_file_is_refused_unless_every_selected_id_came_from_a_datacomp_pool(store, tmp_path):
+    """A .npy "DataComp uid" file from a store whose ids are not DataComp uids was written without a
+    word: content-hash ids are 32 hex characters too, and match nothing in any pool."""
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipsql.cli import app
+    from clipsql.queries.curation.selection import select
+    pool = write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=12)
+    ingest_pool(store, tmp_path / "pool", features="b32", options=FAST)
+    rng = np.random.default_rng(3)          # the same model's vectors from a plain precomputed parquet
+    def vec():
+        return pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(5 * 512).astype(np.float32)), 512)
+    pq.write_table(pa.table({"caption": [f"other {i}" for i in range(5)], "url": [f"http://o/{i}" for i in range(5)],
+                             "image_embedding": vec(), "text_embedding": vec()}), tmp_path / "other.parquet")
+    s = ingest(store, str(tmp_path / "other.parquet"), model="ViT-B-32", pretrained="openai",
+               options=dataclasses.replace(FAST, model_given=True))
+    assert s.added == 5
+    ids = [r[0] for r in queries.connect(store).sql("SELECT id FROM samples").fetchall()]
+    assert len(ids) == 17 and all(len(i) == 32 for i in ids)      # every id looks like a uid
+    out = tmp_path / "uids.npy"
+    with pytest.raises(SelectionError, match=r"5 of the 17 selected ids did not come from a DataComp pool") as e:
+        select(store, sql="SELECT id FROM samples ORDER BY id", output=out)
+    assert "\n" not in str(e.value) and "--format" in str(e.value)
+    assert not out.exists() and not Path(str(out) + ".json").exists()
+    r = CliRunner().invoke(app, ["select", str(store.path), "--sql", "SELECT id FROM samples", "-o", str(out)])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "5 of the 17" in r.output, r.output
+    assert not out.exists()
+    # every other format is fine; and the pool's own rows go out as uids
+    select(store, sql="SELECT id FROM samples ORDER BY id", output=tmp_path / "all.txt")
+    assert len((tmp_path / "all.txt").read_text().split()) == 17
+    side = select(store, sql="SELECT id FROM samples WHERE original_width IS NOT NULL", output=out)
+    assert side["counts"]["selected"] == 12
+    uids = [u for sh in pool.values() for u in sh["uid"]]
+    assert resharder_lookup(out, uids) == [1] * 12

@@ -221,6 +221,37 @@ def test_bad_input_is_a_one_line_error(small):
     assert issubclass(QueryError, ClipsqlError)
 
 
+def test_a_huge_k_is_capped_at_the_row_count_and_a_bad_k_is_one_line(big, small):
+    """`clipsql search -k 1000000000000` aborted the process (SIGABRT: an 8 TB allocation through the
+    vector index); nearest(q, 1000000000000) was a binder error naming the internal _clipsql_nearest."""
+    from test_ledger import cli as run
+    if not [i for i in big.embeddings_table(big.model()).describe_indices() if list(i.field_names) != ["id"]]:
+        build_index(big, kind="ivf_pq", seed=2)
+    n = big.count_rows(big.model())
+    p = run("search", str(big.path), "--like", "b00007", "-k", "1000000000000", "--format", "json", check=False)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    res = json.loads(p.stdout)
+    assert len(res["rows"]) == n and res["rows"][0]["id"] == "b00007"
+    assert f"-k 1000000000000 is more than the {n} rows" in res["note"]
+    con = queries.connect(small)
+    q = "(SELECT image_embedding FROM embeddings WHERE id = 'r0003')"
+    ids, X = stored(small)
+    want_ids, _ = brute(ids, X, X[list(ids).index("r0003")], 600)
+    for k in ("1000000000000", "600", "9223372036854775807", "1e15"):
+        assert nearest(con, f"{q}, {k}")[0] == want_ids
+    first = [i for i in want_ids if i < "r0100"]
+    assert nearest(con, f"{q}, 1000000000000, filter := 'id < ''r0100'''")[0] == first and len(first) == 100
+    for k, shown in (("0", "0"), ("-5", "-5"), ("2.5", "2.5"), ("'nan'", "nan"), ("'inf'", "inf")):
+        with pytest.raises(Exception) as e:
+            nearest(con, f"{q}, {k}")
+        msg = str(e.value)
+        assert f"k must be a positive integer; got {shown}" in msg and "_clipsql" not in msg, msg
+    for k in ("0", "-3"):
+        r = cli("search", small.path, "x", "-k", k)
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+        assert f"-k must be a positive integer; got {k}" in r.output, r.output
+
+
 def test_help_explains_the_options():
     for cmd in ("index", "search"):
         r = cli(cmd, "--help")

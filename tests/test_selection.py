@@ -585,3 +585,75 @@ def test_sql_selection_keeps_the_first_of_each_id_and_drops_nulls(sel_store, tmp
     assert tbl.column("id").to_pylist() == sorted(cs, key=lambda k: (-cs[k], k))
     np.testing.assert_allclose(tbl.column("clip_score").to_pylist(), sorted(cs.values(), reverse=True))
     assert side["counts"]["sql_rows"] == 2 * N + 1 and side["counts"]["duplicate_or_null_ids_dropped"] == N + 1
+
+
+def write_laion(root, img, txt, widths, heights, names=("width", "height")):
+    """A clip-retrieval / LAION embedding folder: img_emb/, text_emb/ and metadata/ with the
+    images' size in the metadata (the images themselves are never read)."""
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    np.save(root / "img_emb" / "img_emb_0.npy", img)
+    np.save(root / "text_emb" / "text_emb_0.npy", txt)
+    n = len(img)
+    pq.write_table(pa.table({"url": [f"http://x/{i}.jpg" for i in range(n)],
+                             "caption": [f"laion caption {i}" for i in range(n)],
+                             names[0]: widths, names[1]: heights, "similarity": [0.3] * n}),
+                   root / "metadata" / "metadata_0.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def laion_store(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("laion")
+    img, txt = clip_like(60, np.random.default_rng(5))
+    widths = pa.array([64 * (i % 8) + 32 for i in range(60)], pa.int64())          # 32 … 480
+    heights = pa.array([None if i == 7 else 300 + i for i in range(60)], pa.int64())
+    st = Store.init(root / "store")
+    ingest(st, str(write_laion(root / "emb", img, txt, widths, heights)), model=tiny_model,
+           options=IngestOptions(batch_size=64, workers=0, progress=False))
+    return st
+
+
+def test_laion_width_and_height_fill_the_samples_columns(laion_store, tmp_path):
+    """LAION / clip-retrieval width and height ended up NULL (the source columns became meta_width), so
+    --where "width >= 256" selected 0 of 0 rows with exit 0 and an empty file."""
+    rows = fetch(queries.connect(laion_store), "SELECT caption, width, height, meta_width FROM samples")
+    got = {int(c.rsplit(" ", 1)[1]): (w, h, m) for c, w, h, m in rows}
+    assert len(got) == 60
+    for i, (w, h, m) in got.items():
+        assert (w, h, m) == (64 * (i % 8) + 32, None if i == 7 else 300 + i, 64 * (i % 8) + 32)
+    side = select(laion_store, recipe="clip-score", where="width >= 256", fraction=1.0, output=tmp_path / "cs.txt")
+    want = [i for i in range(60) if 64 * (i % 8) + 32 >= 256]
+    assert len(want) == 28 and side["counts"]["pool"] == 28 and side["counts"]["pool_before_where"] == 60
+    chosen = set((tmp_path / "cs.txt").read_text().split())
+    by_caption = dict(fetch(queries.connect(laion_store), "SELECT caption, id FROM samples"))
+    assert chosen == {by_caption[f"laion caption {i}"] for i in want}
+
+
+def test_precomputed_image_size_columns(tmp_path):
+    from clipsql.ingest.sources import open_source
+    img, txt = clip_like(6, np.random.default_rng(1))
+    w = pa.array([256, 0, -3, None, 2.5e10, 640.0], pa.float64())
+    h = pa.array(["100", "200", "300", "400", "500", "600"], pa.string())
+    src = open_source(write_laion(tmp_path / "e", img, txt, w, h, names=("WIDTH", "HEIGHT")))
+    cols = src.read_columns(src.units()[0], D)
+    assert cols.width.to_pylist() == [256, None, None, None, None, 640]
+    assert cols.height.to_pylist() == [100, 200, 300, 400, 500, 600]
+    src = open_source(write_laion(tmp_path / "f", img, txt, w, h, names=("w", "h")))
+    cols = src.read_columns(src.units()[0], D)
+    assert cols.width is None and cols.height is None
+
+
+def test_a_where_that_leaves_no_rows_is_an_error_naming_it(laion_store, tmp_path):
+    from test_ledger import cli
+    out = tmp_path / "none.txt"
+    for recipe in ("clip-score", "kl-guided"):
+        with pytest.raises(SelectionError, match=r"--where 'width >= 100000' leaves no rows") as e:
+            select(laion_store, recipe=recipe, where="width >= 100000", output=out, make_fit=False)
+        assert "\n" not in str(e.value) and "of the 60" in str(e.value)
+    assert not out.exists() and not Path(str(out) + ".json").exists()
+    p = cli("select", str(laion_store.path), "--recipe", "clip-score", "--where", "width >= 100000",
+            "-o", str(out), check=False)
+    assert p.returncode != 0 and not out.exists()
+    err = p.stderr.decode().strip()
+    assert len(err.splitlines()) == 1 and "width >= 100000" in err, err

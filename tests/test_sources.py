@@ -317,6 +317,40 @@ def test_webdataset_end_to_end(tmp_path):
     assert_picklable(src)
 
 
+def test_webdataset_dotted_keys_never_pair_wrongly_nor_drop_images(tmp_path):
+    """Members sub/dir/odd.key.<i>.<ext> share webdataset's key (the name up to the first dot): 20 images
+    and 13 captions used to become one sample (image odd.key.0.jpg with the caption of odd.key.1.txt) and
+    19 images vanished.  Each full stem with one image and one caption is a sample; the rest is a reject."""
+    exts = ["jpg", "bmp", "png", "webp"]
+    members = []
+    for i in range(20):
+        members.append((f"sub/dir/odd.key.{i}.{exts[i % 4]}", png(i)))
+        if 1 <= i <= 13:
+            members.append((f"sub/dir/odd.key.{i}.txt", f"caption {i}".encode()))
+    members += [("plain.jpg", png(0)), ("plain.png", png(1)), ("plain.txt", b"which image?"),
+                ("multi.jpg", png(2)), ("multi.txt", b"the caption"), ("multi.de.txt", b"die Beschriftung")]
+    shard = make_tar(tmp_path / "s.tar", members)
+    recs = everything(open_source(shard))
+    items = [r for r in recs if isinstance(r, Item)]
+    rejects = [r for r in recs if isinstance(r, Reject)]
+    odd = {r.location: r for r in items if r.location.startswith("s.tar:sub/")}
+    assert sorted(odd) == sorted(f"s.tar:sub/dir/odd.key.{i}" for i in range(1, 14))
+    for i in range(1, 14):
+        r = odd[f"s.tar:sub/dir/odd.key.{i}"]
+        assert r.caption_raw == f"caption {i}".encode() and r.image_bytes == png(i)
+        assert r.uri == f"{shard}::sub/dir/odd.key.{i}.{exts[i % 4]}"
+    # webdataset's own fields: one image (jpg) and the caption field txt; de.txt is another field
+    multi = by_location(items)["s.tar:multi"]
+    assert multi.caption_raw == b"the caption" and multi.image_bytes == png(2)
+    assert len(items) == 14
+    by = by_location(rejects)
+    assert {r.reason for r in rejects} == {"ambiguous_sample"} and sorted(by) == ["s.tar:plain", "s.tar:sub/dir/odd"]
+    for i in (0, 14, 15, 16, 17, 18, 19):      # every unpaired image is named in a reject
+        assert f"sub/dir/odd.key.{i}.{exts[i % 4]}" in by["s.tar:sub/dir/odd"].detail
+    assert "odd.key.1." not in by["s.tar:sub/dir/odd"].detail
+    assert all(m in by["s.tar:plain"].detail for m in ("plain.jpg", "plain.png", "plain.txt"))
+
+
 def test_webdataset_directory_and_patterns(tmp_path):
     d = tmp_path / "shards"
     for s in range(3):

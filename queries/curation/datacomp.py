@@ -14,18 +14,24 @@ The format, from github.com/mlfoundations/datacomp:
 `save_uids` writes that file (atomically) from a store's sample ids, which are the pool's
 uids when the store was ingested from a DataComp pool (ingest.datacomp); `load_uids`
 reads one back the way the resharder does, checking what its searchsorted assumes.
+`require_datacomp_ids` refuses a selection holding rows whose ids are clipsql's content
+hashes (no DataComp pool, no id column): 32 hex characters too, they would match nothing.
 Conversions are vectorised (numpy on 32-byte records), never one Python int per uid.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import sqlalchemy as sa
 
 from clipsql.errors import SelectionError
+from clipsql.store import catalog as cat
 
 U16 = np.dtype("u8,u8")      # resharder.py: u16 = np.dtype("u8,u8")
 _HEX = np.full(256, 255, dtype=np.uint8)
@@ -74,6 +80,41 @@ def uid_array(ids: Any) -> np.ndarray:
     out = np.empty(len(hi), dtype=U16)
     out["f0"], out["f1"] = hi[order], lo[order]
     return out
+
+
+def require_datacomp_ids(st: Any, con: Any, ids: Any) -> None:
+    """SelectionError (one line) unless every id in `ids` is a pool uid: a sample ingested from a
+    DataComp pool, or from a source whose run took the ids from a column of it (`--id-column uid`
+    on the pool's own parquet, say). Any other sample's id is clipsql's content hash: 32 hex
+    characters too, and it would match nothing in a pool. A sample's source is `samples.source`,
+    what its runs did is in `ingest_runs`. `con`: a DuckDB connection with the store's views."""
+    with st.engine.connect() as conn:
+        runs = conn.execute(sa.select(cat.ingest_runs.c.source, cat.ingest_runs.c.source_kind,
+                                      cat.ingest_runs.c.summary)).all()
+    kinds: dict[str, set] = {}
+    uid_sources = set()
+    for source, kind, summary in runs:
+        kinds.setdefault(source, set()).add(kind)
+        if kind == "datacomp" or (summary and json.loads(summary).get("id_column")):
+            uid_sources.add(source)
+    arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else pa.array(ids)
+    con.register("_clipsql_uid_ids", pa.table({"id": arr.cast(pa.string())}))
+    con.register("_clipsql_uid_sources", pa.table({"source": pa.array(sorted(uid_sources), pa.string())}))
+    try:
+        other = con.execute(
+            "SELECT m.source, count(*) FROM _clipsql_uid_ids i LEFT JOIN samples m ON m.id = i.id "
+            "WHERE m.source IS NULL OR m.source NOT IN (SELECT source FROM _clipsql_uid_sources) "
+            "GROUP BY m.source").fetchall()
+    finally:
+        con.unregister("_clipsql_uid_ids")
+        con.unregister("_clipsql_uid_sources")
+    bad = sum(n for _, n in other)
+    if bad:
+        what = ", ".join(sorted({k for s, _ in other for k in kinds.get(s, {"unrecorded"})}))
+        raise SelectionError(
+            f"{bad} of the {len(arr)} selected ids did not come from a DataComp pool (ingested from {what} "
+            "source(s) without --id-column, their ids are content hashes, which match nothing in DataComp's "
+            "resharder); write --format parquet, csv or txt instead, or narrow the selection to the pool's rows")
 
 
 def save_uids(ids: Any, path: Any) -> str:

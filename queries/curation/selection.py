@@ -43,6 +43,7 @@ from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, Store
 from clipsql.queries.sql.functions import blas_pinned
 from clipsql.queries.curation import recipes
+from clipsql.queries.curation.datacomp import require_datacomp_ids
 from clipsql.queries.curation.recipes import fraction_count as count_for, rank  # noqa: F401 - the public names of this module
 
 RECIPES = ("kl-guided", "negclip-normsim", "clip-score", "image-based")
@@ -128,6 +129,8 @@ def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, mod
         pool = _pool(st, rec, con, spec.where, engine, ray_address)
         tbl, counts, side = _run(pool, spec)
         tbl = _with_samples(con, tbl)
+        if fmt == "datacomp-uids":
+            require_datacomp_ids(st, con, tbl.column("id"))
     except Exception as e:  # noqa: BLE001 - DuckDB wraps errors raised inside UDFs
         from clipsql.errors import ClipsqlError
         if isinstance(e, ClipsqlError):
@@ -214,6 +217,10 @@ def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: str,
     relation = view
     if where is not None:
         allowed, info = _where_ids(st, rec, con, view, where)
+        if len(allowed) == 0:
+            raise SelectionError(f"--where {where!r} leaves no rows of the {total} of model {rec.model_id}: "
+                                 "nothing to select (a column that is NULL fails every comparison; look with "
+                                 "`clipsql query STORE \"SELECT … FROM samples\"`)")
         con.register("_clipsql_allowed", pa.table({"id": allowed}))
         relation = f"(SELECT * FROM {view} WHERE id IN (SELECT id FROM _clipsql_allowed))"
         info["counts"] = {"pool_before_where": total}

@@ -70,8 +70,9 @@ def search(store: Store | str, prompt: str | None = None, *, like: str | None = 
         res = pa.table({"rank": pa.array(np.arange(1, len(ids) + 1), pa.int32()),
                         "id": pa.array(ids.tolist(), pa.string()), "score": pa.array(scores, pa.float64())})
         con.register("_clipsql_search_result", res)
-        tbl = con.execute("SELECT r.rank, r.id, r.score, s.uri, s.caption FROM _clipsql_search_result r "
-                          "LEFT JOIN samples s USING (id) ORDER BY r.rank").to_arrow_table()
+        tbl = con.sql("SELECT r.rank, r.id, r.score, s.uri, s.caption FROM _clipsql_search_result r "
+                      "LEFT JOIN samples s USING (id) ORDER BY r.rank").to_arrow_table()   # a relation: no
+        # DB-API copy, and no UserWarning about one on stderr (it broke `--format json` piped output)
         tbl = tbl.read_all() if hasattr(tbl, "read_all") else tbl
         out = dict(searcher.last)
         out.update(rows=tbl.to_pylist(), k=int(k), query=prompt if prompt is not None else f"like {like}",
@@ -104,8 +105,9 @@ def format_search(res: dict, fmt: str = "table") -> str:
     widths = [max([len(n)] + [len(g[i]) for g in grid]) for i, n in enumerate(names)]
     lines = [head, " | ".join(n.ljust(w) for n, w in zip(names, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.ljust(w) for c, w in zip(g, widths)) for g in grid]
-    if res.get("reason"):
-        lines.append(f"note: {res['reason']}")
+    for note in (res.get("reason"), res.get("note")):
+        if note:
+            lines.append(f"note: {note}")
     if res.get("gallery"):
         lines.append(f"gallery: {res['gallery']['path']} ({res['gallery']['shown']} images)")
     return "\n".join(lines)

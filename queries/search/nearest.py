@@ -10,8 +10,9 @@ query, best first, ties by id ascending. Rows with a NULL, zero or non-finite ve
 appear; a NULL query gives no rows.
 
 DuckDB has no Python table functions, so `nearest` is a table macro over the scalar Arrow UDF
-`_clipsql_nearest(q FLOAT[], k INTEGER, model VARCHAR, modality VARCHAR, allowed VARCHAR[],
-exact BOOLEAN)` → STRUCT(id VARCHAR, score DOUBLE)[], unnested and ordered (`allowed`: the
+`_clipsql_nearest(q FLOAT[], k DOUBLE, model VARCHAR, modality VARCHAR, allowed VARCHAR[],
+exact BOOLEAN)` (k as DOUBLE, so any number binds and a bad one is refused in one line; a k
+past the rows there are returns them all) → STRUCT(id VARCHAR, score DOUBLE)[], unnested and ordered (`allowed`: the
 filter's ids; NULL = no filter). Positional `nearest(q, 10, 'model', 'text')` works too.
 
 * **filter** is a SQL boolean expression over the `samples` view's columns; it is applied
@@ -47,7 +48,7 @@ def allowed_ids(con: Any, where: str) -> pa.Array:
     """Ids of the `samples` rows satisfying `where`, the user's own SQL boolean expression (DuckDB)."""
     import duckdb
     try:
-        tbl = con.execute(f"SELECT DISTINCT id FROM samples WHERE ({where})").to_arrow_table()
+        tbl = con.sql(f"SELECT DISTINCT id FROM samples WHERE ({where})").to_arrow_table()
         tbl = tbl.read_all() if hasattr(tbl, "read_all") else tbl
     except duckdb.Error as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -83,9 +84,7 @@ class Searcher:
                allowed: pa.Array | None = None, exact: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-k per query row of Q (b, d): [(ids, float64 cosines)], best first, ties by id.
         `allowed`: only rows with these ids (a filter's result, `allowed_ids`); None: every row."""
-        if k is None or int(k) < 1:
-            raise QueryError(f"k must be a positive integer; got {k}")
-        k = int(k)
+        k = positive_k(k)
         column = vindex.column_for(modality or "image")
         rec = self.st.model(model)
         Q = np.asarray(Q, dtype=np.float64)
@@ -97,6 +96,12 @@ class Searcher:
         ds = self.dataset(rec)
         info = None if exact or allowed is not None else self.info(rec, column)
         self.last = {"model": rec.model_id, "column": column, "method": "exact", "reason": None}
+        # no search returns more rows than there are: k past that would only size buffers (the
+        # vector index allocates k rows up front: -k 10^12 asked it for terabytes)
+        rows = ds.count_rows() if allowed is None else len(allowed)
+        if k > rows:
+            self.last["note"] = f"-k {k} is more than the {rows} rows there are to search: all of them are returned"
+            k = max(rows, 1)
         if allowed is not None:
             self.last.update(allowed=len(allowed))
             if self.info(rec, column) is not None and not exact:
@@ -118,6 +123,19 @@ class Searcher:
         for X, ids in vindex.scan_chunks(ds, column):
             top.update(X, ids)
         return top.result()
+
+
+def positive_k(k: Any) -> int:
+    """`k` as an int, or QueryError (one line) unless it is a whole number >= 1 (an int, or a float
+    such as the DOUBLE the `nearest` macro passes)."""
+    try:
+        ok = k is not None and not isinstance(k, bool) and float(k) == int(k) and int(k) >= 1
+    except (TypeError, ValueError, OverflowError):      # nan, inf, text
+        ok = False
+    if not ok:
+        shown = int(k) if isinstance(k, float) and k.is_integer() else k
+        raise QueryError(f"k must be a positive integer; got {shown}")
+    return int(k)
 
 
 def nearest_udf(searcher: Searcher) -> Any:
@@ -154,7 +172,7 @@ def register_nearest(con: Any, ctx: Any) -> Searcher:
     The filter is the caller's own SQL expression, run by DuckDB's `query()` on this connection."""
     searcher = Searcher(ctx.st)
     con.create_function("_clipsql_nearest", nearest_udf(searcher),
-                        ["FLOAT[]", "INTEGER", "VARCHAR", "VARCHAR", "VARCHAR[]", "BOOLEAN"],
+                        ["FLOAT[]", "DOUBLE", "VARCHAR", "VARCHAR", "VARCHAR[]", "BOOLEAN"],
                         "STRUCT(id VARCHAR, score DOUBLE)[]", type="arrow", null_handling="special",
                         side_effects=True)
     allowed = ("CASE WHEN filter IS NOT NULL THEN (SELECT coalesce(list(id), []::VARCHAR[]) FROM query("
@@ -162,6 +180,6 @@ def register_nearest(con: Any, ctx: Any) -> Searcher:
                "ELSE 'SELECT DISTINCT id FROM samples WHERE (' || filter || ')' END)) END")
     con.execute("CREATE OR REPLACE MACRO nearest(q, k, model := NULL, modality := 'image', filter := NULL, "
                 "exact := false) AS TABLE SELECT r.id AS id, r.score AS score FROM (SELECT unnest("
-                f"_clipsql_nearest(q::FLOAT[], k, model, modality, {allowed}, exact)) AS r) "
+                f"_clipsql_nearest(q::FLOAT[], k::DOUBLE, model, modality, {allowed}, exact)) AS r) "
                 "ORDER BY score DESC, id")
     return searcher
