@@ -1,4 +1,4 @@
-"""The DataComp baselines as `select` recipes (SCIENCE.md §11), `--where` narrowing the pool, and
+"""The DataComp baselines as `select` recipes (docs/science.md §11), `--where` narrowing the pool, and
 `--format datacomp-uids`: each against an independent implementation of its definition."""
 import json
 

@@ -1,7 +1,7 @@
-"""Tests of queries/kernels/scores.py against brute-force versions of SCIENCE.md.
+"""Tests of kernels/scores.py against brute-force versions of docs/science.md.
 
-Every ``bf_*`` function below is written directly from the formula in SCIENCE.md with
-plain loops / per-row numpy and shares no code with ``queries.kernels.scores``.  All data are
+Every ``bf_*`` / ``np_*`` function below is written directly from the formula in docs/science.md with
+plain loops / per-row numpy and shares no code with ``clipsql.kernels.scores``.  All data are
 seeded; comparisons are float64 at rtol = atol = 1e-6 unless said otherwise.
 """
 import math
@@ -235,7 +235,7 @@ def test_info_gain_matches_brute_force(fitted, data, modality, reverse):
         post = bf_posterior(bf_unit(q), R, f.a, f.b, f.kind)
         want.append(bf_kl(prior, post) if reverse else bf_kl(post, prior))
     got = S.info_gain(Q, f, modality, reverse=reverse, chunk=16)
-    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("kind,a,b", PARAMS)
@@ -248,7 +248,7 @@ def test_uniform_prior_identity(data, kind, a, b):
     for q in data["Xq"]:
         p = bf_posterior(bf_unit(q), Rh, a, b, kind)
         want.append(math.log(M) + sum(pj * math.log(pj) for pj in p if pj > 0))
-    np.testing.assert_allclose(S.info_gain(data["Xq"], f, "image"), want, **TOL)
+    np.testing.assert_allclose(S.info_gain(data["Xq"], f, "image"), want, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("modality", ["image", "text"])

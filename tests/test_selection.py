@@ -1,5 +1,5 @@
 """negCLIPLoss, NormSim, prompts and `clipsql select` through SQL, against brute-force numpy
-of each definition (SCIENCE.md §5–7, §9), on synthetic vectors and on the demo model."""
+of each definition (docs/science.md §1, §5–7, §9), on synthetic vectors and on the demo model."""
 import json
 from pathlib import Path
 
