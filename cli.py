@@ -445,14 +445,19 @@ def stats_fit(store: str = STORE_ARG,
                                                        "recipe runs on, with its published settings (kl-guided: "
                                                        "the model's logit scale, uniform prior; overrides --scale "
                                                        "and --prior), kept apart: the default fit of the scores "
-                                                       "view stays as it is.")) -> None:
+                                                       "view stays as it is."),
+              include_own_pair: bool = typer.Option(False, "--include-own-pair", help="Information Gain of a "
+                                                    "row drawn into the reference keeps its own pair in its "
+                                                    "posterior (the authors' DataComp code); default: left "
+                                                    "out, so being drawn does not decide the score.")) -> None:
     """Draw the reference sample and fit priors, means and covariances for the scores."""
     from clipsql.queries.curation.fit import fit_stats
     from clipsql.store.store import Store
     st = _run(Store.open, store)
     res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
-               prior=prior.value, recipe=for_recipe)
+               prior=prior.value, recipe=for_recipe, own_pair="include" if include_own_pair else "exclude")
     kind = f" for {res['recipe']}" if res.get("recipe") else ""
+    kind += " (own pairs kept in: the authors' behaviour)" if include_own_pair else ""
     typer.echo(f"fit #{res['fit_id']}{kind} of {res['model']}: reference M={res['reference_size']} of {res['rows']} "
                f"rows (seed {res['seed']}, a={res['a']:.4g}, b={res['b']:.4g}, prior {res['prior']}) "
                f"in {res['seconds']:.2f}s")
@@ -630,6 +635,10 @@ def select_cmd(store: str = STORE_ARG,
                                                              "seed of a fit it makes (default the default fit's)."),
                make_fit: bool = typer.Option(True, "--make-fit/--no-make-fit", help="kl-guided: make the recipe's "
                                              "fit when the store has none (else refuse, naming the command)."),
+               include_own_pair: bool = typer.Option(False, "--include-own-pair", help="kl-guided: a caption "
+                                                     "drawn into the reference keeps its own pair in its "
+                                                     "posterior, as the authors' code does (their selection "
+                                                     "exactly); default: left out."),
                output: Path = typer.Option(..., "--output", "-o", help="subset.parquet | .csv | .txt (one id per "
                                                                        "line) | .npy (DataComp uids); a "
                                                                        "<output>.json sidecar records how."),
@@ -647,7 +656,7 @@ def select_cmd(store: str = STORE_ARG,
     spec = SelectSpec(recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
                       limit=limit, threshold=threshold, where=where, first_fraction=first_fraction,
                       negclip_form=negclip_form, clusters=clusters, sample=sample, seed=seed, make_fit=make_fit,
-                      format=fmt.value if fmt else None)
+                      include_own_pair=include_own_pair, format=fmt.value if fmt else None)
     # kl-guided may make its fit (a catalog write); every other selection only reads the store
     writes = spec.recipe == "kl-guided" and make_fit
     st = _run(Store.open, store, read_only=not writes)

@@ -97,10 +97,14 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *, addres
         schema = pa.schema([("id", pa.string())] + [(c, pa.float64()) for c in columns] +
                            [("fit_id", pa.int64()), ("computed_at", pa.timestamp("us", tz="UTC"))])
         prev = _scored_meta(st, name)
-        append = prev is not None and prev["fit_id"] == fit_id and prev["columns"] == list(columns)
+        # the own-pair rule of the Information Gain (docs/science.md §1) is part of what was scored: a
+        # table written under another rule (or before rows left their own pair out) is rescored
+        own_pair = (fit["options"].get("own_pair", "exclude") if fit else None)
+        append = prev is not None and prev["fit_id"] == fit_id and prev["columns"] == list(columns) \
+            and prev.get("own_pair") == own_pair
         scored_version = lance.dataset(uri).version if append else None
         schema = schema.with_metadata({SCORED_KEY: json.dumps({"fit_id": fit_id, "columns": list(columns),
-                                                               "version": version})})
+                                                               "version": version, "own_pair": own_pair})})
         broadcast = None
         if fit is not None:
             from clipsql.queries.curation.fit import load_fit

@@ -1,4 +1,4 @@
-"""Curation-score math for clipsql (SCIENCE.md): pure numpy, float64 wherever it sums.
+"""Curation-score math for clipsql (docs/science.md): pure numpy, float64 wherever it sums.
 
 Inputs are raw ``(n, d)`` embeddings of any float dtype, normalized here (``x̂ = x/‖x‖``);
 a non-finite or zero row has no score and gives NaN (the SQL layer's NULL).  Reference,
@@ -16,6 +16,9 @@ import numpy as np
 KINDS = ("clip", "siglip")
 PRIORS = ("posterior-mean", "uniform")
 MODALITIES = ("image", "text")
+# A reference row's own pair in its Information Gain (docs/science.md §1): left out (default), or
+# kept in as the authors' DataComp code does (an explicit option, for reproducing them).
+OWN_PAIR = ("exclude", "include")
 _MAX_LOG_SPAN = 600.0
 
 
@@ -239,7 +242,7 @@ def _weighted_cov(V, w, u, chunk):
 def _fisher_vectors(R, u, a, b, kind) -> np.ndarray:
     """The vectors whose prior-weighted covariance is the Fisher metric at the mean ``u``:
     ``R`` itself for CLIP (softmax of ``a⟨u, r_j⟩``); for SigLIP (normalized sigmoid, log-partition
-    ``log Σ_j σ(a⟨u, r_j⟩ + b)``) the rows scaled by ``1 − σ(a⟨u, r_j⟩ + b)`` (SCIENCE.md §2)."""
+    ``log Σ_j σ(a⟨u, r_j⟩ + b)``) the rows scaled by ``1 − σ(a⟨u, r_j⟩ + b)`` (docs/science.md §2)."""
     if kind != "siglip":
         return R
     z = a * (R @ u) + b
@@ -304,71 +307,120 @@ def _side(fit_, modality):
     raise ValueError(f"modality must be one of {MODALITIES}; got {modality!r}")
 
 
-# Largest |a| at which the logits come from a float32 GEMM: its accumulation error in a cosine is
-# ≤ ~6e-7 (d = 512), so |a|·6e-7 in a logit; measured to keep KL within 1e-6 relative of float64
-# up to |a| = 10 (tests/test_scores.py). Above it (the model's logit scale, ~100) float64 GEMM.
+# The logits of the exact scores come from a float64 GEMM (docs/science.md §1: within 1e-9 relative
+# of a float64 brute force). `logits="float32"` is an explicitly requested fast path: the float32
+# GEMM's accumulation error in a cosine (≤ ~6e-7 at d = 512) becomes |a|·6e-7 in a logit, so it is
+# allowed only up to |a| = LOGITS_FLOAT32_MAX_SCALE, where tests/test_scores.py bounds its KL at
+# LOGITS_FLOAT32_RTOL relative of the float64 path.
+LOGITS = ("float64", "float32")
 LOGITS_FLOAT32_MAX_SCALE = 10.0
+LOGITS_FLOAT32_RTOL = 2e-6
 
 
-def info_gain(Q, fit, modality, reverse=False, chunk=512, block=2048) -> np.ndarray:
-    """Information Gain ``KL(π(q) ‖ p̄) = Σ_j π_j(q)·(log π_j(q) − log p̄_j)``.
+def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64", chunk=512,
+              block=2048) -> np.ndarray:
+    """Information Gain ``KL(π(q) ‖ p̄) = Σ_j π_j(q)·(log π_j(q) − log p̄_j)`` (docs/science.md §1).
 
     ``modality="image"``: posterior over the reference texts, prior ``p̄^T``;
     ``"text"``: posterior over the reference images, prior ``p̄^I``.
     ``reverse=True``: ``KL(p̄ ‖ π(q)) = Σ_j p̄_j (log p̄_j − log π_j(q))`` (D_KLR).
-    Rounding below 0 is clipped to 0.  Cost O(M·d) per row, memory O(chunk·block).
 
-    Tiled like an online softmax: ``chunk`` rows × ``block`` reference columns at a time
-    (≈ 2 MiB of logits: cache-resident), one GEMM per tile — float32 (the machine's fastest
-    rate) when ``|a| ≤ LOGITS_FLOAT32_MAX_SCALE`` (tests bound the KL at 1e-6 relative to
-    float64), float64 above — and everything after in float64 with one exp per logit. Per
-    row it keeps the running maximum m, S = Σ e, A = Σ e·z and B = Σ e·log p̄ with
-    e = exp(z − m) (rescaled by exp(m_old − m) when m grows); then LSE = m + log S and
-    ``KL = (A − B)/S − LSE``, ``KL_R = Σ p̄ log p̄ − Σ p̄·z + LSE``.
+    ``ref_index[i] = j ≥ 0`` says row i IS reference row j (−1 or ``None``: it is not). Its own
+    pair is then left out: the posterior runs over the other M − 1 reference rows and the prior is
+    restricted to them and renormalized, ``p̃_k = p̄_k / Σ_{l≠j} p̄_l``. Without ``ref_index`` every
+    row is scored against the whole reference (the authors' behaviour for their reference rows).
+    A row with no reference row left (M = 1, own pair out) is NaN.
+
+    ``logits``: ``"float64"`` (default, within 1e-9 relative of a float64 brute force) or
+    ``"float32"`` (a float32 GEMM, ~2× faster; only for ``|a| ≤ LOGITS_FLOAT32_MAX_SCALE``, where
+    the error is within ``LOGITS_FLOAT32_RTOL`` relative). Rounding below 0 is clipped to 0.
+    Cost O(M·d) per row, memory O(chunk·block).
+
+    Tiled like an online softmax: ``chunk`` rows × ``block`` reference columns at a time, one GEMM
+    per tile, everything after in float64 with one exp per logit. Per row it keeps the running
+    maximum m over the included columns and, with e = exp(z − m) (rescaled when m grows),
+    S = Σ e, T = Σ e·(z − m) and B = Σ e·(log p̄ + log M) for the forward KL, or D = Σ p̄·z for
+    the reverse one; the own column is masked to −inf (so it adds nothing). Then, with
+    W = Σ_{included} p̄ (1, or 1 − p̄_j for a reference row):
+    ``KL = T/S − log(S/M) − B/S + log W`` and
+    ``KL_R = (Σ_{incl} p̄(log p̄ + log M) − (D − m·W))/W − log W + log(S/M)``:
+    every term is centred (log M taken out of the prior, m out of the logits), so a KL near 0
+    is not the difference of two numbers near log M.
     """
     R, lprior, _, _ = _side(fit, modality)
+    if logits not in LOGITS:
+        raise ValueError(f"logits must be one of {LOGITS}; got {logits!r}")
     Qh, valid = normalize(_rows(Q, "Q", R.shape[1]))
+    M = len(R)
+    own_all = _ref_index(ref_index, len(Qh), M)
     out = np.full(len(Qh), np.nan)
     ids_all = np.flatnonzero(valid)
     if not len(ids_all):
         return out
     _check_params(fit.a, fit.b, fit.kind)
-    f32 = abs(fit.a) <= LOGITS_FLOAT32_MAX_SCALE
+    f32 = logits == "float32"
+    if f32 and abs(fit.a) > LOGITS_FLOAT32_MAX_SCALE:
+        raise ValueError(f"logits='float32' is bounded only for |a| <= {LOGITS_FLOAT32_MAX_SCALE:g}; "
+                         f"this fit has a = {fit.a:g}: use the float64 default")
     Rg = np.ascontiguousarray(R, dtype=np.float32 if f32 else np.float64)
+    logm = np.log(M)
     pprior = np.exp(lprior)
-    h_prior = pprior @ lprior
-    M = len(Rg)
+    lcent = lprior + logm                      # log p̄ + log M: 0 for the uniform prior
+    h_cent = pprior @ lcent                    # Σ p̄ (log p̄ + log M)
+    p_sum = pprior.sum()
     c, w = max(1, int(chunk)), max(1, min(int(block), M))
-    g = np.empty((min(c, len(ids_all)), w), dtype=Rg.dtype)
-    z = np.empty(g.shape)
-    e = np.empty(g.shape)
+    g = np.empty((min(c, len(ids_all)), w), dtype=np.float32) if f32 else None
+    z = np.empty((min(c, len(ids_all)), w))
+    e = np.empty(z.shape)
     for sl in _spans(len(ids_all), c):
         ids = ids_all[sl]
         k = len(ids)
         q = Qh[ids].astype(Rg.dtype)
+        own = own_all[ids]
+        has_own = own >= 0
         m = np.full(k, -np.inf)
-        S, A, B, P = np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k)
+        S, T, B, D = np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k)
         for cols in _spans(M, w):
             nb = cols.stop - cols.start
-            gk, zk, ek = g[:k, :nb], z[:k, :nb], e[:k, :nb]
-            np.matmul(q, Rg[cols].T, out=gk)
-            np.multiply(gk, fit.a, out=zk, dtype=np.float64)
+            zk, ek = z[:k, :nb], e[:k, :nb]
+            if f32:
+                np.matmul(q, Rg[cols].T, out=g[:k, :nb])
+                np.multiply(g[:k, :nb], fit.a, out=zk, dtype=np.float64)
+            else:
+                np.matmul(q, Rg[cols].T, out=zk)
+                zk *= fit.a
             if fit.kind == "siglip":
                 zk += fit.b
                 _log_sigmoid(zk, out=zk)
-            m_new = np.maximum(m, zk.max(axis=1))
-            rescale = np.exp(m - m_new)
-            np.subtract(zk, m_new[:, None], out=ek)
-            np.exp(ek, out=ek)
-            S = S * rescale + ek.sum(axis=1)
+            hr = np.flatnonzero(has_own & (own >= cols.start) & (own < cols.stop))
+            hc = own[hr] - cols.start
             if reverse:
-                P += zk @ pprior[cols]
-            else:
-                A = A * rescale + np.einsum("ij,ij->i", ek, zk)
-                B = B * rescale + ek @ lprior[cols]
+                D += zk @ pprior[cols]
+                D[hr] -= zk[hr, hc] * pprior[cols][hc]
+            zk[hr, hc] = -np.inf
+            m_new = np.maximum(m, zk.max(axis=1))
+            shift = np.where(np.isfinite(m_new), m_new, 0.0)
+            rescale = np.exp(m - shift)                        # 0 while nothing was included yet
+            np.subtract(zk, shift[:, None], out=zk)            # z − m (the own column stays −inf)
+            np.exp(zk, out=ek)
+            if not reverse:
+                zk[hr, hc] = 0.0                               # e = 0 there: adds nothing to T
+                moved = np.where(np.isfinite(m), m - shift, 0.0)
+                T = rescale * (T + S * moved) + np.einsum("ij,ij->i", ek, zk)
+                B = rescale * B + ek @ lcent[cols]
+            S = S * rescale + ek.sum(axis=1)
             m = m_new
-        lse = m + np.log(S)
-        kl = h_prior - P + lse if reverse else (A - B) / S - lse
+        p_own = np.where(has_own, pprior[np.maximum(own, 0)], 0.0)
+        W = np.where(has_own, p_sum - p_own, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log_w = np.where(has_own, np.log(W), 0.0)
+            log_s = np.log(S / M)
+            if reverse:
+                h = h_cent - p_own * np.where(has_own, lcent[np.maximum(own, 0)], 0.0)
+                kl = (h - (D - m * W)) / W - log_w + log_s
+            else:
+                kl = T / S - log_s - B / S + log_w
+        kl[S <= 0] = np.nan                                    # no reference row left
         out[ids] = np.maximum(kl, 0.0)
     return out
 
@@ -481,7 +533,7 @@ def _indicator(subsets, M):
 
 def neg_clip_loss(F, G, fit, ref_index, tau=0.01, batch_size=32768, k=10, seed=0,
                   chunk=2048) -> np.ndarray:
-    """negCLIPLoss, per-row stable form (Wang et al.; SCIENCE.md §5):
+    """negCLIPLoss, per-row stable form (Wang et al.; docs/science.md §5):
 
     ``cos(f_i,g_i) − (1/K) Σ_k (τ/2)·[LSE_{j∈B_k}(⟨f_i,g_j⟩/τ) + LSE_{j∈B_k}(⟨f_j,g_i⟩/τ)]``
     with ``B_k = {i} ∪ R_k`` (see ``_reference_subsets``), the pair i itself taken from
@@ -624,7 +676,7 @@ def norm_sim_inf(Q, T_hat, chunk=2048) -> np.ndarray:
 
 
 def norm_sim_d(X, keep_fraction=0.2, steps=5, return_mask=False):
-    """NormSim-D (no target data; SCIENCE.md §6), iteration implemented:
+    """NormSim-D (no target data; docs/science.md §6), iteration implemented:
 
     ``K_0`` = all valid rows (n of them), ``S_0 = Σ_{x∈K_0} x̂ x̂ᵀ``.  For s = 1..steps:
     ``K_s`` = the top ``max(1, floor(keep_fraction**(s/steps)·n + ½))`` rows of ``K_{s-1}``

@@ -168,7 +168,8 @@ def test_select_with_the_ray_engine_chooses_what_the_local_engine_chooses(ray_cl
     cli("stats", "fit", str(st.path), "--reference-size", "200")
     cli("target", "add", str(st.path), "t", "--query", "SELECT image_embedding FROM embeddings LIMIT 40")
     # kl-guided makes its own fit (the first, local run) and the Ray tasks score with that fit
-    for args in (["--recipe", "kl-guided", "--fraction", "0.25"], ["--recipe", "clip-score"],
+    for args in (["--recipe", "kl-guided", "--fraction", "0.25"],
+                 ["--recipe", "kl-guided", "--fraction", "0.25", "--include-own-pair"], ["--recipe", "clip-score"],
                  ["--recipe", "negclip-normsim", "--target", "t", "--fraction", "0.1"]):
         local, dist = tmp_path / "local.txt", tmp_path / "ray.txt"
         cli("select", str(st.path), *args, "-o", str(local))

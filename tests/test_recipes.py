@@ -1,4 +1,4 @@
-"""The DataComp baselines as `select` recipes (SCIENCE.md §11), `--where` narrowing the pool, and
+"""The DataComp baselines as `select` recipes (docs/science.md §11), `--where` narrowing the pool, and
 `--format datacomp-uids`: each against an independent implementation of its definition."""
 import json
 
@@ -212,6 +212,11 @@ def test_cli_recipes(pool_store, tmp_path):
     assert r.exit_code == 0, r.output
     r = run("select", pool_store.path, "--recipe", "kl-guided", "--threshold", 0.2, "-o", tmp_path / "c.txt")
     assert r.exit_code == 1 and "--threshold is only used by --recipe clip-score" in r.output
+    r = run("select", pool_store.path, "--recipe", "kl-guided", "--include-own-pair", "-o", tmp_path / "k.txt")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "k.txt.json").read_text())["recipe_fit"]["own_pair"] == "include"
+    r = run("select", pool_store.path, "--recipe", "clip-score", "--include-own-pair", "-o", tmp_path / "c.txt")
+    assert r.exit_code == 1 and "--include-own-pair is only used by --recipe kl-guided" in r.output
     r = run("select", pool_store.path, "--recipe", "clip-score", "--where", "nope(", "-o", tmp_path / "c.txt")
     assert r.exit_code == 1 and "--where failed" in r.output and "Traceback" not in r.output
 

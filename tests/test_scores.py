@@ -1,7 +1,7 @@
-"""Tests of queries/kernels/scores.py against brute-force versions of SCIENCE.md.
+"""Tests of kernels/scores.py against brute-force versions of docs/science.md.
 
-Every ``bf_*`` function below is written directly from the formula in SCIENCE.md with
-plain loops / per-row numpy and shares no code with ``queries.kernels.scores``.  All data are
+Every ``bf_*`` / ``np_*`` function below is written directly from the formula in docs/science.md with
+plain loops / per-row numpy and shares no code with ``clipsql.kernels.scores``.  All data are
 seeded; comparisons are float64 at rtol = atol = 1e-6 unless said otherwise.
 """
 import math
@@ -235,7 +235,7 @@ def test_info_gain_matches_brute_force(fitted, data, modality, reverse):
         post = bf_posterior(bf_unit(q), R, f.a, f.b, f.kind)
         want.append(bf_kl(prior, post) if reverse else bf_kl(post, prior))
     got = S.info_gain(Q, f, modality, reverse=reverse, chunk=16)
-    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("kind,a,b", PARAMS)
@@ -248,7 +248,7 @@ def test_uniform_prior_identity(data, kind, a, b):
     for q in data["Xq"]:
         p = bf_posterior(bf_unit(q), Rh, a, b, kind)
         want.append(math.log(M) + sum(pj * math.log(pj) for pj in p if pj > 0))
-    np.testing.assert_allclose(S.info_gain(data["Xq"], f, "image"), want, **TOL)
+    np.testing.assert_allclose(S.info_gain(data["Xq"], f, "image"), want, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("modality", ["image", "text"])
@@ -605,22 +605,152 @@ def test_vslerp():
     np.testing.assert_allclose(batch[0], want, **TOL)
 
 
-@pytest.mark.parametrize("kind,a,b", [("clip", 1.0, 0.0), ("clip", 10.0, 0.0), ("clip", 100.0, 0.0),
-                                      ("siglip", 1.0, 0.0), ("siglip", 10.0, -2.0), ("siglip", 112.0, -16.5)])
+# ----------------------------------------------------------------------------- §1 own pair, precision
+def np_unit(V):
+    V = np.asarray(V, dtype=np.float64)
+    return V / np.linalg.norm(V, axis=1, keepdims=True)
+
+
+def np_log_softmax(L):
+    L = L - L.max(axis=-1, keepdims=True)
+    return L - np.log(np.exp(L).sum(axis=-1, keepdims=True))
+
+
+def np_logits(C, a, b, kind):
+    """log-weights of §1: a·cos (CLIP softmax) or log σ(a·cos + b) (SigLIP normalized sigmoid)."""
+    return a * C if kind == "clip" else -np.logaddexp(0.0, -(a * C + b))
+
+
+def np_prior(Qref, Rref, a, b, kind, prior):
+    """§1 prior over the rows of Rref: the mean posterior of the rows of Qref, or uniform."""
+    M_ = len(Rref)
+    if prior == "uniform":
+        return np.full(M_, 1.0 / M_)
+    return np.exp(np_log_softmax(np_logits(np_unit(Qref) @ np_unit(Rref).T, a, b, kind))).mean(axis=0)
+
+
+def np_info_gain(Q, R, prior, a, b, kind, reverse=False, own=None):
+    """float64 brute force of §1, one row at a time: π over the rows of R; a row with own[i] = j ≥ 0
+    leaves reference row j out of its posterior and of the (renormalized) prior."""
+    Qh, Rh = np_unit(Q), np_unit(R)
+    out = []
+    for i, q in enumerate(Qh):
+        keep = np.ones(len(Rh), bool)
+        if own is not None and own[i] >= 0:
+            keep[own[i]] = False
+        lq = np_log_softmax(np_logits(Rh[keep] @ q, a, b, kind))
+        p = prior[keep] / prior[keep].sum()
+        lp = np.log(p)
+        out.append(float(p @ (lp - lq)) if reverse else float(np.exp(lq) @ (lq - lp)))
+    return np.array(out)
+
+
+OWN_PARAMS = [("clip", 1.0, 0.0), ("clip", 100.0, 0.0), ("siglip", 10.0, -5.0), ("siglip", 112.0, -16.5)]
+
+
+@pytest.mark.parametrize("kind,a,b", OWN_PARAMS)
+@pytest.mark.parametrize("prior", ["posterior-mean", "uniform"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_info_gain_float32_gemm_within_1e6_of_float64(kind, a, b, reverse):
-    """The logits GEMM (float32 up to |a| = 10, float64 above) keeps Information Gain within 1e-6
-    relative of a float64 evaluation."""
+def test_info_gain_leaves_a_reference_rows_own_pair_out(data, kind, a, b, prior, reverse):
+    """§1: a reference row (ref_index = j) scores over the other M − 1 reference rows with the prior
+    restricted and renormalized; a row outside the reference over all M. Both modalities, tiles of
+    odd sizes so own columns fall at tile edges, against the float64 brute force."""
+    f = S.fit(data["Xr"], data["Yr"], a=a, b=b, kind=kind, prior=prior)
+    idx = np.r_[0, 36, 37, 73, 150, np.arange(190, M, 11), M - 1]
+    own = np.r_[idx, np.full(N, -1)]
+    for modality, Qall, Rref, prior_of in (("image", (data["Xr"], data["Xq"]), data["Yr"], (data["Xr"], data["Yr"])),
+                                          ("text", (data["Yr"], data["Yq"]), data["Xr"], (data["Yr"], data["Xr"]))):
+        Q = np.vstack([Qall[0][idx], Qall[1]])
+        p = np_prior(*prior_of, a, b, kind, prior)
+        want = np_info_gain(Q, Rref, p, a, b, kind, reverse, own)
+        got = S.info_gain(Q, f, modality, reverse=reverse, ref_index=own, chunk=7, block=37)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=0, err_msg=modality)
+        # without ref_index every row is scored against the whole reference (the authors' behaviour)
+        whole = np_info_gain(Q, Rref, p, a, b, kind, reverse)
+        np.testing.assert_allclose(S.info_gain(Q, f, modality, reverse=reverse), whole, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("kind,a,b", [("clip", 100.0, 0.0), ("siglip", 112.0, -16.5)])
+def test_reference_row_scores_as_a_new_row_against_the_reference_without_it(data, kind, a, b):
+    """§1 test: with the uniform prior, reference row j scores exactly as the same vectors outside a
+    reference that lacks row j."""
+    f = S.fit(data["Xr"], data["Yr"], a=a, b=b, kind=kind, prior="uniform")
+    for j in (0, 57, M - 1):
+        keep = np.arange(M) != j
+        g = S.fit(data["Xr"][keep], data["Yr"][keep], a=a, b=b, kind=kind, prior="uniform")
+        for modality, V in (("image", data["Xr"]), ("text", data["Yr"])):
+            for reverse in (False, True):
+                got = S.info_gain(V[[j]], f, modality, reverse=reverse, ref_index=np.array([j]))
+                want = S.info_gain(V[[j]], g, modality, reverse=reverse)
+                np.testing.assert_allclose(got, want, rtol=1e-11, atol=0)
+
+
+def test_reference_rows_no_longer_sit_at_the_ceiling_log_m():
+    """The defect: at the model's logit scale a reference row's own pair takes nearly all of its
+    posterior, so with the uniform prior its KL sat at log M (ln M = 5.70 here) and reference rows
+    outranked the rest. With the own pair left out a reference row's score is log(M − 1) − H(π)
+    over the other rows: at most log(M − 1), and mostly well below it."""
+    rng = np.random.default_rng(5)
+    M_, d = 300, 32
+    X = rng.normal(size=(M_, d))
+    Y = X + 0.15 * rng.normal(size=(M_, d))         # tightly paired: the own pair dominates at a = 100
+    f = S.fit(X, Y, a=100.0, prior="uniform")
+    own = np.arange(M_)
+    kept_in = S.info_gain(Y, f, "text")
+    assert np.all(np.abs(kept_in - np.log(M_)) < 1e-3)          # the authors' behaviour: the ceiling
+    left_out = S.info_gain(Y, f, "text", ref_index=own)
+    assert np.all(left_out <= np.log(M_ - 1) + 1e-12) and np.median(np.log(M_) - left_out) > 0.1
+    lq = [np_log_softmax(100.0 * np_unit(np.delete(X, i, 0)) @ np_unit(Y)[i]) for i in range(M_)]
+    want = np.log(M_ - 1) + np.array([np.exp(v) @ v for v in lq])
+    np.testing.assert_allclose(left_out, want, rtol=1e-9)
+
+
+PRECISION = [("clip", 1.0, 0.0), ("clip", 10.0, 0.0), ("clip", 100.0, 0.0),
+             ("siglip", 1.0, 0.0), ("siglip", 10.0, -2.0), ("siglip", 112.0, -16.5)]
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """d = 512 float32 vectors (as stored), CLIP-like offsets: where a float32 GEMM loses digits."""
     rng = np.random.default_rng(7)
-    d, m = 512, 3000
-    shared = rng.normal(size=(m + 300, d))
-    X = shared + 0.8 * rng.normal(size=shared.shape) + 2.0
-    Y = shared + 0.8 * rng.normal(size=shared.shape) - 1.0
-    f = S.fit(X[:m], Y[:m], a=a, b=b, kind=kind, prior="posterior-mean")
-    Q = X[m:]
-    Qh = Q / np.linalg.norm(Q, axis=1, keepdims=True)
-    lp = S.log_posterior(Qh, f.Y_ref, a, b, kind)          # float64 throughout
-    p, prior = np.exp(lp), f.log_prior_text
-    want = (np.exp(prior) @ prior - lp @ np.exp(prior)) if reverse else (np.einsum("ij,ij->i", p, lp) - p @ prior)
-    got = S.info_gain(Q, f, "image", reverse=reverse)
-    np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+    d, m, n = 512, 1000, 48
+    shared = rng.normal(size=(m + n, d))
+    X = (shared + 0.8 * rng.normal(size=shared.shape) + 2.0).astype(np.float32)
+    Y = (shared + 0.8 * rng.normal(size=shared.shape) - 1.0).astype(np.float32)
+    return X[:m], Y[:m], X[m:], Y[m:]
+
+
+@pytest.mark.parametrize("kind,a,b", PRECISION)
+def test_exact_info_gain_within_1e9_of_float64_brute_force(wide, kind, a, b):
+    """§1 precision: the exact scores within 1e-9 relative of a float64 brute force on the stored
+    float32 vectors, at a = 1, 10 and ~100, both directions, both modalities, posterior-mean prior,
+    rows in and out of the reference (a float32 logits GEMM gave 2–8e-7)."""
+    Xr, Yr, Xq, Yq = wide
+    f = S.fit(Xr, Yr, a=a, b=b, kind=kind)
+    own = np.r_[np.arange(0, 1000, 125), np.full(len(Xq), -1)]
+    for modality, Q, R, prior_of in (("image", np.vstack([Xr[own[:8]], Xq]), Yr, (Xr, Yr)),
+                                     ("text", np.vstack([Yr[own[:8]], Yq]), Xr, (Yr, Xr))):
+        p = np_prior(*prior_of, a, b, kind, "posterior-mean")
+        for reverse in (False, True):
+            want = np_info_gain(Q, R, p, a, b, kind, reverse, own)
+            got = S.info_gain(Q, f, modality, reverse=reverse, ref_index=own)
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=0, err_msg=f"{modality} reverse={reverse}")
+
+
+@pytest.mark.parametrize("kind,a,b", [("clip", 1.0, 0.0), ("clip", 10.0, 0.0), ("siglip", 1.0, 0.0),
+                                      ("siglip", 10.0, -2.0)])
+def test_float32_logits_option_is_bounded_and_refused_above_its_scale(wide, kind, a, b):
+    """`logits="float32"` (explicit, ~1.5× faster) stays within LOGITS_FLOAT32_RTOL relative of the
+    float64 brute force up to |a| = LOGITS_FLOAT32_MAX_SCALE and is refused above it."""
+    Xr, Yr, Xq, _ = wide
+    f = S.fit(Xr, Yr, a=a, b=b, kind=kind)
+    p = np_prior(Xr, Yr, a, b, kind, "posterior-mean")
+    for reverse in (False, True):
+        want = np_info_gain(Xq, Yr, p, a, b, kind, reverse)
+        got = S.info_gain(Xq, f, "image", reverse=reverse, logits="float32")
+        np.testing.assert_allclose(got, want, rtol=S.LOGITS_FLOAT32_RTOL, atol=0)
+        assert np.max(np.abs(got - want) / want) > 1e-9        # it is the float32 path
+    with pytest.raises(ValueError, match="bounded only for"):
+        S.info_gain(Xq, S.fit(Xr[:50], Yr[:50], a=100.0), "image", logits="float32")
+    with pytest.raises(ValueError, match="logits must be one of"):
+        S.info_gain(Xq, f, "image", logits="float16")

@@ -1,5 +1,5 @@
 """negCLIPLoss, NormSim, prompts and `clipsql select` through SQL, against brute-force numpy
-of each definition (SCIENCE.md §5–7, §9), on synthetic vectors and on the demo model."""
+of each definition (docs/science.md §1, §5–7, §9), on synthetic vectors and on the demo model."""
 import json
 from pathlib import Path
 
@@ -357,17 +357,19 @@ def test_count_and_tie_rule():
     assert list(ids[rank(ids, s)]) == ["c", "a", "b", "e"]
 
 
-def paper_kl_guided(ids, Y, ref_ids, Xref_raw, a, fraction):
+def paper_kl_guided(ids, Y, ref_ids, Xref_raw, a, fraction, own_pair_out=False):
     """The density-ratio paper's D_KL selection, written independently of clipsql's kernels: for each
     caption the posterior over the reference images π = softmax(a·⟨ŷ, x̂_j⟩), D_KL(π ‖ U) = log M − H(π),
-    keep the top `fraction` (ties by id)."""
+    keep the top `fraction` (ties by id). `own_pair_out` (docs/science.md §1, §9): a caption whose row
+    is reference row j takes j out of π and of U (U over the other M − 1)."""
     Xh = unit(Xref_raw)
-    M = len(Xh)
+    where = {r: j for j, r in enumerate(list(ref_ids))}
     kl = []
-    for y in unit(Y):
-        z = a * (Xh @ y)
+    for i, y in zip(ids, unit(Y)):
+        R = np.delete(Xh, where[i], axis=0) if own_pair_out and i in where else Xh
+        z = a * (R @ y)
         logp = z - lse(z)
-        kl.append(np.log(M) + float(np.exp(logp) @ logp))
+        kl.append(np.log(len(R)) + float(np.exp(logp) @ logp))
     kl = np.array(kl)
     order = sorted(range(len(ids)), key=lambda i: (-kl[i], ids[i]))
     return [ids[i] for i in order[:int(np.floor(fraction * len(ids)))]], dict(zip(ids, kl))
@@ -375,12 +377,14 @@ def paper_kl_guided(ids, Y, ref_ids, Xref_raw, a, fraction):
 
 def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
     """§9: the recipe runs at the model's logit scale with the uniform prior, on a fit it makes
-    (seeded like the default fit) without touching the default fit; the chosen quarter equals an
-    independent implementation of the paper's selection exactly (overlap 1.0, same order)."""
+    (seeded like the default fit) without touching the default fit. With --include-own-pair the
+    chosen quarter equals an independent implementation of the paper's (the authors') selection
+    exactly (overlap 1.0, same order); by default it equals one of the rule that a caption drawn into
+    the reference leaves its own pair out (§1)."""
     st = sel_store
     default_before = st.latest_fit(st.model(), with_arrays=False)
     out = tmp_path / "kl.parquet"
-    side = select(st, recipe="kl-guided", output=out)
+    side = select(st, recipe="kl-guided", include_own_pair=True, output=out)
     rec = st.model()
     made = side["recipe_fit"]
     assert made["made"] and made["prior"] == "uniform" and made["a"] == pytest.approx(rec.logit_scale)
@@ -402,10 +406,94 @@ def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
                                                                 "selected": 100}
     assert meta["recipe_fit"]["settings"] == {"a": rec.logit_scale, "b": 0.0, "prior": "uniform"}
     assert meta["fraction"] == 0.25 and "ties by id" in meta["ties"] and meta["options"]["make_fit"] is True
+    assert meta["recipe_fit"]["own_pair"] == "include" and meta["options"]["include_own_pair"] is True
     # a second run reuses the recipe's fit; the selection is byte-identical
-    again = select(st, recipe="kl-guided", output=tmp_path / "kl2.parquet")
+    again = select(st, recipe="kl-guided", include_own_pair=True, output=tmp_path / "kl2.parquet")
     assert not again["recipe_fit"]["made"] and again["recipe_fit"]["fit_id"] == made["fit_id"]
     assert pq.read_table(tmp_path / "kl2.parquet").equals(tbl)
+    # the default: reference captions leave their own pair out, on the same fit
+    new = select(st, recipe="kl-guided", output=tmp_path / "kl3.parquet")
+    assert new["recipe_fit"]["fit_id"] == made["fit_id"] and new["recipe_fit"]["own_pair"] == "exclude"
+    want_new, kl_new = paper_kl_guided(list(ids), Y, ref["ref_ids"], ref["X_ref_raw"], rec.logit_scale, 0.25,
+                                       own_pair_out=True)
+    t3 = pq.read_table(tmp_path / "kl3.parquet")
+    assert t3.column("id").to_pylist() == want_new and want_new != want
+    np.testing.assert_allclose(t3.column("text_info_gain").to_pylist(), [kl_new[k] for k in want_new], rtol=1e-9)
+    in_ref = set(ref["ref_ids"].tolist())
+    assert sum(k in in_ref for k in want_new) < sum(k in in_ref for k in want)
+
+
+def scale100_store(path, img, txt, ids):
+    """A store whose model has CLIP's logit scale a = 100 (vectors written as they are)."""
+    st = Store.init(path)
+    rec = st.register_model(model_id="clip-a100", kind="clip", dim=img.shape[1], logit_scale=100.0, logit_bias=None,
+                            context_length=77, spec={})
+    st.write_batch(rec, samples=None, ids=list(ids), image=img, text=txt, run_id=st.start_run(rec.model_id, "src",
+                   "precomputed"), source="src", rejects=[], meta_types={})
+    return st
+
+
+def leave_own_pair_out_kl(Q, R):
+    """D_KL(π ‖ U) of row i against the rows of R other than row i: log(M − 1) − H(π), a = 100."""
+    out = []
+    for i, q in enumerate(unit(Q)):
+        z = 100.0 * (np.delete(unit(R), i, axis=0) @ q)
+        logp = z - lse(z)
+        out.append(np.log(len(R) - 1) + float(np.exp(logp) @ logp))
+    return np.array(out)
+
+
+def test_reference_rows_leave_their_own_pair_out_in_sql_stored_scores_and_kl_guided(tmp_path):
+    """The defect: a reference row's own pair stayed in its posterior, so at a = 100 with the uniform
+    prior every reference row scored ln M (here all 300 rows, the whole store being the reference)
+    and kl-guided mostly selected its own reference sample. Now (docs/science.md §1): the `scores`
+    view and stored scores equal log(M − 1) − H over the other rows; a reference row scores as its
+    vectors under a new id against a reference without it; reference rows take about their 25%
+    share of a kl-guided selection (with the own pair kept in: 89%)."""
+    n, d, rng = 300, 32, np.random.default_rng(4)
+    shared = 3.0 * np.eye(d)[0] + rng.normal(size=(n, d)) * np.linspace(1.5, 0.2, d)    # CLIP-like offset
+    img = shared + 0.3 * rng.normal(size=(n, d))
+    txt = shared + 0.6 * rng.normal(size=(n, d))
+    ids = [f"r{i:04d}" for i in range(n)]
+    st = scale100_store(tmp_path / "a", img.astype(np.float32), txt.astype(np.float32), ids)
+    fit_stats(st, reference_size=n, scale="model", prior="uniform")           # reference = every row
+    want_t = leave_own_pair_out_kl(txt.astype(np.float32), img.astype(np.float32))
+    want_i = leave_own_pair_out_kl(img.astype(np.float32), txt.astype(np.float32))
+    con = queries.connect(st)
+    rows = fetch(con, "SELECT text_info_gain, image_info_gain FROM scores ORDER BY id")
+    got_t, got_i = np.array(rows).T
+    np.testing.assert_allclose(got_t, want_t, rtol=1e-9)
+    np.testing.assert_allclose(got_i, want_i, rtol=1e-9)
+    assert np.mean(np.abs(got_t - np.log(n)) < 1e-2) < 0.5       # was: 95% of the rows
+    materialize_scores(st, ["text_info_gain", "image_info_gain"])
+    stored_rows = fetch(queries.connect(st), "SELECT text_info_gain, image_info_gain FROM stored_scores ORDER BY id")
+    np.testing.assert_allclose(np.array(stored_rows), np.array(rows), rtol=1e-12)
+    # row 7 scores as its own vectors under a new id against a reference that lacks row 7
+    keep = np.arange(n) != 7
+    other = scale100_store(tmp_path / "b", img[keep].astype(np.float32), txt[keep].astype(np.float32),
+                           [ids[i] for i in np.flatnonzero(keep)])
+    fit_stats(other, reference_size=n, scale="model", prior="uniform")
+    rec = other.model()
+    other.write_batch(rec, samples=None, ids=["new"], image=img[[7]].astype(np.float32),
+                      text=txt[[7]].astype(np.float32), run_id=other.start_run(rec.model_id, "src", "precomputed"),
+                      source="src", rejects=[], meta_types={})
+    new = fetch(queries.connect(other), "SELECT text_info_gain, image_info_gain FROM scores WHERE id = 'new'")[0]
+    np.testing.assert_allclose(new, rows[7], rtol=1e-9)
+    # kl-guided over a reference of 75 of the 300 rows: reference rows take about their 25% share
+    shares = {}
+    for incl in (False, True):
+        side = select(st, recipe="kl-guided", reference_size=75, include_own_pair=incl, output=tmp_path / f"{incl}.txt")
+        ref_ids = set(st.get_fit(side["recipe_fit"]["fit_id"], with_reference=True)["arrays"]["ref_ids"].tolist())
+        chosen = (tmp_path / f"{incl}.txt").read_text().split()
+        shares[incl] = sum(i in ref_ids for i in chosen) / len(chosen)
+    assert 0.12 < shares[False] < 0.38 and shares[True] > 0.7, shares
+    # the authors' behaviour for the scores view is an explicit, recorded fit option
+    fit_stats(st, reference_size=n, scale="model", prior="uniform", own_pair="include")
+    assert st.latest_fit(st.model(), with_arrays=False)["options"]["own_pair"] == "include"
+    kept_in = np.array(fetch(queries.connect(st), "SELECT text_info_gain FROM scores ORDER BY id"))[:, 0]
+    assert np.mean(np.abs(kept_in - np.log(n)) < 1e-2) > 0.9
+    with pytest.raises(StatsError, match="own_pair must be one of"):
+        fit_stats(st, own_pair="sometimes")
 
 
 def test_kl_guided_refuses_without_its_fit_naming_the_command(tmp_path, tiny_model):
@@ -436,6 +524,8 @@ def test_kl_guided_refuses_without_its_fit_naming_the_command(tmp_path, tiny_mod
     side = select(st, recipe="kl-guided", make_fit=False, output=tmp_path / "y.txt")
     assert side["recipe_fit"]["fit"] == "default fit"
     assert (tmp_path / "x.txt").read_text() == (tmp_path / "y.txt").read_text()
+    r = run("stats", "fit", st.path, "--reference-size", 50, "--include-own-pair")
+    assert r.exit_code == 0 and st.latest_fit(st.model(), with_arrays=False)["options"]["own_pair"] == "include"
 
 
 def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):

@@ -3,7 +3,7 @@
 The reference sample is M rows drawn once, seeded, from the rows holding both
 embeddings (all rows when fewer): seeded row positions of the committed table
 version, read with one Lance `take` (no scan, seconds at millions of rows). The fit (priors, prior-weighted
-means, covariances and their factors; SCIENCE.md §1–2) is stored in the catalog
+means, covariances and their factors; docs/science.md §1–2) is stored in the catalog
 stamped with the data version it came from, the seed and the options.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from clipsql.kernels import scores
 
 DEFAULT_REFERENCE_SIZE = 10_000
 DEFAULT_STALE_SHARE = 0.10
-# Fits made for a curation recipe: the settings that recipe is published with (SCIENCE.md §9).
+# Fits made for a curation recipe: the settings that recipe is published with (docs/science.md §9).
 RECIPE_FITS = {"kl-guided": {"scale": "model", "prior": "uniform"}}
 ARRAY_KEYS = ("log_prior_text", "log_prior_image", "mean_image", "mean_text", "cov_image", "cov_text",
               "factor_image", "factor_text")
@@ -65,13 +65,18 @@ def draw_reference(st: Store, rec: ModelRecord, size: int, seed: int,
 
 def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFAULT_REFERENCE_SIZE,
               seed: int = 0, scale: str = "1", prior: str = "posterior-mean",
-              neg_clip: dict[str, Any] | None = None, recipe: str | None = None) -> dict[str, Any]:
+              neg_clip: dict[str, Any] | None = None, recipe: str | None = None,
+              own_pair: str = "exclude") -> dict[str, Any]:
     """Fit and store the reference statistics of one model; returns a summary.
 
     `neg_clip` overrides the recorded negCLIPLoss batch options {tau, batch_size, k, seed}
     (defaults τ = 0.01, |B| = min(32768, M+1), K = 10, the fit's seed). `recipe`: a fit made
     for that curation recipe (e.g. kl-guided), kept apart: the default fit the `scores` view
-    uses is not replaced."""
+    uses is not replaced. `own_pair`: how the exact Information Gain of a row drawn into the reference
+    treats its own pair, "exclude" (docs/science.md §1) or "include" (the authors' behaviour),
+    recorded in the options for the `scores` view and stored scores."""
+    if own_pair not in scores.OWN_PAIR:
+        raise StatsError(f"own_pair must be one of {', '.join(scores.OWN_PAIR)}; got {own_pair!r}")
     if recipe is not None:
         if recipe not in RECIPE_FITS:
             raise StatsError(f"--for-recipe must be one of {', '.join(RECIPE_FITS)}; got {recipe!r}")
@@ -95,6 +100,7 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         f = scores.fit(X, Y, a=a, b=b, kind=rec.kind, prior=prior)
         options = {"seed": seed, "scale": str(scale), "a": a, "b": b, "prior": prior, "kind": rec.kind,
                    "approx_metric": "fisher-1-minus-sigma" if rec.kind == "siglip" else "covariance",
+                   "own_pair": own_pair,
                    **({"recipe": recipe} if recipe else {}),
                    "requested_reference_size": reference_size, "data_version": version,
                    "neg_clip": {"tau": 0.01, "batch_size": min(32768, len(ref_ids) + 1), "k": 10, "seed": seed,

@@ -1,7 +1,9 @@
-"""The curation recipes `clipsql select` runs (SCIENCE.md §9, §11), each over a `Pool`.
+"""The curation recipes `clipsql select` runs (docs/science.md §9, §11), each over a `Pool`.
 
 * `kl-guided` (density-ratio revision, as published): the top 25% by text Information Gain
-  against the **uniform** prior at the model's own logit scale (and bias, for SigLIP). It runs
+  against the **uniform** prior at the model's own logit scale (and bias, for SigLIP), a caption
+  drawn into the reference leaving its own pair out (`include_own_pair`: the authors'
+  behaviour, kept in). It runs
   on a fit with exactly those settings: the default fit when it has them, else the newest fit
   made for the recipe, else one made now (seeded like the default fit, recorded, kept apart
   from the default fit the `scores` view uses), or — when the store is read-only or
@@ -141,15 +143,21 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
 
 
 def kl_guided(pool: Pool, count: int | None, *, make_fit: bool, seed: int | None,
-              reference_size: int | None) -> tuple[pa.Table, dict, dict]:
+              reference_size: int | None, include_own_pair: bool = False) -> tuple[pa.Table, dict, dict]:
+    """Top `count` by text Information Gain on the recipe's fit. A caption drawn into the reference
+    leaves its own pair out (docs/science.md §1, §9) unless `include_own_pair` (the authors' code,
+    whose selection it then equals); the rule is the recipe's, whatever the fit recorded."""
     fit, how = kl_guided_fit(pool.st, pool.rec, make=make_fit, seed=seed, reference_size=reference_size)
     f, row = fit
-    tbl = pool.score(["text_info_gain"], fit)
+    own_pair = "include" if include_own_pair else "exclude"
+    row = {**row, "options": {**row["options"], "own_pair": own_pair}}
+    tbl = pool.score(["text_info_gain"], (f, row))
     chosen, nulls = top(tbl, "text_info_gain", count)
     o = row["options"]
     extra = {"recipe_fit": {**how, "fit_id": row["fit_id"], "a": f.a, "b": f.b, "prior": f.prior,
                             "seed": o.get("seed"), "reference_size": row["reference_size"],
-                            "data_version": o.get("data_version"), "settings": kl_guided_settings(pool.rec)}}
+                            "data_version": o.get("data_version"), "settings": kl_guided_settings(pool.rec),
+                            "own_pair": own_pair}}
     return chosen, {"null_scores": nulls}, extra
 
 

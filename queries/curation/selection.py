@@ -1,11 +1,12 @@
-"""`clipsql select`: curation recipes (SCIENCE.md §9, §11) and the export of the chosen ids.
+"""`clipsql select`: curation recipes (docs/science.md §9, §11) and the export of the chosen ids.
 
     select(st, recipe="kl-guided", output="subset.parquet")
     select(st, SelectSpec(recipe="clip-score", where="semdedup_max_sim < 0.99"), output="uids.npy")
 
 Recipes (queries.curation.recipes has their definitions):
 * `kl-guided`: the top `fraction` (default 25%) by text Information Gain against the uniform
-  prior at the model's logit scale, on a fit with exactly those settings (made if needed).
+  prior at the model's logit scale, on a fit with exactly those settings (made if needed); a
+  reference row leaves its own pair out unless `include_own_pair` (the authors' behaviour).
 * `negclip-normsim`: the top `first_fraction` (default 30%) by `neg_clip_loss` (the per-row
   stable form; `negclip_form="pool"` uses the stored `neg_clip_loss_pool`), then among those the
   top rows by `norm_sim_inf(image, target)` up to `fraction` (default 20%) of the pool.
@@ -72,6 +73,7 @@ class SelectSpec:
     seed: int | None = None                 # image-based k-means; kl-guided's fit (default: the default fit's)
     reference_size: int | None = None       # kl-guided's fit (default: the default fit's)
     make_fit: bool = True                   # kl-guided: make the recipe's fit when missing
+    include_own_pair: bool = False          # kl-guided: keep a reference row's own pair (the authors' code)
     format: str | None = None               # output format (default: from the suffix)
 
     def check(self) -> None:
@@ -100,6 +102,8 @@ class SelectSpec:
             raise SelectionError("--clusters and --sample are only used by --recipe image-based")
         if s.clusters is not None and s.clusters < 1:
             raise SelectionError(f"--clusters must be >= 1; got {s.clusters}")
+        if s.include_own_pair and s.recipe != "kl-guided":
+            raise SelectionError("--include-own-pair is only used by --recipe kl-guided")
         if s.negclip_form not in ("row", "pool"):
             raise SelectionError(f"--negclip-form must be row or pool; got {s.negclip_form!r}")
 
@@ -186,7 +190,8 @@ def _run(pool: recipes.Pool, spec: SelectSpec) -> tuple[pa.Table, dict, dict]:
     side: dict[str, Any] = {"fraction": fraction}
     if spec.recipe == "kl-guided":
         tbl, c, extra = recipes.kl_guided(pool, count, make_fit=spec.make_fit, seed=spec.seed,
-                                          reference_size=spec.reference_size)
+                                          reference_size=spec.reference_size,
+                                          include_own_pair=spec.include_own_pair)
     elif spec.recipe == "clip-score":
         tbl, c, extra = recipes.clip_score(pool, count, spec.threshold)
     elif spec.recipe == "image-based":

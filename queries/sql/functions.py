@@ -6,10 +6,10 @@ Optional arguments (the model) come from overloaded SQL macros over fixed-arity
 UDFs. NaN (zero, NULL or non-finite vectors) comes back as NULL. BLAS is pinned
 to one thread inside UDF work; DuckDB's threads parallelize across batches.
 
-| function | definition (SCIENCE.md) |
+| function | definition (docs/science.md) |
 |---|---|
-| image_info_gain(emb [, model]) / text_info_gain | §1 KL(π(x) ‖ p̄) |
-| image_info_gain_reverse / text_info_gain_reverse | §1 KL(p̄ ‖ π(x)) |
+| image_info_gain(emb [, model [, id]]) / text_info_gain | §1 KL(π(x) ‖ p̄) |
+| image_info_gain_reverse / text_info_gain_reverse (same arguments) | §1 KL(p̄ ‖ π(x)) |
 | image_info_gain_approx / text_info_gain_approx | §2 ½a²(x̂−ū)ᵀG(x̂−ū) |
 | centered_norm(emb, modality [, model]) | §2 a²‖x̂−ū‖² |
 | raw_norm(emb) | §2 ‖x‖² |
@@ -23,6 +23,12 @@ to one thread inside UDF work; DuckDB's threads parallelize across batches.
 | text_embedding(prompt [, model]) | raw text embedding FLOAT[d], cached per prompt (queries.curation.prompts) |
 | importance_weight(img, prompt [, scale [, model]]) | §7 density ratio vs the reference images, a = 10 |
 | vslerp(a, b, theta, alpha [, model [, modality]]) | §8 SLERP(a − αm, b − αm, θ) + αm, FLOAT[d] |
+
+Information Gain leaves a reference row's own pair out (§1). A row is in the reference when its
+id is one of the fit's reference ids (`ref_ids`), so these functions take the row's id as an
+optional last argument (the `scores` view, stored scores and recipes pass it); without it the row
+is scored as one outside the reference. A fit made with `own_pair = "include"` (`stats fit
+--include-own-pair`, the authors' behaviour) keeps every own pair in.
 
 negCLIPLoss needs to know whether a row is itself a reference pair (it then appears
 once in its batch). The UDF sees only vectors, so membership is decided by the
@@ -63,6 +69,7 @@ class ScoreContext:
         self._fit_rows: dict[str, dict] = {}
         self._light: dict[str, scores.Fit] = {}
         self._ref_lookup: dict[str, dict[bytes, int]] = {}
+        self._ref_ids: dict[str, pa.Array] = {}
         self._targets: dict[str, Any] = {}
         self._prompts: Any = None
 
@@ -134,6 +141,26 @@ class ScoreContext:
         lookup = self._cached(self._ref_lookup, rec.model_id, build)
         keys = np.ascontiguousarray(np.concatenate([X.astype(np.float32), Y.astype(np.float32)], 1))
         return np.array([lookup.get(row.tobytes(), -1) for row in keys], dtype=np.int64)
+
+    def own_pair(self, rec: ModelRecord) -> str:
+        """How the fit's Information Gain treats a reference row's own pair (docs/science.md §1):
+        "exclude" (the default, and for fits that predate the option) or "include" (the authors')."""
+        return str(self.fit_row(rec)["options"].get("own_pair", scores.OWN_PAIR[0]))
+
+    def reference_positions(self, rec: ModelRecord, ids: Any) -> np.ndarray | None:
+        """Per row, its position in the fit's reference sample when its id is one of the sample's
+        ids, else -1 (NULL ids: -1); None when the fit keeps own pairs in ("include"). Membership is
+        the row's id, not its vectors: another row duplicating a reference pair is not that pair."""
+        if self.own_pair(rec) == "include":
+            return None
+
+        def build() -> pa.Array:
+            return pa.array(np.asarray(self.fit_row(rec)["arrays"]["ref_ids"]).astype(str), pa.string())
+        ref_ids = self._cached(self._ref_ids, rec.model_id, build)
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        pos = pc.index_in(ids.cast(pa.string()), value_set=ref_ids)
+        return pc.fill_null(pos, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
     def target(self, name: str) -> Any:
         def load() -> Any:
@@ -244,6 +271,25 @@ def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.n
             rec = ctx.score_model(mname, "a score function")
             col = emb if len(idx) == n else take_rows(emb, idx)
             out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip()), rec, mod)
+        return _result(out)
+    return udf
+
+
+def _info_gain_scored(ctx: ScoreContext, reverse: bool) -> Callable:
+    """Arrow UDF (emb, modality, model, id) of the exact Information Gain (docs/science.md §1): a row
+    whose id is in the fit's reference sample leaves its own pair out (unless the fit says "include");
+    a NULL id is scored as a row outside the reference."""
+    def udf(emb: Any, modality: Any, model: Any, ids: Any) -> pa.Array:
+        n = len(emb)
+        out = np.full(n, np.nan)
+        for (mod, mname), idx in pair_groups(modality, model, n):
+            if mod not in ("image", "text"):
+                raise QueryError(f"modality must be 'image' or 'text', got {mod!r}")
+            rec = ctx.score_model(mname, "a score function")
+            X = matrix(_sub(emb, idx, n), rec.dim, f"{mod} embedding")
+            fit = ctx.fit(rec)
+            ref = ctx.reference_positions(rec, _sub(ids, idx, n))
+            out[idx] = scores.info_gain(X, fit, mod, reverse=reverse, ref_index=ref)
         return _result(out)
     return udf
 
@@ -372,12 +418,9 @@ def register(con: Any, st: Store) -> ScoreContext:
     ctx = ScoreContext(st)
     F, V, B = "FLOAT[]", "VARCHAR", "BOOLEAN"
 
-    def ig(reverse: bool) -> Callable:
-        return lambda X, rec, mod: scores.info_gain(X, ctx.fit(rec), mod, reverse=reverse)
-
     udfs: dict[str, tuple[Callable, list[str]]] = {
-        "_clipsql_info_gain": (_scored(ctx, ig(False)), [F, V, V]),
-        "_clipsql_info_gain_reverse": (_scored(ctx, ig(True)), [F, V, V]),
+        "_clipsql_info_gain": (_info_gain_scored(ctx, False), [F, V, V, V]),
+        "_clipsql_info_gain_reverse": (_info_gain_scored(ctx, True), [F, V, V, V]),
         "_clipsql_info_gain_approx": (_scored(ctx, lambda X, rec, mod: scores.info_gain_approx(
             X, ctx.fit_light(rec), mod)), [F, V, V]),
         "_clipsql_centered_norm": (_scored(ctx, lambda X, rec, mod: scores.centered_norm(
@@ -425,11 +468,16 @@ def register(con: Any, st: Store) -> ScoreContext:
             parts.append(f"({params}) AS " + call.replace("{udf}", "").replace("{cast}", "::FLOAT[]"))
         con.execute(f"CREATE OR REPLACE MACRO {name}" + ", ".join(parts))
 
+    # exact Information Gain: (emb [, model [, id]]); with the row's id a reference row leaves its own
+    # pair out (docs/science.md §1), without it the row is scored as one outside the reference
+    for name, udf, modality in (("image_info_gain", "_clipsql_info_gain", "'image'"),
+                                ("text_info_gain", "_clipsql_info_gain", "'text'"),
+                                ("image_info_gain_reverse", "_clipsql_info_gain_reverse", "'image'"),
+                                ("text_info_gain_reverse", "_clipsql_info_gain_reverse", "'text'")):
+        macro(name, ("emb", f"{udf}{{udf}}(emb{{cast}}, {modality}, NULL, NULL)"),
+              ("emb, model", f"{udf}{{udf}}(emb{{cast}}, {modality}, model, NULL)"),
+              ("emb, model, id", f"{udf}{{udf}}(emb{{cast}}, {modality}, model, id)"))
     macros = {
-        "image_info_gain": ("_clipsql_info_gain", "'image'"),
-        "text_info_gain": ("_clipsql_info_gain", "'text'"),
-        "image_info_gain_reverse": ("_clipsql_info_gain_reverse", "'image'"),
-        "text_info_gain_reverse": ("_clipsql_info_gain_reverse", "'text'"),
         "image_info_gain_approx": ("_clipsql_info_gain_approx", "'image'"),
         "text_info_gain_approx": ("_clipsql_info_gain_approx", "'text'"),
         "image_conformity": ("_clipsql_conformity", "'image'"),
@@ -499,9 +547,10 @@ def score_expressions(model_literal: str, kind: str = "clip") -> dict[str, str]:
     `neg_siglip_loss` is NULL for a CLIP model (it needs SigLIP's sigmoid loss and bias)."""
     i, t, m = "e.image_embedding", "e.text_embedding", model_literal
     return {
-        "image_info_gain": f"image_info_gain({i}, {m})", "text_info_gain": f"text_info_gain({t}, {m})",
-        "image_info_gain_reverse": f"image_info_gain_reverse({i}, {m})",
-        "text_info_gain_reverse": f"text_info_gain_reverse({t}, {m})",
+        # the row's id: a reference row leaves its own pair out (docs/science.md §1)
+        "image_info_gain": f"image_info_gain({i}, {m}, e.id)", "text_info_gain": f"text_info_gain({t}, {m}, e.id)",
+        "image_info_gain_reverse": f"image_info_gain_reverse({i}, {m}, e.id)",
+        "text_info_gain_reverse": f"text_info_gain_reverse({t}, {m}, e.id)",
         "image_info_gain_approx": f"image_info_gain_approx({i}, {m})",
         "text_info_gain_approx": f"text_info_gain_approx({t}, {m})",
         "image_centered_norm": f"centered_norm({i}, 'image', {m})",
