@@ -53,7 +53,7 @@ def main() -> None:
     from clipsql.engines.ingest import ingest_ray
     from clipsql.engines.scores import score_ray
     from clipsql.ingest.pipeline import IngestOptions, ingest
-    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.store.fits import fit_stats
     from clipsql.store.store import Store
     from tests.conftest import write_image_folder
     from tests.test_ledger import write_pool

@@ -10,8 +10,10 @@ from typing import Any
 
 from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
 
-from clipsql.queries.sql.db import connect
+from clipsql.lazy import duckdb
+from clipsql.queries.sql.db import connect, open_store
 from clipsql.queries.sql.functions import one_blas_thread
+from clipsql.store.fits import staleness
 
 _UDF_PREFIX = re.compile(r"^.*?Python exception occurred while executing the UDF: (?:\w+\.)*\w+: ", re.S)
 
@@ -35,7 +37,6 @@ def clean_error(e: BaseException, con: Any = None) -> str:
 
 
 def execute(con: Any, sql: str) -> Any:
-    import duckdb
     try:
         return con.sql(sql)
     except duckdb.Error as e:
@@ -45,7 +46,6 @@ def execute(con: Any, sql: str) -> Any:
 def fetch_table(con: Any, sql: str) -> Any:
     """Run `sql` to an Arrow table (None for a statement without rows), BLAS pinned on the
     thread that runs it; a DuckDB error becomes QueryError with a clean message."""
-    import duckdb
     with one_blas_thread():
         rel = execute(con, sql)
         if rel is None:
@@ -102,8 +102,6 @@ def interruptible(con: Any, fn: Any) -> Any:
 def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = None,
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
-    from clipsql.queries.sql.db import open_store
-    from clipsql.queries.curation.fit import staleness
     st = open_store(store)
     if st.list_models():
         warn = staleness(st, st.model())
