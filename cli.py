@@ -30,11 +30,14 @@ from clipsql.queries.present.demo import run_demo
 from clipsql.queries.present.gallery import write_gallery
 from clipsql.queries.present.geometry import geometry_report
 from clipsql.queries.present.plots import plot_hist, plot_scatter
-from clipsql.queries.present.stats import format_report as format_stats_report, stats_report
-from clipsql.queries.search.command import format_search, search as run_search
+from clipsql.queries.present.stats import format_report as format_stats_report
+from clipsql.queries.present.stats import stats_report
+from clipsql.queries.search.command import format_search
+from clipsql.queries.search.command import search as run_search
 from clipsql.queries.search.index import build_index
 from clipsql.queries.sql.cli_query import repl, run_query
-from clipsql.store.doctor import doctor as run_doctor, format_report as format_doctor_report
+from clipsql.store.doctor import doctor as run_doctor
+from clipsql.store.doctor import format_report as format_doctor_report
 from clipsql.store.fits import fit_stats
 from clipsql.store.maintenance import optimize as run_optimize
 from clipsql.store.manage import remove_model, set_default_model

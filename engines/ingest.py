@@ -21,11 +21,25 @@ from collections import Counter
 from typing import Any
 
 from clipsql.engines.engine import gpu_count, ray_session, worker_count
-from clipsql.engines.tasks import EncodeWriter, RunContext, UnitResult, decode_unit, precomputed_unit, read_ids
+from clipsql.engines.tasks import (
+    EncodeWriter,
+    RunContext,
+    UnitResult,
+    decode_unit,
+    precomputed_unit,
+    read_ids,
+)
 from clipsql.errors import SourceError
 from clipsql.ingest.dedup import IdChecker
-from clipsql.ingest.pipeline import (IngestOptions, IngestSummary, finish_noop, plan_run, register_model,
-                                     renamed_metadata, unless_failing)
+from clipsql.ingest.pipeline import (
+    IngestOptions,
+    IngestSummary,
+    finish_noop,
+    plan_run,
+    register_model,
+    renamed_metadata,
+    unless_failing,
+)
 from clipsql.lazy import lance_fragment, ray_data
 from clipsql.lazy import ray as _ray
 from clipsql.store.faults import fault

@@ -26,7 +26,13 @@ from clipsql.ingest.sources import Reject
 from clipsql.kernels.arrays import fixed_list
 from clipsql.lazy import lance_fragment, torch
 from clipsql.models import loading as models
-from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
+from clipsql.store.store import (
+    ModelRecord,
+    StatsState,
+    Store,
+    new_moments,
+    update_moments,
+)
 from clipsql.store.tables import SAMPLES
 
 

@@ -22,6 +22,7 @@ as `bad_uid` (not 32 hex characters), then as any precomputed row (`missing_capt
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zipfile
@@ -34,8 +35,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipsql.errors import SourceError
-from clipsql.ingest.columnar import (Columns, clean_captions, duck_connection, locations, metadata_json, quote_ident,
-                                     vector_matrix)
+from clipsql.ingest.columnar import (
+    Columns,
+    clean_captions,
+    duck_connection,
+    locations,
+    metadata_json,
+    quote_ident,
+    vector_matrix,
+)
 from clipsql.ingest.sources import Item, Reject, Source
 from clipsql.store.catalog import NPY_LOCK
 
@@ -292,7 +300,6 @@ class DataCompSource(Source):
 
     def read(self, unit) -> Iterator[Item | Reject]:
         """The columnar rows as Items (validated already) and Rejects: for tools that iterate."""
-        import json
         cols = self.read_columns(unit, self.dim())
         for location, reason, detail in cols.rejects:
             yield Reject(location, reason, detail)

@@ -13,6 +13,7 @@ import os
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -462,7 +463,6 @@ def _ingest_columns(r: _Run) -> None:
     """Precomputed vectors: whole units as Arrow columns, read one unit ahead on a thread."""
     source, todo, rec, writer = r.source, r.todo, r.rec, r.writer
     checker, summary, rejected, seconds, bar, on_batch = r.checker, r.summary, r.rejected, r.seconds, r.bar, r.on_batch
-    from concurrent.futures import ThreadPoolExecutor
 
     def read(unit: Any) -> tuple[Any, float]:
         t0 = time.perf_counter()

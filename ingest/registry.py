@@ -34,8 +34,15 @@ import pyarrow.parquet as pq
 from clipsql.errors import SourceError
 from clipsql.ingest.datacomp import DataCompSource, pool_dir
 from clipsql.ingest.precomputed import PrecomputedSource
-from clipsql.ingest.sources import (IMAGE_EXTS, SUPPORTED_LAYOUTS, TABLE_FORMATS, FolderSource, Source, TableSource,
-                                    is_shard_name)
+from clipsql.ingest.sources import (
+    IMAGE_EXTS,
+    SUPPORTED_LAYOUTS,
+    TABLE_FORMATS,
+    FolderSource,
+    Source,
+    TableSource,
+    is_shard_name,
+)
 from clipsql.ingest.webdataset import WebDatasetSource, expand_braces
 
 Opener = Callable[[str, dict, bool], "Source | None"]

@@ -38,6 +38,7 @@ Reject reason codes produced here:
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import itertools
 import json
 import os
@@ -240,7 +241,6 @@ class Source:
         """A unit's fingerprint: the kind, the options, the unit and, for every file it reads, the
         resolved path, size and mtime. The commit ledger keys ingested units by it, so a re-run
         skips a unit without reading it, and a changed file is read again."""
-        import hashlib
         files = []
         for f in self.unit_files(unit):
             try:

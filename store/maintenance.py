@@ -16,6 +16,7 @@ that change no row; the catalog's `table_versions` moves to them in one transact
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import time
 from typing import Any
 
@@ -82,7 +83,6 @@ def _tag_fit_versions(st: Store, ds: Any, name: str) -> int:
     rec: ModelRecord | None = models.get(name)
     if rec is None:
         return 0
-    import json
     existing = set(ds.tags.list())
     n = 0
     with st.engine.connect() as conn:

@@ -24,6 +24,8 @@ import tempfile
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipsql.errors import SelectionError
 
@@ -38,8 +40,6 @@ _DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 def _records(ids: Any) -> np.ndarray:
     """(n, 32) uint8: the uids' characters; SelectionError naming the first id that is not 32 hex."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
     if isinstance(ids, (pa.Array, pa.ChunkedArray)):
         arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     else:

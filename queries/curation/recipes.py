@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Callable
 
 import numpy as np
@@ -222,7 +223,6 @@ def _pool_vectors_ids(pool: Pool) -> tuple[pa.Array, Callable[[np.ndarray], np.n
 
 def fraction_count(fraction: float, pool: int) -> int:
     """floor(F × pool) with F taken as the decimal it is written as (so 0.29 × 100 is 29)."""
-    from decimal import Decimal
     return int(math.floor(Decimal(str(fraction)) * pool))
 
 

@@ -28,6 +28,7 @@ line) or `datacomp-uids` (`.npy`: the sorted uid array DataComp's resharder read
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import time
@@ -37,12 +38,15 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from clipsql.errors import ClipsqlError, SelectionError
 from clipsql.lazy import duckdb
 from clipsql.queries.curation import recipes
 from clipsql.queries.curation.datacomp import save_uids
-from clipsql.queries.curation.recipes import fraction_count as count_for, rank  # noqa: F401 - the public names of this module
+from clipsql.queries.curation.recipes import fraction_count as count_for  # noqa: F401 - the public names of this module
+from clipsql.queries.curation.recipes import rank
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
 from clipsql.queries.sql.engine import LOCAL, Engine
 from clipsql.queries.sql.functions import blas_pinned
@@ -364,11 +368,9 @@ def _write(tbl: pa.Table, output: Path, fmt: str) -> str:
             ids = tbl.column("id").to_pylist()
             tmp.write_text("".join(f"{i}\n" for i in ids))
         elif fmt == "csv":
-            import pyarrow.csv as pcsv
             flat = [c for c, f in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(f.type)]
             pcsv.write_csv(tbl.select(flat), tmp)
         else:
-            import pyarrow.parquet as pq
             pq.write_table(tbl, tmp)
         digest = _fsync_sha256(tmp)
         fault("select:before-rename")
@@ -393,7 +395,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _fsync_sha256(path: Path) -> str:
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb+") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

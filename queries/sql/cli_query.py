@@ -4,12 +4,17 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
+from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
 from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect, open_store
 from clipsql.queries.sql.functions import one_blas_thread
@@ -67,7 +72,6 @@ def interruptible(con: Any, fn: Any) -> Any:
     QueryCancelled. A plain KeyboardInterrupt is not used: raised while DuckDB runs, it left the
     worker's thread state torn down and the process aborted at exit. Off the main thread (no
     signal handlers there) the query runs inline."""
-    import signal
     if threading.current_thread() is not threading.main_thread():
         return fn()
     box: dict[str, Any] = {}
@@ -106,7 +110,6 @@ def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = No
     if st.list_models():
         warn = staleness(st, st.model())
         if warn:
-            import sys
             print(f"warning: {warn}", file=sys.stderr)
     con = connect(st, allow_external_access=allow_external_access)
     try:
@@ -122,11 +125,9 @@ def _format(tbl: Any, fmt: str, output: Path | None, max_rows: int) -> str:
     if fmt == "parquet":
         if output is None:
             raise QueryError("--format parquet needs --output FILE")
-        import pyarrow.parquet as pq
         pq.write_table(tbl, output)
         return ""
     if fmt == "csv":
-        import pyarrow.csv as pcsv
         buf = io.BytesIO()
         pcsv.write_csv(_flatten_lists(tbl), buf)
         text = buf.getvalue().decode()
@@ -141,7 +142,6 @@ def _format(tbl: Any, fmt: str, output: Path | None, max_rows: int) -> str:
 
 
 def _flatten_lists(tbl: Any) -> Any:
-    import pyarrow as pa
     cols = []
     for col in tbl.columns:
         if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_struct(col.type):

@@ -13,8 +13,11 @@ results out or read other files. Spill files go to a private, bounded temporary 
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -26,7 +29,13 @@ from clipsql.queries.sql import functions
 from clipsql.queries.sql.functions import score_expressions
 from clipsql.store import catalog as cat
 from clipsql.store.store import Store
-from clipsql.store.tables import SAMPLES, dedup_table_name, metadata_aliases, samples_schema, stored_table_name
+from clipsql.store.tables import (
+    SAMPLES,
+    dedup_table_name,
+    metadata_aliases,
+    samples_schema,
+    stored_table_name,
+)
 
 
 def quote_ident(name: str) -> str:
@@ -72,9 +81,6 @@ def _bounded_spill(con: Any) -> str:
     fails with DuckDB's out-of-memory message instead of filling the disk."""
     global _SPILL_DIR
     if _SPILL_DIR is None:      # one per process (a Ray worker opens a connection per task)
-        import atexit
-        import shutil
-        import tempfile
         _SPILL_DIR = tempfile.mkdtemp(prefix="clipsql-spill-")
         atexit.register(shutil.rmtree, _SPILL_DIR, True)
     folder = _SPILL_DIR

@@ -45,6 +45,7 @@ from clipsql.errors import QueryError
 from clipsql.kernels import scores
 from clipsql.kernels.arrays import matrix, take_rows
 from clipsql.kernels.geometry import MODS, ellipsoid, gaussian_loglik
+from clipsql.lazy import threadpoolctl
 from clipsql.models.prompts import PromptCache
 from clipsql.queries.sql.nearest import register_nearest
 from clipsql.store.fits import load_fit
@@ -166,7 +167,7 @@ def one_blas_thread() -> Iterator[None]:
     the other commands do this; from Python: `with queries.one_blas_thread(): con.sql(…)`.
     """
     try:
-        from threadpoolctl import threadpool_limits
+        threadpool_limits = threadpoolctl.threadpool_limits
     except ImportError:  # pinning is an optimisation only
         yield
         return

@@ -34,7 +34,6 @@ from clipsql.store.faults import fault
 from clipsql.store.store import Store
 from clipsql.store.tables import stored_table_name
 
-
 POOL_COLUMNS = ("neg_clip_loss_pool", "norm_sim_d")
 
 
