@@ -85,11 +85,6 @@ class LazyModule:
         return f"<lazy module {name!r} ({state})>"
 
 
-def loaded(proxy: LazyModule) -> bool:
-    """Whether the proxy's module has been imported (by this proxy)."""
-    return object.__getattribute__(proxy, "_module") is not None
-
-
 duckdb = LazyModule("duckdb")
 huggingface_hub = LazyModule("huggingface_hub")
 huggingface_hub_constants = LazyModule("huggingface_hub.constants")

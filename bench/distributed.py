@@ -11,7 +11,7 @@ no dashboard) and measures, each side interleaved and the best repetition kept:
 * Ray (2 workers) vs the local engine on the same machine → the overhead ratio
   (local seconds ÷ Ray seconds at equal cores; target ≥ 0.8).
 
-Every run drives the real CLI code path (`cluster.ingest.ingest_ray`, `cluster.scores.score_ray`)
+Every run drives the real CLI code path (`engines.ingest.ingest_ray`, `engines.scores.score_ray`)
 against a fresh store. On a 2-core machine the head, the driver and two 1-CPU workers share the
 cores, so the scaling ratio is bounded well below 2 here; a real cluster gives each worker its own.
 """

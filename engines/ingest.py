@@ -21,14 +21,7 @@ from collections import Counter
 from typing import Any
 
 from clipsql.engines.engine import gpu_count, ray_session, worker_count
-from clipsql.engines.tasks import (
-    EncodeWriter,
-    RunContext,
-    UnitResult,
-    decode_unit,
-    precomputed_unit,
-    read_ids,
-)
+from clipsql.engines.tasks import EncodeWriter, RunContext, UnitResult, decode_unit, precomputed_unit, read_ids
 from clipsql.errors import SourceError
 from clipsql.ingest.dedup import IdChecker
 from clipsql.ingest.pipeline import (

@@ -32,13 +32,7 @@ from clipsql.lazy import lance, lance_fragment
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.materialize import SCORE_COLUMNS, check_columns, score_relation
 from clipsql.store.fits import load_fit
-from clipsql.store.store import (
-    ModelRecord,
-    StatsState,
-    Store,
-    new_moments,
-    update_moments,
-)
+from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
 from clipsql.store.tables import stored_table_name
 
 SCORED_KEY = "clipsql.scored"

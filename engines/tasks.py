@@ -3,7 +3,7 @@
 Pure functions of a `RunContext` (picklable: the source, the model record, the store's path and
 the table versions the run started from) and a unit. They use the same code as the local path:
 `Source.read_columns` / `Source.read` + `ingest.encode.prepare_item` for the checks, the
-`Encoder` for the forward pass, `store.stats.fold_pair` (through `update_moments`) for the
+`Encoder` for the forward pass, `kernels.moments.fold_pair` (through `update_moments`) for the
 statistics, with the store's shift so the driver's merge adds without rounding. Nothing here
 commits: a result names written data files that only the driver's commit makes visible.
 """
@@ -26,13 +26,7 @@ from clipsql.ingest.sources import Reject
 from clipsql.kernels.arrays import fixed_list
 from clipsql.lazy import lance_fragment, torch
 from clipsql.models import loading as models
-from clipsql.store.store import (
-    ModelRecord,
-    StatsState,
-    Store,
-    new_moments,
-    update_moments,
-)
+from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
 from clipsql.store.tables import SAMPLES
 
 

@@ -7,13 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from clipsql.ingest.images import (
-    ItemRejected,
-    check_vector,
-    clean_caption,
-    content_id,
-    load_image,
-)
+from clipsql.ingest.images import ItemRejected, check_vector, clean_caption, content_id, load_image
 from clipsql.lazy import torch
 
 

@@ -49,12 +49,7 @@ from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists, is_remote, rmtree, store_path
 from clipsql.store.locks import file_lock, lease
-from clipsql.store.tables import (
-    SAMPLES,
-    embeddings_schema,
-    embeddings_table_name,
-    samples_schema,
-)
+from clipsql.store.tables import SAMPLES, embeddings_schema, embeddings_table_name, samples_schema
 
 MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record

@@ -29,13 +29,7 @@ from clipsql.kernels.arrays import fixed_list
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance_fragment
 from clipsql.store.faults import fault
-from clipsql.store.store import (
-    ModelRecord,
-    PendingCommit,
-    Store,
-    merge_sql_types,
-    new_moments,
-)
+from clipsql.store.store import ModelRecord, PendingCommit, Store, merge_sql_types, new_moments
 from clipsql.store.tables import SAMPLES, samples_schema
 
 

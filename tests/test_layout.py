@@ -154,3 +154,21 @@ def test_the_import_linter_contracts_are_kept():
     out = subprocess.run([exe, "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+
+
+def test_importing_the_command_line_imports_no_heavy_module():
+    code = ("import sys, clipsql.cli, clipsql.engines; "
+            f"print(sorted(m for m in {sorted(HEAVY)!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_missing_heavy_module_is_one_line_naming_the_install():
+    from clipsql.errors import ClipsqlError
+    from clipsql.lazy import LazyModule, MissingDependency
+
+    missing = LazyModule("clipsql_no_such_package.sub")
+    with pytest.raises(MissingDependency, match="pip install clipsql_no_such_package") as e:
+        missing.anything
+    assert isinstance(e.value, ClipsqlError) and isinstance(e.value, ImportError)
+    assert "\n" not in str(e.value)

@@ -29,7 +29,7 @@ Memory: the image vectors are never all in memory. Pass 1 streams the committed 
 of valid rows in id order as ever) is read with Lance `take` by row position — the positions of
 the scan order of that one version — as float32 unit rows for the k-means; pass 2 streams the
 batches again to assign every row; the within-cluster pass reads the clusters in groups of at most
-budget / (16·d) members by `take` (`queries.kernels.semdedup_blocks`; a larger cluster alone, out
+budget / (16·d) members by `take` (`kernels.semdedup_blocks`; a larger cluster alone, out
 of core). Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
 changes a stored value. Beyond it: O(n) per-row arrays (ids, ranks, norms, labels, cos, max_sim:
 ≈ 90 bytes a row) and the k-means sample as float32 unit rows (4·sample·d bytes: 0.4 GiB at 10⁷ rows

@@ -28,12 +28,7 @@ from clipsql.kernels import topk as kernels
 from clipsql.kernels.arrays import vectors
 from clipsql.store import catalog as cat
 from clipsql.store.store import Store, set_committed_version
-from clipsql.store.vector_index import (
-    column_for,
-    index_search,
-    scan_chunks,
-    setting_key,
-)
+from clipsql.store.vector_index import column_for, index_search, scan_chunks, setting_key
 
 KINDS = ("ivf_hnsw_sq", "ivf_pq")
 DEFAULT_KIND = "ivf_hnsw_sq"         # measured (bench/search.py): see bench/README.md

@@ -29,13 +29,7 @@ from clipsql.queries.sql import functions
 from clipsql.queries.sql.functions import score_expressions
 from clipsql.store import catalog as cat
 from clipsql.store.store import Store
-from clipsql.store.tables import (
-    SAMPLES,
-    dedup_table_name,
-    metadata_aliases,
-    samples_schema,
-    stored_table_name,
-)
+from clipsql.store.tables import SAMPLES, dedup_table_name, metadata_aliases, samples_schema, stored_table_name
 
 
 def quote_ident(name: str) -> str:

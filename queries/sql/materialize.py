@@ -85,7 +85,7 @@ def check_columns(rec: Any, columns: list[str]) -> None:
 def score_relation(con: Any, rec: Any, relation: str, columns: list[str]) -> pa.Table:
     """id + the score columns of every row of `relation` (its image_embedding / text_embedding),
     through the SQL score functions themselves: what `clipsql score` stores locally and what each
-    Ray task computes for its fragment (cluster.scores) are the same expressions."""
+    Ray task computes for its fragment (engines.scores) are the same expressions."""
     exprs = score_expressions(quote_literal(rec.model_id), rec.kind)
     cols = "".join(f", {exprs[c]} AS {quote_ident(c)}" for c in columns)
     return _arrow(con.sql(f"SELECT e.id{cols} FROM {relation} e ORDER BY e.id"))
