@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Train the tiny demo CLIP / SigLIP model shipped in ingest/fixture_models/.
+"""Train the tiny demo CLIP / SigLIP model shipped in models/fixture_models/.
 
-    python training/train_demo_model.py --kind clip   --out ingest/fixture_models/demo-clip
-    python training/train_demo_model.py --kind siglip --out ingest/fixture_models/demo-sig
+    python training/train_demo_model.py --kind clip   --out models/fixture_models/demo-clip
+    python training/train_demo_model.py --kind siglip --out models/fixture_models/demo-sig
 
 The model is an ordinary open_clip ``CLIP`` (ModifiedResNet vision tower,
 2-layer text transformer, SimpleTokenizer) built by open_clip itself from the
