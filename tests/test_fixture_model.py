@@ -1,10 +1,9 @@
-"""The shipped demo models in ingest/fixture_models/ (trained by training/train_demo_model.py)."""
+"""The shipped demo models in models/fixture_models/ (trained by training/train_demo_model.py)."""
 
 from __future__ import annotations
 
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
 from clipsql.ingest import demo  # noqa: E402
-
-FIXTURES = Path(demo.__file__).resolve().parent / "fixture_models"
+from clipsql.models.loading import FIXTURE_DIR as FIXTURES  # noqa: E402
 # held-out image->text top-1 thresholds (200 samples, groups of 100 candidates);
 # measured values are recorded in each folder's provenance.json
 MODELS = {"demo-clip": ("clip", 0.90), "demo-sig": ("siglip", 0.85)}
