@@ -1,11 +1,14 @@
 """clipsql: a store of CLIP embeddings whose curation scores are SQL.
 
 A thin typer router: each command calls one library function and turns
-clipsql's domain errors into a message and exit code 1. Heavy imports (torch,
-open_clip, lancedb, duckdb) happen inside the commands, so --help is instant.
+clipsql's domain errors into a message and exit code 1. The engine of a command
+that takes --engine is chosen here, once (`engines.choose`). Heavy third-party
+modules (torch, open_clip, lance, lancedb, duckdb, ray, matplotlib) are imported
+by the first command that uses them (clipsql.lazy), so --help is instant.
 """
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from enum import Enum
@@ -14,7 +17,33 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from clipsql import __version__
+from clipsql import __version__, engines
+from clipsql.errors import ClipsqlError
+from clipsql.ingest.datacomp import is_datacomp_pool
+from clipsql.ingest.pipeline import IngestOptions, ingest_pool
+from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
+from clipsql.queries.curation.dedup import dedup_status, semdedup
+from clipsql.queries.curation.delete import delete_where
+from clipsql.queries.curation.selection import SelectSpec, select
+from clipsql.queries.curation.targets import add_target
+from clipsql.queries.present.demo import run_demo
+from clipsql.queries.present.gallery import write_gallery
+from clipsql.queries.present.geometry import geometry_report
+from clipsql.queries.present.plots import plot_hist, plot_scatter
+from clipsql.queries.present.stats import format_report as format_stats_report
+from clipsql.queries.present.stats import stats_report
+from clipsql.queries.search.command import format_search
+from clipsql.queries.search.command import search as run_search
+from clipsql.queries.search.index import build_index
+from clipsql.queries.sql.cli_query import repl, run_query
+from clipsql.store.doctor import doctor as run_doctor
+from clipsql.store.doctor import format_report as format_doctor_report
+from clipsql.store.fits import fit_stats
+from clipsql.store.maintenance import optimize as run_optimize
+from clipsql.store.manage import remove_model, set_default_model
+from clipsql.store.store import Store
+from clipsql.store.targets import list_targets, remove_target
+from clipsql.store.writer import CommitPolicy
 
 app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`, then see `clipsql COMMAND --help`.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -59,7 +88,6 @@ def _fail(msg: str, code: int = 1) -> None:
 
 def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     """Call a library function; domain errors become a message and exit 1."""
-    from clipsql.errors import ClipsqlError
     try:
         return fn(*args, **kwargs)
     except ClipsqlError as e:
@@ -75,7 +103,6 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
 
 def storage_fault(e: BaseException) -> str | None:
     """One line for a damaged or full disk / catalog / Lance file (see `clipsql doctor`), else None."""
-    import errno
     mod = type(e).__module__ or ""
     text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
     if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e) \
@@ -95,7 +122,6 @@ def init(store: str = STORE_ARG,
          catalog: Optional[str] = typer.Option(None, help="SQLAlchemy URL of the catalog (default: SQLite file "
                                                           "inside the store), e.g. postgresql://user@host/db")) -> None:
     """Create a store: a LanceDB database plus a catalog of models, runs, rejects and statistics."""
-    from clipsql.store.store import Store
     st = _run(Store.init, store, catalog)
     typer.echo(f"store ready at {st.path} (catalog: {st.engine.url.render_as_string(hide_password=True)})")
 
@@ -118,7 +144,6 @@ app.add_typer(models_app, name="models")
 def models_list(store: str = STORE_ARG,
                 fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
     """List the models (`*` marks the default, which commands use without --model)."""
-    from clipsql.store.store import Store
     st = _run(Store.open, store, read_only=True)
     default = st.get_setting("default_model")
     rows = [dict(model=m.model_id, kind=m.kind, dim=m.dim, logit_scale=round(m.logit_scale, 4),
@@ -139,8 +164,6 @@ def models_list(store: str = STORE_ARG,
 def models_default(store: str = STORE_ARG,
                    model: str = typer.Argument(..., help="Model id (or a unique part of it).")) -> None:
     """Make MODEL the default: what ingest, stats, score and the score functions use without --model."""
-    from clipsql.store.manage import set_default_model
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     rec = _run(set_default_model, st, model)
     typer.echo(f"default model of {store}: {rec.model_id}")
@@ -149,8 +172,6 @@ def models_default(store: str = STORE_ARG,
 @models_app.command("rm")
 def models_rm(store: str = STORE_ARG, model: str = typer.Argument(..., help="The exact model id.")) -> None:
     """Remove a model: its embeddings, running statistics, fits and targets (samples stay)."""
-    from clipsql.store.manage import remove_model
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     out = _run(remove_model, st, model)
     typer.echo(f"removed {out['model']}: {out['rows']} embedding rows, {out['fits']} fit(s), "
@@ -168,8 +189,6 @@ def delete(store: str = STORE_ARG,
     covered a deleted row are marked stale. Source units already ingested stay recorded, so a
     re-ingest of the same files does not bring the rows back.
     """
-    from clipsql.queries.curation.delete import delete_where
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     out = _run(delete_where, st, where, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
@@ -232,11 +251,7 @@ def ingest(
     path, size and mtime) are skipped without being read; new rows are checked against the
     store's id index. Rows become visible in commits of --commit-rows rows or --commit-seconds.
     """
-    from clipsql.store.store import Store
-    from clipsql.store.writer import CommitPolicy
-    from clipsql.ingest.pipeline import IngestOptions, ingest as run_ingest
     st = _run(Store.open, store)
-    from clipsql.ingest.datacomp import is_datacomp_pool
     datacomp = kind == "datacomp" or (kind is None and is_datacomp_pool(source))
     if datacomp_features is not None and not datacomp:
         _fail(f"--datacomp-features applies to DataComp pools only; {source} is not one")
@@ -249,34 +264,22 @@ def ingest(
                          policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds), update=update,
                          allow_missing_captions=allow_missing_captions, model_given=model_given,
                          max_file_bytes=int(max_file_mb * (1 << 20)))
-    from clipsql.engines.engine import check_engine
+    eng = _run(engines.choose, engine, ray_address)
     if datacomp:
-        _ingest_datacomp(st, source, datacomp_features, model, pretrained, checkpoint, opts,
-                         _run(check_engine, engine), ray_address, fmt)
+        _ingest_datacomp(st, source, datacomp_features, model, pretrained, checkpoint, opts, eng, fmt)
         return
-    if _run(check_engine, engine) == "ray":
-        from clipsql.engines.ingest import ingest_ray
-        summary = _run(ingest_ray, st, source, model=model, pretrained=pretrained,
-                       checkpoint=str(checkpoint) if checkpoint else None, options=opts, address=ray_address)
-    else:
-        summary = _run(run_ingest, st, source, model=model, pretrained=pretrained,
-                       checkpoint=str(checkpoint) if checkpoint else None, options=opts)
+    summary = _run(eng.ingest, st, source, model=model, pretrained=pretrained,
+                   checkpoint=str(checkpoint) if checkpoint else None, options=opts)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
     typer.echo(format_summary(summary))
 
 
-def _ingest_datacomp(st, source, features, model, pretrained, checkpoint, opts, engine, address, fmt):  # noqa: ANN001, ANN202
-    """A DataComp pool: one run per feature set (ingest.datacomp.ingest_pool), a summary each."""
-    from clipsql.ingest.datacomp import ingest_pool
-    run = None
-    if engine == "ray":
-        import functools
-        from clipsql.engines.ingest import ingest_ray
-        run = functools.partial(ingest_ray, address=address)
+def _ingest_datacomp(st, source, features, model, pretrained, checkpoint, opts, engine, fmt):  # noqa: ANN001, ANN202
+    """A DataComp pool: one run per feature set (ingest.pipeline.ingest_pool), a summary each."""
     summaries = _run(ingest_pool, st, source, features=features, model=model, pretrained=pretrained,
-                     checkpoint=checkpoint, options=opts, run=run)
+                     checkpoint=checkpoint, options=opts, run=engine.ingest)
     if fmt == TableFmt.json:
         typer.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
     else:
@@ -285,7 +288,6 @@ def _ingest_datacomp(st, source, features, model, pretrained, checkpoint, opts, 
 
 def _default_model(st, pretrained):  # noqa: ANN001, ANN202
     """No --model: the store's default model, else the bundled demo model (with a plain notice)."""
-    from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
     if st.list_models():
         spec = st.model().spec
         name = spec.get("given") or spec["open_clip_name"]
@@ -341,8 +343,6 @@ def optimize(store: str = STORE_ARG,
     Ingest runs the first two by itself when a table passes 64 fragments or a quarter of its rows
     are outside the id index. Queries running meanwhile keep their snapshot; a kill loses nothing.
     """
-    from clipsql.store.maintenance import optimize as run_optimize
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     report = _run(run_optimize, st, compact=compact, index=index, prune=prune, retention_hours=retention_hours)
     if fmt == TableFmt.json:
@@ -365,12 +365,11 @@ def doctor(store: str = STORE_ARG,
     orphan embeddings, recomputes statistics, marks dead runs aborted and rebuilds a lost catalog
     from the Lance data (fits and targets are then listed as lost).
     """
-    from clipsql.store.doctor import doctor as run_doctor, format_report
     report = _run(run_doctor, store, repair=repair)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
-        typer.echo(format_report(report))
+        typer.echo(format_doctor_report(report))
     if not report.consistent:
         raise typer.Exit(1)
 
@@ -381,15 +380,12 @@ def stats_show(store: str = STORE_ARG, model: Optional[str] = typer.Option(None,
                fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json"),
                top: int = typer.Option(5, help="How many covariance eigenvalues to show.")) -> None:
     """Show running statistics: n, mean, norms, top covariance eigenvalues, and whether they are current."""
-    from clipsql.queries.present.stats import stats_report
-    from clipsql.store.store import Store
     st = _run(Store.open, store, read_only=True)
     report = _run(stats_report, st, model, top=top)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(report, indent=2))
         return
-    from clipsql.queries.present.stats import format_report
-    typer.echo(format_report(report))
+    typer.echo(format_stats_report(report))
 
 
 ENGINE_OPT = typer.Option("local", help="local (this process) or ray (one task per Lance fragment).")
@@ -402,20 +398,13 @@ def stats_refresh(store: str = STORE_ARG, model: Optional[str] = typer.Option(No
                                                                                            "all models)."),
                   engine: str = ENGINE_OPT, ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Recompute the running statistics from every stored vector."""
-    from clipsql.engines.engine import check_engine
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     targets = [_run(st.model, model)] if model else st.list_models()
-    use_ray = _run(check_engine, engine) == "ray"
+    eng = _run(engines.choose, engine, ray_address)
 
     def refresh() -> None:
         for m in targets:
-            if use_ray:
-                from clipsql.engines.scores import refresh_stats_ray
-                state = refresh_stats_ray(st, m, address=ray_address)
-            else:
-                with st.lock():
-                    state = st.refresh_stats(m)
+            state = eng.refresh_stats(st, m)
             typer.echo(f"{m.model_id}: statistics recomputed over {state.n} rows")
     _run(refresh)
 
@@ -451,8 +440,6 @@ def stats_fit(store: str = STORE_ARG,
                                                     "posterior (the authors' DataComp code); default: left "
                                                     "out, so being drawn does not decide the score.")) -> None:
     """Draw the reference sample and fit priors, means and covariances for the scores."""
-    from clipsql.queries.curation.fit import fit_stats
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
                prior=prior.value, recipe=for_recipe, own_pair="include" if include_own_pair else "exclude")
@@ -474,7 +461,6 @@ def query(store: str = STORE_ARG,
                                                                  "off by default so ad-hoc SQL cannot touch files."),
           max_rows: int = typer.Option(40, help="Rows shown in table format (0 = all).")) -> None:
     """Run SQL through DuckDB over the store (read-only by default)."""
-    from clipsql.queries.sql.cli_query import run_query
     out = _run(run_query, store, sql, fmt.value, output, allow_external_access, max_rows)
     if out:
         typer.echo(out)
@@ -484,7 +470,6 @@ def query(store: str = STORE_ARG,
 def sql(store: str = STORE_ARG,
         allow_external_access: bool = typer.Option(False, help="Let the SQL read/write files.")) -> None:
     """An interactive SQL prompt over the store (same views and functions as `query`)."""
-    from clipsql.queries.sql.cli_query import repl
     _run(repl, store, allow_external_access)
 
 
@@ -509,24 +494,17 @@ def score(store: str = STORE_ARG,
     --engine ray each fragment is a task; a re-run with the same fit and columns scores only
     rows added since (another fit or other columns rescore all), and rows an ingest commits
     while the job runs are reported as pending."""
-    from clipsql.engines.engine import check_engine
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     cols = [c.strip() for c in columns.split(",") if c.strip()]
-    if _run(check_engine, engine) == "ray":
-        if neg_clip_loss_pool or norm_sim_d:
-            _fail("the pool-form scores (--neg-clip-loss-pool, --norm-sim-d) need the whole pool at once: "
-                  "use --engine local")
-        from clipsql.engines.scores import score_ray
-        res = _run(score_ray, st, cols, model, address=ray_address)
+    eng = _run(engines.choose, engine, ray_address)
+    res = _run(eng.score, st, cols, model,
+               neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d, pool_batch_size=pool_batch_size,
+               seed=seed)
+    if "tasks" in res:      # a distributed job: how it went, and what an ingest committed meanwhile
         typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
                    f"(fit #{res['fit_id']}, {res['mode']}, {res['tasks']} tasks) in {res['seconds']:.2f}s; "
                    f"{res['pending']} rows committed meanwhile are pending (re-run to score them)")
         return
-    from clipsql.queries.sql.materialize import materialize_scores
-    res = _run(materialize_scores, st, cols, model,
-               neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d, pool_batch_size=pool_batch_size,
-               seed=seed)
     typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
                f"(fit #{res['fit_id']}) in {res['seconds']:.2f}s — query them in the view stored_scores")
 
@@ -547,8 +525,6 @@ def target_add(store: str = STORE_ARG,
                                                       "rows)."),
                seed: int = typer.Option(0, help="Seed of the recall sample (ann).")) -> None:
     """Add a target set (image embeddings of one model) for norm_sim_2 / norm_sim_inf."""
-    from clipsql.queries.curation.targets import add_target
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     res = _run(add_target, st, name, query=query, source=source, model=model, replace=replace, index=index,
                seed=seed, echo=typer.echo)
@@ -559,8 +535,6 @@ def target_add(store: str = STORE_ARG,
 @target_app.command("list")
 def target_list(store: str = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
     """List the target sets."""
-    from clipsql.queries.curation.targets import list_targets
-    from clipsql.store.store import Store
     st = _run(Store.open, store, read_only=True)
     rows = _run(list_targets, st)
     if fmt == TableFmt.json:
@@ -576,8 +550,6 @@ def target_list(store: str = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.ta
 @target_app.command("rm")
 def target_rm(store: str = STORE_ARG, name: str = typer.Argument(..., help="Target name.")) -> None:
     """Remove a target set."""
-    from clipsql.queries.curation.targets import remove_target
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     res = _run(remove_target, st, name)
     typer.echo(f"removed target {res['name']} ({res['n']} rows of {res['model']})")
@@ -651,8 +623,6 @@ def select_cmd(store: str = STORE_ARG,
                                           "fragment."),
                ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Choose a subset by a curation recipe or SQL; ties broken by id (ascending), cut to an exact count."""
-    from clipsql.queries.curation.selection import SelectSpec, select
-    from clipsql.store.store import Store
     spec = SelectSpec(recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
                       limit=limit, threshold=threshold, where=where, first_fraction=first_fraction,
                       negclip_form=negclip_form, clusters=clusters, sample=sample, seed=seed, make_fit=make_fit,
@@ -660,7 +630,7 @@ def select_cmd(store: str = STORE_ARG,
     # kl-guided may make its fit (a catalog write); every other selection only reads the store
     writes = spec.recipe == "kl-guided" and make_fit
     st = _run(Store.open, store, read_only=not writes)
-    res = _run(select, st, spec, output=output, model=model, engine=engine, ray_address=ray_address)
+    res = _run(select, st, spec, output=output, model=model, engine=_run(engines.choose, engine, ray_address))
     c = res["counts"]
     for w in res.get("warnings", []):
         typer.secho(f"Warning: {w}", fg=typer.colors.YELLOW, err=True)
@@ -702,8 +672,6 @@ def dedup(store: str = STORE_ARG,
     `clipsql query STORE "SELECT count(*) FROM semdedup WHERE semdedup_max_sim > 0.99"`.
     A re-run with the same parameters (the default: the stored ones) assigns rows added
     since to the stored centroids and recomputes only the clusters that changed."""
-    from clipsql.queries.curation.dedup import dedup_status, semdedup
-    from clipsql.store.store import Store
     if status:
         st = _run(Store.open, store, read_only=True)
         res = _run(dedup_status, st, model)
@@ -748,7 +716,6 @@ def gallery(store: str = STORE_ARG,
                 False, "--allow-external-access", help="Also show images the store's samples do not name (a "
                 "query can put any path in `uri`; by default those tiles are left empty).")) -> None:
     """One self-contained HTML page of thumbnails (embedded, no network) for any SQL result."""
-    from clipsql.queries.present.gallery import write_gallery
     tb = (top_bottom[0], top_bottom[1]) if top_bottom else None
     res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb,
                allow_external_access=allow_external_access)
@@ -766,7 +733,6 @@ def plot(store: str = STORE_ARG,
                                                                             "<kind>-<columns>.png)."),
          bins: int = typer.Option(50, min=1, help="hist: number of bins.")) -> None:
     """PNG plots of score columns: a histogram, or a scatter with the fitted line and R²."""
-    from clipsql.queries.present.plots import plot_hist, plot_scatter
     want = 1 if kind == PlotKind.hist else 2
     if len(columns) != want:
         _fail(f"plot {kind.value} takes {want} column(s), got {len(columns)}")
@@ -796,7 +762,6 @@ def geometry(store: str = STORE_ARG,
     off-diagonal dominance ODD(l) = Σ_{k≠l} |C_lk| / C_ll; and the image vs text conformity
     distributions. Writes an HTML report with figures.
     """
-    from clipsql.queries.present.geometry import geometry_report
     res = _run(geometry_report, store, model, output, sample=sample, seed=seed, top=top)
     for m in ("image", "text"):
         r = res[m]
@@ -835,8 +800,6 @@ def index_cmd(store: str = STORE_ARG,
     nprobes is raised until recall@10 on 100 sampled stored vectors reaches 0.95; the figures are
     recorded in the catalog and used by `nearest(...)` / `clipsql search`. Rows ingested later are
     searched flat until `clipsql optimize` folds them into the index."""
-    from clipsql.queries.search.index import build_index
-    from clipsql.store.store import Store
     st = _run(Store.open, store)
     res = _run(build_index, st, model, modality.value, kind.value, seed=seed,
                echo=None if fmt == TableFmt.json else typer.echo)
@@ -864,7 +827,6 @@ def search(store: str = STORE_ARG,
     """Similarity search by a prompt or a stored row: prints id, cosine score, uri and caption.
 
     The SQL behind it: SELECT * FROM nearest(text_embedding('a red circle'), 50)."""
-    from clipsql.queries.search.command import format_search, search as run_search
     res = _run(run_search, store, prompt, like=like, k=k, model=model, modality=modality.value, where=where,
                exact=exact, gallery=str(gallery) if gallery else None)
     typer.echo(format_search(res, fmt.value))
@@ -876,7 +838,6 @@ def demo(store: Path = typer.Argument(Path("clipsql-demo-store"), help="Where to
          workers: Optional[int] = typer.Option(None, min=0, help="Decode workers (default: as `ingest`)."),
          progress: bool = typer.Option(True, help="Show progress bars.")) -> None:
     """Offline demo: generate shapes, ingest them with the bundled model, fit, and run curation queries."""
-    from clipsql.queries.present.demo import run_demo
     _run(run_demo, store, rows=rows, workers=workers, progress=progress, echo=typer.echo)
 
 

@@ -7,7 +7,7 @@ cosine ≈ 0.5, raw norms 5–15) with planted duplicates: 10 % of the rows are 
 plus tiny noise (cosine > 0.999: removable at ε = 0.01) and 10 % near copies at cosine 0.97
 (removable at ε = 0.05 only). Generated and written in chunks of 100k rows (each chunk's copies are
 of its own base rows), so the bench holds one chunk at a time at any size; straight into a store
-through `Store.write_batch` (one commit per chunk, text vectors NULL: dedup never reads them, and
+through `store.writer.write_batch` (one commit per chunk, text vectors NULL: dedup never reads them, and
 the store is then ≈ 2 KiB per row). The dedup then runs with the defaults (K = round(√n) = 1,000
 at 1M, sample 64·K, ≤ 20 iterations) and the given memory budget in a fresh process (peak RSS =
 its ru_maxrss), then once more after 1 % more rows of the same clusters are appended (the
@@ -75,6 +75,7 @@ def generate(n: int, d: int, seed: int = 0, centre_seed: int = 0) -> Iterator[tu
 def build(path: Path, chunks: Iterator[tuple[np.ndarray, dict]], start: int = 0, init: bool = True) -> dict:
     """Write the chunks into the store (one commit each); the summed planted counts."""
     from clipsql.store.store import Store
+    from clipsql.store.writer import write_batch
     st = Store.init(path) if init else Store.open(path)
     planted: dict = {}
     pos = start
@@ -85,7 +86,7 @@ def build(path: Path, chunks: Iterator[tuple[np.ndarray, dict]], start: int = 0,
         rec = st.model(MODEL)
         run = st.start_run(MODEL, "bench", "precomputed")
         ids = np.char.add("k", np.char.zfill(np.arange(pos, pos + len(X)).astype(str), 9)).tolist()
-        st.write_batch(rec, samples=None, ids=ids, image=X, text=np.full_like(X, np.nan), run_id=run,
+        write_batch(st, rec, samples=None, ids=ids, image=X, text=np.full_like(X, np.nan), run_id=run,
                        source="bench", rejects=[], meta_types={})
         pos += len(X)
         for k, v in counts.items():

@@ -11,7 +11,7 @@ no dashboard) and measures, each side interleaved and the best repetition kept:
 * Ray (2 workers) vs the local engine on the same machine → the overhead ratio
   (local seconds ÷ Ray seconds at equal cores; target ≥ 0.8).
 
-Every run drives the real CLI code path (`cluster.ingest.ingest_ray`, `cluster.scores.score_ray`)
+Every run drives the real CLI code path (`engines.ingest.ingest_ray`, `engines.scores.score_ray`)
 against a fresh store. On a 2-core machine the head, the driver and two 1-CPU workers share the
 cores, so the scaling ratio is bounded well below 2 here; a real cluster gives each worker its own.
 """
@@ -53,7 +53,7 @@ def main() -> None:
     from clipsql.engines.ingest import ingest_ray
     from clipsql.engines.scores import score_ray
     from clipsql.ingest.pipeline import IngestOptions, ingest
-    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.store.fits import fit_stats
     from clipsql.store.store import Store
     from tests.conftest import write_image_folder
     from tests.test_ledger import write_pool

@@ -155,6 +155,7 @@ def with_threads(n: int, fn: Any) -> Any:
 # --------------------------------------------------------------------------- stats cost
 def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> float:
     """Best time of `update_moments` (raw + normalized, image + text) for `rows` rows of dim `dim`."""
+    from clipsql.kernels.moments import RunningMoments
     from clipsql.store.store import StatsState, new_moments, update_moments
     rng = np.random.default_rng(seed)
     mean = rng.normal(size=dim).astype(np.float32)
@@ -167,6 +168,7 @@ def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> fl
 
 def save_stats_seconds(tmp: Path, dim: int, repeats: int) -> float:
     """Best time of one `store.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
+    from clipsql.kernels.moments import RunningMoments
     from clipsql.store.store import StatsState, Store, new_moments, update_moments
     st = Store.init(tmp / f"stats-store-{dim}")
     rec = st.register_model(model_id=f"bench-{dim}", kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,

@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from scores import build_store
-    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.store.fits import fit_stats
     from clipsql.queries.curation.recipes import default_clusters
     from clipsql.queries.curation.selection import select
     from clipsql.queries.curation.targets import add_target
     from clipsql.kernels import scores
-    from clipsql.store.store import to_numpy
+    from clipsql.kernels.arrays import to_numpy
 
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="clipsql-bench-recipes-"))
     figures: dict[str, Any] = {"machine": C.machine(), "args": vars(args)}

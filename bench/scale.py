@@ -120,7 +120,7 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
         fit_rows = st.latest_fit(st.model(), with_arrays=False)["reference_size"]
         out.update(gemm_rows_per_s(min(n, 50_000), fit_rows, st.model().dim))
     elif name == "fit":
-        from clipsql.queries.curation.fit import fit_stats
+        from clipsql.store.fits import fit_stats
         from clipsql.store.store import Store
         out["fit"] = fit_stats(Store.open(rest[1]))
     out["seconds"] = time.perf_counter() - t0
@@ -133,7 +133,8 @@ def bare_write(src: Path, tmp: Path, rows: int) -> dict:
     import lance
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from clipsql.store.store import fixed_list, embeddings_schema, samples_schema
+    from clipsql.kernels.arrays import fixed_list
+    from clipsql.store.tables import embeddings_schema, samples_schema
     meta = pq.read_table(src / "metadata" / "metadata_0.parquet").slice(0, rows)
     img = np.load(src / "img_emb" / "img_emb_0.npy", mmap_mode="r")[:rows]
     txt = np.load(src / "text_emb" / "text_emb_0.npy", mmap_mode="r")[:rows]

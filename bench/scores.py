@@ -20,7 +20,7 @@ Figures (see bench/README.md):
 
 No model forward: the store holds synthetic CLIP-like raw vectors (an offset mean
 of norm 7 per modality, a power-law covariance of trace 49 so ‖x‖ ≈ 10, images and
-texts paired through a shared latent), written with Store.write_batch (one commit per 20k rows).  Every
+texts paired through a shared latent), written with store.writer.write_batch (one commit per 20k rows).  Every
 comparison is interleaved and repeated; each side keeps its best repetition.
 """
 from __future__ import annotations
@@ -69,7 +69,9 @@ def synthetic_batches(rows: int, dim: int, seed: int, batch: int):
 def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) -> Any:
     import pyarrow as pa
 
-    from clipsql.store.store import Store, samples_schema
+    from clipsql.store.store import Store
+    from clipsql.store.writer import write_batch
+    from clipsql.store.tables import samples_schema
     st = Store.init(path)
     rec = st.register_model(model_id=MODEL_ID, kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={"bench": "synthetic", "seed": seed})
@@ -83,7 +85,7 @@ def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) 
             "caption": [f"synthetic caption {i}" for i in ids], "width": [None] * n, "height": [None] * n,
             "source": ["synthetic"] * n, "location": [f"synthetic:row {i}" for i in ids],
             "caption_truncated": [False] * n, "metadata": [None] * n}, schema=samples_schema())
-        st.write_batch(rec, samples=samples, ids=ids, image=img, text=txt, seq=seq, run_id=run_id,
+        write_batch(st, rec, samples=samples, ids=ids, image=img, text=txt, seq=seq, run_id=run_id,
                        source="synthetic", rejects=[], meta_types={})
         # each write_batch is one commit, and a commit carries its statistics
     st.finish_run(run_id, "done", 0, {"added": rows})
@@ -245,8 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     from clipsql import queries
-    from clipsql.queries.curation.fit import fit_stats, load_fit
-    from clipsql.store.store import to_numpy
+    from clipsql.store.fits import fit_stats, load_fit
+    from clipsql.kernels.arrays import to_numpy
 
     ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)
     with ctx as tmpname:

@@ -20,7 +20,7 @@ Figures:
   correlation, overlap of their top 20%. With --ann also the LanceDB index: build
   seconds, recall@1 measured on 1000 pool rows, rows/s.
 
-Synthetic CLIP-like vectors (bench/scores.py's generator) written with Store.write_batch:
+Synthetic CLIP-like vectors (bench/scores.py's generator) written with store.writer.write_batch:
 the first --rows rows are the pool, the next --target-rows the target set.
 """
 from __future__ import annotations
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> dict:
     from clipsql import queries
     from scores import build_store
     from clipsql.kernels import scores
-    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.store.fits import fit_stats
     from clipsql.queries.curation.targets import add_target
-    from clipsql.store.store import to_numpy
+    from clipsql.kernels.arrays import to_numpy
 
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="clipsql-bench-sel-"))
     figures: dict[str, Any] = {"machine": C.machine(), "args": vars(args)}
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             figures["ann_target_seconds"], ann = C.timed(lambda: add_target(
                 st, "bench-ann", query=f"SELECT image_embedding FROM embeddings WHERE id >= '{cut}'",
                 index="ann", seed=args.seed, echo=print))
-            from clipsql.queries.curation.targets import get_target
+            from clipsql.store.targets import get_target
             figures["ann_index"] = get_target(st, "bench-ann").options["index"]
         slow = f"{args.slow_rows:09d}"
         con = queries.connect(st)

@@ -1,10 +1,32 @@
-"""Running clipsql's heavy steps on a Ray cluster (`--engine ray`).
+"""Where clipsql's heavy steps run, chosen in one place: `choose(name, ray_address)`.
 
-The engine choice lives in one place (`cluster.engine`); the work itself is the same code the
-local path runs: source units are read and checked by the source classes, images go through
-`ingest.encode`, statistics partials through `store.stats`, commits through `Store.commit`
+The CLI calls `choose` once per command that takes `--engine local|ray` and hands the engine
+(queries.sql.engine.Engine) to the library functions: ingest, `stats refresh`, `score` and
+`select`'s pool-wide scores. The local engine is the library's own (queries.sql.engine.LOCAL);
+the Ray engine (engines.ray) runs the same code per source unit or per Lance fragment on a Ray
+cluster: source units are read and checked by the source classes, images go through
+`ingest.encode`, statistics partials through `kernels.moments`, commits through `Store.commit`
 (the commit ledger), and stored scores through the very SQL score functions DuckDB calls.
 Workers write Lance data files and return their metadata with per-unit statistics partials;
 the driver alone commits, so a killed driver leaves no visible half-commit and a killed
-worker's task is retried.
+worker's task is retried. Nothing below this package imports it.
 """
+from __future__ import annotations
+
+from clipsql.engines.engine import EngineError
+from clipsql.engines.ray import RayEngine
+from clipsql.queries.sql.engine import LOCAL, Engine
+
+ENGINES = ("local", "ray")
+
+
+def choose(name: str, ray_address: str | None = None) -> Engine:
+    """The engine called `name` (local | ray); `ray_address` is where the Ray engine runs."""
+    if name == "local":
+        return LOCAL
+    if name == "ray":
+        return RayEngine(ray_address)
+    raise EngineError(f"--engine must be one of {', '.join(ENGINES)}; got {name!r}")
+
+
+__all__ = ["ENGINES", "Engine", "EngineError", "choose"]

@@ -1,23 +1,18 @@
-"""The engine seam: `local` (this process) or `ray` (a Ray cluster), chosen in one place."""
+"""A Ray session for the Ray engine (engines.ray): connect or start one, and size the work to it."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import warnings
 from typing import Any, Iterator
 
+from clipsql import lazy
 from clipsql.errors import ClipsqlError
-
-ENGINES = ("local", "ray")
 
 
 class EngineError(ClipsqlError, RuntimeError):
-    """The engine cannot be used (Ray missing, unreachable cluster)."""
-
-
-def check_engine(engine: str) -> str:
-    if engine not in ENGINES:
-        raise EngineError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")
-    return engine
+    """The engine cannot be used (unknown engine, Ray missing, unreachable cluster)."""
 
 
 @contextlib.contextmanager
@@ -27,11 +22,10 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     running cluster. A session that was
     already connected (tests, notebooks) is reused and left running."""
     try:
-        import ray
+        ray = lazy.load("ray")
     except ImportError:
         raise EngineError("--engine ray needs Ray: pip install -e '.[ray]' (ray[data] 2.60)") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    import warnings
     # Ray forks helper processes after `lance` is imported; they never call into Lance
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
     if ray.is_initialized():
@@ -59,9 +53,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
 
 def _quiet_data() -> None:
     """Ray Data's progress bars and per-operator logs are noise in a CLI that prints a summary."""
-    import logging
-    from ray.data import DataContext
-    ctx = DataContext.get_current()
+    ctx = lazy.ray_data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)

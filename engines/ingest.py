@@ -20,14 +20,25 @@ import time
 from collections import Counter
 from typing import Any
 
-from clipsql.ingest.dedup import IdChecker
-from clipsql.ingest.pipeline import (IngestOptions, IngestSummary, renamed_metadata, unless_failing, finish_noop,
-                             plan_run, register_model)
-from clipsql.store.faults import fault
-from clipsql.store.store import PendingCommit, Store, new_moments
-
 from clipsql.engines.engine import gpu_count, ray_session, worker_count
 from clipsql.engines.tasks import EncodeWriter, RunContext, UnitResult, decode_unit, precomputed_unit, read_ids
+from clipsql.errors import SourceError
+from clipsql.ingest.dedup import IdChecker
+from clipsql.ingest.pipeline import (
+    IngestOptions,
+    IngestSummary,
+    finish_noop,
+    plan_run,
+    register_model,
+    renamed_metadata,
+    unless_failing,
+)
+from clipsql.lazy import lance_fragment, ray_data
+from clipsql.lazy import ray as _ray
+from clipsql.store.faults import fault
+from clipsql.store.maintenance import maintain_after_ingest
+from clipsql.store.store import PendingCommit, Store, merge_sql_types, new_moments
+from clipsql.store.tables import SAMPLES
 
 
 def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pretrained: str | None = None,
@@ -35,7 +46,6 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
                address: str | None = None, actors: int | None = None) -> IngestSummary:
     opts = options or IngestOptions()
     if opts.update:
-        from clipsql.errors import SourceError
         raise SourceError("--update runs with --engine local (it rewrites rows in place, one commit at a time)")
     with store.lock():
         plan = plan_run(store, source_path, model, pretrained, checkpoint, opts)
@@ -51,7 +61,7 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
             store_path=str(store.path), rec=rec, source=plan.source, versions=versions,
             shifts={k: (None if m.shift is None else m.shift.copy()) for k, m in state.moments.items()},
             seq=state.covered_seq + 1,
-            storage_versions={n: store.dataset(n).data_storage_version for n in ("samples", rec.table_name)},
+            storage_versions={n: store.dataset(n).data_storage_version for n in (SAMPLES, rec.table_name)},
             allow_missing_captions=opts.allow_missing_captions, device=opts.device, spec=plan.spec,
             batch_size=opts.batch_size,
             preprocess=loaded.preprocess if loaded is not None and not plan.source.precomputed else None,
@@ -82,34 +92,30 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
         if ok:
             summary.notes += renamed_metadata(store, meta_before)
             if opts.maintain:
-                from clipsql.store.maintenance import maintain_after_ingest
                 summary.maintenance = maintain_after_ingest(store, rec)
     return summary
 
 
 def _results(ray: Any, ctx: RunContext, todo: list, opts: IngestOptions, actors: int | None):
     """UnitResults as Ray Data produces them (streaming; any order)."""
-    import ray.data
     if not todo:
         return
     # results in unit order: the first occurrence of an id in source order is the one kept (as
     # locally), and commits group units in the same order on every run
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ray_data.DataContext.get_current().execution_options.preserve_order = True
     ctx_ref = ray.put(ctx)
     items = [{"i": i} for i in range(len(todo))]
     units = ray.put(todo)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ray_data.from_items(items, override_num_blocks=len(items))
     # Ray Data retries a task whose worker died, and restarts a dead actor, by default
     if ctx.source.precomputed:
         def one(row: dict, _ctx=ctx_ref, _units=units) -> dict:
-            import ray as _ray
             c, u = _ray.get(_ctx), _ray.get(_units)
             unit, key = u[row["i"]]
             return precomputed_unit(c, unit, key).to_row()
         out = ds.map(one)
     else:
         def decode(row: dict, _ctx=ctx_ref, _units=units) -> dict:
-            import ray as _ray
             c, u = _ray.get(_ctx), _ray.get(_units)
             unit, key = u[row["i"]]
             return decode_unit(c, unit, key)
@@ -118,7 +124,7 @@ def _results(ray: Any, ctx: RunContext, todo: list, opts: IngestOptions, actors:
         # on a cluster of one CPU an encoder actor holding a whole CPU would starve the decode tasks
         share = 1 if gpus or cpus >= 2 else 0.5
         out = ds.map(decode, num_cpus=share).map_batches(
-            EncodeWriter, fn_constructor_args=(ctx,), batch_size=1, compute=ray.data.ActorPoolStrategy(size=size),
+            EncodeWriter, fn_constructor_args=(ctx,), batch_size=1, compute=ray_data.ActorPoolStrategy(size=size),
             num_gpus=1 if gpus else 0, num_cpus=share)
     for row in out.iter_rows():
         r = row["result"]
@@ -164,7 +170,6 @@ class _Driver:
         p.units.append((r.key, r.unit_rows, r.unit_rejected))
         p.rejects += r.rejects
         for k, v in r.meta_types.items():
-            from clipsql.store.store import merge_sql_types
             p.meta_types[k] = merge_sql_types(p.meta_types[k], v) if k in p.meta_types else v
         for _, reason, _ in r.rejects:
             self.rejected[reason] += 1
@@ -197,5 +202,4 @@ class _Driver:
 
 
 def _fragments(blobs: list[str]) -> list:
-    from lance.fragment import FragmentMetadata
-    return [FragmentMetadata.from_json(b) for b in blobs]
+    return [lance_fragment.FragmentMetadata.from_json(b) for b in blobs]

@@ -23,11 +23,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-
-from clipsql.errors import QueryError
-from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, to_numpy, update_moments
+import pyarrow.compute as pc
 
 from clipsql.engines.engine import ray_session
+from clipsql.errors import QueryError
+from clipsql.kernels.arrays import to_numpy
+from clipsql.lazy import lance, lance_fragment
+from clipsql.queries.sql.db import connect
+from clipsql.queries.sql.materialize import SCORE_COLUMNS, check_columns, score_relation
+from clipsql.store.fits import load_fit
+from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
+from clipsql.store.tables import stored_table_name
 
 SCORED_KEY = "clipsql.scored"
 
@@ -42,10 +48,6 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
                     fit: Any = None) -> dict:
     """Worker: score the fragment's rows the score table (at `scored_version`) lacks; write them as
     a data file of the score table."""
-    import lance
-    import pyarrow.compute as pc
-    from clipsql.queries.sql.db import connect
-    from clipsql.queries.sql.materialize import score_relation
     t0 = time.perf_counter()
     st = Store.open(store_path, read_only=True)
     frag = st.embeddings_table(rec, version).get_fragment(fragment_id)
@@ -71,14 +73,11 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
         return {"table": sink.getvalue().to_pybytes(), "rows": n, "seconds": time.perf_counter() - t0}
     scored = scored.append_column("fit_id", pa.array([fit_id] * n, pa.int64()))
     scored = scored.append_column("computed_at", pa.array([int(time.time() * 1e6)] * n, pa.timestamp("us", tz="UTC")))
-    frags = lance.fragment.write_fragments(scored.cast(schema), out_uri, schema=schema, max_rows_per_file=1 << 30)
+    frags = lance_fragment.write_fragments(scored.cast(schema), out_uri, schema=schema, max_rows_per_file=1 << 30)
     return {"fragments": [json.dumps(f.to_json()) for f in frags], "rows": n, "seconds": time.perf_counter() - t0}
 
 
 def score_ray(st: Store, columns: list[str], model: str | None = None, *, address: str | None = None) -> dict:
-    import lance
-    from lance import LanceOperation
-    from clipsql.queries.sql.materialize import SCORE_COLUMNS, check_columns, stored_table_name
     if not columns:
         raise QueryError(f"name the scores to store: --columns image_info_gain,… (from: {', '.join(SCORE_COLUMNS)})")
     unknown = [c for c in columns if c not in SCORE_COLUMNS]
@@ -107,7 +106,6 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *, addres
                                                                "version": version, "own_pair": own_pair})})
         broadcast = None
         if fit is not None:
-            from clipsql.queries.curation.fit import load_fit
             broadcast = load_fit(st, rec)        # (scores.Fit, row): read once, shared by every task
         with ray_session(address) as ray:
             task = ray.remote(max_retries=3)(_score_fragment)
@@ -116,15 +114,14 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *, addres
                                 schema, fit_ref)
                     for f in ds.get_fragments()]
             outs = ray.get(refs)
-        from lance.fragment import FragmentMetadata
-        frags = [FragmentMetadata.from_json(b) for o in outs for b in o["fragments"]]
+        frags = [lance_fragment.FragmentMetadata.from_json(b) for o in outs for b in o["fragments"]]
         rows = sum(o["rows"] for o in outs)
         if append:
             if frags:
-                _commit(uri, LanceOperation.Append(frags), scored_version)
+                _commit(uri, lance.LanceOperation.Append(frags), scored_version)
             _set_scored_meta(uri, schema.metadata)
         else:
-            _commit(uri, LanceOperation.Overwrite(schema, frags), None)
+            _commit(uri, lance.LanceOperation.Overwrite(schema, frags), None)
         out_ds = lance.dataset(uri)
         if out_ds.count_rows() >= 10_000:      # the next re-run's "already scored?" lookups use it
             out_ds.create_scalar_index("id", "BTREE", replace=True)
@@ -139,7 +136,6 @@ def score_columns_ray(st: Store, rec: ModelRecord, columns: list[str], *, addres
     """id + `columns` for every row of the model's committed table, one Ray task per fragment,
     through the SQL score functions with the broadcast fit (what `select --engine ray` ranks):
     the default fit, or `fit` = (scores.Fit, row) (a recipe's own fit)."""
-    from clipsql.queries.curation.fit import load_fit
     ds = st.embeddings_table(rec)
     broadcast = fit if fit is not None else (
         load_fit(st, rec) if st.latest_fit(rec, with_arrays=False) is not None else None)
@@ -155,8 +151,7 @@ def score_columns_ray(st: Store, rec: ModelRecord, columns: list[str], *, addres
 
 
 def _commit(uri: str, op: Any, read_version: int | None) -> None:
-    from lance import LanceDataset
-    LanceDataset.commit(uri, op, read_version=read_version)
+    lance.LanceDataset.commit(uri, op, read_version=read_version)
 
 
 def _scored_meta(st: Store, name: str) -> dict | None:
@@ -167,7 +162,6 @@ def _scored_meta(st: Store, name: str) -> dict | None:
 
 
 def _set_scored_meta(uri: str, metadata: dict) -> None:
-    import lance
     ds = lance.dataset(uri)
     ds.replace_schema_metadata({k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
                                 for k, v in metadata.items()})

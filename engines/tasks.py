@@ -3,7 +3,7 @@
 Pure functions of a `RunContext` (picklable: the source, the model record, the store's path and
 the table versions the run started from) and a unit. They use the same code as the local path:
 `Source.read_columns` / `Source.read` + `ingest.encode.prepare_item` for the checks, the
-`Encoder` for the forward pass, `store.stats.fold_pair` (through `update_moments`) for the
+`Encoder` for the forward pass, `kernels.moments.fold_pair` (through `update_moments`) for the
 statistics, with the store's shift so the driver's merge adds without rounding. Nothing here
 commits: a result names written data files that only the driver's commit makes visible.
 """
@@ -18,8 +18,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from clipsql.store.store import ModelRecord, Store, StatsState, fixed_list, new_moments, samples_schema, update_moments
+from clipsql.ingest.encode import Encoder, Prepared, prepare_item
+from clipsql.ingest.rows import samples_columns, samples_table
+from clipsql.ingest.sources import Reject
+from clipsql.kernels.arrays import fixed_list
+from clipsql.lazy import lance_fragment, torch
+from clipsql.models import loading as models
+from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
+from clipsql.store.tables import SAMPLES
 
 
 @dataclass
@@ -74,16 +82,15 @@ def _store(ctx: RunContext) -> Store:
 def _already(ctx: RunContext, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(in samples, in the model table) as of the versions the run started from (index lookups)."""
     st = _store(ctx)
-    samples = st.samples_table(ctx.versions.get("samples")) if "samples" in ctx.versions else None
+    samples = st.samples_table(ctx.versions.get(SAMPLES)) if SAMPLES in ctx.versions else None
     emb = st.embeddings_table(ctx.rec, ctx.versions.get(ctx.rec.table_name))
     return st.stored_ids(ctx.rec, ids, (samples, emb))
 
 
 def _write(uri: str, tbl: pa.Table, storage_version: str) -> list[str]:
-    import lance
     if tbl.num_rows == 0:
         return []
-    frags = lance.fragment.write_fragments(tbl, uri, schema=tbl.schema, max_rows_per_file=1 << 30,
+    frags = lance_fragment.write_fragments(tbl, uri, schema=tbl.schema, max_rows_per_file=1 << 30,
                                            data_storage_version=storage_version)
     return [json.dumps(f.to_json()) for f in frags]
 
@@ -104,7 +111,6 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
                meta_types: dict, exclude: frozenset = frozenset()) -> UnitResult:
     """Write the unit's rows the store does not hold (and not in `exclude`: ids the driver found
     earlier in this run) as Lance data files; fold their statistics partial."""
-    import pyarrow.compute as pc
     st = _store(ctx)
     t0 = time.perf_counter()
     in_s, in_e = _already(ctx, ids)
@@ -120,8 +126,8 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
     res = UnitResult(key, rejects=rejects, unit_rows=unit_rows, unit_rejected=len(rejects), meta_types=meta_types,
                      skipped=skipped)
     if samples is not None and len(new_s):
-        res.sample_fragments = _write(st.table_uri("samples"), samples.take(pa.array(new_s)),
-                                      ctx.storage_versions["samples"])
+        res.sample_fragments = _write(st.table_uri(SAMPLES), samples.take(pa.array(new_s)),
+                                      ctx.storage_versions[SAMPLES])
         res.sample_rows = len(new_s)
     if len(new_e):
         t = pa.array(new_e, pa.int64())
@@ -155,7 +161,6 @@ def samples_locations(samples: pa.Table | None, ids: pa.Array, mask: np.ndarray)
 # --------------------------------------------------------------------------- precomputed
 def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: frozenset = frozenset()) -> UnitResult:
     """One unit of precomputed vectors: the columnar checks, then `write_unit`."""
-    from clipsql.ingest.pipeline import samples_columns
     t0 = time.perf_counter()
     cols = ctx.source.read_columns(unit, ctx.rec.dim)
     read_s = time.perf_counter() - t0
@@ -169,8 +174,6 @@ def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: frozenset = 
 # --------------------------------------------------------------------------- images
 def decode_unit(ctx: RunContext, unit: Any, key: str) -> dict:
     """CPU stage: read the unit, decode + preprocess its images and tokenize its captions."""
-    from clipsql.ingest.encode import Prepared, prepare_item
-    from clipsql.ingest.sources import Reject
     out = Prepared()
     t0 = time.perf_counter()
     for item in ctx.source.read(unit):
@@ -190,8 +193,6 @@ class EncodeWriter:
     """GPU (or CPU) stage, an actor: the model loaded once; each unit is encoded, written, folded."""
 
     def __init__(self, ctx: RunContext):
-        from clipsql.models import loading as models
-        from clipsql.ingest.encode import Encoder
         self.ctx = ctx
         self.loaded = models.load(ctx.spec, ctx.device)
         self.encoder = Encoder(self.loaded)
@@ -203,8 +204,6 @@ class EncodeWriter:
         return {"result": out}
 
     def encode(self, p: dict, exclude: frozenset = frozenset()) -> UnitResult:
-        import torch
-        from clipsql.ingest.pipeline import samples_table
         ctx, rows = self.ctx, p["rows"]
         t0 = time.perf_counter()
         n = len(rows)

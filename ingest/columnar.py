@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsql.ingest.images import ItemRejected, clean_caption, content_id
+from clipsql.ingest.sources import scalar_value
+from clipsql.lazy import duckdb
 
 # A caption that is already clean: runs of characters that are neither control/format
 # (\p{C}) nor separators (\p{Z}), joined by single spaces. Every character clean_caption
@@ -187,7 +189,6 @@ _DUCK = threading.local()
 def duck_connection():  # noqa: ANN202
     con = getattr(_DUCK, "con", None)
     if con is None:
-        import duckdb
         con = _DUCK.con = duckdb.connect(":memory:", config={"threads": 1})
     return con
 
@@ -219,7 +220,6 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
         if not (pa.types.is_boolean(t) or pa.types.is_integer(t) or pa.types.is_floating(t)
                 or pa.types.is_string(t) or pa.types.is_large_string(t)):
             # nested values become JSON text, dates ISO strings, bytes UTF-8 (as ingest.sources._scalar)
-            from clipsql.ingest.sources import scalar_value
             col = pa.array([None if v is None else str(scalar_value(v)) for v in col.to_pylist()], pa.string())
             t = pa.string()
         types[str(name)] = _sql_type(t)
@@ -238,7 +238,6 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
-
 
 
 def content_ids(captions: pa.Array, uris: pa.Array, given: pa.Array | None,

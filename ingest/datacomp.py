@@ -8,7 +8,7 @@ metadata from the Hugging Face hub into `DATA_DIR/metadata/` (`*.parquet`, and w
 CLIP features `b32_img` / `b32_txt` (ViT-B/32, 512-d) and `l14_img` / `l14_txt` (ViT-L/14,
 768-d) (read by key in baselines/apply_filter.py and baselines/image_based_clustering.py).
 
-One `DataCompSource` reads one feature set; `ingest_pool` runs one ingest per set, filing
+One `DataCompSource` reads one feature set; `ingest_pool` (ingest.pipeline) runs one ingest per set, filing
 them as the open_clip models `ViT-B-32/openai` and `ViT-L-14/openai` (logit scale 100) in
 one store: ids are the uids, caption the text, uri the url, metadata the other columns.
 
@@ -22,7 +22,7 @@ as `bad_uid` (not 32 hex characters), then as any precomputed row (`missing_capt
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import struct
 import zipfile
@@ -35,7 +35,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipsql.errors import SourceError
+from clipsql.ingest.columnar import (
+    Columns,
+    clean_captions,
+    duck_connection,
+    image_size,
+    locations,
+    metadata_json,
+    quote_ident,
+    vector_matrix,
+)
 from clipsql.ingest.sources import Item, Reject, Source
+from clipsql.store.catalog import NPY_LOCK
 
 # feature set -> (open_clip architecture, pretrained tag, embedding width)
 FEATURES = {"b32": ("ViT-B-32", "openai", 512), "l14": ("ViT-L-14", "openai", 768)}
@@ -87,7 +98,6 @@ def _stems(folder: str) -> tuple[set, set]:
 def npz_members(path: str) -> dict[str, tuple]:
     """{key: (shape, dtype, fortran_order, data offset in the file or None when compressed)},
     from the zip directory and each member's .npy header only (no array data is read)."""
-    from clipsql.store.catalog import NPY_LOCK
     out = {}
     with zipfile.ZipFile(path) as z, open(path, "rb") as raw:
         for info in z.infolist():
@@ -241,8 +251,6 @@ class DataCompSource(Source):
 
     def read_columns(self, unit, dim: int) -> Any:
         """One unit as columns (ingest.columnar), rows that fail a check as rejects."""
-        from clipsql.ingest.columnar import (Columns, clean_captions, image_size, locations, metadata_json,
-                                             vector_matrix)
         if unit[0] == "bad":
             return _empty(dim, [tuple(unit[2:])])
         s, g, first, lo, hi = unit
@@ -295,7 +303,6 @@ class DataCompSource(Source):
 
     def read(self, unit) -> Iterator[Item | Reject]:
         """The columnar rows as Items (validated already) and Rejects: for tools that iterate."""
-        import json
         cols = self.read_columns(unit, self.dim())
         for location, reason, detail in cols.rejects:
             yield Reject(location, reason, detail)
@@ -311,7 +318,6 @@ class DataCompSource(Source):
 
 
 def _empty(dim: int, rejects: list) -> Any:
-    from clipsql.ingest.columnar import Columns
     e = pa.array([], pa.string())
     z = np.zeros((0, dim), dtype=np.float32)
     return Columns(e, e, e, e, e, z, z.copy(), {}, rejects)
@@ -334,7 +340,6 @@ def _flat_metadata(table: pa.Table) -> pa.Table:
     nested = [c for c in table.column_names if pa.types.is_nested(table.schema.field(c).type)]
     if not nested:
         return table
-    from clipsql.ingest.columnar import duck_connection, quote_ident
     con = duck_connection()
     con.register("_clipsql_nested", table.select(nested))
     try:
@@ -347,7 +352,7 @@ def _flat_metadata(table: pa.Table) -> pa.Table:
     return table
 
 
-# --------------------------------------------------------------------------- ingest both models
+# --------------------------------------------------------------------------- which feature sets
 
 def pick_features(features: str | None, model: str | None = None, pretrained: str | None = None) -> list[str]:
     """The feature sets a run ingests: `features` (b32 | l14 | all, default all), or the one
@@ -367,23 +372,3 @@ def pick_features(features: str | None, model: str | None = None, pretrained: st
     return named
 
 
-def ingest_pool(store: Any, path: Any, *, features: str | None = "all", model: str | None = None,
-                pretrained: str | None = None, checkpoint: Any = None, options: Any = None,
-                run: Any = None) -> list:
-    """Ingest a DataComp pool: one run per feature set, each filed under its open_clip model.
-    `run` is the ingest function (default ingest.pipeline.ingest; cluster.ingest.ingest_ray
-    fits too). Returns the runs' summaries, in b32, l14 order."""
-    from clipsql.ingest.pipeline import IngestOptions, ingest
-    if checkpoint is not None:
-        raise SourceError("a DataComp pool's vectors are precomputed: --checkpoint does not apply")
-    keys = pick_features(features, model, pretrained)
-    if pool_dir(path) is None:
-        DataCompSource(path)     # raises the SourceError that says what is missing
-    run = run or ingest
-    opts = options or IngestOptions()
-    out = []
-    for k in keys:
-        arch, tag, _ = FEATURES[k]
-        o = dataclasses.replace(opts, source_kind="datacomp", datacomp_features=k, model_given=True)
-        out.append(run(store, os.fspath(path), model=arch, pretrained=tag, options=o))
-    return out

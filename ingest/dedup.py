@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsql.lazy import duckdb
+
 _LOCAL = threading.local()
 
 
@@ -25,7 +27,6 @@ def fingerprints(ids: pa.Array) -> np.ndarray:
     """64-bit hashes of strings (DuckDB's hash(), vectorised)."""
     con = getattr(_LOCAL, "con", None)
     if con is None:
-        import duckdb
         con = _LOCAL.con = duckdb.connect(":memory:", config={"threads": 1})
     con.register("_clipsql_ids", pa.table({"id": ids}))
     try:

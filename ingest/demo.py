@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import permutations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 GENERATOR_VERSION = "1"
@@ -214,7 +217,6 @@ def caption_matches(caption: str, scene) -> bool:
     be assigned one-to-one to drawn shapes so that every attribute the caption
     states (shape, colour, and size / position where given) is true.
     """
-    from itertools import permutations
 
     objs = parse_caption(caption)
     if len(objs) != len(scene) or not objs:
@@ -381,8 +383,6 @@ def write_dataset(out_dir, n: int = 2000, seed: int = 0) -> Path:
     columns ``image`` (relative path), ``caption``, ``kind``, ``n_attributes``,
     ``n_shapes``.  Same seed -> byte-identical PNG files.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

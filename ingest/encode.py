@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from clipsql.ingest.images import ItemRejected, clean_caption, content_id, load_image
+from clipsql.ingest.images import ItemRejected, check_vector, clean_caption, content_id, load_image
+from clipsql.lazy import torch
 
 
 def caption_truncated(tokenizer: Any, caption: str) -> bool:
@@ -48,7 +49,6 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
     An image's own fault (corrupt, too large, …) is reported before its caption's; with
     `allow_missing_captions` an image without a caption (none, or empty after cleaning) is kept
     with a NULL caption and no text embedding."""
-    from clipsql.ingest.images import check_vector
     t0 = time.perf_counter()
     try:
         image = load_image(item.image_bytes) if item.image_bytes is not None else None
@@ -99,7 +99,6 @@ class Encoder:
 
     def __call__(self, pixels: list[Any], tokens: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         """(image, text) vectors; a row without tokens (no caption) gets a NaN text row (NULL)."""
-        import torch
         lm = self.loaded
         images = torch.stack(pixels).to(lm.device, non_blocking=True)
         have = [i for i, t in enumerate(tokens) if t is not None]
@@ -118,7 +117,6 @@ class Encoder:
 
     def text(self, tokens: list[Any]) -> np.ndarray:
         """The text tower alone (`ingest --update` re-encodes changed captions)."""
-        import torch
         lm = self.loaded
         if not tokens:
             return np.empty((0, lm.dim), dtype=np.float32)

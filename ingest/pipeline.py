@@ -7,25 +7,33 @@ killed run picks up after its last commit (see store.store for the write protoco
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import os
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from clipsql.store.store import Store, merge_sql_types
-from clipsql.store.writer import CommitPolicy, Writer
-from clipsql.models import loading as models
+from clipsql.errors import DimensionMismatch, SourceError
+from clipsql.ingest.datacomp import FEATURES, DataCompSource, pick_features, pool_dir
 from clipsql.ingest.dedup import IdChecker
 from clipsql.ingest.encode import Encoder, Prepared, prepare_item
-from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES, Reject, open_source
+from clipsql.ingest.registry import open_source
+from clipsql.ingest.rows import samples_columns, samples_table
+from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES, Reject
 from clipsql.ingest.update import Updater, require_ids, row_arrays
-
+from clipsql.lazy import threadpoolctl, torch, torch_data, tqdm
+from clipsql.models import loading as models
+from clipsql.store.maintenance import maintain_after_ingest
+from clipsql.store.store import Store
+from clipsql.store.tables import metadata_aliases
+from clipsql.store.writer import CommitPolicy, Writer
 
 
 @dataclass
@@ -94,9 +102,7 @@ class IngestSummary:
 
 def _prepared_stream(*args: Any) -> Any:
     """A `_PreparedStream` (a torch IterableDataset; torch is imported only when images are encoded)."""
-    from torch.utils.data import IterableDataset
-
-    class _Stream(_PreparedStream, IterableDataset):
+    class _Stream(_PreparedStream, torch_data.IterableDataset):
         pass
     return _Stream(*args)
 
@@ -113,7 +119,6 @@ class _PreparedStream:
         self.dim, self.batch_size, self.allow_missing_captions = dim, batch_size, allow_missing_captions
 
     def __iter__(self) -> Iterator[Prepared]:
-        import torch
         info = torch.utils.data.get_worker_info()
         if info is not None:
             torch.set_num_threads(1)
@@ -149,48 +154,6 @@ class _PreparedStream:
 
 def _identity(x: Any) -> Any:
     return x
-
-
-def _sql_type(v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bool):
-        return "BOOLEAN"
-    if isinstance(v, (int, np.integer)):
-        return "BIGINT"
-    if isinstance(v, (float, np.floating)):
-        return "DOUBLE"
-    return "VARCHAR"
-
-
-def metadata_fields(rows: list[dict]) -> tuple[list[str | None], dict[str, str]]:
-    """Per row the metadata JSON `samples` stores (sorted keys, None when empty), and the SQL type
-    of every key over the rows."""
-    types: dict[str, str] = {}
-    metas = []
-    for r in rows:
-        meta = {}
-        for k, v in r["meta"].items():
-            if isinstance(v, np.generic):
-                v = v.item()
-            meta[k] = v
-            t = _sql_type(v)
-            if t:
-                types[k] = merge_sql_types(types[k], t) if k in types else t
-        metas.append(json.dumps(meta, sort_keys=True, default=str) if meta else None)
-    return metas, types
-
-
-def samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, str]]:
-    from clipsql.store.store import samples_schema
-    metas, types = metadata_fields(rows)
-    cols = {
-        "id": [r["id"] for r in rows], "uri": [r["uri"] for r in rows], "caption": [r["caption"] for r in rows],
-        "width": [r["width"] for r in rows], "height": [r["height"] for r in rows],
-        "source": [source] * len(rows), "location": [r["location"] for r in rows],
-        "caption_truncated": [bool(r["caption_truncated"]) for r in rows], "metadata": metas,
-    }
-    return pa.table(cols, schema=samples_schema()), types
 
 
 @dataclass
@@ -229,7 +192,6 @@ def plan_run(store: Store, source_path: str, model: str | None, pretrained: str 
     source.max_file_bytes = int(opts.max_file_bytes)
     require_ids(opts.id_column, opts.update)
     if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
-        from clipsql.errors import SourceError
         raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
                           "--model (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k); clipsql cannot "
                           "tell it from the vectors, and filing them under the demo model would be wrong")
@@ -269,7 +231,6 @@ def register_model(store: Store, plan: Plan, device: str) -> tuple[Any, Any]:
     if source.precomputed:
         dim = source.dim()
         if loaded is not None and dim != loaded.dim:
-            from clipsql.errors import DimensionMismatch
             raise DimensionMismatch(f"{spec.model_id} produces {loaded.dim}-d embeddings but "
                                     f"{plan.source_name} holds {dim}-d vectors: name the model that made them")
         fields = loaded.record_fields() if loaded is not None else models.record_without_weights(spec, dim)
@@ -338,7 +299,6 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         if ok:
             summary.notes += renamed_metadata(store, meta_before)
         if ok and opts.maintain:
-            from clipsql.store.maintenance import maintain_after_ingest
             t0 = time.perf_counter()
             summary.maintenance = maintain_after_ingest(store, rec)
             summary.seconds["maintain"] = round(time.perf_counter() - t0, 4)
@@ -360,7 +320,6 @@ class unless_failing:
 
 def renamed_metadata(store: Store, before: set[str]) -> list[str]:
     """A note per metadata column this run added whose name in `samples` differs from the source's."""
-    from clipsql.store.store import metadata_aliases
     aliases = metadata_aliases(list(store.metadata_columns()))
     return [f"metadata column {name!r} is {alias!r} in the samples view ({name} is a samples column)"
             for name, alias in sorted(aliases.items()) if name not in before and alias != name]
@@ -372,9 +331,8 @@ def _blas_pin() -> Any:
     and, for images, the forward: with two BLAS threads the cores were oversubscribed — fold and
     write together took 18.5 s where one BLAS thread took 10.4 s (400k × 512, 2 cores), and a
     ViT-B-32 forward inside the pipeline ran 15 % slower than bare (OpenBLAS's spinning threads)."""
-    import contextlib
     try:
-        from threadpoolctl import threadpool_limits
+        threadpool_limits = threadpoolctl.threadpool_limits
     except ImportError:
         return contextlib.nullcontext()
     return threadpool_limits(limits=1, user_api="blas")
@@ -449,12 +407,11 @@ def _ingest_items(r: _Run) -> None:
     workers = default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
     summary.workers, summary.device = workers, str(loaded.device)
     if workers:
-        from torch.utils.data import DataLoader
         # Workers are forked (fast start, no re-import of torch) and only read source files and
         # decode images; they never call into Lance, so its fork-safety warning does not apply.
         warnings.filterwarnings("ignore", message=".*fork.*", module="lance.*")
         warnings.filterwarnings("ignore", message="lancedb fork support")
-        batches = iter(DataLoader(stream, batch_size=None, num_workers=min(workers, max(1, len(todo))),
+        batches = iter(torch_data.DataLoader(stream, batch_size=None, num_workers=min(workers, max(1, len(todo))),
                                   collate_fn=_identity, prefetch_factor=4, persistent_workers=False))
     else:
         batches = iter(stream)
@@ -508,7 +465,6 @@ def _ingest_columns(r: _Run) -> None:
     """Precomputed vectors: whole units as Arrow columns, read one unit ahead on a thread."""
     source, todo, rec, writer = r.source, r.todo, r.rec, r.writer
     checker, summary, rejected, seconds, bar, on_batch = r.checker, r.summary, r.rejected, r.seconds, r.bar, r.on_batch
-    from concurrent.futures import ThreadPoolExecutor
 
     def read(unit: Any) -> tuple[Any, float]:
         t0 = time.perf_counter()
@@ -551,21 +507,27 @@ def _ingest_columns(r: _Run) -> None:
                 on_batch(summary)
 
 
-def samples_columns(c: Any, source: str) -> pa.Table:
-    from clipsql.store.store import samples_schema
-    n = len(c)
-    width = getattr(c, "width", None)
-    height = getattr(c, "height", None)
-    return pa.table({
-        "id": c.ids, "uri": c.uri, "caption": c.caption,
-        "width": pa.nulls(n, pa.int32()) if width is None else width,
-        "height": pa.nulls(n, pa.int32()) if height is None else height,
-        "source": pa.array([source] * n, pa.string()),
-        "location": c.location, "caption_truncated": pa.array(np.zeros(n, dtype=bool)), "metadata": c.metadata,
-    }, schema=samples_schema())
-
-
 def _progress(enabled: bool, model_id: str) -> Any:
-    from tqdm import tqdm
-    return tqdm(desc=f"ingest [{model_id}]", unit="rows", disable=not enabled, dynamic_ncols=True,
+    return tqdm.tqdm(desc=f"ingest [{model_id}]", unit="rows", disable=not enabled, dynamic_ncols=True,
                 mininterval=0.5)
+
+
+def ingest_pool(store: Any, path: Any, *, features: str | None = "all", model: str | None = None,
+                pretrained: str | None = None, checkpoint: Any = None, options: Any = None,
+                run: Any = None) -> list:
+    """Ingest a DataComp pool: one run per feature set, each filed under its open_clip model.
+    `run` is the ingest function (default `ingest`; an engine's `ingest`, e.g. the Ray one,
+    fits too). Returns the runs' summaries, in b32, l14 order."""
+    if checkpoint is not None:
+        raise SourceError("a DataComp pool's vectors are precomputed: --checkpoint does not apply")
+    keys = pick_features(features, model, pretrained)
+    if pool_dir(path) is None:
+        DataCompSource(path)     # raises the SourceError that says what is missing
+    run = run or ingest
+    opts = options or IngestOptions()
+    out = []
+    for k in keys:
+        arch, tag, _ = FEATURES[k]
+        o = dataclasses.replace(opts, source_kind="datacomp", datacomp_features=k, model_given=True)
+        out.append(run(store, os.fspath(path), model=arch, pretrained=tag, options=o))
+    return out

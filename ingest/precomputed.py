@@ -12,17 +12,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from clipsql.store.catalog import NPY_LOCK
 from clipsql.errors import SourceError
+from clipsql.ingest.columnar import (Columns, clean_captions, content_ids, image_size, locations, metadata_json,
+                                     vector_matrix)
+from clipsql.ingest.sources import (Item, Reject, Source, caption_value, id_value, require_column, scalar_value)
+from clipsql.store.catalog import NPY_LOCK
 
 ROWS_PER_UNIT = 65_536      # rows a unit holds in memory at once: 256 MiB of vectors at d = 512
-
-
-from clipsql.ingest.sources import (Item, Reject, Source, caption_value, id_value, require_column, scalar_value)
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from clipsql.ingest.columnar import Columns
 
 
 class PrecomputedSource(Source):
@@ -181,8 +177,6 @@ class PrecomputedSource(Source):
     def read_columns(self, unit, dim: int) -> "Columns":
         """One unit as columns (ingest.columnar): the vectorised equivalent of `read` + the per-item
         checks, with the same ids, captions, metadata and reject reasons."""
-        from clipsql.ingest.columnar import (Columns, clean_captions, content_ids, image_size, locations, metadata_json,
-                                             vector_matrix)
         f, group, first, lo, hi = unit
         start, stop = first + lo, first + hi
         meta_path, img_npy, txt_npy = self.files[f]

@@ -1,11 +1,15 @@
 """Source readers: turn a folder, table, WebDataset or precomputed layout into items.
 
+This module holds the base class and the folder and table kinds; the other kinds are
+ingest.webdataset, ingest.precomputed and ingest.datacomp, and ingest.registry opens a path
+as the kind its layout is (`open_source`).
+
 A :class:`Source` holds only paths and options (it is picklable and is sent to
 DataLoader workers).  ``units()`` splits the work into independent, picklable
 units; ``read(unit)`` opens files lazily and yields :class:`Item` (one sample,
 not yet validated) or :class:`Reject` (one sample the source itself cannot
 produce).  A source that cannot be read at all raises
-:class:`store.errors.SourceError`.
+:class:`clipsql.errors.SourceError`.
 
 Items carry *raw* data: ``caption_raw`` is bytes or str exactly as stored and
 the pipeline cleans it with :func:`ingest.images.clean_caption`; image bytes
@@ -37,7 +41,7 @@ Reject reason codes produced here:
 from __future__ import annotations
 
 import datetime as _dt
-import glob
+import hashlib
 import itertools
 import json
 import os
@@ -54,10 +58,8 @@ import pyarrow.parquet as pq
 from clipsql.errors import SourceError
 from clipsql.store.store import printable_text
 
-__all__ = ["Item", "Reject", "Source", "FolderSource", "TableSource", "WebDatasetSource",
-           "PrecomputedSource", "open_source", "IMAGE_EXTS", "KINDS"]
+__all__ = ["Item", "Reject", "Source", "FolderSource", "TableSource", "IMAGE_EXTS"]
 
-KINDS = ("folder", "table", "webdataset", "precomputed", "datacomp")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet",
                  ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -242,7 +244,6 @@ class Source:
         """A unit's fingerprint: the kind, the options, the unit and, for every file it reads, the
         resolved path, size and mtime. The commit ledger keys ingested units by it, so a re-run
         skips a unit without reading it, and a changed file is read again."""
-        import hashlib
         files = []
         for f in self.unit_files(unit):
             try:
@@ -603,100 +604,3 @@ def is_shard_name(path: str) -> bool:
     return path.lower().endswith(SHARD_SUFFIXES) and os.path.isfile(path)
 
 
-def open_source(path, *, image_column="image", caption_column="caption", id_column=None,
-                image_embeddings=None, text_embeddings=None, kind=None, datacomp_features=None) -> Source:
-    """Open ``path`` as a source, detecting its layout (or forcing ``kind``).
-
-    * a directory of images (with sidecar ``.txt`` captions) -> ``folder``
-    * ``*.csv`` / ``*.tsv`` / ``*.parquet`` / ``*.jsonl`` / ``*.json`` (JSON lines) -> ``table``
-    * ``*.tar``, a directory of ``*.tar`` shards, or a glob / brace pattern -> ``webdataset``
-    * a directory with ``img_emb/*.npy`` (+ ``text_emb/*.npy``) + ``metadata/*.parquet``,
-      or a parquet holding the ``image_embeddings`` / ``text_embeddings`` columns
-      (default names ``image_embedding`` / ``text_embedding``) -> ``precomputed``
-    * a directory (or its ``metadata/``) of DataComp ``<stem>.parquet`` + ``<stem>.npz`` shards
-      -> ``datacomp`` (one feature set, ``datacomp_features`` b32 | l14; see ingest.datacomp)
-
-    Raises SourceError for a path that matches no layout, a missing column, or
-    a ``kind`` that does not fit the path.
-    """
-    from clipsql.ingest.precomputed import PrecomputedSource
-    from clipsql.ingest.webdataset import WebDatasetSource, expand_braces
-    spec = os.fspath(path)
-    if kind is not None and kind not in KINDS:
-        raise SourceError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
-    img_col = image_embeddings or "image_embedding"
-    txt_col = text_embeddings or "text_embedding"
-    emb_opts = dict(image_column=image_column, caption_column=caption_column, id_column=id_column)
-
-    if re.search(r"[*?\[]|\{\d+\.\.\d+\}", spec) and not os.path.exists(spec):
-        if kind not in (None, "webdataset"):
-            raise SourceError(f"a pattern ({spec}) can only name webdataset shards")
-        shards = sorted({p for s in expand_braces(spec) for p in (glob.glob(s) if re.search(r"[*?\[]", s) else [s])})
-        missing = [s for s in shards if not os.path.isfile(s)]
-        if missing:
-            raise SourceError(f"{len(missing)} shard(s) of {spec} do not exist, e.g. {missing[0]}")
-        if not shards:
-            raise SourceError(f"no files match {spec}")
-        not_tar = [s for s in shards if not is_shard_name(s)]
-        if not_tar:
-            raise SourceError(f"{spec} matches files that are not .tar shards, e.g. {not_tar[0]}; {SUPPORTED_LAYOUTS}")
-        return WebDatasetSource(shards, id_column=id_column)
-
-    if not os.path.exists(spec):
-        raise SourceError(f"{spec} does not exist; {SUPPORTED_LAYOUTS}")
-    ext = os.path.splitext(spec)[1].lower()
-
-    if os.path.isdir(spec):
-        from clipsql.ingest.datacomp import DataCompSource, pool_dir
-        if kind == "datacomp" or (kind is None and pool_dir(spec)):
-            return DataCompSource(spec, datacomp_features)
-        laion = PrecomputedSource.is_npy_layout(spec)
-        tars = sorted(p for p in glob.glob(os.path.join(glob.escape(spec), "*")) if is_shard_name(p))
-        if kind == "precomputed" or (kind is None and laion):
-            if not laion:
-                raise SourceError(f"{spec} has no img_emb/*.npy + metadata/*.parquet; {SUPPORTED_LAYOUTS}")
-            return PrecomputedSource.from_npy_dir(spec, **emb_opts)
-        if kind == "webdataset" or (kind is None and tars and not _top_level_images(spec)):
-            if not tars:
-                raise SourceError(f"{spec} contains no .tar shards")
-            return WebDatasetSource(tars, id_column=id_column)
-        if kind in (None, "folder"):
-            return FolderSource(spec, id_column=id_column)
-        raise SourceError(f"{spec} is a directory, a {kind} source must be a file; {SUPPORTED_LAYOUTS}")
-
-    if kind in ("folder", "datacomp"):
-        raise SourceError(f"{spec} is a file, a {kind} source must be a directory")
-    if kind == "webdataset" or (kind is None and is_shard_name(spec)):
-        return WebDatasetSource([spec], id_column=id_column)
-    if ext == ".parquet" and kind in (None, "precomputed"):
-        try:
-            names = pq.read_schema(spec).names
-        except (OSError, pa.ArrowException) as e:
-            raise SourceError(f"cannot read parquet {spec}: {e}") from None
-        explicit = image_embeddings is not None or text_embeddings is not None
-        if kind == "precomputed" or img_col in names or txt_col in names or explicit:
-            return PrecomputedSource.from_parquet(spec, image_embeddings=image_embeddings,
-                                                  text_embeddings=text_embeddings, **emb_opts)
-    if kind == "precomputed":
-        raise SourceError(f"{spec}: a precomputed source is a parquet file or an img_emb/ directory")
-    if ext in TABLE_FORMATS:
-        if image_embeddings is not None or text_embeddings is not None:
-            raise SourceError(f"{spec}: embedding columns are only read from parquet files")
-        return TableSource(spec, **emb_opts)
-    raise SourceError(f"{spec}: unsupported file type {ext or '(no extension)'!r}; {SUPPORTED_LAYOUTS}")
-
-
-def _top_level_images(path: str) -> bool:
-    return any(os.path.splitext(n)[1].lower() in IMAGE_EXTS for n in os.listdir(path) if not n.startswith("."))
-
-
-# Kinds kept in their own modules (they import the shared pieces above), imported when first used,
-# so either module can be imported (or unpickled on a Ray worker) before this one finishes.
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy attributes
-    if name == "PrecomputedSource":
-        from clipsql.ingest.precomputed import PrecomputedSource
-        return PrecomputedSource
-    if name in ("WebDatasetSource", "expand_braces"):
-        from clipsql.ingest import webdataset
-        return getattr(webdataset, name)
-    raise AttributeError(name)

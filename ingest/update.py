@@ -21,8 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsql.errors import SourceError
+from clipsql.ingest.rows import metadata_fields
+from clipsql.kernels.arrays import fixed_list
 from clipsql.store.manage import apply_update
-from clipsql.store.store import ModelRecord, Store, fixed_list
+from clipsql.store.store import ModelRecord, Store
 
 FLUSH_ROWS = 50_000
 
@@ -108,7 +110,6 @@ class Updater:
 def row_arrays(rows: list[dict[str, Any]]) -> tuple[pa.Array, pa.Array, pa.Array, dict[str, str]]:
     """caption, metadata JSON, caption_truncated and metadata types of prepared image rows, as
     `samples` stores them."""
-    from clipsql.ingest.pipeline import metadata_fields
     metas, types = metadata_fields(rows)
     return (pa.array([r["caption"] for r in rows], pa.string()), pa.array(metas, pa.string()),
             pa.array([bool(r["caption_truncated"]) for r in rows], pa.bool_()), types)

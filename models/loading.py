@@ -14,14 +14,19 @@ missing file fails before anything is written; `load` builds the network.
 from __future__ import annotations
 
 import difflib
-import os
 import hashlib
 import json
+import math
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from clipsql.errors import ModelError
+from clipsql import lazy
+from clipsql.errors import DimensionMismatch, ModelError
+from clipsql.lazy import huggingface_hub, open_clip, torch
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture_models"
 BUNDLED = {"clipsql-demo": "demo-clip", "clipsql-demo-sig": "demo-sig"}
@@ -112,7 +117,6 @@ def resolve(name: str | None, pretrained: str | None = None, checkpoint: str | N
             raise ModelError("hf-hub: models carry their own weights; drop --pretrained/--checkpoint")
         return ModelSpec(name, name, None, False)
 
-    import open_clip  # lazy: heavy
     arch = name.replace("/", "-")
     known = open_clip.list_models()
     if arch not in known:
@@ -154,7 +158,6 @@ def resolve_known(name: str | None, pretrained: str | None, checkpoint: str | No
 
 
 def pick_device(device: str = "auto") -> str:
-    import torch
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -177,7 +180,6 @@ def hub_files(spec: ModelSpec) -> list[tuple[str, str]]:
         return []
     if spec.open_clip_name.startswith("hf-hub:"):
         return [(spec.open_clip_name[len("hf-hub:"):], f) for f in weights]
-    import open_clip
     cfg = open_clip.get_pretrained_cfg(spec.open_clip_name, spec.pretrained or "") or {}
     hub = cfg.get("hf_hub") or ""
     if not hub:
@@ -194,14 +196,11 @@ def weights_cached(spec: ModelSpec) -> bool:
     files = hub_files(spec)
     if not files:
         return spec.local
-    from huggingface_hub import try_to_load_from_cache
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for repo, f in files)
+    return any(isinstance(huggingface_hub.try_to_load_from_cache(repo, f), str) for repo, f in files)
 
 
 def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT) -> bool:
     """One TCP connect to the hub (HF_ENDPOINT), no retries; False at once under HF_HUB_OFFLINE."""
-    import socket
-    from urllib.parse import urlparse
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
@@ -217,8 +216,7 @@ def _go_offline() -> None:
     """Make huggingface_hub use its cache without asking the network (and without retrying)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        import huggingface_hub.constants as hc
-        hc.HF_HUB_OFFLINE = True
+        lazy.load("huggingface_hub.constants").HF_HUB_OFFLINE = True
     except ImportError:
         pass
 
@@ -241,8 +239,6 @@ def check_weights_reachable(spec: ModelSpec, how: str = INGEST_HOW) -> None:
 def load(spec: ModelSpec, device: str = "auto", how: str = INGEST_HOW) -> LoadedModel:
     """Build the open_clip model with its weights; ModelError (with a fix: `how`) when that fails."""
     check_weights_reachable(spec, how)
-    import open_clip
-    import torch
     device = pick_device(device)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
@@ -270,9 +266,7 @@ def record_without_weights(spec: ModelSpec, dim: int) -> dict:
     cfg = spec.config or {}
     cfg_dim = cfg.get("embed_dim")
     if cfg_dim is not None and int(cfg_dim) != dim:
-        from clipsql.errors import DimensionMismatch
         raise DimensionMismatch(f"{spec.model_id} produces {cfg_dim}-d embeddings but the source has {dim}-d vectors")
-    import math
     siglip = "init_logit_bias" in cfg
     scale = math.exp(cfg["init_logit_scale"]) if siglip and "init_logit_scale" in cfg else 100.0
     return dict(model_id=spec.model_id, kind="siglip" if siglip else "clip", dim=dim, logit_scale=scale,

@@ -1,7 +1,7 @@
 """Prompt encoding for SQL (SCIENCE.md §7): `text_embedding('a prompt' [, model])`.
 
 A store records how each model was loaded (`ModelRecord.spec`); `load_for_record`
-rebuilds the open_clip model from it through `ingest.models` (resolve, then load)
+rebuilds the open_clip model from it through `models.loading` (resolve, then load)
 and checks that it is still the same model (same id, same dimension). The text
 tower of a model is loaded lazily, once per connection, the first time a prompt
 needs it; each distinct prompt is encoded once per connection and cached, so a
@@ -18,16 +18,16 @@ from typing import Any
 import numpy as np
 
 from clipsql.errors import ModelError, QueryError
-from clipsql.store.store import ModelRecord
+from clipsql.lazy import torch
+from clipsql.models import loading as models
 
 
-def load_for_record(rec: ModelRecord, device: str = "auto") -> Any:
-    """The open_clip model a store's model record names (`ingest.models.LoadedModel`).
+def load_for_record(rec: Any, device: str = "auto") -> Any:
+    """The open_clip model a store's model record (a store.store.ModelRecord) names (a LoadedModel).
 
     ModelError naming the model when its weights cannot be loaded here (precomputed
     embeddings of a hub model on an offline machine, a moved local folder, …).
     """
-    from clipsql.models import loading as models
     spec = rec.spec or {}
     name = spec.get("given") or spec.get("open_clip_name")
     pretrained, checkpoint = spec.get("pretrained"), None
@@ -70,12 +70,12 @@ class PromptCache:
         self._lock = threading.Lock()     # DuckDB may call UDFs from several threads
         self.encoded = 0                  # prompts that went through a text tower (for tests/benchmarks)
 
-    def model(self, rec: ModelRecord) -> Any:
+    def model(self, rec: Any) -> Any:
         if rec.model_id not in self._models:
             self._models[rec.model_id] = load_for_record(rec, self.device)
         return self._models[rec.model_id]
 
-    def embed(self, rec: ModelRecord, prompts: list[str]) -> np.ndarray:
+    def embed(self, rec: Any, prompts: list[str]) -> np.ndarray:
         """(len(prompts), d) float32 raw text embeddings. Each new distinct prompt is encoded alone (a batch
         of one), so its vector never depends on which other prompts a query happens to hold."""
         if any(not p.strip() for p in prompts):
@@ -96,7 +96,6 @@ class PromptCache:
 
 def encode_texts(loaded: Any, texts: list[str], batch_size: int = 256) -> np.ndarray:
     """Raw (normalize=False) text embeddings, float32, through the model's text tower."""
-    import torch
     out = []
     for i in range(0, len(texts), batch_size):
         tokens = loaded.tokenizer(texts[i:i + batch_size]).to(loaded.device)
@@ -107,7 +106,6 @@ def encode_texts(loaded: Any, texts: list[str], batch_size: int = 256) -> np.nda
 
 def encode_images(loaded: Any, images: list[Any], batch_size: int = 64) -> np.ndarray:
     """Raw (normalize=False) image embeddings, float32, of PIL images through the image tower."""
-    import torch
     out = []
     for i in range(0, len(images), batch_size):
         pixels = torch.stack([loaded.preprocess(im) for im in images[i:i + batch_size]]).to(loaded.device)

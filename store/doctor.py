@@ -32,11 +32,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.store import catalog as cat
 from clipsql.errors import CatalogError, ClipsqlError
+from clipsql.lazy import duckdb, lance
+from clipsql.store import catalog as cat
+from clipsql.store.drops import DROP_PREFIX, sweep_dropped_tables
 from clipsql.store.location import exists, is_remote, move, store_path
+from clipsql.store.locks import lease_holder
+from clipsql.store.manage import delete_ids
+from clipsql.store.tables import SAMPLES, is_embeddings_table, is_target_table
 from clipsql.store.store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
                     set_committed_version)
 
@@ -143,7 +149,6 @@ def _catalog_problem(st: Store, marker: dict, path: Path) -> str | None:
 def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: str) -> Store:
     """A new catalog from the Lance data: models (each table's recorded model record), committed
     versions (the newest readable), statistics (recomputed); the rest reported lost."""
-    import lance
     if st.engine.dialect.name == "sqlite" and not marker.get("catalog"):
         st.engine.dispose()
         old = path / "catalog.sqlite"
@@ -161,7 +166,7 @@ def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: s
         st.set_setting("store_id", marker.get("store_id") or "")
     models, skipped = [], []
     for name in st.table_names():
-        if not name.startswith("emb_"):
+        if not is_embeddings_table(name):
             continue
         good = _newest_readable(st, name, None, report, repair=True)
         if good is None:
@@ -179,14 +184,14 @@ def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: s
                 spec=cat.to_json(m["spec"]), created_at=time.time()))
             set_committed_version(conn, name, good, None)
         models.append(m["model_id"])
-    if exists(st.table_uri("samples")):
-        good = _newest_readable(st, "samples", None, report, repair=True)
+    if exists(st.table_uri(SAMPLES)):
+        good = _newest_readable(st, SAMPLES, None, report, repair=True)
         if good is not None:
             with st.engine.begin() as conn:
-                set_committed_version(conn, "samples", good, None)
+                set_committed_version(conn, SAMPLES, good, None)
     if models:
         st.set_setting("default_model", models[0])
-    targets = [n for n in st.table_names() if n.startswith("target_")]
+    targets = [n for n in st.table_names() if is_target_table(n)]
     lost = "fits, targets (" + (", ".join(targets) or "none") + ") and the ingested-unit ledger are lost: " \
            "re-run `clipsql stats fit` and `clipsql target add`; a re-ingest re-reads its sources and adds nothing twice"
     note = f"; tables without a model record (written before clipsql recorded one): {', '.join(skipped)}" if skipped else ""
@@ -230,7 +235,6 @@ def _manifest_path(uri: str, version: int) -> str:
 def _newest_readable(st: Store, name: str, limit: int | None, report: Report, repair: bool) -> int | None:
     """The newest version ≤ `limit` that opens and scans; with `repair`, the manifests of every newer
     version are moved to STORE/quarantine/<table>/ (Lance then sees the good version as the latest)."""
-    import lance
     uri = st.table_uri(name)
     versions = [v for v in _versions_desc(uri) if limit is None or v <= limit]
     for v in versions:
@@ -257,9 +261,8 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
 
 
 def _check_tables(st: Store, report: Report, repair: bool) -> None:
-    import lance
     recorded = st.committed_versions()
-    names = (["samples"] if exists(st.table_uri("samples")) else []) + [m.table_name for m in st.list_models()]
+    names = ([SAMPLES] if exists(st.table_uri(SAMPLES)) else []) + [m.table_name for m in st.list_models()]
     for name in names:
         uri = st.table_uri(name)
         check = f"table {name}"
@@ -297,7 +300,6 @@ def _check_tables(st: Store, report: Report, repair: bool) -> None:
 
 
 def _rows_at(uri: str, version: int | None) -> int:
-    import lance
     try:
         return lance.dataset(uri, version=version).count_rows()
     except Exception:  # noqa: BLE001
@@ -305,8 +307,7 @@ def _rows_at(uri: str, version: int | None) -> int:
 
 
 def _check_rows(st: Store, report: Report, repair: bool) -> None:
-    import duckdb
-    samples = st.samples_table() if "samples" not in report.unreadable else None
+    samples = st.samples_table() if SAMPLES not in report.unreadable else None
     con = duckdb.connect()
     if samples is not None:
         con.register("s", samples)
@@ -329,8 +330,6 @@ def _check_rows(st: Store, report: Report, repair: bool) -> None:
         if orphans:
             f = report.add(f"orphans {rec.model_id}", "error", f"{len(orphans)} embedding rows have no sample")
             if repair:
-                import pyarrow as pa
-                from clipsql.store.manage import delete_ids
                 delete_ids(st, pa.array([o[0] for o in orphans], pa.string()))
                 f.repaired = f"deleted the {len(orphans)} rows (their statistics subtracted)"
     if samples is not None and held:
@@ -396,7 +395,7 @@ def _check_runs(st: Store, report: Report, repair: bool) -> None:
     with st.engine.connect() as conn:
         running = [r[0] for r in conn.execute(sa.select(cat.ingest_runs.c.run_id).where(
             cat.ingest_runs.c.status == "running"))]
-        drops = [r[0] for r in conn.execute(sa.select(cat.settings.c.key).where(cat.settings.c.key.like("drop:%")))]
+        drops = [r[0] for r in conn.execute(sa.select(cat.settings.c.key).where(cat.settings.c.key.like(DROP_PREFIX + "%")))]
     if running:
         holder = _lock_holder(st)
         if holder is None or repair:
@@ -411,7 +410,6 @@ def _check_runs(st: Store, report: Report, repair: bool) -> None:
     if drops:
         f = report.add("dropped tables", "warn", f"{len(drops)} table(s) a committed change let go are still on disk")
         if repair:
-            from clipsql.store.manage import sweep_dropped_tables
             f.repaired = f"deleted {sweep_dropped_tables(st)}"
 
 
@@ -420,7 +418,6 @@ def _lock_holder(st: Store) -> str | None:
     import fcntl
     if is_remote(st.path):
         if st.engine.dialect.name != "sqlite":
-            from clipsql.store.locks import lease_holder
             return lease_holder(st.engine, "writer")
         lock = Path((st.engine.url.database or "").split("?")[0].removeprefix("file:") + ".write.lock")
     else:

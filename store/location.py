@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow.fs as pafs
+
 SCHEMES = ("s3://", "gs://", "az://")
 
 
@@ -69,7 +71,6 @@ class ObjectPath:
         return self
 
     def _fs(self) -> Any:
-        import pyarrow.fs as pafs
         fs, path = pafs.FileSystem.from_uri(self.uri)
         return fs, path
 
@@ -78,13 +79,11 @@ class ObjectPath:
         return fs.get_file_info(path)
 
     def exists(self) -> bool:
-        import pyarrow.fs as pafs
         if self._info().type != pafs.FileType.NotFound:
             return True
         return self.is_dir()
 
     def is_dir(self) -> bool:
-        import pyarrow.fs as pafs
         fs, path = self._fs()
         if fs.get_file_info(path).type == pafs.FileType.Directory:
             return True
@@ -94,7 +93,6 @@ class ObjectPath:
             return False
 
     def is_file(self) -> bool:
-        import pyarrow.fs as pafs
         return self._info().type == pafs.FileType.File
 
     def read_text(self, encoding: str = "utf-8") -> str:
@@ -116,7 +114,6 @@ class ObjectPath:
         return len(data)
 
     def iterdir(self) -> Iterator["ObjectPath"]:
-        import pyarrow.fs as pafs
         fs, path = self._fs()
         try:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))

@@ -16,6 +16,7 @@ that change no row; the catalog's `table_versions` moves to them in one transact
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
 from clipsql.store.location import exists
 from clipsql.store.store import ModelRecord, Store, set_committed_version
+from clipsql.store.tables import SAMPLES
 
 DEFAULT_RETENTION_HOURS = 24.0
 FRAGMENT_BYTES = 256 << 20       # compaction merges fragments smaller than this into ones of this size
@@ -34,7 +36,7 @@ AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of
 
 
 def _tables(st: Store) -> list[str]:
-    names = ["samples"] if exists(st.table_uri("samples")) else []
+    names = [SAMPLES] if exists(st.table_uri(SAMPLES)) else []
     return names + [m.table_name for m in st.list_models()]
 
 
@@ -81,7 +83,6 @@ def _tag_fit_versions(st: Store, ds: Any, name: str) -> int:
     rec: ModelRecord | None = models.get(name)
     if rec is None:
         return 0
-    import json
     existing = set(ds.tags.list())
     n = 0
     with st.engine.connect() as conn:
@@ -170,7 +171,7 @@ def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
     """What ingest runs (under its lock) when a threshold is crossed: many fragments, or many rows
     outside the id index. Returns {} when nothing was due."""
     compact = index = False
-    for name in ("samples", rec.table_name):
+    for name in (SAMPLES, rec.table_name):
         if not exists(st.table_uri(name)):
             continue
         ds = st.dataset(name)

@@ -19,16 +19,20 @@ import time
 from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from clipsql.store import catalog as cat
 from clipsql.errors import ModelError
+from clipsql.kernels.arrays import to_numpy
+from clipsql.kernels.moments import fold_pair
+from clipsql.lazy import lance
+from clipsql.store import catalog as cat
+from clipsql.store.drops import mark_for_drop, sweep_dropped_tables
 from clipsql.store.faults import fault
-from clipsql.store.location import rmtree
-from clipsql.store.store import ModelRecord, Store, new_moments, set_committed_version, to_numpy
+from clipsql.store.store import ModelRecord, Store, new_moments, set_committed_version
+from clipsql.store.tables import SAMPLES, derived_tables, stored_table_name
 
 SCAN_BATCH = 65536
-DROP_PREFIX = "drop:"
 
 
 def set_default_model(st: Store, name: str) -> ModelRecord:
@@ -72,8 +76,7 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
                 conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == "default_model"))
                 if rest is not None:
                     conn.execute(cat.settings.insert().values(key="default_model", value=rest[0]))
-            for table in (rec.table_name, *target_tables.values(), "scores_" + rec.table_name,
-                          "semdedup_" + rec.table_name, "semdedup_" + rec.table_name + "_centroids"):
+            for table in (rec.table_name, *target_tables.values(), *derived_tables(rec.table_name)):
                 mark_for_drop(conn, table, rec.model_id)
         fault("models-rm:after-catalog")
         sweep_dropped_tables(st)
@@ -84,8 +87,6 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
 def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Delete the samples `ids` and their rows in every model's table, downdating each model's
     running statistics exactly. The caller holds the writer lock (and has run `recover`)."""
-    import lance
-    import pyarrow.compute as pc
     ids = pc.unique(ids.cast(pa.string()).filter(pc.is_valid(ids)))
     out: dict[str, Any] = {"samples": 0, "rows": {}, "stale_fits": []}
     if len(ids) == 0:
@@ -113,7 +114,7 @@ def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | No
     samples = st.samples_table()
     n_samples = samples.count_rows(filter=where) if samples is not None else 0
     versions: dict[str, int] = {}
-    for name, count in [("samples", n_samples)] + [(r.table_name, removed[r.model_id][1]) for r in models]:
+    for name, count in [(SAMPLES, n_samples)] + [(r.table_name, removed[r.model_id][1]) for r in models]:
         if count:
             st.dataset(name, latest=True).delete(where)
             versions[name] = lance.dataset(st.table_uri(name)).version
@@ -149,8 +150,6 @@ def apply_update(st: Store, rec: ModelRecord, sample_changes: pa.Table | None,
     sample_changes: id + the `samples` columns to overwrite (caption, caption_truncated, metadata);
     model_changes: id, caption and the new text_embedding of rows in `rec`'s table. The text
     statistics lose the old vectors and gain the new ones; fits covering them become stale."""
-    import lance
-    import pyarrow.compute as pc
     if meta_types:    # before the Lance commits, so a kill cannot leave columns unregistered
         with st.engine.begin() as conn:
             st.record_meta_types(conn, meta_types)
@@ -169,7 +168,7 @@ def apply_update(st: Store, rec: ModelRecord, sample_changes: pa.Table | None,
         _fold_text(parts["old"], to_numpy(old.column("text_embedding")))
         _fold_text(parts["new"], to_numpy(model_changes.column("text_embedding")))
         low = int(pc.min(old.column("seq")).as_py()) if old.num_rows else None
-    for name, changes in (("samples", sample_changes), (rec.table_name, model_changes)):
+    for name, changes in ((SAMPLES, sample_changes), (rec.table_name, model_changes)):
         if changes is not None and changes.num_rows:
             st.dataset(name, latest=True).merge_insert("id").when_matched_update_all().execute(changes)
             versions[name] = lance.dataset(st.table_uri(name)).version
@@ -207,48 +206,18 @@ def mark_stale_fits(conn: sa.Connection, rec: ModelRecord, lowest_seq: int | Non
     return [f for f in fits if f not in known]
 
 
-def mark_for_drop(conn: sa.Connection, table: str, owner: str) -> None:
-    """Record (in the caller's transaction) that Lance table `table` is to be deleted: a table being
-    built (until the transaction that adopts it unmarks it) or one a committed change let go."""
-    conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == DROP_PREFIX + table))
-    conn.execute(cat.settings.insert().values(key=DROP_PREFIX + table, value=owner))
-
-
-def unmark_drop(conn: sa.Connection, table: str) -> None:
-    conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == DROP_PREFIX + table))
-
-
-def sweep_dropped_tables(st: Store) -> list[str]:
-    """Writers only: delete the Lance tables a committed `models rm` dropped (each recorded as a
-    `drop:<table>` setting in its transaction). Only tables so recorded are ever deleted, so a
-    lost or foreign catalog can never make a writer delete data."""
-    with st.engine.connect() as conn:
-        keys = [r[0] for r in conn.execute(sa.select(cat.settings.c.key).where(
-            cat.settings.c.key.like(DROP_PREFIX + "%")))]
-    gone = []
-    for key in keys:
-        table = key[len(DROP_PREFIX):]
-        rmtree(st.table_uri(table))
-        with st.engine.begin() as conn:
-            conn.execute(sa.delete(cat.settings).where(cat.settings.c.key == key))
-        gone.append(table)
-    return gone
-
-
 def _fold(parts: dict, image: Any, text: Any) -> None:
-    from clipsql.store.stats import fold_pair
     fold_pair(parts[("image", "raw")], parts[("image", "normalized")], image)
     fold_pair(parts[("text", "raw")], parts[("text", "normalized")], text)
 
 
 def _fold_text(parts: dict, text: Any) -> None:
-    from clipsql.store.stats import fold_pair
     fold_pair(parts[("text", "raw")], parts[("text", "normalized")], text)
 
 
 def _delete_from_stored_scores(st: Store, models: list[ModelRecord], where: Any) -> None:
     """Materialized scores (`clipsql score --store`) are a derived copy: drop the deleted ids too."""
     for rec in models:
-        name = "scores_" + rec.table_name
+        name = stored_table_name(rec.table_name)
         if name in st.table_names():
             st.dataset(name, latest=True).delete(where)

@@ -26,11 +26,8 @@ data files of a killed commit are unreferenced and `clipsql optimize` deletes th
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,21 +37,25 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
+from clipsql.errors import CatalogError, DimensionMismatch, ModelError, StoreNotFound
+from clipsql.kernels.arrays import to_numpy
+from clipsql.kernels.moments import RunningMoments, fold_pair
+from clipsql.lazy import lance, lancedb
 from clipsql.store import catalog as cat
+from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
-from clipsql.errors import CatalogError, DimensionMismatch, ModelError, StoreLocked, StoreNotFound
 from clipsql.store.location import exists, is_remote, rmtree, store_path
-from clipsql.store.stats import RunningMoments, fold_pair, normalize_rows
+from clipsql.store.locks import file_lock, lease
+from clipsql.store.tables import SAMPLES, embeddings_schema, embeddings_table_name, samples_schema
 
 MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
 FORMAT_VERSION = 1
 MODALITIES = ("image", "text")
 SPACES = ("raw", "normalized")
-SAMPLE_COLUMNS = ("id", "uri", "caption", "width", "height", "source", "location",
-                  "caption_truncated", "metadata")
 
 
 @dataclass(frozen=True)
@@ -86,50 +87,6 @@ class StatsState:
     @property
     def n(self) -> int:
         return self.moments[("image", "raw")].n
-
-
-def samples_schema() -> pa.Schema:
-    return pa.schema([
-        ("id", pa.string()), ("uri", pa.string()), ("caption", pa.string()),
-        ("width", pa.int32()), ("height", pa.int32()), ("source", pa.string()),
-        ("location", pa.string()), ("caption_truncated", pa.bool_()), ("metadata", pa.string()),
-    ])
-
-
-def embeddings_schema(dim: int) -> pa.Schema:
-    """One model's table. uri and caption are copied from `samples` (≈4% of a row at d = 512) so
-    the `scores` view is one scan, with no join whose hash table would grow with the store."""
-    return pa.schema([
-        ("id", pa.string()),
-        ("uri", pa.string()),
-        ("caption", pa.string()),
-        ("image_embedding", pa.list_(pa.float32(), dim)),
-        ("text_embedding", pa.list_(pa.float32(), dim)),
-        ("seq", pa.int64()),
-    ])
-
-
-def metadata_aliases(names: list[str]) -> dict[str, str]:
-    """{metadata key: its column name in the `samples` view}. A key that is a samples column (id,
-    uri, caption, …) becomes meta_<key>; if that is taken too, meta_<key>_2, _3, … (sorted keys:
-    the same store always gives the same names)."""
-    taken = set(SAMPLE_COLUMNS) | set(names)
-    out: dict[str, str] = {}
-    for name in sorted(names):
-        if name not in SAMPLE_COLUMNS:
-            out[name] = name
-            continue
-        alias, k = f"meta_{name}", 2
-        while alias in taken:
-            alias, k = f"meta_{name}_{k}", k + 1
-        taken.add(alias)
-        out[name] = alias
-    return out
-
-
-def table_name_for(model_id: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", model_id.lower()).strip("_")[:40]
-    return f"emb_{slug}_{hashlib.sha256(model_id.encode()).hexdigest()[:8]}"
 
 
 class Store:
@@ -233,7 +190,6 @@ class Store:
     @cached_property
     def db(self):  # noqa: ANN201 - lancedb.DBConnection
         os.environ.setdefault("LANCE_LOG", "error")   # Lance's Rust logger warns on every table creation
-        import lancedb
         return lancedb.connect(str(self.path / "lance"))
 
     @contextlib.contextmanager
@@ -242,7 +198,6 @@ class Store:
         once with StoreLocked. A local store flock()s a file in its directory; a store on object
         storage flock()s a file beside its local SQLite catalog, or holds a lease in its server
         catalog (store.locks)."""
-        from clipsql.store.locks import file_lock, lease
         suffix = ".write.lock" if name == "writer" else f".{name}.lock"
         if not is_remote(self.path):
             with file_lock(str(self.path / suffix), str(self.path)):
@@ -279,7 +234,7 @@ class Store:
             if rec.dim != dim:
                 raise DimensionMismatch(f"model {model_id} is recorded with dim {rec.dim} but now produces {dim}")
             return rec
-        rec = ModelRecord(model_id, table_name_for(model_id), kind, int(dim), float(logit_scale),
+        rec = ModelRecord(model_id, embeddings_table_name(model_id), kind, int(dim), float(logit_scale),
                           None if logit_bias is None else float(logit_bias), context_length, spec)
         if not exists(self.table_uri(rec.table_name)):
             # the table carries its model record, so `clipsql doctor --repair` can rebuild a lost catalog
@@ -328,7 +283,6 @@ class Store:
 
     def _create_table(self, name: str, schema: pa.Schema) -> None:
         """An empty Lance table with stable row ids and V2 manifest paths, recorded at version 1."""
-        import lance
         ds = lance.write_dataset(schema.empty_table(), self.table_uri(name), schema=schema, mode="create",
                                  enable_stable_row_ids=True, enable_v2_manifest_paths=True)
         with self.engine.begin() as conn:
@@ -341,7 +295,6 @@ class Store:
 
     def dataset(self, name: str, version: int | None = None, *, latest: bool = False):  # noqa: ANN201
         """The Lance dataset `name` at its committed version (or `version`; `latest` for writers)."""
-        import lance
         os.environ.setdefault("LANCE_LOG", "error")
         if version is None and not latest:
             version = self.committed_versions().get(name)
@@ -353,13 +306,13 @@ class Store:
 
     def samples_table(self, version: int | None = None):  # noqa: ANN201
         """The `samples` Lance dataset at its committed version, or None before the first ingest."""
-        if not (self.path / "lance" / "samples.lance").exists():
+        if not (self.path / "lance" / f"{SAMPLES}.lance").exists():
             return None
-        return self.dataset("samples", version)
+        return self.dataset(SAMPLES, version)
 
     def ensure_samples_table(self) -> None:
-        if not (self.path / "lance" / "samples.lance").exists():
-            self._create_table("samples", samples_schema())
+        if not (self.path / "lance" / f"{SAMPLES}.lance").exists():
+            self._create_table(SAMPLES, samples_schema())
 
     def embeddings_table(self, model: ModelRecord, version: int | None = None):  # noqa: ANN201
         return self.dataset(model.table_name, version)
@@ -368,13 +321,11 @@ class Store:
         """Writers only (under the lock): roll every table whose Lance version is ahead of the ledger
         back to the committed version; adopt tables the ledger does not know yet (stores written
         before the ledger existed). Returns {table: rows rolled back}."""
-        import lance
-        from clipsql.store.manage import sweep_dropped_tables
         sweep_dropped_tables(self)
         self.abort_dead_runs()
         recorded = self.committed_versions()
         rolled: dict[str, int] = {}
-        names = ["samples"] + [m.table_name for m in self.list_models()]
+        names = [SAMPLES] + [m.table_name for m in self.list_models()]
         for name in names:
             uri = self.table_uri(name)
             if not exists(uri):
@@ -395,7 +346,6 @@ class Store:
     def read_embeddings(self, model: ModelRecord, *, min_seq: int | None = None,
                         ids: list[str] | None = None, columns: tuple[str, ...] = ("id", "image_embedding",
                                                                                    "text_embedding")) -> pa.Table:
-        import pyarrow.compute as pc
         ds = self.embeddings_table(model)
         filt = None
         if min_seq is not None:
@@ -413,7 +363,6 @@ class Store:
         """For each of `ids`: (already in `samples`, already in the model's table), looked up through
         the `id` index (plus a scan of fragments not yet indexed), never a set of every stored id.
         `tables`: the (samples, model) datasets to look in (default: the committed versions)."""
-        import pyarrow.compute as pc
         samples, emb = tables or (self.samples_table(), self.embeddings_table(model))
         n = len(ids)
 
@@ -432,7 +381,6 @@ class Store:
 
     def sample_fields(self, ids: pa.Array, samples: pa.Table | None = None) -> tuple[pa.Array, pa.Array]:
         """uri and caption of each id, from `samples` (the rows about to be written) or the store."""
-        import pyarrow.compute as pc
         parts = [samples.select(["id", "uri", "caption"])] if samples is not None and samples.num_rows else []
         have = pa.concat_tables(parts).column("id") if parts else pa.array([], pa.string())
         missing = ids.filter(pc.invert(pc.is_in(ids, value_set=have.combine_chunks() if parts else have)))
@@ -446,36 +394,20 @@ class Store:
         return known.column("uri").take(idx).combine_chunks(), known.column("caption").take(idx).combine_chunks()
 
     # -- writing ------------------------------------------------------------------------
-    def write_batch(self, model: ModelRecord, *, samples: pa.Table | None, ids: list[str],
-                    image: np.ndarray, text: np.ndarray, seq: int | None = None, run_id: int,
-                    source: str, rejects: list[tuple[str, str, str]], meta_types: dict[str, str]) -> None:
-        """Write and commit one batch (a convenience over store.writer.Writer for small writes)."""
-        from clipsql.store.writer import Writer
-        if image.shape != text.shape or image.ndim != 2 or image.shape[1] != model.dim:
-            raise DimensionMismatch(f"model {model.model_id} has dim {model.dim}; got image {image.shape} "
-                                    f"and text {text.shape}")
-        w = Writer(self, model, run_id=run_id, source=source)
-        id_arr = pa.array(ids, pa.string())
-        uri, caption = self.sample_fields(id_arr, samples)
-        w.add(samples, id_arr, image, text, uri=uri, caption=caption, meta_types=meta_types)
-        w.reject(rejects)
-        w.commit()
-        w.close()
 
     def commit(self, model: ModelRecord, c: "PendingCommit") -> int | None:
         """Make one pending commit visible (the write protocol of the module docstring)."""
-        from lance import LanceDataset, LanceOperation
         if c.meta_types:   # before the Lance commits, so a kill cannot leave columns unregistered
             with self.engine.begin() as conn:
                 self.record_meta_types(conn, c.meta_types)
         recorded = self.committed_versions()
         versions: dict[str, int] = {}
-        for name, frags in (("samples", c.sample_fragments), (model.table_name, c.fragments)):
+        for name, frags in ((SAMPLES, c.sample_fragments), (model.table_name, c.fragments)):
             if frags:
-                ds = LanceDataset.commit(self.table_uri(name), LanceOperation.Append(frags),
+                ds = lance.LanceDataset.commit(self.table_uri(name), lance.LanceOperation.Append(frags),
                                          read_version=recorded[name])
                 versions[name] = ds.version
-                if name == "samples":
+                if name == SAMPLES:
                     fault("commit:between-tables")
         fault("commit:after-lance")
         if not (versions or c.units or c.rejects):
@@ -770,29 +702,6 @@ class PendingCommit:
 
 def default_catalog(path: Path) -> str:
     return f"sqlite:///{(Path(path) / 'catalog.sqlite').resolve()}"
-
-
-def fixed_list(X: np.ndarray, dim: int, nan_is_null: bool = False) -> pa.FixedSizeListArray:
-    """(n, d) → FLOAT[d]; with `nan_is_null`, rows that are NaN (no vector: an image kept without a
-    caption has no text embedding) become NULL."""
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    flat = pa.array(X.reshape(-1))
-    if nan_is_null and len(X) and np.isnan(X[:, 0]).any():
-        missing = np.isnan(X[:, 0])
-        flat = pa.array(np.where(missing[:, None], np.float32(0), X).reshape(-1))
-        return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(missing))
-    return pa.FixedSizeListArray.from_arrays(flat, dim)
-
-
-def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """FLOAT[d] column → (n, d) float32 array (zero-copy where possible); NULL rows are NaN rows."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    dim = arr.type.list_size
-    out = arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), dim)
-    if arr.null_count:
-        out = out.astype(np.float32, copy=True)
-        out[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
-    return out
 
 
 def new_moments(dim: int) -> dict[tuple[str, str], RunningMoments]:

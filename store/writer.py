@@ -6,6 +6,8 @@
     if w.due(): w.commit()                   # the caller decides where a commit may fall
     w.close()                                # commits what is left
 
+    write_batch(store, model, samples=…, ids=…, image=…, text=…, …)   # one small batch, one commit
+
 Buffers are cut into Lance data files (`lance.fragment.write_fragments`) once they hold
 `fragment_bytes`; nothing is visible until `commit()`, which hands the fragments, the
 statistics partial of exactly those rows (folded on background threads, float64, with
@@ -18,14 +20,17 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from clipsql.store.store import ModelRecord, PendingCommit, Store, fixed_list, new_moments, samples_schema
+from clipsql.errors import DimensionMismatch
+from clipsql.kernels.arrays import fixed_list
+from clipsql.kernels.moments import fold_pair
+from clipsql.lazy import lance_fragment
 from clipsql.store.faults import fault
-from clipsql.store.stats import fold_pair
+from clipsql.store.store import ModelRecord, PendingCommit, Store, merge_sql_types, new_moments
+from clipsql.store.tables import SAMPLES, samples_schema
 
 
 @dataclass(frozen=True)
@@ -72,9 +77,8 @@ class _Buffer:
         self.writes.append(self.io.submit(self._write, data))
 
     def _write(self, data: pa.Table) -> list:
-        import lance
         fault("writer:data-file")
-        return lance.fragment.write_fragments(data, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
+        return lance_fragment.write_fragments(data, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
                                               data_storage_version=self.storage_version)
 
     def take(self) -> tuple[list, int]:
@@ -116,8 +120,8 @@ class Writer:
         self._emb_schema = ds.schema     # tables from before uri/caption were copied lack them
         self._emb = _Buffer(st.table_uri(rec.table_name), self._emb_schema, version,
                             self.policy.fragment_bytes, self._io)
-        self._samples = _Buffer(st.table_uri("samples"), samples_schema(),
-                                st.dataset("samples").data_storage_version, self.policy.fragment_bytes, self._io)
+        self._samples = _Buffer(st.table_uri(SAMPLES), samples_schema(),
+                                st.dataset(SAMPLES).data_storage_version, self.policy.fragment_bytes, self._io)
         self.pending = PendingCommit(run_id=self.run_id, source=self.source, seq=self.seq + 1)
         self.pending.moments = new_moments(rec.dim)
         for key, m in self.pending.moments.items():
@@ -135,7 +139,6 @@ class Writer:
             self._samples.add(samples)
             self.pending.sample_rows += samples.num_rows
         if meta_types:
-            from clipsql.store.store import merge_sql_types
             mt = self.pending.meta_types
             for k, v in meta_types.items():
                 mt[k] = merge_sql_types(mt[k], v) if k in mt else v
@@ -210,3 +213,19 @@ class Writer:
             for pool in self._pools.values():
                 pool.shutdown(wait=True)
             self._io.shutdown(wait=True)
+
+
+def write_batch(store: Store, model: ModelRecord, *, samples: pa.Table | None, ids: list[str],
+                image: np.ndarray, text: np.ndarray, seq: int | None = None, run_id: int,
+                source: str, rejects: list[tuple[str, str, str]], meta_types: dict[str, str]) -> None:
+    """Write and commit one batch (a convenience over `Writer` for small writes)."""
+    if image.shape != text.shape or image.ndim != 2 or image.shape[1] != model.dim:
+        raise DimensionMismatch(f"model {model.model_id} has dim {model.dim}; got image {image.shape} "
+                                f"and text {text.shape}")
+    w = Writer(store, model, run_id=run_id, source=source)
+    id_arr = pa.array(ids, pa.string())
+    uri, caption = store.sample_fields(id_arr, samples)
+    w.add(samples, id_arr, image, text, uri=uri, caption=caption, meta_types=meta_types)
+    w.reject(rejects)
+    w.commit()
+    w.close()

@@ -8,12 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from clipsql import queries
-from clipsql.ingest.datacomp import DataCompSource, ingest_pool, is_datacomp_pool, pick_features
+from clipsql.ingest.datacomp import DataCompSource, is_datacomp_pool, pick_features
+from clipsql.ingest.pipeline import ingest_pool
 from clipsql.ingest.pipeline import IngestOptions, ingest
-from clipsql.ingest.sources import open_source
+from clipsql.ingest.registry import open_source
 from clipsql.queries.curation.datacomp import load_uids, save_uids, uid_array
 from clipsql.errors import SelectionError, SourceError
-from clipsql.store.store import to_numpy
+from clipsql.kernels.arrays import to_numpy
 
 from datacomp_pool import damage_npz, drop_npz_rows, write_datacomp_pool
 

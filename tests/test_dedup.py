@@ -8,10 +8,13 @@ from typer.testing import CliRunner
 
 from clipsql import queries
 from clipsql.cli import app
-from clipsql.queries.curation.dedup import centroids_table_name, dedup_status, dedup_table_name, semdedup
+from clipsql.queries.curation.dedup import dedup_status, semdedup
+from clipsql.store.tables import centroids_table_name, dedup_table_name
 from clipsql.kernels import semdedup as K
 from clipsql.errors import ClipsqlError, SelectionError
-from clipsql.store.store import Store, to_numpy
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.store import Store
+from clipsql.store.writer import write_batch
 
 D = 32
 MODEL = "test/semdedup"
@@ -62,7 +65,7 @@ def make_store(path, X, ids):
 def append(st, X, ids):
     rec = st.model(MODEL)
     run = st.start_run(MODEL, "src", "precomputed")
-    st.write_batch(rec, samples=None, ids=list(ids), image=X, text=np.ones_like(X), run_id=run, source="src",
+    write_batch(st, rec, samples=None, ids=list(ids), image=X, text=np.ones_like(X), run_id=run, source="src",
                    rejects=[], meta_types={})
 
 

@@ -42,7 +42,7 @@ def test_target_replace_killed_leaves_one_whole_target(pool_store, point):
             check=False)
     assert p.returncode == -9
     st = Store.open(st.path)
-    from clipsql.queries.curation.targets import get_target, target_rows
+    from clipsql.store.targets import get_target, target_rows
     t = get_target(st, "t")
     assert len(target_rows(st, t)) == t.n == (50 if point == "target:after-table" else 120)
     now = norm_sim(st, "t")
@@ -240,7 +240,8 @@ def test_silent_drops_are_recorded(tmp_path, tiny_model, monkeypatch):
     import io
     import tarfile
     from clipsql.ingest.pipeline import IngestOptions, ingest
-    from clipsql.ingest.sources import FolderSource, open_source
+    from clipsql.ingest.registry import open_source
+    from clipsql.ingest.sources import FolderSource
     from clipsql.errors import SourceError
     from conftest import write_image_folder
     # an unreadable sub-directory (root reads anything, so the listing failure is simulated)

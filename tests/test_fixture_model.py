@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ open_clip = pytest.importorskip("open_clip")
 
 import clipsql.models  # noqa: E402
 from clipsql.ingest import demo  # noqa: E402
-
-FIXTURES = Path(clipsql.models.__file__).resolve().parent / "fixture_models"
+from clipsql.models.loading import FIXTURE_DIR as FIXTURES  # noqa: E402
 # held-out image->text top-1 thresholds (200 samples, groups of 100 candidates);
 # measured values are recorded in each folder's provenance.json
 MODELS = {"demo-clip": ("clip", 0.90), "demo-sig": ("siglip", 0.85)}

@@ -10,8 +10,10 @@ from PIL import Image
 
 from clipsql import queries
 from clipsql.kernels import scores
-from clipsql.queries.present.geometry import compute_geometry, geometry_report, logistic_separator
-from clipsql.store.store import Store, to_numpy
+from clipsql.kernels.geometry import compute_geometry, logistic_separator
+from clipsql.queries.present.geometry import geometry_report
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.store import Store
 
 from _small_demo import small_demo_store
 from browser import image_check, screenshot

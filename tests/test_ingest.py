@@ -13,7 +13,9 @@ from PIL import Image
 
 from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.errors import ModelError, StoreLocked
-from clipsql.store.store import Store, normalize_rows, to_numpy
+from clipsql.kernels.arrays import to_numpy
+from clipsql.kernels.moments import normalize_rows
+from clipsql.store.store import Store
 
 from conftest import write_image_folder
 
@@ -316,7 +318,7 @@ def test_images_without_captions_allowed_and_faults_reported_first(tmp_path, tin
     assert_stats_match_vectors(st2)
     state = st2.stats(st2.model())
     assert state.moments[("image", "raw")].n == 10 and state.moments[("text", "raw")].n == 6
-    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.store.fits import fit_stats
     fit_stats(st2, reference_size=100)
     con = connect(st2)
     rows = con.sql("SELECT caption IS NULL AS nocap, image_info_gain, text_info_gain, clip_score "

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipsql.ingest.pipeline import IngestOptions, ingest
-from clipsql.store.stats import RunningMoments
+from clipsql.kernels.moments import RunningMoments
 from clipsql.store.store import Store
 from clipsql.store.writer import CommitPolicy
 
@@ -234,7 +234,7 @@ def test_kill_during_optimize_loses_nothing(pool, tmp_path, reference, point):
 
 
 def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path):
-    from clipsql.queries.curation.fit import fit_stats
+    from clipsql.store.fits import fit_stats
     st = Store.init(tmp_path / "s")
     ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
            options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=500), maintain=False))

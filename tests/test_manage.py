@@ -86,7 +86,7 @@ def test_delete_downdates_statistics_exactly_and_marks_fits_stale(two_models):
     assert len(sample_ids(st)) == 1000
     for m in (a, b):                       # every model downdated: equal to numpy over what is left
         assert_stats_match_vectors(st, m)
-    from clipsql.queries.curation.fit import staleness
+    from clipsql.store.fits import staleness
     assert "stale: 200 of its rows were deleted" in staleness(st, st.model(a))
     assert staleness(st, st.model(b)) is None           # no fit
     show = cli("stats", "show", str(st.path), "--model", a).stdout.decode()
@@ -193,7 +193,7 @@ def test_ingest_update_rewrites_captions_and_reencodes_text(tmp_path, tiny_model
     assert_stats_match_vectors(st)
     meta = st.samples_table().to_table(columns=["id", "metadata"]).to_pylist()
     assert json.loads(next(m for m in meta if m["id"] == "k5")["metadata"])["score"] == 99
-    from clipsql.queries.curation.fit import staleness
+    from clipsql.store.fits import staleness
     assert "captions of 2 of its rows were rewritten" in staleness(st, st.model())
     again = cli(*args, "--update").stdout.decode()           # nothing changed since: nothing rewritten
     assert "rewritten" not in again

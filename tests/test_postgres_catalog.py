@@ -11,11 +11,12 @@ import pytest
 
 from clipsql import queries
 from clipsql.ingest.pipeline import IngestOptions, ingest
-from clipsql.queries.curation.fit import fit_stats
+from clipsql.store.fits import fit_stats
 from clipsql.queries.curation.selection import select
 from clipsql.queries.curation.targets import add_target
 from clipsql.store import catalog as cat
-from clipsql.store.store import Store, to_numpy
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.store import Store
 import pg
 
 D = 16

@@ -9,9 +9,10 @@ from clipsql import queries
 from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.kernels import scores
 from clipsql.queries.sql.cli_query import run_query
-from clipsql.queries.curation.fit import fit_stats, load_fit
+from clipsql.store.fits import fit_stats, load_fit
 from clipsql.errors import QueryError
-from clipsql.store.store import Store, to_numpy
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.store import Store
 
 FAST = IngestOptions(batch_size=64, workers=0, progress=False)
 D = 16
@@ -234,7 +235,7 @@ def test_stats_view_and_staleness(scored_store, tmp_path, tiny_model):
     con = queries.connect(scored_store)
     rows = fetch(con, "SELECT modality, n, current, fit_id IS NOT NULL FROM stats ORDER BY modality")
     assert rows == [("image", 600, True, True), ("text", 600, True, True)]
-    from clipsql.queries.curation.fit import staleness
+    from clipsql.store.fits import staleness
     assert staleness(scored_store, scored_store.model()) is None
     scored_store.set_setting("stale_share", "-1")   # any added row counts as stale...
     try:
@@ -263,7 +264,7 @@ def test_rows_added_after_fit_still_score_and_warn(tmp_path, tiny_model):
     con = queries.connect(st)
     before = dict(fetch(con, "SELECT id, image_info_gain FROM scores"))
     ingest(st, str(tmp_path / "b.parquet"), model=tiny_model, options=opts)
-    from clipsql.queries.curation.fit import staleness
+    from clipsql.store.fits import staleness
     assert "re-run `clipsql stats fit`" in staleness(st, st.model())
     con = queries.connect(st)
     after = dict(fetch(con, "SELECT id, image_info_gain FROM scores"))
@@ -376,7 +377,7 @@ def test_scores_from_many_duckdb_threads_match_one_thread(scored_store):
 
 def test_matrix_reads_sliced_and_chunked_arrow_lists():
     """The fast path reads the child buffer directly: offsets of sliced arrays must be honoured."""
-    from clipsql.queries.sql.functions import matrix
+    from clipsql.kernels.arrays import matrix
     X = np.arange(40, dtype=np.float32).reshape(10, 4)
     fsl = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), 4)
     lst = pa.array(X.tolist(), type=pa.list_(pa.float32()))
@@ -399,7 +400,7 @@ def test_two_models_never_score_with_the_wrong_fit(tmp_path, tiny_model, tiny_si
     refuses and names the models; the `scores` view has a `model` column and scores every row with
     its own model's fit."""
     from clipsql.ingest.pipeline import IngestOptions, ingest
-    from clipsql.queries.curation.fit import fit_stats, load_fit
+    from clipsql.store.fits import fit_stats, load_fit
     from clipsql.store.store import Store
 
     from conftest import write_image_folder

@@ -9,11 +9,12 @@ import pytest
 
 from clipsql import queries
 from clipsql.ingest.pipeline import IngestOptions, ingest
-from clipsql.queries.curation.fit import fit_stats
+from clipsql.store.fits import fit_stats
 from clipsql.queries.curation.selection import count_for, select
 from clipsql.queries.curation.targets import add_target
 from clipsql.errors import ClipsqlError, SelectionError
-from clipsql.store.store import Store, to_numpy
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.store import Store
 
 from test_queries import clip_like
 

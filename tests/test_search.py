@@ -12,7 +12,8 @@ from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.kernels import topk as kernels
 from clipsql.queries.search.index import build_index
 from clipsql.errors import ClipsqlError, QueryError
-from clipsql.store.store import Store, to_numpy
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.store import Store
 
 D = 16
 

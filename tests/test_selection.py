@@ -12,13 +12,15 @@ import sqlalchemy as sa
 from clipsql import queries
 from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.kernels import scores
-from clipsql.queries.curation.fit import fit_stats
+from clipsql.store.fits import fit_stats
 from clipsql.queries.sql.materialize import materialize_scores
 from clipsql.queries.curation.selection import count_for, rank, select
-from clipsql.queries.curation.targets import add_target, get_target, list_targets, remove_target, target_rows
+from clipsql.queries.curation.targets import add_target
+from clipsql.store.targets import get_target, list_targets, remove_target, target_rows
 from clipsql.store import catalog as cat
 from clipsql.errors import ClipsqlError, SelectionError, StatsError, TargetError
-from clipsql.store.store import Store, to_numpy
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.store import Store
 
 from test_queries import clip_like
 

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clipsql.ingest.sources import Item, Reject, open_source
+from clipsql.ingest.registry import open_source
+from clipsql.ingest.sources import Item, Reject
 from clipsql.errors import SourceError
 
 COLORS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]

@@ -5,8 +5,9 @@ import pytest
 
 from clipsql.store import catalog as cat
 from clipsql.errors import DimensionMismatch, StoreLocked, StoreNotFound
-from clipsql.store.stats import RunningMoments
+from clipsql.kernels.moments import RunningMoments
 from clipsql.store.store import Store
+from clipsql.store.writer import write_batch
 
 
 def test_init_creates_store_with_migrations(tmp_path):
@@ -66,7 +67,7 @@ def test_write_batch_refuses_wrong_dim(store):
                                context_length=77, spec={})
     run = store.start_run("m", "src", "folder")
     with pytest.raises(DimensionMismatch, match="dim 8"):
-        store.write_batch(rec, samples=None, ids=["a"], image=np.ones((1, 7)), text=np.ones((1, 7)), seq=1,
+        write_batch(store, rec, samples=None, ids=["a"], image=np.ones((1, 7)), text=np.ones((1, 7)), seq=1,
                           run_id=run, source="src", rejects=[], meta_types={})
 
 
@@ -88,7 +89,7 @@ def test_stats_roundtrip_through_catalog(store):
     rng = np.random.default_rng(1)
     img, txt = rng.normal(size=(10, 4)), rng.normal(size=(10, 4))
     run = store.start_run("m", "src", "precomputed")
-    store.write_batch(rec, samples=None, ids=[str(i) for i in range(10)], image=img, text=txt, seq=1, run_id=run,
+    write_batch(store, rec, samples=None, ids=[str(i) for i in range(10)], image=img, text=txt, seq=1, run_id=run,
                       source="src", rejects=[], meta_types={})
     # nothing saved the statistics (as if killed right after the Lance commit): sync folds the batch in
     state = store.sync_stats(rec)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
+import pyarrow.compute as pc
 
 from clipsql.errors import SelectionError
 from clipsql.store import catalog as cat
@@ -44,8 +45,6 @@ _DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 def _records(ids: Any) -> np.ndarray:
     """(n, 32) uint8: the uids' characters; SelectionError naming the first id that is not 32 hex."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
     if isinstance(ids, (pa.Array, pa.ChunkedArray)):
         arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
     else:

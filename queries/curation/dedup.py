@@ -6,8 +6,8 @@ ranked before it; farthest-from-the-centroid first, ties by id). `semdedup_max_s
 marks the removable rows, keeping one of each duplicate group; ε is chosen in SQL afterwards.
 Rows without a usable image vector (NULL, all-zero, non-finite) have NULL in both.
 
-Storage: Lance table `semdedup_<model table>` (id, semdedup_cluster, semdedup_max_sim,
-computed_at), its parameters in the schema metadata (key `clipsql`), and the centroids (float32)
+Storage (names: store.tables): Lance table `semdedup_<model table>` (id, semdedup_cluster,
+semdedup_max_sim, computed_at), its parameters in the schema metadata (key `clipsql`), and the centroids (float32)
 in `semdedup_<model table>_centroids` (cluster, centroid), whose version and sha256 the main
 table's metadata names. SQL: the view `semdedup` (default model). Each write is one Lance commit
 of the main table (the centroids are written first, at a new version the old main table does not
@@ -29,7 +29,7 @@ Memory: the image vectors are never all in memory. Pass 1 streams the committed 
 of valid rows in id order as ever) is read with Lance `take` by row position — the positions of
 the scan order of that one version — as float32 unit rows for the k-means; pass 2 streams the
 batches again to assign every row; the within-cluster pass reads the clusters in groups of at most
-budget / (16·d) members by `take` (`queries.kernels.semdedup_blocks`; a larger cluster alone, out
+budget / (16·d) members by `take` (`kernels.semdedup_blocks`; a larger cluster alone, out
 of core). Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
 changes a stored value. Beyond it: O(n) per-row arrays (ids, ranks, norms, labels, cos, max_sim:
 ≈ 90 bytes a row) and the k-means sample as float32 unit rows (4·sample·d bytes: 0.4 GiB at 10⁷ rows
@@ -46,10 +46,17 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipsql.errors import ClipsqlError, SelectionError
+from clipsql.kernels import semdedup as K
+from clipsql.kernels import semdedup_blocks as B
+from clipsql.kernels.arrays import fixed_list, to_numpy
+from clipsql.kernels.semdedup import inverse_norms, removable, unit32
+from clipsql.lazy import tqdm
 from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, Store, to_numpy
+from clipsql.store.store import ModelRecord, Store
+from clipsql.store.tables import centroids_table_name, dedup_table_name
 
 META_KEY = "clipsql"
 MAX_DEFAULT_CLUSTERS = 50_000
@@ -61,15 +68,6 @@ TAKE_ROWS = 4096            # rows per Lance take
 DEFAULT_MEMORY_GB = 2.0
 MEMORY_ENV = "CLIPSQL_DEDUP_MEMORY_GB"
 PARAMS = ("clusters", "sample", "seed", "iterations", "init", "kernel", "dim")
-
-
-def dedup_table_name(model_table: str) -> str:
-    """The Lance table of a model's SemDeDup columns (id, semdedup_cluster, semdedup_max_sim, computed_at)."""
-    return "semdedup_" + model_table
-
-
-def centroids_table_name(model_table: str) -> str:
-    return "semdedup_" + model_table + "_centroids"
 
 
 def default_clusters(n_valid: int) -> int:
@@ -108,7 +106,6 @@ class _Rows:
         """Raw float32 rows at the sorted positions `pos`, read TAKE_ROWS at a time (one large Lance
         take holds ≈ 3× its result in buffers; 4k-row takes are faster and hold ≈ 64 MiB), checking
         that they are the rows pass 1 read."""
-        import pyarrow.compute as pc
         pos = np.asarray(pos, dtype=np.int64)
         out = np.empty((len(pos), self.dim), dtype=np.float32)
         for a in range(0, len(pos), TAKE_ROWS):
@@ -123,7 +120,6 @@ class _Rows:
 
 def _scan_norms(rows: _Rows) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Pass 1 over the committed table: (ids, inv, valid); inv = 1/‖x‖ float64 (0 for invalid rows)."""
-    from clipsql.kernels.semdedup import inverse_norms
     n = rows.ds.count_rows()
     inv, valid = np.zeros(n), np.zeros(n, dtype=bool)
     ids = []
@@ -167,14 +163,12 @@ def _centroids(st: Store, rec: ModelRecord, params: dict) -> np.ndarray | None:
 
 def _id_positions(ids: pa.Array, stored_ids: pa.Array) -> np.ndarray:
     """For each of `ids`: its row in `stored_ids`, or -1."""
-    import pyarrow.compute as pc
     idx = pc.index_in(ids, value_set=stored_ids)
     return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def dedup_status(st: Store, model: str | None = None) -> dict[str, Any]:
     """What is stored for a model: rows, rows with a value, pending (added since), stale (deleted since)."""
-    import pyarrow.compute as pc
     rec = st.model(model)
     ids = st.embeddings_table(rec).to_table(columns=["id"]).column("id").combine_chunks()
     prev = _previous(st, rec, ["id"])
@@ -211,10 +205,6 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
              seed: int | None = None, iterations: int | None = None, refit: bool = False, progress: bool = False,
              chunk: int | None = None, memory_gb: float | None = None) -> dict[str, Any]:
     """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring."""
-    import pyarrow.compute as pc
-
-    from clipsql.kernels import semdedup as K
-    from clipsql.kernels import semdedup_blocks as B
     _check("clusters", clusters)
     _check("sample", sample)
     _check("iterations", iterations)
@@ -355,7 +345,6 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
 
 def _sample_units(reader: _Rows, inv: np.ndarray, S: np.ndarray, cap: int) -> np.ndarray:
     """The float32 unit rows of the sample S (row positions, in S's order), taken in chunks of `cap`."""
-    from clipsql.kernels.semdedup import unit32
     o = np.argsort(S, kind="stable")
     U = np.empty((len(S), reader.dim), dtype=np.float32)
     for a in range(0, len(S), cap):
@@ -365,7 +354,6 @@ def _sample_units(reader: _Rows, inv: np.ndarray, S: np.ndarray, cap: int) -> np
 
 
 def _write_centroids(st: Store, rec: ModelRecord, C32: np.ndarray) -> dict:
-    from clipsql.store.store import fixed_list
     C32 = np.ascontiguousarray(C32, dtype=np.float32)
     name = centroids_table_name(rec.table_name)
     st.db.create_table(name, data=pa.table({"cluster": pa.array(np.arange(len(C32), dtype=np.int32)),
@@ -376,7 +364,6 @@ def _write_centroids(st: Store, rec: ModelRecord, C32: np.ndarray) -> dict:
 
 def _report(rec: ModelRecord, params: dict, meta: dict, mode: str, n: int, n_valid: int, max_sim: np.ndarray,
             t0: float, timings: dict, **extra: Any) -> dict[str, Any]:
-    from clipsql.kernels.semdedup import removable
     return {"model": rec.model_id, "table": dedup_table_name(rec.table_name), "mode": mode, "rows": n,
             "valid": n_valid, **{p: params[p] for p in ("clusters", "sample", "seed", "iterations", "init")},
             "fit": meta.get("fit"), "removable": {str(e): int(removable(max_sim, e).sum()) for e in EPS_REPORTED},
@@ -385,5 +372,4 @@ def _report(rec: ModelRecord, params: dict, meta: dict, mode: str, n: int, n_val
 
 
 def _bar(enabled: bool, desc: str) -> Any:
-    from tqdm import tqdm
-    return tqdm(desc=desc, unit="rows", disable=not enabled, dynamic_ncols=True, mininterval=0.5)
+    return tqdm.tqdm(desc=desc, unit="rows", disable=not enabled, dynamic_ncols=True, mininterval=0.5)

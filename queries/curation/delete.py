@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from clipsql.store.manage import delete_ids
-from clipsql.store.store import Store
-from clipsql.errors import QueryError
+import pyarrow.compute as pc
 
+from clipsql.errors import QueryError
 from clipsql.queries.sql.cli_query import fetch_table
 from clipsql.queries.sql.db import connect
+from clipsql.store.manage import delete_ids
+from clipsql.store.store import Store
 
 
 def ids_where(st: Store, where: str) -> Any:
@@ -36,7 +37,6 @@ def delete_where(st: Store, where: str, *, dry_run: bool = False) -> dict[str, A
         st.recover()
         ids = ids_where(st, where)
         if dry_run:
-            import pyarrow.compute as pc
             rows = {}
             for rec in st.list_models():
                 rows[rec.model_id] = st.embeddings_table(rec).count_rows(filter=pc.field("id").isin(ids))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Callable
 
 import numpy as np
@@ -29,10 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsql.errors import SelectionError
-from clipsql.store.store import ModelRecord, Store, to_numpy
-
 from clipsql.kernels import kmeans
-from clipsql.queries.curation.fit import DEFAULT_REFERENCE_SIZE, load_fit, staleness
+from clipsql.kernels.arrays import to_numpy
+from clipsql.kernels.scores import normalize
+from clipsql.store.fits import DEFAULT_REFERENCE_SIZE, fit_stats, load_fit, staleness
+from clipsql.store.store import ModelRecord, Store
 
 ROWS_PER_CLUSTER = 128          # DataComp: 100,000 clusters for the 12.8M-row small pool
 KL_GUIDED = "kl-guided"
@@ -136,7 +138,6 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
         raise SelectionError(f"the {KL_GUIDED} recipe runs on a fit with the uniform prior at the model's logit "
                              f"scale (a = {want['a']:.6g}, b = {want['b']:.6g}) and this store has no current one: "
                              f"run `{command}` (the default fit of the scores view stays as it is)")
-    from clipsql.queries.curation.fit import fit_stats
     made = fit_stats(st, rec.model_id, reference_size=size, seed=seed, recipe=KL_GUIDED)
     full = st.get_fit(int(made["fit_id"]), with_reference=True)
     return load_fit(st, rec, row=full), {"fit": "recipe fit", "made": True, "command": command}
@@ -204,7 +205,6 @@ def image_based(pool: Pool, target: Any, target_rows: np.ndarray, *, clusters: i
 
 
 def _pool_normalized(pool: Pool):
-    from clipsql.kernels.scores import normalize
     for _, X in pool.image_batches():
         Xh, ok = normalize(X)
         yield Xh[ok].astype(np.float32)
@@ -213,7 +213,6 @@ def _pool_normalized(pool: Pool):
 def _pool_vectors_ids(pool: Pool) -> tuple[pa.Array, Callable[[np.ndarray], np.ndarray]]:
     """Ids of the pool rows with a valid image embedding (in scan order), and a reader of the
     normalized vectors at sorted positions among them (a second pass, O(sample × d) memory)."""
-    from clipsql.kernels.scores import normalize
     chunks = []
     for ids, X in pool.image_batches():
         _, ok = normalize(X)
@@ -232,7 +231,6 @@ def _pool_vectors_ids(pool: Pool) -> tuple[pa.Array, Callable[[np.ndarray], np.n
 
 def fraction_count(fraction: float, pool: int) -> int:
     """floor(F × pool) with F taken as the decimal it is written as (so 0.29 × 100 is 29)."""
-    from decimal import Decimal
     return int(math.floor(Decimal(str(fraction)) * pool))
 
 

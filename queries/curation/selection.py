@@ -29,6 +29,7 @@ line) or `datacomp-uids` (`.npy`: the sorted uid array DataComp's resharder read
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import time
@@ -38,14 +39,22 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
-from clipsql.errors import SelectionError
+from clipsql.errors import ClipsqlError, SelectionError
+from clipsql.lazy import duckdb
+from clipsql.queries.curation import recipes
+from clipsql.queries.curation.datacomp import require_datacomp_ids, save_uids
+from clipsql.queries.curation.recipes import fraction_count as count_for  # noqa: F401 - the public names of this module
+from clipsql.queries.curation.recipes import rank
+from clipsql.queries.sql.db import connect, quote_ident, quote_literal
+from clipsql.queries.sql.engine import LOCAL, Engine
+from clipsql.queries.sql.functions import blas_pinned
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, Store
-from clipsql.queries.sql.functions import blas_pinned
-from clipsql.queries.curation import recipes
-from clipsql.queries.curation.datacomp import require_datacomp_ids
-from clipsql.queries.curation.recipes import fraction_count as count_for, rank  # noqa: F401 - the public names of this module
+from clipsql.store.tables import dedup_table_name, stored_table_name
+from clipsql.store.targets import get_target, target_rows
 
 RECIPES = ("kl-guided", "negclip-normsim", "clip-score", "image-based")
 DEFAULT_FRACTION = {"kl-guided": 0.25, "negclip-normsim": 0.20, "clip-score": 0.30}
@@ -110,33 +119,29 @@ class SelectSpec:
 
 @blas_pinned
 def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, model: str | None = None,
-           engine: str = "local", ray_address: str | None = None, **fields: Any) -> dict[str, Any]:
+           engine: Engine = LOCAL, **fields: Any) -> dict[str, Any]:
     """Run a recipe (or SQL), cut to the exact count, write `output` and `<output>.json`; returns the sidecar.
 
-    `spec` (or its fields as keywords) says what to select. `engine="ray"` computes the recipe's
-    pool-wide score with one Ray task per fragment (cluster.scores.score_columns_ray); the ranking
-    and the cut are the same."""
+    `spec` (or its fields as keywords) says what to select. `engine` computes the recipe's
+    pool-wide score (queries.sql.engine: DuckDB here, or one Ray task per fragment with the engine
+    engines.choose("ray") gives); the ranking and the cut are the same."""
     t0 = time.perf_counter()
     spec = SelectSpec(**fields) if spec is None else SelectSpec(**{**asdict(spec), **fields})
     output = Path(output)
     fmt = _output_format(output, spec.format)
     spec.check()
-    if engine not in ("local", "ray"):
-        raise SelectionError(f"--engine must be local or ray; got {engine!r}")
-    if engine == "ray" and spec.sql is not None:
+    if not engine.in_process and spec.sql is not None:
         raise SelectionError("--sql runs in DuckDB: use --engine local (`clipsql score --engine ray` stores "
                              "scores that --sql can read from stored_scores)")
     rec = st.model(model)
-    from clipsql.queries.sql.db import connect
     con = connect(st)
     try:
-        pool = _pool(st, rec, con, spec.where, engine, ray_address)
+        pool = _pool(st, rec, con, spec.where, engine)
         tbl, counts, side = _run(pool, spec)
         tbl = _with_samples(con, tbl)
         if fmt == "datacomp-uids":
             require_datacomp_ids(st, con, tbl.column("id"))
     except Exception as e:  # noqa: BLE001 - DuckDB wraps errors raised inside UDFs
-        from clipsql.errors import ClipsqlError
         if isinstance(e, ClipsqlError):
             raise
         raise SelectionError(f"selection failed: {e}") from None
@@ -146,7 +151,7 @@ def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, mod
     side.update({"recipe": spec.recipe or "sql", "sql": spec.sql, "model": rec.model_id, "model_kind": rec.kind,
                  "fraction": side.get("fraction", spec.fraction), "limit": spec.limit, "where": spec.where,
                  "rounding": ROUNDING, "ties": TIE_RULE, "statistics": fit_info, "output": str(output),
-                 "format": fmt, "engine": engine, "options": {k: v for k, v in asdict(spec).items()
+                 "format": fmt, "engine": engine.name, "options": {k: v for k, v in asdict(spec).items()
                                                               if k not in ("recipe", "sql")}})
     side["seeds"] = {"reference": (fit_info or {}).get("seed"),
                      "neg_clip": ((fit_info or {}).get("neg_clip") or {}).get("seed"),
@@ -212,9 +217,8 @@ def _run(pool: recipes.Pool, spec: SelectSpec) -> tuple[pa.Table, dict, dict]:
 
 
 # --------------------------------------------------------------------------- the pool
-def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: str,
-          ray_address: str | None) -> recipes.Pool:
-    """Every row of the model, or those passing `where`, and how to score them (DuckDB or Ray)."""
+def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: Engine) -> recipes.Pool:
+    """Every row of the model, or those passing `where`, and how to score them (the engine's way)."""
     view = _emb_view(st, rec)
     total = st.count_rows(rec)
     allowed = None
@@ -231,31 +235,15 @@ def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: str,
         info["counts"] = {"pool_before_where": total}
 
     def score_all(columns: list[str], fit: Any = None) -> pa.Table:
-        """id + `columns` for every pool row: DuckDB here, or one Ray task per fragment (then filtered)."""
-        if engine == "ray":
-            from clipsql.engines.scores import score_columns_ray
-            return score_columns_ray(st, rec, columns, address=ray_address, fit=fit)
-        from clipsql.queries.sql.db import connect
-        from clipsql.queries.sql.materialize import score_relation
-        if fit is None:
-            return score_relation(con, rec, relation, columns)
-        own = connect(st, fits={rec.model_id: fit})     # a recipe's own fit, this connection only
-        try:
-            if allowed is not None:
-                own.register("_clipsql_allowed", pa.table({"id": allowed}))
-            return score_relation(own, rec, relation, columns)
-        finally:
-            own.close()
+        """id + `columns` for every pool row (the engine may score more rows: Pool.score filters)."""
+        return engine.score_columns(st, rec, columns, fit=fit, con=con, relation=relation, allowed=allowed)
     size = total if allowed is None else len(allowed)
     return recipes.Pool(st, rec, con, relation, size, allowed, score_all, info)
 
 
 def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> tuple[pa.Array, dict]:
     """Ids of the model's rows for which `where` holds, over samples + semdedup + stored scores."""
-    import duckdb
 
-    from clipsql.queries.sql.db import quote_ident
-    from clipsql.queries.sql.materialize import stored_table_name
     joins, cols, info = [], [], {"warnings": []}
     dedup = _dedup_table(st, rec)
     if dedup is not None:
@@ -289,16 +277,11 @@ def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> 
 
 
 def _dedup_table(st: Store, rec: ModelRecord) -> str | None:
-    try:
-        from clipsql.queries.curation.dedup import dedup_table_name
-    except ImportError:
-        return None
     name = dedup_table_name(rec.table_name)
     return name if name in st.table_names() else None
 
 
 def _target(pool: recipes.Pool, name: str) -> tuple[Any, np.ndarray]:
-    from clipsql.queries.curation.targets import get_target, target_rows
     t = get_target(pool.st, name)
     if t.model_id != pool.rec.model_id:
         raise SelectionError(f"target {name!r} belongs to model {t.model_id}, not {pool.rec.model_id}: pass "
@@ -308,7 +291,6 @@ def _target(pool: recipes.Pool, name: str) -> tuple[Any, np.ndarray]:
 
 # --------------------------------------------------------------------------- recipes
 def _emb_view(st: Store, rec: ModelRecord) -> str:
-    from clipsql.queries.sql.db import quote_ident
     return quote_ident(f"embeddings_{[m.model_id for m in st.list_models()].index(rec.model_id)}")
 
 
@@ -319,7 +301,6 @@ def _arrow(rel: Any) -> pa.Table:
 
 def _negclip_normsim(pool: recipes.Pool, target: str, count: int | None, first: int,
                      form: str) -> tuple[pa.Table, dict, dict]:
-    from clipsql.queries.sql.db import quote_literal
     t, _ = _target(pool, target)
     if form == "row":
         s1 = pool.score(["neg_clip_loss"])
@@ -341,7 +322,6 @@ def _negclip_normsim(pool: recipes.Pool, target: str, count: int | None, first: 
 
 
 def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
-    from clipsql.queries.sql.materialize import stored_table_name
     name = stored_table_name(rec.table_name)
     tbl = st.db.open_table(name).to_lance().to_table() if name in st.table_names() else None
     if tbl is None or "neg_clip_loss_pool" not in tbl.column_names:
@@ -351,7 +331,6 @@ def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
 
 
 def _from_sql(con: Any, sql: str, count: int | None) -> tuple[pa.Table, dict]:
-    import duckdb
     try:
         rel = con.sql(sql)
     except duckdb.Error as e:
@@ -395,17 +374,14 @@ def _write(tbl: pa.Table, output: Path, fmt: str) -> str:
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     try:
         if fmt == "datacomp-uids":
-            from clipsql.queries.curation.datacomp import save_uids
             save_uids(tbl.column("id").to_pylist(), tmp)
         elif fmt == "txt":
             ids = tbl.column("id").to_pylist()
             tmp.write_text("".join(f"{i}\n" for i in ids))
         elif fmt == "csv":
-            import pyarrow.csv as pcsv
             flat = [c for c, f in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(f.type)]
             pcsv.write_csv(tbl.select(flat), tmp)
         else:
-            import pyarrow.parquet as pq
             pq.write_table(tbl, tmp)
         digest = _fsync_sha256(tmp)
         fault("select:before-rename")
@@ -430,7 +406,6 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def _fsync_sha256(path: Path) -> str:
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb+") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

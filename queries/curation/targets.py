@@ -1,136 +1,49 @@
-"""Target sets for NormSim (SCIENCE.md §6): `clipsql target add|list|rm`.
+"""`clipsql target add`: build a target set for NormSim (docs/science.md §6).
 
-A target is a named set of image embeddings F_t of one model (e.g. the training
-images of the downstream tasks a user cares about). Storage, split by size:
+A target is a named set of image embeddings F_t of one model, from the `image_embedding`
+column of a SQL query over the store or by encoding the images of a source. Its storage,
+listing, removal and scoring are store.targets; building it is here:
 
-* the N_t normalized rows (float32) go to a Lance table `target_<slug>_<hash>`:
-  they grow with N_t (a 1M-row ViT-L target is 3 GB, too large for a catalog blob),
-  they are read in chunks by `norm_sim_inf`, and LanceDB can index them for
-  nearest-neighbour search;
-* the uncentred second moment S = F_tᵀF_t (d×d float64, what `norm_sim_2` needs,
-  computed once from the float64-normalized rows) and the metadata (name, model,
-  N_t, source, options, index recall) go to the catalog table `targets`
-  (migration 3), so they are versioned with the rest of the statistics.
-
-`norm_sim_inf` is exact by default: max |⟨f_t, x̂⟩| over target chunks of
-`TARGET_CHUNK` rows (memory O(chunk·d) per batch). A target with more than
-`ANN_MIN_ROWS` rows (or `index="ann"`) also gets a LanceDB IVF_FLAT cosine index;
-scoring then asks the index for the nearest row to x̂ and to −x̂ (max |cos| =
-the larger of the two cosines, recomputed in float64 from the returned vectors).
-Its recall@1 (share of sampled pool rows whose ANN score equals the exact one)
-is measured on a seeded sample of the model's stored images when the index is
-built, printed, and recorded in the target's options; nprobes is raised until
-the recall reaches `target_recall` or every partition is probed.
+* invalid rows (zero, NULL, non-finite) are dropped and counted; the rows are normalized
+  (float64, stored as float32) and S = F_tᵀF_t is computed once;
+* the rows go to a new Lance table of their own, marked for deletion until the one catalog
+  transaction that switches the target to it (a kill leaves the old target whole);
+* a target with more than `ANN_MIN_ROWS` rows (or `index="ann"`) also gets a LanceDB
+  IVF_FLAT cosine index. Its recall@1 (share of sampled pool rows whose ANN score equals the
+  exact one) is measured on a seeded sample of the model's stored images when the index is
+  built, printed, and recorded in the target's options; nprobes is raised until the recall
+  reaches `target_recall` or every partition is probed.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import uuid
-
-import hashlib
-import json
 import re
-import threading
 import time
-from dataclasses import dataclass
+import uuid
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.store import catalog as cat
 from clipsql.errors import QueryError, TargetError
-from clipsql.store.faults import fault
-from clipsql.store.manage import mark_for_drop, sweep_dropped_tables, unmark_drop
-from clipsql.store.store import ModelRecord, Store
-
+from clipsql.ingest.images import ItemRejected, check_vector, load_image
+from clipsql.ingest.registry import open_source
+from clipsql.ingest.sources import Reject
 from clipsql.kernels import scores
+from clipsql.kernels.arrays import matrix, to_numpy
+from clipsql.lazy import duckdb, lancedb_index
+from clipsql.models.prompts import encode_images, load_for_record
+from clipsql.queries.sql.db import connect
+from clipsql.store import catalog as cat
+from clipsql.store.drops import mark_for_drop, sweep_dropped_tables, unmark_drop
+from clipsql.store.faults import fault
+from clipsql.store.store import ModelRecord, Store
+from clipsql.store.tables import target_table_name
+from clipsql.store.targets import TARGET_CHUNK, ann_max_abs_cos, get_target
 
 ANN_MIN_ROWS = 200_000
-TARGET_CHUNK = 16_384
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 INDEX_CHOICES = ("auto", "exact", "ann")
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    model_id: str
-    dim: int
-    n: int
-    table_name: str
-    source: str
-    created_at: float
-    options: dict
-    second_moment: np.ndarray
-
-    @property
-    def ann(self) -> dict | None:
-        return self.options.get("index")
-
-    def summary(self) -> dict:
-        idx = self.ann
-        return {"name": self.name, "model": self.model_id, "n": self.n, "dim": self.dim, "source": self.source,
-                "created_at": _dt.datetime.fromtimestamp(self.created_at, _dt.timezone.utc).isoformat(
-                    timespec="seconds"), "dropped_rows": self.options.get("dropped_rows", 0),
-                "index": "ann" if idx else "exact",
-                "recall_at_1": idx["recall_at_1"] if idx else None, "nprobes": idx["nprobes"] if idx else None}
-
-
-def table_name_for(name: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40]
-    return f"target_{slug}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
-# --------------------------------------------------------------------------- catalog
-def get_target(st: Store, name: str) -> Target:
-    """The target called `name`; TargetError listing the known ones if there is none."""
-    with st.engine.connect() as conn:
-        row = conn.execute(sa.select(cat.targets).where(cat.targets.c.name == name)).first()
-    if row is None:
-        known = ", ".join(t["name"] for t in list_targets(st)) or "none yet"
-        raise TargetError(f"unknown target {name!r} (known targets: {known}); add one with "
-                          f"`clipsql target add STORE {name} --query \"SELECT image_embedding FROM …\"` "
-                          "or `clipsql target add STORE NAME SOURCE --model M`")
-    m = row._mapping
-    return Target(m["name"], m["model_id"], int(m["dim"]), int(m["n"]), m["table_name"], m["source"],
-                  float(m["created_at"]), json.loads(m["options"]), cat.unpack(m["second_moment"]))
-
-
-def list_targets(st: Store) -> list[dict]:
-    cols = [c for c in cat.targets.c if c.name != "second_moment"]
-    with st.engine.connect() as conn:
-        rows = conn.execute(sa.select(*cols).order_by(cat.targets.c.name)).fetchall()
-    out = []
-    for r in rows:
-        m = dict(r._mapping)
-        opts = json.loads(m.pop("options"))
-        idx = opts.get("index")
-        m.pop("table_name")
-        m.update(model=m.pop("model_id"), dropped_rows=opts.get("dropped_rows", 0), index="ann" if idx else "exact",
-                 recall_at_1=idx["recall_at_1"] if idx else None)
-        out.append(m)
-    return out
-
-
-def remove_target(st: Store, name: str) -> dict:
-    with st.lock():
-        t = get_target(st, name)
-        with st.engine.begin() as conn:
-            conn.execute(sa.delete(cat.targets).where(cat.targets.c.name == name))
-            mark_for_drop(conn, t.table_name, f"target {name}")
-        sweep_dropped_tables(st)
-    return t.summary()
-
-
-def target_rows(st: Store, t: Target) -> np.ndarray:
-    """(N_t, d) float32 normalized target rows, in insertion order."""
-    ds = st.db.open_table(t.table_name).to_lance()
-    tbl = ds.to_table(columns=["row", "vector"])
-    tbl = tbl.take(pa.compute.sort_indices(tbl.column("row")))
-    from clipsql.store.store import to_numpy
-    return to_numpy(tbl.column("vector"))
 
 
 # --------------------------------------------------------------------------- adding
@@ -175,7 +88,7 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
         # transaction that switches the target to it: a kill at any point leaves the old target
         # whole (and the half-made table is deleted by the next writer), never a mixed one.
         st.recover()
-        tname = f"{table_name_for(name)}_{uuid.uuid4().hex[:8]}"
+        tname = target_table_name(name, uuid.uuid4().hex[:8])
         with st.engine.begin() as conn:
             mark_for_drop(conn, tname, f"target {name} (being built)")
         vec = pa.FixedSizeListArray.from_arrays(pa.array(rows.astype(np.float32).reshape(-1)), rec.dim)
@@ -208,9 +121,6 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
 
 
 def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
-    import duckdb
-    from clipsql.queries.sql.db import connect
-    from clipsql.queries.sql.functions import matrix
     con = connect(st)
     try:
         tbl = con.sql(query)
@@ -230,10 +140,6 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
 
 
 def _from_source(rec: ModelRecord, source: str, batch: int = 256, **opts: Any) -> tuple[np.ndarray, dict]:
-    from clipsql.ingest.images import ItemRejected, check_vector, load_image
-    from clipsql.ingest.sources import Reject, open_source
-
-    from clipsql.models.prompts import encode_images, load_for_record
     src = open_source(source, **opts)
     rejected: dict[str, int] = {}
     out: list[np.ndarray] = []
@@ -265,78 +171,13 @@ def _from_source(rec: ModelRecord, source: str, batch: int = 256, **opts: Any) -
     return X, rejected
 
 
-# --------------------------------------------------------------------------- scoring
-class TargetScorer:
-    """A loaded target: second moment, lazily loaded rows (exact) or the Lance index (ann).
-    DuckDB scores batches on several threads: the lazy loads run once, under a lock."""
-
-    def __init__(self, st: Store, t: Target):
-        self.st, self.t = st, t
-        self._rows: list[np.ndarray] | None = None
-        self._table = None
-        self._lock = threading.Lock()
-
-    def norm_sim_2(self, X: np.ndarray) -> np.ndarray:
-        return scores.norm_sim_2(X, self.t.second_moment)
-
-    def norm_sim_inf(self, X: np.ndarray) -> np.ndarray:
-        if self.t.ann:
-            return self.norm_sim_inf_ann(X, self.t.ann["nprobes"])
-        return self.norm_sim_inf_exact(X)
-
-    def chunks(self) -> list[np.ndarray]:
-        with self._lock:
-            if self._rows is None:
-                R = target_rows(self.st, self.t)
-                self._rows = [R[s] for s in scores._spans(len(R), TARGET_CHUNK)]
-        return self._rows
-
-    def norm_sim_inf_exact(self, X: np.ndarray) -> np.ndarray:
-        """max over target chunks of `scores.norm_sim_inf` (the max of maxes is the max)."""
-        best = None
-        for T in self.chunks():
-            s = scores.norm_sim_inf(X, T)
-            best = s if best is None else np.fmax(best, s)
-        return best
-
-    def norm_sim_inf_ann(self, X: np.ndarray, nprobes: int) -> np.ndarray:
-        with self._lock:
-            if self._table is None:
-                self._table = self.st.db.open_table(self.t.table_name)
-        return _ann_max_abs_cos(self._table, X, nprobes)
-
-
-def _ann_max_abs_cos(table: Any, X: np.ndarray, nprobes: int) -> np.ndarray:
-    Qh, valid = scores.normalize(X)
-    out = np.full(len(Qh), np.nan)
-    ids = np.flatnonzero(valid)
-    if len(ids) == 0:
-        return out
-    Q = Qh[ids]
-    best = np.zeros(len(ids))
-    for sign in (1.0, -1.0):
-        res = (table.search((sign * Q).astype(np.float32)).distance_type("cosine").limit(1)
-               .nprobes(int(nprobes)).select(["vector", "_distance"]).to_arrow())
-        if res.num_rows == 0:
-            continue
-        qi = res.column("query_index").to_numpy() if len(ids) > 1 or "query_index" in res.column_names \
-            else np.zeros(res.num_rows, dtype=np.int64)
-        from clipsql.store.store import to_numpy
-        V, _ = scores.normalize(to_numpy(res.column("vector")))     # float64, like the exact path
-        cos = np.abs(np.einsum("ij,ij->i", V, Q[qi]))
-        np.maximum.at(best, qi, cos)
-    out[ids] = best
-    return out
-
-
 def _build_index(st: Store, rec: ModelRecord, tname: str, rows: np.ndarray, *, seed: int, sample: int,
                  target_recall: float) -> dict:
     """IVF_FLAT cosine index on the target table; nprobes raised until recall@1 ≥ target_recall."""
-    from lancedb.index import IvfFlat
     table = st.db.open_table(tname)
     parts = int(max(1, min(len(rows) // 32, round(np.sqrt(len(rows))))))
     t0 = time.perf_counter()
-    table.create_index("vector", config=IvfFlat(distance_type="cosine", num_partitions=parts), replace=True)
+    table.create_index("vector", config=lancedb_index.IvfFlat(distance_type="cosine", num_partitions=parts), replace=True)
     build_s = time.perf_counter() - t0
     Q, what = _recall_queries(st, rec, rows, seed, sample)
     exact = np.zeros(len(Q))
@@ -344,7 +185,7 @@ def _build_index(st: Store, rec: ModelRecord, tname: str, rows: np.ndarray, *, s
         exact = np.fmax(exact, scores.norm_sim_inf(Q, T))
     nprobes, probes = max(1, parts // 16), []
     while True:
-        got = _ann_max_abs_cos(table, Q, nprobes)
+        got = ann_max_abs_cos(table, Q, nprobes)
         recall = float(np.mean(np.abs(got - exact) <= 1e-6))
         probes.append({"nprobes": nprobes, "recall_at_1": recall})
         if recall >= target_recall or nprobes >= parts:
@@ -363,7 +204,6 @@ def _recall_queries(st: Store, rec: ModelRecord, rows: np.ndarray, seed: int, sa
     if n:
         ds = st.embeddings_table(rec)
         pick = np.sort(rng.choice(n, size=min(sample, n), replace=False))
-        from clipsql.store.store import to_numpy
         X = to_numpy(ds.take(pick.tolist(), columns=["image_embedding"]).column("image_embedding"))
         X = X[scores.normalize(X)[1]]
         if len(X):

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from clipsql.ingest.demo import write_dataset
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.models.loading import DEMO_NOTICE
+from clipsql.queries.present.gallery import write_gallery
+from clipsql.queries.sql.cli_query import run_query
+from clipsql.store.fits import fit_stats
 from clipsql.store.store import Store
 
 DEMO_ROWS = 2000
@@ -61,11 +67,7 @@ class DemoResult:
 def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROWS, workers: int | None = None,
              progress: bool = True, echo: Callable[[str], None] = print) -> DemoResult:
     """Build (or reuse) the demo store and print the curation queries. Idempotent."""
-    from clipsql.ingest.demo import write_dataset
-    from clipsql.ingest.pipeline import IngestOptions, ingest
 
-    from clipsql.queries.sql.cli_query import run_query
-    from clipsql.queries.curation.fit import fit_stats
     path = Path(store_path)
     res = DemoResult(path)
     t0 = time.perf_counter()
@@ -77,7 +79,6 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
         write_dataset(data_dir, n=rows, seed=DEMO_SEED)
     res.seconds["generate"] = time.perf_counter() - t0
     t = time.perf_counter()
-    from clipsql.models.loading import DEMO_NOTICE
     echo(f"note: {DEMO_NOTICE}")
     summary = ingest(st, str(table), model="clipsql-demo",
                      options=IngestOptions(batch_size=256, workers=workers, progress=progress))
@@ -98,7 +99,6 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
         echo(f"\n== {title}\n-- {sql.replace(chr(10), chr(10) + '-- ')}\n{text}")
     res.seconds["queries"] = time.perf_counter() - t
     t = time.perf_counter()
-    from clipsql.queries.present.gallery import write_gallery
     n_show = max(12, rows // 10)          # 200 of 2,000: where the blank and placeholder images sit
     gallery = write_gallery(st, "SELECT id, kind, image_info_gain FROM scores JOIN samples USING (id)",
                             path / "gallery-image-info-gain.html", top_bottom=("image_info_gain", n_show),

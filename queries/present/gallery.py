@@ -33,8 +33,15 @@ import tarfile
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image, ImageOps
 
 from clipsql.errors import QueryError
+from clipsql.lazy import duckdb
+from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.functions import blas_pinned
 
 LAZY_AFTER = 200
@@ -99,7 +106,6 @@ class ImageReader:
                 raise OSError(f"{member!r} in {shard} is not a file")
             return f.read()
         if uri.lower().startswith("file://"):
-            from urllib.parse import unquote, urlparse
             uri = unquote(urlparse(uri).path)
         with open(uri, "rb") as f:
             return f.read()
@@ -129,7 +135,6 @@ class ImageReader:
 def thumbnail_data_uri(data: bytes, thumb: int) -> str:
     """PIL-decoded, shrunk to fit ``thumb``×``thumb`` (never enlarged: CSS scales small images
     up, pixelated), as a ``data:`` URI: PNG if ≤ 256 colours, else JPEG quality 85."""
-    from PIL import Image, ImageOps
     with Image.open(io.BytesIO(data)) as im:
         im.seek(0)
         if im.format == "JPEG":
@@ -186,7 +191,6 @@ def _store_uris(con: Any, uris: list[str | None]) -> set[str]:
 # --------------------------------------------------------------------------- data
 def _fetch(con: Any, sql: str, limit: int | None) -> tuple[Any, bool]:
     """The SQL result as an Arrow table (at most ``limit`` rows) and whether rows were cut."""
-    import duckdb
     try:
         rel = con.sql(sql)
         if rel is None:
@@ -210,8 +214,6 @@ def _with_samples(con: Any, tbl: Any) -> list[dict]:
     rows = tbl.to_pylist()
     need = [c for c in ("uri", "caption") if c not in tbl.column_names]
     if need and rows:
-        import duckdb
-        import pyarrow as pa
         con.register("_gallery_ids", pa.table({"id": tbl.column("id").cast(pa.string())}))
         try:
             found = con.sql(f"SELECT s.id, {', '.join('s.' + c for c in need)} FROM samples s "
@@ -231,8 +233,6 @@ def _with_samples(con: Any, tbl: Any) -> list[dict]:
 
 def _top_bottom(tbl: Any, column: str, n: int) -> tuple[Any, Any, int]:
     """(lowest n ascending, highest n descending, rows with NULL/NaN ``column``); ties by id."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
     col = tbl.column(column)
     keep = pc.is_valid(col)
     if pa.types.is_floating(col.type):
@@ -298,7 +298,6 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
         raise QueryError("--thumb must be at least 8 pixels")
     own = con is None
     if own:
-        from clipsql.queries.sql.db import connect
         con = connect(store)
     try:
         # top/bottom needs every row to rank; otherwise only the first `limit`

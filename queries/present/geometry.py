@@ -18,7 +18,8 @@ left out and counted), with m the mean, C the covariance (ddof=0) and σ = sqrt(
 The data are streamed twice in batches (pass 1: float64 shifted moments, exact over all
 rows; pass 2: per-row ‖x − m‖, conformity and the two separator features), so memory is
 O(d² + rows) scalars, never the (rows × d) matrix. ``sample`` limits the report to a
-seeded random subset of rows. Definitions match queries.kernels.scores.geometry (tested).
+seeded random subset of rows. The math is kernels.geometry; its definitions match
+kernels.scores.geometry (tested).
 """
 from __future__ import annotations
 
@@ -28,224 +29,22 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from clipsql.errors import StatsError
-from clipsql.store.stats import RunningMoments
-from clipsql.store.store import Store, to_numpy
+from clipsql.kernels.arrays import to_numpy
+from clipsql.kernels.geometry import MODS, Batches, compute_geometry
+from clipsql.queries.present.gallery import GALLERY_SCRIPT
+from clipsql.queries.present.plots import new_figure, save_figure
+from clipsql.queries.sql.db import open_store
+from clipsql.store.store import Store
 
-from clipsql.kernels import scores
-
-MODS = ("image", "text")
 PAPER = {"offset_ratio": {"image": 0.94, "text": 1.03}}
-Batches = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
-
-
-# --------------------------------------------------------------------------- math
-def _valid(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(valid raw rows as float64, their normalized rows)."""
-    X = np.asarray(X, dtype=np.float64)
-    Xh, ok = scores.normalize(X)
-    return X[ok], Xh[ok]
-
-
-def logistic_separator(A: np.ndarray, B: np.ndarray, l2: float = 1e-6, iters: int = 100) -> dict:
-    """Logistic regression of label 1 (rows of A) vs 0 (rows of B) on standardized features
-    plus an intercept, by Newton steps; returns weights, the decision line in raw feature
-    units (w·f + c = 0) and the train accuracy (``A·w + c > 0`` predicts 1)."""
-    F = np.vstack([A, B]).astype(np.float64)
-    y = np.concatenate([np.ones(len(A)), np.zeros(len(B))])
-    mu, sd = F.mean(axis=0), F.std(axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
-    Z = np.hstack([np.ones((len(F), 1)), (F - mu) / sd])
-    w = np.zeros(Z.shape[1])
-    reg = l2 * np.eye(len(w))
-    reg[0, 0] = 0.0
-    for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-np.clip(Z @ w, -500, 500)))
-        g = Z.T @ (p - y) + reg @ w
-        H = (Z * (p * (1 - p))[:, None]).T @ Z + reg + 1e-12 * np.eye(len(w))
-        step = np.linalg.solve(H, g)
-        w -= step
-        if np.abs(step).max() < 1e-9 * max(1.0, np.abs(w).max()):
-            break
-    pred = Z @ w > 0
-    acc = float((pred == (y > 0.5)).mean())
-    coef = w[1:] / sd
-    return {"method": "logistic regression (Newton/IRLS, standardized features + intercept, L2 1e-6), "
-                      "train accuracy",
-            "weights_standardized": w.tolist(), "coef": coef.tolist(),
-            "intercept": float(w[0] - coef @ mu), "accuracy": acc, "separates": acc == 1.0,
-            "accuracy_image": float(pred[: len(A)].mean()) if len(A) else None,
-            "accuracy_text": float(1 - pred[len(A):].mean()) if len(B) else None}
-
-
-def _summary(v: np.ndarray) -> dict:
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return {"n": 0}
-    q = np.quantile(v, [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0])
-    return {"n": int(len(v)), "mean": float(v.mean()), "std": float(v.std()),
-            **{k: float(x) for k, x in zip(("min", "p05", "p25", "median", "p75", "p95", "max"), q)}}
-
-
-def _hist(v: np.ndarray, bins: int = 50) -> dict:
-    v = v[np.isfinite(v)]
-    counts, edges = np.histogram(v, bins=bins) if len(v) else (np.zeros(0), np.zeros(0))
-    return {"counts": counts.astype(int).tolist(), "edges": edges.tolist()}
-
-
-def compute_geometry(batches: Batches, top: int = 10) -> dict:
-    """All §8 figures from ``batches()`` — an iterable of (image rows, text rows) raw arrays,
-    called twice. Returns a dict with JSON-able scalars/lists and, under ``"_arrays"``,
-    the per-row arrays the plots need."""
-    mom: dict[str, RunningMoments] = {}
-    nsum: dict[str, np.ndarray] = {}
-    invalid = {m: 0 for m in MODS}
-    for pair in batches():
-        for mod, X in zip(MODS, pair):
-            X = np.asarray(X)
-            if mod not in mom:
-                mom[mod], nsum[mod] = RunningMoments(X.shape[1]), np.zeros(X.shape[1])
-            V, Vh = _valid(X)
-            invalid[mod] += len(X) - len(V)
-            mom[mod].update(V)
-            nsum[mod] += Vh.sum(axis=0)
-    if not mom or any(mom[m].n == 0 for m in MODS):
-        raise StatsError("no valid image and text vectors to describe: ingest data first")
-    out: dict[str, Any] = {"dim": int(mom["image"].dim)}
-    mean = {m: mom[m].mean for m in MODS}
-    cov = {m: mom[m].cov for m in MODS}
-    var = {m: np.clip(np.diag(cov[m]), 0.0, None) for m in MODS}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        sep = np.abs(mean["image"] - mean["text"]) / np.sqrt(var["image"] + var["text"])
-    order = np.argsort(-np.where(np.isfinite(sep), sep, -np.inf), kind="stable")
-    top_idx = order[: max(2, int(top))]
-    f1, f2 = int(order[0]), int(order[1])
-    out["separability"] = {
-        "values": [None if not np.isfinite(s) else float(s) for s in sep], "summary": _summary(sep),
-        "top": [{"feature": int(l), "sep": float(sep[l]), "mean_image": float(mean["image"][l]),
-                 "mean_text": float(mean["text"][l]), "std_image": float(np.sqrt(var["image"][l])),
-                 "std_text": float(np.sqrt(var["text"][l]))} for l in top_idx]}
-    # pass 2: per-row distances to the mean, conformity, the two separator features
-    r = {m: [] for m in MODS}
-    conf = {m: [] for m in MODS}
-    feat = {m: [] for m in MODS}
-    for pair in batches():
-        for mod, X in zip(MODS, pair):
-            V, Vh = _valid(X)
-            D = V - mean[mod]
-            r[mod].append(np.sqrt(np.einsum("ij,ij->i", D, D)))
-            n = mom[mod].n
-            conf[mod].append((n * (Vh @ (nsum[mod] / n)) - 1.0) / (n - 1.0) if n >= 2 else np.full(len(V), np.nan))
-            feat[mod].append(V[:, [f1, f2]])
-    arrays: dict[str, Any] = {"separability": sep, "features": (f1, f2)}
-    for mod in MODS:
-        rr, cc = np.concatenate(r[mod]), np.concatenate(conf[mod])
-        C = np.abs(cov[mod])
-        diag = np.diag(C)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            odd = (C.sum(axis=1) - diag) / diag
-        sigma = np.sqrt(var[mod])
-        out[mod] = {
-            "n": int(mom[mod].n), "invalid": int(invalid[mod]),
-            "mean_norm": float(np.linalg.norm(mean[mod])), "sigma_norm": float(np.linalg.norm(sigma)),
-            "offset_ratio": float(np.linalg.norm(mean[mod]) / np.linalg.norm(sigma)) if sigma.any() else None,
-            "thin_shell": {"mu": float(rr.mean()), "var": float(rr.var()),
-                           "sqrt_trace": float(np.sqrt(max(np.trace(cov[mod]), 0.0))),
-                           "relative_std": float(rr.std() / rr.mean()) if rr.mean() > 0 else None,
-                           "histogram": _hist(rr)},
-            "off_diagonal_dominance": {"values": [None if not np.isfinite(v) else float(v) for v in odd],
-                                       "summary": _summary(odd), "histogram": _hist(odd)},
-            "conformity": {"summary": _summary(cc), "histogram": _hist(cc)},
-        }
-        arrays[mod] = {"r": rr, "conformity": cc, "odd": odd, "features": np.concatenate(feat[mod])}
-    sep_fit = logistic_separator(arrays["image"]["features"], arrays["text"]["features"])
-    out["separator"] = {"features": [f1, f2], **sep_fit}
-    out["_arrays"] = arrays
-    return out
 
 
 # --------------------------------------------------------------------------- vslerp (SQL)
-def vslerp_udf(ctx: Any) -> Callable:
-    """Arrow UDF behind ``vslerp(a, b, theta, alpha [, model [, modality]])`` (registered in
-    queries.sql.functions.register): ``SLERP(a − αm, b − αm, θ) + αm`` by ``scores.vslerp``.
-
-    ``m`` is the modality centre: the RAW mean of that modality's stored vectors of the model
-    (its running statistics, so it tracks the store). The 6th argument names the modality
-    ('image' or 'text'). When it is NULL (the 4- and 5-argument forms) each row uses the
-    modality in whose ellipsoid the midpoint (a + b)/2 is more likely: the larger Gaussian
-    log-likelihood under N(m, C) of the running raw mean and covariance (ridge 1e-6·tr C/d) —
-    the double-ellipsoid picture. Nearest mean alone is not enough: the modality gap can be
-    small next to the spread (the demo model classifies ~80% of vectors right by nearest mean,
-    100% by likelihood). Two images thus pick the image centre and two captions the text
-    centre; pass the modality to be explicit, e.g. across modalities. NULL or non-finite
-    a, b, θ or α give NULL. θ outside [0, 1] extrapolates along the arc.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from clipsql.errors import QueryError
-
-    from clipsql.queries.sql.functions import pair_groups, take_rows, matrix
-
-    def col(arr: Any) -> np.ndarray:
-        if isinstance(arr, pa.ChunkedArray):
-            arr = arr.combine_chunks()
-        return pc.fill_null(arr.cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
-
-    cache: dict = {}
-
-    def udf(a: Any, b: Any, theta: Any, alpha: Any, model: Any, modality: Any) -> Any:
-        n = len(a)
-        th, al = col(theta), col(alpha)
-        rows: list[Any] = [None] * n
-        for (mod, mname), idx in pair_groups(modality, model, n):
-            if mod not in (None, "image", "text"):
-                raise QueryError(f"vslerp modality must be 'image', 'text' or NULL, got {mod!r}")
-            rec = ctx.model(mname)
-            A = matrix(a if len(idx) == n else take_rows(a, idx), rec.dim, "vslerp a")
-            B = matrix(b if len(idx) == n else take_rows(b, idx), rec.dim, "vslerp b")
-            state = ctx.running(rec)
-            centre = {m: state.moments[(m, "raw")].mean for m in MODS}
-            if mod is None:
-                ll = {m: _gaussian_loglik((A + B) / 2, *_ellipsoid(cache, rec, state, m)) for m in MODS}
-                which = np.where(ll["image"] >= ll["text"], "image", "text")
-            else:
-                which = np.full(len(idx), mod)
-            t, al_g = th[idx], al[idx]
-            ok = np.isfinite(A).all(1) & np.isfinite(B).all(1) & np.isfinite(t) & np.isfinite(al_g)
-            for m in MODS:
-                if not np.isfinite(centre[m]).all():
-                    continue
-                for alpha_v in np.unique(al_g[ok & (which == m)]):
-                    sel = np.flatnonzero(ok & (which == m) & (al_g == alpha_v))
-                    res = scores.vslerp(A[sel], B[sel], t[sel, None], float(alpha_v), centre[m])
-                    for j, row in zip(sel, res):
-                        if np.isfinite(row).all():
-                            rows[idx[j]] = row.astype(np.float32)
-        return pa.array(rows, type=pa.list_(pa.float32()))
-    return udf
-
-
-def _ellipsoid(cache: dict, rec: Any, state: Any, modality: str) -> tuple[np.ndarray, np.ndarray, float]:
-    """(mean, W = L⁻¹ with L Lᵀ = C + ridge, log det L) of one modality's running raw moments."""
-    key = (rec.model_id, modality, state.covered_seq, state.n)
-    if key not in cache:
-        mom = state.moments[(modality, "raw")]
-        C = mom.cov
-        C = C + (1e-6 * max(float(np.trace(C)), 1e-300) / len(C)) * np.eye(len(C))
-        L = np.linalg.cholesky(C)
-        cache[key] = (mom.mean, np.linalg.inv(L), float(np.log(np.diag(L)).sum()))
-    return cache[key]
-
-
-def _gaussian_loglik(X: np.ndarray, mean: np.ndarray, W: np.ndarray, logdet_l: float) -> np.ndarray:
-    """log N(x; mean, C) up to the constant shared by both modalities: −½‖W(x − m)‖² − log det L."""
-    Z = (X - mean) @ W.T
-    return -0.5 * np.einsum("ij,ij->i", Z, Z) - logdet_l
 
 
 # --------------------------------------------------------------------------- store
@@ -273,7 +72,6 @@ def geometry_report(store: Any, model: str | None = None, output: str | os.PathL
                     sample: int | None = None, seed: int = 0, top: int = 10) -> dict:
     """Compute the §8 report for one model and write ``report.json``, ``report.html`` and
     the PNG plots into ``output``; returns the JSON dict (plus ``paths``)."""
-    from clipsql.queries.sql.db import open_store
     st = open_store(store)
     rec = st.model(model)
     t0 = time.perf_counter()
@@ -312,7 +110,6 @@ COLORS = {"image": "#4477aa", "text": "#ee7733"}
 
 
 def _plots(res: dict, arrays: dict, out: Path) -> dict[str, str]:
-    from clipsql.queries.present.plots import new_figure, save_figure
     files: dict[str, str] = {}
 
     fig = new_figure(9, 3.6)
@@ -410,7 +207,6 @@ def _html(res: dict, pngs: dict[str, str], out: Path) -> str:
         return f'<figure><img src="data:image/png;base64,{data}" alt="{e(alt)}"><figcaption>{e(pngs[key])}' \
                f'</figcaption></figure>'
 
-    from clipsql.queries.present.gallery import GALLERY_SCRIPT
     sample = f", a seeded sample of {res['sample']}" if res["sample"] else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>clipsql geometry report</title>"

@@ -20,18 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from clipsql.errors import QueryError
+from clipsql.lazy import duckdb, matplotlib, matplotlib_agg, matplotlib_figure
+from clipsql.queries.sql.db import connect, open_store, quote_ident, quote_literal
 
 
 def new_figure(width: float = 7.0, height: float = 4.5) -> Any:
     """A matplotlib Figure on the Agg canvas (no pyplot)."""
-    import matplotlib
     matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = matplotlib_figure.Figure(figsize=(width, height), dpi=100, layout="constrained")
+    matplotlib_agg.FigureCanvasAgg(fig)
     return fig
 
 
@@ -45,9 +45,6 @@ def save_figure(fig: Any, output: str | os.PathLike) -> str:
 def fetch_columns(store: Any, columns: list[str], sql: str | None = None, con: Any = None) -> dict[str, np.ndarray]:
     """The named columns of ``sql`` (default: the ``scores`` view's rows of the default model, so
     two models' scores never mix in one plot) as float64 arrays (NULL → NaN)."""
-    import duckdb
-
-    from clipsql.queries.sql.db import connect, open_store, quote_ident, quote_literal
     own = con is None
     if sql is None:
         st = open_store(store)
@@ -74,7 +71,6 @@ def fetch_columns(store: Any, columns: list[str], sql: str | None = None, con: A
             raise QueryError(f"column {c!r} is not in the result (columns: {', '.join(tbl.column_names)})")
         col = tbl.column(c)
         try:
-            import pyarrow as pa
             out[c] = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
         except Exception:  # noqa: BLE001 - arrow raises several types for a non-numeric cast
             raise QueryError(f"column {c!r} is not numeric ({col.type}); plot a numeric column") from None

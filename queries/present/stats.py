@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 
+from clipsql.store.fits import staleness
 from clipsql.store.store import MODALITIES, Store
 
 
@@ -44,7 +45,6 @@ def stats_report(st: Store, model: str | None = None, top: int = 5) -> dict[str,
         report["fit"] = {"fit_id": fit["fit_id"], "n_rows": fit["n_rows"], "reference_size": fit["reference_size"],
                          "options": fit["options"], "rows_added_since": rows - fit["n_rows"],
                          "share_added_since": share}
-        from clipsql.queries.curation.fit import staleness
         warning = staleness(st, rec)
         if warning:
             report["fit"]["stale"] = warning

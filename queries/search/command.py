@@ -5,7 +5,7 @@
     search(st, "a dog", where="width >= 256", gallery="dogs.html")
 
 The prompt goes through the same encoder path as the SQL function `text_embedding` (it *is*
-that function, on a connection over the store); the top-k is `nearest`'s (queries.search.nearest).
+that function, on a connection over the store); the top-k is `nearest`'s (queries.sql.nearest).
 Returns {"rows": [{rank, id, score, uri, caption}], "method", "reason", "model", "query", …}.
 """
 from __future__ import annotations
@@ -17,14 +17,16 @@ import numpy as np
 import pyarrow as pa
 
 from clipsql.errors import QueryError
+from clipsql.lazy import duckdb
+from clipsql.queries.present.gallery import write_gallery
+from clipsql.queries.sql.db import connect, open_store
+from clipsql.queries.sql.functions import one_blas_thread
+from clipsql.queries.sql.nearest import Searcher, allowed_ids
+from clipsql.store import vector_index as vindex
 from clipsql.store.store import Store
-
-from clipsql.queries.search import index as vindex
-from clipsql.queries.search.nearest import Searcher, allowed_ids
 
 
 def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, modality: str) -> np.ndarray:
-    import duckdb
     if (prompt is None) == (like is None):
         raise QueryError("give exactly one of a PROMPT (text to search by) or --like ID (a stored row)")
     try:
@@ -52,8 +54,6 @@ def search(store: Store | str, prompt: str | None = None, *, like: str | None = 
            model: str | None = None, modality: str = "image", where: str | None = None, exact: bool = False,
            gallery: str | None = None, con: Any = None) -> dict:
     """The k best stored rows for a prompt or a stored row (see the module doc)."""
-    from clipsql.queries.sql.db import connect, open_store
-    from clipsql.queries.sql.functions import one_blas_thread
     if k is None or int(k) < 1:
         raise QueryError(f"-k must be a positive integer; got {k}")
     st = open_store(store)
@@ -78,7 +78,6 @@ def search(store: Store | str, prompt: str | None = None, *, like: str | None = 
         out.update(rows=tbl.to_pylist(), k=int(k), query=prompt if prompt is not None else f"like {like}",
                    where=where)
         if gallery:
-            from clipsql.queries.present.gallery import write_gallery
             title = f"clipsql search: {out['query']}" + (f" where {where}" if where else "")
             con.register("_clipsql_search_rows", tbl)
             g = write_gallery(st, "SELECT id, round(score, 4) AS score, uri, caption FROM "

@@ -10,7 +10,8 @@
   kind `index`), so readers see it from their next connection.
 * Recall@10 against exact search is measured on `sample` seeded stored vectors used as
   queries; nprobes doubles until it reaches `target_recall` (or every partition is probed).
-  The figures are recorded as the JSON setting `index:<table>:<column>` and used at search time.
+  The figures are recorded as the JSON setting `index:<table>:<column>` and used at search time
+  (store.vector_index reads them).
 * Rows ingested after the build are not in the index; Lance searches them flat and merges
   them in (`clipsql optimize` folds them into the index: store.maintenance refreshes vector indexes).
 """
@@ -18,99 +19,21 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from clipsql.errors import QueryError
-from clipsql.store.store import ModelRecord, Store, set_committed_version
-
 from clipsql.kernels import topk as kernels
+from clipsql.kernels.arrays import vectors
+from clipsql.store import catalog as cat
+from clipsql.store.store import Store, set_committed_version
+from clipsql.store.vector_index import column_for, index_search, scan_chunks, setting_key
 
 KINDS = ("ivf_hnsw_sq", "ivf_pq")
 DEFAULT_KIND = "ivf_hnsw_sq"         # measured (bench/search.py): see bench/README.md
 MIN_PARTITIONS = 4
 TRAIN_ROWS_PER_PARTITION = 256
-CHUNK_ROWS = 32768
-MODALITIES = ("image", "text")
-
-
-def column_for(modality: str) -> str:
-    if modality not in MODALITIES:
-        raise QueryError(f"modality must be 'image' or 'text'; got {modality!r}")
-    return f"{modality}_embedding"
-
-
-def setting_key(rec: ModelRecord, column: str) -> str:
-    return f"index:{rec.table_name}:{column}"
-
-
-def vector_index(ds: Any, column: str) -> Any:
-    """The vector index on `column` of Lance dataset `ds` (at its version), or None."""
-    for idx in ds.describe_indices():
-        if list(idx.field_names) == [column] and "Vector" in str(getattr(idx, "type_url", "")):
-            return idx
-    return None
-
-
-def index_info(st: Store, rec: ModelRecord, column: str, ds: Any) -> dict | None:
-    """The recorded figures of the index `ds` has on `column` (defaults if unrecorded), or None."""
-    if vector_index(ds, column) is None:
-        return None
-    raw = st.get_setting(setting_key(rec, column))
-    info = json.loads(raw) if raw else {}
-    info.setdefault("nprobes", 20)
-    info.setdefault("kind", "unknown")
-    return info
-
-
-def scan_chunks(ds: Any, column: str, *, ids: pa.Array | None = None,
-                batch: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(X float32 (c, d) with NaN rows for NULL, ids (c,) object) chunks of `column`; `ids`: only
-    those rows (Lance evaluates the `isin`, through its id index where there is one)."""
-    filt = None if ids is None else pc.field("id").isin(ids)
-    for b in ds.to_batches(columns=["id", column], filter=filt, batch_size=batch):
-        if b.num_rows:
-            yield vectors(b.column(column)), b.column("id").to_numpy(zero_copy_only=False)
-
-
-def vectors(arr: Any) -> np.ndarray:
-    """FLOAT[d] Arrow array (offset-aware) → (n, d) float32; NULL rows are NaN rows."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    d = arr.type.list_size
-    flat = arr.values.slice(arr.offset * d, len(arr) * d).to_numpy(zero_copy_only=False)
-    X = flat.reshape(len(arr), d)
-    if arr.null_count:
-        X = X.astype(np.float32, copy=True)
-        X[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
-    return X
-
-
-def index_search(ds: Any, column: str, q: np.ndarray, k: int, info: dict,
-                 nprobes: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Top-k through the index: (ids, float64 cosines re-scored from the returned vectors), best
-    first, ties by id; None when the index gave fewer than k valid rows (the caller goes exact)."""
-    qh, ok = kernels.unit_queries(q)
-    slack = 16                                 # NULL / zero vectors the index may return
-    params: dict[str, Any] = {"column": column, "q": qh[0].astype(np.float32), "k": int(k) + slack,
-                              "metric": "cosine", "nprobes": int(nprobes or info["nprobes"])}
-    if info.get("refine_factor"):
-        params["refine_factor"] = int(info["refine_factor"])
-    if info.get("ef"):
-        params["ef"] = max(int(info["ef"]), int(k) + slack)
-    tbl = ds.to_table(nearest=params, columns=["id", column])
-    X = vectors(tbl.column(column))
-    sq = kernels.row_norms_sq(X)
-    valid = np.isfinite(sq) & (sq > 0)
-    ids = tbl.column("id").to_numpy(zero_copy_only=False)[valid]
-    s = np.clip(kernels.rescore(X[valid], qh[0], 1.0 / np.sqrt(sq[valid])), -1.0, 1.0)
-    order = np.lexsort((ids.astype(str), -s))[:k]
-    if len(order) < k:
-        return None
-    return ids[order], s[order]
 
 
 def partitions_for(n: int) -> int:
@@ -145,7 +68,6 @@ def build_index(st: Store, model: str | None = None, modality: str = "image", ki
         ds = st.dataset(rec.table_name, latest=True)
         info.update(rows=int(n), version=int(ds.version), seed=seed, k=k)
         info.update(measure_recall(ds, column, info, seed=seed, sample=sample, k=k, target_recall=target_recall))
-        from clipsql.store import catalog as cat
         with st.engine.begin() as conn:
             res = conn.execute(cat.commits.insert().values(
                 model_id=None, run_id=None, kind="index", rows=0, sample_rows=0,

@@ -4,14 +4,21 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
-from clipsql.queries.sql.db import connect
+from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
+from clipsql.lazy import duckdb
+from clipsql.queries.sql.db import connect, open_store
 from clipsql.queries.sql.functions import one_blas_thread
+from clipsql.store.fits import staleness
 
 _UDF_PREFIX = re.compile(r"^.*?Python exception occurred while executing the UDF: (?:\w+\.)*\w+: ", re.S)
 
@@ -35,7 +42,6 @@ def clean_error(e: BaseException, con: Any = None) -> str:
 
 
 def execute(con: Any, sql: str) -> Any:
-    import duckdb
     try:
         return con.sql(sql)
     except duckdb.Error as e:
@@ -45,7 +51,6 @@ def execute(con: Any, sql: str) -> Any:
 def fetch_table(con: Any, sql: str) -> Any:
     """Run `sql` to an Arrow table (None for a statement without rows), BLAS pinned on the
     thread that runs it; a DuckDB error becomes QueryError with a clean message."""
-    import duckdb
     with one_blas_thread():
         rel = execute(con, sql)
         if rel is None:
@@ -67,7 +72,6 @@ def interruptible(con: Any, fn: Any) -> Any:
     QueryCancelled. A plain KeyboardInterrupt is not used: raised while DuckDB runs, it left the
     worker's thread state torn down and the process aborted at exit. Off the main thread (no
     signal handlers there) the query runs inline."""
-    import signal
     if threading.current_thread() is not threading.main_thread():
         return fn()
     box: dict[str, Any] = {}
@@ -102,13 +106,10 @@ def interruptible(con: Any, fn: Any) -> Any:
 def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = None,
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
-    from clipsql.queries.sql.db import open_store
-    from clipsql.queries.curation.fit import staleness
     st = open_store(store)
     if st.list_models():
         warn = staleness(st, st.model())
         if warn:
-            import sys
             print(f"warning: {warn}", file=sys.stderr)
     con = connect(st, allow_external_access=allow_external_access)
     try:
@@ -124,11 +125,9 @@ def _format(tbl: Any, fmt: str, output: Path | None, max_rows: int) -> str:
     if fmt == "parquet":
         if output is None:
             raise QueryError("--format parquet needs --output FILE")
-        import pyarrow.parquet as pq
         pq.write_table(tbl, output)
         return ""
     if fmt == "csv":
-        import pyarrow.csv as pcsv
         buf = io.BytesIO()
         pcsv.write_csv(_flatten_lists(tbl), buf)
         text = buf.getvalue().decode()
@@ -143,7 +142,6 @@ def _format(tbl: Any, fmt: str, output: Path | None, max_rows: int) -> str:
 
 
 def _flatten_lists(tbl: Any) -> Any:
-    import pyarrow as pa
     cols = []
     for col in tbl.columns:
         if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_struct(col.type):

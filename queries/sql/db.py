@@ -13,14 +13,23 @@ results out or read other files. Spill files go to a private, bounded temporary 
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import sqlalchemy as sa
 
+from clipsql.lazy import duckdb
+from clipsql.queries.sql import functions
+from clipsql.queries.sql.functions import score_expressions
 from clipsql.store import catalog as cat
-from clipsql.store.store import Store, metadata_aliases
+from clipsql.store.store import Store
+from clipsql.store.tables import SAMPLES, dedup_table_name, metadata_aliases, samples_schema, stored_table_name
 
 
 def quote_ident(name: str) -> str:
@@ -39,12 +48,10 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
             threads: int | None = None, fits: dict | None = None) -> Any:
     """An in-memory DuckDB connection over the store: views, stats and score functions.
     `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks)."""
-    import duckdb
     st = open_store(store)
     config = {"threads": threads} if threads else {}
     con = duckdb.connect(":memory:", config=config)
     register_views(con, st)
-    from clipsql.queries.sql import functions
     ctx = functions.register(con, st)
     for model_id, (fit, row) in (fits or {}).items():
         ctx.preload_fit(model_id, fit, row)
@@ -68,9 +75,6 @@ def _bounded_spill(con: Any) -> str:
     fails with DuckDB's out-of-memory message instead of filling the disk."""
     global _SPILL_DIR
     if _SPILL_DIR is None:      # one per process (a Ray worker opens a connection per task)
-        import atexit
-        import shutil
-        import tempfile
         _SPILL_DIR = tempfile.mkdtemp(prefix="clipsql-spill-")
         atexit.register(shutil.rmtree, _SPILL_DIR, True)
     folder = _SPILL_DIR
@@ -93,9 +97,7 @@ def register_views(con: Any, st: Store) -> None:
 
 
 def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
-    import pyarrow as pa
-    from clipsql.store.store import samples_schema
-    tbl = st.samples_table(versions.get("samples"))
+    tbl = st.samples_table(versions.get(SAMPLES))
     con.register("_lance_samples", tbl if tbl is not None else samples_schema().empty_table())
     base = ["id", "uri", "caption", "width", "height"]
     cols = [quote_ident(c) for c in base]
@@ -111,7 +113,6 @@ def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
         cols.append(f"{expr} AS {quote_ident(alias)}")
     cols += ["source", "location", "caption_truncated", "metadata"]
     con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {', '.join(cols)} FROM _lance_samples")
-    del pa
 
 
 def _json_path_key(name: str) -> str:
@@ -142,7 +143,6 @@ def _vec(col: str) -> str:
 
 
 def _register_rejects(con: Any, st: Store) -> None:
-    import pyarrow as pa
     with st.engine.connect() as conn:
         rows = conn.execute(sa.select(cat.rejects).order_by(cat.rejects.c.reject_id)).fetchall()
     cols = ["reject_id", "run_id", "model_id", "source", "location", "reason", "detail", "created_at"]
@@ -157,8 +157,6 @@ def _register_rejects(con: Any, st: Store) -> None:
 
 def _register_stats(con: Any, st: Store) -> None:
     """View `stats`: per model and modality, the running statistics and the latest fit."""
-    import numpy as np
-    import pyarrow as pa
     rows = []
     for m in st.list_models():
         state = st.stats(m)
@@ -192,7 +190,6 @@ def _register_scores(con: Any, st: Store) -> None:
     """View `scores`: id, model, uri, caption and one lazily computed column per score, for every
     model that has fitted statistics (each row scored with its own model's fit); with no fit yet,
     the default model's rows (whose score columns then say to run `clipsql stats fit`)."""
-    from clipsql.queries.sql.functions import score_expressions
     models = st.list_models()
     if not models:
         return
@@ -211,12 +208,10 @@ def _register_scores(con: Any, st: Store) -> None:
             parts.append(f"SELECT e.id, {model}, s.uri, s.caption, {cols} "
                          f"FROM {quote_ident('embeddings_' + str(idx))} e LEFT JOIN samples s ON s.id = e.id")
     con.execute("CREATE OR REPLACE VIEW scores AS " + " UNION ALL ".join(parts))
-    from clipsql.queries.sql.materialize import stored_table_name
     name = stored_table_name(default.table_name)
     if name in st.table_names():
         con.register("_lance_stored_scores", st.dataset(name, latest=True))
         con.execute("CREATE OR REPLACE VIEW stored_scores AS SELECT * FROM _lance_stored_scores")
-    from clipsql.queries.curation.dedup import dedup_table_name
     name = dedup_table_name(default.table_name)
     if name in st.table_names():   # `clipsql dedup`: only rows it computed (rows added since are pending)
         con.register("_lance_semdedup", st.dataset(name, latest=True))

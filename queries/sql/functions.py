@@ -19,8 +19,8 @@ to one thread inside UDF work; DuckDB's threads parallelize across batches.
 | clip_score(img, txt) | §4 cos(x, y) (DuckDB's array_cosine_similarity) |
 | neg_clip_loss(img, txt [, model]) | §5 per-row stable form over K seeded reference batches |
 | neg_siglip_loss(img, txt [, model]) | §5 negated per-sample SigLIP loss (model's scale and bias) |
-| norm_sim_2(img, target) / norm_sim_inf(img, target) | §6 ‖F_t x̂‖₂ / max_t |⟨f_t, x̂⟩| (queries.curation.targets) |
-| text_embedding(prompt [, model]) | raw text embedding FLOAT[d], cached per prompt (queries.curation.prompts) |
+| norm_sim_2(img, target) / norm_sim_inf(img, target) | §6 ‖F_t x̂‖₂ / max_t |⟨f_t, x̂⟩| (store.targets) |
+| text_embedding(prompt [, model]) | raw text embedding FLOAT[d], cached per prompt (models.prompts) |
 | importance_weight(img, prompt [, scale [, model]]) | §7 density ratio vs the reference images, a = 10 |
 | vslerp(a, b, theta, alpha [, model [, modality]]) | §8 SLERP(a − αm, b − αm, θ) + αm, FLOAT[d] |
 
@@ -47,10 +47,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipsql.errors import DimensionMismatch, QueryError
-from clipsql.store.store import ModelRecord, Store
-
+from clipsql.errors import QueryError
 from clipsql.kernels import scores
+from clipsql.kernels.arrays import matrix, take_rows
+from clipsql.kernels.geometry import MODS, ellipsoid, gaussian_loglik
+from clipsql.lazy import threadpoolctl
+from clipsql.models.prompts import PromptCache
+from clipsql.queries.sql.nearest import register_nearest
+from clipsql.store.fits import load_fit
+from clipsql.store.store import ModelRecord, Store
+from clipsql.store.targets import TargetScorer, get_target
 
 
 class ScoreContext:
@@ -101,7 +107,6 @@ class ScoreContext:
         return self.model(name)
 
     def _load_fit(self, rec: ModelRecord) -> scores.Fit:
-        from clipsql.queries.curation.fit import load_fit
         fit, self._fit_rows[rec.model_id] = load_fit(self.st, rec)
         return fit
 
@@ -120,7 +125,6 @@ class ScoreContext:
             return self._fits[rec.model_id]
 
         def load() -> scores.Fit:
-            from clipsql.queries.curation.fit import load_fit
             return load_fit(self.st, rec, reference=False)[0]
         return self._cached(self._light, rec.model_id, load)
 
@@ -164,7 +168,6 @@ class ScoreContext:
 
     def target(self, name: str) -> Any:
         def load() -> Any:
-            from clipsql.queries.curation.targets import TargetScorer, get_target
             return TargetScorer(self.st, get_target(self.st, name))
         return self._cached(self._targets, name, load)
 
@@ -173,7 +176,6 @@ class ScoreContext:
         if self._prompts is None:
             with self._lock:
                 if self._prompts is None:
-                    from clipsql.models.prompts import PromptCache
                     self._prompts = PromptCache()
         return self._prompts
 
@@ -192,7 +194,7 @@ def one_blas_thread() -> Iterator[None]:
     the other commands do this; from Python: `with queries.one_blas_thread(): con.sql(…)`.
     """
     try:
-        from threadpoolctl import threadpool_limits
+        threadpool_limits = threadpoolctl.threadpool_limits
     except ImportError:  # pinning is an optimisation only
         yield
         return
@@ -207,38 +209,6 @@ def blas_pinned(fn: Callable) -> Callable:
         with one_blas_thread():
             return fn(*args, **kwargs)
     return wrapper
-
-
-def matrix(arr: Any, dim: int, what: str = "embedding") -> np.ndarray:
-    """Arrow list array → (n, dim) float64; NULL rows become NaN rows; a wrong length raises."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    n = len(arr)
-    if n == 0:
-        return np.empty((0, dim))
-    if arr.null_count == 0:      # the common case: read the child values buffer directly
-        if pa.types.is_fixed_size_list(arr.type) and arr.type.list_size == dim:
-            start = arr.offset * dim
-        elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-            offsets = arr.offsets.to_numpy()
-            start = int(offsets[0]) if (np.diff(offsets) == dim).all() else None
-        else:
-            start = None
-        if start is not None:
-            flat = arr.values.slice(start, n * dim).to_numpy(zero_copy_only=False)
-            return flat.astype(np.float64, copy=False).reshape(n, dim)
-    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
-    valid = ~np.isnan(lengths.astype(np.float64)) if arr.null_count else np.ones(n, bool)
-    bad = valid & (lengths != dim)
-    if bad.any():
-        got = int(lengths[np.flatnonzero(bad)[0]])
-        raise DimensionMismatch(f"{what} has {got} dimensions but the model has {dim}")
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
-    if valid.all():
-        return flat.reshape(n, dim)
-    out = np.full((n, dim), np.nan)
-    out[valid] = flat.reshape(-1, dim)
-    return out
 
 
 def _groups(arr: Any, n: int) -> list[tuple[Any, np.ndarray]]:
@@ -292,12 +262,6 @@ def _info_gain_scored(ctx: ScoreContext, reverse: bool) -> Callable:
             out[idx] = scores.info_gain(X, fit, mod, reverse=reverse, ref_index=ref)
         return _result(out)
     return udf
-
-
-def take_rows(arr: Any, idx: np.ndarray) -> Any:
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    return arr.take(pa.array(idx))
 
 
 def pair_groups(a: Any, b: Any, n: int) -> list[tuple[tuple[Any, Any], np.ndarray]]:
@@ -507,8 +471,7 @@ def register(con: Any, st: Store) -> ScoreContext:
     con.execute(f"CREATE OR REPLACE MACRO text_embedding(prompt) AS "
                 f"_clipsql_text_embedding(prompt, NULL){default_cast}, "
                 f"(prompt, model) AS _clipsql_text_embedding(prompt, model){model_cast}")
-    # vslerp(a, b, theta, alpha [, model [, modality]]) → FLOAT[d] (§8; see queries.present.geometry.vslerp_udf)
-    from clipsql.queries.present.geometry import vslerp_udf
+    # vslerp(a, b, theta, alpha [, model [, modality]]) → FLOAT[d] (§8; see vslerp_udf below)
     con.create_function("_clipsql_vslerp", vslerp_udf(ctx), [F, F, "DOUBLE", "DOUBLE", V, V], "FLOAT[]",
                         type="arrow", null_handling="special", side_effects=False)
     con.execute(f"CREATE OR REPLACE MACRO vslerp(a, b, theta, alpha) AS "
@@ -524,8 +487,7 @@ def register(con: Any, st: Store) -> ScoreContext:
     con.execute("CREATE OR REPLACE MACRO raw_norm(emb) AS "
                 "CASE WHEN emb IS NOT NULL AND list_dot_product(emb::FLOAT[], emb::FLOAT[]) > 0 THEN "
                 "_clipsql_finite(list_dot_product(emb::FLOAT[], emb::FLOAT[])::DOUBLE) END")
-    # nearest(q, k [, model [, modality]] [, filter := SQL] [, exact := bool]) (queries.search.nearest)
-    from clipsql.queries.search.nearest import register_nearest
+    # nearest(q, k [, model [, modality]] [, filter := SQL] [, exact := bool]) (queries.sql.nearest)
     register_nearest(con, ctx)
     return ctx
 
@@ -563,3 +525,57 @@ def score_expressions(model_literal: str, kind: str = "clip") -> dict[str, str]:
         "neg_clip_loss": f"neg_clip_loss({i}, {t}, {m})",
         "neg_siglip_loss": f"neg_siglip_loss({i}, {t}, {m})" if kind == "siglip" else "NULL::DOUBLE",
     }
+
+
+def vslerp_udf(ctx: Any) -> Callable:
+    """Arrow UDF behind ``vslerp(a, b, theta, alpha [, model [, modality]])`` (registered in
+    `register`): ``SLERP(a − αm, b − αm, θ) + αm`` by ``scores.vslerp``.
+
+    ``m`` is the modality centre: the RAW mean of that modality's stored vectors of the model
+    (its running statistics, so it tracks the store). The 6th argument names the modality
+    ('image' or 'text'). When it is NULL (the 4- and 5-argument forms) each row uses the
+    modality in whose ellipsoid the midpoint (a + b)/2 is more likely: the larger Gaussian
+    log-likelihood under N(m, C) of the running raw mean and covariance (ridge 1e-6·tr C/d;
+    kernels.geometry.ellipsoid) — the double-ellipsoid picture. Nearest mean alone is not enough: the modality gap can be
+    small next to the spread (the demo model classifies ~80% of vectors right by nearest mean,
+    100% by likelihood). Two images thus pick the image centre and two captions the text
+    centre; pass the modality to be explicit, e.g. across modalities. NULL or non-finite
+    a, b, θ or α give NULL. θ outside [0, 1] extrapolates along the arc.
+    """
+    def col(arr: Any) -> np.ndarray:
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        return pc.fill_null(arr.cast(pa.float64()), float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    cache: dict = {}
+
+    def udf(a: Any, b: Any, theta: Any, alpha: Any, model: Any, modality: Any) -> Any:
+        n = len(a)
+        th, al = col(theta), col(alpha)
+        rows: list[Any] = [None] * n
+        for (mod, mname), idx in pair_groups(modality, model, n):
+            if mod not in (None, "image", "text"):
+                raise QueryError(f"vslerp modality must be 'image', 'text' or NULL, got {mod!r}")
+            rec = ctx.model(mname)
+            A = matrix(a if len(idx) == n else take_rows(a, idx), rec.dim, "vslerp a")
+            B = matrix(b if len(idx) == n else take_rows(b, idx), rec.dim, "vslerp b")
+            state = ctx.running(rec)
+            centre = {m: state.moments[(m, "raw")].mean for m in MODS}
+            if mod is None:
+                ll = {m: gaussian_loglik((A + B) / 2, *ellipsoid(cache, rec, state, m)) for m in MODS}
+                which = np.where(ll["image"] >= ll["text"], "image", "text")
+            else:
+                which = np.full(len(idx), mod)
+            t, al_g = th[idx], al[idx]
+            ok = np.isfinite(A).all(1) & np.isfinite(B).all(1) & np.isfinite(t) & np.isfinite(al_g)
+            for m in MODS:
+                if not np.isfinite(centre[m]).all():
+                    continue
+                for alpha_v in np.unique(al_g[ok & (which == m)]):
+                    sel = np.flatnonzero(ok & (which == m) & (al_g == alpha_v))
+                    res = scores.vslerp(A[sel], B[sel], t[sel, None], float(alpha_v), centre[m])
+                    for j, row in zip(sel, res):
+                        if np.isfinite(row).all():
+                            rows[idx[j]] = row.astype(np.float32)
+        return pa.array(rows, type=pa.list_(pa.float32()))
+    return udf

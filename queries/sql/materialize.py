@@ -1,7 +1,7 @@
 """`clipsql score`: materialize chosen scores as stored columns.
 
-The values land in a Lance table `scores_<model table>` (id + one column per score)
-stamped with the fit (statistics version) they came from, and show up in SQL as the
+The values land in a Lance table `scores_<model table>` (store.tables; id + one column per
+score) stamped with the fit (statistics version) they came from, and show up in SQL as the
 view `stored_scores` (default model) with columns `fit_id` and `computed_at`.
 Re-running replaces the table: a materialization is a snapshot of one fit.
 
@@ -26,16 +26,13 @@ import numpy as np
 import pyarrow as pa
 
 from clipsql.errors import QueryError
+from clipsql.kernels import scores
+from clipsql.kernels.arrays import to_numpy
+from clipsql.queries.sql.db import connect, quote_ident, quote_literal
+from clipsql.queries.sql.functions import SCORE_COLUMNS, blas_pinned, score_expressions
 from clipsql.store.faults import fault
 from clipsql.store.store import Store
-
-from clipsql.queries.sql.functions import SCORE_COLUMNS, score_expressions
-from clipsql.queries.sql.functions import blas_pinned
-
-
-def stored_table_name(model_table: str) -> str:
-    return "scores_" + model_table
-
+from clipsql.store.tables import stored_table_name
 
 POOL_COLUMNS = ("neg_clip_loss_pool", "norm_sim_d")
 
@@ -51,7 +48,6 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
     if unknown:
         raise QueryError(f"unknown score column(s) {', '.join(unknown)}; choose from: {', '.join(SCORE_COLUMNS)} "
                          "(or --neg-clip-loss-pool / --norm-sim-d)")
-    from clipsql.queries.sql.db import connect, quote_ident
     rec = st.model(model)
     check_columns(rec, columns)
     fit = st.latest_fit(rec, with_arrays=False)
@@ -89,8 +85,7 @@ def check_columns(rec: Any, columns: list[str]) -> None:
 def score_relation(con: Any, rec: Any, relation: str, columns: list[str]) -> pa.Table:
     """id + the score columns of every row of `relation` (its image_embedding / text_embedding),
     through the SQL score functions themselves: what `clipsql score` stores locally and what each
-    Ray task computes for its fragment (cluster.scores) are the same expressions."""
-    from clipsql.queries.sql.db import quote_ident, quote_literal
+    Ray task computes for its fragment (engines.scores) are the same expressions."""
     exprs = score_expressions(quote_literal(rec.model_id), rec.kind)
     cols = "".join(f", {exprs[c]} AS {quote_ident(c)}" for c in columns)
     return _arrow(con.sql(f"SELECT e.id{cols} FROM {relation} e ORDER BY e.id"))
@@ -99,9 +94,7 @@ def score_relation(con: Any, rec: Any, relation: str, columns: list[str]) -> pa.
 def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bool, normsim_d: bool,
                   batch_size: int | None, seed: int | None) -> tuple[pa.Table, dict]:
     """Append the pool-form columns, computed over every row of the model, aligned on id."""
-    from clipsql.store.store import to_numpy
 
-    from clipsql.kernels import scores
     emb = st.read_embeddings(rec)
     pos = pa.compute.index_in(tbl.column("id"), value_set=emb.column("id")).to_numpy(zero_copy_only=False)
     X, Y = to_numpy(emb.column("image_embedding")), to_numpy(emb.column("text_embedding"))

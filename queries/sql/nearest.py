@@ -21,10 +21,10 @@ filter's ids; NULL = no filter). Positional `nearest(q, 10, 'model', 'text')` wo
   allowed ids to the UDF, whose exact search reads only those rows from Lance. The vector
   index cannot apply a filter over `samples`, so filtered searches are always exact.
 * **index**: when the model table (at the committed version) has a vector index on the column
-  (built by `clipsql index`) and neither a filter nor `exact := true` is given, the search goes
+  (built by `clipsql index`, read through store.vector_index) and neither a filter nor `exact := true` is given, the search goes
   through it (nprobes recorded at build time) and re-scores the returned vectors in float64; it
   falls back to exact when the index returns fewer than k valid rows.
-* **exact** is chunked BLAS (queries.search.kernels): one float32 GEMM per chunk of
+* **exact** is chunked BLAS (kernels.topk): one float32 GEMM per chunk of
   `CHUNK_ROWS` rows, re-scored in float64, equal to the float64 top-k.
 """
 from __future__ import annotations
@@ -36,17 +36,17 @@ import numpy as np
 import pyarrow as pa
 
 from clipsql.errors import DimensionMismatch, QueryError
-from clipsql.store.store import ModelRecord, Store
-
-from clipsql.queries.search import index as vindex
 from clipsql.kernels import topk as kernels
+from clipsql.kernels.arrays import matrix
+from clipsql.lazy import duckdb
+from clipsql.store import vector_index as vindex
+from clipsql.store.store import ModelRecord, Store
 
 RESULT_TYPE = pa.list_(pa.struct([("id", pa.string()), ("score", pa.float64())]))
 
 
 def allowed_ids(con: Any, where: str) -> pa.Array:
     """Ids of the `samples` rows satisfying `where`, the user's own SQL boolean expression (DuckDB)."""
-    import duckdb
     try:
         tbl = con.sql(f"SELECT DISTINCT id FROM samples WHERE ({where})").to_arrow_table()
         tbl = tbl.read_all() if hasattr(tbl, "read_all") else tbl
@@ -142,7 +142,6 @@ def nearest_udf(searcher: Searcher) -> Any:
     """Arrow UDF (q, k, model, modality, allowed ids, exact) → LIST(STRUCT(id, score)). Rows without a
     filter are grouped by their constant arguments (a batch of queries is one chunked pass); a row
     with an allowed-id list is searched alone (its list is read as an Arrow array, never as objects)."""
-    from clipsql.queries.sql.functions import matrix
 
     def udf(q: Any, k: Any, model: Any, modality: Any, allowed: Any, exact: Any) -> pa.Array:
         n = len(q)

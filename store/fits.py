@@ -1,4 +1,5 @@
-"""`clipsql stats fit`: draw the reference sample and fit the score statistics.
+"""Fits: `clipsql stats fit` draws the reference sample and fits the score statistics; the SQL
+score functions load them (`load_fit`), reports say when they are stale (`staleness`).
 
 The reference sample is M rows drawn once, seeded, from the rows holding both
 embeddings (all rows when fewer): seeded row positions of the committed table
@@ -15,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from clipsql.errors import StatsError
-from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, Store, to_numpy
-
 from clipsql.kernels import scores
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.faults import fault
+from clipsql.store.store import ModelRecord, Store
 
 DEFAULT_REFERENCE_SIZE = 10_000
 DEFAULT_STALE_SHARE = 0.10

@@ -1,0 +1,46 @@
+"""The Ray engine: the `Engine` of queries.sql.engine with its work on a Ray cluster.
+
+Ingest runs one task per source unit (engines.ingest), `stats refresh` and `score` one task
+per Lance fragment (engines.scores); the driver alone commits, through the same ledger as
+the local engine. `address`: None starts a local Ray for the command (or joins RAY_ADDRESS);
+`auto` or host:port joins a running cluster.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from clipsql.engines.engine import EngineError
+from clipsql.engines.ingest import ingest_ray
+from clipsql.engines.scores import refresh_stats_ray, score_columns_ray, score_ray
+from clipsql.ingest.pipeline import IngestOptions, IngestSummary
+from clipsql.store.store import ModelRecord, StatsState, Store
+
+
+class RayEngine:
+    name = "ray"
+    in_process = False
+
+    def __init__(self, address: str | None = None):
+        self.address = address
+
+    def ingest(self, store: Store, source: str, *, model: str | None = None, pretrained: str | None = None,
+               checkpoint: str | None = None, options: IngestOptions | None = None) -> IngestSummary:
+        return ingest_ray(store, source, model=model, pretrained=pretrained, checkpoint=checkpoint, options=options,
+                          address=self.address)
+
+    def refresh_stats(self, store: Store, rec: ModelRecord) -> StatsState:
+        return refresh_stats_ray(store, rec, address=self.address)
+
+    def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
+              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
+        if neg_clip_loss_pool or norm_sim_d:
+            raise EngineError("the pool-form scores (--neg-clip-loss-pool, --norm-sim-d) need the whole pool at "
+                              "once: use --engine local")
+        return score_ray(store, columns, model, address=self.address)
+
+    def score_columns(self, store: Store, rec: ModelRecord, columns: list[str], *, fit: Any, con: Any,
+                      relation: str, allowed: pa.Array | None) -> pa.Table:
+        """Every row of the model's committed table, one task per fragment (the pool filters them)."""
+        return score_columns_ray(store, rec, columns, address=self.address, fit=fit)

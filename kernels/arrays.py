@@ -1,0 +1,88 @@
+"""Arrow ↔ numpy for embedding columns (FLOAT[d] / LIST<FLOAT>), pyarrow and numpy only.
+
+Every layer converts vector columns through these: the store writes `fixed_list` and reads
+`to_numpy`, the DuckDB UDFs read their batches with `matrix`, the vector search with `vectors`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from clipsql.errors import DimensionMismatch
+
+
+def fixed_list(X: np.ndarray, dim: int, nan_is_null: bool = False) -> pa.FixedSizeListArray:
+    """(n, d) → FLOAT[d]; with `nan_is_null`, rows that are NaN (no vector: an image kept without a
+    caption has no text embedding) become NULL."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    flat = pa.array(X.reshape(-1))
+    if nan_is_null and len(X) and np.isnan(X[:, 0]).any():
+        missing = np.isnan(X[:, 0])
+        flat = pa.array(np.where(missing[:, None], np.float32(0), X).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, dim, mask=pa.array(missing))
+    return pa.FixedSizeListArray.from_arrays(flat, dim)
+
+
+def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """FLOAT[d] column → (n, d) float32 array (zero-copy where possible); NULL rows are NaN rows."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    dim = arr.type.list_size
+    out = arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), dim)
+    if arr.null_count:
+        out = out.astype(np.float32, copy=True)
+        out[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+    return out
+
+
+def matrix(arr: Any, dim: int, what: str = "embedding") -> np.ndarray:
+    """Arrow list array → (n, dim) float64; NULL rows become NaN rows; a wrong length raises."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.empty((0, dim))
+    if arr.null_count == 0:      # the common case: read the child values buffer directly
+        if pa.types.is_fixed_size_list(arr.type) and arr.type.list_size == dim:
+            start = arr.offset * dim
+        elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            offsets = arr.offsets.to_numpy()
+            start = int(offsets[0]) if (np.diff(offsets) == dim).all() else None
+        else:
+            start = None
+        if start is not None:
+            flat = arr.values.slice(start, n * dim).to_numpy(zero_copy_only=False)
+            return flat.astype(np.float64, copy=False).reshape(n, dim)
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    valid = ~np.isnan(lengths.astype(np.float64)) if arr.null_count else np.ones(n, bool)
+    bad = valid & (lengths != dim)
+    if bad.any():
+        got = int(lengths[np.flatnonzero(bad)[0]])
+        raise DimensionMismatch(f"{what} has {got} dimensions but the model has {dim}")
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    if valid.all():
+        return flat.reshape(n, dim)
+    out = np.full((n, dim), np.nan)
+    out[valid] = flat.reshape(-1, dim)
+    return out
+
+
+def take_rows(arr: Any, idx: np.ndarray) -> Any:
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.take(pa.array(idx))
+
+
+def vectors(arr: Any) -> np.ndarray:
+    """FLOAT[d] Arrow array (offset-aware) → (n, d) float32; NULL rows are NaN rows."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    d = arr.type.list_size
+    flat = arr.values.slice(arr.offset * d, len(arr) * d).to_numpy(zero_copy_only=False)
+    X = flat.reshape(len(arr), d)
+    if arr.null_count:
+        X = X.astype(np.float32, copy=True)
+        X[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
+    return X

@@ -1,0 +1,84 @@
+"""Where the heavy steps run: an `Engine`, this process (`LOCAL`) or a Ray cluster (engines.ray).
+
+An engine is chosen once per command, by `engines.choose(name, ray_address)` (the CLI's
+`--engine local|ray`), and handed as an object to the library functions whose work can run
+on a cluster: ingest (`engine.ingest`; DataComp pools through `ingest_pool(run=engine.ingest)`),
+`stats refresh` (`engine.refresh_stats`), `clipsql score` (`engine.score`) and the pool-wide
+scores a `select` recipe ranks by (`engine.score_columns`). Nothing else asks which engine it
+has: the local one is defined here, the Ray one above the library, in engines/.
+
+Both engines run the same code on their data: the local one calls the functions below
+directly; the Ray one runs them per source unit or per Lance fragment and commits through the
+same ledger.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import pyarrow as pa
+
+from clipsql.ingest.pipeline import IngestOptions, IngestSummary, ingest
+from clipsql.queries.sql.db import connect
+from clipsql.queries.sql.materialize import materialize_scores, score_relation
+from clipsql.store.store import ModelRecord, StatsState, Store
+
+
+class Engine(Protocol):
+    """What an engine does (engines.choose returns one)."""
+
+    name: str               # "local" | "ray": recorded in selection sidecars
+    in_process: bool        # whether the work runs in this process (DuckDB-only work, e.g. `select --sql`)
+
+    def ingest(self, store: Store, source: str, *, model: str | None = None, pretrained: str | None = None,
+               checkpoint: str | None = None, options: IngestOptions | None = None) -> IngestSummary:
+        """Ingest one source with one model (ingest.pipeline.ingest's contract)."""
+
+    def refresh_stats(self, store: Store, rec: ModelRecord) -> StatsState:
+        """Recompute and save a model's running statistics from every stored vector."""
+
+    def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
+              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
+        """`clipsql score`: store the score columns (view `stored_scores`); returns a summary."""
+
+    def score_columns(self, store: Store, rec: ModelRecord, columns: list[str], *, fit: Any, con: Any,
+                      relation: str, allowed: pa.Array | None) -> pa.Table:
+        """id + `columns` for (at least) every row of `relation`, SQL over `con` (a connection of the
+        store; `allowed`: the ids registered there as `_clipsql_allowed` when `relation` is filtered
+        to them): the pool of a `select` recipe. `fit`: a (scores.Fit, fit row) to score with
+        instead of the default fit."""
+
+
+class LocalEngine:
+    """This process: DuckDB and numpy on the local cores."""
+
+    name = "local"
+    in_process = True
+
+    def ingest(self, store: Store, source: str, *, model: str | None = None, pretrained: str | None = None,
+               checkpoint: str | None = None, options: IngestOptions | None = None) -> IngestSummary:
+        return ingest(store, source, model=model, pretrained=pretrained, checkpoint=checkpoint, options=options)
+
+    def refresh_stats(self, store: Store, rec: ModelRecord) -> StatsState:
+        with store.lock():
+            return store.refresh_stats(rec)
+
+    def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
+              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
+        return materialize_scores(store, columns, model, neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d,
+                                  pool_batch_size=pool_batch_size, seed=seed)
+
+    def score_columns(self, store: Store, rec: ModelRecord, columns: list[str], *, fit: Any, con: Any,
+                      relation: str, allowed: pa.Array | None) -> pa.Table:
+        """Through the SQL score functions on `con`, or on a connection of its own for a recipe's fit."""
+        if fit is None:
+            return score_relation(con, rec, relation, columns)
+        own = connect(store, fits={rec.model_id: fit})     # a recipe's own fit, this connection only
+        try:
+            if allowed is not None:
+                own.register("_clipsql_allowed", pa.table({"id": allowed}))
+            return score_relation(own, rec, relation, columns)
+        finally:
+            own.close()
+
+
+LOCAL = LocalEngine()

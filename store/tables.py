@@ -1,0 +1,112 @@
+"""Every Lance table of a store: its name and its schema, in one registry.
+
+    samples                                   one row per sample (`samples_schema`)
+    emb_<slug>_<hash>                         one model's embeddings (`embeddings_schema`)
+    scores_<model table>                      `clipsql score`: stored score columns
+    semdedup_<model table>                    `clipsql dedup`: semdedup_cluster, semdedup_max_sim
+    semdedup_<model table>_centroids          … and its k-means centroids
+    target_<slug>_<hash>_<build>              `clipsql target add`: one build of a target set
+
+A model table is named from its model id and a target table from the target's name by the same
+rule, `table_name_for(kind, name)`: a lower-case slug (≤ 40 characters) and 8 hex digits of the
+name's sha256, so names never collide and stay valid file names. A model's derived tables
+(`derived_tables`) are dropped with it (`clipsql models rm`). Nothing else in clipsql spells a
+table name or prefix.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pyarrow as pa
+
+SAMPLES = "samples"
+EMBEDDINGS = "emb"          # prefix of a model's table
+TARGET = "target"           # prefix of a target set's tables
+STORED_SCORES = "scores_"   # + model table
+DEDUP = "semdedup_"         # + model table (and + "_centroids")
+CENTROIDS_SUFFIX = "_centroids"
+
+SAMPLE_COLUMNS = ("id", "uri", "caption", "width", "height", "source", "location",
+                  "caption_truncated", "metadata")
+
+
+def table_name_for(kind: str, name: str) -> str:
+    """The table of `name` (a model id for kind EMBEDDINGS, a target name for TARGET)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:40]
+    return f"{kind}_{slug}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def embeddings_table_name(model_id: str) -> str:
+    return table_name_for(EMBEDDINGS, model_id)
+
+
+def target_table_name(name: str, build: str) -> str:
+    """One build of target `name` (each build is a new table, switched to in one catalog transaction)."""
+    return f"{table_name_for(TARGET, name)}_{build}"
+
+
+def stored_table_name(model_table: str) -> str:
+    """The stored score columns of a model (`clipsql score`; view `stored_scores`)."""
+    return STORED_SCORES + model_table
+
+
+def dedup_table_name(model_table: str) -> str:
+    """The Lance table of a model's SemDeDup columns (id, semdedup_cluster, semdedup_max_sim, computed_at)."""
+    return DEDUP + model_table
+
+
+def centroids_table_name(model_table: str) -> str:
+    return DEDUP + model_table + CENTROIDS_SUFFIX
+
+
+def derived_tables(model_table: str) -> list[str]:
+    """The tables computed from a model's table, dropped with the model."""
+    return [stored_table_name(model_table), dedup_table_name(model_table), centroids_table_name(model_table)]
+
+
+def is_embeddings_table(name: str) -> bool:
+    return name.startswith(EMBEDDINGS + "_")
+
+
+def is_target_table(name: str) -> bool:
+    return name.startswith(TARGET + "_")
+
+
+def samples_schema() -> pa.Schema:
+    return pa.schema([
+        ("id", pa.string()), ("uri", pa.string()), ("caption", pa.string()),
+        ("width", pa.int32()), ("height", pa.int32()), ("source", pa.string()),
+        ("location", pa.string()), ("caption_truncated", pa.bool_()), ("metadata", pa.string()),
+    ])
+
+
+def embeddings_schema(dim: int) -> pa.Schema:
+    """One model's table. uri and caption are copied from `samples` (≈4% of a row at d = 512) so
+    the `scores` view is one scan, with no join whose hash table would grow with the store."""
+    return pa.schema([
+        ("id", pa.string()),
+        ("uri", pa.string()),
+        ("caption", pa.string()),
+        ("image_embedding", pa.list_(pa.float32(), dim)),
+        ("text_embedding", pa.list_(pa.float32(), dim)),
+        ("seq", pa.int64()),
+    ])
+
+
+def metadata_aliases(names: list[str]) -> dict[str, str]:
+    """{metadata key: its column name in the `samples` view}. A key that is a samples column (id,
+    uri, caption, …) becomes meta_<key>; if that is taken too, meta_<key>_2, _3, … (sorted keys:
+    the same store always gives the same names)."""
+    taken = set(SAMPLE_COLUMNS) | set(names)
+    out: dict[str, str] = {}
+    for name in sorted(names):
+        if name not in SAMPLE_COLUMNS:
+            out[name] = name
+            continue
+        alias, k = f"meta_{name}", 2
+        while alias in taken:
+            alias, k = f"meta_{name}_{k}", k + 1
+        taken.add(alias)
+        out[name] = alias
+    return out
