@@ -14,6 +14,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from clipsql.errors import READ_ONLY_HINT
+
 app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`, then see `clipsql COMMAND --help`.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 stats_app = typer.Typer(help="Running statistics and fitted reference statistics.", no_args_is_help=True)
@@ -68,6 +70,10 @@ def storage_fault(e: BaseException) -> str | None:
             or "database or disk is full" in str(e):
         return (f"the disk is full ({getattr(e, 'filename', None) or text}): free space and re-run; "
                 "committed rows are kept and the run resumes where it stopped")
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+        return f"{e.filename}: {e.strerror}; if it is part of the store, {READ_ONLY_HINT}"
+    if "Read-only file system" in str(e) or "attempt to write a readonly database" in str(e):
+        return f"the store cannot be written here ({text}); {READ_ONLY_HINT}"
     if mod.startswith("sqlalchemy") or isinstance(e, UnicodeDecodeError):
         return f"the catalog cannot be read ({type(e).__name__}: {text}): run `clipsql doctor STORE`"
     if mod.startswith(("lance", "pyarrow")) or type(e).__name__ in ("LanceError", "ArrowInvalid", "ArrowIOError") \
@@ -628,15 +634,18 @@ def select_cmd(store: str = STORE_ARG,
                                           "fragment."),
                ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Choose a subset by a curation recipe or SQL; ties broken by id (ascending), cut to an exact count."""
+    from clipsql.queries.curation.recipes import kl_guided_fit_ready
     from clipsql.queries.curation.selection import SelectSpec, select
     from clipsql.store.store import Store
     spec = SelectSpec(recipe=recipe.value if recipe else None, sql=sql, target=target, fraction=fraction,
                       limit=limit, threshold=threshold, where=where, first_fraction=first_fraction,
                       negclip_form=negclip_form, clusters=clusters, sample=sample, seed=seed, make_fit=make_fit,
                       format=fmt.value if fmt else None)
-    # kl-guided may make its fit (a catalog write); every other selection only reads the store
-    writes = spec.recipe == "kl-guided" and make_fit
-    st = _run(Store.open, store, read_only=not writes)
+    # every selection only reads the store, unless kl-guided has to make its fit (a catalog write)
+    st = _run(Store.open, store, read_only=True)
+    if spec.recipe == "kl-guided" and make_fit and \
+            not _run(kl_guided_fit_ready, st, model, seed=seed, reference_size=spec.reference_size):
+        st = _run(Store.open, store)
     res = _run(select, st, spec, output=output, model=model, engine=engine, ray_address=ray_address)
     c = res["counts"]
     for w in res.get("warnings", []):

@@ -54,3 +54,14 @@ class SelectionError(ClipsqlError, ValueError):
 
 class CatalogError(ClipsqlError, ConnectionError):
     """The catalog database cannot be reached or used (bad URL, missing driver, server down)."""
+
+
+class StoreReadOnly(ClipsqlError, PermissionError):
+    """A command that changes the store run where the store cannot be written (a read-only mount,
+    a backup, another user's files)."""
+
+
+READ_ONLY_HINT = ("this command changes the store: run it as a user who can write the store, or on a writable "
+                  "copy; commands that only read (query, sql, stats show, select with an existing fit) work as "
+                  "they are")
+

@@ -175,6 +175,7 @@ class Store:
             cat.migrate(store.engine)
             store._claim_catalog(store_id)
             (path / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            store.checkpoint()
         except BaseException:
             # leave nothing half-made behind (an unreachable catalog, a missing driver): the same
             # `clipsql init` works once the cause is fixed
@@ -196,8 +197,8 @@ class Store:
         store = cls(path, url, read_only=read_only)
         if read_only:
             cat.check_schema(store.engine, writer=False)
-        elif migrate:
-            cat.migrate(store.engine)
+        elif migrate and cat.migrate(store.engine):
+            store.checkpoint()
         if marker.get("store_id"):
             store._check_catalog(marker["store_id"])
         return store
@@ -245,15 +246,23 @@ class Store:
         from clipsql.store.locks import file_lock, lease
         suffix = ".write.lock" if name == "writer" else f".{name}.lock"
         if not is_remote(self.path):
-            with file_lock(str(self.path / suffix), str(self.path)):
-                yield
+            held = file_lock(str(self.path / suffix), str(self.path))
         elif self.engine.dialect.name == "sqlite":
             db = self.engine.url.database or ""
-            with file_lock(db.split("?")[0].removeprefix("file:") + suffix, str(self.path)):
-                yield
+            held = file_lock(db.split("?")[0].removeprefix("file:") + suffix, str(self.path))
         else:
-            with lease(self.engine, name, str(self.path)):
+            held = lease(self.engine, name, str(self.path))
+        with held:
+            try:
                 yield
+            finally:
+                self.checkpoint()     # before the lock goes: the next reader finds every commit in the file
+
+    def checkpoint(self) -> None:
+        """A writer is done: a SQLite catalog's commits move from its WAL into the file, where readers
+        that cannot write the store (a read-only mount, a backup, another user) read them."""
+        if not self.read_only:
+            cat.checkpoint(self.engine)
 
     # -- settings and models ------------------------------------------------------------
     def get_setting(self, key: str) -> str | None:

@@ -330,9 +330,9 @@ def test_full_disk_during_ingest_is_one_line_and_resumes(tmp_path):
             cat.ingest_runs.c.run_id))] == ["aborted", "done"]
 
 
-def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkeypatch):
-    """11.16: a query opens the SQLite catalog read-only (immutable where the directory cannot be
-    written) and never migrates an older catalog; only a writer does."""
+def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkeypatch, tmp_path):
+    """11.16: a query opens the SQLite catalog read-only (where the directory cannot be written, as
+    `catalog.sqlite_reader` says) and never migrates an older catalog; only a writer does."""
     st = pool_store
     with st.engine.begin() as conn:                    # make it look like a catalog from before migration 6
         conn.execute(sa.delete(cat.schema_migrations).where(cat.schema_migrations.c.version >= 6))
@@ -347,10 +347,23 @@ def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkey
     assert "mode=ro" in str(ro.engine.url)
     with pytest.raises(Exception, match="readonly"):
         ro.set_setting("x", "y")
+    # where the directory cannot be written: the WAL read in place (its -shm and -wal exist while this
+    # process has the catalog open), or, for a catalog file alone (a writer checkpointed it as it
+    # finished), that file, immutable (tests/test_readonly.py runs these for real)
+    import shutil
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    cli("optimize", str(st.path))
+    shutil.copy(st.path / "catalog.sqlite", alone / "catalog.sqlite")
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(st.path) and m == os.W_OK else real(p, m))
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) in (str(st.path), str(alone)) and m == os.W_OK
+                        else real(p, m))
     im = Store.open(st.path, read_only=True)
-    assert "immutable=1" in str(im.engine.url) and im.count_rows(im.model()) == 400
+    assert "mode=ro" in str(im.engine.url) and im.count_rows(im.model()) == 400
+    assert cat.sqlite_reader(str(alone / "catalog.sqlite")) == (str(alone / "catalog.sqlite"), "immutable=1")
+    engine = cat.make_engine(f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True)
+    assert "immutable=1" in str(engine.url) and im.committed_versions() == Store(
+        st.path, f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True).committed_versions()
 
 
 def test_damaged_store_files_give_one_line(pool_store, tmp_path):
