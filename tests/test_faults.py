@@ -495,6 +495,32 @@ def assert_doctor_consistent(st, when):
     assert stats or not st.list_models(), when
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first-model", "second-model"])
+def test_a_kill_between_a_model_table_and_its_catalog_rows_is_recovered(tmp_path, first):
+    """A kill after a new model's Lance table is created and before the catalog records it broke the
+    next ingest (KeyError: 'emb_…' in Store.commit, the run recorded failed). The next writer now
+    adopts the empty table and the ingest completes."""
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=200)
+    st = Store.init(tmp_path / "s")
+    other = ["--model", "ViT-B-32", "--pretrained", "openai"]
+    if not first:
+        cli("ingest", str(st.path), str(pool), *other, "--id-column", "key", "--no-progress")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress"]
+    p = cli(*args, env={"CLIPSQL_FAULT": "register:after-table"}, check=False)
+    assert p.returncode == -9, p.stderr.decode()[-500:]
+    assert len(Store.open(st.path).list_models()) == (0 if first else 1)
+    p = cli(*args, check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr.decode(), p.stderr.decode()[-1500:]
+    st = Store.open(st.path)
+    assert [st.count_rows(m) for m in st.list_models()] == [200] * (1 if first else 2)
+    with st.engine.connect() as conn:
+        assert [r[0] for r in conn.execute(sa.select(cat.ingest_runs.c.status))] == ["done"] * (1 if first else 2)
+    assert_doctor_consistent(st, "after the re-run")
+    for m in st.list_models():
+        assert_stats_match_vectors(st, m.model_id)
+
+
 def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_path):
     """Issue 11, done-when: SIGKILL at every commit boundary of ingest, optimize, stats fit, target
     add, score and select (and at seeded random moments of an ingest); after each kill `clipsql
