@@ -47,7 +47,7 @@ def _fail(msg: str, code: int = 1) -> None:
 
 def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     """Call a library function; domain errors become a message and exit 1."""
-    from clipsql.errors import ClipsqlError
+    from clipsql.errors import ClipsqlError, from_udf_text
     try:
         return fn(*args, **kwargs)
     except ClipsqlError as e:
@@ -55,6 +55,9 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     except KeyboardInterrupt:
         _fail("interrupted (committed rows are kept; re-run to resume)", 130)
     except Exception as e:  # noqa: BLE001 - storage faults a command cannot recover from: one line
+        wrapped = from_udf_text(str(e))     # a clipsql error raised inside a DuckDB UDF, in DuckDB's words
+        if wrapped is not None:
+            _fail(str(wrapped), wrapped.exit_code)
         msg = storage_fault(e)
         if msg is None:
             raise

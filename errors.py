@@ -65,3 +65,19 @@ READ_ONLY_HINT = ("this command changes the store: run it as a user who can writ
                   "copy; commands that only read (query, sql, stats show, select with an existing fit) work as "
                   "they are")
 
+
+UDF_WRAPPER = "Python exception occurred while executing the UDF: "
+
+
+def from_udf_text(text: str) -> ClipsqlError | None:
+    """The clipsql error that DuckDB wrapped into `text` ("Invalid Input Error: Python exception
+    occurred while executing the UDF: StatsError: no fitted statistics …"), rebuilt from its class
+    name and message; None when `text` wraps no clipsql error."""
+    _, sep, rest = text.partition(UDF_WRAPPER)
+    if not sep:
+        return None
+    name, sep, message = rest.partition(": ")
+    cls = globals().get(name.rsplit(".", 1)[-1]) if sep else None
+    if not (isinstance(cls, type) and issubclass(cls, ClipsqlError)):
+        return None
+    return cls(message.strip())

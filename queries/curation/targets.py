@@ -44,6 +44,7 @@ from clipsql.errors import QueryError, TargetError
 from clipsql.store.faults import fault
 from clipsql.store.manage import mark_for_drop, sweep_dropped_tables, unmark_drop
 from clipsql.store.store import ModelRecord, Store
+from clipsql.queries.sql.functions import udf_error
 
 from clipsql.kernels import scores
 
@@ -220,7 +221,7 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
         arr = tbl.select("image_embedding").arrow()
         arr = arr.read_all() if hasattr(arr, "read_all") else arr
     except duckdb.Error as e:
-        raise QueryError(f"target query failed: {e}") from None
+        raise udf_error(e, con) or QueryError(f"target query failed: {e}") from None
     finally:
         con.close()
     col = arr.column("image_embedding").combine_chunks()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from clipsql.errors import QueryError
+from clipsql.queries.sql.functions import udf_error
 
 
 def new_figure(width: float = 7.0, height: float = 4.5) -> Any:
@@ -64,7 +65,7 @@ def fetch_columns(store: Any, columns: list[str], sql: str | None = None, con: A
             if hasattr(tbl, "read_all"):
                 tbl = tbl.read_all()
         except duckdb.Error as e:
-            raise QueryError(str(e)) from None
+            raise udf_error(e, con) or QueryError(str(e)) from None
     finally:
         if own:
             con.close()

@@ -21,6 +21,7 @@ from clipsql.store.store import Store
 
 from clipsql.queries.search import index as vindex
 from clipsql.queries.search.nearest import Searcher, allowed_ids
+from clipsql.queries.sql.functions import udf_error
 
 
 def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, modality: str) -> np.ndarray:
@@ -39,7 +40,7 @@ def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, moda
         row = rows[0] if rows else None
     except duckdb.Error as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise QueryError(f"cannot embed the query: {first}") from None
+        raise udf_error(e, con) or QueryError(f"cannot embed the query: {first}") from None
     if row is None:
         raise QueryError(f"no stored row has id {like!r} for model {rec.model_id} (--like takes an id of the "
                          "samples / embeddings views)")
