@@ -66,6 +66,11 @@ READ_ONLY_HINT = ("this command changes the store: run it as a user who can writ
                   "they are")
 
 
+class ObjectStoreError(ClipsqlError, RuntimeError):
+    """Object storage (S3 and compatibles) cannot be reached or refuses access. Not an OSError on
+    purpose: code that treats an OSError as "no such object" must not take an outage for one."""
+
+
 UDF_WRAPPER = "Python exception occurred while executing the UDF: "
 
 
