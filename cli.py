@@ -18,11 +18,12 @@ from typing import List, Optional, Tuple
 import typer
 
 from clipsql import __version__, engines
-from clipsql.errors import ClipsqlError
+from clipsql.errors import READ_ONLY_HINT, ClipsqlError, from_udf_text
 from clipsql.ingest.datacomp import is_datacomp_pool
 from clipsql.ingest.pipeline import IngestOptions, ingest_pool
 from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
 from clipsql.queries.curation.dedup import dedup_status, semdedup
+from clipsql.queries.curation.recipes import kl_guided_fit_ready
 from clipsql.queries.curation.delete import delete_where
 from clipsql.queries.curation.selection import SelectSpec, select
 from clipsql.queries.curation.targets import add_target
@@ -95,6 +96,9 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     except KeyboardInterrupt:
         _fail("interrupted (committed rows are kept; re-run to resume)", 130)
     except Exception as e:  # noqa: BLE001 - storage faults a command cannot recover from: one line
+        wrapped = from_udf_text(str(e))     # a clipsql error raised inside a DuckDB UDF, in DuckDB's words
+        if wrapped is not None:
+            _fail(str(wrapped), wrapped.exit_code)
         msg = storage_fault(e)
         if msg is None:
             raise
@@ -109,6 +113,10 @@ def storage_fault(e: BaseException) -> str | None:
             or "database or disk is full" in str(e):
         return (f"the disk is full ({getattr(e, 'filename', None) or text}): free space and re-run; "
                 "committed rows are kept and the run resumes where it stopped")
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+        return f"{e.filename}: {e.strerror}; if it is part of the store, {READ_ONLY_HINT}"
+    if "Read-only file system" in str(e) or "attempt to write a readonly database" in str(e):
+        return f"the store cannot be written here ({text}); {READ_ONLY_HINT}"
     if mod.startswith("sqlalchemy") or isinstance(e, UnicodeDecodeError):
         return f"the catalog cannot be read ({type(e).__name__}: {text}): run `clipsql doctor STORE`"
     if mod.startswith(("lance", "pyarrow")) or type(e).__name__ in ("LanceError", "ArrowInvalid", "ArrowIOError") \
@@ -627,9 +635,11 @@ def select_cmd(store: str = STORE_ARG,
                       limit=limit, threshold=threshold, where=where, first_fraction=first_fraction,
                       negclip_form=negclip_form, clusters=clusters, sample=sample, seed=seed, make_fit=make_fit,
                       include_own_pair=include_own_pair, format=fmt.value if fmt else None)
-    # kl-guided may make its fit (a catalog write); every other selection only reads the store
-    writes = spec.recipe == "kl-guided" and make_fit
-    st = _run(Store.open, store, read_only=not writes)
+    # every selection only reads the store, unless kl-guided has to make its fit (a catalog write)
+    st = _run(Store.open, store, read_only=True)
+    if spec.recipe == "kl-guided" and make_fit and \
+            not _run(kl_guided_fit_ready, st, model, seed=seed, reference_size=spec.reference_size):
+        st = _run(Store.open, store)
     res = _run(select, st, spec, output=output, model=model, engine=_run(engines.choose, engine, ray_address))
     c = res["counts"]
     for w in res.get("warnings", []):

@@ -54,3 +54,35 @@ class SelectionError(ClipsqlError, ValueError):
 
 class CatalogError(ClipsqlError, ConnectionError):
     """The catalog database cannot be reached or used (bad URL, missing driver, server down)."""
+
+
+class StoreReadOnly(ClipsqlError, PermissionError):
+    """A command that changes the store run where the store cannot be written (a read-only mount,
+    a backup, another user's files)."""
+
+
+READ_ONLY_HINT = ("this command changes the store: run it as a user who can write the store, or on a writable "
+                  "copy; commands that only read (query, sql, stats show, select with an existing fit) work as "
+                  "they are")
+
+
+class ObjectStoreError(ClipsqlError, RuntimeError):
+    """Object storage (S3 and compatibles) cannot be reached or refuses access. Not an OSError on
+    purpose: code that treats an OSError as "no such object" must not take an outage for one."""
+
+
+UDF_WRAPPER = "Python exception occurred while executing the UDF: "
+
+
+def from_udf_text(text: str) -> ClipsqlError | None:
+    """The clipsql error that DuckDB wrapped into `text` ("Invalid Input Error: Python exception
+    occurred while executing the UDF: StatsError: no fitted statistics …"), rebuilt from its class
+    name and message; None when `text` wraps no clipsql error."""
+    _, sep, rest = text.partition(UDF_WRAPPER)
+    if not sep:
+        return None
+    name, sep, message = rest.partition(": ")
+    cls = globals().get(name.rsplit(".", 1)[-1]) if sep else None
+    if not (isinstance(cls, type) and issubclass(cls, ClipsqlError)):
+        return None
+    return cls(message.strip())

@@ -40,15 +40,28 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
         kwargs["address"] = address
     try:
         ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise EngineError(f"cannot reach the Ray cluster at {address or 'a new local Ray'}: "
-                          f"{(str(e).splitlines() or ['?'])[0][:200]} (start one with `ray start --head`, "
-                          "or pass --ray-address auto / host:port)") from None
+    except Exception as e:  # noqa: BLE001 - Ray reports a start-up timeout as a bare Exception
+        with contextlib.suppress(Exception):
+            ray.shutdown()      # the processes a half-started local Ray left behind
+        raise start_error(e, address) from None
     try:
         _quiet_data()
         yield ray
     finally:
         ray.shutdown()
+
+
+def start_error(e: BaseException, address: str | None) -> EngineError:
+    """One line for a Ray that would not start or cannot be reached (`ray.init` raises ConnectionError,
+    RuntimeError, ValueError, TimeoutError or, for a node that timed out during start-up, a bare
+    Exception), saying what to do about it."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    if address is None:
+        return EngineError(f"a local Ray for this command did not start ({first}): check free memory, /tmp space "
+                           "and leftover Ray processes (`ray stop`), then re-run; or join a running cluster with "
+                           "--ray-address auto / host:port (or RAY_ADDRESS)")
+    return EngineError(f"cannot reach the Ray cluster at {address}: {first} (start one with `ray start --head`, "
+                       "or pass --ray-address auto / host:port)")
 
 
 def _quiet_data() -> None:

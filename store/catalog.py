@@ -7,16 +7,22 @@ The schema evolves by numbered migrations, applied in order and recorded in
 """
 from __future__ import annotations
 
+import atexit
 import io
 import json
+import os
+import shutil
+import sqlite3
+import tempfile
 import threading
 import time
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import sqlalchemy as sa
 
-from clipsql.errors import CatalogError
+from clipsql.errors import READ_ONLY_HINT, CatalogError, StoreReadOnly
 
 metadata = sa.MetaData()
 
@@ -205,19 +211,123 @@ _DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pg8000
             "asyncpg": "asyncpg", "pymysql": "pymysql", "mysqldb": "mysqlclient"}
 
 
-def read_only_url(url: str) -> str:
-    """A SQLite file URL opened read-only (`mode=ro`), or `immutable=1` when its directory cannot
-    be written (a read-only file system: WAL readers otherwise need to create -shm); other
-    databases unchanged."""
+def sqlite_file(url: str | sa.URL) -> str | None:
+    """The absolute path of a SQLite catalog file, or None (another database, in memory, a `file:` URI)."""
     u = sa.make_url(url)
     if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:" or \
             u.database.startswith("file:"):
+        return None
+    return os.path.abspath(u.database)
+
+
+def read_only_url(url: str) -> str:
+    """The URL a reader opens: a SQLite file read-only, at what holds every commit (see
+    `sqlite_reader`); other databases unchanged."""
+    path = sqlite_file(url)
+    if path is None:
         return url
-    import os
-    from urllib.parse import quote
-    path = os.path.abspath(u.database)
-    flag = "mode=ro" if os.access(os.path.dirname(path), os.W_OK) else "immutable=1"
-    return f"sqlite:///file:{quote(path)}?{flag}&uri=true"
+    target, flag = sqlite_reader(path)
+    return f"sqlite:///file:{quote(target)}?{flag}&uri=true"
+
+
+def sqlite_reader(path: str) -> tuple[str, str]:
+    """(file, URI flag) that read the SQLite catalog at `path` exactly as the store is, for a process
+    that may not be able to write its directory (a read-only mount, a backup, another user).
+
+    Commits live in `path` and, until a checkpoint copies them there, in `path-wal`; SQLite reads
+    the WAL through a `-shm` index that it creates beside the file. So:
+    - the directory (and any -shm) can be written: `mode=ro`, the ordinary read-only reader;
+    - else, -shm and -wal exist and SQLite can read them in place (it can since 3.22, without
+      writing them): `mode=ro`, which also stays exact while a writer commits;
+    - else, the WAL is absent or empty: every commit is in the main file (writers checkpoint when
+      they finish, `checkpoint`), so `immutable=1` reads it alone, exactly (immutable assumes that
+      nothing writes the file while it is open: true of a read-only mount or a backup; no writer
+      is connected, else -shm and -wal would exist);
+    - else (commits in a WAL whose -shm is missing or unreadable, e.g. a backup without it): a
+      private copy of the file and its WAL, opened where SQLite can build the index: exact, and
+      consistent because neither file changed while it was taken (checked before and after; a
+      WAL without -shm has no connection writing it); when it cannot be made, a CatalogError
+      saying what to do."""
+    folder = os.path.dirname(path)
+    shm, wal = path + "-shm", path + "-wal"
+    if os.access(folder, os.W_OK) and (not os.path.exists(shm) or os.access(shm, os.W_OK)):
+        return path, "mode=ro"
+    if os.path.exists(shm) and os.path.exists(wal) and _readable_in_place(path):
+        return path, "mode=ro"
+    if _stamp(wal) is None or _stamp(wal)[0] == 0:
+        return path, "immutable=1"
+    return _private_copy(path), "mode=ro"
+
+
+def _readable_in_place(path: str) -> bool:
+    try:
+        con = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, timeout=5)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            con.close()
+        return True
+    except sqlite3.Error:
+        return False
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+_COPIES: dict[tuple, str] = {}        # (path, stamps of the file and its WAL) → private copy
+
+
+def _private_copy(path: str) -> str:
+    """A copy of the catalog file and its WAL in a private temporary directory (removed at exit), taken
+    while neither changed (else retried); reused while they stay as they are."""
+    wal = path + "-wal"
+    for _ in range(3):
+        key = (path, _stamp(path), _stamp(wal))
+        if key in _COPIES:
+            return _COPIES[key]
+        folder = tempfile.mkdtemp(prefix="clipsql-catalog-")
+        atexit.register(shutil.rmtree, folder, True)
+        copy = os.path.join(folder, os.path.basename(path))
+        try:
+            shutil.copyfile(path, copy)
+            shutil.copyfile(wal, copy + "-wal")
+        except OSError as e:
+            shutil.rmtree(folder, True)
+            raise CatalogError(f"the catalog {path} has commits in {os.path.basename(wal)} that this process cannot "
+                               f"read ({e.strerror}: {e.filename}); someone who can write the store should run "
+                               "any write command on it, e.g. `clipsql optimize STORE` (a writer moves every "
+                               "commit into the catalog file when it finishes)") from None
+        if (path, _stamp(path), _stamp(wal)) == key:
+            _COPIES[key] = copy
+            return copy
+        shutil.rmtree(folder, True)
+    raise CatalogError(f"the catalog {path} kept changing while it was read (a writer is running): re-run when "
+                       "it has finished")
+
+
+def checkpoint(engine: sa.Engine) -> bool:
+    """Move every commit of a SQLite catalog's WAL into its main file and empty the WAL
+    (`wal_checkpoint(TRUNCATE)`), so that readers that read the main file alone (`sqlite_reader`)
+    see every commit. Writers call it when they finish. It waits for nobody: while a reader still
+    reads an older snapshot the WAL keeps what it holds (such readers then read it in place or from
+    a copy). True when the WAL is empty afterwards; never raises, never creates a catalog."""
+    path = sqlite_file(engine.url) if engine.dialect.name == "sqlite" else None
+    if path is None or not os.path.exists(path):
+        return True
+    try:
+        con = sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=0, isolation_level=None)
+        try:
+            busy = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            con.close()
+        return not busy
+    except sqlite3.Error:
+        return False
 
 
 def make_engine(url: str, read_only: bool = False) -> sa.Engine:
@@ -254,6 +364,10 @@ def migrate(engine: sa.Engine) -> list[int]:
     except sa.exc.OperationalError as e:
         first = str(getattr(e, "orig", e)).strip().splitlines()[0]
         if engine.dialect.name == "sqlite":
+            path = sqlite_file(engine.url)
+            if "readonly" in first or path and not os.access(os.path.dirname(path), os.W_OK):
+                raise StoreReadOnly(f"the catalog at {safe_url(engine.url)} cannot be written ({first}); "
+                                    f"{READ_ONLY_HINT}") from None
             raise CatalogError(f"cannot open the catalog at {safe_url(engine.url)}: {first}") from None
         raise CatalogError(f"cannot reach the catalog at {safe_url(engine.url)}: {first}. Check that the "
                            "server is running and the URL's user, password, host and database are right "

@@ -11,13 +11,45 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from clipsql.errors import ObjectStoreError
 
 import pyarrow.fs as pafs
 
 SCHEMES = ("s3://", "gs://", "az://")
+
+# how pyarrow's S3 client words an endpoint it cannot reach, and a refusal of the credentials
+_UNREACHABLE = re.compile(r"NETWORK_CONNECTION|curlCode|Could(?: not|n't) (?:connect|resolve)|When resolving region|"
+                          r"Connection refused|Timeout was reached|timed out", re.I)
+_DENIED = re.compile(r"ACCESS_DENIED|AccessDenied|InvalidAccessKeyId|INVALID_ACCESS_KEY|SignatureDoesNotMatch|"
+                     r"HTTP status 403", re.I)
+
+
+def object_store_error(uri: str, e: BaseException) -> ObjectStoreError | None:
+    """One line for an object store that cannot be reached or refuses the credentials (what to
+    check), or None for any other error (a missing object stays what it is)."""
+    text = str(e)
+    first = (text.strip().splitlines() or [type(e).__name__])[0][:300]
+    s3 = uri.startswith("s3://")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if "When resolving region" in text and s3 and not endpoint:
+        return ObjectStoreError(f"cannot find the region of the bucket of {uri} ({first}): set AWS_REGION to the "
+                                "bucket's region, and AWS_ENDPOINT_URL for an S3-compatible server such as MinIO")
+    if _UNREACHABLE.search(text):
+        where = endpoint or "AWS" if s3 else uri.partition("://")[0]
+        hint = ("check that the server is running and that AWS_ENDPOINT_URL and AWS_REGION are right (a "
+                "plain-HTTP endpoint such as MinIO also needs AWS_ALLOW_HTTP=true)") if s3 else \
+            "check the network and the storage account settings"
+        return ObjectStoreError(f"cannot reach the object store of {uri} at {where} ({first}): {hint}")
+    if _DENIED.search(text):
+        hint = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)" if s3 else "the credentials"
+        return ObjectStoreError(f"the object store refused access to {uri} ({first}): check {hint} and the "
+                                "bucket's permissions")
+    return None
 
 
 def is_remote(spec: Any) -> bool:
@@ -70,13 +102,24 @@ class ObjectPath:
     def resolve(self) -> "ObjectPath":
         return self
 
+    def _call(self, fn: Callable, *args: Any) -> Any:
+        """fn(*args), with an unreachable store or refused credentials as one ObjectStoreError (not an
+        OSError: callers that read an OSError as "not there" must not take an outage for that)."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            err = object_store_error(self.uri, e)
+            if err is None:
+                raise
+            raise err from None
+
     def _fs(self) -> Any:
-        fs, path = pafs.FileSystem.from_uri(self.uri)
+        fs, path = self._call(pafs.FileSystem.from_uri, self.uri)
         return fs, path
 
     def _info(self) -> Any:
         fs, path = self._fs()
-        return fs.get_file_info(path)
+        return self._call(fs.get_file_info, path)
 
     def exists(self) -> bool:
         if self._info().type != pafs.FileType.NotFound:
@@ -85,10 +128,10 @@ class ObjectPath:
 
     def is_dir(self) -> bool:
         fs, path = self._fs()
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
+        if self._call(fs.get_file_info, path).type == pafs.FileType.Directory:
             return True
         try:       # object stores have no directories: a prefix with objects under it is one
-            return bool(fs.get_file_info(pafs.FileSelector(path, recursive=False)))
+            return bool(self._call(fs.get_file_info, pafs.FileSelector(path, recursive=False)))
         except (FileNotFoundError, OSError):
             return False
 
@@ -101,22 +144,22 @@ class ObjectPath:
     def read_bytes(self) -> bytes:
         fs, path = self._fs()
         try:
-            with fs.open_input_stream(path) as f:
-                return f.read()
+            with self._call(fs.open_input_stream, path) as f:
+                return self._call(f.read)
         except (FileNotFoundError, OSError) as e:
             raise FileNotFoundError(f"{self.uri}: {e}") from None
 
     def write_text(self, text: str, encoding: str = "utf-8") -> int:
         fs, path = self._fs()
         data = text.encode(encoding)
-        with fs.open_output_stream(path) as f:
-            f.write(data)
+        with self._call(fs.open_output_stream, path) as f:
+            self._call(f.write, data)
         return len(data)
 
     def iterdir(self) -> Iterator["ObjectPath"]:
         fs, path = self._fs()
         try:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+            infos = self._call(fs.get_file_info, pafs.FileSelector(path, recursive=False))
         except (FileNotFoundError, OSError):
             return iter(())
         return iter(ObjectPath(f"{self.scheme}://{i.path}") for i in infos)
@@ -130,7 +173,7 @@ class ObjectPath:
     def unlink(self, missing_ok: bool = False) -> None:
         fs, path = self._fs()
         try:
-            fs.delete_file(path)
+            self._call(fs.delete_file, path)
         except FileNotFoundError:
             if not missing_ok:
                 raise
@@ -142,7 +185,7 @@ def rmtree(path: "Path | ObjectPath | str") -> None:
     if isinstance(p, ObjectPath):
         fs, key = p._fs()
         try:
-            fs.delete_dir(key)
+            p._call(fs.delete_dir, key)
         except (FileNotFoundError, OSError):
             pass
         return

@@ -8,6 +8,7 @@ after TTL seconds (default 30, CLIPSQL_LEASE_SECONDS), so the next writer takes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -19,14 +20,27 @@ from typing import Iterator
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
-from clipsql.errors import StoreLocked
+from clipsql.errors import READ_ONLY_HINT, StoreLocked, StoreReadOnly
 
 WAIT_HINT = "one writer per store — wait for it to finish (readers such as `clipsql query` can run meanwhile)"
+def read_only_error(what: str, e: OSError) -> StoreReadOnly | None:
+    """One line for a write refused because the store cannot be written here (a read-only file system,
+    another user's files), or None for any other OSError."""
+    if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return None
+    why = "it is on a read-only file system" if e.errno == errno.EROFS else "this user may not write it"
+    return StoreReadOnly(f"{what} cannot be written: {why} ({e.filename or e.strerror}); {READ_ONLY_HINT}")
 
 
 @contextlib.contextmanager
 def file_lock(path: str, what: str) -> Iterator[None]:
-    fh = open(path, "a+")
+    try:
+        fh = open(path, "a+")
+    except OSError as e:
+        err = read_only_error(what, e)
+        if err is None:
+            raise
+        raise err from None
     try:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

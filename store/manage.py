@@ -39,6 +39,7 @@ def set_default_model(st: Store, name: str) -> ModelRecord:
     """Make `name` (a model id, or a unique part of one) the model commands use without --model."""
     rec = st.model(name)
     st.set_setting("default_model", rec.model_id)
+    st.checkpoint()
     return rec
 
 

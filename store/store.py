@@ -132,6 +132,7 @@ class Store:
             cat.migrate(store.engine)
             store._claim_catalog(store_id)
             (path / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            store.checkpoint()
         except BaseException:
             # leave nothing half-made behind (an unreachable catalog, a missing driver): the same
             # `clipsql init` works once the cause is fixed
@@ -153,8 +154,8 @@ class Store:
         store = cls(path, url, read_only=read_only)
         if read_only:
             cat.check_schema(store.engine, writer=False)
-        elif migrate:
-            cat.migrate(store.engine)
+        elif migrate and cat.migrate(store.engine):
+            store.checkpoint()
         if marker.get("store_id"):
             store._check_catalog(marker["store_id"])
         return store
@@ -200,15 +201,23 @@ class Store:
         catalog (store.locks)."""
         suffix = ".write.lock" if name == "writer" else f".{name}.lock"
         if not is_remote(self.path):
-            with file_lock(str(self.path / suffix), str(self.path)):
-                yield
+            held = file_lock(str(self.path / suffix), str(self.path))
         elif self.engine.dialect.name == "sqlite":
             db = self.engine.url.database or ""
-            with file_lock(db.split("?")[0].removeprefix("file:") + suffix, str(self.path)):
-                yield
+            held = file_lock(db.split("?")[0].removeprefix("file:") + suffix, str(self.path))
         else:
-            with lease(self.engine, name, str(self.path)):
+            held = lease(self.engine, name, str(self.path))
+        with held:
+            try:
                 yield
+            finally:
+                self.checkpoint()     # before the lock goes: the next reader finds every commit in the file
+
+    def checkpoint(self) -> None:
+        """A writer is done: a SQLite catalog's commits move from its WAL into the file, where readers
+        that cannot write the store (a read-only mount, a backup, another user) read them."""
+        if not self.read_only:
+            cat.checkpoint(self.engine)
 
     # -- settings and models ------------------------------------------------------------
     def get_setting(self, key: str) -> str | None:
@@ -236,13 +245,10 @@ class Store:
             return rec
         rec = ModelRecord(model_id, embeddings_table_name(model_id), kind, int(dim), float(logit_scale),
                           None if logit_bias is None else float(logit_bias), context_length, spec)
-        if not exists(self.table_uri(rec.table_name)):
-            # the table carries its model record, so `clipsql doctor --repair` can rebuild a lost catalog
-            meta = {MODEL_METADATA_KEY: json.dumps(dict(
-                model_id=rec.model_id, kind=rec.kind, dim=rec.dim, logit_scale=rec.logit_scale,
-                logit_bias=rec.logit_bias, context_length=rec.context_length, spec=rec.spec), sort_keys=True)}
-            self._create_table(rec.table_name, embeddings_schema(rec.dim).with_metadata(meta))
-        with self.engine.begin() as conn:
+        version = self._new_model_table(rec)
+        fault("register:after-table")
+        with self.engine.begin() as conn:      # the table's version and the model: one transaction
+            set_committed_version(conn, rec.table_name, version, None)
             conn.execute(cat.models.insert().values(
                 model_id=rec.model_id, table_name=rec.table_name, kind=rec.kind, dim=rec.dim,
                 logit_scale=rec.logit_scale, logit_bias=rec.logit_bias, context_length=context_length,
@@ -287,6 +293,37 @@ class Store:
                                  enable_stable_row_ids=True, enable_v2_manifest_paths=True)
         with self.engine.begin() as conn:
             set_committed_version(conn, name, ds.version, None)
+
+    def _new_model_table(self, rec: ModelRecord) -> int:
+        """The Lance version of a new model's empty embeddings table: created, or the table a writer
+        killed between a table's creation and its catalog rows left behind (empty: nothing commits to
+        a model the catalog does not know), adopted as it is."""
+        uri = self.table_uri(rec.table_name)
+        if exists(uri):
+            try:
+                ds = lance.dataset(uri)
+            except (OSError, ValueError) as e:
+                if exists(f"{uri}/_versions"):
+                    raise StoreNotFound(f"Lance table {rec.table_name} of {self.path} cannot be opened "
+                                        f"({str(e).splitlines()[0]}): run `clipsql doctor {self.path}`") from None
+                rmtree(uri)      # data files of a creation killed before its first version: nothing to keep
+            else:
+                field = ds.schema.field("image_embedding") if "image_embedding" in ds.schema.names else None
+                rows = ds.count_rows()
+                if rows == 0 and field is not None and getattr(field.type, "list_size", None) == rec.dim:
+                    return ds.version
+                raise StoreNotFound(f"Lance table {rec.table_name} of {self.path} holds {rows} rows of model "
+                                    f"{rec.model_id}, which the catalog does not know (a lost or replaced catalog): "
+                                    f"rebuild the catalog from the Lance data with `clipsql doctor {self.path} "
+                                    "--repair`")
+        # the table carries its model record, so `clipsql doctor --repair` can rebuild a lost catalog
+        meta = {MODEL_METADATA_KEY: json.dumps(dict(
+            model_id=rec.model_id, kind=rec.kind, dim=rec.dim, logit_scale=rec.logit_scale,
+            logit_bias=rec.logit_bias, context_length=rec.context_length, spec=rec.spec), sort_keys=True)}
+        schema = embeddings_schema(rec.dim).with_metadata(meta)
+        ds = lance.write_dataset(schema.empty_table(), uri, schema=schema, mode="create",
+                                 enable_stable_row_ids=True, enable_v2_manifest_paths=True)
+        return ds.version
 
     def committed_versions(self) -> dict[str, int]:
         """{table: the Lance version the ledger's last commit names} (what readers open)."""

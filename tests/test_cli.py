@@ -150,6 +150,29 @@ def test_sql_prompt_reports_errors_raised_while_a_query_runs(tmp_path, tiny_mode
     assert "42" in r.output
 
 
+def test_score_function_errors_are_the_librarys_own_line_in_every_command(tmp_path, tiny_model):
+    """A score function's error raised inside DuckDB reached the user in DuckDB's words ("selection
+    failed: Invalid Input Error: Python exception occurred while executing the UDF: StatsError: …");
+    every command now shows clipsql's own message alone."""
+    invoke("init", tmp_path / "s")
+    data = write_image_folder(tmp_path / "d", 4)
+    invoke("ingest", tmp_path / "s", data, "--model", tiny_model, "--workers", "0", "--no-progress")
+    s, gain = tmp_path / "s", "image_info_gain(image_embedding)"     # no `stats fit` yet
+    for args in (("select", s, "--sql", "SELECT id FROM scores ORDER BY image_info_gain", "-o", tmp_path / "a.txt"),
+                 ("select", s, "--sql", "SELECT id FROM samples", "--where", f"id IN (SELECT id FROM embeddings "
+                  f"WHERE {gain} > 0)", "-o", tmp_path / "b.txt"),
+                 ("select", s, "--recipe", "clip-score", "--where", f"id IN (SELECT id FROM embeddings "
+                  f"WHERE {gain} > 0)", "-o", tmp_path / "c.txt"),
+                 ("target", "add", s, "t", "--query", f"SELECT image_embedding FROM embeddings WHERE {gain} > 0"),
+                 ("plot", s, "hist", "image_info_gain", "-o", tmp_path / "p.png"),
+                 ("gallery", s, "SELECT id, image_info_gain FROM scores", "-o", tmp_path / "g.html"),
+                 ("query", s, f"SELECT {gain} FROM embeddings")):
+        r = invoke(*args)
+        lines = [x for x in r.output.splitlines() if x.strip()]
+        assert r.exit_code == 1, (args, r.output)
+        assert lines == [lines[0]] and lines[0].startswith("Error: no fitted statistics for model"), (args, r.output)
+
+
 def test_query_errors_name_the_fix(tmp_path, tiny_model):
     invoke("init", tmp_path / "empty")
     r = invoke("query", tmp_path / "empty", "SELECT * FROM scores")

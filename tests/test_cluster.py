@@ -217,3 +217,31 @@ def test_ray_ingest_of_a_datacomp_pool_equals_local(ray_cluster, tmp_path):
         assert ta.select(["id", "image_embedding", "text_embedding"]).equals(
             tb.select(["id", "image_embedding", "text_embedding"]))
     assert sample_ids(a) == sample_ids(b)
+
+
+def test_a_ray_that_does_not_start_is_one_line(monkeypatch):
+    """Ray reports a start-up timeout as a bare Exception, which reached the user as a traceback;
+    every failure of `ray.init` is now one line saying what to do."""
+    ray = pytest.importorskip("ray")
+    from clipsql.engines.engine import EngineError, ray_session
+    stopped = []
+
+    def timed_out(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", timed_out)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(EngineError, match=r"^a local Ray for this command did not start \(The current node timed "
+                                          r"out during startup.*\): check free memory") as info:
+        with ray_session():
+            pass
+    assert "\n" not in str(info.value) and stopped        # and what it started is stopped
+
+    def unreachable(**kwargs):
+        raise TimeoutError("Timed out after 60 seconds waiting for the GCS")
+    monkeypatch.setattr(ray, "init", unreachable)
+    with pytest.raises(EngineError, match=r"^cannot reach the Ray cluster at 10\.0\.0\.1:6379: Timed out .*ray start"):
+        with ray_session("10.0.0.1:6379"):
+            pass

@@ -331,9 +331,9 @@ def test_full_disk_during_ingest_is_one_line_and_resumes(tmp_path):
             cat.ingest_runs.c.run_id))] == ["aborted", "done"]
 
 
-def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkeypatch):
-    """11.16: a query opens the SQLite catalog read-only (immutable where the directory cannot be
-    written) and never migrates an older catalog; only a writer does."""
+def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkeypatch, tmp_path):
+    """11.16: a query opens the SQLite catalog read-only (where the directory cannot be written, as
+    `catalog.sqlite_reader` says) and never migrates an older catalog; only a writer does."""
     st = pool_store
     with st.engine.begin() as conn:                    # make it look like a catalog from before migration 6
         conn.execute(sa.delete(cat.schema_migrations).where(cat.schema_migrations.c.version >= 6))
@@ -348,10 +348,23 @@ def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkey
     assert "mode=ro" in str(ro.engine.url)
     with pytest.raises(Exception, match="readonly"):
         ro.set_setting("x", "y")
+    # where the directory cannot be written: the WAL read in place (its -shm and -wal exist while this
+    # process has the catalog open), or, for a catalog file alone (a writer checkpointed it as it
+    # finished), that file, immutable (tests/test_readonly.py runs these for real)
+    import shutil
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    cli("optimize", str(st.path))
+    shutil.copy(st.path / "catalog.sqlite", alone / "catalog.sqlite")
     real = os.access
-    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(st.path) and m == os.W_OK else real(p, m))
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) in (str(st.path), str(alone)) and m == os.W_OK
+                        else real(p, m))
     im = Store.open(st.path, read_only=True)
-    assert "immutable=1" in str(im.engine.url) and im.count_rows(im.model()) == 400
+    assert "mode=ro" in str(im.engine.url) and im.count_rows(im.model()) == 400
+    assert cat.sqlite_reader(str(alone / "catalog.sqlite")) == (str(alone / "catalog.sqlite"), "immutable=1")
+    engine = cat.make_engine(f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True)
+    assert "immutable=1" in str(engine.url) and im.committed_versions() == Store(
+        st.path, f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True).committed_versions()
 
 
 def test_damaged_store_files_give_one_line(pool_store, tmp_path):
@@ -481,6 +494,32 @@ def assert_doctor_consistent(st, when):
     stats = [f for f in rep["findings"] if f["check"].startswith("statistics")]
     assert all(f["level"] == "ok" for f in stats), (when, stats)
     assert stats or not st.list_models(), when
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-model", "second-model"])
+def test_a_kill_between_a_model_table_and_its_catalog_rows_is_recovered(tmp_path, first):
+    """A kill after a new model's Lance table is created and before the catalog records it broke the
+    next ingest (KeyError: 'emb_…' in Store.commit, the run recorded failed). The next writer now
+    adopts the empty table and the ingest completes."""
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=200)
+    st = Store.init(tmp_path / "s")
+    other = ["--model", "ViT-B-32", "--pretrained", "openai"]
+    if not first:
+        cli("ingest", str(st.path), str(pool), *other, "--id-column", "key", "--no-progress")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress"]
+    p = cli(*args, env={"CLIPSQL_FAULT": "register:after-table"}, check=False)
+    assert p.returncode == -9, p.stderr.decode()[-500:]
+    assert len(Store.open(st.path).list_models()) == (0 if first else 1)
+    p = cli(*args, check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr.decode(), p.stderr.decode()[-1500:]
+    st = Store.open(st.path)
+    assert [st.count_rows(m) for m in st.list_models()] == [200] * (1 if first else 2)
+    with st.engine.connect() as conn:
+        assert [r[0] for r in conn.execute(sa.select(cat.ingest_runs.c.status))] == ["done"] * (1 if first else 2)
+    assert_doctor_consistent(st, "after the re-run")
+    for m in st.list_models():
+        assert_stats_match_vectors(st, m.model_id)
 
 
 def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_path):

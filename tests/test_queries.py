@@ -10,8 +10,9 @@ from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.kernels import scores
 from clipsql.queries.sql.cli_query import run_query
 from clipsql.store.fits import fit_stats, load_fit
-from clipsql.errors import QueryError
+from clipsql.errors import QueryError, StatsError
 from clipsql.kernels.arrays import to_numpy
+from clipsql.queries.sql.functions import udf_error
 from clipsql.store.store import Store
 
 FAST = IngestOptions(batch_size=64, workers=0, progress=False)
@@ -169,8 +170,16 @@ def test_score_without_fit_names_the_command(tmp_path, tiny_model):
                    tmp_path / "e.parquet")
     st = Store.init(tmp_path / "s")
     ingest(st, str(tmp_path / "e.parquet"), model=tiny_model, options=FAST)
-    with pytest.raises(QueryError, match="clipsql stats fit"):
+    # the exception the score function raised inside DuckDB, as it raised it (not DuckDB's text)
+    with pytest.raises(StatsError, match=r"^no fitted statistics for model .*clipsql stats fit") as info:
         run_query(st, "SELECT image_info_gain FROM scores")
+    assert "Python exception" not in str(info.value)
+    con = queries.connect(st)
+    with pytest.raises(Exception) as raw:      # a Python user of the connection gets DuckDB's error …
+        con.sql("SELECT max(text_info_gain(text_embedding)) FROM embeddings").fetchall()
+    orig = udf_error(raw.value, con)           # … and `udf_error` the one the function raised
+    assert type(orig) is StatsError and str(orig).startswith("no fitted statistics") and str(orig) in str(raw.value)
+    con.close()
     # scores that need no fit still work, and columns are computed lazily
     assert "clip_score" in run_query(st, "SELECT id, clip_score FROM scores LIMIT 2")
 

@@ -156,3 +156,27 @@ def test_ray_ingest_and_scores_into_an_s3_store(s3, pg_server, tmp_path):
     out = cli("score", uri, "--columns", "clip_score", "--engine", "ray", env=env).stdout.decode()
     assert "for 400 rows" in out
     assert "400" in cli("query", uri, "SELECT count(clip_score) FROM stored_scores").stdout.decode()
+
+
+def test_an_unreachable_object_store_is_one_line(tmp_path, monkeypatch):
+    """pyarrow's OSError for an endpoint it cannot reach ("When getting information for key … AWS Error
+    NETWORK_CONNECTION …", or "When resolving region for bucket …") reached the user as a traceback."""
+    port = _free_port()                               # nothing listens there
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y", "AWS_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ALLOW_HTTP": "true", "AWS_EC2_METADATA_DISABLED": "true"}
+    catalog = tmp_path / "catalog.sqlite"
+    for args in (("init", f"s3://{BUCKET}/store", "--catalog", f"sqlite:///{catalog}"),
+                 ("query", f"s3://{BUCKET}/store", "SELECT 1")):
+        p = cli(*args, env=env, check=False)
+        err = p.stderr.decode()
+        assert p.returncode == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-1500:]
+        assert "cannot reach the object store" in err and f"127.0.0.1:{port}" in err and "AWS_ENDPOINT_URL" in err
+    assert not catalog.exists()
+    from clipsql.store.location import object_store_error
+    # no endpoint: the region of the bucket is looked up on AWS; when that fails, the fix is AWS_REGION
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    err = object_store_error("s3://b/store", OSError("When resolving region for bucket 'b': AWS Error "
+                                                     "NETWORK_CONNECTION during HeadBucket operation: curlCode: 6"))
+    assert err is not None and "set AWS_REGION" in str(err) and not isinstance(err, OSError)
+    assert object_store_error("s3://b/store", FileNotFoundError("Path does not exist 'b/store'")) is None

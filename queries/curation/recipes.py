@@ -109,9 +109,9 @@ def _has_settings(options: dict, want: dict) -> bool:
         and close(options.get("b", 0.0), want["b"])
 
 
-def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
-                  reference_size: int | None) -> tuple[Any, dict]:
-    """((scores.Fit, row), how): the fit the recipe runs on, made if needed (see the module doc)."""
+def _kl_guided_choice(st: Store, rec: ModelRecord, seed: int | None,
+                      reference_size: int | None) -> tuple[dict | None, str, int, int, dict]:
+    """(the current fit row the recipe would run on or None, which fit, seed, reference size, settings)."""
     want = kl_guided_settings(rec)
     default = st.latest_fit(rec, with_arrays=False)
     d_opts = default["options"] if default else {}
@@ -130,7 +130,21 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
     else:
         row, how = st.latest_fit(rec, with_arrays=False, recipe=KL_GUIDED,
                                  where=lambda o: _has_settings(o, want)), "recipe fit"
-    if current(row):
+    return (row if current(row) else None), how, seed, size, want
+
+
+def kl_guided_fit_ready(st: Store, model: str | None, *, seed: int | None = None,
+                        reference_size: int | None = None) -> bool:
+    """Whether the recipe's fit exists and is current: then the recipe only reads the store (no
+    writer, no lock: it runs on a read-only store)."""
+    return _kl_guided_choice(st, st.model(model), seed, reference_size)[0] is not None
+
+
+def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
+                  reference_size: int | None) -> tuple[Any, dict]:
+    """((scores.Fit, row), how): the fit the recipe runs on, made if needed (see the module doc)."""
+    row, how, seed, size, want = _kl_guided_choice(st, rec, seed, reference_size)
+    if row is not None:
         return load_fit(st, rec, row=st.get_fit(int(row["fit_id"]), with_reference=True)), {"fit": how, "made": False}
     command = (f"clipsql stats fit STORE --model {rec.model_id} --for-recipe {KL_GUIDED} "
                f"--reference-size {size} --seed {seed}")

@@ -50,7 +50,7 @@ from clipsql.queries.curation.recipes import fraction_count as count_for  # noqa
 from clipsql.queries.curation.recipes import rank
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
 from clipsql.queries.sql.engine import LOCAL, Engine
-from clipsql.queries.sql.functions import blas_pinned
+from clipsql.queries.sql.functions import blas_pinned, udf_error
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, Store
 from clipsql.store.tables import dedup_table_name, stored_table_name
@@ -144,7 +144,7 @@ def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, mod
     except Exception as e:  # noqa: BLE001 - DuckDB wraps errors raised inside UDFs
         if isinstance(e, ClipsqlError):
             raise
-        raise SelectionError(f"selection failed: {e}") from None
+        raise udf_error(e) or SelectionError(f"selection failed: {e}") from None
     finally:
         con.close()
     fit_info = _fit_info(st, rec, side.get("recipe_fit", {}).get("fit_id"))
@@ -272,7 +272,7 @@ def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> 
                 info["warnings"].append(f"{pending} rows have no semantic-dedup score yet (added since `clipsql "
                                         "dedup` ran): a condition on semdedup_* leaves them out; re-run dedup")
     except duckdb.Error as e:
-        raise SelectionError(f"--where failed: {str(e).splitlines()[0]}") from None
+        raise udf_error(e, con) or SelectionError(f"--where failed: {str(e).splitlines()[0]}") from None
     return tbl.column("id").combine_chunks().cast(pa.string()), info
 
 
@@ -334,7 +334,7 @@ def _from_sql(con: Any, sql: str, count: int | None) -> tuple[pa.Table, dict]:
     try:
         rel = con.sql(sql)
     except duckdb.Error as e:
-        raise SelectionError(f"--sql failed: {e}") from None
+        raise udf_error(e, con) or SelectionError(f"--sql failed: {e}") from None
     if rel is None or "id" not in rel.columns:
         raise SelectionError("--sql must return a column named id (and decides the order), e.g. "
                              "\"SELECT id, clip_score FROM scores ORDER BY clip_score DESC, id\"")

@@ -34,6 +34,7 @@ from clipsql.kernels.arrays import matrix, to_numpy
 from clipsql.lazy import duckdb, lancedb_index
 from clipsql.models.prompts import encode_images, load_for_record
 from clipsql.queries.sql.db import connect
+from clipsql.queries.sql.functions import udf_error
 from clipsql.store import catalog as cat
 from clipsql.store.drops import mark_for_drop, sweep_dropped_tables, unmark_drop
 from clipsql.store.faults import fault
@@ -130,7 +131,7 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
         arr = tbl.select("image_embedding").arrow()
         arr = arr.read_all() if hasattr(arr, "read_all") else arr
     except duckdb.Error as e:
-        raise QueryError(f"target query failed: {e}") from None
+        raise udf_error(e, con) or QueryError(f"target query failed: {e}") from None
     finally:
         con.close()
     col = arr.column("image_embedding").combine_chunks()

@@ -42,7 +42,7 @@ from PIL import Image, ImageOps
 from clipsql.errors import QueryError
 from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect
-from clipsql.queries.sql.functions import blas_pinned
+from clipsql.queries.sql.functions import blas_pinned, udf_error
 
 LAZY_AFTER = 200
 DEFAULT_LIMIT = 1000
@@ -201,7 +201,7 @@ def _fetch(con: Any, sql: str, limit: int | None) -> tuple[Any, bool]:
         if hasattr(tbl, "read_all"):
             tbl = tbl.read_all()
     except duckdb.Error as e:
-        raise QueryError(str(e)) from None
+        raise udf_error(e, con) or QueryError(str(e)) from None
     if "id" not in tbl.column_names:
         raise QueryError(f"the gallery SQL must return an `id` column (got {', '.join(tbl.column_names)}); "
                          "e.g. SELECT id, image_info_gain FROM scores")

@@ -25,6 +25,7 @@ import pyarrow as pa
 from clipsql.errors import QueryError
 from clipsql.lazy import duckdb, matplotlib, matplotlib_agg, matplotlib_figure
 from clipsql.queries.sql.db import connect, open_store, quote_ident, quote_literal
+from clipsql.queries.sql.functions import udf_error
 
 
 def new_figure(width: float = 7.0, height: float = 4.5) -> Any:
@@ -61,7 +62,7 @@ def fetch_columns(store: Any, columns: list[str], sql: str | None = None, con: A
             if hasattr(tbl, "read_all"):
                 tbl = tbl.read_all()
         except duckdb.Error as e:
-            raise QueryError(str(e)) from None
+            raise udf_error(e, con) or QueryError(str(e)) from None
     finally:
         if own:
             con.close()

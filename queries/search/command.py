@@ -20,7 +20,7 @@ from clipsql.errors import QueryError
 from clipsql.lazy import duckdb
 from clipsql.queries.present.gallery import write_gallery
 from clipsql.queries.sql.db import connect, open_store
-from clipsql.queries.sql.functions import one_blas_thread
+from clipsql.queries.sql.functions import one_blas_thread, udf_error
 from clipsql.queries.sql.nearest import Searcher, allowed_ids
 from clipsql.store import vector_index as vindex
 from clipsql.store.store import Store
@@ -41,7 +41,7 @@ def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, moda
         row = rows[0] if rows else None
     except duckdb.Error as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise QueryError(f"cannot embed the query: {first}") from None
+        raise udf_error(e, con) or QueryError(f"cannot embed the query: {first}") from None
     if row is None:
         raise QueryError(f"no stored row has id {like!r} for model {rec.model_id} (--like takes an id of the "
                          "samples / embeddings views)")

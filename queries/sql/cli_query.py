@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
 from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect, open_store
-from clipsql.queries.sql.functions import one_blas_thread
+from clipsql.queries.sql.functions import one_blas_thread, udf_error
 from clipsql.store.fits import staleness
 
 _UDF_PREFIX = re.compile(r"^.*?Python exception occurred while executing the UDF: (?:\w+\.)*\w+: ", re.S)
@@ -45,7 +45,7 @@ def execute(con: Any, sql: str) -> Any:
     try:
         return con.sql(sql)
     except duckdb.Error as e:
-        raise QueryError(clean_error(e, con)) from None
+        raise udf_error(e, con) or QueryError(clean_error(e, con)) from None
 
 
 def fetch_table(con: Any, sql: str) -> Any:
@@ -61,7 +61,7 @@ def fetch_table(con: Any, sql: str) -> Any:
         except duckdb.InterruptException:
             raise QueryCancelled("query cancelled") from None
         except duckdb.Error as e:
-            raise QueryError(clean_error(e, con)) from None
+            raise udf_error(e, con) or QueryError(clean_error(e, con)) from None
 
 
 def interruptible(con: Any, fn: Any) -> Any:

@@ -41,13 +41,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from clipsql.errors import QueryError
+from clipsql.errors import UDF_WRAPPER, ClipsqlError, DimensionMismatch, QueryError, from_udf_text
 from clipsql.kernels import scores
 from clipsql.kernels.arrays import matrix, take_rows
 from clipsql.kernels.geometry import MODS, ellipsoid, gaussian_loglik
@@ -78,6 +79,19 @@ class ScoreContext:
         self._ref_ids: dict[str, pa.Array] = {}
         self._targets: dict[str, Any] = {}
         self._prompts: Any = None
+        self.last_error: BaseException | None = None    # the last exception a UDF of this connection raised
+
+    def guard(self, fn: Callable) -> Callable:
+        """`fn` as a UDF that remembers what it raised: DuckDB hands the caller only its own text
+        ("Python exception occurred while executing the UDF: …"), `udf_error` gives back the original."""
+        @functools.wraps(fn)
+        def call(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except Exception as e:
+                self.last_error = e
+                raise
+        return call
 
     def _cached(self, cache: dict, key: Any, load: Callable[[], Any]) -> Any:
         try:
@@ -377,9 +391,32 @@ def _importance_weight(ctx: ScoreContext) -> Callable:
     return udf
 
 
+# connection → its ScoreContext, for `udf_error` (weak: a closed, dropped connection leaves)
+_CONTEXTS: "weakref.WeakKeyDictionary[Any, ScoreContext]" = weakref.WeakKeyDictionary()
+
+
+def udf_error(e: BaseException, con: Any = None) -> ClipsqlError | None:
+    """The clipsql error raised inside a UDF that DuckDB reported as `e` (its message wrapped in
+    DuckDB's "Invalid Input Error: Python exception occurred while executing the UDF: …"), or None
+    when `e` is not such an error. The exception is the one the UDF raised (kept by
+    `ScoreContext.guard` for `con`, or for any open connection when `con` is not known) when its
+    message is the one DuckDB reports; else it is rebuilt from DuckDB's text."""
+    text = str(e)
+    if UDF_WRAPPER not in text:
+        return None
+    ctx = _CONTEXTS.get(con) if con is not None else None
+    for c in [ctx] if ctx is not None else list(_CONTEXTS.values()):
+        orig = c.last_error
+        if isinstance(orig, ClipsqlError) and str(orig).strip() in text:
+            c.last_error = None
+            return orig
+    return from_udf_text(text)
+
+
 def register(con: Any, st: Store) -> ScoreContext:
     """Register every clipsql SQL function on `con` (one place, one call)."""
     ctx = ScoreContext(st)
+    _CONTEXTS[con] = ctx
     F, V, B = "FLOAT[]", "VARCHAR", "BOOLEAN"
 
     udfs: dict[str, tuple[Callable, list[str]]] = {
@@ -410,13 +447,14 @@ def register(con: Any, st: Store) -> ScoreContext:
     dims = sorted({m.dim for m in st.list_models()})
     typed = dims[0] if len(dims) == 1 else None
     for name, (fn, params) in udfs.items():
+        fn = ctx.guard(fn)
         con.create_function(name, fn, params, "DOUBLE", type="arrow", null_handling="special",
                             side_effects=False)
         if typed is not None:
             con.create_function(f"{name}_d{typed}", fn, [f"FLOAT[{typed}]" if t == F else t for t in params],
                                 "DOUBLE", type="arrow", null_handling="special", side_effects=False)
-    con.create_function("_clipsql_text_embedding", _text_embedding(ctx), [V, V], "FLOAT[]", type="arrow",
-                        null_handling="special", side_effects=False)
+    con.create_function("_clipsql_text_embedding", ctx.guard(_text_embedding(ctx)), [V, V], "FLOAT[]",
+                        type="arrow", null_handling="special", side_effects=False)
     del B
 
     def macro(name: str, *overloads: tuple[str, str]) -> None:
@@ -472,7 +510,7 @@ def register(con: Any, st: Store) -> ScoreContext:
                 f"_clipsql_text_embedding(prompt, NULL){default_cast}, "
                 f"(prompt, model) AS _clipsql_text_embedding(prompt, model){model_cast}")
     # vslerp(a, b, theta, alpha [, model [, modality]]) → FLOAT[d] (§8; see vslerp_udf below)
-    con.create_function("_clipsql_vslerp", vslerp_udf(ctx), [F, F, "DOUBLE", "DOUBLE", V, V], "FLOAT[]",
+    con.create_function("_clipsql_vslerp", ctx.guard(vslerp_udf(ctx)), [F, F, "DOUBLE", "DOUBLE", V, V], "FLOAT[]",
                         type="arrow", null_handling="special", side_effects=False)
     con.execute(f"CREATE OR REPLACE MACRO vslerp(a, b, theta, alpha) AS "
                 f"_clipsql_vslerp(a, b, theta, alpha, NULL, NULL){default_cast}, "

@@ -170,7 +170,7 @@ def register_nearest(con: Any, ctx: Any) -> Searcher:
     """Register `_clipsql_nearest` and the table macro `nearest` on `con` (called by functions.register).
     The filter is the caller's own SQL expression, run by DuckDB's `query()` on this connection."""
     searcher = Searcher(ctx.st)
-    con.create_function("_clipsql_nearest", nearest_udf(searcher),
+    con.create_function("_clipsql_nearest", ctx.guard(nearest_udf(searcher)),
                         ["FLOAT[]", "DOUBLE", "VARCHAR", "VARCHAR", "VARCHAR[]", "BOOLEAN"],
                         "STRUCT(id VARCHAR, score DOUBLE)[]", type="arrow", null_handling="special",
                         side_effects=True)
