@@ -54,3 +54,11 @@ class SelectionError(ClipsqlError, ValueError):
 
 class CatalogError(ClipsqlError, ConnectionError):
     """The catalog database cannot be reached or used (bad URL, missing driver, server down)."""
+
+
+class ServeError(ClipsqlError, RuntimeError):
+    """`clipsql serve` cannot start or serve as asked (credentials, address, certificates)."""
+
+
+class AuthError(ClipsqlError, PermissionError):
+    """A request to `clipsql serve` without valid credentials."""

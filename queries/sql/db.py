@@ -36,12 +36,16 @@ def open_store(store: Store | str | os.PathLike) -> Store:
 
 
 def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = False,
-            threads: int | None = None, fits: dict | None = None) -> Any:
+            threads: int | None = None, fits: dict | None = None, memory_limit: str | None = None) -> Any:
     """An in-memory DuckDB connection over the store: views, stats and score functions.
-    `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks)."""
+    `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks).
+    `memory_limit` (e.g. "2GB"): DuckDB's memory limit for this connection, set before the
+    configuration is locked (a server bounds each client's queries with it)."""
     import duckdb
     st = open_store(store)
-    config = {"threads": threads} if threads else {}
+    config: dict[str, Any] = {"threads": threads} if threads else {}
+    if memory_limit:
+        config["memory_limit"] = memory_limit
     con = duckdb.connect(":memory:", config=config)
     register_views(con, st)
     from clipsql.queries.sql import functions
