@@ -88,6 +88,7 @@ class Prepared:
     sql: str
     owner: str
     transaction_id: bytes | None
+    peer: str = ""
     params: list | None = None
     used: float = field(default_factory=time.monotonic)
 
@@ -96,6 +97,7 @@ class Prepared:
 class Transaction:
     lease: Lease
     owner: str
+    peer: str = ""            # the client's connection: CloseSession from it ends the transaction
     used: float = field(default_factory=time.monotonic)
     busy: RunningQuery | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -142,7 +144,8 @@ def _rpc(fn: Callable) -> Callable:
 class FlightSqlServer(flight.FlightServerBase):
     def __init__(self, location: str, pool: ConnectionPool, auth: Auth, *, tls_certificates: list | None = None,
                  query_timeout_s: float | None = 600.0, claim_timeout_s: float = 60.0,
-                 transaction_timeout_s: float = 900.0, max_prepared: int = 10_000, **kwargs: Any):
+                 transaction_timeout_s: float = 600.0, max_prepared: int = 10_000,
+                 max_transactions_per_user: int = 16, **kwargs: Any):
         super().__init__(location, auth_handler=_NoHandshakeAuth(), tls_certificates=tls_certificates or [],
                          middleware={"auth": AuthMiddlewareFactory(auth)}, **kwargs)
         self.pool = pool
@@ -151,11 +154,14 @@ class FlightSqlServer(flight.FlightServerBase):
         self.claim_timeout_s = claim_timeout_s
         self.transaction_timeout_s = transaction_timeout_s
         self.max_prepared = max_prepared
+        self.busy_wait_s = 5.0
+        self.max_transactions_per_user = max_transactions_per_user
         self._lock = threading.Lock()
         self._queries: dict[bytes, RunningQuery] = {}
         self._prepared: dict[bytes, Prepared] = {}
         self._transactions: dict[bytes, Transaction] = {}
         self._stopping = threading.Event()
+        self.on_query: Callable[[RunningQuery], None] | None = None   # called as each query starts
         self._reaper = threading.Thread(target=self._reap, name="clipsql-serve-reaper", daemon=True)
         self._reaper.start()
 
@@ -183,7 +189,8 @@ class FlightSqlServer(flight.FlightServerBase):
         if txn is None:
             lease = self.pool.acquire()
             return lease, lambda reusable: lease.release(reusable)
-        if not txn.lock.acquire(blocking=False):
+        # a result the client just closed takes a moment to stop on the server
+        if not txn.lock.acquire(timeout=self.busy_wait_s):
             raise QueryError("another query of this transaction is still running: read its result "
                              "or close it first")
 
@@ -207,6 +214,8 @@ class FlightSqlServer(flight.FlightServerBase):
         handle = secrets.token_bytes(16)
         with self._lock:
             self._queries[handle] = q
+        if self.on_query is not None:
+            self.on_query(q)
         try:
             schema = q.start(context.is_cancelled)
         except BaseException:
@@ -330,7 +339,8 @@ class FlightSqlServer(flight.FlightServerBase):
         body = action.body.to_pybytes() if action.body is not None else b""
         if kind == "CreatePreparedStatement":
             cmd = self._action_body(body, proto.ActionCreatePreparedStatementRequest)
-            return iter([flight.Result(self._prepare(who, cmd["query"] or "", cmd["transaction_id"]))])
+            return iter([flight.Result(self._prepare(who, cmd["query"] or "", cmd["transaction_id"],
+                                                     context.peer()))])
         if kind == "ClosePreparedStatement":
             cmd = self._action_body(body, proto.ActionClosePreparedStatementRequest)
             with self._lock:
@@ -340,11 +350,14 @@ class FlightSqlServer(flight.FlightServerBase):
             return iter([])
         if kind == "BeginTransaction":
             self._action_body(body, proto.ActionBeginTransactionRequest)
-            return iter([flight.Result(self._begin(who))])
+            return iter([flight.Result(self._begin(who, context.peer()))])
         if kind == "EndTransaction":
             cmd = self._action_body(body, proto.ActionEndTransactionRequest)
             self._end(who, cmd["transaction_id"] or b"")
             return iter([])
+        if kind == "CloseSession":       # ADBC closing a connection: end what it left open
+            self._close_session(who, context.peer())
+            return iter([flight.Result(proto.close_session_result(proto.CLOSE_SESSION_CLOSED))])
         if kind == "CancelFlightInfo":
             info = flight.FlightInfo.deserialize(proto.cancel_flight_info_request(body))
             status = self._cancel(who, info)
@@ -361,7 +374,8 @@ class FlightSqlServer(flight.FlightServerBase):
         return [("CreatePreparedStatement", "prepare a query"), ("ClosePreparedStatement", "close a prepared query"),
                 ("BeginTransaction", "pin a snapshot for several queries"),
                 ("EndTransaction", "end a transaction (commit or rollback: both just release the snapshot)"),
-                ("CancelFlightInfo", "cancel a running query"), ("CancelQuery", "cancel a running query")]
+                ("CancelFlightInfo", "cancel a running query"), ("CancelQuery", "cancel a running query"),
+                ("CloseSession", "end the transactions and prepared statements of this connection")]
 
     def list_flights(self, context: Any, criteria: Any) -> Iterator:
         return iter([])
@@ -370,7 +384,7 @@ class FlightSqlServer(flight.FlightServerBase):
         raise flight.FlightServerError("DoExchange is not supported by clipsql serve")
 
     # -- actions ---------------------------------------------------------------------------
-    def _prepare(self, who: Identity, sql: str, tid: bytes | None) -> bytes:
+    def _prepare(self, who: Identity, sql: str, tid: bytes | None, peer: str) -> bytes:
         txn = self._transaction(who, tid)
         dataset = self._describe(who, sql, txn)     # refuses what would not run
         handle = secrets.token_bytes(16)
@@ -378,7 +392,7 @@ class FlightSqlServer(flight.FlightServerBase):
             if len(self._prepared) >= self.max_prepared:
                 oldest = min(self._prepared, key=lambda h: self._prepared[h].used)
                 del self._prepared[oldest]
-            self._prepared[handle] = Prepared(sql, who.user, tid or None)
+            self._prepared[handle] = Prepared(sql, who.user, tid or None, peer)
         return proto.ActionCreatePreparedStatementResult.pack(
             prepared_statement_handle=handle,
             dataset_schema=dataset.serialize().to_pybytes() if len(dataset) else None)
@@ -391,12 +405,29 @@ class FlightSqlServer(flight.FlightServerBase):
         prep.used = time.monotonic()
         return prep
 
-    def _begin(self, who: Identity) -> bytes:
+    def _begin(self, who: Identity, peer: str) -> bytes:
+        evicted = None
+        with self._lock:
+            mine = [(txn.used, t) for t, txn in self._transactions.items()
+                    if txn.owner == who.user and not txn.lock.locked()]
+            if len(mine) >= self.max_transactions_per_user:
+                evicted = self._transactions.pop(min(mine)[1])
+        if evicted is not None:                       # the least recently used idle one
+            self._close_transaction(evicted)
         lease = self.pool.acquire()
         tid = secrets.token_bytes(16)
         with self._lock:
-            self._transactions[tid] = Transaction(lease, who.user)
+            self._transactions[tid] = Transaction(lease, who.user, peer)
         return proto.ActionBeginTransactionResult.pack(transaction_id=tid)
+
+    def _close_session(self, who: Identity, peer: str) -> None:
+        with self._lock:
+            ended = [t for t, txn in self._transactions.items() if txn.owner == who.user and txn.peer == peer]
+            txns = [self._transactions.pop(t) for t in ended]
+            for h in [h for h, p in self._prepared.items() if p.owner == who.user and p.peer == peer]:
+                del self._prepared[h]
+        for txn in txns:
+            self._close_transaction(txn)
 
     def _end(self, who: Identity, tid: bytes) -> None:
         with self._lock:
@@ -449,6 +480,11 @@ class FlightSqlServer(flight.FlightServerBase):
         if name in ("CommandStatementUpdate", "CommandPreparedStatementUpdate"):
             return ReadOnlyRefused(f"{READ_ONLY}: updates are refused (only queries run)")
         return QueryError(f"{name} is not supported by clipsql serve")
+
+    def running(self) -> list[RunningQuery]:
+        """Queries started and not finished (their results may still be streaming)."""
+        with self._lock:
+            return [q for q in self._queries.values() if not q.finished]
 
     # -- housekeeping ----------------------------------------------------------------------
     def _reap(self) -> None:

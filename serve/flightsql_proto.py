@@ -261,7 +261,7 @@ def parse_command(buf: bytes) -> tuple[str, dict[str, Any]]:
     return name, msg.parse(value)
 
 
-# -- Flight (not Flight SQL) messages pyarrow does not wrap ---------------------------------------
+# -- Flight (not Flight SQL) messages pyarrow does not wrap, sent without Any ---------------------
 # CancelFlightInfoRequest { FlightInfo info = 1; }, CancelFlightInfoResult { CancelStatus status = 1; }
 
 CANCEL_STATUS_CANCELLED, CANCEL_STATUS_NOT_CANCELLABLE = 1, 3
@@ -276,4 +276,13 @@ def cancel_flight_info_request(buf: bytes) -> bytes:
 
 
 def cancel_flight_info_result(status: int) -> bytes:
+    return encode_field(1, status)
+
+
+# CloseSessionResult { Status status = 1; } (Flight's session management; ADBC sends CloseSession
+# when it closes a connection)
+CLOSE_SESSION_CLOSED = 1
+
+
+def close_session_result(status: int) -> bytes:
     return encode_field(1, status)

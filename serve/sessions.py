@@ -49,6 +49,9 @@ def error_message(e: BaseException, con: Any = None) -> str:
     head, sep, _ = msg.partition("\n(clipsql query is read-only towards files")
     if sep:
         msg = head + f" ({READ_ONLY}: no file access)"
+    if "Out of Memory Error" in msg:       # DuckDB's remedies (SET …) are not the client's to apply
+        msg = msg.split("Possible solutions")[0].rstrip() + \
+            " (the server's memory limit per query: ask for less, e.g. fewer columns, a LIMIT or an aggregate)"
     return msg
 
 
