@@ -69,7 +69,8 @@ def check_read_only(con: Any, sql: str) -> None:
         raise QueryError(f"{len(statements)} statements in one request: send one query at a time")
     kind = statements[0].type.name
     if kind not in READ_ONLY_STATEMENTS:
-        word = kind.replace("_STATEMENT", "").replace("_", " ")
+        first = (statements[0].query.split() or [""])[0].upper()
+        word = first if first.isalpha() and first != "WITH" else kind.replace("_", " ")   # INSTALL, not LOAD
         raise ReadOnlyRefused(f"{READ_ONLY}: {word} statements are refused (only queries run: {READ_ONLY_HINT})")
 
 

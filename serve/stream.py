@@ -76,6 +76,15 @@ class RunningQuery:
             self._stop.set()
             if self._in_duckdb:
                 self.lease.con.interrupt()
+        # DuckDB clears an interrupt that lands before its query really starts: repeat it until the
+        # worker is out of DuckDB
+        threading.Thread(target=self._keep_interrupting, name="clipsql-serve-cancel", daemon=True).start()
+
+    def _keep_interrupting(self) -> None:
+        while not self._done.wait(POLL_S):
+            with self._lock:
+                if self._in_duckdb:
+                    self.lease.con.interrupt()
 
     @property
     def finished(self) -> bool:
