@@ -37,8 +37,7 @@ from clipsql.errors import AuthError, ClipsqlError, QueryCancelled, QueryError, 
 from clipsql.serve import flightsql_catalog as meta
 from clipsql.serve import flightsql_proto as proto
 from clipsql.serve.auth import Auth, Identity
-from clipsql.serve.sessions import (READ_ONLY, ConnectionPool, Lease, ReadOnlyRefused, check_read_only,
-                                    error_message, parameter_count)
+from clipsql.serve.sessions import READ_ONLY, ConnectionPool, Lease, ReadOnlyRefused, check_read_only, parameter_count
 from clipsql.serve.stream import RunningQuery
 
 # -- authentication -------------------------------------------------------------------------------
@@ -225,24 +224,25 @@ class FlightSqlServer(flight.FlightServerBase):
         ticket = flight.Ticket(proto.TicketStatementQuery.pack(statement_handle=handle))
         return flight.FlightInfo(schema, descriptor, [flight.FlightEndpoint(ticket, [])], -1, -1)
 
-    def _describe(self, who: Identity, sql: str, txn: Transaction | None) -> pa.Schema:
-        """A query's result schema without running it (LIMIT 0)."""
+    def _describe(self, context: Any, who: Identity, sql: str, txn: Transaction | None) -> pa.Schema:
+        """A query's result schema without its rows (the query under LIMIT 0, with the same time
+        limit and cancellation as a query)."""
         lease, give_back = self._lease_for(txn)
-        ok = False
         try:
             check_read_only(lease.con, sql)
-            if parameter_count(lease.con, sql):
-                return pa.schema([])                     # known once parameters are bound
-            import duckdb
-            try:
-                schema = lease.con.sql(sql).limit(0).to_arrow_table().schema
-            except duckdb.Error as e:
-                msg = error_message(e, lease.con)
-                raise (ReadOnlyRefused(msg) if "no file access" in msg else QueryError(msg)) from None
-            ok = True
-            return schema
-        finally:
-            give_back(ok)
+            n_params = parameter_count(lease.con, sql)
+        except BaseException:
+            give_back(True)
+            raise
+        if n_params:
+            give_back(True)
+            return pa.schema([])                        # known once parameters are bound
+        q = RunningQuery(_Releasing(lease, give_back), sql, timeout_s=self.query_timeout_s, owner=who.user,
+                         describe=True)
+        schema = q.start(context.is_cancelled)
+        for _ in q.batches(context.is_cancelled):
+            pass
+        return schema
 
     def _with_connection(self, fn: Callable[[Any], Any]) -> Any:
         lease = self.pool.acquire()
@@ -277,11 +277,12 @@ class FlightSqlServer(flight.FlightServerBase):
         who = self._who(context)
         name, cmd = self._command(descriptor)
         if name == "CommandStatementQuery":
-            return flight.SchemaResult(self._describe(who, cmd["query"] or "",
+            return flight.SchemaResult(self._describe(context, who, cmd["query"] or "",
                                                       self._transaction(who, cmd["transaction_id"])))
         if name == "CommandPreparedStatementQuery":
             prep = self._prepared_for(who, cmd["prepared_statement_handle"])
-            return flight.SchemaResult(self._describe(who, prep.sql, self._transaction(who, prep.transaction_id)))
+            return flight.SchemaResult(self._describe(context, who, prep.sql,
+                                                      self._transaction(who, prep.transaction_id)))
         if name in meta.SCHEMAS:
             return flight.SchemaResult(meta.schema_for(name, cmd))
         raise self._unsupported(name)
@@ -339,8 +340,7 @@ class FlightSqlServer(flight.FlightServerBase):
         body = action.body.to_pybytes() if action.body is not None else b""
         if kind == "CreatePreparedStatement":
             cmd = self._action_body(body, proto.ActionCreatePreparedStatementRequest)
-            return iter([flight.Result(self._prepare(who, cmd["query"] or "", cmd["transaction_id"],
-                                                     context.peer()))])
+            return iter([flight.Result(self._prepare(context, who, cmd["query"] or "", cmd["transaction_id"]))])
         if kind == "ClosePreparedStatement":
             cmd = self._action_body(body, proto.ActionClosePreparedStatementRequest)
             with self._lock:
@@ -384,9 +384,10 @@ class FlightSqlServer(flight.FlightServerBase):
         raise flight.FlightServerError("DoExchange is not supported by clipsql serve")
 
     # -- actions ---------------------------------------------------------------------------
-    def _prepare(self, who: Identity, sql: str, tid: bytes | None, peer: str) -> bytes:
+    def _prepare(self, context: Any, who: Identity, sql: str, tid: bytes | None) -> bytes:
         txn = self._transaction(who, tid)
-        dataset = self._describe(who, sql, txn)     # refuses what would not run
+        dataset = self._describe(context, who, sql, txn)     # refuses what would not run
+        peer = context.peer()
         handle = secrets.token_bytes(16)
         with self._lock:
             if len(self._prepared) >= self.max_prepared:

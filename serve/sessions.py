@@ -149,7 +149,8 @@ class ConnectionPool:
         self._closed = False
 
     def _open(self) -> Any:
-        return self._connect(self.store, memory_limit=self.memory_limit, threads=self.threads)
+        config = {"memory_limit": self.memory_limit} if self.memory_limit else {}
+        return self._connect(self.store, threads=self.threads, config=config, progress_bar=False)
 
     def acquire(self) -> Lease:
         """A connection on the last commit as of now (reused when nothing changed since it was made)."""

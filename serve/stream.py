@@ -28,7 +28,7 @@ POLL_S = 0.05
 class RunningQuery:
     def __init__(self, lease: Any, sql: str, params: list | None = None, *, timeout_s: float | None = None,
                  batch_rows: int = 65536, chunk_bytes: int = 2 << 20, queue_batches: int = 4,
-                 owner: Any = None):
+                 owner: Any = None, describe: bool = False):
         self.lease = lease
         self.sql = sql
         self.params = params
@@ -36,6 +36,7 @@ class RunningQuery:
         self.batch_rows = batch_rows
         self.chunk_bytes = chunk_bytes
         self.owner = owner
+        self.describe = describe        # only the result's schema: the query under LIMIT 0
         self.claimed = False            # its result stream was handed out (DoGet)
         self.schema: Any = None
         self.error: BaseException | None = None
@@ -135,6 +136,8 @@ class RunningQuery:
                 raise QueryCancelled(self._stop_reason or "query cancelled")
             try:
                 rel = con.sql(self.sql, params=self.params) if self.params else con.sql(self.sql)
+                if rel is not None and self.describe:
+                    rel = rel.limit(0)
                 if rel is None:
                     import pyarrow as pa
                     self.schema = pa.schema([])

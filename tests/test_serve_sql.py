@@ -12,7 +12,6 @@ import sys
 import threading
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
@@ -289,6 +288,9 @@ def test_time_and_memory_limits(server):
             rows(conn, "SELECT list(i) FROM range(200000000) t(i)")      # ~1.6 GB > 256 MB
         text = one_line_error(e)
         assert "Out of Memory" in text and "memory limit per query" in text and "SET " not in text
+        # the limit is the connection's (set before its configuration was locked); no progress bar
+        assert rows(conn, "SELECT current_setting('memory_limit'), current_setting('enable_progress_bar')") \
+            == [("244.1 MiB", False)]
 
 
 # -- several clients, streaming ------------------------------------------------------------------
