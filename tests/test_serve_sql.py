@@ -126,14 +126,14 @@ def test_catalog_calls(server):
 # -- who may connect -----------------------------------------------------------------------------
 
 def test_wrong_password_and_no_credentials_refused(server):
-    with pytest.raises(Exception) as e:
+    with pytest.raises(fsql.Error) as e:
         client(server, password="not-the-secret-at-all")
     assert "UNAUTHENTICATED" in one_line_error(e) and "wrong user name or password" in str(e.value)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(fsql.Error) as e:
         client(server, user="bob", password=ALICE)                   # another user's secret
     assert "wrong user name or password" in one_line_error(e)
     anon = fsql.connect(server.sql_url, autocommit=True)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(fsql.Error) as e:
         rows(anon, "SELECT 1")
     assert "needs credentials" in one_line_error(e)
     anon.close()
@@ -146,7 +146,7 @@ def test_tokens(server):
     ok.close()
     bad = fsql.connect(server.sql_url, db_kwargs={"adbc.flight.sql.authorization_header": "Bearer nope-nope-nope"},
                        autocommit=True)
-    with pytest.raises(Exception) as e:
+    with pytest.raises(fsql.Error) as e:
         rows(bad, "SELECT 1")
     assert "invalid or expired token" in one_line_error(e)
     bad.close()
@@ -175,7 +175,7 @@ def test_anonymous_on_loopback(store):
         conn = fsql.connect(srv.sql_url, autocommit=True)
         assert rows(conn, "SELECT count(*) FROM samples") == [(SMALL_DEMO_ROWS,)]
         conn.close()
-        with pytest.raises(Exception) as e:                          # wrong credentials still refused
+        with pytest.raises(fsql.Error) as e:                          # wrong credentials still refused
             client(srv, password="wrong-password-123")
         assert "UNAUTHENTICATED" in one_line_error(e)
 
@@ -194,7 +194,7 @@ def test_anonymous_on_loopback(store):
 ])
 def test_over_privileged_refused(server, sql, word):
     with client(server) as conn:
-        with pytest.raises(Exception) as e:
+        with pytest.raises(fsql.Error) as e:
             rows(conn, sql)
         text = one_line_error(e)
         assert "read-only" in text and word in text, text
@@ -230,10 +230,10 @@ def test_malformed_requests(server):
 
 def test_one_statement_per_request(server):
     with client(server) as conn:
-        with pytest.raises(Exception) as e:
+        with pytest.raises(fsql.Error) as e:
             rows(conn, "SELECT 1; SELECT 2")
         assert "2 statements" in one_line_error(e)
-        with pytest.raises(Exception) as e:
+        with pytest.raises(fsql.Error) as e:
             rows(conn, "SELECT nope FROM scores")
         assert "Binder Error" in one_line_error(e)
 
@@ -278,13 +278,13 @@ def test_time_and_memory_limits(server):
     server.flight.query_timeout_s = 1.0
     try:
         with client(server) as conn:
-            with pytest.raises(Exception) as e:
+            with pytest.raises(fsql.Error) as e:
                 rows(conn, LONG)
             assert "time limit of 1 s" in one_line_error(e)
     finally:
         server.flight.query_timeout_s = None
     with client(server) as conn:
-        with pytest.raises(Exception) as e:
+        with pytest.raises(fsql.Error) as e:
             rows(conn, "SELECT list(i) FROM range(200000000) t(i)")      # ~1.6 GB > 256 MB
         text = one_line_error(e)
         assert "Out of Memory" in text and "memory limit per query" in text and "SET " not in text
@@ -368,9 +368,30 @@ def test_new_commit_visible_to_next_request_not_to_a_running_one(tmp_path, store
         assert rows(txn, "SELECT count(*) FROM samples") == [(SMALL_DEMO_ROWS,)]        # the transaction's
         txn.commit()
         assert rows(txn, "SELECT count(*) FROM samples") == [(SMALL_DEMO_ROWS + 5,)]
-        auto.close()
         txn.close()
         assert not srv.flight._transactions               # closing the connection ended its transaction
+
+        # what other commands write meanwhile (stored scores, dedup, a target) is there for the next
+        # request, through the same views and functions as `clipsql query`
+        steps = [(["score", str(copy), "--columns", "image_info_gain"],
+                  "SELECT count(*), sum(image_info_gain) FROM stored_scores"),
+                 (["dedup", str(copy), "--no-progress"],
+                  "SELECT count(*), count(DISTINCT semdedup_cluster) FROM semdedup"),
+                 (["target", "add", str(copy), "tgt", "--query", "SELECT image_embedding FROM embeddings "
+                                                                 "ORDER BY id LIMIT 20"],
+                  "SELECT id, norm_sim_2(image_embedding, 'tgt') FROM embeddings ORDER BY id LIMIT 5")]
+        want = []
+        for args, check in steps:
+            rows(auto, "SELECT count(*) FROM samples")      # a kept connection on the snapshot before
+            done = subprocess.run([sys.executable, "-m", "clipsql", *args], capture_output=True, text=True, env=env,
+                                  timeout=600)
+            assert done.returncode == 0, done.stderr
+            local = connect(copy)
+            want.append(local.sql(check).fetchall())
+            local.close()
+            assert rows(auto, check) == want[-1], args[0]
+        assert want[0][0][0] == want[1][0][0] == SMALL_DEMO_ROWS + 5
+        auto.close()
 
 
 # -- TLS -----------------------------------------------------------------------------------------
@@ -409,7 +430,7 @@ def test_tls(tmp_path, store):
         assert rows(conn, "SELECT count(*) FROM samples") == [(SMALL_DEMO_ROWS,)]
         conn.close()
         plain = srv.sql_url.replace("grpc+tls://", "grpc://")
-        with pytest.raises(Exception):                  # a client without TLS does not get through
+        with pytest.raises(fsql.Error):                  # a client without TLS does not get through
             c = fsql.connect(plain, db_kwargs={"username": "alice", "password": ALICE}, autocommit=True)
             rows(c, "SELECT 1")
     with pytest.raises(ServeError, match="both --tls-cert and --tls-key"):
