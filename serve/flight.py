@@ -40,6 +40,9 @@ from clipsql.serve.auth import Auth, Identity
 from clipsql.serve.sessions import READ_ONLY, ConnectionPool, Lease, ReadOnlyRefused, check_read_only, parameter_count
 from clipsql.serve.stream import RunningQuery
 
+SCHEMA_CACHE = 512       # result schemas of prepared queries kept (DB-API clients prepare every execute)
+
+
 # -- authentication -------------------------------------------------------------------------------
 
 class _Authenticated(flight.ServerMiddleware):
@@ -159,6 +162,7 @@ class FlightSqlServer(flight.FlightServerBase):
         self._queries: dict[bytes, RunningQuery] = {}
         self._prepared: dict[bytes, Prepared] = {}
         self._transactions: dict[bytes, Transaction] = {}
+        self._schemas: dict[tuple, pa.Schema] = {}      # (snapshot key, sql) → result schema
         self._stopping = threading.Event()
         self.on_query: Callable[[RunningQuery], None] | None = None   # called as each query starts
         self._reaper = threading.Thread(target=self._reap, name="clipsql-serve-reaper", daemon=True)
@@ -237,11 +241,22 @@ class FlightSqlServer(flight.FlightServerBase):
         if n_params:
             give_back(True)
             return pa.schema([])                        # known once parameters are bound
+        cache_key = (lease.key, sql) if lease.key is not None else None
+        with self._lock:
+            schema = self._schemas.get(cache_key) if cache_key else None
+        if schema is not None:                          # the same query on the same snapshot
+            give_back(True)
+            return schema
         q = RunningQuery(_Releasing(lease, give_back), sql, timeout_s=self.query_timeout_s, owner=who.user,
                          describe=True)
         schema = q.start(context.is_cancelled)
         for _ in q.batches(context.is_cancelled):
             pass
+        if cache_key:
+            with self._lock:
+                self._schemas[cache_key] = schema
+                while len(self._schemas) > SCHEMA_CACHE:
+                    self._schemas.pop(next(iter(self._schemas)))
         return schema
 
     def _with_connection(self, fn: Callable[[Any], Any]) -> Any:
