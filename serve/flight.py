@@ -130,6 +130,16 @@ def _to_flight_error(e: BaseException) -> BaseException:
     return flight.FlightServerError(f"internal error: {type(e).__name__}: {_one_line(e)}")
 
 
+def _one_line_errors(batches: Iterator[Any]) -> Iterator[Any]:
+    """A result stream whose failure mid-way reaches the client as one line, like an RPC's."""
+    try:
+        yield from batches
+    except GeneratorExit:
+        raise
+    except BaseException as e:  # noqa: BLE001
+        raise _to_flight_error(e) from None
+
+
 def _rpc(fn: Callable) -> Callable:
     """Every RPC handler: clipsql errors (and anything else) become one line to the client."""
     @functools.wraps(fn)
@@ -316,7 +326,7 @@ class FlightSqlServer(flight.FlightServerBase):
                     q.claimed = True
             if q is None:
                 raise QueryError("unknown or expired result ticket: run the query again")
-            return flight.GeneratorStream(q.schema, q.batches(context.is_cancelled))
+            return flight.GeneratorStream(q.schema, _one_line_errors(q.batches(context.is_cancelled)))
         if name == "CommandGetSqlInfo":
             table = meta.sql_info_table(cmd["info"], meta.server_info(self.transaction_timeout_s))
         elif name == "CommandGetCatalogs":

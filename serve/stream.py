@@ -128,6 +128,7 @@ class RunningQuery:
 
     def _run(self) -> None:
         import duckdb
+        import pyarrow as pa
         con = self.lease.con
         reader = rel = None
         clean = False
@@ -139,7 +140,6 @@ class RunningQuery:
                 if rel is not None and self.describe:
                     rel = rel.limit(0)
                 if rel is None:
-                    import pyarrow as pa
                     self.schema = pa.schema([])
                 else:
                     reader = rel.to_arrow_reader(self.batch_rows)
@@ -166,13 +166,15 @@ class RunningQuery:
             clean = True
         except QueryCancelled as e:
             self.error = e
-        except duckdb.InterruptException:
-            self.error = QueryCancelled(self._stop_reason or "query cancelled")
-        except duckdb.Error as e:
-            msg = error_message(e, con)
-            self.error = ReadOnlyRefused(msg) if "no file access" in msg else QueryError(msg)
         except Exception as e:  # noqa: BLE001 - one line to the client, never a traceback
-            self.error = QueryError(_one_line(e))
+            if self._stop.is_set() or isinstance(e, duckdb.InterruptException):
+                self.error = QueryCancelled(self._stop_reason or "query cancelled")
+            elif isinstance(e, (duckdb.Error, OSError, pa.ArrowException)):
+                # DuckDB's message; the Arrow reader hands a failure mid-result over as OSError
+                msg = error_message(e, con)
+                self.error = ReadOnlyRefused(msg) if "no file access" in msg else QueryError(msg)
+            else:
+                self.error = QueryError(_one_line(e))
         finally:
             if self._timer is not None:
                 self._timer.cancel()

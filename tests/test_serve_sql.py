@@ -228,7 +228,7 @@ def test_malformed_requests(server):
     c.close()
 
 
-def test_one_statement_per_request(server):
+def test_sql_errors_are_one_line(server):
     with client(server) as conn:
         with pytest.raises(fsql.Error) as e:
             rows(conn, "SELECT 1; SELECT 2")
@@ -236,6 +236,13 @@ def test_one_statement_per_request(server):
         with pytest.raises(fsql.Error) as e:
             rows(conn, "SELECT nope FROM scores")
         assert "Binder Error" in one_line_error(e)
+        with pytest.raises(fsql.Error) as e:                 # a score function's own message
+            rows(conn, "SELECT norm_sim_2(image_embedding, 'no_such_target') FROM embeddings")
+        assert "no_such_target" in one_line_error(e) and "Python exception" not in str(e.value)
+        with pytest.raises(fsql.Error) as e:                 # failing after half the result has streamed
+            rows(conn, "SELECT CASE WHEN range < 500000 THEN range ELSE error('boom at ' || range) END "
+                       "FROM range(1000000)")
+        assert "boom at 500000" in one_line_error(e) and "OSError" not in str(e.value)
 
 
 # -- cancellation and limits ---------------------------------------------------------------------
