@@ -532,8 +532,10 @@ class FlightSqlServer(flight.FlightServerBase):
             for txn in txns:
                 self._close_transaction(txn)
 
-    def stop(self) -> None:
-        """Cancel everything running, release every connection, stop serving."""
+    def stop(self, grace_s: float = 10.0) -> bool:
+        """Cancel everything running, release every connection, stop serving. False when calls were
+        still open after `grace_s` (a client that stopped reading a result blocks its stream's
+        write, and pyarrow's shutdown waits for it): the caller then exits without waiting."""
         self._stopping.set()
         with self._lock:
             queries = list(self._queries.values())
@@ -544,7 +546,10 @@ class FlightSqlServer(flight.FlightServerBase):
             q.cancel("query cancelled: the server is stopping")
         for txn in txns:
             self._close_transaction(txn)
-        self.shutdown()
+        done = threading.Thread(target=self.shutdown, name="clipsql-serve-shutdown", daemon=True)
+        done.start()
+        done.join(grace_s)
+        return not done.is_alive()
 
 
 class _Releasing:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -110,14 +111,18 @@ class Server:
                 raise
         return self
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """False when some client call was still open after the grace period (see FlightSqlServer.stop)."""
+        clean = True
         if self.http is not None:
             self.http.stop()
             self.http = None
         if self.flight is not None:
-            self.flight.stop()
-            self.flight = None
+            clean = self.flight.stop()
+            if clean:
+                self.flight = None
         self.pool.close()
+        return clean
 
     def __enter__(self) -> "Server":
         return self.start()
@@ -155,6 +160,7 @@ def run_server(store: Any, *, host: str = "127.0.0.1", port: int | None = DEFAUL
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    clean = True
     try:
         srv.start()
         _announce(srv, echo)
@@ -162,10 +168,18 @@ def run_server(store: Any, *, host: str = "127.0.0.1", port: int | None = DEFAUL
             pass
         echo("clipsql serve: stopping (running queries are cancelled)")
     finally:
-        srv.stop()
+        clean = srv.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    echo("clipsql serve: stopped")
+    if clean:
+        echo("clipsql serve: stopped")
+        return
+    # a client stopped reading a result: its call cannot be ended from Python and would hold the
+    # process at exit; nothing of the store is open for writing, so leave at once
+    echo("clipsql serve: stopped (a client's unread result stream was cut)")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _announce(srv: Server, echo: Callable[[str], None]) -> None:
