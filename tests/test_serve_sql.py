@@ -281,6 +281,27 @@ def test_client_cancels_a_long_query(server):
         conn.close()
 
 
+def test_cancel_flight_info(server):
+    """The Flight RPC way: CancelFlightInfo on a started query's FlightInfo stops it on the server."""
+    c = flight.connect(server.sql_url)
+    auth = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {ALICE}".encode())])
+    seen: list = []
+    server.flight.on_query = seen.append
+    try:
+        info = c.get_flight_info(flight.FlightDescriptor.for_command(proto.CommandStatementQuery.pack(
+            query="SELECT * FROM range(100000000)")), auth)
+        body = proto.encode_field(1, info.serialize())              # CancelFlightInfoRequest{info}
+        result = list(c.do_action(flight.Action("CancelFlightInfo", body), auth))
+        assert proto.decode(result[0].body.to_pybytes()) == {1: [proto.CANCEL_STATUS_CANCELLED]}
+        assert seen[0].wait(60) and isinstance(seen[0].error, QueryCancelled)
+        with pytest.raises(flight.FlightCancelledError) as e:      # (read_all would turn it into Ctrl-C)
+            c.do_get(info.endpoints[0].ticket, auth).read_chunk()
+        assert "query cancelled by the client" in one_line_error(e)
+    finally:
+        server.flight.on_query = None
+        c.close()
+
+
 def test_time_and_memory_limits(server):
     server.flight.query_timeout_s = 1.0
     try:
