@@ -157,7 +157,7 @@ class FlightSqlServer(flight.FlightServerBase):
     def __init__(self, location: str, pool: ConnectionPool, auth: Auth, *, tls_certificates: list | None = None,
                  query_timeout_s: float | None = 600.0, claim_timeout_s: float = 60.0,
                  transaction_timeout_s: float = 600.0, max_prepared: int = 10_000,
-                 max_transactions_per_user: int = 16, **kwargs: Any):
+                 max_transactions_per_user: int = 16, max_transactions: int = 256, **kwargs: Any):
         super().__init__(location, auth_handler=_NoHandshakeAuth(), tls_certificates=tls_certificates or [],
                          middleware={"auth": AuthMiddlewareFactory(auth)}, **kwargs)
         self.pool = pool
@@ -168,6 +168,7 @@ class FlightSqlServer(flight.FlightServerBase):
         self.max_prepared = max_prepared
         self.busy_wait_s = 5.0
         self.max_transactions_per_user = max_transactions_per_user
+        self.max_transactions = max_transactions
         self._lock = threading.Lock()
         self._queries: dict[bytes, RunningQuery] = {}
         self._prepared: dict[bytes, Prepared] = {}
@@ -206,9 +207,15 @@ class FlightSqlServer(flight.FlightServerBase):
         if not txn.lock.acquire(timeout=self.busy_wait_s):
             raise QueryError("another query of this transaction is still running: read its result "
                              "or close it first")
+        try:
+            self.pool.unpark(txn.lease)
+        except BaseException:
+            txn.lock.release()
+            raise
 
         def done(reusable: bool) -> None:
             txn.used = time.monotonic()
+            self.pool.park(txn.lease)
             txn.lock.release()
         return txn.lease, done
 
@@ -432,15 +439,18 @@ class FlightSqlServer(flight.FlightServerBase):
         return prep
 
     def _begin(self, who: Identity, peer: str) -> bytes:
-        evicted = None
-        with self._lock:
-            mine = [(txn.used, t) for t, txn in self._transactions.items()
-                    if txn.owner == who.user and not txn.lock.locked()]
+        evicted = []
+        with self._lock:      # bounded: per user, and in all (each holds an open connection)
+            idle = sorted((txn.used, t) for t, txn in self._transactions.items() if not txn.lock.locked())
+            mine = [(used, t) for used, t in idle if self._transactions[t].owner == who.user]
             if len(mine) >= self.max_transactions_per_user:
-                evicted = self._transactions.pop(min(mine)[1])
-        if evicted is not None:                       # the least recently used idle one
-            self._close_transaction(evicted)
+                evicted.append(self._transactions.pop(mine[0][1]))      # the least recently used
+            elif len(self._transactions) >= self.max_transactions and idle:
+                evicted.append(self._transactions.pop(idle[0][1]))
+        for txn in evicted:
+            self._close_transaction(txn)
         lease = self.pool.acquire()
+        self.pool.park(lease)
         tid = secrets.token_bytes(16)
         with self._lock:
             self._transactions[tid] = Transaction(lease, who.user, peer)
@@ -468,7 +478,8 @@ class FlightSqlServer(flight.FlightServerBase):
         q = txn.busy
         if q is not None and not q.finished:
             q.cancel("query cancelled: its transaction ended")
-            q.wait(30)
+            if not q.wait(30):
+                return        # still in DuckDB: never hand its connection to another request
         txn.lease.release(True)
 
     def _cancel(self, who: Identity, info: Any) -> bool:

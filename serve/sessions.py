@@ -123,6 +123,7 @@ class Lease:
     key: tuple | None
     pool: "ConnectionPool"
     released: bool = False
+    parked: bool = False        # held between queries (a transaction's): not counted as running
 
     def release(self, reusable: bool = True) -> None:
         if not self.released:
@@ -152,8 +153,7 @@ class ConnectionPool:
         config = {"memory_limit": self.memory_limit} if self.memory_limit else {}
         return self._connect(self.store, threads=self.threads, config=config, progress_bar=False)
 
-    def acquire(self) -> Lease:
-        """A connection on the last commit as of now (reused when nothing changed since it was made)."""
+    def _take_slot(self) -> None:
         deadline = time.monotonic() + self.wait_s
         with self._cond:
             while self._leased >= self.max_connections and not self._closed:
@@ -164,6 +164,25 @@ class ConnectionPool:
             if self._closed:
                 raise ServeError("the server is shutting down")
             self._leased += 1
+
+    def park(self, lease: Lease) -> None:
+        """`lease` stays open but runs nothing (a transaction between its queries): it frees its slot
+        of `max_connections`, which bounds requests running at once."""
+        with self._cond:
+            if not lease.parked and not lease.released:
+                lease.parked = True
+                self._leased -= 1
+                self._cond.notify()
+
+    def unpark(self, lease: Lease) -> None:
+        """A parked lease about to run a query: takes a slot (waiting, or busy, like `acquire`)."""
+        if lease.parked:
+            self._take_slot()
+            lease.parked = False
+
+    def acquire(self) -> Lease:
+        """A connection on the last commit as of now (reused when nothing changed since it was made)."""
+        self._take_slot()
         try:
             key = snapshot_key(self.store)
             stale: list[Lease] = []
@@ -196,7 +215,9 @@ class ConnectionPool:
     def _give_back(self, lease: Lease, reusable: bool) -> None:
         close = None
         with self._cond:
-            self._leased -= 1
+            if not lease.parked:
+                self._leased -= 1
+            lease.parked = False
             if reusable and lease.key is not None and not self._closed:
                 self._idle.append(lease)
                 if len(self._idle) > self.max_idle:

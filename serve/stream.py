@@ -105,6 +105,10 @@ class RunningQuery:
                     if is_cancelled():
                         self.cancel("query cancelled by the client")
                     continue
+                if self._stop.is_set():          # cancelled: what is still queued is not sent
+                    while not self._done.wait(POLL_S):
+                        pass
+                    raise self.error or QueryCancelled(self._stop_reason or "query cancelled")
                 if item is _END:
                     if self.error is not None:
                         raise self.error

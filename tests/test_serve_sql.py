@@ -368,6 +368,20 @@ def test_large_result_is_streamed(server):
     assert running[0].wait(60) and running[0].error is None
 
 
+def test_open_transactions_do_not_count_as_running_queries(store):
+    """DB-API connections hold a transaction each; only queries running at once are bounded."""
+    with Server(store, port=None, sql_port=0, auth=Auth({"alice": ALICE}), max_queries=2,
+                echo=lambda s: None) as srv:
+        srv.pool.wait_s = 2.0
+        conns = [client(srv, autocommit=False) for _ in range(5)]
+        assert len(srv.flight._transactions) == 5
+        for conn in conns:
+            assert rows(conn, "SELECT count(*) FROM samples") == [(SMALL_DEMO_ROWS,)]
+        for conn in conns:
+            conn.close()
+        assert not srv.flight._transactions and srv.pool._leased == 0
+
+
 # -- snapshots -----------------------------------------------------------------------------------
 
 def test_new_commit_visible_to_next_request_not_to_a_running_one(tmp_path, store):
