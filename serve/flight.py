@@ -356,9 +356,14 @@ class FlightSqlServer(flight.FlightServerBase):
         name, cmd = self._command(descriptor)
         if name == "CommandPreparedStatementQuery":
             prep = self._prepared_for(who, cmd["prepared_statement_handle"])
-            rows = reader.read_all().to_pylist()
-            if len(rows) > 1:
-                raise QueryError(f"{len(rows)} parameter sets bound to one query: bind one row of parameters")
+            batches, n = [], 0
+            for chunk in reader:                      # one row of parameters; refuse more before reading it all
+                if chunk.data is not None:
+                    n += chunk.data.num_rows
+                    batches.append(chunk.data)
+                if n > 1:
+                    raise QueryError("several parameter sets bound to one query: bind one row of parameters")
+            rows = pa.Table.from_batches(batches).to_pylist() if batches else []
             prep.params = list(rows[0].values()) if rows else None
             return
         if name in ("CommandStatementUpdate", "CommandPreparedStatementUpdate", "CommandStatementSubstraitPlan"):

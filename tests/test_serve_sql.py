@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
 
@@ -223,6 +224,18 @@ def test_malformed_requests(server):
         with pytest.raises(flight.FlightError) as e:
             call()
         assert message in one_line_error(e), str(e.value)
+    # a prepared query bound to two rows of parameters
+    created = list(c.do_action(flight.Action("CreatePreparedStatement", proto.ActionCreatePreparedStatementRequest
+                                             .pack(query="SELECT ? AS x")), auth))
+    _, body = proto.unpack_any(created[0].body.to_pybytes())
+    handle = proto.ActionCreatePreparedStatementResult.parse(body)["prepared_statement_handle"]
+    params = pa.table({"p": [1, 2]})
+    writer, _ = c.do_put(flight.FlightDescriptor.for_command(
+        proto.CommandPreparedStatementQuery.pack(prepared_statement_handle=handle)), params.schema, auth)
+    writer.write_table(params)
+    with pytest.raises(flight.FlightError) as e:
+        writer.close()
+    assert "bind one row of parameters" in one_line_error(e)
     with pytest.raises(flight.FlightUnauthenticatedError):          # no credentials at all
         c.get_flight_info(flight.FlightDescriptor.for_command(proto.CommandStatementQuery.pack(query="SELECT 1")))
     c.close()
@@ -243,6 +256,11 @@ def test_sql_errors_are_one_line(server):
             rows(conn, "SELECT CASE WHEN range < 500000 THEN range ELSE error('boom at ' || range) END "
                        "FROM range(1000000)")
         assert "boom at 500000" in one_line_error(e) and "OSError" not in str(e.value)
+        cur = conn.cursor()
+        with pytest.raises(fsql.Error) as e:                 # executemany is an update (DoPut): refused
+            cur.executemany("SELECT ? AS x", [(1,), (2,)])
+        assert "read-only" in one_line_error(e)
+        cur.close()
 
 
 # -- cancellation and limits ---------------------------------------------------------------------
