@@ -14,8 +14,8 @@ latest version. A request whose key differs from a kept connection's gets a new 
 the commit that landed before it started, never half of one.
 
 Clients can change nothing a later request would see: statements other than queries are refused
-(`check_read_only`), settings are locked, and a kept connection is closed after a failed or
-cancelled query.
+(`check_read_only`) and settings are locked. A connection is kept after a query that finished,
+failed with a SQL error or was cancelled, and closed after anything unexpected.
 """
 from __future__ import annotations
 

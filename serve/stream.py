@@ -135,7 +135,7 @@ class RunningQuery:
         import pyarrow as pa
         con = self.lease.con
         reader = rel = None
-        clean = False
+        reusable = False        # the connection may serve another request (not after the unexpected)
         try:
             if not self._enter():
                 raise QueryCancelled(self._stop_reason or "query cancelled")
@@ -167,13 +167,16 @@ class RunningQuery:
                     break
             if self._stop.is_set():
                 raise QueryCancelled(self._stop_reason or "query cancelled")
-            clean = True
+            reusable = True
         except QueryCancelled as e:
             self.error = e
+            reusable = True
         except Exception as e:  # noqa: BLE001 - one line to the client, never a traceback
             if self._stop.is_set() or isinstance(e, duckdb.InterruptException):
                 self.error = QueryCancelled(self._stop_reason or "query cancelled")
+                reusable = True
             elif isinstance(e, (duckdb.Error, OSError, pa.ArrowException)):
+                reusable = isinstance(e, duckdb.Error)       # a SQL error leaves the connection as it was
                 # DuckDB's message; the Arrow reader hands a failure mid-result over as OSError
                 msg = error_message(e, con)
                 self.error = ReadOnlyRefused(msg) if "no file access" in msg else QueryError(msg)
@@ -190,7 +193,7 @@ class RunningQuery:
             reader = rel = None
             with self._lock:
                 self._done.set()
-            self.lease.release(reusable=clean)
+            self.lease.release(reusable=reusable)
             self._ready.set()
             self._put_end()
 
