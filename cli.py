@@ -482,6 +482,28 @@ def sql(store: str = STORE_ARG,
 
 
 @app.command()
+def serve(store: str = STORE_ARG,
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+          port: int = typer.Option(8765, help="Port of the app (HTTP)."),
+          sql_port: int = typer.Option(8815, help="Port of the SQL endpoint (Arrow Flight SQL)."),
+          auth: Optional[Path] = typer.Option(None, "--auth", help="Credentials file: one `name:secret` per line "
+                                              "(else $CLIPSQL_SERVE_TOKENS). Never on the command line."),
+          allow_anonymous: bool = typer.Option(False, help="Accept clients without credentials (loopback "
+                                                           "addresses only)."),
+          tls_cert: Optional[Path] = typer.Option(None, help="TLS certificate (PEM) for both endpoints."),
+          tls_key: Optional[Path] = typer.Option(None, help="TLS private key (PEM)."),
+          memory_limit: str = typer.Option("4GB", help="DuckDB memory limit of each query's connection."),
+          query_timeout: float = typer.Option(600.0, help="Seconds a query may run (0: no limit)."),
+          max_queries: int = typer.Option(32, min=1, help="Queries running at once (more wait, then are "
+                                                          "refused as busy).")) -> None:
+    """Serve the store read-only to a team: SQL over Arrow Flight SQL, and the app. Ctrl-C stops it."""
+    from clipsql.serve.server import run_server
+    _run(run_server, store, host=host, port=port, sql_port=sql_port, auth_file=auth,
+         allow_anonymous=allow_anonymous, tls_cert=tls_cert, tls_key=tls_key, memory_limit=memory_limit,
+         query_timeout_s=query_timeout or None, max_queries=max_queries, echo=typer.echo)
+
+
+@app.command()
 def score(store: str = STORE_ARG,
           columns: str = typer.Option("", help="Comma-separated score columns of the `scores` view to store, "
                                                "e.g. image_info_gain,text_info_gain."),

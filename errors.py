@@ -86,3 +86,9 @@ def from_udf_text(text: str) -> ClipsqlError | None:
     if not (isinstance(cls, type) and issubclass(cls, ClipsqlError)):
         return None
     return cls(message.strip())
+class ServeError(ClipsqlError, RuntimeError):
+    """`clipsql serve` cannot start or serve as asked (credentials, address, certificates)."""
+
+
+class AuthError(ClipsqlError, PermissionError):
+    """A request to `clipsql serve` without valid credentials."""

@@ -50,7 +50,7 @@ def test_help_is_instant_and_imports_nothing_heavy():
 def test_every_command_has_help():
     for cmd in (["init"], ["models"], ["ingest"], ["query"], ["sql"], ["stats", "show"], ["stats", "fit"],
                 ["stats", "refresh"], ["score"], ["select"], ["target", "add"], ["target", "list"],
-                ["target", "rm"], ["gallery"], ["plot"], ["geometry"], ["demo"]):
+                ["target", "rm"], ["gallery"], ["plot"], ["geometry"], ["demo"], ["serve"]):
         r = invoke(*cmd, "--help")
         assert r.exit_code == 0 and "Usage" in r.output, cmd
 
@@ -266,7 +266,7 @@ def test_help_texts_explain_themselves_without_science_md():
     runner = CliRunner()
     commands = ["", "init", "models", "models list", "models default", "models rm", "ingest", "delete", "optimize",
                 "stats", "stats show", "stats refresh", "stats fit", "query", "sql", "score", "target add",
-                "target list", "target rm", "select", "gallery", "plot", "geometry", "demo"]
+                "target list", "target rm", "select", "gallery", "plot", "geometry", "demo", "serve"]
     for c in commands:
         res = runner.invoke(app, [*c.split(), "--help"])
         assert res.exit_code == 0, (c, res.output)

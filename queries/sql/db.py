@@ -45,11 +45,15 @@ def open_store(store: Store | str | os.PathLike) -> Store:
 
 
 def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = False,
-            threads: int | None = None, fits: dict | None = None) -> Any:
+            threads: int | None = None, fits: dict | None = None, config: dict[str, Any] | None = None,
+            progress_bar: bool = True) -> Any:
     """An in-memory DuckDB connection over the store: views, stats and score functions.
-    `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks)."""
+    `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks).
+    `config`: more DuckDB (global) settings, made before the configuration is locked (a server
+    bounds each client's queries with `memory_limit`); `progress_bar=False`: DuckDB draws no
+    progress bar (a server's terminal)."""
     st = open_store(store)
-    config = {"threads": threads} if threads else {}
+    config = {**(config or {}), **({"threads": threads} if threads else {})}
     con = duckdb.connect(":memory:", config=config)
     register_views(con, st)
     ctx = functions.register(con, st)
@@ -58,6 +62,8 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
     _register_stats(con, st)
     _register_scores(con, st)
     _bounded_spill(con)
+    if not progress_bar:
+        con.execute("SET enable_progress_bar = false")
     if not allow_external_access:
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
