@@ -1,10 +1,8 @@
 """`--engine ray` on a local multi-node Ray cluster (issue 12): Ray ingest equals local ingest,
 a killed worker's tasks are retried, a killed driver's re-run completes exactly."""
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +10,10 @@ import pytest
 
 from clipsql.store.store import Store
 
-from conftest import write_image_folder
-from test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
-from test_ledger import MODEL, ROOT, cli, write_pool
+from conftest import (MODEL, ROOT, assert_stats_match_vectors, cli, sample_ids, stored_vectors, wait_for,
+                      write_image_folder, write_pool)
+
+pytestmark = pytest.mark.ray
 
 
 def ray_cli(cluster, *args, check=True, env=None):

@@ -10,8 +10,7 @@ import sqlalchemy as sa
 from clipsql.store import catalog as cat
 from clipsql.store.store import Store
 
-from test_ingest import assert_stats_match_vectors
-from test_ledger import MODEL, cli, write_pool
+from conftest import MODEL, ROOT, assert_stats_match_vectors, cli, wait_for, write_image_folder, write_pool
 
 
 @pytest.fixture
@@ -159,7 +158,6 @@ def test_huge_members_and_files_are_rejected_unread(tmp_path, tiny_model):
     are rejected by reason, without being read."""
     import subprocess
     from clipsql.ingest.pipeline import IngestOptions, ingest
-    from conftest import write_image_folder
     work = tmp_path / "w"
     work.mkdir()
     write_image_folder(work, 1)
@@ -242,7 +240,6 @@ def test_silent_drops_are_recorded(tmp_path, tiny_model, monkeypatch):
     from clipsql.ingest.pipeline import IngestOptions, ingest
     from clipsql.ingest.sources import FolderSource, open_source
     from clipsql.errors import SourceError
-    from conftest import write_image_folder
     # an unreadable sub-directory (root reads anything, so the listing failure is simulated)
     root = tmp_path / "f"
     write_image_folder(root, 2)
@@ -491,7 +488,6 @@ def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_pa
     import subprocess
     import sys
     import time
-    from test_ledger import ROOT
     whole = tmp_path / "whole"
     write_pool(whole, shards=6, rows=400, row_group=100)
     pools = []

@@ -11,9 +11,8 @@ import pytest
 
 from clipsql.store.store import Store
 
-from test_ledger import MODEL, cli, write_pool
+from conftest import MODEL, ROOT, cli, write_pool
 
-ROOT = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"     # the discard port: connection refused at once
 
 

@@ -14,15 +14,9 @@ from clipsql.errors import QueryError
 from clipsql.store.store import Store, to_numpy
 
 FAST = IngestOptions(batch_size=64, workers=0, progress=False)
+from conftest import clip_like
+
 D = 16
-
-
-def clip_like(n, rng, d=D):
-    """Paired image/text vectors with CLIP-like geometry: offset modality means, anisotropic spread."""
-    shared = rng.normal(size=(n, d)) * np.linspace(1.5, 0.2, d)
-    img = 2.0 * np.eye(d)[0] + shared + 0.3 * rng.normal(size=(n, d))
-    txt = -2.0 * np.eye(d)[1] + shared + 0.3 * rng.normal(size=(n, d))
-    return (img * 3).astype(np.float32), (txt * 5).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from clipsql.queries.curation.targets import add_target
 from clipsql.errors import ClipsqlError, SelectionError
 from clipsql.store.store import Store, to_numpy
 
-from test_queries import clip_like
+from conftest import clip_like
 
 N = 360
 

@@ -19,9 +19,7 @@ from clipsql.errors import StoreLocked
 from clipsql.store.store import Store
 import pg
 
-from conftest import write_image_folder
-from test_ingest import assert_stats_match_vectors
-from test_ledger import MODEL, cli, write_pool
+from conftest import MODEL, assert_stats_match_vectors, cli, wait_for, write_image_folder, write_pool
 
 BUCKET = "clipsql-test"
 

@@ -20,7 +20,7 @@ from clipsql.store import catalog as cat
 from clipsql.errors import ClipsqlError, SelectionError, StatsError, TargetError
 from clipsql.store.store import Store, to_numpy
 
-from test_queries import clip_like
+from conftest import clip_like
 
 D = 16
 N = 400
@@ -556,7 +556,7 @@ def test_select_limit_beyond_the_pool_warns_and_outputs_are_atomic(sel_store, tm
     """Issue 10.12 (a --limit larger than the pool says so) and 11.5 (a killed select leaves the
     previous output and sidecar, whole; the sidecar names the output's sha256)."""
     import hashlib
-    from test_ledger import cli
+    from conftest import cli
     out = tmp_path / "sel.csv"
     pool = sel_store.count_rows(sel_store.model())
     p = cli("select", str(sel_store.path), "--sql", "SELECT id FROM embeddings", "--limit", str(pool + 50),
