@@ -90,8 +90,15 @@ def test_a_killed_worker_node_does_not_fail_the_job(ray_cluster, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "clipsql", "ingest", str(st.path), *args, "--engine", "ray",
                              "--ray-address", ray_cluster.address], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
-    time.sleep(6)
-    assert proc.poll() is None                        # still running: the node dies mid-job
+
+    def writing() -> bool:          # the job runs: a task has written a data file (nothing committed yet)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        seen = Store.open(st.path, read_only=True)
+        if not seen.list_models():
+            return False
+        data = Path(seen.table_uri(seen.model().table_name)) / "data"
+        return data.is_dir() and any(data.iterdir())
+    wait_for(writing, "the Ray job to write its first data file", deadline=300, every=0.05)
     victim = ray_cluster.workers[-1]
     ray_cluster.remove_node(victim, allow_graceful=False)
     try:

@@ -88,6 +88,7 @@ def test_logistic_separator():
     assert abs(s2["intercept"] / s2["coef"][0]) < 0.2 and abs(s2["coef"][1]) < 0.3 * abs(s2["coef"][0])
 
 
+@pytest.mark.browser
 def test_report_on_demo_store(demo_store, tmp_path):
     out = tmp_path / "geo"
     res = geometry_report(demo_store, output=out)
