@@ -314,3 +314,23 @@ def test_images_without_captions_allowed_and_faults_reported_first(tmp_path, fak
     assert encoded == (6 + 10, 6 + 6)                  # captionless images: no text encoded
     again = ingest(st2, str(folder), model=fake.model, options=fake.options(allow_missing_captions=True))
     assert again.added == 0 and (fake.images, fake.texts) == encoded
+
+
+def test_the_fake_encoder_is_what_the_store_holds(store, tmp_path, fake_encoder):
+    """The seam: the vectors stored are the injected encoder's (raw, float32), and a caption's text
+    vector is the encoder's vector of that caption; the Ray engine refuses an injected encoder."""
+    from clipsql.engines.ingest import ingest_ray
+    from clipsql.ingest.images import load_image
+    fake = fake_encoder
+    folder = write_image_folder(tmp_path / "d", 5)
+    ingest(store, str(folder), model=fake.model, options=fake.options())
+    rows = store.samples_table().to_table(columns=["id", "uri", "caption"]).to_pylist()
+    ids, img, txt = stored_vectors(store)
+    for r in rows:
+        i = ids.index(r["id"])
+        image = load_image((folder / os.path.basename(r["uri"])).read_bytes())
+        np.testing.assert_array_equal(img[i], fake.vector("image", fake.preprocess(image)))
+        np.testing.assert_array_equal(txt[i], fake.vector("text", r["caption"].encode()))
+    assert sorted(fake.captions) == sorted(r["caption"] for r in rows)
+    with pytest.raises(ValueError, match="encoder_factory"):
+        ingest_ray(Store.init(tmp_path / "ray"), str(folder), model=fake.model, options=fake.options())
