@@ -334,21 +334,35 @@ def _require_ray() -> None:
 
 
 def processes_naming(path: str) -> list[int]:
-    """Pids of the processes whose command line names `path` (Ray's processes carry their
-    session folder in it: this finds exactly those a fixture started in its own folder)."""
+    """Pids of the processes whose command line names `path` or that run with RAY_TMPDIR=`path`,
+    and of their descendants (Ray's node processes carry their session folder in the command line;
+    its workers and agents rename themselves "ray::…" but inherit the environment, and stay after
+    their parent is gone): exactly what a fixture started in its own folder."""
     if not os.path.isdir("/proc"):
         return []
-    needle, me, found = os.fsencode(path), os.getpid(), []
+    needle, env, me = os.fsencode(path), b"\0RAY_TMPDIR=" + os.fsencode(path) + b"\0", os.getpid()
+    found, parent = set(), {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
+        pid = int(entry.name)
         try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
                 if needle in f.read():
-                    found.append(int(entry.name))
-        except OSError:
+                    found.add(pid)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if env in b"\0" + f.read():
+                    found.add(pid)
+            with open(f"/proc/{pid}/stat") as f:
+                parent[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-    return found
+    grew = True
+    while grew:
+        more = {pid for pid, ppid in parent.items() if ppid in found and pid not in found and pid != me}
+        found |= more
+        grew = bool(more)
+    return sorted(found)
 
 
 def stop_processes(pids: list[int], grace: float = 10.0) -> None:

@@ -166,6 +166,7 @@ def test_ray_stats_refresh_equals_local(ray_cluster, tmp_path):
     assert_stats_match_vectors(Store.open(st.path))
 
 
+@pytest.mark.slow          # 3 recipes × (local + Ray) selects: 3.5 min measured
 def test_select_with_the_ray_engine_chooses_what_the_local_engine_chooses(ray_cluster, tmp_path):
     pool = tmp_path / "pool"
     write_pool(pool, shards=2, rows=300, row_group=100)
@@ -207,6 +208,7 @@ def test_ids_repeated_across_units_are_rejected_as_locally(ray_cluster, tmp_path
     assert_stats_match_vectors(Store.open(dist.path))
 
 
+@pytest.mark.slow          # two models, local and Ray: 2 min measured
 def test_ray_ingest_of_a_datacomp_pool_equals_local(ray_cluster, tmp_path):
     from datacomp_pool import write_datacomp_pool
     write_datacomp_pool(tmp_path / "pool", n_shards=2, rows=[60, 45], row_group_size=20)

@@ -478,6 +478,7 @@ def assert_doctor_consistent(st, when):
     assert stats or not st.list_models(), when
 
 
+@pytest.mark.slow          # ~30 CLI runs (4.5 min measured); each kill point also has its own test
 def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_path):
     """Issue 11, done-when: SIGKILL at every commit boundary of ingest, optimize, stats fit, target
     add, score and select (and at three points of an ingest's progress); after each kill `clipsql

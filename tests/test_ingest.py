@@ -216,7 +216,8 @@ def _run_cli(*args, **kw):
                             stderr=subprocess.PIPE, **kw)
 
 
-@pytest.mark.parametrize("kill_at", [0, 12, 60], ids=["model-registered", "first-commit", "mid-run"])
+@pytest.mark.parametrize("kill_at", [pytest.param(0, marks=pytest.mark.slow), 12, pytest.param(60, marks=pytest.mark.slow)],
+                         ids=["model-registered", "first-commit", "mid-run"])     # ~45 s each measured
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, tiny_model, kill_at):
     """SIGKILL the CLI once a reader sees `kill_at` committed rows (0: once the model is registered,
     before the first commit); whatever it was doing then, a re-run gives the uninterrupted store."""
