@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 import sys
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -87,8 +90,20 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _interrupted(signum, frame):  # noqa: ANN001, ANN202
+    """Ctrl-C outside a library call (start-up, argument parsing, printing): nothing is being
+    written, so the process ends at once with one line and exit code 130 (typer would exit 130
+    without a word, and a traceback came from Ctrl-C during the imports)."""
+    sys.stderr.write("Error: interrupted\n")
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
-    """Call a library function; domain errors become a message and exit 1."""
+    """Call a library function; domain errors become a message and exit 1. While it runs, Ctrl-C
+    raises KeyboardInterrupt (so a writer closes what it opened), which ends in one line, exit 130."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     try:
         return fn(*args, **kwargs)
     except ClipsqlError as e:
@@ -103,6 +118,9 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
         if msg is None:
             raise
         _fail(msg)
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def storage_fault(e: BaseException) -> str | None:
@@ -874,6 +892,9 @@ def demo(store: Path = typer.Argument(Path("clipsql-demo-store"), help="Where to
 
 
 def main() -> None:
+    """The console entry (also `python -m clipsql`, whose __main__ installs the same handler
+    before importing this module)."""
+    signal.signal(signal.SIGINT, _interrupted)
     app()
 
 

@@ -47,13 +47,17 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
     opts = options or IngestOptions()
     if opts.update:
         raise SourceError("--update runs with --engine local (it rewrites rows in place, one commit at a time)")
+    if opts.encoder_factory is not None:
+        raise ValueError("the Ray engine's actors load the model with open_clip; encoder_factory is for the "
+                         "local engine")
     with store.lock():
         plan = plan_run(store, source_path, model, pretrained, checkpoint, opts)
         noop = finish_noop(store, plan)
         if noop is not None:
             return noop
         meta_before = set(store.metadata_columns())
-        rec, loaded = register_model(store, plan, "cpu")
+        rec, encoder = register_model(store, plan, "cpu")
+        loaded = encoder.loaded if encoder is not None else None
         store.ensure_samples_table()
         state = store.stats(rec)
         versions = store.committed_versions()

@@ -9,6 +9,7 @@ import numpy as np
 
 from clipsql.ingest.images import ItemRejected, check_vector, clean_caption, content_id, load_image
 from clipsql.lazy import torch
+from clipsql.models import loading as models
 
 
 def caption_truncated(tokenizer: Any, caption: str) -> bool:
@@ -89,6 +90,12 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
 
 
 NO_CAPTION = ("missing_caption", "empty_caption")   # what --allow-missing-captions keeps
+
+
+def open_clip_encoder(spec: Any, device: str) -> "Encoder":
+    """The default encoder factory of an ingest (IngestOptions.encoder_factory): the open_clip
+    model with its weights (models.load) and its forward."""
+    return Encoder(models.load(spec, device))
 
 
 class Encoder:

@@ -15,7 +15,7 @@ import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ import pyarrow as pa
 from clipsql.errors import DimensionMismatch, SourceError
 from clipsql.ingest.datacomp import FEATURES, DataCompSource, pick_features, pool_dir
 from clipsql.ingest.dedup import IdChecker
-from clipsql.ingest.encode import Encoder, Prepared, prepare_item
+from clipsql.ingest.encode import Prepared, open_clip_encoder, prepare_item
 from clipsql.ingest.registry import open_source
 from clipsql.ingest.rows import samples_columns, samples_table
 from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES, Reject
@@ -55,6 +55,11 @@ class IngestOptions:
     allow_missing_captions: bool = False   # keep images without a caption (NULL caption and text embedding)
     model_given: bool = True            # False: the caller fell back to a default model (no --model)
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES   # larger image / caption files are rejected unread
+    # What loads and runs the model: (spec, device) -> an encoder (see encode.Encoder: `.loaded`, a
+    # models.LoadedModel; called with (pixels, tokens) it gives (image, text) float32 vectors;
+    # `.text(tokens)`). None: open_clip (encode.open_clip_encoder). Library callers (the tests) pass
+    # their own; the local engine only.
+    encoder_factory: Callable[[Any, str], Any] | None = None
 
 
 def default_workers(device: str, cpus: int | None = None) -> int:
@@ -101,28 +106,35 @@ class IngestSummary:
 
 
 def _prepared_stream(*args: Any) -> Any:
-    """A `_PreparedStream` (a torch IterableDataset; torch is imported only when images are encoded)."""
+    """A `_PreparedStream` that is a torch IterableDataset, for DataLoader workers (torch is
+    imported only then): each worker takes every n-th unit."""
     class _Stream(_PreparedStream, torch_data.IterableDataset):
-        pass
+        def my_units(self) -> list:
+            info = torch_data.get_worker_info()
+            if info is None:
+                return self.units
+            torch.set_num_threads(1)
+            return self.units[info.id::info.num_workers]
     return _Stream(*args)
 
 
 class _PreparedStream:
-    """IterableDataset over source units; each DataLoader worker takes every n-th unit.
+    """Prepared batches over source units (read, decode, preprocess, tokenize).
 
     A unit's last batch carries `unit_done = (key, rows, rejects)`: every row of the unit
-    arrived in it or in that worker's earlier batches, so the writer may mark it done."""
+    arrived in it or in that reader's earlier batches, so the writer may mark it done."""
 
     def __init__(self, source: Any, units: list, preprocess: Any, tokenizer: Any, dim: int, batch_size: int,
                  allow_missing_captions: bool = False):
         self.source, self.units, self.preprocess, self.tokenizer = source, units, preprocess, tokenizer
         self.dim, self.batch_size, self.allow_missing_captions = dim, batch_size, allow_missing_captions
 
+    def my_units(self) -> list:
+        """The units this reader takes: all of them in the main process."""
+        return self.units
+
     def __iter__(self) -> Iterator[Prepared]:
-        info = torch.utils.data.get_worker_info()
-        if info is not None:
-            torch.set_num_threads(1)
-        mine = self.units[info.id::info.num_workers] if info is not None else self.units
+        mine = self.my_units()
         out = Prepared()
         for unit, key in mine:
             records = iter(self.source.read(unit))
@@ -219,14 +231,17 @@ def finish_noop(store: Store, plan: Plan) -> IngestSummary | None:
     return summary
 
 
-def register_model(store: Store, plan: Plan, device: str) -> tuple[Any, Any]:
-    """(model record, loaded model or None): the model is loaded when images must be encoded (or
-    its weights are local), and checked against a precomputed source's dimension."""
+def register_model(store: Store, plan: Plan, device: str,
+                   encoder_factory: Callable[[Any, str], Any] | None = None) -> tuple[Any, Any]:
+    """(model record, encoder or None): the model is loaded (`encoder_factory`, open_clip by
+    default) when images must be encoded (or its weights are local), and checked against a
+    precomputed source's dimension. The encoder's `.loaded` is the models.LoadedModel."""
     t0 = time.perf_counter()
     spec, source = plan.spec, plan.source
-    loaded = None
+    encoder = loaded = None
     if not source.precomputed or spec.local:
-        loaded = models.load(spec, device)
+        encoder = (encoder_factory or open_clip_encoder)(spec, device)
+        loaded = encoder.loaded
     plan.seconds["load_model"] = time.perf_counter() - t0
     if source.precomputed:
         dim = source.dim()
@@ -238,7 +253,7 @@ def register_model(store: Store, plan: Plan, device: str) -> tuple[Any, Any]:
         fields = loaded.record_fields()
     rec = store.register_model(**fields)
     store.sync_stats(rec)   # stores written before the commit ledger may lag
-    return rec, loaded
+    return rec, encoder
 
 
 def ingest(store: Store, source_path: str, *, model: str | None = None, pretrained: str | None = None,
@@ -258,7 +273,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         if noop is not None:
             return noop
         meta_before = set(store.metadata_columns())
-        rec, loaded = register_model(store, plan, opts.device)
+        rec, encoder = register_model(store, plan, opts.device, opts.encoder_factory)
         source, source_name, todo, done, already = plan.source, plan.source_name, plan.todo, plan.done, plan.already
         seconds, t_start = plan.seconds, plan.t_start
         run_id = store.start_run(rec.model_id, source_name, source.kind)
@@ -268,7 +283,7 @@ def ingest(store: Store, source_path: str, *, model: str | None = None, pretrain
         writer = Writer(store, rec, run_id=run_id, source=source_name, policy=opts.policy)
         bar = _progress(opts.progress, rec.model_id)
         bar.update(already)
-        r = _Run(source, todo, rec, loaded, opts, writer, IdChecker(store, rec), summary, rejected, seconds,
+        r = _Run(source, todo, rec, encoder, opts, writer, IdChecker(store, rec), summary, rejected, seconds,
                  bar, on_batch, Updater(store, rec) if opts.update else None)
         ok = False
         try:
@@ -344,7 +359,7 @@ class _Run:
     source: Any
     todo: list
     rec: Any
-    loaded: Any
+    encoder: Any                        # None for precomputed vectors without local weights
     opts: IngestOptions
     writer: Writer
     checker: IdChecker
@@ -399,22 +414,22 @@ def _commit_if_due(r: _Run) -> None:
 
 def _ingest_items(r: _Run) -> None:
     """Images: decode/preprocess (DataLoader workers when asked) → forward → writer."""
-    source, todo, rec, loaded, opts, writer = r.source, r.todo, r.rec, r.loaded, r.opts, r.writer
+    source, todo, rec, encoder, opts, writer = r.source, r.todo, r.rec, r.encoder, r.opts, r.writer
     checker, summary, rejected, seconds, bar, on_batch = r.checker, r.summary, r.rejected, r.seconds, r.bar, r.on_batch
-    encoder = Encoder(loaded)
-    stream = _prepared_stream(source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size,
-                              opts.allow_missing_captions)
+    loaded = encoder.loaded
     workers = default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
     summary.workers, summary.device = workers, str(loaded.device)
+    args = (source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size, opts.allow_missing_captions)
     if workers:
         # Workers are forked (fast start, no re-import of torch) and only read source files and
         # decode images; they never call into Lance, so its fork-safety warning does not apply.
         warnings.filterwarnings("ignore", message=".*fork.*", module="lance.*")
         warnings.filterwarnings("ignore", message="lancedb fork support")
-        batches = iter(torch_data.DataLoader(stream, batch_size=None, num_workers=min(workers, max(1, len(todo))),
-                                  collate_fn=_identity, prefetch_factor=4, persistent_workers=False))
+        batches = iter(torch_data.DataLoader(_prepared_stream(*args), batch_size=None,
+                                             num_workers=min(workers, max(1, len(todo))), collate_fn=_identity,
+                                             prefetch_factor=4, persistent_workers=False))
     else:
-        batches = iter(stream)
+        batches = iter(_PreparedStream(*args))
     while True:
         t0 = time.perf_counter()
         prepared = next(batches, None)

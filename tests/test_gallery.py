@@ -116,6 +116,7 @@ def test_limit_and_lazy_loading(tmp_path):
     assert res["shown"] == LAZY_AFTER + 50 and res["lazy"] and page.count("loading=lazy") == LAZY_AFTER + 50
 
 
+@pytest.mark.browser
 def test_demo_gallery_low_end_and_browser(demo_store, tmp_path):
     """The demo's gallery of lowest/highest image Information Gain: blank and placeholder
     images fill the low end; in Chromium every image decodes; a screenshot is saved."""
@@ -146,6 +147,7 @@ def test_demo_gallery_low_end_and_browser(demo_store, tmp_path):
         assert len(im.convert("RGB").getcolors(1 << 20) or []) > 50
 
 
+@pytest.mark.browser
 def test_broken_tiles_in_browser(hand_con, tmp_path):
     out = tmp_path / "broken.html"
     write_gallery(None, "SELECT id, score FROM t", out, con=hand_con)

@@ -1,5 +1,6 @@
-"""The geometry report (SCIENCE.md §8) against numpy, on synthetic raw vectors and on a small
-demo store; the linear separator; the vslerp SQL function; the report in a headless browser."""
+"""The geometry report (SCIENCE.md §8) against plain numpy written here from the definitions
+(sharing no code with queries.kernels.scores), on synthetic raw vectors and on a small demo store;
+the linear separator; the vslerp SQL function; the report in a headless browser."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import pytest
 from PIL import Image
 
 from clipsql import queries
-from clipsql.kernels import scores
 from clipsql.kernels.geometry import compute_geometry, logistic_separator
 from clipsql.queries.present.geometry import geometry_report
 from clipsql.kernels.arrays import to_numpy
@@ -38,19 +38,45 @@ def chunks(I, T, size):
     return lambda: ((I[i:i + size], T[i:i + size]) for i in range(0, len(I), size))
 
 
+def numpy_geometry(V):
+    """§8 of one modality from the definitions: over the valid rows (finite, non-zero) the offset
+    ratio ‖m‖/‖σ‖, the thin shell (mean and variance of ‖x − m‖, sqrt tr C), ODD(l) =
+    Σ_{k≠l} |C_lk| / C_ll and each row's conformity (mean cosine to the other rows); C, σ ddof=0."""
+    V = np.asarray(V, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        sq = (V * V).sum(axis=1)
+    valid = np.isfinite(V).all(axis=1) & (sq > 0)
+    X = V[valid]
+    m = X.mean(axis=0)
+    Z = X - m
+    C = Z.T @ Z / len(X)
+    radii = np.sqrt((Z * Z).sum(axis=1))
+    U = X / np.sqrt((X * X).sum(axis=1))[:, None]
+    cos = U @ U.T
+    return {"valid": valid, "mean": m, "var": (Z * Z).mean(axis=0),
+            "offset_ratio": np.sqrt(m @ m) / np.sqrt((Z * Z).mean(axis=0).sum()),
+            "mu": radii.mean(), "shell_var": ((radii - radii.mean()) ** 2).mean(), "sqrt_trace": np.sqrt(np.trace(C)),
+            "odd": (np.abs(C).sum(axis=1) - np.abs(np.diag(C))) / np.diag(C),
+            "conformity": (cos.sum(axis=1) - np.diag(cos)) / (len(X) - 1)}
+
+
+def numpy_separability(I, T):
+    """Sep(l) = |m_I(l) − m_T(l)| / sqrt(var_I(l) + var_T(l)), each modality over its valid rows."""
+    gi, gt = numpy_geometry(I), numpy_geometry(T)
+    return np.abs(gi["mean"] - gt["mean"]) / np.sqrt(gi["var"] + gt["var"])
+
+
 def check_against_numpy(res, I, T, rtol=1e-9):
-    ref = scores.geometry(I, T)
-    np.testing.assert_allclose(np.array(res["separability"]["values"], float), ref["separability"], rtol=rtol)
+    np.testing.assert_allclose(np.array(res["separability"]["values"], float), numpy_separability(I, T), rtol=rtol)
     for mod, V in (("image", I), ("text", T)):
-        r, g = res[mod], ref[mod]
-        valid = scores.normalize(V)[1]
+        r, g = res[mod], numpy_geometry(V)
+        valid = g["valid"]
         assert r["n"] == valid.sum() and r["invalid"] == (~valid).sum()
         np.testing.assert_allclose(r["offset_ratio"], g["offset_ratio"], rtol=rtol)
-        for k in ("mu", "var", "sqrt_trace"):
-            np.testing.assert_allclose(r["thin_shell"][k], g["thin_shell"][k], rtol=1e-7)
-        np.testing.assert_allclose(np.array(r["off_diagonal_dominance"]["values"], float),
-                                   g["off_diagonal_dominance"], rtol=1e-7)
-        c = g["conformity"][valid]
+        for k, want in (("mu", g["mu"]), ("var", g["shell_var"]), ("sqrt_trace", g["sqrt_trace"])):
+            np.testing.assert_allclose(r["thin_shell"][k], want, rtol=1e-7)
+        np.testing.assert_allclose(np.array(r["off_diagonal_dominance"]["values"], float), g["odd"], rtol=1e-7)
+        c = g["conformity"]
         s = r["conformity"]["summary"]
         np.testing.assert_allclose([s["mean"], s["std"], s["min"], s["median"], s["max"]],
                                    [c.mean(), c.std(), c.min(), np.median(c), c.max()], rtol=1e-9, atol=1e-12)
@@ -65,7 +91,7 @@ def test_streamed_geometry_equals_numpy(size):
     I, T = synthetic()
     res = compute_geometry(chunks(I, T, size))
     check_against_numpy(res, I, T)
-    sep = scores.separability(I, T)
+    sep = numpy_separability(I, T)
     top = [t["feature"] for t in res["separability"]["top"]]
     assert top == list(np.argsort(-sep, kind="stable")[:10])
     assert res["separator"]["features"] == top[:2]
@@ -90,6 +116,7 @@ def test_logistic_separator():
     assert abs(s2["intercept"] / s2["coef"][0]) < 0.2 and abs(s2["coef"][1]) < 0.3 * abs(s2["coef"][0])
 
 
+@pytest.mark.browser
 def test_report_on_demo_store(demo_store, tmp_path):
     out = tmp_path / "geo"
     res = geometry_report(demo_store, output=out)
@@ -134,12 +161,18 @@ def test_vslerp_sql(demo_store):
     state = st.stats(st.model())
     m_i, m_t = state.moments[("image", "raw")].mean, state.moments[("text", "raw")].mean
     d = st.model().dim
+
+    def vslerp(a, b, theta, alpha, m):
+        """SLERP(a − αm, b − αm, θ) + αm (the rows here are far from parallel: the plain formula)."""
+        p, q = a - alpha * m, b - alpha * m
+        omega = np.arccos(p @ q / np.sqrt((p @ p) * (q @ q)))
+        return (np.sin((1 - theta) * omega) * p + np.sin(theta * omega) * q) / np.sin(omega) + alpha * m
     for ai, bi, at, bt, th, vi, vt, vx, ty, vnull, v0, v1 in rows:
         ai, bi, at, bt = (np.array(v, dtype=np.float64) for v in (ai, bi, at, bt))
         assert ty == f"FLOAT[{d}]" and vnull is None
-        np.testing.assert_allclose(vi, scores.vslerp(ai, bi, th, 0.7, m_i), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(vt, scores.vslerp(at, bt, 0.25, 1.0, m_t), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(vx, scores.vslerp(ai, bi, 0.5, 1.0, m_t), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(vi, vslerp(ai, bi, th, 0.7, m_i), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(vt, vslerp(at, bt, 0.25, 1.0, m_t), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(vx, vslerp(ai, bi, 0.5, 1.0, m_t), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(v0, ai, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(v1, bi, rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match="modality must be"):

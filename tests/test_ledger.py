@@ -1,9 +1,8 @@
 """The commit ledger: commits decoupled from batches, exact recovery after kills at every
-commit boundary, unit skipping without reads, id checks without a set of the store, optimize."""
+commit boundary, unit skipping without reads, id checks without a set of the store, optimize.
+The in-process runs file the pool's vectors under a torch-free fake model (conftest.FakeEncoder,
+512-d), which counts its loads; the killed runs go through the CLI."""
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import lance
 import numpy as np
@@ -11,41 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.ingest.pipeline import ingest
 from clipsql.kernels.moments import RunningMoments
 from clipsql.store.store import Store
 from clipsql.store.writer import CommitPolicy
 
-from test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
-
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]   # precomputed: no weights needed
-D = 512
+from conftest import D, MODEL, FakeEncoder, assert_stats_match_vectors, cli, sample_ids, stored_vectors, write_pool
 
 
-def write_pool(folder: Path, shards: int, rows: int, seed: int = 0, row_group: int = 250) -> None:
-    """A clip-retrieval layout: img_emb/*.npy, text_emb/*.npy, metadata/*.parquet (with row groups)."""
-    rng = np.random.default_rng(seed)
-    for sub in ("img_emb", "text_emb", "metadata"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        base = rng.normal(size=(rows, D)).astype(np.float32)
-        np.save(folder / "img_emb" / f"img_emb_{s}.npy", base + 0.3 * rng.normal(size=(rows, D)).astype(np.float32))
-        np.save(folder / "text_emb" / f"text_emb_{s}.npy", base + 0.3 * rng.normal(size=(rows, D)).astype(np.float32))
-        keys = [f"{s:03d}{i:06d}" for i in range(rows)]
-        pq.write_table(pa.table({"key": keys, "url": [f"http://x/{k}.jpg" for k in keys],
-                                 "caption": [f"a photo number {k}" for k in keys],
-                                 "width": np.arange(rows, dtype=np.int64)}),
-                       folder / "metadata" / f"metadata_{s}.parquet", row_group_size=row_group)
-
-
-def cli(*args, env=None, check=True):
-    e = dict(os.environ, **(env or {}))
-    p = subprocess.run([sys.executable, "-m", "clipsql", *args], cwd=ROOT, capture_output=True, env=e,
-                       timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr.decode()[-2000:]
-    return p
+@pytest.fixture
+def fake(tmp_path_factory):
+    """A fake model of the pool's dimension (512)."""
+    return FakeEncoder(tmp_path_factory.mktemp("fake") / "fake-512", dim=D)
 
 
 @pytest.fixture(scope="module")
@@ -129,44 +105,45 @@ def test_kill_during_one_large_commit_leaves_nothing_visible(pool, tmp_path, ref
     assert_same_store(Store.open(st.path), reference)
 
 
-def test_rerun_skips_units_without_reading_or_loading_the_model(pool, tmp_path, monkeypatch):
-    st = Store.init(tmp_path / "s")
-    opts = IngestOptions(progress=False, id_column="key")
-    first = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
-    assert first.added == 3000
-
-    from clipsql.models import loading as models
+def test_rerun_skips_units_without_reading_or_loading_the_model(pool, tmp_path, monkeypatch, fake):
     from clipsql.ingest import precomputed as pre
+    reads = []
+    real_read = pre.PrecomputedSource.read_columns
 
-    def boom(*a, **k):
-        raise AssertionError("a no-op re-run must not load weights or read units")
-    monkeypatch.setattr(models, "load", boom)
-    monkeypatch.setattr(pre.PrecomputedSource, "read_columns", boom)
-    again = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
+    def counted(self, *a, **k):
+        reads.append(a[0] if a else None)
+        return real_read(self, *a, **k)
+    monkeypatch.setattr(pre.PrecomputedSource, "read_columns", counted)
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key")
+    first = ingest(st, str(pool), model=fake.model, options=opts)
+    assert first.added == 3000 and fake.loads == 1 and len(reads) == 12
+    again = ingest(st, str(pool), model=fake.model, options=opts)
     assert again.added == 0 and again.skipped == 3000 and again.units_skipped == 12 and again.commits == 0
+    assert fake.loads == 1 and len(reads) == 12          # a no-op re-run loads no model and reads no unit
 
 
-def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path):
+def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path, fake):
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=500)
     st = Store.init(tmp_path / "s")
-    opts = IngestOptions(progress=False, id_column="key")
-    assert ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts).added == 500
+    opts = fake.options(id_column="key")
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 500
     meta = pool / "metadata" / "metadata_0.parquet"
     os.utime(meta, ns=(os.stat(meta).st_atime_ns, os.stat(meta).st_mtime_ns + 10**9))
-    again = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
+    again = ingest(st, str(pool), model=fake.model, options=opts)
     assert again.added == 0 and again.skipped == 500 and again.units_skipped == 0
 
 
-def test_ids_already_stored_are_found_through_the_index(tmp_path, monkeypatch):
+def test_ids_already_stored_are_found_through_the_index(tmp_path, monkeypatch, fake):
     """Another layout of the same rows: every id is found in the store (BTREE index + unindexed scan)."""
     from clipsql.store import maintenance as store_maintenance
     monkeypatch.setattr(store_maintenance, "INDEX_MIN_ROWS", 1000)
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=2000, row_group=500)
     st = Store.init(tmp_path / "s")
-    opts = IngestOptions(progress=False, id_column="key")
-    ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
+    opts = fake.options(id_column="key")
+    ingest(st, str(pool), model=fake.model, options=opts)
     ds = st.embeddings_table(st.model())
     assert [i.field_names for i in ds.describe_indices()] == [["id"]]   # built after the first ingest
     tbl = pq.read_table(pool / "metadata" / "metadata_0.parquet")
@@ -175,36 +152,34 @@ def test_ids_already_stored_are_found_through_the_index(tmp_path, monkeypatch):
     fsl = lambda X: pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), D)  # noqa: E731
     pq.write_table(tbl.append_column("image_embedding", fsl(img)).append_column("text_embedding", fsl(txt)),
                    tmp_path / "same.parquet", row_group_size=700)
-    s = ingest(st, str(tmp_path / "same.parquet"), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=opts)
+    s = ingest(st, str(tmp_path / "same.parquet"), model=fake.model, options=opts)
     assert s.added == 0 and s.skipped == 2000
 
 
-def test_fingerprint_collisions_never_reject_a_row(tmp_path, monkeypatch):
+def test_fingerprint_collisions_never_reject_a_row(tmp_path, monkeypatch, fake):
     from clipsql.ingest import dedup
     monkeypatch.setattr(dedup, "fingerprints", lambda ids: np.zeros(len(ids), dtype=np.uint64))
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=600, row_group=100)
     st = Store.init(tmp_path / "s")
-    s = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
-               options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=250)))
+    s = ingest(st, str(pool), model=fake.model, options=fake.options(id_column="key", policy=CommitPolicy(rows=250)))
     assert s.added == 600 and not s.rejected
 
 
-def test_duplicates_within_a_run_are_rejected_across_commits(tmp_path):
+def test_duplicates_within_a_run_are_rejected_across_commits(tmp_path, fake):
     pool = tmp_path / "pool"
     write_pool(pool, shards=2, rows=300, row_group=100)
     # shard 1 repeats shard 0's keys: each is a duplicate of a row committed earlier in the run
     pq.write_table(pq.read_table(pool / "metadata" / "metadata_0.parquet"), pool / "metadata" / "metadata_1.parquet",
                    row_group_size=100)
     st = Store.init(tmp_path / "s")
-    s = ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
-               options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=150)))
+    s = ingest(st, str(pool), model=fake.model, options=fake.options(id_column="key", policy=CommitPolicy(rows=150)))
     assert s.added == 300 and s.rejected == {"duplicate_id": 300}
 
 
-def test_readers_ignore_lance_versions_the_ledger_has_not_committed(pool, tmp_path):
+def test_readers_ignore_lance_versions_the_ledger_has_not_committed(pool, tmp_path, fake):
     st = Store.init(tmp_path / "s")
-    ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k", options=IngestOptions(progress=False, id_column="key"))
+    ingest(st, str(pool), model=fake.model, options=fake.options(id_column="key"))
     rec = st.model()
     before = st.count_rows(rec)
     ds = lance.dataset(st.table_uri(rec.table_name))
@@ -233,11 +208,11 @@ def test_kill_during_optimize_loses_nothing(pool, tmp_path, reference, point):
     assert_same_store(Store.open(st.path), reference)
 
 
-def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path):
+def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path, fake):
     from clipsql.store.fits import fit_stats
     st = Store.init(tmp_path / "s")
-    ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
-           options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=500), maintain=False))
+    ingest(st, str(pool), model=fake.model,
+           options=fake.options(id_column="key", policy=CommitPolicy(rows=500), maintain=False))
     f = fit_stats(st, reference_size=100)
     from clipsql.store.maintenance import optimize
     optimize(st, retention_hours=0)
@@ -246,10 +221,10 @@ def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path):
     assert f"fit-{f['fit_id']}" in ds.tags.list()
 
 
-def test_query_during_optimize_reads_its_snapshot(pool, tmp_path):
+def test_query_during_optimize_reads_its_snapshot(pool, tmp_path, fake):
     st = Store.init(tmp_path / "s")
-    ingest(st, str(pool), model="ViT-B-32", pretrained="laion2b_s34b_b79k",
-           options=IngestOptions(progress=False, id_column="key", policy=CommitPolicy(rows=300), maintain=False))
+    ingest(st, str(pool), model=fake.model,
+           options=fake.options(id_column="key", policy=CommitPolicy(rows=300), maintain=False))
     from clipsql.queries.sql.db import connect
     con = connect(st)
     expected = con.sql("SELECT count(*), sum(hash(id)) FROM embeddings").fetchall()

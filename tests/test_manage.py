@@ -11,8 +11,7 @@ import pytest
 
 from clipsql.store.store import Store
 
-from test_ingest import assert_stats_match_vectors, sample_ids, stored_vectors
-from test_ledger import MODEL, cli, write_pool
+from conftest import MODEL, assert_stats_match_vectors, cli, sample_ids, stored_vectors, write_image_folder, write_pool
 
 OTHER = ["--model", "ViT-B-32", "--pretrained", "openai"]
 A = "ViT-B-32/laion2b_s34b_b79k"
@@ -141,7 +140,6 @@ def write_csv(path, captions, extra=None):
 
 def write_folder_csv(folder, captions, meta=None):
     """A csv of images (the conftest tiny PNGs) with a stable key column."""
-    from conftest import write_image_folder
     imgs = write_image_folder(folder / "imgs", len(captions))
     files = sorted(p.name for p in imgs.glob("*.png"))
     cols = {"key": [f"k{i}" for i in range(len(captions))], "image": [str(imgs / f) for f in files],

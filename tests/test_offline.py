@@ -1,19 +1,17 @@
 """Offline and the model hub (issue 10.8): hub weights that are neither cached nor reachable fail
-in seconds with one line saying how to provide them for that command; cached weights load
-without network calls when the hub is unreachable. Nothing here touches the network."""
+at once (no retries) with one line saying how to provide them for that command; cached weights
+load without network calls when the hub is unreachable. Nothing here touches the network. (No
+test times the failure: the hub is asked once, and "Retrying" never appears.)"""
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from clipsql.store.store import Store
 
-from test_ledger import MODEL, cli, write_pool
+from conftest import MODEL, ROOT, cli, write_pool
 
-ROOT = Path(__file__).resolve().parents[1]
 CLOSED = "http://127.0.0.1:9"     # the discard port: connection refused at once
 
 
@@ -21,12 +19,9 @@ CLOSED = "http://127.0.0.1:9"     # the discard port: connection refused at once
                          ids=["offline-flag", "unreachable"])
 def test_ingest_with_uncached_hub_weights_fails_fast_in_one_line(tmp_path, image_folder, env):
     st = Store.init(tmp_path / "s")
-    t0 = time.monotonic()
     p = cli("ingest", str(st.path), str(image_folder), *MODEL, "--no-progress", env=env, check=False)
-    took = time.monotonic() - t0
     err = p.stderr.decode()
     assert p.returncode == 1, err
-    assert took < 30
     lines = [x for x in err.splitlines() if x.strip()]
     assert len(lines) == 1, err
     assert "not cached on this machine" in err and "--checkpoint FILE" in err and "local-dir:" in err
@@ -38,13 +33,13 @@ def test_query_prompt_of_an_uncached_hub_model_says_how_in_one_line(tmp_path):
     write_pool(pool, shards=1, rows=50)
     st = Store.init(tmp_path / "s")
     cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
-    t0 = time.monotonic()
     p = cli("query", str(st.path), "SELECT text_embedding('a dog') AS v", env={"HF_ENDPOINT": CLOSED,
                                                                              "HF_HUB_OFFLINE": ""}, check=False)
     err = p.stderr.decode()
-    assert p.returncode == 1 and time.monotonic() - t0 < 30, err
+    assert p.returncode == 1, err
     assert len([x for x in err.splitlines() if x.strip()]) == 1, err
-    assert "Hugging Face cache" in err and "--checkpoint" not in err and "Traceback" not in err
+    assert "Hugging Face cache" in err and "--checkpoint" not in err and "Retrying" not in err
+    assert "Traceback" not in err
 
 
 def test_cached_weights_load_without_the_network(tmp_path):

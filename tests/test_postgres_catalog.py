@@ -2,7 +2,6 @@
 team set-up: a throwaway server (tests/pg.py) and the same data in a SQLite-catalog
 store side by side: every number — running statistics, fits, scores, selections —
 must be the same whichever database holds the catalog."""
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -17,21 +16,9 @@ from clipsql.queries.curation.targets import add_target
 from clipsql.store import catalog as cat
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store.store import Store
-import pg
 
+pytestmark = pytest.mark.postgres
 D = 16
-
-
-@pytest.fixture(scope="module")
-def server():
-    reason = pg.why_unavailable()
-    if reason:
-        if os.environ.get("CLIPSQL_REQUIRE_POSTGRES"):      # .ci/run sets it: never skipped in CI
-            pytest.fail(f"PostgreSQL catalog tests cannot run: {reason}")
-        pytest.skip(reason)
-    srv = pg.PostgresServer().start()
-    yield srv
-    srv.stop()
 
 
 def embeddings_parquet(path, n=400, seed=11):
@@ -56,10 +43,10 @@ def fetch(st, sql):
         con.close()
 
 
-def test_a_postgres_catalog_gives_the_same_numbers_as_sqlite(tmp_path, server, tiny_model):
+def test_a_postgres_catalog_gives_the_same_numbers_as_sqlite(tmp_path, pg_server, tiny_model):
     img, txt = embeddings_parquet(tmp_path / "emb.parquet")
     opts = IngestOptions(batch_size=64, workers=0, progress=False, id_column="id")
-    url = server.new_database()
+    url = pg_server.new_database()
     stores = {"postgres": Store.init(tmp_path / "pg", catalog_url=url), "sqlite": Store.init(tmp_path / "lite")}
     assert stores["postgres"].engine.dialect.name == "postgresql"
     assert cat.schema_version(stores["postgres"].engine) == cat.SCHEMA_VERSION
@@ -100,10 +87,10 @@ def test_a_postgres_catalog_gives_the_same_numbers_as_sqlite(tmp_path, server, t
     assert (tmp_path / "postgres.csv").read_text() == (tmp_path / "sqlite.csv").read_text()
 
 
-def test_images_and_rejects_through_a_postgres_catalog(tmp_path, server, tiny_model, image_folder):
+def test_images_and_rejects_through_a_postgres_catalog(tmp_path, pg_server, tiny_model, image_folder):
     (image_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (image_folder / "broken.txt").write_text("a broken image")
-    st = Store.init(tmp_path / "pg", catalog_url=server.new_database())
+    st = Store.init(tmp_path / "pg", catalog_url=pg_server.new_database())
     s = ingest(st, str(image_folder), model=tiny_model, options=IngestOptions(batch_size=8, progress=False))
     assert s.added == 40 and sum(s.rejected.values()) == 1
     rows = fetch(st, "SELECT location, reason FROM rejects")

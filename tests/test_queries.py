@@ -1,5 +1,6 @@
-"""The SQL layer: every function through DuckDB equals the pure numpy path (which
-tests/test_scores.py checks against brute force), plus fits, views and errors."""
+"""The SQL layer: every score function through DuckDB equals plain numpy written here from the
+definitions (sharing no code with queries.kernels.scores: from the fit only its reference rows and
+scale are taken), plus fits, views and errors."""
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -7,7 +8,6 @@ import pytest
 
 from clipsql import queries
 from clipsql.ingest.pipeline import IngestOptions, ingest
-from clipsql.kernels import scores
 from clipsql.queries.sql.cli_query import run_query
 from clipsql.store.fits import fit_stats, load_fit
 from clipsql.errors import QueryError, StatsError
@@ -16,15 +16,9 @@ from clipsql.queries.sql.functions import udf_error
 from clipsql.store.store import Store
 
 FAST = IngestOptions(batch_size=64, workers=0, progress=False)
+from conftest import clip_like
+
 D = 16
-
-
-def clip_like(n, rng, d=D):
-    """Paired image/text vectors with CLIP-like geometry: offset modality means, anisotropic spread."""
-    shared = rng.normal(size=(n, d)) * np.linspace(1.5, 0.2, d)
-    img = 2.0 * np.eye(d)[0] + shared + 0.3 * rng.normal(size=(n, d))
-    txt = -2.0 * np.eye(d)[1] + shared + 0.3 * rng.normal(size=(n, d))
-    return (img * 3).astype(np.float32), (txt * 5).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -55,30 +49,100 @@ def stored(st):
     return tbl.column("id").to_pylist(), to_numpy(tbl.column("image_embedding")), to_numpy(tbl.column("text_embedding"))
 
 
-def test_every_sql_function_equals_the_numpy_path(scored_store):
+def unit(X):
+    X = np.asarray(X, dtype=np.float64)
+    return X / np.sqrt((X * X).sum(axis=1))[:, None]
+
+
+def log_posterior(Qh, R, a, b, kind):
+    """§1: log π_j(q) over the reference rows R (CLIP: softmax of a·cos; SigLIP: σ(a·cos + b) normalised)."""
+    L = a * Qh @ R.T
+    if kind == "clip":
+        Z = L - L.max(axis=1, keepdims=True)
+        return Z - np.log(np.exp(Z).sum(axis=1, keepdims=True))
+    logw = -np.logaddexp(0.0, -(L + b))
+    m = logw.max(axis=1, keepdims=True)
+    return logw - (m + np.log(np.exp(logw - m).sum(axis=1, keepdims=True)))
+
+
+def numpy_fit(f):
+    """§1–2 from the fit's reference rows, scale and kind alone: the posterior-mean priors, the
+    modality means ū and the metrics G (the other modality's covariance under the prior; SigLIP
+    scales each row by 1 − σ(a⟨ū, ·⟩ + b), ū the mean of the modality being scored)."""
+    assert f.prior == "posterior-mean"
+    Xh, Yh = unit(f.X_ref), unit(f.Y_ref)
+    prior_t = np.exp(log_posterior(Xh, Yh, f.a, f.b, f.kind)).mean(axis=0)
+    prior_i = np.exp(log_posterior(Yh, Xh, f.a, f.b, f.kind)).mean(axis=0)
+    u_i, u_t = prior_i @ Xh, prior_t @ Yh
+
+    def metric(R, u, prior):
+        if f.kind == "siglip":
+            R = (1.0 - 1.0 / (1.0 + np.exp(-(f.a * R @ u + f.b))))[:, None] * R
+        Z = R - prior @ R
+        return (prior[:, None] * Z).T @ Z
+    return {"image": (Yh, prior_t, u_i, metric(Yh, u_i, prior_t)),
+            "text": (Xh, prior_i, u_t, metric(Xh, u_t, prior_i))}
+
+
+def numpy_info_gain(Q, f, modality, reverse=False, ref=None):
+    """KL(π(q) ‖ prior) (reverse: KL(prior ‖ π(q))); a row with ref[i] = j ≥ 0 is reference row j
+    and leaves its own pair out: posterior over the other M − 1 rows, prior restricted to them and
+    renormalized (§1)."""
+    R, prior = numpy_fit(f)[modality][:2]
+    Qh = unit(Q)
+    L = f.a * Qh @ R.T
+    logw = L if f.kind == "clip" else -np.logaddexp(0.0, -(L + f.b))
+    logp = np.broadcast_to(np.log(prior), logw.shape).copy()
+    if ref is not None:
+        rows = np.flatnonzero(np.asarray(ref) >= 0)
+        logw[rows, np.asarray(ref)[rows]] = -np.inf
+        logp[rows, np.asarray(ref)[rows]] = -np.inf
+
+    def log_normalize(Z):
+        m = Z.max(axis=1, keepdims=True)
+        return Z - (m + np.log(np.exp(Z - m).sum(axis=1, keepdims=True)))
+
+    lp, lq = log_normalize(logw), log_normalize(logp)
+    keep = np.isfinite(lp)
+    if reverse:
+        return np.where(keep, np.exp(lq) * (lq - np.where(keep, lp, 0.0)), 0.0).sum(axis=1)
+    return np.where(keep, np.exp(lp) * (np.where(keep, lp, 0.0) - np.where(keep, lq, 0.0)), 0.0).sum(axis=1)
+
+
+def numpy_info_gain_approx(Q, f, modality):
+    """½ a² (q̂ − ū)ᵀ G (q̂ − ū)."""
+    _, _, u, G = numpy_fit(f)[modality]
+    Z = unit(Q) - u
+    return 0.5 * f.a ** 2 * np.einsum("ij,jk,ik->i", Z, G, Z)
+
+
+def test_every_sql_function_equals_numpy_from_the_definitions(scored_store):
     st = scored_store
     ids, X, Y = stored(st)
     f, row = load_fit(st, st.model())
-    state = st.stats(st.model())
+    fit = numpy_fit(f)
+    Xh, Yh = unit(X), unit(Y)
+    n = len(X)
     # a reference row (its id among the fit's ref_ids) leaves its own pair out (docs/science.md §1)
     where = {r: j for j, r in enumerate(row["arrays"]["ref_ids"].tolist())}
     ref = np.array([where.get(i, -1) for i in ids])
     assert (ref >= 0).sum() == 250
     expected = {
-        "image_info_gain": scores.info_gain(X, f, "image", ref_index=ref),
-        "text_info_gain": scores.info_gain(Y, f, "text", ref_index=ref),
-        "image_info_gain_reverse": scores.info_gain(X, f, "image", reverse=True, ref_index=ref),
-        "text_info_gain_reverse": scores.info_gain(Y, f, "text", reverse=True, ref_index=ref),
-        "image_info_gain_approx": scores.info_gain_approx(X, f, "image"),
-        "text_info_gain_approx": scores.info_gain_approx(Y, f, "text"),
-        "image_centered_norm": scores.centered_norm(X, f, "image"),
-        "text_centered_norm": scores.centered_norm(Y, f, "text"),
-        "image_raw_norm": scores.raw_norm(X), "text_raw_norm": scores.raw_norm(Y),
-        "image_conformity": scores.conformity(X, state.moments[("image", "normalized")].sum, 600),
-        "text_conformity": scores.conformity(Y, state.moments[("text", "normalized")].sum, 600),
-        "image_conformity_estimate": scores.conformity_estimate(X, state.moments[("image", "normalized")].mean),
-        "text_conformity_estimate": scores.conformity_estimate(Y, state.moments[("text", "normalized")].mean),
-        "clip_score": scores.clip_score(X, Y),
+        "image_info_gain": numpy_info_gain(X, f, "image", ref=ref),
+        "text_info_gain": numpy_info_gain(Y, f, "text", ref=ref),
+        "image_info_gain_reverse": numpy_info_gain(X, f, "image", reverse=True, ref=ref),
+        "text_info_gain_reverse": numpy_info_gain(Y, f, "text", reverse=True, ref=ref),
+        "image_info_gain_approx": numpy_info_gain_approx(X, f, "image"),
+        "text_info_gain_approx": numpy_info_gain_approx(Y, f, "text"),
+        "image_centered_norm": f.a ** 2 * ((Xh - fit["image"][2]) ** 2).sum(axis=1),
+        "text_centered_norm": f.a ** 2 * ((Yh - fit["text"][2]) ** 2).sum(axis=1),
+        "image_raw_norm": (X.astype(np.float64) ** 2).sum(axis=1), "text_raw_norm": (Y.astype(np.float64) ** 2).sum(axis=1),
+        # §3: the mean cosine to the other rows of the store, and its estimate (cosine to the mean direction)
+        "image_conformity": (Xh @ Xh.sum(axis=0) - 1) / (n - 1),
+        "text_conformity": (Yh @ Yh.sum(axis=0) - 1) / (n - 1),
+        "image_conformity_estimate": Xh @ unit(Xh.mean(axis=0)[None])[0],
+        "text_conformity_estimate": Yh @ unit(Yh.mean(axis=0)[None])[0],
+        "clip_score": (Xh * Yh).sum(axis=1),
     }
     con = queries.connect(st)
     cols = ", ".join(expected)
@@ -433,8 +497,8 @@ def test_two_models_never_score_with_the_wrong_fit(tmp_path, tiny_model, tiny_si
         f, row = load_fit(st, m)
         where = {r: j for j, r in enumerate(row["arrays"]["ref_ids"].tolist())}
         ref = np.array([where.get(i, -1) for i in tbl.column("id").to_pylist()])     # own pairs out (§1)
-        want_ig = scores.info_gain(to_numpy(tbl.column("image_embedding")), f, "image", ref_index=ref)
-        want_ap = scores.info_gain_approx(to_numpy(tbl.column("text_embedding")), f, "text")
+        want_ig = numpy_info_gain(to_numpy(tbl.column("image_embedding")), f, "image", ref=ref)
+        want_ap = numpy_info_gain_approx(to_numpy(tbl.column("text_embedding")), f, "text")
         got = [r for r in rows if r[0] == m.model_id]
         np.testing.assert_allclose([r[2] for r in got], want_ig, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose([r[3] for r in got], want_ap, rtol=1e-6, atol=1e-9)

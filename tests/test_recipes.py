@@ -16,7 +16,7 @@ from clipsql.errors import ClipsqlError, SelectionError
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store.store import Store
 
-from test_queries import clip_like
+from conftest import clip_like
 
 N = 360
 
@@ -173,9 +173,11 @@ def test_where_on_semantic_dedup_then_kl_guided(tmp_path, tiny_model):
 
 # --------------------------------------------------------------------------- datacomp-uids
 def test_datacomp_uids_output_round_trips_through_the_resharders_reading(pool_store, tmp_path):
-    from clipsql.queries.curation.datacomp import load_subset
+    """Read as DataComp's resharder reads it (written here: np.load of a .npy whose dtype must be
+    u8,u8), not through clipsql's own reader."""
     side = select(pool_store, recipe="clip-score", output=tmp_path / "uids.npy")
-    arr = load_subset(tmp_path / "uids.npy")
+    assert (tmp_path / "uids.npy").read_bytes()[:6] == b"\x93NUMPY"
+    arr = np.load(tmp_path / "uids.npy")
     assert arr.dtype == np.dtype("u8,u8") and side["format"] == "datacomp-uids"
     assert (np.sort(arr) == arr).all() and len(arr) == side["counts"]["selected"] == 108
     select(pool_store, recipe="clip-score", output=tmp_path / "same.txt")

@@ -10,19 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
 from clipsql.errors import StoreLocked
 from clipsql.store.store import Store
-import pg
 
-from conftest import write_image_folder
-from test_ingest import assert_stats_match_vectors
-from test_ledger import MODEL, cli, write_pool
+from conftest import MODEL, assert_stats_match_vectors, cli, wait_for, write_image_folder, write_pool
 
+pytestmark = [pytest.mark.s3, pytest.mark.postgres]
 BUCKET = "clipsql-test"
 
 
@@ -50,32 +47,30 @@ def s3():
            "AWS_EC2_METADATA_DISABLED": "true"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    for _ in range(100):
+
+    def bucket_created() -> bool:
+        assert proc.poll() is None, "moto_server exited"
         try:
             boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-            break
+            return True
         except Exception:  # noqa: BLE001 - the server is starting
-            time.sleep(0.1)
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=30)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+            return False
+    try:
+        wait_for(bucket_created, "moto_server to serve", deadline=120, every=0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    reason = pg.why_unavailable()
-    if reason:
-        if os.environ.get("CLIPSQL_REQUIRE_POSTGRES"):
-            pytest.fail(f"PostgreSQL catalog tests cannot run: {reason}")
-        pytest.skip(reason)
-    srv = pg.PostgresServer().start()
-    yield srv
-    srv.stop()
+def lease_expiry(st):
+    with st.engine.connect() as conn:
+        return conn.execute(sa.select(cat.leases.c.expires_at).where(cat.leases.c.name == "writer")).scalar()
 
 
 def test_a_store_on_s3_with_a_postgres_catalog_end_to_end(s3, pg_server, tmp_path, tiny_model):
@@ -121,25 +116,28 @@ def test_the_writer_lease_refuses_a_second_writer_and_lapses(s3, pg_server, tmp_
                 pass
         p = cli("optimize", uri, check=False)
         assert p.returncode == 1 and "being written by" in p.stderr.decode()
-        time.sleep(4)                   # the heartbeat keeps a live lease alive past its TTL
+        first = lease_expiry(st)        # the heartbeat keeps a live lease alive past its first expiry
+        wait_for(lambda: time.time() > first and lease_expiry(st) > first, "the lease's first expiry to pass")
         with pytest.raises(StoreLocked):
             with Store.open(uri).lock():
                 pass
     with Store.open(uri).lock():        # released
         pass
+    expires = time.time() + 2
     with st.engine.begin() as conn:     # a dead holder's lease (never renewed) lapses
-        conn.execute(cat.leases.insert().values(name="writer", holder="pid 1 on gone", expires_at=time.time() + 2))
+        conn.execute(cat.leases.insert().values(name="writer", holder="pid 1 on gone", expires_at=expires))
     with pytest.raises(StoreLocked, match="pid 1 on gone"):
         with st.lock():
             pass
-    time.sleep(2.5)
+    wait_for(lambda: time.time() > expires, "the dead holder's lease to expire")
     with st.lock():
         pass
 
 
-def test_ray_ingest_and_scores_into_an_s3_store(s3, pg_server, tmp_path):
-    """--engine ray against a store on object storage: the command's own local Ray, whose workers
-    reach the bucket with the same AWS environment."""
+@pytest.mark.ray
+def test_ray_ingest_and_scores_into_an_s3_store(s3, pg_server, ray_tmpdir, tmp_path):
+    """--engine ray against a store on object storage: the command's own local Ray (in the
+    session's fresh RAY_TMPDIR), whose workers reach the bucket with the same AWS environment."""
     uri = f"s3://{BUCKET}/stores/ray"
     cli("init", uri, "--catalog", pg_server.new_database())
     pool = tmp_path / "pool"

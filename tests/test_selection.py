@@ -11,7 +11,6 @@ import sqlalchemy as sa
 
 from clipsql import queries
 from clipsql.ingest.pipeline import IngestOptions, ingest
-from clipsql.kernels import scores
 from clipsql.store.fits import fit_stats
 from clipsql.queries.sql.materialize import materialize_scores
 from clipsql.queries.curation.selection import count_for, rank, select
@@ -22,7 +21,7 @@ from clipsql.errors import ClipsqlError, SelectionError, StatsError, TargetError
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store.store import Store
 
-from test_queries import clip_like
+from conftest import clip_like
 
 D = 16
 N = 400
@@ -80,6 +79,43 @@ def reference(st):
 def bf_neg_clip(f, g, Fb, Gb, tau=TAU):
     """cos(f,g) − (τ/2)[LSE_j(⟨f,g_j⟩/τ) + LSE_j(⟨f_j,g⟩/τ)], j over the batch (which holds the pair)."""
     return f @ g - tau / 2 * (lse(Gb @ f / tau) + lse(Fb @ g / tau))
+
+
+def bf_norm_sim_d(X, keep_fraction, steps):
+    """NormSim-D (§6) from its definition: starting from every row, `steps` times keep the
+    round(f^(s/steps)·n) rows of largest Σ_t ⟨t̂, x̂⟩² over the kept set (ties: the earlier row);
+    a row's score is sqrt(Σ_t ⟨t̂, x̂⟩²) over the final set."""
+    U = unit(X)
+    sq = (U @ U.T) ** 2
+    kept = np.arange(len(U))
+    for s in range(1, steps + 1):
+        count = max(1, int(np.floor(keep_fraction ** (s / steps) * len(U) + 0.5)))
+        score = sq[np.ix_(kept, kept)].sum(axis=0)
+        kept = np.sort(kept[np.lexsort((kept, -score))[:count]])
+    return np.sqrt(sq[kept].sum(axis=0))
+
+
+def bf_neg_clip_pool(F, G, tau, batch_size, k, seed):
+    """negCLIPLoss, pool form (§5), its documented contract: K partitions, each a permutation of
+    the rows (numpy default_rng(seed), one permutation per partition) cut into batches of exactly
+    |B| (the rest sit that partition out); a row's score is the mean over its batches of
+    cos(f, g) − (τ/2)[LSE_j ⟨f, g_j⟩/τ + LSE_j ⟨f_j, g⟩/τ]; NaN for a row never batched."""
+    Fh, Gh = unit(F), unit(G)
+    rng = np.random.default_rng(seed)
+    sums, counts = np.zeros(len(F)), np.zeros(len(F))
+
+    def lse(Z, axis):
+        m = Z.max(axis=axis, keepdims=True)
+        return (m + np.log(np.exp(Z - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+    for _ in range(k):
+        perm = rng.permutation(len(F))
+        for start in range(0, len(F) - batch_size + 1, batch_size):
+            b = perm[start:start + batch_size]
+            L = Fh[b] @ Gh[b].T / tau
+            sums[b] += tau * np.diag(L) - tau / 2 * (lse(L, 1) + lse(L, 0))
+            counts[b] += 1
+    with np.errstate(invalid="ignore"):
+        return sums / counts
 
 
 def batch_with(i_pos, f, g, Xr, Yr, idx):
@@ -154,15 +190,15 @@ def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
     F, G = unit(X), unit(Y)
     want = [bf_neg_clip(F[i], G[i], F, G) for i in range(N)]          # one batch = the whole pool
     np.testing.assert_allclose(got[:, 0], want, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(got[:, 1], scores.norm_sim_d(X, keep_fraction=0.2, steps=5), rtol=1e-12)
+    np.testing.assert_allclose(got[:, 1], bf_norm_sim_d(X, keep_fraction=0.2, steps=5), rtol=1e-9)
     # batches of exactly |B|: 400 // 150 = 2 per partition, 100 rows sit each partition out
     res = materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=150, seed=9)
     p = res["params"]["neg_clip_loss_pool"]
     assert p["batches_per_partition"] == 2 and p["seed"] == 9 and p["k"] == 10
     got = np.array([r[0] for r in fetch(queries.connect(sel_store),
                                         "SELECT neg_clip_loss_pool FROM stored_scores ORDER BY id")], dtype=float)
-    want = scores.neg_clip_loss_pool(X, Y, tau=TAU, batch_size=150, k=10, seed=9)
-    np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+    want = bf_neg_clip_pool(X, Y, tau=TAU, batch_size=150, k=10, seed=9)
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, equal_nan=True)
     assert int(np.isnan(got).sum()) == p["rows_never_batched"]
     meta = json.loads(sel_store.db.open_table("scores_" + sel_store.model().table_name).schema.metadata[b"clipsql"])
     assert meta["neg_clip_loss_pool"]["batch_size"] == 150
@@ -648,7 +684,7 @@ def test_select_limit_beyond_the_pool_warns_and_outputs_are_atomic(sel_store, tm
     """Issue 10.12 (a --limit larger than the pool says so) and 11.5 (a killed select leaves the
     previous output and sidecar, whole; the sidecar names the output's sha256)."""
     import hashlib
-    from test_ledger import cli
+    from conftest import cli
     out = tmp_path / "sel.csv"
     pool = sel_store.count_rows(sel_store.model())
     p = cli("select", str(sel_store.path), "--sql", "SELECT id FROM embeddings", "--limit", str(pool + 50),

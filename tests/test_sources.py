@@ -483,24 +483,24 @@ def test_kind_forces_layout(tmp_path):
     assert open_source(tmp_path, kind="webdataset").kind == "webdataset"
 
 
-def test_rejects_are_recorded_once_however_the_source_is_named(tmp_path, tiny_model, monkeypatch):
+def test_rejects_are_recorded_once_however_the_source_is_named(tmp_path, fake_encoder, monkeypatch):
     """Issue 10.3: `data/photos` and its absolute path with a trailing slash recorded every reject twice;
     webdataset shards given as a file, a directory, a brace pattern and a glob, four times."""
     import tarfile
 
-    from clipsql.ingest.pipeline import IngestOptions, ingest
+    from clipsql.ingest.pipeline import ingest
     from clipsql.queries.sql.db import connect
     from clipsql.store.store import Store
 
     from conftest import write_image_folder
-    opts = IngestOptions(batch_size=8, workers=0, progress=False)
+    opts, model = fake_encoder.options(batch_size=8), fake_encoder.model
     st = Store.init(tmp_path / "s")
     data = write_image_folder(tmp_path / "data" / "photos", 3)
     (data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     (data / "broken.txt").write_text("a broken image")
     monkeypatch.chdir(tmp_path)
-    ingest(st, "data/photos", model=tiny_model, options=opts)
-    ingest(st, str(data) + "/", model=tiny_model, options=opts)
+    ingest(st, "data/photos", model=model, options=opts)
+    ingest(st, str(data) + "/", model=model, options=opts)
     shards = tmp_path / "shards"
     shards.mkdir()
     for k in range(2):
@@ -512,7 +512,7 @@ def test_rejects_are_recorded_once_however_the_source_is_named(tmp_path, tiny_mo
                 tar.addfile(info, io.BytesIO(payload))
     for spec in (str(shards / "shard-00000.tar"), str(shards), str(shards / "shard-{00000..00001}.tar"),
                  str(shards / "*.tar")):
-        ingest(st, spec, model=tiny_model, options=opts)
+        ingest(st, spec, model=model, options=opts)
     rows = connect(st).sql("SELECT source, location, reason FROM rejects ORDER BY location").fetchall()
     assert rows == [(str(data.resolve()), "broken.png", "corrupt_image"),
                     (str(shards.resolve()), "shard-00000.tar:s0", "not_an_image"),

@@ -48,7 +48,7 @@ def test_wheel_holds_one_namespace(wheel):
         assert must in names, must
     assert not [n for n in names if n.startswith(("clipsql/tests/", "clipsql/bench/", "clipsql/training/"))]
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "clipsql = clipsql.cli:main" in entry
+    assert "clipsql = clipsql.__main__:main" in entry
 
 
 def test_installed_wheel_runs_the_demo_and_a_score_query(wheel, tmp_path):
