@@ -28,6 +28,7 @@ from typing import Any, Callable
 import sqlalchemy as sa
 
 from clipsql.errors import QueryError, ServeError
+from clipsql.lazy import duckdb, threadpoolctl
 from clipsql.queries.sql.cli_query import clean_error
 from clipsql.queries.sql.db import connect, open_store
 from clipsql.store import catalog as cat
@@ -58,7 +59,6 @@ def error_message(e: BaseException, con: Any = None) -> str:
 def check_read_only(con: Any, sql: str) -> None:
     """Refuse anything but one query (parsed by DuckDB, not by pattern): COPY, ATTACH, SET,
     CREATE, INSERT, PRAGMA, transactions… are refused with one line."""
-    import duckdb
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as e:
@@ -75,7 +75,6 @@ def check_read_only(con: Any, sql: str) -> None:
 
 
 def parameter_count(con: Any, sql: str) -> int:
-    import duckdb
     try:
         return len(con.extract_statements(sql)[0].named_parameters)
     except (duckdb.Error, IndexError):
@@ -249,7 +248,7 @@ def pin_blas() -> None:
     and concurrent requests add more; a multi-threaded BLAS under each oversubscribes the cores.
     (The pin is process-global, so the server sets it once instead of around each query.)"""
     try:
-        from threadpoolctl import threadpool_limits
+        threadpool_limits = threadpoolctl.threadpool_limits
     except ImportError:
         return
     threadpool_limits(limits=1, user_api="blas")

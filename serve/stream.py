@@ -17,7 +17,10 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import pyarrow as pa
+
 from clipsql.errors import QueryCancelled, QueryError
+from clipsql.lazy import duckdb
 from clipsql.serve.sessions import ReadOnlyRefused, error_message
 
 
@@ -131,8 +134,6 @@ class RunningQuery:
             self._in_duckdb = False
 
     def _run(self) -> None:
-        import duckdb
-        import pyarrow as pa
         con = self.lease.con
         reader = rel = None
         reusable = False        # the connection may serve another request (not after the unexpected)
