@@ -20,6 +20,7 @@ from clipsql.store import catalog as cat
 from clipsql.errors import ClipsqlError, SelectionError, StatsError, TargetError
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store.store import Store
+from clipsql.store.writer import write_batch
 
 from conftest import clip_like
 
@@ -466,7 +467,7 @@ def scale100_store(path, img, txt, ids):
     st = Store.init(path)
     rec = st.register_model(model_id="clip-a100", kind="clip", dim=img.shape[1], logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={})
-    st.write_batch(rec, samples=None, ids=list(ids), image=img, text=txt, run_id=st.start_run(rec.model_id, "src",
+    write_batch(st, rec, samples=None, ids=list(ids), image=img, text=txt, run_id=st.start_run(rec.model_id, "src",
                    "precomputed"), source="src", rejects=[], meta_types={})
     return st
 
@@ -512,7 +513,7 @@ def test_reference_rows_leave_their_own_pair_out_in_sql_stored_scores_and_kl_gui
                            [ids[i] for i in np.flatnonzero(keep)])
     fit_stats(other, reference_size=n, scale="model", prior="uniform")
     rec = other.model()
-    other.write_batch(rec, samples=None, ids=["new"], image=img[[7]].astype(np.float32),
+    write_batch(other, rec, samples=None, ids=["new"], image=img[[7]].astype(np.float32),
                       text=txt[[7]].astype(np.float32), run_id=other.start_run(rec.model_id, "src", "precomputed"),
                       source="src", rejects=[], meta_types={})
     new = fetch(queries.connect(other), "SELECT text_info_gain, image_info_gain FROM scores WHERE id = 'new'")[0]
@@ -759,7 +760,7 @@ def test_laion_width_and_height_fill_the_samples_columns(laion_store, tmp_path):
 
 
 def test_precomputed_image_size_columns(tmp_path):
-    from clipsql.ingest.sources import open_source
+    from clipsql.ingest.registry import open_source
     img, txt = clip_like(6, np.random.default_rng(1))
     w = pa.array([256, 0, -3, None, 2.5e10, 640.0], pa.float64())
     h = pa.array(["100", "200", "300", "400", "500", "600"], pa.string())
