@@ -23,6 +23,7 @@ from typing import Any
 from clipsql.ingest.dedup import IdChecker
 from clipsql.ingest.pipeline import (IngestOptions, IngestSummary, renamed_metadata, unless_failing, finish_noop,
                              plan_run, register_model)
+from clipsql.store.deletions import merge_days
 from clipsql.store.faults import fault
 from clipsql.store.store import PendingCommit, Store, new_moments
 
@@ -169,6 +170,9 @@ class _Driver:
             self.rejected[reason] += 1
         self.summary.added += r.rows
         self.summary.skipped += r.skipped
+        if r.deleted:
+            self.summary.deleted += r.deleted
+            self.summary.deleted_on = merge_days(self.summary.deleted_on, *r.deleted_on)
         if max(p.rows, p.sample_rows) >= self.opts.policy.rows or \
                 time.monotonic() - self.started >= self.opts.policy.seconds:
             self.commit()

@@ -40,8 +40,10 @@ import numpy as np
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
+from clipsql.store import deletions
 from clipsql.errors import CatalogError, ClipsqlError
 from clipsql.store.location import exists, is_remote, store_path
+from clipsql.store.manage import delete_ids
 from clipsql.store.repair import (describe, first_line, forget_lost, load_ledger, loss_hint, manifest_path,
                                   open_losses, quarantine_after, repair_table, versions_desc)
 from clipsql.store.store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
@@ -492,9 +494,43 @@ def _lock_holder(st: Store) -> str | None:
     return None
 
 
+def _check_deletions(st: Store, report: Report, repair: bool) -> None:
+    """The deletions record: no id it holds may be stored (a repair that rolled a delete back brings
+    deleted rows back: --repair deletes them again, statistics downdated)."""
+    import duckdb
+    ds = deletions.table(st) if "deletions" not in report.unreadable else None
+    if ds is None:
+        return
+    con = duckdb.connect()
+    con.register("d", ds)
+    parts = []
+    samples = st.samples_table() if "samples" not in report.unreadable else None
+    if samples is not None:
+        con.register("s", samples)
+        parts.append("SELECT id FROM s")
+    for i, rec in enumerate(st.list_models()):
+        if rec.table_name not in report.unreadable:
+            con.register(f"e{i}", st.embeddings_table(rec))
+            parts.append(f"SELECT id FROM e{i}")
+    n = con.sql("SELECT count(*) FROM d").fetchall()[0][0]
+    back = con.sql(f"SELECT DISTINCT id FROM ({' UNION ALL '.join(parts)}) SEMI JOIN d USING (id)").arrow() \
+        if parts else None
+    con.close()
+    back = back.read_all() if hasattr(back, "read_all") else back
+    if back is None or back.num_rows == 0:
+        report.add("deletions", "ok", f"{n} deleted ids recorded, none stored")
+        return
+    f = report.add("deletions", "error", f"{back.num_rows} ids recorded as deleted are stored again")
+    if repair:
+        out = delete_ids(st, back.column("id").combine_chunks())
+        f.repaired = (f"deleted them again ({out['samples']} samples, "
+                      + (", ".join(f"{v} from {m}" for m, v in out["rows"].items()) or "no embedding rows") + ")")
+
+
 def _check(st: Store, report: Report, repair: bool) -> None:
     try:
         _check_tables(st, report, repair)
+        _check_deletions(st, report, repair)
         _check_rows(st, report, repair)
         _check_stats(st, report, repair)
         _check_fits_targets(st, report, repair)

@@ -34,7 +34,7 @@ AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of
 
 
 def _tables(st: Store) -> list[str]:
-    names = ["samples"] if exists(st.table_uri("samples")) else []
+    names = [n for n in ("samples", "deletions") if exists(st.table_uri(n))]    # the deletions record too
     return names + [m.table_name for m in st.list_models()]
 
 

@@ -55,6 +55,7 @@ class TableRepair:
     lost_versions: set = field(default_factory=set)      # Lance versions that created lost rows
     rewound: list = field(default_factory=list)   # rolled-back commits that changed rows (delete, update)
     salvaged: int = 0                             # rows of lost files read back from an older version
+    rolled_back: int = 0                          # ledger commits rolled back (a damaged manifest)
 
 
 def first_line(e: BaseException) -> str:
@@ -178,10 +179,14 @@ def repair_table(st: Store, name: str, committed: int | None, ledger: list[dict]
         if out is None:
             return None
         gone = rolled_back_commits(ledger, name, out.version)
+        out.rolled_back = len(gone)
         out.lost_commits += [c for c in gone if c["kind"] == "append"]
         out.rewound = [c for c in gone if c["kind"] in ("delete", "update", "undelete")]
         out.lost_versions |= {int(c["versions"][name]) for c in out.lost_commits}
-        out.lost_rows += sum(int(c["sample_rows"] if name == "samples" else c["rows"]) for c in out.lost_commits)
+        if name == "deletions":     # the records a rolled-back delete wrote (one per deleted sample)
+            out.lost_rows += sum(-int(c["sample_rows"]) for c in gone if c["kind"] == "delete")
+        else:
+            out.lost_rows += sum(int(c["sample_rows"] if name == "samples" else c["rows"]) for c in out.lost_commits)
     quarantine_after(st, name, out.version)
     bad = bad_fragments(ds)
     if not bad:
@@ -318,6 +323,11 @@ def forget_lost(conn: sa.Connection, st: Store, rep: TableRepair, model_of_table
     out = {"units": 0, "sources": [], "models": [], "stale_fits": [], "commit_id": commit_id}
     if not rep.lost_rows:
         return out
+    if rep.name == "deletions":    # lost records: no source unit holds them
+        conn.execute(cat.lost_rows.insert().values(
+            table_name=rep.name, model_id=None, rows=rep.lost_rows, sources="[]", units=0, detail=describe(rep),
+            created_at=time.time()))
+        return out
     u = cat.ingested_units
     forgotten: dict[str, set] = {}                 # model → sources
     units = 0
@@ -360,7 +370,7 @@ def forget_lost(conn: sa.Connection, st: Store, rep: TableRepair, model_of_table
 def describe(rep: TableRepair) -> str:
     parts = []
     if rep.rolled_back_from is not None:
-        parts.append(f"version {rep.rolled_back_from} unreadable: rolled back past {len(rep.lost_commits)} commit(s)")
+        parts.append(f"version {rep.rolled_back_from} unreadable: rolled back past {rep.rolled_back} commit(s)")
     if rep.lost_fragments:
         parts.append(f"{rep.lost_fragments} fragment(s) whose data could not be read dropped"
                      + (f", {rep.salvaged} of their rows read back from an older version" if rep.salvaged else ""))

@@ -141,3 +141,21 @@ def test_repair_of_a_lost_data_file_after_compaction(pool, reference, tmp_path, 
     assert rc == 0 and rep.get("lost_rows") == ROWS, rep
     cli(*ingest_args(st, pool))
     assert_same_store(Store.open(st.path), reference)
+
+
+def test_a_rollback_past_a_delete_deletes_the_rows_again(store):
+    """A damaged manifest made by a delete: the table goes back to the version before it, and the
+    deletions record (kept) has the repair delete those rows again — nothing deleted comes back."""
+    st = store
+    out = cli("delete", str(st.path), "--where", "CAST(substr(id, 4) AS INTEGER) % 20 = 0").stdout.decode()
+    assert "deleted 30 samples" in out, out
+    truncate_newest_manifest(st, "embeddings")
+    rc, rep = doctor_json(st, "--repair")
+    assert rc == 0 and rep.get("lost_rows") == 0, rep
+    again = [f for f in rep["findings"] if f["check"] == "deletions"]
+    assert again and "30 ids recorded as deleted are stored again" in again[0]["detail"] and again[0]["repaired"]
+    st = Store.open(st.path)
+    assert st.count_rows(st.model()) == ROWS - 30 and len(sample_ids(st)) == ROWS - 30
+    assert_stats_match_vectors(st)
+    rc, rep = doctor_json(st)
+    assert rc == 0 and rep["warnings"] == 0, rep
