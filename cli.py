@@ -380,9 +380,12 @@ def doctor(store: str = STORE_ARG,
     Checks formats, catalog integrity, the commit ledger against the Lance versions, row counts,
     duplicate ids, embeddings without samples, statistics against a recomputation from the
     vectors, fits, targets, runs left running and dropped tables. --repair rolls tables back to
-    the ledger (or to their newest readable version, quarantining unreadable manifests), deletes
-    orphan embeddings, recomputes statistics, marks dead runs aborted and rebuilds a lost catalog
-    from the Lance data (fits and targets are then listed as lost).
+    the ledger; a table that cannot be read keeps every row that still reads (a lost data file
+    costs its own rows, a damaged manifest goes back to the newest that opens, quarantined), the
+    source units of lost rows are forgotten so re-running the ingest restores them, fits that
+    covered them marked stale and the loss reported; intact embeddings are never deleted. It
+    also recomputes statistics, marks dead runs aborted and rebuilds a lost catalog from the
+    Lance data (fits and targets are then listed as lost).
     """
     from clipsql.store.doctor import doctor as run_doctor, format_report
     report = _run(run_doctor, store, repair=repair)
