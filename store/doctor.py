@@ -297,26 +297,27 @@ def _repair_table(st: Store, name: str, version: int | None, f: Finding, report:
         res = forget_lost(conn, st, rep, models)
     report.unreadable.discard(name)
     report.lost_rows += rep.lost_rows
+    rewound = "".join(f"; commit #{c['commit_id']} ({c['kind']}) was rolled back" + (
+        ": re-run the ingest with --update to rewrite its captions again" if c["kind"] == "update" else "")
+        for c in rep.rewound)
     f.repaired = (f"{describe(rep)}; version {rep.version} committed, every row that reads kept ({rep.lost_rows} lost"
                   + (f"; the unreadable manifests are in STORE/quarantine/{name}/" if rep.rolled_back_from is not None
-                     else "") + ")")
+                     else "") + ")" + rewound)
     if not rep.lost_rows:
         return
     if name == "deletions":
-        what = ("deletion records: those ids are no longer skipped by ingest; delete them again with "
-                "`clipsql delete` if they come back")
-    elif name == "samples":
-        what = "samples (their embeddings are kept)"
-    else:
-        what = f"embedding rows of {models.get(name, name)}"
+        report.add(f"lost rows {name}", "warn", f"{rep.lost_rows} deletion records could not be kept "
+                   f"({describe(rep)}): ingest no longer skips those ids; delete them again if they come back")
+        return
+    what = "samples" if name == "samples" else f"embedding rows of {models.get(name, name)}"
+    kept = "; their embeddings are kept" if name == "samples" else ""
     units = (f"; {res['units']} source unit(s) forgotten: re-run `clipsql ingest STORE "
              f"{' / '.join(res['sources'][:3]) or 'SOURCE'}` (same model and options) to restore them"
              if res["units"] else "; re-run the ingest of their source to restore them")
     stale = (f"; fit(s) {', '.join('#' + str(x) for x in res['stale_fits'])} covered them and are now stale"
              if res["stale_fits"] else "")
-    rewound = "".join(f"; commit #{c['commit_id']} ({c['kind']}) was rolled back with them" for c in rep.rewound)
-    report.add(f"lost rows {name}", "warn", f"{rep.lost_rows} {what} could not be kept ({describe(rep)})"
-               + (units if name != "deletions" else "") + stale + rewound)
+    report.add(f"lost rows {name}", "warn",
+               f"{rep.lost_rows} {what} could not be kept ({describe(rep)}){kept}{units}{stale}")
 
 
 def _rows_at(uri: str, version: int | None) -> int:
