@@ -315,6 +315,8 @@ def format_summary(s) -> str:  # noqa: ANN001
     lines = [f"run {s.run_id} [{s.model_id}] {s.status}: added {s.added}, skipped (already present) {s.skipped}, "
              f"rejected {sum(s.rejected.values())}; {s.commits} commit(s)"
              + (f", {s.units_skipped} source unit(s) already ingested" if s.units_skipped else "")]
+    if s.samples_restored:
+        lines.append(f"  {s.samples_restored} samples restored (their embeddings were stored; a repair had lost them)")
     if s.deleted:
         from clipsql.store.deletions import deleted_phrase
         lines.append(f"  {deleted_phrase(s.deleted, s.deleted_on)} (`clipsql undelete STORE --where …` lets them "

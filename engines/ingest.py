@@ -170,6 +170,7 @@ class _Driver:
             self.rejected[reason] += 1
         self.summary.added += r.rows
         self.summary.skipped += r.skipped
+        self.summary.samples_restored += r.samples_restored
         if r.deleted:
             self.summary.deleted += r.deleted
             self.summary.deleted_on = merge_days(self.summary.deleted_on, *r.deleted_on)

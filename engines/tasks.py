@@ -55,6 +55,7 @@ class UnitResult:
     meta_types: dict = field(default_factory=dict)
     skipped: int = 0                                       # rows already in the store
     deleted: int = 0                                       # rows skipped: ids recorded as deleted
+    samples_restored: int = 0                              # samples written for stored embeddings
     deleted_on: list = field(default_factory=list)         # [first, last] day those ids were deleted
     seconds: dict = field(default_factory=dict)
 
@@ -129,8 +130,10 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
         unit_rows -= int(dup.sum())
     new_e = np.flatnonzero(~in_e)
     new_s = np.flatnonzero(~in_s)
+    restored = int((~in_s & in_e).sum())
     res = UnitResult(key, rejects=rejects, unit_rows=unit_rows, unit_rejected=len(rejects), meta_types=meta_types,
-                     skipped=skipped, deleted=int(gone.sum()), deleted_on=deletions.merge_days([], first, last))
+                     skipped=skipped, deleted=int(gone.sum()), deleted_on=deletions.merge_days([], first, last),
+                     samples_restored=restored)
     if samples is not None and len(new_s):
         res.sample_fragments = _write(st.table_uri("samples"), samples.take(pa.array(new_s)),
                                       ctx.storage_versions["samples"])

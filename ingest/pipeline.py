@@ -80,6 +80,7 @@ class IngestSummary:
     updated: int = 0                    # rows re-encoded with a changed caption (--update)
     updated_samples: int = 0            # samples whose caption or metadata was rewritten (--update)
     deleted: int = 0                    # rows skipped because `clipsql delete` recorded their ids
+    samples_restored: int = 0           # samples written for stored embeddings (a repair lost them)
     deleted_on: list = field(default_factory=list)   # [first, last] day (UTC) those ids were deleted
     notes: list = field(default_factory=list)   # things the user should know (renamed metadata columns)
     maintenance: dict = field(default_factory=dict)
@@ -436,6 +437,7 @@ def _classify(checker: IdChecker, ids: pa.Array, locations: list[str] | None, lo
         dup_ids = ids.take(pa.array(idx)).to_pylist()
         rejects += [(loc, "duplicate_id", f"id {sid} occurs earlier in this source") for loc, sid in zip(locs, dup_ids)]
     summary.skipped += int((~dup & ~gone & in_s & in_e).sum())
+    summary.samples_restored += int((~dup & ~in_s & in_e).sum())
     return ~dup & ~in_s, ~dup & ~in_e, dup | gone
 
 

@@ -67,6 +67,7 @@ class Report:
     repair: bool = False
     unreadable: set = field(default_factory=set)     # tables the later checks must not scan
     lost_rows: int = 0                               # rows this repair could not keep
+    missing: int = 0                                 # warnings about lost rows (a re-ingest restores them)
 
     def add(self, check: str, level: str, detail: str, repaired: str | None = None) -> Finding:
         f = Finding(check, level, detail, repaired)
@@ -358,6 +359,7 @@ def _check_rows(st: Store, report: Report, repair: bool) -> None:
         if orphans:
             mine = [x for x in losses if x["table_name"] == "samples"]
             if mine:
+                report.missing += 1
                 report.add(f"orphans {rec.model_id}", "warn", f"{orphans} embedding rows have no sample: their "
                            f"samples were {loss_hint(mine)} (the embeddings are kept)")
             else:
@@ -369,6 +371,7 @@ def _check_rows(st: Store, report: Report, repair: bool) -> None:
             unheld = con.sql(f"SELECT count(*) FROM s ANTI JOIN e{i} USING (id)").fetchall()[0][0]
             if unheld:
                 explained = True
+                report.missing += 1
                 report.add(f"samples without embeddings {rec.model_id}", "warn",
                            f"{unheld} samples have no {rec.model_id} embedding: "
                            f"{sum(x['rows'] for x in mine)} rows were {loss_hint(mine)}")
@@ -550,6 +553,9 @@ def format_report(r: Report) -> str:
     verdict = ("consistent" if r.consistent else f"{len(r.errors)} problem(s)") + \
               (f", {len(r.warnings)} warning(s)" if r.warnings else "") + \
               (f"; {r.lost_rows} rows could not be kept (see `lost rows` above)" if r.lost_rows else "")
-    hint = "" if r.consistent and not r.warnings or r.repair else " — `clipsql doctor STORE --repair` fixes what it can"
+    if r.consistent and r.warnings and len(r.warnings) == r.missing and not r.repair:
+        hint = " — re-run the ingest named above to restore the lost rows"
+    else:
+        hint = "" if r.consistent and not r.warnings or r.repair else " — `clipsql doctor STORE --repair` fixes what it can"
     lines.append(f"{r.store}: {verdict}{hint}")
     return "\n".join(lines)

@@ -104,9 +104,10 @@ def test_repair_keeps_what_reads_and_a_reingest_restores_the_rest(store, pool, r
     assert rc == 0 and rep["warnings"] >= 1, rep
     text = cli("doctor", str(st.path), check=False).stdout.decode()
     assert "lost" in text and "left by `models rm`" not in text, text
+    assert text.strip().endswith("re-run the ingest named above to restore the lost rows"), text
     # re-running the same ingest restores exactly the lost rows
     out = cli(*ingest_args(st, pool)).stdout.decode()
-    assert "added 0" not in out or which == "samples", out
+    assert (f"added {COMMIT}," if which == "embeddings" else f"{COMMIT} samples restored") in out, out
     assert_same_store(Store.open(st.path), reference)
     rc, rep = doctor_json(st)
     assert rc == 0 and rep["warnings"] == 0, rep
