@@ -27,7 +27,7 @@ from clipsql.ingest.pipeline import IngestOptions, ingest_pool
 from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
 from clipsql.queries.curation.dedup import dedup_status, semdedup
 from clipsql.queries.curation.recipes import kl_guided_fit_ready
-from clipsql.queries.curation.delete import delete_where
+from clipsql.queries.curation.delete import delete_where, undelete_where
 from clipsql.queries.curation.selection import SelectSpec, select
 from clipsql.queries.curation.targets import add_target
 from clipsql.queries.present.demo import run_demo
@@ -40,6 +40,7 @@ from clipsql.queries.search.command import format_search
 from clipsql.queries.search.command import search as run_search
 from clipsql.queries.search.index import build_index
 from clipsql.queries.sql.cli_query import repl, run_query
+from clipsql.store.deletions import deleted_phrase
 from clipsql.store.doctor import doctor as run_doctor
 from clipsql.store.doctor import format_report as format_doctor_report
 from clipsql.store.fits import fit_stats
@@ -212,8 +213,9 @@ def delete(store: str = STORE_ARG,
     """Delete samples and their embeddings under every model, in one commit.
 
     Running statistics are downdated exactly (the deleted rows' sums subtract); fits that
-    covered a deleted row are marked stale. Source units already ingested stay recorded, so a
-    re-ingest of the same files does not bring the rows back.
+    covered a deleted row are marked stale. The ids are recorded (with the time and this
+    --where) in the `deletions` table in the same commit: every later ingest, from any source,
+    skips them and says how many. `clipsql undelete` lets them back in.
     """
     st = _run(Store.open, store)
     out = _run(delete_where, st, where, dry_run=dry_run)
@@ -223,6 +225,32 @@ def delete(store: str = STORE_ARG,
     if out["stale_fits"]:
         typer.echo(f"fit(s) {', '.join('#' + str(f) for f in out['stale_fits'])} covered deleted rows and are "
                    "now stale: re-run `clipsql stats fit`")
+    if out.get("recorded"):
+        typer.echo(f"recorded {out['recorded']} deleted ids: ingest skips them from now on "
+                   "(`clipsql undelete STORE --where …` lets them back in)")
+
+
+@app.command()
+def undelete(store: str = STORE_ARG,
+             where: str = typer.Option(..., help="SQL condition on the `deletions` view (id, uri, caption, source, "
+                                                 "deleted_at, deleted_where), e.g. \"id = 'k17'\" or "
+                                                 "\"deleted_at > '2026-01-05'\"."),
+             dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be restored; change nothing.")) -> None:
+    """Let deleted ids back in: remove them from the deletions record, in one commit.
+
+    The source units that held them are forgotten in that commit, so the next ingest of their
+    source reads those units again and restores exactly these rows (rows already stored are
+    skipped, other deleted ids stay skipped). See them with
+    `clipsql query STORE "SELECT * FROM deletions"`.
+    """
+    st = _run(Store.open, store)
+    out = _run(undelete_where, st, where, dry_run=dry_run)
+    if dry_run:
+        typer.echo(f"would let {out['ids']} deleted ids back in")
+        return
+    again = (f"; re-run `clipsql ingest STORE {' / '.join(out['sources'][:3])}` to restore them"
+             if out["sources"] else "; the next ingest that meets them restores them")
+    typer.echo(f"removed {out['ids']} ids from the deletions record ({out['units']} source unit(s) forgotten){again}")
 
 
 @app.command()
@@ -328,6 +356,11 @@ def format_summary(s) -> str:  # noqa: ANN001
     lines = [f"run {s.run_id} [{s.model_id}] {s.status}: added {s.added}, skipped (already present) {s.skipped}, "
              f"rejected {sum(s.rejected.values())}; {s.commits} commit(s)"
              + (f", {s.units_skipped} source unit(s) already ingested" if s.units_skipped else "")]
+    if s.samples_restored:
+        lines.append(f"  {s.samples_restored} samples restored (their embeddings were stored; a repair had lost them)")
+    if s.deleted:
+        lines.append(f"  {deleted_phrase(s.deleted, s.deleted_on)} (`clipsql undelete STORE --where …` lets them "
+                     "back in)")
     if s.updated or s.updated_samples:
         lines.append(f"  updated: {s.updated_samples} samples rewritten, {s.updated} text embeddings re-encoded")
     for reason, n in sorted(s.rejected.items(), key=lambda kv: -kv[1]):
@@ -387,9 +420,12 @@ def doctor(store: str = STORE_ARG,
     Checks formats, catalog integrity, the commit ledger against the Lance versions, row counts,
     duplicate ids, embeddings without samples, statistics against a recomputation from the
     vectors, fits, targets, runs left running and dropped tables. --repair rolls tables back to
-    the ledger (or to their newest readable version, quarantining unreadable manifests), deletes
-    orphan embeddings, recomputes statistics, marks dead runs aborted and rebuilds a lost catalog
-    from the Lance data (fits and targets are then listed as lost).
+    the ledger; a table that cannot be read keeps every row that still reads (a lost data file
+    costs its own rows, a damaged manifest goes back to the newest that opens, quarantined), the
+    source units of lost rows are forgotten so re-running the ingest restores them, fits that
+    covered them marked stale and the loss reported; intact embeddings are never deleted. It
+    also recomputes statistics, marks dead runs aborted and rebuilds a lost catalog from the
+    Lance data (fits and targets are then listed as lost).
     """
     report = _run(run_doctor, store, repair=repair)
     if fmt == TableFmt.json:

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from clipsql.store.deletions import merge_days
 from clipsql.engines.engine import gpu_count, ray_session, worker_count
 from clipsql.engines.tasks import EncodeWriter, RunContext, UnitResult, decode_unit, precomputed_unit, read_ids
 from clipsql.errors import SourceError
@@ -179,6 +180,10 @@ class _Driver:
             self.rejected[reason] += 1
         self.summary.added += r.rows
         self.summary.skipped += r.skipped
+        self.summary.samples_restored += r.samples_restored
+        if r.deleted:
+            self.summary.deleted += r.deleted
+            self.summary.deleted_on = merge_days(self.summary.deleted_on, *r.deleted_on)
         if max(p.rows, p.sample_rows) >= self.opts.policy.rows or \
                 time.monotonic() - self.started >= self.opts.policy.seconds:
             self.commit()

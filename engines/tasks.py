@@ -28,6 +28,7 @@ from clipsql.lazy import lance_fragment, torch
 from clipsql.models import loading as models
 from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
 from clipsql.store.tables import SAMPLES
+from clipsql.store import deletions
 
 
 @dataclass
@@ -61,6 +62,9 @@ class UnitResult:
     unit_rejected: int = 0
     meta_types: dict = field(default_factory=dict)
     skipped: int = 0                                       # rows already in the store
+    deleted: int = 0                                       # rows skipped: ids recorded as deleted
+    samples_restored: int = 0                              # samples written for stored embeddings
+    deleted_on: list = field(default_factory=list)         # [first, last] day those ids were deleted
     seconds: dict = field(default_factory=dict)
 
     def to_row(self) -> dict:
@@ -85,6 +89,13 @@ def _already(ctx: RunContext, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     samples = st.samples_table(ctx.versions.get(SAMPLES)) if SAMPLES in ctx.versions else None
     emb = st.embeddings_table(ctx.rec, ctx.versions.get(ctx.rec.table_name))
     return st.stored_ids(ctx.rec, ids, (samples, emb))
+
+
+def _deleted(ctx: RunContext, ids: pa.Array) -> tuple[np.ndarray, Any, Any]:
+    """Which ids the deletions record (as the run found it) holds, and when they were deleted."""
+    st = _store(ctx)
+    version = ctx.versions.get(deletions.TABLE)
+    return deletions.lookup(deletions.table(st, version) if version is not None else None, ids)
 
 
 def _write(uri: str, tbl: pa.Table, storage_version: str) -> list[str]:
@@ -114,7 +125,9 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
     st = _store(ctx)
     t0 = time.perf_counter()
     in_s, in_e = _already(ctx, ids)
-    skipped = int((in_s & in_e).sum())
+    gone, first, last = _deleted(ctx, ids)
+    skipped = int((in_s & in_e & ~gone).sum())
+    in_s, in_e = in_s | gone, in_e | gone
     if exclude:
         dup = pc.is_in(ids, value_set=pa.array(sorted(exclude), pa.string())).to_numpy(zero_copy_only=False)
         locs = samples_locations(samples, ids, dup) if dup.any() else []
@@ -123,8 +136,10 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
         unit_rows -= int(dup.sum())
     new_e = np.flatnonzero(~in_e)
     new_s = np.flatnonzero(~in_s)
+    restored = int((~in_s & in_e).sum())
     res = UnitResult(key, rejects=rejects, unit_rows=unit_rows, unit_rejected=len(rejects), meta_types=meta_types,
-                     skipped=skipped)
+                     skipped=skipped, deleted=int(gone.sum()), deleted_on=deletions.merge_days([], first, last),
+                     samples_restored=restored)
     if samples is not None and len(new_s):
         res.sample_fragments = _write(st.table_uri(SAMPLES), samples.take(pa.array(new_s)),
                                       ctx.storage_versions[SAMPLES])

@@ -4,6 +4,8 @@
   A fingerprint hit is confirmed exactly — against the Arrow arrays of ids not yet
   committed, or through the store's `id` index for committed ones — so a hash collision
   never rejects a row.
+* Ids recorded as deleted (`clipsql delete`): `deleted`, an `id IN (…)` lookup in the
+  deletions record as the run found it (store.deletions); ingest skips them and counts them.
 * Ids stored before this run: `Store.stored_ids`, an `id IN (…)` lookup through the Lance
   BTREE index on `id` (and a scan of fragments not indexed yet), in the table versions of
   the run's start — so the rows the run commits itself (not indexed yet) are never scanned
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsql.lazy import duckdb
+from clipsql.store import deletions
 
 _LOCAL = threading.local()
 
@@ -67,6 +70,7 @@ class IdChecker:
         samples = store.samples_table()
         self.before = (samples, store.embeddings_table(model))   # the store as the run found it
         self.lookup = bool((samples is not None and samples.count_rows()) or self.before[1].count_rows())
+        self.deletions = deletions.table(store)                 # the deletions record as the run found it
         self.seen = _SortedChunks()
         self.uncommitted: list[pa.Array] = []     # ids since the last commit, as Arrow arrays
 
@@ -103,6 +107,11 @@ class IdChecker:
         self.seen.add(h[fresh])
         self.uncommitted.append(ids if len(fresh) == n else ids.take(pa.array(fresh)))
         return dup, in_s, in_e
+
+    def deleted(self, ids: pa.Array) -> tuple[np.ndarray, object, object]:
+        """(which ids `clipsql delete` recorded as deleted, the earliest and latest deletion time)."""
+        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        return deletions.lookup(self.deletions, ids)
 
     def committed(self) -> None:
         """The writer committed: the ids so far are in the store (found through its index)."""

@@ -91,6 +91,9 @@ class IngestSummary:
     units_skipped: int = 0              # source units the ledger already held
     updated: int = 0                    # rows re-encoded with a changed caption (--update)
     updated_samples: int = 0            # samples whose caption or metadata was rewritten (--update)
+    deleted: int = 0                    # rows skipped because `clipsql delete` recorded their ids
+    samples_restored: int = 0           # samples written for stored embeddings (a repair lost them)
+    deleted_on: list = field(default_factory=list)   # [first, last] day (UTC) those ids were deleted
     notes: list = field(default_factory=list)   # things the user should know (renamed metadata columns)
     maintenance: dict = field(default_factory=dict)
     id_column: str | None = None        # the source column the ids came from; None: content hashes (DataComp: uids)
@@ -393,15 +396,23 @@ class _Run:
 
 def _classify(checker: IdChecker, ids: pa.Array, locations: list[str] | None, loc_col: pa.Array | None,
               summary: IngestSummary, rejects: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows whose sample is new, rows whose embedding is new, duplicates); duplicates become rejects."""
+    """(rows whose sample is new, rows whose embedding is new, rows to leave alone: duplicates, which
+    become rejects, and ids recorded as deleted, which are skipped and counted)."""
     dup, in_s, in_e = checker.check(ids)
+    gone, first, last = checker.deleted(ids)
+    gone &= ~dup
+    if gone.any():
+        summary.deleted += int(gone.sum())
+        summary.deleted_on = merge_days(summary.deleted_on, first, last)
+        in_s, in_e = in_s | gone, in_e | gone
     if dup.any():
         idx = np.flatnonzero(dup)
         locs = [locations[i] for i in idx] if locations is not None else loc_col.take(pa.array(idx)).to_pylist()
         dup_ids = ids.take(pa.array(idx)).to_pylist()
         rejects += [(loc, "duplicate_id", f"id {sid} occurs earlier in this source") for loc, sid in zip(locs, dup_ids)]
-    summary.skipped += int((~dup & in_s & in_e).sum())
-    return ~dup & ~in_s, ~dup & ~in_e, dup
+    summary.skipped += int((~dup & ~gone & in_s & in_e).sum())
+    summary.samples_restored += int((~dup & ~in_s & in_e).sum())
+    return ~dup & ~in_s, ~dup & ~in_e, dup | gone
 
 
 def _commit_if_due(r: _Run) -> None:

@@ -183,6 +183,21 @@ recipe_fits = sa.Table(
     sa.Column("recipe", sa.String(100), nullable=False, index=True),
 )
 
+# Rows a repair could not keep (migration 9): `clipsql doctor --repair` records each loss (a lost
+# Lance data file, a damaged manifest) with the sources whose units it forgot, so later checks say
+# which rows are missing and which ingest restores them.
+lost_rows = sa.Table(
+    "lost_rows", metadata,
+    sa.Column("loss_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("table_name", sa.String(200), nullable=False),
+    sa.Column("model_id", sa.String(500), nullable=True),     # whose units were forgotten (NULL: none)
+    sa.Column("rows", sa.BigInteger, nullable=False),
+    sa.Column("sources", sa.Text, nullable=False),            # JSON list of the sources to re-ingest
+    sa.Column("units", sa.BigInteger, nullable=False),        # source units forgotten
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
 # Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "models, runs, rejects, running stats",
@@ -195,6 +210,7 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (6, "fits made stale by deleted or rewritten rows", [stale_fits]),
     (7, "writer leases for stores on object storage", [leases]),
     (8, "fits made for a curation recipe, apart from the default fit", [recipe_fits]),
+    (9, "rows a repair could not keep", [lost_rows]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

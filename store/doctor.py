@@ -7,19 +7,24 @@ Checks (each a `Finding`, level ok / warn / error):
 * the ledger against Lance: every table the ledger names exists and its committed version
   opens and scans; versions beyond it (a writer killed before its catalog transaction) are
   a warning, rolled back by the next writer or by --repair;
-* rows: per table the row count and distinct ids; embeddings without a sample (error) and
-  samples no model holds (ok: `models rm` leaves them);
+* rows: per table the row count and distinct ids; embeddings without a sample and samples a
+  model does not hold, reported as lost (warn) while a repair's recorded loss explains them,
+  else as an error (embeddings without a sample) or ok (samples `models rm` left);
 * statistics: recomputed from the stored vectors (streamed, float64) and compared with the
   catalog's; fits (their model exists) and targets (their table holds their rows);
 * runs left `running` by a killed process; tables a committed `models rm` dropped.
 
-`--repair` (under the writer lock): rolls tables back to the ledger, quarantines unreadable
-Lance manifests (moved to STORE/quarantine/, never deleted) back to the newest version that
-reads, deletes embeddings whose samples are gone, recomputes the statistics, marks dead runs
-aborted, sweeps dropped tables, and rebuilds a lost or damaged catalog from the Lance data
-(models from each table's recorded model record, committed versions, statistics; fits,
-targets and the ingested-unit ledger are reported lost: re-run `stats fit`, `target add`; a
-re-ingest re-reads its sources and adds nothing twice). Each step is reported.
+`--repair` (under the writer lock): rolls tables back to the ledger; a table whose committed
+version cannot be read keeps every row that still reads (store.repair: fragments whose data
+file is lost are dropped, a damaged manifest goes back to the newest that opens, quarantined in
+STORE/quarantine/, never deleted), the source units of the lost rows are forgotten so that
+re-running the ingest restores them, fits that covered them are marked stale and the loss is
+recorded and reported (`lost_rows`); intact embeddings are never deleted. It then recomputes
+the statistics, marks dead runs aborted, sweeps dropped tables, and rebuilds a lost or damaged
+catalog from the Lance data (models from each table's recorded model record, committed
+versions, statistics; fits, targets and the ingested-unit ledger are reported lost: re-run
+`stats fit`, `target add`; a re-ingest re-reads its sources and adds nothing twice). Each step
+is reported.
 """
 from __future__ import annotations
 
@@ -38,11 +43,14 @@ import sqlalchemy as sa
 from clipsql.errors import CatalogError, ClipsqlError
 from clipsql.lazy import duckdb, lance
 from clipsql.store import catalog as cat
+from clipsql.store import deletions
 from clipsql.store.drops import DROP_PREFIX, sweep_dropped_tables
 from clipsql.store.location import exists, is_remote, move, store_path
 from clipsql.store.locks import lease_holder
 from clipsql.store.manage import delete_ids
-from clipsql.store.tables import SAMPLES, is_embeddings_table, is_target_table
+from clipsql.store.repair import (describe, first_line, forget_lost, load_ledger, loss_hint, manifest_path,
+                                  open_losses, quarantine_after, repair_table, versions_desc)
+from clipsql.store.tables import DELETIONS, SAMPLES, is_embeddings_table, is_target_table
 from clipsql.store.store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
                     set_committed_version)
 
@@ -63,6 +71,8 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     repair: bool = False
     unreadable: set = field(default_factory=set)     # tables the later checks must not scan
+    lost_rows: int = 0                               # rows this repair could not keep
+    missing: int = 0                                 # warnings about lost rows (a re-ingest restores them)
 
     def add(self, check: str, level: str, detail: str, repaired: str | None = None) -> Finding:
         f = Finding(check, level, detail, repaired)
@@ -83,7 +93,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"store": self.store, "consistent": self.consistent, "repair": self.repair,
-                "errors": len(self.errors), "warnings": len(self.warnings),
+                "errors": len(self.errors), "warnings": len(self.warnings), "lost_rows": self.lost_rows,
                 "findings": [asdict(f) for f in self.findings]}
 
 
@@ -184,11 +194,12 @@ def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: s
                 spec=cat.to_json(m["spec"]), created_at=time.time()))
             set_committed_version(conn, name, good, None)
         models.append(m["model_id"])
-    if exists(st.table_uri(SAMPLES)):
-        good = _newest_readable(st, SAMPLES, None, report, repair=True)
-        if good is not None:
-            with st.engine.begin() as conn:
-                set_committed_version(conn, SAMPLES, good, None)
+    for name in (SAMPLES, DELETIONS):
+        if exists(st.table_uri(name)):
+            good = _newest_readable(st, name, None, report, repair=True)
+            if good is not None:
+                with st.engine.begin() as conn:
+                    set_committed_version(conn, name, good, None)
     if models:
         st.set_setting("default_model", models[0])
     targets = [n for n in st.table_names() if is_target_table(n)]
@@ -212,24 +223,11 @@ def _scan_ok(ds: Any) -> str | None:
         for _ in ds.to_batches(columns=["id"], batch_size=1 << 16):
             pass
     except Exception as e:  # noqa: BLE001 - any read failure is what doctor reports
-        return f"{type(e).__name__}: {(str(e).splitlines() or ['?'])[0][:200]}"
+        return first_line(e)
     return None
 
 
-def _versions_desc(uri: str) -> list[int]:
-    names = [p.name for p in (store_path(uri) / "_versions").iterdir()]
-    out = []
-    for n in names:
-        if not n.endswith(".manifest"):
-            continue
-        v = int(n[:-len(".manifest")])
-        out.append((1 << 64) - 1 - v if v > 1 << 62 else v)      # V2 paths count down from u64::MAX
-    return sorted(out, reverse=True)
-
-
-def _manifest_path(uri: str, version: int) -> str:
-    v2 = f"{uri}/_versions/{(1 << 64) - 1 - version:020d}.manifest"
-    return v2 if exists(v2) else f"{uri}/_versions/{version}.manifest"
+_versions_desc, _manifest_path = versions_desc, manifest_path
 
 
 def _newest_readable(st: Store, name: str, limit: int | None, report: Report, repair: bool) -> int | None:
@@ -241,20 +239,10 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
         try:
             why = _scan_ok(lance.dataset(uri, version=v))
         except Exception as e:  # noqa: BLE001
-            why = f"{type(e).__name__}: {(str(e).splitlines() or ['?'])[0][:200]}"
+            why = first_line(e)
         if why is None:
             if repair:
-                newer = [x for x in _versions_desc(uri) if x > v]
-                if newer:
-                    q = st.path / "quarantine" / name
-                    q.mkdir(parents=True, exist_ok=True)
-                    for x in newer:
-                        src = _manifest_path(uri, x)
-                        if exists(src):
-                            move(src, q / src.rsplit("/", 1)[-1])
-                    hint = store_path(f"{uri}/_versions/latest_version_hint.json")
-                    if hint.exists():
-                        hint.unlink()
+                quarantine_after(st, name, v)
             return v
     report.add(f"table {name}", "error", "no version of this table can be read")
     return None
@@ -262,7 +250,8 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
 
 def _check_tables(st: Store, report: Report, repair: bool) -> None:
     recorded = st.committed_versions()
-    names = ([SAMPLES] if exists(st.table_uri(SAMPLES)) else []) + [m.table_name for m in st.list_models()]
+    names = [n for n in (SAMPLES, DELETIONS) if exists(st.table_uri(n))] + [m.table_name for m in st.list_models()]
+    ledger = load_ledger(st) if repair else []
     for name in names:
         uri = st.table_uri(name)
         check = f"table {name}"
@@ -279,15 +268,7 @@ def _check_tables(st: Store, report: Report, repair: bool) -> None:
             f = report.add(check, "error", f"committed version {v} cannot be read: {why}")
             report.unreadable.add(name)
             if repair:
-                good = _newest_readable(st, name, v, report, repair=True)
-                if good is not None:
-                    lost = _rows_at(uri, v) - _rows_at(uri, good)
-                    with st.engine.begin() as conn:
-                        set_committed_version(conn, name, good, None)
-                    f.repaired = (f"rolled back to version {good}, the newest that reads "
-                                  f"({lost if lost >= 0 else 'unknown'} rows of later commits lost; "
-                                  "the unreadable manifests are in STORE/quarantine/)")
-                    report.unreadable.discard(name)
+                _repair_table(st, name, v, f, report, ledger)
             continue
         if latest is not None and v is not None and latest > v:
             f = report.add(check, "warn", f"Lance versions {v + 1}..{latest} are not in the ledger (a writer killed "
@@ -299,6 +280,48 @@ def _check_tables(st: Store, report: Report, repair: bool) -> None:
         report.add(check, "ok", f"version {v}, {lance.dataset(uri, version=v).count_rows()} rows")
 
 
+def _repair_table(st: Store, name: str, version: int | None, f: Finding, report: Report, ledger: list) -> None:
+    """Keep every row of table `name` that still reads (store.repair), record what was lost in the
+    same catalog transaction that commits the repaired version, and report it."""
+    rep = repair_table(st, name, version, ledger)
+    why = "no version of this table opens"
+    if rep is not None:
+        try:
+            why = _scan_ok(lance.dataset(st.table_uri(name), version=rep.version))
+        except Exception as e:  # noqa: BLE001
+            why = first_line(e)
+    if why is not None:
+        f.repaired = None
+        report.add(f"table {name}", "error", f"cannot be repaired: {why}")
+        return
+    models = {m.table_name: m.model_id for m in st.list_models()}
+    with st.engine.begin() as conn:
+        res = forget_lost(conn, st, rep, models)
+    report.unreadable.discard(name)
+    report.lost_rows += rep.lost_rows
+    rewound = "".join(f"; commit #{c['commit_id']} ({c['kind']}) was rolled back" + (
+        ": re-run the ingest with --update to rewrite its captions again" if c["kind"] == "update" else "")
+        for c in rep.rewound)
+    f.repaired = (f"{describe(rep)}; version {rep.version} committed, every row that reads kept ({rep.lost_rows} lost"
+                  + (f"; the unreadable manifests are in STORE/quarantine/{name}/" if rep.rolled_back_from is not None
+                     else "") + ")" + rewound)
+    if not rep.lost_rows:
+        return
+    if name == DELETIONS:
+        report.add(f"lost rows {name}", "warn", f"{rep.lost_rows} deletion records could not be kept "
+                   f"({describe(rep)}): ingest no longer skips those ids; delete them again if they come back")
+        return
+    what = "samples" if name == SAMPLES else f"embedding rows of {models.get(name, name)}"
+    kept = "; their embeddings are kept" if name == SAMPLES else ""
+    units = (f"; {res['units']} source unit(s) forgotten: re-run `clipsql ingest STORE "
+             f"{' / '.join(res['sources'][:3]) or 'SOURCE'}` (same model and options) to restore them"
+             if res["units"] else "; re-run the ingest of their source to restore them")
+    stale = (f"; fit(s) {', '.join('#' + str(x) for x in res['stale_fits'])} covered them and are now stale"
+             if res["stale_fits"] else "")
+    report.add(f"lost rows {name}", "warn",
+               f"{rep.lost_rows} {what} could not be kept ({describe(rep)}){kept}{units}{stale}")
+
+
 def _rows_at(uri: str, version: int | None) -> int:
     try:
         return lance.dataset(uri, version=version).count_rows()
@@ -307,6 +330,9 @@ def _rows_at(uri: str, version: int | None) -> int:
 
 
 def _check_rows(st: Store, report: Report, repair: bool) -> None:
+    """Row counts and duplicate ids per table; embeddings without a sample and samples a model does
+    not hold, explained by the losses a repair recorded. Intact embeddings are never deleted: rows
+    whose sample was lost are kept, and the ingest that wrote them restores the sample."""
     samples = st.samples_table() if SAMPLES not in report.unreadable else None
     con = duckdb.connect()
     if samples is not None:
@@ -314,7 +340,9 @@ def _check_rows(st: Store, report: Report, repair: bool) -> None:
         n, distinct = con.sql("SELECT count(*), count(DISTINCT id) FROM s").fetchall()[0]
         report.add("rows samples", "ok" if n == distinct else "error",
                    f"{n} rows, {distinct} distinct ids" + ("" if n == distinct else f": {n - distinct} duplicated"))
-    held = []
+    with st.engine.connect() as conn:
+        losses = open_losses(conn)
+    held, explained = [], False
     for i, rec in enumerate(st.list_models()):
         if rec.table_name in report.unreadable:
             continue
@@ -326,17 +354,50 @@ def _check_rows(st: Store, report: Report, repair: bool) -> None:
                    f"{n} rows, {distinct} distinct ids" + ("" if n == distinct else f": {n - distinct} duplicated"))
         if samples is None:
             continue
-        orphans = con.sql(f"SELECT id FROM e{i} ANTI JOIN s USING (id)").fetchall()
+        orphans = con.sql(f"SELECT count(*) FROM e{i} ANTI JOIN s USING (id)").fetchall()[0][0]
         if orphans:
-            f = report.add(f"orphans {rec.model_id}", "error", f"{len(orphans)} embedding rows have no sample")
-            if repair:
-                delete_ids(st, pa.array([o[0] for o in orphans], pa.string()))
-                f.repaired = f"deleted the {len(orphans)} rows (their statistics subtracted)"
+            mine = [x for x in losses if x["table_name"] == SAMPLES]
+            if mine:
+                report.missing += 1
+                report.add(f"orphans {rec.model_id}", "warn", f"{orphans} embedding rows have no sample: their "
+                           f"samples were {loss_hint(mine)} (the embeddings are kept)")
+            else:
+                f = report.add(f"orphans {rec.model_id}", "error", f"{orphans} embedding rows have no sample")
+                if repair:
+                    f.repaired = _forget_for_orphans(st, rec, orphans)
+        mine = [x for x in losses if x["table_name"] == rec.table_name]
+        if mine:
+            unheld = con.sql(f"SELECT count(*) FROM s ANTI JOIN e{i} USING (id)").fetchall()[0][0]
+            if unheld:
+                explained = True
+                report.missing += 1
+                report.add(f"samples without embeddings {rec.model_id}", "warn",
+                           f"{unheld} samples have no {rec.model_id} embedding: "
+                           f"{sum(x['rows'] for x in mine)} rows were {loss_hint(mine)}")
     if samples is not None and held:
         unheld = con.sql(f"SELECT count(*) FROM s ANTI JOIN ({' UNION ALL '.join(held)}) USING (id)").fetchall()[0][0]
-        report.add("samples without embeddings", "ok",
-                   f"{unheld} samples no model holds" + (" (left by `models rm`, or a model's rejects)" if unheld else ""))
+        if not (explained and unheld):
+            report.add("samples without embeddings", "ok",
+                       f"{unheld} samples no model holds" + (" (left by `models rm`, or a model's rejects)"
+                                                             if unheld else ""))
     con.close()
+
+
+def _forget_for_orphans(st: Store, rec: Any, orphans: int) -> str:
+    """Embedding rows whose sample is gone for no recorded reason: keep them, forget the model's
+    source units (which of them held the rows is unknown) so that its next ingests restore the
+    samples, and record the loss."""
+    import time
+    u = cat.ingested_units
+    with st.engine.begin() as conn:
+        sources = sorted(set(conn.execute(sa.select(u.c.source).where(u.c.model_id == rec.model_id).distinct())
+                             .scalars()))
+        units = conn.execute(sa.delete(u).where(u.c.model_id == rec.model_id)).rowcount or 0
+        conn.execute(cat.lost_rows.insert().values(
+            table_name=SAMPLES, model_id=rec.model_id, rows=orphans, sources=cat.to_json(sources), units=units,
+            detail="embedding rows without a sample", created_at=time.time()))
+    return (f"kept them; forgot the {units} source unit(s) of {rec.model_id} so that re-running its ingests "
+            "restores their samples")
 
 
 def _check_stats(st: Store, report: Report, repair: bool) -> None:
@@ -434,9 +495,42 @@ def _lock_holder(st: Store) -> str | None:
     return None
 
 
+def _check_deletions(st: Store, report: Report, repair: bool) -> None:
+    """The deletions record: no id it holds may be stored (a repair that rolled a delete back brings
+    deleted rows back: --repair deletes them again, statistics downdated)."""
+    ds = deletions.table(st) if DELETIONS not in report.unreadable else None
+    if ds is None:
+        return
+    con = duckdb.connect()
+    con.register("d", ds)
+    parts = []
+    samples = st.samples_table() if SAMPLES not in report.unreadable else None
+    if samples is not None:
+        con.register("s", samples)
+        parts.append("SELECT id FROM s")
+    for i, rec in enumerate(st.list_models()):
+        if rec.table_name not in report.unreadable:
+            con.register(f"e{i}", st.embeddings_table(rec))
+            parts.append(f"SELECT id FROM e{i}")
+    n = con.sql("SELECT count(*) FROM d").fetchall()[0][0]
+    back = con.sql(f"SELECT DISTINCT id FROM ({' UNION ALL '.join(parts)}) SEMI JOIN d USING (id)").arrow() \
+        if parts else None
+    con.close()
+    back = back.read_all() if hasattr(back, "read_all") else back
+    if back is None or back.num_rows == 0:
+        report.add("deletions", "ok", f"{n} deleted ids recorded, none stored")
+        return
+    f = report.add("deletions", "error", f"{back.num_rows} ids recorded as deleted are stored again")
+    if repair:
+        out = delete_ids(st, back.column("id").combine_chunks())
+        f.repaired = (f"deleted them again ({out['samples']} samples, "
+                      + (", ".join(f"{v} from {m}" for m, v in out["rows"].items()) or "no embedding rows") + ")")
+
+
 def _check(st: Store, report: Report, repair: bool) -> None:
     try:
         _check_tables(st, report, repair)
+        _check_deletions(st, report, repair)
         _check_rows(st, report, repair)
         _check_stats(st, report, repair)
         _check_fits_targets(st, report, repair)
@@ -453,7 +547,11 @@ def format_report(r: Report) -> str:
         if f.repaired:
             lines.append(f"      repaired: {f.repaired}")
     verdict = ("consistent" if r.consistent else f"{len(r.errors)} problem(s)") + \
-              (f", {len(r.warnings)} warning(s)" if r.warnings else "")
-    hint = "" if r.consistent and not r.warnings or r.repair else " — `clipsql doctor STORE --repair` fixes what it can"
+              (f", {len(r.warnings)} warning(s)" if r.warnings else "") + \
+              (f"; {r.lost_rows} rows could not be kept (see `lost rows` above)" if r.lost_rows else "")
+    if r.consistent and r.warnings and len(r.warnings) == r.missing and not r.repair:
+        hint = " — re-run the ingest named above to restore the lost rows"
+    else:
+        hint = "" if r.consistent and not r.warnings or r.repair else " — `clipsql doctor STORE --repair` fixes what it can"
     lines.append(f"{r.store}: {verdict}{hint}")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
 from clipsql.store.location import exists
 from clipsql.store.store import ModelRecord, Store, set_committed_version
-from clipsql.store.tables import SAMPLES
+from clipsql.store.tables import DELETIONS, SAMPLES
 
 DEFAULT_RETENTION_HOURS = 24.0
 FRAGMENT_BYTES = 256 << 20       # compaction merges fragments smaller than this into ones of this size
@@ -36,7 +36,7 @@ AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of
 
 
 def _tables(st: Store) -> list[str]:
-    names = [SAMPLES] if exists(st.table_uri(SAMPLES)) else []
+    names = [n for n in (SAMPLES, DELETIONS) if exists(st.table_uri(n))]    # the deletions record too
     return names + [m.table_name for m in st.list_models()]
 
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
+from clipsql.store import deletions
 from clipsql.errors import ModelError
 from clipsql.kernels.arrays import to_numpy
 from clipsql.kernels.moments import fold_pair
@@ -85,9 +86,12 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
             "default_model": st.get_setting("default_model")}
 
 
-def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | None = None,
+               record: str | None = None) -> dict[str, Any]:
     """Delete the samples `ids` and their rows in every model's table, downdating each model's
-    running statistics exactly. The caller holds the writer lock (and has run `recover`)."""
+    running statistics exactly. `record`: the delete's --where text; the ids are then added to the
+    deletions record (store.deletions) in the same commit, so no later ingest brings them back.
+    The caller holds the writer lock (and has run `recover`)."""
     ids = pc.unique(ids.cast(pa.string()).filter(pc.is_valid(ids)))
     out: dict[str, Any] = {"samples": 0, "rows": {}, "stale_fits": []}
     if len(ids) == 0:
@@ -115,6 +119,11 @@ def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | No
     samples = st.samples_table()
     n_samples = samples.count_rows(filter=where) if samples is not None else 0
     versions: dict[str, int] = {}
+    if record is not None and (n_samples or any(v[1] for v in removed.values())):
+        recorded = deletions.append(st, deletions.record_rows(st, ids, record))
+        if recorded is not None:
+            versions[deletions.TABLE] = recorded
+            out["recorded"] = int(len(ids))
     for name, count in [(SAMPLES, n_samples)] + [(r.table_name, removed[r.model_id][1]) for r in models]:
         if count:
             st.dataset(name, latest=True).delete(where)

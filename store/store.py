@@ -49,7 +49,7 @@ from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists, is_remote, rmtree, store_path
 from clipsql.store.locks import file_lock, lease
-from clipsql.store.tables import SAMPLES, embeddings_schema, embeddings_table_name, samples_schema
+from clipsql.store.tables import DELETIONS, SAMPLES, embeddings_schema, embeddings_table_name, samples_schema
 
 MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
@@ -362,7 +362,7 @@ class Store:
         self.abort_dead_runs()
         recorded = self.committed_versions()
         rolled: dict[str, int] = {}
-        names = [SAMPLES] + [m.table_name for m in self.list_models()]
+        names = [SAMPLES, DELETIONS] + [m.table_name for m in self.list_models()]
         for name in names:
             uri = self.table_uri(name)
             if not exists(uri):
@@ -410,9 +410,18 @@ class Store:
             return pc.is_in(keys, value_set=found.combine_chunks()).to_numpy(zero_copy_only=False)
 
         in_emb = lookup(emb, ids)
-        in_samples = in_emb.copy()        # a model row is committed with its sample: only misses need a look
+        in_samples = np.zeros(n, dtype=bool)
+        if samples is None:
+            return in_samples, in_emb
+        # a model row is committed with its sample, so hits are checked only because a lost samples
+        # data file (kept embeddings, `doctor --repair`) breaks that; they are rare (a resumed or
+        # repaired run re-reading rows it holds). Misses need a look only where `samples` holds
+        # rows the model does not (equal counts with no orphan: the same ids)
+        hit = np.flatnonzero(in_emb)
+        if len(hit):
+            in_samples[hit] = lookup(samples, ids if len(hit) == n else ids.take(pa.array(hit)))
         miss = np.flatnonzero(~in_emb)
-        if len(miss) and samples is not None and samples.count_rows() > (emb.count_rows() if emb else 0):
+        if len(miss) and samples.count_rows() != (emb.count_rows() if emb else 0):
             in_samples[miss] = lookup(samples, ids if len(miss) == n else ids.take(pa.array(miss)))
         return in_samples, in_emb
 

@@ -344,8 +344,8 @@ def test_help_texts_explain_themselves_without_science_md():
     from typer.testing import CliRunner
     from clipsql.cli import app
     runner = CliRunner()
-    commands = ["", "init", "models", "models list", "models default", "models rm", "ingest", "delete", "optimize",
-                "stats", "stats show", "stats refresh", "stats fit", "query", "sql", "score", "target add",
+    commands = ["", "init", "models", "models list", "models default", "models rm", "ingest", "delete", "undelete",
+                "optimize", "stats", "stats show", "stats refresh", "stats fit", "query", "sql", "score", "target add",
                 "target list", "target rm", "select", "gallery", "plot", "geometry", "demo", "serve"]
     for c in commands:
         res = runner.invoke(app, [*c.split(), "--help"])

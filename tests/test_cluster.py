@@ -253,3 +253,19 @@ def test_a_ray_that_does_not_start_is_one_line(monkeypatch):
     with pytest.raises(EngineError, match=r"^cannot reach the Ray cluster at 10\.0\.0\.1:6379: Timed out .*ray start"):
         with ray_session("10.0.0.1:6379"):
             pass
+def test_ray_ingest_skips_deleted_ids_as_locally(ray_cluster, tmp_path):
+    """Ids `clipsql delete` recorded are skipped by a Ray ingest too (the workers look them up in
+    the record as the run found it), and the summary says how many."""
+    import shutil
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=150, row_group=50)
+    st = Store.init(tmp_path / "s")
+    args = [*MODEL, "--id-column", "key", "--no-progress"]
+    cli("ingest", str(st.path), str(pool), *args)
+    cli("delete", str(st.path), "--where", "CAST(substr(id, 4) AS INTEGER) % 10 = 0")
+    shutil.copytree(pool, tmp_path / "copy")                  # the same rows as new source units
+    out = ray_cli(ray_cluster, "ingest", str(st.path), str(tmp_path / "copy"), *args).stdout.decode()
+    assert "added 0" in out and "30 skipped: deleted on" in out, out
+    st = Store.open(st.path)
+    assert st.count_rows(st.model()) == 270 and len(sample_ids(st)) == 270
+    assert_stats_match_vectors(st)

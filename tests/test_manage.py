@@ -227,3 +227,105 @@ def test_kill_during_update_leaves_old_rows(tmp_path):
     ids, _, txt = stored_vectors(st)
     np.testing.assert_array_equal(txt[ids.index("000000010")], T[10])
     assert_stats_match_vectors(st)
+
+
+def corrected_copy(pool, folder, captions=None):
+    """The pool again at another path (new source units), with some captions corrected."""
+    import shutil
+    import pyarrow.parquet as pq
+    shutil.copytree(pool, folder)
+    meta = folder / "metadata" / "metadata_0.parquet"
+    t = pq.read_table(meta)
+    caps = t.column("caption").to_pylist()
+    for i, c in (captions or {}).items():
+        caps[i] = c
+    pq.write_table(t.set_column(t.schema.get_field_index("caption"), "caption", pa.array(caps)), meta,
+                   row_group_size=100)
+    return folder
+
+
+def test_deleted_ids_stay_deleted_until_undeleted(tmp_path):
+    """A delete is recorded (ids, when, the --where) in the same commit; every later ingest, with
+    --update too and from another source, skips those ids and says so; `undelete` lets them back."""
+    import datetime
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=300, row_group=100)
+    st = Store.init(tmp_path / "s")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress"]
+    cli(*args)
+    _, _, txt0 = stored_vectors(Store.open(st.path))
+    where = "CAST(substr(id, 4) AS INTEGER) % 10 = 0"
+    out = cli("delete", str(st.path), "--where", where).stdout.decode()
+    assert "deleted 30 samples" in out and "recorded 30 deleted ids" in out, out
+    gone = {f"000{i:06d}" for i in range(0, 300, 10)}
+    rec = json.loads(cli("query", str(st.path), "SELECT count(*) AS n, min(deleted_where) AS w, "
+                         "count(DISTINCT source) AS s FROM deletions", "--format", "json").stdout)
+    assert rec == [{"n": 30, "w": where, "s": 1}], rec
+    # a corrected table with new captions (two of them of deleted rows), ingested with --update
+    fixed = corrected_copy(pool, tmp_path / "table_corrected", {10: "a corrected caption", 11: "fixed too"})
+    upd = ["ingest", str(st.path), str(fixed), *MODEL, "--id-column", "key", "--no-progress", "--update"]
+    out = cli(*upd).stdout.decode()
+    today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    assert f"30 skipped: deleted on {today}" in out and "added 0" in out, out
+    assert "1 samples rewritten" in out, out               # only the stored row's caption (k11)
+    st = Store.open(st.path)
+    ids, _, _ = stored_vectors(st)
+    assert len(ids) == 270 and not gone & set(ids) and not gone & set(sample_ids(st))
+    assert_stats_match_vectors(st)
+    # optimize keeps the record; doctor checks it
+    cli("optimize", str(st.path), "--retention-hours", "0")
+    p = cli("doctor", str(st.path), "--format", "json", check=False)
+    rep = json.loads(p.stdout)
+    assert p.returncode == 0 and any(f["check"] == "deletions" and "30 deleted ids" in f["detail"]
+                                     for f in rep["findings"]), rep
+    # undelete one: the next ingest of its source restores it (and still skips the other 29)
+    bad = cli("undelete", str(st.path), "--where", "nope = 1", check=False)
+    assert bad.returncode == 1 and "nope" in bad.stderr.decode() and "Traceback" not in bad.stderr.decode()
+    dry = cli("undelete", str(st.path), "--where", "id = '000000010'", "--dry-run").stdout.decode()
+    assert "would let 1 deleted ids back in" in dry, dry
+    out = cli("undelete", str(st.path), "--where", "id = '000000010'").stdout.decode()
+    assert "removed 1 ids from the deletions record" in out and str(pool) in out, out
+    out = cli(*args).stdout.decode()
+    assert "added 1," in out and f"29 skipped: deleted on {today}" in out, out
+    st = Store.open(st.path)
+    ids, _, txt = stored_vectors(st)
+    assert len(ids) == 271 and "000000010" in ids and not (gone - {"000000010"}) & set(ids)
+    np.testing.assert_array_equal(txt[ids.index("000000010")], txt0[10])
+    assert_stats_match_vectors(st)
+    assert json.loads(cli("query", str(st.path), "SELECT count(*) AS n FROM deletions", "--format",
+                          "json").stdout) == [{"n": 29}]
+    assert "added 0" in cli(*args).stdout.decode()          # the ledger is whole again: nothing re-read
+
+
+def test_kill_during_a_recorded_delete_leaves_no_record(tmp_path):
+    """The record is part of the delete's commit: a kill after the Lance writes leaves neither."""
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=200)
+    st = Store.init(tmp_path / "s")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress"]
+    cli(*args)
+    p = cli("delete", str(st.path), "--where", "id LIKE '0000000%'", env={"CLIPSQL_FAULT": "delete:after-lance"},
+            check=False)
+    assert p.returncode == -9
+    q = cli("query", str(st.path), "SELECT count(*) AS n FROM deletions", "--format", "json")
+    assert json.loads(q.stdout) == [{"n": 0}]
+    cli("delete", str(st.path), "--where", "id LIKE '0000000%'")      # the next writer rolls back, then deletes
+    q = cli("query", str(st.path), "SELECT count(*) AS n FROM deletions", "--format", "json")
+    assert json.loads(q.stdout) == [{"n": 100}]
+    assert len(sample_ids(Store.open(st.path))) == 100
+
+
+def test_deleted_content_ids_are_skipped_from_any_path(tmp_path, tiny_model):
+    """Content ids hash image bytes + caption: the same image and caption copied elsewhere is the
+    same id, and stays deleted."""
+    import shutil
+    from conftest import write_image_folder
+    src = write_image_folder(tmp_path / "a", 12)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(src), "--model", tiny_model, "--no-progress")
+    out = cli("delete", str(st.path), "--where", "caption LIKE '% 3' OR caption LIKE '% 7'").stdout.decode()
+    assert "deleted 2 samples" in out, out
+    shutil.copytree(src, tmp_path / "b")
+    out = cli("ingest", str(st.path), str(tmp_path / "b"), "--model", tiny_model, "--no-progress").stdout.decode()
+    assert "2 skipped: deleted on" in out and "added 0" in out, out
+    assert len(sample_ids(Store.open(st.path))) == 10

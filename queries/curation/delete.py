@@ -1,9 +1,14 @@
-"""`clipsql delete STORE --where SQL`: delete the samples a WHERE clause on `samples` selects.
+"""`clipsql delete STORE --where SQL`: delete the samples a WHERE clause on `samples` selects;
+`clipsql undelete STORE --where SQL`: let ingest restore ids the deletions record holds.
 
 The clause is evaluated by the same read-only DuckDB connection `clipsql query` uses (so
 metadata columns work: `--where "nsfw = 'UNLIKELY'"`), under the writer lock, on the
 committed snapshot; then store.manage deletes those samples from `samples` and every
-model's table in one commit, downdating the running statistics exactly.
+model's table in one commit, downdating the running statistics exactly, and records their
+ids in the deletions record (store.deletions) in that commit, so no ingest adds them again.
+`undelete`'s clause is on the `deletions` view (id, uri, caption, source, deleted_at,
+deleted_where); the matching records are removed and the source units that held them are
+forgotten, so the next ingest of their source restores them.
 """
 from __future__ import annotations
 
@@ -18,14 +23,15 @@ from clipsql.store.manage import delete_ids
 from clipsql.store.store import Store
 
 
-def ids_where(st: Store, where: str) -> Any:
-    """The distinct ids of `samples` rows matching `where` (an Arrow array)."""
+def ids_where(st: Store, where: str, view: str = "samples") -> Any:
+    """The distinct ids of `view` rows (`samples`, or the `deletions` record) matching `where`."""
     if not where.strip():
-        raise QueryError("--where is empty: give a condition on samples, e.g. --where \"caption IS NULL\" "
-                         "(to delete everything, say --where true)")
+        example = "caption IS NULL" if view == "samples" else "deleted_at > '2026-01-01'"
+        raise QueryError(f"--where is empty: give a condition on {view}, e.g. --where \"{example}\" "
+                         f"(for every row, say --where true)")
     con = connect(st)
     try:
-        tbl = fetch_table(con, f"SELECT DISTINCT id FROM samples WHERE ({where})")
+        tbl = fetch_table(con, f"SELECT DISTINCT id FROM {view} WHERE ({where})")
     finally:
         con.close()
     return tbl.column("id").combine_chunks()
@@ -41,6 +47,19 @@ def delete_where(st: Store, where: str, *, dry_run: bool = False) -> dict[str, A
             for rec in st.list_models():
                 rows[rec.model_id] = st.embeddings_table(rec).count_rows(filter=pc.field("id").isin(ids))
             return {"samples": len(ids), "rows": rows, "stale_fits": [], "dry_run": True}
-        out = delete_ids(st, ids)
+        out = delete_ids(st, ids, record=where)
+        out["dry_run"] = False
+        return out
+
+
+def undelete_where(st: Store, where: str, *, dry_run: bool = False) -> dict[str, Any]:
+    """Remove the deletions records matching `where` (SQL on the `deletions` view), so that the
+    next ingest of their source restores those ids; returns how many and the sources to re-ingest."""
+    with st.lock():
+        st.recover()
+        ids = ids_where(st, where, view="deletions")
+        if dry_run:
+            return {"ids": len(ids), "units": 0, "sources": [], "dry_run": True}
+        out = restore_ids(st, ids)
         out["dry_run"] = False
         return out

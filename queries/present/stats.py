@@ -67,9 +67,10 @@ def format_report(r: dict[str, Any]) -> str:
                      + ", ".join(f"{x:.4g}" for x in m["top_eigenvalues"]))
     if "fit" in r:
         f = r["fit"]
+        since = (f"{f['rows_added_since']} rows added since ({100 * f['share_added_since']:.1f}%)"
+                 if f["rows_added_since"] >= 0 else f"{-f['rows_added_since']} fewer rows since (deleted or lost)")
         lines.append(f"  fit #{f['fit_id']}: reference M={f['reference_size']} from {f['n_rows']} rows, "
-                     f"{f['rows_added_since']} rows added since ({100 * f['share_added_since']:.1f}%), "
-                     f"options {f['options']}")
+                     f"{since}, options {f['options']}")
         if f.get("stale"):
             lines.append(f"  ! {f['stale']}")
     return "\n".join(lines)

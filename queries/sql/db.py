@@ -30,6 +30,7 @@ from clipsql.queries.sql.functions import score_expressions
 from clipsql.store import catalog as cat
 from clipsql.store.store import Store
 from clipsql.store.tables import SAMPLES, dedup_table_name, metadata_aliases, samples_schema, stored_table_name
+from clipsql.store import deletions
 
 
 def quote_ident(name: str) -> str:
@@ -100,6 +101,7 @@ def register_views(con: Any, st: Store) -> None:
     _register_samples(con, st, versions)
     _register_embeddings(con, st, versions)
     _register_rejects(con, st)
+    _register_deletions(con, st, versions)
 
 
 def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
@@ -159,6 +161,14 @@ def _register_rejects(con: Any, st: Store) -> None:
     con.register("_rejects", pa.table(data, schema=schema))
     con.execute("CREATE OR REPLACE VIEW rejects AS SELECT reject_id, run_id, model_id AS model, source, location, "
                 "reason, detail, to_timestamp(created_at) AS created_at FROM _rejects")
+
+
+def _register_deletions(con: Any, st: Store, versions: dict[str, int]) -> None:
+    """View `deletions`: the ids `clipsql delete` removed (what ingest skips, what undelete selects)."""
+    tbl = deletions.table(st, versions.get(deletions.TABLE)) if deletions.TABLE in versions else None
+    con.register("_lance_deletions", tbl if tbl is not None else deletions.deletions_schema().empty_table())
+    con.execute("CREATE OR REPLACE VIEW deletions AS SELECT id, uri, caption, source, deleted_at, deleted_where "
+                "FROM _lance_deletions")
 
 
 def _register_stats(con: Any, st: Store) -> None:
