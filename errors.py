@@ -54,3 +54,7 @@ class SelectionError(ClipsqlError, ValueError):
 
 class CatalogError(ClipsqlError, ConnectionError):
     """The catalog database cannot be reached or used (bad URL, missing driver, server down)."""
+
+
+class TagError(ClipsqlError, ValueError):
+    """A tag that cannot be stored as given (empty or overlong name, ids that are not samples)."""

@@ -179,11 +179,12 @@ def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: s
                 spec=cat.to_json(m["spec"]), created_at=time.time()))
             set_committed_version(conn, name, good, None)
         models.append(m["model_id"])
-    if exists(st.table_uri("samples")):
-        good = _newest_readable(st, "samples", None, report, repair=True)
-        if good is not None:
-            with st.engine.begin() as conn:
-                set_committed_version(conn, "samples", good, None)
+    for name in ("samples", "tags"):
+        if exists(st.table_uri(name)):
+            good = _newest_readable(st, name, None, report, repair=True)
+            if good is not None:
+                with st.engine.begin() as conn:
+                    set_committed_version(conn, name, good, None)
     if models:
         st.set_setting("default_model", models[0])
     targets = [n for n in st.table_names() if n.startswith("target_")]
@@ -259,7 +260,8 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
 def _check_tables(st: Store, report: Report, repair: bool) -> None:
     import lance
     recorded = st.committed_versions()
-    names = (["samples"] if exists(st.table_uri("samples")) else []) + [m.table_name for m in st.list_models()]
+    names = (["samples"] if exists(st.table_uri("samples")) else []) + [m.table_name for m in st.list_models()] \
+        + (["tags"] if exists(st.table_uri("tags")) else [])      # a model's table must exist: checked below
     for name in names:
         uri = st.table_uri(name)
         check = f"table {name}"

@@ -334,6 +334,12 @@ class Store:
         with self.engine.begin() as conn:
             set_committed_version(conn, name, ds.version, None)
 
+    def versioned_tables(self) -> list[str]:
+        """The Lance tables whose committed version the ledger names and that exist: `samples`, each
+        model's table and `tags` (store.tags)."""
+        names = ["samples"] + [m.table_name for m in self.list_models()] + ["tags"]
+        return [n for n in names if exists(self.table_uri(n))]
+
     def committed_versions(self) -> dict[str, int]:
         """{table: the Lance version the ledger's last commit names} (what readers open)."""
         with self.engine.connect() as conn:
@@ -374,11 +380,8 @@ class Store:
         self.abort_dead_runs()
         recorded = self.committed_versions()
         rolled: dict[str, int] = {}
-        names = ["samples"] + [m.table_name for m in self.list_models()]
-        for name in names:
+        for name in self.versioned_tables():
             uri = self.table_uri(name)
-            if not exists(uri):
-                continue
             latest = lance.dataset(uri)
             if name not in recorded:
                 with self.engine.begin() as conn:

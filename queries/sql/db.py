@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
+from clipsql.store import tags
 from clipsql.store.store import Store, metadata_aliases
 
 
@@ -89,6 +90,7 @@ def register_views(con: Any, st: Store) -> None:
     versions = st.committed_versions()
     _register_samples(con, st, versions)
     _register_embeddings(con, st, versions)
+    _register_tags(con, st, versions)
     _register_rejects(con, st)
 
 
@@ -139,6 +141,15 @@ def _vec(col: str) -> str:
     """A vector column as an expression DuckDB does not push into the Lance scan: its Arrow scan
     pushes `v IS NULL` without projecting `v`, which Lance refuses ("No match for FieldRef")."""
     return f"CASE WHEN {col} IS NULL THEN NULL ELSE {col} END"
+
+
+def _register_tags(con: Any, st: Store, versions: dict[str, int]) -> None:
+    """View `tags` (id, tag, tagged_at): the tags table (store.tags) at its committed version; empty
+    before the first tag."""
+    version = versions.get(tags.TABLE)
+    ds = st.dataset(tags.TABLE, version) if version is not None else tags.tags_schema().empty_table()
+    con.register("_lance_tags", ds)
+    con.execute("CREATE OR REPLACE VIEW tags AS SELECT id, tag, tagged_at FROM _lance_tags")
 
 
 def _register_rejects(con: Any, st: Store) -> None:

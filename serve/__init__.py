@@ -1,0 +1,1 @@
+"""clipsql serve: the SQL endpoint and the curation app over one store."""
