@@ -152,7 +152,7 @@ function tile(row, i) {
     el('div', { class: 'vals', text: Object.entries(row.values || {}).map(([k, v]) => `${k} ${fmt(v)}`).join(' · ') }),
     el('div', { class: 'tags' }, ...(row.tags || []).map(x => el('span', { class: 'chip', text: x }))),
     el('div', { class: 'acts' },
-      el('button', { type: 'button', title: 'Details (Enter)', 'data-act': 'detail', text: 'ⓘ' }),
+      el('button', { type: 'button', title: 'Details (Enter)', 'data-act': 'detail', text: 'i' }),
       el('button', { type: 'button', title: 'More like this (m)', 'data-act': 'like', text: '≈' })));
   if (S.broken.has(row.id)) broken(t, S.broken.get(row.id));
   else {
