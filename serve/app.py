@@ -50,7 +50,7 @@ from clipsql.errors import ClipsqlError, QueryError, StoreLocked
 from clipsql.queries.curation.selection import OUTPUT_FORMATS, select
 from clipsql.queries.sql.db import quote_ident
 from clipsql.serve import viewsql
-from clipsql.serve.results import Results, Snapshots, run
+from clipsql.serve.results import Results, Snapshots, run, search_table
 from clipsql.serve.thumbs import Thumbs, is_remote
 from clipsql.store import catalog as cat
 from clipsql.store import tags as tagstore
@@ -158,7 +158,14 @@ def _view(app: AppState, con: Any, key: tuple, state: dict) -> tuple[viewsql.Vie
     view, base = viewsql.build_view(con, app.st, state or {}, None, default)
     params: dict = {}
     sql = base.render(params)
-    result = app.results.get(con, sql, params, app.data_key(con, key, sql))
+    make = None
+    search = (state or {}).get("search")
+    if search:
+        s = viewsql.search_of(app.st, search)
+        vparams: dict = {}
+        vector = s.vector.render(vparams)
+        make = lambda: search_table(con, vector, s.k, s.model, vparams)  # noqa: E731
+    result = app.results.get(con, sql, params, app.data_key(con, key, sql), make)
     view, _ = viewsql.build_view(con, app.st, state or {}, result.schema, default)
     return view, result, params
 
@@ -416,7 +423,7 @@ def export(app: AppState, body: dict) -> dict:
     folder = app.exports / eid
     folder.mkdir()
     out = folder / ("selection" + EXPORT_EXT[fmt])
-    side = select(app.st, sql=sql, output=out, format=fmt)
+    side = select(app.st, sql=sql, output=out)       # the suffix names the format, as on the command line
     with app._lock:
         app.export_ids.append(eid)
         while len(app.export_ids) > EXPORTS_KEPT:

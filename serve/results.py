@@ -107,7 +107,7 @@ class Snapshots:
         for c in stale:
             c.close()
         if con is None:
-            con = connect(self.st)
+            con = connect(self.st, progress_bar=False)
         ok = False
         try:
             yield con, key
@@ -133,14 +133,18 @@ class Snapshots:
 class Result:
     """One query's rows at one snapshot: ids in the query's order, columns materialized on demand."""
 
-    def __init__(self, con: Any, sql: str, params: dict, key: tuple):
+    def __init__(self, con: Any, sql: str, params: dict, key: tuple, table: pa.Table | None = None):
+        """`table`: the query's whole result, already computed (a search); else its ids are read now."""
         self.sql, self.params, self.key = sql, dict(params), key
         rel = _describe(con, sql, params)
         self.schema: dict[str, str] = dict(rel)
         if "id" not in self.schema:
             raise QueryError(f"the grid's SQL must return an `id` column (it returns "
                              f"{', '.join(self.schema) or 'nothing'}); e.g. SELECT id, clip_score FROM scores")
-        ids = run(con, f"SELECT id::VARCHAR AS id FROM (\n{sql}\n) AS q", params).column("id").combine_chunks()
+        if table is not None:
+            ids = table.column("id").combine_chunks().cast(pa.string())
+        else:
+            ids = run(con, f"SELECT id::VARCHAR AS id FROM (\n{sql}\n) AS q", params).column("id").combine_chunks()
         if ids.null_count:
             raise QueryError(f"the grid's SQL returned {ids.null_count} rows with a NULL id: every row needs one")
         if pc.count_distinct(ids).as_py() != len(ids):
@@ -156,6 +160,8 @@ class Result:
         self.hist_edges: dict[str, tuple[float, float]] = {}
         self.last_used = time.monotonic()
         self.seconds: dict[str, float] = {}
+        if table is not None:
+            self.columns = {n: table.column(n).combine_chunks() for n in table.column_names if n != "id"}
 
     @property
     def nbytes(self) -> int:
@@ -263,6 +269,26 @@ class Result:
         return hit
 
 
+def search_table(con: Any, vector_sql: str, k: int, model: str, params: dict) -> pa.Table:
+    """The rows of a search (`nearest` joined with `samples`), computed as two cheap queries: the top k,
+    then their samples rows by id (a filter Lance answers from its index), not a join over every sample."""
+    near = run(con, f"SELECT id, score AS similarity FROM nearest({vector_sql}, {int(k)}, model := $_model)",
+               {**params, "_model": model})
+    ids = near.column("id").combine_chunks()
+    if not len(ids):
+        rows = run(con, "SELECT * EXCLUDE (metadata) FROM samples LIMIT 0")
+    else:
+        names = [f"_i{i}" for i in range(len(ids))]
+        rows = run(con, f"SELECT * EXCLUDE (metadata) FROM samples WHERE id IN ({', '.join('$' + n for n in names)})",
+                   dict(zip(names, ids.to_pylist())))
+    rows = rows.take(pc.index_in(ids, value_set=rows.column("id").combine_chunks()))
+    cols = {"id": ids, "similarity": near.column("similarity").combine_chunks()}
+    for name in rows.column_names:
+        if name != "id":
+            cols[name] = rows.column(name).combine_chunks()
+    return pa.table(cols)
+
+
 def _floats(values: pa.Array) -> np.ndarray:
     if pa.types.is_decimal(values.type) or pa.types.is_integer(values.type) or pa.types.is_boolean(values.type):
         values = values.cast(pa.float64())
@@ -288,7 +314,8 @@ class Results:
         self._making: dict[tuple, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, con: Any, sql: str, params: dict, key: tuple) -> Result:
+    def get(self, con: Any, sql: str, params: dict, key: tuple, make: Any = None) -> Result:
+        """The Result of `sql` at snapshot `key`; `make()` → its whole table, when cheaper than the ids first."""
         k = (sql, tuple(sorted((a, repr(b)) for a, b in params.items())), key)
         with self._lock:
             hit = self._items.get(k)
@@ -301,7 +328,7 @@ class Results:
             with self._lock:
                 hit = self._items.get(k)
             if hit is None:
-                hit = Result(con, sql, params, key)
+                hit = Result(con, sql, params, key, make() if make is not None else None)
                 with self._lock:
                     self._items[k] = hit
                     self._making.pop(k, None)

@@ -71,25 +71,48 @@ def check_select(con: Any, sql: str) -> str:
 
 
 def check_where(con: Any, text: str) -> tuple[str, set[str]]:
-    """The WHERE box checked as one boolean expression; (its text, the column names it names)."""
+    """The WHERE box checked as one boolean expression; (its text, the column names it names).
+
+    `SELECT * FROM q WHERE <text>` and `SELECT * FROM q WHERE (<text>)` (the form the app runs) must
+    both parse as a single plain SELECT of q, with the same condition: text that closes the
+    parenthesis early, comments it out or appends a clause parses differently or not at all."""
     text = text.strip()
-    tree = serialize(con, f"SELECT * FROM q WHERE (\n{text}\n)")
-    stmts = tree.get("statements", [])
-    node = stmts[0].get("node", {}) if len(stmts) == 1 else {}
-    plain = (node.get("type") == "SELECT_NODE" and not node.get("modifiers") and not _cte(node)
-             and not node.get("group_expressions") and not node.get("group_sets") and node.get("having") is None
-             and node.get("qualify") is None and node.get("sample") is None
-             and [s.get("class") for s in node.get("select_list", [])] == ["STAR"]
-             and (node.get("from_table") or {}).get("type") == "BASE_TABLE"
-             and (node.get("from_table") or {}).get("table_name") == "q" and node.get("where_clause") is not None)
-    if not plain:
-        raise ViewError("the WHERE box takes one SQL condition (e.g. kind = 'photo' AND width >= 256), "
-                        "not a statement or a query clause")
-    if _find(node["where_clause"], lambda n: n.get("class") == "PARAMETER"):
+    if not text:
+        raise ViewError("the WHERE box is empty")
+    trees = []
+    for sql in (f"SELECT * FROM q WHERE {text}", f"SELECT * FROM q WHERE ({text})"):
+        try:
+            stmts = serialize(con, sql).get("statements", [])
+        except ViewError as e:
+            raise ViewError(f"the WHERE box: {e}") from None
+        node = stmts[0].get("node", {}) if len(stmts) == 1 else {}
+        plain = (node.get("type") == "SELECT_NODE" and not node.get("modifiers") and not _cte(node)
+                 and not node.get("group_expressions") and not node.get("group_sets") and node.get("having") is None
+                 and node.get("qualify") is None and node.get("sample") is None
+                 and [x.get("class") for x in node.get("select_list", [])] == ["STAR"]
+                 and (node.get("from_table") or {}).get("type") == "BASE_TABLE"
+                 and (node.get("from_table") or {}).get("table_name") == "q"
+                 and node.get("where_clause") is not None)
+        if not plain:
+            raise ViewError("the WHERE box takes one SQL condition (e.g. kind = 'photo' AND width >= 256), "
+                            "not a statement or a query clause")
+        trees.append(_without_locations(node["where_clause"]))
+    if trees[0] != trees[1]:
+        raise ViewError("the WHERE box takes one SQL condition; its parentheses do not balance")
+    where = trees[1]
+    if _find(where, lambda n: n.get("class") == "PARAMETER"):
         raise ViewError("the WHERE box cannot hold parameters ($1, ?): write the values")
-    names = {n["column_names"][-1] for n in _find(node["where_clause"], lambda n: n.get("class") == "COLUMN_REF")
+    names = {n["column_names"][-1] for n in _find(where, lambda n: n.get("class") == "COLUMN_REF")
              if n.get("column_names")}
     return text, names
+
+
+def _without_locations(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _without_locations(v) for k, v in tree.items() if not k.startswith("query_location")}
+    if isinstance(tree, list):
+        return [_without_locations(v) for v in tree]
+    return tree
 
 
 def table_names(con: Any, sql: str) -> set[str]:
@@ -228,22 +251,32 @@ def default_sql(st: Any, samples_cols: list[str]) -> str:
             + f"\nFROM scores sc JOIN samples s USING (id)\nWHERE sc.model = {quote_literal(rec.model_id)}")
 
 
-def search_sql(st: Any, search: dict, k: int = SEARCH_K) -> Sql:
-    """The rows of a search: a text prompt (text → image) or an id (image → image), best first."""
+@dataclass
+class Search:
+    """A search: the query vector's SQL, k and the model; `sql` is the grid's query it stands for."""
+    vector: Sql
+    k: int
+    model: str
+    sql: Sql
+
+
+def search_of(st: Any, search: dict, k: int = SEARCH_K) -> Search:
+    """A text prompt (text → image) or an id (image → image): the `nearest` query, best first."""
     rec = st.model()
     m = Val(rec.model_id)
     if "text" in search:
         prompt = _text(search["text"], "the search prompt", 2000).strip()
         if not prompt:
             raise ViewError("type a prompt to search")
-        query = Sql().add("text_embedding(", Val(prompt), ", ", m, ")")
+        vector = Sql().add("text_embedding(", Val(prompt), ", ", m, ")")
     elif "like" in search:
-        query = Sql().add("(SELECT image_embedding FROM embeddings WHERE id = ",
-                          Val(_text(search["like"], "the id", 1000)), " AND model = ", m, ")")
+        vector = Sql().add("(SELECT image_embedding FROM embeddings WHERE id = ",
+                           Val(_text(search["like"], "the id", 1000)), " AND model = ", m, ")")
     else:
         raise ViewError("a search is {\"text\": prompt} or {\"like\": id}")
-    return Sql().add("SELECT n.id, n.score AS similarity, s.* EXCLUDE (id, metadata)\nFROM nearest(", query,
-                     f", {int(k)}, model := ", m, ") n JOIN samples s USING (id)\nORDER BY n.score DESC, n.id")
+    sql = Sql().add("SELECT n.id, n.score AS similarity, s.* EXCLUDE (id, metadata)\nFROM nearest(", vector,
+                    f", {int(k)}, model := ", m, ") n JOIN samples s USING (id)\nORDER BY n.score DESC, n.id")
+    return Search(vector, int(k), rec.model_id, sql)
 
 
 def build_view(con: Any, st: Any, state: dict, schema: dict[str, str] | None, default: str) -> tuple[View, Any]:
@@ -255,7 +288,7 @@ def build_view(con: Any, st: Any, state: dict, schema: dict[str, str] | None, de
     if search:
         if not isinstance(search, dict):
             raise ViewError("a search is {\"text\": prompt} or {\"like\": id}")
-        base = search_sql(st, search)
+        base = search_of(st, search).sql
     else:
         sql = state.get("sql")
         base = Sql().add(check_select(con, _text(sql, "the grid's SQL", MAX_SQL_CHARS) if sql else default))

@@ -37,13 +37,16 @@ def open_store(store: Store | str | os.PathLike) -> Store:
 
 
 def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = False,
-            threads: int | None = None, fits: dict | None = None) -> Any:
+            threads: int | None = None, fits: dict | None = None, progress_bar: bool = True) -> Any:
     """An in-memory DuckDB connection over the store: views, stats and score functions.
-    `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks)."""
+    `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks);
+    `progress_bar=False`: no progress bar on stderr for long queries (a server)."""
     import duckdb
     st = open_store(store)
     config = {"threads": threads} if threads else {}
     con = duckdb.connect(":memory:", config=config)
+    if not progress_bar:
+        con.execute("SET enable_progress_bar = false")
     register_views(con, st)
     from clipsql.queries.sql import functions
     ctx = functions.register(con, st)
