@@ -10,7 +10,8 @@ builds the vector index (`clipsql index`). Then serves it with uvicorn in a chil
 (`clipsql.serve.app.create_app`, loopback) and times, from this process over HTTP:
 
 * `cold_*`: the first grid page (the default view's ids), the first histogram of each timed
-  column (computing it over every row once; later requests read the cached column);
+  column (computing it over every row once; later requests read the cached column), the first
+  prompt (the server process imports torch and loads the text tower);
 * `page`: a grid page (100 rows, thumbnails not included) at seeded random offsets of the default view,
   unfiltered, then with a brush on `clip_score`, then sorted by `clip_score`;
 * `hist`: the histogram of a score column under a seeded random brush on another;
@@ -204,7 +205,7 @@ def run(store: Path, args: argparse.Namespace) -> tuple[dict, dict]:
         n = args.requests
         figures["cold_page_s"], first = post("/api/page", {"state": {}, "offset": 0, "limit": 100})
         total = first["total"]
-        for col in ("clip_score", "image_conformity", "image_info_gain"):
+        for col in ("clip_score", "image_conformity", "image_info_gain_approx"):
             figures[f"cold_hist_{col}_s"], _ = post("/api/histogram", {"state": {}, "column": col})
         offsets = rng.integers(0, max(1, total - 100), n)
         timings["page"] = pct([post("/api/page", {"state": {}, "offset": int(o), "limit": 100})[0] for o in offsets])
@@ -215,6 +216,9 @@ def run(store: Path, args: argparse.Namespace) -> tuple[dict, dict]:
                                                          "offset": int(o), "limit": 100})[0] for o in offsets])
         timings["hist"] = pct([post("/api/histogram", {"state": {"brushes": {"clip_score": b}},
                                                        "column": "image_conformity"})[0] for b in brushes])
+        figures["cold_search_s"], _ = post("/api/page", {"state": {"search": {"text": "a red circle"}}, "offset": 0,
+                                                         "limit": 100})     # loads the text tower once
+        print(f"cold: {figures}", flush=True)
         prompts = [" ".join(WORDS[rng.integers(0, len(WORDS), 3)]) for _ in range(n)]
         timings["search"] = pct([post("/api/page", {"state": {"search": {"text": p}}, "offset": 0,
                                                     "limit": 100})[0] for p in prompts])

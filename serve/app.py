@@ -164,7 +164,8 @@ def _view(app: AppState, con: Any, key: tuple, state: dict) -> tuple[viewsql.Vie
         s = viewsql.search_of(app.st, search)
         vparams: dict = {}
         vector = s.vector.render(vparams)
-        make = lambda: search_table(con, vector, s.k, s.model, vparams)  # noqa: E731
+        version = dict(key[0]).get("samples")
+        make = lambda: search_table(con, app.st, version, vector, s.k, s.model, vparams)  # noqa: E731
     result = app.results.get(con, sql, params, app.data_key(con, key, sql), make)
     view, _ = viewsql.build_view(con, app.st, state or {}, result.schema, default)
     return view, result, params
@@ -259,7 +260,7 @@ def histogram(app: AppState, body: dict) -> dict:
         if not isinstance(name, str) or name not in result.schema or not viewsql.is_numeric(result.schema[name]):
             raise viewsql.ViewError(f"{name!r} is not a numeric column of the grid's rows")
         t0 = time.perf_counter()
-        pos = result.select(con, view, skip_brush=name, filter_key=_filter_key(key, view))
+        pos = result.select(con, view, skip_brush=name, ordered=False, filter_key=_filter_key(key, view))
         out = result.histogram(con, name, pos, bins)
         out["brush"] = list(view.brush_columns[name]) if name in view.brush_columns else None
         out["seconds"] = round(time.perf_counter() - t0, 4)

@@ -33,9 +33,10 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from clipsql.errors import QueryError
-from clipsql.queries.sql.db import connect, quote_ident
+from clipsql.queries.sql.db import connect, quote_ident, samples_select_list
 from clipsql.store import catalog as cat
-from clipsql.store.store import Store
+from clipsql.store import tags as tagstore
+from clipsql.store.store import Store, samples_schema
 
 DEFAULT_CACHE_MB = 2048
 MAX_IDLE = 4
@@ -96,18 +97,25 @@ class Snapshots:
     def connection(self) -> Iterator[tuple[Any, tuple]]:
         """(a prepared connection, its snapshot key) for one request."""
         key = self.key()
-        con = None
+        con = retag = None
         with self._lock:
             for i, (k, c) in enumerate(self._idle):
                 if k == key:
                     con = self._idle.pop(i)[1]
                     break
-            stale = [c for k, c in self._idle if k != key]
-            self._idle = [(k, c) for k, c in self._idle if k == key]
+            if con is None:       # only the tags moved (a tag commit): keep the connection, move its `tags`
+                for i, (k, c) in enumerate(self._idle):
+                    if self.without_tags(k) == self.without_tags(key):
+                        con, retag = self._idle.pop(i)[1], dict(key[0]).get(tagstore.TABLE)
+                        break
+            stale = [c for k, c in self._idle if self.without_tags(k) != self.without_tags(key)]
+            self._idle = [(k, c) for k, c in self._idle if self.without_tags(k) == self.without_tags(key)]
         for c in stale:
             c.close()
+        if retag is not None:
+            con.register("_lance_tags", self.st.dataset(tagstore.TABLE, retag))
         if con is None:
-            con = connect(self.st, progress_bar=False)
+            con = connect(self.st, progress_bar=False)    # the models of `text_embedding` load per connection
         ok = False
         try:
             yield con, key
@@ -202,23 +210,27 @@ class Result:
             cols[n] = self.column(con, n)
         return pa.table(cols)
 
-    def select(self, con: Any, view: Any, *, skip_brush: str | None = None, filter_key: tuple = ()) -> np.ndarray:
-        """Positions of the rows the view's conditions keep, in the view's order (kept for reuse)."""
+    def select(self, con: Any, view: Any, *, skip_brush: str | None = None, ordered: bool = True,
+               filter_key: tuple = ()) -> np.ndarray:
+        """Positions of the rows the view's conditions keep (all but `skip_brush`'s brush), in the view's
+        order (`ordered=False`: in any order, for counts); kept for reuse."""
         conds = [c for c in view.conds if skip_brush is None or c.brush != skip_brush]
-        if not conds and view.order is None:
+        order_sql = view.order if ordered else None
+        if not conds and order_sql is None:
             return np.arange(self.n, dtype=np.int64)
         params: dict = {}
         where = " AND ".join(c.render(params) for c in conds)
-        order = view.order.render(params) if view.order is not None else "_pos"
-        sql = f"SELECT _pos FROM _app_rows AS q{' WHERE ' + where if where else ''} ORDER BY {order}"
+        order = order_sql.render(params) if order_sql is not None else "_pos"
+        sql = f"SELECT _pos FROM _app_rows AS q{' WHERE ' + where if where else ''}"
+        if order_sql is not None:
+            sql += f" ORDER BY {order}"
         key = (sql, tuple(sorted((k, repr(v)) for k, v in params.items())), filter_key)
         with self._lock:
             hit = self.filters.get(key)
             if hit is not None:
                 self.filters.move_to_end(key)
                 return hit
-        needed = set(view.columns) - ({skip_brush} if skip_brush else set())
-        tbl = self.table(con, needed)
+        tbl = self.table(con, view.columns)
         con.register("_app_rows", tbl)
         try:
             pos = run(con, sql, params).column("_pos").to_numpy()
@@ -269,18 +281,22 @@ class Result:
         return hit
 
 
-def search_table(con: Any, vector_sql: str, k: int, model: str, params: dict) -> pa.Table:
-    """The rows of a search (`nearest` joined with `samples`), computed as two cheap queries: the top k,
-    then their samples rows by id (a filter Lance answers from its index), not a join over every sample."""
+def search_table(con: Any, st: Store, samples_version: int | None, vector_sql: str, k: int, model: str,
+                 params: dict) -> pa.Table:
+    """The rows of a search (`nearest` joined with `samples`), computed as two cheap steps: the top k, then
+    their samples rows read from Lance by id at the snapshot's version (its id index answers; the `samples`
+    view's columns put over them), not a join over every sample."""
     near = run(con, f"SELECT id, score AS similarity FROM nearest({vector_sql}, {int(k)}, model := $_model)",
                {**params, "_model": model})
-    ids = near.column("id").combine_chunks()
-    if not len(ids):
-        rows = run(con, "SELECT * EXCLUDE (metadata) FROM samples LIMIT 0")
-    else:
-        names = [f"_i{i}" for i in range(len(ids))]
-        rows = run(con, f"SELECT * EXCLUDE (metadata) FROM samples WHERE id IN ({', '.join('$' + n for n in names)})",
-                   dict(zip(names, ids.to_pylist())))
+    ids = near.column("id").combine_chunks().cast(pa.string())
+    ds = st.samples_table(samples_version)
+    raw = ds.to_table(filter=pc.field("id").isin(ids)) if ds is not None and len(ids) else \
+        samples_schema().empty_table()
+    con.register("_app_search_rows", raw)
+    try:
+        rows = run(con, f"SELECT * EXCLUDE (metadata) FROM (SELECT {samples_select_list(st)} FROM _app_search_rows)")
+    finally:
+        con.unregister("_app_search_rows")
     rows = rows.take(pc.index_in(ids, value_set=rows.column("id").combine_chunks()))
     cols = {"id": ids, "similarity": near.column("similarity").combine_chunks()}
     for name in rows.column_names:

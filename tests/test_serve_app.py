@@ -92,6 +92,10 @@ def test_histograms_count_the_sql_values(client, store):
     assert h["all"] == np.histogram(x, bins=12, range=(lo, hi))[0].tolist()
     assert h["selected"] == np.histogram(sel, bins=12, range=(lo, hi))[0].tolist()
     assert h["brush"] == [0.0, 0.5]
+    sorted_state = dict(state, sort={"column": "clip_score", "desc": True})      # its own column sorts the grid
+    h2 = client.post("/api/histogram", json={"state": sorted_state, "column": "clip_score", "bins": 12})
+    assert h2.status_code == 200, h2.text
+    assert h2.json()["selected"] == h["selected"]
     bad = client.post("/api/histogram", json={"state": {}, "column": "kind"})
     assert bad.status_code == 400 and "not a numeric column" in bad.json()["error"]
 

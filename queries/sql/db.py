@@ -102,6 +102,13 @@ def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
     from clipsql.store.store import samples_schema
     tbl = st.samples_table(versions.get("samples"))
     con.register("_lance_samples", tbl if tbl is not None else samples_schema().empty_table())
+    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {samples_select_list(st)} FROM _lance_samples")
+    del pa
+
+
+def samples_select_list(st: Store) -> str:
+    """The `samples` view's columns over a table of the Lance `samples` schema: the metadata keys as
+    typed columns (so the same view can be put over a few rows read from Lance directly)."""
     base = ["id", "uri", "caption", "width", "height"]
     cols = [quote_ident(c) for c in base]
     meta = st.metadata_columns()
@@ -115,8 +122,7 @@ def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
             expr = f"TRY_CAST(json_extract_string(metadata, {path}) AS {sql_type})"
         cols.append(f"{expr} AS {quote_ident(alias)}")
     cols += ["source", "location", "caption_truncated", "metadata"]
-    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {', '.join(cols)} FROM _lance_samples")
-    del pa
+    return ", ".join(cols)
 
 
 def _json_path_key(name: str) -> str:

@@ -47,7 +47,7 @@ function fmt(v) {
 // ------------------------------------------------------------------ state
 function showColumns() {
   const st = S.state, out = [];
-  if (st.search && S.columns.some(c => c.name === 'similarity')) out.push('similarity');
+  if (st.search) out.push('similarity');
   if (st.sort && st.sort.column) out.push(st.sort.column);
   for (const c of Object.keys(st.brushes || {})) out.push(c);
   return [...new Set(out)].filter(c => !['id', 'uri', 'caption'].includes(c));
@@ -75,7 +75,13 @@ async function apply(opts) {
     await loadPage(0, gen);
   } catch (e) {
     status(e.message, true);
-    if (S.prev && !opts.noRevert) { S.state = S.prev; S.prev = null; syncControls(); return apply({ noRevert: true }); }
+    if (S.prev && !opts.noRevert) {                // show the last state that ran, keep the message
+      S.state = S.prev; S.prev = null; syncControls();
+      await apply({ noRevert: true, keepScroll: true });
+      status(e.message, true);
+      return;
+    }
+    document.body.dataset.gen = String(gen);
     return;
   }
   S.prev = JSON.parse(JSON.stringify(S.state));
@@ -84,6 +90,7 @@ async function apply(opts) {
   buildHists();
   render();
   updateSelInfo();
+  document.body.dataset.gen = String(gen);      // tests wait on this: the grid shows the new state
 }
 
 function change(mutate, opts) {
