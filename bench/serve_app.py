@@ -15,7 +15,8 @@ builds the vector index (`clipsql index`). Then serves it with uvicorn in a chil
 * `page`: a grid page (100 rows, thumbnails not included) at seeded random offsets of the default view,
   unfiltered, then with a brush on `clip_score`, then sorted by `clip_score`;
 * `hist`: the histogram of a score column under a seeded random brush on another;
-* `search`: a text prompt through `nearest` (the vector index);
+* `search`: a text prompt through `nearest` (the vector index), new prompts; `search_again`: new
+  prompts again, once the index partitions the first ones read are in Lance's cache;
 * `tag`: a tag commit of 3 ids (the writer lock, one Lance append, one ledger transaction);
 * `thumb`: a thumbnail (first read of a file, then the cache).
 
@@ -222,6 +223,8 @@ def run(store: Path, args: argparse.Namespace) -> tuple[dict, dict]:
         prompts = [" ".join(WORDS[rng.integers(0, len(WORDS), 3)]) for _ in range(n)]
         timings["search"] = pct([post("/api/page", {"state": {"search": {"text": p}}, "offset": 0,
                                                     "limit": 100})[0] for p in prompts])
+        timings["search_again"] = pct([post("/api/page", {"state": {"search": {"text": p + " again"}}, "offset": 0,
+                                                          "limit": 100})[0] for p in prompts])
         ids = [r["id"] for r in post("/api/page", {"state": {}, "offset": 0, "limit": 100})[1]["rows"]]
         timings["tag"] = pct([post("/api/tags", {"action": "add", "tag": f"bench{i % 4}",
                                                  "ids": ids[3 * (i % 30): 3 * (i % 30) + 3]})[0] for i in range(n)])

@@ -81,9 +81,20 @@ class AppState:
         self._uri_key: tuple | None = None
         self._lock = threading.Lock()
         self._writer: Store | None = None
+        self._samples: tuple[int | None, Any] | None = None
         self.exports = Path(tempfile.mkdtemp(prefix="clipsql-app-exports-"))
         atexit.register(shutil.rmtree, self.exports, True)
         self.export_ids: list[str] = []
+
+    def samples_dataset(self, version: int | None) -> Any:
+        """The Lance `samples` dataset at `version`, opened once per version (None before the first ingest)."""
+        with self._lock:
+            if self._samples is not None and self._samples[0] == version:
+                return self._samples[1]
+        ds = self.st.samples_table(version) if version is not None else None
+        with self._lock:
+            self._samples = (version, ds)
+        return ds
 
     def writer(self) -> Store:
         """The store opened for writing (tags only)."""
@@ -164,8 +175,8 @@ def _view(app: AppState, con: Any, key: tuple, state: dict) -> tuple[viewsql.Vie
         s = viewsql.search_of(app.st, search)
         vparams: dict = {}
         vector = s.vector.render(vparams)
-        version = dict(key[0]).get("samples")
-        make = lambda: search_table(con, app.st, version, vector, s.k, s.model, vparams)  # noqa: E731
+        samples = app.samples_dataset(dict(key[0]).get("samples"))
+        make = lambda: search_table(con, samples, app.st, vector, s.k, s.model, vparams)  # noqa: E731
     result = app.results.get(con, sql, params, app.data_key(con, key, sql), make)
     view, _ = viewsql.build_view(con, app.st, state or {}, result.schema, default)
     return view, result, params
@@ -476,6 +487,10 @@ def create_app(store: str | os.PathLike | Store, *, auth: Any = None, remote_ima
     def endpoint(fn: Callable, *, body: bool = True) -> Callable:
         async def handler(request: Request) -> Response:
             try:
+                if request.method == "POST":
+                    refused = _cross_site(request)
+                    if refused is not None:
+                        return refused
                 if body:
                     try:
                         data = await request.json()
@@ -490,6 +505,17 @@ def create_app(store: str | os.PathLike | Store, *, auth: Any = None, remote_ima
                 return error(e)
             return JSONResponse(out, headers={"Cache-Control": "no-store"})
         return handler
+
+    def _cross_site(request: Request) -> Response | None:
+        """A write from another site's page (a form posted at this server) is refused: API writes are
+        JSON (which another origin cannot send without CORS, never granted here) from this origin."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            return JSONResponse({"error": "send JSON (Content-Type: application/json)"}, status_code=415)
+        origin = request.headers.get("origin")
+        if origin and origin != "null" and origin.split("://", 1)[-1] != request.headers.get("host"):
+            return JSONResponse({"error": "a request from another site's page is refused"}, status_code=403)
+        return None
 
     async def index(request: Request) -> Response:
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"), headers=headers)

@@ -281,16 +281,14 @@ class Result:
         return hit
 
 
-def search_table(con: Any, st: Store, samples_version: int | None, vector_sql: str, k: int, model: str,
-                 params: dict) -> pa.Table:
+def search_table(con: Any, samples: Any, st: Store, vector_sql: str, k: int, model: str, params: dict) -> pa.Table:
     """The rows of a search (`nearest` joined with `samples`), computed as two cheap steps: the top k, then
     their samples rows read from Lance by id at the snapshot's version (its id index answers; the `samples`
-    view's columns put over them), not a join over every sample."""
+    view's columns put over them), not a join over every sample. `samples`: that Lance dataset (or None)."""
     near = run(con, f"SELECT id, score AS similarity FROM nearest({vector_sql}, {int(k)}, model := $_model)",
                {**params, "_model": model})
     ids = near.column("id").combine_chunks().cast(pa.string())
-    ds = st.samples_table(samples_version)
-    raw = ds.to_table(filter=pc.field("id").isin(ids)) if ds is not None and len(ids) else \
+    raw = samples.to_table(filter=pc.field("id").isin(ids)) if samples is not None and len(ids) else \
         samples_schema().empty_table()
     con.register("_app_search_rows", raw)
     try:

@@ -322,6 +322,20 @@ def test_auth(store, auth):
         assert c.get("/api/info").status_code == 401
 
 
+def test_writes_from_another_sites_page_are_refused(client, store):
+    """A page elsewhere cannot make the curator's browser tag or export: no JSON, or another Origin → refused."""
+    body = json.dumps({"action": "add", "tag": "csrf", "ids": ["r0001"]})
+    r = client.post("/api/tags", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    r = client.post("/api/tags", content=body, headers={"content-type": "application/json",
+                                                         "origin": "https://evil.example"})
+    assert r.status_code == 403
+    assert tagged(store, "csrf") == []
+    r = client.post("/api/tags", content=body, headers={"content-type": "application/json",
+                                                         "origin": "http://testserver"})
+    assert r.status_code == 200 and tagged(store, "csrf") == ["r0001"]
+
+
 def test_static_files_name_no_other_host():
     static = Path(__file__).resolve().parents[1] / "serve" / "static"
     names = sorted(p.name for p in static.iterdir())
