@@ -280,6 +280,26 @@ def test_detail_scores_percentiles_and_neighbours(client, store):
     assert client.get("/api/detail", params={"id": "nope"}).status_code == 400
 
 
+def test_detail_dedup_group_and_targets(tmp_path_factory, tiny_model):
+    store = serve_store.build(tmp_path_factory.mktemp("app-dedup"), tiny_model, n=60)
+    cli("dedup", str(store), "--clusters", "4")
+    cli("target", "add", str(store), "first10", "--query", "SELECT image_embedding FROM embeddings ORDER BY id LIMIT 10")
+    with starlette_testclient.TestClient(create_app(store)) as c:
+        assert c.get("/api/info").json()["dedup"] is True
+        d = c.get("/api/detail", params={"id": "r0012"}).json()
+        con = queries.connect(store)
+        cluster = con.execute("SELECT semdedup_cluster FROM semdedup WHERE id = 'r0012'").fetchall()[0][0]
+        same = {r[0] for r in con.execute("SELECT id FROM semdedup WHERE semdedup_cluster = ?", [cluster]).fetchall()}
+        assert d["dedup"]["cluster"] == cluster and d["dedup"]["size"] == len(same)
+        members = [m["id"] for m in d["dedup"]["members"]]
+        assert members and set(members) <= same - {"r0012"}
+        cos = [m["cosine"] for m in d["dedup"]["members"]]
+        assert cos == sorted(cos, reverse=True)
+        want = con.execute("SELECT norm_sim_inf(image_embedding, 'first10') FROM embeddings WHERE id = 'r0012'"
+                           ).fetchall()[0][0]
+        assert d["targets"] == [{"target": "first10", "norm_sim_inf": pytest.approx(want)}]
+
+
 class CheckAuth:
     def check(self, token):
         return token == "a-long-secret-token"
