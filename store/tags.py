@@ -25,7 +25,6 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import sqlalchemy as sa
 
 from clipsql.errors import TagError
 from clipsql.store import catalog as cat

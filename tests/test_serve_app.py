@@ -4,11 +4,9 @@ through `clipsql select`, auth, snapshots. The page itself: tests/test_serve_bro
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -283,7 +281,8 @@ def test_detail_scores_percentiles_and_neighbours(client, store):
 def test_detail_dedup_group_and_targets(tmp_path_factory, tiny_model):
     store = serve_store.build(tmp_path_factory.mktemp("app-dedup"), tiny_model, n=60)
     cli("dedup", str(store), "--clusters", "4")
-    cli("target", "add", str(store), "first10", "--query", "SELECT image_embedding FROM embeddings ORDER BY id LIMIT 10")
+    cli("target", "add", str(store), "first10", "--query",
+        "SELECT image_embedding FROM embeddings ORDER BY id LIMIT 10")
     with starlette_testclient.TestClient(create_app(store)) as c:
         assert c.get("/api/info").json()["dedup"] is True
         d = c.get("/api/detail", params={"id": "r0012"}).json()

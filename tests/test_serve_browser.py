@@ -210,7 +210,7 @@ def test_curation_app_in_chromium(playwright_chromium, demo_copy, artifacts, tmp
         pg.wait_for_function("() => { const c = document.querySelector('#detail-scores tr[data-col=\"clip_score\"] "
                              ".pct'); return !!c && c.textContent.endsWith('%'); }", timeout=60_000)
         pg.wait_for_function("() => [...document.querySelectorAll('#detail img')].every(i => i.complete)")
-        nb = run_sql(store, f"SELECT id FROM nearest((SELECT image_embedding FROM embeddings WHERE id = '{ids[1]}'), 13)")
+        nb = run_sql(store, "SELECT id FROM nearest((SELECT image_embedding FROM embeddings WHERE id = ?), 13)", [ids[1]])
         shown_nb = pg.eval_on_selector_all("#detail .strip .mini", "els => els.map(e => e.title.split('\\n')[0])")
         assert shown_nb == [x for x in nb if x != ids[1]][:12]
         app.shot(artifacts, "05-detail.png")
