@@ -11,6 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clipsql.ingest.pipeline import IngestOptions, ingest
+from clipsql.queries.curation.fit import fit_stats
+from clipsql.store.store import Store
+
+from test_queries import clip_like
+
 N = 120
 LOCAL = range(0, 100)
 MISSING = range(100, 105)
@@ -30,10 +36,6 @@ def png(color: tuple[int, int, int], size: int = 24) -> bytes:
 
 
 def build(root: Path, model: str, n: int = N) -> Path:
-    from clipsql.ingest.pipeline import IngestOptions, ingest
-    from clipsql.queries.curation.fit import fit_stats
-    from clipsql.store.store import Store
-    from test_queries import clip_like
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(5)
     images = root / "images"

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipsql import queries
+from clipsql.serve.app import create_app
 
 import serve_store
 from browser import INSTALL, chromium
@@ -52,7 +53,6 @@ class Server:
 
     def __init__(self, store, **kw):
         import uvicorn
-        from clipsql.serve.app import create_app
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
