@@ -41,6 +41,7 @@ from clipsql.queries.search.command import search as run_search
 from clipsql.queries.search.index import build_index
 from clipsql.queries.sql.cli_query import repl, run_query
 from clipsql.store.deletions import deleted_phrase
+from clipsql.serve.server import run_server
 from clipsql.store.doctor import doctor as run_doctor
 from clipsql.store.doctor import format_report as format_doctor_report
 from clipsql.store.fits import fit_stats
@@ -549,12 +550,15 @@ def serve(store: str = STORE_ARG,
           memory_limit: str = typer.Option("4GB", help="DuckDB memory limit of each query's connection."),
           query_timeout: float = typer.Option(600.0, help="Seconds a query may run (0: no limit)."),
           max_queries: int = typer.Option(32, min=1, help="Queries running at once (more wait, then are "
-                                                          "refused as busy).")) -> None:
+                                                          "refused as busy)."),
+          remote_images: bool = typer.Option(False, help="Show http(s) images (DataComp, LAION pools) in the app: "
+                                             "the curator's browser loads them from their own hosts. Off: no "
+                                             "request to any host but this server.")) -> None:
     """Serve the store read-only to a team: SQL over Arrow Flight SQL, and the app. Ctrl-C stops it."""
-    from clipsql.serve.server import run_server
     _run(run_server, store, host=host, port=port, sql_port=sql_port, auth_file=auth,
          allow_anonymous=allow_anonymous, tls_cert=tls_cert, tls_key=tls_key, memory_limit=memory_limit,
-         query_timeout_s=query_timeout or None, max_queries=max_queries, echo=typer.echo)
+         query_timeout_s=query_timeout or None, max_queries=max_queries, remote_images=remote_images,
+         echo=typer.echo)
 
 
 @app.command()

@@ -92,3 +92,5 @@ class ServeError(ClipsqlError, RuntimeError):
 
 class AuthError(ClipsqlError, PermissionError):
     """A request to `clipsql serve` without valid credentials."""
+class TagError(ClipsqlError, ValueError):
+    """A tag that cannot be stored as given (empty or overlong name, ids that are not samples)."""

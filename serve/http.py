@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from clipsql.errors import ServeError
-
+from clipsql.lazy import uvicorn
 from clipsql.serve.app import create_app
 from clipsql.serve.auth import Auth
 
@@ -29,10 +29,10 @@ class HttpServer:
 
 
 def start(store: Any, *, host: str, port: int, auth: Auth, tls: tuple[str, str] | None = None,
-          timeout_s: float = 30.0) -> HttpServer:
-    """Serve the app on host:port (HTTPS with tls = (cert file, key file)); returns once listening."""
-    import uvicorn
-    app = create_app(store, auth=auth)
+          remote_images: bool = False, timeout_s: float = 30.0) -> HttpServer:
+    """Serve the app on host:port (HTTPS with tls = (cert file, key file)); returns once listening.
+    `remote_images`: tiles of http(s) uris load from their own hosts in the curator's browser."""
+    app = create_app(store, auth=auth, remote_images=remote_images)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
     server = uvicorn.Server(config)

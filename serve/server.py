@@ -19,6 +19,7 @@ from typing import Any, Callable
 from clipsql.errors import ServeError
 from clipsql.queries.sql.db import open_store
 
+from clipsql.serve import http
 from clipsql.serve.auth import Auth, is_loopback
 from clipsql.serve.flight import FlightSqlServer
 from clipsql.serve.sessions import ConnectionPool, pin_blas
@@ -56,9 +57,10 @@ class Server:
                  auth_file: str | os.PathLike | None = None, allow_anonymous: bool = False,
                  tls_cert: str | os.PathLike | None = None, tls_key: str | os.PathLike | None = None,
                  memory_limit: str | None = "4GB", query_timeout_s: float | None = 600.0,
-                 max_queries: int = 32, threads: int | None = None,
+                 max_queries: int = 32, threads: int | None = None, remote_images: bool = False,
                  echo: Callable[[str], None] = print):
         self.store = open_store(store)
+        self.remote_images = remote_images
         self.host = host
         self.echo = echo
         self.auth = auth if auth is not None else Auth.load(auth_file, host=host, allow_anonymous=allow_anonymous,
@@ -105,7 +107,8 @@ class Server:
             raise ServeError(f"cannot serve SQL on {location}: {' '.join(str(e).split())[:300]}") from None
         if self.port is not None:
             try:
-                self.http = _start_http(self.store, self.host, self.port, self.auth, self.tls_files, self.echo)
+                self.http = http.start(self.store, host=self.host, port=self.port, auth=self.auth, tls=self.tls_files,
+                                       remote_images=self.remote_images)
             except BaseException:
                 self.stop()
                 raise
@@ -131,18 +134,6 @@ class Server:
         self.stop()
 
 
-def _start_http(store: Any, host: str, port: int, auth: Auth, tls: tuple[str, str] | None,
-                echo: Callable[[str], None]) -> Any:
-    """The app on HTTP(S) (clipsql.serve.http, a thin uvicorn runner around clipsql.serve.app);
-    None, with a line, in a build without the app."""
-    try:
-        from clipsql.serve import http
-    except ModuleNotFoundError as e:
-        if e.name != "clipsql.serve.app":
-            raise
-        echo("warning: this build has no app (clipsql.serve.app): serving SQL only")
-        return None
-    return http.start(store, host=host, port=port, auth=auth, tls=tls)
 
 
 def run_server(store: Any, *, host: str = "127.0.0.1", port: int | None = DEFAULT_HTTP_PORT,
@@ -150,11 +141,13 @@ def run_server(store: Any, *, host: str = "127.0.0.1", port: int | None = DEFAUL
                allow_anonymous: bool = False, tls_cert: str | os.PathLike | None = None,
                tls_key: str | os.PathLike | None = None, memory_limit: str | None = "4GB",
                query_timeout_s: float | None = 600.0, max_queries: int = 32, threads: int | None = None,
-               echo: Callable[[str], None] = print, stop: threading.Event | None = None) -> None:
+               remote_images: bool = False, echo: Callable[[str], None] = print,
+               stop: threading.Event | None = None) -> None:
     """Serve until Ctrl-C / SIGTERM (or `stop` is set), then stop cleanly with one line."""
     srv = Server(store, host=host, port=port, sql_port=sql_port, auth_file=auth_file,
                  allow_anonymous=allow_anonymous, tls_cert=tls_cert, tls_key=tls_key, memory_limit=memory_limit,
-                 query_timeout_s=query_timeout_s, max_queries=max_queries, threads=threads, echo=echo)
+                 query_timeout_s=query_timeout_s, max_queries=max_queries, threads=threads,
+                 remote_images=remote_images, echo=echo)
     stop = stop or threading.Event()
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():

@@ -50,7 +50,7 @@ from clipsql.store.locks import lease_holder
 from clipsql.store.manage import delete_ids
 from clipsql.store.repair import (describe, first_line, forget_lost, load_ledger, loss_hint, manifest_path,
                                   open_losses, quarantine_after, repair_table, versions_desc)
-from clipsql.store.tables import DELETIONS, SAMPLES, is_embeddings_table, is_target_table
+from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, is_embeddings_table, is_target_table
 from clipsql.store.store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
                     set_committed_version)
 
@@ -194,7 +194,7 @@ def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: s
                 spec=cat.to_json(m["spec"]), created_at=time.time()))
             set_committed_version(conn, name, good, None)
         models.append(m["model_id"])
-    for name in (SAMPLES, DELETIONS):
+    for name in (SAMPLES, DELETIONS, TAGS):
         if exists(st.table_uri(name)):
             good = _newest_readable(st, name, None, report, repair=True)
             if good is not None:
@@ -250,7 +250,8 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
 
 def _check_tables(st: Store, report: Report, repair: bool) -> None:
     recorded = st.committed_versions()
-    names = [n for n in (SAMPLES, DELETIONS) if exists(st.table_uri(n))] + [m.table_name for m in st.list_models()]
+    names = [n for n in (SAMPLES, DELETIONS) if exists(st.table_uri(n))] + [m.table_name for m in st.list_models()] \
+        + ([TAGS] if exists(st.table_uri(TAGS)) else [])      # a model's table must exist: checked below
     ledger = load_ledger(st) if repair else []
     for name in names:
         uri = st.table_uri(name)

@@ -36,8 +36,7 @@ AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of
 
 
 def _tables(st: Store) -> list[str]:
-    names = [n for n in (SAMPLES, DELETIONS) if exists(st.table_uri(n))]    # the deletions record too
-    return names + [m.table_name for m in st.list_models()]
+    return st.versioned_tables()
 
 
 def _unindexed(ds: Any) -> int | None:

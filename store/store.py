@@ -49,7 +49,7 @@ from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists, is_remote, rmtree, store_path
 from clipsql.store.locks import file_lock, lease
-from clipsql.store.tables import DELETIONS, SAMPLES, embeddings_schema, embeddings_table_name, samples_schema
+from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, embeddings_schema, embeddings_table_name, samples_schema
 
 MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
@@ -325,6 +325,12 @@ class Store:
                                  enable_stable_row_ids=True, enable_v2_manifest_paths=True)
         return ds.version
 
+    def versioned_tables(self) -> list[str]:
+        """The Lance tables whose committed version the ledger names and that exist: `samples`, the
+        deletions record (store.deletions), each model's table and `tags` (store.tags)."""
+        names = [SAMPLES, DELETIONS] + [m.table_name for m in self.list_models()] + [TAGS]
+        return [n for n in names if exists(self.table_uri(n))]
+
     def committed_versions(self) -> dict[str, int]:
         """{table: the Lance version the ledger's last commit names} (what readers open)."""
         with self.engine.connect() as conn:
@@ -362,11 +368,8 @@ class Store:
         self.abort_dead_runs()
         recorded = self.committed_versions()
         rolled: dict[str, int] = {}
-        names = [SAMPLES, DELETIONS] + [m.table_name for m in self.list_models()]
-        for name in names:
+        for name in self.versioned_tables():
             uri = self.table_uri(name)
-            if not exists(uri):
-                continue
             latest = lance.dataset(uri)
             if name not in recorded:
                 with self.engine.begin() as conn:

@@ -21,7 +21,8 @@ import re
 import pyarrow as pa
 
 SAMPLES = "samples"
-DELETIONS = "deletions"       # ids `clipsql delete` removed, kept so no ingest brings them back
+DELETIONS = "deletions"
+TAGS = "tags"                 # the curation app's tags (store.tags)       # ids `clipsql delete` removed, kept so no ingest brings them back
 EMBEDDINGS = "emb"          # prefix of a model's table
 TARGET = "target"           # prefix of a target set's tables
 STORED_SCORES = "scores_"   # + model table

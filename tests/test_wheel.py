@@ -43,8 +43,10 @@ def test_wheel_holds_one_namespace(wheel):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"clipsql", wheel.name.split("-")[0] + "-" + wheel.name.split("-")[1] + ".dist-info"}, tops
     for must in ("clipsql/__init__.py", "clipsql/cli.py", "clipsql/store/store.py", "clipsql/queries/sql/db.py",
-                 "clipsql/queries/sql/nearest.py", "clipsql/serve/flight.py", "clipsql/models/fixture_models/demo-clip/open_clip_config.json",
-                 "clipsql/serve/flight.py", "clipsql/serve/flightsql_proto.py"):
+                 "clipsql/queries/sql/nearest.py", "clipsql/models/fixture_models/demo-clip/open_clip_config.json",
+                 "clipsql/serve/flight.py", "clipsql/serve/flightsql_proto.py",
+                 "clipsql/serve/app.py", "clipsql/serve/static/index.html", "clipsql/serve/static/app.js",
+                 "clipsql/serve/static/app.css"):
         assert must in names, must
     assert not [n for n in names if n.startswith(("clipsql/tests/", "clipsql/bench/", "clipsql/training/"))]
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()

@@ -211,7 +211,7 @@ def _run(pool: recipes.Pool, spec: SelectSpec) -> tuple[pa.Table, dict, dict]:
         tbl, c, extra = _negclip_normsim(pool, spec.target, count, first, spec.negclip_form)
         extra.update(first_fraction=spec.first_fraction, negclip_form=spec.negclip_form)
     else:
-        tbl, c = _from_sql(pool.con, spec.sql, count)
+        tbl, c = _from_sql(pool.con, spec.sql, count, where=pool.allowed is not None)
         extra = {}
     return tbl, {**counts, **c}, {**side, **extra}
 
@@ -330,7 +330,9 @@ def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
     return tbl.select(["id", "neg_clip_loss_pool"])
 
 
-def _from_sql(con: Any, sql: str, count: int | None) -> tuple[pa.Table, dict]:
+def _from_sql(con: Any, sql: str, count: int | None, where: bool = False) -> tuple[pa.Table, dict]:
+    """The SQL's rows, first of each id, in its order; with `where`, only ids the pool's --where kept
+    (registered as `_clipsql_allowed`)."""
     try:
         rel = con.sql(sql)
     except duckdb.Error as e:
@@ -343,8 +345,9 @@ def _from_sql(con: Any, sql: str, count: int | None) -> tuple[pa.Table, dict]:
     rel.create("_clipsql_sql_rows")             # rows in the SQL's order: rowid is the position
     n, firsts = con.execute("SELECT count(*), count(DISTINCT id) FROM _clipsql_sql_rows").fetchall()[0]
     limit = "" if count is None else f" LIMIT {int(count)}"
+    allowed = " AND id IN (SELECT id FROM _clipsql_allowed)" if where else ""
     tbl = _arrow(con.sql("SELECT * EXCLUDE (_pos) FROM (SELECT rowid AS _pos, * FROM _clipsql_sql_rows) "
-                         "WHERE id IS NOT NULL QUALIFY row_number() OVER (PARTITION BY id ORDER BY _pos) = 1 "
+                         f"WHERE id IS NOT NULL{allowed} QUALIFY row_number() OVER (PARTITION BY id ORDER BY _pos) = 1 "
                          f"ORDER BY _pos{limit}"))
     con.execute("DROP TABLE _clipsql_sql_rows")
     tbl = tbl.set_column(tbl.column_names.index("id"), "id", tbl.column("id").cast(pa.string()))

@@ -132,9 +132,10 @@ class ImageReader:
         self._tars.clear()
 
 
-def thumbnail_data_uri(data: bytes, thumb: int) -> str:
-    """PIL-decoded, shrunk to fit ``thumb``×``thumb`` (never enlarged: CSS scales small images
-    up, pixelated), as a ``data:`` URI: PNG if ≤ 256 colours, else JPEG quality 85."""
+def thumbnail_bytes(data: bytes, thumb: int) -> tuple[bytes, str]:
+    """(encoded thumbnail, MIME type): PIL-decoded, shrunk to fit ``thumb``×``thumb`` (never
+    enlarged: CSS scales small images up, pixelated), PNG if ≤ 256 colours, else JPEG quality 85."""
+    from PIL import Image, ImageOps
     with Image.open(io.BytesIO(data)) as im:
         im.seek(0)
         if im.format == "JPEG":
@@ -155,21 +156,34 @@ def thumbnail_data_uri(data: bytes, thumb: int) -> str:
         else:
             im.save(buf, "JPEG", quality=85)
             mime = "image/jpeg"
-    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue(), mime
 
 
-def load_thumbnail(reader: ImageReader, uri: str | None, thumb: int) -> tuple[str | None, str | None]:
-    """(data URI, None) or (None, why the tile is broken)."""
+def thumbnail_data_uri(data: bytes, thumb: int) -> str:
+    """`thumbnail_bytes` as a ``data:`` URI."""
+    body, mime = thumbnail_bytes(data, thumb)
+    return f"data:{mime};base64," + base64.b64encode(body).decode("ascii")
+
+
+def read_image(reader: ImageReader, uri: str | None) -> tuple[bytes | None, str | None]:
+    """(the image's bytes, None) or (None, why the tile is broken)."""
     if uri is None or uri == "":
         return None, "no image (uri is NULL)"
     try:
-        data = reader.read(uri)
+        return reader.read(uri), None
     except FileNotFoundError:
         return None, "missing file"
     except OSError as e:
         return None, f"unreadable: {e.strerror or type(e).__name__}"
     except (tarfile.TarError, EOFError, zlib.error) as e:     # a truncated or damaged shard
         return None, f"unreadable shard: {type(e).__name__}"
+
+
+def load_thumbnail(reader: ImageReader, uri: str | None, thumb: int) -> tuple[str | None, str | None]:
+    """(data URI, None) or (None, why the tile is broken)."""
+    data, why = read_image(reader, uri)
+    if data is None:
+        return None, why
     try:
         return thumbnail_data_uri(data, thumb), None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a broken tile, never a crash

@@ -31,6 +31,7 @@ from clipsql.store import catalog as cat
 from clipsql.store.store import Store
 from clipsql.store.tables import SAMPLES, dedup_table_name, metadata_aliases, samples_schema, stored_table_name
 from clipsql.store import deletions
+from clipsql.store import tags
 
 
 def quote_ident(name: str) -> str:
@@ -56,6 +57,8 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
     st = open_store(store)
     config = {**(config or {}), **({"threads": threads} if threads else {})}
     con = duckdb.connect(":memory:", config=config)
+    if not progress_bar:
+        con.execute("SET enable_progress_bar = false")
     register_views(con, st)
     ctx = functions.register(con, st)
     for model_id, (fit, row) in (fits or {}).items():
@@ -100,6 +103,7 @@ def register_views(con: Any, st: Store) -> None:
     versions = st.committed_versions()
     _register_samples(con, st, versions)
     _register_embeddings(con, st, versions)
+    _register_tags(con, st, versions)
     _register_rejects(con, st)
     _register_deletions(con, st, versions)
 
@@ -107,6 +111,12 @@ def register_views(con: Any, st: Store) -> None:
 def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
     tbl = st.samples_table(versions.get(SAMPLES))
     con.register("_lance_samples", tbl if tbl is not None else samples_schema().empty_table())
+    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {samples_select_list(st)} FROM _lance_samples")
+
+
+def samples_select_list(st: Store) -> str:
+    """The `samples` view's columns over a table of the Lance `samples` schema: the metadata keys as
+    typed columns (so the same view can be put over a few rows read from Lance directly)."""
     base = ["id", "uri", "caption", "width", "height"]
     cols = [quote_ident(c) for c in base]
     meta = st.metadata_columns()
@@ -120,7 +130,7 @@ def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
             expr = f"TRY_CAST(json_extract_string(metadata, {path}) AS {sql_type})"
         cols.append(f"{expr} AS {quote_ident(alias)}")
     cols += ["source", "location", "caption_truncated", "metadata"]
-    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {', '.join(cols)} FROM _lance_samples")
+    return ", ".join(cols)
 
 
 def _json_path_key(name: str) -> str:
@@ -148,6 +158,15 @@ def _vec(col: str) -> str:
     """A vector column as an expression DuckDB does not push into the Lance scan: its Arrow scan
     pushes `v IS NULL` without projecting `v`, which Lance refuses ("No match for FieldRef")."""
     return f"CASE WHEN {col} IS NULL THEN NULL ELSE {col} END"
+
+
+def _register_tags(con: Any, st: Store, versions: dict[str, int]) -> None:
+    """View `tags` (id, tag, tagged_at): the tags table (store.tags) at its committed version; empty
+    before the first tag."""
+    version = versions.get(tags.TABLE)
+    ds = st.dataset(tags.TABLE, version) if version is not None else tags.tags_schema().empty_table()
+    con.register("_lance_tags", ds)
+    con.execute("CREATE OR REPLACE VIEW tags AS SELECT id, tag, tagged_at FROM _lance_tags")
 
 
 def _register_rejects(con: Any, st: Store) -> None:
