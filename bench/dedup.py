@@ -1,4 +1,4 @@
-"""`clipsql dedup` (SemDeDup, SCIENCE.md §10) on a 1M-row store, d = 512, against bare numpy GEMMs.
+"""`clipsql dedup` (SemDeDup, docs/science.md §10) on a 1M-row store, d = 512, against bare numpy GEMMs.
 
     .venv/bin/python bench/dedup.py [--rows 1000000] [--dim 512] [--memory-gb 2] [--json dedup.json] [--tmp DIR]
 

@@ -1,2 +1,2 @@
-"""Pure score math (SCIENCE.md §1–8): numpy only, no DuckDB and no store, so the DuckDB UDFs
+"""Pure score math (docs/science.md §1–8): numpy only, no DuckDB and no store, so the DuckDB UDFs
 and any worker process (a Ray task) import the very same functions."""

@@ -1,4 +1,4 @@
-"""k-means for DataComp's image-based baseline (SCIENCE.md §11): pure numpy, no store imports,
+"""k-means for DataComp's image-based baseline (docs/science.md §11): pure numpy, no store imports,
 so a DuckDB UDF or a Ray task can import it.
 
 DataComp (baselines/image_based_clustering.py) trains faiss k-means — Lloyd iterations under L2,

@@ -1,4 +1,4 @@
-"""SemDeDup (SCIENCE.md §10) in numpy: spherical k-means, then within each cluster the
+"""SemDeDup (docs/science.md §10) in numpy: spherical k-means, then within each cluster the
 largest cosine of every member to the members ranked before it.
 
 Pure numpy, no store and no DuckDB, so the store workflow (`queries.curation.dedup`), a DuckDB
@@ -9,7 +9,7 @@ matrix `X` (as stored; in the store workflow a batch, a sample or a group of clu
 unit vectors are formed chunk by chunk, never as a second copy of X. Every per-row value is the
 same whichever rows are processed together, so streaming or grouping never changes a result.
 
-Definitions (the tests check them against a brute force written from SCIENCE.md):
+Definitions (the tests check them against a brute force written from docs/science.md):
 * fit: seeded sample of the valid rows (in id order, so storage order does not matter), seeded
   k-means++ over a seeded 16·K rows of the sample (K serial passes: ≈ 3 s at K = 1,000 instead
   of ≈ 12 s over all 64·K rows; first centre uniform; then D² sampling with weight 1 − max cos to

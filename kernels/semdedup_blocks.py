@@ -1,4 +1,4 @@
-"""SemDeDup's within-cluster pass in bounded memory (SCIENCE.md §10; kernels in `semdedup`).
+"""SemDeDup's within-cluster pass in bounded memory (docs/science.md §10; kernels in `semdedup`).
 
 The rows are not held in memory: `fetch(positions)` returns the raw float32 rows at the given
 sorted row positions (the store reads them from one Lance version with `take`). The clusters are

@@ -1,4 +1,4 @@
-"""Prompt encoding for SQL (SCIENCE.md §7): `text_embedding('a prompt' [, model])`.
+"""Prompt encoding for SQL (docs/science.md §7): `text_embedding('a prompt' [, model])`.
 
 A store records how each model was loaded (`ModelRecord.spec`); `load_for_record`
 rebuilds the open_clip model from it through `models.loading` (resolve, then load)

@@ -131,7 +131,7 @@ def test_interactive_sql_prompt(cli_store):
     assert "Error:" in r.output          # a bad statement reports and the prompt goes on
 
 
-# -- issue 10 items 5–7, 11: the SQL prompt, cancelling, clean errors ------------------------
+# -- the SQL prompt, cancelling, clean errors ------------------------
 def test_sql_prompt_reports_errors_raised_while_a_query_runs(tmp_path, tiny_model):
     invoke("init", tmp_path / "s")
     data = write_image_folder(tmp_path / "d", 4)
@@ -303,7 +303,7 @@ def test_ctrl_c_in_the_prompt_cancels_the_query_and_keeps_the_prompt(cli_store, 
 
 
 def test_init_errors_are_one_line(tmp_path):
-    """Issue 10.10: tracebacks for /proc/x and a file; --catalog silently ignored on an existing store."""
+    """tracebacks for /proc/x and a file; --catalog silently ignored on an existing store."""
     r = invoke("init", "/proc/x/store")
     assert r.exit_code == 1 and "cannot create the store directory" in r.output and "Traceback" not in r.output
     f = tmp_path / "some-file.py"
@@ -317,7 +317,7 @@ def test_init_errors_are_one_line(tmp_path):
 
 
 def test_small_messages_say_what_to_do(tmp_path, cli_store):
-    """Issue 10.12 (part): `score` without columns, a misspelt bundled model, the MySQL driver hint."""
+    """`score` without columns, a misspelt bundled model, the MySQL driver hint."""
     r = invoke("score", cli_store)
     assert r.exit_code == 1 and "[]" not in r.output and "name the scores to store: --columns" in r.output
     invoke("init", tmp_path / "s")
@@ -339,7 +339,7 @@ def test_small_messages_say_what_to_do(tmp_path, cli_store):
 
 
 def test_help_texts_explain_themselves_without_science_md():
-    """Issue 10.12: a clone has no SCIENCE.md, so no --help may send the reader there."""
+    """No --help sends the reader to a document outside the repository."""
     import re
     from typer.testing import CliRunner
     from clipsql.cli import app
@@ -355,7 +355,7 @@ def test_help_texts_explain_themselves_without_science_md():
 
 
 def test_precomputed_without_model_is_refused_and_score_prints_no_lance_warning(tmp_path):
-    """Issue 10.12: precomputed vectors are never filed under the demo model because no --model was
+    """precomputed vectors are never filed under the demo model because no --model was
     given (even when the dimension matches); 10.12/11.20: no Lance WARN line on the first `score`."""
     run = cli
     pool = tmp_path / "pool"

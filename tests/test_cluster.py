@@ -1,4 +1,4 @@
-"""`--engine ray` on a local multi-node Ray cluster (issue 12): Ray ingest equals local ingest,
+"""`--engine ray` on a local multi-node Ray cluster: Ray ingest equals local ingest,
 a killed worker's tasks are retried, a killed driver's re-run completes exactly."""
 import os
 import subprocess

@@ -1,4 +1,4 @@
-"""SemDeDup (SCIENCE.md §10, `clipsql dedup`) against a brute force written from the definition."""
+"""SemDeDup (docs/science.md §10, `clipsql dedup`) against a brute force written from the definition."""
 import math
 
 import numpy as np
@@ -80,7 +80,7 @@ def stored(st, rec):
 
 # --------------------------------------------------------------------------- brute force
 def brute_force(X, ids, labels, C32):
-    """SemDeDup straight from SCIENCE.md §10, float64, O(n_c²) loops per cluster: order by cos to the
+    """SemDeDup straight from docs/science.md §10, float64, O(n_c²) loops per cluster: order by cos to the
     centroid ascending (farthest first), ties by id; max_sim = max cos to the earlier members."""
     Xn = X.astype(np.float64)
     norms = np.linalg.norm(Xn, axis=1)

@@ -1,4 +1,4 @@
-"""Faults, kills and hostile input (issue 11): each test reproduces one finding first."""
+"""Faults, kills and hostile input: each test reproduces one finding first."""
 import json
 import os
 
@@ -527,7 +527,7 @@ def test_a_kill_between_a_model_table_and_its_catalog_rows_is_recovered(tmp_path
 
 @pytest.mark.slow          # ~30 CLI runs (4.5 min measured); each kill point also has its own test
 def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_path):
-    """Issue 11, done-when: SIGKILL at every commit boundary of ingest, optimize, stats fit, target
+    """SIGKILL at every commit boundary of ingest, optimize, stats fit, target
     add, score and select (and at three points of an ingest's progress); after each kill `clipsql
     doctor` reports a consistent store with current statistics, and re-running the command works."""
     import shutil

@@ -1,4 +1,4 @@
-"""The geometry report (SCIENCE.md §8) against plain numpy written here from the definitions
+"""The geometry report (docs/science.md §8) against plain numpy written here from the definitions
 (sharing no code with queries.kernels.scores), on synthetic raw vectors and on a small demo store;
 the linear separator; the vslerp SQL function; the report in a headless browser."""
 from __future__ import annotations

@@ -264,7 +264,7 @@ def test_summary_reports_device_and_workers(tmp_path, image_folder, tiny_model):
 
 
 def test_a_non_utf8_file_name_is_one_reject_not_a_lost_batch(store, tmp_path, fake_encoder):
-    """Issue 11.1: `caf\\xe9.png` aborted the whole folder ingest (pa.table refused the surrogates)."""
+    """`caf\\xe9.png` aborted the whole folder ingest (pa.table refused the surrogates)."""
     data = write_image_folder(tmp_path / "data", 6)
     raw = os.fsencode(str(data))
     os.rename(os.path.join(raw, b"img0002.png"), os.path.join(raw, b"caf\xe9.png"))
@@ -280,7 +280,7 @@ def test_a_non_utf8_file_name_is_one_reject_not_a_lost_batch(store, tmp_path, fa
 
 
 def test_images_without_captions_allowed_and_faults_reported_first(tmp_path, fake_encoder):
-    """Issue 10.4: an image's own fault comes before its missing caption; --allow-missing-captions
+    """an image's own fault comes before its missing caption; --allow-missing-captions
     keeps captionless images with a NULL text embedding (image scores work, text/pair are NULL)."""
     from clipsql.queries.sql.db import connect
     folder = write_image_folder(tmp_path / "d", 10)

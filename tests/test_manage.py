@@ -1,4 +1,4 @@
-"""Managing a store (issue 10.2): the default model, `models rm`, `delete --where` with exact
+"""Managing a store: the default model, `models rm`, `delete --where` with exact
 statistics downdates and stale fits, `ingest --update`; a SIGKILL during each leaves the store
 consistent."""
 import json

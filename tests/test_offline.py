@@ -1,4 +1,4 @@
-"""Offline and the model hub (issue 10.8): hub weights that are neither cached nor reachable fail
+"""Offline and the model hub: hub weights that are neither cached nor reachable fail
 at once (no retries) with one line saying how to provide them for that command; cached weights
 load without network calls when the hub is unreachable. Nothing here touches the network. (No
 test times the failure: the hub is asked once, and "Retrying" never appears.)"""

@@ -468,7 +468,7 @@ def test_matrix_reads_sliced_and_chunked_arrow_lists():
 
 
 def test_two_models_never_score_with_the_wrong_fit(tmp_path, tiny_model, tiny_siglip):
-    """Issue 10.1: with two models of the same width, image_info_gain(image_embedding) scored SigLIP
+    """with two models of the same width, image_info_gain(image_embedding) scored SigLIP
     vectors with the default (CLIP) fit without a word. Now: a score function without a model
     refuses and names the models; the `scores` view has a `model` column and scores every row with
     its own model's fit."""

@@ -1,4 +1,4 @@
-"""A store on object storage (issue 12.2/12.6): Lance data on an S3-compatible server (moto, on
+"""A store on object storage: Lance data on an S3-compatible server (moto, on
 loopback, started by the fixture) with a PostgreSQL catalog (tests/pg.py): init, ingest, fit,
 query, select, gallery, score, doctor end to end; the writer lock is a lease in the catalog that
 refuses a second writer and lapses when its holder dies. Nothing leaves the machine."""

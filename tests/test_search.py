@@ -1,4 +1,4 @@
-"""Similarity search (issue 13.4): `nearest` against brute-force numpy, filters before the top-k,
+"""Similarity search: `nearest` against brute-force numpy, filters before the top-k,
 the Lance vector index's recall, `clipsql index` / `clipsql search` end to end, and clear errors."""
 import json
 

@@ -667,7 +667,7 @@ def test_cli_target_select_and_score(sel_store, tmp_path):
 
 
 def test_scores_view_has_neg_siglip_loss_for_siglip_and_null_for_clip(siglip_store, sel_store):
-    """Issue 10.12: the SigLIP `scores` view carries neg_siglip_loss (equal to the function)."""
+    """the SigLIP `scores` view carries neg_siglip_loss (equal to the function)."""
     got = fetch(queries.connect(siglip_store), "SELECT s.neg_siglip_loss, neg_siglip_loss(e.image_embedding, "
                 "e.text_embedding) FROM scores s JOIN embeddings e USING (id) ORDER BY id")
     assert len(got) == 120 and all(a is not None and a == pytest.approx(b, rel=1e-12) for a, b in got)
@@ -682,8 +682,8 @@ def test_empty_prompt_is_refused(sel_store):
 
 
 def test_select_limit_beyond_the_pool_warns_and_outputs_are_atomic(sel_store, tmp_path):
-    """Issue 10.12 (a --limit larger than the pool says so) and 11.5 (a killed select leaves the
-    previous output and sidecar, whole; the sidecar names the output's sha256)."""
+    """A --limit larger than the pool says so; a killed select leaves the
+    previous output and sidecar, whole, and the sidecar names the output's sha256."""
     import hashlib
     from conftest import cli
     out = tmp_path / "sel.csv"

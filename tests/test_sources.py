@@ -484,7 +484,7 @@ def test_kind_forces_layout(tmp_path):
 
 
 def test_rejects_are_recorded_once_however_the_source_is_named(tmp_path, fake_encoder, monkeypatch):
-    """Issue 10.3: `data/photos` and its absolute path with a trailing slash recorded every reject twice;
+    """`data/photos` and its absolute path with a trailing slash recorded every reject twice;
     webdataset shards given as a file, a directory, a brace pattern and a glob, four times."""
     import tarfile
 

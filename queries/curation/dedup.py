@@ -1,4 +1,4 @@
-"""`clipsql dedup`: semantic deduplication (SemDeDup, SCIENCE.md §10) as stored columns.
+"""`clipsql dedup`: semantic deduplication (SemDeDup, docs/science.md §10) as stored columns.
 
 Per row of a model: `semdedup_cluster` (INT, the spherical k-means cluster of its normalized
 image embedding) and `semdedup_max_sim` (DOUBLE, the largest cosine to a member of its cluster

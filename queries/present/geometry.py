@@ -1,4 +1,4 @@
-"""`clipsql geometry`: the raw-embedding geometry report (SCIENCE.md §8, double-ellipsoid paper).
+"""`clipsql geometry`: the raw-embedding geometry report (docs/science.md §8, double-ellipsoid paper).
 
     report = geometry_report("store", output="geometry-report")   # report.json + report.html + PNGs
 

@@ -6,7 +6,7 @@ view `stored_scores` (default model) with columns `fit_id` and `computed_at`.
 Re-running replaces the table: a materialization is a snapshot of one fit.
 
 Two scores are properties of the whole pool, not of a row, so they exist only as
-stored columns (SCIENCE.md §5–6), computed in numpy over every row of the model:
+stored columns (docs/science.md §5–6), computed in numpy over every row of the model:
 * `neg_clip_loss_pool` (`--neg-clip-loss-pool`): negCLIPLoss in the paper's pool form,
   K random partitions of the pool into batches of exactly |B| (default
   min(32768, pool)); τ, K and the seed come from the fit's `neg_clip` options.
