@@ -439,3 +439,14 @@ def ray_cluster(ray_tmpdir, request):
     cluster.workers = [cluster.add_node(**args) for _ in range(2)]
     cluster.wait_for_nodes()
     return cluster
+
+
+def assert_same_store(st, ref) -> None:  # noqa: ANN001
+    """Two stores hold the same rows, vectors and samples, and `st`'s statistics are current."""
+    ids, img, txt = stored_vectors(st)
+    rids, rimg, rtxt = stored_vectors(ref)
+    assert ids == rids
+    np.testing.assert_array_equal(img, rimg)
+    np.testing.assert_array_equal(txt, rtxt)
+    assert sample_ids(st) == sample_ids(ref)
+    assert_stats_match_vectors(st)

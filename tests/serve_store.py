@@ -15,7 +15,7 @@ from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.queries.curation.fit import fit_stats
 from clipsql.store.store import Store
 
-from test_queries import clip_like
+from conftest import clip_like
 
 N = 120
 LOCAL = range(0, 100)

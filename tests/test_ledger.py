@@ -15,7 +15,8 @@ from clipsql.kernels.moments import RunningMoments
 from clipsql.store.store import Store
 from clipsql.store.writer import CommitPolicy
 
-from conftest import D, MODEL, FakeEncoder, assert_stats_match_vectors, cli, sample_ids, stored_vectors, write_pool
+from conftest import (D, MODEL, FakeEncoder, assert_same_store, assert_stats_match_vectors, cli, sample_ids,
+                      stored_vectors, write_pool)
 
 
 @pytest.fixture
@@ -36,16 +37,6 @@ def reference(pool, tmp_path_factory):
     st = Store.init(tmp_path_factory.mktemp("ref") / "s")
     cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
     return Store.open(st.path)
-
-
-def assert_same_store(st, ref):
-    ids, img, txt = stored_vectors(st)
-    rids, rimg, rtxt = stored_vectors(ref)
-    assert ids == rids
-    np.testing.assert_array_equal(img, rimg)
-    np.testing.assert_array_equal(txt, rtxt)
-    assert sample_ids(st) == sample_ids(ref)
-    assert_stats_match_vectors(st)
 
 
 def assert_consistent_snapshot(st):

@@ -12,8 +12,8 @@ import pytest
 
 from clipsql.store.store import Store
 
-from test_ingest import assert_stats_match_vectors, sample_ids
-from test_ledger import MODEL, assert_same_store, cli, write_pool
+from conftest import assert_stats_match_vectors, sample_ids
+from conftest import MODEL, assert_same_store, cli, write_pool
 
 ROWS, COMMIT = 600, 100          # 2 shards × 300 rows, units of 50 rows, a commit every 100 rows: 6 commits
 

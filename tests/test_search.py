@@ -225,7 +225,7 @@ def test_bad_input_is_a_one_line_error(small):
 def test_a_huge_k_is_capped_at_the_row_count_and_a_bad_k_is_one_line(big, small):
     """`clipsql search -k 1000000000000` aborted the process (SIGABRT: an 8 TB allocation through the
     vector index); nearest(q, 1000000000000) was a binder error naming the internal _clipsql_nearest."""
-    from test_ledger import cli as run
+    from conftest import cli as run
     if not [i for i in big.embeddings_table(big.model()).describe_indices() if list(i.field_names) != ["id"]]:
         build_index(big, kind="ivf_pq", seed=2)
     n = big.count_rows(big.model())

@@ -774,7 +774,7 @@ def test_precomputed_image_size_columns(tmp_path):
 
 
 def test_a_where_that_leaves_no_rows_is_an_error_naming_it(laion_store, tmp_path):
-    from test_ledger import cli
+    from conftest import cli
     out = tmp_path / "none.txt"
     for recipe in ("clip-score", "kl-guided"):
         with pytest.raises(SelectionError, match=r"--where 'width >= 100000' leaves no rows") as e:

@@ -16,7 +16,7 @@ from clipsql.serve.thumbs import REMOTE_HIDDEN
 from clipsql.store.store import Store
 
 import serve_store
-from test_ledger import cli
+from conftest import cli
 
 starlette_testclient = pytest.importorskip("starlette.testclient")
 

@@ -19,7 +19,7 @@ from clipsql.serve.app import create_app
 
 import serve_store
 from browser import INSTALL, chromium
-from test_ledger import cli
+from conftest import cli
 
 pytestmark = pytest.mark.browser
 

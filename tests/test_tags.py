@@ -16,8 +16,8 @@ from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.store import tags
 from clipsql.store.store import Store
 
-from test_queries import clip_like
-from test_ledger import ROOT, cli
+from conftest import clip_like
+from conftest import ROOT, cli
 
 N = 120
 
