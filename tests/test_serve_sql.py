@@ -558,3 +558,26 @@ def test_cli_serve_and_stop(store):
                               text=True, env=no_creds, timeout=120)
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_tags_written_in_the_app_are_read_back_through_the_sql_endpoint(tmp_path, store):
+    """One `clipsql serve` process: three tiles tagged through the app's HTTP API (a commit through
+    the ledger) are what a remote SQL client then reads from the `tags` view."""
+    import base64
+
+    import httpx
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    with Server(copy, port=0, sql_port=0, auth=Auth({"alice": ALICE}), echo=lambda s: None) as srv:
+        with client(srv) as conn:
+            ids = [r[0] for r in rows(conn, "SELECT id FROM samples ORDER BY id LIMIT 3")]
+            assert rows(conn, "SELECT count(*) FROM tags") == [(0,)]
+        basic = base64.b64encode(f"alice:{ALICE}".encode()).decode()
+        r = httpx.post(f"{srv.http_url}/api/tags", json={"action": "add", "tag": "reject", "ids": ids},
+                       headers={"Authorization": f"Basic {basic}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        with client(srv) as conn:          # a new request: the tag commit is visible, whole
+            got = rows(conn, "SELECT s.id FROM samples s JOIN tags t USING (id) WHERE t.tag = 'reject' ORDER BY 1")
+        assert [g[0] for g in got] == sorted(ids)
+        unauth = httpx.post(f"{srv.http_url}/api/tags", json={"action": "add", "tag": "x", "ids": ids}, timeout=60)
+        assert unauth.status_code in (401, 403), unauth.text
