@@ -36,7 +36,8 @@ from clipsql.errors import QueryError
 from clipsql.queries.sql.db import connect, quote_ident, samples_select_list
 from clipsql.store import catalog as cat
 from clipsql.store import tags as tagstore
-from clipsql.store.store import Store, samples_schema
+from clipsql.store.store import Store
+from clipsql.store.tables import samples_schema
 
 DEFAULT_CACHE_MB = 2048
 MAX_IDLE = 4

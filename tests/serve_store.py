@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsql.ingest.pipeline import IngestOptions, ingest
-from clipsql.queries.curation.fit import fit_stats
+from clipsql.store.fits import fit_stats
 from clipsql.store.store import Store
 
 from conftest import clip_like

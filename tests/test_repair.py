@@ -95,7 +95,7 @@ def test_repair_keeps_what_reads_and_a_reingest_restores_the_rest(store, pool, r
     assert lost and str(COMMIT) in lost[0]["detail"] and "ingest" in lost[0]["detail"], rep
     assert_stats_match_vectors(st)                      # recomputed exactly over what remains
     if which == "embeddings":                           # the fit covered lost rows: stale
-        from clipsql.queries.curation.fit import staleness
+        from clipsql.store.fits import staleness
         assert "stale" in (staleness(st, rec) or ""), staleness(st, rec)
         show = cli("stats", "show", str(st.path)).stdout.decode()
         assert "is stale" in show and "-100 rows added" not in show, show
