@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from clipsql.errors import QueryError
+from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect, quote_ident, samples_select_list
 from clipsql.store import catalog as cat
 from clipsql.store import tags as tagstore
@@ -51,7 +52,6 @@ def _arrow(rel: Any) -> pa.Table:
 
 def run(con: Any, sql: str, params: dict | None = None) -> pa.Table:
     """A query's result as an Arrow table; DuckDB's errors as one-line QueryErrors."""
-    import duckdb
     try:
         return _arrow(con.sql(sql, params=params or None))
     except duckdb.Error as e:
@@ -311,7 +311,6 @@ def _floats(values: pa.Array) -> np.ndarray:
 
 
 def _describe(con: Any, sql: str, params: dict) -> list[tuple[str, str]]:
-    import duckdb
     try:
         rel = con.execute(f"DESCRIBE SELECT * FROM (\n{sql}\n) AS q", params).fetchall()
     except duckdb.Error as e:

@@ -151,8 +151,7 @@ def fragment_rows(frag: Any) -> int:
 
 def drop_fragments(uri: str, version: int, frag_ids: list[int]) -> int:
     """A new version: `version` without the fragments `frag_ids`. Returns its number."""
-    from lance import LanceDataset, LanceOperation
-    ds = LanceDataset.commit(uri, LanceOperation.Delete([], sorted(frag_ids), "clipsql repair: lost data files"),
+    ds = lance.LanceDataset.commit(uri, lance.LanceOperation.Delete([], sorted(frag_ids), "clipsql repair: lost data files"),
                              read_version=version)
     return int(ds.version)
 
@@ -269,11 +268,10 @@ def salvage(uri: str, version: int, lost: pa.Table) -> pa.Table | None:
 
 def append_rows(uri: str, version: int, rows: pa.Table) -> int:
     """A new version: `version` plus `rows` in new data files. Returns its number."""
-    from lance import LanceDataset, LanceOperation
     ds = lance.dataset(uri, version=version)
     frags = lance.fragment.write_fragments(rows.cast(ds.schema), uri, schema=ds.schema, max_rows_per_file=1 << 30,
                                            data_storage_version=ds.data_storage_version)
-    return int(LanceDataset.commit(uri, LanceOperation.Append(frags), read_version=version).version)
+    return int(lance.LanceDataset.commit(uri, lance.LanceOperation.Append(frags), read_version=version).version)
 
 
 def load_ledger(st: Store) -> list[dict]:

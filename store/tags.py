@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsql.errors import TagError
+from clipsql.lazy import lance
 from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
 from clipsql.store.location import exists
@@ -92,7 +93,6 @@ def remove_tags(st: Store, ids: Iterable[str] | pa.Array, tag: str) -> dict[str,
         st.recover()
         if not exists(st.table_uri(TABLE)) or TABLE not in st.committed_versions() or not len(ids):
             return {"tag": tag, "removed": 0, "commit_id": None}
-        import lance
         ds = st.dataset(TABLE)
         have = _having(ds, ids, tag)
         if not len(have):
@@ -132,8 +132,6 @@ def _unknown(st: Store, ids: pa.Array) -> pa.Array:
 
 
 def _add_locked(st: Store, ids: pa.Array, tag: str) -> dict[str, Any]:
-    from lance import LanceDataset, LanceOperation
-    import lance
     out = {"tag": tag, "added": 0, "already": 0, "commit_id": None}
     if not len(ids):
         return out
@@ -155,7 +153,7 @@ def _add_locked(st: Store, ids: pa.Array, tag: str) -> dict[str, Any]:
                    schema=tags_schema())
     frags = lance.fragment.write_fragments(tbl, st.table_uri(TABLE), schema=tags_schema(),
                                            data_storage_version=ds.data_storage_version)
-    version = LanceDataset.commit(st.table_uri(TABLE), LanceOperation.Append(frags), read_version=recorded).version
+    version = lance.LanceDataset.commit(st.table_uri(TABLE), lance.LanceOperation.Append(frags), read_version=recorded).version
     fault("tags:after-lance")
     out["commit_id"] = _record(st, "tag", version, len(new))
     out["added"] = len(new)
