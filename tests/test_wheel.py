@@ -6,6 +6,7 @@ and no network is needed) through a path entry, but not its editable install of 
 only `clipsql` it can import is the installed wheel's."""
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -32,7 +33,10 @@ def wheel(tmp_path_factory) -> Path:
         dst = src / name
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes((ROOT / name).read_bytes())
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    # the environment's own setuptools when it is new enough (no download), else pip's isolated build
+    new_enough = int(importlib.metadata.version("setuptools").split(".")[0]) >= 68
+    isolation = ["--no-build-isolation"] if new_enough else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation,
                     "-w", str(out), str(src)], check=True, capture_output=True)
     (whl,) = out.glob("clipsql-*.whl")
     return whl
