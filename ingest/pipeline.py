@@ -30,6 +30,7 @@ from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES, Reject
 from clipsql.ingest.update import Updater, require_ids, row_arrays
 from clipsql.lazy import threadpoolctl, torch, torch_data, tqdm
 from clipsql.models import loading as models
+from clipsql.store.deletions import merge_days
 from clipsql.store.maintenance import maintain_after_ingest
 from clipsql.store.store import Store
 from clipsql.store.tables import metadata_aliases

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from clipsql.errors import QueryError
 from clipsql.queries.sql.cli_query import fetch_table
 from clipsql.queries.sql.db import connect
+from clipsql.store.deletions import restore_ids
 from clipsql.store.manage import delete_ids
 from clipsql.store.store import Store
 

@@ -135,7 +135,6 @@ class ImageReader:
 def thumbnail_bytes(data: bytes, thumb: int) -> tuple[bytes, str]:
     """(encoded thumbnail, MIME type): PIL-decoded, shrunk to fit ``thumb``×``thumb`` (never
     enlarged: CSS scales small images up, pixelated), PNG if ≤ 256 colours, else JPEG quality 85."""
-    from PIL import Image, ImageOps
     with Image.open(io.BytesIO(data)) as im:
         im.seek(0)
         if im.format == "JPEG":
