@@ -236,7 +236,8 @@ def undelete(store: str = STORE_ARG,
              where: str = typer.Option(..., help="SQL condition on the `deletions` view (id, uri, caption, source, "
                                                  "deleted_at, deleted_where), e.g. \"id = 'k17'\" or "
                                                  "\"deleted_at > '2026-01-05'\"."),
-             dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be restored; change nothing.")) -> None:
+             dry_run: bool = typer.Option(False, "--dry-run",
+                                          help="Count what would be restored; change nothing.")) -> None:
     """Let deleted ids back in: remove them from the deletions record, in one commit.
 
     The source units that held them are forgotten in that commit, so the next ingest of their

@@ -553,6 +553,7 @@ def format_report(r: Report) -> str:
     if r.consistent and r.warnings and len(r.warnings) == r.missing and not r.repair:
         hint = " — re-run the ingest named above to restore the lost rows"
     else:
-        hint = "" if r.consistent and not r.warnings or r.repair else " — `clipsql doctor STORE --repair` fixes what it can"
+        hint = "" if r.consistent and not r.warnings or r.repair else \
+            " — `clipsql doctor STORE --repair` fixes what it can"
     lines.append(f"{r.store}: {verdict}{hint}")
     return "\n".join(lines)

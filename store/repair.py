@@ -353,7 +353,8 @@ def forget_lost(conn: sa.Connection, st: Store, rep: TableRepair, model_of_table
             units += conn.execute(sa.delete(u).where(u.c.model_id == m)).rowcount or 0
             forgotten.setdefault(m, set()).update(sources)
     if model is not None:
-        out["stale_fits"] = _stale_fits(conn, model, None if rep.unknown_origin else min(rep.lost_versions, default=None),
+        lowest = None if rep.unknown_origin else min(rep.lost_versions, default=None)
+        out["stale_fits"] = _stale_fits(conn, model, lowest,
                                         f"{rep.lost_rows} of its rows were lost (a damaged Lance file, repaired)")
     how = describe(rep)
     now = time.time()
