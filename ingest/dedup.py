@@ -1,7 +1,7 @@
 """Which ids of a batch are new: O(new data) work, never a set of every stored id.
 
-* Ids this run already added: 64-bit fingerprints in sorted numpy chunks (8 bytes a row).
-  A fingerprint hit is confirmed exactly — against the Arrow arrays of ids not yet
+* Ids this run already added: 64-bit fingerprints in a numpy hash set (kernels/idset.py:
+  O(1) expected work per id, so linear over a run; 16–32 bytes a row). A fingerprint hit is confirmed exactly — against the Arrow arrays of ids not yet
   committed, or through the store's `id` index for committed ones — so a hash collision
   never rejects a row.
 * Ids recorded as deleted (`clipsql delete`): `deleted`, an `id IN (…)` lookup in the
@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsql.kernels.idset import FingerprintSet
 from clipsql.lazy import duckdb
 from clipsql.store import deletions
 
@@ -40,28 +41,6 @@ def fingerprints(ids: pa.Array) -> np.ndarray:
     return col.to_numpy().astype(np.uint64, copy=False)
 
 
-class _SortedChunks:
-    def __init__(self) -> None:
-        self.chunks: list[np.ndarray] = []
-
-    def __len__(self) -> int:
-        return sum(len(c) for c in self.chunks)
-
-    def contains(self, h: np.ndarray) -> np.ndarray:
-        hit = np.zeros(len(h), dtype=bool)
-        for c in self.chunks:
-            pos = np.searchsorted(c, h)
-            pos[pos == len(c)] = 0
-            hit |= c[pos] == h if len(c) else False
-        return hit
-
-    def add(self, h: np.ndarray) -> None:
-        if len(h):
-            self.chunks.append(np.sort(h))
-        if len(self.chunks) > 12:   # merge: amortised O(n log n), lookups stay few searchsorted calls
-            self.chunks = [np.sort(np.concatenate(self.chunks))]
-
-
 class IdChecker:
     """Classifies the ids of each batch: duplicate within this run, stored before it, or new."""
 
@@ -71,7 +50,7 @@ class IdChecker:
         self.before = (samples, store.embeddings_table(model))   # the store as the run found it
         self.lookup = bool((samples is not None and samples.count_rows()) or self.before[1].count_rows())
         self.deletions = deletions.table(store)                 # the deletions record as the run found it
-        self.seen = _SortedChunks()
+        self.seen = FingerprintSet()
         self.uncommitted: list[pa.Array] = []     # ids since the last commit, as Arrow arrays
 
     def check(self, ids: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
