@@ -381,13 +381,18 @@ def format_summary(s) -> str:  # noqa: ANN001
 def _maintenance_line(report: dict) -> str:
     parts = []
     for name, t in report.get("tables", {}).items():
-        bits = [f"{t.get('fragments_before')}→{t.get('fragments')} fragments"]
+        bits = [f"{t.get('fragments_before')}→{t.get('fragments')} fragments"] if "fragments" in t else []
         if t.get("index"):
             bits.append(f"index {t['index']}")
+        if t.get("vector_index"):
+            bits.append(f"vector index {t['vector_index']}")
+        if t.get("vector_index_stale"):
+            bits.append(f"vector index misses {t['vector_index_stale']} new rows (searched exactly until "
+                        "`clipsql optimize` folds them in)")
         if "versions_pruned" in t:
             bits.append(f"{t['versions_pruned']} old versions pruned, {t['versions']} kept")
         parts.append(f"{name}: " + ", ".join(bits))
-    return "; ".join(parts) + f" ({report.get('seconds', 0):.1f}s)"
+    return "; ".join(parts) + (f" ({report['seconds']:.1f}s)" if "seconds" in report else "")
 
 
 @app.command()

@@ -98,15 +98,19 @@ def _tag_fit_versions(st: Store, ds: Any, name: str) -> int:
 
 
 def optimize(st: Store, *, compact: bool = True, index: bool = True, prune: bool = True,
-             retention_hours: float = DEFAULT_RETENTION_HOURS, locked: bool = False) -> dict[str, Any]:
-    """Compact, index and prune every table of the store; returns a report per table."""
+             retention_hours: float = DEFAULT_RETENTION_HOURS, locked: bool = False,
+             vector_index: bool = True) -> dict[str, Any]:
+    """Compact, index and prune every table of the store; returns a report per table.
+    `vector_index=False` leaves the vector indexes of `clipsql index` as they are (their refresh
+    can take minutes) and reports the rows each does not cover as `vector_index_stale`."""
     if locked:
-        return _optimize(st, compact, index, prune, retention_hours)
+        return _optimize(st, compact, index, prune, retention_hours, vector_index)
     with st.lock():
-        return _optimize(st, compact, index, prune, retention_hours)
+        return _optimize(st, compact, index, prune, retention_hours, vector_index)
 
 
-def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hours: float) -> dict[str, Any]:
+def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hours: float,
+              vector_index: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     st.recover()
     report: dict[str, Any] = {"tables": {}}
@@ -132,8 +136,10 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
                 ds.optimize.optimize_indices()
                 info["index"] = f"refreshed ({unindexed} rows added)"
             ds = st.dataset(name, latest=True)
-        added = _stale_vector_indexes(ds) if index else 0
-        if added:                                        # a vector index of `clipsql index`, any size
+        added = _stale_vector_indexes(ds)
+        if added and not (index and vector_index):
+            info["vector_index_stale"] = added
+        elif added:                                      # a vector index of `clipsql index`, any size
             ds.optimize.optimize_indices()
             info["vector_index"] = f"refreshed ({added} rows added)"
             ds = st.dataset(name, latest=True)
@@ -168,8 +174,15 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
 
 def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
     """What ingest runs (under its lock) when a threshold is crossed: many fragments, or many rows
-    outside the id index. Returns {} when nothing was due."""
+    outside the id index. Returns {} when nothing was due and no vector index misses rows.
+
+    A vector index (`clipsql index`) is never refreshed here: on a large table that takes minutes
+    (Lance re-reads the new rows and rewrites the partitions), which an ingest must not spend
+    without saying so. The report says how many rows it misses instead (`vector_index_stale`);
+    `nearest` still finds them (Lance scans the rows an index does not cover), more slowly, until
+    `clipsql optimize` folds them in."""
     compact = index = False
+    stale: dict[str, int] = {}
     for name in (SAMPLES, rec.table_name):
         if not exists(st.table_uri(name)):
             continue
@@ -178,7 +191,9 @@ def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
         unindexed = _unindexed(ds)
         compact |= small_fragments(ds) > AUTO_FRAGMENTS
         index |= rows >= INDEX_MIN_ROWS and (unindexed is None or unindexed > AUTO_UNINDEXED_SHARE * rows)
+        if name == rec.table_name and (added := _stale_vector_indexes(ds)):
+            stale[name] = added
     if not (compact or index):
-        return {}
+        return {"tables": {n: {"vector_index_stale": a} for n, a in stale.items()}} if stale else {}
     # no pruning here: the versions a compaction replaces stay until `clipsql optimize` (retention)
-    return optimize(st, compact=compact, index=index, prune=False, locked=True)
+    return optimize(st, compact=compact, index=index, prune=False, locked=True, vector_index=False)

@@ -49,6 +49,10 @@ def index_info(st: Store, rec: ModelRecord, column: str, ds: Any) -> dict | None
     info = json.loads(raw) if raw else {}
     info.setdefault("nprobes", 20)
     info.setdefault("kind", "unknown")
+    try:       # rows added since the build: Lance scans them beside the index (exact, slower)
+        info["unindexed"] = int(ds.stats.index_stats(vector_index(ds, column).name)["num_unindexed_rows"])
+    except Exception:  # noqa: BLE001 - an index kind without stats
+        info["unindexed"] = 0
     return info
 
 

@@ -276,3 +276,29 @@ def test_optimize_folds_rows_added_after_the_build_into_the_vector_index(big, ti
     assert "vector_index" in report["tables"][big.model().table_name]
     assert max(unindexed()) == 0
     assert nearest(queries.connect(big), "?::FLOAT[16], 1", [q.tolist()])[0] == ["later0"]
+
+
+def test_ingest_leaves_a_vector_index_stale_and_says_so(tmp_path, tiny_model, monkeypatch):
+    """An ingest never refreshes a vector index (minutes on a large table) without saying so: it
+    reports the rows the index misses, even when its own maintenance (compaction) runs; `nearest`
+    still finds those rows and `clipsql search` says the index covers less than the table."""
+    from clipsql.store import maintenance
+    rng = np.random.default_rng(21)
+    img, txt = clustered(3000, rng), clustered(3000, rng)
+    st = Store.init(tmp_path / "store")
+    load(st, write(tmp_path / "e.parquet", [f"s{i:05d}" for i in range(3000)], img, txt), tiny_model)
+    build_index(st, kind="ivf_pq", seed=2)
+    monkeypatch.setattr(maintenance, "AUTO_FRAGMENTS", 0)       # make the ingest's maintenance due
+    q = rng.normal(size=D).astype(np.float32) * 40
+    summary = ingest(st, write(tmp_path / "later.parquet", ["late0"], q[None, :], q[None, :]), model=tiny_model,
+                     options=IngestOptions(batch_size=1024, workers=0, progress=False, id_column="id"))
+    table = st.model().table_name
+    assert summary.maintenance["tables"][table]["vector_index_stale"] == 1
+    assert "vector_index" not in summary.maintenance["tables"][table]
+    ds = st.embeddings_table(st.model(), st.committed_versions()[table])
+    assert [int(ds.stats.index_stats(i.name)["num_unindexed_rows"]) for i in ds.describe_indices()
+            if list(i.field_names) != ["id"]] == [1]
+    assert nearest(queries.connect(st), "?::FLOAT[16], 1", [q.tolist()])[0] == ["late0"]
+    r = cli("search", str(st.path), "--like", "late0", "-k", "2")
+    assert r.exit_code == 0, r.output
+    assert "the vector index covers 3000 of 3001 rows" in r.output

@@ -117,6 +117,10 @@ class Searcher:
             if all(r is not None for r in out):
                 self.last.update(method=f"index {info['kind']}", nprobes=info["nprobes"],
                                  recall=info.get("recall"))
+                if info.get("unindexed"):
+                    self.last["note"] = "; ".join(filter(None, [self.last.get("note"), f"the vector index covers {rows - info['unindexed']} of {rows} rows; "
+                                         f"the {info['unindexed']} added since its build were searched exactly "
+                                         "(`clipsql optimize` folds them into the index)"]))
                 return out   # type: ignore[return-value]
             self.last["reason"] = "the index returned fewer than k valid rows: exact search"
         top = kernels.RunningTopK(Q, k)
