@@ -828,12 +828,20 @@ def gallery(store: str = STORE_ARG,
                                                                       "COLUMN, side by side."),
             allow_external_access: bool = typer.Option(
                 False, "--allow-external-access", help="Also show images the store's samples do not name (a "
-                "query can put any path in `uri`; by default those tiles are left empty).")) -> None:
-    """One self-contained HTML page of thumbnails (embedded, no network) for any SQL result."""
+                "query can put any path in `uri`; by default those tiles are left empty)."),
+            remote_images: bool = typer.Option(
+                True, help="Show http(s) images (DataComp, LAION pools) by URL: the browser that opens the page "
+                "fetches them from their hosts. --no-remote-images writes a page that contacts no other host.")) -> None:
+    """One self-contained HTML page of thumbnails for any SQL result: local images embedded, web
+    images (URL-based pools) by URL unless --no-remote-images."""
     tb = (top_bottom[0], top_bottom[1]) if top_bottom else None
     res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb,
-               allow_external_access=allow_external_access)
+               allow_external_access=allow_external_access, remote_images=remote_images)
     note = f", {res['broken']} broken image(s)" if res["broken"] else ""
+    if res["remote"]:
+        note += f", {res['remote']} web image(s) your browser loads from their hosts"
+    if res["offline"]:
+        note += f", {res['offline']} web image(s) not shown (--no-remote-images)"
     typer.echo(f"gallery of {res['shown']} of {res['rows']} rows{note}: {res['path']}")
 
 

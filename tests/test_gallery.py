@@ -85,6 +85,48 @@ def test_broken_tiles_escaping_and_join(hand_con, tmp_path):
     assert "http://" not in page and "https://" not in page
 
 
+def _web_con(tmp_path):
+    con = duckdb.connect()
+    con.execute("CREATE TABLE samples (id VARCHAR, uri VARCHAR, caption VARCHAR)")
+    con.executemany("INSERT INTO samples VALUES (?, ?, ?)", [
+        ("a-local", _png(tmp_path / "local.png"), "a local file"),
+        ("b-web", "https://img.example.com/0/1.jpg", "a DataComp url"),
+        ("c-web", 'http://img.example.com/q.jpg?a=1&b="2"', "a LAION url with a query"),
+    ])
+    return con
+
+
+def test_web_images_show_by_url_and_local_files_stay_embedded(tmp_path):
+    con = _web_con(tmp_path)
+    res = write_gallery(None, "SELECT id FROM samples ORDER BY id", tmp_path / "w.html", con=con)
+    page = (tmp_path / "w.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert srcs[0].startswith("data:image/png;base64,")
+    assert srcs[1:] == ["https://img.example.com/0/1.jpg", "http://img.example.com/q.jpg?a=1&amp;b=&quot;2&quot;"]
+    assert res["broken"] == 0 and res["remote"] == 2 and res["offline"] == 0
+    assert 'id="remote-note"' in page and "your browser fetches them" in page
+    assert "img-src data: http: https:" in page and page.count("referrerpolicy=no-referrer") == 2
+    # a uri the store's samples do not hold is never shown, web or not
+    res = write_gallery(None, "SELECT id, 'https://evil.example/x.png' AS uri FROM samples", tmp_path / "f.html",
+                        con=con)
+    foreign = (tmp_path / "f.html").read_text()
+    assert res["remote"] == 0 and not any("evil" in src for src in re.findall(r'src="([^"]+)"', foreign))
+    assert "not an image of this store" in foreign
+
+
+def test_no_remote_images_makes_a_page_that_contacts_no_other_host(tmp_path):
+    con = _web_con(tmp_path)
+    res = write_gallery(None, "SELECT id FROM samples ORDER BY id", tmp_path / "o.html", con=con,
+                        remote_images=False)
+    page = (tmp_path / "o.html").read_text()
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert len(srcs) == 1 and srcs[0].startswith("data:image/png")
+    assert res["remote"] == 0 and res["offline"] == 2 and res["broken"] == 0
+    assert page.count("web image not loaded (--no-remote-images)") == 2
+    assert "img-src data:;" in page and "http: https:" not in page
+    assert "contacts no other host" in page
+
+
 def test_top_bottom_ranks_nulls_and_ties(hand_con, tmp_path):
     res = write_gallery(None, "SELECT id, score FROM t", tmp_path / "tb.html", con=hand_con,
                         top_bottom=("score", 3))
