@@ -194,3 +194,40 @@ def test_broken_tiles_in_browser(hand_con, tmp_path):
     out = tmp_path / "broken.html"
     write_gallery(None, "SELECT id, score FROM t", out, con=hand_con)
     assert image_check(out) == {"decoded": 4, "total": 4, "pending": 0}
+
+
+def test_tile_values_never_wrap_and_long_names_are_shortened_with_the_full_name_on_hover(tmp_path):
+    con = duckdb.connect()
+    con.execute("CREATE TABLE samples (id VARCHAR, uri VARCHAR, caption VARCHAR)")
+    con.execute("INSERT INTO samples VALUES ('a', ?, 'a red square')", [_png(tmp_path / "a.png")])
+    write_gallery(None, "SELECT id, 0.7748 AS clip_l14_similarity_score, 3 AS k FROM samples",
+                  tmp_path / "t.html", con=con)
+    page = (tmp_path / "t.html").read_text()
+    assert '<td class="k" title="clip_l14_similarity_score">clip_l1…_score</td>' in page
+    assert '<td class="k" title="k">k</td>' in page
+    assert '<td class="v" title="0.7748">0.7748</td>' in page
+    assert "<wbr>" not in page and "td.v{text-align:right;white-space:nowrap}" in page
+
+
+def _encoded(im, fmt):
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,image,fmt", [
+    ("16-bit grey", Image.fromarray(np.tile(np.linspace(0, 65535, 40), (30, 1)).astype(np.uint16)), "PNG"),
+    ("16-bit mid grey", Image.fromarray(np.full((30, 40), 32896, np.uint16)), "PNG"),
+    ("float in [0, 1]", Image.fromarray(np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))), "TIFF"),
+    ("float of any range", Image.fromarray(np.tile(np.linspace(-5, 900, 40, dtype=np.float32), (30, 1))), "TIFF"),
+])
+def test_high_depth_thumbnails_are_scaled_as_ingest_scales_them(name, image, fmt):
+    from clipsql.ingest.images import load_image
+    from clipsql.queries.present.gallery import thumbnail_bytes
+    data = _encoded(image, fmt)
+    body, mime = thumbnail_bytes(data, 64)
+    thumb = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
+    seen = np.asarray(load_image(data)).astype(int)       # what ingest encoded
+    assert mime == "image/png" and thumb.shape == seen.shape     # small: not resized, ≤ 256 colours
+    assert np.array_equal(thumb, seen), name
+    assert thumb.max() - thumb.min() > 200 or 120 <= thumb.mean() <= 136      # neither blank nor black

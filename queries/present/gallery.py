@@ -44,6 +44,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
 from clipsql.errors import QueryError
+from clipsql.ingest.images import to_rgb
 from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.functions import blas_pinned, udf_error
@@ -70,7 +71,7 @@ details{margin-bottom:10px;font-size:13px}pre{white-space:pre-wrap;background:#f
 .note{background:#fff8e1;border:1px solid #f0d98a;padding:4px 8px;font-size:12px;margin-bottom:10px}
 .rank{font-weight:700;color:#333}
 table.kv{border-collapse:collapse;width:100%}table.kv td{padding:0 2px;vertical-align:top}
-table.kv td.k{color:#777}table.kv td.v{text-align:right;word-break:break-word}
+table.kv td.k{color:#777;word-break:break-all}table.kv td.v{text-align:right;white-space:nowrap}
 #image-check{color:#777;font-size:12px;margin-top:12px}
 """
 
@@ -138,19 +139,15 @@ class ImageReader:
 
 
 def thumbnail_bytes(data: bytes, thumb: int) -> tuple[bytes, str]:
-    """(encoded thumbnail, MIME type): PIL-decoded, shrunk to fit ``thumb``×``thumb`` (never
+    """(encoded thumbnail, MIME type): PIL-decoded, converted to RGB exactly as ingest converts it
+    (ingest.images.to_rgb), shrunk to fit ``thumb``×``thumb`` (never
     enlarged: CSS scales small images up, pixelated), PNG if ≤ 256 colours, else JPEG quality 85."""
     with Image.open(io.BytesIO(data)) as im:
         im.seek(0)
         if im.format == "JPEG":
             im.draft("RGB", (thumb, thumb))  # decode at a reduced scale: fast for large photos
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            im = im.convert("RGB")
+        im = to_rgb(im)     # as ingest sees it: 16-bit and float images scaled, transparency on white
         if max(im.size) > thumb:
             im.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
@@ -284,6 +281,23 @@ def _fmt(v: Any) -> str:
     return s if len(s) <= 160 else s[:157] + "…"
 
 
+NAME_CHARS = 14       # a column name longer than this is shortened in a tile (full name on hover)
+VALUE_CHARS = 18      # a value longer than this is cut in a tile (full value on hover); values never wrap
+
+
+def short_name(name: str, limit: int = NAME_CHARS) -> str:
+    """`name` if it fits, else its head and tail around an ellipsis: clip_l14_similarity_score ->
+    clip_l1…y_score (the tile's title attribute carries the full name)."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 2
+    return name[:limit - 1 - tail] + "…" + name[-tail:]
+
+
+def _short_value(text: str, limit: int = VALUE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _tile(r: dict, columns: list[str], thumb_uri: str | None, why: str | None, lazy: bool,
           rank: str | None = None) -> str:
     e = html.escape
@@ -299,8 +313,9 @@ def _tile(r: dict, columns: list[str], thumb_uri: str | None, why: str | None, l
     else:
         img = f'<div class="ph" title="{title}">broken image<br>{e(why or "")}</div>'
         cls = "tile broken"
-    kv = "".join(f'<tr><td class="k">{e(c).replace("_", "_<wbr>")}</td>'
-                 f'<td class="v" title="{e(str(r.get(c)))}">{e(_fmt(r.get(c)))}</td></tr>' for c in columns)
+    kv = "".join(f'<tr><td class="k" title="{e(c)}">{e(short_name(c))}</td>'
+                 f'<td class="v" title="{e(str(r.get(c)))}">{e(_short_value(_fmt(r.get(c))))}</td></tr>'
+                 for c in columns)
     head = f'<span class="rank">{e(rank)}</span> ' if rank else ""
     cap_html = e(_fmt(cap)) if cap is not None else "<i>no caption</i>"
     return (f'<figure class="{cls}">{img}<figcaption><div class="cap">{head}{cap_html}</div>'
