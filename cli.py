@@ -22,6 +22,8 @@ import typer
 
 from clipsql import __version__, engines
 from clipsql.errors import READ_ONLY_HINT, ClipsqlError, from_udf_text
+from clipsql.ingest.backfill import BACKFILLABLE
+from clipsql.ingest.backfill import backfill as run_backfill
 from clipsql.ingest.datacomp import is_datacomp_pool
 from clipsql.ingest.pipeline import IngestOptions, ingest_pool
 from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
@@ -253,6 +255,27 @@ def undelete(store: str = STORE_ARG,
     again = (f"; re-run `clipsql ingest STORE {' / '.join(out['sources'][:3])}` to restore them"
              if out["sources"] else "; the next ingest that meets them restores them")
     typer.echo(f"removed {out['ids']} ids from the deletions record ({out['units']} source unit(s) forgotten){again}")
+
+
+@app.command()
+def backfill(store: str = STORE_ARG,
+             columns: Optional[str] = typer.Option(
+                 None, help=f"Comma-separated columns to add (default: all of {', '.join(BACKFILLABLE)})."),
+             progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+    """Add the samples columns that ingest now computes to a store written before them.
+
+    The caption features (caption_lang, caption_lang_score, caption_words, caption_tokens,
+    caption_chars; see the README's "DataComp's filters as SQL") are computed from the stored
+    captions and added in one commit; columns already there are left alone, so it can be re-run.
+    A killed backfill leaves the store as it was.
+    """
+    st = _run(Store.open, store)
+    names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
+    out = _run(run_backfill, st, names, progress=progress)
+    if out["added"]:
+        typer.echo(f"added {', '.join(out['added'])} to {out['rows']} samples (commit #{out['commit_id']})")
+    if out["already"]:
+        typer.echo(f"already there: {', '.join(out['already'])}")
 
 
 @app.command()
@@ -810,12 +833,20 @@ def gallery(store: str = STORE_ARG,
                                                                       "COLUMN, side by side."),
             allow_external_access: bool = typer.Option(
                 False, "--allow-external-access", help="Also show images the store's samples do not name (a "
-                "query can put any path in `uri`; by default those tiles are left empty).")) -> None:
-    """One self-contained HTML page of thumbnails (embedded, no network) for any SQL result."""
+                "query can put any path in `uri`; by default those tiles are left empty)."),
+            remote_images: bool = typer.Option(
+                True, help="Show http(s) images (DataComp, LAION pools) by URL: the browser that opens the page "
+                "fetches them from their hosts. --no-remote-images writes a page that contacts no other host.")) -> None:
+    """One self-contained HTML page of thumbnails for any SQL result: local images embedded, web
+    images (URL-based pools) by URL unless --no-remote-images."""
     tb = (top_bottom[0], top_bottom[1]) if top_bottom else None
     res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb,
-               allow_external_access=allow_external_access)
+               allow_external_access=allow_external_access, remote_images=remote_images)
     note = f", {res['broken']} broken image(s)" if res["broken"] else ""
+    if res["remote"]:
+        note += f", {res['remote']} web image(s) your browser loads from their hosts"
+    if res["offline"]:
+        note += f", {res['offline']} web image(s) not shown (--no-remote-images)"
     typer.echo(f"gallery of {res['shown']} of {res['rows']} rows{note}: {res['path']}")
 
 

@@ -94,3 +94,11 @@ class AuthError(ClipsqlError, PermissionError):
     """A request to `clipsql serve` without valid credentials."""
 class TagError(ClipsqlError, ValueError):
     """A tag that cannot be stored as given (empty or overlong name, ids that are not samples)."""
+
+
+class LanguageModelError(ClipsqlError, RuntimeError):
+    """The caption language-identification model cannot be loaded."""
+
+
+class BackfillError(ClipsqlError, ValueError):
+    """`clipsql backfill` was asked for a column it cannot compute."""

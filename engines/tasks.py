@@ -28,6 +28,7 @@ from clipsql.lazy import lance_fragment, torch
 from clipsql.models import loading as models
 from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
 from clipsql.store.tables import SAMPLES
+from clipsql.store.writer import conform_samples
 from clipsql.store import deletions
 
 
@@ -141,8 +142,9 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
                      skipped=skipped, deleted=int(gone.sum()), deleted_on=deletions.merge_days([], first, last),
                      samples_restored=restored)
     if samples is not None and len(new_s):
-        res.sample_fragments = _write(st.table_uri(SAMPLES), samples.take(pa.array(new_s)),
-                                      ctx.storage_versions[SAMPLES])
+        names = st.samples_table(ctx.versions.get(SAMPLES)).schema.names
+        res.sample_fragments = _write(st.table_uri(SAMPLES), conform_samples(samples.take(pa.array(new_s)), [
+            n for n in samples.column_names if n in names]), ctx.storage_versions[SAMPLES])
         res.sample_rows = len(new_s)
     if len(new_e):
         t = pa.array(new_e, pa.int64())

@@ -40,6 +40,7 @@ class Columns:
     rejects: list = field(default_factory=list)      # (location, reason, detail)
     width: pa.Array | None = None                    # int32 image size from the source's columns (image_size)
     height: pa.Array | None = None
+    caption_raw: pa.Array | None = None              # the captions before cleaning (caption_text)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -49,7 +50,8 @@ class Columns:
         return Columns(self.ids.take(t), self.uri.take(t), self.caption.take(t), self.location.take(t),
                        self.metadata.take(t), self.image[idx], self.text[idx], self.meta_types, self.rejects,
                        None if self.width is None else self.width.take(t),
-                       None if self.height is None else self.height.take(t))
+                       None if self.height is None else self.height.take(t),
+                       None if self.caption_raw is None else self.caption_raw.take(t))
 
 
 # The source columns that give an undecoded image's size, first match wins (names compared in
@@ -94,6 +96,20 @@ def locations(name: str, first_row: int, n: int) -> pa.Array:
     """`name:row N` for N = first_row … first_row + n − 1 (rows count from 1)."""
     nums = pc.cast(pa.array(np.arange(first_row, first_row + n, dtype=np.int64)), pa.string())
     return pc.binary_join_element_wise(pa.scalar(f"{name}:row "), nums, "")
+
+
+def caption_text(col: pa.Array) -> pa.Array | None:
+    """The captions as the source gave them, as text (before clean_captions), for the caption
+    features (ingest.captions); None where the column is not text or not all valid UTF-8."""
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return col.cast(pa.string())
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        try:
+            text = pc.cast(col, pa.string())
+        except pa.ArrowInvalid:
+            return None
+        return pc.replace_substring_regex(text, "^\ufeff", "")      # a UTF-8 byte-order mark is no text
+    return None
 
 
 def clean_captions(col: pa.Array) -> tuple[pa.Array, list[tuple[int, str, str]]]:

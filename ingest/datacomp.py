@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from clipsql.errors import SourceError
 from clipsql.ingest.columnar import (
     Columns,
+    caption_text,
     clean_captions,
     duck_connection,
     image_size,
@@ -271,7 +272,9 @@ class DataCompSource(Source):
                                  f"cannot read these rows ({type(e).__name__}: {e})")])
         loc = locations(f"{stem}.parquet", start + 1, n)
         uids, uid_ok = _uids(table.column("uid").combine_chunks())
-        captions, cap_rejects = clean_captions(table.column("text").combine_chunks())
+        text_col = table.column("text").combine_chunks()
+        captions, cap_rejects = clean_captions(text_col)
+        raw_caps = caption_text(text_col)
         bad: dict[int, tuple[str, str]] = {}
         for i in np.flatnonzero(~uid_ok):
             raw = table.column("uid")[int(i)].as_py()
@@ -298,8 +301,9 @@ class DataCompSource(Source):
             kept = np.flatnonzero(keep)
             return Columns(uids.take(rows), uri.take(rows), captions.take(rows), loc.take(rows),
                            metadata.take(rows), img[kept], txt[kept], meta_types, rejects,
-                           None if width is None else width.take(rows), None if height is None else height.take(rows))
-        return Columns(uids, uri, captions, loc, metadata, img, txt, meta_types, rejects, width, height)
+                           None if width is None else width.take(rows), None if height is None else height.take(rows),
+                           None if raw_caps is None else raw_caps.take(rows))
+        return Columns(uids, uri, captions, loc, metadata, img, txt, meta_types, rejects, width, height, raw_caps)
 
     def read(self, unit) -> Iterator[Item | Reject]:
         """The columnar rows as Items (validated already) and Rejects: for tools that iterate."""

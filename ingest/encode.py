@@ -64,7 +64,8 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
         if sid in done_ids:
             out.skipped.append((sid, item.location))
             return
-        row = {"id": sid, "uri": item.uri, "caption": caption, "width": None, "height": None,
+        row = {"id": sid, "uri": item.uri, "caption": caption, "caption_text": source_text(item.caption_raw, caption),
+               "width": None, "height": None,
                "location": item.location, "caption_truncated": caption_truncated(tokenizer, caption)
                if tokenizer is not None and caption is not None else False, "meta": item.meta or {}}
         if image is None:   # precomputed embeddings
@@ -90,6 +91,17 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
 
 
 NO_CAPTION = ("missing_caption", "empty_caption")   # what --allow-missing-captions keeps
+
+
+def source_text(raw: Any, caption: str | None) -> str | None:
+    """The caption as the source gave it (decoded, before cleaning), which the caption features
+    count; None when the row keeps no caption."""
+    if caption is None:
+        return None
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        raw = bytes(raw)
+        return raw[3 if raw.startswith(b"\xef\xbb\xbf") else 0:].decode("utf-8")   # clean_caption checked it
+    return raw if isinstance(raw, str) else caption
 
 
 def open_clip_encoder(spec: Any, device: str) -> "Encoder":

@@ -41,6 +41,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = [
     "ItemRejected",
     "load_image",
+    "to_rgb",
     "clean_caption",
     "check_vector",
     "content_id",
@@ -152,11 +153,12 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         img = ImageOps.exif_transpose(img)
     except Exception:  # damaged EXIF: keep the pixels as stored
         pass
-    return _to_rgb(img)
+    return to_rgb(img)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB (transparency composited on white)."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB (transparency composited on white; 16-bit, 32-bit and
+    float images scaled, see `_scale_to_8bit`): what ingest encodes and what thumbnails show."""
     mode = img.mode
     if mode == "RGB" and "transparency" not in img.info:
         return img

@@ -13,8 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipsql.errors import SourceError
-from clipsql.ingest.columnar import (Columns, clean_captions, content_ids, image_size, locations, metadata_json,
-                                     vector_matrix)
+from clipsql.ingest.columnar import (Columns, caption_text, clean_captions, content_ids, image_size, locations,
+                                     metadata_json, vector_matrix)
 from clipsql.ingest.sources import (Item, Reject, Source, caption_value, id_value, require_column, scalar_value)
 from clipsql.store.catalog import NPY_LOCK
 
@@ -192,7 +192,9 @@ class PrecomputedSource(Source):
         else:
             img_src = table.column(self.image_embeddings) if self.image_embeddings in table.column_names else None
             txt_src = table.column(self.text_embeddings) if self.text_embeddings in table.column_names else None
-        captions, cap_rejects = clean_captions(table.column(self.caption_column).combine_chunks())
+        cap_col = table.column(self.caption_column).combine_chunks()
+        captions, cap_rejects = clean_captions(cap_col)
+        raw_caps = caption_text(cap_col)
         bad: dict[int, tuple[str, str]] = {i: (r, d) for i, r, d in cap_rejects}
         img, img_bad = vector_matrix(img_src, n, dim)
         if txt_src is None and self.image_only:     # no text embeddings at all: NULL text vectors
@@ -230,14 +232,14 @@ class PrecomputedSource(Source):
             rejects = [(locs[j], *bad[int(i)]) for j, i in enumerate(idx)]
         if keep.all():
             ids = content_ids(captions, uris, given, img)
-            return Columns(ids, uris, captions, loc, metadata, img, txt, meta_types, rejects, width, height)
+            return Columns(ids, uris, captions, loc, metadata, img, txt, meta_types, rejects, width, height, raw_caps)
         rows = np.flatnonzero(keep)
         t = pa.array(rows, pa.int64())
         caps, us = captions.take(t), uris.take(t)
         ids = content_ids(caps, us, None if given is None else given.take(t), img[rows])
         return Columns(ids, us, caps, loc.take(t), metadata.take(t), img[rows], txt[rows],
                        meta_types, rejects, None if width is None else width.take(t),
-                       None if height is None else height.take(t))
+                       None if height is None else height.take(t), None if raw_caps is None else raw_caps.take(t))
 
     def describe(self) -> str:
         if self.layout == "npy":

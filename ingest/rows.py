@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipsql.ingest.captions import caption_features
 from clipsql.store.store import merge_sql_types
 from clipsql.store.tables import samples_schema
 
@@ -51,6 +52,9 @@ def samples_table(rows: list[dict], source: str) -> tuple[pa.Table, dict[str, st
         "source": [source] * len(rows), "location": [r["location"] for r in rows],
         "caption_truncated": [bool(r["caption_truncated"]) for r in rows], "metadata": metas,
     }
+    # the caption features count the text as the source gave it (before cleaning), as DataComp does
+    raw = pa.array([r.get("caption_text", r["caption"]) for r in rows], pa.string())
+    cols.update(caption_features(raw))
     return pa.table(cols, schema=samples_schema()), types
 
 
@@ -58,10 +62,12 @@ def samples_columns(c: Any, source: str) -> pa.Table:
     n = len(c)
     width = getattr(c, "width", None)
     height = getattr(c, "height", None)
+    raw = getattr(c, "caption_raw", None)
     return pa.table({
         "id": c.ids, "uri": c.uri, "caption": c.caption,
         "width": pa.nulls(n, pa.int32()) if width is None else width,
         "height": pa.nulls(n, pa.int32()) if height is None else height,
         "source": pa.array([source] * n, pa.string()),
         "location": c.location, "caption_truncated": pa.array(np.zeros(n, dtype=bool)), "metadata": c.metadata,
+        **caption_features(c.caption if raw is None else raw),
     }, schema=samples_schema())

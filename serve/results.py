@@ -293,7 +293,8 @@ def search_table(con: Any, samples: Any, st: Store, vector_sql: str, k: int, mod
         samples_schema().empty_table()
     con.register("_app_search_rows", raw)
     try:
-        rows = run(con, f"SELECT * EXCLUDE (metadata) FROM (SELECT {samples_select_list(st)} FROM _app_search_rows)")
+        rows = run(con, f"SELECT * EXCLUDE (metadata) FROM (SELECT {samples_select_list(st, raw.schema.names)} "
+                        "FROM _app_search_rows)")
     finally:
         con.unregister("_app_search_rows")
     rows = rows.take(pc.index_in(ids, value_set=rows.column("id").combine_chunks()))

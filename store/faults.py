@@ -9,7 +9,8 @@ Points: `commit:between-tables` (samples committed in Lance, the model table not
 `update:after-lance`, `models-rm:after-catalog`, `target:after-table`, `target:after-switch`,
 `select:before-rename`, `writer:data-file` (a Lance data file being written),
 `run:finish` (the run's catalog row being closed), `fit:before-save`, `score:before-write`,
-`register:after-table` (a new model's Lance table created, its catalog rows not).
+`register:after-table` (a new model's Lance table created, its catalog rows not),
+`backfill:after-lance` (backfilled columns committed in Lance, the ledger not moved).
 """
 from __future__ import annotations
 

@@ -29,8 +29,10 @@ STORED_SCORES = "scores_"   # + model table
 DEDUP = "semdedup_"         # + model table (and + "_centroids")
 CENTROIDS_SUFFIX = "_centroids"
 
+# computed from the caption at ingest (ingest.captions; `clipsql backfill` for older stores)
+CAPTION_FEATURES = ("caption_lang", "caption_lang_score", "caption_words", "caption_tokens", "caption_chars")
 SAMPLE_COLUMNS = ("id", "uri", "caption", "width", "height", "source", "location",
-                  "caption_truncated", "metadata")
+                  "caption_truncated", "metadata") + CAPTION_FEATURES
 
 
 def table_name_for(kind: str, name: str) -> str:
@@ -80,7 +82,14 @@ def samples_schema() -> pa.Schema:
         ("id", pa.string()), ("uri", pa.string()), ("caption", pa.string()),
         ("width", pa.int32()), ("height", pa.int32()), ("source", pa.string()),
         ("location", pa.string()), ("caption_truncated", pa.bool_()), ("metadata", pa.string()),
-    ])
+    ] + caption_feature_fields())
+
+
+def caption_feature_fields() -> list[pa.Field]:
+    """The samples columns of CAPTION_FEATURES (NULL where the caption is NULL)."""
+    return [pa.field("caption_lang", pa.string()), pa.field("caption_lang_score", pa.float32()),
+            pa.field("caption_words", pa.int32()), pa.field("caption_tokens", pa.int32()),
+            pa.field("caption_chars", pa.int32())]
 
 
 def embeddings_schema(dim: int) -> pa.Schema:

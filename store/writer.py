@@ -46,6 +46,11 @@ class CommitPolicy:
     fragment_bytes: int = 64 << 20
 
 
+def conform_samples(samples: pa.Table, names: list[str]) -> pa.Table:
+    """`samples` rows with only the columns `names` (those the store's samples table has)."""
+    return samples if samples.column_names == names else samples.select(names)
+
+
 class _Buffer:
     """Arrow tables for one Lance table, cut into data files of ~`limit` bytes written on the
     writer's I/O thread (Lance's encoder releases the GIL), so reading, checking and the
@@ -120,8 +125,12 @@ class Writer:
         self._emb_schema = ds.schema     # tables from before uri/caption were copied lack them
         self._emb = _Buffer(st.table_uri(rec.table_name), self._emb_schema, version,
                             self.policy.fragment_bytes, self._io)
-        self._samples = _Buffer(st.table_uri(SAMPLES), samples_schema(),
-                                st.dataset(SAMPLES).data_storage_version, self.policy.fragment_bytes, self._io)
+        samples = st.dataset(SAMPLES)
+        # a store from before the caption feature columns keeps its schema until `clipsql backfill`
+        self._samples_names = [n for n in samples_schema().names if n in samples.schema.names]
+        self._samples = _Buffer(st.table_uri(SAMPLES), samples_schema() if len(self._samples_names) ==
+                                len(samples_schema()) else samples.schema, samples.data_storage_version,
+                                self.policy.fragment_bytes, self._io)
         self.pending = PendingCommit(run_id=self.run_id, source=self.source, seq=self.seq + 1)
         self.pending.moments = new_moments(rec.dim)
         for key, m in self.pending.moments.items():
@@ -136,7 +145,7 @@ class Writer:
         (n, d) float32 vectors each; a NaN text row is stored as a NULL text embedding)."""
         n = len(ids)
         if samples is not None and samples.num_rows:
-            self._samples.add(samples)
+            self._samples.add(conform_samples(samples, self._samples_names))
             self.pending.sample_rows += samples.num_rows
         if meta_types:
             mt = self.pending.meta_types

@@ -85,6 +85,48 @@ def test_broken_tiles_escaping_and_join(hand_con, tmp_path):
     assert "http://" not in page and "https://" not in page
 
 
+def _web_con(tmp_path):
+    con = duckdb.connect()
+    con.execute("CREATE TABLE samples (id VARCHAR, uri VARCHAR, caption VARCHAR)")
+    con.executemany("INSERT INTO samples VALUES (?, ?, ?)", [
+        ("a-local", _png(tmp_path / "local.png"), "a local file"),
+        ("b-web", "https://img.example.com/0/1.jpg", "a DataComp url"),
+        ("c-web", 'http://img.example.com/q.jpg?a=1&b="2"', "a LAION url with a query"),
+    ])
+    return con
+
+
+def test_web_images_show_by_url_and_local_files_stay_embedded(tmp_path):
+    con = _web_con(tmp_path)
+    res = write_gallery(None, "SELECT id FROM samples ORDER BY id", tmp_path / "w.html", con=con)
+    page = (tmp_path / "w.html").read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert srcs[0].startswith("data:image/png;base64,")
+    assert srcs[1:] == ["https://img.example.com/0/1.jpg", "http://img.example.com/q.jpg?a=1&amp;b=&quot;2&quot;"]
+    assert res["broken"] == 0 and res["remote"] == 2 and res["offline"] == 0
+    assert 'id="remote-note"' in page and "your browser fetches them" in page
+    assert "img-src data: http: https:" in page and page.count("referrerpolicy=no-referrer") == 2
+    # a uri the store's samples do not hold is never shown, web or not
+    res = write_gallery(None, "SELECT id, 'https://evil.example/x.png' AS uri FROM samples", tmp_path / "f.html",
+                        con=con)
+    foreign = (tmp_path / "f.html").read_text()
+    assert res["remote"] == 0 and not any("evil" in src for src in re.findall(r'src="([^"]+)"', foreign))
+    assert "not an image of this store" in foreign
+
+
+def test_no_remote_images_makes_a_page_that_contacts_no_other_host(tmp_path):
+    con = _web_con(tmp_path)
+    res = write_gallery(None, "SELECT id FROM samples ORDER BY id", tmp_path / "o.html", con=con,
+                        remote_images=False)
+    page = (tmp_path / "o.html").read_text()
+    srcs = re.findall(r'src="([^"]+)"', page)
+    assert len(srcs) == 1 and srcs[0].startswith("data:image/png")
+    assert res["remote"] == 0 and res["offline"] == 2 and res["broken"] == 0
+    assert page.count("web image not loaded (--no-remote-images)") == 2
+    assert "img-src data:;" in page and "http: https:" not in page
+    assert "contacts no other host" in page
+
+
 def test_top_bottom_ranks_nulls_and_ties(hand_con, tmp_path):
     res = write_gallery(None, "SELECT id, score FROM t", tmp_path / "tb.html", con=hand_con,
                         top_bottom=("score", 3))
@@ -152,3 +194,40 @@ def test_broken_tiles_in_browser(hand_con, tmp_path):
     out = tmp_path / "broken.html"
     write_gallery(None, "SELECT id, score FROM t", out, con=hand_con)
     assert image_check(out) == {"decoded": 4, "total": 4, "pending": 0}
+
+
+def test_tile_values_never_wrap_and_long_names_are_shortened_with_the_full_name_on_hover(tmp_path):
+    con = duckdb.connect()
+    con.execute("CREATE TABLE samples (id VARCHAR, uri VARCHAR, caption VARCHAR)")
+    con.execute("INSERT INTO samples VALUES ('a', ?, 'a red square')", [_png(tmp_path / "a.png")])
+    write_gallery(None, "SELECT id, 0.7748 AS clip_l14_similarity_score, 3 AS k FROM samples",
+                  tmp_path / "t.html", con=con)
+    page = (tmp_path / "t.html").read_text()
+    assert '<td class="k" title="clip_l14_similarity_score">clip_l1…_score</td>' in page
+    assert '<td class="k" title="k">k</td>' in page
+    assert '<td class="v" title="0.7748">0.7748</td>' in page
+    assert "<wbr>" not in page and "td.v{text-align:right;white-space:nowrap}" in page
+
+
+def _encoded(im, fmt):
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,image,fmt", [
+    ("16-bit grey", Image.fromarray(np.tile(np.linspace(0, 65535, 40), (30, 1)).astype(np.uint16)), "PNG"),
+    ("16-bit mid grey", Image.fromarray(np.full((30, 40), 32896, np.uint16)), "PNG"),
+    ("float in [0, 1]", Image.fromarray(np.tile(np.linspace(0, 1, 40, dtype=np.float32), (30, 1))), "TIFF"),
+    ("float of any range", Image.fromarray(np.tile(np.linspace(-5, 900, 40, dtype=np.float32), (30, 1))), "TIFF"),
+])
+def test_high_depth_thumbnails_are_scaled_as_ingest_scales_them(name, image, fmt):
+    from clipsql.ingest.images import load_image
+    from clipsql.queries.present.gallery import thumbnail_bytes
+    data = _encoded(image, fmt)
+    body, mime = thumbnail_bytes(data, 64)
+    thumb = np.asarray(Image.open(io.BytesIO(body)).convert("RGB")).astype(int)
+    seen = np.asarray(load_image(data)).astype(int)       # what ingest encoded
+    assert mime == "image/png" and thumb.shape == seen.shape     # small: not resized, ≤ 256 colours
+    assert np.array_equal(thumb, seen), name
+    assert thumb.max() - thumb.min() > 200 or 120 <= thumb.mean() <= 136      # neither blank nor black

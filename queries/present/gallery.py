@@ -8,9 +8,13 @@ result when present, else joined from ``samples`` by id. Every other column is
 shown under its image. Thumbnails are read by ``uri`` (a local path, or
 ``/abs/shard.tar::member`` for webdataset samples), shrunk with PIL to ``thumb``
 pixels and embedded as base64 data URIs (PNG when the thumbnail has ≤ 256
-colours, else JPEG), so the file opens from disk with no network. A missing or
-unreadable image becomes a labelled broken tile. Every caption and value goes
-through ``html.escape``.
+colours, else JPEG). Images of URL-based pools (DataComp, LAION: ``http(s)://``
+uris) are never fetched here: the page shows them by URL, so the curator's own
+browser loads them from their hosts when it opens the page (the page says so);
+``remote_images=False`` (``--no-remote-images``) writes a page that contacts no
+other host (its Content-Security-Policy allows only embedded images), with those
+tiles marked. A missing or unreadable image becomes a labelled broken tile.
+Every caption and value goes through ``html.escape``.
 
 ``top_bottom=(COLUMN, N)`` shows the N lowest and N highest rows by COLUMN side
 by side (NULLs left out; ties broken by id). Pages with more than
@@ -40,6 +44,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
 from clipsql.errors import QueryError
+from clipsql.ingest.images import to_rgb
 from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.functions import blas_pinned, udf_error
@@ -63,9 +68,10 @@ details{margin-bottom:10px;font-size:13px}pre{white-space:pre-wrap;background:#f
             background:repeating-linear-gradient(45deg,#fdd,#fdd 6px,#fee 6px,#fee 12px);
             color:#900;font-weight:600;font-size:11px;word-break:break-all;overflow:hidden}
 .cap{margin:3px 0;word-break:break-word}
+.note{background:#fff8e1;border:1px solid #f0d98a;padding:4px 8px;font-size:12px;margin-bottom:10px}
 .rank{font-weight:700;color:#333}
 table.kv{border-collapse:collapse;width:100%}table.kv td{padding:0 2px;vertical-align:top}
-table.kv td.k{color:#777}table.kv td.v{text-align:right;word-break:break-word}
+table.kv td.k{color:#777;word-break:break-all}table.kv td.v{text-align:right;white-space:nowrap}
 #image-check{color:#777;font-size:12px;margin-top:12px}
 """
 
@@ -133,19 +139,15 @@ class ImageReader:
 
 
 def thumbnail_bytes(data: bytes, thumb: int) -> tuple[bytes, str]:
-    """(encoded thumbnail, MIME type): PIL-decoded, shrunk to fit ``thumb``×``thumb`` (never
+    """(encoded thumbnail, MIME type): PIL-decoded, converted to RGB exactly as ingest converts it
+    (ingest.images.to_rgb), shrunk to fit ``thumb``×``thumb`` (never
     enlarged: CSS scales small images up, pixelated), PNG if ≤ 256 colours, else JPEG quality 85."""
     with Image.open(io.BytesIO(data)) as im:
         im.seek(0)
         if im.format == "JPEG":
             im.draft("RGB", (thumb, thumb))  # decode at a reduced scale: fast for large photos
         im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
-            rgba = im.convert("RGBA")
-            im = Image.new("RGB", rgba.size, (255, 255, 255))
-            im.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            im = im.convert("RGB")
+        im = to_rgb(im)     # as ingest sees it: 16-bit and float images scaled, transparency on white
         if max(im.size) > thumb:
             im.thumbnail((thumb, thumb), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
@@ -190,6 +192,13 @@ def load_thumbnail(reader: ImageReader, uri: str | None, thumb: int) -> tuple[st
 
 
 FOREIGN = "not an image of this store (--allow-external-access shows other files)"
+OFFLINE = "web image not loaded (--no-remote-images)"
+_WEB = ("http://", "https://")
+
+
+def is_web_uri(uri: str | None) -> bool:
+    """An image that lives on a web host (DataComp, LAION urls): shown by URL, never read here."""
+    return bool(uri) and uri.lower().startswith(_WEB)
 
 
 def _store_uris(con: Any, uris: list[str | None]) -> set[str]:
@@ -272,6 +281,23 @@ def _fmt(v: Any) -> str:
     return s if len(s) <= 160 else s[:157] + "…"
 
 
+NAME_CHARS = 14       # a column name longer than this is shortened in a tile (full name on hover)
+VALUE_CHARS = 18      # a value longer than this is cut in a tile (full value on hover); values never wrap
+
+
+def short_name(name: str, limit: int = NAME_CHARS) -> str:
+    """`name` if it fits, else its head and tail around an ellipsis: clip_l14_similarity_score ->
+    clip_l1…y_score (the tile's title attribute carries the full name)."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) // 2
+    return name[:limit - 1 - tail] + "…" + name[-tail:]
+
+
+def _short_value(text: str, limit: int = VALUE_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _tile(r: dict, columns: list[str], thumb_uri: str | None, why: str | None, lazy: bool,
           rank: str | None = None) -> str:
     e = html.escape
@@ -279,14 +305,17 @@ def _tile(r: dict, columns: list[str], thumb_uri: str | None, why: str | None, l
     uri = r.get("uri")
     title = e(f"id {r['id']}\n{uri}" if uri else f"id {r['id']}")
     if thumb_uri is not None:
-        img = (f'<img src="{thumb_uri}" alt="{e(str(cap if cap is not None else r["id"]))}" '
-               f'title="{title}"{" loading=lazy" if lazy else ""} decoding="async">')
+        web = is_web_uri(thumb_uri)     # loaded by the viewer's browser from its host: no referrer sent
+        img = (f'<img src="{e(thumb_uri)}" alt="{e(str(cap if cap is not None else r["id"]))}" '
+               f'title="{title}"{" loading=lazy" if lazy or web else ""} decoding="async"'
+               f'{" referrerpolicy=no-referrer" if web else ""}>')
         cls = "tile"
     else:
         img = f'<div class="ph" title="{title}">broken image<br>{e(why or "")}</div>'
         cls = "tile broken"
-    kv = "".join(f'<tr><td class="k">{e(c).replace("_", "_<wbr>")}</td>'
-                 f'<td class="v" title="{e(str(r.get(c)))}">{e(_fmt(r.get(c)))}</td></tr>' for c in columns)
+    kv = "".join(f'<tr><td class="k" title="{e(c)}">{e(short_name(c))}</td>'
+                 f'<td class="v" title="{e(str(r.get(c)))}">{e(_short_value(_fmt(r.get(c))))}</td></tr>'
+                 for c in columns)
     head = f'<span class="rank">{e(rank)}</span> ' if rank else ""
     cap_html = e(_fmt(cap)) if cap is not None else "<i>no caption</i>"
     return (f'<figure class="{cls}">{img}<figcaption><div class="cap">{head}{cap_html}</div>'
@@ -302,11 +331,13 @@ def _grid(rows: list[dict], columns: list[str], thumbs: dict[int, tuple[str | No
 
 def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thumb: int = 128,
                  top_bottom: tuple[str, int] | None = None, title: str | None = None,
-                 con: Any = None, allow_external_access: bool = False) -> tuple[str, dict]:
-    """Build the page; returns (html, summary dict: rows, shown, broken, cut, nulls).
+                 con: Any = None, allow_external_access: bool = False,
+                 remote_images: bool = True) -> tuple[str, dict]:
+    """Build the page; returns (html, summary dict: rows, shown, broken, remote, cut, nulls).
 
     Only images the store's samples name are read (a query can put any path in a `uri` column);
-    `allow_external_access` shows other files too."""
+    `allow_external_access` shows other files too. `remote_images`: show http(s) images by URL
+    (the viewer's browser fetches them); off, the page makes no request to any other host."""
     if thumb < 8:
         raise QueryError("--thumb must be at least 8 pixels")
     own = con is None
@@ -336,13 +367,21 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
             con.close()
     reader = ImageReader()
     try:
-        thumbs = {id(r): (load_thumbnail(reader, r.get("uri"), thumb)
-                          if known is None or r.get("uri") in known or not r.get("uri") else (None, FOREIGN))
-                  for r in shown}
+        thumbs = {}
+        for r in shown:
+            uri = r.get("uri")
+            if known is not None and uri and uri not in known:
+                thumbs[id(r)] = (None, FOREIGN)
+            elif is_web_uri(uri):
+                thumbs[id(r)] = (uri, None) if remote_images else (None, OFFLINE)
+            else:
+                thumbs[id(r)] = load_thumbnail(reader, uri, thumb)
     finally:
         reader.close()
     lazy = len(shown) > LAZY_AFTER
     broken = sum(1 for t in thumbs.values() if t[0] is None)
+    remote = sum(1 for t in thumbs.values() if is_web_uri(t[0]))
+    offline = sum(1 for t in thumbs.values() if t[1] == OFFLINE)
     e = html.escape
     if top_bottom:
         body = (f'<div class="pair"><section><h2>Lowest {len(low)} by {e(col)}</h2>'
@@ -354,19 +393,33 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
     else:
         body = _grid(shown, columns, thumbs, lazy)
         what = f"{len(shown)} rows" + (f" (the first {limit}; raise --limit to see more)" if cut else "")
-    if broken:
-        what += f"; {broken} broken image{'s' if broken != 1 else ''}"
+    if broken - offline:
+        what += f"; {broken - offline} broken image{'s' if broken - offline != 1 else ''}"
+    note = ""
+    if remote:
+        note = (f'<div class="note" id="remote-note">{remote} image{"s" if remote != 1 else ""} of this page '
+                "load from their web hosts (the pool's URLs): your browser fetches them when it opens the "
+                "page, so those hosts see your address, and an image that has moved or gone shows as "
+                "broken. Write the page with <code>--no-remote-images</code> for one that contacts no "
+                "other host.</div>")
+    elif offline:
+        note = (f'<div class="note" id="remote-note">{offline} web image{"s" if offline != 1 else ""} not '
+                "shown: this page was written with <code>--no-remote-images</code> and contacts no other "
+                "host.</div>")
+    img_src = "data: http: https:" if remote else "data:"
+    csp = (f"default-src 'none'; img-src {img_src}; style-src 'unsafe-inline'; script-src 'unsafe-inline'")
     head_title = title or "clipsql gallery"
     tile_px = max(thumb + 10, 170)
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
         f"<title>{e(head_title)}</title><style>:root{{--thumb:{thumb}px;--tile:{tile_px}px}}{_CSS}</style>"
-        f"</head><body><h1>{e(head_title)}</h1><div class=\"meta\">{e(what)}</div>"
+        f"</head><body><h1>{e(head_title)}</h1><div class=\"meta\">{e(what)}</div>{note}"
         f"<details><summary>SQL</summary><pre>{e(sql)}</pre></details>{body}"
         f'<div id="image-check" data-decoded="-1" data-total="-1" data-pending="-1"></div>'
         f"<script>{GALLERY_SCRIPT}</script></body></html>\n")
-    summary = {"rows": total, "shown": len(shown), "broken": broken, "cut": cut, "nulls": nulls,
-               "lazy": lazy}
+    summary = {"rows": total, "shown": len(shown), "broken": broken - offline, "remote": remote,
+               "offline": offline, "cut": cut, "nulls": nulls, "lazy": lazy}
     return page, summary
 
 
@@ -374,10 +427,11 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
 def write_gallery(store: Any, sql: str, output: str | os.PathLike = "gallery.html", *,
                   limit: int | None = DEFAULT_LIMIT, thumb: int = 128,
                   top_bottom: tuple[str, int] | None = None, title: str | None = None,
-                  con: Any = None, allow_external_access: bool = False) -> dict:
+                  con: Any = None, allow_external_access: bool = False, remote_images: bool = True) -> dict:
     """Write the gallery page to ``output``; returns the summary with ``path`` (absolute)."""
     page, summary = gallery_html(store, sql, limit=limit, thumb=thumb, top_bottom=top_bottom,
-                                 title=title, con=con, allow_external_access=allow_external_access)
+                                 title=title, con=con, allow_external_access=allow_external_access,
+                                 remote_images=remote_images)
     out = Path(output)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,8 @@ from clipsql.queries.sql import functions
 from clipsql.queries.sql.functions import score_expressions
 from clipsql.store import catalog as cat
 from clipsql.store.store import Store
-from clipsql.store.tables import SAMPLES, dedup_table_name, metadata_aliases, samples_schema, stored_table_name
+from clipsql.store.tables import (CAPTION_FEATURES, SAMPLES, dedup_table_name, metadata_aliases, samples_schema,
+                                   stored_table_name)
 from clipsql.store import deletions
 from clipsql.store import tags
 
@@ -111,13 +112,17 @@ def register_views(con: Any, st: Store) -> None:
 def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
     tbl = st.samples_table(versions.get(SAMPLES))
     con.register("_lance_samples", tbl if tbl is not None else samples_schema().empty_table())
-    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {samples_select_list(st)} FROM _lance_samples")
+    names = (tbl.schema if tbl is not None else samples_schema()).names
+    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {samples_select_list(st, names)} FROM _lance_samples")
 
 
-def samples_select_list(st: Store) -> str:
+def samples_select_list(st: Store, names: list[str] | None = None) -> str:
     """The `samples` view's columns over a table of the Lance `samples` schema: the metadata keys as
-    typed columns (so the same view can be put over a few rows read from Lance directly)."""
+    typed columns (so the same view can be put over a few rows read from Lance directly). `names`:
+    the Lance table's columns (a store from before the caption features lacks them until
+    `clipsql backfill`; default: all)."""
     base = ["id", "uri", "caption", "width", "height"]
+    base += [c for c in CAPTION_FEATURES if names is None or c in names]
     cols = [quote_ident(c) for c in base]
     meta = st.metadata_columns()
     aliases = metadata_aliases(list(meta))
