@@ -40,6 +40,7 @@ from clipsql.queries.search.command import format_search
 from clipsql.queries.search.command import search as run_search
 from clipsql.queries.search.index import build_index
 from clipsql.queries.sql.cli_query import repl, run_query
+from clipsql.queries.sql.specs import FUNCTIONS as SQL_FUNCTIONS
 from clipsql.store.deletions import deleted_phrase
 from clipsql.serve.server import run_server
 from clipsql.store.doctor import doctor as run_doctor
@@ -514,7 +515,8 @@ def stats_fit(store: str = STORE_ARG,
                f"in {res['seconds']:.2f}s")
 
 
-@app.command()
+@app.command(epilog="Score and vector functions (`.help` in `clipsql sql` says what each computes): "
+             + ", ".join(f.name for f in SQL_FUNCTIONS) + ".")
 def query(store: str = STORE_ARG,
           sql: str = typer.Argument(..., help="DuckDB SQL over the views samples, embeddings, rejects, "
                                               "stats, scores and the score functions."),
