@@ -40,8 +40,9 @@ def test_readme_table_is_the_generated_one():
 
 
 def test_every_registered_function_has_a_spec_and_every_spec_is_registered(con):
-    rows = con.sql("SELECT DISTINCT function_name, function_type FROM duckdb_functions() "
-                   "WHERE (function_type = 'macro' AND NOT internal) OR function_name LIKE '\\_clipsql%' ESCAPE '\\'").fetchall()
+    rows = con.sql("SELECT DISTINCT function_name, function_type FROM duckdb_functions() WHERE "
+                   "(function_type = 'macro' AND NOT internal) OR function_name LIKE '\\_clipsql%' ESCAPE '\\'"
+                   ).fetchall()
     udfs = {n for n, t in rows if n.startswith("_clipsql") and t != "macro"}
     macros = {n for n, t in rows if t == "macro"} - {"_clipsql_finite"}
     d = 16   # the fake encoder's width: every score UDF is also declared on FLOAT[16]
@@ -82,7 +83,7 @@ def test_specs_name_real_kernels_sections_and_needs():
         for k in s.kernel:
             assert inspect.isfunction(getattr(kernels, k, None)), (s.key, k)
         if s.section:
-            assert re.search(rf"^## {s.section[1:]}\. ", science, re.M), (s.key, s.section)
+            assert re.search(rf"^## {s.section[1:]}\. ", science, re.MULTILINE), (s.key, s.section)
         assert set(s.needs) <= set(specs.NEEDS), s.key
         assert s.usage and s.meaning and s.nulls, s.key
         assert s.functions or s.pool_columns, s.key

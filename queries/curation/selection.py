@@ -29,9 +29,7 @@ line) or `datacomp-uids` (`.npy`: the sorted uid array DataComp's resharder read
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,6 +41,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from clipsql.errors import ClipsqlError, SelectionError
+from clipsql.files import AtomicFile, write_atomic
 from clipsql.lazy import duckdb
 from clipsql.queries.curation import recipes
 from clipsql.queries.curation.datacomp import require_datacomp_ids, save_uids
@@ -374,58 +373,22 @@ def _write(tbl: pa.Table, output: Path, fmt: str) -> str:
     """Write the selection atomically (temporary file in the same directory, fsync, rename: a kill
     leaves the previous output or the new one, never a truncated file); returns its sha256."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    try:
+    with AtomicFile(output, before_rename=lambda: fault("select:before-rename")) as f:
         if fmt == "datacomp-uids":
-            save_uids(tbl.column("id").to_pylist(), tmp)
+            save_uids(tbl.column("id").to_pylist(), f.tmp)
         elif fmt == "txt":
             ids = tbl.column("id").to_pylist()
-            tmp.write_text("".join(f"{i}\n" for i in ids))
+            f.tmp.write_text("".join(f"{i}\n" for i in ids))
         elif fmt == "csv":
-            flat = [c for c, f in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(f.type)]
-            pcsv.write_csv(tbl.select(flat), tmp)
+            flat = [c for c, fl in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(fl.type)]
+            pcsv.write_csv(tbl.select(flat), f.tmp)
         else:
-            pq.write_table(tbl, tmp)
-        digest = _fsync_sha256(tmp)
-        fault("select:before-rename")
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(output.parent)
-    return digest
+            pq.write_table(tbl, f.tmp)
+    return f.sha256 or ""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text)
-        _fsync_sha256(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb+") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-        os.fsync(fh.fileno())
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, text)
 
 
 def _fit_info(st: Store, rec: ModelRecord, fit_id: int | None = None) -> dict | None:
