@@ -100,3 +100,31 @@ def test_sql_prompt_help_lists_every_function(con, monkeypatch, capsys):
     for f in specs.FUNCTIONS:
         assert f.name in out
     assert "docs/science.md §1" in out and "NULL when:" in out
+
+
+# -- recipes declared once ---------------------------------------------------------------------
+def test_recipe_specs_drive_the_cli_and_the_checks():
+    from dataclasses import fields
+
+    from clipsql.cli import Recipe
+    from clipsql.errors import SelectionError
+    from clipsql.queries.curation import selection as sel
+
+    assert [r.value for r in Recipe] == list(sel.RECIPES) == list(sel.RECIPE_SPECS)
+    names = {f.name for f in fields(sel.SelectSpec)}
+    grouped = {f for g in sel.OPTION_GROUPS for f in g}
+    for r in sel.RECIPE_SPECS.values():
+        assert r.options <= names and callable(r.run) and r.pool_score, r.name
+        assert r.help.split(",")[0] in sel.recipe_help()
+    assert grouped <= {f for r in sel.RECIPE_SPECS.values() for f in r.options}
+    assert sel.DEFAULT_FRACTION == {"kl-guided": 0.25, "negclip-normsim": 0.20, "clip-score": 0.30}
+    cases = [(dict(recipe="image-based", target="t", fraction=0.1), "image-based keeps whole clusters"),
+             (dict(recipe="clip-score", sample=3), "--clusters and --sample are only used by --recipe image-based"),
+             (dict(sql="SELECT 1", target="t"), "--target is only used by --recipe negclip-normsim and image-based"),
+             (dict(recipe="kl-guided", threshold=0.2), "--threshold is only used by --recipe clip-score"),
+             (dict(recipe="image-based"), "the image-based recipe needs --target NAME")]
+    for kw, msg in cases:
+        with pytest.raises(SelectionError, match=re.escape(msg)):
+            sel.SelectSpec(**kw).check()
+    sel.SelectSpec(recipe="image-based", target="t", clusters=3, sample=10, seed=1).check()
+    sel.SelectSpec(recipe="kl-guided", include_own_pair=True, seed=2).check()
