@@ -24,6 +24,7 @@ from clipsql import __version__, engines
 from clipsql.errors import READ_ONLY_HINT, ClipsqlError, from_udf_text
 from clipsql.ingest.datacomp import is_datacomp_pool
 from clipsql.ingest.pipeline import IngestOptions, ingest_pool
+from clipsql.ingest.registry import KINDS as SOURCE_KINDS
 from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
 from clipsql.queries.curation.dedup import dedup_status, semdedup
 from clipsql.queries.curation.delete import delete_where, undelete_where
@@ -277,8 +278,7 @@ def ingest(
     id_column: Optional[str] = typer.Option(None, help="Column with stable sample ids (default: content hash)."),
     image_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: image embedding column."),
     text_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: text embedding column."),
-    kind: Optional[str] = typer.Option(None, help="Force the source kind: folder|table|webdataset|precomputed|"
-                                       "datacomp."),
+    kind: Optional[str] = typer.Option(None, help="Force the source kind: " + "|".join(SOURCE_KINDS) + "."),
     datacomp_features: Optional[str] = typer.Option(
         None, "--datacomp-features", help="DataComp pools (<stem>.parquet + <stem>.npz shards, found in SOURCE or "
         "SOURCE/metadata): b32 (ViT-B-32/openai, 512-d), l14 (ViT-L-14/openai, 768-d) or all (default: both, one "

@@ -128,3 +128,12 @@ def test_recipe_specs_drive_the_cli_and_the_checks():
             sel.SelectSpec(**kw).check()
     sel.SelectSpec(recipe="image-based", target="t", clusters=3, sample=10, seed=1).check()
     sel.SelectSpec(recipe="kl-guided", include_own_pair=True, seed=2).check()
+
+
+def test_source_kinds_are_listed_only_by_the_registry():
+    from clipsql.ingest import registry
+
+    assert set(registry.DIRECTORY_ORDER) == {k for k, v in registry.REGISTRY.items() if v.directory}
+    assert set(registry.FILE_ORDER) == {k for k, v in registry.REGISTRY.items() if v.file}
+    assert len(registry.DIRECTORY_ORDER) == len(set(registry.DIRECTORY_ORDER))
+    assert len(registry.FILE_ORDER) == len(set(registry.FILE_ORDER))
