@@ -26,11 +26,12 @@ from clipsql.ingest.backfill import BACKFILLABLE
 from clipsql.ingest.backfill import backfill as run_backfill
 from clipsql.ingest.datacomp import is_datacomp_pool
 from clipsql.ingest.pipeline import IngestOptions, ingest_pool
+from clipsql.ingest.registry import KINDS as SOURCE_KINDS
 from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
 from clipsql.queries.curation.dedup import dedup_status, semdedup
-from clipsql.queries.curation.recipes import kl_guided_fit_ready
 from clipsql.queries.curation.delete import delete_where, undelete_where
-from clipsql.queries.curation.selection import SelectSpec, select
+from clipsql.queries.curation.selection import (DEFAULT_FIRST_FRACTION, RECIPES, SelectSpec, recipe_help, select,
+                                                writes_fit)
 from clipsql.queries.curation.targets import add_target
 from clipsql.queries.present.demo import run_demo
 from clipsql.queries.present.gallery import write_gallery
@@ -42,6 +43,7 @@ from clipsql.queries.search.command import format_search
 from clipsql.queries.search.command import search as run_search
 from clipsql.queries.search.index import build_index
 from clipsql.queries.sql.cli_query import repl, run_query
+from clipsql.queries.sql.specs import FUNCTIONS as SQL_FUNCTIONS
 from clipsql.store.deletions import deleted_phrase
 from clipsql.serve.server import run_server
 from clipsql.store.doctor import doctor as run_doctor
@@ -299,8 +301,7 @@ def ingest(
     id_column: Optional[str] = typer.Option(None, help="Column with stable sample ids (default: content hash)."),
     image_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: image embedding column."),
     text_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: text embedding column."),
-    kind: Optional[str] = typer.Option(None, help="Force the source kind: folder|table|webdataset|precomputed|"
-                                       "datacomp."),
+    kind: Optional[str] = typer.Option(None, help="Force the source kind: " + "|".join(SOURCE_KINDS) + "."),
     datacomp_features: Optional[str] = typer.Option(
         None, "--datacomp-features", help="DataComp pools (<stem>.parquet + <stem>.npz shards, found in SOURCE or "
         "SOURCE/metadata): b32 (ViT-B-32/openai, 512-d), l14 (ViT-L-14/openai, 768-d) or all (default: both, one "
@@ -542,7 +543,8 @@ def stats_fit(store: str = STORE_ARG,
                f"in {res['seconds']:.2f}s")
 
 
-@app.command()
+@app.command(epilog="Score and vector functions (`.help` in `clipsql sql` says what each computes): "
+             + ", ".join(f.name for f in SQL_FUNCTIONS) + ".")
 def query(store: str = STORE_ARG,
           sql: str = typer.Argument(..., help="DuckDB SQL over the views samples, embeddings, rejects, "
                                               "stats, scores and the score functions."),
@@ -672,11 +674,8 @@ def target_rm(store: str = STORE_ARG, name: str = typer.Argument(..., help="Targ
     typer.echo(f"removed target {res['name']} ({res['n']} rows of {res['model']})")
 
 
-class Recipe(str, Enum):
-    kl_guided = "kl-guided"
-    negclip_normsim = "negclip-normsim"
-    clip_score = "clip-score"
-    image_based = "image-based"
+# the recipes `select` offers: queries.curation.selection.RECIPE_SPECS
+Recipe = Enum("Recipe", {name.replace("-", "_"): name for name in RECIPES}, type=str)
 
 
 class OutFmt(str, Enum):
@@ -688,16 +687,7 @@ class OutFmt(str, Enum):
 
 @app.command("select")
 def select_cmd(store: str = STORE_ARG,
-               recipe: Optional[Recipe] = typer.Option(None, help="kl-guided: top --fraction (0.25) by text "
-                                                                  "Information Gain against the uniform prior at the "
-                                                                  "model's logit scale (on a fit with those settings, "
-                                                                  "made if missing). negclip-normsim: top "
-                                                                  "--first-fraction (0.3) by neg_clip_loss, then "
-                                                                  "top norm_sim_inf to --fraction (0.2) of the pool. "
-                                                                  "clip-score: DataComp's baseline, top --fraction "
-                                                                  "(0.3) by clip_score or --threshold. image-based: "
-                                                                  "DataComp's baseline, the pool rows in the k-means "
-                                                                  "clusters of a --target's images."),
+               recipe: Optional[Recipe] = typer.Option(None, help=recipe_help()),
                sql: Optional[str] = typer.Option(None, "--sql", help="SQL returning an id column; its order "
                                                                       "decides."),
                where: Optional[str] = typer.Option(None, "--where", help="SQL condition narrowing the pool "
@@ -713,7 +703,8 @@ def select_cmd(store: str = STORE_ARG,
                threshold: Optional[float] = typer.Option(None, help="clip-score: keep every row with clip_score "
                                                                     ">= T (DataComp uses 0.25 for B/32, 0.3 for "
                                                                     "L/14)."),
-               first_fraction: float = typer.Option(0.3, help="negclip-normsim: share kept by negCLIPLoss."),
+               first_fraction: float = typer.Option(DEFAULT_FIRST_FRACTION,
+                                                    help="negclip-normsim: share kept by negCLIPLoss."),
                negclip_form: str = typer.Option("row", help="negclip-normsim: row (per-row stable form) or pool "
                                                             "(stored by `clipsql score --neg-clip-loss-pool`)."),
                clusters: Optional[int] = typer.Option(None, help="image-based: k-means clusters (default pool / "
@@ -746,8 +737,7 @@ def select_cmd(store: str = STORE_ARG,
                       include_own_pair=include_own_pair, format=fmt.value if fmt else None)
     # every selection only reads the store, unless kl-guided has to make its fit (a catalog write)
     st = _run(Store.open, store, read_only=True)
-    if spec.recipe == "kl-guided" and make_fit and \
-            not _run(kl_guided_fit_ready, st, model, seed=seed, reference_size=spec.reference_size):
+    if _run(writes_fit, st, spec, model):
         st = _run(Store.open, store)
     res = _run(select, st, spec, output=output, model=model, engine=_run(engines.choose, engine, ray_address))
     c = res["counts"]

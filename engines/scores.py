@@ -30,7 +30,8 @@ from clipsql.errors import QueryError
 from clipsql.kernels.arrays import to_numpy
 from clipsql.lazy import lance, lance_fragment
 from clipsql.queries.sql.db import connect
-from clipsql.queries.sql.materialize import SCORE_COLUMNS, check_columns, score_relation
+from clipsql.queries.sql.materialize import check_columns, score_relation
+from clipsql.queries.sql.specs import SCORE_COLUMNS
 from clipsql.store.fits import load_fit
 from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
 from clipsql.store.tables import stored_table_name

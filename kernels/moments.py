@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from clipsql.kernels.unit import normalize
+
 FOLD_CHUNK = 4096   # rows cast to float64 at a time (16 MiB at d = 512, reused: no page faults)
 
 
@@ -120,11 +122,6 @@ class RunningMoments:
         return (c + c.T) / 2
 
 
-def normalize_rows(X: np.ndarray) -> np.ndarray:
-    X = np.asarray(X, dtype=np.float64)
-    return X / np.linalg.norm(X, axis=1, keepdims=True)
-
-
 def fold_pair(raw: RunningMoments, normalized: RunningMoments, X: np.ndarray) -> None:
     """Fold rows (any float dtype) into raw moments (mean + covariance) and the moments of the
     normalized rows, through one reused float64 buffer of FOLD_CHUNK rows: per chunk one cast,
@@ -145,7 +142,7 @@ def fold_pair(raw: RunningMoments, normalized: RunningMoments, X: np.ndarray) ->
     if raw.shift is None:
         raw.shift = head.mean(axis=0)
     if normalized.shift is None:
-        normalized.shift = (head / np.linalg.norm(head, axis=1, keepdims=True)).mean(axis=0)
+        normalized.shift = normalize(head)[0].mean(axis=0)
     buf = np.empty((min(n, FOLD_CHUNK), raw.dim))
     for i in range(0, n, FOLD_CHUNK):
         b = buf[:min(FOLD_CHUNK, n - i)]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from clipsql.kernels.unit import normalize  # noqa: F401 - the one row normaliser, used by every score
+
 KINDS = ("clip", "siglip")
 PRIORS = ("posterior-mean", "uniform")
 MODALITIES = ("image", "text")
@@ -103,33 +105,6 @@ def _logits(Qhat, Rhat, a, b, kind, out=None) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- basics
-def normalize(X) -> tuple[np.ndarray, np.ndarray]:
-    """``x̂ = x/‖x‖`` row-wise in float64.
-
-    Returns ``(Xhat, valid)``: rows that are non-finite or zero are NaN in ``Xhat``
-    and False in ``valid``.  Rows whose ``‖x‖²`` is not a safe normal double (inf, NaN,
-    or < 1e-200) are first divided by their largest |entry|, so huge or subnormal
-    vectors normalize without overflow or underflow.
-    """
-    X = _rows(X)
-    with np.errstate(over="ignore", invalid="ignore"):
-        n2 = np.einsum("ij,ij->i", X, X)
-    valid = np.isfinite(n2) & (n2 > 1e-200)
-    Xh = X / np.sqrt(np.where(valid, n2, 1.0))[:, None]
-    bad = np.flatnonzero(~valid)
-    if len(bad):
-        B = X[bad]
-        finite = np.isfinite(B).all(axis=1)
-        B[~finite] = 0.0
-        s = np.abs(B).max(axis=1) if X.shape[1] else np.zeros(len(bad))
-        ok = finite & (s > 0)
-        B /= np.where(ok, s, 1.0)[:, None]
-        B /= np.sqrt(np.where(ok, np.einsum("ij,ij->i", B, B), 1.0))[:, None]
-        B[~ok] = np.nan
-        Xh[bad], valid[bad] = B, ok
-    return Xh, valid
-
-
 def raw_norm(Q) -> np.ndarray:
     """``raw_norm(x) = ‖x‖²`` on the RAW vector (NaN for invalid rows)."""
     Q = _rows(Q, "Q")

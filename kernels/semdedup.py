@@ -42,6 +42,8 @@ from typing import Callable
 
 import numpy as np
 
+from clipsql.kernels.unit import normalize
+
 INIT = "k-means++"
 KERNEL_VERSION = 1
 ROW_CHUNK = 8192        # rows per assignment GEMM (fewer when K is large: ≤ 32M scores per chunk)
@@ -90,9 +92,7 @@ def unit32(X: np.ndarray, inv: np.ndarray, rows: np.ndarray, chunk: int = 65536)
 
 def unit_centroids(C32: np.ndarray) -> np.ndarray:
     """The float64 centroids every step uses: the stored float32 ones re-normalized."""
-    C = np.asarray(C32, dtype=np.float32).astype(np.float64)
-    nrm = np.linalg.norm(C, axis=1, keepdims=True)
-    return C / np.where(nrm > 0, nrm, 1.0)
+    return normalize(np.asarray(C32, dtype=np.float32), invalid=0.0)[0]
 
 
 def draw_sample(pool: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -226,10 +226,9 @@ def _update(U: np.ndarray, lab: np.ndarray, C: np.ndarray, chunk: int = 65536) -
         lb = lab[idx]
         starts = np.flatnonzero(np.r_[True, lb[1:] != lb[:-1]])
         sums[lb[starts]] += np.add.reduceat(U[idx].astype(np.float64), starts, axis=0)
-    nrm = np.linalg.norm(sums, axis=1)
-    keep = nrm > 0
+    unit, keep = normalize(sums)
     out = C.copy()
-    out[keep] = sums[keep] / nrm[keep, None]
+    out[keep] = unit[keep]
     return out
 
 

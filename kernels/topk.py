@@ -20,6 +20,8 @@ from typing import Iterable
 
 import numpy as np
 
+from clipsql.kernels.unit import normalize
+
 U32 = 2.0 ** -24
 
 
@@ -31,13 +33,7 @@ def cosine_error_bound(d: int) -> float:
 def unit_queries(Q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(b, d) → (float64 unit rows, valid mask); invalid (zero, NaN, inf) rows stay zero."""
     Q = np.asarray(Q, dtype=np.float64)
-    if Q.ndim == 1:
-        Q = Q[None, :]
-    norms = np.sqrt(np.einsum("ij,ij->i", Q, Q))
-    valid = np.isfinite(norms) & (norms > 0)
-    out = np.zeros_like(Q)
-    out[valid] = Q[valid] / norms[valid, None]
-    return out, valid
+    return normalize(Q[None, :] if Q.ndim == 1 else Q, invalid=0.0)
 
 
 def row_norms_sq(X: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from clipsql import lazy
 from clipsql.errors import DimensionMismatch, ModelError
+from clipsql.files import sha256_file
 from clipsql.lazy import huggingface_hub, open_clip, torch
 
 FIXTURE_DIR = Path(__file__).resolve().parent / "fixture_models"
@@ -69,11 +70,7 @@ class LoadedModel:
 
 
 def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    return sha256_file(path)[:12]
 
 
 def _find_weights(folder: Path) -> Path | None:

@@ -20,10 +20,8 @@ Conversions are vectorised (numpy on 32-byte records), never one Python int per 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -32,6 +30,7 @@ import sqlalchemy as sa
 import pyarrow.compute as pc
 
 from clipsql.errors import SelectionError
+from clipsql.files import AtomicFile
 from clipsql.store import catalog as cat
 
 U16 = np.dtype("u8,u8")      # resharder.py: u16 = np.dtype("u8,u8")
@@ -124,38 +123,13 @@ def save_uids(ids: Any, path: Any) -> str:
     Raises SelectionError (one line) when an id is not a uid (a store not ingested from a
     DataComp pool) or the file cannot be written."""
     arr = uid_array(ids)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".uids-", suffix=".npy.tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        try:
-            dfd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError:
-            pass    # some filesystems cannot fsync a directory; the rename itself is done
+        with AtomicFile(path) as f:
+            with open(f.tmp, "wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
     except OSError as e:
-        raise SelectionError(f"cannot write the uid file {path}: {e.strerror or e}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        raise SelectionError(f"cannot write the uid file {os.fspath(path)}: {e.strerror or e}") from None
+    return f.sha256 or ""
 
 
 def load_subset(path: Any) -> np.ndarray:

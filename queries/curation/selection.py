@@ -29,13 +29,11 @@ line) or `datacomp-uids` (`.npy`: the sorted uid array DataComp's resharder read
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +41,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from clipsql.errors import ClipsqlError, SelectionError
+from clipsql.files import AtomicFile, write_atomic
 from clipsql.lazy import duckdb
 from clipsql.queries.curation import recipes
 from clipsql.queries.curation.datacomp import require_datacomp_ids, save_uids
@@ -56,13 +55,33 @@ from clipsql.store.store import ModelRecord, Store
 from clipsql.store.tables import dedup_table_name, stored_table_name
 from clipsql.store.targets import get_target, target_rows
 
-RECIPES = ("kl-guided", "negclip-normsim", "clip-score", "image-based")
-DEFAULT_FRACTION = {"kl-guided": 0.25, "negclip-normsim": 0.20, "clip-score": 0.30}
 DEFAULT_FIRST_FRACTION = 0.30
 FORMATS = (".parquet", ".csv", ".txt", ".npy")
 OUTPUT_FORMATS = ("parquet", "csv", "txt", "datacomp-uids")
 TIE_RULE = "score descending, ties by id ascending; NULL scores never chosen"
 ROUNDING = "count = floor(F x pool), F as written in decimal; --limit N keeps N"
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """One curation recipe, declared once: the CLI's choices and help, `SelectSpec.check` and the
+    dispatch in `_run` come from `RECIPE_SPECS`.
+
+    `options`: the recipe-only SelectSpec fields it reads (giving one to another recipe is an
+    error; `OPTION_GROUPS` names them); `default_fraction`: the cut when none is given (None: it
+    keeps what it keeps, and takes no --fraction or --limit); `pool_score`: the pool-wide score the
+    engine computes; `sidecar`: the keys it adds to `<output>.json`; `run(pool, spec, count,
+    fraction)` → (rows, counts, sidecar fields); `fit_ready(st, model, spec)`: for a recipe that makes
+    its own fit, whether that fit exists (else the selection writes to the catalog)."""
+    name: str
+    help: str
+    default_fraction: float | None
+    options: frozenset[str]
+    pool_score: str
+    sidecar: tuple[str, ...]
+    run: Callable[[Any, Any, Any, Any], tuple[pa.Table, dict, dict]]
+    needs_target: bool = False
+    fit_ready: Callable[[Store, str | None, Any], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,21 +117,20 @@ class SelectSpec:
                 raise SelectionError(f"{name} must be in (0, 1]; got {f}")
         if s.limit is not None and s.limit < 0:
             raise SelectionError(f"--limit must be >= 0; got {s.limit}")
-        if s.threshold is not None and s.recipe != "clip-score":
-            raise SelectionError("--threshold is only used by --recipe clip-score")
-        if s.recipe in ("negclip-normsim", "image-based") and not s.target:
+        recipe = RECIPE_SPECS.get(s.recipe) if s.recipe is not None else None
+        if recipe is not None and recipe.needs_target and not s.target:
             raise SelectionError(f"the {s.recipe} recipe needs --target NAME (see `clipsql target list`)")
-        if s.target and s.recipe not in ("negclip-normsim", "image-based"):
-            raise SelectionError("--target is only used by --recipe negclip-normsim and image-based")
-        if s.recipe == "image-based" and (s.fraction is not None or s.limit is not None):
-            raise SelectionError("image-based keeps whole clusters: it takes no --fraction or --limit (narrow "
+        for group in OPTION_GROUPS:
+            given = [f for f in group if getattr(s, f) != _FIELD_DEFAULTS[f]]
+            if given and (recipe is None or not set(given) <= recipe.options):
+                flags = " and ".join("--" + f.replace("_", "-") for f in group)
+                users = " and ".join(r.name for r in RECIPE_SPECS.values() if set(group) & r.options)
+                raise SelectionError(f"{flags} {'is' if len(group) == 1 else 'are'} only used by --recipe {users}")
+        if recipe is not None and recipe.default_fraction is None and (s.fraction is not None or s.limit is not None):
+            raise SelectionError(f"{s.recipe} keeps whole clusters: it takes no --fraction or --limit (narrow "
                                  "the pool with --where, or set --clusters)")
-        if (s.clusters is not None or s.sample is not None) and s.recipe != "image-based":
-            raise SelectionError("--clusters and --sample are only used by --recipe image-based")
         if s.clusters is not None and s.clusters < 1:
             raise SelectionError(f"--clusters must be >= 1; got {s.clusters}")
-        if s.include_own_pair and s.recipe != "kl-guided":
-            raise SelectionError("--include-own-pair is only used by --recipe kl-guided")
         if s.negclip_form not in ("row", "pool"):
             raise SelectionError(f"--negclip-form must be row or pool; got {s.negclip_form!r}")
 
@@ -189,31 +207,76 @@ def _run(pool: recipes.Pool, spec: SelectSpec) -> tuple[pa.Table, dict, dict]:
     """(chosen rows, counts, sidecar fields) of the spec's recipe over the pool."""
     fraction = spec.fraction
     if spec.recipe is not None and fraction is None and spec.limit is None and spec.threshold is None:
-        fraction = DEFAULT_FRACTION.get(spec.recipe)
+        fraction = RECIPE_SPECS[spec.recipe].default_fraction
     count = spec.limit if spec.limit is not None else (count_for(fraction, pool.size) if fraction is not None else None)
     counts: dict[str, Any] = {"pool": pool.size, "requested": count, **pool.info.get("counts", {})}
     side: dict[str, Any] = {"fraction": fraction}
-    if spec.recipe == "kl-guided":
-        tbl, c, extra = recipes.kl_guided(pool, count, make_fit=spec.make_fit, seed=spec.seed,
-                                          reference_size=spec.reference_size,
-                                          include_own_pair=spec.include_own_pair)
-    elif spec.recipe == "clip-score":
-        tbl, c, extra = recipes.clip_score(pool, count, spec.threshold)
-    elif spec.recipe == "image-based":
-        t, rows = _target(pool, spec.target)
-        tbl, c, extra = recipes.image_based(pool, t, rows, clusters=spec.clusters, sample=spec.sample,
-                                            seed=spec.seed if spec.seed is not None else 0)
-    elif spec.recipe == "negclip-normsim":
-        first = count_for(spec.first_fraction, pool.size)
-        if count is not None and count > first and spec.limit is None:
-            raise SelectionError(f"--fraction {fraction} exceeds --first-fraction {spec.first_fraction}: the "
-                                 "NormSim stage can only keep rows the negCLIPLoss stage kept")
-        tbl, c, extra = _negclip_normsim(pool, spec.target, count, first, spec.negclip_form)
-        extra.update(first_fraction=spec.first_fraction, negclip_form=spec.negclip_form)
+    if spec.recipe is not None:
+        tbl, c, extra = RECIPE_SPECS[spec.recipe].run(pool, spec, count, fraction)
     else:
         tbl, c = _from_sql(pool.con, spec.sql, count, where=pool.allowed is not None)
         extra = {}
     return tbl, {**counts, **c}, {**side, **extra}
+
+
+def _run_kl_guided(pool: recipes.Pool, spec: SelectSpec, count: int | None, fraction: float | None) -> tuple:
+    return recipes.kl_guided(pool, count, make_fit=spec.make_fit, seed=spec.seed, reference_size=spec.reference_size,
+                             include_own_pair=spec.include_own_pair)
+
+
+def _run_clip_score(pool: recipes.Pool, spec: SelectSpec, count: int | None, fraction: float | None) -> tuple:
+    return recipes.clip_score(pool, count, spec.threshold)
+
+
+def _run_image_based(pool: recipes.Pool, spec: SelectSpec, count: int | None, fraction: float | None) -> tuple:
+    t, rows = _target(pool, spec.target)
+    return recipes.image_based(pool, t, rows, clusters=spec.clusters, sample=spec.sample,
+                               seed=spec.seed if spec.seed is not None else 0)
+
+
+def _run_negclip_normsim(pool: recipes.Pool, spec: SelectSpec, count: int | None, fraction: float | None) -> tuple:
+    first = count_for(spec.first_fraction, pool.size)
+    if count is not None and count > first and spec.limit is None:
+        raise SelectionError(f"--fraction {fraction} exceeds --first-fraction {spec.first_fraction}: the "
+                             "NormSim stage can only keep rows the negCLIPLoss stage kept")
+    tbl, c, extra = _negclip_normsim(pool, spec.target, count, first, spec.negclip_form)
+    extra.update(first_fraction=spec.first_fraction, negclip_form=spec.negclip_form)
+    return tbl, c, extra
+
+
+RECIPE_SPECS: dict[str, RecipeSpec] = {r.name: r for r in (
+    RecipeSpec("kl-guided", "top --fraction (0.25) by text Information Gain against the uniform prior at the "
+               "model's logit scale (on a fit with those settings, made if missing)", 0.25,
+               frozenset({"seed", "reference_size", "make_fit", "include_own_pair"}), "text_info_gain",
+               ("recipe_fit",), _run_kl_guided,
+               fit_ready=lambda st, model, spec: recipes.kl_guided_fit_ready(
+                   st, model, seed=spec.seed, reference_size=spec.reference_size)),
+    RecipeSpec("negclip-normsim", "top --first-fraction (0.3) by neg_clip_loss, then top norm_sim_inf to "
+               "--fraction (0.2) of the pool", 0.20, frozenset({"target", "first_fraction", "negclip_form"}),
+               "neg_clip_loss", ("first_fraction", "negclip_form"), _run_negclip_normsim, needs_target=True),
+    RecipeSpec("clip-score", "DataComp's baseline, top --fraction (0.3) by clip_score or --threshold", 0.30,
+               frozenset({"threshold"}), "clip_score", (), _run_clip_score),
+    RecipeSpec("image-based", "DataComp's baseline, the pool rows in the k-means clusters of a --target's images",
+               None, frozenset({"target", "clusters", "sample", "seed"}), "image embeddings (k-means)",
+               ("image_based",), _run_image_based, needs_target=True),
+)}
+RECIPES = tuple(RECIPE_SPECS)
+DEFAULT_FRACTION = {r.name: r.default_fraction for r in RECIPE_SPECS.values() if r.default_fraction is not None}
+# recipe-only options, checked against each recipe's `options` (a group shares one message)
+OPTION_GROUPS = (("threshold",), ("target",), ("clusters", "sample"), ("include_own_pair",))
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(SelectSpec)}
+
+
+def writes_fit(st: Store, spec: SelectSpec, model: str | None = None) -> bool:
+    """Whether running `spec` writes to the catalog (a recipe making its missing fit); every other
+    selection only reads the store."""
+    r = RECIPE_SPECS.get(spec.recipe) if spec.recipe is not None else None
+    return bool(r is not None and r.fit_ready is not None and spec.make_fit and not r.fit_ready(st, model, spec))
+
+
+def recipe_help() -> str:
+    """The `--recipe` help of `clipsql select`, from RECIPE_SPECS."""
+    return " ".join(f"{r.name}: {r.help}." for r in RECIPE_SPECS.values())
 
 
 # --------------------------------------------------------------------------- the pool
@@ -374,58 +437,22 @@ def _write(tbl: pa.Table, output: Path, fmt: str) -> str:
     """Write the selection atomically (temporary file in the same directory, fsync, rename: a kill
     leaves the previous output or the new one, never a truncated file); returns its sha256."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    try:
+    with AtomicFile(output, before_rename=lambda: fault("select:before-rename")) as f:
         if fmt == "datacomp-uids":
-            save_uids(tbl.column("id").to_pylist(), tmp)
+            save_uids(tbl.column("id").to_pylist(), f.tmp)
         elif fmt == "txt":
             ids = tbl.column("id").to_pylist()
-            tmp.write_text("".join(f"{i}\n" for i in ids))
+            f.tmp.write_text("".join(f"{i}\n" for i in ids))
         elif fmt == "csv":
-            flat = [c for c, f in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(f.type)]
-            pcsv.write_csv(tbl.select(flat), tmp)
+            flat = [c for c, fl in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(fl.type)]
+            pcsv.write_csv(tbl.select(flat), f.tmp)
         else:
-            pq.write_table(tbl, tmp)
-        digest = _fsync_sha256(tmp)
-        fault("select:before-rename")
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(output.parent)
-    return digest
+            pq.write_table(tbl, f.tmp)
+    return f.sha256 or ""
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text)
-        _fsync_sha256(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb+") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-        os.fsync(fh.fileno())
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, text)
 
 
 def _fit_info(st: Store, rec: ModelRecord, fit_id: int | None = None) -> dict | None:

@@ -18,6 +18,7 @@ from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
 from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect, open_store
 from clipsql.queries.sql.functions import one_blas_thread, udf_error
+from clipsql.queries.sql.specs import help_table
 from clipsql.store.fits import staleness
 
 _UDF_PREFIX = re.compile(r"^.*?Python exception occurred while executing the UDF: (?:\w+\.)*\w+: ", re.S)
@@ -211,7 +212,7 @@ def _readline() -> Any:
 
 def _repl(con: Any) -> None:
     print("clipsql SQL — views: samples, embeddings, rejects, stats, scores. End statements with ';'; "
-          "Ctrl-C cancels, Ctrl-D or .quit leaves.")
+          ".help lists the functions; Ctrl-C cancels, Ctrl-D or .quit leaves.")
     buf: list[str] = []
     while True:
         try:
@@ -227,6 +228,9 @@ def _repl(con: Any) -> None:
             return
         if not buf and line.strip() in (".quit", ".exit", "\\q"):
             return
+        if not buf and line.strip() == ".help":
+            print(help_table())
+            continue
         buf.append(line)
         if line.rstrip().endswith(";"):
             stmt, buf = "\n".join(buf), []

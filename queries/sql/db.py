@@ -26,7 +26,7 @@ import sqlalchemy as sa
 
 from clipsql.lazy import duckdb
 from clipsql.queries.sql import functions
-from clipsql.queries.sql.functions import score_expressions
+from clipsql.queries.sql.specs import score_expressions
 from clipsql.store import catalog as cat
 from clipsql.store.store import Store
 from clipsql.store.tables import (CAPTION_FEATURES, SAMPLES, dedup_table_name, metadata_aliases, samples_schema,

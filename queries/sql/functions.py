@@ -6,23 +6,8 @@ Optional arguments (the model) come from overloaded SQL macros over fixed-arity
 UDFs. NaN (zero, NULL or non-finite vectors) comes back as NULL. BLAS is pinned
 to one thread inside UDF work; DuckDB's threads parallelize across batches.
 
-| function | definition (docs/science.md) |
-|---|---|
-| image_info_gain(emb [, model [, id]]) / text_info_gain | §1 KL(π(x) ‖ p̄) |
-| image_info_gain_reverse / text_info_gain_reverse (same arguments) | §1 KL(p̄ ‖ π(x)) |
-| image_info_gain_approx / text_info_gain_approx | §2 ½a²(x̂−ū)ᵀG(x̂−ū) |
-| centered_norm(emb, modality [, model]) | §2 a²‖x̂−ū‖² |
-| raw_norm(emb) | §2 ‖x‖² |
-| image_conformity / text_conformity (emb [, model]) | §3 exact, over every stored vector |
-| conformity_estimate(emb, modality [, model]) | §3 cos(x, mean of the normalized vectors) |
-| conformity_estimate_raw(emb, modality [, model]) | cos(x, raw mean): not conformity's estimate |
-| clip_score(img, txt) | §4 cos(x, y) (DuckDB's array_cosine_similarity) |
-| neg_clip_loss(img, txt [, model]) | §5 per-row stable form over K seeded reference batches |
-| neg_siglip_loss(img, txt [, model]) | §5 negated per-sample SigLIP loss (model's scale and bias) |
-| norm_sim_2(img, target) / norm_sim_inf(img, target) | §6 ‖F_t x̂‖₂ / max_t |⟨f_t, x̂⟩| (store.targets) |
-| text_embedding(prompt [, model]) | raw text embedding FLOAT[d], cached per prompt (models.prompts) |
-| importance_weight(img, prompt [, scale [, model]]) | §7 density ratio vs the reference images, a = 10 |
-| vslerp(a, b, theta, alpha [, model [, modality]]) | §8 SLERP(a − αm, b − αm, θ) + αm, FLOAT[d] |
+The functions, their arguments, kernels and NULL rules are declared once in `queries.sql.specs`
+(`SPECS`); `register` builds every UDF and macro from there (`clipsql sql` → `.help` lists them).
 
 Information Gain leaves a reference row's own pair out (§1). A row is in the reference when its
 id is one of the fit's reference ids (`ref_ids`), so these functions take the row's id as an
@@ -54,6 +39,7 @@ from clipsql.kernels.arrays import matrix, take_rows
 from clipsql.kernels.geometry import MODS, ellipsoid, gaussian_loglik
 from clipsql.lazy import threadpoolctl
 from clipsql.models.prompts import PromptCache
+from clipsql.queries.sql import specs
 from clipsql.queries.sql.nearest import register_nearest
 from clipsql.store.fits import load_fit
 from clipsql.store.store import ModelRecord, Store
@@ -414,155 +400,85 @@ def udf_error(e: BaseException, con: Any = None) -> ClipsqlError | None:
 
 
 def register(con: Any, st: Store) -> ScoreContext:
-    """Register every clipsql SQL function on `con` (one place, one call)."""
+    """Register every clipsql SQL function on `con` (one place, one call), from `specs.SPECS`."""
     ctx = ScoreContext(st)
     _CONTEXTS[con] = ctx
-    F, V, B = "FLOAT[]", "VARCHAR", "BOOLEAN"
-
-    udfs: dict[str, tuple[Callable, list[str]]] = {
-        "_clipsql_info_gain": (_info_gain_scored(ctx, False), [F, V, V, V]),
-        "_clipsql_info_gain_reverse": (_info_gain_scored(ctx, True), [F, V, V, V]),
-        "_clipsql_info_gain_approx": (_scored(ctx, lambda X, rec, mod: scores.info_gain_approx(
-            X, ctx.fit_light(rec), mod)), [F, V, V]),
-        "_clipsql_centered_norm": (_scored(ctx, lambda X, rec, mod: scores.centered_norm(
-            X, ctx.fit_light(rec), mod)), [F, V, V]),
-        "_clipsql_conformity": (_scored(ctx, lambda X, rec, mod: _conformity(ctx, X, rec, mod)), [F, V, V]),
-        "_clipsql_conformity_estimate": (_scored(ctx, lambda X, rec, mod: scores.conformity_estimate(
-            X, ctx.running(rec).moments[(mod, "normalized")].mean)), [F, V, V]),
-        "_clipsql_conformity_estimate_raw": (_scored(ctx, lambda X, rec, mod: scores.conformity_estimate_raw(
-            X, ctx.running(rec).moments[(mod, "raw")].mean)), [F, V, V]),
-    }
-    udfs.update({
-        "_clipsql_neg_clip_loss": (_pair_scored(ctx, lambda X, Y, rec: _neg_clip(ctx, X, Y, rec)), [F, F, V]),
-        "_clipsql_neg_siglip_loss": (_pair_scored(ctx, lambda X, Y, rec: _neg_siglip(ctx, X, Y, rec)), [F, F, V]),
-        "_clipsql_norm_sim_2": (_target_scored(ctx, "norm_sim_2"), [F, V]),
-        "_clipsql_norm_sim_inf": (_target_scored(ctx, "norm_sim_inf"), [F, V]),
-        "_clipsql_importance_weight": (_importance_weight(ctx), [F, V, "DOUBLE", V]),
-    })
-    # The store's embedding width, when all its models share one: every UDF taking embeddings
+    # The store's embedding width, when all its models share one: every score UDF taking embeddings
     # is also declared on FLOAT[d] and each macro gets an overload typed on FLOAT[d], so
     # FLOAT[d] columns reach the UDF without DuckDB's ARRAY → LIST cast (measured ~10 % of a
     # scan; bench/scores.py). With several widths the typed overloads would be ambiguous for
     # NULL and list literals, so only the untyped FLOAT[] path is registered then.
     dims = sorted({m.dim for m in st.list_models()})
     typed = dims[0] if len(dims) == 1 else None
-    for name, (fn, params) in udfs.items():
-        fn = ctx.guard(fn)
-        con.create_function(name, fn, params, "DOUBLE", type="arrow", null_handling="special",
+    for u in specs.UDFS:
+        fn = ctx.guard(IMPLEMENTATIONS[u.impl](ctx))
+        con.create_function(u.name, fn, list(u.params), u.returns, type="arrow", null_handling="special",
                             side_effects=False)
-        if typed is not None:
-            con.create_function(f"{name}_d{typed}", fn, [f"FLOAT[{typed}]" if t == F else t for t in params],
-                                "DOUBLE", type="arrow", null_handling="special", side_effects=False)
-    con.create_function("_clipsql_text_embedding", ctx.guard(_text_embedding(ctx)), [V, V], "FLOAT[]",
-                        type="arrow", null_handling="special", side_effects=False)
-    del B
-
-    def macro(name: str, *overloads: tuple[str, str]) -> None:
-        """CREATE MACRO name with overloads (params, call). Each overload is emitted typed on
-        FLOAT[d] (params `emb`, `img`, `txt`; `{udf}` → the `_d{d}` UDF, `{cast}` → nothing) when
-        the store has one width, and untyped (`{udf}` → the FLOAT[] UDF, `{cast}` → `::FLOAT[]`)."""
-        parts = []
-        for params, call in overloads:
-            if typed is not None:
-                tparams = ", ".join(f"{p} FLOAT[{typed}]" if p in ("emb", "img", "txt") else p
-                                    for p in params.split(", "))
-                parts.append(f"({tparams}) AS " + call.replace("{udf}", f"_d{typed}").replace("{cast}", ""))
-            parts.append(f"({params}) AS " + call.replace("{udf}", "").replace("{cast}", "::FLOAT[]"))
-        con.execute(f"CREATE OR REPLACE MACRO {name}" + ", ".join(parts))
-
-    # exact Information Gain: (emb [, model [, id]]); with the row's id a reference row leaves its own
-    # pair out (docs/science.md §1), without it the row is scored as one outside the reference
-    for name, udf, modality in (("image_info_gain", "_clipsql_info_gain", "'image'"),
-                                ("text_info_gain", "_clipsql_info_gain", "'text'"),
-                                ("image_info_gain_reverse", "_clipsql_info_gain_reverse", "'image'"),
-                                ("text_info_gain_reverse", "_clipsql_info_gain_reverse", "'text'")):
-        macro(name, ("emb", f"{udf}{{udf}}(emb{{cast}}, {modality}, NULL, NULL)"),
-              ("emb, model", f"{udf}{{udf}}(emb{{cast}}, {modality}, model, NULL)"),
-              ("emb, model, id", f"{udf}{{udf}}(emb{{cast}}, {modality}, model, id)"))
-    macros = {
-        "image_info_gain_approx": ("_clipsql_info_gain_approx", "'image'"),
-        "text_info_gain_approx": ("_clipsql_info_gain_approx", "'text'"),
-        "image_conformity": ("_clipsql_conformity", "'image'"),
-        "text_conformity": ("_clipsql_conformity", "'text'"),
-    }
-    for name, (udf, modality) in macros.items():
-        macro(name, ("emb", f"{udf}{{udf}}(emb{{cast}}, {modality}, NULL)"),
-              ("emb, model", f"{udf}{{udf}}(emb{{cast}}, {modality}, model)"))
-    for name, udf in (("centered_norm", "_clipsql_centered_norm"),
-                      ("conformity_estimate", "_clipsql_conformity_estimate"),
-                      ("conformity_estimate_raw", "_clipsql_conformity_estimate_raw")):
-        macro(name, ("emb, modality", f"{udf}{{udf}}(emb{{cast}}, modality, NULL)"),
-              ("emb, modality, model", f"{udf}{{udf}}(emb{{cast}}, modality, model)"))
-    for name in ("neg_clip_loss", "neg_siglip_loss"):
-        macro(name, ("img, txt", f"_clipsql_{name}{{udf}}(img{{cast}}, txt{{cast}}, NULL)"),
-              ("img, txt, model", f"_clipsql_{name}{{udf}}(img{{cast}}, txt{{cast}}, model)"))
-    for name in ("norm_sim_2", "norm_sim_inf"):
-        macro(name, ("emb, target", f"_clipsql_{name}{{udf}}(emb{{cast}}, target)"))
-    macro("importance_weight",
-          ("emb, prompt", "_clipsql_importance_weight{udf}(emb{cast}, prompt, 10.0, NULL)"),
-          ("emb, prompt, scale", "_clipsql_importance_weight{udf}(emb{cast}, prompt, scale, NULL)"),
-          ("emb, prompt, scale, model", "_clipsql_importance_weight{udf}(emb{cast}, prompt, scale, model)"))
-    # text_embedding → FLOAT[d]: the default model's d; with a model argument, FLOAT[d] when every
-    # model of the store has the same d, else FLOAT[] (as the `embeddings` view does)
+        if typed is not None and u.returns == specs.D:
+            con.create_function(f"{u.name}_d{typed}", fn, [f"FLOAT[{typed}]" if t == specs.F else t for t in u.params],
+                                u.returns, type="arrow", null_handling="special", side_effects=False)
+    # native DuckDB array functions where they already compute the thing; non-finite → NULL
+    # (a NULL vector is tested first: DuckDB's list functions refuse a NULL array read from Arrow)
+    con.execute("CREATE OR REPLACE MACRO _clipsql_finite(x) AS CASE WHEN isfinite(x) THEN x END")
+    # a vector function's result: FLOAT[d] of the default model's d; with a model argument, FLOAT[d]
+    # when every model of the store has the same d, else FLOAT[] (as the `embeddings` view does)
     default_cast = f"::FLOAT[{st.model().dim}]" if dims else ""
     model_cast = f"::FLOAT[{dims[0]}]" if len(dims) == 1 else ""
-    con.execute(f"CREATE OR REPLACE MACRO text_embedding(prompt) AS "
-                f"_clipsql_text_embedding(prompt, NULL){default_cast}, "
-                f"(prompt, model) AS _clipsql_text_embedding(prompt, model){model_cast}")
-    # vslerp(a, b, theta, alpha [, model [, modality]]) → FLOAT[d] (§8; see vslerp_udf below)
-    con.create_function("_clipsql_vslerp", ctx.guard(vslerp_udf(ctx)), [F, F, "DOUBLE", "DOUBLE", V, V], "FLOAT[]",
-                        type="arrow", null_handling="special", side_effects=False)
-    con.execute(f"CREATE OR REPLACE MACRO vslerp(a, b, theta, alpha) AS "
-                f"_clipsql_vslerp(a, b, theta, alpha, NULL, NULL){default_cast}, "
-                f"(a, b, theta, alpha, model) AS _clipsql_vslerp(a, b, theta, alpha, model, NULL){model_cast}, "
-                f"(a, b, theta, alpha, model, modality) AS "
-                f"_clipsql_vslerp(a, b, theta, alpha, model, modality){model_cast}")
-    # native DuckDB array functions where they already compute the thing; non-finite → NULL
-    con.execute("CREATE OR REPLACE MACRO _clipsql_finite(x) AS CASE WHEN isfinite(x) THEN x END")
-    # (a NULL vector is tested first: DuckDB's list functions refuse a NULL array read from Arrow)
-    con.execute("CREATE OR REPLACE MACRO clip_score(img, txt) AS CASE WHEN img IS NOT NULL AND txt IS NOT NULL "
-                "THEN _clipsql_finite(list_cosine_similarity(img::FLOAT[], txt::FLOAT[])) END")
-    con.execute("CREATE OR REPLACE MACRO raw_norm(emb) AS "
-                "CASE WHEN emb IS NOT NULL AND list_dot_product(emb::FLOAT[], emb::FLOAT[]) > 0 THEN "
-                "_clipsql_finite(list_dot_product(emb::FLOAT[], emb::FLOAT[])::DOUBLE) END")
+    returns = {u.name: u.returns for u in specs.UDFS}
+    for f in specs.FUNCTIONS:
+        con.execute(f"CREATE OR REPLACE MACRO {f.name}" + ", ".join(_macro_overloads(f, returns, typed, default_cast,
+                                                                                     model_cast)))
     # nearest(q, k [, model [, modality]] [, filter := SQL] [, exact := bool]) (queries.sql.nearest)
     register_nearest(con, ctx)
     return ctx
 
 
+def _macro_overloads(f: specs.SqlFunction, returns: dict[str, str], typed: int | None, default_cast: str,
+                     model_cast: str) -> list[str]:
+    """The `(params) AS body` overloads of one macro. A score's overloads come typed on FLOAT[d] (its
+    embedding parameters; the `_d{d}` UDF) when the store has one width, and untyped (`::FLOAT[]` casts,
+    the FLOAT[] UDF); a vector function's result is cast to FLOAT[d] as `default_cast`/`model_cast` say."""
+    if f.body is not None:
+        return [f"({', '.join(f.args)}) AS {f.body}"]
+    parts = []
+    for params, call in f.overloads():
+        if returns[f.udf] != specs.D:
+            cast = model_cast if "model" in params else default_cast
+            parts.append(f"({', '.join(params)}) AS {f.udf}({', '.join(call)}){cast}")
+            continue
+        if typed is not None:
+            tparams = ", ".join(f"{p} FLOAT[{typed}]" if p in specs.EMBEDDING_PARAMS else p for p in params)
+            parts.append(f"({tparams}) AS {f.udf}_d{typed}({', '.join(call)})")
+        ucall = ", ".join(f"{a}::FLOAT[]" if a in specs.EMBEDDING_PARAMS else a for a in call)
+        parts.append(f"({', '.join(params)}) AS {f.udf}({ucall})")
+    return parts
+
+
+# spec `Udf.impl` → (ctx → Arrow UDF): the code between DuckDB's batches and the spec's kernel
+IMPLEMENTATIONS: dict[str, Callable[[ScoreContext], Callable]] = {
+    "info_gain": lambda ctx: _info_gain_scored(ctx, False),
+    "info_gain_reverse": lambda ctx: _info_gain_scored(ctx, True),
+    "info_gain_approx": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.info_gain_approx(
+        X, ctx.fit_light(rec), mod)),
+    "centered_norm": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.centered_norm(X, ctx.fit_light(rec), mod)),
+    "conformity": lambda ctx: _scored(ctx, lambda X, rec, mod: _conformity(ctx, X, rec, mod)),
+    "conformity_estimate": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.conformity_estimate(
+        X, ctx.running(rec).moments[(mod, "normalized")].mean)),
+    "conformity_estimate_raw": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.conformity_estimate_raw(
+        X, ctx.running(rec).moments[(mod, "raw")].mean)),
+    "neg_clip_loss": lambda ctx: _pair_scored(ctx, lambda X, Y, rec: _neg_clip(ctx, X, Y, rec)),
+    "neg_siglip_loss": lambda ctx: _pair_scored(ctx, lambda X, Y, rec: _neg_siglip(ctx, X, Y, rec)),
+    "norm_sim_2": lambda ctx: _target_scored(ctx, "norm_sim_2"),
+    "norm_sim_inf": lambda ctx: _target_scored(ctx, "norm_sim_inf"),
+    "importance_weight": lambda ctx: _importance_weight(ctx),
+    "text_embedding": lambda ctx: _text_embedding(ctx),
+    "vslerp": lambda ctx: vslerp_udf(ctx),
+}
+
+
 def _conformity(ctx: ScoreContext, X: np.ndarray, rec: ModelRecord, modality: str) -> np.ndarray:
     m = ctx.running(rec).moments[(modality, "normalized")]
     return scores.conformity(X, m.sum, m.n, member=True)
-
-
-SCORE_COLUMNS = ("image_info_gain", "text_info_gain", "image_info_gain_reverse", "text_info_gain_reverse",
-                 "image_info_gain_approx", "text_info_gain_approx", "image_centered_norm", "text_centered_norm",
-                 "image_raw_norm", "text_raw_norm", "image_conformity", "text_conformity",
-                 "image_conformity_estimate", "text_conformity_estimate", "clip_score", "neg_clip_loss",
-                 "neg_siglip_loss")
-
-
-def score_expressions(model_literal: str, kind: str = "clip") -> dict[str, str]:
-    """SQL expression of each `scores` column for one model (over e.image_embedding/e.text_embedding);
-    `neg_siglip_loss` is NULL for a CLIP model (it needs SigLIP's sigmoid loss and bias)."""
-    i, t, m = "e.image_embedding", "e.text_embedding", model_literal
-    return {
-        # the row's id: a reference row leaves its own pair out (docs/science.md §1)
-        "image_info_gain": f"image_info_gain({i}, {m}, e.id)", "text_info_gain": f"text_info_gain({t}, {m}, e.id)",
-        "image_info_gain_reverse": f"image_info_gain_reverse({i}, {m}, e.id)",
-        "text_info_gain_reverse": f"text_info_gain_reverse({t}, {m}, e.id)",
-        "image_info_gain_approx": f"image_info_gain_approx({i}, {m})",
-        "text_info_gain_approx": f"text_info_gain_approx({t}, {m})",
-        "image_centered_norm": f"centered_norm({i}, 'image', {m})",
-        "text_centered_norm": f"centered_norm({t}, 'text', {m})",
-        "image_raw_norm": f"raw_norm({i})", "text_raw_norm": f"raw_norm({t})",
-        "image_conformity": f"image_conformity({i}, {m})", "text_conformity": f"text_conformity({t}, {m})",
-        "image_conformity_estimate": f"conformity_estimate({i}, 'image', {m})",
-        "text_conformity_estimate": f"conformity_estimate({t}, 'text', {m})",
-        "clip_score": f"clip_score({i}, {t})",
-        "neg_clip_loss": f"neg_clip_loss({i}, {t}, {m})",
-        "neg_siglip_loss": f"neg_siglip_loss({i}, {t}, {m})" if kind == "siglip" else "NULL::DOUBLE",
-    }
 
 
 def vslerp_udf(ctx: Any) -> Callable:

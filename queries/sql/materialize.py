@@ -29,12 +29,11 @@ from clipsql.errors import QueryError
 from clipsql.kernels import scores
 from clipsql.kernels.arrays import to_numpy
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
-from clipsql.queries.sql.functions import SCORE_COLUMNS, blas_pinned, score_expressions
+from clipsql.queries.sql.functions import blas_pinned
+from clipsql.queries.sql.specs import POOL_COLUMNS, SCORE_COLUMNS, score_expressions
 from clipsql.store.faults import fault
 from clipsql.store.store import Store
 from clipsql.store.tables import stored_table_name
-
-POOL_COLUMNS = ("neg_clip_loss_pool", "norm_sim_d")
 
 
 @blas_pinned
