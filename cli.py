@@ -604,6 +604,7 @@ def score(store: str = STORE_ARG,
           pool_batch_size: Optional[int] = typer.Option(None, help="|B| of the pool form (default "
                                                                     "min(32768, pool))."),
           seed: Optional[int] = typer.Option(None, help="Seed of the pool partitions (default: the fit's)."),
+          progress: bool = typer.Option(True, help="Show a progress bar (with an ETA) on the pool form."),
           engine: str = ENGINE_OPT, ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Materialize chosen scores as stored columns (view `stored_scores`), stamped with the fit they came from.
 
@@ -616,7 +617,7 @@ def score(store: str = STORE_ARG,
     eng = _run(engines.choose, engine, ray_address)
     res = _run(eng.score, st, cols, model,
                neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d, pool_batch_size=pool_batch_size,
-               seed=seed)
+               seed=seed, progress=progress)
     if "tasks" in res:      # a distributed job: how it went, and what an ingest committed meanwhile
         typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
                    f"(fit #{res['fit_id']}, {res['mode']}, {res['tasks']} tasks) in {res['seconds']:.2f}s; "
