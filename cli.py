@@ -30,6 +30,7 @@ from clipsql.ingest.registry import KINDS as SOURCE_KINDS
 from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
 from clipsql.queries.curation.dedup import dedup_status, semdedup
 from clipsql.queries.curation.delete import delete_where, undelete_where
+from clipsql.queries.curation.export import export_store
 from clipsql.queries.curation.selection import (DEFAULT_FIRST_FRACTION, RECIPES, SelectSpec, recipe_help, select,
                                                 writes_fit)
 from clipsql.queries.curation.targets import add_target
@@ -233,6 +234,33 @@ def delete(store: str = STORE_ARG,
     if out.get("recorded"):
         typer.echo(f"recorded {out['recorded']} deleted ids: ingest skips them from now on "
                    "(`clipsql undelete STORE --where …` lets them back in)")
+
+
+@app.command()
+def export(store: str = STORE_ARG,
+           out: Path = typer.Argument(..., help="OUT.duckdb: one DuckDB database file; any other name: a folder "
+                                                "of parquet files. Must not exist."),
+           columns: Optional[str] = typer.Option(None, "--columns", help="Comma-separated columns of the samples "
+                                                 "view to export (id always; default: every column)."),
+           where: Optional[str] = typer.Option(None, "--where", help="SQL condition on the `samples` view choosing "
+                                               "the samples; the other tables keep the rows of those ids."),
+           model: Optional[str] = typer.Option(None, "--model", help="Export only this model's embeddings and "
+                                               "scores (default: every model)."),
+           progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+    """Export one committed snapshot for tools without clipsql: samples, embeddings, stored scores.
+
+    Tables: samples, embeddings_<model key> (fixed-size FLOAT arrays), stored_scores_<key> and
+    semdedup_<key> where the store has them. What was exported (store id, ledger commit id,
+    table versions, models, clipsql version, time) is in the table clipsql_export (.duckdb) or
+    _clipsql_export.json (folder). Written under a temporary name and renamed: OUT is absent
+    or complete. Read it with plain DuckDB: `duckdb OUT.duckdb "SELECT count(*) FROM samples"`.
+    """
+    st = _run(Store.open, store, read_only=True)
+    cols = [c.strip() for c in columns.split(",") if c.strip()] if columns is not None else None
+    res = _run(export_store, st, out, columns=cols, where=where, model=model, progress=progress)
+    tables = ", ".join(f"{t['table']} {t['rows']}" for t in res["tables"])
+    typer.echo(f"exported commit {res['commit_id']} of {store} to {res['path']} ({res['format']}) in "
+               f"{res['seconds']:.2f}s: {tables}")
 
 
 @app.command()
@@ -606,6 +634,7 @@ def score(store: str = STORE_ARG,
           pool_batch_size: Optional[int] = typer.Option(None, help="|B| of the pool form (default "
                                                                     "min(32768, pool))."),
           seed: Optional[int] = typer.Option(None, help="Seed of the pool partitions (default: the fit's)."),
+          progress: bool = typer.Option(True, help="Show a progress bar (with an ETA) on the pool form."),
           engine: str = ENGINE_OPT, ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Materialize chosen scores as stored columns (view `stored_scores`), stamped with the fit they came from.
 
@@ -618,7 +647,7 @@ def score(store: str = STORE_ARG,
     eng = _run(engines.choose, engine, ray_address)
     res = _run(eng.score, st, cols, model,
                neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d, pool_batch_size=pool_batch_size,
-               seed=seed)
+               seed=seed, progress=progress)
     if "tasks" in res:      # a distributed job: how it went, and what an ingest committed meanwhile
         typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
                    f"(fit #{res['fit_id']}, {res['mode']}, {res['tasks']} tasks) in {res['seconds']:.2f}s; "

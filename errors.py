@@ -52,6 +52,10 @@ class SelectionError(ClipsqlError, ValueError):
     """A curation request that cannot run as given (bad recipe, fraction, SQL or output)."""
 
 
+class ExportError(ClipsqlError, ValueError):
+    """An export that cannot be written as asked (OUT exists or cannot be written, unknown columns)."""
+
+
 class CatalogError(ClipsqlError, ConnectionError):
     """The catalog database cannot be reached or used (bad URL, missing driver, server down)."""
 

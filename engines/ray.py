@@ -34,7 +34,8 @@ class RayEngine:
         return refresh_stats_ray(store, rec, address=self.address)
 
     def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
-              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
+              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None,
+              progress: bool = False) -> dict[str, Any]:
         if neg_clip_loss_pool or norm_sim_d:
             raise EngineError("the pool-form scores (--neg-clip-loss-pool, --norm-sim-d) need the whole pool at "
                               "once: use --engine local")

@@ -9,6 +9,7 @@ O(chunk·M) for an M-row reference.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -575,7 +576,7 @@ def neg_siglip_loss(F, G, fit, ref_index, a, b, batch_size=32768, k=10, seed=0,
 
 
 def neg_clip_loss_pool(F, G, tau=0.01, batch_size=32768, k=10, seed=0,
-                       chunk=2048) -> np.ndarray:
+                       chunk=2048, workers=1, progress=None) -> np.ndarray:
     """negCLIPLoss, pool form (reproduces the paper).
 
     Valid rows form the pool (invalid rows get NaN).  ``rng = default_rng(seed)``; for each
@@ -585,6 +586,12 @@ def neg_clip_loss_pool(F, G, tau=0.01, batch_size=32768, k=10, seed=0,
     ``cos(f_i,g_i) − (τ/2)[LSE_{j∈B}(⟨f_i,g_j⟩/τ) + LSE_{j∈B}(⟨f_j,g_i⟩/τ)]``; a row's
     score is the mean over the partitions it took part in (NaN if none).
     Raises ``ValueError`` if the pool is smaller than ``batch_size``.
+
+    Cost O(K·n·|B|·d) for the products plus K·n·|B| exponentials. The chunks of a batch run on
+    ``workers`` threads (numpy releases the GIL in products and ufuncs; the caller should give BLAS
+    one thread each, else they oversubscribe the cores); each chunk's arithmetic is the same on any
+    thread and is summed in order, so the values do not depend on ``workers``. ``progress(rows)``
+    is called after each chunk with the rows it scored (K · (n_pool // |B|) · |B| in all).
     """
     F, G = _rows(F, "F"), _rows(G, "G")
     if F.shape != G.shape:
@@ -599,19 +606,41 @@ def neg_clip_loss_pool(F, G, tau=0.01, batch_size=32768, k=10, seed=0,
                          "use a smaller batch_size or the per-row form")
     rng = np.random.default_rng(seed)
     total, count = np.zeros(len(F)), np.zeros(len(F))
-    for _ in range(int(k)):
-        perm = pool[rng.permutation(len(pool))]
-        for b0 in range(0, (len(pool) // B) * B, B):
-            batch = perm[b0 : b0 + B]
-            fb, gb = Fh[batch], Gh[batch]
-            for sl in _spans(B, chunk):
-                f, g = fb[sl], gb[sl]
-                lse = _lse((f @ gb.T) / tau, axis=1) + _lse((g @ fb.T) / tau, axis=1)
-                rows = batch[sl]
-                total[rows] += np.einsum("ij,ij->i", f, g) - 0.5 * tau * lse
-                count[rows] += 1
+    workers = max(1, int(workers or 1))
+    with ThreadPoolExecutor(workers, thread_name_prefix="clipsql-pool") if workers > 1 else _Inline() as ex:
+        for _ in range(int(k)):
+            perm = pool[rng.permutation(len(pool))]
+            for b0 in range(0, (len(pool) // B) * B, B):
+                batch = perm[b0 : b0 + B]
+                fb, gb = Fh[batch], Gh[batch]
+
+                def part(sl, fb=fb, gb=gb):  # noqa: ANN001, ANN202 - one chunk of the batch
+                    f, g = fb[sl], gb[sl]
+                    lse = _lse((f @ gb.T) / tau, axis=1) + _lse((g @ fb.T) / tau, axis=1)
+                    return np.einsum("ij,ij->i", f, g) - 0.5 * tau * lse
+                spans = _spans(B, chunk)
+                for sl, value in zip(spans, ex.map(part, spans)):
+                    rows = batch[sl]
+                    total[rows] += value
+                    count[rows] += 1
+                    if progress is not None:
+                        progress(len(rows))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / count, np.nan)
+
+
+class _Inline:
+    """The ThreadPoolExecutor interface used above, run in the calling thread (one worker)."""
+
+    def __enter__(self):  # noqa: ANN204
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        pass
+
+    @staticmethod
+    def map(fn, items):  # noqa: ANN001, ANN205
+        return map(fn, items)
 
 
 # --------------------------------------------------------------------------- §6 NormSim

@@ -495,6 +495,16 @@ def test_neg_clip_loss_pool_matches_brute_force(data):
         S.neg_clip_loss_pool(F, G, batch_size=130)
 
 
+def test_neg_clip_loss_pool_threads_change_nothing_and_report_progress(data):
+    F, G = data["Xr"][:130], data["Yr"][:130]
+    one = S.neg_clip_loss_pool(F, G, tau=0.01, batch_size=40, k=3, seed=9, chunk=16)
+    steps = []
+    three = S.neg_clip_loss_pool(F, G, tau=0.01, batch_size=40, k=3, seed=9, chunk=16, workers=3,
+                                 progress=steps.append)
+    np.testing.assert_array_equal(three, one)
+    assert sum(steps) == 3 * 3 * 40 and max(steps) == 16
+
+
 # ----------------------------------------------------------------------------- §6
 def test_norm_sim_2_and_inf(data):
     T = data["Xr"][:80]

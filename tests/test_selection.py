@@ -207,6 +207,33 @@ def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
         materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=N + 1)
 
 
+def test_the_pool_form_runs_on_every_core_with_a_progress_bar(sel_store, monkeypatch, capsys):
+    """The negCLIPLoss pool pass runs its chunks on every core (one BLAS thread each, so they do not
+    oversubscribe the cores), not on the one thread the DuckDB-UDF pin left it, and reports progress."""
+    import os
+    from threadpoolctl import threadpool_info
+    from clipsql.kernels import scores as kernel
+    from clipsql.queries.sql import materialize
+
+    def blas_threads():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+    seen, real = {}, kernel.neg_clip_loss_pool
+
+    def spy(*args, **kw):
+        seen["blas"], seen["workers"] = blas_threads(), kw.get("workers")
+        steps = []
+        out = real(*args, **{**kw, "progress": lambda n: (steps.append(n), kw["progress"](n))})
+        seen["rows"] = sum(steps)
+        return out
+    monkeypatch.setattr(kernel, "neg_clip_loss_pool", spy)
+    materialize_scores(sel_store, ["clip_score"], neg_clip_loss_pool=True, pool_batch_size=150, progress=True)
+    assert seen["workers"] == materialize.pool_threads() == min(8, len(os.sched_getaffinity(0)))
+    assert set(seen["blas"]) <= {1}                          # one BLAS thread under each of those threads
+    assert seen["rows"] == 10 * 2 * 150                       # K partitions of 2 batches of 150
+    err = capsys.readouterr().err
+    assert "neg_clip_loss_pool" in err and "3.00k/3.00k" in err
+
+
 @pytest.fixture(scope="module")
 def siglip_store(tmp_path_factory, tiny_siglip):
     root = tmp_path_factory.mktemp("sig")

@@ -24,17 +24,20 @@ from clipsql.store.manage import delete_ids
 from clipsql.store.store import Store
 
 
-def ids_where(st: Store, where: str, view: str = "samples") -> Any:
-    """The distinct ids of `view` rows (`samples`, or the `deletions` record) matching `where`."""
+def ids_where(st: Store, where: str, view: str = "samples", con: Any = None) -> Any:
+    """The distinct ids of `view` rows (`samples`, or the `deletions` record) matching `where`,
+    on `con` when given (a caller's connection pinned to its snapshot), else on a new connection."""
     if not where.strip():
         example = "caption IS NULL" if view == "samples" else "deleted_at > '2026-01-01'"
         raise QueryError(f"--where is empty: give a condition on {view}, e.g. --where \"{example}\" "
                          f"(for every row, say --where true)")
-    con = connect(st)
+    own = con is None
+    con = connect(st) if own else con
     try:
         tbl = fetch_table(con, f"SELECT DISTINCT id FROM {view} WHERE ({where})")
     finally:
-        con.close()
+        if own:
+            con.close()
     return tbl.column("id").combine_chunks()
 
 

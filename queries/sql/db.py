@@ -49,8 +49,10 @@ def open_store(store: Store | str | os.PathLike) -> Store:
 
 def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = False,
             threads: int | None = None, fits: dict | None = None, config: dict[str, Any] | None = None,
-            progress_bar: bool = True) -> Any:
+            progress_bar: bool = True, versions: dict[str, int] | None = None) -> Any:
     """An in-memory DuckDB connection over the store: views, stats and score functions.
+    `versions`: {table: Lance version} to open instead of reading the ledger's committed versions
+    (a caller that read them itself, with the commit id, and must see exactly that snapshot).
     `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks).
     `config`: more DuckDB (global) settings, made before the configuration is locked (a server
     bounds each client's queries with `memory_limit`); `progress_bar=False`: DuckDB draws no
@@ -60,7 +62,7 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
     con = duckdb.connect(":memory:", config=config)
     if not progress_bar:
         con.execute("SET enable_progress_bar = false")
-    register_views(con, st)
+    register_views(con, st, versions)
     ctx = functions.register(con, st)
     for model_id, (fit, row) in (fits or {}).items():
         ctx.preload_fit(model_id, fit, row)
@@ -98,10 +100,10 @@ def _bounded_spill(con: Any) -> str:
     return folder
 
 
-def register_views(con: Any, st: Store) -> None:
+def register_views(con: Any, st: Store, versions: dict[str, int] | None = None) -> None:
     """Views over one snapshot: every table at the version the ledger's last commit names, read
-    once, so `samples`, `embeddings` and `scores` come from the same commit."""
-    versions = st.committed_versions()
+    once (or at `versions`), so `samples`, `embeddings` and `scores` come from the same commit."""
+    versions = st.committed_versions() if versions is None else versions
     _register_samples(con, st, versions)
     _register_embeddings(con, st, versions)
     _register_tags(con, st, versions)

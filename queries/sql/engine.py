@@ -37,7 +37,8 @@ class Engine(Protocol):
         """Recompute and save a model's running statistics from every stored vector."""
 
     def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
-              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
+              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None,
+              progress: bool = False) -> dict[str, Any]:
         """`clipsql score`: store the score columns (view `stored_scores`); returns a summary."""
 
     def score_columns(self, store: Store, rec: ModelRecord, columns: list[str], *, fit: Any, con: Any,
@@ -63,9 +64,10 @@ class LocalEngine:
             return store.refresh_stats(rec)
 
     def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
-              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
+              norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None,
+              progress: bool = False) -> dict[str, Any]:
         return materialize_scores(store, columns, model, neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d,
-                                  pool_batch_size=pool_batch_size, seed=seed)
+                                  pool_batch_size=pool_batch_size, seed=seed, progress=progress)
 
     def score_columns(self, store: Store, rec: ModelRecord, columns: list[str], *, fit: Any, con: Any,
                       relation: str, allowed: pa.Array | None) -> pa.Table:

@@ -11,7 +11,8 @@ stored columns (docs/science.md §5–6), computed in numpy over every row of th
   K random partitions of the pool into batches of exactly |B| (default
   min(32768, pool)); τ, K and the seed come from the fit's `neg_clip` options.
   A row that sat out every partition (possible when |B| does not divide the pool)
-  is NULL; the count is reported. Cost O(K·n·|B|·d).
+  is NULL; the count is reported. Cost O(K·n·|B|·d) products and K·n·|B| exponentials, on
+  every core (`pool_threads()`), with a progress bar.
 * `norm_sim_d` (`--norm-sim-d`): NormSim-D, the pool's own second moment refined
   by repeatedly keeping the top rows (keep fraction 0.2 over 5 steps). O(n·d²).
 Their parameters are recorded in the Lance table's schema metadata (key `clipsql`).
@@ -19,6 +20,7 @@ Their parameters are recorded in the Lance table's schema metadata (key `clipsql
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -29,17 +31,22 @@ from clipsql.errors import QueryError
 from clipsql.kernels import scores
 from clipsql.kernels.arrays import to_numpy
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
-from clipsql.queries.sql.functions import blas_pinned
+from clipsql.lazy import tqdm
+from clipsql.queries.sql.functions import one_blas_thread
 from clipsql.queries.sql.specs import POOL_COLUMNS, SCORE_COLUMNS, score_expressions
 from clipsql.store.faults import fault
 from clipsql.store.store import Store
 from clipsql.store.tables import stored_table_name
 
 
-@blas_pinned
 def materialize_scores(st: Store, columns: list[str], model: str | None = None, *,
                        neg_clip_loss_pool: bool = False, norm_sim_d: bool = False,
-                       pool_batch_size: int | None = None, seed: int | None = None) -> dict[str, Any]:
+                       pool_batch_size: int | None = None, seed: int | None = None,
+                       progress: bool = False) -> dict[str, Any]:
+    """Store `columns` (SQL score functions; BLAS pinned to one thread around that query, as DuckDB
+    runs the UDF batches on its own threads) and the pool-form columns (numpy passes of this
+    process: negCLIPLoss's chunks on `pool_threads()` threads of one BLAS thread each, NormSim-D
+    with BLAS's own threads), with a progress bar (and ETA) on the long negCLIPLoss pass."""
     unknown = [c for c in columns if c not in SCORE_COLUMNS]
     if not (columns or neg_clip_loss_pool or norm_sim_d):
         raise QueryError("name the scores to store: --columns image_info_gain,text_info_gain,… (from: "
@@ -55,14 +62,16 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
         con = connect(st)
         try:
             idx = [m.model_id for m in st.list_models()].index(rec.model_id)
-            tbl = score_relation(con, rec, quote_ident(f"embeddings_{idx}"), columns)
+            with one_blas_thread():
+                tbl = score_relation(con, rec, quote_ident(f"embeddings_{idx}"), columns)
         except Exception as e:  # noqa: BLE001 - DuckDB wraps UDF errors
             raise QueryError(str(e)) from None
         finally:
             con.close()
         params: dict[str, Any] = {}
         if neg_clip_loss_pool or norm_sim_d:
-            tbl, params = _pool_columns(st, rec, tbl, fit, neg_clip_loss_pool, norm_sim_d, pool_batch_size, seed)
+            tbl, params = _pool_columns(st, rec, tbl, fit, neg_clip_loss_pool, norm_sim_d, pool_batch_size, seed,
+                                        progress)
         n = tbl.num_rows
         tbl = tbl.append_column("fit_id", pa.array([fit["fit_id"] if fit else None] * n, pa.int64()))
         now = int(time.time() * 1e6)
@@ -90,8 +99,20 @@ def score_relation(con: Any, rec: Any, relation: str, columns: list[str]) -> pa.
     return _arrow(con.sql(f"SELECT e.id{cols} FROM {relation} e ORDER BY e.id"))
 
 
+def pool_threads() -> int:
+    """Threads of the negCLIPLoss pool pass: every core this process may run on (at most 8: each
+    holds two chunk × |B| float64 blocks, 270 MB at |B| = 32768), each with one BLAS thread.
+    Not BLAS's own threads under one Python thread: on 2 cores shared with other work those measured
+    0.6–0.8× of one thread (their barriers stall when a core is busy), chunks on threads 0.84–1.29×."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:      # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
 def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bool, normsim_d: bool,
-                  batch_size: int | None, seed: int | None) -> tuple[pa.Table, dict]:
+                  batch_size: int | None, seed: int | None, progress: bool = False) -> tuple[pa.Table, dict]:
     """Append the pool-form columns, computed over every row of the model, aligned on id."""
 
     emb = st.read_embeddings(rec)
@@ -109,8 +130,11 @@ def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bo
         if B < 2 or B > n_valid:
             raise QueryError(f"--pool-batch-size must be between 2 and the {n_valid} valid rows of the pool; "
                              f"got {B}")
-        v = scores.neg_clip_loss_pool(X, Y, tau=float(opts["tau"]), batch_size=B, k=int(opts["k"]),
-                                      seed=int(opts["seed"]), chunk=512)
+        k = int(opts["k"])
+        with tqdm.tqdm(total=k * (n_valid // B) * B, unit="rows", desc="neg_clip_loss_pool", dynamic_ncols=True,
+                       unit_scale=True, disable=not progress) as bar, one_blas_thread():
+            v = scores.neg_clip_loss_pool(X, Y, tau=float(opts["tau"]), batch_size=B, k=k, seed=int(opts["seed"]),
+                                          chunk=512, workers=pool_threads(), progress=bar.update)
         params["neg_clip_loss_pool"] = {**opts, "batch_size": B, "pool": n_valid,
                                         "batches_per_partition": n_valid // B,
                                         "rows_never_batched": int(np.isnan(v).sum() - (len(X) - n_valid))}
