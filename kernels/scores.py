@@ -587,11 +587,15 @@ def neg_clip_loss_pool(F, G, tau=0.01, batch_size=32768, k=10, seed=0,
     score is the mean over the partitions it took part in (NaN if none).
     Raises ``ValueError`` if the pool is smaller than ``batch_size``.
 
-    Cost O(K·n·|B|·d) for the products plus K·n·|B| exponentials. The chunks of a batch run on
-    ``workers`` threads (numpy releases the GIL in products and ufuncs; the caller should give BLAS
-    one thread each, else they oversubscribe the cores); each chunk's arithmetic is the same on any
-    thread and is summed in order, so the values do not depend on ``workers``. ``progress(rows)``
-    is called after each chunk with the rows it scored (K · (n_pool // |B|) · |B| in all).
+    Cost O(K·n·|B|·d) for the products plus 2·K·n·|B| exponentials: each batch's |B|×|B| logit
+    matrix is computed once, in row chunks; a chunk gives its rows' LSE (image → text) and a
+    running column maximum and sum of exponentials, merged over the chunks in order into each
+    column's LSE (text → image), so the product is not repeated transposed. The chunks run on
+    ``workers`` threads (numpy releases the GIL in products and ufuncs; the caller should give
+    BLAS one thread each, else they oversubscribe the cores); each chunk's arithmetic is the same
+    on any thread and the merge runs in chunk order, so the values do not depend on ``workers``
+    (the chunk size moves only the last bits of the column LSE). ``progress(rows)`` is called
+    after each chunk with the rows it scored (K · (n_pool // |B|) · |B| in all).
     """
     F, G = _rows(F, "F"), _rows(G, "G")
     if F.shape != G.shape:
@@ -614,17 +618,28 @@ def neg_clip_loss_pool(F, G, tau=0.01, batch_size=32768, k=10, seed=0,
                 batch = perm[b0 : b0 + B]
                 fb, gb = Fh[batch], Gh[batch]
 
-                def part(sl, fb=fb, gb=gb):  # noqa: ANN001, ANN202 - one chunk of the batch
-                    f, g = fb[sl], gb[sl]
-                    lse = _lse((f @ gb.T) / tau, axis=1) + _lse((g @ fb.T) / tau, axis=1)
-                    return np.einsum("ij,ij->i", f, g) - 0.5 * tau * lse
+                def part(sl, fb=fb, gb=gb):  # noqa: ANN001, ANN202 - one row chunk of the batch
+                    z = fb[sl] @ gb.T
+                    z /= tau
+                    row = _lse(z, axis=1)                   # LSE_j ⟨f_i, g_j⟩/τ for the chunk's rows i
+                    m = z.max(axis=0)
+                    np.subtract(z, m, out=z)
+                    np.exp(z, out=z)
+                    return row, m, z.sum(axis=0)            # the columns' partial max and Σ exp
                 spans = _spans(B, chunk)
-                for sl, value in zip(spans, ex.map(part, spans)):
-                    rows = batch[sl]
-                    total[rows] += value
-                    count[rows] += 1
+                row_lse = np.empty(B)
+                col_m, col_s = np.full(B, -np.inf), np.zeros(B)
+                for sl, (row, m, s_) in zip(spans, ex.map(part, spans)):
+                    row_lse[sl] = row
+                    new_m = np.maximum(col_m, m)
+                    col_s = col_s * np.exp(col_m - new_m) + s_ * np.exp(m - new_m)
+                    col_m = new_m
                     if progress is not None:
-                        progress(len(rows))
+                        progress(sl.stop - sl.start)
+                col_lse = np.log(col_s) + col_m             # LSE_j ⟨f_j, g_i⟩/τ for each column i
+                value = np.einsum("ij,ij->i", fb, gb) - 0.5 * tau * (row_lse + col_lse)
+                total[batch] += value
+                count[batch] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / count, np.nan)
 

@@ -490,7 +490,8 @@ def test_neg_clip_loss_pool_matches_brute_force(data):
     got = S.neg_clip_loss_pool(F, G, tau=0.01, batch_size=40, k=3, seed=9, chunk=16)
     np.testing.assert_allclose(got, want, **TOL)
     assert np.isnan(got[17])
-    np.testing.assert_array_equal(got, S.neg_clip_loss_pool(F, G, 0.01, 40, 3, 9))
+    # the chunk size moves only the last bits of the merged column log-sum-exp
+    np.testing.assert_allclose(S.neg_clip_loss_pool(F, G, 0.01, 40, 3, 9), got, rtol=1e-13, atol=0)
     with pytest.raises(ValueError):
         S.neg_clip_loss_pool(F, G, batch_size=130)
 
