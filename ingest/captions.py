@@ -23,6 +23,7 @@ lid.176.bin) uses that one instead.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -41,9 +42,14 @@ MODEL_ENV = "CLIPSQL_LANGID_MODEL"
 
 # Python's str.split() splits on the characters whose str.isspace() is true (bidirectional class
 # WS, B or S, or category Zs); RE2's \s is ASCII only, so the class is spelled out.
-_PY_SPACE = "".join(f"\\x{{{c:x}}}" for c in range(sys.maxunicode + 1)
+# (built on first use: scanning every code point costs ~0.2 s, which every command would pay at import)
+@functools.cache
+def _word_pattern() -> str:
+    space = "".join(f"\\x{{{c:x}}}" for c in range(sys.maxunicode + 1)
                     if chr(c).isspace() and not 0xD800 <= c <= 0xDFFF)
-_WORD = f"[^{_PY_SPACE}]+"
+    return f"[^{space}]+"
+
+
 # fasttext's Dictionary::readWord separates words at these bytes (all ASCII, so UTF-8 safe)
 _FT_TOKEN = "[^ \\n\\r\\t\\v\\f\\x00]+"
 
@@ -89,7 +95,7 @@ def _strings(col: pa.Array | pa.ChunkedArray) -> pa.Array:
 def text_counts(captions: pa.Array | pa.ChunkedArray) -> dict[str, pa.Array]:
     """caption_words, caption_tokens and caption_chars (int32, NULL for a NULL caption)."""
     text = _strings(captions)
-    words = pc.count_substring_regex(text, _WORD)
+    words = pc.count_substring_regex(text, _word_pattern())
     tokens = pc.add(pc.count_substring_regex(text, _FT_TOKEN), pc.count_substring(text, "\n"))
     return {"caption_words": words.cast(pa.int32()), "caption_tokens": tokens.cast(pa.int32()),
             "caption_chars": pc.utf8_length(text).cast(pa.int32())}
