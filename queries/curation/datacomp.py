@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from clipsql.errors import SelectionError
 from clipsql.store import catalog as cat
+from clipsql.store import leftovers
 
 U16 = np.dtype("u8,u8")      # resharder.py: u16 = np.dtype("u8,u8")
 _HEX = np.full(256, 255, dtype=np.uint8)
@@ -116,10 +117,17 @@ def require_datacomp_ids(st: Any, con: Any, ids: Any) -> None:
             "resharder); write --format parquet, csv or txt instead, or narrow the selection to the pool's rows")
 
 
+def write_uids(ids: Any, fh: Any) -> None:
+    """Write `ids` as DataComp's subset file (``np.save`` of the sorted ``u8,u8`` array) to the open
+    binary file `fh`; SelectionError when an id is not a uid."""
+    np.save(fh, uid_array(ids), allow_pickle=False)
+
+
 def save_uids(ids: Any, path: Any) -> str:
     """Write `ids` (an iterable / numpy / Arrow array of 32-hex uids) as DataComp's subset
     file at `path`: ``np.save`` of the sorted ``np.dtype("u8,u8")`` array, written to a temp
-    file beside it, fsynced and renamed over `path`. Returns the file's sha256 (hex).
+    file beside it (`.<name>.tmp-<host>-<pid>`), fsynced and renamed over `path`. Returns the
+    file's sha256 (hex).
 
     Raises SelectionError (one line) when an id is not a uid (a store not ingested from a
     DataComp pool) or the file cannot be written."""
@@ -127,9 +135,11 @@ def save_uids(ids: Any, path: Any) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
+    name = os.path.basename(path)
+    leftovers.sweep(folder, re.compile(re.escape(f".{name}.tmp-") + leftovers.TAG))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".uids-", suffix=".npy.tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
+        tmp = os.path.join(folder, f".{name}.tmp-{leftovers.owner_tag()}")
+        with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
