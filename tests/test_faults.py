@@ -1,6 +1,8 @@
 """Faults, kills and hostile input: each test reproduces one finding first."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -310,6 +312,36 @@ def test_read_only_queries_spill_to_a_bounded_private_directory(pool_store, tmp_
         con.execute("SET temp_directory = '.tmp'")
     con.sql("SELECT id, image_embedding FROM embeddings ORDER BY image_embedding[1]").fetchall()
     assert not (tmp_path / ".tmp").exists()
+
+
+def test_spill_folders_of_killed_processes_are_swept_by_the_next_connection(pool_store, tmp_path):
+    """A process killed while its connection exists leaves its spill folder (named with its host and
+    PID); the next process that opens a connection removes it, and leaves a live process's alone."""
+    from clipsql.store.leftovers import owner_tag
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    live = tmp / f"clipsql-spill-{owner_tag(os.getpid())}-x"          # this test's process: alive
+    live.mkdir()
+    other = tmp / "clipsql-spill-unrelated"                          # not named by a process: kept
+    other.mkdir()
+    code = ("import os, signal, sys; from clipsql import queries; con = queries.connect(sys.argv[1]); "
+            "print(con.sql(\"SELECT current_setting('temp_directory')\").fetchall()[0][0], flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL) if sys.argv[2] == 'kill' else None")
+    env = dict(os.environ, TMPDIR=str(tmp))
+
+    def connect(how: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, str(pool_store.path), how], cwd=ROOT, env=env,
+                              capture_output=True, timeout=300)
+    folders = []
+    for _ in range(2):
+        killed = connect("kill")
+        assert killed.returncode == -9, killed.stderr.decode()[-500:]
+        folders.append(killed.stdout.decode().strip())
+        assert os.path.isdir(folders[-1]) and os.path.dirname(folders[-1]) == str(tmp), folders
+        assert all(not os.path.exists(f) for f in folders[:-1]), folders       # the earlier one's: swept
+    done = connect("exit")
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([live.name, other.name])
 
 
 def test_full_disk_during_ingest_is_one_line_and_resumes(tmp_path):
