@@ -56,6 +56,11 @@ class CatalogError(ClipsqlError, ConnectionError):
     """The catalog database cannot be reached or used (bad URL, missing driver, server down)."""
 
 
+class CatalogDamaged(CatalogError):
+    """A value stored in the catalog cannot be read (damaged bytes): `clipsql doctor STORE --repair`
+    drops or rebuilds it."""
+
+
 class StoreReadOnly(ClipsqlError, PermissionError):
     """A command that changes the store run where the store cannot be written (a read-only mount,
     a backup, another user's files)."""

@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from clipsql.errors import CatalogError, DimensionMismatch, ModelError, StoreNotFound
+from clipsql.errors import CatalogDamaged, CatalogError, DimensionMismatch, ModelError, StoreNotFound
 from clipsql.kernels.arrays import to_numpy
 from clipsql.kernels.moments import RunningMoments, fold_pair
 from clipsql.lazy import lance, lancedb
@@ -571,9 +571,14 @@ class Store:
         covered = 0
         for r in rows:
             m = r._mapping
-            s2 = cat.unpack(m["sum_outer"])
+            what = f"the {m['modality']} {m['space']} statistics of model {model.model_id}"
+            try:
+                s2, shift, s1 = (cat.unpack(m[k], what) for k in ("sum_outer", "shift", "sum"))
+            except CatalogDamaged as e:
+                raise CatalogDamaged(f"{e}: run `clipsql doctor {self.path} --repair` (recomputes them from the "
+                                     "stored vectors)") from None
             moments[(m["modality"], m["space"])] = RunningMoments(
-                model.dim, int(m["n"]), cat.unpack(m["shift"]), cat.unpack(m["sum"]), s2, second=s2 is not None)
+                model.dim, int(m["n"]), shift, s1, s2, second=s2 is not None)
             covered = int(m["covered_seq"])
         return StatsState(model.model_id, moments, covered)
 
@@ -674,13 +679,23 @@ class Store:
             if row is None:
                 return None
             out = dict(row._mapping)
-            if with_arrays:
-                out["arrays"] = cat.unpack_many(out["arrays"])
-                if with_reference:
-                    blob = conn.execute(sa.select(cat.fit_references.c.arrays).where(
-                        cat.fit_references.c.fit_id == out["fit_id"])).scalar()
-                    out["arrays"].update(cat.unpack_many(blob))
-        out["options"] = json.loads(out["options"])
+            what = f"fit #{fit_id} of model {out['model_id']}"
+            try:
+                if with_arrays:
+                    out["arrays"] = cat.unpack_many(out["arrays"], what)
+                    if with_reference:
+                        blob = conn.execute(sa.select(cat.fit_references.c.arrays).where(
+                            cat.fit_references.c.fit_id == out["fit_id"])).scalar()
+                        if blob is None:
+                            raise CatalogDamaged(f"{what} has lost its reference sample")
+                        out["arrays"].update(cat.unpack_many(blob, f"the reference sample of {what}"))
+                try:
+                    out["options"] = json.loads(out["options"])
+                except (TypeError, ValueError, UnicodeDecodeError) as e:
+                    raise cat.damaged_value(f"the options of {what}", e) from None
+            except CatalogDamaged as e:
+                raise CatalogDamaged(f"{e}: run `clipsql doctor {self.path} --repair` (drops it), then refit with "
+                                     f"`clipsql stats fit {self.path} --model {out['model_id']}`") from None
         return out
 
 
