@@ -15,6 +15,11 @@ class StoreNotFound(ClipsqlError, FileNotFoundError):
     pass
 
 
+class MarkerDamaged(StoreNotFound):
+    """The store's clipsql.json cannot be read (`clipsql doctor STORE --repair` rewrites it from the
+    catalog, which records the store id)."""
+
+
 class StoreLocked(ClipsqlError, RuntimeError):
     pass
 

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.errors import CatalogDamaged, CatalogError, ClipsqlError
+from clipsql.errors import CatalogDamaged, CatalogError, ClipsqlError, MarkerDamaged
 from clipsql.lazy import duckdb, lance
 from clipsql.store import catalog as cat
 from clipsql.store import deletions
@@ -55,7 +55,7 @@ from clipsql.store.fits import ARRAY_KEYS
 from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, is_embeddings_table, is_target_table, stored_table_name
 from clipsql.store.targets import get_target
 from clipsql.store.store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
-                    set_committed_version)
+                    set_committed_version, write_marker)
 
 STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
 
@@ -103,8 +103,15 @@ class Report:
 def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
     path = store_path(path)
     report = Report(str(path), repair=repair)
-    marker = read_marker(path)          # a missing / damaged / newer clipsql.json is a one-line refusal
-    report.add("format", "ok", f"clipsql.json format {marker.get('format', FORMAT_VERSION)}")
+    try:
+        marker = read_marker(path)      # a missing / newer clipsql.json is a one-line refusal
+    except MarkerDamaged as e:
+        if not repair:
+            report.add("format", "error", str(e))
+            return report
+        marker = _rebuild_marker(path, report, str(e).split(": `clipsql doctor")[0])
+    else:
+        report.add("format", "ok", f"clipsql.json format {marker.get('format', FORMAT_VERSION)}")
     url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or default_catalog(path)
     st = Store(path, url)
     lost = _catalog_problem(st, marker, path)
@@ -131,6 +138,30 @@ def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
 
 
 # --------------------------------------------------------------------------- the catalog
+def _rebuild_marker(path: Path, report: Report, why: str) -> dict:
+    """Rewrite a damaged clipsql.json from the catalog (catalog.sqlite inside the store, or
+    CLIPSQL_CATALOG_URL), which records the store id; a one-line refusal when it cannot."""
+    given = os.environ.get("CLIPSQL_CATALOG_URL")
+    if not given and (is_remote(path) or not (path / "catalog.sqlite").exists()):
+        raise MarkerDamaged(f"{why}, and there is no catalog.sqlite in the store to rebuild it from: set "
+                            "CLIPSQL_CATALOG_URL to the store's catalog database and re-run `clipsql doctor "
+                            f"{path} --repair`")
+    st = Store(path, given or default_catalog(path))
+    try:
+        store_id = st.get_setting("store_id")
+    except (sa.exc.DatabaseError, UnicodeDecodeError, ValueError) as e:
+        raise MarkerDamaged(f"{why}, and the catalog cannot be read either ({first_line(getattr(e, 'orig', e))}): "
+                            "restore both from a backup") from None
+    if not isinstance(store_id, str) or not store_id:
+        raise MarkerDamaged(f"{why}, and the catalog holds no store id to rebuild it from: restore it from a backup")
+    with st.lock():
+        marker = write_marker(path, given, store_id)
+    st.engine.dispose()
+    f = report.add("format", "error", why)
+    f.repaired = f"rewritten from the catalog (store id {store_id})"
+    return marker
+
+
 def _catalog_problem(st: Store, marker: dict, path: Path) -> str | None:
     """Why the catalog cannot be used (missing, damaged, empty, another store's), or None."""
     if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") and not is_remote(path) \

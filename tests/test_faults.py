@@ -401,6 +401,36 @@ def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkey
         st.path, f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True).committed_versions()
 
 
+@pytest.mark.parametrize("damage", ["{not json", "\x00\xff\xfe", '["format"]', '{"format": "1", "store_id": 7}'])
+def test_doctor_repair_rewrites_a_damaged_marker_from_the_catalog(tmp_path, damage):
+    """A damaged clipsql.json: doctor says so in one line and what rewrites it; --repair rewrites it
+    from the catalog's store id, after which the store opens and is consistent."""
+    st = Store.init(tmp_path / "s")
+    marker = st.path / "clipsql.json"
+    good = json.loads(marker.read_text())
+    st.engine.dispose()
+    marker.write_bytes(damage.encode("latin-1"))
+    p = cli("query", str(st.path), "SELECT 1", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "damaged" in err and "doctor" in err and "--repair" in err, err
+    rc, rep = doctor_json(st)
+    assert rc != 0 and [f["check"] for f in rep["findings"] if f["level"] == "error"] == ["format"], rep
+    rc, rep = doctor_json(st, "--repair")
+    assert rc == 0, rep
+    assert "rewritten from the catalog" in [f for f in rep["findings"] if f["check"] == "format"][0]["repaired"]
+    assert json.loads(marker.read_text()) == good
+    rc, rep = doctor_json(st)
+    assert rc == 0 and rep["consistent"], rep
+    assert "0" in cli("query", str(st.path), "SELECT count(*) FROM samples").stdout.decode()
+    st.path.joinpath("catalog.sqlite").rename(tmp_path / "elsewhere.sqlite")
+    marker.write_text("{not json")
+    p = cli("doctor", str(st.path), "--repair", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and len(err.strip().splitlines()) == 1 and "CLIPSQL_CATALOG_URL" in err, err
+    p = cli("doctor", str(st.path), "--repair", env={"CLIPSQL_CATALOG_URL": f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"})
+    assert json.loads(marker.read_text())["store_id"] == good["store_id"]
+
+
 def test_damaged_store_files_give_one_line(pool_store, tmp_path):
     """11.18: damaged or missing catalog, damaged clipsql.json, newer formats: one line each."""
     import shutil
