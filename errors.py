@@ -15,6 +15,11 @@ class StoreNotFound(ClipsqlError, FileNotFoundError):
     pass
 
 
+class MarkerDamaged(StoreNotFound):
+    """The store's clipsql.json cannot be read (`clipsql doctor STORE --repair` rewrites it from the
+    catalog, which records the store id)."""
+
+
 class StoreLocked(ClipsqlError, RuntimeError):
     pass
 
@@ -58,6 +63,11 @@ class ExportError(ClipsqlError, ValueError):
 
 class CatalogError(ClipsqlError, ConnectionError):
     """The catalog database cannot be reached or used (bad URL, missing driver, server down)."""
+
+
+class CatalogDamaged(CatalogError):
+    """A value stored in the catalog cannot be read (damaged bytes): `clipsql doctor STORE --repair`
+    drops or rebuilds it."""
 
 
 class StoreReadOnly(ClipsqlError, PermissionError):

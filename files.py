@@ -5,15 +5,19 @@
     f.sha256                        # the hash of what now stands at `path`
 
 A kill at any instant leaves the previous file or the new one, never a truncated one: the
-temporary file is fsynced before it is renamed over `path`, and the folder after.
+temporary file is fsynced before it is renamed over `path`, and the folder after. The temporary
+file is named `.<name>.tmp-<host>-<pid>` (one writer of a path per process at a time): one left by
+a killed process is removed by the next AtomicFile of the same path (`clipsql.leftovers`).
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
+import re
 from pathlib import Path
 from typing import Any, Callable
+
+from clipsql import leftovers
 
 
 def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
@@ -48,7 +52,9 @@ class AtomicFile:
 
     def __init__(self, path: str | os.PathLike, before_rename: Callable[[], Any] | None = None):
         self.path = Path(path)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+        prefix = f".{self.path.name}.tmp-"
+        leftovers.sweep(self.path.parent, re.compile(re.escape(prefix) + leftovers.TAG))
+        self.tmp = self.path.parent / f"{prefix}{leftovers.owner_tag()}"
         self.before_rename = before_rename
         self.sha256: str | None = None
 

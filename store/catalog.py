@@ -22,7 +22,7 @@ from urllib.parse import quote
 import numpy as np
 import sqlalchemy as sa
 
-from clipsql.errors import READ_ONLY_HINT, CatalogError, StoreReadOnly
+from clipsql.errors import READ_ONLY_HINT, CatalogDamaged, CatalogError, StoreReadOnly
 
 metadata = sa.MetaData()
 
@@ -454,11 +454,15 @@ def pack(arr: np.ndarray | None) -> bytes | None:
 NPY_LOCK = threading.Lock()
 
 
-def unpack(blob: bytes | None) -> np.ndarray | None:
+def unpack(blob: bytes | None, what: str = "an array") -> np.ndarray | None:
+    """The array of `pack`; CatalogDamaged (naming `what`) when the bytes cannot be read."""
     if blob is None:
         return None
-    with NPY_LOCK:
-        return np.load(io.BytesIO(blob), allow_pickle=False)
+    try:
+        with NPY_LOCK:
+            return np.load(io.BytesIO(blob), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - damaged bytes fail np.load in many ways
+        raise damaged_value(what, e) from None
 
 
 def pack_many(arrays: dict[str, np.ndarray]) -> bytes:
@@ -467,9 +471,19 @@ def pack_many(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def unpack_many(blob: bytes) -> dict[str, np.ndarray]:
-    with NPY_LOCK, np.load(io.BytesIO(blob), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def unpack_many(blob: bytes, what: str = "arrays") -> dict[str, np.ndarray]:
+    """The arrays of `pack_many`, every one read (so a damaged member fails its CRC here, not at
+    first use); CatalogDamaged (naming `what`) when the bytes cannot be read."""
+    try:
+        with NPY_LOCK, np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - a damaged zip / npy fails in many ways (BadZipFile, ValueError …)
+        raise damaged_value(what, e) from None
+
+
+def damaged_value(what: str, e: BaseException) -> CatalogDamaged:
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return CatalogDamaged(f"{what} cannot be read from the catalog ({type(e).__name__}: {detail})")
 
 
 def to_json(obj: Any) -> str:

@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.errors import CatalogError, ClipsqlError
+from clipsql.errors import CatalogDamaged, CatalogError, ClipsqlError, MarkerDamaged
 from clipsql.lazy import duckdb, lance
 from clipsql.store import catalog as cat
 from clipsql.store import deletions
@@ -50,9 +50,12 @@ from clipsql.store.locks import lease_holder
 from clipsql.store.manage import delete_ids
 from clipsql.store.repair import (describe, first_line, forget_lost, load_ledger, loss_hint, manifest_path,
                                   open_losses, quarantine_after, repair_table, versions_desc)
-from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, is_embeddings_table, is_target_table
+from clipsql.kernels.arrays import to_numpy
+from clipsql.store.fits import ARRAY_KEYS
+from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, is_embeddings_table, is_target_table, stored_table_name
+from clipsql.store.targets import get_target
 from clipsql.store.store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
-                    set_committed_version)
+                    set_committed_version, write_marker)
 
 STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
 
@@ -100,8 +103,15 @@ class Report:
 def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
     path = store_path(path)
     report = Report(str(path), repair=repair)
-    marker = read_marker(path)          # a missing / damaged / newer clipsql.json is a one-line refusal
-    report.add("format", "ok", f"clipsql.json format {marker.get('format', FORMAT_VERSION)}")
+    try:
+        marker = read_marker(path)      # a missing / newer clipsql.json is a one-line refusal
+    except MarkerDamaged as e:
+        if not repair:
+            report.add("format", "error", str(e))
+            return report
+        marker = _rebuild_marker(path, report, str(e).split(": `clipsql doctor")[0])
+    else:
+        report.add("format", "ok", f"clipsql.json format {marker.get('format', FORMAT_VERSION)}")
     url = os.environ.get("CLIPSQL_CATALOG_URL") or marker.get("catalog") or default_catalog(path)
     st = Store(path, url)
     lost = _catalog_problem(st, marker, path)
@@ -128,6 +138,30 @@ def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
 
 
 # --------------------------------------------------------------------------- the catalog
+def _rebuild_marker(path: Path, report: Report, why: str) -> dict:
+    """Rewrite a damaged clipsql.json from the catalog (catalog.sqlite inside the store, or
+    CLIPSQL_CATALOG_URL), which records the store id; a one-line refusal when it cannot."""
+    given = os.environ.get("CLIPSQL_CATALOG_URL")
+    if not given and (is_remote(path) or not (path / "catalog.sqlite").exists()):
+        raise MarkerDamaged(f"{why}, and there is no catalog.sqlite in the store to rebuild it from: set "
+                            "CLIPSQL_CATALOG_URL to the store's catalog database and re-run `clipsql doctor "
+                            f"{path} --repair`")
+    st = Store(path, given or default_catalog(path))
+    try:
+        store_id = st.get_setting("store_id")
+    except (sa.exc.DatabaseError, UnicodeDecodeError, ValueError) as e:
+        raise MarkerDamaged(f"{why}, and the catalog cannot be read either ({first_line(getattr(e, 'orig', e))}): "
+                            "restore both from a backup") from None
+    if not isinstance(store_id, str) or not store_id:
+        raise MarkerDamaged(f"{why}, and the catalog holds no store id to rebuild it from: restore it from a backup")
+    with st.lock():
+        marker = write_marker(path, given, store_id)
+    st.engine.dispose()
+    f = report.add("format", "error", why)
+    f.repaired = f"rewritten from the catalog (store id {store_id})"
+    return marker
+
+
 def _catalog_problem(st: Store, marker: dict, path: Path) -> str | None:
     """Why the catalog cannot be used (missing, damaged, empty, another store's), or None."""
     if not marker.get("catalog") and not os.environ.get("CLIPSQL_CATALOG_URL") and not is_remote(path) \
@@ -406,10 +440,17 @@ def _check_stats(st: Store, report: Report, repair: bool) -> None:
         if rec.table_name in report.unreadable:
             report.add(f"statistics {rec.model_id}", "warn", "not checked: the table cannot be read")
             continue
-        stored = st.stats(rec)
+        check = f"statistics {rec.model_id}"
+        try:
+            stored = st.stats(rec)
+        except CatalogDamaged as e:
+            f = report.add(check, "error", str(e).split(": run `")[0])
+            if repair:
+                st.refresh_stats(rec)
+                f.repaired = "recomputed from the stored vectors"
+            continue
         fresh = st.recompute_stats(rec)
         why = _moments_differ(stored, fresh)
-        check = f"statistics {rec.model_id}"
         if why is None:
             report.add(check, "ok", f"current: cover all {fresh.n} rows and equal a recomputation")
             continue
@@ -436,6 +477,9 @@ def _moments_differ(a: StatsState, b: StatsState) -> str | None:
 
 
 def _check_fits_targets(st: Store, report: Report, repair: bool) -> None:
+    """Every fit's arrays and reference sample and every target's second moment are read back
+    (damaged bytes fail here, not in the scores); what cannot be read is dropped (a fit: refit) or
+    recomputed from the target's rows."""
     known = {m.model_id for m in st.list_models()}
     with st.engine.connect() as conn:
         fits = conn.execute(sa.select(cat.fits.c.fit_id, cat.fits.c.model_id)).all()
@@ -444,13 +488,95 @@ def _check_fits_targets(st: Store, report: Report, repair: bool) -> None:
     bad = [f for f, m in fits if m not in known or f not in refs]
     report.add("fits", "error" if bad else "ok",
                f"{len(fits)} fits" + (f"; #{', #'.join(map(str, bad))} lack their model or reference" if bad else ""))
+    for fit_id, model_id in fits:
+        if fit_id in bad:
+            continue
+        why = _unreadable_fit(st, fit_id)
+        if why is None:
+            continue
+        f = report.add(f"fit #{fit_id}", "error", why)
+        if repair:
+            f.repaired = _drop_fit(st, fit_id, model_id)
     names = set(st.table_names())
     for name, table, n in targets:
         if table not in names:
             report.add(f"target {name}", "error", f"its table {table} is missing: re-add it with `clipsql target add`")
             continue
         rows = _rows_at(st.table_uri(table), None)
-        report.add(f"target {name}", "ok" if rows == n else "error", f"{rows} rows, the catalog says {n}")
+        if rows != n:
+            report.add(f"target {name}", "error", f"{rows} rows, the catalog says {n}")
+            continue
+        why = _target_moment_problem(st, name, table)
+        if why is None:
+            report.add(f"target {name}", "ok", f"{rows} rows, the catalog says {n}")
+            continue
+        f = report.add(f"target {name}", "error", why)
+        if repair:
+            with st.engine.begin() as conn:
+                conn.execute(sa.update(cat.targets).where(cat.targets.c.name == name).values(
+                    second_moment=cat.pack(_moment_of(st, table))))
+            f.repaired = ("its second moment recomputed from the target's stored rows (float32: NormSim2 within "
+                          "about 1e-7 relative of the original; re-add the target for the exact value)")
+
+
+def _unreadable_fit(st: Store, fit_id: int) -> str | None:
+    """Why a fit's catalog row cannot be used (damaged arrays, reference or options), or None."""
+    try:
+        row = st.get_fit(fit_id, with_arrays=True, with_reference=True)
+    except CatalogDamaged as e:
+        return str(e).split(": run `")[0]
+    if row is None:
+        return None
+    lacks = [k for k in (*ARRAY_KEYS, "X_ref_raw", "Y_ref_raw") if k not in row["arrays"]]
+    if lacks or not isinstance(row["options"], dict):
+        return f"fit #{fit_id} lacks {', '.join(lacks) or 'its options'}"
+    return None
+
+
+def _drop_fit(st: Store, fit_id: int, model_id: str) -> str:
+    """Remove an unreadable fit from the catalog; says what used it and what to do."""
+    with st.engine.begin() as conn:
+        conn.execute(sa.delete(cat.fits).where(cat.fits.c.fit_id == fit_id))
+        for table in (cat.fit_references, cat.stale_fits, cat.recipe_fits):
+            conn.execute(sa.delete(table).where(table.c.fit_id == fit_id))
+    used = ""
+    rec = next((m for m in st.list_models() if m.model_id == model_id), None)
+    stored = stored_table_name(rec.table_name) if rec is not None else None
+    if stored is not None and stored in st.table_names():
+        try:
+            n = st.dataset(stored, latest=True).count_rows(filter=f"fit_id = {int(fit_id)}")
+        except Exception:  # noqa: BLE001 - a table without fit_id: nothing computed with a fit
+            n = 0
+        if n:
+            used = f"; {n} stored score rows were computed with it and are stale: re-run `clipsql score`"
+    after = st.latest_fit(rec, with_arrays=False) if rec is not None else None
+    now = (f"; scores of {model_id} now use the older fit #{after['fit_id']}: refit with `clipsql stats fit "
+           f"{st.path} --model {model_id}`" if after is not None else
+           f"; {model_id} has no fit now: refit with `clipsql stats fit {st.path} --model {model_id}`")
+    return "dropped" + used + now
+
+
+def _moment_of(st: Store, table: str) -> np.ndarray:
+    """F_t^T F_t (float64) of a target's stored rows, streamed."""
+    S = None
+    for batch in lance.dataset(st.table_uri(table)).to_batches(columns=["vector"], batch_size=16_384):
+        X = to_numpy(batch.column("vector")).astype(np.float64)
+        S = X.T @ X if S is None else S + X.T @ X
+    return S if S is not None else np.zeros((0, 0))
+
+
+def _target_moment_problem(st: Store, name: str, table: str) -> str | None:
+    """Why a target's stored second moment cannot be used: unreadable, or not that of its rows
+    (float32 rows: equal within 1e-5 of the largest entry)."""
+    try:
+        S = get_target(st, name).second_moment
+    except CatalogDamaged as e:
+        return str(e).split(": run `")[0]
+    fresh = _moment_of(st, table)
+    if S is None or S.shape != fresh.shape or not np.all(np.isfinite(S)) or \
+            not np.allclose(S, fresh, rtol=1e-5, atol=1e-5 * (np.abs(fresh).max() + 1e-12)):
+        return f"the second moment of target {name!r} in the catalog is not that of its stored rows (damaged)"
+    return None
 
 
 def _check_runs(st: Store, report: Report, repair: bool) -> None:

@@ -7,7 +7,8 @@ Points: `commit:between-tables` (samples committed in Lance, the model table not
 `optimize:after-compact` (a compaction committed in Lance, the ledger not moved),
 `optimize:before-prune` (ledger moved, old versions not yet pruned), `delete:after-lance`,
 `update:after-lance`, `models-rm:after-catalog`, `target:after-table`, `target:after-switch`,
-`select:before-rename`, `writer:data-file` (a Lance data file being written),
+`select:before-rename`, `select:between-renames` (the sidecar published, the output not),
+`writer:data-file` (a Lance data file being written),
 `run:finish` (the run's catalog row being closed), `fit:before-save`, `score:before-write`,
 `register:after-table` (a new model's Lance table created, its catalog rows not),
 `backfill:after-lance` (backfilled columns committed in Lance, the ledger not moved).

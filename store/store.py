@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from clipsql.errors import CatalogError, DimensionMismatch, ModelError, StoreNotFound
+from clipsql.errors import CatalogDamaged, CatalogError, DimensionMismatch, MarkerDamaged, ModelError, StoreNotFound
 from clipsql.kernels.arrays import to_numpy
 from clipsql.kernels.moments import RunningMoments, fold_pair
 from clipsql.lazy import lance, lancedb
@@ -571,9 +571,14 @@ class Store:
         covered = 0
         for r in rows:
             m = r._mapping
-            s2 = cat.unpack(m["sum_outer"])
+            what = f"the {m['modality']} {m['space']} statistics of model {model.model_id}"
+            try:
+                s2, shift, s1 = (cat.unpack(m[k], what) for k in ("sum_outer", "shift", "sum"))
+            except CatalogDamaged as e:
+                raise CatalogDamaged(f"{e}: run `clipsql doctor {self.path} --repair` (recomputes them from the "
+                                     "stored vectors)") from None
             moments[(m["modality"], m["space"])] = RunningMoments(
-                model.dim, int(m["n"]), cat.unpack(m["shift"]), cat.unpack(m["sum"]), s2, second=s2 is not None)
+                model.dim, int(m["n"]), shift, s1, s2, second=s2 is not None)
             covered = int(m["covered_seq"])
         return StatsState(model.model_id, moments, covered)
 
@@ -674,18 +679,29 @@ class Store:
             if row is None:
                 return None
             out = dict(row._mapping)
-            if with_arrays:
-                out["arrays"] = cat.unpack_many(out["arrays"])
-                if with_reference:
-                    blob = conn.execute(sa.select(cat.fit_references.c.arrays).where(
-                        cat.fit_references.c.fit_id == out["fit_id"])).scalar()
-                    out["arrays"].update(cat.unpack_many(blob))
-        out["options"] = json.loads(out["options"])
+            what = f"fit #{fit_id} of model {out['model_id']}"
+            try:
+                if with_arrays:
+                    out["arrays"] = cat.unpack_many(out["arrays"], what)
+                    if with_reference:
+                        blob = conn.execute(sa.select(cat.fit_references.c.arrays).where(
+                            cat.fit_references.c.fit_id == out["fit_id"])).scalar()
+                        if blob is None:
+                            raise CatalogDamaged(f"{what} has lost its reference sample")
+                        out["arrays"].update(cat.unpack_many(blob, f"the reference sample of {what}"))
+                try:
+                    out["options"] = json.loads(out["options"])
+                except (TypeError, ValueError, UnicodeDecodeError) as e:
+                    raise cat.damaged_value(f"the options of {what}", e) from None
+            except CatalogDamaged as e:
+                raise CatalogDamaged(f"{e}: run `clipsql doctor {self.path} --repair` (drops it), then refit with "
+                                     f"`clipsql stats fit {self.path} --model {out['model_id']}`") from None
         return out
 
 
 def read_marker(path: Path) -> dict:
-    """The store's clipsql.json, checked: present, valid JSON, a format this clipsql reads."""
+    """The store's clipsql.json, checked: present, valid JSON, a format this clipsql reads.
+    MarkerDamaged when it is there but unreadable (doctor --repair rewrites it from the catalog)."""
     marker_path = store_path(path) / MARKER
     if not marker_path.exists():
         raise StoreNotFound(f"no clipsql store at {path}: create one with `clipsql init {path}`")
@@ -693,14 +709,37 @@ def read_marker(path: Path) -> dict:
         marker = json.loads(marker_path.read_text(encoding="utf-8"))
         if not isinstance(marker, dict):
             raise ValueError("not a JSON object")
+        if not isinstance(marker.get("format", FORMAT_VERSION), int) or \
+                not isinstance(marker.get("store_id", ""), (str, type(None))) or \
+                not isinstance(marker.get("catalog"), (str, type(None))):
+            raise ValueError("a field has the wrong type")
     except (ValueError, UnicodeDecodeError, OSError) as e:
-        raise StoreNotFound(f"{marker_path} is damaged ({str(e).splitlines()[0][:120]}): it should be a JSON object "
-                            "like {\"format\": 1, \"catalog\": null, \"store_id\": \"…\"}; restore it (the store "
-                            "id is in the catalog's settings table)") from None
+        raise MarkerDamaged(f"{marker_path} is damaged ({str(e).splitlines()[0][:120]}): `clipsql doctor {path} "
+                            "--repair` rewrites it from the catalog (which records the store id); a catalog "
+                            "database outside the store: set CLIPSQL_CATALOG_URL to it first") from None
     fmt = marker.get("format", FORMAT_VERSION)
-    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+    if fmt > FORMAT_VERSION:
         raise StoreNotFound(f"{path} is a store of format {fmt!r}, newer than this clipsql reads ({FORMAT_VERSION}): "
                             "upgrade clipsql")
+    return marker
+
+
+def write_marker(path: Path, catalog_url: str | None, store_id: str) -> dict:
+    """Write the store's clipsql.json (a local one through a temporary file and a rename)."""
+    marker = {"format": FORMAT_VERSION, "catalog": catalog_url, "store_id": store_id}
+    text = json.dumps(marker, indent=2) + "\n"
+    target = store_path(path) / MARKER
+    if is_remote(target):
+        target.write_text(text)
+        return marker
+    tmp = Path(str(target) + f".tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return marker
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.errors import TargetError
+from clipsql.errors import CatalogDamaged, TargetError
 from clipsql.kernels import scores
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store import catalog as cat
@@ -75,8 +75,15 @@ def get_target(st: Store, name: str) -> Target:
                           f"`clipsql target add STORE {name} --query \"SELECT image_embedding FROM …\"` "
                           "or `clipsql target add STORE NAME SOURCE --model M`")
     m = row._mapping
+    try:
+        moment = cat.unpack(m["second_moment"], f"the second moment of target {name!r}")
+        options = json.loads(m["options"])
+    except (CatalogDamaged, TypeError, ValueError) as e:
+        detail = e if isinstance(e, CatalogDamaged) else cat.damaged_value(f"the options of target {name!r}", e)
+        raise CatalogDamaged(f"{detail}: run `clipsql doctor {st.path} --repair` (recomputes it from the target's "
+                             f"rows), or re-add it with `clipsql target add {st.path} {name} --replace …`") from None
     return Target(m["name"], m["model_id"], int(m["dim"]), int(m["n"]), m["table_name"], m["source"],
-                  float(m["created_at"]), json.loads(m["options"]), cat.unpack(m["second_moment"]))
+                  float(m["created_at"]), options, moment)
 
 
 def list_targets(st: Store) -> list[dict]:

@@ -1,6 +1,8 @@
 """Faults, kills and hostile input: each test reproduces one finding first."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -312,6 +314,36 @@ def test_read_only_queries_spill_to_a_bounded_private_directory(pool_store, tmp_
     assert not (tmp_path / ".tmp").exists()
 
 
+def test_spill_folders_of_killed_processes_are_swept_by_the_next_connection(pool_store, tmp_path):
+    """A process killed while its connection exists leaves its spill folder (named with its host and
+    PID); the next process that opens a connection removes it, and leaves a live process's alone."""
+    from clipsql.leftovers import owner_tag
+    tmp = tmp_path / "systmp"
+    tmp.mkdir()
+    live = tmp / f"clipsql-spill-{owner_tag(os.getpid())}-x"          # this test's process: alive
+    live.mkdir()
+    other = tmp / "clipsql-spill-unrelated"                          # not named by a process: kept
+    other.mkdir()
+    code = ("import os, signal, sys; from clipsql import queries; con = queries.connect(sys.argv[1]); "
+            "print(con.sql(\"SELECT current_setting('temp_directory')\").fetchall()[0][0], flush=True); "
+            "os.kill(os.getpid(), signal.SIGKILL) if sys.argv[2] == 'kill' else None")
+    env = dict(os.environ, TMPDIR=str(tmp))
+
+    def connect(how: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, str(pool_store.path), how], cwd=ROOT, env=env,
+                              capture_output=True, timeout=300)
+    folders = []
+    for _ in range(2):
+        killed = connect("kill")
+        assert killed.returncode == -9, killed.stderr.decode()[-500:]
+        folders.append(killed.stdout.decode().strip())
+        assert os.path.isdir(folders[-1]) and os.path.dirname(folders[-1]) == str(tmp), folders
+        assert all(not os.path.exists(f) for f in folders[:-1]), folders       # the earlier one's: swept
+    done = connect("exit")
+    assert done.returncode == 0, done.stderr.decode()[-500:]
+    assert sorted(p.name for p in tmp.iterdir()) == sorted([live.name, other.name])
+
+
 def test_full_disk_during_ingest_is_one_line_and_resumes(tmp_path):
     """11.17: a full disk ends the run with one line naming it (not a traceback of the cleanup that
     failed after it); the run is marked aborted by the next writer, and a re-run completes."""
@@ -367,6 +399,36 @@ def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkey
     engine = cat.make_engine(f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True)
     assert "immutable=1" in str(engine.url) and im.committed_versions() == Store(
         st.path, f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True).committed_versions()
+
+
+@pytest.mark.parametrize("damage", ["{not json", "\x00\xff\xfe", '["format"]', '{"format": "1", "store_id": 7}'])
+def test_doctor_repair_rewrites_a_damaged_marker_from_the_catalog(tmp_path, damage):
+    """A damaged clipsql.json: doctor says so in one line and what rewrites it; --repair rewrites it
+    from the catalog's store id, after which the store opens and is consistent."""
+    st = Store.init(tmp_path / "s")
+    marker = st.path / "clipsql.json"
+    good = json.loads(marker.read_text())
+    st.engine.dispose()
+    marker.write_bytes(damage.encode("latin-1"))
+    p = cli("query", str(st.path), "SELECT 1", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "damaged" in err and "doctor" in err and "--repair" in err, err
+    rc, rep = doctor_json(st)
+    assert rc != 0 and [f["check"] for f in rep["findings"] if f["level"] == "error"] == ["format"], rep
+    rc, rep = doctor_json(st, "--repair")
+    assert rc == 0, rep
+    assert "rewritten from the catalog" in [f for f in rep["findings"] if f["check"] == "format"][0]["repaired"]
+    assert json.loads(marker.read_text()) == good
+    rc, rep = doctor_json(st)
+    assert rc == 0 and rep["consistent"], rep
+    assert "0" in cli("query", str(st.path), "SELECT count(*) FROM samples").stdout.decode()
+    st.path.joinpath("catalog.sqlite").rename(tmp_path / "elsewhere.sqlite")
+    marker.write_text("{not json")
+    p = cli("doctor", str(st.path), "--repair", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and len(err.strip().splitlines()) == 1 and "CLIPSQL_CATALOG_URL" in err, err
+    p = cli("doctor", str(st.path), "--repair", env={"CLIPSQL_CATALOG_URL": f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"})
+    assert json.loads(marker.read_text())["store_id"] == good["store_id"]
 
 
 def test_damaged_store_files_give_one_line(pool_store, tmp_path):

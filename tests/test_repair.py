@@ -8,6 +8,7 @@ import json
 import os
 
 import lance
+import numpy as np
 import pytest
 
 from clipsql.store.store import Store
@@ -160,3 +161,63 @@ def test_a_rollback_past_a_delete_deletes_the_rows_again(store):
     assert_stats_match_vectors(st)
     rc, rep = doctor_json(st)
     assert rc == 0 and rep["warnings"] == 0, rep
+
+
+def flip_blob(st, table, column, where, offsets=(0.5,)):
+    """Flip one byte (at each relative offset) of a blob in the SQLite catalog, as bad sectors would."""
+    import sqlite3
+    st.engine.dispose()
+    con = sqlite3.connect(st.path / "catalog.sqlite")
+    blob = bytearray(con.execute(f"SELECT {column} FROM {table} WHERE {where}").fetchone()[0])
+    for at in offsets:
+        blob[int(len(blob) * at) if at >= 0 else int(at)] ^= 0xFF
+    con.execute(f"UPDATE {table} SET {column} = ? WHERE {where}", (bytes(blob),))
+    con.commit()
+    con.close()
+
+
+def one_line_error(p):
+    err = p.stderr.decode()
+    assert p.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_damaged_catalog_blobs_are_found_dropped_or_rebuilt_and_readers_say_so_in_one_line(store):
+    """Flipped bytes in a fit's arrays, a target's second moment and the running statistics:
+    readers fail in one line naming the fit / target / statistics and `doctor --repair`; doctor
+    reads every blob back and reports them; --repair drops the fit (saying what to refit), rebuilds
+    the target's moment and the statistics from the stored rows; then the store is consistent and
+    every score either works or says to refit."""
+    path = str(store.path)
+    cli("target", "add", path, "t", "--query", "SELECT image_embedding FROM embeddings LIMIT 50")
+    cli("score", path, "--columns", "image_info_gain")
+    st = Store.open(store.path)
+    fit = st.latest_fit(st.model(), with_arrays=False)["fit_id"]
+    before = cli("query", path, "SELECT round(norm_sim_2(image_embedding, 't'), 9) FROM embeddings ORDER BY id "
+                 "LIMIT 5", "--format", "csv").stdout
+    flip_blob(st, "fits", "arrays", f"fit_id = {fit}")
+    flip_blob(st, "targets", "second_moment", "name = 't'", offsets=(-1,))      # the last float's exponent
+    flip_blob(st, "running_stats", "sum", "modality = 'image' AND space = 'raw'", offsets=(0.7,))
+    err = one_line_error(cli("query", path, "SELECT image_info_gain FROM scores LIMIT 3", check=False))
+    assert f"fit #{fit}" in err and "doctor" in err and "--repair" in err and "stats fit" in err, err
+    rc, rep = doctor_json(st)
+    bad = {f["check"] for f in rep["findings"] if f["level"] == "error"}
+    assert rc != 0 and not rep["consistent"] and {f"fit #{fit}", "target t"} <= bad, rep
+    assert any(c.startswith("statistics") for c in bad), rep
+    rc, rep = doctor_json(st, "--repair")
+    repaired = {f["check"]: f["repaired"] for f in rep["findings"] if f["level"] == "error"}
+    assert "dropped" in repaired[f"fit #{fit}"] and "stats fit" in repaired[f"fit #{fit}"], repaired
+    assert "score" in repaired[f"fit #{fit}"] and "recomputed" in repaired["target t"], repaired
+    rc, rep = doctor_json(st)
+    assert rc == 0 and rep["consistent"], [f for f in rep["findings"] if f["level"] != "ok"]
+    st = Store.open(store.path)
+    assert st.latest_fit(st.model(), with_arrays=False) is None
+    assert_stats_match_vectors(st)
+    err = one_line_error(cli("query", path, "SELECT image_info_gain FROM scores LIMIT 3", check=False))
+    assert "stats fit" in err, err
+    after = cli("query", path, "SELECT round(norm_sim_2(image_embedding, 't'), 9) FROM embeddings ORDER BY id "
+                "LIMIT 5", "--format", "csv").stdout
+    got, want = (np.array(x.decode().splitlines()[1:], float) for x in (after, before))
+    np.testing.assert_allclose(got, want, rtol=1e-6)      # rebuilt from the target's float32 rows
+    cli("stats", "fit", path, "--reference-size", "100")
+    cli("query", path, "SELECT image_info_gain FROM scores LIMIT 3")

@@ -732,6 +732,50 @@ def test_select_limit_beyond_the_pool_warns_and_outputs_are_atomic(sel_store, tm
     assert not side["warnings"]
 
 
+def test_a_select_killed_between_publishing_output_and_sidecar_is_detected_and_its_temps_swept(sel_store,
+                                                                                             tmp_path):
+    """A select killed between its two renames leaves a pair `check_output` refuses (never a new output
+    passing for the previous run's sidecar, or the reverse), plus temporary files; the next select
+    sweeps those of the dead process (not another live one's) and publishes a consistent pair."""
+    import subprocess
+    import sys
+    from conftest import cli
+    from clipsql.queries.curation.selection import check_output
+    from clipsql.leftovers import owner_tag
+    args = ["select", str(sel_store.path), "--sql", "SELECT id FROM embeddings ORDER BY id"]
+    for name in ("sel.parquet", "sel.txt", "sel.csv"):
+        out = tmp_path / name
+        cli(*args, "--limit", "7", "-o", str(out))
+        first = check_output(out)
+        assert first["counts"]["selected"] == 7 and len(first["run_id"]) == 32
+        if name.endswith(".parquet"):
+            assert pq.read_schema(out).metadata[b"clipsql.run_id"].decode() == first["run_id"]
+        live = tmp_path / f".{name}.tmp-{owner_tag()}"          # this (live) process's: never swept
+        live.write_text("mine")
+        for point in ("select:before-rename", "select:between-renames"):
+            killed = cli(*args, "--limit", "3", "-o", str(out), env={"CLIPSQL_FAULT": point}, check=False)
+            assert killed.returncode == -9
+            temps = sorted(p.name for p in tmp_path.glob(f".{name}*.tmp-*") if p != live)
+            assert temps, point
+            if point == "select:before-rename":
+                assert check_output(out) == first                  # the previous pair, whole
+            else:
+                with pytest.raises(SelectionError, match="do not belong together"):
+                    check_output(out)
+        cli(*args, "--limit", "4", "-o", str(out))
+        assert check_output(out)["counts"]["selected"] == 4
+        assert sorted(p.name for p in tmp_path.glob(f".{name}*")) == [live.name]   # the dead ones' swept
+        live.unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True)
+    stale = tmp_path / f".sel.parquet.tmp-{owner_tag(int(dead.stdout))}"
+    stale.write_text("left by a killed select")
+    Path(str(tmp_path / "sel.parquet") + ".json").unlink()
+    with pytest.raises(SelectionError, match="has no sidecar"):
+        check_output(tmp_path / "sel.parquet")
+    select(sel_store, sql="SELECT id FROM embeddings", limit=2, output=tmp_path / "other.parquet")
+    assert not stale.exists() and check_output(tmp_path / "other.parquet")["counts"]["selected"] == 2
+
+
 def test_sql_selection_keeps_the_first_of_each_id_and_drops_nulls(sel_store, tmp_path):
     side = select(sel_store, sql="SELECT id, clip_score FROM (SELECT id, clip_score FROM scores UNION ALL "
                                  "SELECT id, clip_score - 1 FROM scores UNION ALL SELECT NULL, 9.0) "

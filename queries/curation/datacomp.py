@@ -115,10 +115,17 @@ def require_datacomp_ids(st: Any, con: Any, ids: Any) -> None:
             "resharder); write --format parquet, csv or txt instead, or narrow the selection to the pool's rows")
 
 
+def write_uids(ids: Any, fh: Any) -> None:
+    """Write `ids` as DataComp's subset file (``np.save`` of the sorted ``u8,u8`` array) to the open
+    binary file `fh`; SelectionError when an id is not a uid."""
+    np.save(fh, uid_array(ids), allow_pickle=False)
+
+
 def save_uids(ids: Any, path: Any) -> str:
     """Write `ids` (an iterable / numpy / Arrow array of 32-hex uids) as DataComp's subset
     file at `path`: ``np.save`` of the sorted ``np.dtype("u8,u8")`` array, written to a temp
-    file beside it, fsynced and renamed over `path`. Returns the file's sha256 (hex).
+    file beside it (`.<name>.tmp-<host>-<pid>`), fsynced and renamed over `path`. Returns the
+    file's sha256 (hex).
 
     Raises SelectionError (one line) when an id is not a uid (a store not ingested from a
     DataComp pool) or the file cannot be written."""

@@ -24,13 +24,19 @@ come back when the pool has fewer scored rows (the sidecar says so).
 
 Output: `.parquet`, `.csv` (id, uri, caption, the scores used, in rank order), `.txt` (one id per
 line) or `datacomp-uids` (`.npy`: the sorted uid array DataComp's resharder reads), plus
-`<output>.json`: recipe, model, statistics version (fit), seeds, every option and the counts.
+`<output>.json`: recipe, model, statistics version (fit), seeds, every option, the counts, the run
+id and the output's sha256. The sidecar is published first, then the output: `check_output(path)`
+tells whether an output and its sidecar belong together (a killed select can leave a new sidecar
+beside the previous output).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
+import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -41,15 +47,16 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from clipsql.errors import ClipsqlError, SelectionError
-from clipsql.files import AtomicFile, write_atomic
+from clipsql.files import fsync_dir, sha256_file
 from clipsql.lazy import duckdb
 from clipsql.queries.curation import recipes
-from clipsql.queries.curation.datacomp import require_datacomp_ids, save_uids
+from clipsql.queries.curation.datacomp import require_datacomp_ids, write_uids
 from clipsql.queries.curation.recipes import fraction_count as count_for  # noqa: F401 - the public names of this module
 from clipsql.queries.curation.recipes import rank
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
 from clipsql.queries.sql.engine import LOCAL, Engine
 from clipsql.queries.sql.functions import blas_pinned, udf_error
+from clipsql import leftovers
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, Store
 from clipsql.store.tables import dedup_table_name, stored_table_name
@@ -180,13 +187,16 @@ def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, mod
     if spec.limit is not None and spec.limit > tbl.num_rows:
         side["warnings"].append(f"--limit {spec.limit} is more than the {tbl.num_rows} rows there are to select "
                                 f"(pool {pool.size}): all of them were selected")
-    side["sha256"] = _write(tbl, output, fmt)
+    side["run_id"] = uuid.uuid4().hex
     side["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    side["seconds"] = round(time.perf_counter() - t0, 3)
-    sidecar = Path(str(output) + ".json")
-    write_text_atomic(sidecar, json.dumps(side, indent=2, sort_keys=True, default=_json_default) + "\n")
+    sidecar = sidecar_path(output)
+    side["sha256"] = _publish(tbl, output, fmt, side, t0)
     side["sidecar"] = str(sidecar)
     return side
+
+
+def sidecar_path(output: str | Path) -> Path:
+    return Path(str(output) + ".json")
 
 
 def _output_format(output: Path, given: str | None) -> str:
@@ -433,26 +443,81 @@ def _with_samples(con: Any, tbl: pa.Table) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- output
-def _write(tbl: pa.Table, output: Path, fmt: str) -> str:
-    """Write the selection atomically (temporary file in the same directory, fsync, rename: a kill
-    leaves the previous output or the new one, never a truncated file); returns its sha256."""
+# a temporary file of a select (`.<name>.tmp-<host>-<pid>`, also of its sidecar): swept by the next
+# select writing into the same folder once the process that made it has ended
+_TEMP = re.compile(r"\..+\.(?:parquet|csv|txt|npy)(?:\.json)?\.tmp-" + leftovers.TAG)
+
+
+def _publish(tbl: pa.Table, output: Path, fmt: str, side: dict, t0: float) -> str:
+    """Write the selection and its sidecar so that a consumer can always tell whether they belong
+    together: both are written whole to temporary files first (fsynced), then the sidecar, which
+    records the output's sha256 and the run id (a parquet output carries the run id too), replaces
+    the old sidecar, then the output replaces the old output. A kill before the first rename leaves
+    the previous pair; between the two, the new sidecar beside the previous output, whose sha256 it
+    does not match (`check_output` says so); temporary files of a killed select are swept by the
+    next one. Returns the output's sha256."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicFile(output, before_rename=lambda: fault("select:before-rename")) as f:
+    leftovers.sweep(output.parent, _TEMP)
+    sidecar = sidecar_path(output)
+    tag = leftovers.owner_tag()
+    tmp = output.parent / f".{output.name}.tmp-{tag}"
+    side_tmp = output.parent / f".{sidecar.name}.tmp-{tag}"
+    try:
         if fmt == "datacomp-uids":
-            save_uids(tbl.column("id").to_pylist(), f.tmp)
+            with open(tmp, "wb") as fh:
+                write_uids(tbl.column("id"), fh)
         elif fmt == "txt":
             ids = tbl.column("id").to_pylist()
-            f.tmp.write_text("".join(f"{i}\n" for i in ids))
+            tmp.write_text("".join(f"{i}\n" for i in ids))
         elif fmt == "csv":
             flat = [c for c, fl in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(fl.type)]
-            pcsv.write_csv(tbl.select(flat), f.tmp)
+            pcsv.write_csv(tbl.select(flat), tmp)
         else:
-            pq.write_table(tbl, f.tmp)
-    return f.sha256 or ""
+            meta = {**(tbl.schema.metadata or {}), b"clipsql.run_id": side["run_id"].encode()}
+            pq.write_table(tbl.replace_schema_metadata(meta), tmp)
+        digest = sha256_file(tmp, fsync=True)
+        side["sha256"] = digest
+        side["seconds"] = round(time.perf_counter() - t0, 3)
+        side_tmp.write_text(json.dumps(side, indent=2, sort_keys=True, default=_json_default) + "\n")
+        sha256_file(side_tmp, fsync=True)
+        fault("select:before-rename")
+        os.replace(side_tmp, sidecar)
+        fault("select:between-renames")
+        os.replace(tmp, output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        side_tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(output.parent)
+    return digest
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, text)
+def check_output(output: str | Path) -> dict:
+    """The sidecar of a select's output when the two belong together (the output's sha256 is the
+    one the sidecar records); SelectionError otherwise: no sidecar, or a select was interrupted
+    between publishing the two (re-run it)."""
+    output = Path(output)
+    sidecar = sidecar_path(output)
+    try:
+        side = json.loads(sidecar.read_text())
+    except FileNotFoundError:
+        raise SelectionError(f"{output} has no sidecar {sidecar.name}: it was not written by `clipsql select`, or "
+                             "the select was interrupted; re-run the select") from None
+    except (OSError, ValueError) as e:
+        raise SelectionError(f"cannot read the sidecar {sidecar}: {e}") from None
+    try:
+        digest = sha256_file(output)
+    except FileNotFoundError:
+        raise SelectionError(f"{output} is missing although its sidecar {sidecar.name} is there: the select was "
+                             "interrupted; re-run the select") from None
+    except OSError as e:
+        raise SelectionError(f"cannot read {output}: {e.strerror or e}") from None
+    if not isinstance(side, dict) or side.get("sha256") != digest:
+        raise SelectionError(f"{output} and its sidecar {sidecar.name} do not belong together (the sidecar is of "
+                             f"run {side.get('run_id') if isinstance(side, dict) else None}, written for another "
+                             "output: a select was interrupted between publishing the two); re-run the select")
+    return side
+
 
 
 def _fit_info(st: Store, rec: ModelRecord, fit_id: int | None = None) -> dict | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -32,6 +33,7 @@ from clipsql.store.store import Store
 from clipsql.store.tables import (CAPTION_FEATURES, SAMPLES, dedup_table_name, metadata_aliases, samples_schema,
                                    stored_table_name)
 from clipsql.store import deletions
+from clipsql import leftovers
 from clipsql.store import tags
 
 
@@ -78,19 +80,24 @@ def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = F
 
 
 DEFAULT_SPILL_GB = 8.0
-_SPILL_DIR: str | None = None
+_SPILL_DIR: tuple[int, str] | None = None       # (the process that made it, the folder)
+_SPILL_NAME = re.compile(r"clipsql-spill-" + leftovers.TAG + r"-.+")
 
 
 def _bounded_spill(con: Any) -> str:
     """Spill files (a sort or join larger than memory) go to a private directory under the system
     temp dir, removed at exit, at most CLIPSQL_SPILL_GB (default 8) GiB — never DuckDB's default
     `./.tmp` in the caller's working directory with up to 90% of the disk; past the bound a query
-    fails with DuckDB's out-of-memory message instead of filling the disk."""
+    fails with DuckDB's out-of-memory message instead of filling the disk. The directory is named
+    `clipsql-spill-<host>-<pid>-…`; making one sweeps those of processes of this host that have
+    ended without removing theirs (killed)."""
     global _SPILL_DIR
-    if _SPILL_DIR is None:      # one per process (a Ray worker opens a connection per task)
-        _SPILL_DIR = tempfile.mkdtemp(prefix="clipsql-spill-")
-        atexit.register(shutil.rmtree, _SPILL_DIR, True)
-    folder = _SPILL_DIR
+    if _SPILL_DIR is None or _SPILL_DIR[0] != os.getpid():    # one per process (also a forked one)
+        leftovers.sweep(tempfile.gettempdir(), _SPILL_NAME)
+        folder = tempfile.mkdtemp(prefix=f"clipsql-spill-{leftovers.owner_tag()}-")
+        _SPILL_DIR = (os.getpid(), folder)
+        atexit.register(_remove_spill, folder)
+    folder = _SPILL_DIR[1]
     try:
         gb = float(os.environ.get("CLIPSQL_SPILL_GB", DEFAULT_SPILL_GB))
     except ValueError:
@@ -98,6 +105,11 @@ def _bounded_spill(con: Any) -> str:
     con.execute(f"SET temp_directory = {quote_literal(folder)}")
     con.execute(f"SET max_temp_directory_size = '{max(gb, 0.0):.3f}GiB'")
     return folder
+
+
+def _remove_spill(folder: str) -> None:
+    if _SPILL_DIR is not None and _SPILL_DIR == (os.getpid(), folder):     # not a forked child's exit
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def register_views(con: Any, st: Store, versions: dict[str, int] | None = None) -> None:
