@@ -87,6 +87,16 @@ class TableFmt(str, Enum):
     json = "json"
 
 
+# Library errors name their arguments in API terms, in backticks (`where`); the CLI says the flag.
+PARAM_FLAGS = {"where": "--where", "sql": "--sql", "fraction": "--fraction", "limit": "--limit",
+               "threshold": "--threshold", "first_fraction": "--first-fraction", "target": "--target",
+               "recipe": "--recipe", "clusters": "--clusters", "sample": "--sample", "seed": "--seed",
+               "include_own_pair": "--include-own-pair", "negclip_form": "--negclip-form", "k": "-k",
+               "model": "--model", "image_column": "--image-column", "caption_column": "--caption-column",
+               "id_column": "--id-column", "features": "--datacomp-features", "query": "--query",
+               "source": "SOURCE", "store": "STORE"}
+
+
 def _fail(msg: str, code: int = 1) -> None:
     typer.secho(f"Error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -109,13 +119,13 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     try:
         return fn(*args, **kwargs)
     except ClipsqlError as e:
-        _fail(str(e), getattr(e, "exit_code", 1))
+        _fail(e.message(PARAM_FLAGS), getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         _fail("interrupted (committed rows are kept; re-run to resume)", 130)
     except Exception as e:  # noqa: BLE001 - storage faults a command cannot recover from: one line
         wrapped = from_udf_text(str(e))     # a clipsql error raised inside a DuckDB UDF, in DuckDB's words
         if wrapped is not None:
-            _fail(str(wrapped), wrapped.exit_code)
+            _fail(wrapped.message(PARAM_FLAGS), wrapped.exit_code)
         msg = storage_fault(e)
         if msg is None:
             raise

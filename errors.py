@@ -4,11 +4,30 @@ Every exception subclasses a built-in (so callers can catch ``ValueError`` etc.)
 and :class:`ClipsqlError` (so the CLI can turn it into a message and exit code 1).
 Messages say what went wrong *and* how to fix it.
 """
+from __future__ import annotations
 
 
 class ClipsqlError(Exception):
-    """Base class of every error clipsql raises on purpose."""
+    """Base class of every error clipsql raises on purpose.
+
+    `param` names the library argument the error is about (API terms: ``where``, ``sql``); the
+    message spells it in backticks (`` `where` is empty``) and a front end renames it with
+    :meth:`message` (the CLI: ``--where``)."""
     exit_code = 1
+    param: str | None = None
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
+
+    def message(self, names: dict[str, str] | None = None) -> str:
+        """The message with each backticked argument name replaced by its name in `names` (e.g. a
+        CLI flag); unknown names stay as they are."""
+        text = str(self)
+        for param, name in (names or {}).items():
+            text = text.replace(f"`{param}`", name)
+        return text
 
 
 class StoreNotFound(ClipsqlError, FileNotFoundError):
