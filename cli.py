@@ -892,8 +892,10 @@ def index_cmd(store: str = STORE_ARG,
                                              help="ivf_hnsw_sq (IVF partitions with an HNSW graph over 8-bit "
                                                   "scalar-quantized vectors; the default, measured best at 1M rows) "
                                                   "or ivf_pq (product quantization: smaller, lower recall)."),
-              seed: int = typer.Option(0, "--seed", help="Seed of the sampled stored vectors the recall is "
-                                                        "measured with."),
+              seed: int = typer.Option(0, "--seed", help="Seed of the IVF centroids' k-means (and its training "
+                                                        "sample) and of the stored vectors the recall is measured "
+                                                        "with: the same seed builds the same ivf_hnsw_sq index "
+                                                        "(ivf_pq's quantizer is trained by Lance, unseeded)."),
               fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
     """Build a cosine vector index on a model's vectors and print its recall@10 against exact search.
 

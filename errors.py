@@ -6,6 +6,9 @@ Messages say what went wrong *and* how to fix it.
 """
 from __future__ import annotations
 
+import math
+import os
+
 
 class ClipsqlError(Exception):
     """Base class of every error clipsql raises on purpose.
@@ -113,3 +116,24 @@ class AuthError(ClipsqlError, PermissionError):
     """A request to `clipsql serve` without valid credentials."""
 class TagError(ClipsqlError, ValueError):
     """A tag that cannot be stored as given (empty or overlong name, ids that are not samples)."""
+
+
+class SettingError(ClipsqlError, ValueError):
+    """An environment setting (CLIPSQL_…) whose value cannot be used: the message names the variable."""
+
+
+def env_number(name: str, default: float, *, minimum: float = 0.0, above: bool = False,
+               environ: dict | None = None) -> float:
+    """The number environment variable `name` holds (`default` when unset or empty); a value that is not a
+    finite number ≥ `minimum` (> `minimum` with `above`) → SettingError naming the variable."""
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum or (above and value == minimum):
+        bound = f"> {minimum:g}" if above else f"≥ {minimum:g}"
+        raise SettingError(f"{name} must be a number {bound}; got {raw!r} (unset it for the default, {default:g})")
+    return value
