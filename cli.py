@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -93,7 +94,8 @@ PARAM_FLAGS = {"where": "--where", "sql": "--sql", "fraction": "--fraction", "li
                "recipe": "--recipe", "clusters": "--clusters", "sample": "--sample", "seed": "--seed",
                "include_own_pair": "--include-own-pair", "negclip_form": "--negclip-form", "k": "-k",
                "model": "--model", "image_column": "--image-column", "caption_column": "--caption-column",
-               "id_column": "--id-column", "features": "--datacomp-features", "query": "--query",
+               "id_column": "--id-column", "image_embeddings": "--image-embeddings",
+               "text_embeddings": "--text-embeddings", "features": "--datacomp-features", "query": "--query",
                "source": "SOURCE", "store": "STORE"}
 
 
@@ -208,7 +210,8 @@ def models_default(store: str = STORE_ARG,
 
 
 @models_app.command("rm")
-def models_rm(store: str = STORE_ARG, model: str = typer.Argument(..., help="The exact model id.")) -> None:
+def models_rm(store: str = STORE_ARG,
+              model: str = typer.Argument(..., help="Model id (or a unique part of it).")) -> None:
     """Remove a model: its embeddings, running statistics, fits and targets (samples stay)."""
     st = _run(Store.open, store)
     out = _run(remove_model, st, model)
@@ -339,7 +342,7 @@ def ingest(
     if fmt == TableFmt.json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
-    typer.echo(format_summary(summary))
+    typer.echo(format_summary(summary, st.path))
 
 
 def _ingest_datacomp(st, source, features, model, pretrained, checkpoint, opts, engine, fmt):  # noqa: ANN001, ANN202
@@ -349,7 +352,7 @@ def _ingest_datacomp(st, source, features, model, pretrained, checkpoint, opts, 
     if fmt == TableFmt.json:
         typer.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
     else:
-        typer.echo("\n".join(format_summary(s) for s in summaries))
+        typer.echo("\n".join(format_summary(s, st.path) for s in summaries))
 
 
 def _default_model(st, pretrained):  # noqa: ANN001, ANN202
@@ -364,7 +367,7 @@ def _default_model(st, pretrained):  # noqa: ANN001, ANN202
     return DEFAULT_MODEL, None, None
 
 
-def format_summary(s) -> str:  # noqa: ANN001
+def format_summary(s, store=None) -> str:  # noqa: ANN001
     lines = [f"run {s.run_id} [{s.model_id}] {s.status}: added {s.added}, skipped (already present) {s.skipped}, "
              f"rejected {sum(s.rejected.values())}; {s.commits} commit(s)"
              + (f", {s.units_skipped} source unit(s) already ingested" if s.units_skipped else "")]
@@ -384,7 +387,10 @@ def format_summary(s) -> str:  # noqa: ANN001
                  + ", ".join(f"{k} {v:.2f}" for k, v in s.seconds.items()))
     if s.maintenance:
         lines.append(f"maintenance: {_maintenance_line(s.maintenance)}")
-    lines.append("see rejects with: clipsql query STORE \"SELECT reason, location, detail FROM rejects\"")
+    if s.rejected and sum(s.rejected.values()):
+        sql = f"SELECT reason, location, detail FROM rejects WHERE run_id = {int(s.run_id)}"
+        lines.append(f"see rejects with: clipsql query {shlex.quote(str(store))} {shlex.quote(sql)}"
+                     if store is not None else f"see rejects with the SQL: {sql}")
     return "\n".join(lines)
 
 
