@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -92,6 +93,17 @@ class TableFmt(str, Enum):
     json = "json"
 
 
+# Library errors name their arguments in API terms, in backticks (`where`); the CLI says the flag.
+PARAM_FLAGS = {"where": "--where", "sql": "--sql", "fraction": "--fraction", "limit": "--limit",
+               "threshold": "--threshold", "first_fraction": "--first-fraction", "target": "--target",
+               "recipe": "--recipe", "clusters": "--clusters", "sample": "--sample", "seed": "--seed",
+               "include_own_pair": "--include-own-pair", "negclip_form": "--negclip-form", "k": "-k",
+               "model": "--model", "image_column": "--image-column", "caption_column": "--caption-column",
+               "id_column": "--id-column", "image_embeddings": "--image-embeddings",
+               "text_embeddings": "--text-embeddings", "features": "--datacomp-features", "query": "--query",
+               "source": "SOURCE", "store": "STORE"}
+
+
 def _fail(msg: str, code: int = 1) -> None:
     typer.secho(f"Error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -114,13 +126,13 @@ def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
     try:
         return fn(*args, **kwargs)
     except ClipsqlError as e:
-        _fail(str(e), getattr(e, "exit_code", 1))
+        _fail(e.message(PARAM_FLAGS), getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         _fail("interrupted (committed rows are kept; re-run to resume)", 130)
     except Exception as e:  # noqa: BLE001 - storage faults a command cannot recover from: one line
         wrapped = from_udf_text(str(e))     # a clipsql error raised inside a DuckDB UDF, in DuckDB's words
         if wrapped is not None:
-            _fail(str(wrapped), wrapped.exit_code)
+            _fail(wrapped.message(PARAM_FLAGS), wrapped.exit_code)
         msg = storage_fault(e)
         if msg is None:
             raise
@@ -203,7 +215,8 @@ def models_default(store: str = STORE_ARG,
 
 
 @models_app.command("rm")
-def models_rm(store: str = STORE_ARG, model: str = typer.Argument(..., help="The exact model id.")) -> None:
+def models_rm(store: str = STORE_ARG,
+              model: str = typer.Argument(..., help="Model id (or a unique part of it).")) -> None:
     """Remove a model: its embeddings, running statistics, fits and targets (samples stay)."""
     st = _run(Store.open, store)
     out = _run(remove_model, st, model)
@@ -381,7 +394,7 @@ def ingest(
     if fmt == TableFmt.json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
         return
-    typer.echo(format_summary(summary))
+    typer.echo(format_summary(summary, st.path))
 
 
 def _ingest_datacomp(st, source, features, model, pretrained, checkpoint, opts, engine, fmt):  # noqa: ANN001, ANN202
@@ -391,7 +404,7 @@ def _ingest_datacomp(st, source, features, model, pretrained, checkpoint, opts, 
     if fmt == TableFmt.json:
         typer.echo(json.dumps([s.to_dict() for s in summaries], indent=2))
     else:
-        typer.echo("\n".join(format_summary(s) for s in summaries))
+        typer.echo("\n".join(format_summary(s, st.path) for s in summaries))
 
 
 def _default_model(st, pretrained):  # noqa: ANN001, ANN202
@@ -406,7 +419,7 @@ def _default_model(st, pretrained):  # noqa: ANN001, ANN202
     return DEFAULT_MODEL, None, None
 
 
-def format_summary(s) -> str:  # noqa: ANN001
+def format_summary(s, store=None) -> str:  # noqa: ANN001
     lines = [f"run {s.run_id} [{s.model_id}] {s.status}: added {s.added}, skipped (already present) {s.skipped}, "
              f"rejected {sum(s.rejected.values())}; {s.commits} commit(s)"
              + (f", {s.units_skipped} source unit(s) already ingested" if s.units_skipped else "")]
@@ -426,7 +439,10 @@ def format_summary(s) -> str:  # noqa: ANN001
                  + ", ".join(f"{k} {v:.2f}" for k, v in s.seconds.items()))
     if s.maintenance:
         lines.append(f"maintenance: {_maintenance_line(s.maintenance)}")
-    lines.append("see rejects with: clipsql query STORE \"SELECT reason, location, detail FROM rejects\"")
+    if s.rejected and sum(s.rejected.values()):
+        sql = f"SELECT reason, location, detail FROM rejects WHERE run_id = {int(s.run_id)}"
+        lines.append(f"see rejects with: clipsql query {shlex.quote(str(store))} {shlex.quote(sql)}"
+                     if store is not None else f"see rejects with the SQL: {sql}")
     return "\n".join(lines)
 
 
@@ -937,8 +953,10 @@ def index_cmd(store: str = STORE_ARG,
                                              help="ivf_hnsw_sq (IVF partitions with an HNSW graph over 8-bit "
                                                   "scalar-quantized vectors; the default, measured best at 1M rows) "
                                                   "or ivf_pq (product quantization: smaller, lower recall)."),
-              seed: int = typer.Option(0, "--seed", help="Seed of the sampled stored vectors the recall is "
-                                                        "measured with."),
+              seed: int = typer.Option(0, "--seed", help="Seed of the IVF centroids' k-means (and its training "
+                                                        "sample) and of the stored vectors the recall is measured "
+                                                        "with: the same seed builds the same ivf_hnsw_sq index "
+                                                        "(ivf_pq's quantizer is trained by Lance, unseeded)."),
               fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
     """Build a cosine vector index on a model's vectors and print its recall@10 against exact search.
 

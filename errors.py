@@ -4,11 +4,33 @@ Every exception subclasses a built-in (so callers can catch ``ValueError`` etc.)
 and :class:`ClipsqlError` (so the CLI can turn it into a message and exit code 1).
 Messages say what went wrong *and* how to fix it.
 """
+from __future__ import annotations
+
+import math
+import os
 
 
 class ClipsqlError(Exception):
-    """Base class of every error clipsql raises on purpose."""
+    """Base class of every error clipsql raises on purpose.
+
+    `param` names the library argument the error is about (API terms: ``where``, ``sql``); the
+    message spells it in backticks (`` `where` is empty``) and a front end renames it with
+    :meth:`message` (the CLI: ``--where``)."""
     exit_code = 1
+    param: str | None = None
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
+
+    def message(self, names: dict[str, str] | None = None) -> str:
+        """The message with each backticked argument name replaced by its name in `names` (e.g. a
+        CLI flag); unknown names stay as they are."""
+        text = str(self)
+        for param, name in (names or {}).items():
+            text = text.replace(f"`{param}`", name)
+        return text
 
 
 class StoreNotFound(ClipsqlError, FileNotFoundError):
@@ -116,3 +138,24 @@ class LanguageModelError(ClipsqlError, RuntimeError):
 
 class BackfillError(ClipsqlError, ValueError):
     """`clipsql backfill` was asked for a column it cannot compute."""
+
+
+class SettingError(ClipsqlError, ValueError):
+    """An environment setting (CLIPSQL_…) whose value cannot be used: the message names the variable."""
+
+
+def env_number(name: str, default: float, *, minimum: float = 0.0, above: bool = False,
+               environ: dict | None = None) -> float:
+    """The number environment variable `name` holds (`default` when unset or empty); a value that is not a
+    finite number ≥ `minimum` (> `minimum` with `above`) → SettingError naming the variable."""
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < minimum or (above and value == minimum):
+        bound = f"> {minimum:g}" if above else f"≥ {minimum:g}"
+        raise SettingError(f"{name} must be a number {bound}; got {raw!r} (unset it for the default, {default:g})")
+    return value

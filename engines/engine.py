@@ -8,7 +8,7 @@ import warnings
 from typing import Any, Iterator
 
 from clipsql import lazy
-from clipsql.errors import ClipsqlError
+from clipsql.errors import ClipsqlError, env_number
 
 
 class EngineError(ClipsqlError, RuntimeError):
@@ -35,7 +35,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     address = address or os.environ.get("RAY_ADDRESS") or None     # Ray's own variable joins a cluster too
     if address is None:     # a new Ray of this machine, for this command only
         kwargs.update(address="local", num_cpus=num_cpus,
-                      object_store_memory=int(os.environ.get("CLIPSQL_RAY_OBJECT_STORE", 256 << 20)))
+                      object_store_memory=int(env_number("CLIPSQL_RAY_OBJECT_STORE", 256 << 20, above=True)))
     else:
         kwargs["address"] = address
     try:

@@ -240,12 +240,14 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
             t = pa.string()
         types[str(name)] = _sql_type(t)
         cols[str(name)] = col
-    tbl = pa.table(cols)
-    keys = ", ".join(f"{quote_ident(k)} := t.{quote_ident(k)}" for k in cols)
+    # columns by position, keys as string literals: names that differ only in case (Kind, kind)
+    # are two keys, where struct_pack (SQL names ignore case) refused them as one
+    tbl = pa.table({f"c{i}": col for i, col in enumerate(cols.values())})
+    keys = ", ".join(f"{quote_literal(k)}, t.c{i}" for i, k in enumerate(cols))
     con = duck_connection()
     con.register("_clipsql_meta", tbl)
     try:
-        out = con.sql(f"SELECT to_json(struct_pack({keys}))::VARCHAR AS m FROM _clipsql_meta t").to_arrow_table()
+        out = con.sql(f"SELECT json_object({keys})::VARCHAR AS m FROM _clipsql_meta t").to_arrow_table()
     finally:
         con.unregister("_clipsql_meta")
     col = out.column("m")
@@ -254,6 +256,10 @@ def metadata_json(table: pa.Table) -> tuple[pa.Array, dict[str, str]]:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def content_ids(captions: pa.Array, uris: pa.Array, given: pa.Array | None,

@@ -340,7 +340,10 @@ class unless_failing:
 def renamed_metadata(store: Store, before: set[str]) -> list[str]:
     """A note per metadata column this run added whose name in `samples` differs from the source's."""
     aliases = metadata_aliases(list(store.metadata_columns()))
-    return [f"metadata column {name!r} is {alias!r} in the samples view ({name} is a samples column)"
+    lower = {n.lower(): n for n in reversed(list(aliases))}     # the first key of each case-insensitive name
+    return [f"metadata column {name!r} is {alias!r} in the samples view ("
+            + (f"{name} is a samples column" if alias.startswith("meta_")
+               else f"SQL names ignore case and {lower[name.lower()]!r} came first") + ")"
             for name, alias in sorted(aliases.items()) if name not in before and alias != name]
 
 

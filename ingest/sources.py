@@ -198,7 +198,7 @@ def require_column(columns, name, option, what, where):
     if name not in columns:
         raise SourceError(
             f"{where} has no column {name!r} (available columns: {', '.join(map(str, columns)) or 'none'}); "
-            f"set the {option} option to the column that holds {what}"
+            f"set `{option}` to the column that holds {what}", param=option
         )
 
 

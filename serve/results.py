@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlalchemy as sa
 
-from clipsql.errors import QueryError
+from clipsql.errors import QueryError, env_number
 from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect, quote_ident, samples_select_list
 from clipsql.store import catalog as cat
@@ -323,7 +323,7 @@ class Results:
     """Results by (query, parameters, snapshot), least recently used evicted past the memory budget."""
 
     def __init__(self, budget_mb: float | None = None):
-        mb = budget_mb if budget_mb is not None else float(os.environ.get("CLIPSQL_SERVE_CACHE_MB", DEFAULT_CACHE_MB))
+        mb = budget_mb if budget_mb is not None else env_number("CLIPSQL_SERVE_CACHE_MB", DEFAULT_CACHE_MB)
         self.budget = int(mb * (1 << 20))
         self._items: OrderedDict[tuple, Result] = OrderedDict()
         self._making: dict[tuple, threading.Lock] = {}

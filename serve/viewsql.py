@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipsql.errors import QueryError
+from clipsql.queries.sql.condition import MAX_SQL_CHARS, ConditionError, check_condition, condition_columns, find
 from clipsql.queries.sql.db import quote_ident, quote_literal
 
 OPS = ("=", "!=", "<", "<=", ">", ">=", "contains")
 SEARCH_K = 200
-MAX_SQL_CHARS = 100_000
 
 
 class ViewError(QueryError):
@@ -65,78 +65,25 @@ def check_select(con: Any, sql: str) -> str:
     tree = serialize(con, sql)
     if len(tree.get("statements", [])) != 1:
         raise ViewError("the grid's SQL must be ONE SELECT statement")
-    if _find(tree, lambda n: n.get("class") == "PARAMETER"):
+    if find(tree, lambda n: n.get("class") == "PARAMETER"):
         raise ViewError("the grid's SQL cannot hold parameters ($1, ?): write the values")
     return sql
 
 
 def check_where(con: Any, text: str) -> tuple[str, set[str]]:
-    """The WHERE box checked as one boolean expression; (its text, the column names it names).
-
-    `SELECT * FROM q WHERE <text>` and `SELECT * FROM q WHERE (<text>)` (the form the app runs) must
-    both parse as a single plain SELECT of q, with the same condition: text that closes the
-    parenthesis early, comments it out or appends a clause parses differently or not at all."""
-    text = text.strip()
-    if not text:
-        raise ViewError("the WHERE box is empty")
-    trees = []
-    for sql in (f"SELECT * FROM q WHERE {text}", f"SELECT * FROM q WHERE ({text})"):
-        try:
-            stmts = serialize(con, sql).get("statements", [])
-        except ViewError as e:
-            raise ViewError(f"the WHERE box: {e}") from None
-        node = stmts[0].get("node", {}) if len(stmts) == 1 else {}
-        plain = (node.get("type") == "SELECT_NODE" and not node.get("modifiers") and not _cte(node)
-                 and not node.get("group_expressions") and not node.get("group_sets") and node.get("having") is None
-                 and node.get("qualify") is None and node.get("sample") is None
-                 and [x.get("class") for x in node.get("select_list", [])] == ["STAR"]
-                 and (node.get("from_table") or {}).get("type") == "BASE_TABLE"
-                 and (node.get("from_table") or {}).get("table_name") == "q"
-                 and node.get("where_clause") is not None)
-        if not plain:
-            raise ViewError("the WHERE box takes one SQL condition (e.g. kind = 'photo' AND width >= 256), "
-                            "not a statement or a query clause")
-        trees.append(_without_locations(node["where_clause"]))
-    if trees[0] != trees[1]:
-        raise ViewError("the WHERE box takes one SQL condition; its parentheses do not balance")
-    where = trees[1]
-    if _find(where, lambda n: n.get("class") == "PARAMETER"):
-        raise ViewError("the WHERE box cannot hold parameters ($1, ?): write the values")
-    names = {n["column_names"][-1] for n in _find(where, lambda n: n.get("class") == "COLUMN_REF")
-             if n.get("column_names")}
-    return text, names
-
-
-def _without_locations(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: _without_locations(v) for k, v in tree.items() if not k.startswith("query_location")}
-    if isinstance(tree, list):
-        return [_without_locations(v) for v in tree]
-    return tree
+    """The WHERE box checked as one boolean expression (queries.sql.condition, the check every
+    `where` goes through); (its text, the column names it names)."""
+    try:
+        text = check_condition(con, text, example="kind = 'photo' AND width >= 256")
+    except ConditionError as e:
+        raise ViewError(e.message({"where": "the WHERE box"})) from None
+    return text, condition_columns(con, text)
 
 
 def table_names(con: Any, sql: str) -> set[str]:
     """The tables and views `sql` reads (its BASE_TABLE references)."""
     tree = serialize(con, sql)
-    return {n.get("table_name") for n in _find(tree, lambda n: n.get("type") == "BASE_TABLE")}
-
-
-def _cte(node: dict) -> bool:
-    cte = node.get("cte_map") or {}
-    return bool(cte.get("map") if isinstance(cte, dict) else cte)
-
-
-def _find(tree: Any, pred: Any) -> list[dict]:
-    out, stack = [], [tree]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, dict):
-            if pred(x):
-                out.append(x)
-            stack.extend(x.values())
-        elif isinstance(x, list):
-            stack.extend(x)
-    return out
+    return {n.get("table_name") for n in find(tree, lambda n: n.get("type") == "BASE_TABLE")}
 
 
 # --------------------------------------------------------------------------- values

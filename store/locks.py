@@ -20,7 +20,7 @@ from typing import Iterator
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
-from clipsql.errors import READ_ONLY_HINT, StoreLocked, StoreReadOnly
+from clipsql.errors import READ_ONLY_HINT, StoreLocked, StoreReadOnly, env_number
 
 WAIT_HINT = "one writer per store — wait for it to finish (readers such as `clipsql query` can run meanwhile)"
 def read_only_error(what: str, e: OSError) -> StoreReadOnly | None:
@@ -58,10 +58,8 @@ def file_lock(path: str, what: str) -> Iterator[None]:
 
 
 def lease_seconds() -> float:
-    try:
-        return max(1.0, float(os.environ.get("CLIPSQL_LEASE_SECONDS", 30)))
-    except ValueError:
-        return 30.0
+    """Seconds a writer's lease lasts without renewal (CLIPSQL_LEASE_SECONDS, default 30, at least 1)."""
+    return max(1.0, env_number("CLIPSQL_LEASE_SECONDS", 30.0, above=True))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from clipsql.store import deletions
-from clipsql.errors import ModelError
 from clipsql.kernels.arrays import to_numpy
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance
@@ -48,9 +47,7 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
     """Remove one model: its embedding table, statistics, fits and targets. Samples stay (other
     models, or a later ingest, use them). The catalog forgets the model in one transaction before
     any file is removed; a kill after it leaves an unreferenced table that the next writer deletes."""
-    rec = st.model(name)
-    if rec.model_id != name:
-        raise ModelError(f"`models rm` needs the exact model id ({rec.model_id!r}), not a part of it")
+    rec = st.model(name)        # an id or a unique part of one (an ambiguous part is refused, naming them)
     with st.lock():
         st.recover()
         with st.engine.connect() as conn:

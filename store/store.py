@@ -48,7 +48,7 @@ from clipsql.store import catalog as cat
 from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists, is_remote, rmtree, store_path
-from clipsql.store.locks import file_lock, lease
+from clipsql.store.locks import file_lock, lease, lease_seconds
 from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, embeddings_schema, embeddings_table_name, samples_schema
 
 MARKER = "clipsql.json"
@@ -199,6 +199,7 @@ class Store:
         once with StoreLocked. A local store flock()s a file in its directory; a store on object
         storage flock()s a file beside its local SQLite catalog, or holds a lease in its server
         catalog (store.locks)."""
+        lease_seconds()       # a bad CLIPSQL_LEASE_SECONDS is refused by every writer, not only lease holders
         suffix = ".write.lock" if name == "writer" else f".{name}.lock"
         if not is_remote(self.path):
             held = file_lock(str(self.path / suffix), str(self.path))

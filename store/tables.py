@@ -106,18 +106,32 @@ def embeddings_schema(dim: int) -> pa.Schema:
 
 
 def metadata_aliases(names: list[str]) -> dict[str, str]:
-    """{metadata key: its column name in the `samples` view}. A key that is a samples column (id,
-    uri, caption, …) becomes meta_<key>; if that is taken too, meta_<key>_2, _3, … (sorted keys:
-    the same store always gives the same names)."""
-    taken = set(SAMPLE_COLUMNS) | set(names)
+    """{metadata key: its column name in the `samples` view}. SQL names ignore case, so a key that is a
+    samples column (id, uri, caption, …, in any case: `ID`, `Source`) becomes meta_<key>; if that is
+    taken too, meta_<key>_2, _3, … (sorted keys: the same store always gives the same names). A key
+    that differs from an earlier key only in case (`Kind`, then `kind`) becomes <key>_1, _2, … (the
+    name DuckDB itself would give), in the order of `names`."""
+    samples = {c.lower() for c in SAMPLE_COLUMNS}
+    taken = {n.lower() for n in SAMPLE_COLUMNS} | {n.lower() for n in names}
     out: dict[str, str] = {}
     for name in sorted(names):
-        if name not in SAMPLE_COLUMNS:
-            out[name] = name
+        if name.lower() not in samples:
             continue
         alias, k = f"meta_{name}", 2
-        while alias in taken:
+        while alias.lower() in taken:
             alias, k = f"meta_{name}_{k}", k + 1
-        taken.add(alias)
+        taken.add(alias.lower())
+        out[name] = alias
+    seen: set[str] = set()
+    for name in names:
+        if name in out:
+            continue
+        alias, k = name, 1
+        while alias.lower() in seen:
+            alias, k = f"{name}_{k}", k + 1
+            while alias.lower() in taken:
+                alias, k = f"{name}_{k}", k + 1
+        seen.add(alias.lower())
+        taken.add(alias.lower())
         out[name] = alias
     return out

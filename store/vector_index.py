@@ -78,7 +78,9 @@ def index_search(ds: Any, column: str, q: np.ndarray, k: int, info: dict,
         params["refine_factor"] = int(info["refine_factor"])
     if info.get("ef"):
         params["ef"] = max(int(info["ef"]), int(k) + slack)
-    tbl = ds.to_table(nearest=params, columns=["id", column])
+    # the columns asked for, without `_distance` (the cosines are re-scored here): Lance printed a
+    # deprecation line on every search that named columns without it, unless told not to add it
+    tbl = ds.to_table(nearest=params, columns=["id", column], disable_scoring_autoprojection=True)
     X = vectors(tbl.column(column))
     sq = kernels.row_norms_sq(X)
     valid = np.isfinite(sq) & (sq > 0)

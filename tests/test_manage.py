@@ -51,9 +51,10 @@ def test_models_rm_removes_everything_of_the_model(two_models):
     a, b = model_ids(st)
     cli("stats", "fit", str(st.path), "--model", a, "--reference-size", "200")
     table = st.model(a).table_name
-    part = cli("models", "rm", str(st.path), "laion", check=False)
-    assert part.returncode == 1 and "exact model id" in part.stderr.decode()
-    out = cli("models", "rm", str(st.path), a).stdout.decode()
+    both = cli("models", "rm", str(st.path), "ViT-B-32", check=False)       # a part naming both: refused
+    assert both.returncode == 1 and a in both.stderr.decode() and b in both.stderr.decode()
+    out = cli("models", "rm", str(st.path), "laion").stdout.decode()        # a unique part, as `models default`
+    assert f"removed {a}:" in out
     assert "1200 embedding rows, 1 fit(s)" in out and f"default model now: {b}" in out
     st = Store.open(st.path)
     assert model_ids(st) == [b] and st.model().model_id == b

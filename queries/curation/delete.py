@@ -16,8 +16,8 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from clipsql.errors import QueryError
 from clipsql.queries.sql.cli_query import fetch_table
+from clipsql.queries.sql.condition import ConditionError, check_condition
 from clipsql.queries.sql.db import connect
 from clipsql.store.deletions import restore_ids
 from clipsql.store.manage import delete_ids
@@ -29,11 +29,12 @@ def ids_where(st: Store, where: str, view: str = "samples", con: Any = None) -> 
     on `con` when given (a caller's connection pinned to its snapshot), else on a new connection."""
     if not where.strip():
         example = "caption IS NULL" if view == "samples" else "deleted_at > '2026-01-01'"
-        raise QueryError(f"--where is empty: give a condition on {view}, e.g. --where \"{example}\" "
-                         f"(for every row, say --where true)")
+        raise ConditionError(f"`where` is empty: give a condition on {view}, e.g. \"{example}\" "
+                             f"(for every row, say `where` true)", param="where")
     own = con is None
     con = connect(st) if own else con
     try:
+        where = check_condition(con, where, example="caption IS NULL" if view == "samples" else "id = 'k17'")
         tbl = fetch_table(con, f"SELECT DISTINCT id FROM {view} WHERE ({where})")
     finally:
         if own:

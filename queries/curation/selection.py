@@ -53,6 +53,7 @@ from clipsql.queries.curation import recipes
 from clipsql.queries.curation.datacomp import require_datacomp_ids, write_uids
 from clipsql.queries.curation.recipes import fraction_count as count_for  # noqa: F401 - the public names of this module
 from clipsql.queries.curation.recipes import rank
+from clipsql.queries.sql.condition import check_condition
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
 from clipsql.queries.sql.engine import LOCAL, Engine
 from clipsql.queries.sql.functions import blas_pinned, udf_error
@@ -138,6 +139,8 @@ class SelectSpec:
                                  "the pool with --where, or set --clusters)")
         if s.clusters is not None and s.clusters < 1:
             raise SelectionError(f"--clusters must be >= 1; got {s.clusters}")
+        if s.where is not None:
+            check_condition(None, s.where, example="width >= 256")      # one condition, nothing more
         if s.negclip_form not in ("row", "pool"):
             raise SelectionError(f"--negclip-form must be row or pool; got {s.negclip_form!r}")
 

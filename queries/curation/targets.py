@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.errors import QueryError, TargetError
+from clipsql.errors import QueryError, SourceError, TargetError
+from clipsql.ingest.datacomp import FEATURES, DataCompSource, model_id
 from clipsql.ingest.images import ItemRejected, check_vector, load_image
 from clipsql.ingest.registry import open_source
 from clipsql.ingest.sources import Reject
@@ -142,6 +143,14 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
 
 def _from_source(rec: ModelRecord, source: str, batch: int = 256, **opts: Any) -> tuple[np.ndarray, dict]:
     src = open_source(source, **opts)
+    if isinstance(src, DataCompSource):        # two feature sets: the target's model picks one
+        try:
+            src.bind_model(rec.model_id)
+        except SourceError:
+            raise TargetError(f"{source} is a DataComp pool: its image features belong to "
+                              f"{' and '.join(model_id(f) for f in FEATURES)}, not {rec.model_id}; add the target "
+                              f"with `model` set to one of them (ingest the pool to store them)",
+                              param="model") from None
     rejected: dict[str, int] = {}
     out: list[np.ndarray] = []
     pending: list[Any] = []

@@ -65,7 +65,7 @@ def search(store: Store | str, prompt: str | None = None, *, like: str | None = 
         with one_blas_thread():
             q = _query_vector(con, rec, prompt, like, modality)
         searcher = Searcher(st)
-        allowed = allowed_ids(con, where) if where else None
+        allowed = allowed_ids(con, where) if where is not None else None
         ids, scores = searcher.search(q, int(k), rec.model_id, modality, allowed, exact)[0]
         res = pa.table({"rank": pa.array(np.arange(1, len(ids) + 1), pa.int32()),
                         "id": pa.array(ids.tolist(), pa.string()), "score": pa.array(scores, pa.float64())})

@@ -8,6 +8,8 @@
 * The index is a new Lance version of the model table that changes no row; the writer lock is
   held, and the catalog's `table_versions` moves to it in one transaction (a `commits` row of
   kind `index`), so readers see it from their next connection.
+* The IVF centroids are a seeded k-means (`seed`) on a seeded sample, so the same build with the same
+  seed gives the same ivf_hnsw_sq index; ivf_pq's quantizer is trained by Lance, unseeded.
 * Recall@10 against exact search is measured on `sample` seeded stored vectors used as
   queries; nprobes doubles until it reaches `target_recall` (or every partition is probed).
   The figures are recorded as the JSON setting `index:<table>:<column>` and used at search time
@@ -26,6 +28,7 @@ import numpy as np
 from clipsql.errors import QueryError
 from clipsql.kernels import topk as kernels
 from clipsql.kernels.arrays import vectors
+from clipsql.kernels.kmeans import lloyd
 from clipsql.store import catalog as cat
 from clipsql.store.store import Store, set_committed_version
 from clipsql.store.vector_index import column_for, index_search, scan_chunks, setting_key
@@ -34,6 +37,7 @@ KINDS = ("ivf_hnsw_sq", "ivf_pq")
 DEFAULT_KIND = "ivf_hnsw_sq"         # measured (bench/search.py): see bench/README.md
 MIN_PARTITIONS = 4
 TRAIN_ROWS_PER_PARTITION = 256
+MAX_TRAIN_ROWS = 65_536              # the seeded k-means of the IVF centroids trains on at most this many rows
 
 
 def partitions_for(n: int) -> int:
@@ -64,7 +68,7 @@ def build_index(st: Store, model: str | None = None, modality: str = "image", ki
                              f"vector index (it needs at least {MIN_PARTITIONS * TRAIN_ROWS_PER_PARTITION}, "
                              f"{TRAIN_ROWS_PER_PARTITION} training rows for each of ≥ {MIN_PARTITIONS} "
                              "partitions); exact search is fast at this size — `clipsql search` needs no index")
-        info = create_vector_index(ds, column, kind, rec.dim, parts)
+        info = create_vector_index(ds, column, kind, rec.dim, parts, seed=seed)
         ds = st.dataset(rec.table_name, latest=True)
         info.update(rows=int(n), version=int(ds.version), seed=seed, k=k)
         info.update(measure_recall(ds, column, info, seed=seed, sample=sample, k=k, target_recall=target_recall))
@@ -81,10 +85,31 @@ def build_index(st: Store, model: str | None = None, modality: str = "image", ki
     return info
 
 
-def create_vector_index(ds: Any, column: str, kind: str, dim: int, partitions: int) -> dict:
-    """Build the Lance index on `ds` (a new version); returns its parameters and build seconds."""
+def ivf_centroids(ds: Any, column: str, partitions: int, seed: int) -> np.ndarray:
+    """(partitions, d) unit centroids of a seeded spherical k-means on a seeded sample of the valid
+    vectors (at most `TRAIN_ROWS_PER_PARTITION` per partition and `MAX_TRAIN_ROWS` in all). Lance
+    trains its own IVF centroids from an unseeded sample, so the same build gave a different index
+    (and recall) each run; given these, an ivf_hnsw_sq build is the same for the same seed."""
+    n = ds.count_rows()
+    want = min(n, partitions * TRAIN_ROWS_PER_PARTITION, MAX_TRAIN_ROWS)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(n, size=min(n, want + want // 4 + 32), replace=False))
+    X = vectors(ds.take(pick.tolist(), columns=[column]).column(column)).astype(np.float64)
+    X, ok = kernels.unit_queries(X)
+    X = X[ok][:want]
+    if len(X) < partitions:
+        raise QueryError(f"only {len(X)} valid {column} vectors to train {partitions} index partitions on")
+    C = lloyd(X.astype(np.float32), partitions, seed=seed).astype(np.float64)
+    norms = np.linalg.norm(C, axis=1, keepdims=True)
+    return (C / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+def create_vector_index(ds: Any, column: str, kind: str, dim: int, partitions: int, *, seed: int = 0) -> dict:
+    """Build the Lance index on `ds` (a new version) from seeded IVF centroids; returns its parameters
+    and build seconds. ivf_hnsw_sq is then the same index for the same seed; ivf_pq's product
+    quantizer is still trained by Lance from its own unseeded sample (its recall varies a little)."""
     opts: dict[str, Any] = {"index_type": kind.upper(), "metric": "cosine", "num_partitions": int(partitions),
-                            "replace": True}
+                            "replace": True, "ivf_centroids": ivf_centroids(ds, column, int(partitions), seed)}
     if kind == "ivf_pq":
         opts["num_sub_vectors"] = _sub_vectors(dim)
     t0 = time.perf_counter()

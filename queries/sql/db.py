@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
+from clipsql.errors import env_number
 from clipsql.lazy import duckdb
 from clipsql.queries.sql import functions
 from clipsql.queries.sql.specs import score_expressions
@@ -98,10 +99,7 @@ def _bounded_spill(con: Any) -> str:
         _SPILL_DIR = (os.getpid(), folder)
         atexit.register(_remove_spill, folder)
     folder = _SPILL_DIR[1]
-    try:
-        gb = float(os.environ.get("CLIPSQL_SPILL_GB", DEFAULT_SPILL_GB))
-    except ValueError:
-        gb = DEFAULT_SPILL_GB
+    gb = env_number("CLIPSQL_SPILL_GB", DEFAULT_SPILL_GB)
     con.execute(f"SET temp_directory = {quote_literal(folder)}")
     con.execute(f"SET max_temp_directory_size = '{max(gb, 0.0):.3f}GiB'")
     return folder

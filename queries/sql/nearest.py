@@ -39,6 +39,7 @@ from clipsql.errors import DimensionMismatch, QueryError
 from clipsql.kernels import topk as kernels
 from clipsql.kernels.arrays import matrix
 from clipsql.lazy import duckdb
+from clipsql.queries.sql.condition import ConditionError, check_condition
 from clipsql.store import vector_index as vindex
 from clipsql.store.store import ModelRecord, Store
 
@@ -46,7 +47,12 @@ RESULT_TYPE = pa.list_(pa.struct([("id", pa.string()), ("score", pa.float64())])
 
 
 def allowed_ids(con: Any, where: str) -> pa.Array:
-    """Ids of the `samples` rows satisfying `where`, the user's own SQL boolean expression (DuckDB)."""
+    """Ids of the `samples` rows satisfying `where`, the user's own SQL boolean expression (DuckDB),
+    checked to be one condition first (queries.sql.condition)."""
+    try:
+        where = check_condition(con, where, example="width >= 256")
+    except ConditionError as e:
+        raise ConditionError(f"the search filter {where!r} failed: {e}", param="where") from None
     try:
         tbl = con.sql(f"SELECT DISTINCT id FROM samples WHERE ({where})").to_arrow_table()
         tbl = tbl.read_all() if hasattr(tbl, "read_all") else tbl

@@ -1,0 +1,103 @@
+"""Settings, notes and messages a user meets: bad CLIPSQL_* values are refused naming the variable,
+renamed metadata columns are noted, help and hints name real flags."""
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipsql.errors import SettingError, env_number
+from clipsql.store.store import Store
+from clipsql.store.tables import metadata_aliases
+
+from conftest import MODEL, cli, write_pool
+
+
+@pytest.fixture(scope="module")
+def pool_store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("messages")
+    write_pool(tmp / "pool", shards=1, rows=30)
+    st = Store.init(tmp / "s")
+    cli("ingest", str(st.path), str(tmp / "pool"), *MODEL, "--id-column", "key", "--no-progress")
+    return st.path
+
+
+def test_env_number_refuses_bad_values_naming_the_variable():
+    assert env_number("X", 8.0, environ={}) == 8.0 and env_number("X", 8.0, environ={"X": " "}) == 8.0
+    assert env_number("X", 8.0, environ={"X": "0"}) == 0.0
+    for raw in ("abc", "-1", "nan", "inf"):
+        with pytest.raises(SettingError, match=r"^X must be a number ≥ 0; got"):
+            env_number("X", 8.0, environ={"X": raw})
+    with pytest.raises(SettingError, match=r"^L must be a number > 0; got '0'"):
+        env_number("L", 30.0, above=True, environ={"L": "0"})
+
+
+@pytest.mark.parametrize("name,value,args", [
+    ("CLIPSQL_SPILL_GB", "abc", ("query", "{s}", "SELECT 1")),
+    ("CLIPSQL_SPILL_GB", "-1", ("query", "{s}", "SELECT 1")),
+    ("CLIPSQL_LEASE_SECONDS", "-5", ("delete", "{s}", "--where", "id = 'none'")),
+])
+def test_invalid_settings_are_refused_in_one_line(pool_store, name, value, args):
+    p = cli(*[a.format(s=pool_store) for a in args], env={name: value}, check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1 and err.startswith(f"Error: {name} must be"), err
+
+
+def test_metadata_columns_differing_only_in_case_get_a_note(tmp_path):
+    write_pool(tmp_path / "pool", shards=1, rows=20)
+    meta = tmp_path / "pool" / "metadata" / "metadata_0.parquet"
+    t = pq.read_table(meta)
+    t = t.append_column("Kind", pa.array(["photo"] * 20)).append_column("kind", pa.array(["art"] * 20))
+    pq.write_table(t, meta)
+    st = Store.init(tmp_path / "s")
+    out = cli("ingest", str(st.path), str(tmp_path / "pool"), *MODEL, "--id-column", "key",
+              "--no-progress").stdout.decode()
+    assert "note: metadata column 'kind' is 'kind_1' in the samples view" in out, out
+    got = cli("query", str(st.path), 'SELECT DISTINCT "Kind", kind_1 FROM samples', "--format", "csv").stdout
+    assert got.decode().replace('"', "").split() == ["Kind,kind_1", "photo,art"]
+
+
+def test_metadata_aliases_ignore_case_like_sql():
+    got = metadata_aliases(["Kind", "kind", "ID", "Source", "note"])
+    assert got == {"Kind": "Kind", "kind": "kind_1", "ID": "meta_ID", "Source": "meta_Source", "note": "note"}
+
+
+def test_the_rejects_hint_only_with_rejects_and_with_the_real_store_path(tmp_path):
+    write_pool(tmp_path / "pool", shards=1, rows=20)
+    st = Store.init(tmp_path / "my store")
+    out = cli("ingest", str(st.path), str(tmp_path / "pool"), *MODEL, "--id-column", "key",
+              "--no-progress").stdout.decode()
+    assert "rejected 0" in out and "see rejects" not in out and "STORE" not in out, out
+    write_pool(tmp_path / "pool2", shards=1, rows=20)
+    emb = tmp_path / "pool2" / "img_emb" / "img_emb_0.npy"
+    X = np.load(emb)
+    X[3] = np.nan                                           # one row rejected
+    np.save(emb, X)
+    st2 = Store.init(tmp_path / "other store")
+    out = cli("ingest", str(st2.path), str(tmp_path / "pool2"), *MODEL, "--id-column", "key",
+              "--no-progress").stdout.decode()
+    line = [ln for ln in out.splitlines() if ln.startswith("see rejects with:")]
+    assert line and f"clipsql query '{st2.path}' " in line[0] and "FROM rejects WHERE run_id = 1" in line[0], out
+
+
+def test_a_missing_column_names_the_flag(tmp_path):
+    t = tmp_path / "t.csv"
+    t.write_text("path,caption\nx.png,a cat\n")
+    st = Store.init(tmp_path / "s")
+    p = cli("ingest", str(st.path), str(t), *MODEL, "--no-progress", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "set --image-column to the column that holds the image paths" in err, err
+
+
+def test_target_add_from_a_datacomp_pool_takes_the_features_of_the_targets_model(tmp_path):
+    from datacomp_pool import write_datacomp_pool
+    write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=[12], row_group_size=12)
+    write_datacomp_pool(tmp_path / "target", n_shards=1, rows=[6], row_group_size=6, seed=5)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(tmp_path / "pool"), "--no-progress")
+    out = cli("target", "add", str(st.path), "t", str(tmp_path / "target"), "--model", "ViT-L-14/openai").stdout
+    assert "target t of ViT-L-14/openai: 6 rows" in out.decode()
+    write_pool(tmp_path / "other", shards=1, rows=20)
+    cli("ingest", str(st.path), str(tmp_path / "other"), *MODEL, "--id-column", "key", "--no-progress")
+    p = cli("target", "add", str(st.path), "u", str(tmp_path / "target"), "--model", "laion", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and "--datacomp-features" not in err and "with --model set to one of them" in err, err
