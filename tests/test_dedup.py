@@ -432,3 +432,47 @@ def test_cli_memory_option(tmp_path):
     r = invoke("dedup", tmp_path / "s", "--memory-gb", "-1", "--no-progress")
     assert r.exit_code == 1 and "--memory-gb must be a number of GiB > 0" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_blocked_kmeans_pp_draws_the_exact_kmeans_pp_distribution():
+    """The blocked seeding (stale weights + rejection) against the k-means++ probabilities computed
+    by brute force in float64: P(c1, c2 | c0) = w(c1 | c0) / Σ w(· | c0) · w(c2 | c0, c1) / Σ w(· | c0, c1),
+    w = 1 − max cos to the chosen. With block = 2 the third seed is drawn by rejection."""
+    rng = np.random.default_rng(11)
+    U = rng.standard_normal((5, 3))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    G = U @ U.T
+
+    def weights(chosen):
+        w = 1.0 - G[:, chosen].max(axis=1)
+        w[chosen] = 0.0
+        return np.clip(w, 0.0, None)
+
+    want = {}
+    for c0 in range(5):
+        w1 = weights([c0])
+        for c1 in range(5):
+            w2 = weights([c0, c1])
+            for c2 in range(5):
+                p = 0.2 * w1[c1] / w1.sum() * w2[c2] / w2.sum() if w1[c1] > 0 and w2.sum() > 0 else 0.0
+                if p > 0:
+                    want[(c0, c1, c2)] = p
+    draws = 40000
+    U32 = U.astype(np.float32)
+    gen = np.random.default_rng(0)
+    got: dict = {}
+    for _ in range(draws):
+        t = tuple(K.kmeans_pp(U32, 3, gen, block=2).tolist())
+        got[t] = got.get(t, 0) + 1
+    assert set(got) <= set(want)
+    for key, p in want.items():                  # each frequency within 5 standard deviations
+        sd = np.sqrt(p * (1 - p) / draws)
+        assert abs(got.get(key, 0) / draws - p) < 5 * sd + 1e-4, (key, got.get(key, 0) / draws, p)
+
+
+def test_kmeans_pp_with_fewer_distinct_rows_than_k_picks_distinct_rows():
+    U = np.repeat(np.eye(4, dtype=np.float32), 5, axis=0)          # 20 rows, 4 distinct
+    for block in (1, 3, 32):
+        c = K.kmeans_pp(U, 10, np.random.default_rng(2), block=block)
+        assert len(np.unique(c)) == 10
+        assert len(np.unique(c[:4] // 5)) == 4                      # the first 4 seeds: one per distinct row
