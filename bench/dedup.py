@@ -107,6 +107,130 @@ def step_dedup(store: str, memory_gb: str) -> None:
     print(json.dumps(res, default=str))
 
 
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def step_clipsql(store: str, memory_gb: str, clusters: str) -> None:
+    """Child process: a full `semdedup` run (refit) with K = `clusters`; wall, CPU seconds, peak RSS."""
+    from _common import vm_rss_kib
+    from clipsql.queries.curation.dedup import semdedup
+    from clipsql.store.store import Store
+    st = Store.open(store)
+    before = (vm_rss_kib() or 0) / 1024
+    c0, t0 = _cpu(), time.perf_counter()
+    res = semdedup(st, clusters=int(clusters), refit=True, memory_gb=float(memory_gb))
+    out = {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu() - c0, "rss_before_mib": before,
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "removable": res["removable"], "timings": res["timings"], "sample": res["sample"],
+           "iterations_run": res["fit"]["iterations_run"]}
+    print(json.dumps(out, default=str))
+
+
+def _read_all(ds, columns: list[str], limit: int | None = None):
+    """(n × d float32 matrix, ids or None) filled batch by batch (one copy of the vectors in memory)."""
+    import pyarrow as pa
+    from clipsql.kernels.arrays import to_numpy
+    n = min(ds.count_rows(), limit or 1 << 62)
+    X, ids, a = None, [], 0
+    for b in ds.to_batches(columns=columns, batch_size=16384):
+        V = to_numpy(b.column("image_embedding"))[:n - a]
+        if X is None:
+            X = np.empty((n, V.shape[1]), dtype=np.float32)
+        X[a:a + len(V)] = V
+        if "id" in columns:
+            ids.append(pa.concat_arrays([b.column("id").slice(0, len(V))]))
+        a += len(V)
+        if a >= n:
+            break
+    return X, (pa.chunked_array(ids).combine_chunks() if ids else None)
+
+
+def step_faiss(store: str, clusters: str, sample: str, iterations: str) -> None:
+    """Child process: the faiss reference of SemDeDup on the same table — all vectors read into RAM
+    (one Lance scan), normalized in place (float32), spherical `faiss.Kmeans` (random init, same K,
+    sample size and iteration cap) on a seeded sample, `IndexFlatIP` assignment, then per cluster
+    (cos to the centroid ascending, ties by id) float32 Gram blocks of ≤ 4096 rows against the
+    earlier members, the strict lower triangle's row maxima."""
+    import faiss
+    from _common import vm_rss_kib
+    from clipsql.kernels.arrays import to_numpy
+    from clipsql.store.store import Store
+    import pyarrow.compute as pc
+    st = Store.open(store)
+    rec = st.model(MODEL)
+    before = (vm_rss_kib() or 0) / 1024
+    c0, t0 = _cpu(), time.perf_counter()
+    X, ids = _read_all(st.embeddings_table(rec), ["id", "image_embedding"])
+    rank = np.empty(len(X), dtype=np.int64)
+    rank[pc.sort_indices(ids).to_numpy()] = np.arange(len(X))
+    nrm = np.linalg.norm(X, axis=1)
+    X /= nrm[:, None]
+    k, m = int(clusters), int(sample)
+    S = np.sort(np.random.default_rng(0).choice(len(X), m, replace=False))
+    km = faiss.Kmeans(X.shape[1], k, niter=int(iterations), seed=0, spherical=True,
+                      max_points_per_centroid=10 ** 9, verbose=False)
+    km.train(X[S])
+    index = faiss.IndexFlatIP(X.shape[1])
+    index.add(km.centroids)
+    D, I = index.search(X, 1)
+    D, I = D[:, 0], I[:, 0]
+    o = np.lexsort((rank, D, I))
+    starts = np.flatnonzero(np.r_[True, I[o][1:] != I[o][:-1]])
+    max_sim = np.zeros(len(X), dtype=np.float32)
+    B = 4096
+    for s, e in zip(starts, np.r_[starts[1:], len(o)]):
+        mem = o[s:e]
+        U = X[mem]
+        best = np.zeros(len(mem), dtype=np.float32)
+        for a in range(0, len(mem), B):
+            b = min(a + B, len(mem))
+            G = U[a:b] @ U[:b].T
+            G[np.arange(b - a)[:, None] + a <= np.arange(b)[None, :]] = -np.inf
+            best[a:b] = G.max(axis=1) if a or b > 1 else 0.0
+        best[0] = 0.0
+        max_sim[mem] = best
+    out = {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu() - c0, "rss_before_mib": before,
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "removable": {str(e): int((max_sim > 1 - e).sum()) for e in (0.001, 0.01, 0.05)},
+           "threads": faiss.omp_get_max_threads()}
+    print(json.dumps(out, default=str))
+
+
+def step_kmeans(store: str, rows: str, clusters: str, iterations: str, which: str) -> None:
+    """Child process: L2 Lloyd k-means of the first `rows` normalized image vectors, clipsql's
+    `kernels.kmeans.lloyd` or `faiss.Kmeans` (same K, iterations, init: K distinct rows at random,
+    no subsampling); the objective Σ min ‖x − c‖² in float64, computed the same way for both."""
+    from clipsql.kernels import kmeans
+    from clipsql.kernels.arrays import to_numpy
+    from clipsql.store.store import Store
+    st = Store.open(store)
+    rec = st.model(MODEL)
+    X, _ = _read_all(st.embeddings_table(rec), ["image_embedding"], int(rows))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    k, it = int(clusters), int(iterations)
+    if which == "faiss":
+        import faiss
+    c0, t0 = _cpu(), time.perf_counter()
+    if which == "faiss":
+        km = faiss.Kmeans(X.shape[1], k, niter=it, seed=0, max_points_per_centroid=10 ** 9, verbose=False)
+        km.train(X)
+        C = km.centroids
+    else:
+        C = kmeans.lloyd(X, k, iterations=it, seed=0)
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    lab = kmeans.assign(X, C)
+    obj = 0.0
+    for a in range(0, len(X), 65536):
+        Z = X[a:a + 65536].astype(np.float64)
+        Cd = C.astype(np.float64)
+        sq = (Z * Z).sum(1)[:, None] - 2 * Z @ Cd.T + (Cd * Cd).sum(1)[None, :]
+        obj += float(sq.min(axis=1).sum())
+    print(json.dumps({"wall_s": wall, "cpu_s": cpu, "objective": obj, "clusters_used": int(len(np.unique(lab))),
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 def child(*argv: str) -> dict:
     p = subprocess.run([sys.executable, __file__, "--step", *argv], capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
@@ -136,12 +260,28 @@ def main() -> None:
     ap.add_argument("--json")
     ap.add_argument("--tmp")
     ap.add_argument("--step", nargs="+")
+    ap.add_argument("--peers", action="store_true",
+                    help="only the comparison with faiss: SemDeDup against the faiss reference and k-means "
+                         "against faiss.Kmeans, interleaved rounds in fresh processes (needs faiss-cpu)")
+    ap.add_argument("--clusters", type=int, default=450)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--kmeans-rows", type=int, default=100_000)
     args = ap.parse_args()
     if args.step:
-        step_dedup(args.step[1], args.step[2])
+        steps = {"dedup": step_dedup, "clipsql": step_clipsql, "faiss": step_faiss, "kmeans": step_kmeans}
+        steps[args.step[0]](*args.step[1:])
         return
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="clipsql-bench-dedup-"))
     store = tmp / "store"
+    if args.peers:
+        try:
+            if not store.exists():                       # --tmp DIR with a store/ from an earlier run: reused
+                build(store, generate(args.rows, args.dim))
+            peers(args, store)
+        finally:
+            if not args.tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         t0 = time.perf_counter()
         planted = build(store, generate(args.rows, args.dim))
@@ -161,6 +301,45 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             shutil.rmtree(store, ignore_errors=True)
+
+
+def peers(args: argparse.Namespace, store: Path) -> None:
+    """Interleaved rounds: clipsql dedup vs the faiss reference, then clipsql k-means vs faiss.Kmeans."""
+    k, mem = args.clusters, str(args.memory_gb)
+    runs: dict[str, list[dict]] = {"clipsql": [], "faiss": [], "lloyd": [], "faiss.Kmeans": []}
+    for r in range(args.rounds):
+        runs["clipsql"].append(child("clipsql", str(store), mem, str(k)))
+        sample = runs["clipsql"][-1]["sample"]
+        runs["faiss"].append(child("faiss", str(store), str(k), str(sample), "20"))
+        print(f"round {r}: clipsql {runs['clipsql'][-1]}\n         faiss {runs['faiss'][-1]}", flush=True)
+    for r in range(args.rounds):
+        for name, which in (("lloyd", "clipsql"), ("faiss.Kmeans", "faiss")):
+            runs[name].append(child("kmeans", str(store), str(args.kmeans_rows), str(k), "20", which))
+        print(f"round {r}: lloyd {runs['lloyd'][-1]}\n         faiss.Kmeans {runs['faiss.Kmeans'][-1]}", flush=True)
+
+    def med(xs: list[float]) -> float:
+        return float(np.median(xs))
+
+    fig: dict = {"rows": args.rows, "dim": args.dim, "clusters": k, "memory_gb": args.memory_gb,
+                 "rounds": args.rounds, "kmeans_rows": args.kmeans_rows}
+    for a, b, key in (("clipsql", "faiss", "semdedup"), ("lloyd", "faiss.Kmeans", "kmeans")):
+        fig[f"{key}_wall_ratio"] = round(med([y["wall_s"] / x["wall_s"] for x, y in zip(runs[a], runs[b])]), 3)
+        fig[f"{key}_cpu_ratio"] = round(med([y["cpu_s"] / x["cpu_s"] for x, y in zip(runs[a], runs[b])]), 3)
+        fig[f"{key}_clipsql_cpu_s"] = round(med([x["cpu_s"] for x in runs[a]]), 2)
+        fig[f"{key}_peer_cpu_s"] = round(med([y["cpu_s"] for y in runs[b]]), 2)
+        fig[f"{key}_clipsql_peak_mib"] = round(max(x["peak_rss_mib"] for x in runs[a]))
+        fig[f"{key}_peer_peak_mib"] = round(max(y["peak_rss_mib"] for y in runs[b]))
+        fig[f"{key}_memory_ratio"] = round(fig[f"{key}_clipsql_peak_mib"] / fig[f"{key}_peer_peak_mib"], 3)
+    fig["semdedup_memory_ratio_above_start"] = round(
+        max(x["peak_rss_mib"] - x["rss_before_mib"] for x in runs["clipsql"])
+        / max(y["peak_rss_mib"] - y["rss_before_mib"] for y in runs["faiss"]), 3)
+    fig["kmeans_objective_ratio"] = round(med([x["objective"] / y["objective"]
+                                               for x, y in zip(runs["lloyd"], runs["faiss.Kmeans"])]), 5)
+    fig["removable_clipsql"] = runs["clipsql"][-1]["removable"]
+    fig["removable_faiss"] = runs["faiss"][-1]["removable"]
+    fig["clipsql_stage_s"] = runs["clipsql"][-1]["timings"]
+    print(key_values(fig))
+    write_json(args.json, {"figures": fig, "runs": runs, "machine": machine()})
 
 
 def report(args: argparse.Namespace, full: dict, incr: dict, planted: dict, build_s: float, store_gib: float

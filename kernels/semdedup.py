@@ -10,12 +10,11 @@ unit vectors are formed chunk by chunk, never as a second copy of X. Every per-r
 same whichever rows are processed together, so streaming or grouping never changes a result.
 
 Definitions (the tests check them against a brute force written from docs/science.md):
-* fit: seeded sample of the valid rows (in id order, so storage order does not matter), seeded
-  k-means++ over a seeded 16·K rows of the sample (K serial passes: ≈ 3 s at K = 1,000 instead
-  of ≈ 12 s over all 64·K rows; first centre uniform; then D² sampling with weight 1 − max cos to
-  the chosen centres, i.e. ‖x̂ − c‖²/2; a chosen row gets weight 0; if every weight is 0 —
-  fewer distinct rows than K — a seeded uniform pick among the rows not chosen), then Lloyd
-  steps: assign, centroid = the
+* fit: seeded sample of the valid rows (the store draws it while streaming: `hash_keys`), seeded
+  k-means++ over a seeded 16·K rows of the sample (first centre uniform; then D² sampling with
+  weight 1 − max cos to the chosen centres, i.e. ‖x̂ − c‖²/2; a chosen row gets weight 0; if every
+  weight is 0 — fewer distinct rows than K — a seeded uniform pick among the rows not chosen;
+  blocked: one GEMM per 32 centres, see `kmeans_pp`), then Lloyd steps: assign, centroid = the
   float64 sum of the members' unit vectors re-normalized (an empty or zero-sum cluster keeps its
   centroid), until no label changes or `iterations` assignments ran.
 * centroids are stored as float32 and used as C64 = float64(C32) / ‖·‖ everywhere after.
@@ -42,15 +41,20 @@ from typing import Callable
 
 import numpy as np
 
+from clipsql.kernels.kmeans import cluster_sums
 from clipsql.kernels.unit import normalize
 
 INIT = "k-means++"
-KERNEL_VERSION = 1
-ROW_CHUNK = 8192        # rows per assignment GEMM (fewer when K is large: ≤ 32M scores per chunk)
+KERNEL_VERSION = 2
+ROW_CHUNK = 8192        # rows per assignment GEMM (fewer when K is large: ≤ SCORE_BLOCK scores per chunk)
+SCORE_BLOCK = 1 << 21   # float32 scores per assignment block (8 MiB: the argmax and near-tie passes run in cache)
 ROW_BLOCK = 512         # within a cluster: rows per block …
 COL_BLOCK = 8192        # … against at most this many earlier members at once: ≤ 4M float32 scores
 CACHE_ROWS = 65536      # clusters up to this size keep their float64 unit vectors for the refinement
-PP_ROWS_PER_CLUSTER = 16   # k-means++ draws its seeds from a seeded 16·K rows of the sample (K serial passes)
+PP_ROWS_PER_CLUSTER = 16   # k-means++ draws its seeds from a seeded 16·K rows of the sample
+PP_BLOCK = 32              # k-means++: centres chosen between two refreshes of the weights (one GEMM each)
+PP_MAX_MISSES = 64         # … or after this many rejected draws in a row
+PP_FOLD_ROWS = 65536       # rows per refresh GEMM (bounded scores)
 
 
 def f32_tolerance(d: int) -> float:
@@ -103,39 +107,69 @@ def draw_sample(pool: np.ndarray, size: int, rng: np.random.Generator) -> np.nda
 
 
 # --------------------------------------------------------------------------- k-means
-def kmeans_pp(U: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of k seeds among the unit rows U (float32) by k-means++ with cosine D² weights."""
+def kmeans_pp(U: np.ndarray, k: int, rng: np.random.Generator, *, block: int = PP_BLOCK) -> np.ndarray:
+    """Indices of k seeds among the unit rows U (float32) by k-means++ with cosine D² weights
+    w = 1 − max cos to the chosen centres (clipped at 0; a chosen row has weight 0).
+
+    Blocked, with the exact k-means++ distribution: the weights over all rows are refreshed by one
+    GEMM against the last `block` chosen centres; in between, a row j drawn from the stale weights
+    (an upper bound of the current ones) is accepted with probability w(j) / w_stale(j), w(j)
+    computed against the centres chosen since the refresh (rejection sampling: the accepted row
+    follows the current weights). So k/block GEMMs instead of k serial matrix–vector passes. When
+    every weight is 0 (fewer distinct rows than k) the next seed is a seeded uniform pick among the
+    rows not chosen."""
     n = len(U)
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = rng.integers(n)
-    best = (U @ U[chosen[0]]).astype(np.float64)
     taken = np.zeros(n, dtype=bool)
     taken[chosen[0]] = True
-    for i in range(1, k):
+    best = np.full(n, -np.inf)                  # max cos to the centres folded in so far
+    pending = [int(chosen[0])]                  # chosen, not yet folded into `best`
+    i = 1
+    while i < k:
+        P = U[pending]
+        for a in range(0, n, PP_FOLD_ROWS):
+            np.maximum(best[a:a + PP_FOLD_ROWS], (U[a:a + PP_FOLD_ROWS] @ P.T).max(axis=1),
+                       out=best[a:a + PP_FOLD_ROWS])
+        pending = []
         w = np.clip(1.0 - best, 0.0, None)
         w[taken] = 0.0
         cum = np.cumsum(w)
         if cum[-1] <= 0.0:
             j = int(rng.choice(np.flatnonzero(~taken)))
-        else:
+            chosen[i], taken[j] = j, True
+            pending.append(j)
+            i += 1
+            continue
+        misses = 0
+        while i < k and len(pending) < block and misses < PP_MAX_MISSES:
             j = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), n - 1)
-            while taken[j] or w[j] == 0.0:      # a zero-weight row at the boundary: the next with weight
-                j = (j + 1) % n
-        chosen[i] = j
-        taken[j] = True
-        np.maximum(best, U @ U[j], out=best)
+            cur = w[j]
+            if cur > 0.0 and pending and not taken[j]:
+                cur = max(0.0, 1.0 - max(best[j], float((U[pending] @ U[j]).max())))
+            if taken[j] or cur <= 0.0 or rng.random() * w[j] >= cur:
+                misses += 1                     # rejected: a fresh draw (after many, refresh the weights)
+                continue
+            chosen[i], taken[j] = j, True
+            pending.append(j)
+            i += 1
+            misses = 0
     return chosen
 
 
 def _nearest(S: np.ndarray, rows64: Callable[[np.ndarray], np.ndarray], C64: np.ndarray, tol: float) -> np.ndarray:
     """Labels from the float32 cosines S (rows × K): the argmax, where another centroid is within
-    `tol` re-decided in float64 (`rows64(i)`: the float64 unit rows i), ties → the lowest index."""
+    `tol` re-decided in float64 (`rows64(i)`: the float64 unit rows i), ties → the lowest index.
+    S is overwritten (the near-tie test reads the second largest value, not a boolean matrix)."""
     lab = S.argmax(axis=1)
-    top = S[np.arange(len(S)), lab]
-    near = S >= (top - tol)[:, None]
-    multi = np.flatnonzero(np.count_nonzero(near, axis=1) > 1)
+    r = np.arange(len(S))
+    top = S[r, lab].copy()
+    S[r, lab] = -np.inf
+    multi = np.flatnonzero(S.max(axis=1) >= top - tol) if S.shape[1] > 1 else np.zeros(0, dtype=np.int64)
     if multi.size:
-        r, c = np.nonzero(near[multi])
+        S[multi, lab[multi]] = top[multi]
+        near = S[multi] >= (top[multi] - tol)[:, None]
+        r, c = np.nonzero(near)
         v = np.einsum("ij,ij->i", rows64(multi)[r], C64[c])
         o = np.lexsort((c, -v, r))          # per row: largest float64 cosine, then lowest cluster
         first = np.r_[True, r[o][1:] != r[o][:-1]]
@@ -168,7 +202,7 @@ def assign(X: np.ndarray, inv: np.ndarray, valid: np.ndarray, C32: np.ndarray, r
     C64 = unit_centroids(C32)
     Cg = C64.astype(np.float32)
     tol = 2.0 * f32_tolerance(X.shape[1])
-    chunk = chunk or max(256, min(ROW_CHUNK, (1 << 25) // max(1, len(C64))))
+    chunk = chunk or max(256, min(ROW_CHUNK, SCORE_BLOCK // max(1, len(C64))))
     labels = np.full(len(rows), -1, dtype=np.int64)
     cos = np.full(len(rows), np.nan)
     for a in range(0, len(rows), chunk):
@@ -197,7 +231,7 @@ def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, 
     seeds = U if n <= PP_ROWS_PER_CLUSTER * k else U[np.sort(rng.choice(n, PP_ROWS_PER_CLUSTER * k, replace=False))]
     C = seeds[kmeans_pp(seeds, k, rng)].astype(np.float64)
     tol = 2.0 * f32_tolerance(d)
-    chunk = max(256, min(ROW_CHUNK, (1 << 25) // max(1, k)))
+    chunk = max(256, min(ROW_CHUNK, SCORE_BLOCK // max(1, k)))
     prev = None
     ran, converged = 0, False
     for _ in range(max(1, iterations)):
@@ -217,15 +251,10 @@ def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, 
     return C.astype(np.float32), {"iterations_run": ran, "converged": converged}
 
 
-def _update(U: np.ndarray, lab: np.ndarray, C: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """Spherical update: float64 sums of the members' unit vectors, re-normalized."""
-    order = np.argsort(lab, kind="stable")
-    sums = np.zeros_like(C)
-    for a in range(0, len(order), chunk):
-        idx = order[a:a + chunk]
-        lb = lab[idx]
-        starts = np.flatnonzero(np.r_[True, lb[1:] != lb[:-1]])
-        sums[lb[starts]] += np.add.reduceat(U[idx].astype(np.float64), starts, axis=0)
+def _update(U: np.ndarray, lab: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Spherical update: float64 sums of the members' unit vectors (`kmeans.cluster_sums`: one
+    float64 reduce per cluster over the rows in label order), re-normalized."""
+    sums, _ = cluster_sums(U, lab, len(C))
     unit, keep = normalize(sums)
     out = C.copy()
     out[keep] = unit[keep]

@@ -432,3 +432,124 @@ def test_cli_memory_option(tmp_path):
     r = invoke("dedup", tmp_path / "s", "--memory-gb", "-1", "--no-progress")
     assert r.exit_code == 1 and "--memory-gb must be a number of GiB > 0" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_blocked_kmeans_pp_draws_the_exact_kmeans_pp_distribution():
+    """The blocked seeding (stale weights + rejection) against the k-means++ probabilities computed
+    by brute force in float64: P(c1, c2 | c0) = w(c1 | c0) / Σ w(· | c0) · w(c2 | c0, c1) / Σ w(· | c0, c1),
+    w = 1 − max cos to the chosen. With block = 2 the third seed is drawn by rejection."""
+    rng = np.random.default_rng(11)
+    U = rng.standard_normal((5, 3))
+    U /= np.linalg.norm(U, axis=1, keepdims=True)
+    G = U @ U.T
+
+    def weights(chosen):
+        w = 1.0 - G[:, chosen].max(axis=1)
+        w[chosen] = 0.0
+        return np.clip(w, 0.0, None)
+
+    want = {}
+    for c0 in range(5):
+        w1 = weights([c0])
+        for c1 in range(5):
+            w2 = weights([c0, c1])
+            for c2 in range(5):
+                p = 0.2 * w1[c1] / w1.sum() * w2[c2] / w2.sum() if w1[c1] > 0 and w2.sum() > 0 else 0.0
+                if p > 0:
+                    want[(c0, c1, c2)] = p
+    draws = 40000
+    U32 = U.astype(np.float32)
+    gen = np.random.default_rng(0)
+    got: dict = {}
+    for _ in range(draws):
+        t = tuple(K.kmeans_pp(U32, 3, gen, block=2).tolist())
+        got[t] = got.get(t, 0) + 1
+    assert set(got) <= set(want)
+    for key, p in want.items():                  # each frequency within 5 standard deviations
+        sd = np.sqrt(p * (1 - p) / draws)
+        assert abs(got.get(key, 0) / draws - p) < 5 * sd + 1e-4, (key, got.get(key, 0) / draws, p)
+
+
+def test_kmeans_pp_with_fewer_distinct_rows_than_k_picks_distinct_rows():
+    U = np.repeat(np.eye(4, dtype=np.float32), 5, axis=0)          # 20 rows, 4 distinct
+    for block in (1, 3, 32):
+        c = K.kmeans_pp(U, 10, np.random.default_rng(2), block=block)
+        assert len(np.unique(c)) == 10
+        assert len(np.unique(c[:4] // 5)) == 4                      # the first 4 seeds: one per distinct row
+
+
+# --------------------------------------------------------------------------- the sample drawn in pass 1
+_MASK = (1 << 64) - 1
+
+
+def _fmix_ref(h):
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & _MASK
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & _MASK
+    return h ^ (h >> 31)
+
+
+def hash_ref(s, seed):
+    """The documented key, in Python integers: polynomial hashes of the UTF-8 bytes (+1) in two seeded
+    odd bases mod 2⁶⁴, mixed with the length and the seed by splitmix64's finalizer."""
+    g = 0x9E3779B97F4A7C15
+    sd = _fmix_ref((seed + g) & _MASK)
+    b1, b2 = _fmix_ref(sd ^ g) | 1, _fmix_ref((sd + g) & _MASK) | 1
+    p1 = p2 = 0
+    for byte in s.encode():
+        p1 = (p1 * b1 + byte + 1) & _MASK
+        p2 = (p2 * b2 + byte + 1) & _MASK
+    h = _fmix_ref(p1 ^ sd) ^ _fmix_ref((p2 + len(s.encode()) * g) & _MASK)
+    return _fmix_ref(h)
+
+
+def test_hash_keys_equal_the_definition_whatever_the_slicing():
+    from clipsql.kernels.sample import hash_keys
+    ids = ["", "a", "ab", "ba", "s00001", "s00010", "é€", "x" * 300]
+    arr = pa.array(ids)
+    for seed in (0, 1, 2 ** 40):
+        want = [hash_ref(s, seed) for s in ids]
+        assert hash_keys(arr, seed).tolist() == want
+        assert hash_keys(arr.slice(3), seed).tolist() == want[3:]
+        assert hash_keys(pa.chunked_array([arr.slice(0, 2), arr.slice(2)]), seed).tolist() == want
+    assert hash_keys(arr, 0).tolist() != hash_keys(arr, 1).tolist()
+
+
+def test_stream_sample_is_the_smallest_keys_whatever_the_order_and_batches():
+    """Brute force: the m valid rows of smallest (key, id rank), in id order. Ties at the cut are
+    planted (equal keys), the stream is fed in two storage orders and several batch sizes."""
+    from clipsql.kernels.sample import StreamSample
+    rng = np.random.default_rng(3)
+    n, d, m = 5000, 4, 300
+    keys = rng.integers(0, 2 ** 63, n, dtype=np.uint64)
+    keys[rng.choice(n, 400, replace=False)] = np.sort(keys)[m - 1]      # many ties at the m-th key
+    rank = rng.permutation(n)                                            # id order ≠ stream order
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    want = sorted(range(n), key=lambda i: (int(keys[i]), int(rank[i])))[:m]
+    want = sorted(want, key=lambda i: rank[i])
+    for order in (np.arange(n), rng.permutation(n)):
+        for batch, slack in ((1, 1), (97, 10), (4096, None)):
+            s = StreamSample(m + 50, d, slack=slack)
+            for a in range(0, n, batch):
+                p = order[a:a + batch]
+                s.add(keys[p], p, lambda i, p=p: X[p[i]])
+            pos, rows = s.take(m, rank)
+            assert pos.tolist() == want
+            assert np.array_equal(rows, X[pos])
+            assert s.admitted < n if batch > 1 else True
+
+
+def test_the_sample_does_not_depend_on_the_storage_order(tmp_path):
+    """The same rows written in another order (and in several commits) give the same centroids."""
+    X, ids, _ = planted(n_base=900, n_groups=20, n_near=0, n_far=0, seed=7)
+    st1, rec1 = make_store(tmp_path / "a", X, ids)
+    perm = np.random.default_rng(0).permutation(len(X))
+    st2, rec2 = make_store(tmp_path / "b", X[perm[:400]], [ids[i] for i in perm[:400]])
+    append(st2, X[perm[400:]], [ids[i] for i in perm[400:]])
+    r1 = semdedup(st1, clusters=6, sample=500, seed=2)
+    r2 = semdedup(st2, clusters=6, sample=500, seed=2)
+    (g1, C1), (g2, C2) = stored(st1, rec1), stored(st2, rec2)
+    assert np.array_equal(C1, C2) and g1 == g2 and r1["fit"]["iterations_run"] == r2["fit"]["iterations_run"]
+    r3 = semdedup(st1, clusters=6, sample=500, seed=3)
+    assert not np.array_equal(stored(st1, rec1)[1], C1) and r3["mode"] == "full"

@@ -25,15 +25,16 @@ parameters, or --refit, recompute everything (unspecified options then take the 
 current pool).
 
 Memory: the image vectors are never all in memory. Pass 1 streams the committed version's
-(id, image_embedding) batches for the ids and 1/‖x‖ (validity); the sample (the same seeded draw
-of valid rows in id order as ever) is read with Lance `take` by row position — the positions of
-the scan order of that one version — as float32 unit rows for the k-means; pass 2 streams the
-batches again to assign every row; the within-cluster pass reads the clusters in groups of at most
-budget / (16·d) members by `take` (`kernels.semdedup_blocks`; a larger cluster alone, out
-of core). Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
+(id, image_embedding) batches for the ids, 1/‖x‖ (validity) and the k-means sample: the valid rows
+of the smallest seeded hash of their id (`kernels.sample`: independent of the storage order),
+kept as float32 unit rows while streaming — no read by position; pass 2 streams the batches again
+to assign every row; the within-cluster pass reads the clusters in groups of at most
+budget / (16·d) members by `take` (`kernels.semdedup_blocks`; a larger cluster alone, out of
+core). Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
 changes a stored value. Beyond it: O(n) per-row arrays (ids, ranks, norms, labels, cos, max_sim:
-≈ 90 bytes a row) and the k-means sample as float32 unit rows (4·sample·d bytes: 0.4 GiB at 10⁷ rows
-with the defaults). The incremental path takes only the new rows and the changed clusters' rows.
+≈ 90 bytes a row) and the k-means sample as float32 unit rows (4·sample·d bytes, 1.25× that while
+pass 1 draws it: 0.4 GiB at 10⁷ rows with the defaults). A re-run that reuses the stored centroids
+draws no sample; the incremental path takes only the new rows and the changed clusters' rows.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from clipsql.errors import ClipsqlError, SelectionError
 from clipsql.kernels import semdedup as K
 from clipsql.kernels import semdedup_blocks as B
 from clipsql.kernels.arrays import fixed_list, to_numpy
+from clipsql.kernels.sample import StreamSample, hash_keys
 from clipsql.kernels.semdedup import inverse_norms, removable, unit32
 from clipsql.lazy import tqdm
 from clipsql.store.faults import fault
@@ -118,8 +120,10 @@ class _Rows:
         return out
 
 
-def _scan_norms(rows: _Rows) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """Pass 1 over the committed table: (ids, inv, valid); inv = 1/‖x‖ float64 (0 for invalid rows)."""
+def _scan_norms(rows: _Rows, sampler: StreamSample | None = None, seed: int = 0
+                ) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Pass 1 over the committed table: (ids, inv, valid); inv = 1/‖x‖ float64 (0 for invalid rows).
+    With `sampler`, the valid rows are offered to it (key: `hash_keys(id, seed)`), as float32 unit rows."""
     n = rows.ds.count_rows()
     inv, valid = np.zeros(n), np.zeros(n, dtype=bool)
     ids = []
@@ -129,7 +133,13 @@ def _scan_norms(rows: _Rows) -> tuple[pa.Array, np.ndarray, np.ndarray]:
         if end > n:
             raise ClipsqlError(f"{rows.ds.uri}: version {rows.version} has more rows than it counts: "
                                "run `clipsql doctor`")
-        inv[pos:end], valid[pos:end] = inverse_norms(to_numpy(b.column("image_embedding")), chunk=8192)
+        X = to_numpy(b.column("image_embedding"))
+        inv[pos:end], valid[pos:end] = inverse_norms(X, chunk=8192)
+        if sampler is not None:
+            ok = np.flatnonzero(valid[pos:end])
+            iv = inv[pos:end]
+            sampler.add(hash_keys(b.column("id"), seed)[ok], pos + ok,
+                        lambda i, X=X, iv=iv, ok=ok: unit32(X, iv, ok[i]))
         ids.append(pa.concat_arrays([b.column("id")]))   # a compact copy: a slice keeps Lance's whole
         #                                                  decoded buffers (vectors included) alive
     ids_arr = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
@@ -217,7 +227,15 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
     timings: dict[str, float] = {}
     with st.lock():
         reader = _Rows(st, rec, max(256, min(SCAN_BATCH, cap)))
-        ids, inv, valid = _scan_norms(reader)                  # pass 1: ids, norms, validity
+        prev = _previous(st, rec)
+        old = prev[0] if prev is not None and not refit else {}
+        # the parameters as far as they are known before pass 1 (the pool size taken as every row:
+        # the defaults only grow with it); a run that will reuse the stored centroids draws no sample
+        rows_now = reader.ds.count_rows()
+        plan = _params(rec, old, clusters, sample, seed, iterations, rows_now)
+        C32 = _centroids(st, rec, old) if old and all(old.get(p) == plan[p] for p in PARAMS) else None
+        sampler = None if C32 is not None else StreamSample(max(1, min(plan["sample"], rows_now)), rec.dim)
+        ids, inv, valid = _scan_norms(reader, sampler, plan["seed"])     # pass 1: ids, norms, validity, sample
         version, n = reader.version, len(ids)
         if n == 0:
             raise SelectionError(f"model {rec.model_id} has no rows yet: ingest data first "
@@ -227,24 +245,19 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             raise SelectionError(f"none of the {n} rows of {rec.model_id} has a usable image embedding "
                                  "(all NULL, zero or non-finite): nothing to deduplicate")
         timings["load_s"] = time.perf_counter() - t0
-        prev = _previous(st, rec)
-        old = prev[0] if prev is not None and not refit else {}
-        k = clusters if clusters is not None else old.get("clusters") or default_clusters(n_valid)
+        params = _params(rec, old, clusters, sample, seed, iterations, n_valid)
+        k = params["clusters"]
         if k > n_valid:
             raise SelectionError(f"--clusters {k} is more than the {n_valid} rows of {rec.model_id} with a usable "
                                  "image embedding: choose K ≤ the pool" + (" (or --refit)" if old else ""))
-        m = sample if sample is not None else old.get("sample") or default_sample(n_valid, k)
-        if not k <= m <= n_valid:
+        if not k <= params["sample"] <= n_valid:
             raise SelectionError(f"--sample must be between --clusters ({k}) and the {n_valid} rows with a usable "
-                                 f"image embedding; got {m}")
-        params = {"clusters": int(k), "sample": int(m),
-                  "seed": int(seed if seed is not None else old.get("seed", DEFAULT_SEED)),
-                  "iterations": int(iterations or old.get("iterations") or DEFAULT_ITERATIONS),
-                  "init": K.INIT, "kernel": K.KERNEL_VERSION, "dim": rec.dim}
+                                 f"image embedding; got {params['sample']}")
+        if C32 is not None and any(plan[p] != params[p] for p in PARAMS):
+            raise ClipsqlError(f"{reader.ds.uri}: the table changed during the run: run `clipsql dedup` again")
         perm = pc.sort_indices(ids).to_numpy()
         id_rank = np.empty(n, dtype=np.int64)
         id_rank[perm] = np.arange(n)
-        C32 = _centroids(st, rec, old) if old and all(old.get(p) == params[p] for p in PARAMS) else None
         now = int(time.time() * 1e6)
         bar = _bar(progress, f"semdedup [{rec.model_id}]")
         pos = None if prev is None else _id_positions(ids, prev[1].column("id").combine_chunks())
@@ -294,12 +307,11 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             extra = {"new_rows": int(len(new_rows)), "removed_rows": int(gone.sum()), "recomputed": int(len(affected))}
         else:                                             # a full run: fit, assign all, every cluster
             rng = np.random.default_rng(params["seed"])
-            S = K.draw_sample(perm[valid[perm]], params["sample"], rng)    # valid rows in id order
             t1 = time.perf_counter()
-            U = _sample_units(reader, inv, S, cap)
-            timings["sample_read_s"] = time.perf_counter() - t1
+            S, U = sampler.take(params["sample"], id_rank)     # drawn in pass 1: valid rows in id order
+            del sampler
             bar.reset(total=params["iterations"])
-            bar.set_description(f"semdedup [{rec.model_id}]: k-means (K={k}, sample {m})")
+            bar.set_description(f"semdedup [{rec.model_id}]: k-means (K={k}, sample {params['sample']})")
             C32, info = K.fit_units(U, k, rng, params["iterations"], progress=bar.update)
             del U, S
             timings["fit_s"] = time.perf_counter() - t1
@@ -343,14 +355,15 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
                    group_rows=cap, **extra)
 
 
-def _sample_units(reader: _Rows, inv: np.ndarray, S: np.ndarray, cap: int) -> np.ndarray:
-    """The float32 unit rows of the sample S (row positions, in S's order), taken in chunks of `cap`."""
-    o = np.argsort(S, kind="stable")
-    U = np.empty((len(S), reader.dim), dtype=np.float32)
-    for a in range(0, len(S), cap):
-        j = o[a:a + cap]
-        U[j] = unit32(reader.take(S[j]), inv[S[j]], np.arange(len(j)))
-    return U
+def _params(rec: ModelRecord, old: dict, clusters: int | None, sample: int | None, seed: int | None,
+            iterations: int | None, n_valid: int) -> dict:
+    """The run's parameters: the options, else the stored run's (`old`), else the defaults for `n_valid`."""
+    k = clusters if clusters is not None else old.get("clusters") or default_clusters(n_valid)
+    m = sample if sample is not None else old.get("sample") or default_sample(n_valid, k)
+    return {"clusters": int(k), "sample": int(m),
+            "seed": int(seed if seed is not None else old.get("seed", DEFAULT_SEED)),
+            "iterations": int(iterations or old.get("iterations") or DEFAULT_ITERATIONS),
+            "init": K.INIT, "kernel": K.KERNEL_VERSION, "dim": rec.dim}
 
 
 def _write_centroids(st: Store, rec: ModelRecord, C32: np.ndarray) -> dict:

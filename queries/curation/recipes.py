@@ -191,7 +191,7 @@ def default_clusters(pool_size: int) -> int:
 def image_based(pool: Pool, target: Any, target_rows: np.ndarray, *, clusters: int | None, sample: int | None,
                 seed: int, iterations: int = kmeans.DEFAULT_ITERATIONS) -> tuple[pa.Table, dict, dict]:
     """DataComp's image-based baseline over the pool (see the module doc); rows in id order."""
-    ids, vectors = _pool_vectors_ids(pool)
+    ids, vectors, everything = _pool_vectors_ids(pool, keep=sample is None)
     n = len(ids)
     if n == 0:
         raise SelectionError("the pool has no rows with a valid image embedding")
@@ -201,10 +201,17 @@ def image_based(pool: Pool, target: Any, target_rows: np.ndarray, *, clusters: i
     m = n if sample is None else int(sample)
     if not k <= m:
         raise SelectionError(f"--sample ({m}) must be at least --clusters ({k})")
-    positions = np.sort(np.random.default_rng(seed).choice(n, size=min(m, n), replace=False))
-    train = vectors(positions)
+    if everything is not None and m >= n:      # the sample is the pool, read once in pass 1
+        positions, train = np.arange(n), everything
+    else:
+        positions = np.sort(np.random.default_rng(seed).choice(n, size=min(m, n), replace=False))
+        train = vectors(positions)
     centroids = kmeans.lloyd(train, k, iterations=iterations, seed=seed)
-    labels = np.concatenate([kmeans.assign(X, centroids) for X in _pool_normalized(pool)])
+    if everything is not None:
+        labels = kmeans.assign(everything, centroids)
+    else:
+        labels = np.concatenate([kmeans.assign(X, centroids) for X in _pool_normalized(pool)])
+    del train, everything
     wanted = np.unique(kmeans.assign(target_rows, centroids))
     keep = np.flatnonzero(np.isin(labels, wanted))
     kept_ids = ids.take(pa.array(keep, pa.int64()))
@@ -224,14 +231,19 @@ def _pool_normalized(pool: Pool):
         yield Xh[ok].astype(np.float32)
 
 
-def _pool_vectors_ids(pool: Pool) -> tuple[pa.Array, Callable[[np.ndarray], np.ndarray]]:
-    """Ids of the pool rows with a valid image embedding (in scan order), and a reader of the
-    normalized vectors at sorted positions among them (a second pass, O(sample × d) memory)."""
-    chunks = []
+def _pool_vectors_ids(pool: Pool, keep: bool = False
+                      ) -> tuple[pa.Array, Callable[[np.ndarray], np.ndarray], np.ndarray | None]:
+    """Ids of the pool rows with a valid image embedding (in scan order), a reader of the
+    normalized vectors at sorted positions among them (a second pass, O(sample × d) memory), and
+    with `keep` (the sample is the whole pool) all those vectors, float32, read in this one pass."""
+    chunks, kept = [], []
     for ids, X in pool.image_batches():
-        _, ok = normalize(X)
+        Xh, ok = normalize(X)
         chunks.append(ids.filter(pa.array(ok)))
+        if keep:
+            kept.append(Xh[ok].astype(np.float32))
     ids = pa.concat_arrays(chunks) if chunks else pa.array([], pa.string())
+    everything = (np.concatenate(kept) if kept else np.empty((0, pool.rec.dim), np.float32)) if keep else None
 
     def vectors(positions: np.ndarray) -> np.ndarray:
         out, start = [], 0
@@ -240,7 +252,7 @@ def _pool_vectors_ids(pool: Pool) -> tuple[pa.Array, Callable[[np.ndarray], np.n
             out.append(X[sel])
             start += len(X)
         return np.concatenate(out) if out else np.empty((0, pool.rec.dim), np.float32)
-    return ids, vectors
+    return ids, vectors, everything
 
 
 def fraction_count(fraction: float, pool: int) -> int:
