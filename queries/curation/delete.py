@@ -30,7 +30,7 @@ def ids_where(st: Store, where: str, view: str = "samples") -> Any:
         example = "caption IS NULL" if view == "samples" else "deleted_at > '2026-01-01'"
         raise QueryError(f"--where is empty: give a condition on {view}, e.g. --where \"{example}\" "
                          f"(for every row, say --where true)")
-    con = connect(st)
+    con = connect(st, samples_only=True)     # ids only: no model, statistics or fit is read
     try:
         tbl = fetch_table(con, f"SELECT DISTINCT id FROM {view} WHERE ({where})")
     finally:

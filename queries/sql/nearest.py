@@ -30,7 +30,7 @@ filter's ids; NULL = no filter). Positional `nearest(q, 10, 'model', 'text')` wo
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -60,9 +60,11 @@ def allowed_ids(con: Any, where: str) -> pa.Array:
 class Searcher:
     """Per-connection state: the snapshot's table versions and lazily opened Lance datasets."""
 
-    def __init__(self, st: Store, versions: dict[str, int] | None = None):
+    def __init__(self, st: Store, versions: dict[str, int] | None = None,
+                 model: Callable[[str | None], ModelRecord] | None = None):
         self.st = st
         self.versions = versions if versions is not None else st.committed_versions()
+        self.model = model or st.model      # a connection's: its snapshot's models
         self._ds: dict[str, Any] = {}
         self._info: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
@@ -86,7 +88,7 @@ class Searcher:
         `allowed`: only rows with these ids (a filter's result, `allowed_ids`); None: every row."""
         k = positive_k(k)
         column = vindex.column_for(modality or "image")
-        rec = self.st.model(model)
+        rec = self.model(model)
         Q = np.asarray(Q, dtype=np.float64)
         if Q.ndim != 2 or Q.shape[1] != rec.dim:
             raise DimensionMismatch(f"the query vector has {Q.shape[-1]} dimensions; model {rec.model_id} "
@@ -169,7 +171,7 @@ def nearest_udf(searcher: Searcher) -> Any:
 def register_nearest(con: Any, ctx: Any) -> Searcher:
     """Register `_clipsql_nearest` and the table macro `nearest` on `con` (called by functions.register).
     The filter is the caller's own SQL expression, run by DuckDB's `query()` on this connection."""
-    searcher = Searcher(ctx.st)
+    searcher = Searcher(ctx.st, ctx.snap.versions, ctx.model)
     con.create_function("_clipsql_nearest", ctx.guard(nearest_udf(searcher)),
                         ["FLOAT[]", "DOUBLE", "VARCHAR", "VARCHAR", "VARCHAR[]", "BOOLEAN"],
                         "STRUCT(id VARCHAR, score DOUBLE)[]", type="arrow", null_handling="special",
