@@ -100,9 +100,11 @@ def _bounded_spill(con: Any) -> str:
     return folder
 
 
-def register_views(con: Any, snap: Snapshot) -> None:
+def register_views(con: Any, snap: Snapshot | Store) -> None:
     """Views over one snapshot: every table at the version the ledger's last commit names, as the
-    snapshot read them, so `samples`, `embeddings`, `scores` and `stats` come from the same commit."""
+    snapshot read them, so `samples`, `embeddings`, `scores` and `stats` come from the same commit
+    (a Store: its snapshot as of now)."""
+    snap = snap if isinstance(snap, Snapshot) else Snapshot.read(snap)
     _register_samples(con, snap)
     if not snap.samples_only:
         _register_embeddings(con, snap)

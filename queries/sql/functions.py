@@ -57,7 +57,7 @@ from clipsql.models.prompts import PromptCache
 from clipsql.queries.sql.nearest import register_nearest
 from clipsql.store.fits import load_fit, no_fit_error
 from clipsql.store.snapshot import Snapshot
-from clipsql.store.store import ModelRecord
+from clipsql.store.store import ModelRecord, Store
 from clipsql.store.targets import TargetScorer, unknown_target
 
 
@@ -424,8 +424,10 @@ def udf_error(e: BaseException, con: Any = None) -> ClipsqlError | None:
     return from_udf_text(text)
 
 
-def register(con: Any, snap: Snapshot) -> ScoreContext:
-    """Register every clipsql SQL function on `con` (one place, one call), over the snapshot `snap`."""
+def register(con: Any, snap: Snapshot | Store) -> ScoreContext:
+    """Register every clipsql SQL function on `con` (one place, one call), over the snapshot `snap`
+    (a Store: its snapshot as of now)."""
+    snap = snap if isinstance(snap, Snapshot) else Snapshot.read(snap)
     ctx = ScoreContext(snap)
     _CONTEXTS[con] = ctx
     F, V, B = "FLOAT[]", "VARCHAR", "BOOLEAN"
