@@ -44,7 +44,7 @@ from clipsql.errors import CatalogDamaged, CatalogError, ClipsqlError, MarkerDam
 from clipsql.lazy import duckdb, lance
 from clipsql.store import catalog as cat
 from clipsql.store import deletions
-from clipsql.store.drops import DROP_PREFIX, sweep_dropped_tables
+from clipsql.store.drops import DEFAULT_RETENTION_HOURS, dropped_fit_ids, due, pending_drops, sweep_dropped_tables
 from clipsql.store.location import exists, is_remote, move, store_path
 from clipsql.store.locks import lease_holder
 from clipsql.store.manage import delete_ids
@@ -485,6 +485,8 @@ def _check_fits_targets(st: Store, report: Report, repair: bool) -> None:
         fits = conn.execute(sa.select(cat.fits.c.fit_id, cat.fits.c.model_id)).all()
         targets = conn.execute(sa.select(cat.targets.c.name, cat.targets.c.table_name, cat.targets.c.n)).all()
         refs = {r[0] for r in conn.execute(sa.select(cat.fit_references.c.fit_id))}
+        kept = dropped_fit_ids(conn)      # fits of a removed model, kept for sessions opened before
+    fits = [(f, m) for f, m in fits if f not in kept]
     bad = [f for f, m in fits if m not in known or f not in refs]
     report.add("fits", "error" if bad else "ok",
                f"{len(fits)} fits" + (f"; #{', #'.join(map(str, bad))} lack their model or reference" if bad else ""))
@@ -583,7 +585,7 @@ def _check_runs(st: Store, report: Report, repair: bool) -> None:
     with st.engine.connect() as conn:
         running = [r[0] for r in conn.execute(sa.select(cat.ingest_runs.c.run_id).where(
             cat.ingest_runs.c.status == "running"))]
-        drops = [r[0] for r in conn.execute(sa.select(cat.settings.c.key).where(cat.settings.c.key.like(DROP_PREFIX + "%")))]
+        drops = pending_drops(conn)
     if running:
         holder = _lock_holder(st)
         if holder is None or repair:
@@ -595,10 +597,14 @@ def _check_runs(st: Store, report: Report, repair: bool) -> None:
             report.add("runs", "ok", f"run(s) {running} in progress ({holder})")
     else:
         report.add("runs", "ok", "no run left running")
-    if drops:
-        f = report.add("dropped tables", "warn", f"{len(drops)} table(s) a committed change let go are still on disk")
+    overdue = [t for t, rec in drops.items() if due(rec, DEFAULT_RETENTION_HOURS)]
+    if overdue:
+        f = report.add("dropped tables", "warn", f"{len(overdue)} table(s) a committed change let go are still on disk")
         if repair:
             f.repaired = f"deleted {sweep_dropped_tables(st)}"
+    elif drops:
+        report.add("dropped tables", "ok", f"{len(drops)} table(s) a `models rm` let go are kept for sessions opened "
+                   f"before it, for {DEFAULT_RETENTION_HOURS:g} h (the next writer after that deletes them)")
 
 
 def _lock_holder(st: Store) -> str | None:

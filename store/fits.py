@@ -141,8 +141,7 @@ def load_fit(st: Store, rec: ModelRecord, reference: bool = True, row: dict | No
     """
     row = row if row is not None else st.latest_fit(rec, with_reference=reference)
     if row is None:
-        raise StatsError(f"no fitted statistics for model {rec.model_id}: run "
-                         f"`clipsql stats fit STORE --model {rec.model_id}` first")
+        raise no_fit_error(rec)
     arr, opts = row["arrays"], row["options"]
     if reference:
         Xh, _ = scores.normalize(arr["X_ref_raw"])
@@ -152,6 +151,11 @@ def load_fit(st: Store, rec: ModelRecord, reference: bool = True, row: dict | No
     f = scores.Fit(a=float(opts["a"]), b=float(opts["b"]), kind=opts["kind"], prior=opts["prior"],
                    X_ref=Xh, Y_ref=Yh, **{k: arr[k] for k in ARRAY_KEYS})
     return f, row
+
+
+def no_fit_error(rec: ModelRecord) -> StatsError:
+    return StatsError(f"no fitted statistics for model {rec.model_id}: run "
+                      f"`clipsql stats fit STORE --model {rec.model_id}` first")
 
 
 def stale_share(st: Store) -> float:
@@ -165,16 +169,20 @@ def staleness(st: Store, rec: ModelRecord, fit: dict | None = None) -> str | Non
     fit = fit if fit is not None else st.latest_fit(rec, with_arrays=False)
     if fit is None:
         return None
-    reason = st.stale_fit_reason(int(fit["fit_id"]))
+    return stale_message(rec, fit, st.stale_fit_reason(int(fit["fit_id"])), st.count_rows(rec), stale_share(st))
+
+
+def stale_message(rec: ModelRecord, fit: dict, reason: str | None, rows: int, share: float) -> str | None:
+    """`staleness` from what it reads: the fit row, why it was marked stale (or None), the model's
+    rows and the stated share."""
     if reason is None and rec.kind == "siglip" and "approx_metric" not in fit["options"]:
         reason = "the SigLIP approximation's metric was corrected (the (1 − σ)-scaled Fisher metric)"
     if reason is not None:
         return (f"the fit of {rec.model_id} (#{fit['fit_id']}) is stale: {reason} since it was computed; "
                 "re-run `clipsql stats fit`")
-    rows = st.count_rows(rec)
     added = rows - int(fit["n_rows"])
-    if rows and added > 0 and added / rows > stale_share(st):
+    if rows and added > 0 and added / rows > share:
         return (f"the fit of {rec.model_id} (#{fit['fit_id']}) predates {added} of {rows} rows "
-                f"({100 * added / rows:.0f}% > {100 * stale_share(st):.0f}%): new rows still score against the "
+                f"({100 * added / rows:.0f}% > {100 * share:.0f}%): new rows still score against the "
                 f"fixed reference, but re-run `clipsql stats fit` to refresh priors and covariances")
     return None

@@ -11,7 +11,8 @@ that change no row; the catalog's `table_versions` moves to them in one transact
   version younger than the retention window, default 24 h);
 * a SIGKILL before that transaction leaves the ledger at the old versions, whose files
   are all still there: the next writer restores them (Store.recover) and nothing is lost;
-* versions a fit was computed on are tagged (`fit-<id>`) and never pruned.
+* versions a fit was computed on are tagged (`fit-<id>`) and never pruned;
+* the tables `models rm` let go are deleted once older than the same retention (store.drops).
 """
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
+from clipsql.store.drops import DEFAULT_RETENTION_HOURS, sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists
 from clipsql.store.store import ModelRecord, Store, set_committed_version
 from clipsql.store.tables import DELETIONS, SAMPLES
 
-DEFAULT_RETENTION_HOURS = 24.0
 FRAGMENT_BYTES = 256 << 20       # compaction merges fragments smaller than this into ones of this size
 INDEX_MIN_ROWS = 10_000          # below this a scan is as fast as the index
 AUTO_FRAGMENTS = 64              # ingest compacts when a table has more *small* fragments than this
@@ -168,6 +169,8 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
             info["bytes_pruned"] = int(stats.bytes_removed)
             info["versions_tagged"] = tagged
             info["versions"] = len(ds.versions())
+        # tables a `models rm` let go, kept as long as the versions a reader may still hold
+        report["dropped_tables"] = sweep_dropped_tables(st, retention_hours)
     report["seconds"] = round(time.perf_counter() - t_start, 3)
     return report
 

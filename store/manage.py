@@ -27,7 +27,7 @@ from clipsql.kernels.arrays import to_numpy
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance
 from clipsql.store import catalog as cat
-from clipsql.store.drops import mark_for_drop, sweep_dropped_tables
+from clipsql.store.drops import mark_for_drop
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, Store, new_moments, set_committed_version
 from clipsql.store.tables import SAMPLES, derived_tables, stored_table_name
@@ -46,7 +46,9 @@ def set_default_model(st: Store, name: str) -> ModelRecord:
 def remove_model(st: Store, name: str) -> dict[str, Any]:
     """Remove one model: its embedding table, statistics, fits and targets. Samples stay (other
     models, or a later ingest, use them). The catalog forgets the model in one transaction before
-    any file is removed; a kill after it leaves an unreferenced table that the next writer deletes."""
+    any file is removed. Its tables (and the catalog rows of its fits) stay readable for the
+    retention `optimize` uses, so a session opened before keeps answering; a writer after that
+    deletes them (store.drops), as it does after a kill at any point here."""
     rec = st.model(name)        # an id or a unique part of one (an ambiguous part is refused, naming them)
     with st.lock():
         st.recover()
@@ -60,11 +62,9 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
         with st.engine.begin() as conn:
             for table, col in ((cat.models, cat.models.c.model_id),
                                (cat.running_stats, cat.running_stats.c.model_id),
-                               (cat.fits, cat.fits.c.model_id), (cat.targets, cat.targets.c.model_id),
+                               (cat.targets, cat.targets.c.model_id),
                                (cat.ingested_units, cat.ingested_units.c.model_id)):
                 conn.execute(sa.delete(table).where(col == rec.model_id))
-            for table in (cat.fit_references, cat.stale_fits, cat.recipe_fits):
-                conn.execute(sa.delete(table).where(table.c.fit_id.in_(fit_ids)))
             conn.execute(sa.delete(cat.table_versions).where(
                 cat.table_versions.c.table_name.in_([rec.table_name, *target_tables.values()])))
             conn.execute(cat.commits.insert().values(
@@ -76,9 +76,9 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
                 if rest is not None:
                     conn.execute(cat.settings.insert().values(key="default_model", value=rest[0]))
             for table in (rec.table_name, *target_tables.values(), *derived_tables(rec.table_name)):
-                mark_for_drop(conn, table, rec.model_id)
+                mark_for_drop(conn, table, rec.model_id, keep_for_readers=True,
+                              fits=fit_ids if table == rec.table_name else ())
         fault("models-rm:after-catalog")
-        sweep_dropped_tables(st)
     return {"model": rec.model_id, "rows": rows, "fits": len(fit_ids), "targets": sorted(target_tables),
             "default_model": st.get_setting("default_model")}
 

@@ -49,7 +49,8 @@ from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists, is_remote, rmtree, store_path
 from clipsql.store.locks import file_lock, lease, lease_seconds
-from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, embeddings_schema, embeddings_table_name, samples_schema
+from clipsql.store.tables import (DELETIONS, SAMPLES, TAGS, derived_tables, embeddings_schema, embeddings_table_name,
+                                  samples_schema)
 
 MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
@@ -209,10 +210,23 @@ class Store:
         else:
             held = lease(self.engine, name, str(self.path))
         with held:
+            if name == "writer":
+                self._sweep_drops()
             try:
                 yield
             finally:
                 self.checkpoint()     # before the lock goes: the next reader finds every commit in the file
+
+    def _sweep_drops(self) -> None:
+        """Every writer, on taking the lock: delete the tables (and fits) a committed change let go that
+        no reader may hold any more (store.drops). Best effort: a catalog that cannot be read here is
+        for `clipsql doctor` to report, and the next writer tries again."""
+        if self.read_only:
+            return
+        try:
+            sweep_dropped_tables(self)
+        except (sa.exc.SQLAlchemyError, OSError):
+            pass
 
     def checkpoint(self) -> None:
         """A writer is done: a SQLite catalog's commits move from its WAL into the file, where readers
@@ -246,6 +260,8 @@ class Store:
             return rec
         rec = ModelRecord(model_id, embeddings_table_name(model_id), kind, int(dim), float(logit_scale),
                           None if logit_bias is None else float(logit_bias), context_length, spec)
+        # a model removed under this name whose tables are still kept for readers: they go now
+        sweep_dropped_tables(self, only=[rec.table_name, *derived_tables(rec.table_name)])
         version = self._new_model_table(rec)
         fault("register:after-table")
         with self.engine.begin() as conn:      # the table's version and the model: one transaction
@@ -261,21 +277,8 @@ class Store:
     def model(self, name: str | None = None) -> ModelRecord:
         """A model by id (or unique substring); None → the store's default model."""
         models = self.list_models()
-        if not models:
-            raise ModelError(f"store {self.path} has no models yet: ingest data first "
-                             "(`clipsql ingest STORE SOURCE --model …`)")
-        if name is None:
-            name = self.get_setting("default_model") or models[0].model_id
-        exact = [m for m in models if m.model_id == name]
-        if exact:
-            return exact[0]
-        partial = [m for m in models if name in m.model_id]
-        if len(partial) == 1:
-            return partial[0]
-        known = ", ".join(m.model_id for m in models)
-        if partial:
-            raise ModelError(f"model {name!r} is ambiguous in this store; one of: {known}")
-        raise ModelError(f"model {name!r} is not in this store; known models: {known}")
+        default = self.get_setting("default_model") if models and name is None else None
+        return pick_model(models, default, name, self.path)
 
     # -- Lance tables ---------------------------------------------------------------------
     def table_names(self) -> list[str]:
@@ -365,7 +368,6 @@ class Store:
         """Writers only (under the lock): roll every table whose Lance version is ahead of the ledger
         back to the committed version; adopt tables the ledger does not know yet (stores written
         before the ledger existed). Returns {table: rows rolled back}."""
-        sweep_dropped_tables(self)
         self.abort_dead_runs()
         recorded = self.committed_versions()
         rolled: dict[str, int] = {}
@@ -698,6 +700,25 @@ class Store:
                 raise CatalogDamaged(f"{e}: run `clipsql doctor {self.path} --repair` (drops it), then refit with "
                                      f"`clipsql stats fit {self.path} --model {out['model_id']}`") from None
         return out
+
+
+def pick_model(models: list[ModelRecord], default: str | None, name: str | None, path: Any) -> ModelRecord:
+    """The model `name` (an id, or a unique part of one) among `models`; None → `default` (else the first)."""
+    if not models:
+        raise ModelError(f"store {path} has no models yet: ingest data first "
+                         "(`clipsql ingest STORE SOURCE --model …`)")
+    if name is None:
+        name = default or models[0].model_id
+    exact = [m for m in models if m.model_id == name]
+    if exact:
+        return exact[0]
+    partial = [m for m in models if name in m.model_id]
+    if len(partial) == 1:
+        return partial[0]
+    known = ", ".join(m.model_id for m in models)
+    if partial:
+        raise ModelError(f"model {name!r} is ambiguous in this store; one of: {known}")
+    raise ModelError(f"model {name!r} is not in this store; known models: {known}")
 
 
 def read_marker(path: Path) -> dict:

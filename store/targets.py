@@ -70,10 +70,18 @@ def get_target(st: Store, name: str) -> Target:
     with st.engine.connect() as conn:
         row = conn.execute(sa.select(cat.targets).where(cat.targets.c.name == name)).first()
     if row is None:
-        known = ", ".join(t["name"] for t in list_targets(st)) or "none yet"
-        raise TargetError(f"unknown target {name!r} (known targets: {known}); add one with "
-                          f"`clipsql target add STORE {name} --query \"SELECT image_embedding FROM …\"` "
-                          "or `clipsql target add STORE NAME SOURCE --model M`")
+        raise unknown_target(name, [t["name"] for t in list_targets(st)])
+    return target_from_row(row)
+
+
+def unknown_target(name: str, known: list[str]) -> TargetError:
+    return TargetError(f"unknown target {name!r} (known targets: {', '.join(known) or 'none yet'}); add one with "
+                       f"`clipsql target add STORE {name} --query \"SELECT image_embedding FROM …\"` "
+                       "or `clipsql target add STORE NAME SOURCE --model M`")
+
+
+def target_from_row(row: Any) -> Target:
+    """A `targets` catalog row as a Target."""
     m = row._mapping
     try:
         moment = cat.unpack(m["second_moment"], f"the second moment of target {name!r}")

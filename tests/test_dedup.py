@@ -282,6 +282,7 @@ def test_a_failed_write_leaves_the_old_result(tmp_path, monkeypatch):
 
 
 def test_model_removal_drops_the_tables(tmp_path):
+    from clipsql.store.maintenance import optimize
     from clipsql.store.manage import remove_model
     X, ids, _ = planted(n_base=300, n_groups=5, n_near=0, n_far=0, seed=6)
     st, rec = make_store(tmp_path / "s", X, ids)
@@ -289,6 +290,8 @@ def test_model_removal_drops_the_tables(tmp_path):
     names = {dedup_table_name(rec.table_name), centroids_table_name(rec.table_name)}
     assert names <= set(st.table_names())
     remove_model(st, MODEL)
+    assert names <= set(st.table_names())           # kept for the sessions opened before, for the retention
+    optimize(st, retention_hours=0)
     assert not names & set(st.table_names())
 
 

@@ -58,10 +58,12 @@ def test_models_rm_removes_everything_of_the_model(two_models):
     assert "1200 embedding rows, 1 fit(s)" in out and f"default model now: {b}" in out
     st = Store.open(st.path)
     assert model_ids(st) == [b] and st.model().model_id == b
-    assert table not in st.table_names()
+    assert table not in st.committed_versions()          # the catalog forgot it; its files stay for the
+    assert table in st.table_names()                     # retention (sessions opened before read them)
     assert st.latest_fit(st.model(b)) is None and len(sample_ids(st)) == 1200   # samples stay
     assert_stats_match_vectors(st, b)
-    # ingesting the removed model again starts from nothing (its source units were forgotten)
+    # ingesting the removed model again starts from nothing (its source units were forgotten, the kept
+    # table is deleted first)
     cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
     st = Store.open(st.path)
     assert st.count_rows(st.model(a)) == 1200
@@ -126,7 +128,8 @@ def test_kill_during_delete_or_rm_leaves_a_consistent_store(two_models, point):
             assert_stats_match_vectors(st, m)
     else:
         assert model_ids(st) == [b]                      # committed: the model is gone ...
-        cli("optimize", str(st.path))                    # ... and the next writer removes its table
+        cli("optimize", str(st.path), "--retention-hours", "0")   # ... and a writer past the retention
+        #                                                             removes its table
         assert st.model(b).table_name in Store.open(st.path).table_names()
         assert not any(n.startswith("emb_") and n != st.model(b).table_name
                        for n in Store.open(st.path).table_names())

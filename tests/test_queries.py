@@ -411,19 +411,23 @@ def _on_threads(fn, n=8):
 
 
 def test_first_loads_happen_once_even_when_duckdb_threads_race(scored_store):
-    """DuckDB calls UDFs from several threads; a first load must run once, never concurrently."""
+    """DuckDB calls UDFs from several threads; a first load must run once, never concurrently.
+    (Running statistics come with the connection's snapshot: only models and fit arrays load.)"""
     from clipsql.queries.sql.functions import ScoreContext
+    rec = scored_store.model()
 
-    class SlowStore:
-        model = _Overlap(result=scored_store.model())
-        stats = _Overlap(result="running")
+    class SlowSnapshot:
+        store = scored_store
+        model = _Overlap(result=rec)
+        fit_with_arrays = _Overlap(result=scored_store.latest_fit(rec, with_reference=True))
 
-    ctx = ScoreContext(SlowStore())
+    ctx = ScoreContext(SlowSnapshot())
     recs = _on_threads(lambda: ctx.model(None))
-    assert SlowStore.model.calls == 1 and SlowStore.model.most == 1
+    assert SlowSnapshot.model.calls == 1 and SlowSnapshot.model.most == 1
     assert all(r is recs[0] for r in recs)
-    assert _on_threads(lambda: ctx.running(recs[0])) == ["running"] * 8
-    assert SlowStore.stats.calls == 1 and SlowStore.stats.most == 1
+    fits = _on_threads(lambda: ctx.fit(recs[0]))
+    assert SlowSnapshot.fit_with_arrays.calls == 1 and SlowSnapshot.fit_with_arrays.most == 1
+    assert all(f is fits[0] for f in fits)
 
 
 def test_npy_blobs_are_never_parsed_on_two_threads_at_once(monkeypatch):

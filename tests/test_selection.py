@@ -362,9 +362,11 @@ def test_text_embedding_is_the_text_tower_cached_per_prompt(demo_store):
 
     from clipsql.queries.sql.db import register_views
     from clipsql.queries.sql.functions import register
+    from clipsql.store.snapshot import Snapshot
     con = duckdb.connect()
-    register_views(con, demo_store)
-    ctx = register(con, demo_store)
+    snap = Snapshot.read(demo_store)           # the views and the functions: one snapshot
+    register_views(con, snap)
+    ctx = register(con, snap)
     dim = demo_store.model().dim
     assert fetch(con, "SELECT typeof(text_embedding('a photo of nothing at all'))") == [(f"FLOAT[{dim}]",)]
     # the prompt's embedding is the stored text embedding of the same caption (same tower, same raw vector)

@@ -32,7 +32,7 @@ def ids_where(st: Store, where: str, view: str = "samples", con: Any = None) -> 
         raise ConditionError(f"`where` is empty: give a condition on {view}, e.g. \"{example}\" "
                              f"(for every row, say `where` true)", param="where")
     own = con is None
-    con = connect(st) if own else con
+    con = connect(st, samples_only=True) if own else con     # ids only: no model, statistics or fit is read
     try:
         where = check_condition(con, where, example="caption IS NULL" if view == "samples" else "id = 'k17'")
         tbl = fetch_table(con, f"SELECT DISTINCT id FROM {view} WHERE ({where})")

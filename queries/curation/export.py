@@ -40,15 +40,14 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import sqlalchemy as sa
 
 from clipsql import __version__
 from clipsql.errors import ExportError, QueryError
 from clipsql.lazy import duckdb, tqdm
 from clipsql.queries.curation.delete import ids_where
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
-from clipsql.store import catalog as cat
 from clipsql.store.location import is_remote
+from clipsql.store.snapshot import Snapshot
 from clipsql.store.store import ModelRecord, Store
 from clipsql.store.tables import EMBEDDINGS, SAMPLES, dedup_table_name, stored_table_name
 
@@ -74,28 +73,17 @@ class Part:
                 "lance_version": self.lance_version, "rows": self.rows, **({"params": self.params} if self.params else {})}
 
 
-def read_snapshot(st: Store) -> tuple[dict[str, int], int | None]:
-    """({table: committed Lance version}, the ledger's last commit id), read in one statement, so
-    both come from the same catalog state even while a writer commits."""
-    tv = cat.table_versions
-    last = sa.select(sa.func.max(cat.commits.c.commit_id)).scalar_subquery()
-    with st.engine.connect() as conn:
-        rows = conn.execute(sa.select(tv.c.table_name, tv.c.version, last)).all()
-        if not rows:
-            return {}, conn.execute(sa.select(sa.func.max(cat.commits.c.commit_id))).scalar()
-    return {r[0]: int(r[1]) for r in rows}, (int(rows[0][2]) if rows[0][2] is not None else None)
-
-
 def export_store(st: Store, out: str | os.PathLike, *, columns: list[str] | None = None, where: str | None = None,
                  model: str | None = None, progress: bool = True, batch_rows: int = BATCH_ROWS) -> dict[str, Any]:
     """Write one committed snapshot of `st` to `out` (.duckdb file or parquet folder); returns the record."""
     out = Path(out)
     fmt = "duckdb" if out.name.lower().endswith(".duckdb") else "parquet"
     _check_out(st, out)
-    models = [st.model(model)] if model else st.list_models()
-    versions, commit_id = read_snapshot(st)
+    snap = Snapshot.read(st)        # the ledger's versions and last commit id, in one catalog read
+    models = [snap.model(model)] if model else list(snap.models)
+    versions, commit_id = snap.versions, snap.commit_id
     t0 = time.perf_counter()
-    con = connect(st, versions=versions, progress_bar=False)
+    con = connect(snap, progress_bar=False)
     try:
         parts = _plan(st, con, versions, models, columns, where)
         record = {"store_id": st.get_setting("store_id"), "store_path": str(st.path), "commit_id": commit_id,

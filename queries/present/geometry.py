@@ -39,7 +39,7 @@ from clipsql.kernels.geometry import MODS, Batches, compute_geometry
 from clipsql.queries.present.gallery import GALLERY_SCRIPT
 from clipsql.queries.present.plots import new_figure, save_figure
 from clipsql.queries.sql.db import open_store
-from clipsql.store.store import Store
+from clipsql.store.snapshot import Snapshot
 
 PAPER = {"offset_ratio": {"image": 0.94, "text": 1.03}}
 
@@ -48,8 +48,9 @@ PAPER = {"offset_ratio": {"image": 0.94, "text": 1.03}}
 
 
 # --------------------------------------------------------------------------- store
-def _store_batches(st: Store, rec: Any, sample: int | None, seed: int, batch_rows: int = 16384) -> tuple[Batches, int]:
-    ds = st.embeddings_table(rec)
+def _store_batches(snap: Snapshot, rec: Any, sample: int | None, seed: int,
+                   batch_rows: int = 16384) -> tuple[Batches, int]:
+    ds = snap.embeddings_table(rec)
     total = ds.count_rows()
     cols = ["image_embedding", "text_embedding"]
     rows = None
@@ -72,10 +73,10 @@ def geometry_report(store: Any, model: str | None = None, output: str | os.PathL
                     sample: int | None = None, seed: int = 0, top: int = 10) -> dict:
     """Compute the §8 report for one model and write ``report.json``, ``report.html`` and
     the PNG plots into ``output``; returns the JSON dict (plus ``paths``)."""
-    st = open_store(store)
-    rec = st.model(model)
+    snap = Snapshot.read(open_store(store))
+    rec = snap.model(model)
     t0 = time.perf_counter()
-    gen, total = _store_batches(st, rec, sample, seed)
+    gen, total = _store_batches(snap, rec, sample, seed)
     if total == 0:
         raise StatsError(f"model {rec.model_id} has no rows yet: ingest data first")
     res = compute_geometry(gen, top=top)

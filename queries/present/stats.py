@@ -5,18 +5,19 @@ from typing import Any
 
 import numpy as np
 
-from clipsql.store.fits import staleness
+from clipsql.store.snapshot import Snapshot
 from clipsql.store.store import MODALITIES, Store
 
 
 def stats_report(st: Store, model: str | None = None, top: int = 5) -> dict[str, Any]:
-    rec = st.model(model)
-    state = st.stats(rec)
-    rows = st.count_rows(rec)
+    snap = Snapshot.read(st)       # statistics, rows, fit and its staleness: one commit
+    rec = snap.model(model)
+    state = snap.stats[rec.model_id]
+    rows = snap.rows(rec)
     report: dict[str, Any] = {
         "model": rec.model_id, "rows": rows, "covered_rows": state.n, "covered_seq": state.covered_seq,
         "current": state.n == rows,
-        "data_version": st.embeddings_table(rec).version,
+        "data_version": snap.embeddings_table(rec).version,
         "modalities": {},
     }
     if state.n != rows:
@@ -39,13 +40,13 @@ def stats_report(st: Store, model: str | None = None, top: int = 5) -> dict[str,
             "top_eigenvalues": [float(x) for x in eig[:top]],
             "mean": [float(x) for x in mean],
         }
-    fit = st.latest_fit(rec, with_arrays=False)
+    fit = snap.fit(rec)
     if fit is not None:
         share = (rows - fit["n_rows"]) / rows if rows else 0.0
         report["fit"] = {"fit_id": fit["fit_id"], "n_rows": fit["n_rows"], "reference_size": fit["reference_size"],
                          "options": fit["options"], "rows_added_since": rows - fit["n_rows"],
                          "share_added_since": share}
-        warning = staleness(st, rec)
+        warning = snap.staleness(rec)
         if warning:
             report["fit"]["stale"] = warning
     return report

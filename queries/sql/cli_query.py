@@ -19,7 +19,7 @@ from clipsql.lazy import duckdb
 from clipsql.queries.sql.db import connect, open_store
 from clipsql.queries.sql.functions import one_blas_thread, udf_error
 from clipsql.queries.sql.specs import help_table
-from clipsql.store.fits import staleness
+from clipsql.store.snapshot import Snapshot
 
 _UDF_PREFIX = re.compile(r"^.*?Python exception occurred while executing the UDF: (?:\w+\.)*\w+: ", re.S)
 
@@ -107,12 +107,12 @@ def interruptible(con: Any, fn: Any) -> Any:
 def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = None,
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
-    st = open_store(store)
-    if st.list_models():
-        warn = staleness(st, st.model())
+    snap = Snapshot.read(open_store(store))     # the warning and the query: one snapshot
+    if snap.models:
+        warn = snap.staleness(snap.model())
         if warn:
             print(f"warning: {warn}", file=sys.stderr)
-    con = connect(st, allow_external_access=allow_external_access)
+    con = connect(snap, allow_external_access=allow_external_access)
     try:
         tbl = interruptible(con, lambda: fetch_table(con, sql))
         return _format(tbl, fmt, output, max_rows)

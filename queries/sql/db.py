@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import sqlalchemy as sa
 
 from clipsql.errors import env_number
 from clipsql.lazy import duckdb
 from clipsql.queries.sql import functions
 from clipsql.queries.sql.specs import score_expressions
-from clipsql.store import catalog as cat
+from clipsql.store.location import exists
+from clipsql.store.snapshot import Snapshot
 from clipsql.store.store import Store
 from clipsql.store.tables import (CAPTION_FEATURES, SAMPLES, dedup_table_name, metadata_aliases, samples_schema,
                                    stored_table_name)
@@ -50,27 +50,28 @@ def open_store(store: Store | str | os.PathLike) -> Store:
     return store if isinstance(store, Store) else Store.open(store, read_only=True)
 
 
-def connect(store: Store | str | os.PathLike, *, allow_external_access: bool = False,
+def connect(store: Store | str | os.PathLike | Snapshot, *, allow_external_access: bool = False,
             threads: int | None = None, fits: dict | None = None, config: dict[str, Any] | None = None,
-            progress_bar: bool = True, versions: dict[str, int] | None = None) -> Any:
-    """An in-memory DuckDB connection over the store: views, stats and score functions.
-    `versions`: {table: Lance version} to open instead of reading the ledger's committed versions
-    (a caller that read them itself, with the commit id, and must see exactly that snapshot).
+            progress_bar: bool = True, samples_only: bool = False) -> Any:
+    """An in-memory DuckDB connection over one snapshot of the store (store.snapshot: one catalog
+    read), with its views, stats and score functions. `store` may be a `Snapshot` already read.
     `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks).
     `config`: more DuckDB (global) settings, made before the configuration is locked (a server
     bounds each client's queries with `memory_limit`); `progress_bar=False`: DuckDB draws no
-    progress bar (a server's terminal)."""
-    st = open_store(store)
+    progress bar (a server's terminal). `samples_only`: only the `samples`, `deletions` and `tags`
+    views, no model, statistics, fit or score function is read (commands that select ids)."""
+    snap = store if isinstance(store, Snapshot) else Snapshot.read(open_store(store), samples_only=samples_only)
     config = {**(config or {}), **({"threads": threads} if threads else {})}
     con = duckdb.connect(":memory:", config=config)
     if not progress_bar:
         con.execute("SET enable_progress_bar = false")
-    register_views(con, st, versions)
-    ctx = functions.register(con, st)
-    for model_id, (fit, row) in (fits or {}).items():
-        ctx.preload_fit(model_id, fit, row)
-    _register_stats(con, st)
-    _register_scores(con, st)
+    register_views(con, snap)
+    if not snap.samples_only:
+        ctx = functions.register(con, snap)
+        for model_id, (fit, row) in (fits or {}).items():
+            ctx.preload_fit(model_id, fit, row)
+        _register_stats(con, snap)
+        _register_scores(con, snap)
     _bounded_spill(con)
     if not progress_bar:
         con.execute("SET enable_progress_bar = false")
@@ -110,33 +111,39 @@ def _remove_spill(folder: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def register_views(con: Any, st: Store, versions: dict[str, int] | None = None) -> None:
-    """Views over one snapshot: every table at the version the ledger's last commit names, read
-    once (or at `versions`), so `samples`, `embeddings` and `scores` come from the same commit."""
-    versions = st.committed_versions() if versions is None else versions
-    _register_samples(con, st, versions)
-    _register_embeddings(con, st, versions)
-    _register_tags(con, st, versions)
-    _register_rejects(con, st)
-    _register_deletions(con, st, versions)
+def register_views(con: Any, snap: Snapshot | Store) -> None:
+    """Views over one snapshot: every table at the version the ledger's last commit names, as the
+    snapshot read them, so `samples`, `embeddings`, `scores` and `stats` come from the same commit
+    (a Store: its snapshot as of now)."""
+    snap = snap if isinstance(snap, Snapshot) else Snapshot.read(snap)
+    _register_samples(con, snap)
+    if not snap.samples_only:
+        _register_embeddings(con, snap)
+        _register_rejects(con, snap)
+    _register_tags(con, snap)
+    _register_deletions(con, snap)
 
 
-def _register_samples(con: Any, st: Store, versions: dict[str, int]) -> None:
-    tbl = st.samples_table(versions.get(SAMPLES))
+def _register_samples(con: Any, snap: Snapshot) -> None:
+    tbl = snap.dataset(SAMPLES) if exists(snap.store.table_uri(SAMPLES)) else None
     con.register("_lance_samples", tbl if tbl is not None else samples_schema().empty_table())
     names = (tbl.schema if tbl is not None else samples_schema()).names
-    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {samples_select_list(st, names)} FROM _lance_samples")
+    con.execute(f"CREATE OR REPLACE VIEW samples AS SELECT {samples_select_list(snap, names)} FROM _lance_samples")
 
 
-def samples_select_list(st: Store, names: list[str] | None = None) -> str:
+def samples_select_list(meta: Snapshot | Store | dict[str, str], names: list[str] | None = None) -> str:
     """The `samples` view's columns over a table of the Lance `samples` schema: the metadata keys as
-    typed columns (so the same view can be put over a few rows read from Lance directly). `names`:
-    the Lance table's columns (a store from before the caption features lacks them until
+    typed columns (so the same view can be put over a few rows read from Lance directly). `meta`:
+    the metadata column types ({name: SQL type}), or the snapshot or store to take them from.
+    `names`: the Lance table's columns (a store from before the caption features lacks them until
     `clipsql backfill`; default: all)."""
+    if isinstance(meta, Snapshot):
+        meta = meta.metadata_columns
+    elif isinstance(meta, Store):
+        meta = meta.metadata_columns()
     base = ["id", "uri", "caption", "width", "height"]
     base += [c for c in CAPTION_FEATURES if names is None or c in names]
     cols = [quote_ident(c) for c in base]
-    meta = st.metadata_columns()
     aliases = metadata_aliases(list(meta))
     for name, sql_type in meta.items():
         alias = aliases[name]
@@ -155,12 +162,12 @@ def _json_path_key(name: str) -> str:
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _register_embeddings(con: Any, st: Store, versions: dict[str, int]) -> None:
-    models = st.list_models()
+def _register_embeddings(con: Any, snap: Snapshot) -> None:
+    models = snap.models
     parts = []
     same_dim = len({m.dim for m in models}) <= 1
     for i, m in enumerate(models):
-        con.register(f"_lance_emb_{i}", st.embeddings_table(m, versions.get(m.table_name)))
+        con.register(f"_lance_emb_{i}", snap.embeddings_table(m))
         cast = "" if same_dim else "::FLOAT[]"
         parts.append(f"SELECT id, {quote_literal(m.model_id)} AS model, {_vec('image_embedding')}{cast} AS "
                      f"image_embedding, {_vec('text_embedding')}{cast} AS text_embedding FROM _lance_emb_{i}")
@@ -177,20 +184,17 @@ def _vec(col: str) -> str:
     return f"CASE WHEN {col} IS NULL THEN NULL ELSE {col} END"
 
 
-def _register_tags(con: Any, st: Store, versions: dict[str, int]) -> None:
+def _register_tags(con: Any, snap: Snapshot) -> None:
     """View `tags` (id, tag, tagged_at): the tags table (store.tags) at its committed version; empty
     before the first tag."""
-    version = versions.get(tags.TABLE)
-    ds = st.dataset(tags.TABLE, version) if version is not None else tags.tags_schema().empty_table()
+    ds = snap.dataset(tags.TABLE) if tags.TABLE in snap.versions else tags.tags_schema().empty_table()
     con.register("_lance_tags", ds)
     con.execute("CREATE OR REPLACE VIEW tags AS SELECT id, tag, tagged_at FROM _lance_tags")
 
 
-def _register_rejects(con: Any, st: Store) -> None:
-    with st.engine.connect() as conn:
-        rows = conn.execute(sa.select(cat.rejects).order_by(cat.rejects.c.reject_id)).fetchall()
+def _register_rejects(con: Any, snap: Snapshot) -> None:
     cols = ["reject_id", "run_id", "model_id", "source", "location", "reason", "detail", "created_at"]
-    data = {c: [r._mapping[c] for r in rows] for c in cols}
+    data = {c: [r[c] for r in snap.rejects] for c in cols}
     schema = pa.schema([("reject_id", pa.int64()), ("run_id", pa.int64()), ("model_id", pa.string()),
                         ("source", pa.string()), ("location", pa.string()), ("reason", pa.string()),
                         ("detail", pa.string()), ("created_at", pa.float64())])
@@ -199,21 +203,22 @@ def _register_rejects(con: Any, st: Store) -> None:
                 "reason, detail, to_timestamp(created_at) AS created_at FROM _rejects")
 
 
-def _register_deletions(con: Any, st: Store, versions: dict[str, int]) -> None:
+def _register_deletions(con: Any, snap: Snapshot) -> None:
     """View `deletions`: the ids `clipsql delete` removed (what ingest skips, what undelete selects)."""
-    tbl = deletions.table(st, versions.get(deletions.TABLE)) if deletions.TABLE in versions else None
+    tbl = snap.dataset(deletions.TABLE) if deletions.TABLE in snap.versions and \
+        exists(snap.store.table_uri(deletions.TABLE)) else None
     con.register("_lance_deletions", tbl if tbl is not None else deletions.deletions_schema().empty_table())
     con.execute("CREATE OR REPLACE VIEW deletions AS SELECT id, uri, caption, source, deleted_at, deleted_where "
                 "FROM _lance_deletions")
 
 
-def _register_stats(con: Any, st: Store) -> None:
+def _register_stats(con: Any, snap: Snapshot) -> None:
     """View `stats`: per model and modality, the running statistics and the latest fit."""
     rows = []
-    for m in st.list_models():
-        state = st.stats(m)
-        n_rows = st.count_rows(m)
-        fit = st.latest_fit(m, with_arrays=False)
+    for m in snap.models:
+        state = snap.stats[m.model_id]
+        n_rows = snap.rows(m)
+        fit = snap.fit(m)
         for modality in ("image", "text"):
             raw = state.moments[(modality, "raw")]
             nrm = state.moments[(modality, "normalized")]
@@ -238,22 +243,23 @@ def _register_stats(con: Any, st: Store) -> None:
     con.execute("CREATE OR REPLACE VIEW stats AS SELECT * FROM _stats")
 
 
-def _register_scores(con: Any, st: Store) -> None:
+def _register_scores(con: Any, snap: Snapshot) -> None:
     """View `scores`: id, model, uri, caption and one lazily computed column per score, for every
     model that has fitted statistics (each row scored with its own model's fit); with no fit yet,
     the default model's rows (whose score columns then say to run `clipsql stats fit`)."""
-    models = st.list_models()
+    models = list(snap.models)
     if not models:
         return
-    default = st.model()
-    fitted = [m for m in models if st.latest_fit(m, with_arrays=False) is not None] or [default]
+    st = snap.store
+    default = snap.model()
+    fitted = [m for m in models if snap.fit(m) is not None] or [default]
     parts = []
     for m in fitted:
         idx = [x.model_id for x in models].index(m.model_id)
         exprs = score_expressions(quote_literal(m.model_id), m.kind)
         cols = ", ".join(f"{e} AS {quote_ident(name)}" for name, e in exprs.items())
         model = f"{quote_literal(m.model_id)} AS model"
-        if {"uri", "caption"} <= set(st.embeddings_table(m).schema.names):
+        if {"uri", "caption"} <= set(snap.embeddings_table(m).schema.names):
             # one scan: uri and caption live beside the vectors (no join growing with the store)
             parts.append(f"SELECT e.id, {model}, e.uri, e.caption, {cols} FROM _lance_emb_{idx} e")
         else:   # a table written before uri/caption were copied into it
@@ -262,10 +268,10 @@ def _register_scores(con: Any, st: Store) -> None:
     con.execute("CREATE OR REPLACE VIEW scores AS " + " UNION ALL ".join(parts))
     name = stored_table_name(default.table_name)
     if name in st.table_names():
-        con.register("_lance_stored_scores", st.dataset(name, latest=True))
+        con.register("_lance_stored_scores", snap.latest(name))
         con.execute("CREATE OR REPLACE VIEW stored_scores AS SELECT * FROM _lance_stored_scores")
     name = dedup_table_name(default.table_name)
     if name in st.table_names():   # `clipsql dedup`: only rows it computed (rows added since are pending)
-        con.register("_lance_semdedup", st.dataset(name, latest=True))
+        con.register("_lance_semdedup", snap.latest(name))
         con.execute("CREATE OR REPLACE VIEW semdedup AS SELECT id, semdedup_cluster, semdedup_max_sim "
                     "FROM _lance_semdedup")

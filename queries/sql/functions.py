@@ -41,24 +41,27 @@ from clipsql.lazy import threadpoolctl
 from clipsql.models.prompts import PromptCache
 from clipsql.queries.sql import specs
 from clipsql.queries.sql.nearest import register_nearest
-from clipsql.store.fits import load_fit
+from clipsql.store.fits import load_fit, no_fit_error
+from clipsql.store.snapshot import Snapshot
 from clipsql.store.store import ModelRecord, Store
-from clipsql.store.targets import TargetScorer, get_target
+from clipsql.store.targets import TargetScorer, unknown_target
 
 
 class ScoreContext:
-    """Per-connection cache of models, fits and running statistics (loaded on first use).
+    """Per-connection models, fits and running statistics, all from the connection's snapshot
+    (store.snapshot): what the catalog said when the connection was opened, never a later commit.
+    Fit arrays are loaded on first use, by the snapshot's fit id.
 
     DuckDB calls UDFs from several threads at once, so every first load happens under
     one lock: each object is loaded once, and catalog reads never run concurrently.
     """
 
-    def __init__(self, st: Store):
-        self.st = st
+    def __init__(self, snap: Snapshot):
+        self.snap = snap
+        self.st = snap.store
         self._lock = threading.RLock()
         self._models: dict[str | None, ModelRecord] = {}
         self._fits: dict[str, scores.Fit] = {}
-        self._running: dict[str, Any] = {}
         self._fit_rows: dict[str, dict] = {}
         self._light: dict[str, scores.Fit] = {}
         self._ref_lookup: dict[str, dict[bytes, int]] = {}
@@ -90,14 +93,14 @@ class ScoreContext:
             return cache[key]
 
     def model(self, name: str | None) -> ModelRecord:
-        return self._cached(self._models, name, lambda: self.st.model(name))
+        return self._cached(self._models, name, lambda: self.snap.model(name))
 
     def score_model(self, name: str | None, function: str) -> ModelRecord:
         """The model a score is computed with. Without a model argument on a store holding several
         models this refuses, naming them: a vector does not say which model made it, and scoring it
         with the default model's fit would be silently wrong (the `scores` view passes each row's own)."""
         if name is None:
-            models = self._cached(self._models, "__all__", self.st.list_models)
+            models = self.snap.models
             if len(models) > 1:
                 ids = ", ".join(repr(m.model_id) for m in models)
                 example = "image_info_gain(image_embedding, " + ids.split(", ")[0] + ")"
@@ -107,8 +110,14 @@ class ScoreContext:
         return self.model(name)
 
     def _load_fit(self, rec: ModelRecord) -> scores.Fit:
-        fit, self._fit_rows[rec.model_id] = load_fit(self.st, rec)
+        fit, self._fit_rows[rec.model_id] = load_fit(self.st, rec, row=self._fit_row(rec, True))
         return fit
+
+    def _fit_row(self, rec: ModelRecord, reference: bool) -> dict:
+        row = self.snap.fit_with_arrays(rec, reference)
+        if row is None:
+            raise no_fit_error(rec)
+        return row
 
     def fit(self, rec: ModelRecord) -> scores.Fit:
         return self._cached(self._fits, rec.model_id, lambda: self._load_fit(rec))
@@ -125,7 +134,7 @@ class ScoreContext:
             return self._fits[rec.model_id]
 
         def load() -> scores.Fit:
-            return load_fit(self.st, rec, reference=False)[0]
+            return load_fit(self.st, rec, reference=False, row=self._fit_row(rec, False))[0]
         return self._cached(self._light, rec.model_id, load)
 
     def fit_row(self, rec: ModelRecord) -> dict:
@@ -168,7 +177,9 @@ class ScoreContext:
 
     def target(self, name: str) -> Any:
         def load() -> Any:
-            return TargetScorer(self.st, get_target(self.st, name))
+            if name not in self.snap.targets:
+                raise unknown_target(name, sorted(self.snap.targets))
+            return TargetScorer(self.st, self.snap.targets[name])
         return self._cached(self._targets, name, load)
 
     @property
@@ -180,7 +191,7 @@ class ScoreContext:
         return self._prompts
 
     def running(self, rec: ModelRecord) -> Any:
-        return self._cached(self._running, rec.model_id, lambda: self.st.stats(rec))
+        return self.snap.stats[rec.model_id]
 
 
 @contextlib.contextmanager
@@ -399,16 +410,18 @@ def udf_error(e: BaseException, con: Any = None) -> ClipsqlError | None:
     return from_udf_text(text)
 
 
-def register(con: Any, st: Store) -> ScoreContext:
-    """Register every clipsql SQL function on `con` (one place, one call), from `specs.SPECS`."""
-    ctx = ScoreContext(st)
+def register(con: Any, snap: Snapshot | Store) -> ScoreContext:
+    """Register every clipsql SQL function on `con` (one place, one call), from `specs.SPECS`, over
+    the snapshot `snap` (a Store: its snapshot as of now)."""
+    snap = snap if isinstance(snap, Snapshot) else Snapshot.read(snap)
+    ctx = ScoreContext(snap)
     _CONTEXTS[con] = ctx
     # The store's embedding width, when all its models share one: every score UDF taking embeddings
     # is also declared on FLOAT[d] and each macro gets an overload typed on FLOAT[d], so
     # FLOAT[d] columns reach the UDF without DuckDB's ARRAY → LIST cast (measured ~10 % of a
     # scan; bench/scores.py). With several widths the typed overloads would be ambiguous for
     # NULL and list literals, so only the untyped FLOAT[] path is registered then.
-    dims = sorted({m.dim for m in st.list_models()})
+    dims = sorted({m.dim for m in snap.models})
     typed = dims[0] if len(dims) == 1 else None
     for u in specs.UDFS:
         fn = ctx.guard(IMPLEMENTATIONS[u.impl](ctx))
@@ -422,7 +435,7 @@ def register(con: Any, st: Store) -> ScoreContext:
     con.execute("CREATE OR REPLACE MACRO _clipsql_finite(x) AS CASE WHEN isfinite(x) THEN x END")
     # a vector function's result: FLOAT[d] of the default model's d; with a model argument, FLOAT[d]
     # when every model of the store has the same d, else FLOAT[] (as the `embeddings` view does)
-    default_cast = f"::FLOAT[{st.model().dim}]" if dims else ""
+    default_cast = f"::FLOAT[{snap.model().dim}]" if dims else ""
     model_cast = f"::FLOAT[{dims[0]}]" if len(dims) == 1 else ""
     returns = {u.name: u.returns for u in specs.UDFS}
     for f in specs.FUNCTIONS:

@@ -30,7 +30,7 @@ filter's ids; NULL = no filter). Positional `nearest(q, 10, 'model', 'text')` wo
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -66,9 +66,11 @@ def allowed_ids(con: Any, where: str) -> pa.Array:
 class Searcher:
     """Per-connection state: the snapshot's table versions and lazily opened Lance datasets."""
 
-    def __init__(self, st: Store, versions: dict[str, int] | None = None):
+    def __init__(self, st: Store, versions: dict[str, int] | None = None,
+                 model: Callable[[str | None], ModelRecord] | None = None):
         self.st = st
         self.versions = versions if versions is not None else st.committed_versions()
+        self.model = model or st.model      # a connection's: its snapshot's models
         self._ds: dict[str, Any] = {}
         self._info: dict[tuple[str, str], Any] = {}
         self._lock = threading.Lock()
@@ -92,7 +94,7 @@ class Searcher:
         `allowed`: only rows with these ids (a filter's result, `allowed_ids`); None: every row."""
         k = positive_k(k)
         column = vindex.column_for(modality or "image")
-        rec = self.st.model(model)
+        rec = self.model(model)
         Q = np.asarray(Q, dtype=np.float64)
         if Q.ndim != 2 or Q.shape[1] != rec.dim:
             raise DimensionMismatch(f"the query vector has {Q.shape[-1]} dimensions; model {rec.model_id} "
@@ -166,7 +168,7 @@ def nearest_udf(searcher: Searcher) -> Any:
             if qok[i]:
                 groups.setdefault(tuple(c[i] for c in cols) + ((i,) if fok[i] else (None,)), []).append(i)
         for (kk, mname, mod, ex, row), idx in groups.items():
-            rec = searcher.st.model(mname)
+            rec = searcher.model(mname)
             Q = matrix(q.take(pa.array(idx)), rec.dim, f"the query vector (model {rec.model_id})")
             ids = None if row is None else allowed[row].values.cast(pa.string())
             res = searcher.search(Q, kk, mname, mod or "image", ids, bool(ex))
@@ -179,7 +181,7 @@ def nearest_udf(searcher: Searcher) -> Any:
 def register_nearest(con: Any, ctx: Any) -> Searcher:
     """Register `_clipsql_nearest` and the table macro `nearest` on `con` (called by functions.register).
     The filter is the caller's own SQL expression, run by DuckDB's `query()` on this connection."""
-    searcher = Searcher(ctx.st)
+    searcher = Searcher(ctx.st, ctx.snap.versions, ctx.model)
     con.create_function("_clipsql_nearest", ctx.guard(nearest_udf(searcher)),
                         ["FLOAT[]", "DOUBLE", "VARCHAR", "VARCHAR", "VARCHAR[]", "BOOLEAN"],
                         "STRUCT(id VARCHAR, score DOUBLE)[]", type="arrow", null_handling="special",
