@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import sqlalchemy as sa
 
-from clipsql.errors import StatsError
+from clipsql.errors import CatalogDamaged, StatsError
 from clipsql.store import catalog as cat
 from clipsql.store.fits import DEFAULT_STALE_SHARE, stale_message
 from clipsql.store.store import ModelRecord, StatsState, Store, pick_model
@@ -61,6 +61,7 @@ class Snapshot:
     fits: dict[str, dict] = field(default_factory=dict)            # model id → latest default fit row, no arrays
     stale: dict[int, str] = field(default_factory=dict)            # fit id → why it is stale
     targets: dict[str, Target] = field(default_factory=dict)
+    damaged_targets: dict[str, Exception] = field(default_factory=dict)    # name → CatalogDamaged
     rejects: list[dict] = field(default_factory=list)
     stale_share: float = DEFAULT_STALE_SHARE
 
@@ -100,7 +101,11 @@ class Snapshot:
                 fit["options"] = json.loads(fit["options"])
                 snap.fits[fit["model_id"]] = fit
             snap.stale = dict(conn.execute(sa.select(cat.stale_fits.c.fit_id, cat.stale_fits.c.reason)).all())
-            snap.targets = {r._mapping["name"]: target_from_row(r) for r in conn.execute(sa.select(cat.targets))}
+            for r in conn.execute(sa.select(cat.targets)):
+                try:
+                    snap.targets[r._mapping["name"]] = target_from_row(r, st.path)
+                except CatalogDamaged as e:     # only the queries using this target fail, saying why
+                    snap.damaged_targets[r._mapping["name"]] = e
             snap.rejects = [dict(r._mapping) for r in conn.execute(
                 sa.select(cat.rejects).order_by(cat.rejects.c.reject_id))]
         return snap

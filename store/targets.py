@@ -71,7 +71,7 @@ def get_target(st: Store, name: str) -> Target:
         row = conn.execute(sa.select(cat.targets).where(cat.targets.c.name == name)).first()
     if row is None:
         raise unknown_target(name, [t["name"] for t in list_targets(st)])
-    return target_from_row(row)
+    return target_from_row(row, st.path)
 
 
 def unknown_target(name: str, known: list[str]) -> TargetError:
@@ -80,16 +80,18 @@ def unknown_target(name: str, known: list[str]) -> TargetError:
                        "or `clipsql target add STORE NAME SOURCE --model M`")
 
 
-def target_from_row(row: Any) -> Target:
-    """A `targets` catalog row as a Target."""
+def target_from_row(row: Any, path: Any = "STORE") -> Target:
+    """A `targets` catalog row as a Target (`path`: the store's, for the repair hint); CatalogDamaged
+    when its stored moment or options cannot be read."""
     m = row._mapping
+    name = m["name"]
     try:
         moment = cat.unpack(m["second_moment"], f"the second moment of target {name!r}")
         options = json.loads(m["options"])
     except (CatalogDamaged, TypeError, ValueError) as e:
         detail = e if isinstance(e, CatalogDamaged) else cat.damaged_value(f"the options of target {name!r}", e)
-        raise CatalogDamaged(f"{detail}: run `clipsql doctor {st.path} --repair` (recomputes it from the target's "
-                             f"rows), or re-add it with `clipsql target add {st.path} {name} --replace …`") from None
+        raise CatalogDamaged(f"{detail}: run `clipsql doctor {path} --repair` (recomputes it from the target's "
+                             f"rows), or re-add it with `clipsql target add {path} {name} --replace …`") from None
     return Target(m["name"], m["model_id"], int(m["dim"]), int(m["n"]), m["table_name"], m["source"],
                   float(m["created_at"]), options, moment)
 

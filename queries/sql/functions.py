@@ -177,6 +177,8 @@ class ScoreContext:
 
     def target(self, name: str) -> Any:
         def load() -> Any:
+            if name in self.snap.damaged_targets:
+                raise self.snap.damaged_targets[name]
             if name not in self.snap.targets:
                 raise unknown_target(name, sorted(self.snap.targets))
             return TargetScorer(self.st, self.snap.targets[name])
