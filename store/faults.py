@@ -8,7 +8,8 @@ Points: `commit:between-tables` (samples committed in Lance, the model table not
 `optimize:before-prune` (ledger moved, old versions not yet pruned), `delete:after-lance`,
 `update:after-lance`, `models-rm:after-catalog`, `target:after-table`, `target:after-switch`,
 `select:before-rename`, `writer:data-file` (a Lance data file being written),
-`run:finish` (the run's catalog row being closed), `fit:before-save`, `score:before-write`,
+`ingest:before-commit` (an ingest's data files written, their commit not begun), `run:finish`
+(the run's catalog row being closed), `fit:before-save`, `score:before-write`,
 `register:after-table` (a new model's Lance table created, its catalog rows not).
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,7 @@ MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model tabl
 FORMAT_VERSION = 1
 MODALITIES = ("image", "text")
 SPACES = ("raw", "normalized")
+STATS_COLUMNS = ("image_embedding", "text_embedding", "seq")     # what the statistics are folded from
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ class StatsState:
     @property
     def n(self) -> int:
         return self.moments[("image", "raw")].n
+
+
+# (table version, fragment ids, shifts) -> one statistics partial per fragment, in order
+FoldFragments = Callable[[int, list, dict], list]
 
 
 class Store:
@@ -600,32 +605,51 @@ class Store:
             return state
         with self.engine.begin() as conn:
             state = self.load_stats_in(conn, model)
-            tbl = self.read_embeddings(model, min_seq=state.covered_seq,
-                                       columns=("image_embedding", "text_embedding", "seq"))
+            tbl = self.read_embeddings(model, min_seq=state.covered_seq, columns=STATS_COLUMNS)
             if tbl.num_rows:
-                update_moments(state, to_numpy(tbl.column("image_embedding")),
-                               to_numpy(tbl.column("text_embedding")))
-                state.covered_seq = int(pa.compute.max(tbl.column("seq")).as_py())
+                part = fold_batches(model, tbl.to_batches(), {k: m.shift for k, m in state.moments.items()})
+                state = merge_states(model, [state, part])
                 self.save_stats_in(conn, state)
             return state
 
-    def refresh_stats(self, model: ModelRecord, batch_rows: int = 65536) -> StatsState:
-        """Recompute the running statistics from every stored vector and save them."""
-        state = self.recompute_stats(model, batch_rows)
+    def refresh_stats(self, model: ModelRecord, batch_rows: int = 65536, *,
+                      fold_fragments: FoldFragments | None = None) -> StatsState:
+        """Recompute the running statistics from every stored vector and save them (`recompute_stats`)."""
+        state = self.recompute_stats(model, batch_rows, fold_fragments=fold_fragments)
         with self.engine.begin() as conn:
             self.save_stats_in(conn, state)
         return state
 
-    def recompute_stats(self, model: ModelRecord, batch_rows: int = 65536) -> StatsState:
-        """The running statistics of every stored vector, from scratch (streamed: memory O(batch·d + d²))."""
-        state = StatsState(model.model_id, new_moments(model.dim), 0)
+    def recompute_stats(self, model: ModelRecord, batch_rows: int = 65536, *,
+                        fold_fragments: FoldFragments | None = None) -> StatsState:
+        """The running statistics of every stored vector, from scratch: one partial per Lance fragment
+        of the committed table (`fold_fragment`, streamed: memory O(batch·d + d²)), all centred on one
+        shift, merged in fragment order (`merge_states`). `fold_fragments(version, fragment_ids,
+        shifts)` returns those partials, in that order, computed wherever the caller decides (the
+        Ray engine: one task per fragment); by default here, one after another."""
         ds = self.embeddings_table(model)
-        for batch in ds.to_batches(columns=["image_embedding", "text_embedding", "seq"], batch_size=batch_rows):
-            if batch.num_rows:
-                update_moments(state, to_numpy(batch.column("image_embedding")),
-                               to_numpy(batch.column("text_embedding")))
-                state.covered_seq = max(state.covered_seq, int(pa.compute.max(batch.column("seq")).as_py()))
-        return state
+        shifts = self._stats_shifts(model, ds)
+        ids = [f.fragment_id for f in ds.get_fragments()]
+        if fold_fragments is None:
+            parts = [self.fold_fragment(model, ds.version, i, shifts, batch_rows) for i in ids]
+        else:
+            parts = fold_fragments(ds.version, ids, shifts)
+        return merge_states(model, parts)
+
+    def fold_fragment(self, model: ModelRecord, version: int, fragment_id: int, shifts: dict,
+                      batch_rows: int = 65536) -> StatsState:
+        """The statistics partial of one fragment of the model table at `version`."""
+        frag = self.embeddings_table(model, version).get_fragment(fragment_id)
+        return fold_batches(model, frag.to_batches(columns=list(STATS_COLUMNS), batch_size=batch_rows), shifts)
+
+    def _stats_shifts(self, model: ModelRecord, ds: Any) -> dict:
+        """What a recompute's partials are centred on: the saved statistics' shift, else the mean of
+        the first rows (one shift for all: the partials then merge without rounding)."""
+        shifts = {k: m.shift for k, m in self.stats(model).moments.items()}
+        if any(v is None for v in shifts.values()) and ds.count_rows():
+            head = ds.head(4096, columns=list(STATS_COLUMNS))
+            shifts = {k: m.shift for k, m in fold_batches(model, head.to_batches(), None).moments.items()}
+        return shifts
 
     # -- fits (reference samples) -------------------------------------------------------------
     def save_fit(self, model: ModelRecord, *, n_rows: int, covered_seq: int, reference_size: int,
@@ -748,20 +772,50 @@ class PendingCommit:
     rejects: list = field(default_factory=list)            # (location, reason, detail)
     meta_types: dict = field(default_factory=dict)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing to commit: no rows, no completed units, no rejects, no new metadata columns."""
+        return not (self.rows or self.sample_rows or self.units or self.rejects or self.meta_types)
+
 
 def default_catalog(path: Path) -> str:
     return f"sqlite:///{(Path(path) / 'catalog.sqlite').resolve()}"
 
 
-def new_moments(dim: int) -> dict[tuple[str, str], RunningMoments]:
+def new_moments(dim: int, shifts: dict | None = None) -> dict[tuple[str, str], RunningMoments]:
     """Empty moments per (modality, space): raw vectors keep mean and covariance, normalized
-    ones the mean (conformity needs it; no score uses their covariance)."""
-    return {(mo, sp): RunningMoments(dim, second=sp == "raw") for mo in MODALITIES for sp in SPACES}
+    ones the mean (conformity needs it; no score uses their covariance). `shifts`
+    {(modality, space): vector or None}: what each is centred on (None: its first rows' mean)."""
+    out = {(mo, sp): RunningMoments(dim, second=sp == "raw") for mo in MODALITIES for sp in SPACES}
+    for key, shift in (shifts or {}).items():
+        out[key].shift = None if shift is None else np.array(shift, dtype=np.float64)
+    return out
 
 
 def update_moments(state: StatsState, image: np.ndarray, text: np.ndarray) -> None:
     for modality, X in (("image", image), ("text", text)):
         fold_pair(state.moments[(modality, "raw")], state.moments[(modality, "normalized")], X)
+
+
+def fold_batches(model: ModelRecord, batches: Iterable[pa.RecordBatch], shifts: dict | None) -> StatsState:
+    """The running statistics of `batches` (the STATS_COLUMNS of stored rows), from scratch,
+    centred on `shifts` (see new_moments); `covered_seq` is the highest write batch seen."""
+    state = StatsState(model.model_id, new_moments(model.dim, shifts), 0)
+    for batch in batches:
+        if batch.num_rows:
+            update_moments(state, to_numpy(batch.column("image_embedding")), to_numpy(batch.column("text_embedding")))
+            state.covered_seq = max(state.covered_seq, int(pc.max(batch.column("seq")).as_py()))
+    return state
+
+
+def merge_states(model: ModelRecord, parts: Iterable[StatsState]) -> StatsState:
+    """Partials merged exactly (RunningMoments.merge), in the order given."""
+    state = StatsState(model.model_id, new_moments(model.dim), 0)
+    for part in parts:
+        for key, m in part.moments.items():
+            state.moments[key].merge(m)
+        state.covered_seq = max(state.covered_seq, part.covered_seq)
+    return state
 
 
 def merge_sql_types(a: str, b: str) -> str:
