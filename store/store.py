@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -41,57 +41,25 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from clipsql.errors import CatalogError, DimensionMismatch, ModelError, StoreNotFound
-from clipsql.kernels.arrays import to_numpy
-from clipsql.kernels.moments import RunningMoments, fold_pair
 from clipsql.lazy import lance, lancedb
 from clipsql.store import catalog as cat
+from clipsql.store import runs, stats
 from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists, is_remote, rmtree, store_path
 from clipsql.store.locks import file_lock, lease
+from clipsql.store.records import ModelRecord
+from clipsql.store.runs import printable_text
+from clipsql.store.stats import MODALITIES, FoldFragments, StatsState, new_moments, update_moments
 from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, embeddings_schema, embeddings_table_name, samples_schema
+
+# what callers import from here that lives in the store's parts
+__all__ = ["MODALITIES", "ModelRecord", "PendingCommit", "StatsState", "Store", "new_moments", "printable_text",
+           "update_moments"]
 
 MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
 FORMAT_VERSION = 1
-MODALITIES = ("image", "text")
-SPACES = ("raw", "normalized")
-STATS_COLUMNS = ("image_embedding", "text_embedding", "seq")     # what the statistics are folded from
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    model_id: str
-    table_name: str
-    kind: str
-    dim: int
-    logit_scale: float
-    logit_bias: float | None
-    context_length: int | None
-    spec: dict
-
-    @classmethod
-    def from_row(cls, row: Any) -> "ModelRecord":
-        m = row._mapping
-        return cls(m["model_id"], m["table_name"], m["kind"], int(m["dim"]), float(m["logit_scale"]),
-                   None if m["logit_bias"] is None else float(m["logit_bias"]), m["context_length"],
-                   json.loads(m["spec"]))
-
-
-@dataclass
-class StatsState:
-    """Running statistics of one model: moments per (modality, space) and the batch seq they cover."""
-    model_id: str
-    moments: dict[tuple[str, str], RunningMoments]
-    covered_seq: int
-
-    @property
-    def n(self) -> int:
-        return self.moments[("image", "raw")].n
-
-
-# (table version, fragment ids, shifts) -> one statistics partial per fragment, in order
-FoldFragments = Callable[[int, list, dict], list]
 
 
 class Store:
@@ -476,18 +444,18 @@ class Store:
                 for name, v in versions.items():
                     set_committed_version(conn, name, v, commit_id)
             if c.rows:
-                state = self.load_stats_in(conn, model)
+                state = stats.load_stats_in(conn, model)
                 for key, part in c.moments.items():
                     state.moments[key].merge(part)
                 state.covered_seq = max(state.covered_seq, c.seq)
-                self.save_stats_in(conn, state)
+                stats.save_stats_in(conn, state)
             for unit_key, rows, rejected in c.units:
                 conn.execute(sa.delete(cat.ingested_units).where(
                     cat.ingested_units.c.model_id == model.model_id, cat.ingested_units.c.unit_key == unit_key))
                 conn.execute(cat.ingested_units.insert().values(
                     model_id=model.model_id, unit_key=unit_key, source=c.source, commit_id=commit_id,
                     rows=rows, rejected=rejected))
-            self._record_rejects(conn, c.run_id, model.model_id, c.source, c.rejects)
+            runs.record_rejects(conn, c.run_id, model.model_id, c.source, c.rejects)
             if c.run_id is not None:
                 conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == c.run_id).values(
                     added=cat.ingest_runs.c.added + c.rows,
@@ -505,19 +473,6 @@ class Store:
                         t.c.model_id == model.model_id, t.c.unit_key.in_(part))):
                     out[k] = (int(rows), int(rej))
         return out
-
-    def _record_rejects(self, conn: sa.Connection, run_id: int, model_id: str | None, source: str,
-                        rejects: list[tuple[str, str, str]]) -> None:
-        now = time.time()
-        for location, reason, detail in rejects:
-            location, detail = printable_text(location), printable_text(detail)
-            exists = conn.execute(sa.select(cat.rejects.c.reject_id).where(
-                cat.rejects.c.source == source, cat.rejects.c.location == location,
-                cat.rejects.c.reason == reason)).first()
-            if exists is None:
-                conn.execute(cat.rejects.insert().values(
-                    run_id=run_id, model_id=model_id, source=source, location=location, reason=reason,
-                    detail=detail, created_at=now))
 
     def record_meta_types(self, conn: sa.Connection, meta_types: dict[str, str]) -> None:
         if not meta_types:
@@ -537,119 +492,46 @@ class Store:
             return dict(conn.execute(sa.select(cat.metadata_columns.c.name, cat.metadata_columns.c.sql_type)
                                      .order_by(cat.metadata_columns.c.name)).all())
 
-    # -- runs ---------------------------------------------------------------------------
+    # -- runs (store.runs) ------------------------------------------------------------------
     def start_run(self, model_id: str, source: str, source_kind: str) -> int:
-        with self.engine.begin() as conn:
-            res = conn.execute(cat.ingest_runs.insert().values(
-                model_id=model_id, source=source, source_kind=source_kind, status="running",
-                started_at=time.time(), added=0, skipped=0, rejected=0))
-            return int(res.inserted_primary_key[0])
+        return runs.start_run(self.engine, model_id, source, source_kind)
 
     def abort_dead_runs(self) -> list[int]:
-        """Writers only (under the lock, so no other run is alive): runs still `running` were killed.
-        Mark them `aborted`, with `added` counted from their committed ledger entries."""
-        r, c = cat.ingest_runs, cat.commits
-        with self.engine.begin() as conn:
-            dead = [int(x) for x in conn.execute(sa.select(r.c.run_id).where(r.c.status == "running")).scalars()]
-            for run_id in dead:
-                added = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(c.c.rows), 0)).where(
-                    c.c.run_id == run_id)).scalar()
-                conn.execute(sa.update(r).where(r.c.run_id == run_id).values(
-                    status="aborted", added=int(added), finished_at=time.time()))
-        return dead
+        return runs.abort_dead_runs(self.engine)
 
     def finish_run(self, run_id: int, status: str, skipped: int, summary: dict) -> None:
-        fault("run:finish")
-        with self.engine.begin() as conn:
-            conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == run_id).values(
-                status=status, finished_at=time.time(), skipped=skipped, summary=cat.to_json(summary)))
+        runs.finish_run(self.engine, run_id, status, skipped, summary)
 
-    # -- statistics -----------------------------------------------------------------------
+    # -- statistics (store.stats) -----------------------------------------------------------
     def stats(self, model: ModelRecord) -> StatsState:
-        with self.engine.connect() as conn:
-            return self.load_stats_in(conn, model)
+        return stats.stats(self, model)
 
     def load_stats_in(self, conn: sa.Connection, model: ModelRecord) -> StatsState:
-        rows = conn.execute(sa.select(cat.running_stats).where(
-            cat.running_stats.c.model_id == model.model_id)).fetchall()
-        moments = new_moments(model.dim)
-        covered = 0
-        for r in rows:
-            m = r._mapping
-            s2 = cat.unpack(m["sum_outer"])
-            moments[(m["modality"], m["space"])] = RunningMoments(
-                model.dim, int(m["n"]), cat.unpack(m["shift"]), cat.unpack(m["sum"]), s2, second=s2 is not None)
-            covered = int(m["covered_seq"])
-        return StatsState(model.model_id, moments, covered)
+        return stats.load_stats_in(conn, model)
 
     def save_stats(self, state: StatsState) -> None:
-        with self.engine.begin() as conn:
-            self.save_stats_in(conn, state)
+        stats.save_stats(self, state)
 
     def save_stats_in(self, conn: sa.Connection, state: StatsState) -> None:
-        conn.execute(sa.delete(cat.running_stats).where(cat.running_stats.c.model_id == state.model_id))
-        now = time.time()
-        for (mo, sp), rm in state.moments.items():
-            conn.execute(cat.running_stats.insert().values(
-                model_id=state.model_id, modality=mo, space=sp, dim=rm.dim, n=rm.n, shift=cat.pack(rm.shift),
-                sum=cat.pack(rm.s1), sum_outer=cat.pack(rm.s2), covered_seq=state.covered_seq, updated_at=now))
+        stats.save_stats_in(conn, state)
 
     def uncovered_rows(self, model: ModelRecord) -> int:
-        return self.count_rows(model) - self.stats(model).n
+        return stats.uncovered_rows(self, model)
 
     def sync_stats(self, model: ModelRecord) -> StatsState:
-        """Fold in rows the statistics do not cover. Commits carry their statistics, so this finds
-        nothing on a store written by this version; stores written before the ledger may lag."""
-        state = self.stats(model)
-        if self.count_rows(model) == state.n:
-            return state
-        with self.engine.begin() as conn:
-            state = self.load_stats_in(conn, model)
-            tbl = self.read_embeddings(model, min_seq=state.covered_seq, columns=STATS_COLUMNS)
-            if tbl.num_rows:
-                part = fold_batches(model, tbl.to_batches(), {k: m.shift for k, m in state.moments.items()})
-                state = merge_states(model, [state, part])
-                self.save_stats_in(conn, state)
-            return state
+        return stats.sync_stats(self, model)
 
     def refresh_stats(self, model: ModelRecord, batch_rows: int = 65536, *,
                       fold_fragments: FoldFragments | None = None) -> StatsState:
-        """Recompute the running statistics from every stored vector and save them (`recompute_stats`)."""
-        state = self.recompute_stats(model, batch_rows, fold_fragments=fold_fragments)
-        with self.engine.begin() as conn:
-            self.save_stats_in(conn, state)
-        return state
+        return stats.refresh_stats(self, model, batch_rows, fold_fragments=fold_fragments)
 
     def recompute_stats(self, model: ModelRecord, batch_rows: int = 65536, *,
                         fold_fragments: FoldFragments | None = None) -> StatsState:
-        """The running statistics of every stored vector, from scratch: one partial per Lance fragment
-        of the committed table (`fold_fragment`, streamed: memory O(batch·d + d²)), all centred on one
-        shift, merged in fragment order (`merge_states`). `fold_fragments(version, fragment_ids,
-        shifts)` returns those partials, in that order, computed wherever the caller decides (the
-        Ray engine: one task per fragment); by default here, one after another."""
-        ds = self.embeddings_table(model)
-        shifts = self._stats_shifts(model, ds)
-        ids = [f.fragment_id for f in ds.get_fragments()]
-        if fold_fragments is None:
-            parts = [self.fold_fragment(model, ds.version, i, shifts, batch_rows) for i in ids]
-        else:
-            parts = fold_fragments(ds.version, ids, shifts)
-        return merge_states(model, parts)
+        return stats.recompute_stats(self, model, batch_rows, fold_fragments=fold_fragments)
 
     def fold_fragment(self, model: ModelRecord, version: int, fragment_id: int, shifts: dict,
                       batch_rows: int = 65536) -> StatsState:
-        """The statistics partial of one fragment of the model table at `version`."""
-        frag = self.embeddings_table(model, version).get_fragment(fragment_id)
-        return fold_batches(model, frag.to_batches(columns=list(STATS_COLUMNS), batch_size=batch_rows), shifts)
-
-    def _stats_shifts(self, model: ModelRecord, ds: Any) -> dict:
-        """What a recompute's partials are centred on: the saved statistics' shift, else the mean of
-        the first rows (one shift for all: the partials then merge without rounding)."""
-        shifts = {k: m.shift for k, m in self.stats(model).moments.items()}
-        if any(v is None for v in shifts.values()) and ds.count_rows():
-            head = ds.head(4096, columns=list(STATS_COLUMNS))
-            shifts = {k: m.shift for k, m in fold_batches(model, head.to_batches(), None).moments.items()}
-        return shifts
+        return stats.fold_fragment(self, model, version, fragment_id, shifts, batch_rows)
 
     # -- fits (reference samples) -------------------------------------------------------------
     def save_fit(self, model: ModelRecord, *, n_rows: int, covered_seq: int, reference_size: int,
@@ -740,17 +622,6 @@ def _undo_init(path: Path, remove_dir: bool) -> None:
             child.unlink(missing_ok=True)
 
 
-def printable_text(text: str | None) -> str | None:
-    """Text the catalog can store: lone surrogates (undecodable file-name bytes) as \\x escapes."""
-    if text is None:
-        return None
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def set_committed_version(conn: sa.Connection, name: str, version: int, commit_id: int | None) -> None:
     conn.execute(sa.delete(cat.table_versions).where(cat.table_versions.c.table_name == name))
     conn.execute(cat.table_versions.insert().values(table_name=name, version=int(version), commit_id=commit_id))
@@ -780,42 +651,6 @@ class PendingCommit:
 
 def default_catalog(path: Path) -> str:
     return f"sqlite:///{(Path(path) / 'catalog.sqlite').resolve()}"
-
-
-def new_moments(dim: int, shifts: dict | None = None) -> dict[tuple[str, str], RunningMoments]:
-    """Empty moments per (modality, space): raw vectors keep mean and covariance, normalized
-    ones the mean (conformity needs it; no score uses their covariance). `shifts`
-    {(modality, space): vector or None}: what each is centred on (None: its first rows' mean)."""
-    out = {(mo, sp): RunningMoments(dim, second=sp == "raw") for mo in MODALITIES for sp in SPACES}
-    for key, shift in (shifts or {}).items():
-        out[key].shift = None if shift is None else np.array(shift, dtype=np.float64)
-    return out
-
-
-def update_moments(state: StatsState, image: np.ndarray, text: np.ndarray) -> None:
-    for modality, X in (("image", image), ("text", text)):
-        fold_pair(state.moments[(modality, "raw")], state.moments[(modality, "normalized")], X)
-
-
-def fold_batches(model: ModelRecord, batches: Iterable[pa.RecordBatch], shifts: dict | None) -> StatsState:
-    """The running statistics of `batches` (the STATS_COLUMNS of stored rows), from scratch,
-    centred on `shifts` (see new_moments); `covered_seq` is the highest write batch seen."""
-    state = StatsState(model.model_id, new_moments(model.dim, shifts), 0)
-    for batch in batches:
-        if batch.num_rows:
-            update_moments(state, to_numpy(batch.column("image_embedding")), to_numpy(batch.column("text_embedding")))
-            state.covered_seq = max(state.covered_seq, int(pc.max(batch.column("seq")).as_py()))
-    return state
-
-
-def merge_states(model: ModelRecord, parts: Iterable[StatsState]) -> StatsState:
-    """Partials merged exactly (RunningMoments.merge), in the order given."""
-    state = StatsState(model.model_id, new_moments(model.dim), 0)
-    for part in parts:
-        for key, m in part.moments.items():
-            state.moments[key].merge(m)
-        state.covered_seq = max(state.covered_seq, part.covered_seq)
-    return state
 
 
 def merge_sql_types(a: str, b: str) -> str:
