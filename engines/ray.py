@@ -14,7 +14,7 @@ import pyarrow as pa
 from clipsql.engines.engine import EngineError
 from clipsql.engines.ingest import ingest_ray
 from clipsql.engines.scores import refresh_stats_ray, score_columns_ray, score_ray
-from clipsql.ingest.pipeline import IngestOptions, IngestSummary
+from clipsql.ingest.run import IngestOptions, IngestSummary
 from clipsql.store.store import ModelRecord, StatsState, Store
 
 

@@ -11,8 +11,8 @@ other columns rescore everything (an Overwrite). The score table is not the mode
 job never conflicts with an ingest appending meanwhile; rows committed after its snapshot are
 reported as pending.
 
-Statistics: each task folds one fragment's vectors with the store's shift; the driver merges
-the partials exactly (`RunningMoments.merge`) and saves them under the writer lock.
+Statistics: `Store.refresh_stats` itself, with each fragment's partial (`Store.fold_fragment`)
+folded by a task; the store merges them in fragment order and saves them under the writer lock.
 """
 from __future__ import annotations
 
@@ -21,19 +21,17 @@ import pickle
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from clipsql.engines.engine import ray_session
 from clipsql.errors import QueryError
-from clipsql.kernels.arrays import to_numpy
 from clipsql.lazy import lance, lance_fragment
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.materialize import check_columns, score_relation
 from clipsql.queries.sql.specs import SCORE_COLUMNS
 from clipsql.store.fits import load_fit
-from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
+from clipsql.store.store import ModelRecord, StatsState, Store
 from clipsql.store.tables import stored_table_name
 
 SCORED_KEY = "clipsql.scored"
@@ -170,38 +168,18 @@ def _set_scored_meta(uri: str, metadata: dict) -> None:
 
 # --------------------------------------------------------------------------- statistics
 def _fold_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id: int, shifts: dict) -> bytes:
-    st = Store.open(store_path, read_only=True)
-    frag = st.embeddings_table(rec, version).get_fragment(fragment_id)
-    state = StatsState(rec.model_id, new_moments(rec.dim), 0)
-    for k, m in state.moments.items():
-        m.shift = None if shifts.get(k) is None else np.array(shifts[k])
-    for batch in frag.to_batches(columns=["image_embedding", "text_embedding", "seq"], batch_size=1 << 16):
-        if batch.num_rows:
-            update_moments(state, to_numpy(batch.column("image_embedding")), to_numpy(batch.column("text_embedding")))
-            state.covered_seq = max(state.covered_seq, int(pa.compute.max(batch.column("seq")).as_py()))
-    return pickle.dumps(state, protocol=5)
+    """Worker: the statistics partial of one fragment (Store.fold_fragment), pickled."""
+    return pickle.dumps(Store.open(store_path, read_only=True).fold_fragment(rec, version, fragment_id, shifts),
+                        protocol=5)
 
 
 def refresh_stats_ray(st: Store, model: ModelRecord, *, address: str | None = None) -> StatsState:
-    """Recompute a model's running statistics from every stored vector, one task per fragment."""
-    with st.lock():
-        ds = st.embeddings_table(model)
-        current = st.stats(model)
-        shifts = {k: m.shift for k, m in current.moments.items()}
-        if any(v is None for v in shifts.values()) and ds.count_rows():
-            first = StatsState(model.model_id, new_moments(model.dim), 0)
-            head = ds.head(4096, columns=["image_embedding", "text_embedding"])
-            update_moments(first, to_numpy(head.column("image_embedding")), to_numpy(head.column("text_embedding")))
-            shifts = {k: m.shift for k, m in first.moments.items()}
-        with ray_session(address) as ray:
-            task = ray.remote(max_retries=3)(_fold_fragment)
-            parts = ray.get([task.remote(str(st.path), model, ds.version, f.fragment_id, shifts)
-                             for f in ds.get_fragments()])
-        state = StatsState(model.model_id, new_moments(model.dim), 0)
-        for blob in parts:          # fragment order: the same sums every run
-            p = pickle.loads(blob)
-            for k, m in p.moments.items():
-                state.moments[k].merge(m)
-            state.covered_seq = max(state.covered_seq, p.covered_seq)
-        st.save_stats(state)
-    return state
+    """Recompute a model's running statistics from every stored vector (Store.refresh_stats), each
+    fragment's partial folded by a Ray task."""
+    with st.lock(), ray_session(address) as ray:
+        task = ray.remote(max_retries=3)(_fold_fragment)
+
+        def fold_fragments(version: int, fragment_ids: list, shifts: dict) -> list:
+            blobs = ray.get([task.remote(str(st.path), model, version, i, shifts) for i in fragment_ids])
+            return [pickle.loads(b) for b in blobs]
+        return st.refresh_stats(model, fold_fragments=fold_fragments)

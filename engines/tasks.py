@@ -156,9 +156,7 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
                 "seq": pa.array(np.full(len(new_e), ctx.seq, dtype=np.int64))}
         tbl = pa.table({k: cols[k] for k in emb_schema.names}, schema=emb_schema)
         res.fragments = _write(st.table_uri(ctx.rec.table_name), tbl, ctx.storage_versions[ctx.rec.table_name])
-        state = StatsState(ctx.rec.model_id, new_moments(ctx.rec.dim), 0)
-        for k, m in state.moments.items():
-            m.shift = None if ctx.shifts.get(k) is None else np.array(ctx.shifts[k])
+        state = StatsState(ctx.rec.model_id, new_moments(ctx.rec.dim, ctx.shifts), 0)
         update_moments(state, X, Y)
         res.moments = pickle.dumps(state.moments, protocol=5)
         res.ids = _ids_ipc(e_ids)

@@ -1,9 +1,10 @@
-"""The ingest worker: read → decode/encode → write → stats, each stage timed.
+"""The local engine's ingest: read → decode/encode → write → stats, each stage timed, in this process.
 
 Idempotent and resumable: source units the commit ledger holds for the model are
 skipped unread; within new units a sample's id (a content hash, or the source's id
 column) is checked against the store's id index, so a re-run adds nothing and a
-killed run picks up after its last commit (see store.store for the write protocol).
+killed run picks up after its last commit (see store.store for the write protocol). The run's
+lifecycle and its commits are ingest.run's (the Ray engine runs the same, with its own stages).
 """
 from __future__ import annotations
 
@@ -12,55 +13,25 @@ import dataclasses
 import os
 import time
 import warnings
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from clipsql.errors import DimensionMismatch, SourceError
+from clipsql.errors import SourceError
 from clipsql.ingest.datacomp import FEATURES, DataCompSource, pick_features, pool_dir
 from clipsql.ingest.dedup import IdChecker
-from clipsql.ingest.encode import Prepared, open_clip_encoder, prepare_item
-from clipsql.ingest.registry import open_source
+from clipsql.ingest.encode import Prepared, prepare_item
 from clipsql.ingest.rows import samples_columns, samples_table
-from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES, Reject
-from clipsql.ingest.update import Updater, require_ids, row_arrays
+from clipsql.ingest.run import IngestOptions, IngestRun, IngestSummary, run_ingest
+from clipsql.ingest.sources import Reject
+from clipsql.ingest.update import row_arrays
 from clipsql.lazy import threadpoolctl, torch, torch_data, tqdm
-from clipsql.models import loading as models
 from clipsql.store.deletions import merge_days
-from clipsql.store.maintenance import maintain_after_ingest
 from clipsql.store.store import Store
-from clipsql.store.tables import metadata_aliases
-from clipsql.store.writer import CommitPolicy, Writer
 
-
-@dataclass
-class IngestOptions:
-    batch_size: int = 256
-    workers: int | None = None          # None: default_workers(device)
-    device: str = "auto"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    id_column: str | None = None
-    image_embeddings: str | None = None
-    text_embeddings: str | None = None
-    source_kind: str | None = None
-    datacomp_features: str | None = None   # DataComp pools: b32 | l14 (None: from the model)
-    progress: bool = True
-    policy: CommitPolicy = field(default_factory=CommitPolicy)   # when to commit (rows / seconds)
-    maintain: bool = True               # compact / index / prune when thresholds are crossed
-    update: bool = False                # rewrite stored rows whose caption / metadata changed (needs ids)
-    allow_missing_captions: bool = False   # keep images without a caption (NULL caption and text embedding)
-    model_given: bool = True            # False: the caller fell back to a default model (no --model)
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES   # larger image / caption files are rejected unread
-    # What loads and runs the model: (spec, device) -> an encoder (see encode.Encoder: `.loaded`, a
-    # models.LoadedModel; called with (pixels, tokens) it gives (image, text) float32 vectors;
-    # `.text(tokens)`). None: open_clip (encode.open_clip_encoder). Library callers (the tests) pass
-    # their own; the local engine only.
-    encoder_factory: Callable[[Any, str], Any] | None = None
+__all__ = ["IngestOptions", "IngestSummary", "default_workers", "ingest", "ingest_pool"]
 
 
 def default_workers(device: str, cpus: int | None = None) -> int:
@@ -73,40 +44,6 @@ def default_workers(device: str, cpus: int | None = None) -> int:
     if str(device).startswith("cuda"):
         return min(8, max(1, cpus - 1))
     return min(4, cpus // 4)
-
-
-@dataclass
-class IngestSummary:
-    run_id: int
-    model_id: str
-    source: str
-    added: int = 0
-    skipped: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-    seconds: dict[str, float] = field(default_factory=dict)   # per stage
-    wall_seconds: float = 0.0
-    status: str = "running"
-    device: str = ""
-    workers: int = 0
-    commits: int = 0
-    units_skipped: int = 0              # source units the ledger already held
-    updated: int = 0                    # rows re-encoded with a changed caption (--update)
-    updated_samples: int = 0            # samples whose caption or metadata was rewritten (--update)
-    deleted: int = 0                    # rows skipped because `clipsql delete` recorded their ids
-    samples_restored: int = 0           # samples written for stored embeddings (a repair lost them)
-    deleted_on: list = field(default_factory=list)   # [first, last] day (UTC) those ids were deleted
-    notes: list = field(default_factory=list)   # things the user should know (renamed metadata columns)
-    maintenance: dict = field(default_factory=dict)
-    id_column: str | None = None        # the source column the ids came from; None: content hashes (DataComp: uids)
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.added / self.wall_seconds if self.wall_seconds > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["rows_per_second"] = round(self.rows_per_second, 2)
-        return d
 
 
 def _prepared_stream(*args: Any) -> Any:
@@ -172,179 +109,30 @@ def _identity(x: Any) -> Any:
     return x
 
 
-@dataclass
-class Plan:
-    """What a run will do, decided under the writer lock before anything is loaded or written."""
-    spec: Any
-    source: Any
-    source_name: str
-    todo: list                  # [(unit, unit_key)] not yet in the ledger for this model
-    done: dict                  # {unit_key: (rows, rejected)} already ingested
-    known: Any                  # the model's record if the store has it
-    seconds: Counter
-    t_start: float
-
-    @property
-    def already(self) -> int:
-        return sum(r for r, _ in self.done.values())
-
-
-def plan_run(store: Store, source_path: str, model: str | None, pretrained: str | None, checkpoint: str | None,
-             opts: IngestOptions) -> Plan:
-    """Resolve the model, open the source and find its units the ledger does not hold (the caller
-    holds the lock). Everything that can fail for the whole run fails here, before any write."""
-    t_start = time.perf_counter()
-    seconds: Counter = Counter()
-    spec = models.resolve_known(model, pretrained, checkpoint, [(m.model_id, m.spec) for m in store.list_models()]) \
-        or models.resolve(model, pretrained, checkpoint)
-    seconds["resolve_model"] = time.perf_counter() - t_start
-    source = open_source(source_path, image_column=opts.image_column, caption_column=opts.caption_column,
-                         id_column=opts.id_column, image_embeddings=opts.image_embeddings,
-                         text_embeddings=opts.text_embeddings, kind=opts.source_kind,
-                         datacomp_features=opts.datacomp_features)
-    if source.kind == "datacomp":   # its features are one model's: refuse filing them under another
-        source.bind_model(spec.model_id)
-    source_name = source.canonical()
-    source.max_file_bytes = int(opts.max_file_bytes)
-    require_ids(opts.id_column, opts.update)
-    if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
-        raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
-                          "--model (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k); clipsql cannot "
-                          "tell it from the vectors, and filing them under the demo model would be wrong")
-    store.recover()
-    t0 = time.perf_counter()
-    units = source.units()
-    keys = [source.unit_key(u) for u in units]
-    known = {m.model_id: m for m in store.list_models()}.get(spec.model_id)
-    done = store.done_units(known, keys) if known is not None else {}
-    todo = [(u, k) for u, k in zip(units, keys) if k not in done]
-    seconds["plan"] = time.perf_counter() - t0
-    return Plan(spec, source, source_name, todo, done, known, seconds, t_start)
-
-
-def finish_noop(store: Store, plan: Plan) -> IngestSummary | None:
-    """When the ledger holds every unit: record a run that did nothing (no model load, no reads)."""
-    if plan.known is None or plan.todo:
-        return None
-    run_id = store.start_run(plan.known.model_id, plan.source_name, plan.source.kind)
-    summary = IngestSummary(run_id, plan.known.model_id, plan.source_name, skipped=plan.already, status="done",
-                            units_skipped=len(plan.done), id_column=getattr(plan.source, "id_column", None))
-    summary.wall_seconds = time.perf_counter() - plan.t_start
-    summary.seconds = {k: round(v, 4) for k, v in plan.seconds.items()}
-    store.finish_run(run_id, "done", plan.already, summary.to_dict())
-    return summary
-
-
-def register_model(store: Store, plan: Plan, device: str,
-                   encoder_factory: Callable[[Any, str], Any] | None = None) -> tuple[Any, Any]:
-    """(model record, encoder or None): the model is loaded (`encoder_factory`, open_clip by
-    default) when images must be encoded (or its weights are local), and checked against a
-    precomputed source's dimension. The encoder's `.loaded` is the models.LoadedModel."""
-    t0 = time.perf_counter()
-    spec, source = plan.spec, plan.source
-    encoder = loaded = None
-    if not source.precomputed or spec.local:
-        encoder = (encoder_factory or open_clip_encoder)(spec, device)
-        loaded = encoder.loaded
-    plan.seconds["load_model"] = time.perf_counter() - t0
-    if source.precomputed:
-        dim = source.dim()
-        if loaded is not None and dim != loaded.dim:
-            raise DimensionMismatch(f"{spec.model_id} produces {loaded.dim}-d embeddings but "
-                                    f"{plan.source_name} holds {dim}-d vectors: name the model that made them")
-        fields = loaded.record_fields() if loaded is not None else models.record_without_weights(spec, dim)
-    else:
-        fields = loaded.record_fields()
-    rec = store.register_model(**fields)
-    store.sync_stats(rec)   # stores written before the commit ledger may lag
-    return rec, encoder
-
-
 def ingest(store: Store, source_path: str, *, model: str | None = None, pretrained: str | None = None,
            checkpoint: str | None = None, options: IngestOptions | None = None,
            on_batch: Any = None) -> IngestSummary:
-    """Ingest one source with one model into the store. Returns the run's summary.
+    """Ingest one source with one model into the store, in this process. Returns the run's summary.
 
     The writer lock is taken first (a second writer is refused at once); everything that
     can fail for the whole run (unknown model, unreadable source) fails before the first
     write; bad items become rejects. Source units the ledger already holds for this model
-    are skipped without being read, and when nothing is new the model is not even loaded.
+    are skipped without being read, and when nothing is new the model is not even loaded
+    (the lifecycle is ingest.run's, shared with the Ray engine).
     """
     opts = options or IngestOptions()
-    with store.lock():
-        plan = plan_run(store, source_path, model, pretrained, checkpoint, opts)
-        noop = finish_noop(store, plan)
-        if noop is not None:
-            return noop
-        meta_before = set(store.metadata_columns())
-        rec, encoder = register_model(store, plan, opts.device, opts.encoder_factory)
-        source, source_name, todo, done, already = plan.source, plan.source_name, plan.todo, plan.done, plan.already
-        seconds, t_start = plan.seconds, plan.t_start
-        run_id = store.start_run(rec.model_id, source_name, source.kind)
-        summary = IngestSummary(run_id, rec.model_id, source_name, skipped=already, units_skipped=len(done),
-                                id_column=getattr(source, "id_column", None))
-        rejected: Counter = Counter()
-        writer = Writer(store, rec, run_id=run_id, source=source_name, policy=opts.policy)
-        bar = _progress(opts.progress, rec.model_id)
-        bar.update(already)
-        r = _Run(source, todo, rec, encoder, opts, writer, IdChecker(store, rec), summary, rejected, seconds,
-                 bar, on_batch, Updater(store, rec) if opts.update else None)
-        ok = False
+
+    def stages(run: IngestRun) -> None:
+        bar = _progress(opts.progress, run.rec.model_id)
+        bar.update(run.plan.already)
         try:
             with _blas_pin():
-                (_ingest_columns if source.precomputed else _ingest_items)(r)
-            t0 = time.perf_counter()
-            r.commit()
-            seconds["write"] += time.perf_counter() - t0
-            ok = True
-            summary.status = "done"
-        except BaseException:
-            summary.status = "failed"
-            raise
+                (_ingest_columns if run.plan.source.precomputed else _ingest_items)(run, bar, on_batch)
         finally:
             bar.close()
-            # after a failure (a full disk, say) the bookkeeping below may fail too; it must never
-            # replace the error that stopped the run (the next writer marks the run aborted)
-            with unless_failing(summary):
-                writer.close(commit=False)
-            seconds["stats"] = writer.fold_wait_seconds
-            seconds["stats (background)"] = writer.fold_seconds
-            summary.commits = writer.commits
-            summary.rejected = dict(rejected)
-            summary.wall_seconds = time.perf_counter() - t_start
-            summary.seconds = {k: round(v, 4) for k, v in seconds.items()}
-            with unless_failing(summary):
-                store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
-        if ok:
-            summary.notes += renamed_metadata(store, meta_before)
-        if ok and opts.maintain:
-            t0 = time.perf_counter()
-            summary.maintenance = maintain_after_ingest(store, rec)
-            summary.seconds["maintain"] = round(time.perf_counter() - t0, 4)
-    return summary
 
-
-class unless_failing:
-    """Suppress errors of cleanup code while the run is already failing (keeps the first error)."""
-
-    def __init__(self, summary: IngestSummary):
-        self.summary = summary
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, Exception) and self.summary.status == "failed"
-
-
-def renamed_metadata(store: Store, before: set[str]) -> list[str]:
-    """A note per metadata column this run added whose name in `samples` differs from the source's."""
-    aliases = metadata_aliases(list(store.metadata_columns()))
-    lower = {n.lower(): n for n in reversed(list(aliases))}     # the first key of each case-insensitive name
-    return [f"metadata column {name!r} is {alias!r} in the samples view ("
-            + (f"{name} is a samples column" if alias.startswith("meta_")
-               else f"SQL names ignore case and {lower[name.lower()]!r} came first") + ")"
-            for name, alias in sorted(aliases.items()) if name not in before and alias != name]
+    return run_ingest(store, source_path, model, pretrained, checkpoint, opts, stages=stages, device=opts.device,
+                      encoder_factory=opts.encoder_factory)
 
 
 def _blas_pin() -> Any:
@@ -360,42 +148,16 @@ def _blas_pin() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
-@dataclass
-class _Run:
-    """What the two ingest loops share for one run."""
-    source: Any
-    todo: list
-    rec: Any
-    encoder: Any                        # None for precomputed vectors without local weights
-    opts: IngestOptions
-    writer: Writer
-    checker: IdChecker
-    summary: IngestSummary
-    rejected: Counter
-    seconds: Counter
-    bar: Any
-    on_batch: Any
-    updater: Updater | None
-
-    def queue_updates(self, ids: pa.Array, new_sample: np.ndarray, new_emb: np.ndarray, dup: np.ndarray,
-                      caption: pa.Array, metadata: pa.Array, truncated: pa.Array, meta_types: dict | None,
-                      text: Any) -> None:
-        """--update: queue rewrites of the batch's stored rows whose caption or metadata changed."""
-        if self.updater is None:
-            return
-        n = self.updater.check(ids, caption, metadata, truncated, ~dup & ~new_sample, ~dup & ~new_emb, text,
-                               meta_types)
-        self.summary.updated += n
-        self.summary.skipped -= n
-        self.updater.flush()
-
-    def commit(self) -> None:
-        """A writer commit marks source units done, so the units' queued rewrites go first
-        (a kill in between leaves the units to redo, never rewrites lost)."""
-        if self.updater is not None:
-            self.updater.flush(force=True)
-            self.summary.updated_samples = self.updater.updated_samples
-        self.writer.commit()
+def _queue_updates(r: IngestRun, ids: pa.Array, new_sample: np.ndarray, new_emb: np.ndarray, dup: np.ndarray,
+                   caption: pa.Array, metadata: pa.Array, truncated: pa.Array, meta_types: dict | None,
+                   text: Any) -> None:
+    """--update: queue rewrites of the batch's stored rows whose caption or metadata changed."""
+    if r.updater is None:
+        return
+    n = r.updater.check(ids, caption, metadata, truncated, ~dup & ~new_sample, ~dup & ~new_emb, text, meta_types)
+    r.summary.updated += n
+    r.summary.skipped -= n
+    r.updater.flush()
 
 
 def _classify(checker: IdChecker, ids: pa.Array, locations: list[str] | None, loc_col: pa.Array | None,
@@ -419,18 +181,10 @@ def _classify(checker: IdChecker, ids: pa.Array, locations: list[str] | None, lo
     return ~dup & ~in_s, ~dup & ~in_e, dup | gone
 
 
-def _commit_if_due(r: _Run) -> None:
-    if r.writer.due():
-        t0 = time.perf_counter()
-        r.commit()
-        r.checker.committed()
-        r.seconds["write"] += time.perf_counter() - t0
-
-
-def _ingest_items(r: _Run) -> None:
+def _ingest_items(r: IngestRun, bar: Any, on_batch: Any) -> None:
     """Images: decode/preprocess (DataLoader workers when asked) → forward → writer."""
-    source, todo, rec, encoder, opts, writer = r.source, r.todo, r.rec, r.encoder, r.opts, r.writer
-    checker, summary, rejected, seconds, bar, on_batch = r.checker, r.summary, r.rejected, r.seconds, r.bar, r.on_batch
+    source, todo, rec, encoder, opts, writer = r.plan.source, r.plan.todo, r.rec, r.encoder, r.opts, r.writer
+    checker, summary, rejected, seconds = r.checker, r.summary, r.rejected, r.seconds
     loaded = encoder.loaded
     workers = default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
     summary.workers, summary.device = workers, str(loaded.device)
@@ -461,8 +215,8 @@ def _ingest_items(r: _Run) -> None:
                                                  rejects)
             if r.updater is not None:
                 tokens = prepared.tokens
-                r.queue_updates(ids, new_sample, new_emb, dup, *row_arrays(rows),
-                                lambda idx: encoder.text([tokens[i] for i in idx]))
+                _queue_updates(r, ids, new_sample, new_emb, dup, *row_arrays(rows),
+                               lambda idx: encoder.text([tokens[i] for i in idx]))
             need = np.flatnonzero(new_emb)
             t0 = time.perf_counter()
             if len(need):
@@ -479,22 +233,20 @@ def _ingest_items(r: _Run) -> None:
             writer.add(samples_tbl, ids.take(take), img, txt, uri=uri, caption=caption, meta_types=meta_types)
             summary.added += len(need)
             seconds["write"] += time.perf_counter() - t0
-        writer.reject(rejects)
+        r.reject(rejects)
         for key, n_rows, n_rej in prepared.units_done:
             writer.unit_done(key, n_rows, n_rej)
-        for _, reason, _ in rejects:
-            rejected[reason] += 1
-        _commit_if_due(r)
+        r.commit_if_due()
         bar.update(len(prepared.rows) + len(prepared.rejects))
         bar.set_postfix(added=summary.added, skipped=summary.skipped, rejected=sum(rejected.values()))
         if on_batch is not None:
             on_batch(summary)
 
 
-def _ingest_columns(r: _Run) -> None:
+def _ingest_columns(r: IngestRun, bar: Any, on_batch: Any) -> None:
     """Precomputed vectors: whole units as Arrow columns, read one unit ahead on a thread."""
-    source, todo, rec, writer = r.source, r.todo, r.rec, r.writer
-    checker, summary, rejected, seconds, bar, on_batch = r.checker, r.summary, r.rejected, r.seconds, r.bar, r.on_batch
+    source, todo, rec, writer = r.plan.source, r.plan.todo, r.rec, r.writer
+    checker, summary, rejected, seconds = r.checker, r.summary, r.rejected, r.seconds
 
     def read(unit: Any) -> tuple[Any, float]:
         t0 = time.perf_counter()
@@ -512,9 +264,9 @@ def _ingest_columns(r: _Run) -> None:
             t0 = time.perf_counter()
             rejects = list(cols.rejects)
             new_sample, new_emb, dup = _classify(checker, cols.ids, None, cols.location, summary, rejects)
-            r.queue_updates(cols.ids, new_sample, new_emb, dup, cols.caption, cols.metadata,
-                            pa.array(np.zeros(len(cols), dtype=bool)), cols.meta_types,
-                            lambda idx, c=cols: c.text[idx])
+            _queue_updates(r, cols.ids, new_sample, new_emb, dup, cols.caption, cols.metadata,
+                           pa.array(np.zeros(len(cols), dtype=bool)), cols.meta_types,
+                           lambda idx, c=cols: c.text[idx])
             seconds["dedup"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             samples_tbl = None
@@ -525,12 +277,12 @@ def _ingest_columns(r: _Run) -> None:
             writer.add(samples_tbl, e.ids, e.image, e.text, uri=e.uri, caption=e.caption,
                        meta_types=cols.meta_types if samples_tbl else None)
             summary.added += len(e)
-            writer.reject(rejects)
-            writer.unit_done(key, len(cols), len(rejects))
-            for _, reason, _ in rejects:
-                rejected[reason] += 1
+            r.reject(rejects)
+            # a row of the unit is stored (or skipped) or rejected, never both: its in-run duplicates
+            # are rejects (as the Ray engine counts them)
+            writer.unit_done(key, len(cols) - (len(rejects) - len(cols.rejects)), len(rejects))
             seconds["write"] += time.perf_counter() - t0
-            _commit_if_due(r)
+            r.commit_if_due()
             bar.update(len(cols) + len(cols.rejects))
             bar.set_postfix(added=summary.added, skipped=summary.skipped, rejected=sum(rejected.values()))
             if on_batch is not None:

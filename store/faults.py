@@ -9,7 +9,8 @@ Points: `commit:between-tables` (samples committed in Lance, the model table not
 `update:after-lance`, `models-rm:after-catalog`, `target:after-table`, `target:after-switch`,
 `select:before-rename`, `select:between-renames` (the sidecar published, the output not),
 `writer:data-file` (a Lance data file being written),
-`run:finish` (the run's catalog row being closed), `fit:before-save`, `score:before-write`,
+`ingest:before-commit` (an ingest's data files written, their commit not begun), `run:finish`
+(the run's catalog row being closed), `fit:before-save`, `score:before-write`,
 `register:after-table` (a new model's Lance table created, its catalog rows not),
 `backfill:after-lance` (backfilled columns committed in Lance, the ledger not moved).
 """

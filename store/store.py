@@ -41,53 +41,26 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from clipsql.errors import CatalogDamaged, CatalogError, DimensionMismatch, MarkerDamaged, ModelError, StoreNotFound
-from clipsql.kernels.arrays import to_numpy
-from clipsql.kernels.moments import RunningMoments, fold_pair
 from clipsql.lazy import lance, lancedb
 from clipsql.store import catalog as cat
+from clipsql.store import runs, stats
 from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists, is_remote, rmtree, store_path
 from clipsql.store.locks import file_lock, lease, lease_seconds
+from clipsql.store.records import ModelRecord
+from clipsql.store.runs import printable_text
+from clipsql.store.stats import MODALITIES, FoldFragments, StatsState, new_moments, update_moments
 from clipsql.store.tables import (DELETIONS, SAMPLES, TAGS, derived_tables, embeddings_schema, embeddings_table_name,
                                   samples_schema)
+
+# what callers import from here that lives in the store's parts
+__all__ = ["MODALITIES", "ModelRecord", "PendingCommit", "StatsState", "Store", "new_moments", "printable_text",
+           "update_moments"]
 
 MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
 FORMAT_VERSION = 1
-MODALITIES = ("image", "text")
-SPACES = ("raw", "normalized")
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    model_id: str
-    table_name: str
-    kind: str
-    dim: int
-    logit_scale: float
-    logit_bias: float | None
-    context_length: int | None
-    spec: dict
-
-    @classmethod
-    def from_row(cls, row: Any) -> "ModelRecord":
-        m = row._mapping
-        return cls(m["model_id"], m["table_name"], m["kind"], int(m["dim"]), float(m["logit_scale"]),
-                   None if m["logit_bias"] is None else float(m["logit_bias"]), m["context_length"],
-                   json.loads(m["spec"]))
-
-
-@dataclass
-class StatsState:
-    """Running statistics of one model: moments per (modality, space) and the batch seq they cover."""
-    model_id: str
-    moments: dict[tuple[str, str], RunningMoments]
-    covered_seq: int
-
-    @property
-    def n(self) -> int:
-        return self.moments[("image", "raw")].n
 
 
 class Store:
@@ -474,18 +447,18 @@ class Store:
                 for name, v in versions.items():
                     set_committed_version(conn, name, v, commit_id)
             if c.rows:
-                state = self.load_stats_in(conn, model)
+                state = stats.load_stats_in(conn, model)
                 for key, part in c.moments.items():
                     state.moments[key].merge(part)
                 state.covered_seq = max(state.covered_seq, c.seq)
-                self.save_stats_in(conn, state)
+                stats.save_stats_in(conn, state)
             for unit_key, rows, rejected in c.units:
                 conn.execute(sa.delete(cat.ingested_units).where(
                     cat.ingested_units.c.model_id == model.model_id, cat.ingested_units.c.unit_key == unit_key))
                 conn.execute(cat.ingested_units.insert().values(
                     model_id=model.model_id, unit_key=unit_key, source=c.source, commit_id=commit_id,
                     rows=rows, rejected=rejected))
-            self._record_rejects(conn, c.run_id, model.model_id, c.source, c.rejects)
+            runs.record_rejects(conn, c.run_id, model.model_id, c.source, c.rejects)
             if c.run_id is not None:
                 conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == c.run_id).values(
                     added=cat.ingest_runs.c.added + c.rows,
@@ -503,19 +476,6 @@ class Store:
                         t.c.model_id == model.model_id, t.c.unit_key.in_(part))):
                     out[k] = (int(rows), int(rej))
         return out
-
-    def _record_rejects(self, conn: sa.Connection, run_id: int, model_id: str | None, source: str,
-                        rejects: list[tuple[str, str, str]]) -> None:
-        now = time.time()
-        for location, reason, detail in rejects:
-            location, detail = printable_text(location), printable_text(detail)
-            exists = conn.execute(sa.select(cat.rejects.c.reject_id).where(
-                cat.rejects.c.source == source, cat.rejects.c.location == location,
-                cat.rejects.c.reason == reason)).first()
-            if exists is None:
-                conn.execute(cat.rejects.insert().values(
-                    run_id=run_id, model_id=model_id, source=source, location=location, reason=reason,
-                    detail=detail, created_at=now))
 
     def record_meta_types(self, conn: sa.Connection, meta_types: dict[str, str]) -> None:
         if not meta_types:
@@ -535,105 +495,46 @@ class Store:
             return dict(conn.execute(sa.select(cat.metadata_columns.c.name, cat.metadata_columns.c.sql_type)
                                      .order_by(cat.metadata_columns.c.name)).all())
 
-    # -- runs ---------------------------------------------------------------------------
+    # -- runs (store.runs) ------------------------------------------------------------------
     def start_run(self, model_id: str, source: str, source_kind: str) -> int:
-        with self.engine.begin() as conn:
-            res = conn.execute(cat.ingest_runs.insert().values(
-                model_id=model_id, source=source, source_kind=source_kind, status="running",
-                started_at=time.time(), added=0, skipped=0, rejected=0))
-            return int(res.inserted_primary_key[0])
+        return runs.start_run(self.engine, model_id, source, source_kind)
 
     def abort_dead_runs(self) -> list[int]:
-        """Writers only (under the lock, so no other run is alive): runs still `running` were killed.
-        Mark them `aborted`, with `added` counted from their committed ledger entries."""
-        r, c = cat.ingest_runs, cat.commits
-        with self.engine.begin() as conn:
-            dead = [int(x) for x in conn.execute(sa.select(r.c.run_id).where(r.c.status == "running")).scalars()]
-            for run_id in dead:
-                added = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(c.c.rows), 0)).where(
-                    c.c.run_id == run_id)).scalar()
-                conn.execute(sa.update(r).where(r.c.run_id == run_id).values(
-                    status="aborted", added=int(added), finished_at=time.time()))
-        return dead
+        return runs.abort_dead_runs(self.engine)
 
     def finish_run(self, run_id: int, status: str, skipped: int, summary: dict) -> None:
-        fault("run:finish")
-        with self.engine.begin() as conn:
-            conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == run_id).values(
-                status=status, finished_at=time.time(), skipped=skipped, summary=cat.to_json(summary)))
+        runs.finish_run(self.engine, run_id, status, skipped, summary)
 
-    # -- statistics -----------------------------------------------------------------------
+    # -- statistics (store.stats) -----------------------------------------------------------
     def stats(self, model: ModelRecord) -> StatsState:
-        with self.engine.connect() as conn:
-            return self.load_stats_in(conn, model)
+        return stats.stats(self, model)
 
     def load_stats_in(self, conn: sa.Connection, model: ModelRecord) -> StatsState:
-        rows = conn.execute(sa.select(cat.running_stats).where(
-            cat.running_stats.c.model_id == model.model_id)).fetchall()
-        moments = new_moments(model.dim)
-        covered = 0
-        for r in rows:
-            m = r._mapping
-            what = f"the {m['modality']} {m['space']} statistics of model {model.model_id}"
-            try:
-                s2, shift, s1 = (cat.unpack(m[k], what) for k in ("sum_outer", "shift", "sum"))
-            except CatalogDamaged as e:
-                raise CatalogDamaged(f"{e}: run `clipsql doctor {self.path} --repair` (recomputes them from the "
-                                     "stored vectors)") from None
-            moments[(m["modality"], m["space"])] = RunningMoments(
-                model.dim, int(m["n"]), shift, s1, s2, second=s2 is not None)
-            covered = int(m["covered_seq"])
-        return StatsState(model.model_id, moments, covered)
+        return stats.load_stats_in(conn, model, self.path)
 
     def save_stats(self, state: StatsState) -> None:
-        with self.engine.begin() as conn:
-            self.save_stats_in(conn, state)
+        stats.save_stats(self, state)
 
     def save_stats_in(self, conn: sa.Connection, state: StatsState) -> None:
-        conn.execute(sa.delete(cat.running_stats).where(cat.running_stats.c.model_id == state.model_id))
-        now = time.time()
-        for (mo, sp), rm in state.moments.items():
-            conn.execute(cat.running_stats.insert().values(
-                model_id=state.model_id, modality=mo, space=sp, dim=rm.dim, n=rm.n, shift=cat.pack(rm.shift),
-                sum=cat.pack(rm.s1), sum_outer=cat.pack(rm.s2), covered_seq=state.covered_seq, updated_at=now))
+        stats.save_stats_in(conn, state)
 
     def uncovered_rows(self, model: ModelRecord) -> int:
-        return self.count_rows(model) - self.stats(model).n
+        return stats.uncovered_rows(self, model)
 
     def sync_stats(self, model: ModelRecord) -> StatsState:
-        """Fold in rows the statistics do not cover. Commits carry their statistics, so this finds
-        nothing on a store written by this version; stores written before the ledger may lag."""
-        state = self.stats(model)
-        if self.count_rows(model) == state.n:
-            return state
-        with self.engine.begin() as conn:
-            state = self.load_stats_in(conn, model)
-            tbl = self.read_embeddings(model, min_seq=state.covered_seq,
-                                       columns=("image_embedding", "text_embedding", "seq"))
-            if tbl.num_rows:
-                update_moments(state, to_numpy(tbl.column("image_embedding")),
-                               to_numpy(tbl.column("text_embedding")))
-                state.covered_seq = int(pa.compute.max(tbl.column("seq")).as_py())
-                self.save_stats_in(conn, state)
-            return state
+        return stats.sync_stats(self, model)
 
-    def refresh_stats(self, model: ModelRecord, batch_rows: int = 65536) -> StatsState:
-        """Recompute the running statistics from every stored vector and save them."""
-        state = self.recompute_stats(model, batch_rows)
-        with self.engine.begin() as conn:
-            self.save_stats_in(conn, state)
-        return state
+    def refresh_stats(self, model: ModelRecord, batch_rows: int = 65536, *,
+                      fold_fragments: FoldFragments | None = None) -> StatsState:
+        return stats.refresh_stats(self, model, batch_rows, fold_fragments=fold_fragments)
 
-    def recompute_stats(self, model: ModelRecord, batch_rows: int = 65536) -> StatsState:
-        """The running statistics of every stored vector, from scratch (streamed: memory O(batch·d + d²))."""
-        state = StatsState(model.model_id, new_moments(model.dim), 0)
-        ds = self.embeddings_table(model)
-        for batch in ds.to_batches(columns=["image_embedding", "text_embedding", "seq"], batch_size=batch_rows):
-            if batch.num_rows:
-                update_moments(state, to_numpy(batch.column("image_embedding")),
-                               to_numpy(batch.column("text_embedding")))
-                state.covered_seq = max(state.covered_seq, int(pa.compute.max(batch.column("seq")).as_py()))
-        return state
+    def recompute_stats(self, model: ModelRecord, batch_rows: int = 65536, *,
+                        fold_fragments: FoldFragments | None = None) -> StatsState:
+        return stats.recompute_stats(self, model, batch_rows, fold_fragments=fold_fragments)
+
+    def fold_fragment(self, model: ModelRecord, version: int, fragment_id: int, shifts: dict,
+                      batch_rows: int = 65536) -> StatsState:
+        return stats.fold_fragment(self, model, version, fragment_id, shifts, batch_rows)
 
     # -- fits (reference samples) -------------------------------------------------------------
     def save_fit(self, model: ModelRecord, *, n_rows: int, covered_seq: int, reference_size: int,
@@ -777,17 +678,6 @@ def _undo_init(path: Path, remove_dir: bool) -> None:
             child.unlink(missing_ok=True)
 
 
-def printable_text(text: str | None) -> str | None:
-    """Text the catalog can store: lone surrogates (undecodable file-name bytes) as \\x escapes."""
-    if text is None:
-        return None
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def set_committed_version(conn: sa.Connection, name: str, version: int, commit_id: int | None) -> None:
     conn.execute(sa.delete(cat.table_versions).where(cat.table_versions.c.table_name == name))
     conn.execute(cat.table_versions.insert().values(table_name=name, version=int(version), commit_id=commit_id))
@@ -809,20 +699,14 @@ class PendingCommit:
     rejects: list = field(default_factory=list)            # (location, reason, detail)
     meta_types: dict = field(default_factory=dict)
 
+    @property
+    def empty(self) -> bool:
+        """Nothing to commit: no rows, no completed units, no rejects, no new metadata columns."""
+        return not (self.rows or self.sample_rows or self.units or self.rejects or self.meta_types)
+
 
 def default_catalog(path: Path) -> str:
     return f"sqlite:///{(Path(path) / 'catalog.sqlite').resolve()}"
-
-
-def new_moments(dim: int) -> dict[tuple[str, str], RunningMoments]:
-    """Empty moments per (modality, space): raw vectors keep mean and covariance, normalized
-    ones the mean (conformity needs it; no score uses their covariance)."""
-    return {(mo, sp): RunningMoments(dim, second=sp == "raw") for mo in MODALITIES for sp in SPACES}
-
-
-def update_moments(state: StatsState, image: np.ndarray, text: np.ndarray) -> None:
-    for modality, X in (("image", image), ("text", text)):
-        fold_pair(state.moments[(modality, "raw")], state.moments[(modality, "normalized")], X)
 
 
 def merge_sql_types(a: str, b: str) -> str:

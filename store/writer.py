@@ -6,6 +6,8 @@
     if w.due(): w.commit()                   # the caller decides where a commit may fall
     w.close()                                # commits what is left
 
+    w.add_written(fragments=…, moments=…, …)  # rows another process wrote (the Ray engine's workers)
+
     write_batch(store, model, samples=…, ids=…, image=…, text=…, …)   # one small batch, one commit
 
 Buffers are cut into Lance data files (`lance.fragment.write_fragments`) once they hold
@@ -44,6 +46,15 @@ class CommitPolicy:
     rows: int = 100_000
     seconds: float = 30.0
     fragment_bytes: int = 64 << 20
+
+    def due(self, pending: PendingCommit, started: float, now: float | None = None) -> bool:
+        """Whether `pending` (gathered since the monotonic time `started`) is to be committed now:
+        it holds `rows` rows (embeddings or samples), or anything at all after `seconds`. The one
+        commit rule: every engine's runs commit through `Writer.due`, which asks this."""
+        if max(pending.rows, pending.sample_rows) >= self.rows:
+            return True
+        now = time.monotonic() if now is None else now
+        return not pending.empty and now - started >= self.seconds
 
 
 def conform_samples(samples: pa.Table, names: list[str]) -> pa.Table:
@@ -132,9 +143,7 @@ class Writer:
                                 len(samples_schema()) else samples.schema, samples.data_storage_version,
                                 self.policy.fragment_bytes, self._io)
         self.pending = PendingCommit(run_id=self.run_id, source=self.source, seq=self.seq + 1)
-        self.pending.moments = new_moments(rec.dim)
-        for key, m in self.pending.moments.items():
-            m.shift = None if self._shifts.get(key) is None else self._shifts[key].copy()
+        self.pending.moments = new_moments(rec.dim, self._shifts)
         self._started = time.monotonic()
 
     # -- adding ---------------------------------------------------------------------------
@@ -147,10 +156,7 @@ class Writer:
         if samples is not None and samples.num_rows:
             self._samples.add(conform_samples(samples, self._samples_names))
             self.pending.sample_rows += samples.num_rows
-        if meta_types:
-            mt = self.pending.meta_types
-            for k, v in meta_types.items():
-                mt[k] = merge_sql_types(mt[k], v) if k in mt else v
+        self._meta_types(meta_types)
         if not n:
             return
         d = self.model.dim
@@ -166,6 +172,29 @@ class Writer:
         for modality, X in (("image", image), ("text", text)):
             self._folds.append(self._pools[modality].submit(self._fold, self.pending.moments, modality, X))
 
+    def add_written(self, *, fragments: list, sample_fragments: list, rows: int, sample_rows: int,
+                    moments: dict | None, meta_types: dict[str, str] | None = None, seq: int) -> None:
+        """Rows another process already wrote as data files (Lance `FragmentMetadata`), each row
+        carrying write batch `seq` (≤ this writer's; the Ray engine's workers write before the commits
+        are grouped): their fragments and statistics partial (`moments`, merged exactly) join the
+        pending commit, as the rows `add` buffers do."""
+        if seq > self.pending.seq:
+            raise ValueError(f"rows of write batch {seq} cannot join commit batch {self.pending.seq}")
+        p = self.pending
+        p.fragments += fragments
+        p.sample_fragments += sample_fragments
+        p.rows += rows
+        p.sample_rows += sample_rows
+        self._meta_types(meta_types)
+        if rows:
+            for key, part in moments.items():
+                p.moments[key].merge(part)
+
+    def _meta_types(self, meta_types: dict[str, str] | None) -> None:
+        mt = self.pending.meta_types
+        for k, v in (meta_types or {}).items():
+            mt[k] = merge_sql_types(mt[k], v) if k in mt else v
+
     def _fold(self, moments: dict, modality: str, X: np.ndarray) -> None:
         t0 = time.perf_counter()
         raw = moments[(modality, "raw")]
@@ -180,6 +209,11 @@ class Writer:
         """CPU-ish seconds the fold threads spent (summed over both)."""
         return sum(self._fold_s.values())
 
+    def shifts(self) -> dict:
+        """{(modality, space): shift or None}: what the statistics partials of this writer's rows
+        are centred on (a partial folded elsewhere with these merges without rounding)."""
+        return {k: None if v is None else v.copy() for k, v in self._shifts.items()}
+
     def reject(self, rejects: list[tuple[str, str, str]]) -> None:
         self.pending.rejects.extend(rejects)
 
@@ -188,11 +222,7 @@ class Writer:
 
     # -- committing -----------------------------------------------------------------------
     def due(self) -> bool:
-        p = self.pending
-        if max(p.rows, p.sample_rows) >= self.policy.rows:
-            return True
-        return bool(p.rows or p.sample_rows or p.units or p.rejects) and \
-            time.monotonic() - self._started >= self.policy.seconds
+        return self.policy.due(self.pending, self._started)
 
     def commit(self) -> int | None:
         t0 = time.perf_counter()
@@ -201,10 +231,10 @@ class Writer:
         self._folds = []
         self.fold_wait_seconds += time.perf_counter() - t0
         p = self.pending
-        p.fragments, _ = self._emb.take()
-        p.sample_fragments, _ = self._samples.take()
+        p.fragments += self._emb.take()[0]
+        p.sample_fragments += self._samples.take()[0]
         commit_id = None
-        if p.rows or p.sample_rows or p.units or p.rejects or p.meta_types:
+        if not p.empty:
             commit_id = self.store.commit(self.model, p)
             if p.rows:
                 self.seq = p.seq

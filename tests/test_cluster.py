@@ -70,7 +70,7 @@ def test_killed_driver_leaves_no_half_commit_and_the_rerun_is_exact(ray_cluster,
     ref, st = Store.init(tmp_path / "ref"), Store.init(tmp_path / "s")
     args = [str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "200"]
     cli("ingest", str(ref.path), *args)
-    p = ray_cli(ray_cluster, "ingest", str(st.path), *args, env={"CLIPSQL_FAULT": "ray:before-commit@3"},
+    p = ray_cli(ray_cluster, "ingest", str(st.path), *args, env={"CLIPSQL_FAULT": "ingest:before-commit@3"},
                 check=False)
     assert p.returncode == -9
     mid = Store.open(st.path)
@@ -269,3 +269,79 @@ def test_ray_ingest_skips_deleted_ids_as_locally(ray_cluster, tmp_path):
     st = Store.open(st.path)
     assert st.count_rows(st.model()) == 270 and len(sample_ids(st)) == 270
     assert_stats_match_vectors(st)
+
+
+def _ledger(st):  # noqa: ANN001, ANN202
+    """A store's commit ledger as plain values: each commit (rows, sample rows, tables it moved), each
+    source unit (rows, rejects, which commit), the run's counters, the rejects, the statistics."""
+    import json
+    import sqlalchemy as sa
+    from clipsql.store import catalog as cat
+    with st.engine.connect() as conn:
+        commits = conn.execute(sa.select(cat.commits.c.commit_id, cat.commits.c.kind, cat.commits.c.rows,
+                                         cat.commits.c.sample_rows, cat.commits.c.versions)
+                               .order_by(cat.commits.c.commit_id)).all()
+        order = {c[0]: i for i, c in enumerate(commits)}
+        units = sorted((u.unit_key, u.source, u.rows, u.rejected, order[u.commit_id])
+                       for u in conn.execute(sa.select(cat.ingested_units)))
+        runs = [(r.status, r.added, r.skipped, r.rejected) for r in conn.execute(sa.select(cat.ingest_runs))]
+        rejects = sorted((r.source, r.location, r.reason, r.detail) for r in conn.execute(sa.select(cat.rejects)))
+    state = st.stats(st.model())
+    return {"commits": [(k, n, s, sorted(json.loads(v))) for _, k, n, s, v in commits], "units": units,
+            "runs": runs, "rejects": rejects, "covered_seq": state.covered_seq,
+            "n": {k: m.n for k, m in state.moments.items()}}
+
+
+# one ingest through an engine, in its own process (as the CLI runs it), counting the decisions of
+# the commit rule `CommitPolicy.due`; prints the run's summary fields as JSON
+_ENGINE_RUN = """
+import json, sys
+from clipsql import engines
+from clipsql.ingest.pipeline import IngestOptions
+from clipsql.store.store import Store
+from clipsql.store.writer import CommitPolicy
+decided = []
+due = CommitPolicy.due
+def spy(self, pending, started, now=None):
+    decided.append(1)
+    return due(self, pending, started, now)
+CommitPolicy.due = spy
+name, address, store, pool = sys.argv[1:5]
+opts = IngestOptions(id_column="key", progress=False, maintain=False,
+                     policy=CommitPolicy(rows=250, seconds=float("inf")))
+s = engines.choose(name, address or None).ingest(Store.init(store), pool, model="ViT-B-32",
+                                                 pretrained="laion2b_s34b_b79k", options=opts)
+print(json.dumps({"decided": len(decided), "added": s.added, "commits": s.commits, "device": s.device}))
+"""
+
+
+def test_both_engines_commit_the_same_ledger_through_one_commit_policy(ray_cluster, tmp_path):
+    """The same source through the local and the Ray engine: the same commits (grouping of units,
+    rows, sample rows), units, run counters, rejects and statistics; and both engines' commits
+    were decided by the one commit rule, `CommitPolicy.due` (the Ray driver hands its workers'
+    data files and partials to the run's writer instead of committing them itself)."""
+    import json
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=3, rows=400, row_group=100)
+    meta = pool / "metadata" / "metadata_2.parquet"             # ids of shard 0 again: duplicate_id rejects
+    t = pq.read_table(meta)
+    keys = t.column("key").to_pylist()
+    keys[150:155] = [f"000{i:06d}" for i in range(5)]
+    pq.write_table(t.set_column(t.schema.get_field_index("key"), "key", pa.array(keys)), meta, row_group_size=100)
+    summaries, ledgers = {}, {}
+    for name, address in (("local", ""), ("ray", ray_cluster.address)):
+        p = subprocess.run([sys.executable, "-c", _ENGINE_RUN, name, address, str(tmp_path / name), str(pool)],
+                           cwd=ROOT, capture_output=True, timeout=300)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        summaries[name] = json.loads(p.stdout.decode().strip().splitlines()[-1])
+        ledgers[name] = _ledger(Store.open(tmp_path / name))
+    local, ray = ledgers["local"], ledgers["ray"]
+    assert summaries["ray"]["device"] == "ray" and summaries["local"]["added"] == summaries["ray"]["added"] == 1195
+    assert summaries["local"]["commits"] == summaries["ray"]["commits"] == len(local["commits"]) >= 4
+    assert ray == local
+    n_units = len(local["units"])
+    assert summaries["local"]["decided"] >= n_units and summaries["ray"]["decided"] >= n_units   # each engine
+    assert_equal_stores(Store.open(tmp_path / "ray"), Store.open(tmp_path / "local"))
+    assert_stats_match_vectors(Store.open(tmp_path / "ray"))
