@@ -20,7 +20,17 @@ import pickle
 from typing import Any
 
 from clipsql.engines.engine import gpu_count, ray_session, worker_count
-from clipsql.engines.tasks import EncodeWriter, RunContext, UnitResult, decode_unit, precomputed_unit, read_ids
+from clipsql.engines.tasks import (
+    EncodeWriter,
+    RunContext,
+    UnitResult,
+    decode_unit,
+    precomputed_unit,
+    read_ids,
+    shared_context,
+    unit_payload,
+    unit_task,
+)
 from clipsql.errors import SourceError
 from clipsql.ingest.run import IngestOptions, IngestRun, IngestSummary, run_ingest
 from clipsql.lazy import lance_fragment, ray_data
@@ -74,22 +84,18 @@ def _results(ray: Any, ctx: RunContext, todo: list, opts: IngestOptions, actors:
     # results in unit order: the first occurrence of an id in source order is the one kept (as
     # locally), and commits group units in the same order on every run
     ray_data.DataContext.get_current().execution_options.preserve_order = True
-    ctx_ref = ray.put(ctx)
-    items = [{"i": i} for i in range(len(todo))]
-    units = ray.put(todo)
+    # each task receives its own unit (and a source describing only it), never the list of units
+    ctx_ref = ray.put(shared_context(ctx))
+    items = [{"task": unit_payload(ctx.source, unit, key)} for unit, key in todo]
     ds = ray_data.from_items(items, override_num_blocks=len(items))
     # Ray Data retries a task whose worker died, and restarts a dead actor, by default
     if ctx.source.precomputed:
-        def one(row: dict, _ctx=ctx_ref, _units=units) -> dict:
-            c, u = _ray.get(_ctx), _ray.get(_units)
-            unit, key = u[row["i"]]
-            return precomputed_unit(c, unit, key).to_row()
+        def one(row: dict, _ctx=ctx_ref) -> dict:
+            return precomputed_unit(*unit_task(_ray.get(_ctx), row["task"])).to_row()
         out = ds.map(one)
     else:
-        def decode(row: dict, _ctx=ctx_ref, _units=units) -> dict:
-            c, u = _ray.get(_ctx), _ray.get(_units)
-            unit, key = u[row["i"]]
-            return decode_unit(c, unit, key)
+        def decode(row: dict, _ctx=ctx_ref) -> dict:
+            return decode_unit(*unit_task(_ray.get(_ctx), row["task"]))
         gpus, cpus = gpu_count(ray), worker_count(ray)
         size = actors or (gpus if gpus else max(1, cpus // 2))
         # on a cluster of one CPU an encoder actor holding a whole CPU would starve the decode tasks

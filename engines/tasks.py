@@ -9,6 +9,7 @@ commits: a result names written data files that only the driver's commit makes v
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -74,6 +75,25 @@ class UnitResult:
     @staticmethod
     def from_row(row: dict) -> "UnitResult":
         return pickle.loads(row["result"])
+
+
+# --------------------------------------------------------------------------- what a task receives
+def shared_context(ctx: RunContext) -> RunContext:
+    """The run context every task shares (put in the object store once), without the source: a source
+    can list every unit's files, and each task would deserialise that list."""
+    return dataclasses.replace(ctx, source=None)
+
+
+def unit_payload(source: Any, unit: Any, key: str) -> bytes:
+    """One task's own work: its unit and key with a source describing only that unit
+    (`Source.for_unit`), so its size does not grow with the number of units."""
+    return pickle.dumps((*source.for_unit(unit), key), protocol=5)
+
+
+def unit_task(shared: RunContext, payload: bytes) -> tuple[RunContext, Any, str]:
+    """(the run context with the task's own source, the unit, its key) from `unit_payload`."""
+    source, unit, key = pickle.loads(payload)
+    return dataclasses.replace(shared, source=source), unit, key
 
 
 def _store(ctx: RunContext) -> Store:

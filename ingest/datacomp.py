@@ -221,6 +221,11 @@ class DataCompSource(Source):
                 start += rows
         return units
 
+    def for_unit(self, unit) -> tuple[Source, Any]:
+        s = unit[1] if unit[0] == "bad" else unit[0]
+        one = self._with(shards=[self.shards[s]])
+        return one, (("bad", 0, *unit[2:]) if unit[0] == "bad" else (0, *unit[1:]))
+
     def unit_files(self, unit) -> list[str]:
         s = unit[1] if unit[0] == "bad" else unit[0]
         _, parquet, npz = self.shards[s]

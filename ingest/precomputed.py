@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -153,6 +153,9 @@ class PrecomputedSource(Source):
 
     def unit_files(self, unit) -> list[str]:
         return [p for p in self.files[unit[0]] if p]
+
+    def for_unit(self, unit) -> tuple[Source, Any]:
+        return self._with(files=[self.files[unit[0]]]), (0, *unit[1:])
 
     def dim(self) -> int:
         """The vectors' width, from the files' shape (npy) or the first non-NULL list (parquet)."""

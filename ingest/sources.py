@@ -229,6 +229,18 @@ class Source:
         """The files a unit reads (their size and mtime go into its fingerprint)."""
         raise NotImplementedError
 
+    def for_unit(self, unit) -> tuple["Source", object]:
+        """(a source describing only what `unit` reads, the unit as that source names it): what a
+        worker receives with one unit, the same size whatever the number of units. A source whose
+        units carry their own files (folders, tables) is compact already: itself."""
+        return self, unit
+
+    def _with(self, **changes) -> "Source":
+        """A copy with some attributes replaced (the per-process caches not copied)."""
+        one = object.__new__(type(self))
+        one.__dict__.update(self.__getstate__(), **changes)
+        return one
+
     def canonical(self) -> str:
         """The source as the store records it (samples.source, rejects.source): the resolved path
         of its root, so `data/photos`, `/abs/data/photos/` and a symlink to it are one source and

@@ -6,7 +6,7 @@ import os
 import re
 import tarfile
 import zlib
-from typing import Iterator
+from typing import Any, Iterator
 
 
 from clipsql.errors import SourceError
@@ -48,7 +48,11 @@ class WebDatasetSource(Source):
     def canonical(self) -> str:
         """The directory holding the shards (locations are `shard.tar:member`), however the shards
         were named: one file, the directory, a brace pattern or a glob."""
-        return os.path.commonpath([os.path.dirname(os.path.realpath(s)) for s in self.shards])
+        return getattr(self, "shards_dir", None) or \
+            os.path.commonpath([os.path.dirname(os.path.realpath(s)) for s in self.shards])
+
+    def for_unit(self, unit) -> tuple[Source, Any]:
+        return self._with(shards=[unit], shards_dir=self.canonical()), unit
 
     def read(self, unit) -> Iterator[Item | Reject]:
         shard, name = unit, os.path.basename(unit)

@@ -10,8 +10,8 @@ import pytest
 
 from clipsql.store.store import Store
 
-from conftest import (MODEL, ROOT, assert_stats_match_vectors, cli, sample_ids, stored_vectors, wait_for,
-                      write_image_folder, write_pool)
+from conftest import (MODEL, ROOT, assert_stats_match_vectors, cli, processes_naming, sample_ids, stored_vectors,
+                      wait_for, write_image_folder, write_pool)
 
 pytestmark = pytest.mark.ray
 
@@ -345,3 +345,58 @@ def test_both_engines_commit_the_same_ledger_through_one_commit_policy(ray_clust
     assert summaries["local"]["decided"] >= n_units and summaries["ray"]["decided"] >= n_units   # each engine
     assert_equal_stores(Store.open(tmp_path / "ray"), Store.open(tmp_path / "local"))
     assert_stats_match_vectors(Store.open(tmp_path / "ray"))
+
+
+# a command's local Ray (`ray_session` without an address) that runs one task, says it is ready, and waits
+LOCAL_RAY_DRIVER = """
+import sys
+from pathlib import Path
+from clipsql.engines.engine import ray_session
+with ray_session(num_cpus=1) as ray:
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1
+    Path(sys.argv[1]).write_text("ready")
+    if sys.argv[2] == "wait":
+        sys.stdin.read()
+"""
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (None when it is gone or a zombie): tells it from a later one with its PID."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def test_the_local_ray_of_a_killed_command_is_stopped_and_removed_by_the_next(ray_tmpdir, tmp_path):
+    """A SIGKILLed command's local Ray left helper processes running (its dashboard and runtime-env
+    agents, for minutes) and its folder behind: the next command's local Ray stops them and removes
+    the folder before it starts, and removes its own folder when it ends."""
+    from clipsql.leftovers import owner_tag
+    if not os.path.isdir("/proc"):
+        pytest.skip("finding a process's files needs /proc")
+    env = dict(os.environ, RAY_ADDRESS="")        # a local Ray, not the session's test cluster
+    ready = tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY_DRIVER, str(ready), "wait"], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: ready.exists() or proc.poll() is not None, "the local Ray to start", deadline=300)
+        assert ready.exists(), proc.communicate()[1].decode()[-2000:]
+        folder = Path(ray_tmpdir) / f"clipsql-ray-{owner_tag(proc.pid)}"
+        assert folder.is_dir()
+        started = {pid: _start_time(pid) for pid in processes_naming(str(folder))}
+        assert len(started) >= 3 and proc.pid not in started       # GCS, raylet, agents, the worker
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stderr.close()
+    nxt = subprocess.run([sys.executable, "-c", LOCAL_RAY_DRIVER, str(tmp_path / "ready2"), "end"], cwd=ROOT,
+                         env=env, capture_output=True, timeout=300)
+    assert nxt.returncode == 0, nxt.stderr.decode()[-2000:]
+    left = [pid for pid, t in started.items() if _start_time(pid) == t]
+    assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
+    assert not folder.exists()
+    assert not list(Path(ray_tmpdir).glob("clipsql-ray-*"))         # the next one's own folder too

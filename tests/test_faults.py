@@ -691,3 +691,34 @@ def test_damaged_bytes_and_missing_data_files_are_one_line(pool_store):
         p = cli(*args, check=False)
         err = p.stderr.decode() + p.stdout.decode()
         assert p.returncode == 1 and "Traceback" not in err and "doctor" in err, err
+
+
+def test_stop_ends_a_process_that_ignores_sigterm_and_never_this_one():
+    """leftovers.stop: SIGTERM, and SIGKILL for what is still there after the grace (waited on, not slept)."""
+    from clipsql.leftovers import stop
+    code = "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('r', flush=True); sys.stdin.read()"
+    stubborn = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    polite = subprocess.Popen([sys.executable, "-c", "import sys; print('r', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert stubborn.stdout.readline() == b"r\n" and polite.stdout.readline() == b"r\n"
+        assert stop([stubborn.pid, polite.pid, os.getpid()], grace=0.2) == []
+        assert stubborn.wait() == -9 and polite.wait() == -15
+    finally:
+        for p in (stubborn, polite):
+            p.kill()
+            p.wait()
+            p.stdin.close()
+            p.stdout.close()
+
+
+def test_the_local_ray_folder_keeps_its_socket_paths_within_the_unix_limit(monkeypatch):
+    """A command's local Ray lives in `clipsql-ray-<host>-<pid>` under RAY_TMPDIR; where Ray's socket
+    paths in it would pass the AF_UNIX limit (~107 bytes), Ray's own default folder is used instead."""
+    from clipsql.engines.engine import ray_folder
+    from clipsql.leftovers import owner_tag
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp")
+    assert ray_folder() == f"/tmp/clipsql-ray-{owner_tag()}"
+    assert len(f"{ray_folder()}/session_2026-12-03_11-02-59_178398_{4194304}/sockets/plasma_store") <= 107
+    monkeypatch.setenv("RAY_TMPDIR", "/tmp/" + "x" * 60)
+    assert ray_folder() is None

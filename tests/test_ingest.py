@@ -3,6 +3,7 @@ tests run on the torch-free `fake_encoder` (conftest), which counts what it enco
 open_clip model stays where loading or running open_clip is the point (DataLoader workers, the
 device summary, a killed CLI run, two real model kinds)."""
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,7 +19,9 @@ from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.errors import ModelError, StoreLocked
 from clipsql.store.store import Store
 
-from conftest import ROOT, assert_stats_match_vectors, sample_ids, stored_vectors, wait_for, write_image_folder
+from conftest import (ROOT, assert_stats_match_vectors, sample_ids, stored_vectors, wait_for, write_image_folder,
+                      write_pool)
+from datacomp_pool import write_datacomp_pool
 
 FAST = IngestOptions(batch_size=8, workers=0, progress=False)
 
@@ -335,3 +338,31 @@ def test_the_fake_encoder_is_what_the_store_holds(store, tmp_path, fake_encoder)
     assert sorted(fake.captions) == sorted(r["caption"] for r in rows)
     with pytest.raises(ValueError, match="encoder_factory"):
         ingest_ray(Store.init(tmp_path / "ray"), str(folder), model=fake.model, options=fake.options())
+
+
+def test_a_ray_tasks_payload_does_not_grow_with_the_number_of_units(tmp_path):
+    """Each Ray ingest task deserialised the whole list of units and the source (which lists every
+    shard): ~2.2 µs per unit per task. A task now receives its own unit with a source describing only
+    it, and the shared context has no source: the pickled bytes are the same at 3 and at 40 units, and
+    the task reads exactly what the full source reads."""
+    from clipsql.engines.tasks import RunContext, shared_context, unit_payload, unit_task
+    from clipsql.ingest.registry import open_source
+    sizes = {}
+    for n in (3, 40):
+        write_pool(tmp_path / f"pool{n}", shards=n, rows=8, row_group=8, dim=4)
+        write_datacomp_pool(tmp_path / f"dc{n}", n_shards=n, rows=6)
+        for kind, src in (("precomputed", open_source(tmp_path / f"pool{n}", id_column="key")),
+                          ("datacomp", open_source(tmp_path / f"dc{n}", datacomp_features="b32"))):
+            todo = [(u, src.unit_key(u)) for u in src.units()]
+            assert len(todo) == n
+            ctx = RunContext(store_path="s", rec=None, source=src, versions={}, shifts={}, seq=1, storage_versions={})
+            payloads = [unit_payload(src, unit, key) for unit, key in todo]
+            sizes[kind, n] = (max(map(len, payloads)), len(pickle.dumps(shared_context(ctx), protocol=5)))
+            task_ctx, unit, key = unit_task(shared_context(ctx), payloads[-1])
+            assert key == todo[-1][1] and task_ctx.source.canonical() == src.canonical()
+            dim = 4 if kind == "precomputed" else 512
+            mine, full = task_ctx.source.read_columns(unit, dim), src.read_columns(todo[-1][0], dim)
+            assert mine.ids.equals(full.ids) and np.array_equal(mine.image, full.image)
+    for kind in ("precomputed", "datacomp"):
+        (task3, shared3), (task40, shared40) = sizes[kind, 3], sizes[kind, 40]
+        assert task40 <= task3 + 8 and shared40 == shared3, sizes      # + 8: longer shard numbers
