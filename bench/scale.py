@@ -134,14 +134,19 @@ def bare_write(src: Path, tmp: Path, rows: int) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from clipsql.kernels.arrays import fixed_list
+    from clipsql.ingest.captions import caption_features
     from clipsql.store.tables import embeddings_schema, samples_schema
     meta = pq.read_table(src / "metadata" / "metadata_0.parquet").slice(0, rows)
     img = np.load(src / "img_emb" / "img_emb_0.npy", mmap_mode="r")[:rows]
     txt = np.load(src / "text_emb" / "text_emb_0.npy", mmap_mode="r")[:rows]
     n, dim = img.shape
+    # the caption features (language, counts) an ingest computes are given here, not computed:
+    # the bare write writes the same columns and bytes, without the ingest's own work
+    features = caption_features(meta["caption"])
     t0 = time.perf_counter()
     samples = pa.table({"id": meta["key"], "uri": meta["url"], "caption": meta["caption"],
                         "width": pa.nulls(n, pa.int32()), "height": pa.nulls(n, pa.int32()),
+                        **features,
                         "source": pa.array([str(src)] * n), "location": pa.array([""] * n),
                         "caption_truncated": pa.array(np.zeros(n, bool)),
                         "metadata": pa.array(['{"similarity": 0.5}'] * n)}, schema=samples_schema())
