@@ -228,11 +228,14 @@ def _build(ds: Any, column: str, table: str, key: str) -> VectorCache | None:
                                                    "column": column, "uri": str(ds.uri), "created": time.time(),
                                                    "bytes": n * (d + 1) * 4}))
         final = parent / key
-        try:
-            os.rename(tmp, final)           # atomic; fails when another process got there first
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        tmp = None
+        for _ in range(2):
+            try:
+                os.rename(tmp, final)       # atomic; fails when another process got there first
+                break
+            except OSError:
+                if _load(final, key) is not None:
+                    break                   # theirs is complete: use it
+                _drop(final)                # a damaged entry (no meta.json): replace it
         _evict(parent, keep=key)
         return _load(final, key)
     except OSError:
