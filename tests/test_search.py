@@ -461,3 +461,41 @@ def test_vector_cache_build_lost_to_another_process_and_a_damaged_entry(tmp_path
     assert c is not None and c.path == a.path and (Path(a.path) / "meta.json").read_text() != meta
     q = img[9].astype(np.float64)
     assert c.search(q[None, :], 3)[0][0].tolist() == brute(*stored(st), q, 3)[0]
+
+
+def test_index_recall_is_measured_for_both_query_modalities_and_search_says_when_one_was_not(big):
+    """`clipsql index` measured recall on stored image vectors only, while text → image is the common
+    search (text queries need far more probes on clustered data). Now both are measured, nprobes
+    (then the refine factor) is tuned to the worse one, both are recorded, and a search through an
+    index whose record lacks the query's modality (one built before) says so."""
+    from clipsql.queries.search.index import describe
+    from clipsql.queries.sql.nearest import Searcher
+    info = build_index(big, kind="ivf_pq", seed=3)
+    by = info["recall_by_query"]
+    assert set(by) == {"image", "text"} and info["recall"] == min(by.values())
+    assert all(min(p["recall_by_query"].values()) < 0.95 for p in info["probes"][:-1])
+    assert info["probes"][-1]["recall_by_query"] == by and (info["recall"] >= 0.95 or info["nprobes"] == 15)
+    key = f"index:{big.model().table_name}:image_embedding"
+    recorded = json.loads(big.get_setting(key))
+    assert recorded["recall_by_query"] == by and recorded["refine_factor"] == info["refine_factor"]
+    assert "image→image" in describe(info) and "text→image" in describe(info)
+    ids, X = stored(big)
+    s = Searcher(big)
+    s.search(X[:1], 5)
+    assert s.last["method"] == "index ivf_pq" and not s.last.get("note") and s.last["recall_by_query"] == by
+    old = {k: v for k, v in recorded.items() if k != "recall_by_query"}
+    old["recall"] = by["image"]
+    big.set_setting(key, json.dumps(old))                # as an index built before recorded it
+    try:
+        s = Searcher(big)
+        s.search(X[:1], 5)
+        assert "recall was not measured for text → image queries" in s.last["note"]
+        s = Searcher(big)
+        s.search(X[:1], 5, query_modality="image")
+        assert not s.last.get("note") and s.last["recall"] == by["image"]
+        r = cli("search", big.path, "a red circle", "-k", "3")
+        assert r.exit_code == 0 and "note: the vector index's recall was not measured for text → image" in r.output
+        r = cli("search", big.path, "--like", "b00007", "-k", "3")
+        assert r.exit_code == 0 and "not measured" not in r.output, r.output
+    finally:
+        big.set_setting(key, json.dumps(recorded))

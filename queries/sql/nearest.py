@@ -85,9 +85,11 @@ class Searcher:
         return self._info[key]
 
     def search(self, Q: np.ndarray, k: int, model: str | None = None, modality: str = "image",
-               allowed: pa.Array | None = None, exact: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+               allowed: pa.Array | None = None, exact: bool = False,
+               query_modality: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-k per query row of Q (b, d): [(ids, float64 cosines)], best first, ties by id.
-        `allowed`: only rows with these ids (a filter's result, `allowed_ids`); None: every row."""
+        `allowed`: only rows with these ids (a filter's result, `allowed_ids`); None: every row.
+        `query_modality`: what Q holds (image / text) when known, for the index's recall note."""
         k = positive_k(k)
         column = vindex.column_for(modality or "image")
         rec = self.st.model(model)
@@ -122,8 +124,13 @@ class Searcher:
         if info is not None:
             out = [vindex.index_search(ds, column, q, k, info) for q in Q]
             if all(r is not None for r in out):
+                by = vindex.recall_by_query(info, column)
                 self.last.update(method=f"index {info['kind']}", nprobes=info["nprobes"],
-                                 recall=info.get("recall"))
+                                 recall=by.get(query_modality) if query_modality else info.get("recall"),
+                                 recall_by_query=by)
+                unmeasured = vindex.unmeasured_note(info, column, query_modality)
+                if unmeasured:
+                    self.last["note"] = "; ".join(filter(None, [self.last.get("note"), unmeasured]))
                 if info.get("unindexed"):
                     self.last["note"] = "; ".join(filter(None, [self.last.get("note"), f"the vector index covers {rows - info['unindexed']} of {rows} rows; "
                                          f"the {info['unindexed']} added since its build were searched exactly "
