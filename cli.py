@@ -961,8 +961,9 @@ def index_cmd(store: str = STORE_ARG,
     """Build a cosine vector index on a model's vectors and print its recall@10 against exact search.
 
     Partitions ≈ √rows; tables too small for the index are refused (exact search is fast there).
-    nprobes is raised until recall@10 on 100 sampled stored vectors reaches 0.95; the figures are
-    recorded in the catalog and used by `nearest(...)` / `clipsql search`. Rows ingested later are
+    nprobes (then the refine factor / ef) is raised until recall@10 reaches 0.95 for both 100 sampled
+    stored image vectors and 100 stored text vectors as queries (text → image is the common search);
+    both recalls are recorded in the catalog and used by `nearest(...)` / `clipsql search`. Rows ingested later are
     searched flat until `clipsql optimize` folds them into the index."""
     st = _run(Store.open, store)
     res = _run(build_index, st, model, modality.value, kind.value, seed=seed,

@@ -5,6 +5,16 @@
         top.update(X, ids)
     for ids, scores in top.result(): ...    # best first, ties by id ascending
 
+Over vectors already in memory (a memory-mapped cache, store.vector_cache) `cached_topk` does the
+same in blocks with no per-chunk Python merge:
+
+    cached_topk(Q, X, scale, k, take_ids)   # X: (n, d) float32 valid rows, scale: (n,) float32 1/‖x‖
+
+one float32 GEMM and one argpartition per block of rows keep the best k + slack float32
+candidates of each block, one numpy argpartition merges the blocks, and only the candidates
+within `2·eps` of the k-th float32 score are re-scored in float64 from X itself (a second pass
+for a query whose candidates do not reach that far: many near-ties).
+
 Each chunk costs one float32 GEMM (b × d × c) and one argpartition per query. Exactness:
 every row whose float32 score is within `2·eps` of the running k-th best is re-scored in
 float64 (its stored float32 vector upcast, divided by its float64 norm, against the float64
@@ -16,7 +26,7 @@ zero or non-finite never score.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -123,6 +133,89 @@ class RunningTopK:
         return out
 
 
+def block_candidates(Q32: np.ndarray, X: np.ndarray, scale: np.ndarray, m: int,
+                     rows: np.ndarray | None = None, block: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The m best rows of X by float32 score `(Q32 @ x) * scale` for each query: (positions (b, m)
+    int64 into X, float32 scores (b, m)), unordered. `rows`: score only these positions of X.
+    Blocks of rows: one GEMM and one argpartition each, then one argpartition over the blocks'
+    survivors (no Python merge per block). Every row left out scores at most the lowest kept."""
+    b = len(Q32)
+    n = len(X) if rows is None else len(rows)
+    block = int(block or max(4096, min(65536, (1 << 23) // max(b, 1))))
+    keep_s, keep_i = [], []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        if rows is None:
+            Xb, sb, pos = X[start:stop], scale[start:stop], None
+        else:
+            pos = rows[start:stop]
+            Xb, sb = X[pos], scale[pos]
+        S = Q32 @ Xb.T
+        S *= sb
+        c = S.shape[1]
+        if c > m:
+            p = np.argpartition(S, c - m, axis=1)[:, c - m:]
+            S = np.take_along_axis(S, p, 1)
+        else:
+            p = np.broadcast_to(np.arange(c), (b, c))
+        keep_s.append(S)
+        keep_i.append(p + start if pos is None else pos[p])
+    s = np.concatenate(keep_s, axis=1)
+    i = np.concatenate(keep_i, axis=1).astype(np.int64, copy=False)
+    if s.shape[1] > m:
+        p = np.argpartition(s, s.shape[1] - m, axis=1)[:, s.shape[1] - m:]
+        s, i = np.take_along_axis(s, p, 1), np.take_along_axis(i, p, 1)
+    return i, s
+
+
+def rows_above(q32: np.ndarray, X: np.ndarray, scale: np.ndarray, thr: float,
+               rows: np.ndarray | None = None, block: int = 65536) -> np.ndarray:
+    """Positions of the rows of X whose float32 score with one query is at least `thr`."""
+    n = len(X) if rows is None else len(rows)
+    out = []
+    for start in range(0, n, block):
+        pos = np.arange(start, min(n, start + block)) if rows is None else rows[start:start + block]
+        Xb, sb = (X[start:start + block], scale[start:start + block]) if rows is None else (X[pos], scale[pos])
+        s = (Xb @ q32) * sb
+        out.append(pos[s >= thr])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def cached_topk(Q: np.ndarray, X: np.ndarray, scale: np.ndarray, k: int, take_ids: Callable[[np.ndarray], np.ndarray],
+                rows: np.ndarray | None = None, slack: int = 32) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Exact top-k of the valid float32 rows X (n, d) (finite, non-zero: the caller keeps only
+    those) with `scale` = float32 1/‖x‖; `take_ids(positions)` → their ids; `rows`: only these
+    positions (sorted int64). Per query: (ids, float64 cosines) best first, ties by id ascending,
+    equal to the float64 top-k (the candidates are every row whose float32 score is within
+    2·eps of the k-th best float32 score; see the module doc)."""
+    if k < 1:
+        raise ValueError("k must be at least 1")
+    Q64, valid = unit_queries(Q)
+    if not valid.all():
+        raise ValueError("every query vector must be non-zero and finite")
+    Q32 = Q64.astype(np.float32)
+    n = len(X) if rows is None else len(rows)
+    if n == 0:
+        return [(np.array([], dtype=object), np.array([], dtype=np.float64)) for _ in Q64]
+    eps = cosine_error_bound(Q64.shape[1])
+    m = min(n, int(k) + max(int(slack), int(k) // 4))
+    pos, s = block_candidates(Q32, X, scale, m, rows)
+    kk = min(int(k), n)
+    kth = np.partition(s, m - kk, axis=1)[:, m - kk].astype(np.float64)
+    thr = kth - 2 * eps
+    short = (m < n) & (s.min(axis=1) >= thr)      # a row left out may be within 2·eps: rescan
+    out = []
+    for i in range(len(Q64)):
+        cand = rows_above(Q32[i], X, scale, thr[i], rows) if short[i] else pos[i][s[i] >= thr[i]]
+        cand = np.sort(cand)
+        Xc = np.asarray(X[cand], dtype=np.float32)
+        exact = np.clip(rescore(Xc, Q64[i], 1.0 / np.sqrt(row_norms_sq(Xc))), -1.0, 1.0)
+        ids = np.asarray(take_ids(cand))
+        order = np.lexsort((ids.astype(str), -exact))[:k]
+        out.append((ids[order], exact[order]))
+    return out
+
+
 def exact_topk(Q: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int
                ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Exact top-k over an iterable of (X float32 (c, d), ids (c,)) chunks."""
@@ -132,16 +225,18 @@ def exact_topk(Q: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k
     return top.result()
 
 
-def gemm_topk(Q: np.ndarray, X: np.ndarray, k: int, chunk: int = 32768) -> np.ndarray:
+def gemm_topk(Q: np.ndarray, X: np.ndarray, k: int, chunk: int = 32768, normalized: bool = False) -> np.ndarray:
     """The bare baseline (bench/search.py): normalized float32 GEMM + argpartition per chunk,
-    indices only, no exactness margin, no NULL handling. (b, k) row indices, best first."""
+    indices only, no exactness margin, no NULL handling. (b, k) row indices, best first.
+    `normalized`: X already holds unit rows (a peer that keeps them so in RAM): no norms."""
     Qh = (Q / np.linalg.norm(Q, axis=1, keepdims=True)).astype(np.float32)
     best_s = np.full((len(Q), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(Q), 0), dtype=np.int64)
     for start in range(0, len(X), chunk):
         Xc = X[start:start + chunk]
         S = Qh @ Xc.T
-        S /= np.linalg.norm(Xc, axis=1)[None, :]
+        if not normalized:
+            S /= np.linalg.norm(Xc, axis=1)[None, :]
         kk = min(k, S.shape[1])
         part = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
         s = np.concatenate([best_s, np.take_along_axis(S, part, 1)], axis=1)

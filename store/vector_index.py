@@ -56,6 +56,30 @@ def index_info(st: Store, rec: ModelRecord, column: str, ds: Any) -> dict | None
     return info
 
 
+def recall_by_query(info: dict, column: str) -> dict[str, float]:
+    """{query modality: recall@k} recorded for the index (an index recorded before both modalities
+    were measured: its own modality's, the stored vectors it was measured on)."""
+    by = info.get("recall_by_query")
+    if by is None and info.get("recall") is not None:
+        by = {column.split("_")[0]: info["recall"]}
+    return dict(by or {})
+
+
+def unmeasured_note(info: dict, column: str, query_modality: str | None) -> str | None:
+    """A note when the index's recall was not measured for the query's modality (`None`: a SQL
+    query vector of unknown modality, so either)."""
+    by = recall_by_query(info, column)
+    want = [query_modality] if query_modality else list(MODALITIES)
+    missing = [m for m in want if m not in by]
+    if not missing:
+        return None
+    target = column.split("_")[0]
+    pairs = " or ".join(f"{m} → {target}" for m in missing)
+    return (f"the vector index's recall was not measured for {pairs} queries (measured: "
+            f"{', '.join(f'{m} → {target} {r:.3f}' for m, r in sorted(by.items())) or 'none'}); rebuild it with "
+            "`clipsql index` to measure both, or search exactly (exact := true / --exact)")
+
+
 def scan_chunks(ds: Any, column: str, *, ids: pa.Array | None = None,
                 batch: int = CHUNK_ROWS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(X float32 (c, d) with NaN rows for NULL, ids (c,) object) chunks of `column`; `ids`: only

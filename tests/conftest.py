@@ -32,6 +32,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the exact-search vector cache (store.vector_cache) of this test session: an empty folder of its
+# own, never the user's ~/.cache (tests see what a fresh machine sees, and leave nothing there)
+os.environ["CLIPSQL_CACHE_DIR"] = tempfile.mkdtemp(prefix="clipsql-test-cache-")
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]   # precomputed: no weights needed

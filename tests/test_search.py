@@ -1,6 +1,7 @@
 """Similarity search: `nearest` against brute-force numpy, filters before the top-k,
 the Lance vector index's recall, `clipsql index` / `clipsql search` end to end, and clear errors."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -330,3 +331,199 @@ def test_an_index_search_prints_no_lance_deprecation_line(big):
     p = run_cli("search", big.path, "--like", "b00007", "-k", "5", env={"LANCE_LOG": "warn"})
     assert p.returncode == 0 and "index ivf_hnsw_sq" in p.stdout.decode(), p.stdout.decode()
     assert "_distance" not in p.stderr.decode() and "WARN" not in p.stderr.decode(), p.stderr.decode()
+
+
+def test_cached_kernel_is_the_float64_top_k_with_near_ties_past_the_slack_and_extreme_scales(monkeypatch):
+    """The blocked float32 candidate pass (kernels.cached_topk over the cache's power-of-two scaled
+    rows) equals the float64 brute force: 60 near-ties (more than k + slack candidates within the
+    error bound: the rescan path), exact duplicates (ties by id), rows of norm ~1e30 and ~1e-30
+    (scaled, no float32 overflow), a restriction to some rows."""
+    from clipsql.store.vector_cache import _scaled
+    rng = np.random.default_rng(11)
+    d = 64
+    X = rng.normal(size=(9000, d)).astype(np.float32)
+    X[100:160] = X[5] + rng.normal(size=(60, d)).astype(np.float32) * 1e-6
+    X[200:204] = X[5]
+    X[300] = X[7] * np.float32(2.0 ** 100)              # ~1e30 and ~1e-30: the same direction exactly
+    X[301] = X[7] * np.float32(2.0 ** -100)
+    X[400], X[401] = np.nan, 0.0
+    ids = np.array([f"z{i:05d}" for i in range(len(X))], dtype=object)
+    ok, Xs, inv = _scaled(X)
+    assert not ok[400] and not ok[401] and ok.sum() == len(X) - 2
+    norms = np.linalg.norm(Xs.astype(np.float64), axis=1)
+    assert norms.min() >= 0.5 and norms.max() < 1.0
+    vids = ids[ok]
+    X64 = X.astype(np.float64)
+    rescans = []
+    real = kernels.rows_above
+    monkeypatch.setattr(kernels, "rows_above", lambda *a: rescans.append(1) or real(*a))
+    near = X64[5] + 1e-3 * rng.normal(size=d)
+    for q, k in ((near, 10), (X64[7], 3), (rng.normal(size=d), 25)):
+        got = kernels.cached_topk(q[None, :], Xs, inv, k, lambda p: vids[p])[0]
+        want_ids, want_s = brute(ids.astype(str), X64, q, k)
+        assert got[0].tolist() == want_ids
+        np.testing.assert_allclose(got[1], want_s, rtol=0, atol=1e-12)
+    assert kernels.cached_topk(X64[7][None, :], Xs, inv, 3, lambda p: vids[p])[0][0].tolist()[:3] == \
+        ["z00007", "z00300", "z00301"]                 # equal directions: cos 1, ties by id
+    rows = np.flatnonzero(np.char.startswith(vids.astype(str), "z001")).astype(np.int64)
+    assert rescans == [1]                               # 64 rows within the bound, k + slack = 42 kept
+    got = kernels.cached_topk(near[None, :], Xs, inv, 8, lambda p: vids[p], rows)[0]
+    allowed = {i for i in ids if i.startswith("z001")}
+    assert got[0].tolist() == brute(ids.astype(str), X64, near, 8, allowed)[0]
+    old = kernels.exact_topk(near[None, :], [(X, ids)], 30)[0]
+    new = kernels.cached_topk(near[None, :], Xs, inv, 30, lambda p: vids[p])[0]
+    assert old[0].tolist() == new[0].tolist() and np.array_equal(old[1], new[1])   # bit for bit
+
+
+@pytest.fixture
+def disk_cache(tmp_path, monkeypatch):
+    """The vector cache on disk for any table size, under tmp_path; nothing held from other tests."""
+    from clipsql.store import vector_cache
+    monkeypatch.setenv("CLIPSQL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(vector_cache, "DISK_MIN_BYTES", 0)
+    vector_cache.forget()
+    yield vector_cache
+    vector_cache.forget()
+
+
+def entries(root):
+    return sorted(p.name for p in (root / "vectors").glob("*/*") if not p.name.startswith("."))
+
+
+def test_cached_exact_search_equals_brute_force_across_versions(tmp_path, tiny_model, disk_cache):
+    """nearest's exact path through the memory-mapped cache: equal to the brute force, ties by id
+    (both modalities); an ingest (a new table version) makes a new entry, whose results
+    include the new rows; an entry is reused across connections and processes' restarts; at
+    most KEEP_PER_TABLE entries per table and column stay on disk."""
+    rng = np.random.default_rng(23)
+    img, txt = clustered(900, rng), clustered(900, rng)
+    img[700:710] = img[:10]                             # exact ties
+    st = Store.init(tmp_path / "store")
+    load(st, write(tmp_path / "a.parquet", [f"c{i:04d}" for i in range(900)], img, txt), tiny_model)
+
+    def check(con, qv, column, k):
+        ids, X = stored(st, column)
+        mod = column.split("_")[0]
+        got_ids, got_s = nearest(con, f"?::FLOAT[16], {k}, NULL, '{mod}', exact := true", [qv.tolist()])
+        want_ids, want_s = brute(ids, X, qv, k)
+        assert got_ids == want_ids
+        np.testing.assert_allclose(got_s, want_s, rtol=0, atol=1e-12)
+        return got_ids
+
+    con = queries.connect(st)
+    got = check(con, img[0].astype(np.float64), "image_embedding", 900)
+    assert got[:2] == ["c0000", "c0700"] and len(got) == 900
+    assert check(con, txt[1].astype(np.float64), "text_embedding", 40)[0] == "c0001"
+    cache = tmp_path / "cache"
+    first = entries(cache)
+    assert len(first) == 2                             # one per column
+    disk_cache.forget()
+    check(queries.connect(st), img[5].astype(np.float64), "image_embedding", 7)
+    assert entries(cache) == first                     # opened from disk, not built again
+    q = img[0].astype(np.float64)
+    for n in range(3):                                  # three more versions of the table
+        new = (img[0] * 2.0 ** (n + 1))[None, :]          # the same direction exactly: a tie at cos 1
+        load(st, write(tmp_path / f"b{n}.parquet", [f"d{n}"], new, new), tiny_model)
+        got = check(queries.connect(st), q, "image_embedding", 12)
+        assert [i for i in got[:2 + n + 1]] == sorted(["c0000", "c0700"] + [f"d{j}" for j in range(n + 1)])
+    table_dirs = {p.parent.name for p in (cache / "vectors").glob("*/*")}
+    image_dir = [t for t in table_dirs if len(list((cache / "vectors" / t).iterdir())) == disk_cache.KEEP_PER_TABLE]
+    assert image_dir, "older versions' entries are evicted beyond KEEP_PER_TABLE"
+    old = queries.connect(st)                           # an older snapshot still reads its own version
+    assert check(old, q, "image_embedding", 3)
+
+
+def test_vector_cache_leaves_out_null_zero_and_non_finite_rows(tmp_path, disk_cache):
+    """A Lance table (written directly: ingest rejects such vectors) with NULL, zero, NaN and
+    infinite rows: the cache holds the others, and a search equals the brute force over them."""
+    import lance
+    rng = np.random.default_rng(8)
+    X = clustered(500, rng)
+    X[3], X[4, 2], X[5, 0] = 0.0, np.nan, np.inf
+    mask = np.zeros(500, bool)
+    mask[[6, 7]] = True
+    ids = np.array([f"n{i:03d}" for i in range(500)])
+    uri = str(tmp_path / "t.lance")
+    lance.write_dataset(pa.table({"id": ids, "image_embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(X.reshape(-1)), D, mask=pa.array(mask))}), uri)
+    c = disk_cache.vectors_for(lance.dataset(uri), "image_embedding")
+    assert c.rows == 495 and c.path is not None
+    X64 = X.astype(np.float64)
+    X64[mask] = np.nan
+    for q in (X64[9], rng.normal(size=D)):
+        got = c.search(q[None, :], 500)[0]
+        want_ids, want_s = brute(ids, X64, q, 500)
+        assert got[0].tolist() == want_ids and len(want_ids) == 495
+        np.testing.assert_allclose(got[1], want_s, rtol=0, atol=1e-12)
+    allowed = pa.array(["n003", "n006", "n010", "n011", "nope"])
+    assert c.search(X64[10][None, :], 5, allowed)[0][0].tolist() == ["n010", "n011"]
+
+
+def test_vector_cache_build_lost_to_another_process_and_a_damaged_entry(tmp_path, tiny_model, disk_cache,
+                                                                        monkeypatch):
+    """Two processes building one entry: the one whose rename loses keeps the winner's entry and
+    leaves no temporary behind. An entry without its meta.json (damaged) is built again."""
+    rng = np.random.default_rng(4)
+    img = clustered(300, rng)
+    st = Store.init(tmp_path / "store")
+    load(st, write(tmp_path / "a.parquet", [f"e{i:03d}" for i in range(300)], img, img), tiny_model)
+    ds = st.embeddings_table(st.model())
+    a = disk_cache.vectors_for(ds, "image_embedding")
+    meta = (Path(a.path) / "meta.json").read_text()
+    disk_cache.forget()
+    real_load, looked = disk_cache._load, []
+
+    def late_look(path, key):            # the other process's entry appears after this one looked
+        if not looked:
+            looked.append(path)
+            return None
+        return real_load(path, key)
+    monkeypatch.setattr(disk_cache, "_load", late_look)
+    b = disk_cache.vectors_for(ds, "image_embedding")
+    assert looked and b.path == a.path and (Path(a.path) / "meta.json").read_text() == meta
+    assert not [p for p in Path(a.path).parent.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(disk_cache, "_load", real_load)
+    disk_cache.forget()
+    (Path(a.path) / "meta.json").unlink()
+    c = disk_cache.vectors_for(ds, "image_embedding")
+    assert c is not None and c.path == a.path and (Path(a.path) / "meta.json").read_text() != meta
+    q = img[9].astype(np.float64)
+    assert c.search(q[None, :], 3)[0][0].tolist() == brute(*stored(st), q, 3)[0]
+
+
+def test_index_recall_is_measured_for_both_query_modalities_and_search_says_when_one_was_not(big):
+    """`clipsql index` measured recall on stored image vectors only, while text → image is the common
+    search (text queries need far more probes on clustered data). Now both are measured, nprobes
+    (then the refine factor) is tuned to the worse one, both are recorded, and a search through an
+    index whose record lacks the query's modality (one built before) says so."""
+    from clipsql.queries.search.index import describe
+    from clipsql.queries.sql.nearest import Searcher
+    info = build_index(big, kind="ivf_pq", seed=3)
+    by = info["recall_by_query"]
+    assert set(by) == {"image", "text"} and info["recall"] == min(by.values())
+    assert all(min(p["recall_by_query"].values()) < 0.95 for p in info["probes"][:-1])
+    assert info["probes"][-1]["recall_by_query"] == by and (info["recall"] >= 0.95 or info["nprobes"] == 15)
+    key = f"index:{big.model().table_name}:image_embedding"
+    recorded = json.loads(big.get_setting(key))
+    assert recorded["recall_by_query"] == by and recorded["refine_factor"] == info["refine_factor"]
+    assert "image→image" in describe(info) and "text→image" in describe(info)
+    ids, X = stored(big)
+    s = Searcher(big)
+    s.search(X[:1], 5)
+    assert s.last["method"] == "index ivf_pq" and not s.last.get("note") and s.last["recall_by_query"] == by
+    old = {k: v for k, v in recorded.items() if k != "recall_by_query"}
+    old["recall"] = by["image"]
+    big.set_setting(key, json.dumps(old))                # as an index built before recorded it
+    try:
+        s = Searcher(big)
+        s.search(X[:1], 5)
+        assert "recall was not measured for text → image queries" in s.last["note"]
+        s = Searcher(big)
+        s.search(X[:1], 5, query_modality="image")
+        assert not s.last.get("note") and s.last["recall"] == by["image"]
+        r = cli("search", big.path, "a red circle", "-k", "3")
+        assert r.exit_code == 0 and "note: the vector index's recall was not measured for text → image" in r.output
+        r = cli("search", big.path, "--like", "b00007", "-k", "3")
+        assert r.exit_code == 0 and "not measured" not in r.output, r.output
+    finally:
+        big.set_setting(key, json.dumps(recorded))

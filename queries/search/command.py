@@ -66,7 +66,8 @@ def search(store: Store | str, prompt: str | None = None, *, like: str | None = 
             q = _query_vector(con, rec, prompt, like, modality)
         searcher = Searcher(st)
         allowed = allowed_ids(con, where) if where is not None else None
-        ids, scores = searcher.search(q, int(k), rec.model_id, modality, allowed, exact)[0]
+        ids, scores = searcher.search(q, int(k), rec.model_id, modality, allowed, exact,
+                                      query_modality="text" if prompt is not None else modality)[0]
         res = pa.table({"rank": pa.array(np.arange(1, len(ids) + 1), pa.int32()),
                         "id": pa.array(ids.tolist(), pa.string()), "score": pa.array(scores, pa.float64())})
         con.register("_clipsql_search_result", res)
@@ -97,6 +98,7 @@ def format_search(res: dict, fmt: str = "table") -> str:
     head = f"{len(res['rows'])} nearest {res['column'].split('_')[0]}s of {res['model']} to {res['query']!r}"
     head += f" ({res['method']}" + (f", nprobes {res['nprobes']}, recall@10 {res['recall']:.3f}"
                                      if res.get("nprobes") and res.get("recall") is not None else "") + ")"
+    # (recall: the index's recall@10 measured for queries of this search's modality)
     if res.get("where"):
         head += f"; filter {res['where']!r}: {res['allowed']} allowed rows"
     names = ["rank", "id", "score", "uri", "caption"]

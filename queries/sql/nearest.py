@@ -24,8 +24,11 @@ filter's ids; NULL = no filter). Positional `nearest(q, 10, 'model', 'text')` wo
   (built by `clipsql index`, read through store.vector_index) and neither a filter nor `exact := true` is given, the search goes
   through it (nprobes recorded at build time) and re-scores the returned vectors in float64; it
   falls back to exact when the index returns fewer than k valid rows.
-* **exact** is chunked BLAS (kernels.topk): one float32 GEMM per chunk of
-  `CHUNK_ROWS` rows, re-scored in float64, equal to the float64 top-k.
+* **exact** is blocked BLAS (kernels.topk) over the table's vectors held by the process
+  (store.vector_cache: memory-mapped, built on first use, keyed by the table's content): a
+  float32 GEMM and argpartition per block keep candidates, and only those are re-scored in
+  float64, equal to the float64 top-k. A filtered search uses that cache once it exists, else
+  reads the allowed rows from Lance in chunks (as does a table too large to cache).
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from clipsql.kernels import topk as kernels
 from clipsql.kernels.arrays import matrix
 from clipsql.lazy import duckdb
 from clipsql.queries.sql.condition import ConditionError, check_condition
+from clipsql.store import vector_cache as vcache
 from clipsql.store import vector_index as vindex
 from clipsql.store.store import ModelRecord, Store
 
@@ -89,9 +93,11 @@ class Searcher:
         return self._info[key]
 
     def search(self, Q: np.ndarray, k: int, model: str | None = None, modality: str = "image",
-               allowed: pa.Array | None = None, exact: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+               allowed: pa.Array | None = None, exact: bool = False,
+               query_modality: str | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Top-k per query row of Q (b, d): [(ids, float64 cosines)], best first, ties by id.
-        `allowed`: only rows with these ids (a filter's result, `allowed_ids`); None: every row."""
+        `allowed`: only rows with these ids (a filter's result, `allowed_ids`); None: every row.
+        `query_modality`: what Q holds (image / text) when known, for the index's recall note."""
         k = positive_k(k)
         column = vindex.column_for(modality or "image")
         rec = self.model(model)
@@ -115,6 +121,9 @@ class Searcher:
             if self.info(rec, column) is not None and not exact:
                 self.last["reason"] = ("the vector index cannot apply a filter over samples: exact search over "
                                        f"the {len(allowed)} allowed rows")
+            cached = vcache.vectors_for(ds, column, build=False)
+            if cached is not None:
+                return cached.search(Q, k, allowed)
             top = kernels.RunningTopK(Q, k)
             if len(allowed):
                 for X, ids in vindex.scan_chunks(ds, column, ids=allowed):
@@ -123,14 +132,22 @@ class Searcher:
         if info is not None:
             out = [vindex.index_search(ds, column, q, k, info) for q in Q]
             if all(r is not None for r in out):
+                by = vindex.recall_by_query(info, column)
                 self.last.update(method=f"index {info['kind']}", nprobes=info["nprobes"],
-                                 recall=info.get("recall"))
+                                 recall=by.get(query_modality) if query_modality else info.get("recall"),
+                                 recall_by_query=by)
+                unmeasured = vindex.unmeasured_note(info, column, query_modality)
+                if unmeasured:
+                    self.last["note"] = "; ".join(filter(None, [self.last.get("note"), unmeasured]))
                 if info.get("unindexed"):
                     self.last["note"] = "; ".join(filter(None, [self.last.get("note"), f"the vector index covers {rows - info['unindexed']} of {rows} rows; "
                                          f"the {info['unindexed']} added since its build were searched exactly "
                                          "(`clipsql optimize` folds them into the index)"]))
                 return out   # type: ignore[return-value]
             self.last["reason"] = "the index returned fewer than k valid rows: exact search"
+        cached = vcache.vectors_for(ds, column)
+        if cached is not None:
+            return cached.search(Q, k)
         top = kernels.RunningTopK(Q, k)
         for X, ids in vindex.scan_chunks(ds, column):
             top.update(X, ids)
