@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import atexit
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the exact-search vector cache (store.vector_cache) of this test session: an empty folder of its
 # own, never the user's ~/.cache (tests see what a fresh machine sees, and leave nothing there)
 os.environ["CLIPSQL_CACHE_DIR"] = tempfile.mkdtemp(prefix="clipsql-test-cache-")
+atexit.register(shutil.rmtree, os.environ["CLIPSQL_CACHE_DIR"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]   # precomputed: no weights needed
