@@ -16,9 +16,9 @@ the tests that the default run leaves to `pytest -m slow`. A test that takes a t
 without its marker is a collection error (see `pytest_collection_modifyitems`)."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
-import atexit
 import os
 import shutil
 import signal
