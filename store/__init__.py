@@ -26,3 +26,6 @@ _limit_malloc_arenas()
 # dataset … it will be created", never reach a user's terminal. LANCE_LOG in the environment wins.
 _os.environ.setdefault("LANCE_LOG", "error")
 _os.environ.setdefault("LANCEDB_LOG", "error")     # lancedb bundles its own Lance and logger
+# Index statistics (rows a vector index does not cover yet: store.maintenance, store.vector_index)
+# need no centroids: opt into Lance's coming default now, which also silences its warning about it.
+_os.environ.setdefault("LANCE_INCLUDE_VECTOR_CENTROIDS", "false")
