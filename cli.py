@@ -57,12 +57,127 @@ from clipsql.store.store import Store
 from clipsql.store.targets import list_targets, remove_target
 from clipsql.store.writer import CommitPolicy
 
-app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`, then see `clipsql COMMAND --help`.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-stats_app = typer.Typer(help="Running statistics and fitted reference statistics.", no_args_is_help=True)
+# Help for people at any width (80 columns included): click's plain two-column layout, which
+# wraps help text and never cuts an option name; a placeholder that says what a value is (N,
+# PATH, a list of choices, else the option's last word: --image-column COLUMN) instead of its
+# Python type; argument names upper-case in the usage line (STORE SOURCE); command summaries
+# whole, wrapped. Every Typer and command here is built with these classes.
+_METAVARS = {"where": "SQL", "sql": "SQL"}
+
+
+def _choices(param) -> list[str] | None:  # noqa: ANN001
+    desc = getattr(param, "type_descriptor", None)          # typer >= 0.2x keeps the annotation
+    choices = desc.choices if desc is not None and desc.is_choice else getattr(getattr(param, "type", None),
+                                                                                 "choices", None)
+    return None if choices is None else [str(getattr(c, "value", c)) for c in choices]
+
+
+def _value_type(param) -> object:  # noqa: ANN001
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None:
+        return desc.annotation
+    kind = type(getattr(param, "type", None)).__name__
+    return {"IntParamType": int, "IntRange": int, "Path": Path}.get(kind, str)
+
+
+def _metavar(param) -> str:  # noqa: ANN001
+    if param.param_type_name == "argument":
+        return param.name.upper()
+    choices = _choices(param)
+    if choices:
+        return "[" + "|".join(choices) + "]"
+    kind = _value_type(param)
+    if kind is int:
+        return "N"
+    if isinstance(kind, type) and issubclass(kind, Path):
+        return "PATH"
+    return _METAVARS.get(param.name) or param.opts[0].lstrip("-").split("-")[-1].upper()
+
+
+_NB_HYPHEN = "\u2011"   # wraps like a letter: help text breaks at spaces only
+
+
+class _HelpFormatter(typer.core.TyperCommand.context_class.formatter_class):
+    """Wraps at spaces only, so `--id-column` or `re-running` never breaks across two lines."""
+
+    def write_usage(self, prog, args="", prefix=None):  # noqa: ANN001, ANN201
+        super().write_usage(prog.replace("-", _NB_HYPHEN), args.replace("-", _NB_HYPHEN), prefix)
+
+    def write_text(self, text):  # noqa: ANN001, ANN201
+        super().write_text(text.replace("-", _NB_HYPHEN))
+
+    def write_dl(self, rows, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+        super().write_dl([tuple(c.replace("-", _NB_HYPHEN) for c in row) for row in rows], *args, **kwargs)
+
+    def getvalue(self):  # noqa: ANN201
+        return super().getvalue().replace(_NB_HYPHEN, "-")
+
+
+class _Context(typer.core.TyperCommand.context_class):
+    formatter_class = _HelpFormatter
+
+
+class _Command(typer.core.TyperCommand):
+    context_class = _Context
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and not getattr(param, "is_flag", False):
+                param.metavar = _metavar(param)
+
+    def collect_usage_pieces(self, ctx):  # noqa: ANN001, ANN201
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.params:
+            if param.param_type_name == "argument":
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx, formatter):  # noqa: ANN001, ANN201
+        args = []
+        for param in self.params:
+            if param.param_type_name == "argument" and not getattr(param, "hidden", False):
+                extra = [f"one of: {', '.join(_choices(param))}"] if _choices(param) else []
+                if not param.required and param.default is not None and param.nargs == 1:
+                    extra.append(f"default: {getattr(param.default, 'value', param.default)}")
+                args.append((param.metavar, "  ".join(filter(None, [param.help or "", "[" + "; ".join(extra) + "]"
+                                                                      if extra else ""]))))
+        opts = [r for p in self.get_params(ctx) if p.param_type_name == "option"
+                for r in [p.get_help_record(ctx)] if r is not None]
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class _Group(typer.core.TyperGroup):
+    context_class = _Context
+
+    def format_commands(self, ctx, formatter):  # noqa: ANN001, ANN201
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                for cmd in [self.get_command(ctx, name)] if cmd is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _Typer(typer.Typer):
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        kwargs.setdefault("cls", _Group)
+        super().__init__(rich_markup_mode=None, **kwargs)
+
+    def command(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`, then see `clipsql COMMAND --help`.",
+             no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+stats_app = _Typer(help="Running statistics and fitted reference statistics.", no_args_is_help=True)
 app.add_typer(stats_app, name="stats")
-target_app = typer.Typer(help="Target sets of image embeddings for NormSim (norm_sim_2 / norm_sim_inf).",
-                         no_args_is_help=True)
+target_app = _Typer(help="Target sets of image embeddings for NormSim (norm_sim_2 / norm_sim_inf).",
+                    no_args_is_help=True)
 app.add_typer(target_app, name="target")
 
 def _print_version(value: bool) -> None:
@@ -171,7 +286,7 @@ def init(store: str = STORE_ARG,
     typer.echo(f"store ready at {st.path} (catalog: {st.engine.url.render_as_string(hide_password=True)})")
 
 
-class _DefaultList(typer.core.TyperGroup):
+class _DefaultList(_Group):
     """`clipsql models STORE` lists (as before); `models default|rm STORE MODEL` manage."""
 
     def parse_args(self, ctx, args):  # noqa: ANN001, ANN201
@@ -180,8 +295,8 @@ class _DefaultList(typer.core.TyperGroup):
         return super().parse_args(ctx, args)
 
 
-models_app = typer.Typer(cls=_DefaultList, no_args_is_help=True,
-                         help="The models whose embeddings the store holds: list, choose the default, remove.")
+models_app = _Typer(cls=_DefaultList, no_args_is_help=True,
+                    help="The models whose embeddings the store holds: list, choose the default, remove.")
 app.add_typer(models_app, name="models")
 
 
@@ -342,7 +457,7 @@ def ingest(
     id_column: Optional[str] = typer.Option(None, help="Column with stable sample ids (default: content hash)."),
     image_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: image embedding column."),
     text_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: text embedding column."),
-    kind: Optional[str] = typer.Option(None, help="Force the source kind: " + "|".join(SOURCE_KINDS) + "."),
+    kind: Optional[str] = typer.Option(None, help="Force the source kind: " + ", ".join(SOURCE_KINDS) + "."),
     datacomp_features: Optional[str] = typer.Option(
         None, "--datacomp-features", help="DataComp pools (<stem>.parquet + <stem>.npz shards, found in SOURCE or "
         "SOURCE/metadata): b32 (ViT-B-32/openai, 512-d), l14 (ViT-L-14/openai, 768-d) or all (default: both, one "

@@ -54,6 +54,41 @@ def test_every_command_has_help():
         assert r.exit_code == 0 and "Usage" in r.output, cmd
 
 
+def test_help_is_readable_at_80_columns():
+    """At 80 columns every command's help keeps option names whole (no `--datacomp-featur…`, no
+    `--id-` / `column` split), shows no Python-type placeholders (`<bool>`, `<str>`), names the
+    arguments upper-case in the usage line (`STORE SOURCE`, not `{store} {source}`) and fits in
+    80 columns."""
+    import re
+    import typer.main
+    root = typer.main.get_command(app)
+
+    def check(cmd, path):
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}).output
+        assert "Usage:" in out, path
+        raw = " ".join(filter(None, [cmd.help, getattr(cmd, "epilog", None)]
+                              + [getattr(p, "help", None) for p in getattr(cmd, "params", [])]))
+        for line in out.splitlines():
+            assert len(line) <= 80, (path, line)
+            assert not re.search(r"<(bool|str|int|float|path|text)\b", line, re.I), (path, line)
+            for cut in re.findall(r"\S*\w…", line):             # an ellipsis the help text itself has
+                assert cut.lstrip("(") in raw, (path, line)
+        assert "{" not in out.split("\n\n")[0], (path, out)
+        for p in getattr(cmd, "params", []):
+            if p.param_type_name == "argument":
+                assert p.name.upper() in out.splitlines()[0], (path, p.name)
+            for opt in [*p.opts, *getattr(p, "secondary_opts", [])]:
+                if p.param_type_name == "option":
+                    assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", out), (path, opt, out)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            check(sub, [*path, name])
+
+    check(root, [])
+    out = runner.invoke(app, ["ingest", "--help"], env={"COLUMNS": "80"}).output
+    assert "[OPTIONS] STORE SOURCE" in out and "--datacomp-features FEATURES" in out and "--batch-size N" in out
+    assert "--checkpoint PATH" in out and "--format [table|json]" in out and "webdataset" in out
+
+
 def test_models_lists_the_model(cli_store):
     r = invoke("models", cli_store, "--format", "json")
     rows = json.loads(r.output)
