@@ -101,3 +101,22 @@ def test_target_add_from_a_datacomp_pool_takes_the_features_of_the_targets_model
     p = cli("target", "add", str(st.path), "u", str(tmp_path / "target"), "--model", "laion", check=False)
     err = p.stderr.decode()
     assert p.returncode == 1 and "--datacomp-features" not in err and "with --model set to one of them" in err, err
+
+
+def test_target_query_over_several_models_suggests_the_model_filter(tmp_path):
+    """The README's `target add --query "SELECT image_embedding FROM embeddings JOIN samples …"` on
+    a store with a 512-d and a 768-d model returns both models' rows: the error says how to keep
+    the target model's (`AND model = '…'`), naming --model, not an API argument."""
+    from datacomp_pool import write_datacomp_pool
+    write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=[12], row_group_size=12)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(tmp_path / "pool"), "--no-progress")
+    q = "SELECT image_embedding FROM embeddings JOIN samples USING (id) WHERE source LIKE '%pool%'"
+    p = cli("target", "add", str(st.path), "t", "--query", q, "--model", "ViT-B-32/openai", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1, err
+    assert "768 dimensions but the model has 512" in err and "AND model = 'ViT-B-32/openai'" in err, err
+    assert "--model" in err and "`model`" not in err, err
+    out = cli("target", "add", str(st.path), "t", "--query", q + " AND model = 'ViT-B-32/openai'",
+              "--model", "ViT-B-32/openai").stdout.decode()
+    assert "target t of ViT-B-32/openai: 12 rows" in out, out

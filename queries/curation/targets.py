@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.errors import QueryError, SourceError, TargetError
+from clipsql.errors import DimensionMismatch, QueryError, SourceError, TargetError
 from clipsql.ingest.datacomp import FEATURES, DataCompSource, model_id
 from clipsql.ingest.images import ItemRejected, check_vector, load_image
 from clipsql.ingest.registry import open_source
@@ -138,7 +138,13 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
     col = arr.column("image_embedding").combine_chunks()
     if pa.types.is_fixed_size_list(col.type):
         col = col.cast(pa.list_(col.type.value_type))
-    return matrix(col, rec.dim, "target image_embedding")
+    try:
+        return matrix(col, rec.dim, "target image_embedding")
+    except DimensionMismatch as e:   # the `embeddings` view holds every model's rows
+        raise DimensionMismatch(f"{e} ({rec.model_id}): the query returned another model's embeddings (the "
+                                f"embeddings view holds every model's rows); keep this model's with "
+                                f"`AND model = '{rec.model_id}'` in its WHERE (or `WHERE model = …`), or set "
+                                "`model` to the model that made them", param="query") from None
 
 
 def _from_source(rec: ModelRecord, source: str, batch: int = 256, **opts: Any) -> tuple[np.ndarray, dict]:
