@@ -213,10 +213,17 @@ PARAM_FLAGS = {"where": "--where", "sql": "--sql", "fraction": "--fraction", "li
                "threshold": "--threshold", "first_fraction": "--first-fraction", "target": "--target",
                "recipe": "--recipe", "clusters": "--clusters", "sample": "--sample", "seed": "--seed",
                "include_own_pair": "--include-own-pair", "negclip_form": "--negclip-form", "k": "-k",
-               "model": "--model", "image_column": "--image-column", "caption_column": "--caption-column",
-               "id_column": "--id-column", "image_embeddings": "--image-embeddings",
-               "text_embeddings": "--text-embeddings", "features": "--datacomp-features", "query": "--query",
-               "source": "SOURCE", "store": "STORE"}
+               "model": "--model", "pretrained": "--pretrained", "image_column": "--image-column",
+               "caption_column": "--caption-column", "id_column": "--id-column", "update": "--update",
+               "image_embeddings": "--image-embeddings", "text_embeddings": "--text-embeddings",
+               "features": "--datacomp-features", "query": "--query", "index": "--index", "replace": "--replace",
+               "output": "--output", "format": "--format", "fmt": "--format", "engine": "--engine",
+               "columns": "--columns", "neg_clip_loss_pool": "--neg-clip-loss-pool", "norm_sim_d": "--norm-sim-d",
+               "pool_batch_size": "--pool-batch-size", "memory_gb": "--memory-gb", "refit": "--refit",
+               "iterations": "--iterations", "scale": "--scale", "prior": "--prior",
+               "reference_size": "--reference-size", "thumb": "--thumb", "top_bottom": "--top-bottom",
+               "like": "--like", "kind": "--kind", "catalog_url": "--catalog", "device": "--device",
+               "checkpoint": "--checkpoint", "prompt": "PROMPT", "source": "SOURCE", "store": "STORE"}
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -233,21 +240,24 @@ def _interrupted(signum, frame):  # noqa: ANN001, ANN202
     os._exit(130)
 
 
-def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
-    """Call a library function; domain errors become a message and exit 1. While it runs, Ctrl-C
-    raises KeyboardInterrupt (so a writer closes what it opened), which ends in one line, exit 130."""
+def _run(fn, *args, _flags: dict[str, str] | None = None, **kwargs):  # noqa: ANN001, ANN201
+    """Call a library function; domain errors become a message and exit 1, the library's argument
+    names in it replaced by the command's flags (PARAM_FLAGS, then `_flags` where the command names
+    one differently). While it runs, Ctrl-C raises KeyboardInterrupt (so a writer closes what it
+    opened), which ends in one line, exit 130."""
+    names = {**PARAM_FLAGS, **(_flags or {})}
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     try:
         return fn(*args, **kwargs)
     except ClipsqlError as e:
-        _fail(e.message(PARAM_FLAGS), getattr(e, "exit_code", 1))
+        _fail(e.message(names), getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         _fail("interrupted (committed rows are kept; re-run to resume)", 130)
     except Exception as e:  # noqa: BLE001 - storage faults a command cannot recover from: one line
         wrapped = from_udf_text(str(e))     # a clipsql error raised inside a DuckDB UDF, in DuckDB's words
         if wrapped is not None:
-            _fail(wrapped.message(PARAM_FLAGS), wrapped.exit_code)
+            _fail(wrapped.message(names), wrapped.exit_code)
         msg = storage_fault(e)
         if msg is None:
             raise
@@ -694,7 +704,8 @@ def stats_fit(store: str = STORE_ARG,
     """Draw the reference sample and fit priors, means and covariances for the scores."""
     st = _run(Store.open, store)
     res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
-               prior=prior.value, recipe=for_recipe, own_pair="include" if include_own_pair else "exclude")
+               prior=prior.value, recipe=for_recipe, own_pair="include" if include_own_pair else "exclude",
+               _flags={"recipe": "--for-recipe"})
     kind = f" for {res['recipe']}" if res.get("recipe") else ""
     kind += " (own pairs kept in: the authors' behaviour)" if include_own_pair else ""
     typer.echo(f"fit #{res['fit_id']}{kind} of {res['model']}: reference M={res['reference_size']} of {res['rows']} "

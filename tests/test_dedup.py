@@ -329,7 +329,7 @@ def test_library_errors_are_domain_errors(tmp_path):
     append(st, np.full((4, D), np.nan, np.float32), ["a", "b", "c", "d"])
     with pytest.raises(ClipsqlError, match="usable image embedding"):
         semdedup(st)
-    with pytest.raises(SelectionError, match="--iterations"):
+    with pytest.raises(SelectionError, match="`iterations`"):
         semdedup(st, iterations=0)
 
 
@@ -399,7 +399,7 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
     monkeypatch.setenv("CLIPSQL_DEDUP_MEMORY_GB", "lots")
     with pytest.raises(SelectionError, match="CLIPSQL_DEDUP_MEMORY_GB must be a number"):
         semdedup(stores["tiny"][0])
-    with pytest.raises(SelectionError, match="--memory-gb must be a number of GiB > 0"):
+    with pytest.raises(SelectionError, match="`memory_gb` must be a number of GiB > 0"):
         semdedup(stores["tiny"][0], memory_gb=0)
 
 

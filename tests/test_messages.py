@@ -120,3 +120,47 @@ def test_target_query_over_several_models_suggests_the_model_filter(tmp_path):
     out = cli("target", "add", str(st.path), "t", "--query", q + " AND model = 'ViT-B-32/openai'",
               "--model", "ViT-B-32/openai").stdout.decode()
     assert "target t of ViT-B-32/openai: 12 rows" in out, out
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags(pool_store):
+    """A library caller reads its own argument names (`fraction`, `features`), with `param` set; the
+    CLI shows the flag (--fraction, --datacomp-features; --for-recipe where `stats fit` names the
+    fit_stats argument `recipe` differently)."""
+    from clipsql.cli import PARAM_FLAGS
+    from clipsql.engines import choose
+    from clipsql.errors import ClipsqlError, SelectionError, SourceError
+    from clipsql.ingest.datacomp import pick_features
+    from clipsql.queries.curation.selection import SelectSpec
+    cases = [(lambda: SelectSpec(recipe="kl-guided", fraction=1.5).check(), SelectionError, "fraction",
+              "`fraction` must be in (0, 1]; got 1.5", "--fraction must be in (0, 1]; got 1.5"),
+             (lambda: SelectSpec(recipe="clip-score", sample=3).check(), SelectionError, "clusters",
+              "`clusters` and `sample` are only used by `recipe` image-based",
+              "--clusters and --sample are only used by --recipe image-based"),
+             (lambda: pick_features("b16"), SourceError, "features",
+              "unknown `features` 'b16'; choose b32, l14 or all", "unknown --datacomp-features 'b16'; choose b32, l14 or all"),
+             (lambda: choose("spark"), ClipsqlError, "engine",
+              "`engine` must be one of local, ray; got 'spark'", "--engine must be one of local, ray; got 'spark'")]
+    for call, kind, param, api, flags in cases:
+        with pytest.raises(kind) as e:
+            call()
+        assert e.value.param == param and str(e.value) == api and e.value.message(PARAM_FLAGS) == flags
+    p = cli("stats", "fit", str(pool_store), "--for-recipe", "nope", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.startswith("Error: --for-recipe must be one of") and "`" not in err, err
+    p = cli("select", str(pool_store), "--recipe", "clip-score", "--clusters", "3", "-o", "x.parquet", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err == "Error: --clusters and --sample are only used by --recipe image-based\n", err
+
+
+def test_no_library_error_message_spells_a_cli_flag():
+    """Library messages name arguments (`where`), never flags (`--where`): only the CLI knows its
+    flags. Commands to run (`clipsql stats fit STORE --model …`) may name flags."""
+    import re
+    from conftest import ROOT
+    flag_first = re.compile(r'(?:Error|Mismatch|Damaged)\(\s*f?"(?:[^"`]*?\s)?--[a-z]')
+    found = []
+    for folder in ("queries", "store", "ingest", "models", "kernels", "engines"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            found += [f"{rel}: {m.group(0)}" for m in flag_first.finditer(path.read_text())]
+    assert not found, found

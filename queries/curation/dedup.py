@@ -195,7 +195,7 @@ def dedup_status(st: Store, model: str | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- computing
 def _check(name: str, value: int | None, low: int = 1) -> None:
     if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
-        raise SelectionError(f"--{name} must be an integer ≥ {low}; got {value}")
+        raise SelectionError(f"`{name}` must be an integer ≥ {low}; got {value}", param=name)
 
 
 def memory_budget(memory_gb: float | None = None) -> float:
@@ -206,8 +206,9 @@ def memory_budget(memory_gb: float | None = None) -> float:
     except ValueError:
         gb = math.nan
     if not (math.isfinite(gb) and gb > 0):
-        src = "--memory-gb" if memory_gb is not None else MEMORY_ENV
-        raise SelectionError(f"{src} must be a number of GiB > 0; got {raw!r}")
+        src = "`memory_gb`" if memory_gb is not None else MEMORY_ENV
+        raise SelectionError(f"{src} must be a number of GiB > 0; got {raw!r}",
+                             param="memory_gb" if memory_gb is not None else None)
     return gb * 2.0 ** 30
 
 
@@ -248,11 +249,12 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
         params = _params(rec, old, clusters, sample, seed, iterations, n_valid)
         k = params["clusters"]
         if k > n_valid:
-            raise SelectionError(f"--clusters {k} is more than the {n_valid} rows of {rec.model_id} with a usable "
-                                 "image embedding: choose K ≤ the pool" + (" (or --refit)" if old else ""))
+            raise SelectionError(f"`clusters` {k} is more than the {n_valid} rows of {rec.model_id} with a usable "
+                                 "image embedding: choose K ≤ the pool" + (" (or `refit`)" if old else ""),
+                                 param="clusters")
         if not k <= params["sample"] <= n_valid:
-            raise SelectionError(f"--sample must be between --clusters ({k}) and the {n_valid} rows with a usable "
-                                 f"image embedding; got {params['sample']}")
+            raise SelectionError(f"`sample` must be between `clusters` ({k}) and the {n_valid} rows with a usable "
+                                 f"image embedding; got {params['sample']}", param="sample")
         if C32 is not None and any(plan[p] != params[p] for p in PARAMS):
             raise ClipsqlError(f"{reader.ds.uri}: the table changed during the run: run `clipsql dedup` again")
         perm = pc.sort_indices(ids).to_numpy()

@@ -138,7 +138,7 @@ def _plan(st: Store, con: Any, versions: dict[str, int], models: list[ModelRecor
     if where is not None:
         ids = ids_where(st, where, con=con)
         if len(ids) == 0:
-            raise ExportError(f"--where {where!r} selects no samples: nothing to export")
+            raise ExportError(f"`where` {where!r} selects no samples: nothing to export", param="where")
         con.register("_export_ids", pa.table({"id": ids}))
         keep, id_source = "id IN (SELECT id FROM _export_ids)", "_export_ids"
         n_samples = _count(con, f"SELECT count(*) FROM samples WHERE {keep}")
@@ -180,8 +180,8 @@ def _columns(have: list[str], columns: list[str] | None) -> list[str]:
         return have
     unknown = [c for c in columns if c not in have]
     if unknown:
-        raise ExportError(f"--columns: no column {', '.join(map(repr, unknown))} in samples; it has: "
-                          f"{', '.join(have)}")
+        raise ExportError(f"`columns`: no column {', '.join(map(repr, unknown))} in samples; it has: "
+                          f"{', '.join(have)}", param="columns")
     return ["id"] + [c for c in dict.fromkeys(columns) if c != "id"]
 
 

@@ -61,16 +61,16 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
         raise TargetError(f"target name {name!r} must be 1-100 letters, digits, '_', '.', '-' "
                           "(starting with a letter or digit)")
     if (query is None) == (source is None):
-        raise TargetError("give exactly one of --query \"SQL returning image_embedding\" or a SOURCE "
-                          "(with --model)")
+        raise TargetError("give exactly one of `query` \"SQL returning image_embedding\" or a `source` "
+                          "(with `model`)", param="query")
     if index not in INDEX_CHOICES:
-        raise TargetError(f"--index must be one of {', '.join(INDEX_CHOICES)}; got {index!r}")
+        raise TargetError(f"`index` must be one of {', '.join(INDEX_CHOICES)}; got {index!r}", param="index")
     rec = st.model(model)
     if not replace:
         with st.engine.connect() as conn:
             if conn.execute(sa.select(cat.targets.c.name).where(cat.targets.c.name == name)).first():
-                raise TargetError(f"target {name!r} already exists: pass --replace, or "
-                                  f"`clipsql target rm STORE {name}` first")
+                raise TargetError(f"target {name!r} already exists: pass `replace`, or "
+                                  f"`clipsql target rm STORE {name}` first", param="replace")
     t0 = time.perf_counter()
     if query is not None:
         X, described, rejected = _from_query(st, rec, query), f"query: {query}", {}
@@ -127,8 +127,8 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
     try:
         tbl = con.sql(query)
         if tbl is None or "image_embedding" not in tbl.columns:
-            raise TargetError("the target --query must return a column named image_embedding, e.g. "
-                              "\"SELECT image_embedding FROM embeddings WHERE id IN (…)\"")
+            raise TargetError("the target `query` must return a column named image_embedding, e.g. "
+                              "\"SELECT image_embedding FROM embeddings WHERE id IN (…)\"", param="query")
         arr = tbl.select("image_embedding").arrow()
         arr = arr.read_all() if hasattr(arr, "read_all") else arr
     except duckdb.Error as e:

@@ -125,7 +125,7 @@ def _format(tbl: Any, fmt: str, output: Path | None, max_rows: int) -> str:
         return ""
     if fmt == "parquet":
         if output is None:
-            raise QueryError("--format parquet needs --output FILE")
+            raise QueryError("`fmt` parquet needs an `output` file", param="output")
         pq.write_table(tbl, output)
         return ""
     if fmt == "csv":
