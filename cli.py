@@ -364,13 +364,13 @@ def delete(store: str = STORE_ARG,
     st = _run(Store.open, store)
     out = _run(delete_where, st, where, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
-    per = ", ".join(f"{n} from {m}" for m, n in out["rows"].items()) or "no embedding rows"
-    typer.echo(f"{verb} {out['samples']} samples ({per})")
-    if out["stale_fits"]:
-        typer.echo(f"fit(s) {', '.join('#' + str(f) for f in out['stale_fits'])} covered deleted rows and are "
+    per = ", ".join(f"{n} from {m}" for m, n in out.rows.items()) or "no embedding rows"
+    typer.echo(f"{verb} {out.samples} samples ({per})")
+    if out.stale_fits:
+        typer.echo(f"fit(s) {', '.join('#' + str(f) for f in out.stale_fits)} covered deleted rows and are "
                    "now stale: re-run `clipsql stats fit`")
-    if out.get("recorded"):
-        typer.echo(f"recorded {out['recorded']} deleted ids: ingest skips them from now on "
+    if out.recorded:
+        typer.echo(f"recorded {out.recorded} deleted ids: ingest skips them from now on "
                    "(`clipsql undelete STORE --where …` lets them back in)")
 
 
@@ -418,11 +418,11 @@ def undelete(store: str = STORE_ARG,
     st = _run(Store.open, store)
     out = _run(undelete_where, st, where, dry_run=dry_run)
     if dry_run:
-        typer.echo(f"would let {out['ids']} deleted ids back in")
+        typer.echo(f"would let {out.ids} deleted ids back in")
         return
-    again = (f"; re-run `clipsql ingest STORE {' / '.join(out['sources'][:3])}` to restore them"
-             if out["sources"] else "; the next ingest that meets them restores them")
-    typer.echo(f"removed {out['ids']} ids from the deletions record ({out['units']} source unit(s) forgotten){again}")
+    again = (f"; re-run `clipsql ingest STORE {' / '.join(out.sources[:3])}` to restore them"
+             if out.sources else "; the next ingest that meets them restores them")
+    typer.echo(f"removed {out.ids} ids from the deletions record ({out.units} source unit(s) forgotten){again}")
 
 
 @app.command()

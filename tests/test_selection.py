@@ -203,7 +203,7 @@ def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
     assert int(np.isnan(got).sum()) == p["rows_never_batched"]
     meta = json.loads(sel_store.db.open_table("scores_" + sel_store.model().table_name).schema.metadata[b"clipsql"])
     assert meta["neg_clip_loss_pool"]["batch_size"] == 150
-    with pytest.raises(ClipsqlError, match="pool-batch-size"):
+    with pytest.raises(ClipsqlError, match="`pool_batch_size` must be between"):
         materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=N + 1)
 
 
