@@ -396,9 +396,9 @@ def export(store: str = STORE_ARG,
     st = _run(Store.open, store, read_only=True)
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns is not None else None
     res = _run(export_store, st, out, columns=cols, where=where, model=model, progress=progress)
-    tables = ", ".join(f"{t['table']} {t['rows']}" for t in res["tables"])
-    typer.echo(f"exported commit {res['commit_id']} of {store} to {res['path']} ({res['format']}) in "
-               f"{res['seconds']:.2f}s: {tables}")
+    tables = ", ".join(f"{t['table']} {t['rows']}" for t in res.tables)
+    typer.echo(f"exported commit {res.commit_id} of {store} to {res.path} ({res.format}) in "
+               f"{res.seconds:.2f}s: {tables}")
 
 
 @app.command()
