@@ -955,12 +955,12 @@ def dedup(store: str = STORE_ARG,
     if status:
         st = _run(Store.open, store, read_only=True)
         res = _run(dedup_status, st, model)
-        p = res["params"]
+        p = res.params
         how = (f"K={p.get('clusters')}, sample {p.get('sample')}, seed {p.get('seed')}, "
                f"iterations {p.get('iterations')}, {p.get('init')}" if p else "never computed")
-        todo = " — run `clipsql dedup STORE` to bring it up to date" if res["pending"] or res["stale"] else ""
-        typer.echo(f"semdedup of {res['model']}: {res['stored']} of {res['rows']} rows have a value ({how}); "
-                   f"{res['pending']} pending, {res['stale']} stored rows deleted since{todo}")
+        todo = " — run `clipsql dedup STORE` to bring it up to date" if res.pending or res.stale else ""
+        typer.echo(f"semdedup of {res.model}: {res.stored} of {res.rows} rows have a value ({how}); "
+                   f"{res.pending} pending, {res.stale} stored rows deleted since{todo}")
         return
     st = _run(Store.open, store)
     res = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -177,19 +178,35 @@ def _id_positions(ids: pa.Array, stored_ids: pa.Array) -> np.ndarray:
     return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def dedup_status(st: Store, model: str | None = None) -> dict[str, Any]:
+@dataclass
+class DedupStatus:
     """What is stored for a model: rows, rows with a value, pending (added since), stale (deleted since)."""
+    model: str
+    table: str
+    rows: int
+    stored: int
+    pending: int
+    stale: int
+    params: dict[str, Any] | None         # the stored run's parameters (None: never computed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dedup_status(st: Store, model: str | None = None) -> DedupStatus:
+    """What is stored for a model (see DedupStatus)."""
     rec = st.model(model)
     ids = st.embeddings_table(rec).to_table(columns=["id"]).column("id").combine_chunks()
     prev = _previous(st, rec, ["id"])
-    out = {"model": rec.model_id, "rows": len(ids), "table": dedup_table_name(rec.table_name)}
+    table = dedup_table_name(rec.table_name)
     if prev is None:
-        return {**out, "stored": 0, "pending": len(ids), "stale": 0, "params": None}
+        return DedupStatus(rec.model_id, table, len(ids), stored=0, pending=len(ids), stale=0, params=None)
     params, tbl = prev
     stored = tbl.column("id").combine_chunks()
     have = int(pc.sum(pc.is_in(ids, value_set=stored)).as_py() or 0)
     stale = len(stored) - int(pc.sum(pc.is_in(stored, value_set=ids)).as_py() or 0)
-    return {**out, "stored": have, "pending": len(ids) - have, "stale": stale, "params": params}
+    return DedupStatus(rec.model_id, table, len(ids), stored=have, pending=len(ids) - have, stale=stale,
+                       params=params)
 
 
 # --------------------------------------------------------------------------- computing
