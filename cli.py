@@ -57,12 +57,127 @@ from clipsql.store.store import Store
 from clipsql.store.targets import list_targets, remove_target
 from clipsql.store.writer import CommitPolicy
 
-app = typer.Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`, then see `clipsql COMMAND --help`.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-stats_app = typer.Typer(help="Running statistics and fitted reference statistics.", no_args_is_help=True)
+# Help for people at any width (80 columns included): click's plain two-column layout, which
+# wraps help text and never cuts an option name; a placeholder that says what a value is (N,
+# PATH, a list of choices, else the option's last word: --image-column COLUMN) instead of its
+# Python type; argument names upper-case in the usage line (STORE SOURCE); command summaries
+# whole, wrapped. Every Typer and command here is built with these classes.
+_METAVARS = {"where": "SQL", "sql": "SQL"}
+
+
+def _choices(param) -> list[str] | None:  # noqa: ANN001
+    desc = getattr(param, "type_descriptor", None)          # typer >= 0.2x keeps the annotation
+    choices = desc.choices if desc is not None and desc.is_choice else getattr(getattr(param, "type", None),
+                                                                                 "choices", None)
+    return None if choices is None else [str(getattr(c, "value", c)) for c in choices]
+
+
+def _value_type(param) -> object:  # noqa: ANN001
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None:
+        return desc.annotation
+    kind = type(getattr(param, "type", None)).__name__
+    return {"IntParamType": int, "IntRange": int, "Path": Path}.get(kind, str)
+
+
+def _metavar(param) -> str:  # noqa: ANN001
+    if param.param_type_name == "argument":
+        return param.name.upper()
+    choices = _choices(param)
+    if choices:
+        return "[" + "|".join(choices) + "]"
+    kind = _value_type(param)
+    if kind is int:
+        return "N"
+    if isinstance(kind, type) and issubclass(kind, Path):
+        return "PATH"
+    return _METAVARS.get(param.name) or param.opts[0].lstrip("-").split("-")[-1].upper()
+
+
+_NB_HYPHEN = "\u2011"   # wraps like a letter: help text breaks at spaces only
+
+
+class _HelpFormatter(typer.core.TyperCommand.context_class.formatter_class):
+    """Wraps at spaces only, so `--id-column` or `re-running` never breaks across two lines."""
+
+    def write_usage(self, prog, args="", prefix=None):  # noqa: ANN001, ANN201
+        super().write_usage(prog.replace("-", _NB_HYPHEN), args.replace("-", _NB_HYPHEN), prefix)
+
+    def write_text(self, text):  # noqa: ANN001, ANN201
+        super().write_text(text.replace("-", _NB_HYPHEN))
+
+    def write_dl(self, rows, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+        super().write_dl([tuple(c.replace("-", _NB_HYPHEN) for c in row) for row in rows], *args, **kwargs)
+
+    def getvalue(self):  # noqa: ANN201
+        return super().getvalue().replace(_NB_HYPHEN, "-")
+
+
+class _Context(typer.core.TyperCommand.context_class):
+    formatter_class = _HelpFormatter
+
+
+class _Command(typer.core.TyperCommand):
+    context_class = _Context
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.metavar is None and not getattr(param, "is_flag", False):
+                param.metavar = _metavar(param)
+
+    def collect_usage_pieces(self, ctx):  # noqa: ANN001, ANN201
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.params:
+            if param.param_type_name == "argument":
+                name = param.metavar + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx, formatter):  # noqa: ANN001, ANN201
+        args = []
+        for param in self.params:
+            if param.param_type_name == "argument" and not getattr(param, "hidden", False):
+                extra = [f"one of: {', '.join(_choices(param))}"] if _choices(param) else []
+                if not param.required and param.default is not None and param.nargs == 1:
+                    extra.append(f"default: {getattr(param.default, 'value', param.default)}")
+                args.append((param.metavar, "  ".join(filter(None, [param.help or "", "[" + "; ".join(extra) + "]"
+                                                                      if extra else ""]))))
+        opts = [r for p in self.get_params(ctx) if p.param_type_name == "option"
+                for r in [p.get_help_record(ctx)] if r is not None]
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class _Group(typer.core.TyperGroup):
+    context_class = _Context
+
+    def format_commands(self, ctx, formatter):  # noqa: ANN001, ANN201
+        rows = [(name, cmd.get_short_help_str(limit=10_000)) for name in self.list_commands(ctx)
+                for cmd in [self.get_command(ctx, name)] if cmd is not None and not cmd.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _Typer(typer.Typer):
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        kwargs.setdefault("cls", _Group)
+        super().__init__(rich_markup_mode=None, **kwargs)
+
+    def command(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+        kwargs.setdefault("cls", _Command)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(help=__doc__.split("\n\n")[0] + "\n\nStart with `clipsql demo`, then see `clipsql COMMAND --help`.",
+             no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+stats_app = _Typer(help="Running statistics and fitted reference statistics.", no_args_is_help=True)
 app.add_typer(stats_app, name="stats")
-target_app = typer.Typer(help="Target sets of image embeddings for NormSim (norm_sim_2 / norm_sim_inf).",
-                         no_args_is_help=True)
+target_app = _Typer(help="Target sets of image embeddings for NormSim (norm_sim_2 / norm_sim_inf).",
+                    no_args_is_help=True)
 app.add_typer(target_app, name="target")
 
 def _print_version(value: bool) -> None:
@@ -98,10 +213,17 @@ PARAM_FLAGS = {"where": "--where", "sql": "--sql", "fraction": "--fraction", "li
                "threshold": "--threshold", "first_fraction": "--first-fraction", "target": "--target",
                "recipe": "--recipe", "clusters": "--clusters", "sample": "--sample", "seed": "--seed",
                "include_own_pair": "--include-own-pair", "negclip_form": "--negclip-form", "k": "-k",
-               "model": "--model", "image_column": "--image-column", "caption_column": "--caption-column",
-               "id_column": "--id-column", "image_embeddings": "--image-embeddings",
-               "text_embeddings": "--text-embeddings", "features": "--datacomp-features", "query": "--query",
-               "source": "SOURCE", "store": "STORE"}
+               "model": "--model", "pretrained": "--pretrained", "image_column": "--image-column",
+               "caption_column": "--caption-column", "id_column": "--id-column", "update": "--update",
+               "image_embeddings": "--image-embeddings", "text_embeddings": "--text-embeddings",
+               "features": "--datacomp-features", "query": "--query", "index": "--index", "replace": "--replace",
+               "output": "--output", "format": "--format", "fmt": "--format", "engine": "--engine",
+               "columns": "--columns", "neg_clip_loss_pool": "--neg-clip-loss-pool", "norm_sim_d": "--norm-sim-d",
+               "pool_batch_size": "--pool-batch-size", "memory_gb": "--memory-gb", "refit": "--refit",
+               "iterations": "--iterations", "scale": "--scale", "prior": "--prior",
+               "reference_size": "--reference-size", "thumb": "--thumb", "top_bottom": "--top-bottom",
+               "like": "--like", "kind": "--kind", "catalog_url": "--catalog", "device": "--device",
+               "checkpoint": "--checkpoint", "prompt": "PROMPT", "source": "SOURCE", "store": "STORE"}
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -118,21 +240,24 @@ def _interrupted(signum, frame):  # noqa: ANN001, ANN202
     os._exit(130)
 
 
-def _run(fn, *args, **kwargs):  # noqa: ANN001, ANN201
-    """Call a library function; domain errors become a message and exit 1. While it runs, Ctrl-C
-    raises KeyboardInterrupt (so a writer closes what it opened), which ends in one line, exit 130."""
+def _run(fn, *args, _flags: dict[str, str] | None = None, **kwargs):  # noqa: ANN001, ANN201
+    """Call a library function; domain errors become a message and exit 1, the library's argument
+    names in it replaced by the command's flags (PARAM_FLAGS, then `_flags` where the command names
+    one differently). While it runs, Ctrl-C raises KeyboardInterrupt (so a writer closes what it
+    opened), which ends in one line, exit 130."""
+    names = {**PARAM_FLAGS, **(_flags or {})}
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     try:
         return fn(*args, **kwargs)
     except ClipsqlError as e:
-        _fail(e.message(PARAM_FLAGS), getattr(e, "exit_code", 1))
+        _fail(e.message(names), getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         _fail("interrupted (committed rows are kept; re-run to resume)", 130)
     except Exception as e:  # noqa: BLE001 - storage faults a command cannot recover from: one line
         wrapped = from_udf_text(str(e))     # a clipsql error raised inside a DuckDB UDF, in DuckDB's words
         if wrapped is not None:
-            _fail(wrapped.message(PARAM_FLAGS), wrapped.exit_code)
+            _fail(wrapped.message(names), wrapped.exit_code)
         msg = storage_fault(e)
         if msg is None:
             raise
@@ -171,7 +296,7 @@ def init(store: str = STORE_ARG,
     typer.echo(f"store ready at {st.path} (catalog: {st.engine.url.render_as_string(hide_password=True)})")
 
 
-class _DefaultList(typer.core.TyperGroup):
+class _DefaultList(_Group):
     """`clipsql models STORE` lists (as before); `models default|rm STORE MODEL` manage."""
 
     def parse_args(self, ctx, args):  # noqa: ANN001, ANN201
@@ -180,8 +305,8 @@ class _DefaultList(typer.core.TyperGroup):
         return super().parse_args(ctx, args)
 
 
-models_app = typer.Typer(cls=_DefaultList, no_args_is_help=True,
-                         help="The models whose embeddings the store holds: list, choose the default, remove.")
+models_app = _Typer(cls=_DefaultList, no_args_is_help=True,
+                    help="The models whose embeddings the store holds: list, choose the default, remove.")
 app.add_typer(models_app, name="models")
 
 
@@ -239,13 +364,13 @@ def delete(store: str = STORE_ARG,
     st = _run(Store.open, store)
     out = _run(delete_where, st, where, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
-    per = ", ".join(f"{n} from {m}" for m, n in out["rows"].items()) or "no embedding rows"
-    typer.echo(f"{verb} {out['samples']} samples ({per})")
-    if out["stale_fits"]:
-        typer.echo(f"fit(s) {', '.join('#' + str(f) for f in out['stale_fits'])} covered deleted rows and are "
+    per = ", ".join(f"{n} from {m}" for m, n in out.rows.items()) or "no embedding rows"
+    typer.echo(f"{verb} {out.samples} samples ({per})")
+    if out.stale_fits:
+        typer.echo(f"fit(s) {', '.join('#' + str(f) for f in out.stale_fits)} covered deleted rows and are "
                    "now stale: re-run `clipsql stats fit`")
-    if out.get("recorded"):
-        typer.echo(f"recorded {out['recorded']} deleted ids: ingest skips them from now on "
+    if out.recorded:
+        typer.echo(f"recorded {out.recorded} deleted ids: ingest skips them from now on "
                    "(`clipsql undelete STORE --where …` lets them back in)")
 
 
@@ -271,9 +396,9 @@ def export(store: str = STORE_ARG,
     st = _run(Store.open, store, read_only=True)
     cols = [c.strip() for c in columns.split(",") if c.strip()] if columns is not None else None
     res = _run(export_store, st, out, columns=cols, where=where, model=model, progress=progress)
-    tables = ", ".join(f"{t['table']} {t['rows']}" for t in res["tables"])
-    typer.echo(f"exported commit {res['commit_id']} of {store} to {res['path']} ({res['format']}) in "
-               f"{res['seconds']:.2f}s: {tables}")
+    tables = ", ".join(f"{t['table']} {t['rows']}" for t in res.tables)
+    typer.echo(f"exported commit {res.commit_id} of {store} to {res.path} ({res.format}) in "
+               f"{res.seconds:.2f}s: {tables}")
 
 
 @app.command()
@@ -293,11 +418,11 @@ def undelete(store: str = STORE_ARG,
     st = _run(Store.open, store)
     out = _run(undelete_where, st, where, dry_run=dry_run)
     if dry_run:
-        typer.echo(f"would let {out['ids']} deleted ids back in")
+        typer.echo(f"would let {out.ids} deleted ids back in")
         return
-    again = (f"; re-run `clipsql ingest STORE {' / '.join(out['sources'][:3])}` to restore them"
-             if out["sources"] else "; the next ingest that meets them restores them")
-    typer.echo(f"removed {out['ids']} ids from the deletions record ({out['units']} source unit(s) forgotten){again}")
+    again = (f"; re-run `clipsql ingest STORE {' / '.join(out.sources[:3])}` to restore them"
+             if out.sources else "; the next ingest that meets them restores them")
+    typer.echo(f"removed {out.ids} ids from the deletions record ({out.units} source unit(s) forgotten){again}")
 
 
 @app.command()
@@ -342,7 +467,7 @@ def ingest(
     id_column: Optional[str] = typer.Option(None, help="Column with stable sample ids (default: content hash)."),
     image_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: image embedding column."),
     text_embeddings: Optional[str] = typer.Option(None, help="Precomputed parquet: text embedding column."),
-    kind: Optional[str] = typer.Option(None, help="Force the source kind: " + "|".join(SOURCE_KINDS) + "."),
+    kind: Optional[str] = typer.Option(None, help="Force the source kind: " + ", ".join(SOURCE_KINDS) + "."),
     datacomp_features: Optional[str] = typer.Option(
         None, "--datacomp-features", help="DataComp pools (<stem>.parquet + <stem>.npz shards, found in SOURCE or "
         "SOURCE/metadata): b32 (ViT-B-32/openai, 512-d), l14 (ViT-L-14/openai, 768-d) or all (default: both, one "
@@ -579,7 +704,8 @@ def stats_fit(store: str = STORE_ARG,
     """Draw the reference sample and fit priors, means and covariances for the scores."""
     st = _run(Store.open, store)
     res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
-               prior=prior.value, recipe=for_recipe, own_pair="include" if include_own_pair else "exclude")
+               prior=prior.value, recipe=for_recipe, own_pair="include" if include_own_pair else "exclude",
+               _flags={"recipe": "--for-recipe"})
     kind = f" for {res['recipe']}" if res.get("recipe") else ""
     kind += " (own pairs kept in: the authors' behaviour)" if include_own_pair else ""
     typer.echo(f"fit #{res['fit_id']}{kind} of {res['model']}: reference M={res['reference_size']} of {res['rows']} "
@@ -829,12 +955,12 @@ def dedup(store: str = STORE_ARG,
     if status:
         st = _run(Store.open, store, read_only=True)
         res = _run(dedup_status, st, model)
-        p = res["params"]
+        p = res.params
         how = (f"K={p.get('clusters')}, sample {p.get('sample')}, seed {p.get('seed')}, "
                f"iterations {p.get('iterations')}, {p.get('init')}" if p else "never computed")
-        todo = " — run `clipsql dedup STORE` to bring it up to date" if res["pending"] or res["stale"] else ""
-        typer.echo(f"semdedup of {res['model']}: {res['stored']} of {res['rows']} rows have a value ({how}); "
-                   f"{res['pending']} pending, {res['stale']} stored rows deleted since{todo}")
+        todo = " — run `clipsql dedup STORE` to bring it up to date" if res.pending or res.stale else ""
+        typer.echo(f"semdedup of {res.model}: {res.stored} of {res.rows} rows have a value ({how}); "
+                   f"{res.pending} pending, {res.stale} stored rows deleted since{todo}")
         return
     st = _run(Store.open, store)
     res = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,

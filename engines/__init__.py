@@ -26,7 +26,7 @@ def choose(name: str, ray_address: str | None = None) -> Engine:
         return LOCAL
     if name == "ray":
         return RayEngine(ray_address)
-    raise EngineError(f"--engine must be one of {', '.join(ENGINES)}; got {name!r}")
+    raise EngineError(f"`engine` must be one of {', '.join(ENGINES)}; got {name!r}", param="engine")
 
 
 __all__ = ["ENGINES", "Engine", "EngineError", "choose"]

@@ -32,7 +32,7 @@ def ray_session(address: str | None = None, *, num_cpus: int | None = None) -> I
     try:
         ray = lazy.load("ray")
     except ImportError:
-        raise EngineError("--engine ray needs Ray: pip install -e '.[ray]' (ray[data] 2.60)") from None
+        raise EngineError("the ray `engine` needs Ray: pip install -e '.[ray]' (ray[data] 2.60)", param="engine") from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray forks helper processes after `lance` is imported; they never call into Lance
     warnings.filterwarnings("ignore", message="lance is not fork-safe")

@@ -45,7 +45,8 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
                address: str | None = None, actors: int | None = None) -> IngestSummary:
     opts = options or IngestOptions()
     if opts.update:
-        raise SourceError("--update runs with --engine local (it rewrites rows in place, one commit at a time)")
+        raise SourceError("`update` runs with the local `engine` (it rewrites rows in place, one commit at a time)",
+                          param="update")
     if opts.encoder_factory is not None:
         raise ValueError("the Ray engine's actors load the model with open_clip; encoder_factory is for the "
                          "local engine")

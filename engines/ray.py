@@ -37,8 +37,8 @@ class RayEngine:
               norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None,
               progress: bool = False) -> dict[str, Any]:
         if neg_clip_loss_pool or norm_sim_d:
-            raise EngineError("the pool-form scores (--neg-clip-loss-pool, --norm-sim-d) need the whole pool at "
-                              "once: use --engine local")
+            raise EngineError("the pool-form scores (`neg_clip_loss_pool`, `norm_sim_d`) need the whole pool at "
+                              "once: set `engine` to local", param="engine")
         return score_ray(store, columns, model, address=self.address)
 
     def score_columns(self, store: Store, rec: ModelRecord, columns: list[str], *, fit: Any, con: Any,

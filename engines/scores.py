@@ -78,7 +78,8 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
 
 def score_ray(st: Store, columns: list[str], model: str | None = None, *, address: str | None = None) -> dict:
     if not columns:
-        raise QueryError(f"name the scores to store: --columns image_info_gain,… (from: {', '.join(SCORE_COLUMNS)})")
+        raise QueryError(f"name the scores to store: `columns` image_info_gain,… (from: {', '.join(SCORE_COLUMNS)})",
+                         param="columns")
     unknown = [c for c in columns if c not in SCORE_COLUMNS]
     if unknown:
         raise QueryError(f"unknown score column(s) {', '.join(unknown)}; choose from: {', '.join(SCORE_COLUMNS)}")

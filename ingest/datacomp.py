@@ -153,12 +153,12 @@ class DataCompSource(Source):
         elif self.features is None or model_id(self.features) != model:
             what = f"its {self.features} features are {model_id(self.features)}" if self.features else \
                 "its features are ViT-B-32/openai (b32) and ViT-L-14/openai (l14)"
-            raise SourceError(f"{self.root} is a DataComp pool and {what}, not {model}: ingest it without --model "
-                              "(both feature sets) or with --datacomp-features b32|l14")
+            raise SourceError(f"{self.root} is a DataComp pool and {what}, not {model}: ingest it without `model` "
+                              "(both feature sets) or with `features` b32|l14", param="model")
 
     def _keys(self) -> tuple[str, str]:
         if self.features is None:
-            raise SourceError("a DataComp pool holds two feature sets: pick one (--datacomp-features b32|l14)")
+            raise SourceError("a DataComp pool holds two feature sets: pick one (`features` b32|l14)", param="features")
         return f"{self.features}_img", f"{self.features}_txt"
 
     def options(self) -> dict:
@@ -368,7 +368,7 @@ def pick_features(features: str | None, model: str | None = None, pretrained: st
     `--model ARCH --pretrained openai` names."""
     features = features or "all"
     if features not in CHOICES:
-        raise SourceError(f"unknown --datacomp-features {features!r}; choose b32, l14 or all")
+        raise SourceError(f"unknown `features` {features!r}; choose b32, l14 or all", param="features")
     keys = list(FEATURES) if features == "all" else [features]
     if model is None:
         return keys
@@ -376,8 +376,8 @@ def pick_features(features: str | None, model: str | None = None, pretrained: st
     named = [k for k in FEATURES if FEATURES[k][0] == name and (pretrained or "openai") == FEATURES[k][1]]
     if not named or named[0] not in keys:
         raise SourceError(f"a DataComp pool's features are ViT-B-32/openai (b32) and ViT-L-14/openai (l14); "
-                          f"--model {model}{' --pretrained ' + pretrained if pretrained else ''} is neither "
-                          f"(of --datacomp-features {features}): drop --model, or pick with --datacomp-features")
+                          f"`model` {model}{' `pretrained` ' + pretrained if pretrained else ''} is neither "
+                          f"(of `features` {features}): drop `model`, or pick with `features`", param="model")
     return named
 
 

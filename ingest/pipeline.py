@@ -301,7 +301,7 @@ def ingest_pool(store: Any, path: Any, *, features: str | None = "all", model: s
     `run` is the ingest function (default `ingest`; an engine's `ingest`, e.g. the Ray one,
     fits too). Returns the runs' summaries, in b32, l14 order."""
     if checkpoint is not None:
-        raise SourceError("a DataComp pool's vectors are precomputed: --checkpoint does not apply")
+        raise SourceError("a DataComp pool's vectors are precomputed: `checkpoint` does not apply", param="checkpoint")
     keys = pick_features(features, model, pretrained)
     if pool_dir(path) is None:
         DataCompSource(path)     # raises the SourceError that says what is missing

@@ -63,8 +63,8 @@ class PrecomputedSource(Source):
             self.uri_column = next((c for c in (image_column, "image_path", "url") if c in names), None)
             if layout == "parquet" and self.image_embeddings not in names:
                 raise SourceError(f"{where} has text embeddings but no image embedding column "
-                                  f"{self.image_embeddings!r} (name it with --image-embeddings): clipsql stores "
-                                  "image-text pairs, or images alone, but not texts alone")
+                                  f"{self.image_embeddings!r} (name it with `image_embeddings`): clipsql stores "
+                                  "image-text pairs, or images alone, but not texts alone", param="image_embeddings")
         # image-only sources (no text_emb/ files, no text column) store NULL text embeddings
         self.image_only = (all(t is None for _, _, t in files) if layout == "npy" else
                            all(self.text_embeddings not in _schema_names(m) for m, _, _ in files))

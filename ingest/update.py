@@ -31,8 +31,9 @@ FLUSH_ROWS = 50_000
 
 def require_ids(id_column: str | None, update: bool, precomputed_has_ids: bool = False) -> None:
     if update and not id_column and not precomputed_has_ids:
-        raise SourceError("--update needs stable ids: pass --id-column COLUMN (content-hash ids change "
-                          "with the caption, so without an id column a corrected caption is a new row)")
+        raise SourceError("`update` needs stable ids: set `id_column` (content-hash ids change "
+                          "with the caption, so without an id column a corrected caption is a new row)",
+                          param="id_column")
 
 
 def _differs(new: pa.Array, old: pa.Array) -> np.ndarray:

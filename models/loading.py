@@ -111,7 +111,7 @@ def resolve(name: str | None, pretrained: str | None = None, checkpoint: str | N
                          None, True, config["model_cfg"])
     if name.startswith("hf-hub:"):
         if pretrained or checkpoint:
-            raise ModelError("hf-hub: models carry their own weights; drop --pretrained/--checkpoint")
+            raise ModelError("hf-hub: models carry their own weights; drop `pretrained`/`checkpoint`", param="pretrained")
         return ModelSpec(name, name, None, False)
 
     arch = name.replace("/", "-")
@@ -129,8 +129,8 @@ def resolve(name: str | None, pretrained: str | None = None, checkpoint: str | N
         return ModelSpec(f"{arch}@file:{_sha(path)}", arch, str(path.resolve()), True, config)
     if not pretrained:
         tags = open_clip.list_pretrained_tags_by_model(arch)
-        raise ModelError(f"{arch} needs weights: pass --pretrained TAG (one of: {', '.join(tags) or 'none known'}) "
-                         "or --checkpoint FILE")
+        raise ModelError(f"{arch} needs weights: pass `pretrained` TAG (one of: {', '.join(tags) or 'none known'}) "
+                         "or `checkpoint` FILE", param="pretrained")
     if Path(pretrained).expanduser().is_file():
         path = Path(pretrained).expanduser()
         return ModelSpec(f"{arch}@file:{_sha(path)}", arch, str(path.resolve()), True, config)
@@ -158,7 +158,8 @@ def pick_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
+        raise ModelError("`device` cuda was asked for but torch sees no CUDA device; use `device` auto or cpu",
+                         param="device")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ModelError(f"unknown device {device!r}: use auto, cpu or cuda")
     return device

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -121,14 +122,26 @@ def append(st: Store, rows: pa.Table) -> int | None:
     return int(ds.version)
 
 
-def restore_ids(st: Store, ids: pa.Array) -> dict[str, Any]:
+@dataclass
+class RestoreResult:
+    """What `restore_ids` / `undelete_where` let back in."""
+    ids: int = 0                                         # ids removed from the deletions record
+    units: int = 0                                       # source units forgotten (read again by the next ingest)
+    sources: list[str] = field(default_factory=list)     # the sources to re-ingest to restore them
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def restore_ids(st: Store, ids: pa.Array) -> RestoreResult:
     """Remove `ids` from the record (the caller holds the writer lock and ran `recover`), in one
     commit that also forgets the source units that held them: the units of the sources they were
     deleted from, and of sources whose ingests skipped deleted ids (any model). The next ingest of
     those sources reads them again and restores exactly these rows."""
     import pyarrow.compute as pc
     ds = table(st)
-    out: dict[str, Any] = {"ids": 0, "units": 0, "sources": []}
+    out = RestoreResult()
     if ds is None or len(ids) == 0:
         return out
     where = pc.field("id").isin(ids)
@@ -158,6 +171,5 @@ def restore_ids(st: Store, ids: pa.Array) -> dict[str, Any]:
             units += conn.execute(sa.delete(u).where(u.c.source.in_(sorted(sources)))).rowcount or 0
         for model_id, source in sorted(skipped_by):
             units += conn.execute(sa.delete(u).where(u.c.model_id == model_id, u.c.source == source)).rowcount or 0
-    out.update(ids=len(pc.unique(gone.column("id"))), units=units,
-               sources=sorted(sources | {s for _, s in skipped_by}))
-    return out
+    return RestoreResult(ids=len(pc.unique(gone.column("id"))), units=units,
+                         sources=sorted(sources | {s for _, s in skipped_by}))

@@ -656,8 +656,8 @@ def _check_deletions(st: Store, report: Report, repair: bool) -> None:
     f = report.add("deletions", "error", f"{back.num_rows} ids recorded as deleted are stored again")
     if repair:
         out = delete_ids(st, back.column("id").combine_chunks())
-        f.repaired = (f"deleted them again ({out['samples']} samples, "
-                      + (", ".join(f"{v} from {m}" for m, v in out["rows"].items()) or "no embedding rows") + ")")
+        f.repaired = (f"deleted them again ({out.samples} samples, "
+                      + (", ".join(f"{v} from {m}" for m, v in out.rows.items()) or "no embedding rows") + ")")
 
 
 def _check(st: Store, report: Report, repair: bool) -> None:

@@ -38,7 +38,7 @@ def scale_for(rec: ModelRecord, scale: str) -> tuple[float, float]:
     try:
         return float(scale), 0.0
     except ValueError:
-        raise StatsError(f"--scale must be 1, model or a number; got {scale!r}") from None
+        raise StatsError(f"`scale` must be 1, model or a number; got {scale!r}", param="scale") from None
 
 
 def draw_reference(st: Store, rec: ModelRecord, size: int, seed: int,
@@ -77,15 +77,15 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
     treats its own pair, "exclude" (docs/science.md §1) or "include" (the authors' behaviour),
     recorded in the options for the `scores` view and stored scores."""
     if own_pair not in scores.OWN_PAIR:
-        raise StatsError(f"own_pair must be one of {', '.join(scores.OWN_PAIR)}; got {own_pair!r}")
+        raise StatsError(f"`own_pair` must be one of {', '.join(scores.OWN_PAIR)}; got {own_pair!r}", param="own_pair")
     if recipe is not None:
         if recipe not in RECIPE_FITS:
-            raise StatsError(f"--for-recipe must be one of {', '.join(RECIPE_FITS)}; got {recipe!r}")
+            raise StatsError(f"`recipe` must be one of {', '.join(RECIPE_FITS)}; got {recipe!r}", param="recipe")
         scale, prior = RECIPE_FITS[recipe]["scale"], RECIPE_FITS[recipe]["prior"]
     if prior not in scores.PRIORS:
-        raise StatsError(f"--prior must be one of {', '.join(scores.PRIORS)}; got {prior!r}")
+        raise StatsError(f"`prior` must be one of {', '.join(scores.PRIORS)}; got {prior!r}", param="prior")
     if reference_size < 2:
-        raise StatsError("--reference-size must be at least 2")
+        raise StatsError("`reference_size` must be at least 2", param="reference_size")
     rec = st.model(model)
     t0 = time.perf_counter()
     with st.lock():

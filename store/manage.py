@@ -16,6 +16,7 @@ view say to re-run `clipsql stats fit`.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import pyarrow as pa
@@ -83,14 +84,27 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
             "default_model": st.get_setting("default_model")}
 
 
+@dataclass
+class DeleteResult:
+    """What `delete_ids` / `delete_where` deleted (or, with `dry_run`, would delete)."""
+    samples: int = 0                                     # rows of `samples`
+    rows: dict[str, int] = field(default_factory=dict)   # model id → embedding rows
+    stale_fits: list[int] = field(default_factory=list)  # fits that covered a deleted row (now stale)
+    recorded: int = 0                                    # ids added to the deletions record
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | None = None,
-               record: str | None = None) -> dict[str, Any]:
+               record: str | None = None) -> DeleteResult:
     """Delete the samples `ids` and their rows in every model's table, downdating each model's
     running statistics exactly. `record`: the delete's --where text; the ids are then added to the
     deletions record (store.deletions) in the same commit, so no later ingest brings them back.
     The caller holds the writer lock (and has run `recover`)."""
     ids = pc.unique(ids.cast(pa.string()).filter(pc.is_valid(ids)))
-    out: dict[str, Any] = {"samples": 0, "rows": {}, "stale_fits": []}
+    out = DeleteResult()
     if len(ids) == 0:
         return out
     where = pc.field("id").isin(ids)
@@ -120,7 +134,7 @@ def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | No
         recorded = deletions.append(st, deletions.record_rows(st, ids, record))
         if recorded is not None:
             versions[deletions.TABLE] = recorded
-            out["recorded"] = int(len(ids))
+            out.recorded = int(len(ids))
     for name, count in [(SAMPLES, n_samples)] + [(r.table_name, removed[r.model_id][1]) for r in models]:
         if count:
             st.dataset(name, latest=True).delete(where)
@@ -143,9 +157,9 @@ def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | No
             for key, part in parts.items():
                 state.moments[key].subtract(part)
             st.save_stats_in(conn, state)
-            out["rows"][rec.model_id] = n
-            out["stale_fits"] += mark_stale_fits(conn, rec, low, f"{n} of its rows were deleted")
-    out["samples"] = n_samples
+            out.rows[rec.model_id] = n
+            out.stale_fits += mark_stale_fits(conn, rec, low, f"{n} of its rows were deleted")
+    out.samples = n_samples
     _delete_from_stored_scores(st, models, where)
     return out
 

@@ -75,9 +75,9 @@ class Store:
     def init(cls, path: str | os.PathLike, catalog_url: str | None = None) -> "Store":
         path = store_path(path)
         if is_remote(path) and not catalog_url and not (path / MARKER).exists():
-            raise CatalogError(f"a store on object storage ({path}) keeps its catalog elsewhere: pass --catalog "
+            raise CatalogError(f"a store on object storage ({path}) keeps its catalog elsewhere: pass `catalog_url` "
                                "postgresql+psycopg://user@host/db (a team), or sqlite:////local/dir/catalog.sqlite "
-                               "(one machine)")
+                               "(one machine)", param="catalog_url")
         if path.exists() and not path.is_dir():
             raise StoreNotFound(f"{path} is a file, not a directory: choose a new path for the store")
         if (path / MARKER).exists():

@@ -54,6 +54,41 @@ def test_every_command_has_help():
         assert r.exit_code == 0 and "Usage" in r.output, cmd
 
 
+def test_help_is_readable_at_80_columns():
+    """At 80 columns every command's help keeps option names whole (no `--datacomp-featur…`, no
+    `--id-` / `column` split), shows no Python-type placeholders (`<bool>`, `<str>`), names the
+    arguments upper-case in the usage line (`STORE SOURCE`, not `{store} {source}`) and fits in
+    80 columns."""
+    import re
+    import typer.main
+    root = typer.main.get_command(app)
+
+    def check(cmd, path):
+        out = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}).output
+        assert "Usage:" in out, path
+        raw = " ".join(filter(None, [cmd.help, getattr(cmd, "epilog", None)]
+                              + [getattr(p, "help", None) for p in getattr(cmd, "params", [])]))
+        for line in out.splitlines():
+            assert len(line) <= 80, (path, line)
+            assert not re.search(r"<(bool|str|int|float|path|text)\b", line, re.I), (path, line)
+            for cut in re.findall(r"\S*\w…", line):             # an ellipsis the help text itself has
+                assert cut.lstrip("(") in raw, (path, line)
+        assert "{" not in out.split("\n\n")[0], (path, out)
+        for p in getattr(cmd, "params", []):
+            if p.param_type_name == "argument":
+                assert p.name.upper() in out.splitlines()[0], (path, p.name)
+            for opt in [*p.opts, *getattr(p, "secondary_opts", [])]:
+                if p.param_type_name == "option":
+                    assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", out), (path, opt, out)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            check(sub, [*path, name])
+
+    check(root, [])
+    out = runner.invoke(app, ["ingest", "--help"], env={"COLUMNS": "80"}).output
+    assert "[OPTIONS] STORE SOURCE" in out and "--datacomp-features FEATURES" in out and "--batch-size N" in out
+    assert "--checkpoint PATH" in out and "--format [table|json]" in out and "webdataset" in out
+
+
 def test_models_lists_the_model(cli_store):
     r = invoke("models", cli_store, "--format", "json")
     rows = json.loads(r.output)
@@ -136,11 +171,11 @@ def test_sql_prompt_reports_errors_raised_while_a_query_runs(tmp_path, tiny_mode
     invoke("init", tmp_path / "s")
     data = write_image_folder(tmp_path / "d", 4)
     invoke("ingest", tmp_path / "s", data, "--model", tiny_model, "--workers", "0", "--no-progress")
-    # no `stats fit` yet: the score function raises inside DuckDB; then a cast error; then a last
-    # statement without ';' that runs at end of input
+    # no `stats fit` yet: the score function raises inside DuckDB; then a cast error; then a
+    # statement that still runs after both
     r = runner.invoke(app, ["sql", str(tmp_path / "s")],
                       input="SELECT image_info_gain(image_embedding) FROM embeddings;\n"
-                            "SELECT CAST(caption AS INTEGER) FROM samples;\nSELECT 40 + 2 AS answer\n")
+                            "SELECT CAST(caption AS INTEGER) FROM samples;\nSELECT 40 + 2 AS answer;\n")
     assert r.exit_code == 0, r.output
     assert "Traceback" not in r.output
     assert "Error: no fitted statistics for model" in r.output          # the clipsql message alone
@@ -300,6 +335,32 @@ def test_ctrl_c_in_the_prompt_cancels_the_query_and_keeps_the_prompt(cli_store, 
     repl(cli_store)
     out = capsys.readouterr().out
     assert sent and "cancelled" in out and "42" in out
+
+
+def test_sql_prompt_dot_commands_and_eof_on_an_unfinished_statement(cli_store):
+    """`clipsql sql STORE` fed on stdin: .tables lists the views a user queries (not the internal
+    `_lance_*` ones), .schema NAME gives columns and types, .help lists the dot commands too, an
+    unknown dot command says so; Ctrl-D (end of input) on a continuation line drops the unfinished
+    statement with a note instead of running it (a DELETE-like statement half typed must not run)."""
+    script = "\n".join([".tables", ".schema samples", ".schema nope", ".bogus", ".help",
+                        "CREATE TEMP TABLE mine AS SELECT 41 AS x;", ".tables", "SELECT x + 1 AS answer",
+                        "FROM mine"]) + "\n"
+    p = subprocess.run([sys.executable, "-m", "clipsql", "sql", str(cli_store)], input=script, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    tables = out.split("sql> ")[1]
+    for view in ("samples", "embeddings", "scores", "stats", "rejects"):
+        assert f"{view} " in tables and "view" in tables, tables
+    assert "_lance" not in out and "mine" not in tables
+    schema = out.split("sql> ")[2]
+    assert schema.startswith("samples:") and "id" in schema and "VARCHAR" in schema and "caption" in schema
+    assert "no table or view named 'nope'" in out and "unknown command .bogus" in out
+    help_ = out.split("sql> ")[5]
+    assert ".tables" in help_ and ".schema" in help_ and ".quit" in help_ and "image_info_gain" in help_
+    assert "mine" in out.split("sql> ")[7]
+    assert "42" not in out and "answer" not in out, out
+    assert "the unfinished statement was not run" in out, out
 
 
 def test_init_errors_are_one_line(tmp_path):

@@ -324,7 +324,7 @@ def test_a_uid_file_is_refused_unless_every_selected_id_came_from_a_datacomp_poo
     out = tmp_path / "uids.npy"
     with pytest.raises(SelectionError, match=r"5 of the 17 selected ids did not come from a DataComp pool") as e:
         select(store, sql="SELECT id FROM samples ORDER BY id", output=out)
-    assert "\n" not in str(e.value) and "--format" in str(e.value)
+    assert "\n" not in str(e.value) and "`format` parquet" in str(e.value)
     assert not out.exists() and not Path(str(out) + ".json").exists()
     r = CliRunner().invoke(app, ["select", str(store.path), "--sql", "SELECT id FROM samples", "-o", str(out)])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1 and "5 of the 17" in r.output, r.output

@@ -238,13 +238,14 @@ def test_incremental_rerun_equals_a_full_pass_with_the_same_centroids(tmp_path):
     assert first["mode"] == "full" and first["pending_before"] == n0
     append(st, X[n0:], ids[n0:])
     status = dedup_status(Store.open(st.path, read_only=True))
-    assert status["pending"] == len(X) - n0 and status["stored"] == n0 and status["stale"] == 0
+    assert status.pending == len(X) - n0 and status.stored == n0 and status.stale == 0
+    assert status.to_dict()["params"]["clusters"] == 10
     con = queries.connect(st)                  # the view holds committed values only: no pending rows
     assert con.sql("SELECT count(*) FROM semdedup").fetchall()[0][0] == n0
     con.close()
     res = semdedup(st)                          # the stored parameters: assign the new rows
     assert res["mode"] == "incremental" and res["new_rows"] == len(X) - n0 and res["clusters"] == 10
-    assert res["pending_before"] == len(X) - n0 and dedup_status(st)["pending"] == 0
+    assert res["pending_before"] == len(X) - n0 and dedup_status(st).pending == 0
     got, C32 = stored(st, rec)
     assert_equals_brute_force(got, X, ids, C32)
     # deletions: the clusters that lost members are recomputed too
@@ -252,7 +253,7 @@ def test_incremental_rerun_equals_a_full_pass_with_the_same_centroids(tmp_path):
     with st.lock():
         st.recover()
         delete_ids(st, pa.array(ids[:50]))
-    assert dedup_status(st)["stale"] == 50
+    assert dedup_status(st).stale == 50
     res = semdedup(st)
     assert res["mode"] == "incremental" and res["removed_rows"] == 50 and res["new_rows"] == 0
     got, _ = stored(st, rec)
@@ -332,7 +333,7 @@ def test_library_errors_are_domain_errors(tmp_path):
     append(st, np.full((4, D), np.nan, np.float32), ["a", "b", "c", "d"])
     with pytest.raises(ClipsqlError, match="usable image embedding"):
         semdedup(st)
-    with pytest.raises(SelectionError, match="--iterations"):
+    with pytest.raises(SelectionError, match="`iterations`"):
         semdedup(st, iterations=0)
 
 
@@ -402,7 +403,7 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
     monkeypatch.setenv("CLIPSQL_DEDUP_MEMORY_GB", "lots")
     with pytest.raises(SelectionError, match="CLIPSQL_DEDUP_MEMORY_GB must be a number"):
         semdedup(stores["tiny"][0])
-    with pytest.raises(SelectionError, match="--memory-gb must be a number of GiB > 0"):
+    with pytest.raises(SelectionError, match="`memory_gb` must be a number of GiB > 0"):
         semdedup(stores["tiny"][0], memory_gb=0)
 
 

@@ -152,7 +152,8 @@ def test_parquet_folder_reads_with_pandas_pyarrow_and_duckdb(built, tmp_path):
     st, root, a, b = built
     out = tmp_path / "snap"
     res = export_store(st, out, progress=False)
-    assert res["format"] == "parquet" and res["commit_id"] == last_commit(st)
+    assert res.format == "parquet" and res.commit_id == last_commit(st) and res.path == str(out)
+    assert res.to_dict()["tables"] == res.manifest()["tables"] and "seconds" not in res.manifest()
     got = read_without_clipsql(out, tmp_path)
     samples, emb, stored, dedup = store_answers(st)
     assert got["samples"] == samples and got["duck_count"] == 60
@@ -187,7 +188,7 @@ def test_where_columns_and_model_follow_by_id(built, tmp_path):
     assert [r[0] for r in con.sql(f'SELECT id FROM "embeddings_{ka}" ORDER BY id').fetchall()] == ids
     assert [r[0] for r in con.sql(f'SELECT id FROM "stored_scores_{ka}" ORDER BY id').fetchall()] == ids
     assert con.sql("SELECT DISTINCT where_clause FROM clipsql_export").fetchall() == [(where,)]
-    assert res["where"] == where
+    assert res.where == where
 
 
 @pytest.mark.parametrize("when", ["between the ledger read and the views", "while the tables are written"])
@@ -225,7 +226,7 @@ def test_an_export_during_a_writers_commits_shows_one_committed_version(tmp_path
     out = tmp_path / "snap"
     res = export_store(Store.open(st.path, read_only=True), out, progress=False)
     assert commits and commits[0].commits >= 1 and last_commit(st) > before_commit   # the writer did commit
-    assert res["commit_id"] == before_commit and res["table_versions"] == before_versions
+    assert res.commit_id == before_commit and res.table_versions == before_versions
     samples = pq.read_table(out / "samples.parquet").column("id").to_pylist()
     emb = pq.read_table(out / f"embeddings_{key(st, fake_id)}.parquet").column("id").to_pylist()
     assert len(samples) == 30 and sorted(emb) == sorted(samples)

@@ -83,7 +83,7 @@ def test_two_models_in_one_store(store, image_folder, fake_encoder, fake_siglip)
 def test_unknown_model_fails_before_writing(store, image_folder):
     with pytest.raises(ModelError, match="unknown model"):
         ingest(store, str(image_folder), model="ViT-Nope-99", options=FAST)
-    with pytest.raises(ModelError, match="--pretrained"):
+    with pytest.raises(ModelError, match="`pretrained`"):
         ingest(store, str(image_folder), model="RN50", options=FAST)
     with pytest.raises(ModelError, match="known tags"):
         ingest(store, str(image_folder), model="RN50", pretrained="no-such-tag", options=FAST)

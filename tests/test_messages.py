@@ -101,3 +101,66 @@ def test_target_add_from_a_datacomp_pool_takes_the_features_of_the_targets_model
     p = cli("target", "add", str(st.path), "u", str(tmp_path / "target"), "--model", "laion", check=False)
     err = p.stderr.decode()
     assert p.returncode == 1 and "--datacomp-features" not in err and "with --model set to one of them" in err, err
+
+
+def test_target_query_over_several_models_suggests_the_model_filter(tmp_path):
+    """The README's `target add --query "SELECT image_embedding FROM embeddings JOIN samples …"` on
+    a store with a 512-d and a 768-d model returns both models' rows: the error says how to keep
+    the target model's (`AND model = '…'`), naming --model, not an API argument."""
+    from datacomp_pool import write_datacomp_pool
+    write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=[12], row_group_size=12)
+    st = Store.init(tmp_path / "s")
+    cli("ingest", str(st.path), str(tmp_path / "pool"), "--no-progress")
+    q = "SELECT image_embedding FROM embeddings JOIN samples USING (id) WHERE source LIKE '%pool%'"
+    p = cli("target", "add", str(st.path), "t", "--query", q, "--model", "ViT-B-32/openai", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.count("\n") == 1, err
+    assert "768 dimensions but the model has 512" in err and "AND model = 'ViT-B-32/openai'" in err, err
+    assert "--model" in err and "`model`" not in err, err
+    out = cli("target", "add", str(st.path), "t", "--query", q + " AND model = 'ViT-B-32/openai'",
+              "--model", "ViT-B-32/openai").stdout.decode()
+    assert "target t of ViT-B-32/openai: 12 rows" in out, out
+
+
+def test_library_errors_name_arguments_and_the_cli_names_flags(pool_store):
+    """A library caller reads its own argument names (`fraction`, `features`), with `param` set; the
+    CLI shows the flag (--fraction, --datacomp-features; --for-recipe where `stats fit` names the
+    fit_stats argument `recipe` differently)."""
+    from clipsql.cli import PARAM_FLAGS
+    from clipsql.engines import choose
+    from clipsql.errors import ClipsqlError, SelectionError, SourceError
+    from clipsql.ingest.datacomp import pick_features
+    from clipsql.queries.curation.selection import SelectSpec
+    cases = [(lambda: SelectSpec(recipe="kl-guided", fraction=1.5).check(), SelectionError, "fraction",
+              "`fraction` must be in (0, 1]; got 1.5", "--fraction must be in (0, 1]; got 1.5"),
+             (lambda: SelectSpec(recipe="clip-score", sample=3).check(), SelectionError, "clusters",
+              "`clusters` and `sample` are only used by `recipe` image-based",
+              "--clusters and --sample are only used by --recipe image-based"),
+             (lambda: pick_features("b16"), SourceError, "features",
+              "unknown `features` 'b16'; choose b32, l14 or all", "unknown --datacomp-features 'b16'; choose b32, l14 or all"),
+             (lambda: choose("spark"), ClipsqlError, "engine",
+              "`engine` must be one of local, ray; got 'spark'", "--engine must be one of local, ray; got 'spark'")]
+    for call, kind, param, api, flags in cases:
+        with pytest.raises(kind) as e:
+            call()
+        assert e.value.param == param and str(e.value) == api and e.value.message(PARAM_FLAGS) == flags
+    p = cli("stats", "fit", str(pool_store), "--for-recipe", "nope", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err.startswith("Error: --for-recipe must be one of") and "`" not in err, err
+    p = cli("select", str(pool_store), "--recipe", "clip-score", "--clusters", "3", "-o", "x.parquet", check=False)
+    err = p.stderr.decode()
+    assert p.returncode == 1 and err == "Error: --clusters and --sample are only used by --recipe image-based\n", err
+
+
+def test_no_library_error_message_spells_a_cli_flag():
+    """Library messages name arguments (`where`), never flags (`--where`): only the CLI knows its
+    flags. Commands to run (`clipsql stats fit STORE --model …`) may name flags."""
+    import re
+    from conftest import ROOT
+    flag_first = re.compile(r'(?:Error|Mismatch|Damaged)\(\s*f?"(?:[^"`]*?\s)?--[a-z]')
+    found = []
+    for folder in ("queries", "store", "ingest", "models", "kernels", "engines"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            found += [f"{rel}: {m.group(0)}" for m in flag_first.finditer(path.read_text())]
+    assert not found, found

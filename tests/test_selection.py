@@ -203,7 +203,7 @@ def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
     assert int(np.isnan(got).sum()) == p["rows_never_batched"]
     meta = json.loads(sel_store.db.open_table("scores_" + sel_store.model().table_name).schema.metadata[b"clipsql"])
     assert meta["neg_clip_loss_pool"]["batch_size"] == 150
-    with pytest.raises(ClipsqlError, match="pool-batch-size"):
+    with pytest.raises(ClipsqlError, match="`pool_batch_size` must be between"):
         materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=N + 1)
 
 
@@ -560,7 +560,7 @@ def test_reference_rows_leave_their_own_pair_out_in_sql_stored_scores_and_kl_gui
     assert st.latest_fit(st.model(), with_arrays=False)["options"]["own_pair"] == "include"
     kept_in = np.array(fetch(queries.connect(st), "SELECT text_info_gain FROM scores ORDER BY id"))[:, 0]
     assert np.mean(np.abs(kept_in - np.log(n)) < 1e-2) > 0.9
-    with pytest.raises(StatsError, match="own_pair must be one of"):
+    with pytest.raises(StatsError, match="`own_pair` must be one of"):
         fit_stats(st, own_pair="sometimes")
 
 
@@ -657,9 +657,9 @@ def test_selection_errors(sel_store, tmp_path):
         (dict(recipe="kl-guided", fraction=0.1, limit=3, output=out), "not both"),
         (dict(recipe="kl-guided", output=tmp_path / "x.xlsx"), "must end in"),
         (dict(recipe="nope", output=out), "unknown recipe"),
-        (dict(recipe="negclip-normsim", output=out), "needs --target"),
+        (dict(recipe="negclip-normsim", output=out), "needs `target`"),
         (dict(recipe="negclip-normsim", target="nope", output=out), "unknown target 'nope'"),
-        (dict(recipe="negclip-normsim", target="tgt-a", fraction=0.4, output=out), "exceeds --first-fraction"),
+        (dict(recipe="negclip-normsim", target="tgt-a", fraction=0.4, output=out), "exceeds `first_fraction`"),
         (dict(recipe="kl-guided", fraction=1.5, output=out), r"must be in \(0, 1\]"),
     ]
     if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
@@ -850,7 +850,7 @@ def test_a_where_that_leaves_no_rows_is_an_error_naming_it(laion_store, tmp_path
     from conftest import cli
     out = tmp_path / "none.txt"
     for recipe in ("clip-score", "kl-guided"):
-        with pytest.raises(SelectionError, match=r"--where 'width >= 100000' leaves no rows") as e:
+        with pytest.raises(SelectionError, match=r"`where` 'width >= 100000' leaves no rows") as e:
             select(laion_store, recipe=recipe, where="width >= 100000", output=out, make_fit=False)
         assert "\n" not in str(e.value) and "of the 60" in str(e.value)
     assert not out.exists() and not Path(str(out) + ".json").exists()

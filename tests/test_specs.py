@@ -119,10 +119,10 @@ def test_recipe_specs_drive_the_cli_and_the_checks():
     assert grouped <= {f for r in sel.RECIPE_SPECS.values() for f in r.options}
     assert sel.DEFAULT_FRACTION == {"kl-guided": 0.25, "negclip-normsim": 0.20, "clip-score": 0.30}
     cases = [(dict(recipe="image-based", target="t", fraction=0.1), "image-based keeps whole clusters"),
-             (dict(recipe="clip-score", sample=3), "--clusters and --sample are only used by --recipe image-based"),
-             (dict(sql="SELECT 1", target="t"), "--target is only used by --recipe negclip-normsim and image-based"),
-             (dict(recipe="kl-guided", threshold=0.2), "--threshold is only used by --recipe clip-score"),
-             (dict(recipe="image-based"), "the image-based recipe needs --target NAME")]
+             (dict(recipe="clip-score", sample=3), "`clusters` and `sample` are only used by `recipe` image-based"),
+             (dict(sql="SELECT 1", target="t"), "`target` is only used by `recipe` negclip-normsim and image-based"),
+             (dict(recipe="kl-guided", threshold=0.2), "`threshold` is only used by `recipe` clip-score"),
+             (dict(recipe="image-based"), "the image-based recipe needs `target` NAME")]
     for kw, msg in cases:
         with pytest.raises(SelectionError, match=re.escape(msg)):
             sel.SelectSpec(**kw).check()

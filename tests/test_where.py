@@ -89,8 +89,24 @@ def test_select_and_search_refuse_injections(pool_store, tmp_path):
 def test_legitimate_conditions_still_select_the_same_rows(pool_store, tmp_path):
     st = Store.open(pool_store)
     for text, n in LEGIT:
-        assert delete_where(st, text, dry_run=True)["samples"] == n, text
+        assert delete_where(st, text, dry_run=True).samples == n, text
         side = select(st, recipe="clip-score", fraction=1.0, where=text, output=tmp_path / "x.txt")
         assert side["counts"]["selected"] == n, text
         res = search(st, like="000000001", k=40, where=text)
         assert len(res["rows"]) == n, text
+
+
+def test_delete_and_undelete_return_typed_results(pool_store):
+    """delete_where / undelete_where return dataclasses (attributes, not string keys), with a
+    JSON-ready to_dict."""
+    import json
+    from clipsql.store.deletions import RestoreResult
+    from clipsql.store.manage import DeleteResult
+    st = Store.open(pool_store)
+    out = delete_where(st, "meta_width IN (10, 11)", dry_run=True)
+    assert isinstance(out, DeleteResult) and out.dry_run and out.samples == 2 and out.stale_fits == []
+    assert list(out.rows.values()) == [2] and out.recorded == 0
+    assert json.loads(json.dumps(out.to_dict()))["samples"] == 2
+    back = undelete_where(st, "id = 'none'", dry_run=True)
+    assert isinstance(back, RestoreResult) and back.to_dict() == {"ids": 0, "units": 0, "sources": [],
+                                                                  "dry_run": True}

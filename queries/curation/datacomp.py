@@ -111,8 +111,9 @@ def require_datacomp_ids(st: Any, con: Any, ids: Any) -> None:
         what = ", ".join(sorted({k for s, _ in other for k in kinds.get(s, {"unrecorded"})}))
         raise SelectionError(
             f"{bad} of the {len(arr)} selected ids did not come from a DataComp pool (ingested from {what} "
-            "source(s) without --id-column, their ids are content hashes, which match nothing in DataComp's "
-            "resharder); write --format parquet, csv or txt instead, or narrow the selection to the pool's rows")
+            "source(s) without an id column, their ids are content hashes, which match nothing in DataComp's "
+            "resharder); write `format` parquet, csv or txt instead, or narrow the selection to the pool's rows",
+            param="format")
 
 
 def write_uids(ids: Any, fh: Any) -> None:

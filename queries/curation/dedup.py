@@ -43,6 +43,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -177,25 +178,41 @@ def _id_positions(ids: pa.Array, stored_ids: pa.Array) -> np.ndarray:
     return idx.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def dedup_status(st: Store, model: str | None = None) -> dict[str, Any]:
+@dataclass
+class DedupStatus:
     """What is stored for a model: rows, rows with a value, pending (added since), stale (deleted since)."""
+    model: str
+    table: str
+    rows: int
+    stored: int
+    pending: int
+    stale: int
+    params: dict[str, Any] | None         # the stored run's parameters (None: never computed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dedup_status(st: Store, model: str | None = None) -> DedupStatus:
+    """What is stored for a model (see DedupStatus)."""
     rec = st.model(model)
     ids = st.embeddings_table(rec).to_table(columns=["id"]).column("id").combine_chunks()
     prev = _previous(st, rec, ["id"])
-    out = {"model": rec.model_id, "rows": len(ids), "table": dedup_table_name(rec.table_name)}
+    table = dedup_table_name(rec.table_name)
     if prev is None:
-        return {**out, "stored": 0, "pending": len(ids), "stale": 0, "params": None}
+        return DedupStatus(rec.model_id, table, len(ids), stored=0, pending=len(ids), stale=0, params=None)
     params, tbl = prev
     stored = tbl.column("id").combine_chunks()
     have = int(pc.sum(pc.is_in(ids, value_set=stored)).as_py() or 0)
     stale = len(stored) - int(pc.sum(pc.is_in(stored, value_set=ids)).as_py() or 0)
-    return {**out, "stored": have, "pending": len(ids) - have, "stale": stale, "params": params}
+    return DedupStatus(rec.model_id, table, len(ids), stored=have, pending=len(ids) - have, stale=stale,
+                       params=params)
 
 
 # --------------------------------------------------------------------------- computing
 def _check(name: str, value: int | None, low: int = 1) -> None:
     if value is not None and (not isinstance(value, (int, np.integer)) or value < low):
-        raise SelectionError(f"--{name} must be an integer ≥ {low}; got {value}")
+        raise SelectionError(f"`{name}` must be an integer ≥ {low}; got {value}", param=name)
 
 
 def memory_budget(memory_gb: float | None = None) -> float:
@@ -206,8 +223,9 @@ def memory_budget(memory_gb: float | None = None) -> float:
     except ValueError:
         gb = math.nan
     if not (math.isfinite(gb) and gb > 0):
-        src = "--memory-gb" if memory_gb is not None else MEMORY_ENV
-        raise SelectionError(f"{src} must be a number of GiB > 0; got {raw!r}")
+        src = "`memory_gb`" if memory_gb is not None else MEMORY_ENV
+        raise SelectionError(f"{src} must be a number of GiB > 0; got {raw!r}",
+                             param="memory_gb" if memory_gb is not None else None)
     return gb * 2.0 ** 30
 
 
@@ -248,11 +266,12 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
         params = _params(rec, old, clusters, sample, seed, iterations, n_valid)
         k = params["clusters"]
         if k > n_valid:
-            raise SelectionError(f"--clusters {k} is more than the {n_valid} rows of {rec.model_id} with a usable "
-                                 "image embedding: choose K ≤ the pool" + (" (or --refit)" if old else ""))
+            raise SelectionError(f"`clusters` {k} is more than the {n_valid} rows of {rec.model_id} with a usable "
+                                 "image embedding: choose K ≤ the pool" + (" (or `refit`)" if old else ""),
+                                 param="clusters")
         if not k <= params["sample"] <= n_valid:
-            raise SelectionError(f"--sample must be between --clusters ({k}) and the {n_valid} rows with a usable "
-                                 f"image embedding; got {params['sample']}")
+            raise SelectionError(f"`sample` must be between `clusters` ({k}) and the {n_valid} rows with a usable "
+                                 f"image embedding; got {params['sample']}", param="sample")
         if C32 is not None and any(plan[p] != params[p] for p in PARAMS):
             raise ClipsqlError(f"{reader.ds.uri}: the table changed during the run: run `clipsql dedup` again")
         perm = pc.sort_indices(ids).to_numpy()

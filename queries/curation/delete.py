@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 from clipsql.queries.sql.cli_query import fetch_table
 from clipsql.queries.sql.condition import ConditionError, check_condition
 from clipsql.queries.sql.db import connect
-from clipsql.store.deletions import restore_ids
-from clipsql.store.manage import delete_ids
+from clipsql.store.deletions import RestoreResult, restore_ids
+from clipsql.store.manage import DeleteResult, delete_ids
 from clipsql.store.store import Store
 
 
@@ -42,7 +42,7 @@ def ids_where(st: Store, where: str, view: str = "samples", con: Any = None) -> 
     return tbl.column("id").combine_chunks()
 
 
-def delete_where(st: Store, where: str, *, dry_run: bool = False) -> dict[str, Any]:
+def delete_where(st: Store, where: str, *, dry_run: bool = False) -> DeleteResult:
     """Delete matching samples and their embeddings; returns what was (or would be) deleted."""
     with st.lock():
         st.recover()
@@ -51,20 +51,16 @@ def delete_where(st: Store, where: str, *, dry_run: bool = False) -> dict[str, A
             rows = {}
             for rec in st.list_models():
                 rows[rec.model_id] = st.embeddings_table(rec).count_rows(filter=pc.field("id").isin(ids))
-            return {"samples": len(ids), "rows": rows, "stale_fits": [], "dry_run": True}
-        out = delete_ids(st, ids, record=where)
-        out["dry_run"] = False
-        return out
+            return DeleteResult(samples=len(ids), rows=rows, dry_run=True)
+        return delete_ids(st, ids, record=where)
 
 
-def undelete_where(st: Store, where: str, *, dry_run: bool = False) -> dict[str, Any]:
+def undelete_where(st: Store, where: str, *, dry_run: bool = False) -> RestoreResult:
     """Remove the deletions records matching `where` (SQL on the `deletions` view), so that the
     next ingest of their source restores those ids; returns how many and the sources to re-ingest."""
     with st.lock():
         st.recover()
         ids = ids_where(st, where, view="deletions")
         if dry_run:
-            return {"ids": len(ids), "units": 0, "sources": [], "dry_run": True}
-        out = restore_ids(st, ids)
-        out["dry_run"] = False
-        return out
+            return RestoreResult(ids=len(ids), dry_run=True)
+        return restore_ids(st, ids)

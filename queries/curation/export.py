@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -73,8 +73,34 @@ class Part:
                 "lance_version": self.lance_version, "rows": self.rows, **({"params": self.params} if self.params else {})}
 
 
+@dataclass
+class ExportRecord:
+    """What an export holds (its manifest: the store, the ledger commit and table versions it is a
+    snapshot of, the models and tables) and, once written, where and how long it took."""
+    store_id: str | None
+    store_path: str
+    commit_id: int | None
+    table_versions: dict[str, int]
+    models: list[dict[str, Any]]
+    clipsql_version: str
+    exported_at: str
+    format: str                                   # duckdb | parquet
+    where: str | None
+    columns: list[str] | None
+    tables: list[dict[str, Any]]                  # Part.record() of each exported table
+    path: str | None = None                       # set once published
+    seconds: float | None = None
+
+    def manifest(self) -> dict[str, Any]:
+        """The record written into the export (without path and seconds, known only after)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("path", "seconds")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def export_store(st: Store, out: str | os.PathLike, *, columns: list[str] | None = None, where: str | None = None,
-                 model: str | None = None, progress: bool = True, batch_rows: int = BATCH_ROWS) -> dict[str, Any]:
+                 model: str | None = None, progress: bool = True, batch_rows: int = BATCH_ROWS) -> ExportRecord:
     """Write one committed snapshot of `st` to `out` (.duckdb file or parquet folder); returns the record."""
     out = Path(out)
     fmt = "duckdb" if out.name.lower().endswith(".duckdb") else "parquet"
@@ -86,13 +112,12 @@ def export_store(st: Store, out: str | os.PathLike, *, columns: list[str] | None
     con = connect(snap, progress_bar=False)
     try:
         parts = _plan(st, con, versions, models, columns, where)
-        record = {"store_id": st.get_setting("store_id"), "store_path": str(st.path), "commit_id": commit_id,
-                  "table_versions": {k: versions[k] for k in sorted(versions)},
-                  "models": [_model_record(m) for m in models if m.table_name in versions],
-                  "clipsql_version": __version__,
-                  "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "format": fmt, "where": where, "columns": columns or None,
-                  "tables": [p.record() for p in parts]}
+        record = ExportRecord(store_id=st.get_setting("store_id"), store_path=str(st.path), commit_id=commit_id,
+                              table_versions={k: versions[k] for k in sorted(versions)},
+                              models=[_model_record(m) for m in models if m.table_name in versions],
+                              clipsql_version=__version__,
+                              exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              format=fmt, where=where, columns=columns or None, tables=[p.record() for p in parts])
         _sweep_temporaries(out)
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
@@ -113,8 +138,8 @@ def export_store(st: Store, out: str | os.PathLike, *, columns: list[str] | None
             raise
     finally:
         con.close()
-    record["path"] = str(out)
-    record["seconds"] = round(time.perf_counter() - t0, 3)
+    record.path = str(out)
+    record.seconds = round(time.perf_counter() - t0, 3)
     return record
 
 
@@ -126,7 +151,7 @@ def _plan(st: Store, con: Any, versions: dict[str, int], models: list[ModelRecor
     if where is not None:
         ids = ids_where(st, where, con=con)
         if len(ids) == 0:
-            raise ExportError(f"--where {where!r} selects no samples: nothing to export")
+            raise ExportError(f"`where` {where!r} selects no samples: nothing to export", param="where")
         con.register("_export_ids", pa.table({"id": ids}))
         keep, id_source = "id IN (SELECT id FROM _export_ids)", "_export_ids"
         n_samples = _count(con, f"SELECT count(*) FROM samples WHERE {keep}")
@@ -168,8 +193,8 @@ def _columns(have: list[str], columns: list[str] | None) -> list[str]:
         return have
     unknown = [c for c in columns if c not in have]
     if unknown:
-        raise ExportError(f"--columns: no column {', '.join(map(repr, unknown))} in samples; it has: "
-                          f"{', '.join(have)}")
+        raise ExportError(f"`columns`: no column {', '.join(map(repr, unknown))} in samples; it has: "
+                          f"{', '.join(have)}", param="columns")
     return ["id"] + [c for c in dict.fromkeys(columns) if c != "id"]
 
 
@@ -205,7 +230,7 @@ def _batches(con: Any, part: Part, bar: Any, batch_rows: int) -> pa.RecordBatchR
 
 
 # -- writing -----------------------------------------------------------------------------------
-def _write_parquet(con: Any, parts: list[Part], tmp: Path, record: dict, bar: Any, batch_rows: int) -> None:
+def _write_parquet(con: Any, parts: list[Part], tmp: Path, record: ExportRecord, bar: Any, batch_rows: int) -> None:
     tmp.mkdir()
     for part in parts:
         reader = _batches(con, part, bar, batch_rows)
@@ -214,12 +239,12 @@ def _write_parquet(con: Any, parts: list[Part], tmp: Path, record: dict, bar: An
             for batch in reader:
                 w.write_batch(batch)
         _fsync(path)
-    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    (tmp / MANIFEST).write_text(json.dumps(record.manifest(), indent=2) + "\n")
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
 
 
-def _write_duckdb(con: Any, parts: list[Part], tmp: Path, record: dict, bar: Any, batch_rows: int) -> None:
+def _write_duckdb(con: Any, parts: list[Part], tmp: Path, record: ExportRecord, bar: Any, batch_rows: int) -> None:
     dst = duckdb.connect(str(tmp))
     try:
         dst.execute("SET enable_progress_bar = false")
@@ -229,17 +254,17 @@ def _write_duckdb(con: Any, parts: list[Part], tmp: Path, record: dict, bar: Any
             dst.unregister("_clipsql_src")
         emb = [p for p in parts if p.kind == "embeddings"]
         if emb:
-            dims = {m["dim"] for m in record["models"]}
+            dims = {m["dim"] for m in record.models}
             cast = "" if len(dims) <= 1 else "::FLOAT[]"
             dst.execute("CREATE VIEW embeddings AS " + " UNION ALL ".join(
                 f"SELECT id, model, image_embedding{cast} AS image_embedding, text_embedding{cast} AS "
                 f"text_embedding FROM {quote_ident(p.name)}" for p in emb))
-        manifest = json.dumps(record, indent=2)
+        manifest = json.dumps(record.manifest(), indent=2)
         rows = [{"table_name": t["table"], "kind": t["kind"], "model": t["model"], "lance_table": t["lance_table"],
-                 "lance_version": t["lance_version"], "rows": t["rows"], "store_id": record["store_id"],
-                 "commit_id": record["commit_id"], "clipsql_version": record["clipsql_version"],
-                 "exported_at": record["exported_at"], "where_clause": record["where"], "manifest": manifest}
-                for t in record["tables"]]
+                 "lance_version": t["lance_version"], "rows": t["rows"], "store_id": record.store_id,
+                 "commit_id": record.commit_id, "clipsql_version": record.clipsql_version,
+                 "exported_at": record.exported_at, "where_clause": record.where, "manifest": manifest}
+                for t in record.tables]
         schema = pa.schema([("table_name", pa.string()), ("kind", pa.string()), ("model", pa.string()),
                             ("lance_table", pa.string()), ("lance_version", pa.int64()), ("rows", pa.int64()),
                             ("store_id", pa.string()), ("commit_id", pa.int64()), ("clipsql_version", pa.string()),

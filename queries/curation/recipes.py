@@ -197,10 +197,11 @@ def image_based(pool: Pool, target: Any, target_rows: np.ndarray, *, clusters: i
         raise SelectionError("the pool has no rows with a valid image embedding")
     k = int(clusters) if clusters is not None else default_clusters(n)
     if not 1 <= k <= n:
-        raise SelectionError(f"--clusters must be between 1 and the {n} pool rows with an image; got {k}")
+        raise SelectionError(f"`clusters` must be between 1 and the {n} pool rows with an image; got {k}",
+                             param="clusters")
     m = n if sample is None else int(sample)
     if not k <= m:
-        raise SelectionError(f"--sample ({m}) must be at least --clusters ({k})")
+        raise SelectionError(f"`sample` ({m}) must be at least `clusters` ({k})", param="sample")
     if everything is not None and m >= n:      # the sample is the pool, read once in pass 1
         positions, train = np.arange(n), everything
     else:

@@ -115,34 +115,36 @@ class SelectSpec:
     def check(self) -> None:
         s = self
         if (s.recipe is None) == (s.sql is None):
-            raise SelectionError(f"give exactly one of --recipe ({' | '.join(RECIPES)}) or --sql \"SELECT id …\"")
+            raise SelectionError(f"give exactly one of `recipe` ({' | '.join(RECIPES)}) or `sql` \"SELECT id …\"",
+                                 param="recipe")
         if s.recipe is not None and s.recipe not in RECIPES:
-            raise SelectionError(f"unknown recipe {s.recipe!r}; choose one of {', '.join(RECIPES)}")
+            raise SelectionError(f"unknown recipe {s.recipe!r}; choose one of {', '.join(RECIPES)}", param="recipe")
         if sum(x is not None for x in (s.fraction, s.limit, s.threshold)) > 1:
-            raise SelectionError("give one of --fraction, --limit or --threshold, not both")
-        for name, f in (("--fraction", s.fraction), ("--first-fraction", s.first_fraction)):
+            raise SelectionError("give one of `fraction`, `limit` or `threshold`, not both", param="fraction")
+        for name, f in (("fraction", s.fraction), ("first_fraction", s.first_fraction)):
             if f is not None and not 0 < f <= 1:
-                raise SelectionError(f"{name} must be in (0, 1]; got {f}")
+                raise SelectionError(f"`{name}` must be in (0, 1]; got {f}", param=name)
         if s.limit is not None and s.limit < 0:
-            raise SelectionError(f"--limit must be >= 0; got {s.limit}")
+            raise SelectionError(f"`limit` must be >= 0; got {s.limit}", param="limit")
         recipe = RECIPE_SPECS.get(s.recipe) if s.recipe is not None else None
         if recipe is not None and recipe.needs_target and not s.target:
-            raise SelectionError(f"the {s.recipe} recipe needs --target NAME (see `clipsql target list`)")
+            raise SelectionError(f"the {s.recipe} recipe needs `target` NAME (see `clipsql target list`)", param="target")
         for group in OPTION_GROUPS:
             given = [f for f in group if getattr(s, f) != _FIELD_DEFAULTS[f]]
             if given and (recipe is None or not set(given) <= recipe.options):
-                flags = " and ".join("--" + f.replace("_", "-") for f in group)
+                flags = " and ".join(f"`{f}`" for f in group)
                 users = " and ".join(r.name for r in RECIPE_SPECS.values() if set(group) & r.options)
-                raise SelectionError(f"{flags} {'is' if len(group) == 1 else 'are'} only used by --recipe {users}")
+                raise SelectionError(f"{flags} {'is' if len(group) == 1 else 'are'} only used by `recipe` {users}",
+                                     param=group[0])
         if recipe is not None and recipe.default_fraction is None and (s.fraction is not None or s.limit is not None):
-            raise SelectionError(f"{s.recipe} keeps whole clusters: it takes no --fraction or --limit (narrow "
-                                 "the pool with --where, or set --clusters)")
+            raise SelectionError(f"{s.recipe} keeps whole clusters: it takes no `fraction` or `limit` (narrow "
+                                 "the pool with `where`, or set `clusters`)", param="fraction")
         if s.clusters is not None and s.clusters < 1:
-            raise SelectionError(f"--clusters must be >= 1; got {s.clusters}")
+            raise SelectionError(f"`clusters` must be >= 1; got {s.clusters}", param="clusters")
         if s.where is not None:
             check_condition(None, s.where, example="width >= 256")      # one condition, nothing more
         if s.negclip_form not in ("row", "pool"):
-            raise SelectionError(f"--negclip-form must be row or pool; got {s.negclip_form!r}")
+            raise SelectionError(f"`negclip_form` must be row or pool; got {s.negclip_form!r}", param="negclip_form")
 
 
 @blas_pinned
@@ -159,8 +161,8 @@ def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, mod
     fmt = _output_format(output, spec.format)
     spec.check()
     if not engine.in_process and spec.sql is not None:
-        raise SelectionError("--sql runs in DuckDB: use --engine local (`clipsql score --engine ray` stores "
-                             "scores that --sql can read from stored_scores)")
+        raise SelectionError("`sql` runs in DuckDB: set `engine` to local (`clipsql score --engine ray` stores "
+                             "scores that `sql` can read from stored_scores)", param="sql")
     rec = st.model(model)
     con = connect(st)
     try:
@@ -206,13 +208,13 @@ def _output_format(output: Path, given: str | None) -> str:
     suffix = output.suffix.lower()
     if given is None:
         if suffix not in FORMATS:
-            raise SelectionError(f"--output must end in {', '.join(FORMATS)}; got {output.name!r}")
+            raise SelectionError(f"`output` must end in {', '.join(FORMATS)}; got {output.name!r}", param="output")
         return "datacomp-uids" if suffix == ".npy" else suffix[1:]
     if given not in OUTPUT_FORMATS:
-        raise SelectionError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}; got {given!r}")
+        raise SelectionError(f"`format` must be one of {', '.join(OUTPUT_FORMATS)}; got {given!r}", param="format")
     want = ".npy" if given == "datacomp-uids" else "." + given
     if suffix != want:
-        raise SelectionError(f"--format {given} writes a {want} file; got --output {output.name!r}")
+        raise SelectionError(f"`format` {given} writes a {want} file; got `output` {output.name!r}", param="format")
     return given
 
 
@@ -250,8 +252,8 @@ def _run_image_based(pool: recipes.Pool, spec: SelectSpec, count: int | None, fr
 def _run_negclip_normsim(pool: recipes.Pool, spec: SelectSpec, count: int | None, fraction: float | None) -> tuple:
     first = count_for(spec.first_fraction, pool.size)
     if count is not None and count > first and spec.limit is None:
-        raise SelectionError(f"--fraction {fraction} exceeds --first-fraction {spec.first_fraction}: the "
-                             "NormSim stage can only keep rows the negCLIPLoss stage kept")
+        raise SelectionError(f"`fraction` {fraction} exceeds `first_fraction` {spec.first_fraction}: the "
+                             "NormSim stage can only keep rows the negCLIPLoss stage kept", param="fraction")
     tbl, c, extra = _negclip_normsim(pool, spec.target, count, first, spec.negclip_form)
     extra.update(first_fraction=spec.first_fraction, negclip_form=spec.negclip_form)
     return tbl, c, extra
@@ -303,9 +305,9 @@ def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: Engi
     if where is not None:
         allowed, info = _where_ids(st, rec, con, view, where)
         if len(allowed) == 0:
-            raise SelectionError(f"--where {where!r} leaves no rows of the {total} of model {rec.model_id}: "
+            raise SelectionError(f"`where` {where!r} leaves no rows of the {total} of model {rec.model_id}: "
                                  "nothing to select (a column that is NULL fails every comparison; look with "
-                                 "`clipsql query STORE \"SELECT … FROM samples\"`)")
+                                 "`clipsql query STORE \"SELECT … FROM samples\"`)", param="where")
         con.register("_clipsql_allowed", pa.table({"id": allowed}))
         relation = f"(SELECT * FROM {view} WHERE id IN (SELECT id FROM _clipsql_allowed))"
         info["counts"] = {"pool_before_where": total}
@@ -327,8 +329,8 @@ def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> 
         joins.append("LEFT JOIN _clipsql_where_dedup d ON d.id = e.id")
         cols += ["d.semdedup_cluster", "d.semdedup_max_sim"]
     elif "semdedup_" in where:
-        raise SelectionError(f"--where uses semantic-dedup columns but model {rec.model_id} has none yet: run "
-                             f"`clipsql dedup STORE --model {rec.model_id}` first")
+        raise SelectionError(f"`where` uses semantic-dedup columns but model {rec.model_id} has none yet: run "
+                             f"`clipsql dedup STORE --model {rec.model_id}` first", param="where")
     name = stored_table_name(rec.table_name)
     if name in st.table_names():
         ds = st.dataset(name, latest=True)
@@ -348,7 +350,7 @@ def _where_ids(st: Store, rec: ModelRecord, con: Any, view: str, where: str) -> 
                 info["warnings"].append(f"{pending} rows have no semantic-dedup score yet (added since `clipsql "
                                         "dedup` ran): a condition on semdedup_* leaves them out; re-run dedup")
     except duckdb.Error as e:
-        raise udf_error(e, con) or SelectionError(f"--where failed: {str(e).splitlines()[0]}") from None
+        raise udf_error(e, con) or SelectionError(f"`where` failed: {str(e).splitlines()[0]}", param="where") from None
     return tbl.column("id").combine_chunks().cast(pa.string()), info
 
 
@@ -360,8 +362,8 @@ def _dedup_table(st: Store, rec: ModelRecord) -> str | None:
 def _target(pool: recipes.Pool, name: str) -> tuple[Any, np.ndarray]:
     t = get_target(pool.st, name)
     if t.model_id != pool.rec.model_id:
-        raise SelectionError(f"target {name!r} belongs to model {t.model_id}, not {pool.rec.model_id}: pass "
-                             f"--model {t.model_id} or add a target for this model")
+        raise SelectionError(f"target {name!r} belongs to model {t.model_id}, not {pool.rec.model_id}: set "
+                             f"`model` to {t.model_id} or add a target for this model", param="target")
     return t, target_rows(pool.st, t)
 
 
@@ -402,7 +404,8 @@ def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
     tbl = st.db.open_table(name).to_lance().to_table() if name in st.table_names() else None
     if tbl is None or "neg_clip_loss_pool" not in tbl.column_names:
         raise SelectionError(f"no stored neg_clip_loss_pool for {rec.model_id}: run "
-                             "`clipsql score STORE --neg-clip-loss-pool` first, or use --negclip-form row")
+                             "`clipsql score STORE --neg-clip-loss-pool` first, or set `negclip_form` to row",
+                             param="negclip_form")
     return tbl.select(["id", "neg_clip_loss_pool"])
 
 
@@ -412,10 +415,10 @@ def _from_sql(con: Any, sql: str, count: int | None, where: bool = False) -> tup
     try:
         rel = con.sql(sql)
     except duckdb.Error as e:
-        raise udf_error(e, con) or SelectionError(f"--sql failed: {e}") from None
+        raise udf_error(e, con) or SelectionError(f"`sql` failed: {e}", param="sql") from None
     if rel is None or "id" not in rel.columns:
-        raise SelectionError("--sql must return a column named id (and decides the order), e.g. "
-                             "\"SELECT id, clip_score FROM scores ORDER BY clip_score DESC, id\"")
+        raise SelectionError("`sql` must return a column named id (and decides the order), e.g. "
+                             "\"SELECT id, clip_score FROM scores ORDER BY clip_score DESC, id\"", param="sql")
     # the first row of each non-NULL id, in the SQL's order (DuckDB: no Python object per row)
     con.execute("DROP TABLE IF EXISTS _clipsql_sql_rows")
     rel.create("_clipsql_sql_rows")             # rows in the SQL's order: rowid is the position

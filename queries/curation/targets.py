@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.errors import QueryError, SourceError, TargetError
+from clipsql.errors import DimensionMismatch, QueryError, SourceError, TargetError
 from clipsql.ingest.datacomp import FEATURES, DataCompSource, model_id
 from clipsql.ingest.images import ItemRejected, check_vector, load_image
 from clipsql.ingest.registry import open_source
@@ -61,16 +61,16 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
         raise TargetError(f"target name {name!r} must be 1-100 letters, digits, '_', '.', '-' "
                           "(starting with a letter or digit)")
     if (query is None) == (source is None):
-        raise TargetError("give exactly one of --query \"SQL returning image_embedding\" or a SOURCE "
-                          "(with --model)")
+        raise TargetError("give exactly one of `query` \"SQL returning image_embedding\" or a `source` "
+                          "(with `model`)", param="query")
     if index not in INDEX_CHOICES:
-        raise TargetError(f"--index must be one of {', '.join(INDEX_CHOICES)}; got {index!r}")
+        raise TargetError(f"`index` must be one of {', '.join(INDEX_CHOICES)}; got {index!r}", param="index")
     rec = st.model(model)
     if not replace:
         with st.engine.connect() as conn:
             if conn.execute(sa.select(cat.targets.c.name).where(cat.targets.c.name == name)).first():
-                raise TargetError(f"target {name!r} already exists: pass --replace, or "
-                                  f"`clipsql target rm STORE {name}` first")
+                raise TargetError(f"target {name!r} already exists: pass `replace`, or "
+                                  f"`clipsql target rm STORE {name}` first", param="replace")
     t0 = time.perf_counter()
     if query is not None:
         X, described, rejected = _from_query(st, rec, query), f"query: {query}", {}
@@ -127,8 +127,8 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
     try:
         tbl = con.sql(query)
         if tbl is None or "image_embedding" not in tbl.columns:
-            raise TargetError("the target --query must return a column named image_embedding, e.g. "
-                              "\"SELECT image_embedding FROM embeddings WHERE id IN (…)\"")
+            raise TargetError("the target `query` must return a column named image_embedding, e.g. "
+                              "\"SELECT image_embedding FROM embeddings WHERE id IN (…)\"", param="query")
         arr = tbl.select("image_embedding").arrow()
         arr = arr.read_all() if hasattr(arr, "read_all") else arr
     except duckdb.Error as e:
@@ -138,7 +138,13 @@ def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:
     col = arr.column("image_embedding").combine_chunks()
     if pa.types.is_fixed_size_list(col.type):
         col = col.cast(pa.list_(col.type.value_type))
-    return matrix(col, rec.dim, "target image_embedding")
+    try:
+        return matrix(col, rec.dim, "target image_embedding")
+    except DimensionMismatch as e:   # the `embeddings` view holds every model's rows
+        raise DimensionMismatch(f"{e} ({rec.model_id}): the query returned another model's embeddings (the "
+                                f"embeddings view holds every model's rows); keep this model's with "
+                                f"`AND model = '{rec.model_id}'` in its WHERE (or `WHERE model = …`), or set "
+                                "`model` to the model that made them", param="query") from None
 
 
 def _from_source(rec: ModelRecord, source: str, batch: int = 256, **opts: Any) -> tuple[np.ndarray, dict]:

@@ -339,7 +339,7 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
     `allow_external_access` shows other files too. `remote_images`: show http(s) images by URL
     (the viewer's browser fetches them); off, the page makes no request to any other host."""
     if thumb < 8:
-        raise QueryError("--thumb must be at least 8 pixels")
+        raise QueryError("`thumb` must be at least 8 pixels", param="thumb")
     own = con is None
     if own:
         con = connect(store)
@@ -347,15 +347,15 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
         # top/bottom needs every row to rank; otherwise only the first `limit`
         tbl, cut = _fetch(con, sql.strip().rstrip(";"), None if top_bottom else limit)
         if top_bottom and top_bottom[0] not in tbl.column_names:
-            raise QueryError(f"--top-bottom column {top_bottom[0]!r} is not in the SQL result "
-                             f"(columns: {', '.join(tbl.column_names)})")
+            raise QueryError(f"`top_bottom` column {top_bottom[0]!r} is not in the SQL result "
+                             f"(columns: {', '.join(tbl.column_names)})", param="top_bottom")
         total = tbl.num_rows
         columns = [c for c in tbl.column_names if c not in ("id", "uri", "caption")]
         nulls = 0
         if top_bottom:
             col, n = top_bottom[0], int(top_bottom[1])
             if n < 1:
-                raise QueryError("--top-bottom N must be at least 1")
+                raise QueryError("`top_bottom` N must be at least 1", param="top_bottom")
             low_t, high_t, nulls = _top_bottom(tbl, col, n)
             low, high = _with_samples(con, low_t), _with_samples(con, high_t)
             shown = low + high

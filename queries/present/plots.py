@@ -57,7 +57,7 @@ def fetch_columns(store: Any, columns: list[str], sql: str | None = None, con: A
         try:
             rel = con.sql(query)
             if rel is None:
-                raise QueryError("--sql must be a query returning rows")
+                raise QueryError("`sql` must be a query returning rows", param="sql")
             tbl = rel.arrow()
             if hasattr(tbl, "read_all"):
                 tbl = tbl.read_all()

@@ -28,7 +28,8 @@ from clipsql.store.store import Store
 
 def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, modality: str) -> np.ndarray:
     if (prompt is None) == (like is None):
-        raise QueryError("give exactly one of a PROMPT (text to search by) or --like ID (a stored row)")
+        raise QueryError("give exactly one of a `prompt` (text to search by) or `like` (the id of a stored row)",
+                         param="prompt")
     try:
         if prompt is not None:
             if not prompt.strip():
@@ -43,8 +44,8 @@ def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, moda
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise udf_error(e, con) or QueryError(f"cannot embed the query: {first}") from None
     if row is None:
-        raise QueryError(f"no stored row has id {like!r} for model {rec.model_id} (--like takes an id of the "
-                         "samples / embeddings views)")
+        raise QueryError(f"no stored row has id {like!r} for model {rec.model_id} (`like` takes an id of the "
+                         "samples / embeddings views)", param="like")
     if row[0] is None:
         raise QueryError(f"row {like!r} has no {modality} embedding to search by")
     return np.asarray(row[0], dtype=np.float64)[None, :]

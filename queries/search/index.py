@@ -64,7 +64,7 @@ def build_index(st: Store, model: str | None = None, modality: str = "image", ki
                 echo: Any = None) -> dict:
     """Build (or replace) the vector index; returns its recorded figures (see the module doc)."""
     if kind not in KINDS:
-        raise QueryError(f"--kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        raise QueryError(f"`kind` must be one of {', '.join(KINDS)}; got {kind!r}", param="kind")
     column = column_for(modality)
     rec = st.model(model)
     with st.lock():

@@ -125,7 +125,7 @@ def _format(tbl: Any, fmt: str, output: Path | None, max_rows: int) -> str:
         return ""
     if fmt == "parquet":
         if output is None:
-            raise QueryError("--format parquet needs --output FILE")
+            raise QueryError("`fmt` parquet needs an `output` file", param="output")
         pq.write_table(tbl, output)
         return ""
     if fmt == "csv":
@@ -175,9 +175,10 @@ def _table_text(tbl: Any, max_rows: int) -> str:
 
 
 def repl(store: Any, allow_external_access: bool = False) -> None:
-    """The interactive prompt: statements end with ';' (a last one without it runs at Ctrl-D),
-    errors print and the prompt goes on, Ctrl-C cancels the running query (or clears the line),
-    Ctrl-D or `.quit` leaves; line editing and history (~/.clipsql_history) through readline."""
+    """The interactive prompt: statements end with ';', errors print and the prompt goes on,
+    Ctrl-C cancels the running query (or clears the line), Ctrl-D or `.quit` leaves (an
+    unfinished statement is dropped, not run); dot commands (`.help`) list the tables, their
+    columns and the functions; line editing and history (~/.clipsql_history) through readline."""
     con = connect(store, allow_external_access=allow_external_access)
     history = _readline()
     try:
@@ -210,9 +211,17 @@ def _readline() -> Any:
     return save
 
 
+DOT_COMMANDS = (
+    (".tables", "the tables and views you can query"),
+    (".schema [NAME]", "the columns and types of NAME (default: of every table)"),
+    (".help", "these commands and the SQL functions"),
+    (".quit", "leave (also .exit, \\q, Ctrl-D)"),
+)
+
+
 def _repl(con: Any) -> None:
-    print("clipsql SQL — views: samples, embeddings, rejects, stats, scores. End statements with ';'; "
-          ".help lists the functions; Ctrl-C cancels, Ctrl-D or .quit leaves.")
+    print("clipsql SQL — views: samples, embeddings, rejects, stats, scores (.tables, .schema NAME). End "
+          "statements with ';'; .help lists the commands and functions; Ctrl-C cancels, Ctrl-D or .quit leaves.")
     buf: list[str] = []
     while True:
         try:
@@ -223,18 +232,61 @@ def _repl(con: Any) -> None:
             continue
         except EOFError:
             print()
-            if "\n".join(buf).strip():
-                _run_statement(con, "\n".join(buf))
+            if "\n".join(buf).strip():    # never run half a statement the user did not finish
+                print("(the unfinished statement was not run: end a statement with ';')")
             return
-        if not buf and line.strip() in (".quit", ".exit", "\\q"):
-            return
-        if not buf and line.strip() == ".help":
-            print(help_table())
+        if not buf and line.strip().startswith((".", "\\")):
+            if _dot_command(con, line.strip()):
+                return
             continue
         buf.append(line)
         if line.rstrip().endswith(";"):
             stmt, buf = "\n".join(buf), []
             _run_statement(con, stmt)
+
+
+def _dot_command(con: Any, line: str) -> bool:
+    """Run one dot command; True when it asks to leave."""
+    command, _, arg = line.partition(" ")
+    arg = arg.strip().rstrip(";").strip()
+    if command in (".quit", ".exit", "\\q"):
+        return True
+    if command == ".help":
+        width = max(len(c) for c, _ in DOT_COMMANDS)
+        print("\n".join(f"{c.ljust(width)}  {what}" for c, what in DOT_COMMANDS) + "\n")
+        print(help_table())
+    elif command == ".tables":
+        rows = _tables(con)
+        width = max((len(n) for n, _ in rows), default=0)
+        print("\n".join(f"{n.ljust(width)}  {kind}" for n, kind in rows) or "no tables")
+    elif command == ".schema":
+        _print_schema(con, arg)
+    else:
+        print(f"Error: unknown command {command}: .help lists the commands")
+    return False
+
+
+def _tables(con: Any) -> list[tuple[str, str]]:
+    """(name, 'view' | 'table') of what a user queries: the store's views and the user's own
+    tables; the connection's internal views (names starting with '_') are left out."""
+    rows = con.execute("SELECT DISTINCT table_name, lower(table_type) FROM information_schema.tables "
+                       "WHERE table_schema = 'main' AND NOT starts_with(table_name, '_') ORDER BY 1").fetchall()
+    return [(n, "view" if "view" in t else "table") for n, t in rows]
+
+
+def _print_schema(con: Any, name: str) -> None:
+    names = [n for n, _ in _tables(con)]
+    if name:
+        match = [n for n in names if n == name] or [n for n in names if n.lower() == name.lower()]
+        if not match:
+            print(f"Error: no table or view named {name!r}: .tables lists them")
+            return
+        names = match[:1]
+    for i, table in enumerate(names):
+        cols = con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = "
+                           "'main' AND table_name = ? ORDER BY ordinal_position", [table]).fetchall()
+        width = max((len(c) for c, _ in cols), default=0)
+        print(("\n" if i else "") + f"{table}:\n" + "\n".join(f"  {c.ljust(width)}  {t}" for c, t in cols))
 
 
 def _run_statement(con: Any, stmt: str) -> None:

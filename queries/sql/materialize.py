@@ -49,11 +49,11 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
     with BLAS's own threads), with a progress bar (and ETA) on the long negCLIPLoss pass."""
     unknown = [c for c in columns if c not in SCORE_COLUMNS]
     if not (columns or neg_clip_loss_pool or norm_sim_d):
-        raise QueryError("name the scores to store: --columns image_info_gain,text_info_gain,… (from: "
-                         f"{', '.join(SCORE_COLUMNS)}), or --neg-clip-loss-pool / --norm-sim-d")
+        raise QueryError("name the scores to store: `columns` image_info_gain,text_info_gain,… (from: "
+                         f"{', '.join(SCORE_COLUMNS)}), or `neg_clip_loss_pool` / `norm_sim_d`", param="columns")
     if unknown:
         raise QueryError(f"unknown score column(s) {', '.join(unknown)}; choose from: {', '.join(SCORE_COLUMNS)} "
-                         "(or --neg-clip-loss-pool / --norm-sim-d)")
+                         "(or `neg_clip_loss_pool` / `norm_sim_d`)", param="columns")
     rec = st.model(model)
     check_columns(rec, columns)
     fit = st.latest_fit(rec, with_arrays=False)
@@ -128,8 +128,8 @@ def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bo
         n_valid = int((scores.normalize(X)[1] & scores.normalize(Y)[1]).sum())
         B = int(batch_size) if batch_size else min(32768, n_valid)
         if B < 2 or B > n_valid:
-            raise QueryError(f"--pool-batch-size must be between 2 and the {n_valid} valid rows of the pool; "
-                             f"got {B}")
+            raise QueryError(f"`pool_batch_size` must be between 2 and the {n_valid} valid rows of the pool; "
+                             f"got {B}", param="pool_batch_size")
         k = int(opts["k"])
         with tqdm.tqdm(total=k * (n_valid // B) * B, unit="rows", desc="neg_clip_loss_pool", dynamic_ncols=True,
                        unit_scale=True, disable=not progress) as bar, one_blas_thread():
