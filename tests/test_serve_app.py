@@ -246,7 +246,9 @@ def test_export_is_clipsql_select(client, store, tmp_path):
         else:
             assert got == out.read_bytes()
         cside = json.loads(Path(str(out) + ".json").read_text())
-        for k in ("created_at", "seconds", "output", "sidecar"):
+        # per-run identity: each run has its own run id, which a parquet output also carries in its
+        # metadata (so its bytes, and their sha256, differ run to run; a csv's or txt's do not)
+        for k in ("created_at", "seconds", "output", "sidecar", "run_id") + (("sha256",) if fmt == "parquet" else ()):
             side.pop(k, None)
             cside.pop(k, None)
         assert side == cside

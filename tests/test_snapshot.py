@@ -66,7 +66,7 @@ def test_a_held_connection_answers_as_before_every_writer(two_model_store, fake_
     removed = remove_model(st, b)               # the model, its fit and its statistics leave the catalog
     assert removed["fits"] == 1
     out = delete_where(st, "id IN (SELECT id FROM samples ORDER BY id LIMIT 5)")
-    assert out["samples"] == 5
+    assert out.samples == 5
     optimize(st)                                # compacts, indexes and prunes (default retention)
     semdedup(st, a, clusters=3)
     more = write_image_folder(tmp_path / "more", 6, seed=9)
@@ -164,9 +164,9 @@ def test_selecting_ids_reads_only_samples(two_model_store):
     touched = " ".join(seen).lower()
     assert "running_stats" not in touched and "fits" not in touched and "from models" not in touched
     dry = delete_where(st, where, dry_run=True)
-    assert dry["samples"] == 3 and dry["rows"] == {a: 3, b: 3}
+    assert dry.samples == 3 and dry.rows == {a: 3, b: 3}
     out = delete_where(st, where)
-    assert out["samples"] == 3
+    assert out.samples == 3
     assert st.samples_table().count_rows() == 37
     con = connect(st, samples_only=True)
     assert con.execute("SELECT count(*) FROM samples").fetchone()[0] == 37
