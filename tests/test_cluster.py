@@ -186,7 +186,7 @@ def test_select_with_the_ray_engine_chooses_what_the_local_engine_chooses(ray_cl
         assert json.loads(Path(str(dist) + ".json").read_text())["engine"] == "ray"
     bad = ray_cli(ray_cluster, "select", str(st.path), "--sql", "SELECT id FROM samples", "-o",
                   str(tmp_path / "x.txt"), check=False)
-    assert bad.returncode == 1 and "--engine local" in bad.stderr.decode()
+    assert bad.returncode == 1 and "set --engine to local" in bad.stderr.decode()
 
 
 def test_ids_repeated_across_units_are_rejected_as_locally(ray_cluster, tmp_path):
