@@ -31,10 +31,11 @@ def sha256_file(path: str | os.PathLike, fsync: bool = False) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(folder: str | os.PathLike) -> None:
-    """Make a rename in `folder` durable (where the file system lets a folder be opened and fsynced)."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file, or a folder (making a rename in it durable), where the file system lets it be
+    opened and fsynced; never raises."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -71,7 +72,7 @@ class AtomicFile:
         finally:
             self.tmp.unlink(missing_ok=True)
         if exc_type is None:
-            fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> str:

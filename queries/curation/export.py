@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 
 from clipsql import __version__
 from clipsql.errors import ExportError, QueryError
+from clipsql.files import fsync_path
 from clipsql.lazy import duckdb, tqdm
 from clipsql.queries.curation.delete import ids_where
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
@@ -238,10 +239,10 @@ def _write_parquet(con: Any, parts: list[Part], tmp: Path, record: ExportRecord,
         with pq.ParquetWriter(path, reader.schema) as w:
             for batch in reader:
                 w.write_batch(batch)
-        _fsync(path)
+        fsync_path(path)
     (tmp / MANIFEST).write_text(json.dumps(record.manifest(), indent=2) + "\n")
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
 
 
 def _write_duckdb(con: Any, parts: list[Part], tmp: Path, record: ExportRecord, bar: Any, batch_rows: int) -> None:
@@ -276,7 +277,7 @@ def _write_duckdb(con: Any, parts: list[Part], tmp: Path, record: ExportRecord, 
         dst.execute("CHECKPOINT")
     finally:
         dst.close()
-    _fsync(tmp)
+    fsync_path(tmp)
 
 
 # -- publishing --------------------------------------------------------------------------------
@@ -316,10 +317,10 @@ def _publish(tmp: Path, out: Path) -> None:
             if out.exists() or out.is_symlink():
                 raise ExportError(f"{out} appeared while the export ran: the export was not published") from None
             os.rename(tmp, out)
-            _fsync(out.parent)
+            fsync_path(out.parent)
             return
         os.unlink(tmp)
-    _fsync(out.parent)
+    fsync_path(out.parent)
 
 
 def _sweep_temporaries(out: Path) -> list[Path]:
@@ -353,15 +354,3 @@ def _remove(p: Path) -> None:
             except FileNotFoundError:
                 pass
 
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -47,7 +47,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from clipsql.errors import ClipsqlError, SelectionError
-from clipsql.files import fsync_dir, sha256_file
+from clipsql.files import fsync_path, sha256_file
 from clipsql.lazy import duckdb
 from clipsql.queries.curation import recipes
 from clipsql.queries.curation.datacomp import require_datacomp_ids, write_uids
@@ -494,7 +494,7 @@ def _publish(tbl: pa.Table, output: Path, fmt: str, side: dict, t0: float) -> st
         tmp.unlink(missing_ok=True)
         side_tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(output.parent)
+    fsync_path(output.parent)
     return digest
 
 
