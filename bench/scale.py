@@ -1,6 +1,7 @@
 """Growth curve of one store at DataComp-like sizes: 100k → 1M → 5M rows, d = 512.
 
     .venv/bin/python bench/scale.py [--max-rows 5000000] [--dim 512] [--json scale.json] [--tmp DIR]
+    .venv/bin/python bench/scale.py --ingest-only --sizes 200000   # ingest vs bare write only
 
 One store grows through the sizes; each step adds the rows up to the next size from a
 freshly generated clip-retrieval pool (img_emb/*.npy, text_emb/*.npy, metadata/*.parquet;
@@ -12,6 +13,8 @@ that has a peak memory runs in its own process (peak RSS = VmHWM of that process
 Per size it prints: ingest rows/s (without the run's fixed costs: resolving the model, and
 the index/compaction maintenance it may trigger; both printed) and its ratio to a bare
 `lance.write_dataset` of the same Arrow data (the samples and embedding tables, measured in the same run on the same rows),
+in wall time and in CPU seconds per row (`ingest_cpu_ratio` = bare ÷ ingest CPU per row: every thread of each
+process, the figure to trust on a shared machine; `--ingest-only` stops there),
 Lance versions and manifest bytes, bytes on disk per row ÷ raw float32 bytes per row,
 the no-op re-ingest's seconds and peak RSS, `clipsql query STORE "SELECT 1"` (a fresh
 process: import + open + views), count and point-lookup latency, approximate-score rows/s
@@ -95,12 +98,14 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
         import contextlib
         import io
         buf = io.StringIO()
+        c0 = time.process_time()
         with contextlib.redirect_stdout(buf):
             try:
                 cli.app(prog_name="clipsql")
             except SystemExit as e:
                 if e.code:
                     raise
+        out["cpu_seconds"] = time.process_time() - c0     # every thread of the process (Lance's, BLAS's)
         out["summary"] = json.loads(buf.getvalue())
     elif name == "bare":
         out.update(bare_write(Path(rest[1]), Path(rest[2]), int(rest[3])))
@@ -143,7 +148,7 @@ def bare_write(src: Path, tmp: Path, rows: int) -> dict:
     # the caption features (language, counts) an ingest computes are given here, not computed:
     # the bare write writes the same columns and bytes, without the ingest's own work
     features = caption_features(meta["caption"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     samples = pa.table({"id": meta["key"], "uri": meta["url"], "caption": meta["caption"],
                         "width": pa.nulls(n, pa.int32()), "height": pa.nulls(n, pa.int32()),
                         **features,
@@ -156,10 +161,10 @@ def bare_write(src: Path, tmp: Path, rows: int) -> dict:
                     "seq": pa.array(np.ones(n, np.int64))}, schema=embeddings_schema(dim))
     lance.write_dataset(samples, str(tmp / "bare_samples.lance"), mode="overwrite")
     lance.write_dataset(emb, str(tmp / "bare_emb.lance"), mode="overwrite")
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     shutil.rmtree(tmp / "bare_samples.lance", ignore_errors=True)
     shutil.rmtree(tmp / "bare_emb.lance", ignore_errors=True)
-    return {"bare_rows_per_s": n / secs, "bare_seconds": secs}
+    return {"bare_rows_per_s": n / secs, "bare_seconds": secs, "bare_cpu_seconds": cpu}
 
 
 def query_figures(store: str, exact_rows: int) -> dict:
@@ -233,6 +238,8 @@ def main() -> None:
     ap.add_argument("--bare-rows", type=int, default=200_000)
     ap.add_argument("--select-at", type=int, default=1_000_000,
                     help="size at which `select --recipe kl-guided` (exact text IG over every row) is timed")
+    ap.add_argument("--ingest-only", action="store_true",
+                    help="per size only the bare write and the ingest (wall and CPU ratios), nothing after")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tmp", default=None)
     ap.add_argument("--step", action="store_true", help=argparse.SUPPRESS)
@@ -254,24 +261,40 @@ def main() -> None:
         bare = max((child(["bare", str(src), str(tmp), str(min(args.bare_rows, rows))]) for _ in range(3)),
                    key=lambda b: b["bare_rows_per_s"])          # the baseline at its best of three
         ing = child(["ingest", str(store), str(src)])
+        s = ing["summary"]
+        fixed = sum(s["seconds"].get(k, 0) for k in ("resolve_model", "load_model"))
+        bare_rows = min(args.bare_rows, rows)
+        # CPU seconds per row, bare ÷ ingest (every thread of each process; the ingest's fixed costs
+        # — resolving the model — are taken out at their wall seconds, ~ their CPU: single-threaded)
+        cpu = {"ingest_cpu_s": ing["cpu_seconds"], "bare_cpu_s": bare["bare_cpu_seconds"],
+               "ingest_cpu_ratio": (bare["bare_cpu_seconds"] / bare_rows) / (max(ing["cpu_seconds"] - fixed, 1e-9)
+                                                                              / s["added"]),
+               "ingest_wall_ratio": (s["added"] / (s["wall_seconds"] - fixed)) / bare["bare_rows_per_s"]}
+        if args.ingest_only:
+            shutil.rmtree(src)
+            r = {"size": size, "added": s["added"], "ingest_wall_s": s["wall_seconds"], "ingest_fixed_s": fixed,
+                 "bare_rows": bare_rows, "bare_wall_s": bare["bare_seconds"], **cpu, "stage_seconds": s["seconds"]}
+            results.append(r)
+            have = size
+            print(table([[k, _f(v)] for k, v in r.items() if k != "stage_seconds"], ["figure", f"{size:,} rows"]))
+            print("stages:", s["seconds"], flush=True)
+            continue
         noop = child(["ingest", str(store), str(src)])
         shutil.rmtree(src)
         fit = child(["fit", str(store)])
         sel1 = child(["select1", str(store)])
         q = child(["queries", str(store), str(args.exact_rows)])
         sel = child(["select", str(store), str(tmp / "kl.parquet")]) if size == args.select_at else None
-        s = ing["summary"]
         lance_dir = store / "lance"
         manifests = dir_bytes(lance_dir, "*.manifest")
         data = dir_bytes(lance_dir)
         versions = {p.name.removesuffix(".lance"): len(list((p / "_versions").glob("*.manifest")))
                     for p in lance_dir.glob("*.lance")}
         # wall_seconds ends before the maintenance ingest may trigger (reported apart as maintain_s)
-        fixed = sum(s["seconds"].get(k, 0) for k in ("resolve_model", "load_model"))
         ingest_s = s["wall_seconds"] - fixed
         r = {"size": size, "added": s["added"], "ingest_rows_per_s": s["added"] / ingest_s,
              "bare_rows_per_s": bare["bare_rows_per_s"],
-             "ingest_ratio": (s["added"] / ingest_s) / bare["bare_rows_per_s"],
+             "ingest_ratio": (s["added"] / ingest_s) / bare["bare_rows_per_s"], **cpu,
              "maintain_s": s["seconds"].get("maintain", 0), "commits": s["commits"],
              "ingest_peak_rss_mib": ing["peak_rss_mib"],
              "versions_max": max(versions.values()), "manifest_bytes": manifests,
@@ -297,7 +320,7 @@ def main() -> None:
         print(table([[k, _f(v)] for k, v in r.items() if k != "stage_seconds"], ["figure", f"{size:,} rows"]))
         print("stages:", s["seconds"], flush=True)
     figures = {"machine": machine(), "steps": results}
-    if len(results) > 1:
+    if len(results) > 1 and not args.ingest_only:
         a, b = results[0], results[-1]
         figures["per_row_cost_ratio"] = {
             "ingest": a["ingest_rows_per_s"] / b["ingest_rows_per_s"],
