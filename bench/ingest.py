@@ -18,7 +18,7 @@ Figures (see bench/README.md):
   (target ≤ 5 %), at the model's dim and at d=512 (what a real CLIP's vectors cost),
   the latter also against the forward of a real-size CLIP architecture (random weights,
   no download) on this device; and, from the pipeline's own summary, the main
-  thread's ``stats`` seconds and the background fold's ``stats (background)`` seconds,
+  thread's ``stats`` seconds and the background fold's ``stats (background)`` CPU seconds,
   each ÷ the ``encode`` seconds.
 
 The sides are interleaved and repeated; each keeps its best repetition, so the ratio
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(C.table(rows_tbl, [f"run (best of {args.repeats})", "s", "rows/s", "÷bare", *(h for h, _ in STAGES)]))
         print("  wait = main process blocked on the DataLoader; read(w)/decode(w) = summed over workers (decode\n"
               "  includes preprocessing and tokenization); stats = main thread (queueing folds, flushes);\n"
-              "  stats(bg) = the fold on the background thread; pipeline s = wall − load_model;\n"
+              "  stats(bg) = the fold's CPU on the background threads; pipeline s = wall − load_model;\n"
               "  ÷bare = rows/s ÷ the bare forward (default torch threads)")
 
         # ------------------------------------------------ stats-update cost
