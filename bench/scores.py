@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
             "build_seconds": round(build_s, 2), "fit_seconds": round(fit_s, 2),
             "sql_rows_per_s": round(rps[sql_key]), "numpy_rows_per_s": round(rps[np_key]),
             "sql_numpy_ratio": round(ratio, 3), "sql_numpy_ratio_median": round(med[sql_key], 3),
+            "sql_cpu_s": round(cpu[sql_key], 4), "numpy_cpu_s": round(cpu[np_key], 4),   # of each side's best run
             "sql_vs_best_numpy": round(rps[sql_key] / max(rps[np_key], rps["numpy, BLAS 1 thread"]), 3),
             "blas_threads_before_sql": blas0, "blas_threads_after_sql": blas_after_full,
             "threads_speedup": round(rps["SQL, DuckDB threads=2"] / rps["SQL, DuckDB threads=1"], 3),
