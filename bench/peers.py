@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, key_values, machine, table, write_json  # noqa: E402
+from _common import ROOT, key_values, machine, table, write_json
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("ingest", "scores", "ig", "search", "index", "dedup")
@@ -241,9 +241,10 @@ def ratio(peer: float | None, ours: float | None) -> float | None:
     return peer / ours
 
 
-def line(row: str, what: str, peer: str, ours: Any, theirs: Any, wall: float | None, cpu: float | None,
+def line(row: str, ours: str, peer: str, theirs: str, wall: float | None, cpu: float | None,
          mem_ours: float | None, mem_peer: float | None, target: str, met: bool | None, **extra: Any) -> dict:
-    return {"row": row, "clipsql": what, "peer": peer, "clipsql_figure": ours, "peer_figure": theirs,
+    """One comparison of the table: clipsql's figure, the peer and its figure, the ratios, peak RSS, target."""
+    return {"row": row, "clipsql": ours, "peer": peer, "peer_figure": theirs,
             "wall_ratio": wall, "cpu_ratio": cpu, "clipsql_peak_mib": mem_ours, "peer_peak_mib": mem_peer,
             "target": target, "met": met, **extra}
 
@@ -391,10 +392,10 @@ def row_index(c: Ctx) -> list[dict]:
     for m in [f"faiss_{x}" for x in a.faiss_index.split(",") if x]:
         peer = f.get(m)
         if peer is None:
-            out.append(line("index", key, m, "-", "not run (faiss missing?)", None, None, None, None, "-", None))
+            out.append(line("index", key, m, "not run (faiss missing?)", None, None, None, None, "-", None))
             continue
         if "error" in peer:
-            out.append(line("index", key, m, "-", f"failed: {peer['error']}", None, None, None, None, "-", None))
+            out.append(line("index", key, m, f"failed: {peer['error']}", None, None, None, None, "-", None))
             continue
         w = ratio(need(peer, "build_s", m), need(ours, "build_s", key))
         cp = ratio(need(peer, "build_cpu_s", m), need(ours, "build_cpu_s", key))
