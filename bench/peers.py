@@ -208,8 +208,7 @@ def child(step: str, args: list[str]) -> None:
         ds = lance.dataset(args[0])
         tab = ds.to_table(columns=[col])
         d = tab.schema.field(col).type.list_size
-        X = np.ascontiguousarray(tab.column(col).combine_chunks().values.to_numpy().reshape(-1, d),
-                                 dtype=np.float32)
+        X = np.array(tab.column(col).combine_chunks().values.to_numpy().reshape(-1, d), dtype=np.float32)
         del tab
         X /= np.linalg.norm(X, axis=1, keepdims=True)
         index = faiss.IndexFlatIP(d)
@@ -304,7 +303,7 @@ def row_ingest(c: Ctx) -> list[dict]:
         w, cp = ratio(p["wall_s"], ours["wall_s"]), ratio(p["cpu_s"], ours["cpu_s"])
         out.append(line("ingest", f"{n / ours['wall_s']:,.0f} rows/s", label, f"{n / p['wall_s']:,.0f} rows/s",
                         w, cp, ours["peak_rss_mib"], p["peak_rss_mib"], "CPU ≥ 0.6, wall ≥ 0.8",
-                        both(at_least(cp, 0.6), at_least(w, 0.8))))
+                        both(at_least(cp, 0.6), at_least(w, 0.8)), key=f"ingest_{peer}"))
     return out
 
 
@@ -321,7 +320,7 @@ def row_scores(c: Ctx) -> list[dict]:
     cpu_s, np_cpu = f.get("sql_cpu_s"), f.get("numpy_cpu_s")
     cp = ratio(np_cpu, cpu_s)
     return [line("scores", f"{sql:,.0f} rows/s", "numpy float32 in RAM", f"{np_:,.0f} rows/s", w, cp,
-                 None, None, "≥ 0.8", at_least(w, 0.8), median_ratio=f.get("sql_numpy_ratio_median"),
+                 None, None, "≥ 0.8", at_least(w, 0.8), key="scores_numpy", median_ratio=f.get("sql_numpy_ratio_median"),
                  process_peak_mib=p["_rusage"]["maxrss_mib"])]
 
 
@@ -338,7 +337,7 @@ def row_ig(c: Ctx) -> list[dict]:
     w, cp = ratio(gemm["wall_s"], ig["wall_s"]), ratio(gemm["cpu_s"], ig["cpu_s"])
     return [line("ig", f"{n / ig['wall_s']:,.0f} rows/s (M = {m:,})", "float64 GEMM N×d·d×M",
                  f"{n / gemm['wall_s']:,.0f} rows/s", w, cp, ig["peak_rss_mib"], gemm["peak_rss_mib"],
-                 "≥ 0.8", at_least(w, 0.8))]
+                 "≥ 0.8", at_least(w, 0.8), key="ig_gemm64")]
 
 
 def run_search(c: Ctx) -> dict:
@@ -372,12 +371,13 @@ def row_search(c: Ctx) -> list[dict]:
         cp = need(f, f"exact_vs_numpy_unit_{kind}_cpu", where)
         w = need(f, f"exact_vs_numpy_unit_{kind}_wall", where)
         out.append(line(f"search {label}", f"{ours_cpu * 1e3:.1f} CPU-ms", "numpy GEMM top-k, unit rows in RAM",
-                        f"{np_cpu * 1e3:.1f} CPU-ms", w, cp, None, None, f"≥ {target} (CPU)", at_least(cp, target)))
+                        f"{np_cpu * 1e3:.1f} CPU-ms", w, cp, None, None, f"≥ {target} (CPU)", at_least(cp, target),
+                        key=f"search_{kind}_numpy"))
         fc, fw = flat[f"faiss_{n}_cpu_s"], flat[f"faiss_{n}_wall_s"]
         cp = ratio(fc, ours_cpu)
         out.append(line(f"search {label}", f"{ours_cpu * 1e3:.1f} CPU-ms", f"faiss IndexFlatIP ({flat['threads']} thr)",
                         f"{fc * 1e3:.1f} CPU-ms", ratio(fw, ours_wall), cp, None, flat["peak_rss_mib"],
-                        f"≥ {target} (CPU)", at_least(cp, target)))
+                        f"≥ {target} (CPU)", at_least(cp, target), key=f"search_{kind}_faiss"))
     return out
 
 
@@ -400,15 +400,17 @@ def row_index(c: Ctx) -> list[dict]:
         w = ratio(need(peer, "build_s", m), need(ours, "build_s", key))
         cp = ratio(need(peer, "build_cpu_s", m), need(ours, "build_cpu_s", key))
         out.append(line("index build", f"{ours['build_s']:.1f} s", m, f"{peer['build_s']:.1f} s", w, cp,
-                        need(ours, "peak_rss_mib", key), need(peer, "peak_rss_mib", m), "(context)", None))
+                        need(ours, "peak_rss_mib", key), need(peer, "peak_rss_mib", m), "(context)", None,
+                        key=f"index_build_{m}"))
         for mod in ("image", "text"):
             q, pq = need(ours, "by_query", key)[mod], need(peer, "by_query", m)[mod]
             qr = ratio(pq["qps_cpu"] and 1 / pq["qps_cpu"], q["qps_cpu"] and 1 / q["qps_cpu"])
             out.append(line(f"index {mod}→image", f"{q['qps_cpu']:.0f} q/CPU-s, R@10 {q['recall']:.3f} ({q['param']})",
-                            m, f"{pq['qps_cpu']:.0f} q/CPU-s, R@10 {pq['recall']:.3f} ({pq['param']})",
+                            m, f"{pq['qps_cpu']:.0f} q/CPU-s, R@10 {pq['recall']:.3f}"
+                               f"{'' if pq['recall'] >= 0.95 else ' < 0.95'} ({pq['param']})",
                             ratio(1 / pq["qps"], 1 / q["qps"]), qr, None, None,
                             "clipsql R@10 ≥ 0.95", at_least(q["recall"], 0.95),
-                            peer_reached=pq["recall"] >= 0.95))
+                            key=f"index_{mod}_{m}", peer_reached=pq["recall"] >= 0.95))
     return out
 
 
@@ -432,7 +434,7 @@ def row_dedup(c: Ctx) -> list[dict]:
         else:
             target, met = "≥ 1.0", at_least(w, 1.0)
         out.append(line("dedup", f"{what}: {ours:.1f} CPU-s", peer, f"{theirs:.1f} CPU-s", w, cp, mo, mp,
-                        target, met))
+                        target, met, key=f"dedup_{key}"))
     return out
 
 
@@ -510,16 +512,15 @@ def main() -> None:
         print(f"  row {name} FAILED: {msg.splitlines()[0]}")
     kv: dict[str, Any] = {"rows": a.rows}
     for ln in lines:
-        slug = (ln["row"] + " " + ln["peer"].split(" (")[0]).replace("→", "_to_")
-        slug = "".join(ch if ch.isalnum() else "_" for ch in slug.lower()).strip("_")
-        while "__" in slug:
-            slug = slug.replace("__", "_")
+        slug = ln.get("key")
+        if not slug:
+            continue
         for k in ("wall_ratio", "cpu_ratio"):
             if ln[k] is not None:
                 kv[f"{slug}_{k}"] = round(ln[k], 3)
         if ln["met"] is not None:
             kv[f"{slug}_met"] = int(ln["met"])
-    kv["failed"] = ",".join(failed) or "none"
+    kv["failed"] = "+".join(failed) or "none"
     print(key_values(kv))
     write_json(a.json, {"lines": lines, "figures": kv, "failed": failed, "seconds": seconds, "args": vars(a),
                         "machine": machine(), "raw": ctx.raw})
