@@ -204,6 +204,8 @@ def child(step: str, args: list[str]) -> None:
         import faiss
         import lance
         import numpy as np
+        if int(args[3]):
+            faiss.omp_set_num_threads(int(args[3]))
         col = "image_embedding"
         ds = lance.dataset(args[0])
         tab = ds.to_table(columns=[col])
@@ -360,7 +362,7 @@ def run_search(c: Ctx) -> dict:
 def row_search(c: Ctx) -> list[dict]:
     a = c.a
     f, where = run_search(c)["figures"], "bench/search.py's figures"
-    flat = own("flat", c.tmp / "search" / "emb.lance", a.queries, max(3, a.rounds))
+    flat = own("flat", c.tmp / "search" / "emb.lance", a.queries, max(3, a.rounds), a.faiss_threads)
     c.raw["search_flat"] = flat
     out = []
     for n, label, target in (("1", "1 query", 0.5), ("b", f"{a.queries} queries", 0.9)):
@@ -460,6 +462,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=100, help="queries of the search and index rows")
     ap.add_argument("--lance-kind", default="ivf_hnsw_sq", help="`clipsql index` kind of the index row")
     ap.add_argument("--faiss-index", default="ivf_flat,hnsw", help="faiss peers of the index row")
+    ap.add_argument("--faiss-threads", type=int, default=1,
+                    help="OpenMP threads of the faiss IndexFlatIP peer (0: faiss's default). One by default: on a "
+                         "shared machine its spinning threads burn CPU seconds (measured 7× at 2 threads, load 12)")
     ap.add_argument("--clusters", type=int, default=0, help="K of the dedup row (default round(√rows))")
     ap.add_argument("--kmeans-rows", type=int, default=100_000, help="rows of the k-means comparison")
     ap.add_argument("--json", default=None)
