@@ -10,7 +10,7 @@ of its own base rows), so the bench holds one chunk at a time at any size; strai
 through `store.writer.write_batch` (one commit per chunk, text vectors NULL: dedup never reads them, and
 the store is then ≈ 2 KiB per row). The dedup then runs with the defaults (K = round(√n) = 1,000
 at 1M, sample 64·K, ≤ 20 iterations) and the given memory budget in a fresh process (peak RSS =
-its ru_maxrss), then once more after 1 % more rows of the same clusters are appended (the
+its VmHWM), then once more after 1 % more rows of the same clusters are appended (the
 incremental re-run).
 
 Printed per stage (pass 1 scan, sample read, sample k-means, pass 2 assign, within-cluster pass,
@@ -103,8 +103,15 @@ def step_dedup(store: str, memory_gb: str) -> None:
     before = (vm_rss_kib() or 0) / 1024                    # the interpreter, numpy, Lance, DuckDB
     res = semdedup(st, progress=False, memory_gb=float(memory_gb))
     res["rss_before_mib"] = before
-    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res["peak_rss_mib"] = _peak_rss_mib()
     print(json.dumps(res, default=str))
+
+
+def _peak_rss_mib() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: after the exec it still carries the peak of
+    the forking parent (the one that built the store), so both sides of a comparison read the parent's."""
+    from _common import vm_hwm_kib
+    return (vm_hwm_kib() or 0) / 1024
 
 
 def _cpu() -> float:
@@ -122,7 +129,7 @@ def step_clipsql(store: str, memory_gb: str, clusters: str) -> None:
     c0, t0 = _cpu(), time.perf_counter()
     res = semdedup(st, clusters=int(clusters), refit=True, memory_gb=float(memory_gb))
     out = {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu() - c0, "rss_before_mib": before,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_rss_mib": _peak_rss_mib(),
            "removable": res["removable"], "timings": res["timings"], "sample": res["sample"],
            "iterations_run": res["fit"]["iterations_run"]}
     print(json.dumps(out, default=str))
@@ -192,7 +199,7 @@ def step_faiss(store: str, clusters: str, sample: str, iterations: str) -> None:
         best[0] = 0.0
         max_sim[mem] = best
     out = {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu() - c0, "rss_before_mib": before,
-           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_rss_mib": _peak_rss_mib(),
            "removable": {str(e): int((max_sim > 1 - e).sum()) for e in (0.001, 0.01, 0.05)},
            "threads": faiss.omp_get_max_threads()}
     print(json.dumps(out, default=str))
@@ -228,7 +235,7 @@ def step_kmeans(store: str, rows: str, clusters: str, iterations: str, which: st
         sq = (Z * Z).sum(1)[:, None] - 2 * Z @ Cd.T + (Cd * Cd).sum(1)[None, :]
         obj += float(sq.min(axis=1).sum())
     print(json.dumps({"wall_s": wall, "cpu_s": cpu, "objective": obj, "clusters_used": int(len(np.unique(lab))),
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mib": _peak_rss_mib()}))
 
 
 def child(*argv: str) -> dict:

@@ -230,6 +230,7 @@ def main() -> None:
                     fig[f"exact_vs_numpy_{base}_{'single' if n == '1' else 'batch'}_wall"] = med(
                         [b / e for b, e in zip(wall[f"numpy_{base}_{n}"], wall[f"cached_{n}"])])
             fig.update({f"{k}_cpu_s": med(v) for k, v in cpu.items()})
+            fig.update({f"{k}_wall_s": med(v) for k, v in wall.items()})
             del X, Xn
             rows = [["exact, first call (builds the cache)", f"{fig['cache_build_s']:.1f}", "-", "1"],
                     ["exact, old path (Lance scan per call), 1 query", "-", f"{1 / fig['old_single_cpu_s']:.2f}", "1"],
