@@ -818,8 +818,8 @@ def target_add(store: str = STORE_ARG,
     st = _run(Store.open, store)
     res = _run(add_target, st, name, query=query, source=source, model=model, replace=replace, index=index,
                seed=seed, echo=typer.echo)
-    typer.echo(f"target {res['name']} of {res['model']}: {res['n']} rows (dropped {res['dropped_rows']} invalid), "
-               f"norm_sim_inf {res['index']} in {res['seconds']:.2f}s")
+    typer.echo(f"target {res.name} of {res.model}: {res.n} rows (dropped {res.dropped_rows} invalid), "
+               f"norm_sim_inf {res.index} in {res.seconds:.2f}s")
 
 
 @target_app.command("list")
@@ -842,7 +842,7 @@ def target_rm(store: str = STORE_ARG, name: str = typer.Argument(..., help="Targ
     """Remove a target set."""
     st = _run(Store.open, store)
     res = _run(remove_target, st, name)
-    typer.echo(f"removed target {res['name']} ({res['n']} rows of {res['model']})")
+    typer.echo(f"removed target {res.name} ({res.n} rows of {res.model})")
 
 
 # the recipes `select` offers: queries.curation.selection.RECIPE_SPECS
@@ -1003,12 +1003,12 @@ def gallery(store: str = STORE_ARG,
     tb = (top_bottom[0], top_bottom[1]) if top_bottom else None
     res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb,
                allow_external_access=allow_external_access, remote_images=remote_images)
-    note = f", {res['broken']} broken image(s)" if res["broken"] else ""
-    if res["remote"]:
-        note += f", {res['remote']} web image(s) your browser loads from their hosts"
-    if res["offline"]:
-        note += f", {res['offline']} web image(s) not shown (--no-remote-images)"
-    typer.echo(f"gallery of {res['shown']} of {res['rows']} rows{note}: {res['path']}")
+    note = f", {res.broken} broken image(s)" if res.broken else ""
+    if res.remote:
+        note += f", {res.remote} web image(s) your browser loads from their hosts"
+    if res.offline:
+        note += f", {res.offline} web image(s) not shown (--no-remote-images)"
+    typer.echo(f"gallery of {res.shown} of {res.rows} rows{note}: {res.path}")
 
 
 @app.command()
@@ -1027,11 +1027,10 @@ def plot(store: str = STORE_ARG,
     out = output or Path(f"{kind.value}-{'-'.join(columns)}.png")
     if kind == PlotKind.hist:
         res = _run(plot_hist, store, columns[0], sql=sql, output=out, bins=bins)
-        typer.echo(f"{res['path']}: n={res['n']} mean={res['mean']:.4g} std={res['std']:.4g}")
+        typer.echo(f"{res.path}: n={res.n} mean={res.mean:.4g} std={res.std:.4g}")
     else:
-        res = _run(plot_scatter, store, columns[0], columns[1], sql=sql, output=out)
-        typer.echo(f"{res['path']}: n={res['n']} R²={res['r2']:.4f} slope={res['slope']:.4g} "
-                   f"intercept={res['intercept']:.4g}")
+        sc = _run(plot_scatter, store, columns[0], columns[1], sql=sql, output=out)
+        typer.echo(f"{sc.path}: n={sc.n} R²={sc.r2:.4f} slope={sc.slope:.4g} intercept={sc.intercept:.4g}")
 
 
 @app.command()

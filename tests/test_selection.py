@@ -271,7 +271,7 @@ def test_neg_siglip_loss_uses_the_models_scale_and_bias(siglip_store, sel_store)
 def test_norm_sim_through_a_target_equals_brute_force(sel_store):
     ids, X, _ = stored(sel_store)
     res = add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
-    assert res["n"] == 80 and res["index"] == "exact"
+    assert res.n == 80 and res.index == "exact"
     T = unit(X[:80])
     con = queries.connect(sel_store)
     got = np.array(fetch(con, "SELECT norm_sim_2(image_embedding, 'tgt-a'), norm_sim_inf(image_embedding, "
@@ -324,7 +324,7 @@ def test_target_errors_are_clear(sel_store):
     with pytest.raises(TargetError, match="already exists"):
         add_target(sel_store, "tmp", query="SELECT image_embedding FROM embeddings LIMIT 5")
     assert add_target(sel_store, "tmp", query="SELECT image_embedding FROM embeddings LIMIT 7",
-                      replace=True)["n"] == 7
+                      replace=True).n == 7
     remove_target(sel_store, "tmp")
     with pytest.raises(TargetError, match="unknown target 'tmp'"):
         remove_target(sel_store, "tmp")
@@ -335,7 +335,7 @@ def test_target_from_a_source_encodes_its_images(sel_store, tmp_path):
     folder = write_image_folder(tmp_path / "imgs", 6)
     (folder / "img0000.txt").unlink()                                    # captions are not needed
     res = add_target(sel_store, "from-images", source=str(folder), model=sel_store.model().model_id)
-    assert res["n"] == 6 and res["source"].startswith("source:")
+    assert res.n == 6 and res.source.startswith("source:")
     from PIL import Image
 
     from clipsql.models.prompts import encode_images, load_for_record

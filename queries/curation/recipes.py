@@ -222,7 +222,7 @@ def image_based(pool: Pool, target: Any, target_rows: np.ndarray, *, clusters: i
                              "init": "k distinct sample rows drawn by numpy default_rng(seed)",
                              "kmeans": "Lloyd under L2 on normalized image embeddings (as DataComp's faiss run)",
                              "assignment": "largest inner product with a centroid (DataComp's get_centroid_ids)",
-                             "target_clusters": int(len(wanted)), "target": target.summary()}}
+                             "target_clusters": int(len(wanted)), "target": target.summary().as_dict()}}
     return tbl, {"pool_with_image": n}, extra
 
 

@@ -396,7 +396,7 @@ def _negclip_normsim(pool: recipes.Pool, target: str, count: int | None, first: 
     con.unregister("_clipsql_stage1")
     chosen, nulls2 = recipes.top(s2, "norm_sim_inf", count)
     return chosen, {"stage1": stage1.num_rows, "stage1_requested": first, "null_scores": nulls1,
-                    "null_norm_sim": nulls2}, {"target": t.summary()}
+                    "null_norm_sim": nulls2}, {"target": t.summary().as_dict()}
 
 
 def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:

@@ -109,6 +109,6 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
          f"ORDER BY image_info_gain LIMIT 20\")")
     echo("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items()))
     echo(f"gallery of the lowest and highest image Information Gain (blank and placeholder images at the low "
-         f"end): {gallery['path']}")
-    res.gallery = Path(gallery["path"])
+         f"end): {gallery.path}")
+    res.gallery = Path(gallery.path)
     return res
