@@ -22,14 +22,14 @@ from typing import List, Optional, Tuple
 import typer
 
 from clipsql import __version__, engines
-from clipsql.errors import READ_ONLY_HINT, ClipsqlError, from_udf_text
+from clipsql.errors import READ_ONLY_HINT, ClipsqlError, from_udf_text, renamed
 from clipsql.ingest.backfill import BACKFILLABLE
 from clipsql.ingest.backfill import backfill as run_backfill
 from clipsql.ingest.datacomp import is_datacomp_pool
 from clipsql.ingest.pipeline import IngestOptions, ingest_pool
 from clipsql.ingest.registry import KINDS as SOURCE_KINDS
 from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
-from clipsql.queries.curation.dedup import dedup_status, semdedup
+from clipsql.queries.curation.dedup import DedupFit, dedup_status, semdedup
 from clipsql.queries.curation.delete import delete_where, undelete_where
 from clipsql.queries.curation.export import export_store
 from clipsql.queries.curation.selection import (DEFAULT_FIRST_FRACTION, RECIPES, SelectSpec, recipe_help, select,
@@ -223,7 +223,8 @@ PARAM_FLAGS = {"where": "--where", "sql": "--sql", "fraction": "--fraction", "li
                "iterations": "--iterations", "scale": "--scale", "prior": "--prior",
                "reference_size": "--reference-size", "thumb": "--thumb", "top_bottom": "--top-bottom",
                "like": "--like", "kind": "--kind", "catalog_url": "--catalog", "device": "--device",
-               "checkpoint": "--checkpoint", "prompt": "PROMPT", "source": "SOURCE", "store": "STORE"}
+               "checkpoint": "--checkpoint", "prompt": "PROMPT", "source": "SOURCE", "store": "STORE",
+               "ray_address": "--ray-address", "repair": "--repair", "repair=True": "--repair"}
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -628,6 +629,8 @@ def doctor(store: str = STORE_ARG,
     Lance data (fits and targets are then listed as lost).
     """
     report = _run(run_doctor, store, repair=repair)
+    for f in report.findings:                   # the library names its arguments; the CLI, its flags
+        f.detail = renamed(f.detail, PARAM_FLAGS)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -913,7 +916,7 @@ def select_cmd(store: str = STORE_ARG,
     res = _run(select, st, spec, output=output, model=model, engine=_run(engines.choose, engine, ray_address))
     c = res["counts"]
     for w in res.get("warnings", []):
-        typer.secho(f"Warning: {w}", fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"Warning: {renamed(w, PARAM_FLAGS)}", fg=typer.colors.YELLOW, err=True)
     made = res.get("recipe_fit", {})
     if made.get("made"):
         typer.echo(f"made fit #{made['fit_id']} for {res['recipe']} (a={made['a']:.6g}, prior {made['prior']}, "
@@ -963,20 +966,20 @@ def dedup(store: str = STORE_ARG,
                    f"{res.pending} pending, {res.stale} stored rows deleted since{todo}")
         return
     st = _run(Store.open, store)
-    res = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,
+    out = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,
                refit=refit, progress=progress, memory_gb=memory_gb)
-    rm = ", ".join(f"ε={e}: {c} ({c / max(res['rows'], 1):.1%})" for e, c in res["removable"].items())
-    if res["mode"] == "current":
+    rm = ", ".join(f"ε={e}: {c} ({c / max(out.rows, 1):.1%})" for e, c in out.removable.items())
+    if out.mode == "current":
         how = "already up to date"
-    elif res["mode"] == "incremental":
-        how = (f"incremental: {res['new_rows']} new rows assigned, {res['removed_rows']} deleted, "
-               f"{res['recomputed']} clusters recomputed")
+    elif out.mode == "incremental":
+        how = (f"incremental: {out.new_rows} new rows assigned, {out.removed_rows} deleted, "
+               f"{out.recomputed} clusters recomputed")
     else:
-        fit = res["fit"] or {}
-        how = f"full: k-means {fit.get('iterations_run')} iterations{' (converged)' if fit.get('converged') else ''}"
-    typer.echo(f"semdedup of {res['model']}: {res['rows']} rows ({res['valid']} with an image vector), "
-               f"K={res['clusters']}, sample {res['sample']}, seed {res['seed']}; {how}; "
-               f"{res['pending_before']} rows were pending; in {res['seconds']:.2f}s")
+        fit = out.fit or DedupFit()
+        how = f"full: k-means {fit.iterations_run} iterations{' (converged)' if fit.converged else ''}"
+    typer.echo(f"semdedup of {out.model}: {out.rows} rows ({out.valid} with an image vector), "
+               f"K={out.clusters}, sample {out.sample}, seed {out.seed}; {how}; "
+               f"{out.pending_before} rows were pending; in {out.seconds:.2f}s")
     typer.echo(f"removable (semdedup_max_sim > 1 − ε): {rm} — view `semdedup`")
 
 

@@ -131,7 +131,7 @@ def plan_run(store: Store, source_path: str, model: str | None, pretrained: str 
     require_ids(opts.id_column, opts.update)
     if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
         raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
-                          "--model (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k); clipsql cannot "
+                          "`model` (e.g. `model` ViT-B-32 `pretrained` laion2b_s34b_b79k); clipsql cannot "
                           "tell it from the vectors, and filing them under the demo model would be wrong")
     store.recover()
     t0 = time.perf_counter()

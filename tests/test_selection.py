@@ -292,7 +292,7 @@ def test_ann_index_recall_is_measured_and_recorded(sel_store):
                      index="ann", seed=4)
     t = get_target(sel_store, "tgt-ann")
     idx = t.options["index"]
-    assert res["index"] == "ann" and idx["queries"] == "pool images" and idx["sample"] == N
+    assert res.index == "ann" and idx["queries"] == "pool images" and idx["sample"] == N
     assert 0.5 <= idx["recall_at_1"] <= 1.0 and idx["kind"] == "IVF_FLAT"
     assert [r["recall_at_1"] for r in list_targets(sel_store) if r["name"] == "tgt-ann"] == [idx["recall_at_1"]]
     _, X, _ = stored(sel_store)

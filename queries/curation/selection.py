@@ -190,7 +190,7 @@ def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, mod
     side["counts"] = {**counts, "selected": tbl.num_rows}
     side["warnings"] = list(pool.info.get("warnings", []))
     if spec.limit is not None and spec.limit > tbl.num_rows:
-        side["warnings"].append(f"--limit {spec.limit} is more than the {tbl.num_rows} rows there are to select "
+        side["warnings"].append(f"`limit` {spec.limit} is more than the {tbl.num_rows} rows there are to select "
                                 f"(pool {pool.size}): all of them were selected")
     side["run_id"] = uuid.uuid4().hex
     side["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
