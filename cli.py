@@ -51,6 +51,7 @@ from clipsql.serve.server import run_server
 from clipsql.store.doctor import doctor as run_doctor
 from clipsql.store.doctor import format_report as format_doctor_report
 from clipsql.store.fits import fit_stats
+from clipsql.store.maintenance import OptimizeReport
 from clipsql.store.maintenance import optimize as run_optimize
 from clipsql.store.manage import remove_model, set_default_model
 from clipsql.store.store import Store
@@ -572,21 +573,21 @@ def format_summary(s, store=None) -> str:  # noqa: ANN001
     return "\n".join(lines)
 
 
-def _maintenance_line(report: dict) -> str:
+def _maintenance_line(report: OptimizeReport) -> str:
     parts = []
-    for name, t in report.get("tables", {}).items():
-        bits = [f"{t.get('fragments_before')}→{t.get('fragments')} fragments"] if "fragments" in t else []
-        if t.get("index"):
-            bits.append(f"index {t['index']}")
-        if t.get("vector_index"):
-            bits.append(f"vector index {t['vector_index']}")
-        if t.get("vector_index_stale"):
-            bits.append(f"vector index misses {t['vector_index_stale']} new rows (searched exactly until "
+    for name, t in report.tables.items():
+        bits = [f"{t.fragments_before}→{t.fragments} fragments"] if t.fragments is not None else []
+        if t.index:
+            bits.append(f"index {t.index}")
+        if t.vector_index:
+            bits.append(f"vector index {t.vector_index}")
+        if t.vector_index_stale:
+            bits.append(f"vector index misses {t.vector_index_stale} new rows (searched exactly until "
                         "`clipsql optimize` folds them in)")
-        if "versions_pruned" in t:
-            bits.append(f"{t['versions_pruned']} old versions pruned, {t['versions']} kept")
+        if t.versions_pruned is not None:
+            bits.append(f"{t.versions_pruned} old versions pruned, {t.versions} kept")
         parts.append(f"{name}: " + ", ".join(bits))
-    return "; ".join(parts) + (f" ({report['seconds']:.1f}s)" if "seconds" in report else "")
+    return "; ".join(parts) + (f" ({report.seconds:.1f}s)" if report.seconds is not None else "")
 
 
 @app.command()
@@ -606,7 +607,7 @@ def optimize(store: str = STORE_ARG,
     st = _run(Store.open, store)
     report = _run(run_optimize, st, compact=compact, index=index, prune=prune, retention_hours=retention_hours)
     if fmt == TableFmt.json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report.as_dict(), indent=2))
         return
     typer.echo(f"optimized {store}: {_maintenance_line(report)}")
 
@@ -914,15 +915,13 @@ def select_cmd(store: str = STORE_ARG,
     if _run(writes_fit, st, spec, model):
         st = _run(Store.open, store)
     res = _run(select, st, spec, output=output, model=model, engine=_run(engines.choose, engine, ray_address))
-    c = res["counts"]
-    for w in res.get("warnings", []):
+    for w in res.warnings:
         typer.secho(f"Warning: {renamed(w, PARAM_FLAGS)}", fg=typer.colors.YELLOW, err=True)
-    made = res.get("recipe_fit", {})
-    if made.get("made"):
-        typer.echo(f"made fit #{made['fit_id']} for {res['recipe']} (a={made['a']:.6g}, prior {made['prior']}, "
-                   f"seed {made['seed']}, M={made['reference_size']}); the default fit is unchanged")
-    typer.echo(f"selected {c['selected']} of {c['pool']} rows ({res['recipe']}) → {output}; "
-               f"how: {res['sidecar']}")
+    made = res.recipe_fit
+    if made is not None and made.made:
+        typer.echo(f"made fit #{made.fit_id} for {res.recipe} (a={made.a:.6g}, prior {made.prior}, "
+                   f"seed {made.seed}, M={made.reference_size}); the default fit is unchanged")
+    typer.echo(f"selected {res.selected} of {res.pool} rows ({res.recipe}) → {output}; how: {res.sidecar}")
 
 
 class PlotKind(str, Enum):

@@ -454,13 +454,13 @@ def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
     out = tmp_path / "kl.parquet"
     side = select(st, recipe="kl-guided", include_own_pair=True, output=out)
     rec = st.model()
-    made = side["recipe_fit"]
-    assert made["made"] and made["prior"] == "uniform" and made["a"] == pytest.approx(rec.logit_scale)
-    assert made["seed"] == 3 and made["fit_id"] != default_before["fit_id"]
+    made = side.recipe_fit
+    assert made.made and made.prior == "uniform" and made.a == pytest.approx(rec.logit_scale)
+    assert made.seed == 3 and made.fit_id != default_before["fit_id"]
     assert st.latest_fit(rec, with_arrays=False)["fit_id"] == default_before["fit_id"]   # scores view unchanged
-    assert side["statistics"]["fit_id"] == made["fit_id"] and side["statistics"]["recipe"] == "kl-guided"
+    assert side.statistics["fit_id"] == made.fit_id and side.statistics["recipe"] == "kl-guided"
     ids, _, Y = stored(st)
-    ref = st.get_fit(made["fit_id"], with_reference=True)["arrays"]
+    ref = st.get_fit(made.fit_id, with_reference=True)["arrays"]
     # the recipe's reference sample is the default fit's rows (same seed and size)
     assert list(ref["ref_ids"]) == list(st.latest_fit(rec, with_reference=True)["arrays"]["ref_ids"])
     want, kl = paper_kl_guided(list(ids), Y, ref["ref_ids"], ref["X_ref_raw"], rec.logit_scale, 0.25)
@@ -477,11 +477,11 @@ def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
     assert meta["recipe_fit"]["own_pair"] == "include" and meta["options"]["include_own_pair"] is True
     # a second run reuses the recipe's fit; the selection is byte-identical
     again = select(st, recipe="kl-guided", include_own_pair=True, output=tmp_path / "kl2.parquet")
-    assert not again["recipe_fit"]["made"] and again["recipe_fit"]["fit_id"] == made["fit_id"]
+    assert not again.recipe_fit.made and again.recipe_fit.fit_id == made.fit_id
     assert pq.read_table(tmp_path / "kl2.parquet").equals(tbl)
     # the default: reference captions leave their own pair out, on the same fit
     new = select(st, recipe="kl-guided", output=tmp_path / "kl3.parquet")
-    assert new["recipe_fit"]["fit_id"] == made["fit_id"] and new["recipe_fit"]["own_pair"] == "exclude"
+    assert new.recipe_fit.fit_id == made.fit_id and new.recipe_fit.own_pair == "exclude"
     want_new, kl_new = paper_kl_guided(list(ids), Y, ref["ref_ids"], ref["X_ref_raw"], rec.logit_scale, 0.25,
                                        own_pair_out=True)
     t3 = pq.read_table(tmp_path / "kl3.parquet")
@@ -551,7 +551,7 @@ def test_reference_rows_leave_their_own_pair_out_in_sql_stored_scores_and_kl_gui
     shares = {}
     for incl in (False, True):
         side = select(st, recipe="kl-guided", reference_size=75, include_own_pair=incl, output=tmp_path / f"{incl}.txt")
-        ref_ids = set(st.get_fit(side["recipe_fit"]["fit_id"], with_reference=True)["arrays"]["ref_ids"].tolist())
+        ref_ids = set(st.get_fit(side.recipe_fit.fit_id, with_reference=True)["arrays"]["ref_ids"].tolist())
         chosen = (tmp_path / f"{incl}.txt").read_text().split()
         shares[incl] = sum(i in ref_ids for i in chosen) / len(chosen)
     assert 0.12 < shares[False] < 0.38 and shares[True] > 0.7, shares
@@ -590,7 +590,7 @@ def test_kl_guided_refuses_without_its_fit_naming_the_command(tmp_path, tiny_mod
     # a default fit that already has the recipe's settings is used as it is
     fit_stats(st, reference_size=50, seed=9, scale="model", prior="uniform")
     side = select(st, recipe="kl-guided", make_fit=False, output=tmp_path / "y.txt")
-    assert side["recipe_fit"]["fit"] == "default fit"
+    assert side.recipe_fit.fit == "default fit"
     assert (tmp_path / "x.txt").read_text() == (tmp_path / "y.txt").read_text()
     r = run("stats", "fit", st.path, "--reference-size", 50, "--include-own-pair")
     assert r.exit_code == 0 and st.latest_fit(st.model(), with_arrays=False)["options"]["own_pair"] == "include"
@@ -613,12 +613,12 @@ def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):
     got = pcsv.read_csv(tmp_path / "a.csv")
     assert got.column("id").to_pylist() == want
     assert got.column_names == ["id", "uri", "caption", "neg_clip_loss", "norm_sim_inf"]
-    assert a["counts"]["stage1"] == 120 and a["counts"]["selected"] == 80 and a["target"]["name"] == "tgt-a"
-    assert a["counts"] == b["counts"]
+    assert a.counts["stage1"] == 120 and a.counts["selected"] == 80 and a.details["target"]["name"] == "tgt-a"
+    assert a.counts == b.counts
     # fractions are configurable; --limit cuts to an exact count; txt is one id per line
     c = select(sel_store, recipe="negclip-normsim", target="tgt-a", first_fraction=0.5, limit=7,
                output=tmp_path / "c.txt")
-    assert c["counts"]["stage1"] == 200
+    assert c.counts["stage1"] == 200
     assert (tmp_path / "c.txt").read_text().splitlines() == \
         sorted(sorted(nc, key=lambda k: (-nc[k], k))[:200], key=lambda k: (-ns[k], k))[:7]
 
@@ -638,7 +638,7 @@ def test_negclip_normsim_with_the_stored_pool_form(sel_store, tmp_path):
     stage1 = sorted(pool, key=lambda k: (-pool[k], k))[:120]
     tbl = pq.read_table(tmp_path / "p.parquet")
     assert tbl.column("id").to_pylist() == sorted(stage1, key=lambda k: (-ns[k], k))[:80]
-    assert "neg_clip_loss_pool" in tbl.column_names and side["negclip_form"] == "pool"
+    assert "neg_clip_loss_pool" in tbl.column_names and side.details["negclip_form"] == "pool"
 
 
 def test_sql_selection_keeps_the_sql_order(sel_store, tmp_path):
@@ -647,7 +647,7 @@ def test_sql_selection_keeps_the_sql_order(sel_store, tmp_path):
     cs = dict(fetch(queries.connect(sel_store), "SELECT id, clip_score FROM scores"))
     want = sorted(cs, key=lambda k: (cs[k], k))[:40]
     assert pq.read_table(tmp_path / "s.parquet").column("id").to_pylist() == want
-    assert side["recipe"] == "sql" and side["counts"]["selected"] == 40
+    assert side.recipe == "sql" and side.counts["selected"] == 40
 
 
 def test_selection_errors(sel_store, tmp_path):
@@ -786,7 +786,7 @@ def test_sql_selection_keeps_the_first_of_each_id_and_drops_nulls(sel_store, tmp
     tbl = pq.read_table(tmp_path / "d.parquet")
     assert tbl.column("id").to_pylist() == sorted(cs, key=lambda k: (-cs[k], k))
     np.testing.assert_allclose(tbl.column("clip_score").to_pylist(), sorted(cs.values(), reverse=True))
-    assert side["counts"]["sql_rows"] == 2 * N + 1 and side["counts"]["duplicate_or_null_ids_dropped"] == N + 1
+    assert side.counts["sql_rows"] == 2 * N + 1 and side.counts["duplicate_or_null_ids_dropped"] == N + 1
 
 
 def write_laion(root, img, txt, widths, heights, names=("width", "height")):
@@ -826,7 +826,7 @@ def test_laion_width_and_height_fill_the_samples_columns(laion_store, tmp_path):
         assert (w, h, m) == (64 * (i % 8) + 32, None if i == 7 else 300 + i, 64 * (i % 8) + 32)
     side = select(laion_store, recipe="clip-score", where="width >= 256", fraction=1.0, output=tmp_path / "cs.txt")
     want = [i for i in range(60) if 64 * (i % 8) + 32 >= 256]
-    assert len(want) == 28 and side["counts"]["pool"] == 28 and side["counts"]["pool_before_where"] == 60
+    assert len(want) == 28 and side.counts["pool"] == 28 and side.counts["pool_before_where"] == 60
     chosen = set((tmp_path / "cs.txt").read_text().split())
     by_caption = dict(fetch(queries.connect(laion_store), "SELECT caption, id FROM samples"))
     assert chosen == {by_caption[f"laion caption {i}"] for i in want}
