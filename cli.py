@@ -794,13 +794,13 @@ def score(store: str = STORE_ARG,
     res = _run(eng.score, st, cols, model,
                neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d, pool_batch_size=pool_batch_size,
                seed=seed, progress=progress)
-    if "tasks" in res:      # a distributed job: how it went, and what an ingest committed meanwhile
-        typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
-                   f"(fit #{res['fit_id']}, {res['mode']}, {res['tasks']} tasks) in {res['seconds']:.2f}s; "
-                   f"{res['pending']} rows committed meanwhile are pending (re-run to score them)")
+    if res.tasks is not None:      # a distributed job: how it went, and what an ingest committed meanwhile
+        typer.echo(f"stored {', '.join(res.columns)} for {res.rows} rows of {res.model} "
+                   f"(fit #{res.fit_id}, {res.mode}, {res.tasks} tasks) in {res.seconds:.2f}s; "
+                   f"{res.pending} rows committed meanwhile are pending (re-run to score them)")
         return
-    typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
-               f"(fit #{res['fit_id']}) in {res['seconds']:.2f}s — query them in the view stored_scores")
+    typer.echo(f"stored {', '.join(res.columns)} for {res.rows} rows of {res.model} "
+               f"(fit #{res.fit_id}) in {res.seconds:.2f}s — query them in the view stored_scores")
 
 
 @target_app.command("add")

@@ -349,13 +349,13 @@ def test_rows_added_after_fit_still_score_and_warn(tmp_path, tiny_model):
 def test_score_command_materializes_columns_with_their_fit(scored_store):
     from clipsql.queries.sql.materialize import materialize_scores
     res = materialize_scores(scored_store, ["image_info_gain", "clip_score"])
-    assert res["rows"] == 600
+    assert res.rows == 600
     con = queries.connect(scored_store)
     got = fetch(con, "SELECT st.image_info_gain, sc.image_info_gain, st.fit_id FROM stored_scores st "
                      "JOIN scores sc USING (id) ORDER BY id LIMIT 50")
     for stored_v, live_v, fit_id in got:
         assert stored_v == pytest.approx(live_v, rel=1e-12)
-        assert fit_id == res["fit_id"]
+        assert fit_id == res.fit_id
     with pytest.raises(QueryError, match="unknown score column"):
         materialize_scores(scored_store, ["image_info_gain; DROP TABLE x"])
 

@@ -184,8 +184,8 @@ def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
     ids, X, Y = stored(sel_store)
     res = materialize_scores(sel_store, ["clip_score"], neg_clip_loss_pool=True, norm_sim_d=True,
                              pool_batch_size=N)
-    assert res["columns"] == ["clip_score", "neg_clip_loss_pool", "norm_sim_d"]
-    assert res["params"]["neg_clip_loss_pool"]["batch_size"] == N
+    assert res.columns == ["clip_score", "neg_clip_loss_pool", "norm_sim_d"]
+    assert res.params["neg_clip_loss_pool"]["batch_size"] == N
     con = queries.connect(sel_store)
     got = np.array(fetch(con, "SELECT neg_clip_loss_pool, norm_sim_d FROM stored_scores ORDER BY id"))
     F, G = unit(X), unit(Y)
@@ -194,7 +194,7 @@ def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
     np.testing.assert_allclose(got[:, 1], bf_norm_sim_d(X, keep_fraction=0.2, steps=5), rtol=1e-9)
     # batches of exactly |B|: 400 // 150 = 2 per partition, 100 rows sit each partition out
     res = materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=150, seed=9)
-    p = res["params"]["neg_clip_loss_pool"]
+    p = res.params["neg_clip_loss_pool"]
     assert p["batches_per_partition"] == 2 and p["seed"] == 9 and p["k"] == 10
     got = np.array([r[0] for r in fetch(queries.connect(sel_store),
                                         "SELECT neg_clip_loss_pool FROM stored_scores ORDER BY id")], dtype=float)
