@@ -35,7 +35,7 @@ import math
 import os
 import tarfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -346,9 +346,6 @@ class GallerySummary:
     lazy: bool
     path: str | None = None
     bytes: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("path", "bytes")}
 
 
 def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thumb: int = 128,
