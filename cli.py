@@ -831,13 +831,13 @@ def target_list(store: str = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.ta
     st = _run(Store.open, store, read_only=True)
     rows = _run(list_targets, st)
     if fmt == TableFmt.json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
         return
     if not rows:
         typer.echo("no targets yet: `clipsql target add STORE NAME --query \"SELECT image_embedding FROM …\"`")
     for r in rows:
-        recall = f" recall@1={r['recall_at_1']:.4f}" if r["recall_at_1"] is not None else ""
-        typer.echo(f"{r['name']}  model={r['model']} n={r['n']} index={r['index']}{recall}  {r['source']}")
+        recall = f" recall@1={r.recall_at_1:.4f}" if r.recall_at_1 is not None else ""
+        typer.echo(f"{r.name}  model={r.model} n={r.n} index={r.index}{recall}  {r.source}")
 
 
 @target_app.command("rm")

@@ -98,7 +98,7 @@ def get_target(st: Store, name: str) -> Target:
     with st.engine.connect() as conn:
         row = conn.execute(sa.select(cat.targets).where(cat.targets.c.name == name)).first()
     if row is None:
-        raise unknown_target(name, [t["name"] for t in list_targets(st)])
+        raise unknown_target(name, [t.name for t in list_targets(st)])
     return target_from_row(row, st.path)
 
 
@@ -124,19 +124,39 @@ def target_from_row(row: Any, path: Any = "STORE") -> Target:
                   float(m["created_at"]), options, moment)
 
 
-def list_targets(st: Store) -> list[dict]:
+@dataclass(frozen=True)
+class TargetListing:
+    """A row of `clipsql target list`: `n` rows of `dim` of `model` from `source`, created at
+    `created_at` (seconds since the epoch), `dropped_rows` invalid ones left out, `index` exact or
+    ann (with its measured `recall_at_1`)."""
+    name: str
+    dim: int
+    n: int
+    source: str
+    created_at: float
+    model: str
+    dropped_rows: int
+    index: str
+    recall_at_1: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form `clipsql target list --format json` prints."""
+        return asdict(self)
+
+
+def list_targets(st: Store) -> list[TargetListing]:
     cols = [c for c in cat.targets.c if c.name != "second_moment"]
     with st.engine.connect() as conn:
         rows = conn.execute(sa.select(*cols).order_by(cat.targets.c.name)).fetchall()
     out = []
     for r in rows:
-        m = dict(r._mapping)
-        opts = json.loads(m.pop("options"))
+        m = r._mapping
+        opts = json.loads(m["options"])
         idx = opts.get("index")
-        m.pop("table_name")
-        m.update(model=m.pop("model_id"), dropped_rows=opts.get("dropped_rows", 0), index="ann" if idx else "exact",
-                 recall_at_1=idx["recall_at_1"] if idx else None)
-        out.append(m)
+        out.append(TargetListing(name=m["name"], dim=m["dim"], n=m["n"], source=m["source"],
+                                 created_at=m["created_at"], model=m["model_id"],
+                                 dropped_rows=opts.get("dropped_rows", 0), index="ann" if idx else "exact",
+                                 recall_at_1=idx["recall_at_1"] if idx else None))
     return out
 
 

@@ -19,7 +19,8 @@ from clipsql.queries.present.plots import HistResult, ScatterResult, plot_hist, 
 from clipsql.queries.sql.materialize import ScoreReport, materialize_scores
 from clipsql.store.maintenance import OptimizeReport, TableMaintenance, optimize
 from clipsql.store.store import Store
-from clipsql.store.targets import TargetSummary, remove_target
+from clipsql.store.fits import FitSummary, fit_stats
+from clipsql.store.targets import TargetListing, TargetSummary, list_targets, remove_target
 
 from _small_demo import small_demo_store
 
@@ -81,6 +82,11 @@ def test_library_results_are_dataclasses(demo, tmp_path):
     t = add_target(demo, "tg", query="SELECT image_embedding FROM embeddings ORDER BY id LIMIT 20")
     assert isinstance(t, TargetSummary) and t.n == 20 and t.seconds is not None
     assert list(t.as_dict()) == TARGET_KEYS + ["seconds"]
+    listed = list_targets(demo)
+    assert [type(r) for r in listed] == [TargetListing] and list(listed[0].as_dict()) == [
+        "name", "dim", "n", "source", "created_at", "model", "dropped_rows", "index", "recall_at_1"]
+    printed = json.loads(invoke("target", "list", demo.path, "--format", "json").output)
+    assert printed == [r.as_dict() for r in listed] and list(printed[0]) == list(listed[0].as_dict())
     gone = remove_target(demo, "tg")
     assert isinstance(gone, TargetSummary) and gone.seconds is None and list(gone.as_dict()) == TARGET_KEYS
     g = write_gallery(demo, "SELECT id, clip_score FROM scores", tmp_path / "g.html", limit=5)
@@ -88,6 +94,8 @@ def test_library_results_are_dataclasses(demo, tmp_path):
     h = plot_hist(demo, "clip_score", output=tmp_path / "h.png")
     s = plot_scatter(demo, "clip_score", "image_info_gain", output=tmp_path / "s.png")
     assert isinstance(h, HistResult) and isinstance(s, ScatterResult) and h.n == s.n == 300
+    f = fit_stats(demo, reference_size=50, seed=1)
+    assert isinstance(f, FitSummary) and f.reference_size == 50 and f.recipe is None and f.seed == 1
     m = materialize_scores(demo, ["clip_score"])
     assert isinstance(m, ScoreReport) and m.columns == ["clip_score"] and m.rows == 300 and m.tasks is None
     d = semdedup(demo, clusters=4)

@@ -294,7 +294,7 @@ def test_ann_index_recall_is_measured_and_recorded(sel_store):
     idx = t.options["index"]
     assert res.index == "ann" and idx["queries"] == "pool images" and idx["sample"] == N
     assert 0.5 <= idx["recall_at_1"] <= 1.0 and idx["kind"] == "IVF_FLAT"
-    assert [r["recall_at_1"] for r in list_targets(sel_store) if r["name"] == "tgt-ann"] == [idx["recall_at_1"]]
+    assert [r.recall_at_1 for r in list_targets(sel_store) if r.name == "tgt-ann"] == [idx["recall_at_1"]]
     _, X, _ = stored(sel_store)
     exact = np.abs(unit(X) @ unit(X[100:]).T).max(axis=1)
     got = np.array([r[0] for r in fetch(queries.connect(sel_store), "SELECT norm_sim_inf(image_embedding, "
@@ -313,7 +313,7 @@ def test_target_errors_are_clear(sel_store):
     zero = "[" + ", ".join(["0"] * D) + f"]::FLOAT[{D}]"
     with pytest.raises(TargetError, match="would be empty"):
         add_target(sel_store, "zeros", query=f"SELECT {zero} AS image_embedding")
-    assert "empty" not in [t["name"] for t in list_targets(sel_store)]
+    assert "empty" not in [t.name for t in list_targets(sel_store)]
     with pytest.raises(TargetError, match="must return a column named image_embedding"):
         add_target(sel_store, "x", query="SELECT id FROM embeddings")
     with pytest.raises(TargetError, match="exactly one of"):
@@ -597,7 +597,7 @@ def test_kl_guided_refuses_without_its_fit_naming_the_command(tmp_path, tiny_mod
 
 
 def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):
-    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+    if "tgt-a" not in [t.name for t in list_targets(sel_store)]:
         add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
     a = select(sel_store, recipe="negclip-normsim", target="tgt-a", output=tmp_path / "a.csv")
     b = select(sel_store, recipe="negclip-normsim", target="tgt-a", output=tmp_path / "b.csv")
@@ -624,7 +624,7 @@ def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):
 
 
 def test_negclip_normsim_with_the_stored_pool_form(sel_store, tmp_path):
-    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+    if "tgt-a" not in [t.name for t in list_targets(sel_store)]:
         add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
     materialize_scores(sel_store, ["clip_score"])
     with pytest.raises(SelectionError, match="clipsql score STORE --neg-clip-loss-pool"):
@@ -662,7 +662,7 @@ def test_selection_errors(sel_store, tmp_path):
         (dict(recipe="negclip-normsim", target="tgt-a", fraction=0.4, output=out), "exceeds `first_fraction`"),
         (dict(recipe="kl-guided", fraction=1.5, output=out), r"must be in \(0, 1\]"),
     ]
-    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+    if "tgt-a" not in [t.name for t in list_targets(sel_store)]:
         add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
     for kwargs, msg in cases:
         with pytest.raises(ClipsqlError, match=msg):
