@@ -22,14 +22,14 @@ from typing import List, Optional, Tuple
 import typer
 
 from clipsql import __version__, engines
-from clipsql.errors import READ_ONLY_HINT, ClipsqlError, from_udf_text
+from clipsql.errors import READ_ONLY_HINT, ClipsqlError, from_udf_text, renamed
 from clipsql.ingest.backfill import BACKFILLABLE
 from clipsql.ingest.backfill import backfill as run_backfill
 from clipsql.ingest.datacomp import is_datacomp_pool
 from clipsql.ingest.pipeline import IngestOptions, ingest_pool
 from clipsql.ingest.registry import KINDS as SOURCE_KINDS
 from clipsql.models.loading import DEFAULT_MODEL, DEMO_NOTICE
-from clipsql.queries.curation.dedup import dedup_status, semdedup
+from clipsql.queries.curation.dedup import DedupFit, dedup_status, semdedup
 from clipsql.queries.curation.delete import delete_where, undelete_where
 from clipsql.queries.curation.export import export_store
 from clipsql.queries.curation.selection import (DEFAULT_FIRST_FRACTION, RECIPES, SelectSpec, recipe_help, select,
@@ -51,6 +51,7 @@ from clipsql.serve.server import run_server
 from clipsql.store.doctor import doctor as run_doctor
 from clipsql.store.doctor import format_report as format_doctor_report
 from clipsql.store.fits import fit_stats
+from clipsql.store.maintenance import OptimizeReport
 from clipsql.store.maintenance import optimize as run_optimize
 from clipsql.store.manage import remove_model, set_default_model
 from clipsql.store.store import Store
@@ -223,7 +224,8 @@ PARAM_FLAGS = {"where": "--where", "sql": "--sql", "fraction": "--fraction", "li
                "iterations": "--iterations", "scale": "--scale", "prior": "--prior",
                "reference_size": "--reference-size", "thumb": "--thumb", "top_bottom": "--top-bottom",
                "like": "--like", "kind": "--kind", "catalog_url": "--catalog", "device": "--device",
-               "checkpoint": "--checkpoint", "prompt": "PROMPT", "source": "SOURCE", "store": "STORE"}
+               "checkpoint": "--checkpoint", "prompt": "PROMPT", "source": "SOURCE", "store": "STORE",
+               "ray_address": "--ray-address", "repair": "--repair", "repair=True": "--repair"}
 
 
 def _fail(msg: str, code: int = 1) -> None:
@@ -440,10 +442,10 @@ def backfill(store: str = STORE_ARG,
     st = _run(Store.open, store)
     names = [c.strip() for c in columns.split(",") if c.strip()] if columns else None
     out = _run(run_backfill, st, names, progress=progress)
-    if out["added"]:
-        typer.echo(f"added {', '.join(out['added'])} to {out['rows']} samples (commit #{out['commit_id']})")
-    if out["already"]:
-        typer.echo(f"already there: {', '.join(out['already'])}")
+    if out.added:
+        typer.echo(f"added {', '.join(out.added)} to {out.rows} samples (commit #{out.commit_id})")
+    if out.already:
+        typer.echo(f"already there: {', '.join(out.already)}")
 
 
 @app.command()
@@ -571,21 +573,21 @@ def format_summary(s, store=None) -> str:  # noqa: ANN001
     return "\n".join(lines)
 
 
-def _maintenance_line(report: dict) -> str:
+def _maintenance_line(report: OptimizeReport) -> str:
     parts = []
-    for name, t in report.get("tables", {}).items():
-        bits = [f"{t.get('fragments_before')}→{t.get('fragments')} fragments"] if "fragments" in t else []
-        if t.get("index"):
-            bits.append(f"index {t['index']}")
-        if t.get("vector_index"):
-            bits.append(f"vector index {t['vector_index']}")
-        if t.get("vector_index_stale"):
-            bits.append(f"vector index misses {t['vector_index_stale']} new rows (searched exactly until "
+    for name, t in report.tables.items():
+        bits = [f"{t.fragments_before}→{t.fragments} fragments"] if t.fragments is not None else []
+        if t.index:
+            bits.append(f"index {t.index}")
+        if t.vector_index:
+            bits.append(f"vector index {t.vector_index}")
+        if t.vector_index_stale:
+            bits.append(f"vector index misses {t.vector_index_stale} new rows (searched exactly until "
                         "`clipsql optimize` folds them in)")
-        if "versions_pruned" in t:
-            bits.append(f"{t['versions_pruned']} old versions pruned, {t['versions']} kept")
+        if t.versions_pruned is not None:
+            bits.append(f"{t.versions_pruned} old versions pruned, {t.versions} kept")
         parts.append(f"{name}: " + ", ".join(bits))
-    return "; ".join(parts) + (f" ({report['seconds']:.1f}s)" if "seconds" in report else "")
+    return "; ".join(parts) + (f" ({report.seconds:.1f}s)" if report.seconds is not None else "")
 
 
 @app.command()
@@ -605,7 +607,7 @@ def optimize(store: str = STORE_ARG,
     st = _run(Store.open, store)
     report = _run(run_optimize, st, compact=compact, index=index, prune=prune, retention_hours=retention_hours)
     if fmt == TableFmt.json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report.as_dict(), indent=2))
         return
     typer.echo(f"optimized {store}: {_maintenance_line(report)}")
 
@@ -628,6 +630,8 @@ def doctor(store: str = STORE_ARG,
     Lance data (fits and targets are then listed as lost).
     """
     report = _run(run_doctor, store, repair=repair)
+    for f in report.findings:                   # the library names its arguments; the CLI, its flags
+        f.detail = renamed(f.detail, PARAM_FLAGS)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -706,11 +710,10 @@ def stats_fit(store: str = STORE_ARG,
     res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
                prior=prior.value, recipe=for_recipe, own_pair="include" if include_own_pair else "exclude",
                _flags={"recipe": "--for-recipe"})
-    kind = f" for {res['recipe']}" if res.get("recipe") else ""
+    kind = f" for {res.recipe}" if res.recipe else ""
     kind += " (own pairs kept in: the authors' behaviour)" if include_own_pair else ""
-    typer.echo(f"fit #{res['fit_id']}{kind} of {res['model']}: reference M={res['reference_size']} of {res['rows']} "
-               f"rows (seed {res['seed']}, a={res['a']:.4g}, b={res['b']:.4g}, prior {res['prior']}) "
-               f"in {res['seconds']:.2f}s")
+    typer.echo(f"fit #{res.fit_id}{kind} of {res.model}: reference M={res.reference_size} of {res.rows} "
+               f"rows (seed {res.seed}, a={res.a:.4g}, b={res.b:.4g}, prior {res.prior}) in {res.seconds:.2f}s")
 
 
 @app.command(epilog="Score and vector functions (`.help` in `clipsql sql` says what each computes): "
@@ -790,13 +793,13 @@ def score(store: str = STORE_ARG,
     res = _run(eng.score, st, cols, model,
                neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d, pool_batch_size=pool_batch_size,
                seed=seed, progress=progress)
-    if "tasks" in res:      # a distributed job: how it went, and what an ingest committed meanwhile
-        typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
-                   f"(fit #{res['fit_id']}, {res['mode']}, {res['tasks']} tasks) in {res['seconds']:.2f}s; "
-                   f"{res['pending']} rows committed meanwhile are pending (re-run to score them)")
+    if res.tasks is not None:      # a distributed job: how it went, and what an ingest committed meanwhile
+        typer.echo(f"stored {', '.join(res.columns)} for {res.rows} rows of {res.model} "
+                   f"(fit #{res.fit_id}, {res.mode}, {res.tasks} tasks) in {res.seconds:.2f}s; "
+                   f"{res.pending} rows committed meanwhile are pending (re-run to score them)")
         return
-    typer.echo(f"stored {', '.join(res['columns'])} for {res['rows']} rows of {res['model']} "
-               f"(fit #{res['fit_id']}) in {res['seconds']:.2f}s — query them in the view stored_scores")
+    typer.echo(f"stored {', '.join(res.columns)} for {res.rows} rows of {res.model} "
+               f"(fit #{res.fit_id}) in {res.seconds:.2f}s — query them in the view stored_scores")
 
 
 @target_app.command("add")
@@ -818,8 +821,8 @@ def target_add(store: str = STORE_ARG,
     st = _run(Store.open, store)
     res = _run(add_target, st, name, query=query, source=source, model=model, replace=replace, index=index,
                seed=seed, echo=typer.echo)
-    typer.echo(f"target {res['name']} of {res['model']}: {res['n']} rows (dropped {res['dropped_rows']} invalid), "
-               f"norm_sim_inf {res['index']} in {res['seconds']:.2f}s")
+    typer.echo(f"target {res.name} of {res.model}: {res.n} rows (dropped {res.dropped_rows} invalid), "
+               f"norm_sim_inf {res.index} in {res.seconds:.2f}s")
 
 
 @target_app.command("list")
@@ -828,13 +831,13 @@ def target_list(store: str = STORE_ARG, fmt: TableFmt = typer.Option(TableFmt.ta
     st = _run(Store.open, store, read_only=True)
     rows = _run(list_targets, st)
     if fmt == TableFmt.json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([r.as_dict() for r in rows], indent=2))
         return
     if not rows:
         typer.echo("no targets yet: `clipsql target add STORE NAME --query \"SELECT image_embedding FROM …\"`")
     for r in rows:
-        recall = f" recall@1={r['recall_at_1']:.4f}" if r["recall_at_1"] is not None else ""
-        typer.echo(f"{r['name']}  model={r['model']} n={r['n']} index={r['index']}{recall}  {r['source']}")
+        recall = f" recall@1={r.recall_at_1:.4f}" if r.recall_at_1 is not None else ""
+        typer.echo(f"{r.name}  model={r.model} n={r.n} index={r.index}{recall}  {r.source}")
 
 
 @target_app.command("rm")
@@ -842,7 +845,7 @@ def target_rm(store: str = STORE_ARG, name: str = typer.Argument(..., help="Targ
     """Remove a target set."""
     st = _run(Store.open, store)
     res = _run(remove_target, st, name)
-    typer.echo(f"removed target {res['name']} ({res['n']} rows of {res['model']})")
+    typer.echo(f"removed target {res.name} ({res.n} rows of {res.model})")
 
 
 # the recipes `select` offers: queries.curation.selection.RECIPE_SPECS
@@ -911,15 +914,13 @@ def select_cmd(store: str = STORE_ARG,
     if _run(writes_fit, st, spec, model):
         st = _run(Store.open, store)
     res = _run(select, st, spec, output=output, model=model, engine=_run(engines.choose, engine, ray_address))
-    c = res["counts"]
-    for w in res.get("warnings", []):
-        typer.secho(f"Warning: {w}", fg=typer.colors.YELLOW, err=True)
-    made = res.get("recipe_fit", {})
-    if made.get("made"):
-        typer.echo(f"made fit #{made['fit_id']} for {res['recipe']} (a={made['a']:.6g}, prior {made['prior']}, "
-                   f"seed {made['seed']}, M={made['reference_size']}); the default fit is unchanged")
-    typer.echo(f"selected {c['selected']} of {c['pool']} rows ({res['recipe']}) → {output}; "
-               f"how: {res['sidecar']}")
+    for w in res.warnings:
+        typer.secho(f"Warning: {renamed(w, PARAM_FLAGS)}", fg=typer.colors.YELLOW, err=True)
+    made = res.recipe_fit
+    if made is not None and made.made:
+        typer.echo(f"made fit #{made.fit_id} for {res.recipe} (a={made.a:.6g}, prior {made.prior}, "
+                   f"seed {made.seed}, M={made.reference_size}); the default fit is unchanged")
+    typer.echo(f"selected {res.selected} of {res.pool} rows ({res.recipe}) → {output}; how: {res.sidecar}")
 
 
 class PlotKind(str, Enum):
@@ -963,20 +964,20 @@ def dedup(store: str = STORE_ARG,
                    f"{res.pending} pending, {res.stale} stored rows deleted since{todo}")
         return
     st = _run(Store.open, store)
-    res = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,
+    out = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,
                refit=refit, progress=progress, memory_gb=memory_gb)
-    rm = ", ".join(f"ε={e}: {c} ({c / max(res['rows'], 1):.1%})" for e, c in res["removable"].items())
-    if res["mode"] == "current":
+    rm = ", ".join(f"ε={e}: {c} ({c / max(out.rows, 1):.1%})" for e, c in out.removable.items())
+    if out.mode == "current":
         how = "already up to date"
-    elif res["mode"] == "incremental":
-        how = (f"incremental: {res['new_rows']} new rows assigned, {res['removed_rows']} deleted, "
-               f"{res['recomputed']} clusters recomputed")
+    elif out.mode == "incremental":
+        how = (f"incremental: {out.new_rows} new rows assigned, {out.removed_rows} deleted, "
+               f"{out.recomputed} clusters recomputed")
     else:
-        fit = res["fit"] or {}
-        how = f"full: k-means {fit.get('iterations_run')} iterations{' (converged)' if fit.get('converged') else ''}"
-    typer.echo(f"semdedup of {res['model']}: {res['rows']} rows ({res['valid']} with an image vector), "
-               f"K={res['clusters']}, sample {res['sample']}, seed {res['seed']}; {how}; "
-               f"{res['pending_before']} rows were pending; in {res['seconds']:.2f}s")
+        fit = out.fit or DedupFit()
+        how = f"full: k-means {fit.iterations_run} iterations{' (converged)' if fit.converged else ''}"
+    typer.echo(f"semdedup of {out.model}: {out.rows} rows ({out.valid} with an image vector), "
+               f"K={out.clusters}, sample {out.sample}, seed {out.seed}; {how}; "
+               f"{out.pending_before} rows were pending; in {out.seconds:.2f}s")
     typer.echo(f"removable (semdedup_max_sim > 1 − ε): {rm} — view `semdedup`")
 
 
@@ -1003,12 +1004,12 @@ def gallery(store: str = STORE_ARG,
     tb = (top_bottom[0], top_bottom[1]) if top_bottom else None
     res = _run(write_gallery, store, sql, output, limit=limit, thumb=thumb, top_bottom=tb,
                allow_external_access=allow_external_access, remote_images=remote_images)
-    note = f", {res['broken']} broken image(s)" if res["broken"] else ""
-    if res["remote"]:
-        note += f", {res['remote']} web image(s) your browser loads from their hosts"
-    if res["offline"]:
-        note += f", {res['offline']} web image(s) not shown (--no-remote-images)"
-    typer.echo(f"gallery of {res['shown']} of {res['rows']} rows{note}: {res['path']}")
+    note = f", {res.broken} broken image(s)" if res.broken else ""
+    if res.remote:
+        note += f", {res.remote} web image(s) your browser loads from their hosts"
+    if res.offline:
+        note += f", {res.offline} web image(s) not shown (--no-remote-images)"
+    typer.echo(f"gallery of {res.shown} of {res.rows} rows{note}: {res.path}")
 
 
 @app.command()
@@ -1027,11 +1028,10 @@ def plot(store: str = STORE_ARG,
     out = output or Path(f"{kind.value}-{'-'.join(columns)}.png")
     if kind == PlotKind.hist:
         res = _run(plot_hist, store, columns[0], sql=sql, output=out, bins=bins)
-        typer.echo(f"{res['path']}: n={res['n']} mean={res['mean']:.4g} std={res['std']:.4g}")
+        typer.echo(f"{res.path}: n={res.n} mean={res.mean:.4g} std={res.std:.4g}")
     else:
-        res = _run(plot_scatter, store, columns[0], columns[1], sql=sql, output=out)
-        typer.echo(f"{res['path']}: n={res['n']} R²={res['r2']:.4f} slope={res['slope']:.4g} "
-                   f"intercept={res['intercept']:.4g}")
+        sc = _run(plot_scatter, store, columns[0], columns[1], sql=sql, output=out)
+        typer.echo(f"{sc.path}: n={sc.n} R²={sc.r2:.4f} slope={sc.slope:.4g} intercept={sc.intercept:.4g}")
 
 
 @app.command()

@@ -27,10 +27,15 @@ class ClipsqlError(Exception):
     def message(self, names: dict[str, str] | None = None) -> str:
         """The message with each backticked argument name replaced by its name in `names` (e.g. a
         CLI flag); unknown names stay as they are."""
-        text = str(self)
-        for param, name in (names or {}).items():
-            text = text.replace(f"`{param}`", name)
-        return text
+        return renamed(str(self), names)
+
+
+def renamed(text: str, names: dict[str, str] | None = None) -> str:
+    """`text` (a library message, warning or report line) with each backticked argument name in
+    `names` replaced by its front end's name for it (`limit` → --limit); others stay as they are."""
+    for param, name in (names or {}).items():
+        text = text.replace(f"`{param}`", name)
+    return text
 
 
 class StoreNotFound(ClipsqlError, FileNotFoundError):

@@ -101,7 +101,7 @@ def step_dedup(store: str, memory_gb: str) -> None:
     from clipsql.store.store import Store
     st = Store.open(store)
     before = (vm_rss_kib() or 0) / 1024                    # the interpreter, numpy, Lance, DuckDB
-    res = semdedup(st, progress=False, memory_gb=float(memory_gb))
+    res = semdedup(st, progress=False, memory_gb=float(memory_gb)).as_dict()
     res["rss_before_mib"] = before
     res["peak_rss_mib"] = _peak_rss_mib()
     print(json.dumps(res, default=str))
@@ -130,8 +130,8 @@ def step_clipsql(store: str, memory_gb: str, clusters: str) -> None:
     res = semdedup(st, clusters=int(clusters), refit=True, memory_gb=float(memory_gb))
     out = {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu() - c0, "rss_before_mib": before,
            "peak_rss_mib": _peak_rss_mib(),
-           "removable": res["removable"], "timings": res["timings"], "sample": res["sample"],
-           "iterations_run": res["fit"]["iterations_run"]}
+           "removable": res.removable, "timings": res.timings, "sample": res.sample,
+           "iterations_run": res.fit.iterations_run if res.fit else None}
     print(json.dumps(out, default=str))
 
 

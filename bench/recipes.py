@@ -83,12 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
         t_bare_kl, _ = C.timed(lambda: np.argsort(-scores.info_gain(Y, fit, "text"), kind="stable"))
         rows.append(["kl-guided (makes its fit)", t_make, t_bare_kl, t_bare_kl / t_make])
         rows.append(["kl-guided (reuses it)", t_reuse, t_bare_kl, t_bare_kl / t_reuse])
-        figures["kl_guided_fit"] = side["recipe_fit"]
+        figures["kl_guided_fit"] = side.details["recipe_fit"]
 
         k = args.clusters or default_clusters(args.rows)
         t_ib, side = C.timed(lambda: select(st, recipe="image-based", target="bench", clusters=k,
                                             sample=args.sample, output=tmp / "i.parquet"))
-        ib = side["image_based"]
+        ib = side.details["image_based"]
         m = ib["sample"]
         A = np.ascontiguousarray(X[:m], dtype=np.float32)
         Ct = np.ascontiguousarray(X[:k].T, dtype=np.float32)

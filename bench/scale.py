@@ -130,14 +130,14 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
         from clipsql.queries.curation.selection import select
         from clipsql.store.store import Store
         st = Store.open(rest[1])
-        out["sidecar"] = select(st, recipe="kl-guided", output=rest[2])
+        out["sidecar"] = select(st, recipe="kl-guided", output=rest[2]).to_json()
         n = st.count_rows(st.model())
         fit_rows = st.latest_fit(st.model(), with_arrays=False)["reference_size"]
         out.update(gemm_rows_per_s(min(n, 50_000), fit_rows, st.model().dim))
     elif name == "fit":
         from clipsql.store.fits import fit_stats
         from clipsql.store.store import Store
-        out["fit"] = fit_stats(Store.open(rest[1]))
+        out["fit"] = fit_stats(Store.open(rest[1])).as_dict()
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mib"] = (vm_hwm_kib() or 0) / 1024
     print(json.dumps(out, default=str))

@@ -143,9 +143,9 @@ def start_error(e: BaseException, address: str | None) -> EngineError:
     if address is None:
         return EngineError(f"a local Ray for this command did not start ({first}): check free memory, /tmp space "
                            "and leftover Ray processes (`ray stop`), then re-run; or join a running cluster with "
-                           "--ray-address auto / host:port (or RAY_ADDRESS)")
+                           "`ray_address` auto / host:port (or RAY_ADDRESS)")
     return EngineError(f"cannot reach the Ray cluster at {address}: {first} (start one with `ray start --head`, "
-                       "or pass --ray-address auto / host:port)")
+                       "or pass `ray_address` auto / host:port)")
 
 
 def _quiet_data() -> None:

@@ -15,6 +15,7 @@ from clipsql.engines.engine import EngineError
 from clipsql.engines.ingest import ingest_ray
 from clipsql.engines.scores import refresh_stats_ray, score_columns_ray, score_ray
 from clipsql.ingest.run import IngestOptions, IngestSummary
+from clipsql.queries.sql.materialize import ScoreReport
 from clipsql.store.store import ModelRecord, StatsState, Store
 
 
@@ -35,7 +36,7 @@ class RayEngine:
 
     def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
               norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False) -> ScoreReport:
         if neg_clip_loss_pool or norm_sim_d:
             raise EngineError("the pool-form scores (`neg_clip_loss_pool`, `norm_sim_d`) need the whole pool at "
                               "once: set `engine` to local", param="engine")

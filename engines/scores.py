@@ -28,7 +28,7 @@ from clipsql.engines.engine import ray_session
 from clipsql.errors import QueryError
 from clipsql.lazy import lance, lance_fragment
 from clipsql.queries.sql.db import connect
-from clipsql.queries.sql.materialize import check_columns, score_relation
+from clipsql.queries.sql.materialize import ScoreReport, check_columns, score_relation
 from clipsql.queries.sql.specs import SCORE_COLUMNS
 from clipsql.store.fits import load_fit
 from clipsql.store.store import ModelRecord, StatsState, Store
@@ -76,7 +76,8 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
     return {"fragments": [json.dumps(f.to_json()) for f in frags], "rows": n, "seconds": time.perf_counter() - t0}
 
 
-def score_ray(st: Store, columns: list[str], model: str | None = None, *, address: str | None = None) -> dict:
+def score_ray(st: Store, columns: list[str], model: str | None = None, *,
+              address: str | None = None) -> ScoreReport:
     if not columns:
         raise QueryError(f"name the scores to store: `columns` image_info_gain,… (from: {', '.join(SCORE_COLUMNS)})",
                          param="columns")
@@ -126,9 +127,9 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *, addres
         if out_ds.count_rows() >= 10_000:      # the next re-run's "already scored?" lookups use it
             out_ds.create_scalar_index("id", "BTREE", replace=True)
         pending = st.embeddings_table(rec).count_rows() - ds.count_rows()
-    return {"model": rec.model_id, "rows": rows, "columns": list(columns), "fit_id": fit_id, "mode":
-            "append" if append else "overwrite", "tasks": len(outs), "pending": max(0, pending),
-            "seconds": round(time.perf_counter() - t0, 3)}
+    return ScoreReport(model=rec.model_id, rows=rows, columns=list(columns), fit_id=fit_id,
+                       seconds=round(time.perf_counter() - t0, 3), mode="append" if append else "overwrite",
+                       tasks=len(outs), pending=max(0, pending))
 
 
 def score_columns_ray(st: Store, rec: ModelRecord, columns: list[str], *, address: str | None = None,

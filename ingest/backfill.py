@@ -19,7 +19,8 @@ space, ends stripped). The two differ only for captions that cleaning changed.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Iterable
 
 import pyarrow as pa
 
@@ -34,9 +35,18 @@ from clipsql.store.tables import CAPTION_FEATURES, SAMPLES, samples_schema
 BACKFILLABLE = CAPTION_FEATURES
 
 
-def backfill(st: Store, columns: Iterable[str] | None = None, *, progress: bool = False) -> dict[str, Any]:
-    """Add `columns` (default: every backfillable column) that `samples` lacks, in one commit.
-    {added: [names], already: [names], rows, commit_id}."""
+@dataclass
+class BackfillResult:
+    """The columns a backfill `added` to `rows` samples in commit `commit_id` (None: nothing to add),
+    and those `already` there."""
+    added: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    rows: int = 0
+    commit_id: int | None = None
+
+
+def backfill(st: Store, columns: Iterable[str] | None = None, *, progress: bool = False) -> BackfillResult:
+    """Add `columns` (default: every backfillable column) that `samples` lacks, in one commit."""
     wanted = list(dict.fromkeys(columns)) if columns else list(BACKFILLABLE)
     unknown = [c for c in wanted if c not in BACKFILLABLE]
     if unknown:
@@ -45,10 +55,10 @@ def backfill(st: Store, columns: Iterable[str] | None = None, *, progress: bool 
         st.recover()
         recorded = st.committed_versions().get(SAMPLES)
         if recorded is None:
-            return {"added": [], "already": wanted, "rows": 0, "commit_id": None}
+            return BackfillResult(already=wanted)
         ds = st.dataset(SAMPLES, recorded)
         missing = [c for c in BACKFILLABLE if c in wanted and c not in ds.schema.names]
-        out = {"added": missing, "already": [c for c in wanted if c not in missing], "rows": 0, "commit_id": None}
+        out = BackfillResult(added=missing, already=[c for c in wanted if c not in missing])
         if not missing:
             return out
         fields = pa.schema([samples_schema().field(c) for c in missing])
@@ -79,7 +89,7 @@ def backfill(st: Store, columns: Iterable[str] | None = None, *, progress: bool 
             res = conn.execute(cat.commits.insert().values(
                 model_id=None, run_id=None, kind="backfill", rows=0, sample_rows=0,
                 versions=cat.to_json({SAMPLES: int(version)}), created_at=time.time()))
-            out["commit_id"] = int(res.inserted_primary_key[0])
-            set_committed_version(conn, SAMPLES, version, out["commit_id"])
-        out["rows"] = rows
+            out.commit_id = int(res.inserted_primary_key[0])
+            set_committed_version(conn, SAMPLES, version, out.commit_id)
+        out.rows = rows
         return out

@@ -28,7 +28,7 @@ from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES
 from clipsql.ingest.update import Updater, require_ids
 from clipsql.models import loading as models
 from clipsql.store.faults import fault
-from clipsql.store.maintenance import maintain_after_ingest
+from clipsql.store.maintenance import OptimizeReport, maintain_after_ingest
 from clipsql.store.store import Store
 from clipsql.store.tables import metadata_aliases
 from clipsql.store.writer import CommitPolicy, Writer
@@ -81,7 +81,7 @@ class IngestSummary:
     samples_restored: int = 0           # samples written for stored embeddings (a repair lost them)
     deleted_on: list = field(default_factory=list)   # [first, last] day (UTC) those ids were deleted
     notes: list = field(default_factory=list)   # things the user should know (renamed metadata columns)
-    maintenance: dict = field(default_factory=dict)
+    maintenance: OptimizeReport | None = None     # what the ingest's maintenance did (None: nothing due)
     id_column: str | None = None        # the source column the ids came from; None: content hashes (DataComp: uids)
 
     @property
@@ -90,6 +90,7 @@ class IngestSummary:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["maintenance"] = self.maintenance.as_dict() if self.maintenance else {}
         d["rows_per_second"] = round(self.rows_per_second, 2)
         return d
 
@@ -131,7 +132,7 @@ def plan_run(store: Store, source_path: str, model: str | None, pretrained: str 
     require_ids(opts.id_column, opts.update)
     if source.precomputed and not opts.model_given and spec.given in models.BUNDLED:
         raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
-                          "--model (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k); clipsql cannot "
+                          "`model` (e.g. `model` ViT-B-32 `pretrained` laion2b_s34b_b79k); clipsql cannot "
                           "tell it from the vectors, and filing them under the demo model would be wrong")
     store.recover()
     t0 = time.perf_counter()

@@ -166,8 +166,8 @@ def pick_device(device: str = "auto") -> str:
 
 
 HUB_CONNECT_TIMEOUT = 3.0     # seconds: an unreachable hub is known in this, not after minutes of retries
-INGEST_HOW = ("download them on a connected machine and pass --checkpoint FILE (with --model ARCH) or "
-              "--model local-dir:PATH (a folder with open_clip_config.json and the weights), or copy that "
+INGEST_HOW = ("download them on a connected machine and pass `checkpoint` FILE (with `model` ARCH) or "
+              "`model` local-dir:PATH (a folder with open_clip_config.json and the weights), or copy that "
               "machine's ~/.cache/huggingface here")
 
 

@@ -431,7 +431,7 @@ def export(app: AppState, body: dict) -> dict:
         while len(app.export_ids) > EXPORTS_KEPT:
             shutil.rmtree(app.exports / app.export_ids.pop(0), ignore_errors=True)
     return {"id": eid, "file": out.name, "sidecar": out.name + ".json", "sql": sql,
-            "counts": side.get("counts"), "warnings": side.get("warnings", []),
+            "counts": side.counts, "warnings": side.warnings,
             "links": [f"/api/export/{eid}/{out.name}", f"/api/export/{eid}/{out.name}.json"]}
 
 

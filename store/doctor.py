@@ -122,7 +122,7 @@ def doctor(path: str | os.PathLike, repair: bool = False) -> Report:
         version = cat.schema_version(st.engine)
         if version < cat.SCHEMA_VERSION:
             report.add("catalog", "warn", f"schema version {version} < {cat.SCHEMA_VERSION}: the next writer (or "
-                                          "--repair) migrates it")
+                                          "`repair=True`) migrates it")
             return report
         report.add("catalog", "ok", f"{cat.safe_url(st.engine.url)} (schema {version})")
         _check(st, report, repair=False)

@@ -10,6 +10,7 @@ stamped with the data version it came from, the seed and the options.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -64,10 +65,31 @@ def draw_reference(st: Store, rec: ModelRecord, size: int, seed: int,
     return ref_ids, X[ok].astype(np.float32), Y[ok].astype(np.float32)
 
 
+@dataclass(frozen=True)
+class FitSummary:
+    """A fit `fit_stats` stored: `fit_id` of `model`, its reference of `reference_size` rows drawn
+    with `seed` from the `rows` at `data_version`, cosine scale `a`, bias `b`, `prior`, the curation
+    `recipe` it was made for (None: the default fit) and the `seconds` it took."""
+    fit_id: int
+    model: str
+    reference_size: int
+    rows: int
+    recipe: str | None
+    seconds: float
+    seed: int
+    a: float
+    b: float
+    prior: str
+    data_version: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFAULT_REFERENCE_SIZE,
               seed: int = 0, scale: str = "1", prior: str = "posterior-mean",
               neg_clip: dict[str, Any] | None = None, recipe: str | None = None,
-              own_pair: str = "exclude") -> dict[str, Any]:
+              own_pair: str = "exclude") -> FitSummary:
     """Fit and store the reference statistics of one model; returns a summary.
 
     `neg_clip` overrides the recorded negCLIPLoss batch options {tau, batch_size, k, seed}
@@ -111,9 +133,9 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         fault("fit:before-save")
         fit_id = st.save_fit(rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
                              options=options, arrays=arrays, reference=reference, recipe=recipe)
-    return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows, "recipe": recipe,
-            "seconds": round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
-            "data_version": version}
+    return FitSummary(fit_id=fit_id, model=rec.model_id, reference_size=len(ref_ids), rows=n_rows, recipe=recipe,
+                      seconds=round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
+                      data_version=version)
 
 
 def _neg_clip_overrides(given: dict[str, Any] | None, m: int) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -98,9 +99,54 @@ def _tag_fit_versions(st: Store, ds: Any, name: str) -> int:
     return n
 
 
+@dataclass
+class TableMaintenance:
+    """What maintenance did to one table (None: that step did not run or had nothing to do):
+    fragments and version before, the compaction (`fragments_removed` / `fragments_added`), the
+    id index (`index`: built or refreshed), a vector index of `clipsql index` refreshed
+    (`vector_index`) or left missing `vector_index_stale` rows, fragments after, and the pruning
+    (`versions_pruned`, `bytes_pruned`, `versions_tagged` for fits, `versions` kept)."""
+    fragments_before: int | None = None
+    version_before: int | None = None
+    fragments_removed: int | None = None
+    fragments_added: int | None = None
+    compact_seconds: float | None = None
+    index: str | None = None
+    vector_index_stale: int | None = None
+    vector_index: str | None = None
+    index_seconds: float | None = None
+    fragments: int | None = None
+    versions_pruned: int | None = None
+    bytes_pruned: int | None = None
+    versions_tagged: int | None = None
+    versions: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form: the steps that ran, in the order they ran."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class OptimizeReport:
+    """Maintenance per table; `dropped_tables` swept (when pruning ran) and `seconds` (when
+    `optimize` ran, not for an ingest's report of stale vector indexes only)."""
+    tables: dict[str, TableMaintenance] = field(default_factory=dict)
+    dropped_tables: list[str] | None = None
+    seconds: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form `clipsql optimize --format json` prints and an ingest run records."""
+        out: dict[str, Any] = {"tables": {name: t.as_dict() for name, t in self.tables.items()}}
+        if self.dropped_tables is not None:
+            out["dropped_tables"] = self.dropped_tables
+        if self.seconds is not None:
+            out["seconds"] = self.seconds
+        return out
+
+
 def optimize(st: Store, *, compact: bool = True, index: bool = True, prune: bool = True,
              retention_hours: float = DEFAULT_RETENTION_HOURS, locked: bool = False,
-             vector_index: bool = True) -> dict[str, Any]:
+             vector_index: bool = True) -> OptimizeReport:
     """Compact, index and prune every table of the store; returns a report per table.
     `vector_index=False` leaves the vector indexes of `clipsql index` as they are (their refresh
     can take minutes) and reports the rows each does not cover as `vector_index_stale`."""
@@ -111,44 +157,44 @@ def optimize(st: Store, *, compact: bool = True, index: bool = True, prune: bool
 
 
 def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hours: float,
-              vector_index: bool = True) -> dict[str, Any]:
+              vector_index: bool = True) -> OptimizeReport:
     t_start = time.perf_counter()
     st.recover()
-    report: dict[str, Any] = {"tables": {}}
+    report = OptimizeReport()
     new_versions: dict[str, int] = {}
     for name in _tables(st):
         ds = st.dataset(name, latest=True)
-        info: dict[str, Any] = {"fragments_before": len(ds.get_fragments()), "version_before": ds.version}
+        info = TableMaintenance(fragments_before=len(ds.get_fragments()), version_before=ds.version)
         t0 = time.perf_counter()
         target = target_rows(ds)
         if compact and small_fragments(ds, target) > 1:
             m = ds.optimize.compact_files(target_rows_per_fragment=target)
-            info["fragments_removed"], info["fragments_added"] = m.fragments_removed, m.fragments_added
+            info.fragments_removed, info.fragments_added = m.fragments_removed, m.fragments_added
             ds = st.dataset(name, latest=True)
             fault("optimize:after-compact")
-        info["compact_seconds"] = round(time.perf_counter() - t0, 3)
+        info.compact_seconds = round(time.perf_counter() - t0, 3)
         t0 = time.perf_counter()
         if index and ds.count_rows() >= INDEX_MIN_ROWS:
             unindexed = _unindexed(ds)
             if unindexed is None:
                 ds.create_scalar_index("id", "BTREE")
-                info["index"] = "built"
+                info.index = "built"
             elif unindexed:
                 ds.optimize.optimize_indices()
-                info["index"] = f"refreshed ({unindexed} rows added)"
+                info.index = f"refreshed ({unindexed} rows added)"
             ds = st.dataset(name, latest=True)
         added = _stale_vector_indexes(ds)
         if added and not (index and vector_index):
-            info["vector_index_stale"] = added
+            info.vector_index_stale = added
         elif added:                                      # a vector index of `clipsql index`, any size
             ds.optimize.optimize_indices()
-            info["vector_index"] = f"refreshed ({added} rows added)"
+            info.vector_index = f"refreshed ({added} rows added)"
             ds = st.dataset(name, latest=True)
-        info["index_seconds"] = round(time.perf_counter() - t0, 3)
-        info["fragments"] = len(ds.get_fragments())
-        if ds.version != info["version_before"]:
+        info.index_seconds = round(time.perf_counter() - t0, 3)
+        info.fragments = len(ds.get_fragments())
+        if ds.version != info.version_before:
             new_versions[name] = ds.version
-        report["tables"][name] = info
+        report.tables[name] = info
     if new_versions:
         with st.engine.begin() as conn:
             res = conn.execute(cat.commits.insert().values(
@@ -164,20 +210,20 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
             ds = st.dataset(name, latest=True)
             tagged = _tag_fit_versions(st, ds, name)
             stats = ds.cleanup_old_versions(older_than=older, error_if_tagged_old_versions=False)
-            info = report["tables"][name]
-            info["versions_pruned"] = int(stats.old_versions)
-            info["bytes_pruned"] = int(stats.bytes_removed)
-            info["versions_tagged"] = tagged
-            info["versions"] = len(ds.versions())
+            info = report.tables[name]
+            info.versions_pruned = int(stats.old_versions)
+            info.bytes_pruned = int(stats.bytes_removed)
+            info.versions_tagged = tagged
+            info.versions = len(ds.versions())
         # tables a `models rm` let go, kept as long as the versions a reader may still hold
-        report["dropped_tables"] = sweep_dropped_tables(st, retention_hours)
-    report["seconds"] = round(time.perf_counter() - t_start, 3)
+        report.dropped_tables = sweep_dropped_tables(st, retention_hours)
+    report.seconds = round(time.perf_counter() - t_start, 3)
     return report
 
 
-def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
+def maintain_after_ingest(st: Store, rec: ModelRecord) -> OptimizeReport | None:
     """What ingest runs (under its lock) when a threshold is crossed: many fragments, or many rows
-    outside the id index. Returns {} when nothing was due and no vector index misses rows.
+    outside the id index. Returns None when nothing was due and no vector index misses rows.
 
     A vector index (`clipsql index`) is never refreshed here: on a large table that takes minutes
     (Lance re-reads the new rows and rewrites the partitions), which an ingest must not spend
@@ -197,6 +243,6 @@ def maintain_after_ingest(st: Store, rec: ModelRecord) -> dict[str, Any]:
         if name == rec.table_name and (added := _stale_vector_indexes(ds)):
             stale[name] = added
     if not (compact or index):
-        return {"tables": {n: {"vector_index_stale": a} for n, a in stale.items()}} if stale else {}
+        return OptimizeReport({n: TableMaintenance(vector_index_stale=a) for n, a in stale.items()}) if stale else None
     # no pruning here: the versions a compaction replaces stay until `clipsql optimize` (retention)
     return optimize(st, compact=compact, index=index, prune=False, locked=True, vector_index=False)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -56,13 +56,41 @@ class Target:
     def ann(self) -> dict | None:
         return self.options.get("index")
 
-    def summary(self) -> dict:
+    def summary(self) -> TargetSummary:
         idx = self.ann
-        return {"name": self.name, "model": self.model_id, "n": self.n, "dim": self.dim, "source": self.source,
-                "created_at": _dt.datetime.fromtimestamp(self.created_at, _dt.timezone.utc).isoformat(
-                    timespec="seconds"), "dropped_rows": self.options.get("dropped_rows", 0),
-                "index": "ann" if idx else "exact",
-                "recall_at_1": idx["recall_at_1"] if idx else None, "nprobes": idx["nprobes"] if idx else None}
+        return TargetSummary(
+            name=self.name, model=self.model_id, n=self.n, dim=self.dim, source=self.source,
+            created_at=_dt.datetime.fromtimestamp(self.created_at, _dt.timezone.utc).isoformat(timespec="seconds"),
+            dropped_rows=self.options.get("dropped_rows", 0), index="ann" if idx else "exact",
+            recall_at_1=idx["recall_at_1"] if idx else None, nprobes=idx["nprobes"] if idx else None)
+
+
+@dataclass(frozen=True)
+class TargetSummary:
+    """A target as `target add` / `target rm` report it and a selection's sidecar records it: `n`
+    rows of `model` (`dropped_rows` invalid ones left out), `index` exact or ann (with its measured
+    `recall_at_1` and `nprobes`), `created_at` ISO-8601 UTC; `seconds` the time an add took."""
+    name: str
+    model: str
+    n: int
+    dim: int
+    source: str
+    created_at: str
+    dropped_rows: int
+    index: str
+    recall_at_1: float | None
+    nprobes: int | None
+    seconds: float | None = None
+
+    def with_seconds(self, seconds: float) -> TargetSummary:
+        return replace(self, seconds=seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (a selection's sidecar): `seconds` only when timed."""
+        out = asdict(self)
+        if self.seconds is None:
+            del out["seconds"]
+        return out
 
 
 def get_target(st: Store, name: str) -> Target:
@@ -70,7 +98,7 @@ def get_target(st: Store, name: str) -> Target:
     with st.engine.connect() as conn:
         row = conn.execute(sa.select(cat.targets).where(cat.targets.c.name == name)).first()
     if row is None:
-        raise unknown_target(name, [t["name"] for t in list_targets(st)])
+        raise unknown_target(name, [t.name for t in list_targets(st)])
     return target_from_row(row, st.path)
 
 
@@ -96,23 +124,43 @@ def target_from_row(row: Any, path: Any = "STORE") -> Target:
                   float(m["created_at"]), options, moment)
 
 
-def list_targets(st: Store) -> list[dict]:
+@dataclass(frozen=True)
+class TargetListing:
+    """A row of `clipsql target list`: `n` rows of `dim` of `model` from `source`, created at
+    `created_at` (seconds since the epoch), `dropped_rows` invalid ones left out, `index` exact or
+    ann (with its measured `recall_at_1`)."""
+    name: str
+    dim: int
+    n: int
+    source: str
+    created_at: float
+    model: str
+    dropped_rows: int
+    index: str
+    recall_at_1: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form `clipsql target list --format json` prints."""
+        return asdict(self)
+
+
+def list_targets(st: Store) -> list[TargetListing]:
     cols = [c for c in cat.targets.c if c.name != "second_moment"]
     with st.engine.connect() as conn:
         rows = conn.execute(sa.select(*cols).order_by(cat.targets.c.name)).fetchall()
     out = []
     for r in rows:
-        m = dict(r._mapping)
-        opts = json.loads(m.pop("options"))
+        m = r._mapping
+        opts = json.loads(m["options"])
         idx = opts.get("index")
-        m.pop("table_name")
-        m.update(model=m.pop("model_id"), dropped_rows=opts.get("dropped_rows", 0), index="ann" if idx else "exact",
-                 recall_at_1=idx["recall_at_1"] if idx else None)
-        out.append(m)
+        out.append(TargetListing(name=m["name"], dim=m["dim"], n=m["n"], source=m["source"],
+                                 created_at=m["created_at"], model=m["model_id"],
+                                 dropped_rows=opts.get("dropped_rows", 0), index="ann" if idx else "exact",
+                                 recall_at_1=idx["recall_at_1"] if idx else None))
     return out
 
 
-def remove_target(st: Store, name: str) -> dict:
+def remove_target(st: Store, name: str) -> TargetSummary:
     with st.lock():
         t = get_target(st, name)
         with st.engine.begin() as conn:

@@ -241,7 +241,7 @@ def test_backfill_adds_the_columns_in_one_commit_and_is_idempotent_and_crash_saf
     assert kinds.count("backfill") == 1
 
     again = backfill(st)
-    assert again["added"] == [] and again["commit_id"] is None and again["already"] == FEATURES
+    assert again.added == [] and again.commit_id is None and again.already == FEATURES
     assert cli("backfill", st.path, "--columns", "nope", check=False).stderr.decode().count("\n") == 1
 
 
@@ -251,8 +251,8 @@ def test_backfill_of_some_columns_then_the_rest(tmp_path):
     ingest_pool(st, tmp_path / "pool", features="b32", options=FAST)
     drop_features(st)
     first = backfill(st, ["caption_chars"])
-    assert first["added"] == ["caption_chars"]
+    assert first.added == ["caption_chars"]
     rest = backfill(st)
-    assert rest["added"] == [c for c in FEATURES if c != "caption_chars"] and rest["already"] == ["caption_chars"]
+    assert rest.added == [c for c in FEATURES if c != "caption_chars"] and rest.already == ["caption_chars"]
     cols = queries.connect(st).sql("SELECT * FROM samples LIMIT 0").columns
     assert all(c in cols for c in FEATURES)

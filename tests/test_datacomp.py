@@ -333,6 +333,6 @@ def test_a_uid_file_is_refused_unless_every_selected_id_came_from_a_datacomp_poo
     select(store, sql="SELECT id FROM samples ORDER BY id", output=tmp_path / "all.txt")
     assert len((tmp_path / "all.txt").read_text().split()) == 17
     side = select(store, sql="SELECT id FROM samples WHERE original_width IS NOT NULL", output=out)
-    assert side["counts"]["selected"] == 12
+    assert side.counts["selected"] == 12
     uids = [u for sh in pool.values() for u in sh["uid"]]
     assert resharder_lookup(out, uids) == [1] * 12

@@ -129,7 +129,7 @@ def run1(tmp_path_factory):
 def test_stored_scores_equal_brute_force_kept_sets(run1):
     st, rec, X, ids, groups, res = run1
     got, C32 = stored(st, rec)
-    assert res["mode"] == "full" and len(got) == len(ids) and C32.shape == (12, D)
+    assert res.mode == "full" and len(got) == len(ids) and C32.shape == (12, D)
     Xn = X.astype(np.float64) / np.linalg.norm(X.astype(np.float64), axis=1, keepdims=True)
     Cn = C32.astype(np.float64) / np.linalg.norm(C32.astype(np.float64), axis=1, keepdims=True)
     labels = [got[i][0] for i in ids]
@@ -146,7 +146,7 @@ def test_stored_scores_equal_brute_force_kept_sets(run1):
         con = queries.connect(st)
         n_sql = con.sql(f"SELECT count(*) FROM semdedup WHERE semdedup_max_sim > 1 - {eps}").fetchall()[0][0]
         con.close()
-        assert n_sql == len(removed(bf, eps)) == res["removable"][str(eps)]
+        assert n_sql == len(removed(bf, eps)) == res.removable[str(eps)]
     # the planted shares: every copy / near copy is removable once ε covers it
     assert len(removed(vals, 0.001)) >= 0.9 * sum(len(g) - 1 for g in groups.values())
     assert len(removed(vals, 0.05)) - len(removed(vals, 0.01)) >= 0.8 * 120
@@ -235,7 +235,7 @@ def test_incremental_rerun_equals_a_full_pass_with_the_same_centroids(tmp_path):
     n0 = 2200
     st, rec = make_store(tmp_path / "s", X[:n0], ids[:n0])
     first = semdedup(st, clusters=10, sample=1500, seed=3)
-    assert first["mode"] == "full" and first["pending_before"] == n0
+    assert first.mode == "full" and first.pending_before == n0
     append(st, X[n0:], ids[n0:])
     status = dedup_status(Store.open(st.path, read_only=True))
     assert status.pending == len(X) - n0 and status.stored == n0 and status.stale == 0
@@ -244,8 +244,8 @@ def test_incremental_rerun_equals_a_full_pass_with_the_same_centroids(tmp_path):
     assert con.sql("SELECT count(*) FROM semdedup").fetchall()[0][0] == n0
     con.close()
     res = semdedup(st)                          # the stored parameters: assign the new rows
-    assert res["mode"] == "incremental" and res["new_rows"] == len(X) - n0 and res["clusters"] == 10
-    assert res["pending_before"] == len(X) - n0 and dedup_status(st).pending == 0
+    assert res.mode == "incremental" and res.new_rows == len(X) - n0 and res.clusters == 10
+    assert res.pending_before == len(X) - n0 and dedup_status(st).pending == 0
     got, C32 = stored(st, rec)
     assert_equals_brute_force(got, X, ids, C32)
     # deletions: the clusters that lost members are recomputed too
@@ -255,15 +255,15 @@ def test_incremental_rerun_equals_a_full_pass_with_the_same_centroids(tmp_path):
         delete_ids(st, pa.array(ids[:50]))
     assert dedup_status(st).stale == 50
     res = semdedup(st)
-    assert res["mode"] == "incremental" and res["removed_rows"] == 50 and res["new_rows"] == 0
+    assert res.mode == "incremental" and res.removed_rows == 50 and res.new_rows == 0
     got, _ = stored(st, rec)
     keep = np.arange(50, len(X))
     assert len(got) == len(keep)
     assert_equals_brute_force(got, X[keep], [ids[i] for i in keep], C32)
-    assert semdedup(st)["mode"] == "current"
+    assert semdedup(st).mode == "current"
     # other parameters: a full recompute
-    assert semdedup(st, clusters=8)["mode"] == "full"
-    assert semdedup(st, refit=True)["clusters"] == round(math.sqrt(len(keep)))
+    assert semdedup(st, clusters=8).mode == "full"
+    assert semdedup(st, refit=True).clusters == round(math.sqrt(len(keep)))
 
 
 def test_a_failed_write_leaves_the_old_result(tmp_path, monkeypatch):
@@ -279,7 +279,7 @@ def test_a_failed_write_leaves_the_old_result(tmp_path, monkeypatch):
     monkeypatch.delenv("CLIPSQL_FAULT")
     after = st.dataset(dedup_table_name(rec.table_name), latest=True)
     assert after.version == before.version and after.to_table().equals(before.to_table())
-    assert semdedup(st, clusters=5)["mode"] == "current"    # still names its own centroids' version
+    assert semdedup(st, clusters=5).mode == "current"    # still names its own centroids' version
 
 
 def test_model_removal_drops_the_tables(tmp_path):
@@ -374,10 +374,10 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
     ref = semdedup(stores["default"][0], clusters=25, seed=2)
     monkeypatch.setattr(dedup, "TAKE_ROWS", 7)                   # Lance takes of 7 rows
     res = semdedup(stores["tiny"][0], clusters=25, seed=2, memory_gb=tiny)
-    assert ref["groups"] == 1 and ref["big_clusters"] == 0
-    assert res["group_rows"] == 120 and res["big_clusters"] >= 2 and res["largest_cluster"] > 120
-    assert res["groups"] < 25 and res["groups"] > 10               # some groups hold several clusters
-    assert res["pairs"] == ref["pairs"] and res["removable"] == ref["removable"]
+    assert ref.groups == 1 and ref.big_clusters == 0
+    assert res.group_rows == 120 and res.big_clusters >= 2 and res.largest_cluster > 120
+    assert res.groups < 25 and res.groups > 10               # some groups hold several clusters
+    assert res.pairs == ref.pairs and res.removable == ref.removable
 
     def same():
         (a, Ca), (b, Cb) = stored(*stores["default"]), stored(*stores["tiny"])
@@ -390,7 +390,7 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
     ref = semdedup(stores["default"][0])
     monkeypatch.setenv("CLIPSQL_DEDUP_MEMORY_GB", str(tiny))      # the environment sets the budget too
     res = semdedup(stores["tiny"][0])
-    assert res["mode"] == ref["mode"] == "incremental" and res["big_clusters"] >= 1
+    assert res.mode == ref.mode == "incremental" and res.big_clusters >= 1
     same()
     for st, _ in stores.values():                                 # deletions: shrunk clusters recomputed
         with st.lock():
@@ -398,7 +398,7 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
             delete_ids(st, pa.array(ids[100:160]))
     ref = semdedup(stores["default"][0], memory_gb=2)
     res = semdedup(stores["tiny"][0])
-    assert res["mode"] == "incremental" and res["removed_rows"] == 60 and res["big_clusters"] >= 1
+    assert res.mode == "incremental" and res.removed_rows == 60 and res.big_clusters >= 1
     same()
     monkeypatch.setenv("CLIPSQL_DEDUP_MEMORY_GB", "lots")
     with pytest.raises(SelectionError, match="CLIPSQL_DEDUP_MEMORY_GB must be a number"):
@@ -554,6 +554,6 @@ def test_the_sample_does_not_depend_on_the_storage_order(tmp_path):
     r1 = semdedup(st1, clusters=6, sample=500, seed=2)
     r2 = semdedup(st2, clusters=6, sample=500, seed=2)
     (g1, C1), (g2, C2) = stored(st1, rec1), stored(st2, rec2)
-    assert np.array_equal(C1, C2) and g1 == g2 and r1["fit"]["iterations_run"] == r2["fit"]["iterations_run"]
+    assert np.array_equal(C1, C2) and g1 == g2 and r1.fit.iterations_run == r2.fit.iterations_run
     r3 = semdedup(st1, clusters=6, sample=500, seed=3)
-    assert not np.array_equal(stored(st1, rec1)[1], C1) and r3["mode"] == "full"
+    assert not np.array_equal(stored(st1, rec1)[1], C1) and r3.mode == "full"

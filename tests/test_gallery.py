@@ -67,7 +67,7 @@ def test_broken_tiles_escaping_and_join(hand_con, tmp_path):
     res = write_gallery(None, "SELECT id, score, note FROM t ORDER BY id", tmp_path / "g.html", con=hand_con,
                         thumb=32)
     page = (tmp_path / "g.html").read_text()
-    assert res["shown"] == 9 and res["broken"] == 5
+    assert res.shown == 9 and res.broken == 5
     assert page.count("<img ") == 4 and page.count('class="tile broken"') == 5
     for why in ("missing file", "cannot decode", "uri is NULL", "unreadable"):
         assert why in page
@@ -103,14 +103,14 @@ def test_web_images_show_by_url_and_local_files_stay_embedded(tmp_path):
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert srcs[0].startswith("data:image/png;base64,")
     assert srcs[1:] == ["https://img.example.com/0/1.jpg", "http://img.example.com/q.jpg?a=1&amp;b=&quot;2&quot;"]
-    assert res["broken"] == 0 and res["remote"] == 2 and res["offline"] == 0
+    assert res.broken == 0 and res.remote == 2 and res.offline == 0
     assert 'id="remote-note"' in page and "your browser fetches them" in page
     assert "img-src data: http: https:" in page and page.count("referrerpolicy=no-referrer") == 2
     # a uri the store's samples do not hold is never shown, web or not
     res = write_gallery(None, "SELECT id, 'https://evil.example/x.png' AS uri FROM samples", tmp_path / "f.html",
                         con=con)
     foreign = (tmp_path / "f.html").read_text()
-    assert res["remote"] == 0 and not any("evil" in src for src in re.findall(r'src="([^"]+)"', foreign))
+    assert res.remote == 0 and not any("evil" in src for src in re.findall(r'src="([^"]+)"', foreign))
     assert "not an image of this store" in foreign
 
 
@@ -121,7 +121,7 @@ def test_no_remote_images_makes_a_page_that_contacts_no_other_host(tmp_path):
     page = (tmp_path / "o.html").read_text()
     srcs = re.findall(r'src="([^"]+)"', page)
     assert len(srcs) == 1 and srcs[0].startswith("data:image/png")
-    assert res["remote"] == 0 and res["offline"] == 2 and res["broken"] == 0
+    assert res.remote == 0 and res.offline == 2 and res.broken == 0
     assert page.count("web image not loaded (--no-remote-images)") == 2
     assert "img-src data:;" in page and "http: https:" not in page
     assert "contacts no other host" in page
@@ -136,7 +136,7 @@ def test_top_bottom_ranks_nulls_and_ties(hand_con, tmp_path):
     # 0.1 tie broken by id; NULL and NaN left out
     assert ids(low) == ["b-alpha", "d-tar", "i-tar-missing"]
     assert ids(high) == ["c-photo", "h-dir", "a-good"]
-    assert res["nulls"] == 2 and "2 with NULL score left out" in page
+    assert res.nulls == 2 and "2 with NULL score left out" in page
     with pytest.raises(QueryError, match="not in the SQL result"):
         write_gallery(None, "SELECT id FROM t", tmp_path / "x.html", con=hand_con, top_bottom=("score", 3))
     with pytest.raises(QueryError, match="`id` column"):
@@ -152,10 +152,10 @@ def test_limit_and_lazy_loading(tmp_path):
                 f"'{tmp_path / 'one.png'}' AS uri, 'c ' || i AS caption FROM range({LAZY_AFTER + 50}) r(i)")
     res = write_gallery(None, "SELECT id, uri, caption FROM samples ORDER BY id", tmp_path / "l.html", con=con,
                         limit=10)
-    assert res["shown"] == 10 and res["cut"] and "the first 10" in (tmp_path / "l.html").read_text()
+    assert res.shown == 10 and res.cut and "the first 10" in (tmp_path / "l.html").read_text()
     res = write_gallery(None, "SELECT id FROM samples ORDER BY id", tmp_path / "all.html", con=con)
     page = (tmp_path / "all.html").read_text()
-    assert res["shown"] == LAZY_AFTER + 50 and res["lazy"] and page.count("loading=lazy") == LAZY_AFTER + 50
+    assert res.shown == LAZY_AFTER + 50 and res.lazy and page.count("loading=lazy") == LAZY_AFTER + 50
 
 
 @pytest.mark.browser
@@ -167,7 +167,7 @@ def test_demo_gallery_low_end_and_browser(demo_store, tmp_path):
            "FROM scores JOIN samples USING (id)")
     out = tmp_path / "demo-gallery.html"
     res = write_gallery(demo_store, sql, out, top_bottom=("image_info_gain", 12), thumb=96)
-    assert res["shown"] == 24 and res["broken"] == 0
+    assert res.shown == 24 and res.broken == 0
     page = out.read_text()
     low, high = page.split("<h2>Highest")
     low_kinds = re.findall(r'<td class="k"[^>]*>kind</td><td class="v" title="(\w+)"', low)

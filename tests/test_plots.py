@@ -38,14 +38,14 @@ def test_scatter_and_hist_on_demo_store(demo_store, tmp_path):
     r2, slope, n = con.sql("SELECT regr_r2(image_info_gain_approx, image_info_gain), "
                            "regr_slope(image_info_gain_approx, image_info_gain), count(*) FROM scores").fetchall()[0]
     con.close()
-    assert res["n"] == n == 300 and res["dropped"] == 0
-    assert res["r2"] == pytest.approx(r2, rel=1e-9) and res["slope"] == pytest.approx(slope, rel=1e-9)
-    assert res["r2"] > 0.95
+    assert res.n == n == 300 and res.dropped == 0
+    assert res.r2 == pytest.approx(r2, rel=1e-9) and res.slope == pytest.approx(slope, rel=1e-9)
+    assert res.r2 > 0.95
     with Image.open(tmp_path / "s.png") as im:
         assert im.format == "PNG" and im.size == (650, 550)
     h = plot_hist(demo_store, "text_info_gain", output=tmp_path / "h.png", bins=20,
                   sql="SELECT text_info_gain FROM scores JOIN samples USING (id) WHERE kind = 'normal'")
-    assert 0 < h["n"] < 300 and h["min"] <= h["mean"] <= h["max"]
+    assert 0 < h.n < 300 and h.min <= h.mean <= h.max
     with Image.open(tmp_path / "h.png") as im:
         assert im.format == "PNG"
 
@@ -55,8 +55,8 @@ def test_nulls_dropped_and_errors(tmp_path):
     con.execute("CREATE TABLE t AS SELECT i::DOUBLE AS x, CASE WHEN i % 10 = 0 THEN NULL ELSE 2 * i + 1 END AS y, "
                 "'s' || i AS s FROM range(50) r(i)")
     res = plot_scatter(None, "x", "y", sql="SELECT * FROM t", output=tmp_path / "a.png", con=con)
-    assert res["dropped"] == 5 and res["n"] == 45
-    assert (res["slope"], res["intercept"], res["r2"]) == pytest.approx((2.0, 1.0, 1.0))
+    assert res.dropped == 5 and res.n == 45
+    assert (res.slope, res.intercept, res.r2) == pytest.approx((2.0, 1.0, 1.0))
     with pytest.raises(QueryError, match="not in the result"):
         plot_hist(None, "nope", sql="SELECT * FROM t", output=tmp_path / "b.png", con=con)
     with pytest.raises(QueryError, match="not numeric"):

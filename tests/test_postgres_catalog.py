@@ -83,7 +83,7 @@ def test_a_postgres_catalog_gives_the_same_numbers_as_sqlite(tmp_path, pg_server
 
     for name, st in stores.items():
         side = select(st, recipe="negclip-normsim", target="split_b", output=tmp_path / f"{name}.csv")
-        assert side["counts"]["selected"] == 80         # 20 % of 400
+        assert side.counts["selected"] == 80         # 20 % of 400
     assert (tmp_path / "postgres.csv").read_text() == (tmp_path / "sqlite.csv").read_text()
 
 

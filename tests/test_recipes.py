@@ -71,7 +71,7 @@ def test_clip_score_top_fraction_and_threshold_match_datacomp(pool_store, tmp_pa
     cs = np.einsum("ij,ij->i", unit(X), unit(Y))
     side = select(pool_store, recipe="clip-score", output=tmp_path / "c.parquet")
     want = [ids[i] for i in sorted(range(N), key=lambda i: (-cs[i], ids[i]))[:count_for(0.3, N)]]
-    assert ids_of(tmp_path / "c.parquet") == want and side["counts"]["selected"] == 108
+    assert ids_of(tmp_path / "c.parquet") == want and side.counts["selected"] == 108
     np.testing.assert_allclose(pq.read_table(tmp_path / "c.parquet").column("clip_score").to_pylist(),
                                sorted(cs, reverse=True)[:108], rtol=1e-6)
     # DataComp's get_threshold: threshold = -sort(-scores)[int(n · f)], keep scores >= threshold
@@ -111,13 +111,13 @@ def test_image_based_matches_datacomps_procedure(pool_store, tmp_path):
     side = select(pool_store, recipe="image-based", target="tgt", clusters=12, seed=4, output=tmp_path / "i.parquet")
     got = ids_of(tmp_path / "i.parquet")
     assert got == datacomp_image_based(X, ids, T, 12, 4) and got == sorted(got)
-    ib = side["image_based"]
+    ib = side.details["image_based"]
     assert ib["clusters"] == 12 and ib["sample"] == N and ib["iterations"] == 20 and 1 <= ib["target_clusters"] <= 3
     assert all(uid(i) in got for i in (3, 50, 200))      # a target's own row is in its cluster
     assert "image_cluster" in pq.read_table(tmp_path / "i.parquet").column_names
     # the default K scales DataComp's 100,000 clusters for 12.8M rows: one per 128 rows
     d = select(pool_store, recipe="image-based", target="tgt", output=tmp_path / "d.txt")
-    assert d["image_based"]["clusters"] == round(N / 128)
+    assert d.details["image_based"]["clusters"] == round(N / 128)
     with pytest.raises(SelectionError, match="no `fraction`"):
         select(pool_store, recipe="image-based", target="tgt", fraction=0.2, output=tmp_path / "x.txt")
     with pytest.raises(SelectionError, match="needs `target`"):
@@ -135,8 +135,8 @@ def test_where_narrows_the_pool_before_the_recipe(pool_store, tmp_path):
     side = select(pool_store, recipe="clip-score", where="quality >= 200", output=tmp_path / "w.parquet")
     want = [ids[i] for i in sorted(keep, key=lambda i: (-cs[i], ids[i]))[:count_for(0.3, len(keep))]]
     assert ids_of(tmp_path / "w.parquet") == want
-    assert side["counts"]["pool"] == len(keep) and side["counts"]["pool_before_where"] == N
-    assert side["where"] == "quality >= 200"
+    assert side.counts["pool"] == len(keep) and side.counts["pool_before_where"] == N
+    assert side.where == "quality >= 200"
     # kl-guided over the same narrowed pool ranks the same scores as over the whole pool
     full = select(pool_store, recipe="kl-guided", fraction=1.0, output=tmp_path / "all.parquet")
     kl = dict(zip(ids_of(tmp_path / "all.parquet"),
@@ -144,7 +144,7 @@ def test_where_narrows_the_pool_before_the_recipe(pool_store, tmp_path):
     select(pool_store, recipe="kl-guided", where="quality >= 200", output=tmp_path / "k.parquet")
     sub = [ids[i] for i in keep]
     assert ids_of(tmp_path / "k.parquet") == sorted(sub, key=lambda k: (-kl[k], k))[:count_for(0.25, len(sub))]
-    assert full["counts"]["selected"] == N
+    assert full.counts["selected"] == N
     with pytest.raises(SelectionError, match="`where` failed"):
         select(pool_store, recipe="clip-score", where="no_such_column > 1", output=tmp_path / "x.txt")
 
@@ -165,7 +165,7 @@ def test_where_on_semantic_dedup_then_kl_guided(tmp_path, tiny_model):
     side = select(st, recipe="kl-guided", fraction=1.0, where="semdedup_max_sim <= 0.99",
                   output=tmp_path / "k.parquet")
     got = set(ids_of(tmp_path / "k.parquet"))
-    assert len(got & {uid(0), uid(1), uid(2)}) == 1 and side["counts"]["pool"] == 198
+    assert len(got & {uid(0), uid(1), uid(2)}) == 1 and side.counts["pool"] == 198
     con = queries.connect(st)
     dup = {r[0] for r in con.execute("SELECT id FROM semdedup WHERE semdedup_max_sim > 0.99").fetchall()}
     assert got == set(uid(i) for i in range(200)) - dup
@@ -178,8 +178,8 @@ def test_datacomp_uids_output_round_trips_through_the_resharders_reading(pool_st
     side = select(pool_store, recipe="clip-score", output=tmp_path / "uids.npy")
     assert (tmp_path / "uids.npy").read_bytes()[:6] == b"\x93NUMPY"
     arr = np.load(tmp_path / "uids.npy")
-    assert arr.dtype == np.dtype("u8,u8") and side["format"] == "datacomp-uids"
-    assert (np.sort(arr) == arr).all() and len(arr) == side["counts"]["selected"] == 108
+    assert arr.dtype == np.dtype("u8,u8") and side.format == "datacomp-uids"
+    assert (np.sort(arr) == arr).all() and len(arr) == side.counts["selected"] == 108
     select(pool_store, recipe="clip-score", output=tmp_path / "same.txt")
     chosen = (tmp_path / "same.txt").read_text().split()
     want = sorted((int(u[:16], 16), int(u[16:], 16)) for u in chosen)

@@ -277,7 +277,7 @@ def test_optimize_folds_rows_added_after_the_build_into_the_vector_index(big, ti
                 if list(i.field_names) != ["id"]]
     assert max(unindexed()) >= 1
     report = optimize(big)
-    assert "vector_index" in report["tables"][big.model().table_name]
+    assert report.tables[big.model().table_name].vector_index is not None
     assert max(unindexed()) == 0
     assert nearest(queries.connect(big), "?::FLOAT[16], 1", [q.tolist()])[0] == ["later0"]
 
@@ -297,8 +297,8 @@ def test_ingest_leaves_a_vector_index_stale_and_says_so(tmp_path, tiny_model, mo
     summary = ingest(st, write(tmp_path / "later.parquet", ["late0"], q[None, :], q[None, :]), model=tiny_model,
                      options=IngestOptions(batch_size=1024, workers=0, progress=False, id_column="id"))
     table = st.model().table_name
-    assert summary.maintenance["tables"][table]["vector_index_stale"] == 1
-    assert "vector_index" not in summary.maintenance["tables"][table]
+    assert summary.maintenance.tables[table].vector_index_stale == 1
+    assert summary.maintenance.tables[table].vector_index is None
     ds = st.embeddings_table(st.model(), st.committed_versions()[table])
     assert [int(ds.stats.index_stats(i.name)["num_unindexed_rows"]) for i in ds.describe_indices()
             if list(i.field_names) != ["id"]] == [1]

@@ -184,8 +184,8 @@ def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
     ids, X, Y = stored(sel_store)
     res = materialize_scores(sel_store, ["clip_score"], neg_clip_loss_pool=True, norm_sim_d=True,
                              pool_batch_size=N)
-    assert res["columns"] == ["clip_score", "neg_clip_loss_pool", "norm_sim_d"]
-    assert res["params"]["neg_clip_loss_pool"]["batch_size"] == N
+    assert res.columns == ["clip_score", "neg_clip_loss_pool", "norm_sim_d"]
+    assert res.params["neg_clip_loss_pool"]["batch_size"] == N
     con = queries.connect(sel_store)
     got = np.array(fetch(con, "SELECT neg_clip_loss_pool, norm_sim_d FROM stored_scores ORDER BY id"))
     F, G = unit(X), unit(Y)
@@ -194,7 +194,7 @@ def test_neg_clip_loss_pool_form_is_stored_and_exact_for_one_batch(sel_store):
     np.testing.assert_allclose(got[:, 1], bf_norm_sim_d(X, keep_fraction=0.2, steps=5), rtol=1e-9)
     # batches of exactly |B|: 400 // 150 = 2 per partition, 100 rows sit each partition out
     res = materialize_scores(sel_store, [], neg_clip_loss_pool=True, pool_batch_size=150, seed=9)
-    p = res["params"]["neg_clip_loss_pool"]
+    p = res.params["neg_clip_loss_pool"]
     assert p["batches_per_partition"] == 2 and p["seed"] == 9 and p["k"] == 10
     got = np.array([r[0] for r in fetch(queries.connect(sel_store),
                                         "SELECT neg_clip_loss_pool FROM stored_scores ORDER BY id")], dtype=float)
@@ -271,7 +271,7 @@ def test_neg_siglip_loss_uses_the_models_scale_and_bias(siglip_store, sel_store)
 def test_norm_sim_through_a_target_equals_brute_force(sel_store):
     ids, X, _ = stored(sel_store)
     res = add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
-    assert res["n"] == 80 and res["index"] == "exact"
+    assert res.n == 80 and res.index == "exact"
     T = unit(X[:80])
     con = queries.connect(sel_store)
     got = np.array(fetch(con, "SELECT norm_sim_2(image_embedding, 'tgt-a'), norm_sim_inf(image_embedding, "
@@ -292,9 +292,9 @@ def test_ann_index_recall_is_measured_and_recorded(sel_store):
                      index="ann", seed=4)
     t = get_target(sel_store, "tgt-ann")
     idx = t.options["index"]
-    assert res["index"] == "ann" and idx["queries"] == "pool images" and idx["sample"] == N
+    assert res.index == "ann" and idx["queries"] == "pool images" and idx["sample"] == N
     assert 0.5 <= idx["recall_at_1"] <= 1.0 and idx["kind"] == "IVF_FLAT"
-    assert [r["recall_at_1"] for r in list_targets(sel_store) if r["name"] == "tgt-ann"] == [idx["recall_at_1"]]
+    assert [r.recall_at_1 for r in list_targets(sel_store) if r.name == "tgt-ann"] == [idx["recall_at_1"]]
     _, X, _ = stored(sel_store)
     exact = np.abs(unit(X) @ unit(X[100:]).T).max(axis=1)
     got = np.array([r[0] for r in fetch(queries.connect(sel_store), "SELECT norm_sim_inf(image_embedding, "
@@ -313,7 +313,7 @@ def test_target_errors_are_clear(sel_store):
     zero = "[" + ", ".join(["0"] * D) + f"]::FLOAT[{D}]"
     with pytest.raises(TargetError, match="would be empty"):
         add_target(sel_store, "zeros", query=f"SELECT {zero} AS image_embedding")
-    assert "empty" not in [t["name"] for t in list_targets(sel_store)]
+    assert "empty" not in [t.name for t in list_targets(sel_store)]
     with pytest.raises(TargetError, match="must return a column named image_embedding"):
         add_target(sel_store, "x", query="SELECT id FROM embeddings")
     with pytest.raises(TargetError, match="exactly one of"):
@@ -324,7 +324,7 @@ def test_target_errors_are_clear(sel_store):
     with pytest.raises(TargetError, match="already exists"):
         add_target(sel_store, "tmp", query="SELECT image_embedding FROM embeddings LIMIT 5")
     assert add_target(sel_store, "tmp", query="SELECT image_embedding FROM embeddings LIMIT 7",
-                      replace=True)["n"] == 7
+                      replace=True).n == 7
     remove_target(sel_store, "tmp")
     with pytest.raises(TargetError, match="unknown target 'tmp'"):
         remove_target(sel_store, "tmp")
@@ -335,7 +335,7 @@ def test_target_from_a_source_encodes_its_images(sel_store, tmp_path):
     folder = write_image_folder(tmp_path / "imgs", 6)
     (folder / "img0000.txt").unlink()                                    # captions are not needed
     res = add_target(sel_store, "from-images", source=str(folder), model=sel_store.model().model_id)
-    assert res["n"] == 6 and res["source"].startswith("source:")
+    assert res.n == 6 and res.source.startswith("source:")
     from PIL import Image
 
     from clipsql.models.prompts import encode_images, load_for_record
@@ -454,13 +454,13 @@ def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
     out = tmp_path / "kl.parquet"
     side = select(st, recipe="kl-guided", include_own_pair=True, output=out)
     rec = st.model()
-    made = side["recipe_fit"]
-    assert made["made"] and made["prior"] == "uniform" and made["a"] == pytest.approx(rec.logit_scale)
-    assert made["seed"] == 3 and made["fit_id"] != default_before["fit_id"]
+    made = side.recipe_fit
+    assert made.made and made.prior == "uniform" and made.a == pytest.approx(rec.logit_scale)
+    assert made.seed == 3 and made.fit_id != default_before["fit_id"]
     assert st.latest_fit(rec, with_arrays=False)["fit_id"] == default_before["fit_id"]   # scores view unchanged
-    assert side["statistics"]["fit_id"] == made["fit_id"] and side["statistics"]["recipe"] == "kl-guided"
+    assert side.statistics["fit_id"] == made.fit_id and side.statistics["recipe"] == "kl-guided"
     ids, _, Y = stored(st)
-    ref = st.get_fit(made["fit_id"], with_reference=True)["arrays"]
+    ref = st.get_fit(made.fit_id, with_reference=True)["arrays"]
     # the recipe's reference sample is the default fit's rows (same seed and size)
     assert list(ref["ref_ids"]) == list(st.latest_fit(rec, with_reference=True)["arrays"]["ref_ids"])
     want, kl = paper_kl_guided(list(ids), Y, ref["ref_ids"], ref["X_ref_raw"], rec.logit_scale, 0.25)
@@ -477,11 +477,11 @@ def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
     assert meta["recipe_fit"]["own_pair"] == "include" and meta["options"]["include_own_pair"] is True
     # a second run reuses the recipe's fit; the selection is byte-identical
     again = select(st, recipe="kl-guided", include_own_pair=True, output=tmp_path / "kl2.parquet")
-    assert not again["recipe_fit"]["made"] and again["recipe_fit"]["fit_id"] == made["fit_id"]
+    assert not again.recipe_fit.made and again.recipe_fit.fit_id == made.fit_id
     assert pq.read_table(tmp_path / "kl2.parquet").equals(tbl)
     # the default: reference captions leave their own pair out, on the same fit
     new = select(st, recipe="kl-guided", output=tmp_path / "kl3.parquet")
-    assert new["recipe_fit"]["fit_id"] == made["fit_id"] and new["recipe_fit"]["own_pair"] == "exclude"
+    assert new.recipe_fit.fit_id == made.fit_id and new.recipe_fit.own_pair == "exclude"
     want_new, kl_new = paper_kl_guided(list(ids), Y, ref["ref_ids"], ref["X_ref_raw"], rec.logit_scale, 0.25,
                                        own_pair_out=True)
     t3 = pq.read_table(tmp_path / "kl3.parquet")
@@ -551,7 +551,7 @@ def test_reference_rows_leave_their_own_pair_out_in_sql_stored_scores_and_kl_gui
     shares = {}
     for incl in (False, True):
         side = select(st, recipe="kl-guided", reference_size=75, include_own_pair=incl, output=tmp_path / f"{incl}.txt")
-        ref_ids = set(st.get_fit(side["recipe_fit"]["fit_id"], with_reference=True)["arrays"]["ref_ids"].tolist())
+        ref_ids = set(st.get_fit(side.recipe_fit.fit_id, with_reference=True)["arrays"]["ref_ids"].tolist())
         chosen = (tmp_path / f"{incl}.txt").read_text().split()
         shares[incl] = sum(i in ref_ids for i in chosen) / len(chosen)
     assert 0.12 < shares[False] < 0.38 and shares[True] > 0.7, shares
@@ -590,14 +590,14 @@ def test_kl_guided_refuses_without_its_fit_naming_the_command(tmp_path, tiny_mod
     # a default fit that already has the recipe's settings is used as it is
     fit_stats(st, reference_size=50, seed=9, scale="model", prior="uniform")
     side = select(st, recipe="kl-guided", make_fit=False, output=tmp_path / "y.txt")
-    assert side["recipe_fit"]["fit"] == "default fit"
+    assert side.recipe_fit.fit == "default fit"
     assert (tmp_path / "x.txt").read_text() == (tmp_path / "y.txt").read_text()
     r = run("stats", "fit", st.path, "--reference-size", 50, "--include-own-pair")
     assert r.exit_code == 0 and st.latest_fit(st.model(), with_arrays=False)["options"]["own_pair"] == "include"
 
 
 def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):
-    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+    if "tgt-a" not in [t.name for t in list_targets(sel_store)]:
         add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
     a = select(sel_store, recipe="negclip-normsim", target="tgt-a", output=tmp_path / "a.csv")
     b = select(sel_store, recipe="negclip-normsim", target="tgt-a", output=tmp_path / "b.csv")
@@ -613,18 +613,18 @@ def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):
     got = pcsv.read_csv(tmp_path / "a.csv")
     assert got.column("id").to_pylist() == want
     assert got.column_names == ["id", "uri", "caption", "neg_clip_loss", "norm_sim_inf"]
-    assert a["counts"]["stage1"] == 120 and a["counts"]["selected"] == 80 and a["target"]["name"] == "tgt-a"
-    assert a["counts"] == b["counts"]
+    assert a.counts["stage1"] == 120 and a.counts["selected"] == 80 and a.details["target"]["name"] == "tgt-a"
+    assert a.counts == b.counts
     # fractions are configurable; --limit cuts to an exact count; txt is one id per line
     c = select(sel_store, recipe="negclip-normsim", target="tgt-a", first_fraction=0.5, limit=7,
                output=tmp_path / "c.txt")
-    assert c["counts"]["stage1"] == 200
+    assert c.counts["stage1"] == 200
     assert (tmp_path / "c.txt").read_text().splitlines() == \
         sorted(sorted(nc, key=lambda k: (-nc[k], k))[:200], key=lambda k: (-ns[k], k))[:7]
 
 
 def test_negclip_normsim_with_the_stored_pool_form(sel_store, tmp_path):
-    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+    if "tgt-a" not in [t.name for t in list_targets(sel_store)]:
         add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
     materialize_scores(sel_store, ["clip_score"])
     with pytest.raises(SelectionError, match="clipsql score STORE --neg-clip-loss-pool"):
@@ -638,7 +638,7 @@ def test_negclip_normsim_with_the_stored_pool_form(sel_store, tmp_path):
     stage1 = sorted(pool, key=lambda k: (-pool[k], k))[:120]
     tbl = pq.read_table(tmp_path / "p.parquet")
     assert tbl.column("id").to_pylist() == sorted(stage1, key=lambda k: (-ns[k], k))[:80]
-    assert "neg_clip_loss_pool" in tbl.column_names and side["negclip_form"] == "pool"
+    assert "neg_clip_loss_pool" in tbl.column_names and side.details["negclip_form"] == "pool"
 
 
 def test_sql_selection_keeps_the_sql_order(sel_store, tmp_path):
@@ -647,7 +647,7 @@ def test_sql_selection_keeps_the_sql_order(sel_store, tmp_path):
     cs = dict(fetch(queries.connect(sel_store), "SELECT id, clip_score FROM scores"))
     want = sorted(cs, key=lambda k: (cs[k], k))[:40]
     assert pq.read_table(tmp_path / "s.parquet").column("id").to_pylist() == want
-    assert side["recipe"] == "sql" and side["counts"]["selected"] == 40
+    assert side.recipe == "sql" and side.counts["selected"] == 40
 
 
 def test_selection_errors(sel_store, tmp_path):
@@ -662,7 +662,7 @@ def test_selection_errors(sel_store, tmp_path):
         (dict(recipe="negclip-normsim", target="tgt-a", fraction=0.4, output=out), "exceeds `first_fraction`"),
         (dict(recipe="kl-guided", fraction=1.5, output=out), r"must be in \(0, 1\]"),
     ]
-    if "tgt-a" not in [t["name"] for t in list_targets(sel_store)]:
+    if "tgt-a" not in [t.name for t in list_targets(sel_store)]:
         add_target(sel_store, "tgt-a", query="SELECT image_embedding FROM embeddings WHERE id < 'r0080'")
     for kwargs, msg in cases:
         with pytest.raises(ClipsqlError, match=msg):
@@ -786,7 +786,7 @@ def test_sql_selection_keeps_the_first_of_each_id_and_drops_nulls(sel_store, tmp
     tbl = pq.read_table(tmp_path / "d.parquet")
     assert tbl.column("id").to_pylist() == sorted(cs, key=lambda k: (-cs[k], k))
     np.testing.assert_allclose(tbl.column("clip_score").to_pylist(), sorted(cs.values(), reverse=True))
-    assert side["counts"]["sql_rows"] == 2 * N + 1 and side["counts"]["duplicate_or_null_ids_dropped"] == N + 1
+    assert side.counts["sql_rows"] == 2 * N + 1 and side.counts["duplicate_or_null_ids_dropped"] == N + 1
 
 
 def write_laion(root, img, txt, widths, heights, names=("width", "height")):
@@ -826,7 +826,7 @@ def test_laion_width_and_height_fill_the_samples_columns(laion_store, tmp_path):
         assert (w, h, m) == (64 * (i % 8) + 32, None if i == 7 else 300 + i, 64 * (i % 8) + 32)
     side = select(laion_store, recipe="clip-score", where="width >= 256", fraction=1.0, output=tmp_path / "cs.txt")
     want = [i for i in range(60) if 64 * (i % 8) + 32 >= 256]
-    assert len(want) == 28 and side["counts"]["pool"] == 28 and side["counts"]["pool_before_where"] == 60
+    assert len(want) == 28 and side.counts["pool"] == 28 and side.counts["pool_before_where"] == 60
     chosen = set((tmp_path / "cs.txt").read_text().split())
     by_caption = dict(fetch(queries.connect(laion_store), "SELECT caption, id FROM samples"))
     assert chosen == {by_caption[f"laion caption {i}"] for i in want}

@@ -91,7 +91,7 @@ def test_legitimate_conditions_still_select_the_same_rows(pool_store, tmp_path):
     for text, n in LEGIT:
         assert delete_where(st, text, dry_run=True).samples == n, text
         side = select(st, recipe="clip-score", fraction=1.0, where=text, output=tmp_path / "x.txt")
-        assert side["counts"]["selected"] == n, text
+        assert side.counts["selected"] == n, text
         res = search(st, like="000000001", k=40, where=text)
         assert len(res["rows"]) == n, text
 

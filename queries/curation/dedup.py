@@ -193,6 +193,62 @@ class DedupStatus:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class DedupFit:
+    """The k-means fit a run's centroids come from: Lloyd iterations run (and whether they
+    converged) on a sample of `pool` valid rows of the `rows` at `data_version`."""
+    iterations_run: int | None = None
+    converged: bool | None = None
+    pool: int | None = None
+    rows: int | None = None
+    data_version: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> DedupFit | None:
+        return None if d is None else cls(**{f: d.get(f) for f in cls.__dataclass_fields__})
+
+
+@dataclass
+class DedupReport:
+    """What a `semdedup` run did: `mode` full (k-means fitted), incremental (new rows assigned to the
+    stored centroids, changed clusters recomputed) or current (nothing to do); the parameters used;
+    `removable` rows per ε (as text) with semdedup_max_sim > 1 − ε; seconds and per-stage timings.
+    A run that wrote the table also reports how the within-cluster pass was grouped
+    (`largest_cluster`, `pairs`, `groups`, `big_clusters`, `memory_budget_mib`, `group_rows`)."""
+    model: str
+    table: str
+    mode: str
+    rows: int
+    valid: int
+    clusters: int
+    sample: int
+    seed: int
+    iterations: int
+    init: str
+    fit: DedupFit | None
+    removable: dict[str, int]
+    seconds: float
+    timings: dict[str, float]
+    pending_before: int
+    new_rows: int
+    removed_rows: int
+    recomputed: int
+    largest_cluster: int | None = None
+    pairs: int | None = None
+    groups: int | None = None
+    big_clusters: int | None = None
+    memory_budget_mib: float | None = None
+    group_rows: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready dict (the fit as stored; the grouping keys only when present)."""
+        out = asdict(self)
+        fit = out.pop("fit")
+        out = {**{k: out[k] for k in ("model", "table", "mode", "rows", "valid", "clusters", "sample", "seed",
+                                      "iterations", "init")}, "fit": fit, **out}
+        return {k: v for k, v in out.items() if v is not None or k == "fit"}
+
+
 def dedup_status(st: Store, model: str | None = None) -> DedupStatus:
     """What is stored for a model (see DedupStatus)."""
     rec = st.model(model)
@@ -231,7 +287,7 @@ def memory_budget(memory_gb: float | None = None) -> float:
 
 def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None, sample: int | None = None,
              seed: int | None = None, iterations: int | None = None, refit: bool = False, progress: bool = False,
-             chunk: int | None = None, memory_gb: float | None = None) -> dict[str, Any]:
+             chunk: int | None = None, memory_gb: float | None = None) -> DedupReport:
     """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring."""
     _check("clusters", clusters)
     _check("sample", sample)
@@ -395,12 +451,13 @@ def _write_centroids(st: Store, rec: ModelRecord, C32: np.ndarray) -> dict:
 
 
 def _report(rec: ModelRecord, params: dict, meta: dict, mode: str, n: int, n_valid: int, max_sim: np.ndarray,
-            t0: float, timings: dict, **extra: Any) -> dict[str, Any]:
-    return {"model": rec.model_id, "table": dedup_table_name(rec.table_name), "mode": mode, "rows": n,
-            "valid": n_valid, **{p: params[p] for p in ("clusters", "sample", "seed", "iterations", "init")},
-            "fit": meta.get("fit"), "removable": {str(e): int(removable(max_sim, e).sum()) for e in EPS_REPORTED},
-            "seconds": round(time.perf_counter() - t0, 3), "timings": {k: round(v, 3) for k, v in timings.items()},
-            **extra}
+            t0: float, timings: dict, **extra: Any) -> DedupReport:
+    return DedupReport(
+        model=rec.model_id, table=dedup_table_name(rec.table_name), mode=mode, rows=n, valid=n_valid,
+        **{p: params[p] for p in ("clusters", "sample", "seed", "iterations", "init")},
+        fit=DedupFit.from_dict(meta.get("fit")),
+        removable={str(e): int(removable(max_sim, e).sum()) for e in EPS_REPORTED},
+        seconds=round(time.perf_counter() - t0, 3), timings={k: round(v, 3) for k, v in timings.items()}, **extra)
 
 
 def _bar(enabled: bool, desc: str) -> Any:

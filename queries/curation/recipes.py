@@ -153,7 +153,7 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
                              f"scale (a = {want['a']:.6g}, b = {want['b']:.6g}) and this store has no current one: "
                              f"run `{command}` (the default fit of the scores view stays as it is)")
     made = fit_stats(st, rec.model_id, reference_size=size, seed=seed, recipe=KL_GUIDED)
-    full = st.get_fit(int(made["fit_id"]), with_reference=True)
+    full = st.get_fit(int(made.fit_id), with_reference=True)
     return load_fit(st, rec, row=full), {"fit": "recipe fit", "made": True, "command": command}
 
 
@@ -222,7 +222,7 @@ def image_based(pool: Pool, target: Any, target_rows: np.ndarray, *, clusters: i
                              "init": "k distinct sample rows drawn by numpy default_rng(seed)",
                              "kmeans": "Lloyd under L2 on normalized image embeddings (as DataComp's faiss run)",
                              "assignment": "largest inner product with a centroid (DataComp's get_centroid_ids)",
-                             "target_clusters": int(len(wanted)), "target": target.summary()}}
+                             "target_clusters": int(len(wanted)), "target": target.summary().as_dict()}}
     return tbl, {"pool_with_image": n}, extra
 
 

@@ -37,7 +37,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -147,10 +147,90 @@ class SelectSpec:
             raise SelectionError(f"`negclip_form` must be row or pool; got {s.negclip_form!r}", param="negclip_form")
 
 
+@dataclass(frozen=True)
+class RecipeFit:
+    """The fit a kl-guided selection ran on: `fit` says which (the default fit, or the recipe's own
+    fit), `made` whether this run made it (and `command` the one that makes it again); its
+    `fit_id`, cosine scale `a`, bias `b`, `prior`, reference draw (`seed`, `reference_size`) at
+    `data_version`, the recipe's published `settings` and `own_pair` (include / exclude)."""
+    fit: str
+    made: bool
+    fit_id: int
+    a: float
+    b: float
+    prior: str
+    seed: int | None
+    reference_size: int
+    data_version: int | None
+    settings: dict[str, Any]
+    own_pair: str
+    command: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecipeFit:
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+
+
+# the keys every sidecar holds (a recipe's own keys, `RecipeSpec.sidecar`, come with `details`)
+@dataclass
+class Selection:
+    """What a select did, as `<output>.json` (its sidecar) records it: the recipe (or `sql`), the
+    model, the cut (`fraction`, `limit`), the pool condition `where`, the fit's `statistics`, the
+    seeds, the output and its `format` and `sha256`, `counts` (pool, requested, selected and the
+    recipe's own), `warnings`, a `run_id`; `details`: the recipe's own keys (kl-guided:
+    `recipe_fit`; image-based: `image_based`; negclip-normsim: `target`, `first_fraction`,
+    `negclip_form`; clip-score: `threshold`). `sidecar` is the sidecar's path."""
+    recipe: str
+    sql: str | None
+    model: str
+    model_kind: str
+    fraction: float | None
+    limit: int | None
+    where: str | None
+    rounding: str
+    ties: str
+    statistics: dict[str, Any] | None
+    output: str
+    format: str
+    engine: str
+    options: dict[str, Any]
+    seeds: dict[str, Any]
+    score_columns: list[str]
+    counts: dict[str, Any]
+    warnings: list[str]
+    run_id: str
+    created_at: str
+    details: dict[str, Any] = field(default_factory=dict)
+    sha256: str | None = None
+    seconds: float | None = None
+    sidecar: str | None = None
+
+    @property
+    def selected(self) -> int:
+        return int(self.counts["selected"])
+
+    @property
+    def pool(self) -> int:
+        return int(self.counts["pool"])
+
+    @property
+    def recipe_fit(self) -> RecipeFit | None:
+        """kl-guided: the fit it ran on."""
+        made = self.details.get("recipe_fit")
+        return RecipeFit.from_dict(made) if made is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The sidecar file's content (`sidecar`, its own path, is not in it)."""
+        out = {**self.details, **{f.name: getattr(self, f.name) for f in fields(self)
+                                  if f.name not in ("details", "sidecar")}}
+        return {k: v for k, v in out.items() if v is not None or k not in ("sha256", "seconds")}
+
+
 @blas_pinned
 def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, model: str | None = None,
-           engine: Engine = LOCAL, **fields: Any) -> dict[str, Any]:
-    """Run a recipe (or SQL), cut to the exact count, write `output` and `<output>.json`; returns the sidecar.
+           engine: Engine = LOCAL, **fields: Any) -> Selection:
+    """Run a recipe (or SQL), cut to the exact count, write `output` and `<output>.json`; returns what
+    the sidecar records (`Selection.to_json()` is the file's content).
 
     `spec` (or its fields as keywords) says what to select. `engine` computes the recipe's
     pool-wide score (queries.sql.engine: DuckDB here, or one Ray task per fragment with the engine
@@ -178,26 +258,25 @@ def select(st: Store, spec: SelectSpec | None = None, *, output: str | Path, mod
     finally:
         con.close()
     fit_info = _fit_info(st, rec, side.get("recipe_fit", {}).get("fit_id"))
-    side.update({"recipe": spec.recipe or "sql", "sql": spec.sql, "model": rec.model_id, "model_kind": rec.kind,
-                 "fraction": side.get("fraction", spec.fraction), "limit": spec.limit, "where": spec.where,
-                 "rounding": ROUNDING, "ties": TIE_RULE, "statistics": fit_info, "output": str(output),
-                 "format": fmt, "engine": engine.name, "options": {k: v for k, v in asdict(spec).items()
-                                                              if k not in ("recipe", "sql")}})
-    side["seeds"] = {"reference": (fit_info or {}).get("seed"),
-                     "neg_clip": ((fit_info or {}).get("neg_clip") or {}).get("seed"),
-                     **({"kmeans": side["image_based"]["seed"]} if "image_based" in side else {})}
-    side["score_columns"] = [c for c in tbl.column_names if c not in ("id", "uri", "caption")]
-    side["counts"] = {**counts, "selected": tbl.num_rows}
-    side["warnings"] = list(pool.info.get("warnings", []))
+    fraction = side.pop("fraction", spec.fraction)
+    warnings = list(pool.info.get("warnings", []))
     if spec.limit is not None and spec.limit > tbl.num_rows:
-        side["warnings"].append(f"--limit {spec.limit} is more than the {tbl.num_rows} rows there are to select "
-                                f"(pool {pool.size}): all of them were selected")
-    side["run_id"] = uuid.uuid4().hex
-    side["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    sidecar = sidecar_path(output)
-    side["sha256"] = _publish(tbl, output, fmt, side, t0)
-    side["sidecar"] = str(sidecar)
-    return side
+        warnings.append(f"`limit` {spec.limit} is more than the {tbl.num_rows} rows there are to select "
+                        f"(pool {pool.size}): all of them were selected")
+    sel = Selection(
+        recipe=spec.recipe or "sql", sql=spec.sql, model=rec.model_id, model_kind=rec.kind, fraction=fraction,
+        limit=spec.limit, where=spec.where, rounding=ROUNDING, ties=TIE_RULE, statistics=fit_info,
+        output=str(output), format=fmt, engine=engine.name,
+        options={k: v for k, v in asdict(spec).items() if k not in ("recipe", "sql")},
+        seeds={"reference": (fit_info or {}).get("seed"),
+               "neg_clip": ((fit_info or {}).get("neg_clip") or {}).get("seed"),
+               **({"kmeans": side["image_based"]["seed"]} if "image_based" in side else {})},
+        score_columns=[c for c in tbl.column_names if c not in ("id", "uri", "caption")],
+        counts={**counts, "selected": tbl.num_rows}, warnings=warnings, run_id=uuid.uuid4().hex,
+        created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), details=side)
+    _publish(tbl, output, fmt, sel, t0)
+    sel.sidecar = str(sidecar_path(output))
+    return sel
 
 
 def sidecar_path(output: str | Path) -> Path:
@@ -396,7 +475,7 @@ def _negclip_normsim(pool: recipes.Pool, target: str, count: int | None, first: 
     con.unregister("_clipsql_stage1")
     chosen, nulls2 = recipes.top(s2, "norm_sim_inf", count)
     return chosen, {"stage1": stage1.num_rows, "stage1_requested": first, "null_scores": nulls1,
-                    "null_norm_sim": nulls2}, {"target": t.summary()}
+                    "null_norm_sim": nulls2}, {"target": t.summary().as_dict()}
 
 
 def _stored_pool_column(st: Store, rec: ModelRecord) -> pa.Table:
@@ -454,7 +533,7 @@ def _with_samples(con: Any, tbl: pa.Table) -> pa.Table:
 _TEMP = re.compile(r"\..+\.(?:parquet|csv|txt|npy)(?:\.json)?\.tmp-" + leftovers.TAG)
 
 
-def _publish(tbl: pa.Table, output: Path, fmt: str, side: dict, t0: float) -> str:
+def _publish(tbl: pa.Table, output: Path, fmt: str, sel: Selection, t0: float) -> str:
     """Write the selection and its sidecar so that a consumer can always tell whether they belong
     together: both are written whole to temporary files first (fsynced), then the sidecar, which
     records the output's sha256 and the run id (a parquet output carries the run id too), replaces
@@ -479,12 +558,12 @@ def _publish(tbl: pa.Table, output: Path, fmt: str, side: dict, t0: float) -> st
             flat = [c for c, fl in zip(tbl.column_names, tbl.schema) if not pa.types.is_nested(fl.type)]
             pcsv.write_csv(tbl.select(flat), tmp)
         else:
-            meta = {**(tbl.schema.metadata or {}), b"clipsql.run_id": side["run_id"].encode()}
+            meta = {**(tbl.schema.metadata or {}), b"clipsql.run_id": sel.run_id.encode()}
             pq.write_table(tbl.replace_schema_metadata(meta), tmp)
         digest = sha256_file(tmp, fsync=True)
-        side["sha256"] = digest
-        side["seconds"] = round(time.perf_counter() - t0, 3)
-        side_tmp.write_text(json.dumps(side, indent=2, sort_keys=True, default=_json_default) + "\n")
+        sel.sha256 = digest
+        sel.seconds = round(time.perf_counter() - t0, 3)
+        side_tmp.write_text(json.dumps(sel.to_json(), indent=2, sort_keys=True, default=_json_default) + "\n")
         sha256_file(side_tmp, fsync=True)
         fault("select:before-rename")
         os.replace(side_tmp, sidecar)

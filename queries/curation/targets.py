@@ -41,7 +41,7 @@ from clipsql.store.drops import mark_for_drop, sweep_dropped_tables, unmark_drop
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, Store
 from clipsql.store.tables import target_table_name
-from clipsql.store.targets import TARGET_CHUNK, ann_max_abs_cos, get_target
+from clipsql.store.targets import TARGET_CHUNK, ann_max_abs_cos, TargetSummary, get_target
 
 ANN_MIN_ROWS = 200_000
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
@@ -52,7 +52,7 @@ INDEX_CHOICES = ("auto", "exact", "ann")
 def add_target(st: Store, name: str, *, query: str | None = None, source: str | None = None,
                model: str | None = None, replace: bool = False, index: str = "auto", seed: int = 0,
                recall_sample: int = 1000, target_recall: float = 0.95, echo: Any = None,
-               **source_options: Any) -> dict:
+               **source_options: Any) -> TargetSummary:
     """Create target `name` of `model` from the `image_embedding` column of `query` (SQL over the
     store), or by encoding the images of `source` (any ingest layout; captions are ignored;
     precomputed sources give their image embeddings). Invalid (zero, NULL, non-finite) rows are
@@ -117,9 +117,7 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
                 mark_for_drop(conn, old, f"target {name} (replaced)")
         fault("target:after-switch")
         sweep_dropped_tables(st)
-    out = get_target(st, name).summary()
-    out["seconds"] = round(time.perf_counter() - t0, 3)
-    return out
+    return get_target(st, name).summary().with_seconds(round(time.perf_counter() - t0, 3))
 
 
 def _from_query(st: Store, rec: ModelRecord, query: str) -> np.ndarray:

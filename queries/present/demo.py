@@ -90,7 +90,7 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
     fit = st.latest_fit(rec, with_arrays=False)
     if fit is None or fit["n_rows"] != st.count_rows(rec):
         f = fit_stats(st, rec.model_id, reference_size=10_000, seed=0)
-        echo(f"stats fit: reference M={f['reference_size']} (scale a=1, posterior-mean prior) in {f['seconds']:.2f}s")
+        echo(f"stats fit: reference M={f.reference_size} (scale a=1, posterior-mean prior) in {f.seconds:.2f}s")
     res.seconds["fit"] = time.perf_counter() - t
     t = time.perf_counter()
     for title, sql in QUERIES:
@@ -109,6 +109,6 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
          f"ORDER BY image_info_gain LIMIT 20\")")
     echo("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in res.seconds.items()))
     echo(f"gallery of the lowest and highest image Information Gain (blank and placeholder images at the low "
-         f"end): {gallery['path']}")
-    res.gallery = Path(gallery["path"])
+         f"end): {gallery.path}")
+    res.gallery = Path(gallery.path)
     return res

@@ -35,6 +35,7 @@ import math
 import os
 import tarfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -329,11 +330,29 @@ def _grid(rows: list[dict], columns: list[str], thumbs: dict[int, tuple[str | No
     return '<div class="grid">' + "".join(tiles) + "</div>"
 
 
+@dataclass
+class GallerySummary:
+    """What a gallery shows: `rows` the query returned, `shown` tiles, `broken` images that did not
+    decode, `remote` web images the browser loads, `offline` web images left out, `cut` (the limit
+    dropped rows), `nulls` (rows a top/bottom ranking left out), `lazy` (tiles load lazily); `path`
+    and `bytes` once written."""
+    rows: int
+    shown: int
+    broken: int
+    remote: int
+    offline: int
+    cut: bool
+    nulls: int
+    lazy: bool
+    path: str | None = None
+    bytes: int | None = None
+
+
 def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thumb: int = 128,
                  top_bottom: tuple[str, int] | None = None, title: str | None = None,
                  con: Any = None, allow_external_access: bool = False,
-                 remote_images: bool = True) -> tuple[str, dict]:
-    """Build the page; returns (html, summary dict: rows, shown, broken, remote, cut, nulls).
+                 remote_images: bool = True) -> tuple[str, GallerySummary]:
+    """Build the page; returns (html, its summary).
 
     Only images the store's samples name are read (a query can put any path in a `uri` column);
     `allow_external_access` shows other files too. `remote_images`: show http(s) images by URL
@@ -418,8 +437,8 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
         f"<details><summary>SQL</summary><pre>{e(sql)}</pre></details>{body}"
         f'<div id="image-check" data-decoded="-1" data-total="-1" data-pending="-1"></div>'
         f"<script>{GALLERY_SCRIPT}</script></body></html>\n")
-    summary = {"rows": total, "shown": len(shown), "broken": broken - offline, "remote": remote,
-               "offline": offline, "cut": cut, "nulls": nulls, "lazy": lazy}
+    summary = GallerySummary(rows=total, shown=len(shown), broken=broken - offline, remote=remote,
+                             offline=offline, cut=cut, nulls=nulls, lazy=lazy)
     return page, summary
 
 
@@ -427,7 +446,8 @@ def gallery_html(store: Any, sql: str, *, limit: int | None = DEFAULT_LIMIT, thu
 def write_gallery(store: Any, sql: str, output: str | os.PathLike = "gallery.html", *,
                   limit: int | None = DEFAULT_LIMIT, thumb: int = 128,
                   top_bottom: tuple[str, int] | None = None, title: str | None = None,
-                  con: Any = None, allow_external_access: bool = False, remote_images: bool = True) -> dict:
+                  con: Any = None, allow_external_access: bool = False,
+                  remote_images: bool = True) -> GallerySummary:
     """Write the gallery page to ``output``; returns the summary with ``path`` (absolute)."""
     page, summary = gallery_html(store, sql, limit=limit, thumb=thumb, top_bottom=top_bottom,
                                  title=title, con=con, allow_external_access=allow_external_access,
@@ -436,6 +456,6 @@ def write_gallery(store: Any, sql: str, output: str | os.PathLike = "gallery.htm
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
-    summary["path"] = str(out.resolve())
-    summary["bytes"] = out.stat().st_size
+    summary.path = str(out.resolve())
+    summary.bytes = out.stat().st_size
     return summary

@@ -16,6 +16,7 @@ instant and works without a display.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,33 @@ def linear_fit(x: np.ndarray, y: np.ndarray) -> dict:
     return {"n": n, "slope": float(slope), "intercept": float(y.mean() - slope * x.mean()), "r2": float(r2)}
 
 
+@dataclass(frozen=True)
+class HistResult:
+    """A histogram written to `path`: `n` finite values (`dropped` NULL/NaN left out) and their
+    mean, standard deviation, minimum and maximum."""
+    path: str
+    n: int
+    dropped: int
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class ScatterResult:
+    """A scatter written to `path`: `n` rows with both values finite (`dropped` left out) and the
+    least-squares line y = slope·x + intercept with its R²."""
+    path: str
+    dropped: int
+    n: int
+    slope: float
+    intercept: float
+    r2: float
+
+
 def plot_hist(store: Any, column: str, *, sql: str | None = None, output: str | os.PathLike = "hist.png",
-              bins: int = 50, con: Any = None) -> dict:
+              bins: int = 50, con: Any = None) -> HistResult:
     """Histogram of one column; returns n, dropped, mean, std, min, max and the output path."""
     v = fetch_columns(store, [column], sql, con)[column]
     ok = np.isfinite(v)
@@ -109,12 +135,12 @@ def plot_hist(store: Any, column: str, *, sql: str | None = None, output: str | 
                  + (f" ({int((~ok).sum())} NULL dropped)" if (~ok).any() else ""))
     ax.legend(loc="best", fontsize=8)
     path = save_figure(fig, output)
-    return {"path": path, "n": int(len(v)), "dropped": int((~ok).sum()), "mean": float(v.mean()),
-            "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
+    return HistResult(path=path, n=int(len(v)), dropped=int((~ok).sum()), mean=float(v.mean()),
+                      std=float(v.std()), min=float(v.min()), max=float(v.max()))
 
 
 def plot_scatter(store: Any, x: str, y: str, *, sql: str | None = None, output: str | os.PathLike = "scatter.png",
-                 con: Any = None) -> dict:
+                 con: Any = None) -> ScatterResult:
     """Scatter of y against x with the least-squares line; R² and the line in the title."""
     data = fetch_columns(store, [x, y], sql, con)
     xs, ys = data[x], data[y]
@@ -138,4 +164,4 @@ def plot_scatter(store: Any, x: str, y: str, *, sql: str | None = None, output: 
     ax.set_title(f"{y} vs {x}: R² = {fit['r2']:.4f}, slope {fit['slope']:.4g}, n={fit['n']}"
                  + (f" ({int((~ok).sum())} NULL dropped)" if (~ok).any() else ""), fontsize=10)
     path = save_figure(fig, output)
-    return {"path": path, "dropped": int((~ok).sum()), **fit}
+    return ScatterResult(path=path, dropped=int((~ok).sum()), **fit)

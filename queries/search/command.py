@@ -95,7 +95,7 @@ def format_search(res: dict, fmt: str = "table") -> str:
     """The report `clipsql search` prints: json, or a header line, a table and notes."""
     if fmt == "json":
         return json.dumps({k: v for k, v in res.items() if k != "gallery"} | (
-            {"gallery": res["gallery"]["path"]} if res.get("gallery") else {}), default=str, indent=1)
+            {"gallery": res["gallery"].path} if res.get("gallery") else {}), default=str, indent=1)
     head = f"{len(res['rows'])} nearest {res['column'].split('_')[0]}s of {res['model']} to {res['query']!r}"
     head += f" ({res['method']}" + (f", nprobes {res['nprobes']}, recall@10 {res['recall']:.3f}"
                                      if res.get("nprobes") and res.get("recall") is not None else "") + ")"
@@ -111,7 +111,7 @@ def format_search(res: dict, fmt: str = "table") -> str:
         if note:
             lines.append(f"note: {note}")
     if res.get("gallery"):
-        lines.append(f"gallery: {res['gallery']['path']} ({res['gallery']['shown']} images)")
+        lines.append(f"gallery: {res['gallery'].path} ({res['gallery'].shown} images)")
     return "\n".join(lines)
 
 

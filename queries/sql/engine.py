@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from clipsql.ingest.pipeline import IngestOptions, IngestSummary, ingest
 from clipsql.queries.sql.db import connect
-from clipsql.queries.sql.materialize import materialize_scores, score_relation
+from clipsql.queries.sql.materialize import ScoreReport, materialize_scores, score_relation
 from clipsql.store.store import ModelRecord, StatsState, Store
 
 
@@ -38,7 +38,7 @@ class Engine(Protocol):
 
     def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
               norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False) -> ScoreReport:
         """`clipsql score`: store the score columns (view `stored_scores`); returns a summary."""
 
     def score_columns(self, store: Store, rec: ModelRecord, columns: list[str], *, fit: Any, con: Any,
@@ -65,7 +65,7 @@ class LocalEngine:
 
     def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
               norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False) -> ScoreReport:
         return materialize_scores(store, columns, model, neg_clip_loss_pool=neg_clip_loss_pool, norm_sim_d=norm_sim_d,
                                   pool_batch_size=pool_batch_size, seed=seed, progress=progress)
 

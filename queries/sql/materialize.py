@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,10 +40,27 @@ from clipsql.store.store import Store
 from clipsql.store.tables import stored_table_name
 
 
+@dataclass(frozen=True)
+class ScoreReport:
+    """Scores stored for `rows` rows of `model`: the `columns`, stamped with fit `fit_id`, in
+    `seconds`; `params` of the pool-form columns (batching, seed). A Ray job also says its `mode`
+    (append: only rows added since; overwrite), its `tasks` and the rows an ingest committed
+    meanwhile (`pending`)."""
+    model: str
+    rows: int
+    columns: list[str]
+    fit_id: int | None
+    seconds: float
+    params: dict[str, Any] = field(default_factory=dict)
+    mode: str | None = None
+    tasks: int | None = None
+    pending: int | None = None
+
+
 def materialize_scores(st: Store, columns: list[str], model: str | None = None, *,
                        neg_clip_loss_pool: bool = False, norm_sim_d: bool = False,
                        pool_batch_size: int | None = None, seed: int | None = None,
-                       progress: bool = False) -> dict[str, Any]:
+                       progress: bool = False) -> ScoreReport:
     """Store `columns` (SQL score functions; BLAS pinned to one thread around that query, as DuckDB
     runs the UDF batches on its own threads) and the pool-form columns (numpy passes of this
     process: negCLIPLoss's chunks on `pool_threads()` threads of one BLAS thread each, NormSim-D
@@ -81,8 +99,8 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
         fault("score:before-write")
         st.db.create_table(stored_table_name(rec.table_name), data=tbl, mode="overwrite")
     stored = list(columns) + [c for c, on in zip(POOL_COLUMNS, (neg_clip_loss_pool, norm_sim_d)) if on]
-    return {"model": rec.model_id, "rows": n, "columns": stored, "fit_id": fit["fit_id"] if fit else None,
-            "seconds": round(time.perf_counter() - t0, 3), "params": params}
+    return ScoreReport(model=rec.model_id, rows=n, columns=stored, fit_id=fit["fit_id"] if fit else None,
+                       seconds=round(time.perf_counter() - t0, 3), params=params)
 
 
 def check_columns(rec: Any, columns: list[str]) -> None:
