@@ -108,15 +108,14 @@ def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = No
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
     snap = Snapshot.read(open_store(store))     # the warning and the query: one snapshot
-    # a statement without FROM (`SELECT 1`) opens no Lance table, and scores none of the store's
-    # rows: the warning that the fit predates rows is not its concern
-    tables = not reads_no_table(sql)
-    if snap.models and tables:
-        warn = snap.staleness(snap.model())
-        if warn:
-            print(f"warning: {warn}", file=sys.stderr)
-    con = connect(snap, allow_external_access=allow_external_access, tables=tables)
+    con = connect(snap, allow_external_access=allow_external_access, for_sql=sql)
     try:
+        # a statement without FROM (`SELECT 1`) opens no Lance table, and scores none of the store's
+        # rows: the warning that the fit predates rows is not its concern
+        if snap.models and not reads_no_table(sql, con):
+            warn = snap.staleness(snap.model())
+            if warn:
+                print(f"warning: {warn}", file=sys.stderr)
         tbl = interruptible(con, lambda: fetch_table(con, sql))
         return _format(tbl, fmt, output, max_rows)
     finally:
