@@ -6,8 +6,8 @@
 torch, open_clip, lance, lancedb, ray, matplotlib, huggingface_hub and duckdb (and the smaller
 tqdm and threadpoolctl) each cost from a tenth of a second to several seconds to import, and most
 commands need one or none of them:
-`clipsql --help` imports none, `clipsql query STORE "SELECT 1"` only duckdb (and what Lance's
-scan needs). Every other module refers to them through the proxies below (module-level names,
+`clipsql --help` imports none, `clipsql query STORE "SELECT 1"` only duckdb (a statement without
+FROM opens no Lance table; one that reads a view imports lance, and pyarrow's datasets pandas). Every other module refers to them through the proxies below (module-level names,
 so no import statement sits inside a function); a proxy imports its module the first time an
 attribute is read. A module that is not installed is a `MissingDependency` (a ClipsqlError, so
 the CLI prints one line) naming the pip command that installs it.

@@ -32,7 +32,6 @@ class Prepared:
     pixels: list[Any] = field(default_factory=list)       # preprocessed image tensors
     tokens: list[Any] = field(default_factory=list)       # tokenized captions (tokenized once, here)
     rejects: list[tuple[str, str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (id, location) already in the store
     image_vectors: list[np.ndarray] = field(default_factory=list)   # precomputed sources
     text_vectors: list[np.ndarray] = field(default_factory=list)
     units_done: list[tuple[str, int, int]] = field(default_factory=list)  # (unit key, rows, rejects)
@@ -43,16 +42,33 @@ class Prepared:
         return len(self.rows)
 
 
+def identify(item: Any, allow_missing_captions: bool = False) -> str | None:
+    """The id an image item will have, from its bytes and caption, without decoding the image;
+    None when its caption is rejected (the item's decode reports its faults in their order)."""
+    try:
+        caption = clean_caption(item.caption_raw)
+    except ItemRejected as e:
+        if not (allow_missing_captions and e.reason in NO_CAPTION):
+            return None
+        caption = None
+    return item.id or content_id(item.image_bytes or b"", caption or "",
+                                 extra="" if item.image_bytes is not None else (item.uri or ""))
+
+
 def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozenset | set,
                  dim: int | None, out: Prepared, allow_missing_captions: bool = False) -> None:
     """Clean, id, skip-or-decode one source item into `out` (a reject is recorded, never raised).
 
-    An image's own fault (corrupt, too large, …) is reported before its caption's; with
-    `allow_missing_captions` an image without a caption (none, or empty after cleaning) is kept
-    with a NULL caption and no text embedding."""
+    An image item whose id is in `done_ids` (stored before the run) is not decoded: its row comes
+    without pixels or tokens (`stored` set), to be classified and counted as skipped. An image's own
+    fault (corrupt, too large, …) is reported before its caption's; with `allow_missing_captions`
+    an image without a caption (none, or empty after cleaning) is kept with a NULL caption and
+    no text embedding."""
     t0 = time.perf_counter()
     try:
-        image = load_image(item.image_bytes) if item.image_bytes is not None else None
+        stored = bool(done_ids) and item.image_bytes is not None and \
+            identify(item, allow_missing_captions) in done_ids
+        image = load_image(item.image_bytes) if item.image_bytes is not None and not stored else None
         try:
             caption = clean_caption(item.caption_raw)
         except ItemRejected as e:
@@ -61,14 +77,15 @@ def prepare_item(item: Any, *, preprocess: Any, tokenizer: Any, done_ids: frozen
             caption = None
         sid = item.id or content_id(item.image_bytes or b"", caption or "",
                                     extra="" if item.image_bytes is not None else (item.uri or ""))
-        if sid in done_ids:
-            out.skipped.append((sid, item.location))
-            return
         row = {"id": sid, "uri": item.uri, "caption": caption, "caption_text": source_text(item.caption_raw, caption),
                "width": None, "height": None,
                "location": item.location, "caption_truncated": caption_truncated(tokenizer, caption)
                if tokenizer is not None and caption is not None else False, "meta": item.meta or {}}
-        if image is None:   # precomputed embeddings
+        if stored:
+            row["stored"] = True
+            out.pixels.append(None)
+            out.tokens.append(None)
+        elif image is None:   # precomputed embeddings
             if item.image_embedding is None or item.text_embedding is None:
                 raise ItemRejected("missing_vector", "row has no image or text embedding")
             img = check_vector(item.image_embedding, dim)

@@ -22,7 +22,7 @@ import pyarrow as pa
 from clipsql.errors import SourceError
 from clipsql.ingest.datacomp import FEATURES, DataCompSource, pick_features, pool_dir
 from clipsql.ingest.dedup import IdChecker
-from clipsql.ingest.encode import Prepared, prepare_item
+from clipsql.ingest.encode import Prepared, caption_truncated, identify, prepare_item
 from clipsql.ingest.rows import samples_columns, samples_table
 from clipsql.ingest.run import IngestOptions, IngestRun, IngestSummary, run_ingest
 from clipsql.ingest.sources import Reject
@@ -66,9 +66,10 @@ class _PreparedStream:
     arrived in it or in that reader's earlier batches, so the writer may mark it done."""
 
     def __init__(self, source: Any, units: list, preprocess: Any, tokenizer: Any, dim: int, batch_size: int,
-                 allow_missing_captions: bool = False):
+                 allow_missing_captions: bool = False, stored: dict | None = None):
         self.source, self.units, self.preprocess, self.tokenizer = source, units, preprocess, tokenizer
         self.dim, self.batch_size, self.allow_missing_captions = dim, batch_size, allow_missing_captions
+        self.stored = stored or {}     # {unit key: ids stored before the run}: not decoded
 
     def my_units(self) -> list:
         """The units this reader takes: all of them in the main process."""
@@ -78,6 +79,7 @@ class _PreparedStream:
         mine = self.my_units()
         out = Prepared()
         for unit, key in mine:
+            done_ids = self.stored.get(key, frozenset())
             records = iter(self.source.read(unit))
             rows = rejects = 0
             while True:
@@ -91,7 +93,7 @@ class _PreparedStream:
                     out.rejects.append((rec.location, rec.reason, rec.detail))
                 else:
                     prepare_item(rec, preprocess=self.preprocess, tokenizer=self.tokenizer,
-                                 done_ids=frozenset(), dim=self.dim, out=out,
+                                 done_ids=done_ids, dim=self.dim, out=out,
                                  allow_missing_captions=self.allow_missing_captions)
                 if len(out.rejects) > before:
                     rejects += 1
@@ -181,14 +183,46 @@ def _classify(checker: IdChecker, ids: pa.Array, locations: list[str] | None, lo
     return ~dup & ~in_s, ~dup & ~in_e, dup | gone
 
 
+def _stored_before(r: IngestRun) -> tuple[dict, bool]:
+    """({unit key: ids of its image items the store held at the run's start, in `samples` and the
+    model's table, or recorded as deleted}, whether any image item needs encoding), from the items'
+    bytes and captions, nothing decoded. Only when the store held rows at the run's start: the
+    units are read once more (files, not pixels), which costs far less than decoding and encoding
+    rows that are stored already."""
+    source, checker, rec = r.plan.source, r.checker, r.rec
+    if not checker.lookup:
+        return {}, True
+    out: dict = {}
+    need = False
+    for unit, key in r.plan.todo:
+        sids = [identify(x, r.opts.allow_missing_captions) for x in source.read(unit)
+                if not isinstance(x, Reject) and x.image_bytes is not None]
+        known = [x for x in sids if x is not None]
+        if known:
+            ids = pa.array(known, pa.string())
+            in_s, in_e = r.store.stored_ids(rec, ids, checker.before)
+            gone, _, _ = checker.deleted(ids)
+            stored = (in_s & in_e) | gone
+            if stored.any():
+                out[key] = frozenset(ids.filter(pa.array(stored)).to_pylist())
+            need = need or not stored.all()
+    return out, need
+
+
 def _ingest_items(r: IngestRun, bar: Any, on_batch: Any) -> None:
-    """Images: decode/preprocess (DataLoader workers when asked) → forward → writer."""
+    """Images: decode/preprocess (DataLoader workers when asked) → forward → writer. Items whose
+    ids the store held at the run's start are neither decoded nor encoded, and the model is loaded
+    only when some item needs encoding (or --update finds a changed caption)."""
     source, todo, rec, encoder, opts, writer = r.plan.source, r.plan.todo, r.rec, r.encoder, r.opts, r.writer
     checker, summary, rejected, seconds = r.checker, r.summary, r.rejected, r.seconds
-    loaded = encoder.loaded
-    workers = default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
-    summary.workers, summary.device = workers, str(loaded.device)
-    args = (source, todo, loaded.preprocess, loaded.tokenizer, rec.dim, opts.batch_size, opts.allow_missing_captions)
+    t0 = time.perf_counter()
+    stored, need_model = _stored_before(r)
+    seconds["read+check stored"] += time.perf_counter() - t0
+    loaded = encoder.loaded if need_model else None
+    workers = 0 if loaded is None else default_workers(loaded.device) if opts.workers is None else max(0, opts.workers)
+    summary.workers, summary.device = workers, str(loaded.device) if loaded is not None else ""
+    args = (source, todo, getattr(loaded, "preprocess", None), getattr(loaded, "tokenizer", None), rec.dim,
+            opts.batch_size, opts.allow_missing_captions, stored)
     if workers:
         # Workers are forked (fast start, no re-import of torch) and only read source files and
         # decode images; they never call into Lance, so its fork-safety warning does not apply.
@@ -214,9 +248,11 @@ def _ingest_items(r: IngestRun, bar: Any, on_batch: Any) -> None:
             new_sample, new_emb, dup = _classify(checker, ids, [x["location"] for x in rows], None, summary,
                                                  rejects)
             if r.updater is not None:
-                tokens = prepared.tokens
-                _queue_updates(r, ids, new_sample, new_emb, dup, *row_arrays(rows),
-                               lambda idx: encoder.text([tokens[i] for i in idx]))
+                caption, metadata, truncated, meta_types = row_arrays(rows)
+                if any(x.get("stored") for x in rows):      # not tokenized: done for changed captions only
+                    truncated = _truncated_later(encoder, rows, truncated)
+                _queue_updates(r, ids, new_sample, new_emb, dup, caption, metadata, truncated, meta_types,
+                               lambda idx, p=prepared: encoder.text(_tokens(encoder, p, idx)))
             need = np.flatnonzero(new_emb)
             t0 = time.perf_counter()
             if len(need):
@@ -241,6 +277,30 @@ def _ingest_items(r: IngestRun, bar: Any, on_batch: Any) -> None:
         bar.set_postfix(added=summary.added, skipped=summary.skipped, rejected=sum(rejected.values()))
         if on_batch is not None:
             on_batch(summary)
+
+
+def _tokens(encoder: Any, prepared: Prepared, idx: Any) -> list:
+    """Tokens of rows `idx` of a batch: a stored row (not decoded) is tokenized now (--update
+    re-encodes its changed caption), which loads the model if nothing did yet."""
+    rows, tokens = prepared.rows, prepared.tokens
+    missing = [i for i in idx if tokens[i] is None and rows[i]["caption"] is not None]
+    if missing:
+        tokenizer = encoder.loaded.tokenizer
+        for i in missing:
+            tokens[i] = tokenizer([rows[i]["caption"]])[0]
+    return [tokens[i] for i in idx]
+
+
+def _truncated_later(encoder: Any, rows: list[dict], truncated: pa.Array) -> Any:
+    """caption_truncated of a batch's rows as a function of row positions, computed for the
+    stored rows (which were not tokenized) only when --update rewrites their caption."""
+    def take(idx: Any) -> pa.Array:
+        out = truncated.take(pa.array(idx, pa.int64())).to_pylist()
+        for j, i in enumerate(idx):
+            if rows[i].get("stored") and rows[i]["caption"] is not None:
+                out[j] = caption_truncated(encoder.loaded.tokenizer, rows[i]["caption"])
+        return pa.array(out, pa.bool_())
+    return take
 
 
 def _ingest_columns(r: IngestRun, bar: Any, on_batch: Any) -> None:

@@ -166,6 +166,11 @@ def register_model(store: Store, plan: Plan, device: str,
     t0 = time.perf_counter()
     spec, source = plan.spec, plan.source
     encoder = loaded = None
+    if not source.precomputed and plan.known is not None:
+        # the store holds the model: its record names it, and the weights load at the first row
+        # that needs encoding (a run whose rows are all stored never loads them)
+        store.sync_stats(plan.known)
+        return plan.known, LazyEncoder(encoder_factory or open_clip_encoder, spec, device, plan.seconds)
     if not source.precomputed or spec.local:
         encoder = (encoder_factory or open_clip_encoder)(spec, device)
         loaded = encoder.loaded
@@ -181,6 +186,36 @@ def register_model(store: Store, plan: Plan, device: str,
     rec = store.register_model(**fields)
     store.sync_stats(rec)   # stores written before the commit ledger may lag
     return rec, encoder
+
+
+class LazyEncoder:
+    """An encoder (encode.Encoder's interface: `.loaded`, a call, `.text`) whose model is loaded
+    at first use; `is_loaded` says whether that happened. The load's seconds count as load_model."""
+
+    def __init__(self, factory: Callable[[Any, str], Any], spec: Any, device: str, seconds: Counter):
+        self.factory, self.spec, self.device, self.seconds = factory, spec, device, seconds
+        self._encoder: Any = None
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._encoder is not None
+
+    def _get(self) -> Any:
+        if self._encoder is None:
+            t0 = time.perf_counter()
+            self._encoder = self.factory(self.spec, self.device)
+            self.seconds["load_model"] += time.perf_counter() - t0
+        return self._encoder
+
+    @property
+    def loaded(self) -> Any:
+        return self._get().loaded
+
+    def __call__(self, pixels: list[Any], tokens: list[Any]) -> Any:
+        return self._get()(pixels, tokens)
+
+    def text(self, tokens: list[Any]) -> Any:
+        return self._get().text(tokens)
 
 
 @dataclass

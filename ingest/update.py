@@ -52,10 +52,13 @@ class Updater:
         self.updated_samples = 0
         self.updated_rows = 0
 
-    def check(self, ids: pa.Array, caption: pa.Array, metadata: pa.Array, truncated: pa.Array,
+    def check(self, ids: pa.Array, caption: pa.Array, metadata: pa.Array,
+              truncated: pa.Array | Callable[[np.ndarray], pa.Array],
               in_samples: np.ndarray, in_model: np.ndarray, text: Callable[[np.ndarray], np.ndarray],
               meta_types: dict[str, str] | None = None) -> int:
-        """Queue the changes of one batch; returns how many of the model's rows get a new caption."""
+        """Queue the changes of one batch; returns how many of the model's rows get a new caption.
+        `truncated`: caption_truncated of the batch's rows, or a function of row positions giving it
+        (computed only for the rows whose caption or metadata changed)."""
         n_model = 0
         idx = np.flatnonzero(in_samples)
         if len(idx):
@@ -70,8 +73,9 @@ class Updater:
             changed = _differs(new_cap, old_cap) | _differs(new_meta, old_meta)
             if changed.any():
                 c = pa.array(np.flatnonzero(changed), pa.int64())
+                trunc = truncated(idx[changed]) if callable(truncated) else truncated.take(t).take(c)
                 self._samples.append(pa.table({"id": sid.take(c), "caption": new_cap.take(c),
-                                               "caption_truncated": truncated.take(t).take(c),
+                                               "caption_truncated": trunc,
                                                "metadata": new_meta.take(c)}))
                 self._types.update(meta_types or {})
                 self.pending += len(c)

@@ -13,8 +13,10 @@ missing file fails before anything is written; `load` builds the network.
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -115,6 +117,10 @@ def resolve(name: str | None, pretrained: str | None = None, checkpoint: str | N
         return ModelSpec(name, name, None, False)
 
     arch = name.replace("/", "-")
+    if not checkpoint and pretrained:
+        found = _known_without_open_clip(arch, pretrained)
+        if found is not None:       # a known ARCH + tag, named from open_clip's files without importing it
+            return ModelSpec(f"{arch}/{pretrained}", arch, pretrained, False, found)
     known = open_clip.list_models()
     if arch not in known:
         close = difflib.get_close_matches(arch, known + list(BUNDLED), n=5)
@@ -138,6 +144,80 @@ def resolve(name: str | None, pretrained: str | None = None, checkpoint: str | N
     if pretrained not in tags:
         raise ModelError(f"unknown pretrained tag {pretrained!r} for {arch}; known tags: {', '.join(tags) or 'none'}")
     return ModelSpec(f"{arch}/{pretrained}", arch, pretrained, False, config)
+
+
+def _open_clip_files() -> Path | None:
+    """open_clip's package folder, found without importing it (importing it imports torch, ~1.5 s)."""
+    try:
+        found = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return None
+    folders = list(found.submodule_search_locations or []) if found is not None else []
+    return Path(folders[0]) if folders else None
+
+
+def _pretrained_tags(source: str) -> dict[str, list[str]]:
+    """{architecture: [pretrained tag]} from the text of open_clip's pretrained.py, read as data:
+    `_PRETRAINED = {"ARCH": _NAME, …}` with `_NAME = dict(tag=…, …)` (or a dict literal); the
+    `-quickgelu` architectures get the tags marked `quick_gelu=True`, as open_clip derives them.
+    {} when the file does not have that shape."""
+    tree = ast.parse(source)
+    tables: dict[str, dict[str, bool]] = {}
+    archs: dict[str, dict[str, bool]] = {}
+
+    def quick(value: ast.AST) -> bool:
+        return isinstance(value, ast.Call) and any(
+            k.arg == "quick_gelu" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in value.keywords)
+
+    def table(value: ast.AST) -> dict[str, bool] | None:
+        """{tag: quick_gelu} of `dict(tag=…)`, `{"tag": …}` or a name assigned one of them earlier."""
+        if isinstance(value, ast.Name):
+            return tables.get(value.id)
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "dict" \
+                and not value.args:
+            return {k.arg: quick(k.value) for k in value.keywords if k.arg}
+        if isinstance(value, ast.Dict) and all(isinstance(k, ast.Constant) and isinstance(k.value, str)
+                                               for k in value.keys):
+            return {k.value: quick(v) for k, v in zip(value.keys, value.values)}
+        return None
+
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            continue
+        target, value = node.targets[0].id, node.value
+        if target == "_PRETRAINED" and isinstance(value, ast.Dict):
+            for k, v in zip(value.keys, value.values):
+                tags = table(v)
+                if isinstance(k, ast.Constant) and isinstance(k.value, str) and tags is not None:
+                    archs[k.value] = tags
+        else:
+            tags = table(value)
+            if tags is not None:
+                tables[target] = tags
+    out = {arch: list(tags) for arch, tags in archs.items()}
+    for arch, table_ in archs.items():
+        tags = [t for t, q in table_.items() if q]
+        if tags:
+            out.setdefault(arch + "-quickgelu", tags)
+    return out
+
+
+def _known_without_open_clip(arch: str, pretrained: str) -> dict | None:
+    """The model config of ARCH when open_clip's files name ARCH with the tag `pretrained`, read
+    without importing open_clip; None when they do not (or cannot be read): the caller then asks
+    open_clip itself, which also words the error."""
+    folder = _open_clip_files()
+    if folder is None:
+        return None
+    try:
+        config = json.loads((folder / "model_configs" / f"{arch}.json").read_text(encoding="utf-8"))
+        tags = _pretrained_tags((folder / "pretrained.py").read_text(encoding="utf-8"))
+    except (OSError, ValueError, SyntaxError):
+        return None
+    if not all(k in config for k in ("embed_dim", "vision_cfg", "text_cfg")) or pretrained not in tags.get(arch, []):
+        return None
+    return config
 
 
 def resolve_known(name: str | None, pretrained: str | None, checkpoint: str | None,

@@ -119,6 +119,36 @@ def test_query_formats(cli_store, tmp_path):
     assert pq.read_table(out).num_rows == 30
 
 
+def test_a_query_that_reads_no_table_imports_nothing_heavy(cli_store):
+    """`clipsql query STORE "SELECT 1"` (a fresh process's fixed cost) opens no Lance table and imports
+    neither the model libraries nor Lance (nor pandas, which pyarrow's datasets import); a query over
+    a view still opens what it reads. What is checked: the imports, not a time."""
+    heavy = ("torch", "open_clip", "ray", "matplotlib", "lance", "lancedb", "pandas")
+    code = ("import runpy, sys; sys.argv = ['clipsql', 'query', sys.argv[1], sys.argv[2], '--format', 'json']\n"
+            "try:\n    runpy.run_module('clipsql', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)")
+    run = [sys.executable, "-c", code, str(cli_store)]
+    out = subprocess.run([*run, "SELECT 1 AS one"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout) == [{"one": 1}]
+    assert out.stderr.strip().splitlines()[-1] == "[]", out.stderr
+    out = subprocess.run([*run, "SELECT (SELECT count(*) FROM samples) AS n"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout) == [{"n": 30}] and "lance" in out.stderr.splitlines()[-1]
+
+
+def test_reads_no_table_is_the_parsers_word():
+    from clipsql.queries.sql.db import reads_no_table
+    assert reads_no_table("SELECT 1") and reads_no_table("SELECT 1 + 2 AS x, [1, 2], lower('A')")
+    for sql in ["SELECT * FROM samples", "SELECT (SELECT count(*) FROM scores)", "SELECT * FROM duckdb_views()",
+                "SHOW TABLES", "DESCRIBE samples", "WITH a AS (SELECT 1) SELECT * FROM a",
+                "SELECT * FROM (VALUES (1)) t(x)", "COPY (SELECT 1) TO 'x.csv'", "SELEC nonsense",
+                "SELECT 1 WHERE 1 IN (SELECT id FROM tags)"]:
+        assert not reads_no_table(sql), sql
+
+
 def test_sql_error_exits_1_with_duckdb_message(cli_store):
     r = invoke("query", cli_store, "SELEC nonsense")
     assert r.exit_code == 1

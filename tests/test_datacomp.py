@@ -1,5 +1,7 @@
 """DataComp pools in (two models from one pool) and out (uid files the resharder reads)."""
 import hashlib
+import subprocess
+import sys
 import os
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from clipsql.queries.curation.datacomp import load_uids, save_uids, uid_array
 from clipsql.errors import SelectionError, SourceError
 from clipsql.kernels.arrays import to_numpy
 
+from conftest import write_pool
 from datacomp_pool import damage_npz, drop_npz_rows, write_datacomp_pool
 
 FAST = IngestOptions(progress=False)
@@ -336,3 +339,34 @@ def test_a_uid_file_is_refused_unless_every_selected_id_came_from_a_datacomp_poo
     assert side.counts["selected"] == 12
     uids = [u for sh in pool.values() for u in sh["uid"]]
     assert resharder_lookup(out, uids) == [1] * 12
+
+
+def test_a_precomputed_ingest_imports_neither_open_clip_nor_torch(tmp_path):
+    """The model that made precomputed vectors is named from open_clip's config files (read, not
+    imported) and the user's flags: a precomputed ingest never imports open_clip or torch."""
+    write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=12)
+    write_pool(tmp_path / "pre", shards=1, rows=20)            # clip-retrieval layout, 512-d
+    code = ("import sys; from clipsql.store.store import Store; "
+            "from clipsql.ingest.pipeline import IngestOptions, ingest, ingest_pool; "
+            f"st = Store.init({str(tmp_path / 'store')!r}); o = IngestOptions(progress=False); "
+            f"a = ingest_pool(st, {str(tmp_path / 'pool')!r}, options=o); "
+            f"b = ingest(st, {str(tmp_path / 'pre')!r}, model='ViT-B-32', pretrained='laion2b_s34b_b79k', options=o); "
+            "print([s.added for s in a], b.added, b.model_id, "
+            "sorted(m for m in ('open_clip', 'torch', 'torchvision', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["[12,", "12]", "20", "ViT-B-32/laion2b_s34b_b79k", "[]"], out.stdout
+
+
+def test_open_clip_models_named_without_importing_it_match_open_clip():
+    """The tags and configs read from open_clip's files are open_clip's own, for every architecture."""
+    open_clip = pytest.importorskip("open_clip")
+    from clipsql.models import loading
+
+    for arch in open_clip.list_models():
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        for tag in tags:
+            assert loading._known_without_open_clip(arch, tag) == open_clip.get_model_config(arch), (arch, tag)
+        assert loading._known_without_open_clip(arch, "no-such-tag") is None
+    assert loading.resolve("ViT-B-32", "openai") == loading.ModelSpec(
+        "ViT-B-32/openai", "ViT-B-32", "openai", False, open_clip.get_model_config("ViT-B-32"))

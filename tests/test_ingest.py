@@ -54,6 +54,40 @@ def test_incremental_ingest_adds_only_new_rows(store, tmp_path, fake_encoder):
     assert_stats_match_vectors(store)
 
 
+def _count_decodes(monkeypatch) -> list:
+    """Counts image decodes of the local pipeline (workers=0: in this process)."""
+    from clipsql.ingest import encode
+    calls = []
+    real = encode.load_image
+
+    def counted(data, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(1)
+        return real(data, *a, **kw)
+    monkeypatch.setattr(encode, "load_image", counted)
+    return calls
+
+
+def test_stored_ids_are_skipped_before_decoding_and_before_loading_the_model(store, tmp_path, fake_encoder,
+                                                                             monkeypatch):
+    """Rows the store holds (the ledger does not know this copy of the folder) are neither decoded nor
+    encoded, and when every row is stored the model is not even loaded."""
+    import shutil
+    fake, decodes = fake_encoder, _count_decodes(monkeypatch)
+    folder = write_image_folder(tmp_path / "d", 20)
+    ingest(store, str(folder), model=fake.model, options=fake.options(batch_size=8))
+    assert (fake.loads, fake.images, len(decodes)) == (1, 20, 20)
+    shutil.copytree(folder, tmp_path / "copy")               # the same items, units the ledger lacks
+    s = ingest(store, str(tmp_path / "copy"), model=fake.model, options=fake.options(batch_size=8))
+    assert (s.added, s.skipped, s.units_skipped, s.rejected) == (0, 20, 0, {})
+    assert (fake.loads, fake.images, fake.texts, len(decodes)) == (1, 20, 20, 20)   # no load, no decode
+    write_image_folder(tmp_path / "more", 30)                # the same 20 items + 10 new ones
+    s = ingest(store, str(tmp_path / "more"), model=fake.model, options=fake.options(batch_size=8))
+    assert (s.added, s.skipped) == (10, 20)
+    assert (fake.loads, fake.images, len(decodes)) == (2, 30, 30)    # only the new ones decoded and encoded
+    assert store.count_rows(store.model()) == 30
+    assert_stats_match_vectors(store)
+
+
 def test_parallel_workers_give_same_rows(tmp_path, image_folder, tiny_model):
     a, b = Store.init(tmp_path / "a"), Store.init(tmp_path / "b")
     ingest(a, str(image_folder), model=tiny_model, options=FAST)

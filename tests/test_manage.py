@@ -333,3 +333,36 @@ def test_deleted_content_ids_are_skipped_from_any_path(tmp_path, tiny_model):
     out = cli("ingest", str(st.path), str(tmp_path / "b"), "--model", tiny_model, "--no-progress").stdout.decode()
     assert "2 skipped: deleted on" in out and "added 0" in out, out
     assert len(sample_ids(Store.open(st.path))) == 10
+
+
+def test_update_decodes_nothing_and_encodes_only_changed_captions(tmp_path, fake_encoder, monkeypatch):
+    """--update over rows the store holds: no image is decoded (an id column's rows are compared by
+    caption and metadata), the text tower runs for the changed captions only, and a run in which
+    nothing changed does not load the model."""
+    from clipsql.ingest import encode
+    from clipsql.ingest.pipeline import ingest
+    decodes = []
+    real = encode.load_image
+    monkeypatch.setattr(encode, "load_image", lambda data, *a, **kw: decodes.append(1) or real(data, *a, **kw))
+    fake = fake_encoder
+    caps = [f"a picture of thing {i}" for i in range(12)]
+    path = write_folder_csv(tmp_path, caps, {"score": list(range(12))})
+    st = Store.init(tmp_path / "s")
+    ingest(st, str(path), model=fake.model, options=fake.options(id_column="key"))
+    assert (fake.loads, fake.images, fake.texts, len(decodes)) == (1, 12, 12, 12)
+    fixed = list(caps)
+    fixed[3], fixed[7] = "a corrected caption", "another corrected caption"
+    score = list(range(12))
+    score[5] = 99
+    write_folder_csv(tmp_path, fixed, {"score": score})      # a new mtime: the unit is read again
+    s = ingest(st, str(path), model=fake.model, options=fake.options(id_column="key", update=True))
+    assert (s.added, s.updated, s.updated_samples) == (0, 2, 3)
+    assert (fake.loads, fake.images, fake.texts, len(decodes)) == (2, 12, 14, 12)   # 2 captions, no image
+    assert sorted(fake.captions[12:]) == sorted([fixed[3], fixed[7]])
+    caps_by_id = dict(zip(*[st.samples_table().to_table().column(c).to_pylist() for c in ("id", "caption")]))
+    assert caps_by_id["k3"] == fixed[3] and caps_by_id["k0"] == caps[0]
+    write_folder_csv(tmp_path, fixed, {"score": score})      # read again, nothing changed
+    s = ingest(st, str(path), model=fake.model, options=fake.options(id_column="key", update=True))
+    assert (s.added, s.updated, s.updated_samples, s.skipped) == (0, 0, 0, 12)
+    assert (fake.loads, fake.images, fake.texts, len(decodes)) == (2, 12, 14, 12)   # no load, decode or encode
+    assert_stats_match_vectors(st)

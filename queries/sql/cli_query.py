@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from clipsql.errors import ClipsqlError, QueryCancelled, QueryError
 from clipsql.lazy import duckdb
-from clipsql.queries.sql.db import connect, open_store
+from clipsql.queries.sql.db import connect, open_store, reads_no_table
 from clipsql.queries.sql.functions import one_blas_thread, udf_error
 from clipsql.queries.sql.specs import help_table
 from clipsql.store.snapshot import Snapshot
@@ -108,12 +108,14 @@ def run_query(store: Any, sql: str, fmt: str = "table", output: Path | None = No
               allow_external_access: bool = False, max_rows: int = 40) -> str:
     """Run `sql` against the store; returns text for stdout ('' when written to `output`)."""
     snap = Snapshot.read(open_store(store))     # the warning and the query: one snapshot
-    if snap.models:
-        warn = snap.staleness(snap.model())
-        if warn:
-            print(f"warning: {warn}", file=sys.stderr)
-    con = connect(snap, allow_external_access=allow_external_access)
+    con = connect(snap, allow_external_access=allow_external_access, for_sql=sql)
     try:
+        # a statement without FROM (`SELECT 1`) opens no Lance table, and scores none of the store's
+        # rows: the warning that the fit predates rows is not its concern
+        if snap.models and not reads_no_table(sql, con):
+            warn = snap.staleness(snap.model())
+            if warn:
+                print(f"warning: {warn}", file=sys.stderr)
         tbl = interruptible(con, lambda: fetch_table(con, sql))
         return _format(tbl, fmt, output, max_rows)
     finally:

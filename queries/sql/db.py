@@ -52,26 +52,32 @@ def open_store(store: Store | str | os.PathLike) -> Store:
 
 def connect(store: Store | str | os.PathLike | Snapshot, *, allow_external_access: bool = False,
             threads: int | None = None, fits: dict | None = None, config: dict[str, Any] | None = None,
-            progress_bar: bool = True, samples_only: bool = False) -> Any:
+            progress_bar: bool = True, samples_only: bool = False, for_sql: str | None = None) -> Any:
     """An in-memory DuckDB connection over one snapshot of the store (store.snapshot: one catalog
     read), with its views, stats and score functions. `store` may be a `Snapshot` already read.
     `fits`: {model_id: (scores.Fit, fit row)} to use instead of loading them (Ray tasks).
     `config`: more DuckDB (global) settings, made before the configuration is locked (a server
     bounds each client's queries with `memory_limit`); `progress_bar=False`: DuckDB draws no
     progress bar (a server's terminal). `samples_only`: only the `samples`, `deletions` and `tags`
-    views, no model, statistics, fit or score function is read (commands that select ids)."""
+    views, no model, statistics, fit or score function is read (commands that select ids).
+    `for_sql`: the one statement the connection is for; when it reads no table (`reads_no_table`:
+    `SELECT 1`), no view (nor `stats`, `scores`) is made and no Lance table opened, only the
+    functions registered."""
     snap = store if isinstance(store, Snapshot) else Snapshot.read(open_store(store), samples_only=samples_only)
     config = {**(config or {}), **({"threads": threads} if threads else {})}
     con = duckdb.connect(":memory:", config=config)
     if not progress_bar:
         con.execute("SET enable_progress_bar = false")
-    register_views(con, snap)
+    tables = for_sql is None or not reads_no_table(for_sql, con)
+    if tables:
+        register_views(con, snap)
     if not snap.samples_only:
         ctx = functions.register(con, snap)
         for model_id, (fit, row) in (fits or {}).items():
             ctx.preload_fit(model_id, fit, row)
-        _register_stats(con, snap)
-        _register_scores(con, snap)
+        if tables:
+            _register_stats(con, snap)
+            _register_scores(con, snap)
     _bounded_spill(con)
     if not progress_bar:
         con.execute("SET enable_progress_bar = false")
@@ -79,6 +85,38 @@ def connect(store: Store | str | os.PathLike | Snapshot, *, allow_external_acces
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def reads_no_table(sql: str, con: Any = None) -> bool:
+    """Whether DuckDB's parser finds `sql` to be SELECTs with no FROM anywhere (`SELECT 1`, scalar
+    expressions and functions): no view, table function or SHOW can be referenced then. Anything
+    else, or SQL the parser refuses (its error is the query's to report), is False. `con`: a
+    DuckDB connection to parse with (a new one costs more than the parse)."""
+    try:
+        own = con is None
+        con = duckdb.connect(":memory:") if own else con
+        try:
+            tree = json.loads(con.execute("SELECT json_serialize_sql(?::VARCHAR)", [sql]).fetchall()[0][0])
+        finally:
+            if own:
+                con.close()
+    except Exception:  # noqa: BLE001 - e.g. no json extension: simply open the tables
+        return False
+    if tree.get("error") or not tree.get("statements"):
+        return False
+    froms: list[Any] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "from_table":
+                    froms.append(value)
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+    walk(tree["statements"])
+    return all(isinstance(f, dict) and f.get("type") == "EMPTY" for f in froms)
 
 
 DEFAULT_SPILL_GB = 8.0
