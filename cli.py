@@ -931,7 +931,7 @@ class PlotKind(str, Enum):
 def dedup(store: str = STORE_ARG,
           model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
           clusters: Optional[int] = typer.Option(None, "--clusters", help="K of the spherical k-means (default "
-                                                 "round(√ valid rows), at most 50,000: 1,000 at 1M rows)."),
+                                                 "round(√ valid rows): 1,000 at 1M rows)."),
           sample: Optional[int] = typer.Option(None, "--sample", help="Rows the k-means is fitted on, a seeded "
                                                "sample (default min(pool, max(10,000, 64·K)))."),
           seed: Optional[int] = typer.Option(None, help="Seed of the sample and the k-means++ init (default 0)."),

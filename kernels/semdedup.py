@@ -225,8 +225,11 @@ def spherical_kmeans(X: np.ndarray, inv: np.ndarray, sample: np.ndarray, k: int,
 
 
 def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, *,
-              progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict]:
-    """`spherical_kmeans` on the sample's float32 unit rows U (`unit32`), e.g. read in chunks."""
+              progress: Callable[[int], None] | None = None,
+              label: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+    """`spherical_kmeans` on the sample's float32 unit rows U (`unit32`), e.g. read in chunks.
+    `label(U, C32)`: another implementation of the assignment step that gives the same labels
+    (`semdedup_assign.fit_units`: two-level, for large k)."""
     n, d = U.shape
     seeds = U if n <= PP_ROWS_PER_CLUSTER * k else U[np.sort(rng.choice(n, PP_ROWS_PER_CLUSTER * k, replace=False))]
     C = seeds[kmeans_pp(seeds, k, rng)].astype(np.float64)
@@ -238,8 +241,11 @@ def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, 
         C32 = C.astype(np.float32)
         Cg = unit_centroids(C32)
         Cg32 = Cg.astype(np.float32)
-        lab = np.concatenate([_nearest(U[a:a + chunk] @ Cg32.T, lambda m, a=a: U[a + m].astype(np.float64), Cg, tol)
-                              for a in range(0, n, chunk)])
+        if label is not None:
+            lab = label(U, C32)
+        else:
+            lab = np.concatenate([_nearest(U[a:a + chunk] @ Cg32.T, lambda m, a=a: U[a + m].astype(np.float64), Cg,
+                                           tol) for a in range(0, n, chunk)])
         ran += 1
         if progress:
             progress(1)

@@ -197,3 +197,24 @@ class Assigner:
             if progress:
                 progress(len(part))
         return labels, cos
+
+
+def label_units(U: np.ndarray, C32: np.ndarray, *, work: Work | None = None) -> np.ndarray:
+    """The k-means assignment step on float32 unit rows U (as `semdedup.fit_units` does it flat:
+    the rows' float64 values are U's own), two-level: the same labels."""
+    cells = build_cells(C32)
+    work = work if work is not None else Work()
+    out = np.empty(len(U), dtype=np.int64)
+    for a in range(0, len(U), CHUNK_ROWS):
+        out[a:a + CHUNK_ROWS] = _two_level(U[a:a + CHUNK_ROWS].astype(np.float64), cells, work)
+        work.rows += len(out[a:a + CHUNK_ROWS])
+    return out
+
+
+def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, *,
+              threshold: int = TWO_LEVEL_MIN_CLUSTERS, progress: Callable[[int], None] | None = None,
+              work: Work | None = None) -> tuple[np.ndarray, dict]:
+    """`semdedup.fit_units` with its assignment steps two-level when k ≥ threshold (the cells are
+    rebuilt from each step's centroids): the same centroids, at ~√k instead of k products a row."""
+    label = (lambda V, C32: label_units(V, C32, work=work)) if k >= threshold else None
+    return K.fit_units(U, k, rng, iterations, progress=progress, label=label)

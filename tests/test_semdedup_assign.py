@@ -93,3 +93,14 @@ def test_assigner_below_threshold_is_the_flat_kernel():
     fl, fc = K.assign(X, inv, valid, C32)
     assert np.array_equal(lab, fl) and np.array_equal(cos, fc)
     assert a.work.per_row() == 40
+
+
+def test_two_level_kmeans_fit_equals_the_flat_fit():
+    X = clustered(8000)
+    inv, _ = K.inverse_norms(X)
+    U = K.unit32(X, inv, np.arange(len(X)))
+    work = A.Work()
+    C_flat, info_flat = K.fit_units(U, 400, np.random.default_rng(5), 6)
+    C_two, info_two = A.fit_units(U, 400, np.random.default_rng(5), 6, threshold=0, work=work)
+    assert np.array_equal(C_flat, C_two) and info_flat == info_two
+    assert work.rows == len(U) * info_two["iterations_run"] and work.per_row() < 400
