@@ -279,42 +279,64 @@ def cluster_order(labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
     return o, starts
 
 
+# Candidate pairs of one (row block, column block) of a cluster: `pairs(a, b, p, q)` → (r, c), offsets
+# into rows a..b and columns p..q (when p == a, the diagonal block: strictly earlier columns only),
+# a superset of the pairs that hold each row's largest float64 cosine over those columns. The values
+# themselves are always the float64 `einsum` of `cluster_max_sim`, so any candidate generator that
+# keeps that superset gives the same stored values, bit for bit. `Gram` builds one per cluster from
+# (rows64(lo, hi) → float64 unit rows, n); the default is the float32 GEMM below. A device generator
+# (torch, float64 on a GPU: `models.device`) plugs in here.
+Pairs = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
+Gram = Callable[[Callable[[int, int], np.ndarray], int], Pairs]
+
+
+def _f32_pairs(U: np.ndarray, tol: float, rows: int) -> Pairs:
+    def pairs(a: int, b: int, p: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+        G = U[a:b] @ U[p:q].T
+        if p == a:    # the diagonal block: only strictly earlier columns count
+            np.copyto(G, -np.inf, where=_upper(rows)[:b - a, :b - a])
+        am = G.argmax(axis=1)
+        bm = G[np.arange(b - a), am]
+        fin = np.isfinite(bm)
+        near = G >= (bm - tol)[:, None]
+        cnt = np.count_nonzero(near, axis=1)
+        r = np.flatnonzero(fin & (cnt == 1))          # most rows: the argmax is the only candidate
+        c = am[r]
+        multi = np.flatnonzero(fin & (cnt > 1))
+        if multi.size:
+            rm, cm = np.nonzero(near[multi])
+            r, c = np.concatenate([r, multi[rm]]), np.concatenate([c, cm])
+        return r, c
+    return pairs
+
+
 def cluster_max_sim(X: np.ndarray, inv: np.ndarray, members: np.ndarray, *, rows: int = ROW_BLOCK,
-                    cols: int = COL_BLOCK, empty: float = 0.0) -> np.ndarray:
+                    cols: int = COL_BLOCK, empty: float = 0.0, gram: Gram | None = None) -> np.ndarray:
     """max_sim of each of `members` (row indices in rank order): the float64 max cosine to the
     members before it (`empty`, default 0, for the first). Row blocks of `rows` against the earlier
     members in column blocks of at most `cols`, then the square diagonal block (masked to strictly
-    earlier columns): scores in memory O(rows · cols), work Σ n_c²/2 + n_c·rows/2 products."""
+    earlier columns): scores in memory O(rows · cols), work Σ n_c²/2 + n_c·rows/2 products.
+    `gram`: another candidate generator (see `Gram`; e.g. a GPU's), same values."""
     n = len(members)
     out = np.full(n, empty)
     if n <= 1:
         return out
     tol = 2.0 * f32_tolerance(X.shape[1])
     U64 = unit64(X, inv, members) if n <= CACHE_ROWS else None
-    U = U64.astype(np.float32) if U64 is not None else unit32(X, inv, members)
 
     def rows64(lo: int, hi: int) -> np.ndarray:
         return U64[lo:hi] if U64 is not None else unit64(X, inv, members[lo:hi])
 
+    if gram is not None:
+        pairs = gram(rows64, n)
+    else:
+        pairs = _f32_pairs(U64.astype(np.float32) if U64 is not None else unit32(X, inv, members), tol, rows)
     for a in range(0, n, rows):
         b = min(a + rows, n)
         R64 = rows64(a, b)
         best = np.full(b - a, -np.inf)
         for p, q in [(p, min(p + cols, a)) for p in range(0, a, cols)] + [(a, b)]:
-            G = U[a:b] @ U[p:q].T
-            if p == a:    # the diagonal block: only strictly earlier columns count
-                np.copyto(G, -np.inf, where=_upper(rows)[:b - a, :b - a])
-            am = G.argmax(axis=1)
-            bm = G[np.arange(b - a), am]
-            fin = np.isfinite(bm)
-            near = G >= (bm - tol)[:, None]
-            cnt = np.count_nonzero(near, axis=1)
-            r = np.flatnonzero(fin & (cnt == 1))          # most rows: the argmax is the only candidate
-            c = am[r]
-            multi = np.flatnonzero(fin & (cnt > 1))
-            if multi.size:
-                rm, cm = np.nonzero(near[multi])
-                r, c = np.concatenate([r, multi[rm]]), np.concatenate([c, cm])
+            r, c = pairs(a, b, p, q)
             if r.size:
                 v = np.einsum("ij,ij->i", R64[r], rows64(p, q)[c])
                 np.maximum.at(best, r, v)
@@ -334,7 +356,7 @@ def _upper(m: int) -> np.ndarray:
 
 def max_sims(X: np.ndarray, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
              clusters: np.ndarray | None = None, *, rows: int = ROW_BLOCK,
-             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict]:
+             progress: Callable[[int], None] | None = None, gram: Gram | None = None) -> tuple[np.ndarray, dict]:
     """semdedup_max_sim of every valid row of the given clusters (default all; NaN elsewhere),
     with the pair count {pairs: Σ n_c(n_c−1)/2, largest: the largest cluster}."""
     out = np.full(len(X), np.nan)
@@ -344,7 +366,7 @@ def max_sims(X: np.ndarray, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray
     pairs, largest = 0, 0
     for s, e in zip(starts, ends):
         members = o[s:e]
-        out[members] = cluster_max_sim(X, inv, members, rows=rows)
+        out[members] = cluster_max_sim(X, inv, members, rows=rows, gram=gram)
         m = e - s
         pairs += m * (m - 1) // 2
         largest = max(largest, m)
