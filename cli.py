@@ -943,6 +943,9 @@ def dedup(store: str = STORE_ARG,
                                       "pending; compute nothing."),
           memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="GiB of image vectors held at once "
                                                     "(default $CLIPSQL_DEDUP_MEMORY_GB or 2); never changes a value."),
+          device: Optional[str] = typer.Option(None, "--device", help="Where the within-cluster Gram blocks "
+                                               "run: numpy, auto (a CUDA GPU if torch sees one), cpu, cuda[:N] "
+                                               "(default $CLIPSQL_DEVICE or numpy); never changes a value."),
           progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
     """Semantic deduplication (SemDeDup): per row semdedup_cluster and semdedup_max_sim (view `semdedup`).
 
@@ -964,7 +967,7 @@ def dedup(store: str = STORE_ARG,
         return
     st = _run(Store.open, store)
     res = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,
-               refit=refit, progress=progress, memory_gb=memory_gb)
+               refit=refit, progress=progress, memory_gb=memory_gb, device=device)
     rm = ", ".join(f"ε={e}: {c} ({c / max(res['rows'], 1):.1%})" for e, c in res["removable"].items())
     if res["mode"] == "current":
         how = "already up to date"

@@ -65,6 +65,26 @@ def resolve(device: str | None = None) -> str | None:
 
 
 # --------------------------------------------------------------------------- Information Gain
+_RESIDENT: dict[tuple[int, str], tuple[np.ndarray, object]] = {}
+RESIDENT_MAX = 4
+
+
+def _resident(R: np.ndarray, dev: object) -> object:
+    """R (a fit's reference rows: read-only) as a float64 tensor on `dev`, uploaded once for the
+    last few fits (a SQL query scores its rows in many small batches against the same fit)."""
+    key = (id(R), str(dev))
+    hit = _RESIDENT.get(key)
+    if hit is not None and hit[0] is R:
+        return hit[1]
+    T = torch.as_tensor(np.ascontiguousarray(R, dtype=np.float64), device=dev)
+    if R.flags.writeable:               # a caller's array may change: no cache
+        return T
+    while len(_RESIDENT) >= RESIDENT_MAX:
+        _RESIDENT.pop(next(iter(_RESIDENT)))
+    _RESIDENT[key] = (R, T)
+    return T
+
+
 def info_gain_kernel(device: str, chunk: int = 4096, block: int = 8192) -> Callable:
     """The tiled loop of `scores.info_gain` in torch float64 on `device` (its `kernel=` hook)."""
     dev = torch.device(device)
@@ -73,7 +93,7 @@ def info_gain_kernel(device: str, chunk: int = 4096, block: int = 8192) -> Calla
     def kernel(Qh: np.ndarray, R: np.ndarray, lprior: np.ndarray, own: np.ndarray, a: float, b: float,
                kind: str, reverse: bool) -> np.ndarray:
         M = len(R)
-        Rt = torch.as_tensor(np.ascontiguousarray(R, dtype=np.float64), device=dev)
+        Rt = _resident(R, dev)
         logm = math.log(M)
         pprior_np = np.exp(lprior)
         lcent_np = lprior + logm

@@ -19,8 +19,10 @@ NeMo Curator uses ≥ 1,000 at scale); sample = min(valid rows, max(10,000, 64·
 and is reached at K = 50,000, 2.5·10⁹ rows); seed 0; at most 20 Lloyd iterations; init
 k-means++. From K = 2,048 on, the k-means steps and the assignment are two-level
 (`kernels.semdedup_assign`: ~√K dot products a row on clustered data instead of K, the same
-labels), so with K = √N the assignment costs ~N^1.25 rather than N^1.5 and there is no cap on K. A re-run without options reuses the stored run's parameters: rows added since are
-assigned to the stored centroids; a cluster that only gained members is updated against them
+labels), so with K = √N the assignment costs ~N^1.25 rather than N^1.5 and there is no cap on K.
+The within-cluster Gram blocks can run on a GPU (`device`, `models.device`; the same values).
+A re-run without options reuses the stored run's parameters: rows added since are assigned to
+the stored centroids; a cluster that only gained members is updated against them
 (new members: max over every earlier member; old ones: max of the stored value and the new
 members ranked before them, O(n_c·new_c·d)), a cluster that lost members (deleted rows) is
 recomputed — either way the values a full pass with those centroids gives, bit for bit. Other
@@ -61,6 +63,7 @@ from clipsql.kernels.arrays import fixed_list, to_numpy
 from clipsql.kernels.sample import StreamSample, hash_keys
 from clipsql.kernels.semdedup import inverse_norms, removable, unit32
 from clipsql.lazy import tqdm
+from clipsql.models import device as DV
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, Store
 from clipsql.store.tables import centroids_table_name, dedup_table_name
@@ -235,13 +238,17 @@ def memory_budget(memory_gb: float | None = None) -> float:
 
 def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None, sample: int | None = None,
              seed: int | None = None, iterations: int | None = None, refit: bool = False, progress: bool = False,
-             chunk: int | None = None, memory_gb: float | None = None) -> dict[str, Any]:
-    """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring."""
+             chunk: int | None = None, memory_gb: float | None = None,
+             device: str | None = None) -> dict[str, Any]:
+    """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring.
+    `device`: where the within-cluster Gram blocks run (`models.device`: numpy, auto, cpu, cuda[:N];
+    default $CLIPSQL_DEVICE, else numpy); the stored values are the same on every device."""
     _check("clusters", clusters)
     _check("sample", sample)
     _check("iterations", iterations)
     _check("seed", seed, 0)
     budget = memory_budget(memory_gb)
+    gram = DV.semdedup_gram(device)
     rec = st.model(model)
     cap = B.cap_rows(budget, rec.dim)
     block = chunk or K.ROW_BLOCK
@@ -321,7 +328,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             bar.reset(total=int(np.isin(labels, affected).sum()))
             bar.set_description(f"semdedup [{rec.model_id}]: within clusters")
             part, pinfo = B.within_clusters(reader.take, inv, labels, cos, id_rank, C32, shrunk, cap, grown=grown,
-                                            old=max_sim, new=~have, rows=block, progress=bar.update)
+                                            old=max_sim, new=~have, rows=block, progress=bar.update, gram=gram)
             rows = np.flatnonzero(np.isin(labels, affected))
             max_sim[rows] = part[rows]
             computed[rows] = now
@@ -353,7 +360,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             bar.reset(total=n_valid)
             bar.set_description(f"semdedup [{rec.model_id}]: within clusters")
             max_sim, pinfo = B.within_clusters(reader.take, inv, labels, cos, id_rank, C32, np.arange(k), cap,
-                                               rows=block, progress=bar.update)
+                                               rows=block, progress=bar.update, gram=gram)
             timings["pairs_s"] = time.perf_counter() - t1
             computed = np.full(n, now, dtype=np.int64)
             mode = "full"
