@@ -18,8 +18,14 @@ looked at is then strictly below the one found. A row is settled by the float32 
 when no other opened centroid is within 2δ(+η) of it (then the exact and float64 orders agree
 with it); otherwise (near-ties, rare) the row is re-decided by the flat kernel over all K,
 which is how the flat pass decides them too. So the labels and cosines are those of
-`semdedup.assign`, whatever the data: on data without cluster structure the bound fails, rows
-open every cell, and the cost is K1 + K a row (never wrong, only slower).
+`semdedup.assign`, whatever the data.
+
+When it pays. The bound is the triangle inequality: it prunes when the clusters of centroids are
+tight next to the angles between them (hierarchical data). In high dimension with a wide
+isotropic spread inside the clusters (cos ≈ 0.5 between members, e.g. bench/dedup.py's synthetic
+rows) it prunes almost nothing; a row that, after its first cell, would still have to open more
+than MAX_OPEN of the cells is sent to the flat GEMM at once, so the cost there is K1 + one cell
++ K a row (a few % above flat), never wrong.
 
 `Work` counts the dot products (coarse, fine, and the flat re-decisions) for tests and benches.
 """
@@ -36,6 +42,9 @@ TWO_LEVEL_MIN_CLUSTERS = 2048   # below this the flat GEMM is as cheap (K1 + a f
 CHUNK_ROWS = 16384              # rows scored together (their coarse scores: CHUNK_ROWS × K1 float32)
 CELL_ITERATIONS = 10            # Lloyd steps of the k-means over the centroids (cost only, never results)
 ETA = 1e-12                     # margin for the float64 arccos/cos of the bound
+MAX_OPEN = 0.25                 # a row that must open more than this share of the cells goes flat
+GIVE_UP_SHARE = 0.5             # after GIVE_UP_ROWS rows, if more than this share went flat: flat from then on
+GIVE_UP_ROWS = 4096
 
 
 @dataclass
@@ -153,9 +162,16 @@ def _two_level(Z: np.ndarray, cells: Cells, work: Work) -> np.ndarray:
         opened = hi
         nxt = ub_sorted[pending, opened] if opened < k1 else np.full(len(pending), -np.inf)
         pending = pending[~(best[pending] - delta > nxt + ETA)]
+        if opened == 1 and pending.size:
+            # cells that must still be opened whatever the rest holds (bound above the best so far):
+            # where the bound prunes too little, the flat GEMM is cheaper than opening them one by one
+            must = np.count_nonzero(ub_sorted[pending, 1:] > (best[pending] - delta - ETA)[:, None], axis=1)
+            give_up = must > max(1, int(MAX_OPEN * k1))
+            amb[pending[give_up]] = True
+            pending = pending[~give_up]
         step *= 2
     fall = np.flatnonzero(amb)
-    if fall.size:                                          # near-ties: the flat kernel decides
+    if fall.size:                                          # near-ties, and rows the bound fails: flat
         tol_flat = 2.0 * delta
         C64 = cells.C64
         Sf = Z[fall].astype(np.float32) @ C64.astype(np.float32).T
@@ -196,7 +212,19 @@ class Assigner:
                 labels[a + ok], cos[a + ok] = lab, K.centroid_cos(Z, self.cells.C64, lab)
             if progress:
                 progress(len(part))
+            if _not_paying(self.work):             # the same labels either way: stop paying the overhead
+                self.two_level = False
+                rest = rows[a + CHUNK_ROWS:]
+                if rest.size:
+                    labels[a + CHUNK_ROWS:], cos[a + CHUNK_ROWS:] = self.assign(X, inv, valid, rest,
+                                                                                progress=progress)
+                break
         return labels, cos
+
+
+def _not_paying(work: Work) -> bool:
+    """True when the bound sent most rows to the flat kernel (data without tight clusters)."""
+    return work.rows >= GIVE_UP_ROWS and work.flat_rows > GIVE_UP_SHARE * work.rows
 
 
 def label_units(U: np.ndarray, C32: np.ndarray, *, work: Work | None = None) -> np.ndarray:
@@ -216,5 +244,17 @@ def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, 
               work: Work | None = None) -> tuple[np.ndarray, dict]:
     """`semdedup.fit_units` with its assignment steps two-level when k ≥ threshold (the cells are
     rebuilt from each step's centroids): the same centroids, at ~√k instead of k products a row."""
-    label = (lambda V, C32: label_units(V, C32, work=work)) if k >= threshold else None
+    if k < threshold:
+        return K.fit_units(U, k, rng, iterations, progress=progress)
+    work = work if work is not None else Work()
+    state = {"two_level": True}
+
+    def label(V: np.ndarray, C32: np.ndarray) -> np.ndarray:
+        if not state["two_level"]:
+            return Assigner(C32, threshold=len(C32) + 1, work=work).assign(V.astype(np.float32), np.ones(len(V)),
+                                                                           np.ones(len(V), dtype=bool))[0]
+        out = label_units(V, C32, work=work)
+        state["two_level"] = not _not_paying(work)
+        return out
+
     return K.fit_units(U, k, rng, iterations, progress=progress, label=label)

@@ -104,3 +104,24 @@ def test_two_level_kmeans_fit_equals_the_flat_fit():
     C_two, info_two = A.fit_units(U, 400, np.random.default_rng(5), 6, threshold=0, work=work)
     assert np.array_equal(C_flat, C_two) and info_flat == info_two
     assert work.rows == len(U) * info_two["iterations_run"] and work.per_row() < 400
+
+
+def test_where_the_bound_does_not_prune_rows_go_flat_and_the_assigner_stops_paying():
+    """Wide isotropic clusters in d = 64 (cos ≈ 0.5 inside): the triangle bound prunes nothing; the
+    rows go to the flat kernel after one cell, then the whole assigner does: same labels, work ≈ flat."""
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(200, 64))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    X = (centres[rng.integers(200, size=30000)] + rng.normal(size=(30000, 64)) / 8.0).astype(np.float32)
+    inv, valid = K.inverse_norms(X)
+    C32 = centroids(X[:6000], 300)
+    work = A.Work()
+    a = A.Assigner(C32, threshold=0, work=work)
+    lab, cos = a.assign(X, inv, valid)
+    fl, fc = K.assign(X, inv, valid, C32)
+    assert np.array_equal(lab, fl) and np.array_equal(cos, fc)
+    assert not a.two_level                       # switched after the first chunk
+    assert work.per_row() < 1.15 * 300           # K1 + one cell + K for the first chunk, K after
+    C_flat, _ = K.fit_units(K.unit32(X, inv, np.arange(6000)), 300, np.random.default_rng(2), 3)
+    C_two, _ = A.fit_units(K.unit32(X, inv, np.arange(6000)), 300, np.random.default_rng(2), 3, threshold=0)
+    assert np.array_equal(C_flat, C_two)
