@@ -253,13 +253,25 @@ def gemm_rate(m: int, k: int, n: int, repeats: int = 3) -> float:
     return 2.0 * m * k * n / best
 
 
-def assign_bench(rows: int, dim: int, ks: list[int], json_path: str | None) -> None:
+def hierarchical(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Rows under a three-level hierarchy (64 topics → 64 sub-topics each → rows): sub-topics at
+    angle ≈ 19° from their topic, rows at ≈ 7° from their sub-topic — tight clusters of clusters."""
+    rng = np.random.default_rng(seed)
+    top = rng.standard_normal((64, d))
+    top /= np.linalg.norm(top, axis=1, keepdims=True)
+    mid = top[np.repeat(np.arange(64), 64)] + 0.35 * rng.standard_normal((64 * 64, d)) / math.sqrt(d)
+    mid /= np.linalg.norm(mid, axis=1, keepdims=True)
+    X = mid[rng.integers(len(mid), size=n)] + 0.12 * rng.standard_normal((n, d)) / math.sqrt(d)
+    return (X * rng.uniform(5, 15, (n, 1))).astype(np.float32)
+
+
+def assign_bench(rows: int, dim: int, ks: list[int], json_path: str | None, data: str = "synthetic") -> None:
     """Flat against two-level assignment (kernels.semdedup_assign) on the synthetic rows, in memory:
     per K the dot products a row (work counters), the seconds, and whether the labels agree.
     Centroids: a 2-step spherical k-means (two-level steps) on a seeded sample of min(rows, 8·K)."""
     from clipsql.kernels import semdedup as K
     from clipsql.kernels import semdedup_assign as A
-    X = np.concatenate([x for x, _ in generate(rows, dim)])
+    X = np.concatenate([x for x, _ in generate(rows, dim)]) if data == "synthetic" else hierarchical(rows, dim)
     inv, valid = K.inverse_norms(X)
     out, table_rows = [], []
     for k in ks:
@@ -290,7 +302,7 @@ def assign_bench(rows: int, dim: int, ks: list[int], json_path: str | None) -> N
         print(key_values(fig), flush=True)
     print(table(table_rows, ["K", "K1", "flat dots/row", "flat s", "2-level dots/row", "cells/row",
                              "fallback rows", "2-level s", "dots ratio", "same labels"]))
-    write_json(json_path, {"machine": machine(), "rows": rows, "dim": dim, "assign": out})
+    write_json(json_path, {"machine": machine(), "rows": rows, "dim": dim, "data": data, "assign": out})
 
 
 def main() -> None:
@@ -309,9 +321,11 @@ def main() -> None:
     ap.add_argument("--kmeans-rows", type=int, default=100_000)
     ap.add_argument("--assign", type=int, nargs="+", metavar="K",
                     help="only flat against two-level assignment at these K, in memory (--rows rows)")
+    ap.add_argument("--assign-data", choices=("synthetic", "hierarchical"), default="synthetic",
+                    help="--assign's rows: the store bench's synthetic ones, or a three-level hierarchy")
     args = ap.parse_args()
     if args.assign:
-        assign_bench(args.rows, args.dim, args.assign, args.json)
+        assign_bench(args.rows, args.dim, args.assign, args.json, args.assign_data)
         return
     if args.step:
         steps = {"dedup": step_dedup, "clipsql": step_clipsql, "faiss": step_faiss, "kmeans": step_kmeans}
