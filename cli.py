@@ -943,9 +943,10 @@ def dedup(store: str = STORE_ARG,
                                       "pending; compute nothing."),
           memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="GiB of image vectors held at once "
                                                     "(default $CLIPSQL_DEDUP_MEMORY_GB or 2); never changes a value."),
-          device: Optional[str] = typer.Option(None, "--device", help="Where the within-cluster Gram blocks "
-                                               "run: numpy, auto (a CUDA GPU if torch sees one), cpu, cuda[:N] "
-                                               "(default $CLIPSQL_DEVICE or numpy); never changes a value."),
+          device: Optional[str] = typer.Option(None, "--device", help="Where the k-means, the assignment and "
+                                               "the within-cluster Gram blocks run: numpy, auto (a CUDA GPU if "
+                                               "torch sees one), cpu, cuda[:N] (default $CLIPSQL_DEVICE or numpy); "
+                                               "never changes a value."),
           progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
     """Semantic deduplication (SemDeDup): per row semdedup_cluster and semdedup_max_sim (view `semdedup`).
 

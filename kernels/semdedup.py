@@ -194,10 +194,11 @@ def cos_to_centroids(X: np.ndarray, inv: np.ndarray, rows: np.ndarray, labels: n
 
 
 def assign(X: np.ndarray, inv: np.ndarray, valid: np.ndarray, C32: np.ndarray, rows: np.ndarray | None = None,
-           *, chunk: int | None = None, progress: Callable[[int], None] | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+           *, chunk: int | None = None, progress: Callable[[int], None] | None = None,
+           nearest: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, cos) of `rows` (default all): nearest centroid (max cosine, ties → lowest index) and
-    the float64 cosine to it; -1 and NaN for invalid rows."""
+    the float64 cosine to it; -1 and NaN for invalid rows. `nearest(Z)`: another implementation of
+    the labels of float64 unit rows Z that gives the same ones (a device's: `models.device`)."""
     rows = np.arange(len(X)) if rows is None else np.asarray(rows, dtype=np.int64)
     C64 = unit_centroids(C32)
     Cg = C64.astype(np.float32)
@@ -211,7 +212,8 @@ def assign(X: np.ndarray, inv: np.ndarray, valid: np.ndarray, C32: np.ndarray, r
         if ok.size:
             idx = part[ok]
             Z = unit64(X, inv, idx)
-            lab = _nearest(Z.astype(np.float32) @ Cg.T, lambda m, Z=Z: Z[m], C64, tol)
+            lab = nearest(Z) if nearest is not None else \
+                _nearest(Z.astype(np.float32) @ Cg.T, lambda m, Z=Z: Z[m], C64, tol)
             labels[a + ok], cos[a + ok] = lab, centroid_cos(Z, C64, lab)
         if progress:
             progress(len(part))

@@ -1,7 +1,7 @@
 """The exact curation kernels on a torch device (a GPU when one is present), float64 throughout.
 
-Two kernels have a device path, each plugged into the numpy kernel's own hook, so every check,
-mask and formula around the heavy products stays the numpy code's:
+The heavy products have a device path, each plugged into the numpy kernel's own hook, so every
+check, mask and formula around them stays the numpy code's:
 
 * the exact Information Gain (docs/science.md §1): `info_gain` runs `kernels.scores.info_gain`
   with `kernel=` the same tiled online log-sum-exp loop written in torch float64 (one float64
@@ -14,6 +14,9 @@ mask and formula around the heavy products stays the numpy code's:
   8·γ_d of each row's block maximum. The stored value is then the numpy path's float64 `einsum`
   of the candidates, and the candidates always include the pair that maximizes it (both float64
   dot products are within γ_d of exact), so max_sim is the numpy path's, bit for bit.
+* SemDeDup's assignment and k-means steps (`semdedup_nearest`, `semdedup_fit_label`): float64
+  cosines to all K centroids on the device, near-ties decided by the numpy path's float64
+  expression: the flat kernel's labels (on a GPU the flat product beats the two-level one).
 
 `device`: "numpy" (the numpy kernels), "auto" (CUDA when torch is installed and sees a GPU, else
 numpy), "cpu", "cuda" or "cuda:N" (torch on that device; "cpu" runs the device code path on the
@@ -165,6 +168,51 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, *, device: str | 
 
 
 # --------------------------------------------------------------------------- SemDeDup
+ASSIGN_ROWS = 8192           # rows scored against all centroids at once on a device
+
+
+def semdedup_nearest(C32: np.ndarray, device: str | None = None) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The assignment's labels on the device (`semdedup.assign(nearest=)`, the k-means steps'
+    `label`): float64 cosines to all centroids there, the argmax, and for a row with another
+    centroid within 8·γ_d of it the numpy path's float64 `einsum` decides among those (largest,
+    then lowest index): the flat kernel's labels. None: the numpy kernel."""
+    dev_name = resolve(device)
+    if dev_name is None:
+        return None
+    dev = torch.device(dev_name)
+    C64 = K.unit_centroids(C32)
+    Ct = torch.as_tensor(np.ascontiguousarray(C64.T), device=dev)
+    tol = 8.0 * gamma(C64.shape[1] + 2)
+
+    def nearest(Z: np.ndarray) -> np.ndarray:
+        lab = np.empty(len(Z), dtype=np.int64)
+        for lo in range(0, len(Z), ASSIGN_ROWS):
+            Zc = np.ascontiguousarray(Z[lo:lo + ASSIGN_ROWS], dtype=np.float64)
+            G = torch.as_tensor(Zc, device=dev) @ Ct
+            bm, am = G.max(dim=1)
+            near = G >= (bm - tol)[:, None]
+            multi_t = torch.nonzero(near.sum(dim=1) > 1).flatten()
+            part = am.cpu().numpy()
+            if multi_t.numel():
+                r_t, c_t = torch.nonzero(near[multi_t], as_tuple=True)
+                multi, r, c = multi_t.cpu().numpy(), r_t.cpu().numpy(), c_t.cpu().numpy()
+                v = np.einsum("ij,ij->i", Zc[multi][r], C64[c])
+                o = np.lexsort((c, -v, r))          # per row: largest float64 cosine, then lowest cluster
+                first = np.r_[True, r[o][1:] != r[o][:-1]]
+                part[multi[r[o][first]]] = c[o][first]
+            lab[lo:lo + len(Zc)] = part
+        return lab
+
+    return nearest
+
+
+def semdedup_fit_label(device: str | None = None) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """The k-means assignment step on the device (`semdedup.fit_units(label=)`): same labels."""
+    if resolve(device) is None:
+        return None
+    return lambda U, C32: semdedup_nearest(C32, device)(U.astype(np.float64))
+
+
 def gamma(m: int) -> float:
     u = 2.0 ** -53
     return m * u / (1.0 - m * u)

@@ -147,3 +147,21 @@ def test_device_names(monkeypatch):
             DV.resolve("cuda")
     else:
         assert DV.resolve("auto") == "cuda"
+
+
+def test_device_assignment_and_kmeans_steps_give_the_flat_labels():
+    X = clustered_with_duplicates(n=3000, seed=5)
+    X[4] = 0.0
+    inv, valid = K.inverse_norms(X)
+    U = K.unit32(X, inv, np.flatnonzero(valid))
+    C32, info = K.fit_units(U, 40, np.random.default_rng(0), 5)
+    C_dev, info_dev = K.fit_units(U, 40, np.random.default_rng(0), 5, label=DV.semdedup_fit_label("cpu"))
+    assert np.array_equal(C32, C_dev) and info == info_dev
+    # planted exact ties between two centroids: the lowest index, as the flat kernel decides
+    Cn = C32.astype(np.float64) / np.linalg.norm(C32.astype(np.float64), axis=1, keepdims=True)
+    X = np.concatenate([X, (Cn[[3, 7, 20]] + Cn[[9, 2, 31]]).astype(np.float32)])
+    inv, valid = K.inverse_norms(X)
+    want = K.assign(X, inv, valid, C32)
+    got = K.assign(X, inv, valid, C32, chunk=1000, nearest=DV.semdedup_nearest(C32, "cpu"))
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1], equal_nan=True)
+    assert DV.semdedup_nearest(C32, "numpy") is None and DV.semdedup_fit_label("numpy") is None

@@ -20,7 +20,8 @@ and is reached at K = 50,000, 2.5·10⁹ rows); seed 0; at most 20 Lloyd iterati
 k-means++. From K = 2,048 on, the k-means steps and the assignment are two-level
 (`kernels.semdedup_assign`: ~√K dot products a row on clustered data instead of K, the same
 labels), so with K = √N the assignment costs ~N^1.25 rather than N^1.5 and there is no cap on K.
-The within-cluster Gram blocks can run on a GPU (`device`, `models.device`; the same values).
+The k-means, the assignment and the within-cluster Gram blocks can run on a GPU (`device`,
+`models.device`; the same values).
 A re-run without options reuses the stored run's parameters: rows added since are assigned to
 the stored centroids; a cluster that only gained members is updated against them
 (new members: max over every earlier member; old ones: max of the stored value and the new
@@ -78,6 +79,17 @@ TAKE_ROWS = 4096            # rows per Lance take
 DEFAULT_MEMORY_GB = 2.0
 MEMORY_ENV = "CLIPSQL_DEDUP_MEMORY_GB"
 PARAMS = ("clusters", "sample", "seed", "iterations", "init", "kernel", "dim")
+
+
+def _assigner(C32: np.ndarray, device: str | None):
+    """(X, inv, valid, progress) → (labels, cos) to the centroids C32: on the device when one is
+    chosen (flat there), else flat or two-level by K (`semdedup_assign.Assigner`); the same labels."""
+    nearest = DV.semdedup_nearest(C32, device)
+    if nearest is not None:
+        return lambda X, inv, valid, progress: K.assign(X, inv, valid, C32, chunk=DV.ASSIGN_ROWS, progress=progress,
+                                                        nearest=nearest)
+    assigner = A.Assigner(C32)
+    return lambda X, inv, valid, progress: assigner.assign(X, inv, valid, progress=progress)
 
 
 def default_clusters(n_valid: int) -> int:
@@ -241,8 +253,9 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
              chunk: int | None = None, memory_gb: float | None = None,
              device: str | None = None) -> dict[str, Any]:
     """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring.
-    `device`: where the within-cluster Gram blocks run (`models.device`: numpy, auto, cpu, cuda[:N];
-    default $CLIPSQL_DEVICE, else numpy); the stored values are the same on every device."""
+    `device`: where the k-means steps, the assignment and the within-cluster Gram blocks run
+    (`models.device`: numpy, auto, cpu, cuda[:N]; default $CLIPSQL_DEVICE, else numpy); the stored
+    values are the same on every device."""
     _check("clusters", clusters)
     _check("sample", sample)
     _check("iterations", iterations)
@@ -314,10 +327,10 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             t1 = time.perf_counter()
             bar.reset(total=len(new_rows))
             bar.set_description(f"semdedup [{rec.model_id}]: assign new rows")
-            assigner = A.Assigner(C32)                        # flat, or two-level at large K: same labels
+            assign = _assigner(C32, device)                   # flat, two-level or a device's: same labels
             for a in range(0, len(new_rows), cap):            # taken in chunks of the budget
                 r = new_rows[a:a + cap]
-                labels[r], cos[r] = assigner.assign(reader.take(r), inv[r], valid[r], progress=bar.update)
+                labels[r], cos[r] = assign(reader.take(r), inv[r], valid[r], bar.update)
             timings["assign_s"] = time.perf_counter() - t1
             shrunk = np.unique(old_lab[gone])
             shrunk = shrunk[shrunk >= 0]                  # lost members: recompute those clusters in full
@@ -343,18 +356,20 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             del sampler
             bar.reset(total=params["iterations"])
             bar.set_description(f"semdedup [{rec.model_id}]: k-means (K={k}, sample {params['sample']})")
-            C32, info = A.fit_units(U, k, rng, params["iterations"], progress=bar.update)
+            label = DV.semdedup_fit_label(device)
+            C32, info = K.fit_units(U, k, rng, params["iterations"], progress=bar.update, label=label) if label \
+                else A.fit_units(U, k, rng, params["iterations"], progress=bar.update)
             del U, S
             timings["fit_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             bar.reset(total=n)
             bar.set_description(f"semdedup [{rec.model_id}]: assign")
             labels = np.full(n, -1, dtype=np.int64)
-            assigner = A.Assigner(C32)
+            assign = _assigner(C32, device)
             for a, b in reader.scan():                     # pass 2: every row to its centroid
                 e = a + b.num_rows
-                labels[a:e], cos[a:e] = assigner.assign(to_numpy(b.column("image_embedding")), inv[a:e],
-                                                        valid[a:e], progress=bar.update)
+                labels[a:e], cos[a:e] = assign(to_numpy(b.column("image_embedding")), inv[a:e], valid[a:e],
+                                               bar.update)
             timings["assign_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             bar.reset(total=n_valid)
