@@ -157,7 +157,8 @@ def kmeans_pp(U: np.ndarray, k: int, rng: np.random.Generator, *, block: int = P
     return chosen
 
 
-def _nearest(S: np.ndarray, rows64: Callable[[np.ndarray], np.ndarray], C64: np.ndarray, tol: float) -> np.ndarray:
+def labels_from_scores(S: np.ndarray, rows64: Callable[[np.ndarray], np.ndarray], C64: np.ndarray,
+                       tol: float) -> np.ndarray:
     """Labels from the float32 cosines S (rows × K): the argmax, where another centroid is within
     `tol` re-decided in float64 (`rows64(i)`: the float64 unit rows i), ties → the lowest index.
     S is overwritten (the near-tie test reads the second largest value, not a boolean matrix)."""
@@ -213,7 +214,7 @@ def assign(X: np.ndarray, inv: np.ndarray, valid: np.ndarray, C32: np.ndarray, r
             idx = part[ok]
             Z = unit64(X, inv, idx)
             lab = nearest(Z) if nearest is not None else \
-                _nearest(Z.astype(np.float32) @ Cg.T, lambda m, Z=Z: Z[m], C64, tol)
+                labels_from_scores(Z.astype(np.float32) @ Cg.T, lambda m, Z=Z: Z[m], C64, tol)
             labels[a + ok], cos[a + ok] = lab, centroid_cos(Z, C64, lab)
         if progress:
             progress(len(part))
@@ -246,8 +247,9 @@ def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, 
         if label is not None:
             lab = label(U, C32)
         else:
-            lab = np.concatenate([_nearest(U[a:a + chunk] @ Cg32.T, lambda m, a=a: U[a + m].astype(np.float64), Cg,
-                                           tol) for a in range(0, n, chunk)])
+            lab = np.concatenate([labels_from_scores(U[a:a + chunk] @ Cg32.T,
+                                                     lambda m, a=a: U[a + m].astype(np.float64), Cg, tol)
+                                  for a in range(0, n, chunk)])
         ran += 1
         if progress:
             progress(1)

@@ -177,7 +177,7 @@ def _two_level(Z: np.ndarray, cells: Cells, work: Work) -> np.ndarray:
         Sf = Z[fall].astype(np.float32) @ C64.astype(np.float32).T
         work.flat += Sf.size
         work.flat_rows += len(fall)
-        lab[fall] = K._nearest(Sf, lambda m: Z[fall[m]], C64, tol_flat)
+        lab[fall] = K.labels_from_scores(Sf, lambda m: Z[fall[m]], C64, tol_flat)
     return lab
 
 
