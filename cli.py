@@ -932,7 +932,7 @@ class PlotKind(str, Enum):
 def dedup(store: str = STORE_ARG,
           model: Optional[str] = typer.Option(None, help="Model id (default: the store's default)."),
           clusters: Optional[int] = typer.Option(None, "--clusters", help="K of the spherical k-means (default "
-                                                 "round(√ valid rows), at most 50,000: 1,000 at 1M rows)."),
+                                                 "round(√ valid rows): 1,000 at 1M rows)."),
           sample: Optional[int] = typer.Option(None, "--sample", help="Rows the k-means is fitted on, a seeded "
                                                "sample (default min(pool, max(10,000, 64·K)))."),
           seed: Optional[int] = typer.Option(None, help="Seed of the sample and the k-means++ init (default 0)."),
@@ -944,6 +944,10 @@ def dedup(store: str = STORE_ARG,
                                       "pending; compute nothing."),
           memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="GiB of image vectors held at once "
                                                     "(default $CLIPSQL_DEDUP_MEMORY_GB or 2); never changes a value."),
+          device: Optional[str] = typer.Option(None, "--device", help="Where the k-means, the assignment and "
+                                               "the within-cluster Gram blocks run: numpy, auto (a CUDA GPU if "
+                                               "torch sees one), cpu, cuda[:N] (default $CLIPSQL_DEVICE or numpy); "
+                                               "never changes a value."),
           progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
     """Semantic deduplication (SemDeDup): per row semdedup_cluster and semdedup_max_sim (view `semdedup`).
 
@@ -965,7 +969,7 @@ def dedup(store: str = STORE_ARG,
         return
     st = _run(Store.open, store)
     out = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,
-               refit=refit, progress=progress, memory_gb=memory_gb)
+               refit=refit, progress=progress, memory_gb=memory_gb, device=device)
     rm = ", ".join(f"ε={e}: {c} ({c / max(out.rows, 1):.1%})" for e, c in out.removable.items())
     if out.mode == "current":
         how = "already up to date"

@@ -1,6 +1,7 @@
 """`clipsql dedup` (SemDeDup, docs/science.md §10) on a 1M-row store, d = 512, against bare numpy GEMMs.
 
     .venv/bin/python bench/dedup.py [--rows 1000000] [--dim 512] [--memory-gb 2] [--json dedup.json] [--tmp DIR]
+    .venv/bin/python bench/dedup.py --assign 1000 4000 16000 --rows 200000   (flat vs two-level assignment)
 
 Data: synthetic clustered image embeddings (2,000 true clusters of lognormal sizes, within-cluster
 cosine ≈ 0.5, raw norms 5–15) with planted duplicates: 10 % of the rows are copies of another row
@@ -259,6 +260,58 @@ def gemm_rate(m: int, k: int, n: int, repeats: int = 3) -> float:
     return 2.0 * m * k * n / best
 
 
+def hierarchical(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Rows under a three-level hierarchy (64 topics → 64 sub-topics each → rows): sub-topics at
+    angle ≈ 19° from their topic, rows at ≈ 7° from their sub-topic — tight clusters of clusters."""
+    rng = np.random.default_rng(seed)
+    top = rng.standard_normal((64, d))
+    top /= np.linalg.norm(top, axis=1, keepdims=True)
+    mid = top[np.repeat(np.arange(64), 64)] + 0.35 * rng.standard_normal((64 * 64, d)) / math.sqrt(d)
+    mid /= np.linalg.norm(mid, axis=1, keepdims=True)
+    X = mid[rng.integers(len(mid), size=n)] + 0.12 * rng.standard_normal((n, d)) / math.sqrt(d)
+    return (X * rng.uniform(5, 15, (n, 1))).astype(np.float32)
+
+
+def assign_bench(rows: int, dim: int, ks: list[int], json_path: str | None, data: str = "synthetic") -> None:
+    """Flat against two-level assignment (kernels.semdedup_assign) on the synthetic rows, in memory:
+    per K the dot products a row (work counters), the seconds, and whether the labels agree.
+    Centroids: a 2-step spherical k-means (two-level steps) on a seeded sample of min(rows, 8·K)."""
+    from clipsql.kernels import semdedup as K
+    from clipsql.kernels import semdedup_assign as A
+    X = np.concatenate([x for x, _ in generate(rows, dim)]) if data == "synthetic" else hierarchical(rows, dim)
+    inv, valid = K.inverse_norms(X)
+    out, table_rows = [], []
+    for k in ks:
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(len(X), min(len(X), 8 * k), replace=False))
+        t0 = time.perf_counter()
+        C32, _ = A.fit_units(K.unit32(X, inv, sample), k, rng, 2, threshold=0)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lab_flat, _ = K.assign(X, inv, valid, C32)
+        flat_s = time.perf_counter() - t0
+        work = A.Work()
+        t0 = time.perf_counter()
+        a = A.Assigner(C32, threshold=0, work=work)
+        cells_s = time.perf_counter() - t0
+        lab_two, _ = a.assign(X, inv, valid)
+        two_s = time.perf_counter() - t0
+        fig = {"k": k, "k1": len(a.cells.centres32), "rows": int(valid.sum()), "flat_dots_per_row": float(k),
+               "flat_s": flat_s, "two_level_dots_per_row": work.per_row(),
+               "coarse_per_row": work.coarse / work.rows, "fine_per_row": work.fine / work.rows,
+               "cells_opened_per_row": work.cells_opened / work.rows, "flat_fallback_rows": work.flat_rows,
+               "two_level_s": two_s, "cells_build_s": cells_s, "fit_s": fit_s,
+               "labels_equal": bool(np.array_equal(lab_flat, lab_two))}
+        out.append(fig)
+        table_rows.append([k, fig["k1"], k, round(flat_s, 2), round(fig["two_level_dots_per_row"], 1),
+                           round(fig["cells_opened_per_row"], 2), work.flat_rows, round(two_s, 2),
+                           round(k / fig["two_level_dots_per_row"], 1), fig["labels_equal"]])
+        print(key_values(fig), flush=True)
+    print(table(table_rows, ["K", "K1", "flat dots/row", "flat s", "2-level dots/row", "cells/row",
+                             "fallback rows", "2-level s", "dots ratio", "same labels"]))
+    write_json(json_path, {"machine": machine(), "rows": rows, "dim": dim, "data": data, "assign": out})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -273,7 +326,14 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=450)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--kmeans-rows", type=int, default=100_000)
+    ap.add_argument("--assign", type=int, nargs="+", metavar="K",
+                    help="only flat against two-level assignment at these K, in memory (--rows rows)")
+    ap.add_argument("--assign-data", choices=("synthetic", "hierarchical"), default="synthetic",
+                    help="--assign's rows: the store bench's synthetic ones, or a three-level hierarchy")
     args = ap.parse_args()
+    if args.assign:
+        assign_bench(args.rows, args.dim, args.assign, args.json, args.assign_data)
+        return
     if args.step:
         steps = {"dedup": step_dedup, "clipsql": step_clipsql, "faiss": step_faiss, "kmeans": step_kmeans}
         steps[args.step[0]](*args.step[1:])

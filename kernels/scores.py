@@ -294,7 +294,7 @@ LOGITS_FLOAT32_RTOL = 2e-6
 
 
 def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64", chunk=512,
-              block=2048) -> np.ndarray:
+              block=2048, kernel=None) -> np.ndarray:
     """Information Gain ``KL(π(q) ‖ p̄) = Σ_j π_j(q)·(log π_j(q) − log p̄_j)`` (docs/science.md §1).
 
     ``modality="image"``: posterior over the reference texts, prior ``p̄^T``;
@@ -311,6 +311,10 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64",
     ``"float32"`` (a float32 GEMM, ~2× faster; only for ``|a| ≤ LOGITS_FLOAT32_MAX_SCALE``, where
     the error is within ``LOGITS_FLOAT32_RTOL`` relative). Rounding below 0 is clipped to 0.
     Cost O(M·d) per row, memory O(chunk·block).
+
+    ``kernel``: another implementation of the tiled loop below, called as
+    ``kernel(Qh, R, log_prior, own, a, b, kind, reverse)`` on the valid unit rows (float64) and
+    returning their KL (``models.device``: the same loop in torch float64, e.g. on a GPU).
 
     Tiled like an online softmax: ``chunk`` rows × ``block`` reference columns at a time, one GEMM
     per tile, everything after in float64 with one exp per logit. Per row it keeps the running
@@ -334,6 +338,9 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64",
     if not len(ids_all):
         return out
     _check_params(fit.a, fit.b, fit.kind)
+    if kernel is not None and logits == "float64":
+        out[ids_all] = kernel(Qh[ids_all], R, lprior, own_all[ids_all], fit.a, fit.b, fit.kind, reverse)
+        return out
     f32 = logits == "float32"
     if f32 and abs(fit.a) > LOGITS_FLOAT32_MAX_SCALE:
         raise ValueError(f"logits='float32' is bounded only for |a| <= {LOGITS_FLOAT32_MAX_SCALE:g}; "

@@ -157,7 +157,8 @@ def kmeans_pp(U: np.ndarray, k: int, rng: np.random.Generator, *, block: int = P
     return chosen
 
 
-def _nearest(S: np.ndarray, rows64: Callable[[np.ndarray], np.ndarray], C64: np.ndarray, tol: float) -> np.ndarray:
+def labels_from_scores(S: np.ndarray, rows64: Callable[[np.ndarray], np.ndarray], C64: np.ndarray,
+                       tol: float) -> np.ndarray:
     """Labels from the float32 cosines S (rows × K): the argmax, where another centroid is within
     `tol` re-decided in float64 (`rows64(i)`: the float64 unit rows i), ties → the lowest index.
     S is overwritten (the near-tie test reads the second largest value, not a boolean matrix)."""
@@ -194,10 +195,11 @@ def cos_to_centroids(X: np.ndarray, inv: np.ndarray, rows: np.ndarray, labels: n
 
 
 def assign(X: np.ndarray, inv: np.ndarray, valid: np.ndarray, C32: np.ndarray, rows: np.ndarray | None = None,
-           *, chunk: int | None = None, progress: Callable[[int], None] | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+           *, chunk: int | None = None, progress: Callable[[int], None] | None = None,
+           nearest: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels, cos) of `rows` (default all): nearest centroid (max cosine, ties → lowest index) and
-    the float64 cosine to it; -1 and NaN for invalid rows."""
+    the float64 cosine to it; -1 and NaN for invalid rows. `nearest(Z)`: another implementation of
+    the labels of float64 unit rows Z that gives the same ones (a device's: `models.device`)."""
     rows = np.arange(len(X)) if rows is None else np.asarray(rows, dtype=np.int64)
     C64 = unit_centroids(C32)
     Cg = C64.astype(np.float32)
@@ -211,7 +213,8 @@ def assign(X: np.ndarray, inv: np.ndarray, valid: np.ndarray, C32: np.ndarray, r
         if ok.size:
             idx = part[ok]
             Z = unit64(X, inv, idx)
-            lab = _nearest(Z.astype(np.float32) @ Cg.T, lambda m, Z=Z: Z[m], C64, tol)
+            lab = nearest(Z) if nearest is not None else \
+                labels_from_scores(Z.astype(np.float32) @ Cg.T, lambda m, Z=Z: Z[m], C64, tol)
             labels[a + ok], cos[a + ok] = lab, centroid_cos(Z, C64, lab)
         if progress:
             progress(len(part))
@@ -225,8 +228,11 @@ def spherical_kmeans(X: np.ndarray, inv: np.ndarray, sample: np.ndarray, k: int,
 
 
 def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, *,
-              progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict]:
-    """`spherical_kmeans` on the sample's float32 unit rows U (`unit32`), e.g. read in chunks."""
+              progress: Callable[[int], None] | None = None,
+              label: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+    """`spherical_kmeans` on the sample's float32 unit rows U (`unit32`), e.g. read in chunks.
+    `label(U, C32)`: another implementation of the assignment step that gives the same labels
+    (`semdedup_assign.fit_units`: two-level, for large k)."""
     n, d = U.shape
     seeds = U if n <= PP_ROWS_PER_CLUSTER * k else U[np.sort(rng.choice(n, PP_ROWS_PER_CLUSTER * k, replace=False))]
     C = seeds[kmeans_pp(seeds, k, rng)].astype(np.float64)
@@ -238,8 +244,12 @@ def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, 
         C32 = C.astype(np.float32)
         Cg = unit_centroids(C32)
         Cg32 = Cg.astype(np.float32)
-        lab = np.concatenate([_nearest(U[a:a + chunk] @ Cg32.T, lambda m, a=a: U[a + m].astype(np.float64), Cg, tol)
-                              for a in range(0, n, chunk)])
+        if label is not None:
+            lab = label(U, C32)
+        else:
+            lab = np.concatenate([labels_from_scores(U[a:a + chunk] @ Cg32.T,
+                                                     lambda m, a=a: U[a + m].astype(np.float64), Cg, tol)
+                                  for a in range(0, n, chunk)])
         ran += 1
         if progress:
             progress(1)
@@ -273,42 +283,64 @@ def cluster_order(labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
     return o, starts
 
 
+# Candidate pairs of one (row block, column block) of a cluster: `pairs(a, b, p, q)` → (r, c), offsets
+# into rows a..b and columns p..q (when p == a, the diagonal block: strictly earlier columns only),
+# a superset of the pairs that hold each row's largest float64 cosine over those columns. The values
+# themselves are always the float64 `einsum` of `cluster_max_sim`, so any candidate generator that
+# keeps that superset gives the same stored values, bit for bit. `Gram` builds one per cluster from
+# (rows64(lo, hi) → float64 unit rows, n); the default is the float32 GEMM below. A device generator
+# (torch, float64 on a GPU: `models.device`) plugs in here.
+Pairs = Callable[[int, int, int, int], tuple[np.ndarray, np.ndarray]]
+Gram = Callable[[Callable[[int, int], np.ndarray], int], Pairs]
+
+
+def _f32_pairs(U: np.ndarray, tol: float, rows: int) -> Pairs:
+    def pairs(a: int, b: int, p: int, q: int) -> tuple[np.ndarray, np.ndarray]:
+        G = U[a:b] @ U[p:q].T
+        if p == a:    # the diagonal block: only strictly earlier columns count
+            np.copyto(G, -np.inf, where=_upper(rows)[:b - a, :b - a])
+        am = G.argmax(axis=1)
+        bm = G[np.arange(b - a), am]
+        fin = np.isfinite(bm)
+        near = G >= (bm - tol)[:, None]
+        cnt = np.count_nonzero(near, axis=1)
+        r = np.flatnonzero(fin & (cnt == 1))          # most rows: the argmax is the only candidate
+        c = am[r]
+        multi = np.flatnonzero(fin & (cnt > 1))
+        if multi.size:
+            rm, cm = np.nonzero(near[multi])
+            r, c = np.concatenate([r, multi[rm]]), np.concatenate([c, cm])
+        return r, c
+    return pairs
+
+
 def cluster_max_sim(X: np.ndarray, inv: np.ndarray, members: np.ndarray, *, rows: int = ROW_BLOCK,
-                    cols: int = COL_BLOCK, empty: float = 0.0) -> np.ndarray:
+                    cols: int = COL_BLOCK, empty: float = 0.0, gram: Gram | None = None) -> np.ndarray:
     """max_sim of each of `members` (row indices in rank order): the float64 max cosine to the
     members before it (`empty`, default 0, for the first). Row blocks of `rows` against the earlier
     members in column blocks of at most `cols`, then the square diagonal block (masked to strictly
-    earlier columns): scores in memory O(rows · cols), work Σ n_c²/2 + n_c·rows/2 products."""
+    earlier columns): scores in memory O(rows · cols), work Σ n_c²/2 + n_c·rows/2 products.
+    `gram`: another candidate generator (see `Gram`; e.g. a GPU's), same values."""
     n = len(members)
     out = np.full(n, empty)
     if n <= 1:
         return out
     tol = 2.0 * f32_tolerance(X.shape[1])
     U64 = unit64(X, inv, members) if n <= CACHE_ROWS else None
-    U = U64.astype(np.float32) if U64 is not None else unit32(X, inv, members)
 
     def rows64(lo: int, hi: int) -> np.ndarray:
         return U64[lo:hi] if U64 is not None else unit64(X, inv, members[lo:hi])
 
+    if gram is not None:
+        pairs = gram(rows64, n)
+    else:
+        pairs = _f32_pairs(U64.astype(np.float32) if U64 is not None else unit32(X, inv, members), tol, rows)
     for a in range(0, n, rows):
         b = min(a + rows, n)
         R64 = rows64(a, b)
         best = np.full(b - a, -np.inf)
         for p, q in [(p, min(p + cols, a)) for p in range(0, a, cols)] + [(a, b)]:
-            G = U[a:b] @ U[p:q].T
-            if p == a:    # the diagonal block: only strictly earlier columns count
-                np.copyto(G, -np.inf, where=_upper(rows)[:b - a, :b - a])
-            am = G.argmax(axis=1)
-            bm = G[np.arange(b - a), am]
-            fin = np.isfinite(bm)
-            near = G >= (bm - tol)[:, None]
-            cnt = np.count_nonzero(near, axis=1)
-            r = np.flatnonzero(fin & (cnt == 1))          # most rows: the argmax is the only candidate
-            c = am[r]
-            multi = np.flatnonzero(fin & (cnt > 1))
-            if multi.size:
-                rm, cm = np.nonzero(near[multi])
-                r, c = np.concatenate([r, multi[rm]]), np.concatenate([c, cm])
+            r, c = pairs(a, b, p, q)
             if r.size:
                 v = np.einsum("ij,ij->i", R64[r], rows64(p, q)[c])
                 np.maximum.at(best, r, v)
@@ -328,7 +360,7 @@ def _upper(m: int) -> np.ndarray:
 
 def max_sims(X: np.ndarray, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
              clusters: np.ndarray | None = None, *, rows: int = ROW_BLOCK,
-             progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, dict]:
+             progress: Callable[[int], None] | None = None, gram: Gram | None = None) -> tuple[np.ndarray, dict]:
     """semdedup_max_sim of every valid row of the given clusters (default all; NaN elsewhere),
     with the pair count {pairs: Σ n_c(n_c−1)/2, largest: the largest cluster}."""
     out = np.full(len(X), np.nan)
@@ -338,7 +370,7 @@ def max_sims(X: np.ndarray, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray
     pairs, largest = 0, 0
     for s, e in zip(starts, ends):
         members = o[s:e]
-        out[members] = cluster_max_sim(X, inv, members, rows=rows)
+        out[members] = cluster_max_sim(X, inv, members, rows=rows, gram=gram)
         m = e - s
         pairs += m * (m - 1) // 2
         largest = max(largest, m)

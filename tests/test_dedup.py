@@ -557,3 +557,17 @@ def test_the_sample_does_not_depend_on_the_storage_order(tmp_path):
     assert np.array_equal(C1, C2) and g1 == g2 and r1.fit.iterations_run == r2.fit.iterations_run
     r3 = semdedup(st1, clusters=6, sample=500, seed=3)
     assert not np.array_equal(stored(st1, rec1)[1], C1) and r3.mode == "full"
+
+
+def test_device_run_stores_the_numpy_values(run1, tmp_path):
+    """`device="cpu"` runs the k-means steps, the assignment and the Gram blocks through torch
+    (models.device: the code a GPU runs): the same centroids, clusters and max_sim, bit for bit."""
+    pytest.importorskip("torch")
+    st, rec, X, ids, _, _ = run1
+    want, C_want = stored(st, rec)
+    st2, rec2 = make_store(tmp_path / "s", X, ids)
+    semdedup(st2, clusters=12, seed=1, device="cpu")
+    got, C_got = stored(st2, rec2)
+    assert np.array_equal(C_got, C_want) and got == want
+    with pytest.raises(ClipsqlError, match="device must be one of"):
+        semdedup(st2, clusters=12, seed=1, device="tpu", refit=True)

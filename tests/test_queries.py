@@ -12,6 +12,7 @@ from clipsql.queries.sql.cli_query import run_query
 from clipsql.store.fits import fit_stats, load_fit
 from clipsql.errors import QueryError, StatsError
 from clipsql.kernels.arrays import to_numpy
+from clipsql.models import device as DV
 from clipsql.queries.sql.functions import udf_error
 from clipsql.store.store import Store
 
@@ -510,3 +511,19 @@ def test_two_models_never_score_with_the_wrong_fit(tmp_path, tiny_model, tiny_si
     got = fetch(con, f"SELECT image_info_gain(image_embedding, '{sig.model_id}', id) FROM embeddings "
                      f"WHERE model = '{sig.model_id}' ORDER BY id")
     np.testing.assert_allclose([r[0] for r in got], [r[2] for r in rows if r[0] == sig.model_id], rtol=1e-12)
+
+
+def test_sql_info_gain_on_a_torch_device_equals_numpy(scored_store, monkeypatch):
+    """$CLIPSQL_DEVICE=cpu runs the exact IG UDF through models.device's torch float64 loop (the
+    code a GPU runs): the same scores within 1e-12 relative of the numpy kernel's."""
+    pytest.importorskip("torch")
+    sql = "SELECT id, image_info_gain, text_info_gain, image_info_gain_reverse FROM scores ORDER BY id"
+    want = fetch(queries.connect(scored_store), sql)
+    calls = []
+    real = DV.info_gain_kernel
+    monkeypatch.setattr(DV, "info_gain_kernel", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setenv(DV.DEVICE_ENV, "cpu")
+    got = fetch(queries.connect(scored_store), sql)
+    assert calls and [r[0] for r in got] == [r[0] for r in want]
+    np.testing.assert_allclose(np.array([r[1:] for r in got], dtype=float),
+                               np.array([r[1:] for r in want], dtype=float), rtol=1e-12, atol=0)

@@ -13,11 +13,17 @@ table's metadata names. SQL: the view `semdedup` (default model). Each write is 
 of the main table (the centroids are written first, at a new version the old main table does not
 name), under the store's writer lock: a kill leaves the old result or the new one.
 
-Defaults (documented in `clipsql dedup --help`): K = round(√(valid rows)) capped at 50,000
-(1,000 at 1M rows; NeMo Curator uses ≥ 1,000 at scale); sample = min(valid rows, max(10,000,
-64·K)) (faiss warns below 39 rows per centroid); seed 0; at most 20 Lloyd iterations; init
-k-means++. A re-run without options reuses the stored run's parameters: rows added since are
-assigned to the stored centroids; a cluster that only gained members is updated against them
+Defaults (documented in `clipsql dedup --help`): K = round(√(valid rows)) (1,000 at 1M rows;
+NeMo Curator uses ≥ 1,000 at scale); sample = min(valid rows, max(10,000, 64·K), 3,200,000)
+(faiss warns below 39 rows per centroid; the cap bounds the sample's memory: 6.1 GiB at d = 512,
+and is reached at K = 50,000, 2.5·10⁹ rows); seed 0; at most 20 Lloyd iterations; init
+k-means++. From K = 2,048 on, the k-means steps and the assignment are two-level
+(`kernels.semdedup_assign`: ~√K dot products a row on clustered data instead of K, the same
+labels), so with K = √N the assignment costs ~N^1.25 rather than N^1.5 and there is no cap on K.
+The k-means, the assignment and the within-cluster Gram blocks can run on a GPU (`device`,
+`models.device`; the same values).
+A re-run without options reuses the stored run's parameters: rows added since are assigned to
+the stored centroids; a cluster that only gained members is updated against them
 (new members: max over every earlier member; old ones: max of the stored value and the new
 members ranked before them, O(n_c·new_c·d)), a cluster that lost members (deleted rows) is
 recomputed — either way the values a full pass with those centroids gives, bit for bit. Other
@@ -52,17 +58,19 @@ import pyarrow.compute as pc
 
 from clipsql.errors import ClipsqlError, SelectionError
 from clipsql.kernels import semdedup as K
+from clipsql.kernels import semdedup_assign as A
 from clipsql.kernels import semdedup_blocks as B
 from clipsql.kernels.arrays import fixed_list, to_numpy
 from clipsql.kernels.sample import StreamSample, hash_keys
 from clipsql.kernels.semdedup import inverse_norms, removable, unit32
 from clipsql.lazy import tqdm
+from clipsql.models import device as DV
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, Store
 from clipsql.store.tables import centroids_table_name, dedup_table_name
 
 META_KEY = "clipsql"
-MAX_DEFAULT_CLUSTERS = 50_000
+MAX_DEFAULT_SAMPLE = 3_200_000     # rows (float32 unit rows: 6.1 GiB at d = 512)
 DEFAULT_ITERATIONS = 20
 DEFAULT_SEED = 0
 EPS_REPORTED = (0.001, 0.01, 0.05)
@@ -73,12 +81,23 @@ MEMORY_ENV = "CLIPSQL_DEDUP_MEMORY_GB"
 PARAMS = ("clusters", "sample", "seed", "iterations", "init", "kernel", "dim")
 
 
+def _assigner(C32: np.ndarray, device: str | None):
+    """(X, inv, valid, progress) → (labels, cos) to the centroids C32: on the device when one is
+    chosen (flat there), else flat or two-level by K (`semdedup_assign.Assigner`); the same labels."""
+    nearest = DV.semdedup_nearest(C32, device)
+    if nearest is not None:
+        return lambda X, inv, valid, progress: K.assign(X, inv, valid, C32, chunk=DV.ASSIGN_ROWS, progress=progress,
+                                                        nearest=nearest)
+    assigner = A.Assigner(C32)
+    return lambda X, inv, valid, progress: assigner.assign(X, inv, valid, progress=progress)
+
+
 def default_clusters(n_valid: int) -> int:
-    return max(1, min(MAX_DEFAULT_CLUSTERS, n_valid, round(math.sqrt(n_valid))))
+    return max(1, min(n_valid, round(math.sqrt(n_valid))))
 
 
 def default_sample(n_valid: int, k: int) -> int:
-    return min(n_valid, max(10_000, 64 * k))
+    return min(n_valid, max(10_000, 64 * k), max(10_000, MAX_DEFAULT_SAMPLE))
 
 
 def _schema(params: dict | None = None) -> pa.Schema:
@@ -287,13 +306,18 @@ def memory_budget(memory_gb: float | None = None) -> float:
 
 def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None, sample: int | None = None,
              seed: int | None = None, iterations: int | None = None, refit: bool = False, progress: bool = False,
-             chunk: int | None = None, memory_gb: float | None = None) -> DedupReport:
-    """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring."""
+             chunk: int | None = None, memory_gb: float | None = None,
+             device: str | None = None) -> DedupReport:
+    """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring.
+    `device`: where the k-means steps, the assignment and the within-cluster Gram blocks run
+    (`models.device`: numpy, auto, cpu, cuda[:N]; default $CLIPSQL_DEVICE, else numpy); the stored
+    values are the same on every device."""
     _check("clusters", clusters)
     _check("sample", sample)
     _check("iterations", iterations)
     _check("seed", seed, 0)
     budget = memory_budget(memory_gb)
+    gram = DV.semdedup_gram(device)
     rec = st.model(model)
     cap = B.cap_rows(budget, rec.dim)
     block = chunk or K.ROW_BLOCK
@@ -359,9 +383,10 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             t1 = time.perf_counter()
             bar.reset(total=len(new_rows))
             bar.set_description(f"semdedup [{rec.model_id}]: assign new rows")
+            assign = _assigner(C32, device)                   # flat, two-level or a device's: same labels
             for a in range(0, len(new_rows), cap):            # taken in chunks of the budget
                 r = new_rows[a:a + cap]
-                labels[r], cos[r] = K.assign(reader.take(r), inv[r], valid[r], C32, progress=bar.update)
+                labels[r], cos[r] = assign(reader.take(r), inv[r], valid[r], bar.update)
             timings["assign_s"] = time.perf_counter() - t1
             shrunk = np.unique(old_lab[gone])
             shrunk = shrunk[shrunk >= 0]                  # lost members: recompute those clusters in full
@@ -372,7 +397,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             bar.reset(total=int(np.isin(labels, affected).sum()))
             bar.set_description(f"semdedup [{rec.model_id}]: within clusters")
             part, pinfo = B.within_clusters(reader.take, inv, labels, cos, id_rank, C32, shrunk, cap, grown=grown,
-                                            old=max_sim, new=~have, rows=block, progress=bar.update)
+                                            old=max_sim, new=~have, rows=block, progress=bar.update, gram=gram)
             rows = np.flatnonzero(np.isin(labels, affected))
             max_sim[rows] = part[rows]
             computed[rows] = now
@@ -387,23 +412,26 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             del sampler
             bar.reset(total=params["iterations"])
             bar.set_description(f"semdedup [{rec.model_id}]: k-means (K={k}, sample {params['sample']})")
-            C32, info = K.fit_units(U, k, rng, params["iterations"], progress=bar.update)
+            label = DV.semdedup_fit_label(device)
+            C32, info = K.fit_units(U, k, rng, params["iterations"], progress=bar.update, label=label) if label \
+                else A.fit_units(U, k, rng, params["iterations"], progress=bar.update)
             del U, S
             timings["fit_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             bar.reset(total=n)
             bar.set_description(f"semdedup [{rec.model_id}]: assign")
             labels = np.full(n, -1, dtype=np.int64)
+            assign = _assigner(C32, device)
             for a, b in reader.scan():                     # pass 2: every row to its centroid
                 e = a + b.num_rows
-                labels[a:e], cos[a:e] = K.assign(to_numpy(b.column("image_embedding")), inv[a:e], valid[a:e],
-                                                 C32, progress=bar.update)
+                labels[a:e], cos[a:e] = assign(to_numpy(b.column("image_embedding")), inv[a:e], valid[a:e],
+                                               bar.update)
             timings["assign_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             bar.reset(total=n_valid)
             bar.set_description(f"semdedup [{rec.model_id}]: within clusters")
             max_sim, pinfo = B.within_clusters(reader.take, inv, labels, cos, id_rank, C32, np.arange(k), cap,
-                                               rows=block, progress=bar.update)
+                                               rows=block, progress=bar.update, gram=gram)
             timings["pairs_s"] = time.perf_counter() - t1
             computed = np.full(n, now, dtype=np.int64)
             mode = "full"

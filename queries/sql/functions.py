@@ -38,6 +38,7 @@ from clipsql.kernels import scores
 from clipsql.kernels.arrays import matrix, take_rows
 from clipsql.kernels.geometry import MODS, ellipsoid, gaussian_loglik
 from clipsql.lazy import threadpoolctl
+from clipsql.models import device as DV
 from clipsql.models.prompts import PromptCache
 from clipsql.queries.sql import specs
 from clipsql.queries.sql.nearest import register_nearest
@@ -272,7 +273,7 @@ def _info_gain_scored(ctx: ScoreContext, reverse: bool) -> Callable:
             X = matrix(_sub(emb, idx, n), rec.dim, f"{mod} embedding")
             fit = ctx.fit(rec)
             ref = ctx.reference_positions(rec, _sub(ids, idx, n))
-            out[idx] = scores.info_gain(X, fit, mod, reverse=reverse, ref_index=ref)
+            out[idx] = DV.info_gain(X, fit, mod, reverse=reverse, ref_index=ref)   # $CLIPSQL_DEVICE: numpy or a GPU
         return _result(out)
     return udf
 
