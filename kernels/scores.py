@@ -401,17 +401,94 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64",
     return out
 
 
-def info_gain_approx(Q, fit, modality) -> np.ndarray:
+# The quadratic forms of docs/science.md §2 are approximations: they run in float32 (the rate of a
+# float32 GEMM) with the error bound derived in §2, tested against a float64 brute force
+# (tests/test_scores.py); `precision="float64"` keeps the float64 evaluation.
+PRECISIONS = ("float32", "float64")
+_F32_SAFE_NORM2 = 2.0 ** -100     # a float32 ‖x‖² at or above this is a normal number, lost terms negligible
+
+
+@dataclass(frozen=True, eq=False)
+class QuadraticForm:
+    """``scale · ‖Lᵀ(x̂ − ū)‖²`` prepared once per fit and modality (docs/science.md §2): ``mean`` ū
+    and ``factor`` L (``None``: L = I, the centred norm) as C-contiguous float32, ``scale`` ½a² (or a²)."""
+
+    mean: np.ndarray
+    factor: np.ndarray | None
+    scale: float
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+
+def quadratic_form(fit, modality, centered=False) -> QuadraticForm:
+    """The float32 operands of ``info_gain_approx`` (``centered=False``) or ``centered_norm``."""
+    _, _, u, L = _side(fit, modality)
+    mean = np.ascontiguousarray(u, dtype=np.float32)
+    factor = None if centered else np.ascontiguousarray(L, dtype=np.float32)
+    for v in (mean, factor):
+        if v is not None:
+            v.setflags(write=False)
+    return QuadraticForm(mean, factor, float(fit.a) ** 2 * (1.0 if centered else 0.5))
+
+
+def _unit32(Q) -> tuple[np.ndarray, np.ndarray]:
+    """``(x̂, valid)`` in float32: ‖x‖² summed in float32, then one division per entry. Rows whose
+    float32 ‖x‖² is not finite or below ``_F32_SAFE_NORM2`` (huge, tiny, zero, NaN) go through the
+    float64 ``normalize`` instead, so they are scaled before squaring, or NaN when invalid."""
+    Q = np.asarray(Q)
+    Q32 = Q if Q.dtype == np.float32 else Q.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        n2 = np.einsum("ij,ij->i", Q32, Q32)
+    ok = np.isfinite(n2) & (n2 >= _F32_SAFE_NORM2)
+    Xh = Q32 / np.sqrt(np.where(ok, n2, np.float32(1)))[:, None]
+    valid = ok.copy()
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        Bh, bvalid = normalize(Q[bad])
+        Xh[bad], valid[bad] = Bh, bvalid
+    return Xh, valid
+
+
+def quadratic_scores(Q, form: QuadraticForm) -> np.ndarray:
+    """``form.scale · ‖Lᵀ(x̂ − ū)‖²`` per row (NaN for invalid rows), in float32 up to the final sum:
+    x̂ − ū in float32, one float32 GEMM by L per call, the squares summed in float64. Error bound:
+    docs/science.md §2."""
+    Q = np.asarray(Q)
+    if Q.ndim != 2 or Q.shape[1] != form.dim:
+        raise ValueError(f"Q must be a 2-D array (rows, {form.dim}); got shape {Q.shape}")
+    Xh, _ = _unit32(Q)
+    Xh -= form.mean
+    Z = Xh if form.factor is None else Xh @ form.factor
+    np.square(Z, out=Z)
+    return form.scale * Z.sum(axis=1, dtype=np.float64)
+
+
+def _check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+
+
+def info_gain_approx(Q, fit, modality, precision="float32") -> np.ndarray:
     """``½ a² (x̂ − ū_I)ᵀ G_T (x̂ − ū_I) = ½ a² ‖L_Tᵀ (x̂ − ū_I)‖²`` for images;
-    text mirrors it: ``½ a² ‖L_Iᵀ (ŷ − ū_T)‖²``.  O(d²) per row."""
+    text mirrors it: ``½ a² ‖L_Iᵀ (ŷ − ū_T)‖²``.  O(d²) per row. ``precision="float32"`` (default):
+    ``quadratic_scores``, within the bound of docs/science.md §2; ``"float64"``: float64 throughout."""
+    _check_precision(precision)
+    if precision == "float32":
+        return quadratic_scores(Q, quadratic_form(fit, modality))
     _, _, u, L = _side(fit, modality)
     Qh, _ = normalize(_rows(Q, "Q", len(u)))
     Z = (Qh - u) @ L
     return 0.5 * fit.a**2 * np.einsum("ij,ij->i", Z, Z)
 
 
-def centered_norm(Q, fit, modality) -> np.ndarray:
-    """``centered_norm(x) = a²‖x̂ − ū‖²`` with ``ū = ū_I`` (image) or ``ū_T`` (text)."""
+def centered_norm(Q, fit, modality, precision="float32") -> np.ndarray:
+    """``centered_norm(x) = a²‖x̂ − ū‖²`` with ``ū = ū_I`` (image) or ``ū_T`` (text); float32 as
+    ``info_gain_approx`` (L = I) unless ``precision="float64"``."""
+    _check_precision(precision)
+    if precision == "float32":
+        return quadratic_scores(Q, quadratic_form(fit, modality, centered=True))
     _, _, u, _ = _side(fit, modality)
     Qh, _ = normalize(_rows(Q, "Q", len(u)))
     D = Qh - u

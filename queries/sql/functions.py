@@ -64,6 +64,7 @@ class ScoreContext:
         self._fits: dict[str, scores.Fit] = {}
         self._fit_rows: dict[str, dict] = {}
         self._light: dict[str, scores.Fit] = {}
+        self._forms: dict[tuple, scores.QuadraticForm] = {}
         self._ref_lookup: dict[str, dict[bytes, int]] = {}
         self._ref_ids: dict[str, pa.Array] = {}
         self._targets: dict[str, Any] = {}
@@ -136,6 +137,13 @@ class ScoreContext:
         def load() -> scores.Fit:
             return load_fit(self.st, rec, reference=False, row=self._fit_row(rec, False))[0]
         return self._cached(self._light, rec.model_id, load)
+
+    def quadratic_form(self, rec: ModelRecord, modality: Any, centered: bool) -> scores.QuadraticForm:
+        """The float32 operands (ū, L, scale) of a §2 quadratic form, prepared once per connection."""
+        if modality not in scores.MODALITIES:
+            raise QueryError(f"modality must be 'image' or 'text', got {modality!r}")
+        return self._cached(self._forms, (rec.model_id, modality, centered),
+                            lambda: scores.quadratic_form(self.fit_light(rec), modality, centered))
 
     def fit_row(self, rec: ModelRecord) -> dict:
         """The catalog row of the fit `fit(rec)` returns (options, raw reference arrays)."""
@@ -243,8 +251,10 @@ def _result(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.float64(), mask=~np.isfinite(values))
 
 
-def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.ndarray]) -> Callable:
-    """Wrap `fn(X, model, modality)` into an Arrow UDF (emb, modality, model)."""
+def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.ndarray],
+            dtype: Any = np.float64) -> Callable:
+    """Wrap `fn(X, model, modality)` into an Arrow UDF (emb, modality, model); X is `dtype` (float32:
+    the stored FLOAT values as they come, no copy)."""
     def udf(emb: Any, modality: Any, model: Any) -> pa.Array:
         n = len(emb)
         out = np.full(n, np.nan)
@@ -253,7 +263,7 @@ def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.n
                 raise QueryError(f"modality must be 'image' or 'text', got {mod!r}")
             rec = ctx.score_model(mname, "a score function")
             col = emb if len(idx) == n else take_rows(emb, idx)
-            out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip()), rec, mod)
+            out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip(), dtype), rec, mod)
         return _result(out)
     return udf
 
@@ -473,9 +483,11 @@ def _macro_overloads(f: specs.SqlFunction, returns: dict[str, str], typed: int |
 IMPLEMENTATIONS: dict[str, Callable[[ScoreContext], Callable]] = {
     "info_gain": lambda ctx: _info_gain_scored(ctx, False),
     "info_gain_reverse": lambda ctx: _info_gain_scored(ctx, True),
-    "info_gain_approx": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.info_gain_approx(
-        X, ctx.fit_light(rec), mod)),
-    "centered_norm": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.centered_norm(X, ctx.fit_light(rec), mod)),
+    # the quadratic forms of §2 in float32 (their bound: docs/science.md §2), operands prepared once
+    "info_gain_approx": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.quadratic_scores(
+        X, ctx.quadratic_form(rec, mod, False)), np.float32),
+    "centered_norm": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.quadratic_scores(
+        X, ctx.quadratic_form(rec, mod, True)), np.float32),
     "conformity": lambda ctx: _scored(ctx, lambda X, rec, mod: _conformity(ctx, X, rec, mod)),
     "conformity_estimate": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.conformity_estimate(
         X, ctx.running(rec).moments[(mod, "normalized")].mean)),
