@@ -232,10 +232,24 @@ def blas_pinned(fn: Callable) -> Callable:
     return wrapper
 
 
+def _constant(arr: Any) -> tuple[bool, Any]:
+    """(True, value) when every row of an argument column holds the same value (NULL included), found
+    in Arrow without a Python object per row: the model and modality columns of a batch usually are."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if len(arr) == 0:
+        return True, None
+    distinct = pc.unique(arr)
+    return (True, distinct[0].as_py()) if len(distinct) == 1 else (False, None)
+
+
 def _groups(arr: Any, n: int) -> list[tuple[Any, np.ndarray]]:
     """Split row indices by the value of a (usually constant) argument column."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    same, value = _constant(arr)
+    if same:
+        return [(value, np.arange(n))]
     values = arr.to_pylist()
     first = values[0] if values else None
     if all(v == first for v in values):
@@ -302,6 +316,9 @@ def pair_groups(a: Any, b: Any, n: int) -> list[tuple[tuple[Any, Any], np.ndarra
 
 def _key_groups(cols: list[Any], n: int) -> list[tuple[tuple, np.ndarray]]:
     """Split row indices by the tuple of values of (usually constant) argument columns."""
+    consts = [_constant(c) for c in cols]
+    if all(same for same, _ in consts):
+        return [(tuple(v for _, v in consts), np.arange(n))]
     lists = [(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c).to_pylist() for c in cols]
     if all(all(v == vals[0] for v in vals) for vals in lists if vals):
         return [(tuple(vals[0] if vals else None for vals in lists), np.arange(n))]
