@@ -831,3 +831,23 @@ def test_approx_float32_invalid_rows_and_precision_option(data):
         assert np.isnan(got[bad]).all() and np.isfinite(np.delete(got, bad)).all()
         with pytest.raises(ValueError, match="precision must be one of"):
             fn(Q, f, "image", precision="float16")
+
+
+@pytest.mark.parametrize("kind,a,b", [("clip", 1.0, 0.0), ("clip", 100.0, 0.0), ("siglip", 112.0, -16.5),
+                                      ("clip", 400.0, 0.0)])
+@pytest.mark.parametrize("prior", ["posterior-mean", "uniform"])
+def test_info_gain_bounded_and_running_max_paths_agree_with_brute_force(data, monkeypatch, kind, a, b, prior):
+    """§1: logits known to lie in [−600, 600] are exponentiated unshifted, in row blocks (a = 400 is
+    outside: the running maximum); forcing the running-maximum path everywhere changes nothing, and
+    both match the brute force, with own pairs left out, odd chunk/block/row-block sizes."""
+    f = S.fit(data["Xr"], data["Yr"], a=a, b=b, kind=kind, prior=prior)
+    Q = np.vstack([data["Xr"][:5], data["Xq"]])
+    own = np.r_[np.arange(5), np.full(len(data["Xq"]), -1)]
+    p = np_prior(data["Xr"], data["Yr"], a, b, kind, prior)
+    for reverse in (False, True):
+        kw = dict(reverse=reverse, ref_index=own, chunk=7, block=50, sub_rows=3)
+        fast = S.info_gain(Q, f, "image", **kw)
+        np.testing.assert_allclose(fast, np_info_gain(Q, data["Yr"], p, a, b, kind, reverse, own), rtol=1e-9, atol=0)
+        with monkeypatch.context() as mp:
+            mp.setattr(S, "_MAX_LOG_SPAN", 0.0)
+            np.testing.assert_allclose(S.info_gain(Q, f, "image", **kw), fast, rtol=1e-10, atol=0)
