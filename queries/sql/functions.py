@@ -1,7 +1,10 @@
 """Every SQL function clipsql adds to DuckDB, registered in one place: `register`.
 
-Score functions are vectorized Arrow UDFs: DuckDB hands a batch (≤ 2048 rows),
-the batch becomes one (n, d) float64 matrix and one numpy call scores it.
+Score functions are vectorized Arrow UDFs: DuckDB hands a batch (≤ 2048 rows: its vector
+size, fixed at build time, so the per-batch work is kept small rather than the batch made
+large), the batch becomes one (n, d) matrix (float64; float32 as stored, without a copy, for
+the §2 quadratic forms, whose operands are prepared once per connection) and one numpy call
+scores it.
 Optional arguments (the model) come from overloaded SQL macros over fixed-arity
 UDFs. NaN (zero, NULL or non-finite vectors) comes back as NULL. BLAS is pinned
 to one thread inside UDF work; DuckDB's threads parallelize across batches.
