@@ -8,9 +8,12 @@ Figures (see bench/README.md):
 
 * ``fit_seconds``: `clipsql stats fit` (fit_stats) with M = --reference-size.
 * ``sql_numpy_ratio`` = rows/s of ``SELECT sum(image_info_gain_approx(image_embedding))
-  FROM embeddings`` (queries.connect, DuckDB's default threads) ÷ rows/s of
-  ``scores.info_gain_approx`` over the same vectors already in memory (float32,
-  2048-row chunks, numpy's default BLAS threads).  Target ≥ 0.8.
+  FROM embeddings`` (queries.connect, DuckDB's default threads) ÷ rows/s of the same
+  quadratic form in bare numpy float32 over the same vectors already in memory
+  (2048-row chunks, numpy's default BLAS threads).  Target ≥ 0.8.
+* ``exact_gemm_ratio`` = thread CPU seconds of a bare float64 GEMM of the shape the exact score
+  needs (--ig-rows unit rows @ Y_refᵀ, M = --reference-size) ÷ those of ``scores.info_gain`` on the
+  same rows, one BLAS thread, in the same run.  Target ≥ 0.8.
 * ``exact_speedup`` = rows/s of the approximation ÷ rows/s of the exact
   ``image_info_gain`` (M = --reference-size) on the same --exact-rows subsample, both
   through SQL.  Expect ≥ 10×.
@@ -121,7 +124,11 @@ def sql_runner(con: Any, sql: str) -> Callable[[], float]:
     return run
 
 def numpy_runner(X: np.ndarray, fit: Any, chunk: int, blas_threads: int | None = None) -> Callable[[], float]:
-    from clipsql.kernels import scores
+    """The approximation in bare numpy float32 on the vectors in RAM (no clipsql code): per `chunk`
+    rows x̂ = x/‖x‖, (x̂ − ū) @ L, ½a²·Σ z² — the rate the SQL function is held to."""
+    u = np.ascontiguousarray(fit.mean_image, dtype=np.float32)
+    L = np.ascontiguousarray(fit.factor_text, dtype=np.float32)
+    half_a2 = 0.5 * fit.a ** 2
 
     def run() -> float:
         ctx = contextlib.nullcontext()
@@ -131,9 +138,49 @@ def numpy_runner(X: np.ndarray, fit: Any, chunk: int, blas_threads: int | None =
         total = 0.0
         with ctx:
             for i in range(0, len(X), chunk):
-                total += float(np.nansum(scores.info_gain_approx(X[i:i + chunk], fit, "image")))
+                Q = X[i:i + chunk]
+                Z = (Q / np.sqrt(np.einsum("ij,ij->i", Q, Q))[:, None] - u) @ L
+                total += half_a2 * float(np.einsum("ij,ij->i", Z, Z).sum(dtype=np.float64))
         return total
     return run
+
+
+def exact_vs_gemm(X: np.ndarray, fit: Any, repeats: int, chunk: int = 2048) -> dict:
+    """Exact `scores.info_gain` (image → reference texts) on the rows of X in RAM against a bare float64
+    GEMM of the same shape (unit rows @ Y_refᵀ, `chunk` rows at a time into one buffer), interleaved,
+    one BLAS thread (as in the SQL functions); thread CPU seconds (robust to other jobs preempting
+    this one) and wall seconds, best of `repeats`."""
+    import time
+
+    from threadpoolctl import threadpool_limits
+
+    from clipsql.kernels import scores
+    R = np.ascontiguousarray(fit.Y_ref, dtype=np.float64)
+    Xd = X.astype(np.float64)
+    Xh = Xd / np.linalg.norm(Xd, axis=1, keepdims=True)
+    buf = np.empty((min(chunk, len(Xh)), len(R)))
+
+    def gemm() -> None:
+        for i in range(0, len(Xh), chunk):
+            q = Xh[i:i + chunk]
+            np.matmul(q, R.T, out=buf[:len(q)])
+
+    def exact() -> None:
+        scores.info_gain(X, fit, "image")
+
+    best: dict[str, tuple[float, float]] = {}
+    with threadpool_limits(1, user_api="blas"):
+        for _ in range(max(1, repeats)):
+            for name, fn in (("gemm", gemm), ("exact", exact)):
+                t0, w0 = time.thread_time(), time.perf_counter()
+                fn()
+                cpu, wall = time.thread_time() - t0, time.perf_counter() - w0
+                old = best.get(name, (float("inf"), float("inf")))
+                best[name] = (min(old[0], cpu), min(old[1], wall))
+    return {"rows": len(X), "reference_size": len(R), "gemm_cpu_s": best["gemm"][0], "exact_cpu_s": best["exact"][0],
+            "gemm_wall_s": best["gemm"][1], "exact_wall_s": best["exact"][1],
+            "exact_gemm_ratio": best["gemm"][0] / best["exact"][0],
+            "exact_gemm_ratio_wall": best["gemm"][1] / best["exact"][1]}
 
 
 def register_probes(con: Any, st: Any, dim: int) -> None:
@@ -233,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the best of each side is kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk", type=int, default=2048, help="numpy baseline chunk (DuckDB's vector size)")
+    p.add_argument("--ig-rows", type=int, default=20_000,
+                   help="rows of the exact Information Gain vs float64 GEMM comparison (kernel, in RAM; 0: skip)")
     p.add_argument("--sweep", default="1000,5000,10000,20000", help="reference sizes M of the memory sweep")
     p.add_argument("--sweep-prior", default="uniform", choices=("uniform", "posterior-mean"),
                    help="prior of the sweep's fits (uniform skips the O(M²d) prior; query memory is the same)")
@@ -344,6 +393,17 @@ def main(argv: list[str] | None = None) -> dict:
               f"full table); {speedup_sub:.1f}x on the same {n_sub}-row subsample, where the approximation's "
               f"query is mostly fixed cost")
 
+        # ---------------------------------------------------------------- (b2) exact kernel vs GEMM
+        ig = exact_vs_gemm(X[:args.ig_rows], fit, args.repeats) if args.ig_rows > 0 else None
+        if ig:
+            print()
+            print(C.table([["float64 GEMM (unit rows @ Y_refᵀ)", ig["gemm_cpu_s"], ig["gemm_wall_s"], 1.0],
+                           ["scores.info_gain (exact)", ig["exact_cpu_s"], ig["exact_wall_s"], ig["exact_gemm_ratio"]]],
+                          [f"{ig['rows']} x {args.dim} vs M={ig['reference_size']}, 1 BLAS thread", "cpu s", "wall s",
+                           "GEMM ÷"]))
+            print("  GEMM ÷ = the GEMM's thread CPU seconds ÷ this one's: the exact score's rate as a share of the "
+                  "product it cannot avoid (target ≥ 0.8)")
+
         # ---------------------------------------------------------------- (c) memory vs M
         for con in (*cons.values(), default_con):
             con.close()
@@ -380,6 +440,10 @@ def main(argv: list[str] | None = None) -> dict:
             "exact_rows_per_s": round(n_sub / ex_best["exact"]), "approx_rows_per_s_sub": round(n_sub / ex_best["approx"]),
             "exact_speedup": round(speedup, 1), "exact_speedup_same_subsample": round(speedup_sub, 1),
         }
+        if ig:
+            figures.update({"exact_gemm_ratio": round(ig["exact_gemm_ratio"], 3),
+                            "exact_gemm_ratio_wall": round(ig["exact_gemm_ratio_wall"], 3),
+                            "exact_kernel_rows_per_s": round(ig["rows"] / ig["exact_cpu_s"])})
         for M, m in mem.items():
             figures[f"approx_peak_mib_M{M}"] = round(m["current"]["added_mib"], 1)
             if m["light"]:

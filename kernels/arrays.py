@@ -37,13 +37,14 @@ def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return out
 
 
-def matrix(arr: Any, dim: int, what: str = "embedding") -> np.ndarray:
-    """Arrow list array → (n, dim) float64; NULL rows become NaN rows; a wrong length raises."""
+def matrix(arr: Any, dim: int, what: str = "embedding", dtype: Any = np.float64) -> np.ndarray:
+    """Arrow list array → (n, dim) `dtype` (float64, or float32: zero-copy from a FLOAT column when
+    it has no NULL); NULL rows become NaN rows; a wrong length raises."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     n = len(arr)
     if n == 0:
-        return np.empty((0, dim))
+        return np.empty((0, dim), dtype=dtype)
     if arr.null_count == 0:      # the common case: read the child values buffer directly
         if pa.types.is_fixed_size_list(arr.type) and arr.type.list_size == dim:
             start = arr.offset * dim
@@ -54,17 +55,17 @@ def matrix(arr: Any, dim: int, what: str = "embedding") -> np.ndarray:
             start = None
         if start is not None:
             flat = arr.values.slice(start, n * dim).to_numpy(zero_copy_only=False)
-            return flat.astype(np.float64, copy=False).reshape(n, dim)
+            return flat.astype(dtype, copy=False).reshape(n, dim)
     lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
     valid = ~np.isnan(lengths.astype(np.float64)) if arr.null_count else np.ones(n, bool)
     bad = valid & (lengths != dim)
     if bad.any():
         got = int(lengths[np.flatnonzero(bad)[0]])
         raise DimensionMismatch(f"{what} has {got} dimensions but the model has {dim}")
-    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    flat = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
     if valid.all():
         return flat.reshape(n, dim)
-    out = np.full((n, dim), np.nan)
+    out = np.full((n, dim), np.nan, dtype=dtype)
     out[valid] = flat.reshape(-1, dim)
     return out
 

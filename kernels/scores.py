@@ -283,6 +283,13 @@ def _side(fit_, modality):
     raise ValueError(f"modality must be one of {MODALITIES}; got {modality!r}")
 
 
+def _einsum_rowdot(A, B) -> np.ndarray:
+    return np.einsum("ij,ij->i", A, B)
+
+
+_rowdot = getattr(np, "vecdot", None) or _einsum_rowdot    # Σ_j a_ij b_ij per row (np.vecdot: numpy ≥ 2)
+
+
 # The logits of the exact scores come from a float64 GEMM (docs/science.md §1: within 1e-9 relative
 # of a float64 brute force). `logits="float32"` is an explicitly requested fast path: the float32
 # GEMM's accumulation error in a cosine (≤ ~6e-7 at d = 512) becomes |a|·6e-7 in a logit, so it is
@@ -294,7 +301,7 @@ LOGITS_FLOAT32_RTOL = 2e-6
 
 
 def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64", chunk=512,
-              block=2048, kernel=None) -> np.ndarray:
+              block=1024, sub_rows=64, kernel=None) -> np.ndarray:
     """Information Gain ``KL(π(q) ‖ p̄) = Σ_j π_j(q)·(log π_j(q) − log p̄_j)`` (docs/science.md §1).
 
     ``modality="image"``: posterior over the reference texts, prior ``p̄^T``;
@@ -317,8 +324,12 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64",
     returning their KL (``models.device``: the same loop in torch float64, e.g. on a GPU).
 
     Tiled like an online softmax: ``chunk`` rows × ``block`` reference columns at a time, one GEMM
-    per tile, everything after in float64 with one exp per logit. Per row it keeps the running
-    maximum m over the included columns and, with e = exp(z − m) (rescaled when m grows),
+    per tile (``a`` folded into the reference rows), everything after in float64 with one exp per
+    logit. When every logit is known to lie in [−_MAX_LOG_SPAN, _MAX_LOG_SPAN] (CLIP: |a| ≤ 300;
+    SigLIP: log σ(a·cos + b) ≥ −600) the shift m is 0: e = exp(z) is a normal double, and the tile
+    is reduced in blocks of ``sub_rows`` rows that stay in cache (exp, then T and S, B in one
+    product each: the work after the GEMM costs ~15% of it at d = 512). Otherwise per row it keeps
+    the running maximum m over the included columns and, with e = exp(z − m) (rescaled when m grows),
     S = Σ e, T = Σ e·(z − m) and B = Σ e·(log p̄ + log M) for the forward KL, or D = Σ p̄·z for
     the reverse one; the own column is masked to −inf (so it adds nothing). Then, with
     W = Σ_{included} p̄ (1, or 1 − p̄_j for a reference row):
@@ -345,33 +356,41 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64",
     if f32 and abs(fit.a) > LOGITS_FLOAT32_MAX_SCALE:
         raise ValueError(f"logits='float32' is bounded only for |a| <= {LOGITS_FLOAT32_MAX_SCALE:g}; "
                          f"this fit has a = {fit.a:g}: use the float64 default")
-    Rg = np.ascontiguousarray(R, dtype=np.float32 if f32 else np.float64)
+    # a folded into the reference rows once: the GEMM gives the logits a·⟨q̂, r⟩ directly
+    Ra = R if fit.a == 1.0 else R * fit.a
+    Rg = np.ascontiguousarray(Ra, dtype=np.float32 if f32 else np.float64)
     logm = np.log(M)
     pprior = np.exp(lprior)
     lcent = lprior + logm                      # log p̄ + log M: 0 for the uniform prior
+    with_b = bool(np.any(lcent))               # B stays exactly 0 for the uniform prior
     h_cent = pprior @ lcent                    # Σ p̄ (log p̄ + log M)
     p_sum = pprior.sum()
+    # Logits known to lie in [−_MAX_LOG_SPAN, _MAX_LOG_SPAN] (CLIP: |a| ≤ 300) need no shift: e^z is a
+    # normal double, m stays 0 and there is no max or subtract pass over the tile.
+    lo, hi = _logit_bounds(fit.a, fit.b, fit.kind)
+    bounded = -_MAX_LOG_SPAN <= lo and hi <= _MAX_LOG_SPAN
     c, w = max(1, int(chunk)), max(1, min(int(block), M))
+    sub = max(1, int(sub_rows))
     g = np.empty((min(c, len(ids_all)), w), dtype=np.float32) if f32 else None
     z = np.empty((min(c, len(ids_all)), w))
-    e = np.empty(z.shape)
+    e = np.empty((min(sub, z.shape[0]), w) if bounded else z.shape)
+    sums = np.stack([np.ones(M), lcent])
     for sl in _spans(len(ids_all), c):
         ids = ids_all[sl]
         k = len(ids)
         q = Qh[ids].astype(Rg.dtype)
         own = own_all[ids]
         has_own = own >= 0
-        m = np.full(k, -np.inf)
+        m = np.zeros(k) if bounded else np.full(k, -np.inf)
         S, T, B, D = np.zeros(k), np.zeros(k), np.zeros(k), np.zeros(k)
         for cols in _spans(M, w):
             nb = cols.stop - cols.start
-            zk, ek = z[:k, :nb], e[:k, :nb]
+            zk = z[:k, :nb]
             if f32:
                 np.matmul(q, Rg[cols].T, out=g[:k, :nb])
-                np.multiply(g[:k, :nb], fit.a, out=zk, dtype=np.float64)
+                np.copyto(zk, g[:k, :nb])
             else:
                 np.matmul(q, Rg[cols].T, out=zk)
-                zk *= fit.a
             if fit.kind == "siglip":
                 zk += fit.b
                 _log_sigmoid(zk, out=zk)
@@ -380,6 +399,25 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64",
             if reverse:
                 D += zk @ pprior[cols]
                 D[hr] -= zk[hr, hc] * pprior[cols][hc]
+            if bounded:
+                # row blocks of `sub_rows` so that z and e stay in cache for their passes; the own
+                # column's e is zeroed after the exp (its finite z then adds 0 to T)
+                ones_lcent = sums[:, cols].T                   # (nb, 2): S and B in one product
+                for rs in _spans(k, sub):
+                    zs, es = zk[rs], e[: rs.stop - rs.start, :nb]
+                    np.exp(zs, out=es)
+                    if len(hr):
+                        inside = (hr >= rs.start) & (hr < rs.stop)
+                        es[hr[inside] - rs.start, hc[inside]] = 0.0
+                    if reverse:
+                        S[rs] += es @ ones_lcent[:, 0]
+                        continue
+                    T[rs] += _rowdot(es, zs)
+                    sb = es @ ones_lcent
+                    S[rs] += sb[:, 0]
+                    B[rs] += sb[:, 1]
+                continue
+            ek = e[:k, :nb]
             zk[hr, hc] = -np.inf
             m_new = np.maximum(m, zk.max(axis=1))
             shift = np.where(np.isfinite(m_new), m_new, 0.0)
@@ -390,7 +428,8 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64",
                 zk[hr, hc] = 0.0                               # e = 0 there: adds nothing to T
                 moved = np.where(np.isfinite(m), m - shift, 0.0)
                 T = rescale * (T + S * moved) + np.einsum("ij,ij->i", ek, zk)
-                B = rescale * B + ek @ lcent[cols]
+                if with_b:
+                    B = rescale * B + ek @ lcent[cols]
             S = S * rescale + ek.sum(axis=1)
             m = m_new
         p_own = np.where(has_own, pprior[np.maximum(own, 0)], 0.0)
@@ -408,17 +447,94 @@ def info_gain(Q, fit, modality, reverse=False, ref_index=None, logits="float64",
     return out
 
 
-def info_gain_approx(Q, fit, modality) -> np.ndarray:
+# The quadratic forms of docs/science.md §2 are approximations: they run in float32 (the rate of a
+# float32 GEMM) with the error bound derived in §2, tested against a float64 brute force
+# (tests/test_scores.py); `precision="float64"` keeps the float64 evaluation.
+PRECISIONS = ("float32", "float64")
+_F32_SAFE_NORM2 = 2.0 ** -100     # a float32 ‖x‖² at or above this is a normal number, lost terms negligible
+
+
+@dataclass(frozen=True, eq=False)
+class QuadraticForm:
+    """``scale · ‖Lᵀ(x̂ − ū)‖²`` prepared once per fit and modality (docs/science.md §2): ``mean`` ū
+    and ``factor`` L (``None``: L = I, the centred norm) as C-contiguous float32, ``scale`` ½a² (or a²)."""
+
+    mean: np.ndarray
+    factor: np.ndarray | None
+    scale: float
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+
+def quadratic_form(fit, modality, centered=False) -> QuadraticForm:
+    """The float32 operands of ``info_gain_approx`` (``centered=False``) or ``centered_norm``."""
+    _, _, u, L = _side(fit, modality)
+    mean = np.ascontiguousarray(u, dtype=np.float32)
+    factor = None if centered else np.ascontiguousarray(L, dtype=np.float32)
+    for v in (mean, factor):
+        if v is not None:
+            v.setflags(write=False)
+    return QuadraticForm(mean, factor, float(fit.a) ** 2 * (1.0 if centered else 0.5))
+
+
+def _unit32(Q) -> tuple[np.ndarray, np.ndarray]:
+    """``(x̂, valid)`` in float32: ‖x‖² summed in float32, then one division per entry. Rows whose
+    float32 ‖x‖² is not finite or below ``_F32_SAFE_NORM2`` (huge, tiny, zero, NaN) go through the
+    float64 ``normalize`` instead, so they are scaled before squaring, or NaN when invalid."""
+    Q = np.asarray(Q)
+    Q32 = Q if Q.dtype == np.float32 else Q.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        n2 = np.einsum("ij,ij->i", Q32, Q32)
+    ok = np.isfinite(n2) & (n2 >= _F32_SAFE_NORM2)
+    Xh = Q32 / np.sqrt(np.where(ok, n2, np.float32(1)))[:, None]
+    valid = ok.copy()
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        Bh, bvalid = normalize(Q[bad])
+        Xh[bad], valid[bad] = Bh, bvalid
+    return Xh, valid
+
+
+def quadratic_scores(Q, form: QuadraticForm) -> np.ndarray:
+    """``form.scale · ‖Lᵀ(x̂ − ū)‖²`` per row (NaN for invalid rows), in float32 up to the final sum:
+    x̂ − ū in float32, one float32 GEMM by L per call, the squares summed in float64. Error bound:
+    docs/science.md §2."""
+    Q = np.asarray(Q)
+    if Q.ndim != 2 or Q.shape[1] != form.dim:
+        raise ValueError(f"Q must be a 2-D array (rows, {form.dim}); got shape {Q.shape}")
+    Xh, _ = _unit32(Q)
+    Xh -= form.mean
+    Z = Xh if form.factor is None else Xh @ form.factor
+    np.square(Z, out=Z)
+    return form.scale * Z.sum(axis=1, dtype=np.float64)
+
+
+def _check_precision(precision):
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")
+
+
+def info_gain_approx(Q, fit, modality, precision="float32") -> np.ndarray:
     """``½ a² (x̂ − ū_I)ᵀ G_T (x̂ − ū_I) = ½ a² ‖L_Tᵀ (x̂ − ū_I)‖²`` for images;
-    text mirrors it: ``½ a² ‖L_Iᵀ (ŷ − ū_T)‖²``.  O(d²) per row."""
+    text mirrors it: ``½ a² ‖L_Iᵀ (ŷ − ū_T)‖²``.  O(d²) per row. ``precision="float32"`` (default):
+    ``quadratic_scores``, within the bound of docs/science.md §2; ``"float64"``: float64 throughout."""
+    _check_precision(precision)
+    if precision == "float32":
+        return quadratic_scores(Q, quadratic_form(fit, modality))
     _, _, u, L = _side(fit, modality)
     Qh, _ = normalize(_rows(Q, "Q", len(u)))
     Z = (Qh - u) @ L
     return 0.5 * fit.a**2 * np.einsum("ij,ij->i", Z, Z)
 
 
-def centered_norm(Q, fit, modality) -> np.ndarray:
-    """``centered_norm(x) = a²‖x̂ − ū‖²`` with ``ū = ū_I`` (image) or ``ū_T`` (text)."""
+def centered_norm(Q, fit, modality, precision="float32") -> np.ndarray:
+    """``centered_norm(x) = a²‖x̂ − ū‖²`` with ``ū = ū_I`` (image) or ``ū_T`` (text); float32 as
+    ``info_gain_approx`` (L = I) unless ``precision="float64"``."""
+    _check_precision(precision)
+    if precision == "float32":
+        return quadratic_scores(Q, quadratic_form(fit, modality, centered=True))
     _, _, u, _ = _side(fit, modality)
     Qh, _ = normalize(_rows(Q, "Q", len(u)))
     D = Qh - u

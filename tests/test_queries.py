@@ -372,16 +372,16 @@ def test_queries_pin_blas_to_one_thread_and_restore_it(scored_store):
     assert blas_threads() == before
     seen = []
     from clipsql.queries.sql import functions as F
-    orig = F.scores.info_gain_approx
+    orig = F.scores.quadratic_scores           # the kernel behind image_info_gain_approx
 
     def spy(*a, **k):
         seen.append(blas_threads())
         return orig(*a, **k)
-    F.scores.info_gain_approx = spy
+    F.scores.quadratic_scores = spy
     try:
         run_query(scored_store, "SELECT sum(image_info_gain_approx) FROM scores")
     finally:
-        F.scores.info_gain_approx = orig
+        F.scores.quadratic_scores = orig
     assert seen and all(all(n == 1 for n in s) for s in seen)    # pinned while UDF batches run
     assert blas_threads() == before                              # and restored afterwards
 

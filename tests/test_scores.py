@@ -765,3 +765,89 @@ def test_float32_logits_option_is_bounded_and_refused_above_its_scale(wide, kind
         S.info_gain(Xq, S.fit(Xr[:50], Yr[:50], a=100.0), "image", logits="float32")
     with pytest.raises(ValueError, match="logits must be one of"):
         S.info_gain(Xq, f, "image", logits="float16")
+
+
+# ----------------------------------------------------------------------------- §2 in float32
+U32 = 2.0 ** -24            # float32 unit roundoff
+
+
+def bf_quadratic(q, u, G, scale):
+    """scale · (q̂ − u)ᵀ G (q̂ − u) in float64, q scaled by its largest |entry| before normalizing."""
+    q = np.asarray(q, dtype=np.float64)
+    big = max(abs(float(x)) for x in q)
+    v = q / big
+    v = v / math.sqrt(sum(float(x) * float(x) for x in v))
+    z = v - u
+    return scale * float(z @ G @ z)
+
+
+def float32_bound(s, scale, trace_g, d):
+    """docs/science.md §2: |s̃ − s| ≤ scale·ε·(2‖z‖ + ε) + 2u·s, ε = (2.5d + 10)·u·√tr G, ‖z‖² = s/scale."""
+    eps = (2.5 * d + 10) * U32 * math.sqrt(trace_g)
+    return scale * eps * (2 * np.sqrt(s / scale) + eps) + 2 * U32 * s
+
+
+def adversarial_rows(rng, u, n_each=24, d=512):
+    """float32 rows as stored: CLIP-like, raw scales 1e-20 (float32 ‖x‖² underflows) to 1e30 (overflows),
+    rows next to ū (score ≈ 0), opposite to it (|x̂ − ū| ≈ 2) and with entries spanning 12 decades."""
+    base = lambda: rng.normal(size=(n_each, d)) + 0.8 * rng.normal(size=(n_each, d)) + 2.0  # noqa: E731
+    near = u * rng.uniform(0.1, 10, size=(n_each, 1)) + 1e-4 * rng.normal(size=(n_each, d))
+    mixed = base() * np.where(rng.random((n_each, d)) < 0.05, 1e6, 1e-6)
+    Q = np.vstack([base(), base() * 1e-20, base() * 1e-12, base() * 1e15, base() * 1e30, near,
+                   -u / np.linalg.norm(u) + 1e-3 * rng.normal(size=(n_each, d)), -base(), mixed])
+    return Q.astype(np.float32)
+
+
+@pytest.mark.parametrize("a", [1.0, 100.0])
+def test_approx_float32_within_its_bound_of_float64_brute_force(wide, a):
+    """§2 in float32 (x̂ − ū, one float32 GEMM, float64 sum) against a float64 brute force of
+    ½a²(x̂ − ū)ᵀG(x̂ − ū) (and a²‖x̂ − ū‖², G = I) at d = 512: every row within the derived bound;
+    and, what ranking and sums need, within 1e-6·s + 1e-8·(scale·tr G) per row (measured: 1.9e-6
+    relative on the rows next to ū, whose score is ~1e-5, ≤ 3.4e-7 elsewhere) and 1e-6 on the sum."""
+    Xr, Yr, _, _ = wide
+    f = S.fit(Xr, Yr, a=a)
+    rng = np.random.default_rng(2024)
+    for modality, u, G in (("image", f.mean_image, f.cov_text), ("text", f.mean_text, f.cov_image)):
+        Q = adversarial_rows(rng, u)
+        for name, got, GG, scale in (
+                ("approx", S.info_gain_approx(Q, f, modality), G, 0.5 * a * a),
+                ("centered", S.centered_norm(Q, f, modality), np.eye(len(u)), a * a)):
+            want = np.array([bf_quadratic(q, u, GG, scale) for q in Q])
+            err = np.abs(got - want)
+            tr = float(np.trace(GG))
+            assert (err <= float32_bound(want, scale, tr, len(u))).all(), (modality, name)
+            assert (err <= 1e-6 * want + 1e-8 * scale * tr).all(), (modality, name, np.max(err / want))
+            assert abs(got.sum() - want.sum()) <= 1e-6 * want.sum(), (modality, name)
+            np.testing.assert_allclose(S.info_gain_approx(Q, f, modality, precision="float64") if name == "approx"
+                                       else S.centered_norm(Q, f, modality, precision="float64"), want,
+                                       rtol=1e-9, atol=1e-12 * scale * tr)
+
+
+def test_approx_float32_invalid_rows_and_precision_option(data):
+    f = S.fit(data["Xr"], data["Yr"])
+    Q, bad = with_bad_rows(data["Xq"])
+    for fn in (S.info_gain_approx, S.centered_norm):
+        got = fn(Q.astype(np.float32), f, "image")
+        assert np.isnan(got[bad]).all() and np.isfinite(np.delete(got, bad)).all()
+        with pytest.raises(ValueError, match="precision must be one of"):
+            fn(Q, f, "image", precision="float16")
+
+
+@pytest.mark.parametrize("kind,a,b", [("clip", 1.0, 0.0), ("clip", 100.0, 0.0), ("siglip", 112.0, -16.5),
+                                      ("clip", 400.0, 0.0)])
+@pytest.mark.parametrize("prior", ["posterior-mean", "uniform"])
+def test_info_gain_bounded_and_running_max_paths_agree_with_brute_force(data, monkeypatch, kind, a, b, prior):
+    """§1: logits known to lie in [−600, 600] are exponentiated unshifted, in row blocks (a = 400 is
+    outside: the running maximum); forcing the running-maximum path everywhere changes nothing, and
+    both match the brute force, with own pairs left out, odd chunk/block/row-block sizes."""
+    f = S.fit(data["Xr"], data["Yr"], a=a, b=b, kind=kind, prior=prior)
+    Q = np.vstack([data["Xr"][:5], data["Xq"]])
+    own = np.r_[np.arange(5), np.full(len(data["Xq"]), -1)]
+    p = np_prior(data["Xr"], data["Yr"], a, b, kind, prior)
+    for reverse in (False, True):
+        kw = dict(reverse=reverse, ref_index=own, chunk=7, block=50, sub_rows=3)
+        fast = S.info_gain(Q, f, "image", **kw)
+        np.testing.assert_allclose(fast, np_info_gain(Q, data["Yr"], p, a, b, kind, reverse, own), rtol=1e-9, atol=0)
+        with monkeypatch.context() as mp:
+            mp.setattr(S, "_MAX_LOG_SPAN", 0.0)
+            np.testing.assert_allclose(S.info_gain(Q, f, "image", **kw), fast, rtol=1e-10, atol=0)

@@ -1,7 +1,10 @@
 """Every SQL function clipsql adds to DuckDB, registered in one place: `register`.
 
-Score functions are vectorized Arrow UDFs: DuckDB hands a batch (≤ 2048 rows),
-the batch becomes one (n, d) float64 matrix and one numpy call scores it.
+Score functions are vectorized Arrow UDFs: DuckDB hands a batch (≤ 2048 rows: its vector
+size, fixed at build time, so the per-batch work is kept small rather than the batch made
+large), the batch becomes one (n, d) matrix (float64; float32 as stored, without a copy, for
+the §2 quadratic forms, whose operands are prepared once per connection) and one numpy call
+scores it.
 Optional arguments (the model) come from overloaded SQL macros over fixed-arity
 UDFs. NaN (zero, NULL or non-finite vectors) comes back as NULL. BLAS is pinned
 to one thread inside UDF work; DuckDB's threads parallelize across batches.
@@ -65,6 +68,7 @@ class ScoreContext:
         self._fits: dict[str, scores.Fit] = {}
         self._fit_rows: dict[str, dict] = {}
         self._light: dict[str, scores.Fit] = {}
+        self._forms: dict[tuple, scores.QuadraticForm] = {}
         self._ref_lookup: dict[str, dict[bytes, int]] = {}
         self._ref_ids: dict[str, pa.Array] = {}
         self._targets: dict[str, Any] = {}
@@ -137,6 +141,13 @@ class ScoreContext:
         def load() -> scores.Fit:
             return load_fit(self.st, rec, reference=False, row=self._fit_row(rec, False))[0]
         return self._cached(self._light, rec.model_id, load)
+
+    def quadratic_form(self, rec: ModelRecord, modality: Any, centered: bool) -> scores.QuadraticForm:
+        """The float32 operands (ū, L, scale) of a §2 quadratic form, prepared once per connection."""
+        if modality not in scores.MODALITIES:
+            raise QueryError(f"modality must be 'image' or 'text', got {modality!r}")
+        return self._cached(self._forms, (rec.model_id, modality, centered),
+                            lambda: scores.quadratic_form(self.fit_light(rec), modality, centered))
 
     def fit_row(self, rec: ModelRecord) -> dict:
         """The catalog row of the fit `fit(rec)` returns (options, raw reference arrays)."""
@@ -225,10 +236,24 @@ def blas_pinned(fn: Callable) -> Callable:
     return wrapper
 
 
+def _constant(arr: Any) -> tuple[bool, Any]:
+    """(True, value) when every row of an argument column holds the same value (NULL included), found
+    in Arrow without a Python object per row: the model and modality columns of a batch usually are."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if len(arr) == 0:
+        return True, None
+    distinct = pc.unique(arr)
+    return (True, distinct[0].as_py()) if len(distinct) == 1 else (False, None)
+
+
 def _groups(arr: Any, n: int) -> list[tuple[Any, np.ndarray]]:
     """Split row indices by the value of a (usually constant) argument column."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    same, value = _constant(arr)
+    if same:
+        return [(value, np.arange(n))]
     values = arr.to_pylist()
     first = values[0] if values else None
     if all(v == first for v in values):
@@ -244,8 +269,10 @@ def _result(values: np.ndarray) -> pa.Array:
     return pa.array(values, type=pa.float64(), mask=~np.isfinite(values))
 
 
-def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.ndarray]) -> Callable:
-    """Wrap `fn(X, model, modality)` into an Arrow UDF (emb, modality, model)."""
+def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.ndarray],
+            dtype: Any = np.float64) -> Callable:
+    """Wrap `fn(X, model, modality)` into an Arrow UDF (emb, modality, model); X is `dtype` (float32:
+    the stored FLOAT values as they come, no copy)."""
     def udf(emb: Any, modality: Any, model: Any) -> pa.Array:
         n = len(emb)
         out = np.full(n, np.nan)
@@ -254,7 +281,7 @@ def _scored(ctx: ScoreContext, fn: Callable[[np.ndarray, ModelRecord, Any], np.n
                 raise QueryError(f"modality must be 'image' or 'text', got {mod!r}")
             rec = ctx.score_model(mname, "a score function")
             col = emb if len(idx) == n else take_rows(emb, idx)
-            out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip()), rec, mod)
+            out[idx] = fn(matrix(col, rec.dim, f"{mod or ''} embedding".strip(), dtype), rec, mod)
         return _result(out)
     return udf
 
@@ -293,6 +320,9 @@ def pair_groups(a: Any, b: Any, n: int) -> list[tuple[tuple[Any, Any], np.ndarra
 
 def _key_groups(cols: list[Any], n: int) -> list[tuple[tuple, np.ndarray]]:
     """Split row indices by the tuple of values of (usually constant) argument columns."""
+    consts = [_constant(c) for c in cols]
+    if all(same for same, _ in consts):
+        return [(tuple(v for _, v in consts), np.arange(n))]
     lists = [(c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c).to_pylist() for c in cols]
     if all(all(v == vals[0] for v in vals) for vals in lists if vals):
         return [(tuple(vals[0] if vals else None for vals in lists), np.arange(n))]
@@ -474,9 +504,11 @@ def _macro_overloads(f: specs.SqlFunction, returns: dict[str, str], typed: int |
 IMPLEMENTATIONS: dict[str, Callable[[ScoreContext], Callable]] = {
     "info_gain": lambda ctx: _info_gain_scored(ctx, False),
     "info_gain_reverse": lambda ctx: _info_gain_scored(ctx, True),
-    "info_gain_approx": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.info_gain_approx(
-        X, ctx.fit_light(rec), mod)),
-    "centered_norm": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.centered_norm(X, ctx.fit_light(rec), mod)),
+    # the quadratic forms of §2 in float32 (their bound: docs/science.md §2), operands prepared once
+    "info_gain_approx": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.quadratic_scores(
+        X, ctx.quadratic_form(rec, mod, False)), np.float32),
+    "centered_norm": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.quadratic_scores(
+        X, ctx.quadratic_form(rec, mod, True)), np.float32),
     "conformity": lambda ctx: _scored(ctx, lambda X, rec, mod: _conformity(ctx, X, rec, mod)),
     "conformity_estimate": lambda ctx: _scored(ctx, lambda X, rec, mod: scores.conformity_estimate(
         X, ctx.running(rec).moments[(mod, "normalized")].mean)),
