@@ -112,6 +112,7 @@ class Writer:
                  policy: CommitPolicy | None = None):
         self.store, self.model, self.run_id, self.source = store, model, run_id, source
         self.policy = policy or CommitPolicy()
+        self.stamps: dict = {}           # {unit_key: store.units.UnitStamp}: recorded when the unit commits
         store.ensure_samples_table()
         state = store.stats(model)
         self.seq = state.covered_seq
@@ -219,6 +220,8 @@ class Writer:
 
     def unit_done(self, unit_key: str, rows: int, rejected: int) -> None:
         self.pending.units.append((unit_key, rows, rejected))
+        if unit_key in self.stamps:
+            self.pending.stamps[unit_key] = self.stamps[unit_key]
 
     # -- committing -----------------------------------------------------------------------
     def due(self) -> bool:

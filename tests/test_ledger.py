@@ -114,18 +114,78 @@ def test_rerun_skips_units_without_reading_or_loading_the_model(pool, tmp_path, 
     assert fake.loads == 1 and len(reads) == 12          # a no-op re-run loads no model and reads no unit
 
 
-def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path, fake):
+def _count_opens(monkeypatch):
+    """Every way the planner can look into a precomputed source's files, counted."""
+    from clipsql.ingest import precomputed as pre
+    calls = {"parquet": 0, "units": 0, "hash": 0, "read": 0}
+    real_pf = pre.pq.ParquetFile
+
+    class Counted(real_pf):
+        def __init__(self, *a, **k):
+            calls["parquet"] += 1
+            super().__init__(*a, **k)
+    monkeypatch.setattr(pre.pq, "ParquetFile", Counted)
+    for name, what in (("group_units", "units"), ("units", "units"), ("content_hash", "hash"),
+                       ("read_columns", "read")):
+        real = getattr(pre.PrecomputedSource, name)
+
+        def counted(self, *a, _real=real, _what=what, **k):
+            calls[_what] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(pre.PrecomputedSource, name, counted)
+    return calls
+
+
+def _touch(path, seconds=1):
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + seconds * 10**9))
+
+
+def test_a_rerun_plans_from_the_ledger_without_opening_a_file(tmp_path, monkeypatch, fake):
     pool = tmp_path / "pool"
-    write_pool(pool, shards=1, rows=500)
+    write_pool(pool, shards=3, rows=500)
     st = Store.init(tmp_path / "s")
     opts = fake.options(id_column="key")
-    assert ingest(st, str(pool), model=fake.model, options=opts).added == 500
-    meta = pool / "metadata" / "metadata_0.parquet"
-    os.utime(meta, ns=(os.stat(meta).st_atime_ns, os.stat(meta).st_mtime_ns + 10**9))
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 1500
+    calls = _count_opens(monkeypatch)
     again = ingest(st, str(pool), model=fake.model, options=opts)
-    assert again.added == 0 and again.skipped == 500 and again.units_skipped == 0
+    assert (again.added, again.skipped, again.units_skipped) == (0, 1500, 6)    # 2 row groups a file
+    # no unit listed, hashed or read; the parquet footers read are the layout's own check when the
+    # source is opened (a metadata file's rows against its npy files), one a file
+    assert calls == {"parquet": 3, "units": 0, "hash": 0, "read": 0}
 
 
+def test_a_touched_file_with_the_same_content_is_rehashed_not_reingested(tmp_path, monkeypatch, fake):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=500)
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key")
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 1000
+    _touch(pool / "metadata" / "metadata_0.parquet")
+    _touch(pool / "img_emb" / "img_emb_1.npy")
+    calls = _count_opens(monkeypatch)
+    again = ingest(st, str(pool), model=fake.model, options=opts)
+    assert (again.added, again.skipped, again.units_skipped) == (0, 1000, 4)
+    assert calls == {"parquet": 2, "units": 0, "hash": 2, "read": 0}
+    third = ingest(st, str(pool), model=fake.model, options=opts)      # the new stamps were recorded
+    assert (third.added, third.units_skipped) == (0, 4) and calls["hash"] == 2
+
+
+def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path, monkeypatch, fake):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=500)
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key")
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 1000
+    meta = pool / "metadata" / "metadata_0.parquet"
+    t = pq.read_table(meta)
+    t = t.set_column(t.schema.get_field_index("key"), "key",
+                     pa.array([f"{k}-new" if i < 10 else k for i, k in enumerate(t.column("key").to_pylist())]))
+    pq.write_table(t, meta)
+    calls = _count_opens(monkeypatch)
+    again = ingest(st, str(pool), model=fake.model, options=opts)
+    # the other file is skipped unopened; this one's one row group (one unit) is read, its known ids skipped
+    assert (again.added, again.skipped, again.units_skipped) == (10, 990, 2)
+    assert calls["hash"] == 1 and calls["read"] == 1
 def test_ids_already_stored_are_found_through_the_index(tmp_path, monkeypatch, fake):
     """Another layout of the same rows: every id is found in the store (BTREE index + unindexed scan)."""
     from clipsql.store import maintenance as store_maintenance
