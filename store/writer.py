@@ -30,6 +30,7 @@ from clipsql.errors import DimensionMismatch
 from clipsql.kernels.arrays import fixed_list
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance_fragment
+from clipsql.store.compaction import MAX_FRAGMENTS, bound_fragments
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, PendingCommit, Store, merge_sql_types, new_moments
 from clipsql.store.tables import SAMPLES, samples_schema
@@ -42,10 +43,14 @@ class CommitPolicy:
     Defaults measured with bench/scale.py (d = 512, 2 cores): a commit costs ~0.05 s plus
     one manifest per table that lists every fragment, so ≥ 100k rows a commit keeps
     versions ≤ 10 and manifests far below 1% of the data per 1M rows; 30 s bounds what a
-    kill can lose. Data files of 64 MiB keep fragments few (≈ 30k rows at d = 512)."""
+    kill can lose. Data files of 64 MiB keep fragments few (≈ 30k rows at d = 512).
+    `max_fragments`: after a commit that leaves a table with more fragments, the writer compacts
+    it back under the bound (store.compaction), so a commit's cost does not grow with the table;
+    None: never during a run."""
     rows: int = 100_000
     seconds: float = 30.0
     fragment_bytes: int = 64 << 20
+    max_fragments: int | None = MAX_FRAGMENTS
 
     def due(self, pending: PendingCommit, started: float, now: float | None = None) -> bool:
         """Whether `pending` (gathered since the monotonic time `started`) is to be committed now:
@@ -127,6 +132,7 @@ class Writer:
         self.fold_wait_seconds = 0.0     # main thread blocked on folds at a commit
         self.commit_seconds = 0.0
         self.commits = 0
+        self.compactions: list[dict] = []   # what each compaction during the run did (store.compaction)
         self.added = 0
         self._new_pending()
 
@@ -242,6 +248,10 @@ class Writer:
             if p.rows:
                 self.seq = p.seq
             self.commits += 1
+            if self.policy.max_fragments and (p.fragments or p.sample_fragments):
+                for name, info in bound_fragments(self.store, [SAMPLES, self.model.table_name],
+                                                  self.policy.max_fragments).items():
+                    self.compactions.append({"table": name, **info})
         self._new_pending()
         self.commit_seconds += time.perf_counter() - t0
         return commit_id

@@ -79,6 +79,61 @@ def test_kill_at_a_commit_boundary_then_rerun_is_exact(pool, tmp_path, reference
     assert_same_store(Store.open(st.path), reference)
 
 
+def test_a_long_run_keeps_every_table_under_the_fragment_bound(pool, tmp_path, reference, fake):
+    """A commit every batch with a bound of 6 fragments: the writer compacts during the run (each
+    compaction moved in the ledger as a commit), no commit leaves a table past the bound, the rows
+    are exactly those of one uninterrupted run, and a reader holding an older version reads it."""
+    from clipsql.store import compaction
+    seen = []
+    real = compaction.bound_fragments
+
+    def watched(st, names, max_fragments):
+        out = real(st, names, max_fragments)
+        seen.append({n: len(st.dataset(n).get_fragments()) for n in names})
+        return out
+    monkeypatch = pytest.MonkeyPatch()
+    import clipsql.store.writer as writer_mod
+    monkeypatch.setattr(writer_mod, "bound_fragments", watched)
+    try:
+        st = Store.init(tmp_path / "s")
+        opts = fake.options(id_column="key", policy=CommitPolicy(rows=100, max_fragments=6), maintain=False)
+        summary = ingest(st, str(pool), model=fake.model, options=opts)
+    finally:
+        monkeypatch.undo()
+    assert summary.added == 3000 and summary.commits >= 10      # one commit per batch of 256 rows
+    during = summary.maintenance["during_run"]
+    assert len(during) >= 2 and {c["table"] for c in during} == {"samples", st.model().table_name}
+    assert len(seen) == summary.commits and all(n <= 6 for counts in seen for n in counts.values())
+    assert_same_store(st, reference)
+    import json
+    import sqlalchemy as sa
+    from clipsql.store import catalog as cat
+    with st.engine.connect() as conn:
+        ledger = conn.execute(sa.select(cat.commits.c.kind, cat.commits.c.rows, cat.commits.c.versions)
+                              .order_by(cat.commits.c.commit_id)).all()
+    kinds = [k for k, _, _ in ledger]
+    assert kinds.count("append") == summary.commits and kinds.count("compact") >= 1
+    _, rows, versions = ledger[0]
+    name = st.model().table_name
+    old = lance.dataset(st.table_uri(name), version=json.loads(versions)[name])   # a reader of commit 1
+    assert old.to_table(columns=["id"]).num_rows == rows           # its files are kept
+
+
+def test_kill_during_a_compaction_of_a_long_run_loses_nothing(pool, tmp_path, reference):
+    st = Store.init(tmp_path / "s")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress",
+            "--commit-rows", "500", "--max-fragments", "2"]
+    p = cli(*args, env={"CLIPSQL_FAULT": "compact:after-lance"}, check=False)   # the 3rd commit's compaction
+    assert p.returncode == -9
+    st = Store.open(st.path)
+    assert_consistent_snapshot(st)
+    assert st.count_rows(st.model()) == 1500
+    # `samples` was compacted in Lance (the first table past the bound), the ledger not moved
+    assert lance.dataset(st.table_uri("samples")).version > st.committed_versions()["samples"]
+    cli(*args)
+    assert_same_store(Store.open(st.path), reference)
+
+
 def test_kill_during_one_large_commit_leaves_nothing_visible(pool, tmp_path, reference):
     """All 3,000 rows in one commit (the default policy): data files all written, killed after
     the Lance commits and before the catalog transaction — no reader sees any of it, and the
