@@ -136,14 +136,15 @@ class Writer:
         self.added = 0
         self._new_pending()
 
-    def _new_pending(self) -> None:
+    def _new_pending(self, opened: dict | None = None) -> None:
         st, rec = self.store, self.model
-        ds = st.dataset(rec.table_name)
+        opened = opened or {}
+        ds = opened.get(rec.table_name) or st.dataset(rec.table_name)
         version = ds.data_storage_version
         self._emb_schema = ds.schema     # tables from before uri/caption were copied lack them
         self._emb = _Buffer(st.table_uri(rec.table_name), self._emb_schema, version,
                             self.policy.fragment_bytes, self._io)
-        samples = st.dataset(SAMPLES)
+        samples = opened.get(SAMPLES) or st.dataset(SAMPLES)
         # a store from before the caption feature columns keeps its schema until `clipsql backfill`
         self._samples_names = [n for n in samples_schema().names if n in samples.schema.names]
         self._samples = _Buffer(st.table_uri(SAMPLES), samples_schema() if len(self._samples_names) ==
@@ -248,11 +249,13 @@ class Writer:
             if p.rows:
                 self.seq = p.seq
             self.commits += 1
-            if self.policy.max_fragments and (p.fragments or p.sample_fragments):
-                for name, info in bound_fragments(self.store, [SAMPLES, self.model.table_name],
-                                                  self.policy.max_fragments).items():
-                    self.compactions.append({"table": name, **info})
-        self._new_pending()
+        opened = {name: self.store.dataset(name) for name in (SAMPLES, self.model.table_name)}
+        bound = self.policy.max_fragments
+        if bound and commit_id is not None and any(len(ds.get_fragments()) > bound for ds in opened.values()):
+            for name, info in bound_fragments(self.store, list(opened), bound).items():
+                self.compactions.append({"table": name, **info})
+            opened = {}
+        self._new_pending(opened)
         self.commit_seconds += time.perf_counter() - t0
         return commit_id
 
