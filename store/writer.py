@@ -10,8 +10,8 @@
 
     write_batch(store, model, samples=…, ids=…, image=…, text=…, …)   # one small batch, one commit
 
-Buffers are cut into Lance data files (`lance.fragment.write_fragments`) once they hold
-`fragment_bytes`; nothing is visible until `commit()`, which hands the fragments, the
+Buffers are streamed, in pieces of `fragment_bytes`, into one Lance data file per table and
+commit (`lance.fragment.write_fragments`); nothing is visible until `commit()`, which hands the fragments, the
 statistics partial of exactly those rows (folded on background threads, float64, with
 the store's shift so the merge adds without rounding), the completed units and the
 rejects to `Store.commit` (see store.store for the protocol). Memory is bounded by the
@@ -19,8 +19,10 @@ buffer, not by the commit or the store.
 """
 from __future__ import annotations
 
+import contextlib
+import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +45,8 @@ class CommitPolicy:
     Defaults measured with bench/scale.py (d = 512, 2 cores): a commit costs ~0.05 s plus
     one manifest per table that lists every fragment, so ≥ 100k rows a commit keeps
     versions ≤ 10 and manifests far below 1% of the data per 1M rows; 30 s bounds what a
-    kill can lose. Data files of 64 MiB keep fragments few (≈ 30k rows at d = 512).
+    kill can lose. Rows reach the data file of their commit in pieces of `fragment_bytes` (what
+    memory holds per table); a commit writes one data file per table (cut at 2 GiB).
     `max_fragments`: after a commit that leaves a table with more fragments, the writer compacts
     it back under the bound (store.compaction), so a commit's cost does not grow with the table;
     None: never during a run."""
@@ -68,16 +71,21 @@ def conform_samples(samples: pa.Table, names: list[str]) -> pa.Table:
 
 
 class _Buffer:
-    """Arrow tables for one Lance table, cut into data files of ~`limit` bytes written on the
-    writer's I/O thread (Lance's encoder releases the GIL), so reading, checking and the
-    statistics fold of the next rows overlap with the write of these."""
+    """Arrow tables for one Lance table, streamed into the data files of one commit on the writer's
+    I/O thread (Lance's encoder releases the GIL), so reading, checking and the statistics fold of
+    the next rows overlap with the write of these. Tables are handed over in pieces of ~`limit`
+    bytes (at most two waiting: memory stays bounded) and all the pieces of one commit go into one
+    data file of up to `file_bytes` (larger ones are cut by Lance): a commit adds one fragment per
+    table, not one per piece, so tables hold fewer fragments and commits stay cheap."""
 
-    def __init__(self, uri: str, schema: pa.Schema, storage_version: str, limit: int, io: ThreadPoolExecutor):
+    def __init__(self, uri: str, schema: pa.Schema, storage_version: str, limit: int, io: ThreadPoolExecutor,
+                 file_bytes: int = 2 << 30):
         self.uri, self.schema, self.storage_version, self.limit, self.io = uri, schema, storage_version, limit, io
+        self.file_bytes = file_bytes
         self.tables: list[pa.Table] = []
         self.bytes = 0
-        self.writes: list = []      # futures of write_fragments, in order
-        self.rows = 0               # rows in self.writes + self.tables
+        self.stream: tuple[queue.Queue, Future] | None = None   # the data file being written
+        self.rows = 0               # rows handed to the stream + self.tables
 
     def add(self, tbl: pa.Table) -> None:
         if tbl.num_rows == 0:
@@ -93,21 +101,52 @@ class _Buffer:
             return
         data = pa.concat_tables(self.tables) if len(self.tables) > 1 else self.tables[0]
         self.tables, self.bytes = [], 0
-        if len(self.writes) >= 2:        # at most two data files in flight: memory stays bounded
-            self.writes[-2].result()
-        self.writes.append(self.io.submit(self._write, data))
+        if data.schema != self.schema:
+            data = data.cast(self.schema)
+        if self.stream is None:
+            q: queue.Queue = queue.Queue(maxsize=2)
+            self.stream = (q, self.io.submit(self._write, q))
+        self._put(data)
 
-    def _write(self, data: pa.Table) -> list:
+    def _put(self, item: pa.Table | None) -> None:
+        q, fut = self.stream
+        while True:
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if fut.done():       # the write failed (a full disk): its error, not a hang
+                    fut.result()
+                    raise RuntimeError("the data file writer stopped")
+
+    def _write(self, q: queue.Queue) -> list:
         fault("writer:data-file")
-        return lance_fragment.write_fragments(data, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
+
+        def batches():
+            while (tbl := q.get()) is not None:
+                yield from tbl.to_batches()
+        reader = pa.RecordBatchReader.from_batches(self.schema, batches())
+        return lance_fragment.write_fragments(reader, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
+                                              max_bytes_per_file=self.file_bytes,
                                               data_storage_version=self.storage_version)
 
     def take(self) -> tuple[list, int]:
         self.flush()
-        fragments = [f for w in self.writes for f in w.result()]
+        fragments = []
+        if self.stream is not None:
+            self._put(None)
+            fragments = self.stream[1].result()
+            self.stream = None
         out = fragments, self.rows
-        self.writes, self.rows = [], 0
+        self.rows = 0
         return out
+
+    def abandon(self) -> None:
+        """End a stream without committing it (its data file stays unreferenced)."""
+        if self.stream is not None and not self.stream[1].done():
+            with contextlib.suppress(Exception):     # a write that failed has nothing to end
+                self._put(None)
+        self.stream, self.tables, self.rows = None, [], 0
 
 
 class Writer:
@@ -126,7 +165,8 @@ class Writer:
         # thread, the two SYRKs use both cores when Lance's encoder leaves one free
         self._pools = {mo: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"clipsql-stats-{mo}")
                        for mo in ("image", "text")}
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsql-write")
+        # one thread per table: each streams the data file of the commit being gathered
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="clipsql-write")
         self._folds: list = []
         self._fold_s = {"image": 0.0, "text": 0.0}   # each written by its own fold thread only
         self.fold_wait_seconds = 0.0     # main thread blocked on folds at a commit
@@ -267,6 +307,8 @@ class Writer:
         finally:
             for pool in self._pools.values():
                 pool.shutdown(wait=True)
+            for buf in (self._emb, self._samples):
+                buf.abandon()
             self._io.shutdown(wait=True)
 
 

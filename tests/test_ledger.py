@@ -118,6 +118,18 @@ def test_a_long_run_keeps_every_table_under_the_fragment_bound(pool, tmp_path, r
     assert old.to_table(columns=["id"]).num_rows == rows           # its files are kept
 
 
+def test_a_commit_writes_one_data_file_per_table_however_many_pieces(pool, tmp_path, reference, fake):
+    """Rows reach the writer's I/O thread in pieces of `fragment_bytes` (64 KiB here: dozens a
+    commit), all streamed into one data file: each commit adds one fragment per table."""
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key", policy=CommitPolicy(rows=1000, fragment_bytes=64 << 10), maintain=False)
+    summary = ingest(st, str(pool), model=fake.model, options=opts)
+    assert summary.commits == 3
+    for name in ("samples", st.model().table_name):
+        assert len(st.dataset(name).get_fragments()) == 3
+    assert_same_store(st, reference)
+
+
 def test_kill_during_a_compaction_of_a_long_run_loses_nothing(pool, tmp_path, reference):
     st = Store.init(tmp_path / "s")
     args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress",
