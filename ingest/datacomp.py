@@ -224,8 +224,8 @@ class DataCompSource(Source):
 
     def groups(self) -> list[tuple[str, list[str]]]:
         """One group per shard: its stem (resolved), with its parquet and npz."""
-        return [(os.path.realpath(os.path.join(self.root, stem)), self._shard_files(s))
-                for s, (stem, _, _) in enumerate(self.shards)]
+        root = os.path.realpath(self.root)
+        return [(os.path.join(root, stem), self._shard_files(s)) for s, (stem, _, _) in enumerate(self.shards)]
 
     def group_units(self, location: str) -> list:
         index = getattr(self, "_cache_stems", None)

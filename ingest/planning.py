@@ -14,6 +14,8 @@ metadata files), each group is judged by the `unit_stamps` the ledger holds for 
   there are done (and get their stamps now), the others are to do, their stamps recorded when
   their commit marks them ingested.
 
+A group is hashed once when first planned (DataComp: the parquet's bytes and the npz's zip
+directory; other kinds: every byte), so later runs can tell a touched file from a changed one.
 A source without groups plans as before: every unit listed (`Source.units`, which may open
 files) and looked up by its fingerprint.
 """

@@ -236,6 +236,32 @@ def test_a_touched_file_with_the_same_content_is_rehashed_not_reingested(tmp_pat
     assert (third.added, third.units_skipped) == (0, 4) and calls["hash"] == 2
 
 
+def test_units_ingested_before_stamps_existed_get_them_on_the_next_run(tmp_path, monkeypatch, fake):
+    """A store whose ledger has units but no stamps (written before them): the next run opens the
+    files once, finds the units by fingerprint and stamps them; the run after opens nothing. A unit
+    the ledger forgets (a repair, an undelete) is planned again although its stamp is still there."""
+    import sqlalchemy as sa
+    from clipsql.store import catalog as cat
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=500)
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key")
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 1000
+    with st.engine.begin() as conn:
+        conn.execute(sa.delete(cat.unit_stamps))
+    calls = _count_opens(monkeypatch)
+    again = ingest(st, str(pool), model=fake.model, options=opts)
+    assert (again.added, again.units_skipped) == (0, 4) and calls["units"] == 2 and calls["read"] == 0
+    calls.update(units=0, hash=0)
+    third = ingest(st, str(pool), model=fake.model, options=opts)
+    assert (third.added, third.units_skipped) == (0, 4) and calls["units"] == 0 and calls["hash"] == 0
+    with st.engine.begin() as conn:
+        key = conn.execute(sa.select(cat.ingested_units.c.unit_key)).first()[0]
+        conn.execute(sa.delete(cat.ingested_units).where(cat.ingested_units.c.unit_key == key))
+    fourth = ingest(st, str(pool), model=fake.model, options=opts)
+    assert fourth.units_skipped == 3 and calls["read"] == 1 and calls["units"] == 1
+
+
 def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path, monkeypatch, fake):
     pool = tmp_path / "pool"
     write_pool(pool, shards=2, rows=500)
