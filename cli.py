@@ -46,6 +46,7 @@ from clipsql.queries.search.command import search as run_search
 from clipsql.queries.search.index import build_index
 from clipsql.queries.sql.cli_query import repl, run_query
 from clipsql.queries.sql.specs import FUNCTIONS as SQL_FUNCTIONS
+from clipsql.store.compaction import MAX_FRAGMENTS
 from clipsql.store.deletions import deleted_phrase
 from clipsql.serve.server import run_server
 from clipsql.store.doctor import doctor as run_doctor
@@ -479,6 +480,9 @@ def ingest(
                                     "done) every N rows …"),
     commit_seconds: float = typer.Option(30.0, min=0.0, help="… or every T seconds, whichever comes first. A "
                                          "killed run loses at most this much work, never committed rows."),
+    max_fragments: int = typer.Option(MAX_FRAGMENTS, min=2, help="Compact a table during the run whenever a "
+                                      "commit leaves it more data files than this: commits stay as fast at "
+                                      "a billion rows as at a million."),
     allow_missing_captions: bool = typer.Option(
         False, "--allow-missing-captions", help="Keep images that have no caption (none, or empty once cleaned) "
         "with a NULL caption and text embedding: image-only scores work, text and pair scores are NULL. "
@@ -509,7 +513,8 @@ def ingest(
     opts = IngestOptions(batch_size=batch_size, workers=workers, device=device, image_column=image_column,
                          caption_column=caption_column, id_column=id_column, image_embeddings=image_embeddings,
                          text_embeddings=text_embeddings, source_kind=kind, progress=progress,
-                         policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds), update=update,
+                         policy=CommitPolicy(rows=commit_rows, seconds=commit_seconds, max_fragments=max_fragments),
+                         update=update,
                          allow_missing_captions=allow_missing_captions, model_given=model_given,
                          max_file_bytes=int(max_file_mb * (1 << 20)))
     eng = _run(engines.choose, engine, ray_address)

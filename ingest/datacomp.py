@@ -22,6 +22,7 @@ as `bad_uid` (not 32 hex characters), then as any precomputed row (`missing_capt
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -207,19 +208,48 @@ class DataCompSource(Source):
     def units(self) -> list:
         """("bad", shard, location, reason, detail) for a shard that cannot be used; else
         (shard, row group, first row of the group, lo, hi) ranges of its row groups."""
-        units = []
-        for s, (_, parquet, _) in enumerate(self.shards):
-            problem = self._check_shard(s)
-            if problem is not None:
-                units.append(("bad", s, *problem))
-                continue
-            md, start = pq.ParquetFile(parquet).metadata, 0
-            for g in range(md.num_row_groups):
-                rows = md.row_group(g).num_rows
-                units += [(s, g, start, lo, min(lo + self.rows_per_unit, rows))
-                          for lo in range(0, rows, self.rows_per_unit)]
-                start += rows
+        return [u for s in range(len(self.shards)) for u in self._shard_units(s)]
+
+    def _shard_units(self, s: int) -> list:
+        problem = self._check_shard(s)
+        if problem is not None:
+            return [("bad", s, *problem)]
+        units, md, start = [], pq.ParquetFile(self.shards[s][1]).metadata, 0
+        for g in range(md.num_row_groups):
+            rows = md.row_group(g).num_rows
+            units += [(s, g, start, lo, min(lo + self.rows_per_unit, rows))
+                      for lo in range(0, rows, self.rows_per_unit)]
+            start += rows
         return units
+
+    def groups(self) -> list[tuple[str, list[str]]]:
+        """One group per shard: its stem (resolved), with its parquet and npz."""
+        root = os.path.realpath(self.root)
+        return [(os.path.join(root, stem), self._shard_files(s)) for s, (stem, _, _) in enumerate(self.shards)]
+
+    def group_units(self, location: str) -> list:
+        index = getattr(self, "_cache_stems", None)
+        if index is None:
+            index = self._cache_stems = {stem: s for s, (stem, _, _) in enumerate(self.shards)}
+        return self._shard_units(index[os.path.basename(location)])
+
+    def content_hash(self, files: list[str]) -> str:
+        """The parquet's bytes and the npz's zip directory: each member's name, sizes and CRC-32
+        (of its data, written by the zip writer), so the vectors are checked without reading them.
+        A file that is not a readable zip is hashed whole."""
+        h = hashlib.sha256(super().content_hash(files[:1]).encode())
+        try:
+            with zipfile.ZipFile(files[1]) as z:
+                for i in z.infolist():
+                    h.update(f"{i.filename}\0{i.CRC}\0{i.file_size}\0{i.compress_size}\0{i.compress_type}\n"
+                             .encode("utf-8", "surrogateescape"))
+        except (OSError, zipfile.BadZipFile, ValueError):
+            h.update(super().content_hash(files[1:]).encode())
+        return h.hexdigest()[:40]
+
+    def _shard_files(self, s: int) -> list[str]:
+        stem, parquet, npz = self.shards[s]
+        return [parquet or os.path.join(self.root, stem + ".parquet"), npz or os.path.join(self.root, stem + ".npz")]
 
     def for_unit(self, unit) -> tuple[Source, Any]:
         s = unit[1] if unit[0] == "bad" else unit[0]
@@ -227,10 +257,7 @@ class DataCompSource(Source):
         return one, (("bad", 0, *unit[2:]) if unit[0] == "bad" else (0, *unit[1:]))
 
     def unit_files(self, unit) -> list[str]:
-        s = unit[1] if unit[0] == "bad" else unit[0]
-        _, parquet, npz = self.shards[s]
-        stem = self.shards[s][0]
-        return [parquet or os.path.join(self.root, stem + ".parquet"), npz or os.path.join(self.root, stem + ".npz")]
+        return self._shard_files(unit[1] if unit[0] == "bad" else unit[0])
 
     # -- reading
     def _row_group(self, s: int, g: int) -> pa.Table:

@@ -110,15 +110,26 @@ class PrecomputedSource(Source):
     def units(self) -> list:
         """(file, row group, first row of the group in the file, lo, hi): ranges of at most
         `rows_per_unit` rows of a row group (metadata parquets often hold 1M-row groups)."""
-        units = []
-        step = self.rows_per_unit
-        for f, (meta_path, _, _) in enumerate(self.files):
-            md, start = pq.ParquetFile(meta_path).metadata, 0
-            for g in range(md.num_row_groups):
-                rows = md.row_group(g).num_rows
-                units += [(f, g, start, lo, min(lo + step, rows)) for lo in range(0, rows, step)]
-                start += rows
+        return [u for f in range(len(self.files)) for u in self._file_units(f)]
+
+    def _file_units(self, f: int) -> list:
+        units, step = [], self.rows_per_unit
+        md, start = pq.ParquetFile(self.files[f][0]).metadata, 0
+        for g in range(md.num_row_groups):
+            rows = md.row_group(g).num_rows
+            units += [(f, g, start, lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+            start += rows
         return units
+
+    def groups(self) -> list[tuple[str, list[str]]]:
+        """One group per metadata file (resolved), with the npy files of its vectors."""
+        return [(os.path.realpath(meta), [p for p in (meta, img, txt) if p]) for meta, img, txt in self.files]
+
+    def group_units(self, location: str) -> list:
+        index = getattr(self, "_cache_locations", None)
+        if index is None:
+            index = self._cache_locations = {os.path.realpath(m): f for f, (m, _, _) in enumerate(self.files)}
+        return self._file_units(index[location])
 
     def _row_group(self, f: int, g: int) -> pa.Table:
         """A row group, cached: the units of one group are read in order by one reader."""

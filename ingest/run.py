@@ -23,6 +23,7 @@ from typing import Any, Callable
 from clipsql.errors import DimensionMismatch, SourceError
 from clipsql.ingest.dedup import IdChecker
 from clipsql.ingest.encode import open_clip_encoder
+from clipsql.ingest.planning import plan_units
 from clipsql.ingest.registry import open_source
 from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES
 from clipsql.ingest.update import Updater, require_ids
@@ -106,6 +107,7 @@ class Plan:
     known: Any                  # the model's record if the store has it
     seconds: Counter
     t_start: float
+    stamps: dict = field(default_factory=dict)   # {unit_key: store.units.UnitStamp} of the units to do
 
     @property
     def already(self) -> int:
@@ -136,13 +138,10 @@ def plan_run(store: Store, source_path: str, model: str | None, pretrained: str 
                           "tell it from the vectors, and filing them under the demo model would be wrong")
     store.recover()
     t0 = time.perf_counter()
-    units = source.units()
-    keys = [source.unit_key(u) for u in units]
     known = {m.model_id: m for m in store.list_models()}.get(spec.model_id)
-    done = store.done_units(known, keys) if known is not None else {}
-    todo = [(u, k) for u, k in zip(units, keys) if k not in done]
+    units = plan_units(store, known, source)
     seconds["plan"] = time.perf_counter() - t0
-    return Plan(spec, source, source_name, todo, done, known, seconds, t_start)
+    return Plan(spec, source, source_name, units.todo, units.done, known, seconds, t_start, units.stamps)
 
 
 def finish_noop(store: Store, plan: Plan) -> IngestSummary | None:
@@ -272,6 +271,7 @@ def run_ingest(store: Store, source_path: str, model: str | None, pretrained: st
         summary = IngestSummary(run_id, rec.model_id, plan.source_name, skipped=plan.already,
                                 units_skipped=len(plan.done), id_column=getattr(plan.source, "id_column", None))
         writer = Writer(store, rec, run_id=run_id, source=plan.source_name, policy=opts.policy)
+        writer.stamps = plan.stamps
         run = IngestRun(store, plan, opts, rec, encoder, writer, IdChecker(store, rec), summary, Counter(),
                         plan.seconds, Updater(store, rec) if opts.update else None, commit_stage)
         ok = False
@@ -302,6 +302,9 @@ def run_ingest(store: Store, source_path: str, model: str | None, pretrained: st
             t0 = time.perf_counter()
             summary.maintenance = maintain_after_ingest(store, rec)
             summary.seconds["maintain"] = round(time.perf_counter() - t0, 4)
+        if writer.compactions:          # compactions that kept the tables under the fragment bound
+            summary.maintenance = summary.maintenance or OptimizeReport()
+            summary.maintenance.during_run = writer.compactions
     return summary
 
 

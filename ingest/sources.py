@@ -267,6 +267,33 @@ class Source:
                           ensure_ascii=False, default=str)
         return hashlib.sha256(blob.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
+    # -- planning from the ledger (ingest.planning): groups of units listed without opening a file
+    def groups(self) -> list[tuple[str, list[str]]] | None:
+        """[(location, files)]: the groups of units (a shard, a metadata file with its vectors) and
+        the files each reads, listed without opening any. None: this kind plans by `units()`."""
+        return None
+
+    def group_units(self, location: str) -> list:
+        """The units of one group (opens its files), as `units()` gives them."""
+        raise NotImplementedError
+
+    def variant(self) -> str:
+        """The kind and options, hashed: what else besides the files decides what a unit yields."""
+        blob = json.dumps([self.kind, self.options()], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+    def content_hash(self, files: list[str]) -> str:
+        """A hash of the files' content (every byte; a kind may use a cheaper exact summary)."""
+        h = hashlib.sha256()
+        for f in files:
+            h.update(os.path.basename(f).encode("utf-8", "surrogateescape") + b"\0")
+            try:
+                with open(f, "rb") as fh:
+                    h.update(hashlib.file_digest(fh, "sha256").digest())
+            except OSError:
+                h.update(b"missing")
+        return h.hexdigest()[:40]
+
     def __iter__(self) -> Iterator[Item | Reject]:
         for unit in self.units():
             yield from self.read(unit)

@@ -198,6 +198,24 @@ lost_rows = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
 )
 
+# What a re-run plans from (migration 10): per ingested unit, the file group it was read from
+# (`location`: a DataComp shard, a metadata file with its vectors), their total `size`, their
+# modification times (`mtime`: nanoseconds per file, comma-separated) and a hash of their content,
+# and how many units the group has (`parts`). A group whose current size and mtimes match rows
+# for all its parts (still in `ingested_units`) is skipped without opening any of its files; when
+# they differ, its content hash decides (store.units, ingest.planning).
+unit_stamps = sa.Table(
+    "unit_stamps", metadata,
+    sa.Column("model_id", sa.String(500), primary_key=True),
+    sa.Column("unit_key", sa.String(64), primary_key=True),
+    sa.Column("variant", sa.String(64), nullable=False),       # the source kind and options, hashed
+    sa.Column("location", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("mtime", sa.Text, nullable=False),
+    sa.Column("content", sa.String(64), nullable=False),
+    sa.Column("parts", sa.Integer, nullable=False),
+)
+
 # Numbered migrations: (version, name, tables created). Never edit a shipped one; add the next number.
 MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (1, "models, runs, rejects, running stats",
@@ -211,6 +229,7 @@ MIGRATIONS: list[tuple[int, str, list[sa.Table]]] = [
     (7, "writer leases for stores on object storage", [leases]),
     (8, "fits made for a curation recipe, apart from the default fit", [recipe_fits]),
     (9, "rows a repair could not keep", [lost_rows]),
+    (10, "where, how large and when each ingested unit's files were", [unit_stamps]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

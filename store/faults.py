@@ -5,7 +5,8 @@ SIGKILL the process) or `enospc` (raise OSError "No space left on device", as a 
 Points: `commit:between-tables` (samples committed in Lance, the model table not),
 `commit:after-lance` (both Lance commits done, the catalog transaction not),
 `optimize:after-compact` (a compaction committed in Lance, the ledger not moved),
-`optimize:before-prune` (ledger moved, old versions not yet pruned), `delete:after-lance`,
+`optimize:before-prune` (ledger moved, old versions not yet pruned), `compact:after-lance` (a
+compaction during a run committed in Lance, the ledger not moved), `delete:after-lance`,
 `update:after-lance`, `models-rm:after-catalog`, `target:after-table`, `target:after-switch`,
 `select:before-rename`, `select:between-renames` (the sidecar published, the output not),
 `writer:data-file` (a Lance data file being written),

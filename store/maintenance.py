@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
+from clipsql.store.compaction import MAX_FRAGMENTS, compact_to_bound
 from clipsql.store.drops import DEFAULT_RETENTION_HOURS, sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists
@@ -110,6 +111,7 @@ class TableMaintenance:
     version_before: int | None = None
     fragments_removed: int | None = None
     fragments_added: int | None = None
+    tiered: dict[str, Any] | None = None
     compact_seconds: float | None = None
     index: str | None = None
     vector_index_stale: int | None = None
@@ -133,6 +135,7 @@ class OptimizeReport:
     tables: dict[str, TableMaintenance] = field(default_factory=dict)
     dropped_tables: list[str] | None = None
     seconds: float | None = None
+    during_run: list[dict[str, Any]] | None = None   # compactions an ingest made to keep the fragment bound
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form `clipsql optimize --format json` prints and an ingest run records."""
@@ -141,23 +144,27 @@ class OptimizeReport:
             out["dropped_tables"] = self.dropped_tables
         if self.seconds is not None:
             out["seconds"] = self.seconds
+        if self.during_run is not None:
+            out["during_run"] = self.during_run
         return out
 
 
 def optimize(st: Store, *, compact: bool = True, index: bool = True, prune: bool = True,
              retention_hours: float = DEFAULT_RETENTION_HOURS, locked: bool = False,
-             vector_index: bool = True) -> OptimizeReport:
+             vector_index: bool = True, max_fragments: int = MAX_FRAGMENTS) -> OptimizeReport:
     """Compact, index and prune every table of the store; returns a report per table.
     `vector_index=False` leaves the vector indexes of `clipsql index` as they are (their refresh
-    can take minutes) and reports the rows each does not cover as `vector_index_stale`."""
+    can take minutes) and reports the rows each does not cover as `vector_index_stale`.
+    Compaction also brings a table of more than `max_fragments` fragments back under that bound
+    (store.compaction: fragments grow by tiers, so commits stay cheap however large the table)."""
     if locked:
-        return _optimize(st, compact, index, prune, retention_hours, vector_index)
+        return _optimize(st, compact, index, prune, retention_hours, vector_index, max_fragments)
     with st.lock():
-        return _optimize(st, compact, index, prune, retention_hours, vector_index)
+        return _optimize(st, compact, index, prune, retention_hours, vector_index, max_fragments)
 
 
 def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hours: float,
-              vector_index: bool = True) -> OptimizeReport:
+              vector_index: bool = True, max_fragments: int = MAX_FRAGMENTS) -> OptimizeReport:
     t_start = time.perf_counter()
     st.recover()
     report = OptimizeReport()
@@ -170,6 +177,10 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
         if compact and small_fragments(ds, target) > 1:
             m = ds.optimize.compact_files(target_rows_per_fragment=target)
             info.fragments_removed, info.fragments_added = m.fragments_removed, m.fragments_added
+            ds = st.dataset(name, latest=True)
+            fault("optimize:after-compact")
+        if compact and (tiered := compact_to_bound(ds, max_fragments)) is not None:   # a table past the bound
+            info.tiered = tiered
             ds = st.dataset(name, latest=True)
             fault("optimize:after-compact")
         info.compact_seconds = round(time.perf_counter() - t0, 3)
@@ -238,7 +249,7 @@ def maintain_after_ingest(st: Store, rec: ModelRecord) -> OptimizeReport | None:
         ds = st.dataset(name)
         rows = ds.count_rows()
         unindexed = _unindexed(ds)
-        compact |= small_fragments(ds) > AUTO_FRAGMENTS
+        compact |= small_fragments(ds) > AUTO_FRAGMENTS or len(ds.get_fragments()) > MAX_FRAGMENTS
         index |= rows >= INDEX_MIN_ROWS and (unindexed is None or unindexed > AUTO_UNINDEXED_SHARE * rows)
         if name == rec.table_name and (added := _stale_vector_indexes(ds)):
             stale[name] = added

@@ -43,7 +43,7 @@ import sqlalchemy as sa
 from clipsql.errors import CatalogDamaged, CatalogError, DimensionMismatch, MarkerDamaged, ModelError, StoreNotFound
 from clipsql.lazy import lance, lancedb
 from clipsql.store import catalog as cat
-from clipsql.store import runs, stats
+from clipsql.store import runs, stats, units
 from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.location import exists, is_remote, rmtree, store_path
@@ -458,6 +458,7 @@ class Store:
                 conn.execute(cat.ingested_units.insert().values(
                     model_id=model.model_id, unit_key=unit_key, source=c.source, commit_id=commit_id,
                     rows=rows, rejected=rejected))
+            units.record_in(conn, model.model_id, c.stamps)
             runs.record_rejects(conn, c.run_id, model.model_id, c.source, c.rejects)
             if c.run_id is not None:
                 conn.execute(sa.update(cat.ingest_runs).where(cat.ingest_runs.c.run_id == c.run_id).values(
@@ -696,6 +697,7 @@ class PendingCommit:
     sample_rows: int = 0
     moments: dict = field(default_factory=dict)            # (modality, space) → RunningMoments partial
     units: list = field(default_factory=list)              # (unit_key, rows, rejected)
+    stamps: dict = field(default_factory=dict)             # {unit_key: store.units.UnitStamp} of those units
     rejects: list = field(default_factory=list)            # (location, reason, detail)
     meta_types: dict = field(default_factory=dict)
 

@@ -10,8 +10,8 @@
 
     write_batch(store, model, samples=…, ids=…, image=…, text=…, …)   # one small batch, one commit
 
-Buffers are cut into Lance data files (`lance.fragment.write_fragments`) once they hold
-`fragment_bytes`; nothing is visible until `commit()`, which hands the fragments, the
+Buffers are streamed, in pieces of `fragment_bytes`, into one Lance data file per table and
+commit (`lance.fragment.write_fragments`); nothing is visible until `commit()`, which hands the fragments, the
 statistics partial of exactly those rows (folded on background threads, float64, with
 the store's shift so the merge adds without rounding), the completed units and the
 rejects to `Store.commit` (see store.store for the protocol). Memory is bounded by the
@@ -19,8 +19,10 @@ buffer, not by the commit or the store.
 """
 from __future__ import annotations
 
+import contextlib
+import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +32,7 @@ from clipsql.errors import DimensionMismatch
 from clipsql.kernels.arrays import fixed_list
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance_fragment
+from clipsql.store.compaction import MAX_FRAGMENTS, bound_fragments
 from clipsql.store.faults import fault
 from clipsql.store.store import ModelRecord, PendingCommit, Store, merge_sql_types, new_moments
 from clipsql.store.tables import SAMPLES, samples_schema
@@ -42,10 +45,15 @@ class CommitPolicy:
     Defaults measured with bench/scale.py (d = 512, 2 cores): a commit costs ~0.05 s plus
     one manifest per table that lists every fragment, so ≥ 100k rows a commit keeps
     versions ≤ 10 and manifests far below 1% of the data per 1M rows; 30 s bounds what a
-    kill can lose. Data files of 64 MiB keep fragments few (≈ 30k rows at d = 512)."""
+    kill can lose. Rows reach the data file of their commit in pieces of `fragment_bytes` (what
+    memory holds per table); a commit writes one data file per table (cut at 2 GiB).
+    `max_fragments`: after a commit that leaves a table with more fragments, the writer compacts
+    it back under the bound (store.compaction), so a commit's cost does not grow with the table;
+    None: never during a run."""
     rows: int = 100_000
     seconds: float = 30.0
     fragment_bytes: int = 64 << 20
+    max_fragments: int | None = MAX_FRAGMENTS
 
     def due(self, pending: PendingCommit, started: float, now: float | None = None) -> bool:
         """Whether `pending` (gathered since the monotonic time `started`) is to be committed now:
@@ -63,16 +71,21 @@ def conform_samples(samples: pa.Table, names: list[str]) -> pa.Table:
 
 
 class _Buffer:
-    """Arrow tables for one Lance table, cut into data files of ~`limit` bytes written on the
-    writer's I/O thread (Lance's encoder releases the GIL), so reading, checking and the
-    statistics fold of the next rows overlap with the write of these."""
+    """Arrow tables for one Lance table, streamed into the data files of one commit on the writer's
+    I/O thread (Lance's encoder releases the GIL), so reading, checking and the statistics fold of
+    the next rows overlap with the write of these. Tables are handed over in pieces of ~`limit`
+    bytes (at most two waiting: memory stays bounded) and all the pieces of one commit go into one
+    data file of up to `file_bytes` (larger ones are cut by Lance): a commit adds one fragment per
+    table, not one per piece, so tables hold fewer fragments and commits stay cheap."""
 
-    def __init__(self, uri: str, schema: pa.Schema, storage_version: str, limit: int, io: ThreadPoolExecutor):
+    def __init__(self, uri: str, schema: pa.Schema, storage_version: str, limit: int, io: ThreadPoolExecutor,
+                 file_bytes: int = 2 << 30):
         self.uri, self.schema, self.storage_version, self.limit, self.io = uri, schema, storage_version, limit, io
+        self.file_bytes = file_bytes
         self.tables: list[pa.Table] = []
         self.bytes = 0
-        self.writes: list = []      # futures of write_fragments, in order
-        self.rows = 0               # rows in self.writes + self.tables
+        self.stream: tuple[queue.Queue, Future] | None = None   # the data file being written
+        self.rows = 0               # rows handed to the stream + self.tables
 
     def add(self, tbl: pa.Table) -> None:
         if tbl.num_rows == 0:
@@ -88,21 +101,52 @@ class _Buffer:
             return
         data = pa.concat_tables(self.tables) if len(self.tables) > 1 else self.tables[0]
         self.tables, self.bytes = [], 0
-        if len(self.writes) >= 2:        # at most two data files in flight: memory stays bounded
-            self.writes[-2].result()
-        self.writes.append(self.io.submit(self._write, data))
+        if data.schema != self.schema:
+            data = data.cast(self.schema)
+        if self.stream is None:
+            q: queue.Queue = queue.Queue(maxsize=2)
+            self.stream = (q, self.io.submit(self._write, q))
+        self._put(data)
 
-    def _write(self, data: pa.Table) -> list:
+    def _put(self, item: pa.Table | None) -> None:
+        q, fut = self.stream
+        while True:
+            try:
+                q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if fut.done():       # the write failed (a full disk): its error, not a hang
+                    fut.result()
+                    raise RuntimeError("the data file writer stopped")
+
+    def _write(self, q: queue.Queue) -> list:
         fault("writer:data-file")
-        return lance_fragment.write_fragments(data, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
+
+        def batches():
+            while (tbl := q.get()) is not None:
+                yield from tbl.to_batches()
+        reader = pa.RecordBatchReader.from_batches(self.schema, batches())
+        return lance_fragment.write_fragments(reader, self.uri, schema=self.schema, max_rows_per_file=1 << 30,
+                                              max_bytes_per_file=self.file_bytes,
                                               data_storage_version=self.storage_version)
 
     def take(self) -> tuple[list, int]:
         self.flush()
-        fragments = [f for w in self.writes for f in w.result()]
+        fragments = []
+        if self.stream is not None:
+            self._put(None)
+            fragments = self.stream[1].result()
+            self.stream = None
         out = fragments, self.rows
-        self.writes, self.rows = [], 0
+        self.rows = 0
         return out
+
+    def abandon(self) -> None:
+        """End a stream without committing it (its data file stays unreferenced)."""
+        if self.stream is not None and not self.stream[1].done():
+            with contextlib.suppress(Exception):     # a write that failed has nothing to end
+                self._put(None)
+        self.stream, self.tables, self.rows = None, [], 0
 
 
 class Writer:
@@ -112,6 +156,7 @@ class Writer:
                  policy: CommitPolicy | None = None):
         self.store, self.model, self.run_id, self.source = store, model, run_id, source
         self.policy = policy or CommitPolicy()
+        self.stamps: dict = {}           # {unit_key: store.units.UnitStamp}: recorded when the unit commits
         store.ensure_samples_table()
         state = store.stats(model)
         self.seq = state.covered_seq
@@ -120,23 +165,26 @@ class Writer:
         # thread, the two SYRKs use both cores when Lance's encoder leaves one free
         self._pools = {mo: ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"clipsql-stats-{mo}")
                        for mo in ("image", "text")}
-        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipsql-write")
+        # one thread per table: each streams the data file of the commit being gathered
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="clipsql-write")
         self._folds: list = []
         self._fold_s = {"image": 0.0, "text": 0.0}   # CPU seconds, each written by its own fold thread only
         self.fold_wait_seconds = 0.0     # main thread blocked on folds at a commit
         self.commit_seconds = 0.0
         self.commits = 0
+        self.compactions: list[dict] = []   # what each compaction during the run did (store.compaction)
         self.added = 0
         self._new_pending()
 
-    def _new_pending(self) -> None:
+    def _new_pending(self, opened: dict | None = None) -> None:
         st, rec = self.store, self.model
-        ds = st.dataset(rec.table_name)
+        opened = opened or {}
+        ds = opened.get(rec.table_name) or st.dataset(rec.table_name)
         version = ds.data_storage_version
         self._emb_schema = ds.schema     # tables from before uri/caption were copied lack them
         self._emb = _Buffer(st.table_uri(rec.table_name), self._emb_schema, version,
                             self.policy.fragment_bytes, self._io)
-        samples = st.dataset(SAMPLES)
+        samples = opened.get(SAMPLES) or st.dataset(SAMPLES)
         # a store from before the caption feature columns keeps its schema until `clipsql backfill`
         self._samples_names = [n for n in samples_schema().names if n in samples.schema.names]
         self._samples = _Buffer(st.table_uri(SAMPLES), samples_schema() if len(self._samples_names) ==
@@ -221,6 +269,8 @@ class Writer:
 
     def unit_done(self, unit_key: str, rows: int, rejected: int) -> None:
         self.pending.units.append((unit_key, rows, rejected))
+        if unit_key in self.stamps:
+            self.pending.stamps[unit_key] = self.stamps[unit_key]
 
     # -- committing -----------------------------------------------------------------------
     def due(self) -> bool:
@@ -241,7 +291,13 @@ class Writer:
             if p.rows:
                 self.seq = p.seq
             self.commits += 1
-        self._new_pending()
+        opened = {name: self.store.dataset(name) for name in (SAMPLES, self.model.table_name)}
+        bound = self.policy.max_fragments
+        if bound and commit_id is not None and any(len(ds.get_fragments()) > bound for ds in opened.values()):
+            for name, info in bound_fragments(self.store, list(opened), bound).items():
+                self.compactions.append({"table": name, **info})
+            opened = {}
+        self._new_pending(opened)
         self.commit_seconds += time.perf_counter() - t0
         return commit_id
 
@@ -253,6 +309,8 @@ class Writer:
         finally:
             for pool in self._pools.values():
                 pool.shutdown(wait=True)
+            for buf in (self._emb, self._samples):
+                buf.abandon()
             self._io.shutdown(wait=True)
 
 

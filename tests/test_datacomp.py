@@ -84,6 +84,48 @@ def test_reingest_adds_nothing_and_a_new_shard_adds_only_its_rows(store, tmp_pat
     assert np.array_equal(img[[at[u] for u in shard["uid"]]], shard["l14_img"].astype(np.float32))
 
 
+def test_a_rerun_opens_no_shard_and_a_touched_shard_is_rehashed_not_reingested(store, tmp_path, monkeypatch):
+    """Planning asks the ledger first: shards whose size and mtimes match are not opened at all;
+    a touched shard of the same content is hashed (the parquet's bytes, the npz's zip directory),
+    not read again; a shard whose content changed is read."""
+    from clipsql.ingest import datacomp as dc
+    pool = write_datacomp_pool(tmp_path / "pool", n_shards=3, rows=20)
+    ingest_pool(store, tmp_path / "pool", options=FAST)
+    opens = []
+    real_pf, real_zip = dc.pq.ParquetFile, dc.zipfile.ZipFile
+
+    class PF(real_pf):
+        def __init__(self, path, *a, **k):
+            opens.append(("parquet", os.path.basename(str(path))))
+            super().__init__(path, *a, **k)
+
+    class Zip(real_zip):
+        def __init__(self, path, *a, **k):
+            opens.append(("npz", os.path.basename(str(path))))
+            super().__init__(path, *a, **k)
+    monkeypatch.setattr(dc.pq, "ParquetFile", PF)
+    monkeypatch.setattr(dc.zipfile, "ZipFile", Zip)
+    again = ingest_pool(store, tmp_path / "pool", options=FAST)
+    assert [(s.added, s.skipped, s.units_skipped) for s in again] == [(0, 60, 3), (0, 60, 3)]
+    assert opens == []
+    first, second = list(pool.values())[:2]
+    os.utime(first["npz"], ns=(0, os.stat(first["npz"]).st_mtime_ns + 10**9))
+    touched = ingest_pool(store, tmp_path / "pool", options=FAST)
+    assert [(s.added, s.units_skipped) for s in touched] == [(0, 3), (0, 3)]
+    stem = os.path.basename(first["npz"])[:-4]
+    assert sorted(set(opens)) == [("npz", stem + ".npz")]      # its directory only, once per feature set
+    opens.clear()
+    with np.load(second["npz"]) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    arrays["b32_img"][0, 0] += 1                 # new content (known uids: the rows are skipped by id)
+    np.savez(second["npz"], **arrays)
+    changed = ingest_pool(store, tmp_path / "pool", options=FAST)
+    assert [(s.added, s.units_skipped) for s in changed] == [(0, 2), (0, 2)]   # the changed shard is read again
+    assert ("parquet", os.path.basename(second["parquet"])) in opens
+    assert {s.model_id: store.count_rows(store.model(s.model_id)) for s in changed} == \
+        {MODELS["b32"]: 60, MODELS["l14"]: 60}
+
+
 def test_bad_rows_are_recorded_rejections(store, tmp_path):
     write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=12, bad_rows=True)
     b32, l14 = ingest_pool(store, tmp_path / "pool", options=FAST)

@@ -79,6 +79,72 @@ def test_kill_at_a_commit_boundary_then_rerun_is_exact(pool, tmp_path, reference
     assert_same_store(Store.open(st.path), reference)
 
 
+def test_a_long_run_keeps_every_table_under_the_fragment_bound(pool, tmp_path, reference, fake):
+    """A commit every batch with a bound of 6 fragments: the writer compacts during the run (each
+    compaction moved in the ledger as a commit), no commit leaves a table past the bound, the rows
+    are exactly those of one uninterrupted run, and a reader holding an older version reads it."""
+    import clipsql.store.writer as writer_mod
+    seen = []                         # fragments of each table whenever a writer starts a new commit
+    real = writer_mod.Writer._new_pending
+
+    def watched(self, *a, **k):
+        seen.append({n: len(self.store.dataset(n).get_fragments())
+                     for n in ("samples", self.model.table_name)})
+        return real(self, *a, **k)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(writer_mod.Writer, "_new_pending", watched)
+    try:
+        st = Store.init(tmp_path / "s")
+        opts = fake.options(id_column="key", policy=CommitPolicy(rows=100, max_fragments=6), maintain=False)
+        summary = ingest(st, str(pool), model=fake.model, options=opts)
+    finally:
+        monkeypatch.undo()
+    assert summary.added == 3000 and summary.commits >= 10      # one commit per batch of 256 rows
+    during = summary.maintenance.during_run
+    assert len(during) >= 2 and {c["table"] for c in during} == {"samples", st.model().table_name}
+    assert len(seen) > summary.commits and all(n <= 6 for counts in seen for n in counts.values())
+    assert_same_store(st, reference)
+    import json
+    import sqlalchemy as sa
+    from clipsql.store import catalog as cat
+    with st.engine.connect() as conn:
+        ledger = conn.execute(sa.select(cat.commits.c.kind, cat.commits.c.rows, cat.commits.c.versions)
+                              .order_by(cat.commits.c.commit_id)).all()
+    kinds = [k for k, _, _ in ledger]
+    assert kinds.count("append") == summary.commits and kinds.count("compact") >= 1
+    _, rows, versions = ledger[0]
+    name = st.model().table_name
+    old = lance.dataset(st.table_uri(name), version=json.loads(versions)[name])   # a reader of commit 1
+    assert old.to_table(columns=["id"]).num_rows == rows           # its files are kept
+
+
+def test_a_commit_writes_one_data_file_per_table_however_many_pieces(pool, tmp_path, reference, fake):
+    """Rows reach the writer's I/O thread in pieces of `fragment_bytes` (64 KiB here: dozens a
+    commit), all streamed into one data file: each commit adds one fragment per table."""
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key", policy=CommitPolicy(rows=1000, fragment_bytes=64 << 10), maintain=False)
+    summary = ingest(st, str(pool), model=fake.model, options=opts)
+    assert summary.commits == 3
+    for name in ("samples", st.model().table_name):
+        assert len(st.dataset(name).get_fragments()) == 3
+    assert_same_store(st, reference)
+
+
+def test_kill_during_a_compaction_of_a_long_run_loses_nothing(pool, tmp_path, reference):
+    st = Store.init(tmp_path / "s")
+    args = ["ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress",
+            "--commit-rows", "500", "--max-fragments", "2"]
+    p = cli(*args, env={"CLIPSQL_FAULT": "compact:after-lance"}, check=False)   # the 3rd commit's compaction
+    assert p.returncode == -9
+    st = Store.open(st.path)
+    assert_consistent_snapshot(st)
+    assert st.count_rows(st.model()) == 1500
+    # `samples` was compacted in Lance (the first table past the bound), the ledger not moved
+    assert lance.dataset(st.table_uri("samples")).version > st.committed_versions()["samples"]
+    cli(*args)
+    assert_same_store(Store.open(st.path), reference)
+
+
 def test_kill_during_one_large_commit_leaves_nothing_visible(pool, tmp_path, reference):
     """All 3,000 rows in one commit (the default policy): data files all written, killed after
     the Lance commits and before the catalog transaction — no reader sees any of it, and the
@@ -114,18 +180,104 @@ def test_rerun_skips_units_without_reading_or_loading_the_model(pool, tmp_path, 
     assert fake.loads == 1 and len(reads) == 12          # a no-op re-run loads no model and reads no unit
 
 
-def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path, fake):
+def _count_opens(monkeypatch):
+    """Every way the planner can look into a precomputed source's files, counted."""
+    from clipsql.ingest import precomputed as pre
+    calls = {"parquet": 0, "units": 0, "hash": 0, "read": 0}
+    real_pf = pre.pq.ParquetFile
+
+    class Counted(real_pf):
+        def __init__(self, *a, **k):
+            calls["parquet"] += 1
+            super().__init__(*a, **k)
+    monkeypatch.setattr(pre.pq, "ParquetFile", Counted)
+    for name, what in (("group_units", "units"), ("units", "units"), ("content_hash", "hash"),
+                       ("read_columns", "read")):
+        real = getattr(pre.PrecomputedSource, name)
+
+        def counted(self, *a, _real=real, _what=what, **k):
+            calls[_what] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(pre.PrecomputedSource, name, counted)
+    return calls
+
+
+def _touch(path, seconds=1):
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + seconds * 10**9))
+
+
+def test_a_rerun_plans_from_the_ledger_without_opening_a_file(tmp_path, monkeypatch, fake):
     pool = tmp_path / "pool"
-    write_pool(pool, shards=1, rows=500)
+    write_pool(pool, shards=3, rows=500)
     st = Store.init(tmp_path / "s")
     opts = fake.options(id_column="key")
-    assert ingest(st, str(pool), model=fake.model, options=opts).added == 500
-    meta = pool / "metadata" / "metadata_0.parquet"
-    os.utime(meta, ns=(os.stat(meta).st_atime_ns, os.stat(meta).st_mtime_ns + 10**9))
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 1500
+    calls = _count_opens(monkeypatch)
     again = ingest(st, str(pool), model=fake.model, options=opts)
-    assert again.added == 0 and again.skipped == 500 and again.units_skipped == 0
+    assert (again.added, again.skipped, again.units_skipped) == (0, 1500, 6)    # 2 row groups a file
+    # no unit listed, hashed or read; the parquet footers read are the layout's own check when the
+    # source is opened (a metadata file's rows against its npy files), one a file
+    assert calls == {"parquet": 3, "units": 0, "hash": 0, "read": 0}
 
 
+def test_a_touched_file_with_the_same_content_is_rehashed_not_reingested(tmp_path, monkeypatch, fake):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=500)
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key")
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 1000
+    _touch(pool / "metadata" / "metadata_0.parquet")
+    _touch(pool / "img_emb" / "img_emb_1.npy")
+    calls = _count_opens(monkeypatch)
+    again = ingest(st, str(pool), model=fake.model, options=opts)
+    assert (again.added, again.skipped, again.units_skipped) == (0, 1000, 4)
+    assert calls == {"parquet": 2, "units": 0, "hash": 2, "read": 0}
+    third = ingest(st, str(pool), model=fake.model, options=opts)      # the new stamps were recorded
+    assert (third.added, third.units_skipped) == (0, 4) and calls["hash"] == 2
+
+
+def test_units_ingested_before_stamps_existed_get_them_on_the_next_run(tmp_path, monkeypatch, fake):
+    """A store whose ledger has units but no stamps (written before them): the next run opens the
+    files once, finds the units by fingerprint and stamps them; the run after opens nothing. A unit
+    the ledger forgets (a repair, an undelete) is planned again although its stamp is still there."""
+    import sqlalchemy as sa
+    from clipsql.store import catalog as cat
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=500)
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key")
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 1000
+    with st.engine.begin() as conn:
+        conn.execute(sa.delete(cat.unit_stamps))
+    calls = _count_opens(monkeypatch)
+    again = ingest(st, str(pool), model=fake.model, options=opts)
+    assert (again.added, again.units_skipped) == (0, 4) and calls["units"] == 2 and calls["read"] == 0
+    calls.update(units=0, hash=0)
+    third = ingest(st, str(pool), model=fake.model, options=opts)
+    assert (third.added, third.units_skipped) == (0, 4) and calls["units"] == 0 and calls["hash"] == 0
+    with st.engine.begin() as conn:
+        key = conn.execute(sa.select(cat.ingested_units.c.unit_key)).first()[0]
+        conn.execute(sa.delete(cat.ingested_units).where(cat.ingested_units.c.unit_key == key))
+    fourth = ingest(st, str(pool), model=fake.model, options=opts)
+    assert fourth.units_skipped == 3 and calls["read"] == 1 and calls["units"] == 1
+
+
+def test_a_changed_file_is_read_again_and_its_known_rows_skipped(tmp_path, monkeypatch, fake):
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=500)
+    st = Store.init(tmp_path / "s")
+    opts = fake.options(id_column="key")
+    assert ingest(st, str(pool), model=fake.model, options=opts).added == 1000
+    meta = pool / "metadata" / "metadata_0.parquet"
+    t = pq.read_table(meta)
+    t = t.set_column(t.schema.get_field_index("key"), "key",
+                     pa.array([f"{k}-new" if i < 10 else k for i, k in enumerate(t.column("key").to_pylist())]))
+    pq.write_table(t, meta)
+    calls = _count_opens(monkeypatch)
+    again = ingest(st, str(pool), model=fake.model, options=opts)
+    # the other file is skipped unopened; this one's one row group (one unit) is read, its known ids skipped
+    assert (again.added, again.skipped, again.units_skipped) == (10, 990, 2)
+    assert calls["hash"] == 1 and calls["read"] == 1
 def test_ids_already_stored_are_found_through_the_index(tmp_path, monkeypatch, fake):
     """Another layout of the same rows: every id is found in the store (BTREE index + unindexed scan)."""
     from clipsql.store import maintenance as store_maintenance
