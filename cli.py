@@ -53,6 +53,7 @@ from clipsql.store.doctor import format_report as format_doctor_report
 from clipsql.store.fits import fit_stats
 from clipsql.store.maintenance import optimize as run_optimize
 from clipsql.store.manage import remove_model, set_default_model
+from clipsql.store.reads import count_rows
 from clipsql.store.store import Store
 from clipsql.store.targets import list_targets, remove_target
 from clipsql.store.writer import CommitPolicy
@@ -317,7 +318,7 @@ def models_list(store: str = STORE_ARG,
     st = _run(Store.open, store, read_only=True)
     default = st.get_setting("default_model")
     rows = [dict(model=m.model_id, kind=m.kind, dim=m.dim, logit_scale=round(m.logit_scale, 4),
-                 logit_bias=m.logit_bias, rows=st.count_rows(m), default=m.model_id == default)
+                 logit_bias=m.logit_bias, rows=count_rows(st, m), default=m.model_id == default)
             for m in st.list_models()]
     if fmt == TableFmt.json:
         typer.echo(json.dumps(rows, indent=2))

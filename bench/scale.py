@@ -113,11 +113,13 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
     elif name == "select":
         from clipsql.queries.sql.functions import one_blas_thread  # noqa: F401 - select pins BLAS itself
         from clipsql.queries.curation.selection import select
+        from clipsql.store.fit_rows import latest_fit
+        from clipsql.store.reads import count_rows
         from clipsql.store.store import Store
         st = Store.open(rest[1])
         out["sidecar"] = select(st, recipe="kl-guided", output=rest[2])
-        n = st.count_rows(st.model())
-        fit_rows = st.latest_fit(st.model(), with_arrays=False)["reference_size"]
+        n = count_rows(st, st.model())
+        fit_rows = latest_fit(st, st.model(), with_arrays=False)["reference_size"]
         out.update(gemm_rows_per_s(min(n, 50_000), fit_rows, st.model().dim))
     elif name == "fit":
         from clipsql.store.fits import fit_stats
@@ -166,6 +168,7 @@ def query_figures(store: str, exact_rows: int) -> dict:
     from clipsql import queries
     from clipsql.queries.sql.functions import one_blas_thread
     from clipsql.store.store import Store
+    from clipsql.store.fit_rows import latest_fit
     st = Store.open(store)
     con = queries.connect(st)
     out: dict = {}
@@ -191,7 +194,7 @@ def query_figures(store: str, exact_rows: int) -> dict:
     out["approx_rows_per_s"] = n / secs
     # exact Information Gain on a subsample, and a numpy float32 GEMM of the same shape
     rec = st.model()
-    fit_rows = st.latest_fit(rec, with_arrays=False)["reference_size"]
+    fit_rows = latest_fit(st, rec, with_arrays=False)["reference_size"]
     # the subsample: rows of the first commit (a `seq` filter Lance applies before reading vectors,
     # and DuckDB scans in parallel; LIMIT would run on one thread, a hash filter read every vector)
     first = int(con.sql("SELECT min(seq) FROM _lance_emb_0").fetchall()[0][0])

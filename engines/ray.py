@@ -15,7 +15,9 @@ from clipsql.engines.engine import EngineError
 from clipsql.engines.ingest import ingest_ray
 from clipsql.engines.scores import refresh_stats_ray, score_columns_ray, score_ray
 from clipsql.ingest.run import IngestOptions, IngestSummary
-from clipsql.store.store import ModelRecord, StatsState, Store
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import StatsState
+from clipsql.store.store import Store
 
 
 class RayEngine:

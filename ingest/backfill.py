@@ -28,7 +28,8 @@ from clipsql.ingest.captions import caption_features
 from clipsql.lazy import lance, tqdm
 from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
-from clipsql.store.store import Store, set_committed_version
+from clipsql.store.ledger import committed_versions, recover, set_committed_version
+from clipsql.store.store import Store
 from clipsql.store.tables import CAPTION_FEATURES, SAMPLES, samples_schema
 
 BACKFILLABLE = CAPTION_FEATURES
@@ -42,8 +43,8 @@ def backfill(st: Store, columns: Iterable[str] | None = None, *, progress: bool 
     if unknown:
         raise BackfillError(f"cannot backfill {', '.join(unknown)}: the columns are {', '.join(BACKFILLABLE)}")
     with st.lock():
-        st.recover()
-        recorded = st.committed_versions().get(SAMPLES)
+        recover(st)
+        recorded = committed_versions(st).get(SAMPLES)
         if recorded is None:
             return {"added": [], "already": wanted, "rows": 0, "commit_id": None}
         ds = st.dataset(SAMPLES, recorded)

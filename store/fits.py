@@ -19,7 +19,11 @@ from clipsql.errors import StatsError
 from clipsql.kernels import scores
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.fit_rows import latest_fit, save_fit, stale_fit_reason
+from clipsql.store.reads import count_rows
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import sync_stats
+from clipsql.store.store import Store
 
 DEFAULT_REFERENCE_SIZE = 10_000
 DEFAULT_STALE_SHARE = 0.10
@@ -89,7 +93,7 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
     rec = st.model(model)
     t0 = time.perf_counter()
     with st.lock():
-        state = st.sync_stats(rec)
+        state = sync_stats(st, rec)
         ds = st.embeddings_table(rec)
         n_rows, version = ds.count_rows(), ds.version
         ref_ids, X, Y = draw_reference(st, rec, reference_size, seed, version)
@@ -109,7 +113,7 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         reference = {"ref_ids": np.array(ref_ids), "X_ref_raw": X, "Y_ref_raw": Y}
         arrays = {k: getattr(f, k) for k in ARRAY_KEYS}
         fault("fit:before-save")
-        fit_id = st.save_fit(rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
+        fit_id = save_fit(st, rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
                              options=options, arrays=arrays, reference=reference, recipe=recipe)
     return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows, "recipe": recipe,
             "seconds": round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
@@ -139,7 +143,7 @@ def load_fit(st: Store, rec: ModelRecord, reference: bool = True, row: dict | No
     `reference=False` skips the M × d reference sample (X_ref/Y_ref come back empty): enough
     for the approximation and centered norms, whose memory then does not grow with M.
     """
-    row = row if row is not None else st.latest_fit(rec, with_reference=reference)
+    row = row if row is not None else latest_fit(st, rec, with_reference=reference)
     if row is None:
         raise no_fit_error(rec)
     arr, opts = row["arrays"], row["options"]
@@ -166,10 +170,10 @@ def stale_share(st: Store) -> float:
 def staleness(st: Store, rec: ModelRecord, fit: dict | None = None) -> str | None:
     """A sentence when the latest fit (or the fit row `fit`) is stale or predates more than the
     stated share of the rows, else None."""
-    fit = fit if fit is not None else st.latest_fit(rec, with_arrays=False)
+    fit = fit if fit is not None else latest_fit(st, rec, with_arrays=False)
     if fit is None:
         return None
-    return stale_message(rec, fit, st.stale_fit_reason(int(fit["fit_id"])), st.count_rows(rec), stale_share(st))
+    return stale_message(rec, fit, stale_fit_reason(st, int(fit["fit_id"])), count_rows(st, rec), stale_share(st))
 
 
 def stale_message(rec: ModelRecord, fit: dict, reason: str | None, rows: int, share: float) -> str | None:

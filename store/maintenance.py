@@ -26,8 +26,10 @@ import sqlalchemy as sa
 from clipsql.store import catalog as cat
 from clipsql.store.drops import DEFAULT_RETENTION_HOURS, sweep_dropped_tables
 from clipsql.store.faults import fault
+from clipsql.store.ledger import recover, set_committed_version, versioned_tables
 from clipsql.store.location import exists
-from clipsql.store.store import ModelRecord, Store, set_committed_version
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 from clipsql.store.tables import DELETIONS, SAMPLES
 
 FRAGMENT_BYTES = 256 << 20       # compaction merges fragments smaller than this into ones of this size
@@ -37,7 +39,7 @@ AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of
 
 
 def _tables(st: Store) -> list[str]:
-    return st.versioned_tables()
+    return versioned_tables(st)
 
 
 def _unindexed(ds: Any) -> int | None:
@@ -113,7 +115,7 @@ def optimize(st: Store, *, compact: bool = True, index: bool = True, prune: bool
 def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hours: float,
               vector_index: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
-    st.recover()
+    recover(st)
     report: dict[str, Any] = {"tables": {}}
     new_versions: dict[str, int] = {}
     for name in _tables(st):
