@@ -707,11 +707,11 @@ def stats_fit(store: str = STORE_ARG,
     res = _run(fit_stats, st, model, reference_size=reference_size, seed=seed, scale=scale.value,
                prior=prior.value, recipe=for_recipe, own_pair="include" if include_own_pair else "exclude",
                _flags={"recipe": "--for-recipe"})
-    kind = f" for {res['recipe']}" if res.get("recipe") else ""
+    kind = f" for {res.recipe}" if res.recipe else ""
     kind += " (own pairs kept in: the authors' behaviour)" if include_own_pair else ""
-    typer.echo(f"fit #{res['fit_id']}{kind} of {res['model']}: reference M={res['reference_size']} of {res['rows']} "
-               f"rows (seed {res['seed']}, a={res['a']:.4g}, b={res['b']:.4g}, prior {res['prior']}) "
-               f"in {res['seconds']:.2f}s")
+    typer.echo(f"fit #{res.fit_id}{kind} of {res.model}: reference M={res.reference_size} of {res.rows} "
+               f"rows (seed {res.seed}, a={res.a:.4g}, b={res.b:.4g}, prior {res.prior}) "
+               f"in {res.seconds:.2f}s")
 
 
 @app.command(epilog="Score and vector functions (`.help` in `clipsql sql` says what each computes): "

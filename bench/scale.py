@@ -124,7 +124,7 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
     elif name == "fit":
         from clipsql.store.fits import fit_stats
         from clipsql.store.store import Store
-        out["fit"] = fit_stats(Store.open(rest[1]))
+        out["fit"] = fit_stats(Store.open(rest[1])).to_json()
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mib"] = (vm_hwm_kib() or 0) / 1024
     print(json.dumps(out, default=str))

@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  reusing the store in {tmp / 'store'}")
         rec = st.model()
         fit_info = fit_stats(st, reference_size=args.reference_size, seed=args.seed)
-        fit_s = fit_info["seconds"]
-        print(f"  stats fit (M={fit_info['reference_size']}, posterior-mean prior): {fit_s:.1f}s")
+        fit_s = fit_info.seconds
+        print(f"  stats fit (M={fit_info.reference_size}, posterior-mean prior): {fit_s:.1f}s")
 
         blas0 = blas_threads() or (os.cpu_count() or 1)   # numpy's default, before any SQL query
         X = to_numpy(read_embeddings(st, rec, columns=("image_embedding",)).column("image_embedding"))
@@ -357,8 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
             fi = fit_stats(st, reference_size=M, seed=args.seed, prior=args.sweep_prior)
             cur = run_memprobe(tmp / "store", args.mem_rows, light=False)
             light = run_memprobe(tmp / "store", args.mem_rows, light=True) if args.experiments else None
-            mem[M] = {"fit_seconds": fi["seconds"], "current": cur, "light": light}
-            mem_rows.append([M, fi["seconds"], cur["hwm_after_kib"] / 1024, cur["added_mib"],
+            mem[M] = {"fit_seconds": fi.seconds, "current": cur, "light": light}
+            mem_rows.append([M, fi.seconds, cur["hwm_after_kib"] / 1024, cur["added_mib"],
                              light["added_mib"] if light else ""])
         print()
         print(C.table(mem_rows, ["M", f"fit s ({args.sweep_prior})", "peak RSS MiB", "query adds MiB",

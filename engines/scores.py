@@ -178,7 +178,7 @@ def _fold_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id:
 
 
 def refresh_stats_ray(st: Store, model: ModelRecord, *, address: str | None = None) -> StatsState:
-    """Recompute a model's running statistics from every stored vector (Store.refresh_stats), each
+    """Recompute a model's running statistics from every stored vector (store.stats.refresh_stats), each
     fragment's partial folded by a Ray task."""
     with st.lock(), ray_session(address) as ray:
         task = ray.remote(max_retries=3)(_fold_fragment)

@@ -9,7 +9,7 @@ old ones, nothing rewritten), then made visible by the write protocol of store.s
 `Merge` commit from the ledger's committed version, then ONE catalog transaction that inserts
 the `commits` row (kind `backfill`) and moves the committed version of `samples`. A kill at any
 instant leaves either the old store (a Lance version beyond the ledger, which the next writer's
-`Store.recover` restores away; unreferenced data files go with `clipsql optimize`) or the new
+`ledger.recover` restores away; unreferenced data files go with `clipsql optimize`) or the new
 one. Columns already present are left alone, so running it again changes nothing.
 
 An ingest computes the features from the caption as the source gave it; a backfill has only the

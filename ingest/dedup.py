@@ -6,7 +6,7 @@
   never rejects a row.
 * Ids recorded as deleted (`clipsql delete`): `deleted`, an `id IN (…)` lookup in the
   deletions record as the run found it (store.deletions); ingest skips them and counts them.
-* Ids stored before this run: `Store.stored_ids`, an `id IN (…)` lookup through the Lance
+* Ids stored before this run: `reads.stored_ids`, an `id IN (…)` lookup through the Lance
   BTREE index on `id` (and a scan of fragments not indexed yet), in the table versions of
   the run's start — so the rows the run commits itself (not indexed yet) are never scanned
   again: a lookup costs the same at the end of a long run as at its start. Skipped when

@@ -50,6 +50,7 @@ from clipsql.store.ledger import committed_versions, recover, set_committed_vers
 from clipsql.store.location import exists, is_remote, move, store_path
 from clipsql.store.locks import lease_holder
 from clipsql.store.manage import delete_ids
+from clipsql.store.marker import FORMAT_VERSION, read_marker, write_marker
 from clipsql.store.repair import (describe, first_line, forget_lost, load_ledger, loss_hint, manifest_path,
                                   open_losses, quarantine_after, repair_table, versions_desc)
 from clipsql.kernels.arrays import to_numpy
@@ -58,7 +59,7 @@ from clipsql.store.runs import abort_dead_runs
 from clipsql.store.stats import StatsState, recompute_stats, refresh_stats, saved_stats
 from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, is_embeddings_table, is_target_table, stored_table_name
 from clipsql.store.targets import get_target
-from clipsql.store.store import FORMAT_VERSION, MODEL_METADATA_KEY, Store, default_catalog, read_marker, write_marker
+from clipsql.store.store import MODEL_METADATA_KEY, Store, default_catalog
 
 STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
 

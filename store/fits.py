@@ -10,6 +10,7 @@ stamped with the data version it came from, the seed and the options.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,28 @@ DEFAULT_STALE_SHARE = 0.10
 RECIPE_FITS = {"kl-guided": {"scale": "model", "prior": "uniform"}}
 ARRAY_KEYS = ("log_prior_text", "log_prior_image", "mean_image", "mean_text", "cov_image", "cov_text",
               "factor_image", "factor_text")
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    """What `fit_stats` made: the fit's id, the model, the reference sample's size M (of `rows`
+    rows at table version `data_version`), the recipe it was made for (or None), the seconds it
+    took and its seed, scale (a, b) and prior."""
+    fit_id: int
+    model: str
+    reference_size: int
+    rows: int
+    recipe: str | None
+    seconds: float
+    seed: int
+    a: float
+    b: float
+    prior: str
+    data_version: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as a JSON object (the fields in order)."""
+        return asdict(self)
 
 
 def scale_for(rec: ModelRecord, scale: str) -> tuple[float, float]:
@@ -71,7 +94,7 @@ def draw_reference(st: Store, rec: ModelRecord, size: int, seed: int,
 def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFAULT_REFERENCE_SIZE,
               seed: int = 0, scale: str = "1", prior: str = "posterior-mean",
               neg_clip: dict[str, Any] | None = None, recipe: str | None = None,
-              own_pair: str = "exclude") -> dict[str, Any]:
+              own_pair: str = "exclude") -> FitSummary:
     """Fit and store the reference statistics of one model; returns a summary.
 
     `neg_clip` overrides the recorded negCLIPLoss batch options {tau, batch_size, k, seed}
@@ -115,9 +138,9 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         fault("fit:before-save")
         fit_id = save_fit(st, rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
                              options=options, arrays=arrays, reference=reference, recipe=recipe)
-    return {"fit_id": fit_id, "model": rec.model_id, "reference_size": len(ref_ids), "rows": n_rows, "recipe": recipe,
-            "seconds": round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
-            "data_version": version}
+    return FitSummary(fit_id=fit_id, model=rec.model_id, reference_size=len(ref_ids), rows=n_rows, recipe=recipe,
+                      seconds=round(time.perf_counter() - t0, 3), seed=options["seed"], a=options["a"], b=options["b"],
+                      prior=options["prior"], data_version=version)
 
 
 def _neg_clip_overrides(given: dict[str, Any] | None, m: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ that change no row; the catalog's `table_versions` moves to them in one transact
 * a query running meanwhile keeps reading the version it opened (pruning keeps every
   version younger than the retention window, default 24 h);
 * a SIGKILL before that transaction leaves the ledger at the old versions, whose files
-  are all still there: the next writer restores them (Store.recover) and nothing is lost;
+  are all still there: the next writer restores them (ledger.recover) and nothing is lost;
 * versions a fit was computed on are tagged (`fit-<id>`) and never pruned;
 * the tables `models rm` let go are deleted once older than the same retention (store.drops).
 """

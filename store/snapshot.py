@@ -29,9 +29,9 @@ from clipsql.errors import CatalogDamaged, StatsError
 from clipsql.store import catalog as cat
 from clipsql.store.fit_rows import get_fit
 from clipsql.store.fits import DEFAULT_STALE_SHARE, stale_message
-from clipsql.store.records import ModelRecord
+from clipsql.store.records import ModelRecord, pick_model
 from clipsql.store.stats import StatsState, load_stats_in
-from clipsql.store.store import Store, pick_model
+from clipsql.store.store import Store
 from clipsql.store.targets import Target, target_from_row
 
 

@@ -23,12 +23,12 @@ import time
 import uuid
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.errors import CatalogError, DimensionMismatch, MarkerDamaged, ModelError, StoreNotFound
+from clipsql.errors import CatalogError, DimensionMismatch, StoreNotFound
 from clipsql.lazy import lance, lancedb
 from clipsql.store import catalog as cat
 from clipsql.store.drops import sweep_dropped_tables
@@ -36,12 +36,11 @@ from clipsql.store.faults import fault
 from clipsql.store.ledger import committed_versions, set_committed_version
 from clipsql.store.location import exists, is_remote, rmtree, store_path
 from clipsql.store.locks import file_lock, lease, lease_seconds
-from clipsql.store.records import ModelRecord
+from clipsql.store.marker import FORMAT_VERSION, MARKER, read_marker
+from clipsql.store.records import ModelRecord, pick_model
 from clipsql.store.tables import SAMPLES, derived_tables, embeddings_schema, embeddings_table_name, samples_schema
 
-MARKER = "clipsql.json"
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
-FORMAT_VERSION = 1
 
 
 class Store:
@@ -307,69 +306,6 @@ class Store:
     def embeddings_table(self, model: ModelRecord, version: int | None = None):  # noqa: ANN201
         return self.dataset(model.table_name, version)
 
-
-
-def pick_model(models: list[ModelRecord], default: str | None, name: str | None, path: Any) -> ModelRecord:
-    """The model `name` (an id, or a unique part of one) among `models`; None → `default` (else the first)."""
-    if not models:
-        raise ModelError(f"store {path} has no models yet: ingest data first "
-                         "(`clipsql ingest STORE SOURCE --model …`)")
-    if name is None:
-        name = default or models[0].model_id
-    exact = [m for m in models if m.model_id == name]
-    if exact:
-        return exact[0]
-    partial = [m for m in models if name in m.model_id]
-    if len(partial) == 1:
-        return partial[0]
-    known = ", ".join(m.model_id for m in models)
-    if partial:
-        raise ModelError(f"model {name!r} is ambiguous in this store; one of: {known}")
-    raise ModelError(f"model {name!r} is not in this store; known models: {known}")
-
-
-def read_marker(path: Path) -> dict:
-    """The store's clipsql.json, checked: present, valid JSON, a format this clipsql reads.
-    MarkerDamaged when it is there but unreadable (doctor --repair rewrites it from the catalog)."""
-    marker_path = store_path(path) / MARKER
-    if not marker_path.exists():
-        raise StoreNotFound(f"no clipsql store at {path}: create one with `clipsql init {path}`")
-    try:
-        marker = json.loads(marker_path.read_text(encoding="utf-8"))
-        if not isinstance(marker, dict):
-            raise ValueError("not a JSON object")
-        if not isinstance(marker.get("format", FORMAT_VERSION), int) or \
-                not isinstance(marker.get("store_id", ""), (str, type(None))) or \
-                not isinstance(marker.get("catalog"), (str, type(None))):
-            raise ValueError("a field has the wrong type")
-    except (ValueError, UnicodeDecodeError, OSError) as e:
-        raise MarkerDamaged(f"{marker_path} is damaged ({str(e).splitlines()[0][:120]}): `clipsql doctor {path} "
-                            "--repair` rewrites it from the catalog (which records the store id); a catalog "
-                            "database outside the store: set CLIPSQL_CATALOG_URL to it first") from None
-    fmt = marker.get("format", FORMAT_VERSION)
-    if fmt > FORMAT_VERSION:
-        raise StoreNotFound(f"{path} is a store of format {fmt!r}, newer than this clipsql reads ({FORMAT_VERSION}): "
-                            "upgrade clipsql")
-    return marker
-
-
-def write_marker(path: Path, catalog_url: str | None, store_id: str) -> dict:
-    """Write the store's clipsql.json (a local one through a temporary file and a rename)."""
-    marker = {"format": FORMAT_VERSION, "catalog": catalog_url, "store_id": store_id}
-    text = json.dumps(marker, indent=2) + "\n"
-    target = store_path(path) / MARKER
-    if is_remote(target):
-        target.write_text(text)
-        return marker
-    tmp = Path(str(target) + f".tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return marker
 
 
 def _undo_init(path: Path, remove_dir: bool) -> None:

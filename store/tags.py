@@ -11,7 +11,7 @@ the view `tags` at the same snapshot as everything else (`SELECT … FROM sample
 operation first (an append, or a deletion: a new version no reader opens), then ONE catalog
 transaction that inserts the `commits` row (kind `tag` / `untag`) and moves the table's
 committed version. A kill between the two leaves a Lance version beyond the ledger, which the
-next writer's `Store.recover` restores away; nothing committed is ever lost.
+next writer's `ledger.recover` restores away; nothing committed is ever lost.
 
 One row per (id, tag): adding a tag an id already has, or removing one it lacks, changes
 nothing. Tags are only given to ids that are samples of the store. Id sets of any size are

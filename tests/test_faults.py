@@ -567,7 +567,7 @@ def assert_doctor_consistent(st, when):
 @pytest.mark.parametrize("first", [True, False], ids=["first-model", "second-model"])
 def test_a_kill_between_a_model_table_and_its_catalog_rows_is_recovered(tmp_path, first):
     """A kill after a new model's Lance table is created and before the catalog records it broke the
-    next ingest (KeyError: 'emb_…' in Store.commit, the run recorded failed). The next writer now
+    next ingest (KeyError: 'emb_…' in the ledger's commit, the run recorded failed). The next writer now
     adopts the empty table and the ingest completes."""
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=200)

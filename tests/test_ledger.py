@@ -210,9 +210,9 @@ def test_optimize_keeps_versions_fits_were_computed_on(pool, tmp_path, fake):
     f = fit_stats(st, reference_size=100)
     from clipsql.store.maintenance import optimize
     optimize(st, retention_hours=0)
-    ds = lance.dataset(st.table_uri(st.model().table_name), version=f["data_version"])
+    ds = lance.dataset(st.table_uri(st.model().table_name), version=f.data_version)
     assert ds.count_rows() == 3000
-    assert f"fit-{f['fit_id']}" in ds.tags.list()
+    assert f"fit-{f.fit_id}" in ds.tags.list()
 
 
 def test_query_during_optimize_reads_its_snapshot(pool, tmp_path, fake):

@@ -257,25 +257,25 @@ def test_fit_is_deterministic_and_versioned(scored_store):
     c = fit_stats(st, reference_size=100, seed=12)
     fa, ra = load_fit(st, st.model())
     rows = latest_fit(st, st.model())
-    assert b["fit_id"] == a["fit_id"] + 1 == c["fit_id"] - 1
+    assert b.fit_id == a.fit_id + 1 == c.fit_id - 1
     assert rows["options"]["seed"] == 12 and rows["options"]["data_version"] >= 1
     from clipsql.store import catalog as cat
     import sqlalchemy as sa
-    ids = [a["fit_id"], b["fit_id"], c["fit_id"]]
+    ids = [a.fit_id, b.fit_id, c.fit_id]
     with st.engine.connect() as conn:
         blobs = {r[0]: {**cat.unpack_many(r[1]), **cat.unpack_many(r[2])} for r in conn.execute(
             sa.select(cat.fits.c.fit_id, cat.fits.c.arrays, cat.fit_references.c.arrays)
             .join(cat.fit_references, cat.fit_references.c.fit_id == cat.fits.c.fit_id)
             .where(cat.fits.c.fit_id.in_(ids)))}
     for k in ("ref_ids", "X_ref_raw", "log_prior_text", "factor_image"):
-        np.testing.assert_array_equal(blobs[a["fit_id"]][k], blobs[b["fit_id"]][k])
-    assert list(blobs[a["fit_id"]]["ref_ids"]) != list(blobs[c["fit_id"]]["ref_ids"])
+        np.testing.assert_array_equal(blobs[a.fit_id][k], blobs[b.fit_id][k])
+    assert list(blobs[a.fit_id]["ref_ids"]) != list(blobs[c.fit_id]["ref_ids"])
     fit_stats(st, reference_size=250, seed=3)   # restore the module's fit
 
 
 def test_fit_covers_all_rows_when_store_is_small(scored_store):
     res = fit_stats(scored_store, reference_size=10_000, seed=3)
-    assert res["reference_size"] == 600
+    assert res.reference_size == 600
     fit_stats(scored_store, reference_size=250, seed=3)
 
 

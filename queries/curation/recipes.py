@@ -156,7 +156,7 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
                              f"scale (a = {want['a']:.6g}, b = {want['b']:.6g}) and this store has no current one: "
                              f"run `{command}` (the default fit of the scores view stays as it is)")
     made = fit_stats(st, rec.model_id, reference_size=size, seed=seed, recipe=KL_GUIDED)
-    full = get_fit(st, int(made["fit_id"]), with_reference=True)
+    full = get_fit(st, made.fit_id, with_reference=True)
     return load_fit(st, rec, row=full), {"fit": "recipe fit", "made": True, "command": command}
 
 
