@@ -5,7 +5,7 @@
 
 The columns (store.tables.CAPTION_FEATURES, computed by ingest.captions) are computed from the
 stored caption, fragment by fragment (`LanceFragment.merge_columns`: new data files beside the
-old ones, nothing rewritten), then made visible by the write protocol of store.store: one Lance
+old ones, nothing rewritten), then made visible by the write protocol of store.ledger: one Lance
 `Merge` commit from the ledger's committed version, then ONE catalog transaction that inserts
 the `commits` row (kind `backfill`) and moves the committed version of `samples`. A kill at any
 instant leaves either the old store (a Lance version beyond the ledger, which the next writer's

@@ -3,7 +3,7 @@
 Idempotent and resumable: source units the commit ledger holds for the model are
 skipped unread; within new units a sample's id (a content hash, or the source's id
 column) is checked against the store's id index, so a re-run adds nothing and a
-killed run picks up after its last commit (see store.store for the write protocol). The run's
+killed run picks up after its last commit (see store.ledger for the write protocol). The run's
 lifecycle and its commits are ingest.run's (the Ray engine runs the same, with its own stages).
 """
 from __future__ import annotations

@@ -137,7 +137,7 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         arrays = {k: getattr(f, k) for k in ARRAY_KEYS}
         fault("fit:before-save")
         fit_id = save_fit(st, rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
-                             options=options, arrays=arrays, reference=reference, recipe=recipe)
+                          options=options, arrays=arrays, reference=reference, recipe=recipe)
     return FitSummary(fit_id=fit_id, model=rec.model_id, reference_size=len(ref_ids), rows=n_rows, recipe=recipe,
                       seconds=round(time.perf_counter() - t0, 3), seed=options["seed"], a=options["a"], b=options["b"],
                       prior=options["prior"], data_version=version)

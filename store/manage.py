@@ -1,6 +1,6 @@
 """Managing a store: the default model, removing a model, deleting rows, rewriting rows.
 
-Every change follows the write protocol of store.store: Lance operations first (new
+Every change follows the write protocol of store.ledger: Lance operations first (new
 versions nobody reads yet), then ONE catalog transaction that moves `table_versions`,
 records a `commits` row and corrects the running statistics, so a SIGKILL at any
 point leaves either the old store or the new one (the next writer's `recover` rolls

@@ -7,7 +7,7 @@
 The table is a Lance dataset of the store (`lance/tags.lance`) whose committed version the
 ledger names (`table_versions`), exactly like `samples` and the model tables, so SQL sees it as
 the view `tags` at the same snapshot as everything else (`SELECT … FROM samples JOIN tags USING
-(id) WHERE tag = 'reject'`). A change follows the write protocol of store.store: the Lance
+(id) WHERE tag = 'reject'`). A change follows the write protocol of store.ledger: the Lance
 operation first (an append, or a deletion: a new version no reader opens), then ONE catalog
 transaction that inserts the `commits` row (kind `tag` / `untag`) and moves the table's
 committed version. A kill between the two leaves a Lance version beyond the ledger, which the

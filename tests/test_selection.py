@@ -499,8 +499,8 @@ def scale100_store(path, img, txt, ids):
     st = Store.init(path)
     rec = st.register_model(model_id="clip-a100", kind="clip", dim=img.shape[1], logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={})
-    write_batch(st, rec, samples=None, ids=list(ids), image=img, text=txt, run_id=start_run(st.engine, rec.model_id, "src",
-                   "precomputed"), source="src", rejects=[], meta_types={})
+    write_batch(st, rec, samples=None, ids=list(ids), image=img, text=txt,
+                run_id=start_run(st.engine, rec.model_id, "src", "precomputed"), source="src", rejects=[], meta_types={})
     return st
 
 
@@ -546,8 +546,8 @@ def test_reference_rows_leave_their_own_pair_out_in_sql_stored_scores_and_kl_gui
     fit_stats(other, reference_size=n, scale="model", prior="uniform")
     rec = other.model()
     write_batch(other, rec, samples=None, ids=["new"], image=img[[7]].astype(np.float32),
-                      text=txt[[7]].astype(np.float32), run_id=start_run(other.engine, rec.model_id, "src", "precomputed"),
-                      source="src", rejects=[], meta_types={})
+                text=txt[[7]].astype(np.float32), run_id=start_run(other.engine, rec.model_id, "src", "precomputed"),
+                source="src", rejects=[], meta_types={})
     new = fetch(queries.connect(other), "SELECT text_info_gain, image_info_gain FROM scores WHERE id = 'new'")[0]
     np.testing.assert_allclose(new, rows[7], rtol=1e-9)
     # kl-guided over a reference of 75 of the 300 rows: reference rows take about their 25% share

@@ -132,7 +132,7 @@ def _kl_guided_choice(st: Store, rec: ModelRecord, seed: int | None,
         row, how = default, "default fit"
     else:
         row, how = latest_fit(st, rec, with_arrays=False, recipe=KL_GUIDED,
-                                 where=lambda o: _has_settings(o, want)), "recipe fit"
+                              where=lambda o: _has_settings(o, want)), "recipe fit"
     return (row if current(row) else None), how, seed, size, want
 
 
