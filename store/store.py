@@ -44,6 +44,8 @@ MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model tabl
 
 
 class Store:
+    """A store's identity and plumbing (the module docstring); its parts are functions taking it."""
+
     def __init__(self, path: Path, catalog_url: str, read_only: bool = False):
         self.path = store_path(path)
         self.catalog_url = catalog_url
@@ -305,7 +307,6 @@ class Store:
 
     def embeddings_table(self, model: ModelRecord, version: int | None = None):  # noqa: ANN201
         return self.dataset(model.table_name, version)
-
 
 
 def _undo_init(path: Path, remove_dir: bool) -> None:
