@@ -167,7 +167,7 @@ def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> fl
 
 
 def save_stats_seconds(tmp: Path, dim: int, repeats: int) -> float:
-    """Best time of one `store.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
+    """Best time of one `stats.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
     from clipsql.kernels.moments import RunningMoments
     from clipsql.store.stats import StatsState, new_moments, save_stats, update_moments
     from clipsql.store.store import Store

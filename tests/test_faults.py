@@ -78,7 +78,7 @@ def test_killed_runs_are_marked_aborted_with_counts_from_the_ledger(tmp_path):
     cli("optimize", str(st.path))                          # any writer marks it
     assert runs() == [("aborted", 200)]
     cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
-    assert runs()[-1] == ("done", 400) and Store.open(st.path).count_rows(Store.open(st.path).model()) == 600
+    assert runs()[-1] == ("done", 400) and count_rows(Store.open(st.path), Store.open(st.path).model()) == 600
 
 
 def write_shard(path, n, seed=0):

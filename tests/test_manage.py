@@ -81,7 +81,7 @@ def test_delete_downdates_statistics_exactly_and_marks_fits_stale(two_models):
     where = "id LIKE '000%' AND CAST(substr(id, 4) AS INTEGER) % 3 = 0"
     dry = cli("delete", str(st.path), "--where", where, "--dry-run").stdout.decode()
     assert "would delete 200 samples" in dry
-    assert Store.open(st.path).count_rows(st.model(a)) == 1200
+    assert count_rows(Store.open(st.path), st.model(a)) == 1200
     before_ids, _, _ = stored_vectors(st, a)
     out = cli("delete", str(st.path), "--where", where).stdout.decode()
     assert "deleted 200 samples (200 from" in out and "now stale" in out
