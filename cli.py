@@ -55,6 +55,7 @@ from clipsql.store.fits import fit_stats
 from clipsql.store.maintenance import OptimizeReport
 from clipsql.store.maintenance import optimize as run_optimize
 from clipsql.store.manage import remove_model, set_default_model
+from clipsql.store.reads import count_rows
 from clipsql.store.store import Store
 from clipsql.store.targets import list_targets, remove_target
 from clipsql.store.writer import CommitPolicy
@@ -320,7 +321,7 @@ def models_list(store: str = STORE_ARG,
     st = _run(Store.open, store, read_only=True)
     default = st.get_setting("default_model")
     rows = [dict(model=m.model_id, kind=m.kind, dim=m.dim, logit_scale=round(m.logit_scale, 4),
-                 logit_bias=m.logit_bias, rows=st.count_rows(m), default=m.model_id == default)
+                 logit_bias=m.logit_bias, rows=count_rows(st, m), default=m.model_id == default)
             for m in st.list_models()]
     if fmt == TableFmt.json:
         typer.echo(json.dumps(rows, indent=2))
@@ -718,7 +719,8 @@ def stats_fit(store: str = STORE_ARG,
     kind = f" for {res.recipe}" if res.recipe else ""
     kind += " (own pairs kept in: the authors' behaviour)" if include_own_pair else ""
     typer.echo(f"fit #{res.fit_id}{kind} of {res.model}: reference M={res.reference_size} of {res.rows} "
-               f"rows (seed {res.seed}, a={res.a:.4g}, b={res.b:.4g}, prior {res.prior}) in {res.seconds:.2f}s")
+               f"rows (seed {res.seed}, a={res.a:.4g}, b={res.b:.4g}, prior {res.prior}) "
+               f"in {res.seconds:.2f}s")
 
 
 @app.command(epilog="Score and vector functions (`.help` in `clipsql sql` says what each computes): "

@@ -77,6 +77,7 @@ def build(path: Path, chunks: Iterator[tuple[np.ndarray, dict]], start: int = 0,
     """Write the chunks into the store (one commit each); the summed planted counts."""
     from clipsql.store.store import Store
     from clipsql.store.writer import write_batch
+    from clipsql.store.runs import start_run
     st = Store.init(path) if init else Store.open(path)
     planted: dict = {}
     pos = start
@@ -85,7 +86,7 @@ def build(path: Path, chunks: Iterator[tuple[np.ndarray, dict]], start: int = 0,
             st.register_model(model_id=MODEL, kind="clip", dim=X.shape[1], logit_scale=100.0, logit_bias=None,
                               context_length=77, spec={})
         rec = st.model(MODEL)
-        run = st.start_run(MODEL, "bench", "precomputed")
+        run = start_run(st.engine, MODEL, "bench", "precomputed")
         ids = np.char.add("k", np.char.zfill(np.arange(pos, pos + len(X)).astype(str), 9)).tolist()
         write_batch(st, rec, samples=None, ids=ids, image=X, text=np.full_like(X, np.nan), run_id=run,
                        source="bench", rejects=[], meta_types={})

@@ -45,7 +45,8 @@ from clipsql.ingest.registry import open_source
 from clipsql.kernels.idset import FingerprintSet
 from clipsql.lazy import lance_fragment
 from clipsql.store.compaction import MAX_FRAGMENTS
-from clipsql.store.store import PendingCommit, Store
+from clipsql.store.ledger import PendingCommit, commit, done_units
+from clipsql.store.store import Store
 from clipsql.store.writer import CommitPolicy, Writer
 
 TARGETS = {"DataComp medium": 128e6, "DataComp large": 1.28e9, "DataComp xlarge": 12.8e9}
@@ -97,7 +98,7 @@ def commit_cost(fragments: int, commits: int = 7, d: int = 8, rows_per_fragment:
         frags = lance_fragment.write_fragments(tbl, st.table_uri(rec.table_name), schema=ds.schema,
                                                max_rows_per_file=rows_per_fragment,
                                                data_storage_version=ds.data_storage_version)
-        st.commit(rec, PendingCommit(run_id=None, source="bench", seq=1, fragments=frags, rows=n))
+        commit(st, rec, PendingCommit(run_id=None, source="bench", seq=1, fragments=frags, rows=n))
         times = []
         for k in range(commits + 1):
             x = rng.standard_normal((10, d)).astype(np.float32)
@@ -149,7 +150,7 @@ def planning_cost(units: int) -> dict:
         src = open_source(str(root / "pool"), datacomp_features="b32")
         us = src.units()
         keys = [src.unit_key(u) for u in us]
-        done = st.done_units(rec, keys)
+        done = done_units(st, rec, keys)
         reps["opening_s"].append(time.perf_counter() - t0)
         assert len(done) == units
     return {"units": units, **{k: min(v) for k, v in reps.items()}}

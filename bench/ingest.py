@@ -156,7 +156,7 @@ def with_threads(n: int, fn: Any) -> Any:
 def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> float:
     """Best time of `update_moments` (raw + normalized, image + text) for `rows` rows of dim `dim`."""
     from clipsql.kernels.moments import RunningMoments
-    from clipsql.store.store import StatsState, new_moments, update_moments
+    from clipsql.store.stats import StatsState, new_moments, update_moments
     rng = np.random.default_rng(seed)
     mean = rng.normal(size=dim).astype(np.float32)
     img = (mean + rng.normal(size=(rows, dim))).astype(np.float32)
@@ -167,9 +167,10 @@ def stats_update_seconds(dim: int, rows: int, repeats: int, seed: int = 0) -> fl
 
 
 def save_stats_seconds(tmp: Path, dim: int, repeats: int) -> float:
-    """Best time of one `store.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
+    """Best time of one `stats.save_stats` (the periodic flush, every stats_flush_seconds) at dim."""
     from clipsql.kernels.moments import RunningMoments
-    from clipsql.store.store import StatsState, Store, new_moments, update_moments
+    from clipsql.store.stats import StatsState, new_moments, save_stats, update_moments
+    from clipsql.store.store import Store
     st = Store.init(tmp / f"stats-store-{dim}")
     rec = st.register_model(model_id=f"bench-{dim}", kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={})
@@ -177,7 +178,7 @@ def save_stats_seconds(tmp: Path, dim: int, repeats: int) -> float:
     X = np.random.default_rng(1).normal(size=(64, dim)).astype(np.float32) + 1
     update_moments(state, X, X)
     try:
-        return min(C.timed(lambda: st.save_stats(state))[0] for _ in range(repeats))
+        return min(C.timed(lambda: save_stats(st, state))[0] for _ in range(repeats))
     finally:
         st.engine.dispose()
 

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     from clipsql.queries.curation.targets import add_target
     from clipsql.kernels import scores
     from clipsql.kernels.arrays import to_numpy
+    from clipsql.store.reads import read_embeddings
 
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="clipsql-bench-recipes-"))
     figures: dict[str, Any] = {"machine": C.machine(), "args": vars(args)}
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures["fit_seconds"], _ = C.timed(lambda: fit_stats(st, reference_size=args.reference_size, seed=args.seed))
         cut = f"{args.target_rows:09d}"
         add_target(st, "bench", query=f"SELECT image_embedding FROM embeddings WHERE id < '{cut}'", index="exact")
-        emb = st.read_embeddings(st.model())
+        emb = read_embeddings(st, st.model())
         X = to_numpy(emb.column("image_embedding"))
         Y = to_numpy(emb.column("text_embedding"))
         rows: list[list[Any]] = []

@@ -128,16 +128,18 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
     elif name == "select":
         from clipsql.queries.sql.functions import one_blas_thread  # noqa: F401 - select pins BLAS itself
         from clipsql.queries.curation.selection import select
+        from clipsql.store.fit_rows import latest_fit
+        from clipsql.store.reads import count_rows
         from clipsql.store.store import Store
         st = Store.open(rest[1])
         out["sidecar"] = select(st, recipe="kl-guided", output=rest[2]).to_json()
-        n = st.count_rows(st.model())
-        fit_rows = st.latest_fit(st.model(), with_arrays=False)["reference_size"]
+        n = count_rows(st, st.model())
+        fit_rows = latest_fit(st, st.model(), with_arrays=False)["reference_size"]
         out.update(gemm_rows_per_s(min(n, 50_000), fit_rows, st.model().dim))
     elif name == "fit":
         from clipsql.store.fits import fit_stats
         from clipsql.store.store import Store
-        out["fit"] = fit_stats(Store.open(rest[1])).as_dict()
+        out["fit"] = fit_stats(Store.open(rest[1])).to_json()
     out["seconds"] = time.perf_counter() - t0
     out["peak_rss_mib"] = (vm_hwm_kib() or 0) / 1024
     print(json.dumps(out, default=str))
@@ -181,6 +183,7 @@ def query_figures(store: str, exact_rows: int) -> dict:
     from clipsql import queries
     from clipsql.queries.sql.functions import one_blas_thread
     from clipsql.store.store import Store
+    from clipsql.store.fit_rows import latest_fit
     st = Store.open(store)
     con = queries.connect(st)
     out: dict = {}
@@ -206,7 +209,7 @@ def query_figures(store: str, exact_rows: int) -> dict:
     out["approx_rows_per_s"] = n / secs
     # exact Information Gain on a subsample, and a numpy float32 GEMM of the same shape
     rec = st.model()
-    fit_rows = st.latest_fit(rec, with_arrays=False)["reference_size"]
+    fit_rows = latest_fit(st, rec, with_arrays=False)["reference_size"]
     # the subsample: rows of the first commit (a `seq` filter Lance applies before reading vectors,
     # and DuckDB scans in parallel; LIMIT would run on one thread, a hash filter read every vector)
     first = int(con.sql("SELECT min(seq) FROM _lance_emb_0").fetchall()[0][0])

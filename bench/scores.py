@@ -76,10 +76,11 @@ def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) 
     from clipsql.store.writer import write_batch
     from clipsql.ingest.captions import caption_features
     from clipsql.store.tables import samples_schema
+    from clipsql.store.runs import finish_run, start_run
     st = Store.init(path)
     rec = st.register_model(model_id=MODEL_ID, kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
                             context_length=77, spec={"bench": "synthetic", "seed": seed})
-    run_id = st.start_run(rec.model_id, "synthetic", "precomputed")
+    run_id = start_run(st.engine, rec.model_id, "synthetic", "precomputed")
     seq = 0
     for seq, (start, img, txt) in enumerate(synthetic_batches(rows, dim, seed, batch), start=1):
         n = len(img)
@@ -94,13 +95,14 @@ def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) 
         write_batch(st, rec, samples=samples, ids=ids, image=img, text=txt, seq=seq, run_id=run_id,
                        source="synthetic", rejects=[], meta_types={})
         # each write_batch is one commit, and a commit carries its statistics
-    st.finish_run(run_id, "done", 0, {"added": rows})
+    finish_run(st.engine, run_id, "done", 0, {"added": rows})
     return st
 
 
 def _reusable(path: Path, args: argparse.Namespace) -> Any:
     """The store a previous run left in --tmp, if it has the same rows, dim and seed."""
     from clipsql.store.store import Store
+    from clipsql.store.reads import count_rows
     if not (path / "clipsql.json").exists():
         return None
     st = Store.open(path)
@@ -108,7 +110,7 @@ def _reusable(path: Path, args: argparse.Namespace) -> Any:
         rec = st.model(MODEL_ID)
     except Exception:  # noqa: BLE001
         return None
-    if rec.dim == args.dim and rec.spec.get("seed") == args.seed and st.count_rows(rec) == args.rows:
+    if rec.dim == args.dim and rec.spec.get("seed") == args.seed and count_rows(st, rec) == args.rows:
         return st
     raise SystemExit(f"{path} holds a different store; remove it or pick another --tmp")
 
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     from clipsql import queries
     from clipsql.store.fits import fit_stats, load_fit
     from clipsql.kernels.arrays import to_numpy
+    from clipsql.store.reads import read_embeddings
 
     ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)
     with ctx as tmpname:
@@ -321,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  stats fit (M={fit_info.reference_size}, posterior-mean prior): {fit_s:.1f}s")
 
         blas0 = blas_threads() or (os.cpu_count() or 1)   # numpy's default, before any SQL query
-        X = to_numpy(st.read_embeddings(rec, columns=("image_embedding",)).column("image_embedding"))
+        X = to_numpy(read_embeddings(st, rec, columns=("image_embedding",)).column("image_embedding"))
         fit = load_fit(st, rec)[0]
         cons = {t: queries.connect(st, threads=t) for t in (1, 2)}
         default_con = queries.connect(st)

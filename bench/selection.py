@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     from clipsql.store.fits import fit_stats
     from clipsql.queries.curation.targets import add_target
     from clipsql.kernels.arrays import to_numpy
+    from clipsql.store.reads import read_embeddings
 
     tmp = Path(args.tmp) if args.tmp else Path(tempfile.mkdtemp(prefix="clipsql-bench-sel-"))
     figures: dict[str, Any] = {"machine": C.machine(), "args": vars(args)}
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                           f"norm_sim_2(image_embedding, 'bench'), norm_sim_inf(image_embedding, 'bench') "
                           f"FROM embeddings WHERE id < '{slow}' ORDER BY id").fetchall()
         row_form, ns2, nsinf = (np.array(c, dtype=np.float64) for c in zip(*sub))
-        tbl = st.read_embeddings(st.model()).sort_by("id").slice(0, args.rows)
+        tbl = read_embeddings(st, st.model()).sort_by("id").slice(0, args.rows)
         X, Y = to_numpy(tbl.column("image_embedding")), to_numpy(tbl.column("text_embedding"))
         B = min(args.pool_batch_size, args.rows)
         t_pool, pool_form = C.timed(lambda: scores.neg_clip_loss_pool(X, Y, tau=0.01, batch_size=B,

@@ -5,7 +5,7 @@ The CLI calls `choose` once per command that takes `--engine local|ray` and hand
 `select`'s pool-wide scores. The local engine is the library's own (queries.sql.engine.LOCAL);
 the Ray engine (engines.ray) runs the same code per source unit or per Lance fragment on a Ray
 cluster: source units are read and checked by the source classes, images go through
-`ingest.encode`, statistics partials through `kernels.moments`, commits through `Store.commit`
+`ingest.encode`, statistics partials through `kernels.moments`, commits through `ledger.commit`
 (the commit ledger), and stored scores through the very SQL score functions DuckDB calls.
 Workers write Lance data files and return their metadata with per-unit statistics partials;
 the driver alone commits, so a killed driver leaves no visible half-commit and a killed

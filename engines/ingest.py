@@ -36,6 +36,7 @@ from clipsql.ingest.run import IngestOptions, IngestRun, IngestSummary, run_inge
 from clipsql.lazy import lance_fragment, ray_data
 from clipsql.lazy import ray as _ray
 from clipsql.store.deletions import merge_days
+from clipsql.store.ledger import committed_versions
 from clipsql.store.store import Store
 from clipsql.store.tables import SAMPLES
 
@@ -69,7 +70,7 @@ def _context(run: IngestRun) -> RunContext:
     st, plan, rec, w = run.store, run.plan, run.rec, run.writer
     loaded = run.encoder.loaded if run.encoder is not None and not plan.source.precomputed else None
     return RunContext(
-        store_path=str(st.path), rec=rec, source=plan.source, versions=st.committed_versions(),
+        store_path=str(st.path), rec=rec, source=plan.source, versions=committed_versions(st),
         shifts=w.shifts(), seq=w.pending.seq,
         storage_versions={n: st.dataset(n).data_storage_version for n in (SAMPLES, rec.table_name)},
         allow_missing_captions=run.opts.allow_missing_captions, device=run.opts.device, spec=plan.spec,

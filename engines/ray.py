@@ -16,7 +16,9 @@ from clipsql.engines.ingest import ingest_ray
 from clipsql.engines.scores import refresh_stats_ray, score_columns_ray, score_ray
 from clipsql.ingest.run import IngestOptions, IngestSummary
 from clipsql.queries.sql.materialize import ScoreReport
-from clipsql.store.store import ModelRecord, StatsState, Store
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import StatsState
+from clipsql.store.store import Store
 
 
 class RayEngine:

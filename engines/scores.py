@@ -11,7 +11,7 @@ other columns rescore everything (an Overwrite). The score table is not the mode
 job never conflicts with an ingest appending meanwhile; rows committed after its snapshot are
 reported as pending.
 
-Statistics: `Store.refresh_stats` itself, with each fragment's partial (`Store.fold_fragment`)
+Statistics: `store.stats.refresh_stats` itself, with each fragment's partial (`fold_fragment`)
 folded by a task; the store merges them in fragment order and saves them under the writer lock.
 """
 from __future__ import annotations
@@ -30,8 +30,11 @@ from clipsql.lazy import lance, lance_fragment
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.materialize import ScoreReport, check_columns, score_relation
 from clipsql.queries.sql.specs import SCORE_COLUMNS
+from clipsql.store.fit_rows import latest_fit
 from clipsql.store.fits import load_fit
-from clipsql.store.store import ModelRecord, StatsState, Store
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import StatsState, fold_fragment, refresh_stats
+from clipsql.store.store import Store
 from clipsql.store.tables import stored_table_name
 
 SCORED_KEY = "clipsql.scored"
@@ -86,7 +89,7 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *,
         raise QueryError(f"unknown score column(s) {', '.join(unknown)}; choose from: {', '.join(SCORE_COLUMNS)}")
     rec = st.model(model)
     check_columns(rec, columns)
-    fit = st.latest_fit(rec, with_arrays=False)
+    fit = latest_fit(st, rec, with_arrays=False)
     fit_id = fit["fit_id"] if fit else None
     t0 = time.perf_counter()
     with score_lock(st):
@@ -139,7 +142,7 @@ def score_columns_ray(st: Store, rec: ModelRecord, columns: list[str], *, addres
     the default fit, or `fit` = (scores.Fit, row) (a recipe's own fit)."""
     ds = st.embeddings_table(rec)
     broadcast = fit if fit is not None else (
-        load_fit(st, rec) if st.latest_fit(rec, with_arrays=False) is not None else None)
+        load_fit(st, rec) if latest_fit(st, rec, with_arrays=False) is not None else None)
     with ray_session(address) as ray:
         task = ray.remote(max_retries=3)(_score_fragment)
         fit_ref = ray.put(broadcast)
@@ -170,13 +173,13 @@ def _set_scored_meta(uri: str, metadata: dict) -> None:
 
 # --------------------------------------------------------------------------- statistics
 def _fold_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id: int, shifts: dict) -> bytes:
-    """Worker: the statistics partial of one fragment (Store.fold_fragment), pickled."""
-    return pickle.dumps(Store.open(store_path, read_only=True).fold_fragment(rec, version, fragment_id, shifts),
+    """Worker: the statistics partial of one fragment (store.stats.fold_fragment), pickled."""
+    return pickle.dumps(fold_fragment(Store.open(store_path, read_only=True), rec, version, fragment_id, shifts),
                         protocol=5)
 
 
 def refresh_stats_ray(st: Store, model: ModelRecord, *, address: str | None = None) -> StatsState:
-    """Recompute a model's running statistics from every stored vector (Store.refresh_stats), each
+    """Recompute a model's running statistics from every stored vector (store.stats.refresh_stats), each
     fragment's partial folded by a Ray task."""
     with st.lock(), ray_session(address) as ray:
         task = ray.remote(max_retries=3)(_fold_fragment)
@@ -184,4 +187,4 @@ def refresh_stats_ray(st: Store, model: ModelRecord, *, address: str | None = No
         def fold_fragments(version: int, fragment_ids: list, shifts: dict) -> list:
             blobs = ray.get([task.remote(str(st.path), model, version, i, shifts) for i in fragment_ids])
             return [pickle.loads(b) for b in blobs]
-        return st.refresh_stats(model, fold_fragments=fold_fragments)
+        return refresh_stats(st, model, fold_fragments=fold_fragments)

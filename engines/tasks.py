@@ -27,7 +27,10 @@ from clipsql.ingest.sources import Reject
 from clipsql.kernels.arrays import fixed_list
 from clipsql.lazy import lance_fragment, torch
 from clipsql.models import loading as models
-from clipsql.store.store import ModelRecord, StatsState, Store, new_moments, update_moments
+from clipsql.store.reads import stored_ids
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import StatsState, new_moments, update_moments
+from clipsql.store.store import Store
 from clipsql.store.tables import SAMPLES
 from clipsql.store.writer import conform_samples
 from clipsql.store import deletions
@@ -109,7 +112,7 @@ def _already(ctx: RunContext, ids: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     st = _store(ctx)
     samples = st.samples_table(ctx.versions.get(SAMPLES)) if SAMPLES in ctx.versions else None
     emb = st.embeddings_table(ctx.rec, ctx.versions.get(ctx.rec.table_name))
-    return st.stored_ids(ctx.rec, ids, (samples, emb))
+    return stored_ids(st, ctx.rec, ids, (samples, emb))
 
 
 def _deleted(ctx: RunContext, ids: pa.Array) -> tuple[np.ndarray, Any, Any]:

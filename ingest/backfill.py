@@ -5,11 +5,11 @@
 
 The columns (store.tables.CAPTION_FEATURES, computed by ingest.captions) are computed from the
 stored caption, fragment by fragment (`LanceFragment.merge_columns`: new data files beside the
-old ones, nothing rewritten), then made visible by the write protocol of store.store: one Lance
+old ones, nothing rewritten), then made visible by the write protocol of store.ledger: one Lance
 `Merge` commit from the ledger's committed version, then ONE catalog transaction that inserts
 the `commits` row (kind `backfill`) and moves the committed version of `samples`. A kill at any
 instant leaves either the old store (a Lance version beyond the ledger, which the next writer's
-`Store.recover` restores away; unreferenced data files go with `clipsql optimize`) or the new
+`ledger.recover` restores away; unreferenced data files go with `clipsql optimize`) or the new
 one. Columns already present are left alone, so running it again changes nothing.
 
 An ingest computes the features from the caption as the source gave it; a backfill has only the
@@ -29,7 +29,8 @@ from clipsql.ingest.captions import caption_features
 from clipsql.lazy import lance, tqdm
 from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
-from clipsql.store.store import Store, set_committed_version
+from clipsql.store.ledger import committed_versions, recover, set_committed_version
+from clipsql.store.store import Store
 from clipsql.store.tables import CAPTION_FEATURES, SAMPLES, samples_schema
 
 BACKFILLABLE = CAPTION_FEATURES
@@ -52,8 +53,8 @@ def backfill(st: Store, columns: Iterable[str] | None = None, *, progress: bool 
     if unknown:
         raise BackfillError(f"cannot backfill {', '.join(unknown)}: the columns are {', '.join(BACKFILLABLE)}")
     with st.lock():
-        st.recover()
-        recorded = st.committed_versions().get(SAMPLES)
+        recover(st)
+        recorded = committed_versions(st).get(SAMPLES)
         if recorded is None:
             return BackfillResult(already=wanted)
         ds = st.dataset(SAMPLES, recorded)

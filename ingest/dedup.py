@@ -6,7 +6,7 @@
   never rejects a row.
 * Ids recorded as deleted (`clipsql delete`): `deleted`, an `id IN (…)` lookup in the
   deletions record as the run found it (store.deletions); ingest skips them and counts them.
-* Ids stored before this run: `Store.stored_ids`, an `id IN (…)` lookup through the Lance
+* Ids stored before this run: `reads.stored_ids`, an `id IN (…)` lookup through the Lance
   BTREE index on `id` (and a scan of fragments not indexed yet), in the table versions of
   the run's start — so the rows the run commits itself (not indexed yet) are never scanned
   again: a lookup costs the same at the end of a long run as at its start. Skipped when
@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from clipsql.kernels.idset import FingerprintSet
 from clipsql.lazy import duckdb
 from clipsql.store import deletions
+from clipsql.store.reads import stored_ids
 
 _LOCAL = threading.local()
 
@@ -74,14 +75,14 @@ class IdChecker:
                 exact |= pc.is_in(cand_ids, value_set=seen_ids).to_numpy(zero_copy_only=False)
             rest = cand[~exact]
             if len(rest):
-                _, in_emb = self.store.stored_ids(self.model, ids.take(pa.array(rest)))
+                _, in_emb = stored_ids(self.store, self.model, ids.take(pa.array(rest)))
                 exact[~exact] = in_emb
             dup[cand[exact]] = True
         in_s = np.zeros(n, dtype=bool)
         in_e = np.zeros(n, dtype=bool)
         fresh = np.flatnonzero(~dup)
         if self.lookup and len(fresh):
-            s, e = self.store.stored_ids(self.model, ids.take(pa.array(fresh)), self.before)
+            s, e = stored_ids(self.store, self.model, ids.take(pa.array(fresh)), self.before)
             in_s[fresh], in_e[fresh] = s, e
         self.seen.add(h[fresh])
         self.uncommitted.append(ids if len(fresh) == n else ids.take(pa.array(fresh)))

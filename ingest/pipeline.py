@@ -3,7 +3,7 @@
 Idempotent and resumable: source units the commit ledger holds for the model are
 skipped unread; within new units a sample's id (a content hash, or the source's id
 column) is checked against the store's id index, so a re-run adds nothing and a
-killed run picks up after its last commit (see store.store for the write protocol). The run's
+killed run picks up after its last commit (see store.ledger for the write protocol). The run's
 lifecycle and its commits are ingest.run's (the Ray engine runs the same, with its own stages).
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from clipsql.ingest.sources import Reject
 from clipsql.ingest.update import row_arrays
 from clipsql.lazy import threadpoolctl, torch, torch_data, tqdm
 from clipsql.store.deletions import merge_days
+from clipsql.store.reads import stored_ids
 from clipsql.store.store import Store
 
 __all__ = ["IngestOptions", "IngestSummary", "default_workers", "ingest", "ingest_pool"]
@@ -200,7 +201,7 @@ def _stored_before(r: IngestRun) -> tuple[dict, bool]:
         known = [x for x in sids if x is not None]
         if known:
             ids = pa.array(known, pa.string())
-            in_s, in_e = r.store.stored_ids(rec, ids, checker.before)
+            in_s, in_e = stored_ids(r.store, rec, ids, checker.before)
             gone, _, _ = checker.deleted(ids)
             stored = (in_s & in_e) | gone
             if stored.any():

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clipsql.store import units as ledger_units
+from clipsql.store.ledger import done_units
 from clipsql.store.store import Store
 from clipsql.store.units import UnitStamp
 
@@ -60,7 +61,7 @@ def plan_units(store: Store, model: Any, source: Any) -> UnitPlan:
     if groups is None:
         units = source.units()
         keys = [source.unit_key(u) for u in units]
-        done = store.done_units(model, keys) if model is not None else {}
+        done = done_units(store, model, keys) if model is not None else {}
         return UnitPlan([(u, k) for u, k in zip(units, keys) if k not in done], done)
     variant = source.variant()
     held = ledger_units.known(store.engine, model.model_id, variant) if model is not None else {}
@@ -85,7 +86,7 @@ def plan_units(store: Store, model: Any, source: Any) -> UnitPlan:
         plan.opened += 1
         stamp = UnitStamp(variant, location, size, mtime, content, len(units))
         keys = [source.unit_key(u) for u in units]
-        found = store.done_units(model, keys) if model is not None else {}
+        found = done_units(store, model, keys) if model is not None else {}
         for u, k in zip(units, keys):
             if k in found:
                 plan.done[k] = found[k]

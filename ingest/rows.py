@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsql.ingest.captions import caption_features
-from clipsql.store.store import merge_sql_types
+from clipsql.store.ledger import merge_sql_types
 from clipsql.store.tables import samples_schema
 
 

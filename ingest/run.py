@@ -29,7 +29,10 @@ from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES
 from clipsql.ingest.update import Updater, require_ids
 from clipsql.models import loading as models
 from clipsql.store.faults import fault
+from clipsql.store.ledger import metadata_columns, recover
 from clipsql.store.maintenance import OptimizeReport, maintain_after_ingest
+from clipsql.store.runs import finish_run, start_run
+from clipsql.store.stats import sync_stats
 from clipsql.store.store import Store
 from clipsql.store.tables import metadata_aliases
 from clipsql.store.writer import CommitPolicy, Writer
@@ -136,7 +139,7 @@ def plan_run(store: Store, source_path: str, model: str | None, pretrained: str 
         raise SourceError(f"{source_name} holds precomputed embeddings: name the model that made them with "
                           "`model` (e.g. `model` ViT-B-32 `pretrained` laion2b_s34b_b79k); clipsql cannot "
                           "tell it from the vectors, and filing them under the demo model would be wrong")
-    store.recover()
+    recover(store)
     t0 = time.perf_counter()
     known = {m.model_id: m for m in store.list_models()}.get(spec.model_id)
     units = plan_units(store, known, source)
@@ -148,12 +151,12 @@ def finish_noop(store: Store, plan: Plan) -> IngestSummary | None:
     """When the ledger holds every unit: record a run that did nothing (no model load, no reads)."""
     if plan.known is None or plan.todo:
         return None
-    run_id = store.start_run(plan.known.model_id, plan.source_name, plan.source.kind)
+    run_id = start_run(store.engine, plan.known.model_id, plan.source_name, plan.source.kind)
     summary = IngestSummary(run_id, plan.known.model_id, plan.source_name, skipped=plan.already, status="done",
                             units_skipped=len(plan.done), id_column=getattr(plan.source, "id_column", None))
     summary.wall_seconds = time.perf_counter() - plan.t_start
     summary.seconds = {k: round(v, 4) for k, v in plan.seconds.items()}
-    store.finish_run(run_id, "done", plan.already, summary.to_dict())
+    finish_run(store.engine, run_id, "done", plan.already, summary.to_dict())
     return summary
 
 
@@ -168,7 +171,7 @@ def register_model(store: Store, plan: Plan, device: str,
     if not source.precomputed and plan.known is not None:
         # the store holds the model: its record names it, and the weights load at the first row
         # that needs encoding (a run whose rows are all stored never loads them)
-        store.sync_stats(plan.known)
+        sync_stats(store, plan.known)
         return plan.known, LazyEncoder(encoder_factory or open_clip_encoder, spec, device, plan.seconds)
     if not source.precomputed or spec.local:
         encoder = (encoder_factory or open_clip_encoder)(spec, device)
@@ -183,7 +186,7 @@ def register_model(store: Store, plan: Plan, device: str,
     else:
         fields = loaded.record_fields()
     rec = store.register_model(**fields)
-    store.sync_stats(rec)   # stores written before the commit ledger may lag
+    sync_stats(store, rec)   # stores written before the commit ledger may lag
     return rec, encoder
 
 
@@ -265,9 +268,9 @@ def run_ingest(store: Store, source_path: str, model: str | None, pretrained: st
         noop = finish_noop(store, plan)
         if noop is not None:
             return noop
-        meta_before = set(store.metadata_columns())
+        meta_before = set(metadata_columns(store))
         rec, encoder = register_model(store, plan, device, encoder_factory)
-        run_id = store.start_run(rec.model_id, plan.source_name, plan.source.kind)
+        run_id = start_run(store.engine, rec.model_id, plan.source_name, plan.source.kind)
         summary = IngestSummary(run_id, rec.model_id, plan.source_name, skipped=plan.already,
                                 units_skipped=len(plan.done), id_column=getattr(plan.source, "id_column", None))
         writer = Writer(store, rec, run_id=run_id, source=plan.source_name, policy=opts.policy)
@@ -295,7 +298,7 @@ def run_ingest(store: Store, source_path: str, model: str | None, pretrained: st
             summary.wall_seconds = time.perf_counter() - plan.t_start
             summary.seconds = {k: round(v, 4) for k, v in run.seconds.items()}
             with unless_failing(summary):
-                store.finish_run(run_id, summary.status, summary.skipped, summary.to_dict())
+                finish_run(store.engine, run_id, summary.status, summary.skipped, summary.to_dict())
         if ok:
             summary.notes += renamed_metadata(store, meta_before)
         if ok and opts.maintain:
@@ -323,7 +326,7 @@ class unless_failing:
 
 def renamed_metadata(store: Store, before: set[str]) -> list[str]:
     """A note per metadata column this run added whose name in `samples` differs from the source's."""
-    aliases = metadata_aliases(list(store.metadata_columns()))
+    aliases = metadata_aliases(list(metadata_columns(store)))
     return [f"metadata column {name!r} is {alias!r} in the samples view ({name} is a samples column)"
             for name, alias in sorted(aliases.items()) if name not in before and alias != name]
 

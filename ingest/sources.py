@@ -56,7 +56,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from clipsql.errors import SourceError
-from clipsql.store.store import printable_text
+from clipsql.store.runs import printable_text
 
 __all__ = ["Item", "Reject", "Source", "FolderSource", "TableSource", "IMAGE_EXTS"]
 

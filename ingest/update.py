@@ -24,7 +24,8 @@ from clipsql.errors import SourceError
 from clipsql.ingest.rows import metadata_fields
 from clipsql.kernels.arrays import fixed_list
 from clipsql.store.manage import apply_update
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 
 FLUSH_ROWS = 50_000
 

@@ -23,7 +23,7 @@ from clipsql.models import loading as models
 
 
 def load_for_record(rec: Any, device: str = "auto") -> Any:
-    """The open_clip model a store's model record (a store.store.ModelRecord) names (a LoadedModel).
+    """The open_clip model a store's model record (a store.records.ModelRecord) names (a LoadedModel).
 
     ModelError naming the model when its weights cannot be loaded here (precomputed
     embeddings of a hub model on an offline machine, a moved local folder, …).

@@ -25,7 +25,8 @@ from typing import Any
 
 from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
-from clipsql.store.store import Store, set_committed_version
+from clipsql.store.ledger import committed_versions, set_committed_version
+from clipsql.store.store import Store
 
 FRAGMENT_BYTES = 256 << 20       # the base tier: fragments of ~this many bytes
 MAX_FRAGMENTS = 256              # the default bound on fragments per table (≈ 10 ms a commit, measured)
@@ -77,7 +78,7 @@ def bound_fragments(st: Store, names: list[str], max_fragments: int = MAX_FRAGME
     """Writers only (under the lock, with nothing pending): compact each of the tables `names`
     that holds more than `max_fragments` fragments, then move the ledger to the compacted
     versions in one catalog transaction. Returns {table: what its compaction did}."""
-    recorded = st.committed_versions()
+    recorded = committed_versions(st)
     done: dict[str, dict] = {}
     versions: dict[str, int] = {}
     for name in names:

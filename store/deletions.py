@@ -32,8 +32,9 @@ import sqlalchemy as sa
 
 from clipsql.lazy import lance
 from clipsql.store import catalog as cat
+from clipsql.store.ledger import committed_versions, set_committed_version
 from clipsql.store.location import exists
-from clipsql.store.store import Store, set_committed_version
+from clipsql.store.store import Store
 from clipsql.store.tables import DELETIONS
 
 TABLE = DELETIONS
@@ -115,7 +116,7 @@ def append(st: Store, rows: pa.Table) -> int | None:
     uri = st.table_uri(TABLE)
     if not exists(uri):
         st._create_table(TABLE, deletions_schema())
-    recorded = st.committed_versions().get(TABLE)
+    recorded = committed_versions(st).get(TABLE)
     frags = lance.fragment.write_fragments(rows, uri, schema=deletions_schema(), max_rows_per_file=1 << 30,
                                            data_storage_version=lance.dataset(uri).data_storage_version)
     ds = lance.LanceDataset.commit(uri, lance.LanceOperation.Append(frags), read_version=recorded)

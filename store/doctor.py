@@ -45,17 +45,21 @@ from clipsql.lazy import duckdb, lance
 from clipsql.store import catalog as cat
 from clipsql.store import deletions
 from clipsql.store.drops import DEFAULT_RETENTION_HOURS, dropped_fit_ids, due, pending_drops, sweep_dropped_tables
+from clipsql.store.fit_rows import get_fit, latest_fit
+from clipsql.store.ledger import committed_versions, recover, set_committed_version
 from clipsql.store.location import exists, is_remote, move, store_path
 from clipsql.store.locks import lease_holder
 from clipsql.store.manage import delete_ids
+from clipsql.store.marker import FORMAT_VERSION, read_marker, write_marker
 from clipsql.store.repair import (describe, first_line, forget_lost, load_ledger, loss_hint, manifest_path,
                                   open_losses, quarantine_after, repair_table, versions_desc)
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store.fits import ARRAY_KEYS
+from clipsql.store.runs import abort_dead_runs
+from clipsql.store.stats import StatsState, recompute_stats, refresh_stats, saved_stats
 from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, is_embeddings_table, is_target_table, stored_table_name
 from clipsql.store.targets import get_target
-from clipsql.store.store import (FORMAT_VERSION, MODEL_METADATA_KEY, Store, StatsState, default_catalog, read_marker,
-                    set_committed_version, write_marker)
+from clipsql.store.store import MODEL_METADATA_KEY, Store, default_catalog
 
 STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
 
@@ -283,7 +287,7 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
 
 
 def _check_tables(st: Store, report: Report, repair: bool) -> None:
-    recorded = st.committed_versions()
+    recorded = committed_versions(st)
     names = [n for n in (SAMPLES, DELETIONS) if exists(st.table_uri(n))] + [m.table_name for m in st.list_models()] \
         + ([TAGS] if exists(st.table_uri(TAGS)) else [])      # a model's table must exist: checked below
     ledger = load_ledger(st) if repair else []
@@ -309,7 +313,7 @@ def _check_tables(st: Store, report: Report, repair: bool) -> None:
             f = report.add(check, "warn", f"Lance versions {v + 1}..{latest} are not in the ledger (a writer killed "
                                           "before its catalog transaction): the next writer rolls them back")
             if repair:
-                rolled = st.recover().get(name)
+                rolled = recover(st).get(name)
                 f.repaired = f"rolled back to the committed version ({rolled or 0} uncommitted rows dropped)"
             continue
         report.add(check, "ok", f"version {v}, {lance.dataset(uri, version=v).count_rows()} rows")
@@ -442,21 +446,21 @@ def _check_stats(st: Store, report: Report, repair: bool) -> None:
             continue
         check = f"statistics {rec.model_id}"
         try:
-            stored = st.stats(rec)
+            stored = saved_stats(st, rec)
         except CatalogDamaged as e:
             f = report.add(check, "error", str(e).split(": run `")[0])
             if repair:
-                st.refresh_stats(rec)
+                refresh_stats(st, rec)
                 f.repaired = "recomputed from the stored vectors"
             continue
-        fresh = st.recompute_stats(rec)
+        fresh = recompute_stats(st, rec)
         why = _moments_differ(stored, fresh)
         if why is None:
             report.add(check, "ok", f"current: cover all {fresh.n} rows and equal a recomputation")
             continue
         f = report.add(check, "error", why)
         if repair:
-            st.refresh_stats(rec)
+            refresh_stats(st, rec)
             f.repaired = "recomputed from the stored vectors"
 
 
@@ -524,7 +528,7 @@ def _check_fits_targets(st: Store, report: Report, repair: bool) -> None:
 def _unreadable_fit(st: Store, fit_id: int) -> str | None:
     """Why a fit's catalog row cannot be used (damaged arrays, reference or options), or None."""
     try:
-        row = st.get_fit(fit_id, with_arrays=True, with_reference=True)
+        row = get_fit(st, fit_id, with_arrays=True, with_reference=True)
     except CatalogDamaged as e:
         return str(e).split(": run `")[0]
     if row is None:
@@ -551,7 +555,7 @@ def _drop_fit(st: Store, fit_id: int, model_id: str) -> str:
             n = 0
         if n:
             used = f"; {n} stored score rows were computed with it and are stale: re-run `clipsql score`"
-    after = st.latest_fit(rec, with_arrays=False) if rec is not None else None
+    after = latest_fit(st, rec, with_arrays=False) if rec is not None else None
     now = (f"; scores of {model_id} now use the older fit #{after['fit_id']}: refit with `clipsql stats fit "
            f"{st.path} --model {model_id}`" if after is not None else
            f"; {model_id} has no fit now: refit with `clipsql stats fit {st.path} --model {model_id}`")
@@ -591,7 +595,7 @@ def _check_runs(st: Store, report: Report, repair: bool) -> None:
         if holder is None or repair:
             f = report.add("runs", "warn", f"run(s) {running} are `running` but no writer holds the lock (killed)")
             if repair:
-                dead = st.abort_dead_runs()
+                dead = abort_dead_runs(st.engine)
                 f.repaired = f"marked {dead} aborted, counts from the ledger"
         else:
             report.add("runs", "ok", f"run(s) {running} in progress ({holder})")

@@ -20,7 +20,11 @@ from clipsql.errors import StatsError
 from clipsql.kernels import scores
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.fit_rows import latest_fit, save_fit, stale_fit_reason
+from clipsql.store.reads import count_rows
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import sync_stats
+from clipsql.store.store import Store
 
 DEFAULT_REFERENCE_SIZE = 10_000
 DEFAULT_STALE_SHARE = 0.10
@@ -28,6 +32,30 @@ DEFAULT_STALE_SHARE = 0.10
 RECIPE_FITS = {"kl-guided": {"scale": "model", "prior": "uniform"}}
 ARRAY_KEYS = ("log_prior_text", "log_prior_image", "mean_image", "mean_text", "cov_image", "cov_text",
               "factor_image", "factor_text")
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    """What `fit_stats` made: the fit's id, the model, the reference sample's size M (of `rows`
+    rows at table version `data_version`), the recipe it was made for (or None), the seconds it
+    took and its seed, scale (a, b) and prior."""
+    fit_id: int
+    model: str
+    reference_size: int
+    rows: int
+    recipe: str | None
+    seconds: float
+    seed: int
+    a: float
+    b: float
+    prior: str
+    data_version: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as a JSON object (the fields in order)."""
+        return asdict(self)
+
+    as_dict = to_json
 
 
 def scale_for(rec: ModelRecord, scale: str) -> tuple[float, float]:
@@ -65,27 +93,6 @@ def draw_reference(st: Store, rec: ModelRecord, size: int, seed: int,
     return ref_ids, X[ok].astype(np.float32), Y[ok].astype(np.float32)
 
 
-@dataclass(frozen=True)
-class FitSummary:
-    """A fit `fit_stats` stored: `fit_id` of `model`, its reference of `reference_size` rows drawn
-    with `seed` from the `rows` at `data_version`, cosine scale `a`, bias `b`, `prior`, the curation
-    `recipe` it was made for (None: the default fit) and the `seconds` it took."""
-    fit_id: int
-    model: str
-    reference_size: int
-    rows: int
-    recipe: str | None
-    seconds: float
-    seed: int
-    a: float
-    b: float
-    prior: str
-    data_version: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFAULT_REFERENCE_SIZE,
               seed: int = 0, scale: str = "1", prior: str = "posterior-mean",
               neg_clip: dict[str, Any] | None = None, recipe: str | None = None,
@@ -111,7 +118,7 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
     rec = st.model(model)
     t0 = time.perf_counter()
     with st.lock():
-        state = st.sync_stats(rec)
+        state = sync_stats(st, rec)
         ds = st.embeddings_table(rec)
         n_rows, version = ds.count_rows(), ds.version
         ref_ids, X, Y = draw_reference(st, rec, reference_size, seed, version)
@@ -131,11 +138,11 @@ def fit_stats(st: Store, model: str | None = None, *, reference_size: int = DEFA
         reference = {"ref_ids": np.array(ref_ids), "X_ref_raw": X, "Y_ref_raw": Y}
         arrays = {k: getattr(f, k) for k in ARRAY_KEYS}
         fault("fit:before-save")
-        fit_id = st.save_fit(rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
-                             options=options, arrays=arrays, reference=reference, recipe=recipe)
+        fit_id = save_fit(st, rec, n_rows=n_rows, covered_seq=state.covered_seq, reference_size=len(ref_ids),
+                          options=options, arrays=arrays, reference=reference, recipe=recipe)
     return FitSummary(fit_id=fit_id, model=rec.model_id, reference_size=len(ref_ids), rows=n_rows, recipe=recipe,
-                      seconds=round(time.perf_counter() - t0, 3), **{k: options[k] for k in ("seed", "a", "b", "prior")},
-                      data_version=version)
+                      seconds=round(time.perf_counter() - t0, 3), seed=options["seed"], a=options["a"], b=options["b"],
+                      prior=options["prior"], data_version=version)
 
 
 def _neg_clip_overrides(given: dict[str, Any] | None, m: int) -> dict[str, Any]:
@@ -161,7 +168,7 @@ def load_fit(st: Store, rec: ModelRecord, reference: bool = True, row: dict | No
     `reference=False` skips the M × d reference sample (X_ref/Y_ref come back empty): enough
     for the approximation and centered norms, whose memory then does not grow with M.
     """
-    row = row if row is not None else st.latest_fit(rec, with_reference=reference)
+    row = row if row is not None else latest_fit(st, rec, with_reference=reference)
     if row is None:
         raise no_fit_error(rec)
     arr, opts = row["arrays"], row["options"]
@@ -188,10 +195,10 @@ def stale_share(st: Store) -> float:
 def staleness(st: Store, rec: ModelRecord, fit: dict | None = None) -> str | None:
     """A sentence when the latest fit (or the fit row `fit`) is stale or predates more than the
     stated share of the rows, else None."""
-    fit = fit if fit is not None else st.latest_fit(rec, with_arrays=False)
+    fit = fit if fit is not None else latest_fit(st, rec, with_arrays=False)
     if fit is None:
         return None
-    return stale_message(rec, fit, st.stale_fit_reason(int(fit["fit_id"])), st.count_rows(rec), stale_share(st))
+    return stale_message(rec, fit, stale_fit_reason(st, int(fit["fit_id"])), count_rows(st, rec), stale_share(st))
 
 
 def stale_message(rec: ModelRecord, fit: dict, reason: str | None, rows: int, share: float) -> str | None:

@@ -10,7 +10,7 @@ that change no row; the catalog's `table_versions` moves to them in one transact
 * a query running meanwhile keeps reading the version it opened (pruning keeps every
   version younger than the retention window, default 24 h);
 * a SIGKILL before that transaction leaves the ledger at the old versions, whose files
-  are all still there: the next writer restores them (Store.recover) and nothing is lost;
+  are all still there: the next writer restores them (ledger.recover) and nothing is lost;
 * versions a fit was computed on are tagged (`fit-<id>`) and never pruned;
 * the tables `models rm` let go are deleted once older than the same retention (store.drops).
 """
@@ -28,8 +28,10 @@ from clipsql.store import catalog as cat
 from clipsql.store.compaction import MAX_FRAGMENTS, compact_to_bound
 from clipsql.store.drops import DEFAULT_RETENTION_HOURS, sweep_dropped_tables
 from clipsql.store.faults import fault
+from clipsql.store.ledger import recover, set_committed_version, versioned_tables
 from clipsql.store.location import exists
-from clipsql.store.store import ModelRecord, Store, set_committed_version
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 from clipsql.store.tables import DELETIONS, SAMPLES
 
 FRAGMENT_BYTES = 256 << 20       # compaction merges fragments smaller than this into ones of this size
@@ -39,7 +41,7 @@ AUTO_UNINDEXED_SHARE = 0.25      # … or refreshes the index when this share of
 
 
 def _tables(st: Store) -> list[str]:
-    return st.versioned_tables()
+    return versioned_tables(st)
 
 
 def _unindexed(ds: Any) -> int | None:
@@ -166,7 +168,7 @@ def optimize(st: Store, *, compact: bool = True, index: bool = True, prune: bool
 def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hours: float,
               vector_index: bool = True, max_fragments: int = MAX_FRAGMENTS) -> OptimizeReport:
     t_start = time.perf_counter()
-    st.recover()
+    recover(st)
     report = OptimizeReport()
     new_versions: dict[str, int] = {}
     for name in _tables(st):

@@ -1,6 +1,6 @@
 """Managing a store: the default model, removing a model, deleting rows, rewriting rows.
 
-Every change follows the write protocol of store.store: Lance operations first (new
+Every change follows the write protocol of store.ledger: Lance operations first (new
 versions nobody reads yet), then ONE catalog transaction that moves `table_versions`,
 records a `commits` row and corrects the running statistics, so a SIGKILL at any
 point leaves either the old store or the new one (the next writer's `recover` rolls
@@ -30,7 +30,11 @@ from clipsql.lazy import lance
 from clipsql.store import catalog as cat
 from clipsql.store.drops import mark_for_drop
 from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, Store, new_moments, set_committed_version
+from clipsql.store.ledger import record_meta_types, recover, set_committed_version
+from clipsql.store.reads import count_rows
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import load_stats_in, new_moments, save_stats_in, saved_stats
+from clipsql.store.store import Store
 from clipsql.store.tables import SAMPLES, derived_tables, stored_table_name
 
 SCAN_BATCH = 65536
@@ -52,13 +56,13 @@ def remove_model(st: Store, name: str) -> dict[str, Any]:
     deletes them (store.drops), as it does after a kill at any point here."""
     rec = st.model(name)        # an id or a unique part of one (an ambiguous part is refused, naming them)
     with st.lock():
-        st.recover()
+        recover(st)
         with st.engine.connect() as conn:
             fit_ids = [r[0] for r in conn.execute(sa.select(cat.fits.c.fit_id).where(
                 cat.fits.c.model_id == rec.model_id))]
             target_tables = dict(conn.execute(sa.select(cat.targets.c.name, cat.targets.c.table_name).where(
                 cat.targets.c.model_id == rec.model_id)).all())
-        rows = st.count_rows(rec)
+        rows = count_rows(st, rec)
         default = st.get_setting("default_model")
         with st.engine.begin() as conn:
             for table, col in ((cat.models, cat.models.c.model_id),
@@ -112,7 +116,7 @@ def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | No
     removed: dict[str, tuple[dict, int, int]] = {}    # model_id → (moments, rows, lowest seq)
     for rec in models:
         parts = new_moments(rec.dim)
-        state = st.stats(rec)
+        state = saved_stats(st, rec)
         for key, m in parts.items():   # fold with the store's shift: the subtraction is then exact
             m.shift = state.moments[key].shift
         n, low = 0, None
@@ -153,10 +157,10 @@ def delete_ids(st: Store, ids: pa.Array, *, progress: Callable[[int], None] | No
             parts, n, low = removed[rec.model_id]
             if not n:
                 continue
-            state = st.load_stats_in(conn, rec)
+            state = load_stats_in(conn, rec, st.path)
             for key, part in parts.items():
                 state.moments[key].subtract(part)
-            st.save_stats_in(conn, state)
+            save_stats_in(conn, state)
             out.rows[rec.model_id] = n
             out.stale_fits += mark_stale_fits(conn, rec, low, f"{n} of its rows were deleted")
     out.samples = n_samples
@@ -173,13 +177,13 @@ def apply_update(st: Store, rec: ModelRecord, sample_changes: pa.Table | None,
     statistics lose the old vectors and gain the new ones; fits covering them become stale."""
     if meta_types:    # before the Lance commits, so a kill cannot leave columns unregistered
         with st.engine.begin() as conn:
-            st.record_meta_types(conn, meta_types)
+            record_meta_types(conn, meta_types)
     versions: dict[str, int] = {}
     parts = None
     low = None
     n_model = model_changes.num_rows if model_changes is not None else 0
     if n_model:
-        state = st.stats(rec)
+        state = saved_stats(st, rec)
         old = st.embeddings_table(rec).to_table(columns=["id", "text_embedding", "seq"],
                                                 filter=pc.field("id").isin(model_changes.column("id")))
         parts = {"old": new_moments(rec.dim), "new": new_moments(rec.dim)}
@@ -204,12 +208,12 @@ def apply_update(st: Store, rec: ModelRecord, sample_changes: pa.Table | None,
         for name, v in versions.items():
             set_committed_version(conn, name, v, commit_id)
         if parts is not None:
-            state = st.load_stats_in(conn, rec)
+            state = load_stats_in(conn, rec, st.path)
             for key in state.moments:
                 if key[0] == "text":
                     state.moments[key].subtract(parts["old"][key])
                     state.moments[key].merge(parts["new"][key])
-            st.save_stats_in(conn, state)
+            save_stats_in(conn, state)
             mark_stale_fits(conn, rec, low, f"the captions of {n_model} of its rows were rewritten")
     return {"samples": sample_changes.num_rows if sample_changes is not None else 0, "rows": n_model}
 

@@ -39,9 +39,10 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
+from clipsql.store.ledger import set_committed_version
 from clipsql.store.location import exists, move, store_path
 from clipsql.lazy import lance
-from clipsql.store.store import Store, set_committed_version
+from clipsql.store.store import Store
 from clipsql.store.tables import DELETIONS, SAMPLES
 
 

@@ -27,8 +27,11 @@ import sqlalchemy as sa
 
 from clipsql.errors import CatalogDamaged, StatsError
 from clipsql.store import catalog as cat
+from clipsql.store.fit_rows import get_fit
 from clipsql.store.fits import DEFAULT_STALE_SHARE, stale_message
-from clipsql.store.store import ModelRecord, StatsState, Store, pick_model
+from clipsql.store.records import ModelRecord, pick_model
+from clipsql.store.stats import StatsState, load_stats_in
+from clipsql.store.store import Store
 from clipsql.store.targets import Target, target_from_row
 
 
@@ -90,7 +93,7 @@ class Snapshot:
             snap.default_model = settings.get("default_model")
             if settings.get("stale_share") is not None:
                 snap.stale_share = float(settings["stale_share"])
-            snap.stats = {m.model_id: st.load_stats_in(conn, m) for m in snap.models}
+            snap.stats = {m.model_id: load_stats_in(conn, m, st.path) for m in snap.models}
             cols = [c for c in cat.fits.c if c.name != "arrays"]
             recipe = sa.select(cat.recipe_fits.c.fit_id)
             for row in conn.execute(sa.select(*cols).where(cat.fits.c.fit_id.not_in(recipe))
@@ -161,7 +164,7 @@ class Snapshot:
         key = (int(row["fit_id"]), reference)
         with self._lock:
             if key not in self._fit_arrays:
-                full = self.store.get_fit(key[0], with_arrays=True, with_reference=reference)
+                full = get_fit(self.store, key[0], with_arrays=True, with_reference=reference)
                 if full is None:
                     raise_fit_gone(self.store, rec, key[0])
                 self._fit_arrays[key] = full

@@ -1,8 +1,8 @@
 """Running statistics of a model's stored vectors: moments per (modality, space) in `running_stats`,
-merged into by every commit (store.store) and recomputed from the vectors on request.
+merged into by every commit (store.ledger) and recomputed from the vectors on request.
 
-The functions taking `st` are the store's operations (`Store.stats`, `Store.refresh_stats`, …
-call them); the rest work on arrays, Arrow batches or a catalog connection.
+The functions taking `st` (a store.store.Store, which sits above this module) read and write a
+model's statistics; the rest work on arrays, Arrow batches or a catalog connection.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from clipsql.errors import CatalogDamaged
 from clipsql.kernels.arrays import to_numpy
 from clipsql.kernels.moments import RunningMoments, fold_pair
 from clipsql.store import catalog as cat
+from clipsql.store.reads import count_rows, read_embeddings
 from clipsql.store.records import ModelRecord
 
 MODALITIES = ("image", "text")
@@ -42,7 +43,7 @@ class StatsState:
 FoldFragments = Callable[[int, list, dict], list]
 
 
-def stats(st: Any, model: ModelRecord) -> StatsState:
+def saved_stats(st: Any, model: ModelRecord) -> StatsState:
     """The model's saved running statistics (`running_stats`)."""
     with st.engine.connect() as conn:
         return load_stats_in(conn, model)
@@ -84,18 +85,18 @@ def save_stats_in(conn: sa.Connection, state: StatsState) -> None:
 
 
 def uncovered_rows(st: Any, model: ModelRecord) -> int:
-    return st.count_rows(model) - stats(st, model).n
+    return count_rows(st, model) - saved_stats(st, model).n
 
 
 def sync_stats(st: Any, model: ModelRecord) -> StatsState:
     """Fold in rows the statistics do not cover. Commits carry their statistics, so this finds
     nothing on a store written by this version; stores written before the ledger may lag."""
-    state = stats(st, model)
-    if st.count_rows(model) == state.n:
+    state = saved_stats(st, model)
+    if count_rows(st, model) == state.n:
         return state
     with st.engine.begin() as conn:
         state = load_stats_in(conn, model)
-        tbl = st.read_embeddings(model, min_seq=state.covered_seq, columns=STATS_COLUMNS)
+        tbl = read_embeddings(st, model, min_seq=state.covered_seq, columns=STATS_COLUMNS)
         if tbl.num_rows:
             part = fold_batches(model, tbl.to_batches(), {k: m.shift for k, m in state.moments.items()})
             state = merge_states(model, [state, part])
@@ -139,7 +140,7 @@ def fold_fragment(st: Any, model: ModelRecord, version: int, fragment_id: int, s
 def _stats_shifts(st: Any, model: ModelRecord, ds: Any) -> dict:
     """What a recompute's partials are centred on: the saved statistics' shift, else the mean of
     the first rows (one shift for all: the partials then merge without rounding)."""
-    shifts = {k: m.shift for k, m in stats(st, model).moments.items()}
+    shifts = {k: m.shift for k, m in saved_stats(st, model).moments.items()}
     if any(v is None for v in shifts.values()) and ds.count_rows():
         head = ds.head(4096, columns=list(STATS_COLUMNS))
         shifts = {k: m.shift for k, m in fold_batches(model, head.to_batches(), None).moments.items()}

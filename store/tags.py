@@ -7,11 +7,11 @@
 The table is a Lance dataset of the store (`lance/tags.lance`) whose committed version the
 ledger names (`table_versions`), exactly like `samples` and the model tables, so SQL sees it as
 the view `tags` at the same snapshot as everything else (`SELECT … FROM samples JOIN tags USING
-(id) WHERE tag = 'reject'`). A change follows the write protocol of store.store: the Lance
+(id) WHERE tag = 'reject'`). A change follows the write protocol of store.ledger: the Lance
 operation first (an append, or a deletion: a new version no reader opens), then ONE catalog
 transaction that inserts the `commits` row (kind `tag` / `untag`) and moves the table's
 committed version. A kill between the two leaves a Lance version beyond the ledger, which the
-next writer's `Store.recover` restores away; nothing committed is ever lost.
+next writer's `ledger.recover` restores away; nothing committed is ever lost.
 
 One row per (id, tag): adding a tag an id already has, or removing one it lacks, changes
 nothing. Tags are only given to ids that are samples of the store. Id sets of any size are
@@ -30,8 +30,9 @@ from clipsql.errors import TagError
 from clipsql.lazy import lance
 from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
+from clipsql.store.ledger import committed_versions, recover, set_committed_version
 from clipsql.store.location import exists
-from clipsql.store.store import Store, set_committed_version
+from clipsql.store.store import Store
 from clipsql.store.tables import TAGS
 
 TABLE = TAGS
@@ -69,7 +70,7 @@ def id_array(ids: Iterable[str] | pa.Array | pa.ChunkedArray) -> pa.Array:
 def read(st: Store, version: int | None = None) -> pa.Table:
     """Every (id, tag, tagged_at) at the committed version (or `version`)."""
     if version is None:
-        version = st.committed_versions().get(TABLE)
+        version = committed_versions(st).get(TABLE)
     if version is None or not exists(st.table_uri(TABLE)):
         return tags_schema().empty_table()
     return st.dataset(TABLE, version).to_table()
@@ -80,7 +81,7 @@ def add_tags(st: Store, ids: Iterable[str] | pa.Array, tag: str) -> dict[str, An
     tag = check_tag(tag)
     ids = id_array(ids)
     with st.lock():
-        st.recover()
+        recover(st)
         _ensure_table(st)
         return _add_locked(st, ids, tag)
 
@@ -90,8 +91,8 @@ def remove_tags(st: Store, ids: Iterable[str] | pa.Array, tag: str) -> dict[str,
     tag = check_tag(tag)
     ids = id_array(ids)
     with st.lock():
-        st.recover()
-        if not exists(st.table_uri(TABLE)) or TABLE not in st.committed_versions() or not len(ids):
+        recover(st)
+        if not exists(st.table_uri(TABLE)) or TABLE not in committed_versions(st) or not len(ids):
             return {"tag": tag, "removed": 0, "commit_id": None}
         ds = st.dataset(TABLE)
         have = _having(ds, ids, tag)
@@ -135,7 +136,7 @@ def _add_locked(st: Store, ids: pa.Array, tag: str) -> dict[str, Any]:
     out = {"tag": tag, "added": 0, "already": 0, "commit_id": None}
     if not len(ids):
         return out
-    recorded = st.committed_versions()[TABLE]
+    recorded = committed_versions(st)[TABLE]
     ds = st.dataset(TABLE, recorded)
     have = _having(ds, ids, tag)
     new = ids.filter(pc.invert(pc.is_in(ids, value_set=have))) if len(have) else ids

@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 from clipsql.errors import QueryError
 from clipsql.kernels import topk as kernels
 from clipsql.kernels.arrays import vectors
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 
 CHUNK_ROWS = 32768
 MODALITIES = ("image", "text")

@@ -14,7 +14,7 @@ Buffers are streamed, in pieces of `fragment_bytes`, into one Lance data file pe
 commit (`lance.fragment.write_fragments`); nothing is visible until `commit()`, which hands the fragments, the
 statistics partial of exactly those rows (folded on background threads, float64, with
 the store's shift so the merge adds without rounding), the completed units and the
-rejects to `Store.commit` (see store.store for the protocol). Memory is bounded by the
+rejects to `ledger.commit` (see store.ledger for the protocol). Memory is bounded by the
 buffer, not by the commit or the store.
 """
 from __future__ import annotations
@@ -33,8 +33,13 @@ from clipsql.kernels.arrays import fixed_list
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance_fragment
 from clipsql.store.compaction import MAX_FRAGMENTS, bound_fragments
+from clipsql.store import ledger
 from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, PendingCommit, Store, merge_sql_types, new_moments
+from clipsql.store.ledger import PendingCommit, merge_sql_types
+from clipsql.store.reads import sample_fields
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import new_moments, saved_stats
+from clipsql.store.store import Store
 from clipsql.store.tables import SAMPLES, samples_schema
 
 
@@ -158,7 +163,7 @@ class Writer:
         self.policy = policy or CommitPolicy()
         self.stamps: dict = {}           # {unit_key: store.units.UnitStamp}: recorded when the unit commits
         store.ensure_samples_table()
-        state = store.stats(model)
+        state = saved_stats(store, model)
         self.seq = state.covered_seq
         self._shifts = {k: m.shift for k, m in state.moments.items()}
         # one fold thread per modality (each keeps its batches in order): with numpy's BLAS on one
@@ -287,7 +292,7 @@ class Writer:
         p.sample_fragments += self._samples.take()[0]
         commit_id = None
         if not p.empty:
-            commit_id = self.store.commit(self.model, p)
+            commit_id = ledger.commit(self.store, self.model, p)
             if p.rows:
                 self.seq = p.seq
             self.commits += 1
@@ -323,7 +328,7 @@ def write_batch(store: Store, model: ModelRecord, *, samples: pa.Table | None, i
                                 f"and text {text.shape}")
     w = Writer(store, model, run_id=run_id, source=source)
     id_arr = pa.array(ids, pa.string())
-    uri, caption = store.sample_fields(id_arr, samples)
+    uri, caption = sample_fields(store, id_arr, samples)
     w.add(samples, id_arr, image, text, uri=uri, caption=caption, meta_types=meta_types)
     w.reject(rejects)
     w.commit()

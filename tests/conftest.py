@@ -277,8 +277,9 @@ def to_array(column) -> np.ndarray:  # noqa: ANN001
 
 def stored_vectors(st, model=None) -> tuple[list, np.ndarray, np.ndarray]:  # noqa: ANN001
     """(ids, image, text) of a model's embeddings, sorted by id."""
+    from clipsql.store.reads import read_embeddings
     rec = st.model(model)
-    tbl = st.read_embeddings(rec).sort_by("id")
+    tbl = read_embeddings(st, rec).sort_by("id")
     return tbl.column("id").to_pylist(), to_array(tbl.column("image_embedding")), \
         to_array(tbl.column("text_embedding"))
 
@@ -291,9 +292,10 @@ def sample_ids(st) -> list:  # noqa: ANN001
 def assert_stats_match_vectors(st, model=None) -> None:  # noqa: ANN001
     """The store's running statistics equal numpy over its vectors: count, mean and covariance of
     the raw vectors, mean of the unit vectors (each modality; NULL text rows left out)."""
+    from clipsql.store.stats import saved_stats
     rec = st.model(model)
     _, img, txt = stored_vectors(st, model)
-    state = st.stats(rec)
+    state = saved_stats(st, rec)
     assert state.n == len(img)
     for modality, X in (("image", img), ("text", txt)):
         X = X[~np.isnan(X[:, 0])].astype(np.float64)     # NULL text embeddings are not in the statistics

@@ -20,7 +20,8 @@ from clipsql.ingest.backfill import backfill
 from clipsql.ingest.captions import language_model_path, text_counts
 from clipsql.ingest.pipeline import IngestOptions, ingest_pool
 from clipsql.store import catalog as cat
-from clipsql.store.store import Store, set_committed_version
+from clipsql.store.ledger import set_committed_version
+from clipsql.store.store import Store
 
 from conftest import cli
 from datacomp_pool import write_datacomp_pool

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clipsql.store.reads import count_rows, read_embeddings
+from clipsql.store.stats import saved_stats
 from clipsql.store.store import Store
 
 from conftest import (MODEL, ROOT, assert_stats_match_vectors, cli, processes_naming, sample_ids, stored_vectors,
@@ -30,7 +32,7 @@ def assert_equal_stores(a, b, exact=True):
     else:
         np.testing.assert_allclose(xa, xb, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ya, yb, rtol=1e-5, atol=1e-6)
-    sa, sb = a.stats(a.model()), b.stats(b.model())
+    sa, sb = saved_stats(a, a.model()), saved_stats(b, b.model())
     for k, m in sa.moments.items():
         assert m.n == sb.moments[k].n
         np.testing.assert_allclose(m.mean, sb.moments[k].mean, rtol=1e-9, atol=1e-12)
@@ -74,7 +76,7 @@ def test_killed_driver_leaves_no_half_commit_and_the_rerun_is_exact(ray_cluster,
                 check=False)
     assert p.returncode == -9
     mid = Store.open(st.path)
-    assert mid.stats(mid.model()).n == mid.count_rows(mid.model()) < 1200     # whole commits only
+    assert saved_stats(mid, mid.model()).n == count_rows(mid, mid.model()) < 1200     # whole commits only
     ray_cli(ray_cluster, "ingest", str(st.path), *args)
     assert_equal_stores(Store.open(st.path), Store.open(ref.path))
     assert cli("doctor", str(st.path), check=False).returncode == 0
@@ -155,9 +157,9 @@ def test_ray_stats_refresh_equals_local(ray_cluster, tmp_path):
     write_pool(pool, shards=2, rows=500, row_group=100)
     st = Store.init(tmp_path / "s")
     cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "100")
-    before = Store.open(st.path).stats(st.model())
+    before = saved_stats(Store.open(st.path), st.model())
     ray_cli(ray_cluster, "stats", "refresh", str(st.path))
-    after = Store.open(st.path).stats(st.model())
+    after = saved_stats(Store.open(st.path), st.model())
     for k, m in before.moments.items():
         assert after.moments[k].n == m.n
         np.testing.assert_allclose(after.moments[k].mean, m.mean, rtol=1e-9, atol=1e-12)
@@ -220,8 +222,8 @@ def test_ray_ingest_of_a_datacomp_pool_equals_local(ray_cluster, tmp_path):
     a, b = Store.open(dist.path), Store.open(local.path)
     assert [m.model_id for m in a.list_models()] == [m.model_id for m in b.list_models()]
     for m in b.list_models():
-        ta = a.read_embeddings(a.model(m.model_id)).sort_by("id")
-        tb = b.read_embeddings(b.model(m.model_id)).sort_by("id")
+        ta = read_embeddings(a, a.model(m.model_id)).sort_by("id")
+        tb = read_embeddings(b, b.model(m.model_id)).sort_by("id")
         assert ta.select(["id", "image_embedding", "text_embedding"]).equals(
             tb.select(["id", "image_embedding", "text_embedding"]))
     assert sample_ids(a) == sample_ids(b)
@@ -267,7 +269,7 @@ def test_ray_ingest_skips_deleted_ids_as_locally(ray_cluster, tmp_path):
     out = ray_cli(ray_cluster, "ingest", str(st.path), str(tmp_path / "copy"), *args).stdout.decode()
     assert "added 0" in out and "30 skipped: deleted on" in out, out
     st = Store.open(st.path)
-    assert st.count_rows(st.model()) == 270 and len(sample_ids(st)) == 270
+    assert count_rows(st, st.model()) == 270 and len(sample_ids(st)) == 270
     assert_stats_match_vectors(st)
 
 
@@ -286,7 +288,7 @@ def _ledger(st):  # noqa: ANN001, ANN202
                        for u in conn.execute(sa.select(cat.ingested_units)))
         runs = [(r.status, r.added, r.skipped, r.rejected) for r in conn.execute(sa.select(cat.ingest_runs))]
         rejects = sorted((r.source, r.location, r.reason, r.detail) for r in conn.execute(sa.select(cat.rejects)))
-    state = st.stats(st.model())
+    state = saved_stats(st, st.model())
     return {"commits": [(k, n, s, sorted(json.loads(v))) for _, k, n, s, v in commits], "units": units,
             "runs": runs, "rejects": rejects, "covered_seq": state.covered_seq,
             "n": {k: m.n for k, m in state.moments.items()}}

@@ -17,6 +17,7 @@ from clipsql.ingest.registry import open_source
 from clipsql.queries.curation.datacomp import load_uids, save_uids, uid_array
 from clipsql.errors import SelectionError, SourceError
 from clipsql.kernels.arrays import to_numpy
+from clipsql.store.reads import count_rows, read_embeddings
 
 from conftest import write_pool
 from datacomp_pool import damage_npz, drop_npz_rows, write_datacomp_pool
@@ -26,7 +27,7 @@ MODELS = {"b32": "ViT-B-32/openai", "l14": "ViT-L-14/openai"}
 
 
 def embeddings(st, model):
-    tbl = st.read_embeddings(st.model(model)).sort_by("id")
+    tbl = read_embeddings(st, st.model(model)).sort_by("id")
     return tbl.column("id").to_pylist(), to_numpy(tbl.column("image_embedding")), \
         to_numpy(tbl.column("text_embedding"))
 
@@ -76,7 +77,7 @@ def test_reingest_adds_nothing_and_a_new_shard_adds_only_its_rows(store, tmp_pat
     new = write_datacomp_pool(tmp_path / "pool", n_shards=1, rows=15, first_shard=2)
     later = ingest_pool(store, tmp_path / "pool", options=FAST)
     assert [(s.added, s.units_skipped) for s in later] == [(15, 2), (15, 2)]
-    assert {s.model_id: store.count_rows(store.model(s.model_id)) for s in later} == \
+    assert {s.model_id: count_rows(store, store.model(s.model_id)) for s in later} == \
         {MODELS["b32"]: 55, MODELS["l14"]: 55}
     ids, img, _ = embeddings(store, MODELS["l14"])
     (shard,) = new.values()
@@ -122,7 +123,7 @@ def test_a_rerun_opens_no_shard_and_a_touched_shard_is_rehashed_not_reingested(s
     changed = ingest_pool(store, tmp_path / "pool", options=FAST)
     assert [(s.added, s.units_skipped) for s in changed] == [(0, 2), (0, 2)]   # the changed shard is read again
     assert ("parquet", os.path.basename(second["parquet"])) in opens
-    assert {s.model_id: store.count_rows(store.model(s.model_id)) for s in changed} == \
+    assert {s.model_id: count_rows(store, store.model(s.model_id)) for s in changed} == \
         {MODELS["b32"]: 60, MODELS["l14"]: 60}
 
 
@@ -162,7 +163,7 @@ def test_damaged_shards_are_recorded_not_fatal_and_a_fixed_shard_goes_in(store, 
     write_datacomp_pool(tmp_path / "pool", n_shards=3, rows=10)
     fixed = ingest_pool(store, tmp_path / "pool", options=FAST)
     assert [(s.added, s.rejected) for s in fixed] == [(30, {}), (30, {})]
-    assert store.count_rows(store.model(MODELS["l14"])) == 40
+    assert count_rows(store, store.model(MODELS["l14"])) == 40
 
 
 def test_compressed_npz_numbered_stems_and_one_feature_set(store, tmp_path):

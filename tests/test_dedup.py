@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 from clipsql import queries
 from clipsql.cli import app
 from clipsql.queries.curation.dedup import dedup_status, semdedup
+from clipsql.store.ledger import recover
+from clipsql.store.runs import start_run
 from clipsql.store.tables import centroids_table_name, dedup_table_name
 from clipsql.kernels import semdedup as K
 from clipsql.errors import ClipsqlError, SelectionError
@@ -64,7 +66,7 @@ def make_store(path, X, ids):
 
 def append(st, X, ids):
     rec = st.model(MODEL)
-    run = st.start_run(MODEL, "src", "precomputed")
+    run = start_run(st.engine, MODEL, "src", "precomputed")
     write_batch(st, rec, samples=None, ids=list(ids), image=X, text=np.ones_like(X), run_id=run, source="src",
                    rejects=[], meta_types={})
 
@@ -251,7 +253,7 @@ def test_incremental_rerun_equals_a_full_pass_with_the_same_centroids(tmp_path):
     # deletions: the clusters that lost members are recomputed too
     from clipsql.store.manage import delete_ids
     with st.lock():
-        st.recover()
+        recover(st)
         delete_ids(st, pa.array(ids[:50]))
     assert dedup_status(st).stale == 50
     res = semdedup(st)
@@ -394,7 +396,7 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
     same()
     for st, _ in stores.values():                                 # deletions: shrunk clusters recomputed
         with st.lock():
-            st.recover()
+            recover(st)
             delete_ids(st, pa.array(ids[100:160]))
     ref = semdedup(stores["default"][0], memory_gb=2)
     res = semdedup(stores["tiny"][0])

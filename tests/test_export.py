@@ -20,6 +20,7 @@ from clipsql.queries.curation.export import export_store
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.materialize import materialize_scores
 from clipsql.store.fits import fit_stats
+from clipsql.store.ledger import committed_versions
 from clipsql.store.store import Store
 from clipsql.store.writer import CommitPolicy
 
@@ -129,7 +130,7 @@ def test_duckdb_file_opens_in_bare_duckdb_and_equals_the_store(built, tmp_path):
     assert [r[:-1] for r in got["stored"][f"stored_scores_{ka}"]] == [r[:-1] for r in stored]
     assert got["stored"][f"semdedup_{ka}"] == [r for r in dedup]
     # the record: store id, the ledger's commit, each table's committed version, clipsql's version
-    versions = st.committed_versions()
+    versions = committed_versions(st)
     meta = {r[0]: r for r in got["meta"]}
     assert meta["samples"][4] == versions["samples"] and meta["samples"][5] == 60
     assert meta[f"embeddings_{ka}"][2:5] == [a,
@@ -198,7 +199,7 @@ def test_an_export_during_a_writers_commits_shows_one_committed_version(tmp_path
     fake_id = "fake"
     first, more = write_image_folder(tmp_path / "d1", 30, seed=1), write_image_folder(tmp_path / "d2", 50, seed=2)
     ingest(st, str(first), model=fake.model, options=fake.options())
-    before_versions, before_commit = st.committed_versions(), last_commit(st)
+    before_versions, before_commit = committed_versions(st), last_commit(st)
     writer = Store.open(st.path)
     commits = []
 

@@ -9,6 +9,9 @@ import pytest
 import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
+from clipsql.store.ledger import committed_versions
+from clipsql.store.reads import count_rows
+from clipsql.store.stats import save_stats, saved_stats
 from clipsql.store.store import Store
 
 from conftest import (MODEL, ROOT, FakeEncoder, assert_stats_match_vectors, cli, wait_for, write_image_folder,
@@ -75,7 +78,7 @@ def test_killed_runs_are_marked_aborted_with_counts_from_the_ledger(tmp_path):
     cli("optimize", str(st.path))                          # any writer marks it
     assert runs() == [("aborted", 200)]
     cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
-    assert runs()[-1] == ("done", 400) and Store.open(st.path).count_rows(Store.open(st.path).model()) == 600
+    assert runs()[-1] == ("done", 400) and count_rows(Store.open(st.path), Store.open(st.path).model()) == 600
 
 
 def write_shard(path, n, seed=0):
@@ -228,7 +231,7 @@ def test_first_row_bad_vector_and_image_only_sources(tmp_path, fake512):
     p = cli("ingest", str(st2.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
     assert "added 200" in p.stdout.decode()
     st2 = Store.open(st2.path)
-    state = st2.stats(st2.model())
+    state = saved_stats(st2, st2.model())
     assert state.moments[("image", "raw")].n == 200 and state.moments[("text", "raw")].n == 0
     assert_stats_match_vectors(st2)
     from clipsql import queries
@@ -358,7 +361,7 @@ def test_full_disk_during_ingest_is_one_line_and_resumes(tmp_path):
     assert "Traceback" not in err
     cli(*args)
     st = Store.open(st.path)
-    assert st.count_rows(st.model()) == 600
+    assert count_rows(st, st.model()) == 600
     assert_stats_match_vectors(st)
     with st.engine.connect() as conn:
         assert [r[0] for r in conn.execute(sa.select(cat.ingest_runs.c.status).order_by(
@@ -394,11 +397,11 @@ def test_readers_never_migrate_and_open_the_catalog_read_only(pool_store, monkey
     monkeypatch.setattr(os, "access", lambda p, m: False if str(p) in (str(st.path), str(alone)) and m == os.W_OK
                         else real(p, m))
     im = Store.open(st.path, read_only=True)
-    assert "mode=ro" in str(im.engine.url) and im.count_rows(im.model()) == 400
+    assert "mode=ro" in str(im.engine.url) and count_rows(im, im.model()) == 400
     assert cat.sqlite_reader(str(alone / "catalog.sqlite")) == (str(alone / "catalog.sqlite"), "immutable=1")
     engine = cat.make_engine(f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True)
-    assert "immutable=1" in str(engine.url) and im.committed_versions() == Store(
-        st.path, f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True).committed_versions()
+    assert "immutable=1" in str(engine.url) and committed_versions(im) == committed_versions(Store(
+        st.path, f"sqlite:///{alone / 'catalog.sqlite'}", read_only=True))
 
 
 @pytest.mark.parametrize("damage", ["{not json", "\x00\xff\xfe", '["format"]', '{"format": "1", "store_id": 7}'])
@@ -492,7 +495,7 @@ def test_doctor_repairs_damaged_lance_data_and_stale_statistics(pool_store):
     cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "100")
     rec = st.model()
     uri = st.table_uri(rec.table_name)
-    committed = st.committed_versions()[rec.table_name]
+    committed = committed_versions(st)[rec.table_name]
     mf = [m for m in glob.glob(f"{uri}/_versions/*.manifest") if int(os.path.basename(m)[:-9]) ==
           (1 << 64) - 1 - committed][0]
     data = open(mf, "rb").read()
@@ -508,10 +511,10 @@ def test_doctor_repairs_damaged_lance_data_and_stale_statistics(pool_store):
     assert rc == 0 and [f["check"] for f in rep["findings"] if f["level"] == "warn"] == \
         [f"samples without embeddings {rec.model_id}"], rep
     st = Store.open(st.path)
-    assert st.count_rows(st.model()) == 300           # the last commit's manifest was lost
+    assert count_rows(st, st.model()) == 300           # the last commit's manifest was lost
     assert_stats_match_vectors(st)
     # a deleted data file
-    frag = lance.dataset(uri, version=st.committed_versions()[rec.table_name]).get_fragments()[-1]
+    frag = lance.dataset(uri, version=committed_versions(st)[rec.table_name]).get_fragments()[-1]
     os.unlink(os.path.join(uri, "data", frag.data_files()[0].path))
     rc, rep = doctor_json(st)
     assert rc == 1 and any("missing" in f["detail"] for f in rep["findings"]), rep
@@ -520,9 +523,9 @@ def test_doctor_repairs_damaged_lance_data_and_stale_statistics(pool_store):
     assert_stats_match_vectors(Store.open(st.path))
     # statistics that do not match the vectors
     st = Store.open(st.path)
-    state = st.stats(st.model())
+    state = saved_stats(st, st.model())
     state.moments[("image", "raw")].s1 += 1.0
-    st.save_stats(state)
+    save_stats(st, state)
     rc, rep = doctor_json(st)
     assert rc == 1 and any("differs from a recomputation" in f["detail"] for f in rep["findings"])
     assert doctor_json(st, "--repair")[0] == 0 and doctor_json(st)[0] == 0
@@ -532,7 +535,7 @@ def test_doctor_repairs_damaged_lance_data_and_stale_statistics(pool_store):
 def test_doctor_rebuilds_a_lost_catalog(pool_store):
     st = pool_store
     before = Store.open(st.path)
-    n = before.count_rows(before.model())
+    n = count_rows(before, before.model())
     st.engine.dispose()
     (st.path / "catalog.sqlite").unlink()
     for f in st.path.glob("catalog.sqlite-*"):
@@ -545,7 +548,7 @@ def test_doctor_rebuilds_a_lost_catalog(pool_store):
     assert rebuilt and "fits, targets" in rebuilt[0]["repaired"]
     st = Store.open(st.path)
     assert [m.model_id for m in st.list_models()] == [MODEL[1] + "/" + MODEL[3]]
-    assert st.count_rows(st.model()) == n and st.stats(st.model()).n == n
+    assert count_rows(st, st.model()) == n and saved_stats(st, st.model()).n == n
     assert_stats_match_vectors(st)
     assert doctor_json(st)[0] == 0
     pool = st.path.parent / "pool"
@@ -564,7 +567,7 @@ def assert_doctor_consistent(st, when):
 @pytest.mark.parametrize("first", [True, False], ids=["first-model", "second-model"])
 def test_a_kill_between_a_model_table_and_its_catalog_rows_is_recovered(tmp_path, first):
     """A kill after a new model's Lance table is created and before the catalog records it broke the
-    next ingest (KeyError: 'emb_…' in Store.commit, the run recorded failed). The next writer now
+    next ingest (KeyError: 'emb_…' in the ledger's commit, the run recorded failed). The next writer now
     adopts the empty table and the ingest completes."""
     pool = tmp_path / "pool"
     write_pool(pool, shards=1, rows=200)
@@ -579,7 +582,7 @@ def test_a_kill_between_a_model_table_and_its_catalog_rows_is_recovered(tmp_path
     p = cli(*args, check=False)
     assert p.returncode == 0 and "Traceback" not in p.stderr.decode(), p.stderr.decode()[-1500:]
     st = Store.open(st.path)
-    assert [st.count_rows(m) for m in st.list_models()] == [200] * (1 if first else 2)
+    assert [count_rows(st, m) for m in st.list_models()] == [200] * (1 if first else 2)
     with st.engine.connect() as conn:
         assert [r[0] for r in conn.execute(sa.select(cat.ingest_runs.c.status))] == ["done"] * (1 if first else 2)
     assert_doctor_consistent(st, "after the re-run")
@@ -620,7 +623,7 @@ def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_pa
             if proc.poll() is not None:
                 return True
             seen = Store.open(st.path, read_only=True)
-            return bool(seen.list_models()) and seen.count_rows(seen.model()) >= rows
+            return bool(seen.list_models()) and count_rows(seen, seen.model()) >= rows
         wait_for(reached, f"{rows} committed rows", deadline=300)
         proc.send_signal(signal.SIGKILL)
         killed += proc.wait() == -9
@@ -652,7 +655,7 @@ def test_fault_injection_doctor_finds_a_consistent_store_after_every_kill(tmp_pa
         cli(*args)
         assert_doctor_consistent(st, f"after {args[0]}")
     st = Store.open(st.path)
-    assert st.count_rows(st.model()) == 5 * 400 - 400        # shards 0-4, then shard 3 deleted
+    assert count_rows(st, st.model()) == 5 * 400 - 400        # shards 0-4, then shard 3 deleted
     assert_stats_match_vectors(st)
     rc, rep = doctor_json(st, "--repair")
     assert rc == 0 and doctor_json(st)[1]["warnings"] == 0
@@ -664,7 +667,7 @@ def test_damaged_bytes_and_missing_data_files_are_one_line(pool_store):
     st = pool_store
     rec = st.model()
     uri = st.table_uri(rec.table_name)
-    frag = lance.dataset(uri, version=st.committed_versions()[rec.table_name]).get_fragments()[0]
+    frag = lance.dataset(uri, version=committed_versions(st)[rec.table_name]).get_fragments()[0]
     os.unlink(os.path.join(uri, "data", frag.data_files()[0].path))
     for args in (("stats", "refresh", str(st.path)), ("query", str(st.path), "SELECT avg(raw_norm(image_embedding)) "
                                                                               "FROM embeddings")):

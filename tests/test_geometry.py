@@ -13,6 +13,8 @@ from clipsql import queries
 from clipsql.kernels.geometry import compute_geometry, logistic_separator
 from clipsql.queries.present.geometry import geometry_report
 from clipsql.kernels.arrays import to_numpy
+from clipsql.store.reads import read_embeddings
+from clipsql.store.stats import saved_stats
 from clipsql.store.store import Store
 
 from _small_demo import small_demo_store
@@ -122,7 +124,7 @@ def test_report_on_demo_store(demo_store, tmp_path):
     res = geometry_report(demo_store, output=out)
     data = json.loads((out / "report.json").read_text())
     st = Store.open(demo_store)
-    tbl = st.read_embeddings(st.model())
+    tbl = read_embeddings(st, st.model())
     I = to_numpy(tbl.column("image_embedding")).astype(np.float64)
     T = to_numpy(tbl.column("text_embedding")).astype(np.float64)
     assert data["rows"] == len(I) == 300 and data["dim"] == I.shape[1]
@@ -158,7 +160,7 @@ def test_vslerp_sql(demo_store):
                vslerp(a.image_embedding, b.image_embedding, 1.0, 1.0, NULL) AS v1
         FROM e a JOIN e b ON b.rn = a.rn + 1 WHERE a.rn <= 40 ORDER BY a.rn""").fetchall()
     st = Store.open(demo_store)
-    state = st.stats(st.model())
+    state = saved_stats(st, st.model())
     m_i, m_t = state.moments[("image", "raw")].mean, state.moments[("text", "raw")].mean
     d = st.model().dim
 

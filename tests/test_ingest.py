@@ -17,6 +17,8 @@ from PIL import Image
 
 from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.errors import ModelError, StoreLocked
+from clipsql.store.reads import count_rows
+from clipsql.store.stats import saved_stats
 from clipsql.store.store import Store
 
 from conftest import (ROOT, assert_stats_match_vectors, sample_ids, stored_vectors, wait_for, write_image_folder,
@@ -35,7 +37,7 @@ def test_folder_ingest_is_idempotent_and_stats_match(store, image_folder, fake_e
     s2 = ingest(store, str(image_folder), model=fake.model, options=fake.options(batch_size=8))
     assert s2.added == 0 and s2.skipped == 40
     assert (fake.loads, fake.images, fake.texts) == (1, 40, 40)      # nothing loaded or encoded again
-    assert store.count_rows(store.model()) == 40
+    assert count_rows(store, store.model()) == 40
     assert_stats_match_vectors(store)
     # raw vectors are stored (normalize=False): norms are not all 1
     _, img, _ = stored_vectors(store)
@@ -84,7 +86,7 @@ def test_stored_ids_are_skipped_before_decoding_and_before_loading_the_model(sto
     s = ingest(store, str(tmp_path / "more"), model=fake.model, options=fake.options(batch_size=8))
     assert (s.added, s.skipped) == (10, 20)
     assert (fake.loads, fake.images, len(decodes)) == (2, 30, 30)    # only the new ones decoded and encoded
-    assert store.count_rows(store.model()) == 30
+    assert count_rows(store, store.model()) == 30
     assert_stats_match_vectors(store)
 
 
@@ -268,12 +270,12 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, tiny_model, kill_at):
     st = Store.open(tmp_path / "s")
 
     def reached() -> bool:
-        return p.poll() is not None or bool(st.list_models()) and st.count_rows(st.model()) >= kill_at
+        return p.poll() is not None or bool(st.list_models()) and count_rows(st, st.model()) >= kill_at
     wait_for(reached, f"{kill_at} committed rows", deadline=300)
     p.send_signal(signal.SIGKILL)
     p.wait()
     if st.list_models():     # what a reader sees after the kill: whole commits, statistics current
-        assert st.stats(st.model()).n == st.count_rows(st.model())
+        assert saved_stats(st, st.model()).n == count_rows(st, st.model())
         assert_stats_match_vectors(st)
     rerun = _run_cli(*args)
     out, err = rerun.communicate(timeout=120)
@@ -336,7 +338,7 @@ def test_images_without_captions_allowed_and_faults_reported_first(tmp_path, fak
     ids, img, txt = stored_vectors(st2)
     assert np.isnan(txt[:, 0]).sum() == 4 and not np.isnan(img).any()
     assert_stats_match_vectors(st2)
-    state = st2.stats(st2.model())
+    state = saved_stats(st2, st2.model())
     assert state.moments[("image", "raw")].n == 10 and state.moments[("text", "raw")].n == 6
     from clipsql.store.fits import fit_stats
     fit_stats(st2, reference_size=100)

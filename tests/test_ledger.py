@@ -12,6 +12,9 @@ import pytest
 
 from clipsql.ingest.pipeline import ingest
 from clipsql.kernels.moments import RunningMoments
+from clipsql.store.ledger import committed_versions, recover
+from clipsql.store.reads import count_rows, read_embeddings
+from clipsql.store.stats import saved_stats
 from clipsql.store.store import Store
 from clipsql.store.writer import CommitPolicy
 
@@ -44,8 +47,8 @@ def assert_consistent_snapshot(st):
     if not st.list_models():
         return
     rec = st.model()
-    assert st.stats(rec).n == st.count_rows(rec)
-    emb = set(st.read_embeddings(rec, columns=("id",)).column("id").to_pylist())
+    assert saved_stats(st, rec).n == count_rows(st, rec)
+    emb = set(read_embeddings(st, rec, columns=("id",)).column("id").to_pylist())
     assert emb <= set(sample_ids(st))
     if emb:
         assert_stats_match_vectors(st)
@@ -74,7 +77,7 @@ def test_kill_at_a_commit_boundary_then_rerun_is_exact(pool, tmp_path, reference
     assert p.returncode == -9
     st = Store.open(st.path)
     assert_consistent_snapshot(st)
-    assert st.count_rows(st.model()) == 1000
+    assert count_rows(st, st.model()) == 1000
     cli(*args)
     assert_same_store(Store.open(st.path), reference)
 
@@ -138,9 +141,9 @@ def test_kill_during_a_compaction_of_a_long_run_loses_nothing(pool, tmp_path, re
     assert p.returncode == -9
     st = Store.open(st.path)
     assert_consistent_snapshot(st)
-    assert st.count_rows(st.model()) == 1500
+    assert count_rows(st, st.model()) == 1500
     # `samples` was compacted in Lance (the first table past the bound), the ledger not moved
-    assert lance.dataset(st.table_uri("samples")).version > st.committed_versions()["samples"]
+    assert lance.dataset(st.table_uri("samples")).version > committed_versions(st)["samples"]
     cli(*args)
     assert_same_store(Store.open(st.path), reference)
 
@@ -155,7 +158,7 @@ def test_kill_during_one_large_commit_leaves_nothing_visible(pool, tmp_path, ref
     assert p.returncode == -9
     st = Store.open(st.path)
     rec = st.model()
-    assert st.count_rows(rec) == 0 and st.samples_table().count_rows() == 0
+    assert count_rows(st, rec) == 0 and st.samples_table().count_rows() == 0
     assert lance.dataset(st.table_uri(rec.table_name)).count_rows() == 3000     # there, but not committed
     assert_consistent_snapshot(st)
     cli(*args)
@@ -324,14 +327,14 @@ def test_readers_ignore_lance_versions_the_ledger_has_not_committed(pool, tmp_pa
     st = Store.init(tmp_path / "s")
     ingest(st, str(pool), model=fake.model, options=fake.options(id_column="key"))
     rec = st.model()
-    before = st.count_rows(rec)
+    before = count_rows(st, rec)
     ds = lance.dataset(st.table_uri(rec.table_name))
     lance.write_dataset(ds.to_table(limit=10), ds.uri, mode="append")     # a commit the catalog never saw
-    assert st.count_rows(rec) == before
+    assert count_rows(st, rec) == before
     from clipsql.queries.sql.db import connect
     assert connect(st).sql("SELECT count(*) FROM embeddings").fetchall()[0][0] == before
     with st.lock():
-        assert st.recover() == {rec.table_name: 10}
+        assert recover(st) == {rec.table_name: 10}
     assert lance.dataset(ds.uri).count_rows() == before
 
 

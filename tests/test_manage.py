@@ -9,6 +9,10 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pytest
 
+from clipsql.store.fit_rows import latest_fit
+from clipsql.store.ledger import committed_versions
+from clipsql.store.reads import count_rows
+from clipsql.store.stats import saved_stats
 from clipsql.store.store import Store
 
 from conftest import MODEL, assert_stats_match_vectors, cli, sample_ids, stored_vectors, write_image_folder, write_pool
@@ -58,15 +62,15 @@ def test_models_rm_removes_everything_of_the_model(two_models):
     assert "1200 embedding rows, 1 fit(s)" in out and f"default model now: {b}" in out
     st = Store.open(st.path)
     assert model_ids(st) == [b] and st.model().model_id == b
-    assert table not in st.committed_versions()          # the catalog forgot it; its files stay for the
+    assert table not in committed_versions(st)          # the catalog forgot it; its files stay for the
     assert table in st.table_names()                     # retention (sessions opened before read them)
-    assert st.latest_fit(st.model(b)) is None and len(sample_ids(st)) == 1200   # samples stay
+    assert latest_fit(st, st.model(b)) is None and len(sample_ids(st)) == 1200   # samples stay
     assert_stats_match_vectors(st, b)
     # ingesting the removed model again starts from nothing (its source units were forgotten, the kept
     # table is deleted first)
     cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress")
     st = Store.open(st.path)
-    assert st.count_rows(st.model(a)) == 1200
+    assert count_rows(st, st.model(a)) == 1200
     assert_stats_match_vectors(st, a)
 
 
@@ -77,7 +81,7 @@ def test_delete_downdates_statistics_exactly_and_marks_fits_stale(two_models):
     where = "id LIKE '000%' AND CAST(substr(id, 4) AS INTEGER) % 3 = 0"
     dry = cli("delete", str(st.path), "--where", where, "--dry-run").stdout.decode()
     assert "would delete 200 samples" in dry
-    assert Store.open(st.path).count_rows(st.model(a)) == 1200
+    assert count_rows(Store.open(st.path), st.model(a)) == 1200
     before_ids, _, _ = stored_vectors(st, a)
     out = cli("delete", str(st.path), "--where", where).stdout.decode()
     assert "deleted 200 samples (200 from" in out and "now stale" in out
@@ -104,7 +108,7 @@ def test_delete_everything_leaves_empty_statistics(two_models):
     cli("delete", str(st.path), "--where", "true")
     st = Store.open(st.path)
     for m in st.list_models():
-        assert st.count_rows(m) == 0 and st.stats(m).n == 0
+        assert count_rows(st, m) == 0 and saved_stats(st, m).n == 0
 
 
 @pytest.mark.parametrize("point", ["delete:after-lance", "models-rm:after-catalog"])
@@ -117,13 +121,13 @@ def test_kill_during_delete_or_rm_leaves_a_consistent_store(two_models, point):
     assert p.returncode == -9
     st = Store.open(st.path)
     for m in st.list_models():                  # what a reader sees: consistent, statistics current
-        assert st.stats(m).n == st.count_rows(m)
+        assert saved_stats(st, m).n == count_rows(st, m)
         assert_stats_match_vectors(st, m.model_id)
     if point.startswith("delete"):
-        assert st.count_rows(st.model(a)) == 1200        # not committed: nothing deleted
+        assert count_rows(st, st.model(a)) == 1200        # not committed: nothing deleted
         cli(*args)                                       # the next writer rolls back, then deletes
         st = Store.open(st.path)
-        assert st.count_rows(st.model(a)) == 600 and len(sample_ids(st)) == 600
+        assert count_rows(st, st.model(a)) == 600 and len(sample_ids(st)) == 600
         for m in (a, b):
             assert_stats_match_vectors(st, m)
     else:

@@ -9,6 +9,8 @@ import pytest
 
 import clipsql.kernels.moments as km
 from clipsql.store import writer as writer_mod
+from clipsql.store.runs import start_run
+from clipsql.store.stats import saved_stats
 from clipsql.store.writer import Writer
 
 
@@ -91,10 +93,10 @@ def test_writer_reports_the_folds_cpu_not_their_waits(store, monkeypatch):
         km.fold_pair(raw, normalized, X)
 
     monkeypatch.setattr(writer_mod, "fold_pair", waiting_fold)
-    w = Writer(store, rec, run_id=store.start_run("m", "src", "precomputed"), source="src")
+    w = Writer(store, rec, run_id=start_run(store.engine, "m", "src", "precomputed"), source="src")
     rng = np.random.default_rng(0)
     w.add(None, pa.array(["a", "b", "c"]), rng.normal(size=(3, 4)), rng.normal(size=(3, 4)))
     w.commit()
     w.close()
-    assert store.stats(rec).n == 3
+    assert saved_stats(store, rec).n == 3
     assert w.fold_seconds < 0.2                      # two folds waited 0.3 s each: 0.6 s of wall

@@ -15,6 +15,8 @@ from clipsql.queries.curation.selection import select
 from clipsql.queries.curation.targets import add_target
 from clipsql.store import catalog as cat
 from clipsql.kernels.arrays import to_numpy
+from clipsql.store.reads import read_embeddings
+from clipsql.store.stats import refresh_stats, saved_stats
 from clipsql.store.store import Store
 
 pytestmark = pytest.mark.postgres
@@ -63,7 +65,7 @@ def test_a_postgres_catalog_gives_the_same_numbers_as_sqlite(tmp_path, pg_server
 
     # running statistics: equal to a from-scratch float64 computation, on both catalogs
     for st in (pg_store, stores["sqlite"]):
-        state = st.stats(st.model())
+        state = saved_stats(st, st.model())
         for modality, X in (("image", img), ("text", txt)):
             m = state.moments[(modality, "raw")]
             X64 = X.astype(np.float64)
@@ -96,10 +98,10 @@ def test_images_and_rejects_through_a_postgres_catalog(tmp_path, pg_server, tiny
     rows = fetch(st, "SELECT location, reason FROM rejects")
     assert len(rows) == 1 and rows[0][0].endswith("broken.png")
     assert fetch(st, "SELECT count(*) FROM embeddings")[0][0] == 40
-    state = st.stats(st.model())
-    refreshed = st.refresh_stats(st.model())          # recomputed from the stored vectors
+    state = saved_stats(st, st.model())
+    refreshed = refresh_stats(st, st.model())          # recomputed from the stored vectors
     np.testing.assert_allclose(refreshed.moments[("image", "raw")].mean, state.moments[("image", "raw")].mean,
                                rtol=1e-12)
-    vecs = to_numpy(st.read_embeddings(st.model(), columns=("image_embedding",)).column("image_embedding"))
+    vecs = to_numpy(read_embeddings(st, st.model(), columns=("image_embedding",)).column("image_embedding"))
     np.testing.assert_allclose(state.moments[("image", "raw")].mean, vecs.astype(np.float64).mean(0),
                                rtol=1e-9, atol=1e-12)

@@ -9,11 +9,13 @@ import pytest
 from clipsql import queries
 from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.queries.sql.cli_query import run_query
+from clipsql.store.fit_rows import latest_fit
 from clipsql.store.fits import fit_stats, load_fit
 from clipsql.errors import QueryError, StatsError
 from clipsql.kernels.arrays import to_numpy
 from clipsql.models import device as DV
 from clipsql.queries.sql.functions import udf_error
+from clipsql.store.reads import read_embeddings
 from clipsql.store.store import Store
 
 FAST = IngestOptions(batch_size=64, workers=0, progress=False)
@@ -46,7 +48,7 @@ def fetch(con, sql):
 
 
 def stored(st):
-    tbl = st.read_embeddings(st.model()).sort_by("id")
+    tbl = read_embeddings(st, st.model()).sort_by("id")
     return tbl.column("id").to_pylist(), to_numpy(tbl.column("image_embedding")), to_numpy(tbl.column("text_embedding"))
 
 
@@ -255,7 +257,7 @@ def test_fit_is_deterministic_and_versioned(scored_store):
     b = fit_stats(st, reference_size=100, seed=11)
     c = fit_stats(st, reference_size=100, seed=12)
     fa, ra = load_fit(st, st.model())
-    rows = st.latest_fit(st.model())
+    rows = latest_fit(st, st.model())
     assert b.fit_id == a.fit_id + 1 == c.fit_id - 1
     assert rows["options"]["seed"] == 12 and rows["options"]["data_version"] >= 1
     from clipsql.store import catalog as cat
@@ -284,7 +286,7 @@ def test_approximation_tracks_exact_kl(scored_store):
     M = 250 that the approximation, fitted on the whole reference, does not follow (R² over every
     row 0.979 for text, 0.985 with the own pairs kept in)."""
     con = queries.connect(scored_store)
-    ref_ids = set(scored_store.latest_fit(scored_store.model(), with_reference=True)["arrays"]["ref_ids"].tolist())
+    ref_ids = set(latest_fit(scored_store, scored_store.model(), with_reference=True)["arrays"]["ref_ids"].tolist())
     for m in ("image", "text"):
         rows = fetch(con, f"SELECT id, {m}_info_gain, {m}_info_gain_approx FROM scores")
         outside = np.array([r[0] not in ref_ids for r in rows])
@@ -420,7 +422,7 @@ def test_first_loads_happen_once_even_when_duckdb_threads_race(scored_store):
     class SlowSnapshot:
         store = scored_store
         model = _Overlap(result=rec)
-        fit_with_arrays = _Overlap(result=scored_store.latest_fit(rec, with_reference=True))
+        fit_with_arrays = _Overlap(result=latest_fit(scored_store, rec, with_reference=True))
 
     ctx = ScoreContext(SlowSnapshot())
     recs = _on_threads(lambda: ctx.model(None))
@@ -498,7 +500,7 @@ def test_two_models_never_score_with_the_wrong_fit(tmp_path, tiny_model, tiny_si
     rows = fetch(con, "SELECT model, id, image_info_gain, text_info_gain_approx FROM scores ORDER BY model, id")
     assert {r[0] for r in rows} == {clip.model_id, sig.model_id} and len(rows) == 60
     for m in (clip, sig):
-        tbl = st.read_embeddings(m).sort_by("id")
+        tbl = read_embeddings(st, m).sort_by("id")
         f, row = load_fit(st, m)
         where = {r: j for j, r in enumerate(row["arrays"]["ref_ids"].tolist())}
         ref = np.array([where.get(i, -1) for i in tbl.column("id").to_pylist()])     # own pairs out (§1)

@@ -14,6 +14,7 @@ from clipsql.queries.curation.selection import count_for, select
 from clipsql.queries.curation.targets import add_target
 from clipsql.errors import ClipsqlError, SelectionError
 from clipsql.kernels.arrays import to_numpy
+from clipsql.store.reads import read_embeddings
 from clipsql.store.store import Store
 
 from conftest import clip_like
@@ -52,7 +53,7 @@ def pool_store(tmp_path_factory, tiny_model):
 
 
 def rows(st):
-    tbl = st.read_embeddings(st.model()).sort_by("id")
+    tbl = read_embeddings(st, st.model()).sort_by("id")
     return (np.array(tbl.column("id").to_pylist()), to_numpy(tbl.column("image_embedding")).astype(np.float64),
             to_numpy(tbl.column("text_embedding")).astype(np.float64))
 

@@ -11,6 +11,9 @@ import lance
 import numpy as np
 import pytest
 
+from clipsql.store.fit_rows import latest_fit
+from clipsql.store.ledger import committed_versions
+from clipsql.store.reads import count_rows
 from clipsql.store.store import Store
 
 from conftest import assert_stats_match_vectors, sample_ids
@@ -60,7 +63,7 @@ def table_of(st, which):
 def lose_data_file(st, which, k=2):
     """Delete the data file of the k-th fragment (one commit's rows) of the committed version."""
     uri = st.table_uri(table_of(st, which))
-    frag = lance.dataset(uri, version=st.committed_versions()[table_of(st, which)]).get_fragments()[k]
+    frag = lance.dataset(uri, version=committed_versions(st)[table_of(st, which)]).get_fragments()[k]
     assert frag.count_rows() == COMMIT
     os.unlink(os.path.join(uri, "data", frag.data_files()[0].path))
 
@@ -68,7 +71,7 @@ def lose_data_file(st, which, k=2):
 def truncate_newest_manifest(st, which):
     name = table_of(st, which)
     uri = st.table_uri(name)
-    committed = st.committed_versions()[name]
+    committed = committed_versions(st)[name]
     mf = [m for m in glob.glob(f"{uri}/_versions/*.manifest")
           if int(os.path.basename(m)[:-len(".manifest")]) == (1 << 64) - 1 - committed][0]
     data = open(mf, "rb").read()
@@ -88,9 +91,9 @@ def test_repair_keeps_what_reads_and_a_reingest_restores_the_rest(store, pool, r
     rec = st.model()
     # a lost file costs its own commit's rows, a damaged newest manifest the last commit's: no more
     if which == "embeddings":
-        assert (st.count_rows(rec), len(sample_ids(st))) == (ROWS - COMMIT, ROWS)
+        assert (count_rows(st, rec), len(sample_ids(st))) == (ROWS - COMMIT, ROWS)
     else:        # intact embeddings are never deleted: only their samples were lost
-        assert (st.count_rows(rec), len(sample_ids(st))) == (ROWS, ROWS - COMMIT)
+        assert (count_rows(st, rec), len(sample_ids(st))) == (ROWS, ROWS - COMMIT)
     assert rep.get("lost_rows") == COMMIT, rep
     lost = [f for f in rep["findings"] if f["check"].startswith("lost")]
     assert lost and str(COMMIT) in lost[0]["detail"] and "ingest" in lost[0]["detail"], rep
@@ -127,7 +130,7 @@ def test_repair_of_a_lost_data_file_after_compaction(pool, reference, tmp_path, 
     st = Store.open(st.path)
     name = st.model().table_name
     uri = st.table_uri(name)
-    frags = lance.dataset(uri, version=st.committed_versions()[name]).get_fragments()
+    frags = lance.dataset(uri, version=committed_versions(st)[name]).get_fragments()
     assert len(frags) == 1 and frags[0].count_rows() == ROWS
     os.unlink(os.path.join(uri, "data", frags[0].data_files()[0].path))
     rc, rep = doctor_json(st, "--repair")
@@ -139,7 +142,7 @@ def test_repair_of_a_lost_data_file_after_compaction(pool, reference, tmp_path, 
         rc, rep = doctor_json(st)
         assert rc == 0 and rep["warnings"] == 0, rep
         return
-    assert st.count_rows(st.model()) == 0
+    assert count_rows(st, st.model()) == 0
     assert rc == 0 and rep.get("lost_rows") == ROWS, rep
     cli(*ingest_args(st, pool))
     assert_same_store(Store.open(st.path), reference)
@@ -157,7 +160,7 @@ def test_a_rollback_past_a_delete_deletes_the_rows_again(store):
     again = [f for f in rep["findings"] if f["check"] == "deletions"]
     assert again and "30 ids recorded as deleted are stored again" in again[0]["detail"] and again[0]["repaired"]
     st = Store.open(st.path)
-    assert st.count_rows(st.model()) == ROWS - 30 and len(sample_ids(st)) == ROWS - 30
+    assert count_rows(st, st.model()) == ROWS - 30 and len(sample_ids(st)) == ROWS - 30
     assert_stats_match_vectors(st)
     rc, rep = doctor_json(st)
     assert rc == 0 and rep["warnings"] == 0, rep
@@ -192,7 +195,7 @@ def test_damaged_catalog_blobs_are_found_dropped_or_rebuilt_and_readers_say_so_i
     cli("target", "add", path, "t", "--query", "SELECT image_embedding FROM embeddings LIMIT 50")
     cli("score", path, "--columns", "image_info_gain")
     st = Store.open(store.path)
-    fit = st.latest_fit(st.model(), with_arrays=False)["fit_id"]
+    fit = latest_fit(st, st.model(), with_arrays=False)["fit_id"]
     before = cli("query", path, "SELECT round(norm_sim_2(image_embedding, 't'), 9) FROM embeddings ORDER BY id "
                  "LIMIT 5", "--format", "csv").stdout
     flip_blob(st, "fits", "arrays", f"fit_id = {fit}")
@@ -211,7 +214,7 @@ def test_damaged_catalog_blobs_are_found_dropped_or_rebuilt_and_readers_say_so_i
     rc, rep = doctor_json(st)
     assert rc == 0 and rep["consistent"], [f for f in rep["findings"] if f["level"] != "ok"]
     st = Store.open(store.path)
-    assert st.latest_fit(st.model(), with_arrays=False) is None
+    assert latest_fit(st, st.model(), with_arrays=False) is None
     assert_stats_match_vectors(st)
     err = one_line_error(cli("query", path, "SELECT image_info_gain FROM scores LIMIT 3", check=False))
     assert "stats fit" in err, err

@@ -14,6 +14,8 @@ from clipsql.kernels import topk as kernels
 from clipsql.queries.search.index import build_index
 from clipsql.errors import ClipsqlError, QueryError
 from clipsql.kernels.arrays import to_numpy
+from clipsql.store.ledger import committed_versions
+from clipsql.store.reads import count_rows, read_embeddings
 from clipsql.store.store import Store
 from clipsql.store.vector_index import index_search
 
@@ -67,7 +69,7 @@ def big(tmp_path_factory, tiny_model):
 
 
 def stored(st, column="image_embedding"):
-    tbl = st.read_embeddings(st.model()).sort_by("id")
+    tbl = read_embeddings(st, st.model()).sort_by("id")
     return np.array(tbl.column("id").to_pylist()), to_numpy(tbl.column(column)).astype(np.float64)
 
 
@@ -232,7 +234,7 @@ def test_a_huge_k_is_capped_at_the_row_count_and_a_bad_k_is_one_line(big, small)
     from conftest import cli as run
     if not [i for i in big.embeddings_table(big.model()).describe_indices() if list(i.field_names) != ["id"]]:
         build_index(big, kind="ivf_pq", seed=2)
-    n = big.count_rows(big.model())
+    n = count_rows(big, big.model())
     p = run("search", str(big.path), "--like", "b00007", "-k", "1000000000000", "--format", "json", check=False)
     assert p.returncode == 0, p.stderr.decode()[-2000:]
     res = json.loads(p.stdout)
@@ -272,7 +274,7 @@ def test_optimize_folds_rows_added_after_the_build_into_the_vector_index(big, ti
     load(big, write(big.tmp_root / "later.parquet", ["later0"], q[None, :], q[None, :]), tiny_model)
 
     def unindexed():
-        ds = big.embeddings_table(big.model(), big.committed_versions()[big.model().table_name])
+        ds = big.embeddings_table(big.model(), committed_versions(big)[big.model().table_name])
         return [int(ds.stats.index_stats(i.name)["num_unindexed_rows"]) for i in ds.describe_indices()
                 if list(i.field_names) != ["id"]]
     assert max(unindexed()) >= 1
@@ -299,7 +301,7 @@ def test_ingest_leaves_a_vector_index_stale_and_says_so(tmp_path, tiny_model, mo
     table = st.model().table_name
     assert summary.maintenance.tables[table].vector_index_stale == 1
     assert summary.maintenance.tables[table].vector_index is None
-    ds = st.embeddings_table(st.model(), st.committed_versions()[table])
+    ds = st.embeddings_table(st.model(), committed_versions(st)[table])
     assert [int(ds.stats.index_stats(i.name)["num_unindexed_rows"]) for i in ds.describe_indices()
             if list(i.field_names) != ["id"]] == [1]
     assert nearest(queries.connect(st), "?::FLOAT[16], 1", [q.tolist()])[0] == ["late0"]

@@ -15,10 +15,12 @@ from clipsql.queries.curation.delete import delete_where, ids_where
 from clipsql.queries.sql.db import connect
 from clipsql.store import catalog as cat
 from clipsql.store.drops import DROP_PREFIX
+from clipsql.store.fit_rows import get_fit, latest_fit
 from clipsql.store.fits import fit_stats
 from clipsql.store.maintenance import optimize
 from clipsql.store.manage import remove_model
 from clipsql.store.snapshot import Snapshot
+from clipsql.store.stats import load_stats_in, saved_stats
 from clipsql.store.store import Store
 
 from conftest import cli, write_image_folder
@@ -86,19 +88,19 @@ def test_one_catalog_read_never_mixes_two_commits(two_model_store, monkeypatch):
     """A commit landing while a snapshot is being read is not seen, in any part of it."""
     st, a, b = two_model_store
     writer = Store.open(st.path)
-    n_before = {m.model_id: st.stats(m).n for m in st.list_models()}
-    original = Store.load_stats_in
+    n_before = {m.model_id: saved_stats(st, m).n for m in st.list_models()}
+    original = load_stats_in
     landed = []
 
-    def load_stats_in(self, conn, model):
+    def load_stats_landing(conn, model, path):
         if not landed:                          # between the reads of one snapshot: a writer commits
             with writer.engine.begin() as w:
                 w.execute(sa.update(cat.running_stats).values(n=cat.running_stats.c.n + 1000))
                 w.execute(sa.delete(cat.models).where(cat.models.c.model_id == b))
             landed.append(True)
-        return original(self, conn, model)
+        return original(conn, model, path)
 
-    monkeypatch.setattr(Store, "load_stats_in", load_stats_in)
+    monkeypatch.setattr("clipsql.store.snapshot.load_stats_in", load_stats_landing)
     snap = Snapshot.read(Store.open(st.path, read_only=True))
     assert landed
     assert [m.model_id for m in snap.models] == [a, b]
@@ -123,7 +125,7 @@ def _age_drops(st, hours):
 def test_a_killed_models_rm_is_swept_by_the_next_writer_after_the_retention(two_model_store):
     st, a, b = two_model_store
     table = st.model(b).table_name
-    fit_b = st.latest_fit(st.model(b), with_arrays=False)["fit_id"]
+    fit_b = latest_fit(st, st.model(b), with_arrays=False)["fit_id"]
     held = connect(st)
     p = cli("models", "rm", st.path, b, env={"CLIPSQL_FAULT": "models-rm:after-catalog"}, check=False)
     assert p.returncode == -9
@@ -137,7 +139,7 @@ def test_a_killed_models_rm_is_swept_by_the_next_writer_after_the_retention(two_
     _age_drops(st, 25)
     fit_stats(st, a, reference_size=10)         # the next writer past it (not an ingest, not optimize)
     assert table not in st.table_names()
-    assert st.get_fit(fit_b, with_arrays=False) is None          # the removed model's fit goes with it
+    assert get_fit(st, fit_b, with_arrays=False) is None          # the removed model's fit goes with it
     with st.engine.connect() as conn:
         assert not conn.execute(sa.select(cat.settings.c.key).where(
             cat.settings.c.key.like(DROP_PREFIX + "%"))).all()

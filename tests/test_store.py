@@ -6,6 +6,8 @@ import pytest
 from clipsql.store import catalog as cat
 from clipsql.errors import DimensionMismatch, StoreLocked, StoreNotFound
 from clipsql.kernels.moments import RunningMoments
+from clipsql.store.runs import start_run
+from clipsql.store.stats import saved_stats, sync_stats, uncovered_rows
 from clipsql.store.store import Store
 from clipsql.store.writer import write_batch
 
@@ -65,7 +67,7 @@ def test_register_model_refuses_dim_change(store):
 def test_write_batch_refuses_wrong_dim(store):
     rec = store.register_model(model_id="m", kind="clip", dim=8, logit_scale=100.0, logit_bias=None,
                                context_length=77, spec={})
-    run = store.start_run("m", "src", "folder")
+    run = start_run(store.engine, "m", "src", "folder")
     with pytest.raises(DimensionMismatch, match="dim 8"):
         write_batch(store, rec, samples=None, ids=["a"], image=np.ones((1, 7)), text=np.ones((1, 7)), seq=1,
                           run_id=run, source="src", rejects=[], meta_types={})
@@ -88,15 +90,15 @@ def test_stats_roundtrip_through_catalog(store):
                                context_length=None, spec={})
     rng = np.random.default_rng(1)
     img, txt = rng.normal(size=(10, 4)), rng.normal(size=(10, 4))
-    run = store.start_run("m", "src", "precomputed")
+    run = start_run(store.engine, "m", "src", "precomputed")
     write_batch(store, rec, samples=None, ids=[str(i) for i in range(10)], image=img, text=txt, seq=1, run_id=run,
                       source="src", rejects=[], meta_types={})
     # nothing saved the statistics (as if killed right after the Lance commit): sync folds the batch in
-    state = store.sync_stats(rec)
+    state = sync_stats(store, rec)
     assert state.n == 10 and state.covered_seq == 1
-    again = store.stats(rec)
+    again = saved_stats(store, rec)
     np.testing.assert_allclose(again.moments[("image", "raw")].mean, img.astype(np.float32).mean(0), rtol=1e-6)
-    assert store.uncovered_rows(rec) == 0
+    assert uncovered_rows(store, rec) == 0
 
 
 @pytest.mark.parametrize("url, message", [

@@ -14,6 +14,7 @@ from clipsql import queries
 from clipsql.errors import StoreLocked, TagError
 from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.store import tags
+from clipsql.store.ledger import committed_versions
 from clipsql.store.store import Store
 
 from conftest import clip_like
@@ -78,7 +79,7 @@ def test_bad_tags_and_unknown_ids_change_nothing(tag_store):
     with pytest.raises(TagError, match="not samples of this store"):
         tags.add_tags(st, ["r0001", "nope"], "reject")
     assert tagged(st, "reject") == []
-    assert "tags" not in st.committed_versions() or tags.read(st).num_rows == 0
+    assert "tags" not in committed_versions(st) or tags.read(st).num_rows == 0
 
 
 def test_a_reader_keeps_its_snapshot_and_the_next_one_sees_the_commit(tag_store):
@@ -142,14 +143,14 @@ def test_a_kill_between_lance_and_the_ledger_loses_nothing_committed(tag_store, 
                        env=dict(os.environ, CLIPSQL_FAULT="tags:after-lance"))
     assert p.returncode == -9, p.stderr.decode()[-2000:]
     import lance
-    assert lance.dataset(st.table_uri("tags")).version > st.committed_versions()["tags"]   # a version beyond the ledger
+    assert lance.dataset(st.table_uri("tags")).version > committed_versions(st)["tags"]   # a version beyond the ledger
     assert tagged(st, "reject") == ["r0001", "r0002"]
     d = cli("doctor", str(st.path), "--format", "json", check=False)
     rep = json.loads(d.stdout)
     assert d.returncode == 0, [f for f in rep["findings"] if f["level"] == "error"]
     assert any(f["check"] == "table tags" and f["level"] == "warn" for f in rep["findings"])
     tags.add_tags(Store.open(st.path), ["r0010"], "keep")          # the next writer recovers first
-    assert lance.dataset(st.table_uri("tags")).version == st.committed_versions()["tags"]
+    assert lance.dataset(st.table_uri("tags")).version == committed_versions(st)["tags"]
     assert tagged(st, "reject") == ["r0001", "r0002"] and tagged(st, "keep") == ["r0010"]
     d = cli("doctor", str(st.path), "--format", "json", check=False)
     assert d.returncode == 0 and json.loads(d.stdout)["warnings"] == 0

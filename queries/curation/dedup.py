@@ -66,7 +66,8 @@ from clipsql.kernels.semdedup import inverse_norms, removable, unit32
 from clipsql.lazy import tqdm
 from clipsql.models import device as DV
 from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 from clipsql.store.tables import centroids_table_name, dedup_table_name
 
 META_KEY = "clipsql"

@@ -20,6 +20,7 @@ from clipsql.queries.sql.cli_query import fetch_table
 from clipsql.queries.sql.condition import ConditionError, check_condition
 from clipsql.queries.sql.db import connect
 from clipsql.store.deletions import RestoreResult, restore_ids
+from clipsql.store.ledger import recover
 from clipsql.store.manage import DeleteResult, delete_ids
 from clipsql.store.store import Store
 
@@ -45,7 +46,7 @@ def ids_where(st: Store, where: str, view: str = "samples", con: Any = None) -> 
 def delete_where(st: Store, where: str, *, dry_run: bool = False) -> DeleteResult:
     """Delete matching samples and their embeddings; returns what was (or would be) deleted."""
     with st.lock():
-        st.recover()
+        recover(st)
         ids = ids_where(st, where)
         if dry_run:
             rows = {}
@@ -59,7 +60,7 @@ def undelete_where(st: Store, where: str, *, dry_run: bool = False) -> RestoreRe
     """Remove the deletions records matching `where` (SQL on the `deletions` view), so that the
     next ingest of their source restores those ids; returns how many and the sources to re-ingest."""
     with st.lock():
-        st.recover()
+        recover(st)
         ids = ids_where(st, where, view="deletions")
         if dry_run:
             return RestoreResult(ids=len(ids), dry_run=True)

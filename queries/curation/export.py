@@ -48,8 +48,9 @@ from clipsql.lazy import duckdb, tqdm
 from clipsql.queries.curation.delete import ids_where
 from clipsql.queries.sql.db import connect, quote_ident, quote_literal
 from clipsql.store.location import is_remote
+from clipsql.store.records import ModelRecord
 from clipsql.store.snapshot import Snapshot
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.store import Store
 from clipsql.store.tables import EMBEDDINGS, SAMPLES, dedup_table_name, stored_table_name
 
 EXPORT_TABLE = "clipsql_export"

@@ -33,8 +33,11 @@ from clipsql.errors import SelectionError
 from clipsql.kernels import kmeans
 from clipsql.kernels.arrays import to_numpy
 from clipsql.kernels.scores import normalize
+from clipsql.store.fit_rows import get_fit, latest_fit
 from clipsql.store.fits import DEFAULT_REFERENCE_SIZE, fit_stats, load_fit, staleness
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.ledger import committed_versions
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 
 ROWS_PER_CLUSTER = 128          # DataComp: 100,000 clusters for the 12.8M-row small pool
 KL_GUIDED = "kl-guided"
@@ -87,7 +90,7 @@ class Pool:
 
     def image_batches(self, batch_size: int = 65536):
         """(ids, raw image vectors) of the pool in committed-table order, one Arrow batch at a time."""
-        version = self.st.committed_versions().get(self.rec.table_name)
+        version = committed_versions(self.st).get(self.rec.table_name)
         ds = self.st.embeddings_table(self.rec, version)
         for b in ds.to_batches(columns=["id", "image_embedding"], batch_size=batch_size):
             if self.allowed is not None:
@@ -113,7 +116,7 @@ def _kl_guided_choice(st: Store, rec: ModelRecord, seed: int | None,
                       reference_size: int | None) -> tuple[dict | None, str, int, int, dict]:
     """(the current fit row the recipe would run on or None, which fit, seed, reference size, settings)."""
     want = kl_guided_settings(rec)
-    default = st.latest_fit(rec, with_arrays=False)
+    default = latest_fit(st, rec, with_arrays=False)
     d_opts = default["options"] if default else {}
     seed = int(seed if seed is not None else d_opts.get("seed", 0))
     size = int(reference_size or d_opts.get("requested_reference_size") or DEFAULT_REFERENCE_SIZE)
@@ -128,8 +131,8 @@ def _kl_guided_choice(st: Store, rec: ModelRecord, seed: int | None,
     if default is not None and _has_settings(d_opts, want) and current(default):
         row, how = default, "default fit"
     else:
-        row, how = st.latest_fit(rec, with_arrays=False, recipe=KL_GUIDED,
-                                 where=lambda o: _has_settings(o, want)), "recipe fit"
+        row, how = latest_fit(st, rec, with_arrays=False, recipe=KL_GUIDED,
+                              where=lambda o: _has_settings(o, want)), "recipe fit"
     return (row if current(row) else None), how, seed, size, want
 
 
@@ -145,7 +148,7 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
     """((scores.Fit, row), how): the fit the recipe runs on, made if needed (see the module doc)."""
     row, how, seed, size, want = _kl_guided_choice(st, rec, seed, reference_size)
     if row is not None:
-        return load_fit(st, rec, row=st.get_fit(int(row["fit_id"]), with_reference=True)), {"fit": how, "made": False}
+        return load_fit(st, rec, row=get_fit(st, int(row["fit_id"]), with_reference=True)), {"fit": how, "made": False}
     command = (f"clipsql stats fit STORE --model {rec.model_id} --for-recipe {KL_GUIDED} "
                f"--reference-size {size} --seed {seed}")
     if not make or st.read_only:
@@ -153,7 +156,7 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
                              f"scale (a = {want['a']:.6g}, b = {want['b']:.6g}) and this store has no current one: "
                              f"run `{command}` (the default fit of the scores view stays as it is)")
     made = fit_stats(st, rec.model_id, reference_size=size, seed=seed, recipe=KL_GUIDED)
-    full = st.get_fit(int(made.fit_id), with_reference=True)
+    full = get_fit(st, made.fit_id, with_reference=True)
     return load_fit(st, rec, row=full), {"fit": "recipe fit", "made": True, "command": command}
 
 

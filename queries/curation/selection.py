@@ -59,7 +59,10 @@ from clipsql.queries.sql.engine import LOCAL, Engine
 from clipsql.queries.sql.functions import blas_pinned, udf_error
 from clipsql import leftovers
 from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.fit_rows import get_fit, latest_fit
+from clipsql.store.reads import count_rows
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 from clipsql.store.tables import dedup_table_name, stored_table_name
 from clipsql.store.targets import get_target, target_rows
 
@@ -377,7 +380,7 @@ def recipe_help() -> str:
 def _pool(st: Store, rec: ModelRecord, con: Any, where: str | None, engine: Engine) -> recipes.Pool:
     """Every row of the model, or those passing `where`, and how to score them (the engine's way)."""
     view = _emb_view(st, rec)
-    total = st.count_rows(rec)
+    total = count_rows(st, rec)
     allowed = None
     info: dict[str, Any] = {}
     relation = view
@@ -607,7 +610,7 @@ def check_output(output: str | Path) -> dict:
 
 def _fit_info(st: Store, rec: ModelRecord, fit_id: int | None = None) -> dict | None:
     """The fit a selection used: `fit_id` (a recipe's own fit) or the default fit."""
-    fit = st.get_fit(fit_id, with_arrays=False) if fit_id is not None else st.latest_fit(rec, with_arrays=False)
+    fit = get_fit(st, fit_id, with_arrays=False) if fit_id is not None else latest_fit(st, rec, with_arrays=False)
     if fit is None:
         return None
     o = fit["options"]

@@ -39,7 +39,10 @@ from clipsql.queries.sql.functions import udf_error
 from clipsql.store import catalog as cat
 from clipsql.store.drops import mark_for_drop, sweep_dropped_tables, unmark_drop
 from clipsql.store.faults import fault
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.ledger import recover
+from clipsql.store.reads import count_rows
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 from clipsql.store.tables import target_table_name
 from clipsql.store.targets import TARGET_CHUNK, ann_max_abs_cos, TargetSummary, get_target
 
@@ -89,7 +92,7 @@ def add_target(st: Store, name: str, *, query: str | None = None, source: str | 
         # The new rows go to a table of their own, marked for deletion until the one catalog
         # transaction that switches the target to it: a kill at any point leaves the old target
         # whole (and the half-made table is deleted by the next writer), never a mixed one.
-        st.recover()
+        recover(st)
         tname = target_table_name(name, uuid.uuid4().hex[:8])
         with st.engine.begin() as conn:
             mark_for_drop(conn, tname, f"target {name} (being built)")
@@ -214,7 +217,7 @@ def _build_index(st: Store, rec: ModelRecord, tname: str, rows: np.ndarray, *, s
 def _recall_queries(st: Store, rec: ModelRecord, rows: np.ndarray, seed: int, sample: int) -> tuple[np.ndarray, str]:
     """A seeded sample of the model's stored images (what the target will score), else target rows."""
     rng = np.random.default_rng(seed)
-    n = st.count_rows(rec)
+    n = count_rows(st, rec)
     if n:
         ds = st.embeddings_table(rec)
         pick = np.sort(rng.choice(n, size=min(sample, n), replace=False))

@@ -15,7 +15,9 @@ from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.models.loading import DEMO_NOTICE
 from clipsql.queries.present.gallery import write_gallery
 from clipsql.queries.sql.cli_query import run_query
+from clipsql.store.fit_rows import latest_fit
 from clipsql.store.fits import fit_stats
+from clipsql.store.reads import count_rows
 from clipsql.store.store import Store
 
 DEMO_ROWS = 2000
@@ -87,8 +89,8 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
     res.seconds["ingest"] = time.perf_counter() - t
     t = time.perf_counter()
     rec = st.model("clipsql-demo")
-    fit = st.latest_fit(rec, with_arrays=False)
-    if fit is None or fit["n_rows"] != st.count_rows(rec):
+    fit = latest_fit(st, rec, with_arrays=False)
+    if fit is None or fit["n_rows"] != count_rows(st, rec):
         f = fit_stats(st, rec.model_id, reference_size=10_000, seed=0)
         echo(f"stats fit: reference M={f.reference_size} (scale a=1, posterior-mean prior) in {f.seconds:.2f}s")
     res.seconds["fit"] = time.perf_counter() - t

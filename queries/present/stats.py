@@ -6,7 +6,8 @@ from typing import Any
 import numpy as np
 
 from clipsql.store.snapshot import Snapshot
-from clipsql.store.store import MODALITIES, Store
+from clipsql.store.stats import MODALITIES
+from clipsql.store.store import Store
 
 
 def stats_report(st: Store, model: str | None = None, top: int = 5) -> dict[str, Any]:

@@ -38,7 +38,8 @@ from clipsql.kernels.arrays import vectors
 from clipsql.kernels.kmeans import lloyd
 from clipsql.store import catalog as cat
 from clipsql.store import vector_cache as vcache
-from clipsql.store.store import Store, set_committed_version
+from clipsql.store.ledger import recover, set_committed_version
+from clipsql.store.store import Store
 from clipsql.store.vector_index import MODALITIES, column_for, index_search, scan_chunks, setting_key
 
 KINDS = ("ivf_hnsw_sq", "ivf_pq")
@@ -68,7 +69,7 @@ def build_index(st: Store, model: str | None = None, modality: str = "image", ki
     column = column_for(modality)
     rec = st.model(model)
     with st.lock():
-        st.recover()
+        recover(st)
         ds = st.dataset(rec.table_name, latest=True)
         n = ds.count_rows(filter=f"{column} IS NOT NULL")
         parts = partitions_for(n)

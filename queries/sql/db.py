@@ -28,6 +28,7 @@ from clipsql.errors import env_number
 from clipsql.lazy import duckdb
 from clipsql.queries.sql import functions
 from clipsql.queries.sql.specs import score_expressions
+from clipsql.store.ledger import metadata_columns
 from clipsql.store.location import exists
 from clipsql.store.snapshot import Snapshot
 from clipsql.store.store import Store
@@ -178,7 +179,7 @@ def samples_select_list(meta: Snapshot | Store | dict[str, str], names: list[str
     if isinstance(meta, Snapshot):
         meta = meta.metadata_columns
     elif isinstance(meta, Store):
-        meta = meta.metadata_columns()
+        meta = metadata_columns(meta)
     base = ["id", "uri", "caption", "width", "height"]
     base += [c for c in CAPTION_FEATURES if names is None or c in names]
     cols = [quote_ident(c) for c in base]

@@ -20,7 +20,9 @@ import pyarrow as pa
 from clipsql.ingest.pipeline import IngestOptions, IngestSummary, ingest
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.materialize import ScoreReport, materialize_scores, score_relation
-from clipsql.store.store import ModelRecord, StatsState, Store
+from clipsql.store.records import ModelRecord
+from clipsql.store.stats import StatsState, refresh_stats
+from clipsql.store.store import Store
 
 
 class Engine(Protocol):
@@ -61,7 +63,7 @@ class LocalEngine:
 
     def refresh_stats(self, store: Store, rec: ModelRecord) -> StatsState:
         with store.lock():
-            return store.refresh_stats(rec)
+            return refresh_stats(store, rec)
 
     def score(self, store: Store, columns: list[str], model: str | None = None, *, neg_clip_loss_pool: bool = False,
               norm_sim_d: bool = False, pool_batch_size: int | None = None, seed: int | None = None,

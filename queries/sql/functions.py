@@ -46,8 +46,9 @@ from clipsql.models.prompts import PromptCache
 from clipsql.queries.sql import specs
 from clipsql.queries.sql.nearest import register_nearest
 from clipsql.store.fits import load_fit, no_fit_error
+from clipsql.store.records import ModelRecord
 from clipsql.store.snapshot import Snapshot
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.store import Store
 from clipsql.store.targets import TargetScorer, unknown_target
 
 

@@ -36,6 +36,8 @@ from clipsql.lazy import tqdm
 from clipsql.queries.sql.functions import one_blas_thread
 from clipsql.queries.sql.specs import POOL_COLUMNS, SCORE_COLUMNS, score_expressions
 from clipsql.store.faults import fault
+from clipsql.store.fit_rows import latest_fit
+from clipsql.store.reads import read_embeddings
 from clipsql.store.store import Store
 from clipsql.store.tables import stored_table_name
 
@@ -74,7 +76,7 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
                          "(or `neg_clip_loss_pool` / `norm_sim_d`)", param="columns")
     rec = st.model(model)
     check_columns(rec, columns)
-    fit = st.latest_fit(rec, with_arrays=False)
+    fit = latest_fit(st, rec, with_arrays=False)
     t0 = time.perf_counter()
     with st.lock():
         con = connect(st)
@@ -133,7 +135,7 @@ def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bo
                   batch_size: int | None, seed: int | None, progress: bool = False) -> tuple[pa.Table, dict]:
     """Append the pool-form columns, computed over every row of the model, aligned on id."""
 
-    emb = st.read_embeddings(rec)
+    emb = read_embeddings(st, rec)
     pos = pa.compute.index_in(tbl.column("id"), value_set=emb.column("id")).to_numpy(zero_copy_only=False)
     X, Y = to_numpy(emb.column("image_embedding")), to_numpy(emb.column("text_embedding"))
     params: dict[str, Any] = {}

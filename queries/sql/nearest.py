@@ -45,7 +45,9 @@ from clipsql.lazy import duckdb
 from clipsql.queries.sql.condition import ConditionError, check_condition
 from clipsql.store import vector_cache as vcache
 from clipsql.store import vector_index as vindex
-from clipsql.store.store import ModelRecord, Store
+from clipsql.store.ledger import committed_versions
+from clipsql.store.records import ModelRecord
+from clipsql.store.store import Store
 
 RESULT_TYPE = pa.list_(pa.struct([("id", pa.string()), ("score", pa.float64())]))
 
@@ -73,7 +75,7 @@ class Searcher:
     def __init__(self, st: Store, versions: dict[str, int] | None = None,
                  model: Callable[[str | None], ModelRecord] | None = None):
         self.st = st
-        self.versions = versions if versions is not None else st.committed_versions()
+        self.versions = versions if versions is not None else committed_versions(st)
         self.model = model or st.model      # a connection's: its snapshot's models
         self._ds: dict[str, Any] = {}
         self._info: dict[tuple[str, str], Any] = {}
