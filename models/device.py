@@ -79,7 +79,7 @@ def _resident(R: np.ndarray, dev: object) -> object:
     hit = _RESIDENT.get(key)
     if hit is not None and hit[0] is R:
         return hit[1]
-    T = torch.as_tensor(np.ascontiguousarray(R, dtype=np.float64), device=dev)
+    T = torch.tensor(np.asarray(R, dtype=np.float64), device=dev)   # a copy: torch refuses to alias read-only memory
     if R.flags.writeable:               # a caller's array may change: no cache
         return T
     while len(_RESIDENT) >= RESIDENT_MAX:

@@ -23,9 +23,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
-from clipsql.store.ledger import committed_versions, set_committed_version
+from clipsql.store.ledger import commit_versions, committed_versions
 from clipsql.store.store import Store
 
 FRAGMENT_BYTES = 256 << 20       # the base tier: fragments of ~this many bytes
@@ -94,11 +93,5 @@ def bound_fragments(st: Store, names: list[str], max_fragments: int = MAX_FRAGME
         done[name] = info
         fault("compact:after-lance")
     if versions:
-        with st.engine.begin() as conn:
-            res = conn.execute(cat.commits.insert().values(
-                model_id=None, run_id=None, kind="compact", rows=0, sample_rows=0,
-                versions=cat.to_json(versions), created_at=time.time()))
-            commit_id = int(res.inserted_primary_key[0])
-            for name, v in versions.items():
-                set_committed_version(conn, name, v, commit_id)
+        commit_versions(st, "compact", versions)
     return done

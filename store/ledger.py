@@ -68,6 +68,20 @@ def set_committed_version(conn: sa.Connection, name: str, version: int, commit_i
     conn.execute(cat.table_versions.insert().values(table_name=name, version=int(version), commit_id=commit_id))
 
 
+def commit_versions(st: Any, kind: str, versions: dict[str, int]) -> int:
+    """A maintenance commit (`kind`: compact, optimize): Lance has already committed the tables'
+    new `versions`; one catalog transaction records a `commits` row of that kind and moves the
+    ledger to them (the commit point, as for an append). Returns the commit id."""
+    with st.engine.begin() as conn:
+        res = conn.execute(cat.commits.insert().values(
+            model_id=None, run_id=None, kind=kind, rows=0, sample_rows=0,
+            versions=cat.to_json(versions), created_at=time.time()))
+        commit_id = int(res.inserted_primary_key[0])
+        for name, v in versions.items():
+            set_committed_version(conn, name, v, commit_id)
+    return commit_id
+
+
 def versioned_tables(st: Any) -> list[str]:
     """The Lance tables whose committed version the ledger names and that exist: `samples`, the
     deletions record (store.deletions), each model's table and `tags` (store.tags)."""

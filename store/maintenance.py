@@ -28,11 +28,11 @@ from clipsql.store import catalog as cat
 from clipsql.store.compaction import MAX_FRAGMENTS, compact_to_bound
 from clipsql.store.drops import DEFAULT_RETENTION_HOURS, sweep_dropped_tables
 from clipsql.store.faults import fault
-from clipsql.store.ledger import recover, set_committed_version, versioned_tables
+from clipsql.store.ledger import commit_versions, recover, versioned_tables
 from clipsql.store.location import exists
 from clipsql.store.records import ModelRecord
 from clipsql.store.store import Store
-from clipsql.store.tables import DELETIONS, SAMPLES
+from clipsql.store.tables import SAMPLES
 
 FRAGMENT_BYTES = 256 << 20       # compaction merges fragments smaller than this into ones of this size
 INDEX_MIN_ROWS = 10_000          # below this a scan is as fast as the index
@@ -209,13 +209,7 @@ def _optimize(st: Store, compact: bool, index: bool, prune: bool, retention_hour
             new_versions[name] = ds.version
         report.tables[name] = info
     if new_versions:
-        with st.engine.begin() as conn:
-            res = conn.execute(cat.commits.insert().values(
-                model_id=None, run_id=None, kind="optimize", rows=0, sample_rows=0,
-                versions=cat.to_json(new_versions), created_at=time.time()))
-            commit_id = int(res.inserted_primary_key[0])
-            for name, v in new_versions.items():
-                set_committed_version(conn, name, v, commit_id)
+        commit_versions(st, "optimize", new_versions)
     fault("optimize:before-prune")
     if prune:
         older = _dt.timedelta(hours=max(0.0, float(retention_hours)))

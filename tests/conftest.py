@@ -262,6 +262,48 @@ def wait_for(condition, what: str, deadline: float = 120.0, every: float = 0.02)
         time.sleep(every)
 
 
+# --------------------------------------------------------------------------- float64 brute forces
+# Information Gain (docs/science.md §1) written from the definition, one row at a time, sharing no
+# code with clipsql: the references the score kernels and their device path are tested against.
+def np_unit(V):
+    V = np.asarray(V, dtype=np.float64)
+    return V / np.linalg.norm(V, axis=1, keepdims=True)
+
+
+def np_log_softmax(L):
+    L = L - L.max(axis=-1, keepdims=True)
+    return L - np.log(np.exp(L).sum(axis=-1, keepdims=True))
+
+
+def np_logits(C, a, b, kind):
+    """log-weights of §1: a·cos (CLIP softmax) or log σ(a·cos + b) (SigLIP normalized sigmoid)."""
+    return a * C if kind == "clip" else -np.logaddexp(0.0, -(a * C + b))
+
+
+def np_prior(Qref, Rref, a, b, kind, prior="posterior-mean"):
+    """§1 prior over the rows of Rref: the mean posterior of the rows of Qref, or uniform."""
+    M_ = len(Rref)
+    if prior == "uniform":
+        return np.full(M_, 1.0 / M_)
+    return np.exp(np_log_softmax(np_logits(np_unit(Qref) @ np_unit(Rref).T, a, b, kind))).mean(axis=0)
+
+
+def np_info_gain(Q, R, prior, a, b, kind, reverse=False, own=None):
+    """float64 brute force of §1, one row at a time: π over the rows of R; a row with own[i] = j ≥ 0
+    leaves reference row j out of its posterior and of the (renormalized) prior."""
+    Qh, Rh = np_unit(Q), np_unit(R)
+    out = []
+    for i, q in enumerate(Qh):
+        keep = np.ones(len(Rh), bool)
+        if own is not None and own[i] >= 0:
+            keep[own[i]] = False
+        lq = np_log_softmax(np_logits(Rh[keep] @ q, a, b, kind))
+        p = prior[keep] / prior[keep].sum()
+        lp = np.log(p)
+        out.append(float(p @ (lp - lq)) if reverse else float(np.exp(lq) @ (lq - lp)))
+    return np.array(out)
+
+
 # --------------------------------------------------------------------------- reading a store back
 def to_array(column) -> np.ndarray:  # noqa: ANN001
     """An Arrow FixedSizeList column as a float array (NULL rows: NaN), written here with pyarrow only."""

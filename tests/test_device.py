@@ -11,41 +11,10 @@ from clipsql.kernels import scores as S  # noqa: E402
 from clipsql.kernels import semdedup as K  # noqa: E402
 from clipsql.kernels import semdedup_blocks as B  # noqa: E402
 from clipsql.models import device as DV  # noqa: E402
+from conftest import np_info_gain, np_prior, np_unit  # noqa: E402
 
 
 # --------------------------------------------------------------------------- brute forces (no project code)
-def np_unit(V):
-    V = np.asarray(V, dtype=np.float64)
-    return V / np.linalg.norm(V, axis=1, keepdims=True)
-
-
-def np_log_softmax(L):
-    L = L - L.max(axis=-1, keepdims=True)
-    return L - np.log(np.exp(L).sum(axis=-1, keepdims=True))
-
-
-def np_logits(C, a, b, kind):
-    return a * C if kind == "clip" else -np.logaddexp(0.0, -(a * C + b))
-
-
-def np_prior(Qref, Rref, a, b, kind):
-    return np.exp(np_log_softmax(np_logits(np_unit(Qref) @ np_unit(Rref).T, a, b, kind))).mean(axis=0)
-
-
-def np_info_gain(Q, R, prior, a, b, kind, reverse=False, own=None):
-    Qh, Rh = np_unit(Q), np_unit(R)
-    out = []
-    for i, q in enumerate(Qh):
-        keep = np.ones(len(Rh), bool)
-        if own is not None and own[i] >= 0:
-            keep[own[i]] = False
-        lq = np_log_softmax(np_logits(Rh[keep] @ q, a, b, kind))
-        p = prior[keep] / prior[keep].sum()
-        lp = np.log(p)
-        out.append(float(p @ (lp - lq)) if reverse else float(np.exp(lq) @ (lq - lp)))
-    return np.array(out)
-
-
 def bf_max_sim(X_rank_order):
     """max over earlier rows of the float64 cosine (0 for the first)."""
     Z = np_unit(X_rank_order)
