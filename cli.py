@@ -655,7 +655,7 @@ def stats_show(store: str = STORE_ARG, model: Optional[str] = typer.Option(None,
     st = _run(Store.open, store, read_only=True)
     report = _run(stats_report, st, model, top=top)
     if fmt == TableFmt.json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report.as_dict(), indent=2))
         return
     typer.echo(format_stats_report(report))
 
@@ -1062,13 +1062,12 @@ def geometry(store: str = STORE_ARG,
     distributions. Writes an HTML report with figures.
     """
     res = _run(geometry_report, store, model, output, sample=sample, seed=seed, top=top)
-    for m in ("image", "text"):
-        r = res[m]
-        typer.echo(f"{m}: offset ratio {r['offset_ratio']:.4g}, ‖x−m‖ mean {r['thin_shell']['mu']:.4g} "
-                   f"var {r['thin_shell']['var']:.4g} vs sqrt(tr C) {r['thin_shell']['sqrt_trace']:.4g}")
-    s = res["separator"]
-    typer.echo(f"separator on features {s['features'][0]}, {s['features'][1]}: train accuracy {s['accuracy']:.4f}")
-    typer.echo(f"report: {res['paths']['html']}")
+    for m, r in (("image", res.image), ("text", res.text)):
+        typer.echo(f"{m}: offset ratio {r.offset_ratio:.4g}, ‖x−m‖ mean {r.thin_shell.mu:.4g} "
+                   f"var {r.thin_shell.var:.4g} vs sqrt(tr C) {r.thin_shell.sqrt_trace:.4g}")
+    s = res.separator
+    typer.echo(f"separator on features {s.features[0]}, {s.features[1]}: train accuracy {s.accuracy:.4f}")
+    typer.echo(f"report: {res.paths.html}")
 
 
 class IndexKind(str, Enum):

@@ -129,18 +129,18 @@ def test_report_on_demo_store(demo_store, tmp_path):
     T = to_numpy(tbl.column("text_embedding")).astype(np.float64)
     assert data["rows"] == len(I) == 300 and data["dim"] == I.shape[1]
     check_against_numpy(data, I, T, rtol=1e-8)
-    assert data["separator"]["features"] == res["separator"]["features"]
+    assert data["separator"]["features"] == res.separator.features
     page = (out / "report.html").read_text()
     assert page.count('<img src="data:image/png;base64,') == 4
-    assert {p.split("/")[-1] for p in res["paths"]["plots"]} == {
+    assert {p.split("/")[-1] for p in res.paths.plots} == {
         "thin_shell.png", "separability.png", "odd_conformity.png", "separator.png"}
-    for p in res["paths"]["plots"]:
+    for p in res.paths.plots:
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size[0] > 300
     assert f"{data['image']['offset_ratio']:.4g}" in page
     # a seeded sample
     small = geometry_report(demo_store, output=tmp_path / "geo-sample", sample=100, seed=1)
-    assert small["sample"] == 100 and small["image"]["n"] + small["image"]["invalid"] == 100
+    assert small.sample == 100 and small.image.n + small.image.invalid == 100
     # in the browser: the four plots decode; a screenshot is saved
     assert image_check(out / "report.html") == {"decoded": 4, "total": 4, "pending": 0}
     screenshot(out / "report.html", tmp_path / "report.png", size="1100,2400")

@@ -15,7 +15,10 @@ from clipsql.queries.curation.dedup import DedupReport, semdedup
 from clipsql.queries.curation.selection import Selection, select
 from clipsql.queries.curation.targets import add_target
 from clipsql.queries.present.gallery import GallerySummary, write_gallery
+from clipsql.queries.present.geometry import GeometryReport, ModalityGeometry, Separator, ThinShell, geometry_report
 from clipsql.queries.present.plots import HistResult, ScatterResult, plot_hist, plot_scatter
+from clipsql.queries.present.stats import ModalityStats, StatsFitInfo, StatsReport, format_report, stats_report
+from clipsql.queries.search.command import SearchHit, SearchResult, search
 from clipsql.queries.sql.materialize import ScoreReport, materialize_scores
 from clipsql.store.maintenance import OptimizeReport, TableMaintenance, optimize
 from clipsql.store.store import Store
@@ -36,6 +39,19 @@ TARGET_KEYS = ["name", "model", "n", "dim", "source", "created_at", "dropped_row
 TABLE_KEYS = ["fragments_before", "version_before", "fragments_removed", "fragments_added", "compact_seconds",
               "index", "vector_index_stale", "vector_index", "index_seconds", "fragments", "versions_pruned",
               "bytes_pruned", "versions_tagged", "versions"]
+# the keys `clipsql stats show --format json` printed, report.json held and `clipsql search --format json`
+# printed, in order
+STATS_KEYS = ["model", "rows", "covered_rows", "covered_seq", "current", "data_version", "modalities"]
+STATS_MODALITY_KEYS = ["n", "mean_norm", "mean_of_normalized_norm", "rms_norm", "trace_cov", "top_eigenvalues",
+                       "mean"]
+STATS_FIT_KEYS = ["fit_id", "n_rows", "reference_size", "options", "rows_added_since", "share_added_since"]
+GEOMETRY_KEYS = ["model", "kind", "rows", "sample", "seed", "dim", "separability", "image", "text", "separator",
+                 "paper", "seconds"]
+GEOMETRY_MODALITY_KEYS = ["n", "invalid", "mean_norm", "sigma_norm", "offset_ratio", "thin_shell",
+                          "off_diagonal_dominance", "conformity"]
+SEPARATOR_KEYS = ["features", "method", "weights_standardized", "coef", "intercept", "accuracy", "separates",
+                  "accuracy_image", "accuracy_text"]
+SEARCH_KEYS = ["model", "column", "method", "reason", "rows", "k", "query", "where"]
 
 
 @pytest.fixture
@@ -128,3 +144,48 @@ def test_library_messages_name_arguments_and_the_cli_renames_them():
     assert "--checkpoint FILE (with --model ARCH) or --model local-dir:PATH" in how.message(PARAM_FLAGS)
     assert renamed("the next writer (or `repair=True`) migrates it", PARAM_FLAGS) == \
         "the next writer (or --repair) migrates it"
+
+
+def test_stats_report_is_a_dataclass_and_the_cli_json_is_its_as_dict(demo):
+    r = stats_report(demo)
+    assert isinstance(r, StatsReport) and r.current and r.hint is None and r.rows == 300
+    assert all(isinstance(m, ModalityStats) and m.n == 300 for m in r.modalities.values())
+    assert isinstance(r.fit, StatsFitInfo) and r.fit.rows_added_since == 0 and r.fit.stale is None
+    d = r.as_dict()
+    assert list(d) == STATS_KEYS + ["fit"] and list(d["fit"]) == STATS_FIT_KEYS
+    assert list(d["modalities"]) == ["image", "text"]
+    assert all(list(m) == STATS_MODALITY_KEYS for m in d["modalities"].values())
+    printed = invoke("stats", "show", demo.path, "--format", "json").output
+    assert printed == json.dumps(d, indent=2) + "\n"
+    assert invoke("stats", "show", demo.path).output == format_report(r) + "\n"
+    # a hint and a stale fit: after the modalities, in that order; an empty modality is just its n
+    r.hint, r.fit.stale, r.modalities["text"] = "h", "stale!", ModalityStats(n=0)
+    d = r.as_dict()
+    assert list(d) == STATS_KEYS + ["hint", "fit"] and list(d["fit"]) == STATS_FIT_KEYS + ["stale"]
+    assert d["modalities"]["text"] == {"n": 0}
+    assert "  ! h" in format_report(r) and "  text: no vectors" in format_report(r)
+
+
+def test_search_returns_a_result_and_the_cli_json_is_its_as_dict(demo):
+    res = search(demo, "a red circle", k=5)
+    assert isinstance(res, SearchResult) and [type(h) for h in res.hits] == [SearchHit] * 5
+    assert [h.rank for h in res.hits] == [1, 2, 3, 4, 5] and res.method == "exact" and res.note is None
+    d = res.as_dict()
+    assert list(d) == SEARCH_KEYS and list(d["rows"][0]) == ["rank", "id", "score", "uri", "caption"]
+    printed = json.loads(invoke("search", demo.path, "a red circle", "-k", "5", "--format", "json").output)
+    assert list(printed) == SEARCH_KEYS and printed == json.loads(json.dumps(d, default=str))
+    # a note set before the search ran sits where the search put it (after `reason`); a filter's `allowed`
+    big = search(demo, like=res.hits[0].id, k=1000, where="id >= ''").as_dict()
+    assert list(big) == SEARCH_KEYS[:4] + ["note", "allowed"] + SEARCH_KEYS[4:] and len(big["rows"]) == 300
+
+
+def test_geometry_report_is_a_dataclass_whose_as_dict_is_report_json(demo, tmp_path):
+    rep = geometry_report(demo, output=tmp_path / "geo", sample=100, seed=1)
+    assert isinstance(rep, GeometryReport) and rep.sample == 100 and rep.paths.json.endswith("report.json")
+    assert isinstance(rep.image, ModalityGeometry) and isinstance(rep.image.thin_shell, ThinShell)
+    assert isinstance(rep.separator, Separator) and len(rep.separator.features) == 2
+    d = rep.as_dict()
+    assert list(d) == GEOMETRY_KEYS + ["paths"] and list(d["separator"]) == SEPARATOR_KEYS
+    assert list(d["image"]) == list(d["text"]) == GEOMETRY_MODALITY_KEYS
+    del d["paths"]
+    assert (tmp_path / "geo" / "report.json").read_text() == json.dumps(d, indent=1, allow_nan=False)

@@ -93,7 +93,7 @@ def test_legitimate_conditions_still_select_the_same_rows(pool_store, tmp_path):
         side = select(st, recipe="clip-score", fraction=1.0, where=text, output=tmp_path / "x.txt")
         assert side.counts["selected"] == n, text
         res = search(st, like="000000001", k=40, where=text)
-        assert len(res["rows"]) == n, text
+        assert len(res.hits) == n, text
 
 
 def test_delete_and_undelete_return_typed_results(pool_store):

@@ -1,6 +1,7 @@
 """`clipsql geometry`: the raw-embedding geometry report (docs/science.md §8, double-ellipsoid paper).
 
     report = geometry_report("store", output="geometry-report")   # report.json + report.html + PNGs
+    report.image.offset_ratio, report.separator.accuracy, report.paths.html
 
 Per modality, on the RAW vectors of one model (invalid — zero or non-finite — rows
 left out and counted), with m the mean, C the covariance (ddof=0) and σ = sqrt(diag C):
@@ -28,6 +29,7 @@ import html
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -44,7 +46,87 @@ from clipsql.store.snapshot import Snapshot
 PAPER = {"offset_ratio": {"image": 0.94, "text": 1.03}}
 
 
-# --------------------------------------------------------------------------- vslerp (SQL)
+@dataclass
+class ThinShell:
+    """The distance to the mean ‖x − m‖: its mean μ, variance, std/μ and histogram, against sqrt(tr C)."""
+    mu: float | None
+    var: float | None
+    sqrt_trace: float | None
+    relative_std: float | None
+    histogram: dict[str, Any]
+
+
+@dataclass
+class ModalityGeometry:
+    """One modality's figures over its valid raw vectors (`invalid` rows left out)."""
+    n: int
+    invalid: int
+    mean_norm: float | None
+    sigma_norm: float | None
+    offset_ratio: float | None
+    thin_shell: ThinShell
+    off_diagonal_dominance: dict[str, Any]     # values per feature, summary, histogram
+    conformity: dict[str, Any]                 # summary, histogram
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModalityGeometry":
+        return cls(**{**d, "thin_shell": ThinShell(**d["thin_shell"])})
+
+
+@dataclass
+class Separator:
+    """The logistic separator on the two most separable `features` and its train accuracy."""
+    features: list[int]
+    method: str
+    weights_standardized: list[float | None]
+    coef: list[float | None]
+    intercept: float | None
+    accuracy: float | None
+    separates: bool
+    accuracy_image: float | None
+    accuracy_text: float | None
+
+
+@dataclass
+class ReportPaths:
+    """The files a report wrote (absolute paths)."""
+    json: str
+    html: str
+    plots: list[str]
+
+
+@dataclass
+class GeometryReport:
+    """The §8 report of one model (`sample`: the seeded sample's size, None for every row);
+    `as_dict()` without `paths` is report.json."""
+    model: str
+    kind: str
+    rows: int
+    sample: int | None
+    seed: int
+    dim: int
+    separability: dict[str, Any]               # values per feature, summary, top features
+    image: ModalityGeometry
+    text: ModalityGeometry
+    separator: Separator
+    paper: dict[str, Any]
+    seconds: float
+    paths: ReportPaths | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GeometryReport":
+        """From the JSON form (report.json's keys)."""
+        return cls(**{**d, "image": ModalityGeometry.from_dict(d["image"]),
+                      "text": ModalityGeometry.from_dict(d["text"]), "separator": Separator(**d["separator"]),
+                      "paths": ReportPaths(**d["paths"]) if d.get("paths") else None})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form: report.json's keys in its order, then `paths` when the files were written."""
+        out = asdict(self)
+        if out["paths"] is None:
+            del out["paths"]
+        return out
+
 
 
 # --------------------------------------------------------------------------- store
@@ -70,9 +152,9 @@ def _store_batches(snap: Snapshot, rec: Any, sample: int | None, seed: int,
 
 
 def geometry_report(store: Any, model: str | None = None, output: str | os.PathLike = "geometry-report", *,
-                    sample: int | None = None, seed: int = 0, top: int = 10) -> dict:
+                    sample: int | None = None, seed: int = 0, top: int = 10) -> GeometryReport:
     """Compute the §8 report for one model and write ``report.json``, ``report.html`` and
-    the PNG plots into ``output``; returns the JSON dict (plus ``paths``)."""
+    the PNG plots into ``output``; returns the report (with the files' ``paths``)."""
     snap = Snapshot.read(open_store(store))
     rec = snap.model(model)
     t0 = time.perf_counter()
@@ -87,12 +169,13 @@ def geometry_report(store: Any, model: str | None = None, output: str | os.PathL
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     pngs = _plots(res, arrays, out)
-    res = _finite(res)
+    report = GeometryReport.from_dict(_finite(res))
+    res = report.as_dict()
     (out / "report.json").write_text(json.dumps(res, indent=1, allow_nan=False))
     (out / "report.html").write_text(_html(res, pngs, out), encoding="utf-8")
-    res["paths"] = {"json": str((out / "report.json").resolve()), "html": str((out / "report.html").resolve()),
-                    "plots": [str((out / p).resolve()) for p in pngs.values()]}
-    return res
+    report.paths = ReportPaths(json=str((out / "report.json").resolve()), html=str((out / "report.html").resolve()),
+                               plots=[str((out / p).resolve()) for p in pngs.values()])
+    return report
 
 
 def _finite(v: Any) -> Any:

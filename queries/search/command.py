@@ -6,11 +6,14 @@
 
 The prompt goes through the same encoder path as the SQL function `text_embedding` (it *is*
 that function, on a connection over the store); the top-k is `nearest`'s (queries.sql.nearest).
-Returns {"rows": [{rank, id, score, uri, caption}], "method", "reason", "model", "query", …}.
+Returns a SearchResult: `hits` (SearchHit rank, id, score, uri, caption), how the search ran
+(`method`, `reason`, `note`, the index's `nprobes` / `recall`), `model`, `query`; `as_dict()` is
+what `--format json` prints.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,12 +21,57 @@ import pyarrow as pa
 
 from clipsql.errors import QueryError
 from clipsql.lazy import duckdb
-from clipsql.queries.present.gallery import write_gallery
+from clipsql.queries.present.gallery import GallerySummary, write_gallery
 from clipsql.queries.sql.db import connect, open_store
 from clipsql.queries.sql.functions import one_blas_thread, udf_error
 from clipsql.queries.sql.nearest import Searcher, allowed_ids
 from clipsql.store import vector_index as vindex
 from clipsql.store.store import Store
+
+
+@dataclass
+class SearchHit:
+    """One row found, best first (rank 1), with its samples' uri and caption."""
+    rank: int
+    id: str
+    score: float
+    uri: str | None
+    caption: str | None
+
+
+# the keys of how a search ran (queries.sql.nearest.Searcher.last), in the order it sets them
+HOW_KEYS = ("model", "column", "method", "reason", "note", "allowed", "nprobes", "recall", "recall_by_query")
+
+
+@dataclass
+class SearchResult:
+    """The k best rows of a search and how it ran: `method` exact or `index KIND` (with the index's
+    `nprobes`, `recall` for this query's modality and `recall_by_query`), `reason` why it fell back to
+    exact, `note`s, `allowed` rows under a `where`; `gallery` when one was written."""
+    model: str
+    column: str
+    method: str
+    reason: str | None
+    hits: list[SearchHit]
+    k: int
+    query: str
+    where: str | None
+    note: str | None = None
+    allowed: int | None = None
+    nprobes: int | None = None
+    recall: float | None = None
+    recall_by_query: dict[str, Any] | None = None
+    gallery: GallerySummary | None = None
+    how: tuple[str, ...] = field(default=HOW_KEYS[:4], repr=False)   # which of HOW_KEYS the search set, in order
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form `clipsql search --format json` prints: how it ran (the keys the search set,
+        in its order), rows, k, query, where, and the gallery's path when one was written."""
+        out: dict[str, Any] = {key: getattr(self, key) for key in self.how}
+        out.update(rows=[asdict(h) for h in self.hits], k=self.k, query=self.query, where=self.where)
+        if self.gallery:
+            out["gallery"] = self.gallery.path
+        return out
 
 
 def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, modality: str) -> np.ndarray:
@@ -53,7 +101,7 @@ def _query_vector(con: Any, rec: Any, prompt: str | None, like: str | None, moda
 
 def search(store: Store | str, prompt: str | None = None, *, like: str | None = None, k: int = 50,
            model: str | None = None, modality: str = "image", where: str | None = None, exact: bool = False,
-           gallery: str | None = None, con: Any = None) -> dict:
+           gallery: str | None = None, con: Any = None) -> SearchResult:
     """The k best stored rows for a prompt or a stored row (see the module doc)."""
     if k is None or int(k) < 1:
         raise QueryError(f"-k must be a positive integer; got {k}")
@@ -76,42 +124,41 @@ def search(store: Store | str, prompt: str | None = None, *, like: str | None = 
                       "LEFT JOIN samples s USING (id) ORDER BY r.rank").to_arrow_table()   # a relation: no
         # DB-API copy, and no UserWarning about one on stderr (it broke `--format json` piped output)
         tbl = tbl.read_all() if hasattr(tbl, "read_all") else tbl
-        out = dict(searcher.last)
-        out.update(rows=tbl.to_pylist(), k=int(k), query=prompt if prompt is not None else f"like {like}",
-                   where=where)
+        how = searcher.last
+        out = SearchResult(**how, hits=[SearchHit(**r) for r in tbl.to_pylist()], k=int(k),
+                           query=prompt if prompt is not None else f"like {like}", where=where, how=tuple(how))
         if gallery:
-            title = f"clipsql search: {out['query']}" + (f" where {where}" if where else "")
+            title = f"clipsql search: {out.query}" + (f" where {where}" if where else "")
             con.register("_clipsql_search_rows", tbl)
-            g = write_gallery(st, "SELECT id, round(score, 4) AS score, uri, caption FROM "
-                              "_clipsql_search_rows ORDER BY rank", gallery, limit=None, title=title, con=con)
-            out["gallery"] = g
+            out.gallery = write_gallery(st, "SELECT id, round(score, 4) AS score, uri, caption FROM "
+                                        "_clipsql_search_rows ORDER BY rank", gallery, limit=None, title=title,
+                                        con=con)
         return out
     finally:
         if own:
             con.close()
 
 
-def format_search(res: dict, fmt: str = "table") -> str:
+def format_search(res: SearchResult, fmt: str = "table") -> str:
     """The report `clipsql search` prints: json, or a header line, a table and notes."""
     if fmt == "json":
-        return json.dumps({k: v for k, v in res.items() if k != "gallery"} | (
-            {"gallery": res["gallery"].path} if res.get("gallery") else {}), default=str, indent=1)
-    head = f"{len(res['rows'])} nearest {res['column'].split('_')[0]}s of {res['model']} to {res['query']!r}"
-    head += f" ({res['method']}" + (f", nprobes {res['nprobes']}, recall@10 {res['recall']:.3f}"
-                                     if res.get("nprobes") and res.get("recall") is not None else "") + ")"
+        return json.dumps(res.as_dict(), default=str, indent=1)
+    head = f"{len(res.hits)} nearest {res.column.split('_')[0]}s of {res.model} to {res.query!r}"
+    head += f" ({res.method}" + (f", nprobes {res.nprobes}, recall@10 {res.recall:.3f}"
+                                 if res.nprobes and res.recall is not None else "") + ")"
     # (recall: the index's recall@10 measured for queries of this search's modality)
-    if res.get("where"):
-        head += f"; filter {res['where']!r}: {res['allowed']} allowed rows"
+    if res.where:
+        head += f"; filter {res.where!r}: {res.allowed} allowed rows"
     names = ["rank", "id", "score", "uri", "caption"]
-    grid = [[_cell(r[n]) for n in names] for r in res["rows"]]
+    grid = [[_cell(getattr(h, n)) for n in names] for h in res.hits]
     widths = [max([len(n)] + [len(g[i]) for g in grid]) for i, n in enumerate(names)]
     lines = [head, " | ".join(n.ljust(w) for n, w in zip(names, widths)), "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(c.ljust(w) for c, w in zip(g, widths)) for g in grid]
-    for note in (res.get("reason"), res.get("note")):
+    for note in (res.reason, res.note):
         if note:
             lines.append(f"note: {note}")
-    if res.get("gallery"):
-        lines.append(f"gallery: {res['gallery'].path} ({res['gallery'].shown} images)")
+    if res.gallery:
+        lines.append(f"gallery: {res.gallery.path} ({res.gallery.shown} images)")
     return "\n".join(lines)
 
 
