@@ -69,7 +69,7 @@ class ModalityGeometry:
     conformity: dict[str, Any]                 # summary, histogram
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModalityGeometry":
+    def from_dict(cls, d: dict[str, Any]) -> ModalityGeometry:
         return cls(**{**d, "thin_shell": ThinShell(**d["thin_shell"])})
 
 
@@ -114,7 +114,7 @@ class GeometryReport:
     paths: ReportPaths | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GeometryReport":
+    def from_dict(cls, d: dict[str, Any]) -> GeometryReport:
         """From the JSON form (report.json's keys)."""
         return cls(**{**d, "image": ModalityGeometry.from_dict(d["image"]),
                       "text": ModalityGeometry.from_dict(d["text"]), "separator": Separator(**d["separator"]),
