@@ -139,3 +139,21 @@ def machine() -> dict:
     except OSError:
         pass
     return info
+
+
+def cli_stdout(argv: list[str]) -> str:
+    """Run `clipsql ARGV…` (the CLI's own entry point) in this process; its standard output.
+    A non-zero exit is raised as SystemExit, so a failing step fails its bench."""
+    import contextlib
+    import io
+
+    from clipsql import cli
+    sys.argv = ["clipsql", *argv]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            cli.app(prog_name="clipsql")
+        except SystemExit as e:
+            if e.code:
+                raise
+    return buf.getvalue()

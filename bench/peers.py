@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, key_values, machine, table, write_json
+from _common import ROOT, cli_stdout, key_values, machine, table, write_json
 
 HERE = Path(__file__).resolve().parent
 ROWS = ("ingest", "scores", "ig", "search", "index", "dedup")
@@ -139,23 +139,13 @@ def child(step: str, args: list[str]) -> None:
         import scale
         scale.generate(Path(args[0]), 0, int(args[1]), int(args[2]), seed=0)
     elif step == "ingest":                               # `clipsql ingest` of the pool, the CLI in this process
-        import contextlib
-        import io
-
         import open_clip  # noqa: F401  (imported before the clock: the ingest resolves the model through it)
-        from clipsql import cli
-        sys.argv = ["clipsql", "ingest", args[0], args[1], *MODEL, "--id-column", "key", "--no-progress",
-                    "--format", "json"]
-        buf = io.StringIO()
+        from clipsql import cli  # noqa: F401  (imported before the clock too)
         t = _clock()
-        with contextlib.redirect_stdout(buf):
-            try:
-                cli.app(prog_name="clipsql")
-            except SystemExit as e:
-                if e.code:
-                    raise
+        text = cli_stdout(["ingest", args[0], args[1], *MODEL, "--id-column", "key", "--no-progress",
+                           "--format", "json"])
         out.update(_since(t))
-        s = json.loads(buf.getvalue())
+        s = json.loads(text)
         out["added"] = s["added"]
         out["summary_wall_s"] = s["wall_seconds"]
         out["fixed_s"] = sum(s["seconds"].get(k, 0) for k in ("resolve_model", "load_model"))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import ROOT, key_values, machine, table, vm_hwm_kib, write_json  # noqa: E402
+from _common import ROOT, cli_stdout, key_values, machine, table, vm_hwm_kib, write_json  # noqa: E402
 
 MODEL = ["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k"]
 SHARD_ROWS = 250_000
@@ -91,13 +91,9 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
     t0 = time.perf_counter()
     out: dict = {}
     if name == "ingest":
-        from clipsql import cli
-        store, src = rest[1], rest[2]
-        sys.argv = ["clipsql", "ingest", store, src, *MODEL, "--id-column", "key", "--no-progress",
-                    "--format", "json"]
-        import contextlib
-        import io
+        from clipsql import cli  # noqa: F401  (imported before the clock)
         from clipsql.ingest import run as ingest_run
+        store, src = rest[1], rest[2]
         # the process CPU when the source is opened: the run's fixed costs (resolving the model) lie before
         opened: list[float] = []
         open_source = ingest_run.open_source
@@ -106,17 +102,11 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
             opened.append(time.process_time())
             return open_source(*a, **k)
         ingest_run.open_source = timed_open
-        buf = io.StringIO()
         c0 = time.process_time()
-        with contextlib.redirect_stdout(buf):
-            try:
-                cli.app(prog_name="clipsql")
-            except SystemExit as e:
-                if e.code:
-                    raise
+        text = cli_stdout(["ingest", store, src, *MODEL, "--id-column", "key", "--no-progress", "--format", "json"])
         out["cpu_seconds"] = time.process_time() - c0     # every thread of the process (Lance's, BLAS's)
         out["fixed_cpu_seconds"] = opened[0] - c0 if opened else None
-        out["summary"] = json.loads(buf.getvalue())
+        out["summary"] = json.loads(text)
     elif name == "bare":
         out.update(bare_write(Path(rest[1]), Path(rest[2]), int(rest[3])))
     elif name == "select1":

@@ -304,6 +304,16 @@ def np_info_gain(Q, R, prior, a, b, kind, reverse=False, own=None):
     return np.array(out)
 
 
+def wide_pairs(m: int, n: int, d: int = 512, seed: int = 7):
+    """Seeded CLIP-like float32 pairs (as stored), offsets where a float32 GEMM loses digits:
+    (X_ref, Y_ref) of m rows and (X_query, Y_query) of n rows."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=(m + n, d))
+    X = (shared + 0.8 * rng.normal(size=shared.shape) + 2.0).astype(np.float32)
+    Y = (shared + 0.8 * rng.normal(size=shared.shape) - 1.0).astype(np.float32)
+    return X[:m], Y[:m], X[m:], Y[m:]
+
+
 # --------------------------------------------------------------------------- reading a store back
 def to_array(column) -> np.ndarray:  # noqa: ANN001
     """An Arrow FixedSizeList column as a float array (NULL rows: NaN), written here with pyarrow only."""

@@ -11,7 +11,7 @@ from clipsql.kernels import scores as S  # noqa: E402
 from clipsql.kernels import semdedup as K  # noqa: E402
 from clipsql.kernels import semdedup_blocks as B  # noqa: E402
 from clipsql.models import device as DV  # noqa: E402
-from conftest import np_info_gain, np_prior, np_unit  # noqa: E402
+from conftest import np_info_gain, np_prior, np_unit, wide_pairs  # noqa: E402
 
 
 # --------------------------------------------------------------------------- brute forces (no project code)
@@ -27,12 +27,7 @@ def bf_max_sim(X_rank_order):
 # --------------------------------------------------------------------------- Information Gain
 @pytest.fixture(scope="module")
 def wide():
-    rng = np.random.default_rng(7)
-    d, m, n = 512, 600, 40
-    shared = rng.normal(size=(m + n, d))
-    X = (shared + 0.8 * rng.normal(size=shared.shape) + 2.0).astype(np.float32)
-    Y = (shared + 0.8 * rng.normal(size=shared.shape) - 1.0).astype(np.float32)
-    return X[:m], Y[:m], X[m:], Y[m:]
+    return wide_pairs(600, 40)
 
 
 @pytest.mark.parametrize("kind,a,b", [("clip", 1.0, 0.0), ("clip", 100.0, 0.0), ("siglip", 10.0, -2.0),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clipsql.kernels import scores as S
-from conftest import np_info_gain, np_log_softmax, np_prior, np_unit
+from conftest import np_info_gain, np_log_softmax, np_prior, np_unit, wide_pairs
 
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 M, D, N = 300, 16, 50
@@ -685,12 +685,7 @@ PRECISION = [("clip", 1.0, 0.0), ("clip", 10.0, 0.0), ("clip", 100.0, 0.0),
 @pytest.fixture(scope="module")
 def wide():
     """d = 512 float32 vectors (as stored), CLIP-like offsets: where a float32 GEMM loses digits."""
-    rng = np.random.default_rng(7)
-    d, m, n = 512, 1000, 48
-    shared = rng.normal(size=(m + n, d))
-    X = (shared + 0.8 * rng.normal(size=shared.shape) + 2.0).astype(np.float32)
-    Y = (shared + 0.8 * rng.normal(size=shared.shape) - 1.0).astype(np.float32)
-    return X[:m], Y[:m], X[m:], Y[m:]
+    return wide_pairs(1000, 48)
 
 
 @pytest.mark.parametrize("kind,a,b", PRECISION)
