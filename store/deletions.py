@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from clipsql.lazy import lance
 from clipsql.store import catalog as cat
 from clipsql.store.ledger import committed_versions, set_committed_version
-from clipsql.store.location import exists
+from clipsql.store.location import table_created
 from clipsql.store.store import Store
 from clipsql.store.tables import DELETIONS
 
@@ -47,7 +47,7 @@ def deletions_schema() -> pa.Schema:
 
 def table(st: Store, version: int | None = None) -> Any:
     """The record at its committed version (or `version`), or None when nothing was ever deleted."""
-    if not exists(st.table_uri(TABLE)):
+    if not table_created(st.table_uri(TABLE)):
         return None
     return st.dataset(TABLE, version)
 
@@ -114,7 +114,7 @@ def append(st: Store, rows: pa.Table) -> int | None:
     if rows.num_rows == 0:
         return None
     uri = st.table_uri(TABLE)
-    if not exists(uri):
+    if not table_created(uri):
         st._create_table(TABLE, deletions_schema())
     recorded = committed_versions(st).get(TABLE)
     frags = lance.fragment.write_fragments(rows, uri, schema=deletions_schema(), max_rows_per_file=1 << 30,

@@ -47,7 +47,7 @@ from clipsql.store import deletions
 from clipsql.store.drops import DEFAULT_RETENTION_HOURS, dropped_fit_ids, due, pending_drops, sweep_dropped_tables
 from clipsql.store.fit_rows import get_fit, latest_fit
 from clipsql.store.ledger import committed_versions, recover, set_committed_version
-from clipsql.store.location import exists, is_remote, move, store_path
+from clipsql.store.location import exists, is_remote, move, store_path, table_created
 from clipsql.store.locks import lease_holder
 from clipsql.store.manage import delete_ids
 from clipsql.store.marker import FORMAT_VERSION, read_marker, write_marker
@@ -233,7 +233,7 @@ def _rebuild_catalog(st: Store, marker: dict, path: Path, report: Report, why: s
             set_committed_version(conn, name, good, None)
         models.append(m["model_id"])
     for name in (SAMPLES, DELETIONS, TAGS):
-        if exists(st.table_uri(name)):
+        if table_created(st.table_uri(name)):
             good = _newest_readable(st, name, None, report, repair=True)
             if good is not None:
                 with st.engine.begin() as conn:
@@ -288,8 +288,8 @@ def _newest_readable(st: Store, name: str, limit: int | None, report: Report, re
 
 def _check_tables(st: Store, report: Report, repair: bool) -> None:
     recorded = committed_versions(st)
-    names = [n for n in (SAMPLES, DELETIONS) if exists(st.table_uri(n))] + [m.table_name for m in st.list_models()] \
-        + ([TAGS] if exists(st.table_uri(TAGS)) else [])      # a model's table must exist: checked below
+    names = [n for n in (SAMPLES, DELETIONS) if table_created(st.table_uri(n))] \
+        + [m.table_name for m in st.list_models()] + ([TAGS] if table_created(st.table_uri(TAGS)) else [])      # a model's table must exist: checked below
     ledger = load_ledger(st) if repair else []
     for name in names:
         uri = st.table_uri(name)

@@ -29,7 +29,7 @@ from clipsql.lazy import lance
 from clipsql.store import catalog as cat
 from clipsql.store import runs, stats, units
 from clipsql.store.faults import fault
-from clipsql.store.location import exists
+from clipsql.store.location import table_created
 from clipsql.store.records import ModelRecord
 from clipsql.store.tables import DELETIONS, SAMPLES, TAGS
 
@@ -86,7 +86,7 @@ def versioned_tables(st: Any) -> list[str]:
     """The Lance tables whose committed version the ledger names and that exist: `samples`, the
     deletions record (store.deletions), each model's table and `tags` (store.tags)."""
     names = [SAMPLES, DELETIONS] + [m.table_name for m in st.list_models()] + [TAGS]
-    return [n for n in names if exists(st.table_uri(n))]
+    return [n for n in names if table_created(st.table_uri(n))]
 
 
 def recover(st: Any) -> dict[str, int]:

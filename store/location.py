@@ -196,6 +196,17 @@ def exists(path: "Path | ObjectPath | str") -> bool:
     return store_path(path).exists()
 
 
+def table_created(uri: "Path | ObjectPath | str") -> bool:
+    """Whether the Lance table at `uri` has a version: a manifest under `_versions`. A writer killed
+    while creating a table, or while writing the data files of its first commit, leaves a directory
+    without one; that is no table yet (nothing in it was ever committed)."""
+    versions = store_path(uri) / "_versions"
+    try:
+        return versions.is_dir() and any(p.name.endswith(".manifest") for p in versions.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
 def move(src: "Path | ObjectPath | str", dst: "Path | ObjectPath | str") -> None:
     s, d = store_path(src), store_path(dst)
     if isinstance(s, ObjectPath):

@@ -29,7 +29,7 @@ from clipsql.store.compaction import MAX_FRAGMENTS, compact_to_bound
 from clipsql.store.drops import DEFAULT_RETENTION_HOURS, sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.ledger import commit_versions, recover, versioned_tables
-from clipsql.store.location import exists
+from clipsql.store.location import table_created
 from clipsql.store.records import ModelRecord
 from clipsql.store.store import Store
 from clipsql.store.tables import SAMPLES
@@ -240,7 +240,7 @@ def maintain_after_ingest(st: Store, rec: ModelRecord) -> OptimizeReport | None:
     compact = index = False
     stale: dict[str, int] = {}
     for name in (SAMPLES, rec.table_name):
-        if not exists(st.table_uri(name)):
+        if not table_created(st.table_uri(name)):
             continue
         ds = st.dataset(name)
         rows = ds.count_rows()

@@ -34,7 +34,7 @@ from clipsql.store import catalog as cat
 from clipsql.store.drops import sweep_dropped_tables
 from clipsql.store.faults import fault
 from clipsql.store.ledger import committed_versions, set_committed_version
-from clipsql.store.location import exists, is_remote, rmtree, store_path
+from clipsql.store.location import exists, is_remote, rmtree, store_path, table_created
 from clipsql.store.locks import file_lock, lease, lease_seconds
 from clipsql.store.marker import FORMAT_VERSION, MARKER, read_marker
 from clipsql.store.records import ModelRecord, pick_model
@@ -240,14 +240,19 @@ class Store:
         """Lance tables of the store (a directory listing: importing lancedb costs ~1.5 s). A directory
         without `_versions` holds only data files of a table not yet committed (a job in flight)."""
         root = self.path / "lance"
-        return sorted(p.name[:-len(".lance")] for p in root.glob("*.lance") if (p / "_versions").is_dir()) \
+        return sorted(p.name[:-len(".lance")] for p in root.glob("*.lance") if table_created(p)) \
             if root.is_dir() else []
 
     def table_uri(self, name: str) -> str:
         return str(self.path / "lance" / f"{name}.lance")
 
     def _create_table(self, name: str, schema: pa.Schema) -> None:
-        """An empty Lance table with stable row ids and V2 manifest paths, recorded at version 1."""
+        """An empty Lance table with stable row ids and V2 manifest paths, recorded at version 1. A
+        directory left by a creation (or first write) killed before any version holds nothing
+        committed: it is cleared first."""
+        uri = self.table_uri(name)
+        if exists(uri) and not table_created(uri):
+            rmtree(uri)
         ds = lance.write_dataset(schema.empty_table(), self.table_uri(name), schema=schema, mode="create",
                                  enable_stable_row_ids=True, enable_v2_manifest_paths=True)
         with self.engine.begin() as conn:
@@ -262,7 +267,7 @@ class Store:
             try:
                 ds = lance.dataset(uri)
             except (OSError, ValueError) as e:
-                if exists(f"{uri}/_versions"):
+                if table_created(uri):
                     raise StoreNotFound(f"Lance table {rec.table_name} of {self.path} cannot be opened "
                                         f"({str(e).splitlines()[0]}): run `clipsql doctor {self.path}`") from None
                 rmtree(uri)      # data files of a creation killed before its first version: nothing to keep
@@ -297,12 +302,12 @@ class Store:
 
     def samples_table(self, version: int | None = None):  # noqa: ANN201
         """The `samples` Lance dataset at its committed version, or None before the first ingest."""
-        if not (self.path / "lance" / f"{SAMPLES}.lance").exists():
+        if not table_created(self.table_uri(SAMPLES)):
             return None
         return self.dataset(SAMPLES, version)
 
     def ensure_samples_table(self) -> None:
-        if not (self.path / "lance" / f"{SAMPLES}.lance").exists():
+        if not table_created(self.table_uri(SAMPLES)):
             self._create_table(SAMPLES, samples_schema())
 
     def embeddings_table(self, model: ModelRecord, version: int | None = None):  # noqa: ANN201

@@ -31,7 +31,7 @@ from clipsql.lazy import lance
 from clipsql.store import catalog as cat
 from clipsql.store.faults import fault
 from clipsql.store.ledger import committed_versions, recover, set_committed_version
-from clipsql.store.location import exists
+from clipsql.store.location import table_created
 from clipsql.store.store import Store
 from clipsql.store.tables import TAGS
 
@@ -71,7 +71,7 @@ def read(st: Store, version: int | None = None) -> pa.Table:
     """Every (id, tag, tagged_at) at the committed version (or `version`)."""
     if version is None:
         version = committed_versions(st).get(TABLE)
-    if version is None or not exists(st.table_uri(TABLE)):
+    if version is None or not table_created(st.table_uri(TABLE)):
         return tags_schema().empty_table()
     return st.dataset(TABLE, version).to_table()
 
@@ -92,7 +92,7 @@ def remove_tags(st: Store, ids: Iterable[str] | pa.Array, tag: str) -> dict[str,
     ids = id_array(ids)
     with st.lock():
         recover(st)
-        if not exists(st.table_uri(TABLE)) or TABLE not in committed_versions(st) or not len(ids):
+        if not table_created(st.table_uri(TABLE)) or TABLE not in committed_versions(st) or not len(ids):
             return {"tag": tag, "removed": 0, "commit_id": None}
         ds = st.dataset(TABLE)
         have = _having(ds, ids, tag)
@@ -106,7 +106,7 @@ def remove_tags(st: Store, ids: Iterable[str] | pa.Array, tag: str) -> dict[str,
 
 
 def _ensure_table(st: Store) -> None:
-    if not exists(st.table_uri(TABLE)):
+    if not table_created(st.table_uri(TABLE)):
         st._create_table(TABLE, tags_schema())        # recorded at its first version (empty)
 
 

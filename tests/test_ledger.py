@@ -393,3 +393,24 @@ def test_merged_partials_equal_one_pass():
     np.testing.assert_allclose(merged.mean, X.mean(0), rtol=1e-12)
     np.testing.assert_allclose(merged.cov, np.cov(X, rowvar=False, bias=True), rtol=1e-10)
     assert merged.n == whole.n == 900
+
+
+def test_a_table_directory_without_a_version_is_no_table(pool, tmp_path, fake):
+    """A writer killed while creating a table (or writing its first data files) leaves a directory
+    with no manifest: nothing in it was committed, so recovery, readers and the next writer treat
+    it as no table, and the next creation clears it."""
+    from clipsql.store import tags
+    from clipsql.store.doctor import doctor
+    st = Store.init(tmp_path / "s")
+    for name in ("samples", "tags", "deletions"):
+        (st.path / "lance" / f"{name}.lance" / "data").mkdir(parents=True)
+        (st.path / "lance" / f"{name}.lance" / "data" / "half-written.lance").write_bytes(b"\0" * 64)
+    assert st.samples_table() is None and st.table_names() == []
+    ingest(st, str(pool), model=fake.model, options=fake.options(id_column="key"))
+    st = Store.open(st.path)
+    assert count_rows(st, st.model()) == 3000 and st.samples_table().count_rows() == 3000
+    assert not (st.path / "lance" / "samples.lance" / "data" / "half-written.lance").exists()
+    assert tags.read(st).num_rows == 0
+    tags.add_tags(st, sample_ids(st)[:2], "keep")
+    assert tags.read(st).num_rows == 2
+    assert doctor(st.path).consistent, doctor(st.path).to_dict()
