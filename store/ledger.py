@@ -29,7 +29,7 @@ from clipsql.lazy import lance
 from clipsql.store import catalog as cat
 from clipsql.store import runs, stats, units
 from clipsql.store.faults import fault
-from clipsql.store.location import table_created
+from clipsql.store.location import table_created, versions_desc
 from clipsql.store.records import ModelRecord
 from clipsql.store.tables import DELETIONS, SAMPLES, TAGS
 
@@ -98,12 +98,15 @@ def recover(st: Any) -> dict[str, int]:
     rolled: dict[str, int] = {}
     for name in versioned_tables(st):
         uri = st.table_uri(name)
-        latest = lance.dataset(uri)
+        listed = versions_desc(uri)       # a listing: an up-to-date store opens no table (nor imports Lance)
+        if not listed:
+            continue
         if name not in recorded:
             with st.engine.begin() as conn:
-                set_committed_version(conn, name, latest.version, None)
+                set_committed_version(conn, name, listed[0], None)
             continue
-        if latest.version > recorded[name]:
+        if listed[0] > recorded[name]:
+            latest = lance.dataset(uri)
             good = lance.dataset(uri, version=recorded[name])
             rolled[name] = latest.count_rows() - good.count_rows()
             good.restore()

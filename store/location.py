@@ -196,15 +196,29 @@ def exists(path: "Path | ObjectPath | str") -> bool:
     return store_path(path).exists()
 
 
+def versions_desc(uri: "Path | ObjectPath | str") -> list[int]:
+    """The Lance versions of the table at `uri` whose manifest files are present, newest first (a
+    directory listing: no Lance import, no manifest read). Lance writes a manifest whole under its
+    final name (rename / put-if-absent), so a listed manifest is a committed Lance version."""
+    folder = store_path(uri) / "_versions"
+    try:
+        names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for n in names:
+        stem = n[:-len(".manifest")]
+        if n.endswith(".manifest") and stem.isdigit():
+            v = int(stem)
+            out.append((1 << 64) - 1 - v if v > 1 << 62 else v)      # V2 paths count down from u64::MAX
+    return sorted(out, reverse=True)
+
+
 def table_created(uri: "Path | ObjectPath | str") -> bool:
     """Whether the Lance table at `uri` has a version: a manifest under `_versions`. A writer killed
     while creating a table, or while writing the data files of its first commit, leaves a directory
     without one; that is no table yet (nothing in it was ever committed)."""
-    versions = store_path(uri) / "_versions"
-    try:
-        return versions.is_dir() and any(p.name.endswith(".manifest") for p in versions.iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return False
+    return bool(versions_desc(uri))
 
 
 def move(src: "Path | ObjectPath | str", dst: "Path | ObjectPath | str") -> None:

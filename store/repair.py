@@ -40,7 +40,7 @@ import sqlalchemy as sa
 
 from clipsql.store import catalog as cat
 from clipsql.store.ledger import set_committed_version
-from clipsql.store.location import exists, move, store_path
+from clipsql.store.location import exists, move, store_path, versions_desc
 from clipsql.lazy import lance
 from clipsql.store.store import Store
 from clipsql.store.tables import DELETIONS, SAMPLES
@@ -66,17 +66,6 @@ def first_line(e: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- manifests
-def versions_desc(uri: str) -> list[int]:
-    """The versions whose manifest files are present, newest first."""
-    out = []
-    for n in (p.name for p in (store_path(uri) / "_versions").iterdir()):
-        if not n.endswith(".manifest"):
-            continue
-        v = int(n[:-len(".manifest")])
-        out.append((1 << 64) - 1 - v if v > 1 << 62 else v)      # V2 paths count down from u64::MAX
-    return sorted(out, reverse=True)
-
-
 def manifest_path(uri: str, version: int) -> str:
     v2 = f"{uri}/_versions/{(1 << 64) - 1 - version:020d}.manifest"
     return v2 if exists(v2) else f"{uri}/_versions/{version}.manifest"
