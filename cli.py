@@ -481,9 +481,9 @@ def ingest(
                                     "done) every N rows …"),
     commit_seconds: float = typer.Option(30.0, min=0.0, help="… or every T seconds, whichever comes first. A "
                                          "killed run loses at most this much work, never committed rows."),
-    max_fragments: int = typer.Option(MAX_FRAGMENTS, min=2, help="Compact a table during the run whenever a "
-                                      "commit leaves it more data files than this: commits stay as fast at "
-                                      "a billion rows as at a million."),
+    max_fragments: int = typer.Option(MAX_FRAGMENTS, min=2, help="Merge a table's small data files "
+                                      "(under ~256 MiB) into full-size ones during the run whenever a commit "
+                                      "leaves more small files than this; full-size files are never rewritten."),
     allow_missing_captions: bool = typer.Option(
         False, "--allow-missing-captions", help="Keep images that have no caption (none, or empty once cleaned) "
         "with a NULL caption and text embedding: image-only scores work, text and pair scores are NULL. "

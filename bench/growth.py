@@ -18,6 +18,13 @@ Measured so far:
 * planning a re-run of a DataComp pool (`--units` shards, one unit each, all already ingested):
   from the ledger first (ingest.planning: one stat per file) against opening every shard to list
   its units and fingerprint them (what planning did before).
+* the projection (`--only project`): precomputed DataComp ingests at `--ingest-rows` sizes give
+  the CPU per row of reading, folding and writing (the work Ray workers share); the commit
+  figures give a commit's cost per fragment in the table; a d = 512 compaction gives the rows/s
+  a rewrite runs at, and a simulation of the fragment sizes (store.compaction's rule, and the
+  size-tier rule it replaced) how many times a row is rewritten; a statistics merge is timed.
+  Each law is extrapolated to DataComp medium / large / xlarge on `--workers` Ray workers, split
+  into what spreads over the workers and what one process does serially.
 
 Measured (2 shared cores, d = 8 fragments of 4 rows; pool shards of 8 rows):
   fragments 500 / 2,000 / 8,000: a commit 35 / 67 / 178 ms unbounded (exponent 0.58 and rising:
@@ -34,6 +41,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -43,9 +51,11 @@ from clipsql.ingest.pipeline import IngestOptions, ingest_pool
 from clipsql.ingest.planning import plan_units
 from clipsql.ingest.registry import open_source
 from clipsql.kernels.idset import FingerprintSet
-from clipsql.lazy import lance_fragment
-from clipsql.store.compaction import MAX_FRAGMENTS
+from clipsql.kernels.moments import RunningMoments
+from clipsql.lazy import lance, lance_fragment
+from clipsql.store.compaction import MAX_FRAGMENTS, merge_target
 from clipsql.store.ledger import PendingCommit, commit, done_units
+from clipsql.store.location import rmtree
 from clipsql.store.store import Store
 from clipsql.store.writer import CommitPolicy, Writer
 
@@ -156,6 +166,147 @@ def planning_cost(units: int) -> dict:
     return {"units": units, **{k: min(v) for k, v in reps.items()}}
 
 
+def ingest_cost(rows: int, shard_rows: int = 10_000) -> dict:
+    """A precomputed DataComp ingest of `rows` rows (shards of `shard_rows`, as DataComp ships them):
+    wall and CPU seconds of the run (every thread), commits."""
+    root = Path(tempfile.mkdtemp(prefix="clipsql-growth-"))
+    write_pool(root / "pool", rows // shard_rows, rows=shard_rows)
+    st = Store.init(root / "s")
+    c0, t0 = time.process_time(), time.perf_counter()
+    (summary,) = ingest_pool(st, root / "pool", features="b32", options=IngestOptions(progress=False))
+    out = {"rows": rows, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+           "commits": summary.commits, "added": summary.added}
+    rmtree(root)
+    return out
+
+
+def merge_cost(d: int = 512, reps: int = 20) -> float:
+    """Seconds to merge one unit's statistics partial (raw + normalized moments, both modalities:
+    four d × d float64 sums) into the run's: what the committing process does once per unit."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for _ in range(4):
+        m = RunningMoments(d)
+        m.update(rng.standard_normal((64, d)))
+        parts.append(m)
+    total = [RunningMoments(d) for _ in range(4)]
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for a, b in zip(total, parts):
+            a.merge(b)
+    return (time.perf_counter() - t0) / reps
+
+
+def compaction_rate(rows: int = 200_000, pieces: int = 40, d: int = 512) -> float:
+    """Rows per second a compaction rewrites on a d-dimensional embeddings table (`pieces`
+    fragments merged into one), as the writer's compaction does during a run."""
+    root = Path(tempfile.mkdtemp(prefix="clipsql-growth-"))
+    rng = np.random.default_rng(0)
+    per = rows // pieces
+    x = rng.standard_normal((per, d)).astype(np.float32)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), d)
+    uri = str(root / "t.lance")
+    for i in range(pieces):
+        tbl = pa.table({"id": pa.array(np.char.add(f"r{i}-", np.arange(per).astype(str))),
+                        "image_embedding": col, "text_embedding": col})
+        lance.write_dataset(tbl, uri, mode="append" if i else "create")
+    ds = lance.dataset(uri)
+    t0 = time.perf_counter()
+    ds.optimize.compact_files(target_rows_per_fragment=rows)
+    rate = rows / (time.perf_counter() - t0)
+    rmtree(root)
+    return rate
+
+
+def tiered_target(rows: list[int], max_fragments: int, base: int) -> int | None:
+    """The compaction rule before this one, for the comparison: a bound on ALL fragments, kept by
+    merging every fragment under T = base·4^k into fragments of T rows (T the smallest that brings
+    the count to half the bound), so rows climb one size tier after another."""
+    if len(rows) <= max_fragments:
+        return None
+    goal, target = max(1, max_fragments // 2), base
+    while True:
+        small = [r for r in rows if r < target]
+        if len(rows) - len(small) + -(-sum(small) // target) <= goal or target > sum(rows):
+            return target
+        target *= 4
+
+
+def _target_name(n: float) -> str:
+    return next(k for k, v in TARGETS.items() if v == n)
+
+
+def rewrites_per_row(n_rows: float, commit_rows: int, base: int, max_fragments: int = MAX_FRAGMENTS,
+                     policy: Any = None, fragment_rows: int | None = None) -> float:
+    """How many times the writer's compaction (store.compaction.merge_target, or `policy`) rewrites
+    a row over a run of `n_rows` committed `commit_rows` at a time, each commit adding fragments
+    of `fragment_rows` (default: one fragment a commit, as the local writer writes; a Ray run adds
+    one per unit): a simulation of the fragment sizes."""
+    per = fragment_rows or commit_rows
+    frags: list[int] = []
+    rewritten = 0
+    for _ in range(int(n_rows // commit_rows)):
+        frags.extend([per] * max(1, commit_rows // per))
+        target = (policy or merge_target)(frags, max_fragments, base)
+        if policy is None:             # merge_target never looks at full-size fragments again:
+            frags = [r for r in frags if r < base]      # keep the list short (12.8B rows: 128k commits)
+        if target is None:
+            continue
+        small = sum(r for r in frags if r < target)
+        rewritten += small
+        frags = [r for r in frags if r >= target] + [target] * (small // target) + ([small % target] if small % target else [])
+    return rewritten / n_rows
+
+
+def project(ing: list[dict], dedup: list[dict] | None, commits: list[dict] | None, plans: list[dict] | None,
+            workers: int, shard_rows: int = 10_000) -> list[list]:
+    """Per-run hours at DataComp sizes on `workers` Ray workers: each mechanism's fitted law,
+    split into the work that spreads over the workers and the work one process does serially."""
+    rows = []
+
+    def law(xs: list[float], ys: list[float]) -> tuple[float, float]:
+        return fit_exponent(xs, ys)
+
+    # a run's fixed costs (imports, opening the store, maintenance) are paid once per worker: the
+    # projection uses the marginal CPU per row (the slope of an affine fit) and the growth
+    # exponent of the part above the fixed cost (the intercept)
+    n_ing, cpu = np.asarray([r["rows"] for r in ing], float), np.asarray([r["cpu_s"] for r in ing])
+    per_row, fixed = np.polyfit(n_ing, cpu, 1)
+    b, _ = law(list(n_ing), list(np.maximum(cpu - fixed, 1e-9)))
+    rows.append([f"read, fold, write ({1 / per_row:,.0f} rows/CPU-s, spread over the workers)", b,
+                 lambda n, c=per_row: c * n / workers])
+    if dedup:
+        b, a = law([r["rows"] for r in dedup], [r["set_s"] + r["hash_s"] for r in dedup])
+        rows.append(["id de-duplication (one process)", b, lambda n, a=a, b=b: math.exp(a) * n ** b])
+    commit_rows = CommitPolicy().rows
+    base = 1 << 16                       # a 256 MiB fragment of 512-d rows (store.compaction.base_rows)
+    full_rows = max(base, shard_rows)    # rows of the full-size fragments a run leaves
+    if commits:
+        # a commit costs c0 + cf per fragment already in the table (affine fit of the unbounded
+        # figures); the table gains commit_rows / full_rows full-size fragments a commit
+        cf, c0 = np.polyfit([r["fragments"] for r in commits], [r["unbounded_s"] for r in commits], 1)
+        c0, cf = max(float(c0), 0.0), max(float(cf), 0.0)
+        b, _ = law([r["fragments"] for r in commits], [r["unbounded_s"] for r in commits])
+        rows.append([f"commits ({commit_rows:,} rows each; {1e3 * c0:.0f} ms + {1e6 * cf:.0f} µs a fragment, "
+                     "one process)", b, lambda n, c0=c0, cf=cf: (n / commit_rows) * c0
+                     + cf * (n / commit_rows) ** 2 * (commit_rows / full_rows) / 2])
+    rate = compaction_rate()
+    for label, policy in (("compaction during the run", None), ("(before: size tiers on all fragments)", tiered_target)):
+        factor = {k: rewrites_per_row(n, commit_rows, base, policy=policy, fragment_rows=shard_rows)
+                  for k, n in TARGETS.items()}
+        rows.append([f"{label} ({rate:,.0f} rows/s; rewrites/row " + "/".join(f"{f:.1f}" for f in factor.values())
+                     + ", one process)", 1.0, lambda n, r=rate, f=factor: f[_target_name(n)] * n / r])
+    merge_s = merge_cost()
+    rows.append(["statistics partials merged (one per unit)", 1.0, lambda n, m=merge_s: m * n / shard_rows])
+    if plans:
+        b, a = law([r["units"] for r in plans], [r["ledger_s"] for r in plans])
+        rows.append(["planning a re-run from the ledger", b, lambda n, a=a, b=b: math.exp(a) * (n / shard_rows) ** b])
+    table = []
+    for name, b, f in rows:
+        table.append([name, b, *[f(n) / 3600 for n in TARGETS.values()]])
+    return table
+
+
 def _report(what: str, xs: list[int], runs: list[dict], cols: list[str], unit: str) -> None:
     for c in cols:
         b, a = fit_exponent(xs, [r[c] for r in runs])
@@ -168,13 +319,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--fragments", default="250,1000,4000")
     ap.add_argument("--units", default="100,300,1000")
-    ap.add_argument("--only", default="dedup,commit,plan")
+    ap.add_argument("--ingest-rows", default="100000,200000,400000",
+                    help="sizes of the precomputed DataComp ingests the projection's per-row cost comes from")
+    ap.add_argument("--workers", type=int, default=64, help="Ray workers the projection assumes")
+    ap.add_argument("--only", default="dedup,commit,plan,project")
     args = ap.parse_args()
     only = set(args.only.split(","))
     os.environ.setdefault("LANCE_LOG", "error")
+    commits = plans = dedup = None
     if "commit" in only:
         xs = [int(s) for s in args.fragments.split(",")]
-        runs = [commit_cost(f) for f in xs]
+        commits = runs = [commit_cost(f) for f in xs]
         print(f"per commit, against the fragments in the table (bound {MAX_FRAGMENTS}):")
         print(f"{'fragments':>10} {'unbounded ms':>13} {'bounded ms':>11} {'compaction s':>13} "
               f"{'after':>6} {'open+count ms':>14}")
@@ -184,27 +339,41 @@ def main() -> None:
         _report("commit", xs, runs, ["unbounded_s", "bounded_s", "open_count_s"], "fragments")
     if "plan" in only:
         xs = [int(s) for s in args.units.split(",")]
-        runs = [planning_cost(u) for u in xs]
+        plans = runs = [planning_cost(u) for u in xs]
         print("planning a re-run whose units are all ingested (DataComp shards, one unit each):")
         print(f"{'units':>8} {'ledger ms':>10} {'µs/unit':>8} {'opening ms':>11} {'µs/unit':>8}")
         for r in runs:
             print(f"{r['units']:>8,} {1e3 * r['ledger_s']:>10.1f} {1e6 * r['ledger_s'] / r['units']:>8.0f} "
                   f"{1e3 * r['opening_s']:>11.1f} {1e6 * r['opening_s'] / r['units']:>8.0f}")
         _report("plan", xs, runs, ["ledger_s", "opening_s"], "units")
-    if "dedup" not in only:
-        return
-    sizes = [int(s) for s in args.sizes.split(",")]
-    runs = [dedup_run(n, args.batch) for n in sizes]
-    print("in-run id de-duplication (fingerprint set), per run:")
-    print(f"{'rows':>12} {'set s':>8} {'hash s':>8} {'work/row':>9} {'B/row':>6}")
-    for r in runs:
-        print(f"{r['rows']:>12,} {r['set_s']:>8.2f} {r['hash_s']:>8.2f} {r['work'] / r['rows']:>9.2f} "
-              f"{r['bytes_per_row']:>6.1f}")
-    for what in ("set_s", "work"):
-        b, a = fit_exponent(sizes, [r[what] for r in runs])
-        ext = ", ".join(f"{k} {math.exp(a) * n ** b / (3600 if what == 'set_s' else 1):.3g}"
-                        f"{' h' if what == 'set_s' else ''}" for k, n in TARGETS.items())
-        print(f"  {what}: growth exponent {b:.2f} (1.0 = linear); extrapolated per run: {ext}")
+    if "dedup" in only:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        dedup = runs = [dedup_run(n, args.batch) for n in sizes]
+        print("in-run id de-duplication (fingerprint set), per run:")
+        print(f"{'rows':>12} {'set s':>8} {'hash s':>8} {'work/row':>9} {'B/row':>6}")
+        for r in runs:
+            print(f"{r['rows']:>12,} {r['set_s']:>8.2f} {r['hash_s']:>8.2f} {r['work'] / r['rows']:>9.2f} "
+                  f"{r['bytes_per_row']:>6.1f}")
+        for what in ("set_s", "work"):
+            b, a = fit_exponent(sizes, [r[what] for r in runs])
+            ext = ", ".join(f"{k} {math.exp(a) * n ** b / (3600 if what == 'set_s' else 1):.3g}"
+                            f"{' h' if what == 'set_s' else ''}" for k, n in TARGETS.items())
+            print(f"  {what}: growth exponent {b:.2f} (1.0 = linear); extrapolated per run: {ext}")
+    if "project" in only:
+        ing = [ingest_cost(int(n)) for n in args.ingest_rows.split(",")]
+        print("precomputed DataComp ingest (b32 features, 10k-row shards), one process:")
+        print(f"{'rows':>10} {'wall s':>8} {'CPU s':>8} {'rows/CPU-s':>11} {'commits':>8}")
+        for r in ing:
+            print(f"{r['rows']:>10,} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['rows'] / r['cpu_s']:>11,.0f} "
+                  f"{r['commits']:>8}")
+        table = project(ing, dedup, commits, plans, args.workers)
+        print(f"projected hours per run on {args.workers} Ray workers (each law fitted above, extrapolated):")
+        print(f"{'what':<58} {'exponent':>8} " + " ".join(f"{k:>16}" for k in TARGETS))
+        for name, b, *hours in table:
+            print(f"{name:<58} {b:>8.2f} " + " ".join(f"{h:>16.3g}" for h in hours))
+        totals = [sum(r[2 + i] for r in table if "re-run" not in r[0] and "before" not in r[0])
+                  for i in range(len(TARGETS))]
+        print(f"{'a first run, in all':<58} {'':>8} " + " ".join(f"{h:>16.3g}" for h in totals))
 
 
 if __name__ == "__main__":

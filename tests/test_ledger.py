@@ -414,3 +414,31 @@ def test_a_table_directory_without_a_version_is_no_table(pool, tmp_path, fake):
     tags.add_tags(st, sample_ids(st)[:2], "keep")
     assert tags.read(st).num_rows == 2
     assert doctor(st.path).consistent, doctor(st.path).to_dict()
+
+
+def test_compaction_merges_small_fragments_and_never_rewrites_full_size_ones():
+    """The bound counts fragments smaller than a full-size one (`base` rows): past it, those merge
+    into full-size fragments; a table of any number of full-size fragments is left as it is, so
+    a row is rewritten about once over a run, however long (not once per size tier)."""
+    from clipsql.store.compaction import merge_target
+    base = 1000
+    assert merge_target([base] * 5000 + [10] * 6, 6, base) is None        # 5,000 full-size: not rewritten
+    assert merge_target([base] * 5000 + [10] * 7, 6, base) == base        # 7 small ones: merged to `base`
+    assert merge_target([2 * base, base - 1] * 4, 3, base) == base
+    # simulated runs of small commits under the rule: rows are rewritten at most twice (the first
+    # merge, and the remainder of a merge once more), whatever the length of the run
+
+    def rewrites(commits: int) -> float:
+        frags, rewritten = [], 0
+        for _ in range(commits):
+            frags.append(100)
+            target = merge_target(frags, 6, base)
+            if target is not None:
+                small = sum(r for r in frags if r < target)
+                rewritten += small
+                frags = [r for r in frags if r >= target] + [target] * (small // target) \
+                    + ([small % target] if small % target else [])
+        assert sum(1 for r in frags if r < base) <= 6
+        return rewritten / (commits * 100)
+    short, long = rewrites(300), rewrites(30_000)
+    assert short <= 2 and long <= 2 and abs(long - short) < 0.1
