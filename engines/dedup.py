@@ -17,14 +17,16 @@ do what reads the vectors, each from the committed version the run started from:
 
 Every read checks that the rows at those positions carry the ids pass 1 read. Nothing here
 writes: the tasks return arrays, a killed task is retried, a killed driver leaves the stored
-result as it was. Memory: each task holds at most `cap` members (the `--memory-gb` budget) at once.
+result as it was. Memory: each task holds at most `cap` members (the `--memory-gb` budget) at once;
+a task's arguments are made when it is submitted, at most IN_FLIGHT_PER_CPU per CPU at a time
+(about MAX_TASK_ROWS rows each), so the object store holds a bounded share of the O(N) arrays.
 """
 from __future__ import annotations
 
 import heapq
 import math
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +42,9 @@ from clipsql.store.records import ModelRecord
 from clipsql.store.store import Store
 
 TASKS_PER_CPU = 4           # tasks per CPU of the cluster (the last ones even out the stragglers)
-MIN_TASK_ROWS = 256         # an assignment task takes fragments until it has at least this many rows
+MIN_TASK_ROWS = 256         # an assignment task takes fragments until it has at least this many rows …
+MAX_TASK_ROWS = 1 << 20     # … and a task gets at most about this many (its arguments: ≈ 30–60 bytes a row)
+IN_FLIGHT_PER_CPU = 2       # tasks submitted at once per CPU: the arguments in the object store stay bounded
 
 
 def _rows(store_path: str, rec: ModelRecord, version: int, batch: int) -> Rows:
@@ -95,18 +99,19 @@ def dedup_assign_ray(rows: Rows, C32: np.ndarray, inv: np.ndarray, valid: np.nda
     labels = np.full(n, -1, dtype=np.int64)
     cos = np.full(n, np.nan)
     with ray_session(address) as ray:
-        target = max(MIN_TASK_ROWS, math.ceil(n / (TASKS_PER_CPU * worker_count(ray))))
+        cpus = worker_count(ray)
+        target = min(MAX_TASK_ROWS, max(MIN_TASK_ROWS, math.ceil(n / (TASKS_PER_CPU * cpus))))
+        ranges = _ranges(frags, target)
+        if sum(c for _, c in frags) != n:
+            rows.check_ids(pa.array([], pa.string()), rows.ids)     # the fragments do not hold pass 1's rows
         task = ray.remote(max_retries=3)(_assign_task)
         c_ref = ray.put(np.ascontiguousarray(C32, dtype=np.float32))
-        refs = {}
-        for fids, a, e in _ranges(frags, target):
-            ref = task.remote(rows.store_path, rows.rec, rows.version, rows.batch, fids, rows.ids.slice(a, e - a),
-                              inv[a:e], valid[a:e], c_ref, device)
-            refs[ref] = (a, e)
-        if frags and refs and max(e for _, e in refs.values()) != n:
-            rows.check_ids(pa.array([], pa.string()), rows.ids)     # the fragments do not hold pass 1's rows
-        for ref, out in _as_done(ray, list(refs)):
-            a, e = refs[ref]
+
+        def submit(fids: list[int], a: int, e: int) -> Any:
+            return task.remote(rows.store_path, rows.rec, rows.version, rows.batch, fids, rows.ids.slice(a, e - a),
+                               inv[a:e], valid[a:e], c_ref, device)
+        jobs = (((r[1], r[2]), lambda r=r: submit(*r)) for r in ranges)
+        for (a, e), out in _in_flight(ray, jobs, IN_FLIGHT_PER_CPU * cpus):
             labels[a:e], cos[a:e] = out["labels"], out["cos"]
             if progress:
                 progress(e - a)
@@ -165,18 +170,22 @@ def dedup_within_ray(rows: Rows, inv: np.ndarray, labels: np.ndarray, cos: np.nd
     if not todo.size or not order.size:
         return out, info
     with ray_session(address) as ray:
+        cpus = worker_count(ray)
         task = ray.remote(max_retries=3)(_within_task)
         c_ref = ray.put(np.ascontiguousarray(C32, dtype=np.float32))
-        refs = {}
-        for cl in deal_clusters(sizes, todo, TASKS_PER_CPU * worker_count(ray)):
-            pos = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cl.tolist()]))
+        tasks = max(TASKS_PER_CPU * cpus, math.ceil(int(sizes[todo].sum()) / MAX_TASK_ROWS))
+        sets = deal_clusters(sizes, todo, tasks)
+        positions: dict[int, np.ndarray] = {}
+
+        def submit(i: int, cl: np.ndarray) -> Any:       # the set's arguments, made when it is submitted
+            pos = positions[i] = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cl.tolist()]))
             g = np.intersect1d(cl, grown)
-            ref = task.remote(rows.store_path, rows.rec, rows.version, pos, rows.ids.take(pa.array(pos)), inv[pos],
-                              labels[pos], cos[pos], id_rank[pos], c_ref, np.setdiff1d(cl, grown), g,
-                              old[pos] if g.size else None, new[pos] if g.size else None, cap, block, device)
-            refs[ref] = pos
-        for ref, res in _as_done(ray, list(refs)):
-            pos = refs[ref]
+            return task.remote(rows.store_path, rows.rec, rows.version, pos, rows.ids.take(pa.array(pos)), inv[pos],
+                               labels[pos], cos[pos], id_rank[pos], c_ref, np.setdiff1d(cl, grown), g,
+                               old[pos] if g.size else None, new[pos] if g.size else None, cap, block, device)
+        jobs = ((i, lambda i=i, cl=cl: submit(i, cl)) for i, cl in enumerate(sets))
+        for i, res in _in_flight(ray, jobs, IN_FLIGHT_PER_CPU * cpus):
+            pos = positions.pop(i)
             out[pos] = res["max_sim"]
             for k, v in res["info"].items():
                 info[k] = max(info[k], v) if k == "largest_cluster" else info[k] + v
@@ -185,16 +194,29 @@ def dedup_within_ray(rows: Rows, inv: np.ndarray, labels: np.ndarray, cos: np.nd
     return out, info
 
 
-def _as_done(ray: Any, refs: list) -> Any:
-    """(ref, result) as the tasks finish; a task's own one-line error (rows read by position that
-    are not pass 1's) is raised as itself."""
-    while refs:
-        done, refs = ray.wait(refs, num_returns=1)
+def _in_flight(ray: Any, jobs: Iterator[tuple[Any, Callable[[], Any]]], limit: int) -> Iterator[tuple[Any, Any]]:
+    """(key, result) of the tasks `jobs` gives as (key, submit), as they finish, with at most `limit`
+    submitted and unfinished at once; a task's own one-line error (rows read by position that are
+    not pass 1's) is raised as itself."""
+    running: dict[Any, Any] = {}
+    jobs = iter(jobs)
+    more = True
+    while True:
+        while more and len(running) < max(1, limit):
+            job = next(jobs, None)
+            if job is None:
+                more = False
+            else:
+                running[job[1]()] = job[0]
+        if not running:
+            return
+        done, _ = ray.wait(list(running), num_returns=1)
         for r in done:
+            key = running.pop(r)
             try:
                 got = ray.get(r)
             except ray.exceptions.RayTaskError as e:
                 if isinstance(getattr(e, "cause", None), ClipsqlError):
                     raise e.cause from None
                 raise
-            yield r, got
+            yield key, got

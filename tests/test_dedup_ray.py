@@ -130,6 +130,40 @@ def test_deal_clusters_balances_by_pairs():
     assert RD.deal_clusters(sizes, np.array([1]), 4) == []
 
 
+def test_tasks_in_flight_are_bounded_and_a_task_error_is_one_line():
+    """`_in_flight` submits a task only when fewer than `limit` are unfinished, yields each result
+    under its key, and raises a task's ClipsqlError as itself (not Ray's wrapper)."""
+    from clipsql.errors import ClipsqlError
+
+    class TaskError(Exception):
+        def __init__(self, cause):
+            self.cause = cause
+
+    class FakeRay:
+        exceptions = type("exceptions", (), {"RayTaskError": TaskError})
+        running, most = set(), 0
+
+        def submit(self, v):
+            self.running.add(v)
+            FakeRay.most = max(FakeRay.most, len(self.running))
+            return v
+
+        def wait(self, refs, num_returns):
+            return [min(refs)], [r for r in refs if r != min(refs)]
+
+        def get(self, ref):
+            self.running.discard(ref)
+            if ref == 99:
+                raise TaskError(ClipsqlError("rows read by position do not match"))
+            return ref * 10
+
+    ray = FakeRay()
+    got = list(RD._in_flight(ray, ((f"k{i}", lambda i=i: ray.submit(i)) for i in range(7)), 3))
+    assert got == [(f"k{i}", i * 10) for i in range(7)] and FakeRay.most == 3
+    with pytest.raises(ClipsqlError, match="do not match"):
+        list(RD._in_flight(ray, [("bad", lambda: ray.submit(99))], 2))
+
+
 def test_an_unknown_engine_is_one_line(tmp_path):
     st = make_store(tmp_path / "s", [rows(50, 0)])
     bad = cli("dedup", str(st.path), "--engine", "spark", check=False)

@@ -21,7 +21,10 @@ k-means++. From K = 2,048 on, the k-means steps and the assignment are two-level
 (`kernels.semdedup_assign`: ~√K dot products a row on clustered data instead of K, the same
 labels), so with K = √N the assignment costs ~N^1.25 rather than N^1.5 and there is no cap on K.
 The k-means, the assignment and the within-cluster Gram blocks can run on a GPU (`device`,
-`models.device`; the same values).
+`models.device`; the same values). The assignment of a full run and the within-cluster pass go
+through the `engine` (queries.sql.engine: LOCAL runs them here; the Ray engine, engines.dedup,
+as tasks over row ranges and sets of clusters; the same values); pass 1, the fit, the
+incremental assignment of new rows and the write run here on either.
 A re-run without options reuses the stored run's parameters: rows added since are assigned to
 the stored centroids; a cluster that only gained members is updated against them
 (new members: max over every earlier member; old ones: max of the stored value and the new
