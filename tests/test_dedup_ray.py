@@ -164,6 +164,37 @@ def test_tasks_in_flight_are_bounded_and_a_task_error_is_one_line():
         list(RD._in_flight(ray, [("bad", lambda: ray.submit(99))], 2))
 
 
+def test_a_task_reads_its_rows_and_checks_their_ids(tmp_path):
+    """The tasks themselves, called here: an assignment task over the second fragment gives the local
+    engine's labels and cosines for that row range; rows whose ids are not pass 1's are one line."""
+    from clipsql.kernels import semdedup as K
+    from clipsql.errors import ClipsqlError
+    from clipsql.queries.curation.dedup import Rows
+    from clipsql.queries.sql.engine import LOCAL
+    st = make_store(tmp_path / "s", [rows(300, 0), rows(400, 1)])
+    rec = st.model(MODEL)
+    r = Rows(st, rec, 128)
+    tbl = r.ds.to_table(columns=["id", "image_embedding"])
+    r.ids = tbl.column("id").combine_chunks()
+    X = np.asarray(tbl.column("image_embedding").combine_chunks().flatten()).reshape(-1, D)
+    inv, valid = K.inverse_norms(X)
+    C32 = X[[10, 20, 30]].astype(np.float32)
+    labels, cos = LOCAL.dedup_assign(r, C32, inv, valid)
+    fid = r.ds.get_fragments()[1].fragment_id
+    got = RD._assign_task(str(st.path), rec, r.version, 64, [fid], r.ids.slice(300), inv[300:], valid[300:], C32,
+                          None)
+    assert np.array_equal(got["labels"], labels[300:]) and np.array_equal(got["cos"], cos[300:], equal_nan=True)
+    with pytest.raises(ClipsqlError, match="do not match the scan"):
+        RD._assign_task(str(st.path), rec, r.version, 64, [fid], r.ids.slice(299, 400), inv[300:], valid[300:], C32,
+                        None)
+    pos = np.arange(5, 600, 7)
+    sizes = np.bincount(labels[pos][labels[pos] >= 0])
+    with pytest.raises(ClipsqlError, match="do not match the scan"):
+        RD._within_task(str(st.path), rec, r.version, pos, r.ids.take(pa.array(pos + 1)), inv[pos], labels[pos],
+                        cos[pos], np.arange(len(pos)), C32, np.flatnonzero(sizes), np.zeros(0, np.int64), None, None,
+                        1000, 512, None)
+
+
 def test_an_unknown_engine_is_one_line(tmp_path):
     st = make_store(tmp_path / "s", [rows(50, 0)])
     bad = cli("dedup", str(st.path), "--engine", "spark", check=False)
