@@ -955,7 +955,11 @@ def dedup(store: str = STORE_ARG,
                                                "the within-cluster Gram blocks run: numpy, auto (a CUDA GPU if "
                                                "torch sees one), cpu, cuda[:N] (default $CLIPSQL_DEVICE or numpy); "
                                                "never changes a value."),
-          progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+          progress: bool = typer.Option(True, help="Show a progress bar."),
+          engine: str = typer.Option("local", help="local (this process) or ray: the assignment one task per run "
+                                     "of fragments, the within-cluster pass one task per set of clusters "
+                                     "(--memory-gb per task); never changes a value."),
+          ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Semantic deduplication (SemDeDup): per row semdedup_cluster and semdedup_max_sim (view `semdedup`).
 
     semdedup_max_sim is the largest cosine of a row's image embedding to the members of its
@@ -974,9 +978,10 @@ def dedup(store: str = STORE_ARG,
         typer.echo(f"semdedup of {res.model}: {res.stored} of {res.rows} rows have a value ({how}); "
                    f"{res.pending} pending, {res.stale} stored rows deleted since{todo}")
         return
+    eng = _run(engines.choose, engine, ray_address)
     st = _run(Store.open, store)
     out = _run(semdedup, st, model, clusters=clusters, sample=sample, seed=seed, iterations=iterations,
-               refit=refit, progress=progress, memory_gb=memory_gb, device=device)
+               refit=refit, progress=progress, memory_gb=memory_gb, device=device, engine=eng)
     rm = ", ".join(f"ε={e}: {c} ({c / max(out.rows, 1):.1%})" for e, c in out.removable.items())
     if out.mode == "current":
         how = "already up to date"

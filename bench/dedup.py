@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/dedup.py [--rows 1000000] [--dim 512] [--memory-gb 2] [--json dedup.json] [--tmp DIR]
     .venv/bin/python bench/dedup.py --assign 1000 4000 16000 --rows 200000   (flat vs two-level assignment)
+    .venv/bin/python bench/dedup.py --engines --rows 200000 [--workers 2] [--rounds 1]   (local vs Ray engine)
 
 Data: synthetic clustered image embeddings (2,000 true clusters of lognormal sizes, within-cluster
 cosine ≈ 0.5, raw norms 5–15) with planted duplicates: 10 % of the rows are copies of another row
@@ -135,6 +136,71 @@ def step_clipsql(store: str, memory_gb: str, clusters: str) -> None:
            "removable": res.removable, "timings": res.timings, "sample": res.sample,
            "iterations_run": res.fit.iterations_run if res.fit else None}
     print(json.dumps(out, default=str))
+
+
+def step_engine(store: str, engine: str, memory_gb: str, clusters: str, workers: str) -> None:
+    """Child process: a full `semdedup` run (refit, K = `clusters`, seed 0) on the local engine or the
+    Ray engine (a local Ray of `workers` CPUs, started before the clock: `ray_start_s`); wall, CPU
+    seconds of this process, stage timings, and a digest of the stored (id, cluster, max_sim)."""
+    import hashlib
+    from clipsql import engines
+    from clipsql.queries.curation.dedup import semdedup
+    from clipsql.store.store import Store
+    from clipsql.store.tables import dedup_table_name
+    st = Store.open(store)
+    ray_start = 0.0
+    if engine == "ray":
+        import os
+        import ray
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        t0 = time.perf_counter()
+        ray.init(num_cpus=int(workers), include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 object_store_memory=256 << 20)          # what `--engine ray` starts by default
+        ray_start = time.perf_counter() - t0
+    c0, t0 = _cpu(), time.perf_counter()
+    res = semdedup(st, clusters=int(clusters), seed=0, refit=True, memory_gb=float(memory_gb),
+                   engine=engines.choose(engine))
+    wall = time.perf_counter() - t0
+    tbl = st.dataset(dedup_table_name(st.model(MODEL).table_name), latest=True).to_table().sort_by("id")
+    h = hashlib.sha256()
+    for c in ("id", "semdedup_cluster", "semdedup_max_sim"):
+        h.update(str(tbl.column(c).to_pylist()).encode())
+    print(json.dumps({"wall_s": wall, "driver_cpu_s": _cpu() - c0, "ray_start_s": ray_start, "timings": res.timings,
+                      "pairs": res.pairs, "removable": res.removable, "digest": h.hexdigest()}))
+
+
+def engines_bench(args: argparse.Namespace, store: Path) -> None:
+    """Local vs Ray engine on the same store, `--rounds` interleaved rounds (best kept); the load of the
+    machine before and after (`os.getloadavg`), since Ray's workers share its cores."""
+    import os
+    k = max(1, round(math.sqrt(args.rows)))
+    runs: dict[str, list[dict]] = {"local": [], "ray": []}
+    load = [os.getloadavg()]
+    for _ in range(args.rounds):
+        for eng in ("local", "ray"):
+            runs[eng].append(child("engine", str(store), eng, str(args.memory_gb), str(k), str(args.workers)))
+            print(f"{eng}: {runs[eng][-1]['wall_s']:.1f}s {runs[eng][-1]['timings']}", flush=True)
+    load.append(os.getloadavg())
+    best = {e: min(r, key=lambda x: x["wall_s"]) for e, r in runs.items()}
+    same = len({r["digest"] for rs in runs.values() for r in rs}) == 1
+    lo, ra = best["local"], best["ray"]
+    out = {"rows": args.rows, "dim": args.dim, "clusters": k, "workers": args.workers, "cores": os.cpu_count(),
+           "load_before": load[0], "load_after": load[1], "identical_results": same,
+           "local": lo, "ray": ra,
+           "ratio_total": lo["wall_s"] / ra["wall_s"],
+           "ratio_assign": lo["timings"]["assign_s"] / ra["timings"]["assign_s"],
+           "ratio_within": lo["timings"]["pairs_s"] / ra["timings"]["pairs_s"]}
+    print(f"\n{args.rows} rows × d = {args.dim}, K = {k}; Ray: a local Ray of {args.workers} CPUs "
+          f"(started in {ra['ray_start_s']:.1f}s, not counted); {os.cpu_count()} cores, load "
+          f"{load[0][0]:.2f} before, {load[1][0]:.2f} after; stored results identical: {same}")
+    for stage, key in (("assign", "assign_s"), ("within clusters", "pairs_s"), ("fit (driver)", "fit_s"),
+                       ("pass 1 (driver)", "load_s")):
+        print(f"  {stage:16s} local {lo['timings'][key]:7.1f}s  ray {ra['timings'][key]:7.1f}s  "
+              f"local ÷ ray {lo['timings'][key] / ra['timings'][key]:.2f}")
+    print(f"  {'total':16s} local {lo['wall_s']:7.1f}s  ray {ra['wall_s']:7.1f}s  local ÷ ray {out['ratio_total']:.2f}")
+    if args.json:
+        write_json(args.json, out)
 
 
 def _read_all(ds, columns: list[str], limit: int | None = None):
@@ -329,6 +395,10 @@ def main() -> None:
     ap.add_argument("--kmeans-rows", type=int, default=100_000)
     ap.add_argument("--assign", type=int, nargs="+", metavar="K",
                     help="only flat against two-level assignment at these K, in memory (--rows rows)")
+    ap.add_argument("--engines", action="store_true",
+                    help="only a full run on the local engine against the Ray engine (a local Ray of --workers "
+                         "CPUs), interleaved --rounds, same store; checks the stored results are identical")
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--assign-data", choices=("synthetic", "hierarchical"), default="synthetic",
                     help="--assign's rows: the store bench's synthetic ones, or a three-level hierarchy")
     args = ap.parse_args()
@@ -336,16 +406,17 @@ def main() -> None:
         assign_bench(args.rows, args.dim, args.assign, args.json, args.assign_data)
         return
     if args.step:
-        steps = {"dedup": step_dedup, "clipsql": step_clipsql, "faiss": step_faiss, "kmeans": step_kmeans}
+        steps = {"dedup": step_dedup, "clipsql": step_clipsql, "faiss": step_faiss, "kmeans": step_kmeans,
+                 "engine": step_engine}
         steps[args.step[0]](*args.step[1:])
         return
     tmp = Path(args.tmp or tempfile.mkdtemp(prefix="clipsql-bench-dedup-"))
     store = tmp / "store"
-    if args.peers:
+    if args.peers or args.engines:
         try:
             if not store.exists():                       # --tmp DIR with a store/ from an earlier run: reused
                 build(store, generate(args.rows, args.dim))
-            peers(args, store)
+            (engines_bench if args.engines else peers)(args, store)
         finally:
             if not args.tmp:
                 shutil.rmtree(tmp, ignore_errors=True)

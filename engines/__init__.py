@@ -1,8 +1,8 @@
 """Where clipsql's heavy steps run, chosen in one place: `choose(name, ray_address)`.
 
 The CLI calls `choose` once per command that takes `--engine local|ray` and hands the engine
-(queries.sql.engine.Engine) to the library functions: ingest, `stats refresh`, `score` and
-`select`'s pool-wide scores. The local engine is the library's own (queries.sql.engine.LOCAL);
+(queries.sql.engine.Engine) to the library functions: ingest, `stats refresh`, `score`,
+`select`'s pool-wide scores and `dedup`'s assignment and within-cluster passes. The local engine is the library's own (queries.sql.engine.LOCAL);
 the Ray engine (engines.ray) runs the same code per source unit or per Lance fragment on a Ray
 cluster: source units are read and checked by the source classes, images go through
 `ingest.encode`, statistics partials through `kernels.moments`, commits through `ledger.commit`

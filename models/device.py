@@ -35,6 +35,7 @@ import numpy as np
 from clipsql.errors import SettingError
 from clipsql.kernels import scores
 from clipsql.kernels import semdedup as K
+from clipsql.kernels import semdedup_assign as A
 from clipsql.lazy import torch
 
 DEVICE_ENV = "CLIPSQL_DEVICE"
@@ -204,6 +205,20 @@ def semdedup_nearest(C32: np.ndarray, device: str | None = None) -> Callable[[np
         return lab
 
     return nearest
+
+
+def semdedup_assigner(C32: np.ndarray, device: str | None = None
+                      ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, Callable[[int], None] | None],
+                                    tuple[np.ndarray, np.ndarray]]:
+    """(X, inv, valid, progress) → (labels, cos) to the centroids C32: on the device when one is
+    chosen (flat there), else flat or two-level by K (`semdedup_assign.Assigner`); the same labels
+    and cosines (`semdedup.assign`'s) whatever the batch a row comes in."""
+    nearest = semdedup_nearest(C32, device)
+    if nearest is not None:
+        return lambda X, inv, valid, progress: K.assign(X, inv, valid, C32, chunk=ASSIGN_ROWS, progress=progress,
+                                                        nearest=nearest)
+    assigner = A.Assigner(C32)
+    return lambda X, inv, valid, progress: assigner.assign(X, inv, valid, progress=progress)
 
 
 def semdedup_fit_label(device: str | None = None) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:

@@ -21,7 +21,10 @@ k-means++. From K = 2,048 on, the k-means steps and the assignment are two-level
 (`kernels.semdedup_assign`: ~√K dot products a row on clustered data instead of K, the same
 labels), so with K = √N the assignment costs ~N^1.25 rather than N^1.5 and there is no cap on K.
 The k-means, the assignment and the within-cluster Gram blocks can run on a GPU (`device`,
-`models.device`; the same values).
+`models.device`; the same values). The assignment of a full run and the within-cluster pass go
+through the `engine` (queries.sql.engine: LOCAL runs them here; the Ray engine, engines.dedup,
+as tasks over row ranges and sets of clusters; the same values); pass 1, the fit, the
+incremental assignment of new rows and the write run here on either.
 A re-run without options reuses the stored run's parameters: rows added since are assigned to
 the stored centroids; a cluster that only gained members is updated against them
 (new members: max over every earlier member; old ones: max of the stored value and the new
@@ -65,6 +68,7 @@ from clipsql.kernels.sample import StreamSample, hash_keys
 from clipsql.kernels.semdedup import inverse_norms, removable, unit32
 from clipsql.lazy import tqdm
 from clipsql.models import device as DV
+from clipsql.queries.sql.engine import LOCAL, Engine
 from clipsql.store.faults import fault
 from clipsql.store.records import ModelRecord
 from clipsql.store.store import Store
@@ -82,17 +86,6 @@ MEMORY_ENV = "CLIPSQL_DEDUP_MEMORY_GB"
 PARAMS = ("clusters", "sample", "seed", "iterations", "init", "kernel", "dim")
 
 
-def _assigner(C32: np.ndarray, device: str | None):
-    """(X, inv, valid, progress) → (labels, cos) to the centroids C32: on the device when one is
-    chosen (flat there), else flat or two-level by K (`semdedup_assign.Assigner`); the same labels."""
-    nearest = DV.semdedup_nearest(C32, device)
-    if nearest is not None:
-        return lambda X, inv, valid, progress: K.assign(X, inv, valid, C32, chunk=DV.ASSIGN_ROWS, progress=progress,
-                                                        nearest=nearest)
-    assigner = A.Assigner(C32)
-    return lambda X, inv, valid, progress: assigner.assign(X, inv, valid, progress=progress)
-
-
 def default_clusters(n_valid: int) -> int:
     return max(1, min(n_valid, round(math.sqrt(n_valid))))
 
@@ -108,14 +101,16 @@ def _schema(params: dict | None = None) -> pa.Schema:
 
 
 # --------------------------------------------------------------------------- reading
-class _Rows:
-    """The image vectors of one committed version of a model's table, by row position (the scan
-    order: Lance `take` offsets of that version), streamed or taken — never all in memory."""
+class Rows:
+    """The image vectors of one committed version of a model's table (default: the latest), by row
+    position (the scan order: Lance `take` offsets of that version), streamed or taken — never all in
+    memory. `store_path`, `rec` and `version` let another process (a Ray task) open the same rows."""
 
-    def __init__(self, st: Store, rec: ModelRecord, batch: int):
-        self.ds = st.embeddings_table(rec)
+    def __init__(self, st: Store, rec: ModelRecord, batch: int, version: int | None = None):
+        self.ds = st.embeddings_table(rec, version)
         self.version, self.dim, self.batch = int(self.ds.version), rec.dim, batch
-        self.ids: pa.Array | None = None
+        self.store_path, self.rec = str(st.path), rec
+        self.ids: pa.Array | None = None        # every row's id, once pass 1 has read them
 
     def scan(self, columns: tuple[str, ...] = ("image_embedding",)) -> Iterator[tuple[int, pa.RecordBatch]]:
         pos = 0
@@ -125,23 +120,30 @@ class _Rows:
                 yield pos, b
                 pos += b.num_rows
 
-    def take(self, pos: np.ndarray) -> np.ndarray:
+    def take(self, pos: np.ndarray, ids: pa.Array | None = None) -> np.ndarray:
         """Raw float32 rows at the sorted positions `pos`, read TAKE_ROWS at a time (one large Lance
         take holds ≈ 3× its result in buffers; 4k-row takes are faster and hold ≈ 64 MiB), checking
-        that they are the rows pass 1 read."""
+        that they are the rows pass 1 read (`ids`: theirs, default from `self.ids`)."""
         pos = np.asarray(pos, dtype=np.int64)
         out = np.empty((len(pos), self.dim), dtype=np.float32)
         for a in range(0, len(pos), TAKE_ROWS):
             p = pos[a:a + TAKE_ROWS]
             t = self.ds.take(p, columns=["id", "image_embedding"])
-            if self.ids is not None and not pc.all(pc.equal(t.column("id"), self.ids.take(pa.array(p)))).as_py():
-                raise ClipsqlError(f"{self.ds.uri}: rows read by position do not match the scan of version "
-                                   f"{self.version}: run `clipsql doctor`")
+            want = ids.slice(a, len(p)) if ids is not None else \
+                self.ids.take(pa.array(p)) if self.ids is not None else None
+            if want is not None:
+                self.check_ids(t.column("id"), want)
             out[a:a + len(p)] = to_numpy(t.column("image_embedding"))
         return out
 
+    def check_ids(self, got: pa.Array | pa.ChunkedArray, want: pa.Array) -> None:
+        """The rows read are those pass 1 read at those positions, or a one-line error."""
+        if len(got) != len(want) or not pc.all(pc.equal(got, want)).as_py():
+            raise ClipsqlError(f"{self.ds.uri}: rows read by position do not match the scan of version "
+                               f"{self.version}: run `clipsql doctor`")
 
-def _scan_norms(rows: _Rows, sampler: StreamSample | None = None, seed: int = 0
+
+def _scan_norms(rows: Rows, sampler: StreamSample | None = None, seed: int = 0
                 ) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Pass 1 over the committed table: (ids, inv, valid); inv = 1/‖x‖ float64 (0 for invalid rows).
     With `sampler`, the valid rows are offered to it (key: `hash_keys(id, seed)`), as float32 unit rows."""
@@ -308,24 +310,26 @@ def memory_budget(memory_gb: float | None = None) -> float:
 def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None, sample: int | None = None,
              seed: int | None = None, iterations: int | None = None, refit: bool = False, progress: bool = False,
              chunk: int | None = None, memory_gb: float | None = None,
-             device: str | None = None) -> DedupReport:
+             device: str | None = None, engine: Engine = LOCAL) -> DedupReport:
     """Compute (or bring up to date) the model's SemDeDup columns; see the module docstring.
     `device`: where the k-means steps, the assignment and the within-cluster Gram blocks run
     (`models.device`: numpy, auto, cpu, cuda[:N]; default $CLIPSQL_DEVICE, else numpy); the stored
-    values are the same on every device."""
+    values are the same on every device. `engine`: where the assignment of a full run and the
+    within-cluster pass run (`queries.sql.engine`: LOCAL, this process; the Ray engine: tasks over
+    row ranges and over sets of clusters); the stored values are the same on every engine."""
     _check("clusters", clusters)
     _check("sample", sample)
     _check("iterations", iterations)
     _check("seed", seed, 0)
     budget = memory_budget(memory_gb)
-    gram = DV.semdedup_gram(device)
+    DV.resolve(device)                      # an unknown device: one line, before any work
     rec = st.model(model)
     cap = B.cap_rows(budget, rec.dim)
     block = chunk or K.ROW_BLOCK
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    with st.lock():
-        reader = _Rows(st, rec, max(256, min(SCAN_BATCH, cap)))
+    with st.lock(), engine.session():
+        reader = Rows(st, rec, max(256, min(SCAN_BATCH, cap)))
         prev = _previous(st, rec)
         old = prev[0] if prev is not None and not refit else {}
         # the parameters as far as they are known before pass 1 (the pool size taken as every row:
@@ -384,7 +388,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             t1 = time.perf_counter()
             bar.reset(total=len(new_rows))
             bar.set_description(f"semdedup [{rec.model_id}]: assign new rows")
-            assign = _assigner(C32, device)                   # flat, two-level or a device's: same labels
+            assign = DV.semdedup_assigner(C32, device)        # flat, two-level or a device's: same labels
             for a in range(0, len(new_rows), cap):            # taken in chunks of the budget
                 r = new_rows[a:a + cap]
                 labels[r], cos[r] = assign(reader.take(r), inv[r], valid[r], bar.update)
@@ -397,8 +401,9 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             t1 = time.perf_counter()
             bar.reset(total=int(np.isin(labels, affected).sum()))
             bar.set_description(f"semdedup [{rec.model_id}]: within clusters")
-            part, pinfo = B.within_clusters(reader.take, inv, labels, cos, id_rank, C32, shrunk, cap, grown=grown,
-                                            old=max_sim, new=~have, rows=block, progress=bar.update, gram=gram)
+            part, pinfo = engine.dedup_within(reader, inv, labels, cos, id_rank, C32, shrunk, cap, grown=grown,
+                                              old=max_sim, new=~have, block=block, device=device,
+                                              progress=bar.update)
             rows = np.flatnonzero(np.isin(labels, affected))
             max_sim[rows] = part[rows]
             computed[rows] = now
@@ -421,18 +426,14 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             t1 = time.perf_counter()
             bar.reset(total=n)
             bar.set_description(f"semdedup [{rec.model_id}]: assign")
-            labels = np.full(n, -1, dtype=np.int64)
-            assign = _assigner(C32, device)
-            for a, b in reader.scan():                     # pass 2: every row to its centroid
-                e = a + b.num_rows
-                labels[a:e], cos[a:e] = assign(to_numpy(b.column("image_embedding")), inv[a:e], valid[a:e],
-                                               bar.update)
+            labels, cos = engine.dedup_assign(reader, C32, inv, valid, device=device,   # pass 2: every row
+                                              progress=bar.update)                      # to its centroid
             timings["assign_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             bar.reset(total=n_valid)
             bar.set_description(f"semdedup [{rec.model_id}]: within clusters")
-            max_sim, pinfo = B.within_clusters(reader.take, inv, labels, cos, id_rank, C32, np.arange(k), cap,
-                                               rows=block, progress=bar.update, gram=gram)
+            max_sim, pinfo = engine.dedup_within(reader, inv, labels, cos, id_rank, C32, np.arange(k), cap,
+                                                 block=block, device=device, progress=bar.update)
             timings["pairs_s"] = time.perf_counter() - t1
             computed = np.full(n, now, dtype=np.int64)
             mode = "full"

@@ -4,8 +4,10 @@ An engine is chosen once per command, by `engines.choose(name, ray_address)` (th
 `--engine local|ray`), and handed as an object to the library functions whose work can run
 on a cluster: ingest (`engine.ingest`; DataComp pools through `ingest_pool(run=engine.ingest)`),
 `stats refresh` (`engine.refresh_stats`), `clipsql score` (`engine.score`) and the pool-wide
-scores a `select` recipe ranks by (`engine.score_columns`). Nothing else asks which engine it
-has: the local one is defined here, the Ray one above the library, in engines/.
+scores a `select` recipe ranks by (`engine.score_columns`), and `clipsql dedup`'s two heavy
+passes (`engine.dedup_assign`: every row to its centroid; `engine.dedup_within`: the
+within-cluster maxima). Nothing else asks which engine it has: the local one is defined here,
+the Ray one above the library, in engines/.
 
 Both engines run the same code on their data: the local one calls the functions below
 directly; the Ray one runs them per source unit or per Lance fragment and commits through the
@@ -13,13 +15,19 @@ same ledger.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+import contextlib
+from typing import Any, Callable, ContextManager, Protocol
 
+import numpy as np
 import pyarrow as pa
 
 from clipsql.ingest.pipeline import IngestOptions, IngestSummary, ingest
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.materialize import ScoreReport, materialize_scores, score_relation
+from clipsql.kernels import semdedup as K
+from clipsql.kernels import semdedup_blocks as B
+from clipsql.kernels.arrays import to_numpy
+from clipsql.models import device as DV
 from clipsql.store.records import ModelRecord
 from clipsql.store.stats import StatsState, refresh_stats
 from clipsql.store.store import Store
@@ -49,6 +57,28 @@ class Engine(Protocol):
         store; `allowed`: the ids registered there as `_clipsql_allowed` when `relation` is filtered
         to them): the pool of a `select` recipe. `fit`: a (scores.Fit, fit row) to score with
         instead of the default fit."""
+
+    def session(self) -> ContextManager[Any]:
+        """A context in which several calls share the engine's resources (the Ray engine: one Ray
+        session for the command instead of one per call)."""
+
+    def dedup_assign(self, rows: Any, C32: np.ndarray, inv: np.ndarray, valid: np.ndarray, *,
+                     device: str | None = None, progress: Callable[[int], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """`clipsql dedup`'s assignment: (labels, cos) of every row of `rows` (a
+        `queries.curation.dedup.Rows`: one committed version of a model table, by row position)
+        to the centroids C32, as `models.device.semdedup_assigner` gives them (-1, NaN where not
+        `valid`; `inv`: 1/‖x‖ per row)."""
+
+    def dedup_within(self, rows: Any, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
+                     C32: np.ndarray, full: np.ndarray, cap: int, *, grown: np.ndarray | None = None,
+                     old: np.ndarray | None = None, new: np.ndarray | None = None, block: int = K.ROW_BLOCK,
+                     device: str | None = None, progress: Callable[[int], None] | None = None
+                     ) -> tuple[np.ndarray, dict]:
+        """`clipsql dedup`'s within-cluster pass: `kernels.semdedup_blocks.within_clusters` over the
+        rows of `rows` (its arguments; at most `cap` members held at once per worker): max_sim per
+        row (NaN outside the clusters `full` and `grown`) and {pairs, largest_cluster, clusters,
+        groups, big_clusters}. The values never depend on the engine."""
 
 
 class LocalEngine:
@@ -83,6 +113,30 @@ class LocalEngine:
             return score_relation(own, rec, relation, columns)
         finally:
             own.close()
+
+    def session(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def dedup_assign(self, rows: Any, C32: np.ndarray, inv: np.ndarray, valid: np.ndarray, *,
+                     device: str | None = None, progress: Callable[[int], None] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """One stream over the rows (`rows.scan()`), batch by batch."""
+        labels = np.full(len(inv), -1, dtype=np.int64)
+        cos = np.full(len(inv), np.nan)
+        assign = DV.semdedup_assigner(C32, device)
+        for a, b in rows.scan():
+            e = a + b.num_rows
+            labels[a:e], cos[a:e] = assign(to_numpy(b.column("image_embedding")), inv[a:e], valid[a:e], progress)
+        return labels, cos
+
+    def dedup_within(self, rows: Any, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
+                     C32: np.ndarray, full: np.ndarray, cap: int, *, grown: np.ndarray | None = None,
+                     old: np.ndarray | None = None, new: np.ndarray | None = None, block: int = K.ROW_BLOCK,
+                     device: str | None = None, progress: Callable[[int], None] | None = None
+                     ) -> tuple[np.ndarray, dict]:
+        """The clusters in groups of at most `cap` members, each read by `rows.take`."""
+        return B.within_clusters(rows.take, inv, labels, cos, id_rank, C32, full, cap, grown=grown, old=old, new=new,
+                                 rows=block, progress=progress, gram=DV.semdedup_gram(device))
 
 
 LOCAL = LocalEngine()
