@@ -322,7 +322,7 @@ def models_list(store: str = STORE_ARG,
     st = _run(Store.open, store, read_only=True)
     default = st.get_setting("default_model")
     rows = [dict(model=m.model_id, kind=m.kind, dim=m.dim, logit_scale=round(m.logit_scale, 4),
-                 logit_bias=m.logit_bias, rows=count_rows(st, m), default=m.model_id == default)
+                 logit_bias=m.logit_bias, storage=m.storage, rows=count_rows(st, m), default=m.model_id == default)
             for m in st.list_models()]
     if fmt == TableFmt.json:
         typer.echo(json.dumps(rows, indent=2))
@@ -332,7 +332,7 @@ def models_list(store: str = STORE_ARG,
     for r in rows:
         star = "*" if r["default"] else " "
         typer.echo(f"{star} {r['model']}  kind={r['kind']} dim={r['dim']} logit_scale={r['logit_scale']} "
-                   f"logit_bias={r['logit_bias']} rows={r['rows']}")
+                   f"logit_bias={r['logit_bias']} storage={r['storage']} rows={r['rows']}")
 
 
 @models_app.command("default")
@@ -494,7 +494,7 @@ def ingest(
     update: bool = typer.Option(False, "--update", help="Rewrite rows the store already holds whose caption or "
                                 "metadata changed in the source (re-encoding changed captions). Needs --id-column."),
     storage: Optional[str] = typer.Option(
-        None, help="How the model's vectors are stored, chosen by its first ingest: float32 (default) or "
+        None, metavar="float32|float16", help="How the model's vectors are stored, chosen by its first ingest: float32 (default) or "
         "float16, half the vector bytes (~2.1 kB less per row at 512-d) for scores that move by about float16's "
         "rounding (relative ~1e-3 on cosines; README \"Float16 storage\" gives the measured effect per score). "
         "Statistics and exact scores are computed from the stored float16 values. A model keeps its storage: "
