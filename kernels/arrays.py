@@ -74,13 +74,17 @@ def widened_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_type(widened_type(f.type)) for f in schema], metadata=schema.metadata)
 
 
+def _float32(values: pa.Array) -> pa.Array:
+    """The values of a float16-stored column widened to float32 (exact; Arrow's cast is several
+    times faster than numpy's); others as they are."""
+    return values.cast(pa.float32()) if pa.types.is_float16(values.type) else values
+
+
 def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """FLOAT[d] column → (n, d) float32 array (zero-copy where possible); NULL rows are NaN rows."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     dim = arr.type.list_size
-    out = arr.values.to_numpy(zero_copy_only=False).reshape(len(arr), dim)
-    if out.dtype == np.float16:          # float16 storage: widened (exact)
-        out = out.astype(np.float32)
+    out = _float32(arr.values).to_numpy(zero_copy_only=False).reshape(len(arr), dim)
     if arr.null_count:
         out = out.astype(np.float32, copy=True)
         out[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan
@@ -131,10 +135,8 @@ def vectors(arr: Any) -> np.ndarray:
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     d = arr.type.list_size
-    flat = arr.values.slice(arr.offset * d, len(arr) * d).to_numpy(zero_copy_only=False)
+    flat = _float32(arr.values.slice(arr.offset * d, len(arr) * d)).to_numpy(zero_copy_only=False)
     X = flat.reshape(len(arr), d)
-    if X.dtype == np.float16:            # float16 storage: widened (exact)
-        X = X.astype(np.float32)
     if arr.null_count:
         X = X.astype(np.float32, copy=True)
         X[~arr.is_valid().to_numpy(zero_copy_only=False)] = np.nan

@@ -290,3 +290,38 @@ def test_repair_rebuilds_the_storage_from_the_table(tmp_path):
     ingest(again, str(more), model=fake.model, options=fake.options(id_column="id"))
     assert raw_vectors(again)[1].dtype == np.float16
     assert_stats_match_vectors(again)
+
+
+def test_encoded_rows_updates_and_deletes_keep_statistics_exact(tmp_path, fake_encoder):
+    """Rows the encoder makes (the writer rounds them), captions re-encoded by --update (their text
+    vectors replaced, rounded the same way) and deleted rows: the statistics stay those of the
+    stored float16 vectors."""
+    import pyarrow.csv as pcsv
+
+    from clipsql.queries.curation.delete import delete_where
+    from conftest import write_image_folder
+    fake = fake_encoder
+    imgs = write_image_folder(tmp_path / "imgs", 12)
+    files = sorted(str(p) for p in imgs.glob("*.png"))
+
+    def write_csv(caps):
+        pcsv.write_csv(pa.table({"key": [f"k{i}" for i in range(12)], "image": files, "caption": caps}),
+                       tmp_path / "data.csv")
+    caps = [f"a picture of thing {i}" for i in range(12)]
+    write_csv(caps)
+    st = Store.init(tmp_path / "s")
+    ingest(st, str(tmp_path / "data.csv"), model=fake.model, options=fake.options(id_column="key", storage="float16"))
+    ids, X, _ = raw_vectors(st)
+    assert X.dtype == np.float16 and ids[0] == "k0"
+    assert_stats_match_vectors(st)
+    caps[3] = "a corrected caption"
+    write_csv(caps)
+    s = ingest(st, str(tmp_path / "data.csv"), model=fake.model, options=fake.options(id_column="key", update=True))
+    assert s.updated == 1
+    ids, _, Y = raw_vectors(st)
+    assert Y.dtype == np.float16
+    np.testing.assert_array_equal(Y[ids.index("k3")], fake.vector("text", b"a corrected caption").astype(np.float16))
+    assert_stats_match_vectors(st)
+    delete_where(st, "id IN ('k1', 'k5')")
+    assert raw_vectors(st)[1].shape[0] == 10
+    assert_stats_match_vectors(st)
