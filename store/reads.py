@@ -3,14 +3,15 @@ and the uri and caption of ids. The functions take the store (`st`, a store.stor
 sits above this module) and read through its committed datasets."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pds
 
 from clipsql.kernels.arrays import widened_schema, widened_table
+from clipsql.lazy import pyarrow_dataset
 from clipsql.store.records import ModelRecord
 
 
@@ -86,14 +87,21 @@ def for_duckdb(ds: Any) -> Any:
     if isinstance(ds, pa.Table):
         return widened_table(ds)
     schema = widened_schema(ds.schema)
-    return ds if schema.equals(ds.schema) else WidenedDataset(ds, schema)
+    return ds if schema.equals(ds.schema) else _widened_class()(ds, schema)
 
 
-class WidenedDataset(pds.Dataset):
+@functools.cache
+def _widened_class() -> type:
+    """_Widened as a pyarrow Dataset (DuckDB scans those), made at first use: pyarrow.dataset
+    imports pandas, which a command that reads no float16 table never needs."""
+    return type("WidenedDataset", (_Widened, pyarrow_dataset.Dataset), {})
+
+
+class _Widened:
     """A Lance dataset whose HALF_FLOAT[d] columns read as FLOAT[d] (exact). DuckDB's Arrow scan uses
     `schema` and `scanner(columns=…, filter=…)`; the reads below delegate to Lance likewise."""
 
-    def __init__(self, ds: Any, schema: pa.Schema):     # noqa: D107 - no pyarrow state: Lance holds it
+    def __init__(self, ds: Any, schema: pa.Schema):     # no pyarrow state: Lance holds it
         self._ds, self._schema = ds, schema
 
     @property
