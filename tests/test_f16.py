@@ -325,3 +325,67 @@ def test_encoded_rows_updates_and_deletes_keep_statistics_exact(tmp_path, fake_e
     delete_where(st, "id IN ('k1', 'k5')")
     assert raw_vectors(st)[1].shape[0] == 10
     assert_stats_match_vectors(st)
+
+
+def test_a_datacomp_pool_stores_its_float16_features_bit_for_bit(tmp_path):
+    """DataComp ships float16 features: stored as float16 they are the npz's values exactly (no
+    second rounding), for both models of the pool."""
+    from clipsql.ingest.pipeline import IngestOptions, ingest_pool
+    from datacomp_pool import write_datacomp_pool
+    pool = write_datacomp_pool(tmp_path / "pool", n_shards=2, rows=[20, 15])
+    st = Store.init(tmp_path / "s")
+    summaries = ingest_pool(st, tmp_path / "pool", options=IngestOptions(progress=False, storage="float16"))
+    assert [s.added for s in summaries] == [35, 35]
+    by_uid = {u: (shard, i) for shard in pool.values() for i, u in enumerate(shard["uid"])}
+    for feat, model in (("b32", "ViT-B-32/openai"), ("l14", "ViT-L-14/openai")):
+        rec = st.model(model)
+        assert rec.storage == "float16"
+        tbl = lance.dataset(st.table_uri(rec.table_name)).to_table().sort_by("id")
+        ids = tbl.column("id").to_pylist()
+        for col, key in (("image_embedding", "img"), ("text_embedding", "txt")):
+            got = np.asarray(tbl.column(col).combine_chunks().values).reshape(len(ids), -1)
+            want = np.stack([by_uid[u][0][f"{feat}_{key}"][by_uid[u][1]] for u in ids])
+            assert got.dtype == want.dtype == np.float16
+            assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+        assert_stats_match_vectors(st, model)
+
+
+def test_search_and_vector_indexes_over_a_float16_column(tmp_path):
+    """Exact search scores the stored (rounded) vectors; Lance builds both index kinds on a
+    HALF_FLOAT column and the index's answers are re-scored from the stored vectors."""
+    from clipsql.queries.search.index import build_index
+    rng = np.random.default_rng(9)
+    centres = rng.normal(size=(40, D)) * 4
+    img = (centres[rng.integers(0, 40, 4000)] + rng.normal(size=(4000, D))).astype(np.float32)
+    src = write_parquet(tmp_path / "e.parquet", img, img[::-1].copy())
+    fake = FakeEncoder(tmp_path / "fake", dim=D)
+    st = Store.init(tmp_path / "s")
+    ingest(st, str(src), model=fake.model, options=fake.options(id_column="id", storage="float16"))
+    ids, X16, _ = raw_vectors(st)
+    X = X16.astype(np.float64)
+    Xh = X / np.linalg.norm(X, axis=1, keepdims=True)
+    q = 42
+
+    def exact_top(k):
+        s = Xh @ Xh[q]
+        order = np.lexsort((np.array(ids), -s))[:k]
+        return [ids[i] for i in order], s[order]
+
+    sql = f"SELECT id, score FROM nearest((SELECT image_embedding FROM embeddings WHERE id = '{ids[q]}'), 10{{}})"
+    con = queries.connect(st)
+    rows = con.execute(sql.format(", exact := true")).fetchall()
+    want_ids, want_s = exact_top(10)
+    assert [r[0] for r in rows] == want_ids
+    np.testing.assert_allclose([r[1] for r in rows], want_s, rtol=1e-9)
+    con.close()
+    for kind in ("ivf_pq", "ivf_hnsw_sq"):
+        info = build_index(st, kind=kind, seed=2)
+        assert info["recall"] >= 0.9, info
+        con = queries.connect(st)
+        rows = con.execute(sql.format("")).fetchall()
+        con.close()
+        got = dict(rows)
+        assert len(set(got) & set(want_ids)) >= 8
+        s = dict(zip(want_ids, want_s))
+        for i in set(got) & set(want_ids):        # re-scored from the stored vectors: the exact cosine
+            assert abs(got[i] - s[i]) <= 1e-9
