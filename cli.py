@@ -494,11 +494,12 @@ def ingest(
     update: bool = typer.Option(False, "--update", help="Rewrite rows the store already holds whose caption or "
                                 "metadata changed in the source (re-encoding changed captions). Needs --id-column."),
     storage: Optional[str] = typer.Option(
-        None, metavar="float32|float16", help="How the model's vectors are stored, chosen by its first ingest: float32 (default) or "
-        "float16, half the vector bytes (~2.1 kB less per row at 512-d) for scores that move by about float16's "
-        "rounding (relative ~1e-3 on cosines; README \"Float16 storage\" gives the measured effect per score). "
-        "Statistics and exact scores are computed from the stored float16 values. A model keeps its storage: "
-        "asking an existing model for the other is an error."),
+        None, metavar="float32|float16", help="How the model's vectors are stored, chosen by its first ingest "
+        "(default float32; an existing model keeps its own): float16 halves them (2.1 kB a row instead of 4.1 at "
+        "512-d), at the cost of rounding each value to float16 (relative 2^-11): every score moves by at most "
+        "0.4% of its spread and rankings stay the same to 1e-7 (measured: README \"Float16 storage\"). "
+        "Statistics, fits and scores are computed from the stored values. Asking an existing model for the "
+        "other storage is an error."),
     engine: str = typer.Option("local", help="local (this process) or ray (source units as Ray tasks; images "
                                "encoded by an actor pool, one GPU per actor where the cluster has GPUs)."),
     ray_address: Optional[str] = typer.Option(None, help="--engine ray: `auto` or host:port joins a running "
