@@ -59,6 +59,11 @@ class DimensionMismatch(ClipsqlError, ValueError):
     pass
 
 
+class StorageError(ModelError):
+    """A model's storage dtype (float32 / float16): unknown, not the one the model was stored with,
+    or values float16 cannot hold."""
+
+
 class SourceError(ClipsqlError, ValueError):
     """A source that cannot be read at all (not a single bad row: those are rejects)."""
 

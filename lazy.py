@@ -100,6 +100,7 @@ matplotlib = LazyModule("matplotlib")
 matplotlib_agg = LazyModule("matplotlib.backends.backend_agg")
 matplotlib_figure = LazyModule("matplotlib.figure")
 open_clip = LazyModule("open_clip")
+pyarrow_dataset = LazyModule("pyarrow.dataset")       # imports pandas (~0.3 s); Lance imports it anyway
 ray = LazyModule("ray")
 ray_data = LazyModule("ray.data")
 threadpoolctl = LazyModule("threadpoolctl")

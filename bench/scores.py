@@ -69,7 +69,7 @@ def synthetic_batches(rows: int, dim: int, seed: int, batch: int):
         yield start, img.astype(np.float32), txt.astype(np.float32)
 
 
-def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) -> Any:
+def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000, storage: str | None = None) -> Any:
     import pyarrow as pa
 
     from clipsql.store.store import Store
@@ -79,7 +79,7 @@ def build_store(path: Path, rows: int, dim: int, seed: int, batch: int = 20000) 
     from clipsql.store.runs import finish_run, start_run
     st = Store.init(path)
     rec = st.register_model(model_id=MODEL_ID, kind="clip", dim=dim, logit_scale=100.0, logit_bias=None,
-                            context_length=77, spec={"bench": "synthetic", "seed": seed})
+                            context_length=77, spec={"bench": "synthetic", "seed": seed}, storage=storage)
     run_id = start_run(st.engine, rec.model_id, "synthetic", "precomputed")
     seq = 0
     for seq, (start, img, txt) in enumerate(synthetic_batches(rows, dim, seed, batch), start=1):

@@ -36,6 +36,7 @@ from clipsql.store.records import ModelRecord
 from clipsql.store.stats import StatsState, fold_fragment, refresh_stats
 from clipsql.store.store import Store
 from clipsql.store.tables import stored_table_name
+from clipsql.store.reads import for_duckdb
 
 SCORED_KEY = "clipsql.scored"
 
@@ -63,7 +64,7 @@ def _score_fragment(store_path: str, rec: ModelRecord, version: int, fragment_id
         return {"fragments": [], "rows": 0, "seconds": time.perf_counter() - t0}
     con = connect(st, fits={rec.model_id: fit} if fit is not None else None)
     try:
-        con.register("_fragment", tbl)
+        con.register("_fragment", for_duckdb(tbl))
         scored = score_relation(con, rec, "_fragment", columns)
     finally:
         con.close()

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from clipsql.ingest.encode import Encoder, Prepared, prepare_item
 from clipsql.ingest.rows import samples_columns, samples_table
 from clipsql.ingest.sources import Reject
-from clipsql.kernels.arrays import fixed_list
+from clipsql.kernels.arrays import as_stored, fixed_list
 from clipsql.lazy import lance_fragment, torch
 from clipsql.models import loading as models
 from clipsql.store.reads import stored_ids
@@ -172,10 +172,12 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
     if len(new_e):
         t = pa.array(new_e, pa.int64())
         e_ids = ids.take(t)
-        X, Y = image[new_e], text[new_e]
+        storage = ctx.rec.storage      # the vectors as stored, which the statistics are folded from too
+        X, Y = as_stored(image[new_e], storage), as_stored(text[new_e], storage)
         emb_schema = st.dataset(ctx.rec.table_name, ctx.versions.get(ctx.rec.table_name)).schema
         cols = {"id": e_ids, "uri": uri.take(t), "caption": caption.take(t),
-                "image_embedding": fixed_list(X, ctx.rec.dim), "text_embedding": fixed_list(Y, ctx.rec.dim, True),
+                "image_embedding": fixed_list(X, ctx.rec.dim, storage=storage),
+                "text_embedding": fixed_list(Y, ctx.rec.dim, True, storage=storage),
                 "seq": pa.array(np.full(len(new_e), ctx.seq, dtype=np.int64))}
         tbl = pa.table({k: cols[k] for k in emb_schema.names}, schema=emb_schema)
         res.fragments = _write(st.table_uri(ctx.rec.table_name), tbl, ctx.storage_versions[ctx.rec.table_name])

@@ -27,13 +27,14 @@ from clipsql.ingest.planning import plan_units
 from clipsql.ingest.registry import open_source
 from clipsql.ingest.sources import DEFAULT_MAX_FILE_BYTES
 from clipsql.ingest.update import Updater, require_ids
+from clipsql.kernels.arrays import storage_dtype
 from clipsql.models import loading as models
 from clipsql.store.faults import fault
 from clipsql.store.ledger import metadata_columns, recover
 from clipsql.store.maintenance import OptimizeReport, maintain_after_ingest
 from clipsql.store.runs import finish_run, start_run
 from clipsql.store.stats import sync_stats
-from clipsql.store.store import Store
+from clipsql.store.store import Store, check_storage
 from clipsql.store.tables import metadata_aliases
 from clipsql.store.writer import CommitPolicy, Writer
 
@@ -57,6 +58,10 @@ class IngestOptions:
     allow_missing_captions: bool = False   # keep images without a caption (NULL caption and text embedding)
     model_given: bool = True            # False: the caller fell back to a default model (no --model)
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES   # larger image / caption files are rejected unread
+    # how the model's vectors are stored: float32, or float16 (half the bytes; every score within the
+    # bounds README "Float16 storage" states). Chosen by the model's first ingest; None: float32 for a
+    # new model, the model's own for one the store holds (asking it for the other is refused)
+    storage: str | None = None
     # What loads and runs the model: (spec, device) -> an encoder (see encode.Encoder: `.loaded`, a
     # models.LoadedModel; called with (pixels, tokens) it gives (image, text) float32 vectors;
     # `.text(tokens)`). None: open_clip (encode.open_clip_encoder). Library callers (the tests) pass
@@ -142,6 +147,10 @@ def plan_run(store: Store, source_path: str, model: str | None, pretrained: str 
     recover(store)
     t0 = time.perf_counter()
     known = {m.model_id: m for m in store.list_models()}.get(spec.model_id)
+    if opts.storage is not None:
+        storage_dtype(opts.storage)
+        if known is not None:
+            check_storage(known, opts.storage)
     units = plan_units(store, known, source)
     seconds["plan"] = time.perf_counter() - t0
     return Plan(spec, source, source_name, units.todo, units.done, known, seconds, t_start, units.stamps)
@@ -161,10 +170,12 @@ def finish_noop(store: Store, plan: Plan) -> IngestSummary | None:
 
 
 def register_model(store: Store, plan: Plan, device: str,
-                   encoder_factory: Callable[[Any, str], Any] | None = None) -> tuple[Any, Any]:
+                   encoder_factory: Callable[[Any, str], Any] | None = None,
+                   storage: str | None = None) -> tuple[Any, Any]:
     """(model record, encoder or None): the model is loaded (`encoder_factory`, open_clip by
     default) when images must be encoded (or its weights are local), and checked against a
-    precomputed source's dimension. The encoder's `.loaded` is the models.LoadedModel."""
+    precomputed source's dimension (a new model is stored as `storage`, default float32). The
+    encoder's `.loaded` is the models.LoadedModel."""
     t0 = time.perf_counter()
     spec, source = plan.spec, plan.source
     encoder = loaded = None
@@ -185,7 +196,7 @@ def register_model(store: Store, plan: Plan, device: str,
         fields = loaded.record_fields() if loaded is not None else models.record_without_weights(spec, dim)
     else:
         fields = loaded.record_fields()
-    rec = store.register_model(**fields)
+    rec = store.register_model(**fields, storage=storage)
     sync_stats(store, rec)   # stores written before the commit ledger may lag
     return rec, encoder
 
@@ -269,7 +280,7 @@ def run_ingest(store: Store, source_path: str, model: str | None, pretrained: st
         if noop is not None:
             return noop
         meta_before = set(metadata_columns(store))
-        rec, encoder = register_model(store, plan, device, encoder_factory)
+        rec, encoder = register_model(store, plan, device, encoder_factory, opts.storage)
         run_id = start_run(store.engine, rec.model_id, plan.source_name, plan.source.kind)
         summary = IngestSummary(run_id, rec.model_id, plan.source_name, skipped=plan.already,
                                 units_skipped=len(plan.done), id_column=getattr(plan.source, "id_column", None))

@@ -22,10 +22,11 @@ import pyarrow.compute as pc
 
 from clipsql.errors import SourceError
 from clipsql.ingest.rows import metadata_fields
-from clipsql.kernels.arrays import fixed_list
+from clipsql.kernels.arrays import as_stored, fixed_list
 from clipsql.store.manage import apply_update
 from clipsql.store.records import ModelRecord
 from clipsql.store.store import Store
+from clipsql.store.tables import STORAGE_TYPES
 
 FLUSH_ROWS = 50_000
 
@@ -91,10 +92,11 @@ class Updater:
             changed = _differs(new_cap, stored.column("caption").take(pos))
             if changed.any():
                 rows = idx[changed]
-                vectors = np.asarray(text(rows), dtype=np.float32)
+                vectors = as_stored(np.asarray(text(rows), dtype=np.float32), self.rec.storage)
                 c = pa.array(np.flatnonzero(changed), pa.int64())
                 self._model.append(pa.table({"id": mid.take(c), "caption": new_cap.take(c),
-                                             "text_embedding": fixed_list(vectors, self.rec.dim)}))
+                                             "text_embedding": fixed_list(vectors, self.rec.dim,
+                                                                          storage=self.rec.storage)}))
                 n_model = len(rows)
                 self.pending += n_model
         return n_model
@@ -106,7 +108,8 @@ class Updater:
         model = pa.concat_tables(self._model) if self._model else None
         if model is not None:
             model = model.cast(pa.schema([("id", pa.string()), ("caption", pa.string()),
-                                          ("text_embedding", pa.list_(pa.float32(), self.rec.dim))]))
+                                          ("text_embedding", pa.list_(STORAGE_TYPES[self.rec.storage],
+                                                                      self.rec.dim))]))
         out = apply_update(self.store, self.rec, samples, model, self._types)
         self.updated_samples += out["samples"]
         self.updated_rows += out["rows"]

@@ -60,6 +60,7 @@ from clipsql.store.stats import StatsState, recompute_stats, refresh_stats, save
 from clipsql.store.tables import DELETIONS, SAMPLES, TAGS, is_embeddings_table, is_target_table, stored_table_name
 from clipsql.store.targets import get_target
 from clipsql.store.store import MODEL_METADATA_KEY, Store, default_catalog
+from clipsql.store.reads import for_duckdb
 
 STATS_RTOL = 1e-6       # relative agreement of the catalog's statistics with a recomputation
 
@@ -386,7 +387,7 @@ def _check_rows(st: Store, report: Report, repair: bool) -> None:
         if rec.table_name in report.unreadable:
             continue
         ds = st.embeddings_table(rec)
-        con.register(f"e{i}", ds)
+        con.register(f"e{i}", for_duckdb(ds))
         held.append(f"SELECT id FROM e{i}")
         n, distinct = con.sql(f"SELECT count(*), count(DISTINCT id) FROM e{i}").fetchall()[0]
         report.add(f"rows {rec.model_id}", "ok" if n == distinct else "error",
@@ -647,7 +648,7 @@ def _check_deletions(st: Store, report: Report, repair: bool) -> None:
         parts.append("SELECT id FROM s")
     for i, rec in enumerate(st.list_models()):
         if rec.table_name not in report.unreadable:
-            con.register(f"e{i}", st.embeddings_table(rec))
+            con.register(f"e{i}", for_duckdb(st.embeddings_table(rec)))
             parts.append(f"SELECT id FROM e{i}")
     n = con.sql("SELECT count(*) FROM d").fetchall()[0][0]
     back = con.sql(f"SELECT DISTINCT id FROM ({' UNION ALL '.join(parts)}) SEMI JOIN d USING (id)").arrow() \

@@ -3,12 +3,15 @@ and the uri and caption of ids. The functions take the store (`st`, a store.stor
 sits above this module) and read through its committed datasets."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from clipsql.kernels.arrays import widened_schema, widened_table
+from clipsql.lazy import pyarrow_dataset
 from clipsql.store.records import ModelRecord
 
 
@@ -75,3 +78,70 @@ def sample_fields(st: Any, ids: pa.Array, samples: pa.Table | None = None) -> tu
     known = pa.concat_tables(parts)
     idx = pc.index_in(ids, value_set=known.column("id").combine_chunks())
     return known.column("uri").take(idx).combine_chunks(), known.column("caption").take(idx).combine_chunks()
+
+
+def for_duckdb(ds: Any) -> Any:
+    """A Lance dataset (or Arrow table) as DuckDB may scan it: as it is, or, where it holds float16
+    vectors (a model stored as float16), with them widened to FLOAT[d] as batches are read (DuckDB
+    has no half float); the projection and filters DuckDB pushes still go to Lance."""
+    if isinstance(ds, pa.Table):
+        return widened_table(ds)
+    schema = widened_schema(ds.schema)
+    return ds if schema.equals(ds.schema) else _widened_class()(ds, schema)
+
+
+@functools.cache
+def _widened_class() -> type:
+    """_Widened as a pyarrow Dataset (DuckDB scans those), made at first use: pyarrow.dataset
+    imports pandas, which a command that reads no float16 table never needs."""
+    return type("WidenedDataset", (_Widened, pyarrow_dataset.Dataset), {})
+
+
+class _Widened:
+    """A Lance dataset whose HALF_FLOAT[d] columns read as FLOAT[d] (exact). DuckDB's Arrow scan uses
+    `schema` and `scanner(columns=…, filter=…)`; the reads below delegate to Lance likewise."""
+
+    def __init__(self, ds: Any, schema: pa.Schema):     # no pyarrow state: Lance holds it
+        self._ds, self._schema = ds, schema
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    def scanner(self, *args: Any, **kwargs: Any) -> "_WidenedScanner":
+        return _WidenedScanner(self._ds.scanner(*args, **kwargs))
+
+    def count_rows(self, *args: Any, **kwargs: Any) -> int:
+        return self._ds.count_rows(*args, **kwargs)
+
+    def to_table(self, *args: Any, **kwargs: Any) -> pa.Table:
+        return widened_table(self._ds.to_table(*args, **kwargs))
+
+    def to_batches(self, *args: Any, **kwargs: Any) -> Any:
+        for b in self._ds.to_batches(*args, **kwargs):
+            yield b.cast(widened_schema(b.schema))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ds, name)
+
+
+class _WidenedScanner:
+    def __init__(self, scanner: Any):
+        self._scanner = scanner
+
+    @property
+    def projected_schema(self) -> pa.Schema:
+        return widened_schema(self._scanner.projected_schema)
+
+    def to_reader(self) -> pa.RecordBatchReader:
+        reader = self._scanner.to_reader()
+        schema = widened_schema(reader.schema)
+        if schema.equals(reader.schema):
+            return reader
+        return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in reader))
+
+    def to_table(self) -> pa.Table:
+        return self.to_reader().read_all()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._scanner, name)

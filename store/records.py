@@ -20,6 +20,12 @@ class ModelRecord:
     context_length: int | None
     spec: dict
 
+    @property
+    def storage(self) -> str:
+        """How the model's vectors are stored: float32 (the default; every model recorded before the
+        choice existed) or float16 (`spec["storage"]`, chosen when the model was first ingested)."""
+        return self.spec.get("storage") or "float32"
+
     @classmethod
     def from_row(cls, row: Any) -> "ModelRecord":
         m = row._mapping

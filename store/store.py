@@ -28,7 +28,7 @@ from typing import Iterator
 import pyarrow as pa
 import sqlalchemy as sa
 
-from clipsql.errors import CatalogError, DimensionMismatch, StoreNotFound
+from clipsql.errors import CatalogError, DimensionMismatch, StorageError, StoreNotFound
 from clipsql.lazy import lance, lancedb
 from clipsql.store import catalog as cat
 from clipsql.store.drops import sweep_dropped_tables
@@ -38,7 +38,8 @@ from clipsql.store.location import exists, is_remote, rmtree, store_path, table_
 from clipsql.store.locks import file_lock, lease, lease_seconds
 from clipsql.store.marker import FORMAT_VERSION, MARKER, read_marker
 from clipsql.store.records import ModelRecord, pick_model
-from clipsql.store.tables import SAMPLES, derived_tables, embeddings_schema, embeddings_table_name, samples_schema
+from clipsql.store.tables import (SAMPLES, STORAGE_TYPES, derived_tables, embeddings_schema, embeddings_table_name,
+                                  samples_schema)
 
 MODEL_METADATA_KEY = "clipsql.model"     # Lance schema metadata of a model table: its model record
 
@@ -205,14 +206,23 @@ class Store:
         return [ModelRecord.from_row(r) for r in rows]
 
     def register_model(self, *, model_id: str, kind: str, dim: int, logit_scale: float,
-                       logit_bias: float | None, context_length: int | None, spec: dict) -> ModelRecord:
-        """Record a model (idempotent) and create its embedding table; the first model becomes the default."""
+                       logit_bias: float | None, context_length: int | None, spec: dict,
+                       storage: str | None = None) -> ModelRecord:
+        """Record a model (idempotent) and create its embedding table; the first model becomes the default.
+        `storage`: how its vectors are stored, float32 or float16, chosen when the model is first
+        recorded (None: float32, or what the model already has); asking an existing model for the
+        other is refused."""
+        if storage is not None and storage not in STORAGE_TYPES:
+            raise StorageError(f"unknown storage {storage!r}: use one of {', '.join(STORAGE_TYPES)}", param="storage")
         existing = {m.model_id: m for m in self.list_models()}
         if model_id in existing:
             rec = existing[model_id]
             if rec.dim != dim:
                 raise DimensionMismatch(f"model {model_id} is recorded with dim {rec.dim} but now produces {dim}")
+            check_storage(rec, storage)
             return rec
+        if storage not in (None, "float32"):      # float32 models record nothing: as every model before
+            spec = {**spec, "storage": storage}
         rec = ModelRecord(model_id, embeddings_table_name(model_id), kind, int(dim), float(logit_scale),
                           None if logit_bias is None else float(logit_bias), context_length, spec)
         # a model removed under this name whose tables are still kept for readers: they go now
@@ -274,17 +284,20 @@ class Store:
             else:
                 field = ds.schema.field("image_embedding") if "image_embedding" in ds.schema.names else None
                 rows = ds.count_rows()
-                if rows == 0 and field is not None and getattr(field.type, "list_size", None) == rec.dim:
+                empty = rows == 0 and field is not None and getattr(field.type, "list_size", None) == rec.dim
+                if empty and field.type.value_type == STORAGE_TYPES[rec.storage]:
                     return ds.version
-                raise StoreNotFound(f"Lance table {rec.table_name} of {self.path} holds {rows} rows of model "
-                                    f"{rec.model_id}, which the catalog does not know (a lost or replaced catalog): "
-                                    f"rebuild the catalog from the Lance data with `clipsql doctor {self.path} "
-                                    "--repair`")
+                if not empty:
+                    raise StoreNotFound(f"Lance table {rec.table_name} of {self.path} holds {rows} rows of model "
+                                        f"{rec.model_id}, which the catalog does not know (a lost or replaced "
+                                        f"catalog): rebuild the catalog from the Lance data with `clipsql doctor "
+                                        f"{self.path} --repair`")
+                rmtree(uri)      # empty, of the other storage (a first ingest killed, retried otherwise)
         # the table carries its model record, so `clipsql doctor --repair` can rebuild a lost catalog
         meta = {MODEL_METADATA_KEY: json.dumps(dict(
             model_id=rec.model_id, kind=rec.kind, dim=rec.dim, logit_scale=rec.logit_scale,
             logit_bias=rec.logit_bias, context_length=rec.context_length, spec=rec.spec), sort_keys=True)}
-        schema = embeddings_schema(rec.dim).with_metadata(meta)
+        schema = embeddings_schema(rec.dim, rec.storage).with_metadata(meta)
         ds = lance.write_dataset(schema.empty_table(), uri, schema=schema, mode="create",
                                  enable_stable_row_ids=True, enable_v2_manifest_paths=True)
         return ds.version
@@ -312,6 +325,14 @@ class Store:
 
     def embeddings_table(self, model: ModelRecord, version: int | None = None):  # noqa: ANN201
         return self.dataset(model.table_name, version)
+
+
+def check_storage(rec: ModelRecord, storage: str | None) -> None:
+    """Refuse `storage` (None: any) for a model stored otherwise: its table's type is fixed."""
+    if storage is not None and storage != rec.storage:
+        raise StorageError(f"model {rec.model_id} is stored as {rec.storage}, not {storage}: a model's storage is "
+                           f"chosen when it is first ingested; drop `storage` (or pass {rec.storage}), or remove "
+                           f"the model first (`clipsql models rm`)", param="storage")
 
 
 def _undo_init(path: Path, remove_dir: bool) -> None:

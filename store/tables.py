@@ -92,15 +92,20 @@ def caption_feature_fields() -> list[pa.Field]:
             pa.field("caption_chars", pa.int32())]
 
 
-def embeddings_schema(dim: int) -> pa.Schema:
+STORAGE_TYPES = {"float32": pa.float32(), "float16": pa.float16()}   # a model's vector storage
+
+
+def embeddings_schema(dim: int, storage: str = "float32") -> pa.Schema:
     """One model's table. uri and caption are copied from `samples` (≈4% of a row at d = 512) so
-    the `scores` view is one scan, with no join whose hash table would grow with the store."""
+    the `scores` view is one scan, with no join whose hash table would grow with the store.
+    `storage` float16 halves the vectors (HALF_FLOAT[d]); readers widen them to float32."""
+    value = STORAGE_TYPES[storage]
     return pa.schema([
         ("id", pa.string()),
         ("uri", pa.string()),
         ("caption", pa.string()),
-        ("image_embedding", pa.list_(pa.float32(), dim)),
-        ("text_embedding", pa.list_(pa.float32(), dim)),
+        ("image_embedding", pa.list_(value, dim)),
+        ("text_embedding", pa.list_(value, dim)),
         ("seq", pa.int64()),
     ])
 

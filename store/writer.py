@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsql.errors import DimensionMismatch
-from clipsql.kernels.arrays import fixed_list
+from clipsql.kernels.arrays import as_stored, fixed_list
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance_fragment
 from clipsql.store.compaction import MAX_FRAGMENTS, bound_fragments
@@ -212,12 +212,13 @@ class Writer:
         self._meta_types(meta_types)
         if not n:
             return
-        d = self.model.dim
-        image = np.ascontiguousarray(image, dtype=np.float32)
-        text = np.ascontiguousarray(text, dtype=np.float32)
+        d, storage = self.model.dim, self.model.storage
+        # the vectors as stored (float16 storage: rounded), which the statistics are folded from too
+        image, text = as_stored(image, storage), as_stored(text, storage)
         cols = {"id": ids, "uri": uri if uri is not None else pa.nulls(n, pa.string()),
                 "caption": caption if caption is not None else pa.nulls(n, pa.string()),
-                "image_embedding": fixed_list(image, d), "text_embedding": fixed_list(text, d, nan_is_null=True),
+                "image_embedding": fixed_list(image, d, storage=storage),
+                "text_embedding": fixed_list(text, d, nan_is_null=True, storage=storage),
                 "seq": pa.array(np.full(n, self.pending.seq, dtype=np.int64))}
         self._emb.add(pa.table({k: cols[k] for k in self._emb_schema.names}, schema=self._emb_schema))
         self.pending.rows += n

@@ -402,3 +402,30 @@ def test_the_local_ray_of_a_killed_command_is_stopped_and_removed_by_the_next(ra
     assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
     assert not folder.exists()
     assert not list(Path(ray_tmpdir).glob("clipsql-ray-*"))         # the next one's own folder too
+
+
+def test_ray_ingest_and_score_of_a_float16_model_equal_local(ray_cluster, tmp_path):
+    """`--storage float16` through the Ray engine: the workers round and fold as the local writer
+    does (the same stored values, statistics of the stored values), and `score` on the workers reads
+    the float16 table as the `scores` view does."""
+    from clipsql import queries
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=2, rows=300, row_group=100)
+    local, dist = Store.init(tmp_path / "local"), Store.init(tmp_path / "ray")
+    args = [str(pool), *MODEL, "--id-column", "key", "--no-progress", "--storage", "float16"]
+    cli("ingest", str(local.path), *args)
+    out = ray_cli(ray_cluster, "ingest", str(dist.path), *args).stdout.decode()
+    assert "added 600" in out
+    st = Store.open(dist.path)
+    assert st.model().storage == "float16"
+    assert_equal_stores(st, Store.open(local.path))
+    assert_stats_match_vectors(st)
+    cli("stats", "fit", str(st.path), "--reference-size", "200")
+    cols = "image_info_gain,text_info_gain,image_conformity,clip_score,neg_clip_loss"
+    ray_cli(ray_cluster, "score", str(st.path), "--columns", cols)
+    con = queries.connect(Store.open(st.path))
+    got = con.sql(f"SELECT s.id, {cols.replace(',', ', s.')} FROM stored_scores s ORDER BY id").fetchall()
+    want = con.sql(f"SELECT id, {cols} FROM scores ORDER BY id").fetchall()
+    assert len(got) == len(want) == 600
+    np.testing.assert_allclose(np.array([g[1:] for g in got], float), np.array([w[1:] for w in want], float),
+                               rtol=1e-6, atol=1e-9)

@@ -52,6 +52,7 @@ from clipsql.store.records import ModelRecord
 from clipsql.store.snapshot import Snapshot
 from clipsql.store.store import Store
 from clipsql.store.tables import EMBEDDINGS, SAMPLES, dedup_table_name, stored_table_name
+from clipsql.store.reads import for_duckdb
 
 EXPORT_TABLE = "clipsql_export"
 MANIFEST = "_clipsql_export.json"
@@ -169,7 +170,7 @@ def _plan(st: Store, con: Any, versions: dict[str, int], models: list[ModelRecor
             continue
         key = m.table_name[len(EMBEDDINGS) + 1:]
         ds = st.embeddings_table(m, versions[m.table_name])
-        con.register(f"_export_emb_{i}", ds)
+        con.register(f"_export_emb_{i}", for_duckdb(ds))
         rows = ds.count_rows() if keep is None else _count(con, f"SELECT count(*) FROM _export_emb_{i}{filt}")
         parts.append(Part(
             f"embeddings_{key}", "embeddings",

@@ -37,6 +37,7 @@ from clipsql.store.tables import (CAPTION_FEATURES, SAMPLES, dedup_table_name, m
 from clipsql.store import deletions
 from clipsql import leftovers
 from clipsql.store import tags
+from clipsql.store.reads import for_duckdb
 
 
 def quote_ident(name: str) -> str:
@@ -206,7 +207,7 @@ def _register_embeddings(con: Any, snap: Snapshot) -> None:
     parts = []
     same_dim = len({m.dim for m in models}) <= 1
     for i, m in enumerate(models):
-        con.register(f"_lance_emb_{i}", snap.embeddings_table(m))
+        con.register(f"_lance_emb_{i}", for_duckdb(snap.embeddings_table(m)))
         cast = "" if same_dim else "::FLOAT[]"
         parts.append(f"SELECT id, {quote_literal(m.model_id)} AS model, {_vec('image_embedding')}{cast} AS "
                      f"image_embedding, {_vec('text_embedding')}{cast} AS text_embedding FROM _lance_emb_{i}")
