@@ -25,7 +25,7 @@ import pickle
 from typing import Any
 
 from clipsql.engines.engine import gpu_count, ray_session, worker_count
-from clipsql.engines.shards import RunShard, key_shard
+from clipsql.engines.shards import Duplicates, RunShard, key_shard
 from clipsql.engines.tasks import (
     EncodeWriter,
     RunContext,
@@ -158,11 +158,13 @@ class _Driver:
         run, summary = self.run, self.run.summary
         moments = None
         if r.rows and r.sharded:
-            dup = [i for part in _ray.get([s.check.remote(r.key) for s in self.shards]) for i in part]
+            found = _ray.get([s.check.remote(r.key) for s in self.shards])
+            dup = Duplicates(frozenset().union(*(d.earlier for d in found)),
+                             frozenset().union(*(d.repeated for d in found)))
             k = key_shard(r.key, len(self.shards))
-            if dup:              # rare: ids an earlier unit of this run wrote; redo the unit without them
+            if dup:              # rare: ids earlier rows of this run hold; redo the unit without those rows
                 self.dropped[k].append(r.key)
-                r = self._redo(r, frozenset(dup))
+                r = self._redo(r, dup)
                 moments = pickle.loads(r.moments) if r.rows else None
             else:
                 self.partials[k].append(r.key)
@@ -199,9 +201,9 @@ class _Driver:
             self.received += len(pickle.dumps(merged, protocol=5))
             self.run.writer.add_moments(merged)
 
-    def _redo(self, r: UnitResult, exclude: frozenset) -> UnitResult:
-        """The unit again, here, without the ids an earlier unit of this run holds (they become
-        duplicate_id rejects); its first data files stay unreferenced."""
+    def _redo(self, r: UnitResult, exclude: Duplicates) -> UnitResult:
+        """The unit again, here, without the rows that repeat an earlier row of this run (they
+        become duplicate_id rejects, as locally); its first data files stay unreferenced."""
         unit = self.units[r.key]
         if self.ctx.source.precomputed:
             return precomputed_unit(self.ctx, unit, r.key, exclude)

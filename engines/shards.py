@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import copy
 import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from clipsql.ingest.dedup import IdChecker, fingerprints
 from clipsql.store.records import ModelRecord
@@ -40,6 +42,34 @@ def id_shards(ids: pa.Array, k: int) -> np.ndarray:
 def key_shard(key: str, k: int) -> int:
     """The shard that holds unit `key`'s statistics partial (stable across processes)."""
     return zlib.crc32(str(key).encode()) % k
+
+
+def first_rows(ids: pa.Array) -> np.ndarray:
+    """Which rows hold the first occurrence of their id (in the array's order)."""
+    codes = pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
+    first = np.zeros(len(ids), dtype=bool)
+    first[np.unique(codes, return_index=True)[1]] = True
+    return first
+
+
+@dataclass(frozen=True)
+class Duplicates:
+    """A unit's rows that repeat an earlier row of the run, as the local engine finds them
+    (ingest.dedup): every row of an id an earlier unit holds (`earlier`), and the rows after the
+    first of an id that is new to the run but repeated within the unit (`repeated`)."""
+    earlier: frozenset = field(default_factory=frozenset)
+    repeated: frozenset = field(default_factory=frozenset)
+
+    def __bool__(self) -> bool:
+        return bool(self.earlier or self.repeated)
+
+    def rows(self, ids: pa.Array) -> np.ndarray:
+        dup = np.zeros(len(ids), dtype=bool)
+        for found, every in ((self.earlier, True), (self.repeated, False)):
+            if found:
+                hit = pc.is_in(ids, value_set=pa.array(sorted(found), pa.string())).to_numpy(zero_copy_only=False)
+                dup |= hit if every else hit & ~first_rows(ids)
+        return dup
 
 
 def merge_partials(parts: list) -> dict | None:
@@ -73,13 +103,20 @@ class RunShard:
         self.staged[key] = ids
         self.received += len(ids)
 
-    def check(self, key: str) -> list[str]:
-        """Unit `key`'s ids that an earlier row of the run holds (the driver calls this in unit order)."""
+    def check(self, key: str) -> Duplicates:
+        """Unit `key`'s ids (of this shard) that repeat an earlier row of the run (the driver calls
+        this in unit order)."""
         ids = self.staged.pop(key, None)
         if ids is None or not len(ids):
-            return []
+            return Duplicates()
         dup, _, _ = self.checker.check(ids)
-        return ids.filter(pa.array(dup)).to_pylist() if dup.any() else []
+        if not dup.any():
+            return Duplicates()
+        first = first_rows(ids)
+        earlier = ids.filter(pa.array(dup & first))           # its first row here repeats an earlier unit's
+        later = ids.filter(pa.array(dup & ~first))
+        repeated = pc.filter(later, pc.invert(pc.is_in(later, value_set=earlier)))
+        return Duplicates(frozenset(earlier.to_pylist()), frozenset(repeated.to_pylist()))
 
     def committed(self) -> None:
         self.checker.committed()

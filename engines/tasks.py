@@ -21,13 +21,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from clipsql.ingest.encode import Encoder, Prepared, prepare_item
 from clipsql.ingest.rows import samples_columns, samples_table
 from clipsql.ingest.sources import Reject
 from clipsql.kernels.arrays import fixed_list
-from clipsql.engines.shards import id_shards, key_shard
+from clipsql.engines.shards import Duplicates, id_shards, key_shard
 from clipsql.lazy import lance_fragment, torch
 from clipsql.lazy import ray as _ray
 from clipsql.models import loading as models
@@ -149,9 +148,9 @@ def read_ids(blob: bytes) -> pa.Array:
 
 def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | None, image: np.ndarray,
                text: np.ndarray, uri: pa.Array, caption: pa.Array, rejects: list, unit_rows: int,
-               meta_types: dict, exclude: frozenset = frozenset()) -> UnitResult:
-    """Write the unit's rows the store does not hold (and not in `exclude`: ids the driver found
-    earlier in this run) as Lance data files; fold their statistics partial."""
+               meta_types: dict, exclude: Duplicates = Duplicates()) -> UnitResult:
+    """Write the unit's rows the store does not hold (and not `exclude`'s: rows that repeat an earlier
+    row of this run, as the shards found them) as Lance data files; fold their statistics partial."""
     st = _store(ctx)
     t0 = time.perf_counter()
     in_s, in_e = _already(ctx, ids)
@@ -159,7 +158,7 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
     skipped = int((in_s & in_e & ~gone).sum())
     in_s, in_e = in_s | gone, in_e | gone
     if exclude:
-        dup = pc.is_in(ids, value_set=pa.array(sorted(exclude), pa.string())).to_numpy(zero_copy_only=False)
+        dup = exclude.rows(ids)
         locs = samples_locations(samples, ids, dup) if dup.any() else []
         rejects = rejects + [(loc, "duplicate_id", f"id {i} occurs earlier in this source") for loc, i in locs]
         in_s, in_e = in_s | dup, in_e | dup
@@ -221,7 +220,7 @@ def samples_locations(samples: pa.Table | None, ids: pa.Array, mask: np.ndarray)
 
 
 # --------------------------------------------------------------------------- precomputed
-def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: frozenset = frozenset()) -> UnitResult:
+def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: Duplicates = Duplicates()) -> UnitResult:
     """One unit of precomputed vectors: the columnar checks, then `write_unit`."""
     t0 = time.perf_counter()
     cols = ctx.source.read_columns(unit, ctx.rec.dim)
@@ -266,7 +265,7 @@ class EncodeWriter:
             out.append(self.encode(pickle.loads(blob)).to_row()["result"])
         return {"result": out}
 
-    def encode(self, p: dict, exclude: frozenset = frozenset()) -> UnitResult:
+    def encode(self, p: dict, exclude: Duplicates = Duplicates()) -> UnitResult:
         ctx, rows = self.ctx, p["rows"]
         t0 = time.perf_counter()
         n = len(rows)

@@ -407,10 +407,10 @@ def test_a_ray_tasks_payload_does_not_grow_with_the_number_of_units(tmp_path):
 def test_the_ray_shards_reject_the_ids_a_local_run_rejects_and_merge_partials_exactly(store):
     """The Ray ingest's run state lives in K shard actors (engines.shards), not in the driver: each
     checks the ids whose fingerprint falls to it, in unit order, and merges the partials of the units
-    whose key falls to it. Split over 3 shards, the ids found to repeat an earlier row of the run are
-    exactly those a plain first-occurrence scan finds, and the merged partial of a commit's units
-    is the float64 mean and covariance of their rows."""
-    from clipsql.engines.shards import RunShard, id_shards, key_shard
+    whose key falls to it. Split over 3 shards, the rows found to repeat an earlier row of the run are
+    exactly those a plain first-occurrence scan finds (a repeat within a unit keeps its first row, as
+    locally), and the merged partial of a commit's units is the float64 mean and covariance of their rows."""
+    from clipsql.engines.shards import Duplicates, RunShard, id_shards, key_shard
     from clipsql.store.stats import StatsState, new_moments, update_moments
     rec = store.register_model(model_id="test/d4", kind="clip", dim=4, logit_scale=100.0, logit_bias=None,
                                context_length=77, spec={})
@@ -420,18 +420,20 @@ def test_the_ray_shards_reject_the_ids_a_local_run_rejects_and_merge_partials_ex
     seen, got, want = set(), [], []
     for u, ids in enumerate(units):
         expect = []
-        for i in ids:                     # the reference: an id is a duplicate after its first row
-            if i in seen:
-                expect.append(i)
+        for i in ids:                     # the reference: a row is a duplicate when its id occurred before
+            expect.append(i in seen)
             seen.add(i)
-        want.append(sorted(expect))
+        want.append(expect)
         arr = pa.array(ids, pa.string())
         part = id_shards(arr, 3)
         for p in range(3):
             if (part == p).any():
                 shards[p].stage(f"u{u}", arr.filter(pa.array(part == p)))
-        got.append(sorted(i for s in shards for i in s.check(f"u{u}")))
-    assert got == want and sum(map(len, want)) > 50
+        found = [s.check(f"u{u}") for s in shards]
+        dup = Duplicates(frozenset().union(*(d.earlier for d in found)), frozenset().union(*(d.repeated for d in found)))
+        got.append(dup.rows(arr).tolist())
+    assert got == want and sum(map(sum, want)) > 50
+    assert len(set(units[0])) < len(units[0])       # ids new to the run repeated within a unit, too
     assert sum(s.received for s in shards) == sum(map(len, units)) and max(s.received for s in shards) < 200
     rows = [rng.normal(size=(n, 4)).astype(np.float32) for n in (5, 9, 3, 7)]
     for u, X in enumerate(rows):
