@@ -7,9 +7,9 @@ handles O(units) small messages:
 
 * in unit order, `check(key)` on every shard: each runs the local engine's in-run check
   (`ingest.dedup.IdChecker`: fingerprint set, hits confirmed exactly against the ids not committed
-  yet or through the store's `id` index) on its share, and answers the unit's ids an earlier row of
-  the run holds — nearly always none. The shards see the units in the order the local engine does,
-  so the same rows are kept and rejected; `committed()` after each commit lets them drop the
+  yet or through the store's `id` index) on its share, and answers the unit's `Duplicates` — ids an
+  earlier unit holds, ids repeated within the unit; nearly always none. The shards see the units in
+  the order the local engine does, so the same rows are kept and rejected; `committed()` after each commit lets them drop the
   uncommitted ids they keep for confirming hits, as the local checker does.
 * at a commit, `take` on every shard: each merges the partials of its units in the commit
   (`RunningMoments.merge`, exact) and shard 0 merges those: the driver receives one partial per
