@@ -1,7 +1,8 @@
 """Growth laws of what a DataComp-scale run does per row, measured at ≥ 3 sizes in one run.
 
     .venv/bin/python bench/growth.py [--sizes 1000000,2000000,4000000,8000000] [--batch 10000]
-        [--fragments 250,1000,4000] [--units 100,300,1000] [--only dedup,commit,plan]
+        [--fragments 250,1000,4000] [--units 100,300,1000] [--rows-per-unit 1000,8000,60000]
+        [--only dedup,commit,plan,payload]
 
 For each mechanism whose cost could grow faster than the data, it measures the total cost of a
 run at each size, fits the growth exponent (least squares on log cost vs log rows; 1.0 = linear)
@@ -25,6 +26,12 @@ Measured so far:
   size-tier rule it replaced) how many times a row is rewritten; a statistics merge is timed.
   Each law is extrapolated to DataComp medium / large / xlarge on `--workers` Ray workers, split
   into what spreads over the workers and what one process does serially.
+* what a Ray ingest task receives (`--units` DataComp shards, one unit each): its own unit with a
+  source describing only it plus the shared run context (engines.tasks), pickled bytes and the
+  seconds to deserialise them, against the whole run context and unit list every task carried
+  before; and the bytes the driver receives per unit (`--rows-per-unit`): the worker's result now
+  (the ids and the statistics partial go to the shard actors, engines.shards) against the same
+  result carrying the ids and the partial.
 
 Measured (2 shared cores, d = 8 fragments of 4 rows; pool shards of 8 rows):
   fragments 500 / 2,000 / 8,000: a commit 35 / 67 / 178 ms unbounded (exponent 0.58 and rising:
@@ -32,12 +39,21 @@ Measured (2 shared cores, d = 8 fragments of 4 rows; pool shards of 8 rows):
   (exponent 0.10: noise; the one compaction down to 8 fragments 0.16 / 1.4 / 7.2 s);
   units 100 / 300 / 1,000: planning a re-run 98 / 117 / 88 µs a unit from the ledger (exponent
   0.95) against 0.96 / 2.0 / 1.6 ms a unit opening every shard (exponent 1.23).
+Measured (2 shared cores, d = 512, 32-character uids):
+  units 100 / 300 / 1,000: a task receives 922 / 922 / 922 bytes and deserialises them in 17 / 18 / 11 µs
+  (exponents 0.00 and -0.22 per task; 1.00 and 0.78 for the run's total), against 18,036 / 52,680 /
+  174,498 bytes and 49 / 156 / 356 µs a task before (the run's total: exponent 1.85);
+  rows a unit 1,000 / 8,000 / 60,000: the driver receives 1,257 / 1,259 / 1,263 bytes a unit
+  (exponent 0.00) against 4.27 / 4.52 / 6.39 MB before (36 bytes an id + a 4.2 MB partial), and one
+  4.2 MB partial per commit (the shards merge the commit's units).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+import pickle
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +62,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from clipsql.engines.tasks import RunContext, precomputed_unit, shared_context, unit_payload, unit_task
 from clipsql.ingest.dedup import fingerprints
 from clipsql.ingest.pipeline import IngestOptions, ingest_pool
 from clipsql.ingest.planning import plan_units
@@ -54,9 +71,10 @@ from clipsql.kernels.idset import FingerprintSet
 from clipsql.kernels.moments import RunningMoments
 from clipsql.lazy import lance, lance_fragment
 from clipsql.store.compaction import MAX_FRAGMENTS, merge_target
-from clipsql.store.ledger import PendingCommit, commit, done_units
+from clipsql.store.ledger import PendingCommit, commit, committed_versions, done_units
 from clipsql.store.location import rmtree
 from clipsql.store.store import Store
+from clipsql.store.tables import SAMPLES
 from clipsql.store.writer import CommitPolicy, Writer
 
 TARGETS = {"DataComp medium": 128e6, "DataComp large": 1.28e9, "DataComp xlarge": 12.8e9}
@@ -259,10 +277,12 @@ def rewrites_per_row(n_rows: float, commit_rows: int, base: int, max_fragments: 
 
 
 def project(ing: list[dict], dedup: list[dict] | None, commits: list[dict] | None, plans: list[dict] | None,
-            workers: int, shard_rows: int = 10_000) -> list[list]:
+            workers: int, payloads: list[dict] | None = None, shard_rows: int = 10_000) -> list[list]:
     """Per-run hours at DataComp sizes on `workers` Ray workers: each mechanism's fitted law,
-    split into the work that spreads over the workers and the work one process does serially."""
+    split into the work that spreads over the workers, over the run's K shard actors
+    (engines.shards: one per 8 workers, 2 … 32) and what one process does serially."""
     rows = []
+    shards = min(32, max(2, workers // 8))
 
     def law(xs: list[float], ys: list[float]) -> tuple[float, float]:
         return fit_exponent(xs, ys)
@@ -276,8 +296,12 @@ def project(ing: list[dict], dedup: list[dict] | None, commits: list[dict] | Non
     rows.append([f"read, fold, write ({1 / per_row:,.0f} rows/CPU-s, spread over the workers)", b,
                  lambda n, c=per_row: c * n / workers])
     if dedup:
-        b, a = law([r["rows"] for r in dedup], [r["set_s"] + r["hash_s"] for r in dedup])
-        rows.append(["id de-duplication (one process)", b, lambda n, a=a, b=b: math.exp(a) * n ** b])
+        # counted work has the exponent (seconds at these sizes are noisy); the largest run the scale
+        b, _ = law([r["rows"] for r in dedup], [r["work"] for r in dedup])
+        big = max(dedup, key=lambda r: r["rows"])
+        per_row = (big["set_s"] + big["hash_s"]) / big["rows"]
+        rows.append([f"id de-duplication (over {shards} shard actors)", b,
+                     lambda n, p=per_row, b=b, m=big["rows"]: p * (n / shards) * (n / shards / m) ** (b - 1)])
     commit_rows = CommitPolicy().rows
     base = 1 << 16                       # a 256 MiB fragment of 512-d rows (store.compaction.base_rows)
     full_rows = max(base, shard_rows)    # rows of the full-size fragments a run leaves
@@ -297,7 +321,13 @@ def project(ing: list[dict], dedup: list[dict] | None, commits: list[dict] | Non
         rows.append([f"{label} ({rate:,.0f} rows/s; rewrites/row " + "/".join(f"{f:.1f}" for f in factor.values())
                      + ", one process)", 1.0, lambda n, r=rate, f=factor: f[_target_name(n)] * n / r])
     merge_s = merge_cost()
-    rows.append(["statistics partials merged (one per unit)", 1.0, lambda n, m=merge_s: m * n / shard_rows])
+    rows.append([f"statistics partials merged (per unit over {shards} shards, per commit at the driver)", 1.0,
+                 lambda n, m=merge_s: m * n / shard_rows / shards + m * n / CommitPolicy().rows])
+    if payloads:
+        b, _ = law([r["units"] for r in payloads], [r["task_s"] for r in payloads])
+        per_task = float(np.median([r["task_s"] for r in payloads]))
+        rows.append(["task payloads deserialised (spread over the workers)", b,
+                     lambda n, t=per_task: t * n / shard_rows / workers])
     if plans:
         b, a = law([r["units"] for r in plans], [r["ledger_s"] for r in plans])
         rows.append(["planning a re-run from the ledger", b, lambda n, a=a, b=b: math.exp(a) * (n / shard_rows) ** b])
@@ -305,6 +335,65 @@ def project(ing: list[dict], dedup: list[dict] | None, commits: list[dict] | Non
     for name, b, f in rows:
         table.append([name, b, *[f(n) / 3600 for n in TARGETS.values()]])
     return table
+
+
+def _ctx_for(st: Store, rec, src) -> RunContext:
+    """A Ray ingest task's run context, as engines.ingest builds it (no shards: the bench runs the
+    worker function in this process)."""
+    st.ensure_samples_table()
+    return RunContext(store_path=str(st.path), rec=rec, source=src, versions=committed_versions(st),
+                      shifts={}, seq=1, storage_versions={n: st.dataset(n).data_storage_version
+                                                          for n in (SAMPLES, rec.table_name)})
+
+
+def payload_cost(units: int, reps: int = 3) -> dict:
+    """What each Ray ingest task of a run of `units` DataComp shards receives and deserialises: its own
+    unit (a source describing only it) plus the shared context, against the whole run context and
+    unit list every task carried before."""
+    root = Path(tempfile.mkdtemp(prefix="clipsql-growth-"))
+    write_pool(root / "pool", units)
+    st = Store.init(root / "s")
+    rec = st.register_model(model_id="bench/payload", kind="clip", dim=512, logit_scale=100.0, logit_bias=None,
+                            context_length=77, spec={})
+    src = open_source(str(root / "pool"), datacomp_features="b32")
+    todo = [(u, src.unit_key(u)) for u in src.units()]
+    ctx = _ctx_for(st, rec, src)
+    shared = pickle.dumps(shared_context(ctx), protocol=5)
+    payloads = [unit_payload(src, unit, key) for unit, key in todo]
+    whole = pickle.dumps((ctx, todo), protocol=5)           # before: every task got the context and the list
+    best_now = best_whole = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for blob in payloads:
+            unit_task(pickle.loads(shared), blob)
+        best_now = min(best_now, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        for _ in range(min(units, 100)):                    # a sample of tasks: each loads the same
+            pickle.loads(whole)
+        best_whole = min(best_whole, (time.perf_counter() - t0) / min(units, 100) * units)
+    return {"units": units, "task_bytes": len(shared) + max(map(len, payloads)),
+            "total_bytes": len(shared) * units + sum(map(len, payloads)), "task_s": best_now / units,
+            "total_s": best_now, "whole_bytes": len(whole), "whole_task_s": best_whole / units,
+            "whole_total_s": best_whole}
+
+
+def driver_bytes(rows: int, d: int = 512) -> dict:
+    """Bytes the driver receives for one unit of `rows` rows: the worker's result now (data files'
+    metadata, counts: the ids and the statistics partial go to the shard actors), against the same
+    result carrying the ids and the partial (before)."""
+    root = Path(tempfile.mkdtemp(prefix="clipsql-growth-"))
+    write_pool(root / "pool", 1, rows=rows, d=d)
+    st = Store.init(root / "s")
+    rec = st.register_model(model_id="bench/driver", kind="clip", dim=d, logit_scale=100.0, logit_bias=None,
+                            context_length=77, spec={})
+    src = open_source(str(root / "pool"), datacomp_features="b32")
+    units = src.units()                                     # a shard's row groups
+    assert len(units) == 1, units
+    unit = units[0]
+    before = precomputed_unit(_ctx_for(st, rec, src), unit, src.unit_key(unit))
+    after = dataclasses.replace(before, ids=b"", moments=b"", sharded=True)   # what publish() leaves
+    return {"rows": rows, "before": len(pickle.dumps(before, protocol=5)), "ids": len(before.ids),
+            "moments": len(before.moments), "after": len(pickle.dumps(after, protocol=5))}
 
 
 def _report(what: str, xs: list[int], runs: list[dict], cols: list[str], unit: str) -> None:
@@ -319,14 +408,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=10_000)
     ap.add_argument("--fragments", default="250,1000,4000")
     ap.add_argument("--units", default="100,300,1000")
+    ap.add_argument("--rows-per-unit", default="1000,8000,60000")
     ap.add_argument("--ingest-rows", default="100000,200000,400000",
                     help="sizes of the precomputed DataComp ingests the projection's per-row cost comes from")
     ap.add_argument("--workers", type=int, default=64, help="Ray workers the projection assumes")
-    ap.add_argument("--only", default="dedup,commit,plan,project")
+    ap.add_argument("--only", default="dedup,commit,plan,payload,project")
     args = ap.parse_args()
     only = set(args.only.split(","))
     os.environ.setdefault("LANCE_LOG", "error")
-    commits = plans = dedup = None
+    commits = plans = dedup = payloads = None
     if "commit" in only:
         xs = [int(s) for s in args.fragments.split(",")]
         commits = runs = [commit_cost(f) for f in xs]
@@ -346,6 +436,24 @@ def main() -> None:
             print(f"{r['units']:>8,} {1e3 * r['ledger_s']:>10.1f} {1e6 * r['ledger_s'] / r['units']:>8.0f} "
                   f"{1e3 * r['opening_s']:>11.1f} {1e6 * r['opening_s'] / r['units']:>8.0f}")
         _report("plan", xs, runs, ["ledger_s", "opening_s"], "units")
+    if "payload" in only:
+        xs = [int(s) for s in args.units.split(",")]
+        payloads = runs = [payload_cost(u) for u in xs]
+        print("what each Ray ingest task receives and deserialises (DataComp shards, one unit each):")
+        print(f"{'units':>8} {'task B':>7} {'task µs':>8} {'run s':>7} {'before: task B':>15} {'task µs':>8} "
+              f"{'run s':>7}")
+        for r in runs:
+            print(f"{r['units']:>8,} {r['task_bytes']:>7,} {1e6 * r['task_s']:>8.0f} {r['total_s']:>7.3f} "
+                  f"{r['whole_bytes']:>15,} {1e6 * r['whole_task_s']:>8.0f} {r['whole_total_s']:>7.2f}")
+        _report("payload", xs, runs, ["task_bytes", "task_s", "total_bytes", "total_s", "whole_bytes",
+                                      "whole_total_s"], "units")
+        sizes = [int(s) for s in args.rows_per_unit.split(",")]
+        per = [driver_bytes(n) for n in sizes]
+        print("bytes the driver receives per unit (d = 512):")
+        print(f"{'rows/unit':>10} {'now':>7} {'before':>11} {'(ids':>10} {'partial)':>10}")
+        for r in per:
+            print(f"{r['rows']:>10,} {r['after']:>7,} {r['before']:>11,} {r['ids']:>10,} {r['moments']:>10,}")
+        _report("driver", sizes, per, ["after", "before"], "rows per unit")
     if "dedup" in only:
         sizes = [int(s) for s in args.sizes.split(",")]
         dedup = runs = [dedup_run(n, args.batch) for n in sizes]
@@ -366,7 +474,7 @@ def main() -> None:
         for r in ing:
             print(f"{r['rows']:>10,} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['rows'] / r['cpu_s']:>11,.0f} "
                   f"{r['commits']:>8}")
-        table = project(ing, dedup, commits, plans, args.workers)
+        table = project(ing, dedup, commits, plans, args.workers, payloads)
         print(f"projected hours per run on {args.workers} Ray workers (each law fitted above, extrapolated):")
         print(f"{'what':<58} {'exponent':>8} " + " ".join(f"{k:>16}" for k in TARGETS))
         for name, b, *hours in table:

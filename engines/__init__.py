@@ -7,9 +7,11 @@ the Ray engine (engines.ray) runs the same code per source unit or per Lance fra
 cluster: source units are read and checked by the source classes, images go through
 `ingest.encode`, statistics partials through `kernels.moments`, commits through `ledger.commit`
 (the commit ledger), and stored scores through the very SQL score functions DuckDB calls.
-Workers write Lance data files and return their metadata with per-unit statistics partials;
-the driver alone commits, so a killed driver leaves no visible half-commit and a killed
-worker's task is retried. Nothing below this package imports it.
+Workers write Lance data files and return their metadata; an ingest's written ids and
+statistics partials go to the run's shard actors (engines.shards), which check the run's
+duplicates and merge the partials, so the driver handles O(units) small messages. The driver
+alone commits, so a killed driver leaves no visible half-commit and a killed worker's task is
+retried. Nothing below this package imports it.
 """
 from __future__ import annotations
 

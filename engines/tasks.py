@@ -4,8 +4,10 @@ Pure functions of a `RunContext` (picklable: the source, the model record, the s
 the table versions the run started from) and a unit. They use the same code as the local path:
 `Source.read_columns` / `Source.read` + `ingest.encode.prepare_item` for the checks, the
 `Encoder` for the forward pass, `kernels.moments.fold_pair` (through `update_moments`) for the
-statistics, with the store's shift so the driver's merge adds without rounding. Nothing here
-commits: a result names written data files that only the driver's commit makes visible.
+statistics, with the store's shift so the merges add without rounding. Nothing here commits: a
+result names written data files that only the driver's commit makes visible. Under Ray the
+written ids and the statistics partial go to the run's shard actors (engines.shards), not back to
+the driver: a result is small whatever the unit's rows.
 """
 from __future__ import annotations
 
@@ -19,13 +21,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from clipsql.ingest.encode import Encoder, Prepared, prepare_item
 from clipsql.ingest.rows import samples_columns, samples_table
 from clipsql.ingest.sources import Reject
 from clipsql.kernels.arrays import as_stored, fixed_list
+from clipsql.engines.shards import Duplicates, id_shards, key_shard
 from clipsql.lazy import lance_fragment, torch
+from clipsql.lazy import ray as _ray
 from clipsql.models import loading as models
 from clipsql.store.reads import stored_ids
 from clipsql.store.records import ModelRecord
@@ -51,6 +54,7 @@ class RunContext:
     batch_size: int = 256
     preprocess: Any = None    # image sources: the model's transform and tokenizer (picklable)
     tokenizer: Any = None
+    shards: list | None = None    # the run's shard actors (engines.shards): ids and partials go there
 
 
 @dataclass
@@ -62,6 +66,7 @@ class UnitResult:
     sample_rows: int = 0
     moments: bytes = b""                                   # pickled {(modality, space): RunningMoments}
     ids: bytes = b""                                       # Arrow IPC of the written embedding ids
+    sharded: bool = False                                  # ids and partial went to the shards instead
     rejects: list = field(default_factory=list)            # (location, reason, detail)
     unit_rows: int = 0                                     # rows of the unit accepted (stored or skipped)
     unit_rejected: int = 0
@@ -81,10 +86,10 @@ class UnitResult:
 
 
 # --------------------------------------------------------------------------- what a task receives
-def shared_context(ctx: RunContext) -> RunContext:
+def shared_context(ctx: RunContext, shards: list | None = None) -> RunContext:
     """The run context every task shares (put in the object store once), without the source: a source
     can list every unit's files, and each task would deserialise that list."""
-    return dataclasses.replace(ctx, source=None)
+    return dataclasses.replace(ctx, source=None, shards=shards if shards is not None else ctx.shards)
 
 
 def unit_payload(source: Any, unit: Any, key: str) -> bytes:
@@ -143,9 +148,9 @@ def read_ids(blob: bytes) -> pa.Array:
 
 def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | None, image: np.ndarray,
                text: np.ndarray, uri: pa.Array, caption: pa.Array, rejects: list, unit_rows: int,
-               meta_types: dict, exclude: frozenset = frozenset()) -> UnitResult:
-    """Write the unit's rows the store does not hold (and not in `exclude`: ids the driver found
-    earlier in this run) as Lance data files; fold their statistics partial."""
+               meta_types: dict, exclude: Duplicates = Duplicates()) -> UnitResult:
+    """Write the unit's rows the store does not hold (and not `exclude`'s: rows that repeat an earlier
+    row of this run, as the shards found them) as Lance data files; fold their statistics partial."""
     st = _store(ctx)
     t0 = time.perf_counter()
     in_s, in_e = _already(ctx, ids)
@@ -153,7 +158,7 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
     skipped = int((in_s & in_e & ~gone).sum())
     in_s, in_e = in_s | gone, in_e | gone
     if exclude:
-        dup = pc.is_in(ids, value_set=pa.array(sorted(exclude), pa.string())).to_numpy(zero_copy_only=False)
+        dup = exclude.rows(ids)
         locs = samples_locations(samples, ids, dup) if dup.any() else []
         rejects = rejects + [(loc, "duplicate_id", f"id {i} occurs earlier in this source") for loc, i in locs]
         in_s, in_e = in_s | dup, in_e | dup
@@ -183,11 +188,29 @@ def write_unit(ctx: RunContext, key: str, ids: pa.Array, samples: pa.Table | Non
         res.fragments = _write(st.table_uri(ctx.rec.table_name), tbl, ctx.storage_versions[ctx.rec.table_name])
         state = StatsState(ctx.rec.model_id, new_moments(ctx.rec.dim, ctx.shifts), 0)
         update_moments(state, X, Y)
-        res.moments = pickle.dumps(state.moments, protocol=5)
-        res.ids = _ids_ipc(e_ids)
         res.rows = len(new_e)
+        if ctx.shards:
+            publish(ctx.shards, key, e_ids, state.moments)
+            res.sharded = True
+        else:
+            res.moments = pickle.dumps(state.moments, protocol=5)
+            res.ids = _ids_ipc(e_ids)
     res.seconds["write"] = time.perf_counter() - t0
     return res
+
+
+def publish(shards: list, key: str, ids: pa.Array, moments: dict) -> None:
+    """Send each shard its share of the unit's written ids, and the unit's shard its statistics
+    partial (engines.shards), and wait: the driver, once it has the unit's result, finds them there."""
+    k = len(shards)
+    part = id_shards(ids, k)
+    calls = []
+    for p in range(k):
+        mine = part == p
+        if mine.any():
+            calls.append(shards[p].stage.remote(key, ids if mine.all() else ids.filter(pa.array(mine))))
+    calls.append(shards[key_shard(key, k)].put.remote(key, moments))
+    _ray.get(calls)
 
 
 def samples_locations(samples: pa.Table | None, ids: pa.Array, mask: np.ndarray) -> list[tuple[str, str]]:
@@ -199,7 +222,7 @@ def samples_locations(samples: pa.Table | None, ids: pa.Array, mask: np.ndarray)
 
 
 # --------------------------------------------------------------------------- precomputed
-def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: frozenset = frozenset()) -> UnitResult:
+def precomputed_unit(ctx: RunContext, unit: Any, key: str, exclude: Duplicates = Duplicates()) -> UnitResult:
     """One unit of precomputed vectors: the columnar checks, then `write_unit`."""
     t0 = time.perf_counter()
     cols = ctx.source.read_columns(unit, ctx.rec.dim)
@@ -222,7 +245,7 @@ def decode_unit(ctx: RunContext, unit: Any, key: str) -> dict:
             continue
         prepare_item(item, preprocess=ctx.preprocess, tokenizer=ctx.tokenizer, done_ids=frozenset(), dim=ctx.rec.dim,
                      out=out, allow_missing_captions=ctx.allow_missing_captions)
-    payload = {"key": key, "rows": out.rows, "rejects": out.rejects,
+    payload = {"key": key, "source": ctx.source.canonical(), "rows": out.rows, "rejects": out.rejects,
                "pixels": np.stack([p.numpy() for p in out.pixels]) if out.pixels else None,
                "tokens": [None if t is None else t.numpy() for t in out.tokens],
                "seconds": {"read+decode": time.perf_counter() - t0}}
@@ -230,7 +253,8 @@ def decode_unit(ctx: RunContext, unit: Any, key: str) -> dict:
 
 
 class EncodeWriter:
-    """GPU (or CPU) stage, an actor: the model loaded once; each unit is encoded, written, folded."""
+    """GPU (or CPU) stage, an actor: the model loaded once; each unit is encoded, written, folded.
+    Its context is the shared one (`shared_context`: no source); a unit's payload names its source."""
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -243,7 +267,7 @@ class EncodeWriter:
             out.append(self.encode(pickle.loads(blob)).to_row()["result"])
         return {"result": out}
 
-    def encode(self, p: dict, exclude: frozenset = frozenset()) -> UnitResult:
+    def encode(self, p: dict, exclude: Duplicates = Duplicates()) -> UnitResult:
         ctx, rows = self.ctx, p["rows"]
         t0 = time.perf_counter()
         n = len(rows)
@@ -259,7 +283,7 @@ class EncodeWriter:
         else:
             image = text = np.empty((0, ctx.rec.dim), dtype=np.float32)
         enc_s = time.perf_counter() - t0
-        samples, meta_types = samples_table(rows, ctx.source.canonical()) if n else (None, {})
+        samples, meta_types = samples_table(rows, p["source"]) if n else (None, {})
         ids = pa.array([r["id"] for r in rows], pa.string())
         uri = pa.array([r["uri"] for r in rows], pa.string())
         caption = pa.array([r["caption"] for r in rows], pa.string())

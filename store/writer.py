@@ -230,8 +230,9 @@ class Writer:
                     moments: dict | None, meta_types: dict[str, str] | None = None, seq: int) -> None:
         """Rows another process already wrote as data files (Lance `FragmentMetadata`), each row
         carrying write batch `seq` (≤ this writer's; the Ray engine's workers write before the commits
-        are grouped): their fragments and statistics partial (`moments`, merged exactly) join the
-        pending commit, as the rows `add` buffers do."""
+        are grouped): their fragments and statistics partial (`moments`, merged exactly; None: it
+        comes through `add_moments` before the commit) join the pending commit, as the rows `add`
+        buffers do."""
         if seq > self.pending.seq:
             raise ValueError(f"rows of write batch {seq} cannot join commit batch {self.pending.seq}")
         p = self.pending
@@ -240,9 +241,14 @@ class Writer:
         p.rows += rows
         p.sample_rows += sample_rows
         self._meta_types(meta_types)
-        if rows:
-            for key, part in moments.items():
-                p.moments[key].merge(part)
+        if rows and moments is not None:
+            self.add_moments(moments)
+
+    def add_moments(self, moments: dict) -> None:
+        """A statistics partial of rows already added (`add_written` with `moments` None: the Ray
+        engine merges its units' partials apart and hands one per commit), merged exactly."""
+        for key, part in moments.items():
+            self.pending.moments[key].merge(part)
 
     def _meta_types(self, meta_types: dict[str, str] | None) -> None:
         mt = self.pending.meta_types

@@ -192,7 +192,8 @@ def test_select_with_the_ray_engine_chooses_what_the_local_engine_chooses(ray_cl
 
 
 def test_ids_repeated_across_units_are_rejected_as_locally(ray_cluster, tmp_path):
-    """Two units of one run holding the same id: the driver redoes the later unit without it."""
+    """Two units of one run holding the same id: the driver redoes the later unit without it; an id
+    twice within one unit keeps its first row, as locally."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     pool = tmp_path / "pool"
@@ -201,14 +202,74 @@ def test_ids_repeated_across_units_are_rejected_as_locally(ray_cluster, tmp_path
     t = pq.read_table(meta)
     keys = t.column("key").to_pylist()
     keys[:10] = [f"000{i:06d}" for i in range(10)]          # ids of shard 0
+    keys[21] = keys[20]                                     # twice within the unit
     pq.write_table(t.set_column(t.schema.get_field_index("key"), "key", pa.array(keys)), meta)
     local, dist = Store.init(tmp_path / "local"), Store.init(tmp_path / "ray")
     args = [str(pool), *MODEL, "--id-column", "key", "--no-progress"]
     a = cli("ingest", str(local.path), *args).stdout.decode()
     b = ray_cli(ray_cluster, "ingest", str(dist.path), *args).stdout.decode()
-    assert "added 390" in a and "added 390" in b and "duplicate_id" in b, b
+    assert "added 389" in a and "added 389" in b and "duplicate_id" in b, b
     assert_equal_stores(Store.open(dist.path), Store.open(local.path))
     assert_stats_match_vectors(Store.open(dist.path))
+
+
+# a Ray ingest that counts what its driver receives: each unit's result (pickled bytes, whether it
+# carries ids or a partial), the partials gathered at each commit, and what the shard actors hold
+_COUNTING_RUN = """
+import json, pickle, sys
+import ray
+from clipsql.engines import ingest as ray_ingest
+from clipsql.ingest.run import IngestOptions
+from clipsql.store.store import Store
+from clipsql.store.writer import CommitPolicy
+address, store, pool, rows = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+results, gathered, counts = [], [], []
+real_results, real_gather = ray_ingest._results, ray_ingest._Driver.gather
+def counting_results(*args, **kwargs):
+    for r in real_results(*args, **kwargs):
+        results.append([r.rows, len(pickle.dumps(r, protocol=5)), len(r.ids), len(r.moments), r.sharded])
+        yield r
+def counting_gather(self):
+    before = self.received
+    real_gather(self)
+    gathered.append(self.received - before)
+    counts[:] = ray.get([s.counts.remote() for s in self.shards])
+ray_ingest._results, ray_ingest._Driver.gather = counting_results, counting_gather
+opts = IngestOptions(id_column="key", progress=False, maintain=False,
+                     policy=CommitPolicy(rows=2 * rows, seconds=float("inf")))
+s = ray_ingest.ingest_ray(Store.init(store), pool, model="ViT-B-32", pretrained="laion2b_s34b_b79k",
+                          options=opts, address=address)
+print(json.dumps({"added": s.added, "commits": s.commits, "results": results, "gathered": gathered,
+                  "shards": counts}))
+"""
+
+
+def test_the_ray_driver_receives_no_ids_and_one_partial_per_commit(ray_cluster, tmp_path):
+    """Every written id (~41 GB of uids at DataComp large) and every unit's statistics partial passed
+    through the driver. Now a worker sends the ids to the run's shard actors (by id hash) and its
+    partial to its unit's shard: what the driver receives per unit (the pickled result: data files,
+    counts) is the same size at 50 and at 400 rows a unit and holds no id and no partial, the shards
+    received every written id, and one merged partial reaches the driver per commit."""
+    import json
+    got = {}
+    for rows in (50, 400):
+        pool = tmp_path / f"pool{rows}"
+        write_pool(pool, shards=2, rows=2 * rows, row_group=rows)
+        p = subprocess.run([sys.executable, "-c", _COUNTING_RUN, ray_cluster.address, str(tmp_path / f"s{rows}"),
+                            str(pool), str(rows)], cwd=ROOT, capture_output=True, timeout=300,
+                           env=dict(os.environ, CLIPSQL_RAY_SHARDS="2"))
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        got[rows] = out = json.loads(p.stdout.decode().strip().splitlines()[-1])
+        assert out["added"] == 4 * rows and out["commits"] == 2
+        assert [r[0] for r in out["results"]] == [rows] * 4
+        assert all(ids == 0 and moments == 0 and sharded for _, _, ids, moments, sharded in out["results"])
+        assert len(out["shards"]) == 2 and min(c["received"] for c in out["shards"]) > 0
+        assert sum(c["received"] for c in out["shards"]) == 4 * rows
+        assert not any(c["staged"] or c["partials"] for c in out["shards"])
+        assert len([b for b in out["gathered"] if b]) == out["commits"]        # one partial per commit
+        assert_stats_match_vectors(Store.open(tmp_path / f"s{rows}"))
+    small, large = (max(r[1] for r in got[rows]["results"]) for rows in (50, 400))
+    assert large <= small + 64, (small, large)
 
 
 @pytest.mark.slow          # two models, local and Ray: 2 min measured

@@ -402,3 +402,48 @@ def test_a_ray_tasks_payload_does_not_grow_with_the_number_of_units(tmp_path):
     for kind in ("precomputed", "datacomp"):
         (task3, shared3), (task40, shared40) = sizes[kind, 3], sizes[kind, 40]
         assert task40 <= task3 + 8 and shared40 == shared3, sizes      # + 8: longer shard numbers
+
+
+def test_the_ray_shards_reject_the_ids_a_local_run_rejects_and_merge_partials_exactly(store):
+    """The Ray ingest's run state lives in K shard actors (engines.shards), not in the driver: each
+    checks the ids whose fingerprint falls to it, in unit order, and merges the partials of the units
+    whose key falls to it. Split over 3 shards, the rows found to repeat an earlier row of the run are
+    exactly those a plain first-occurrence scan finds (a repeat within a unit keeps its first row, as
+    locally), and the merged partial of a commit's units is the float64 mean and covariance of their rows."""
+    from clipsql.engines.shards import Duplicates, RunShard, id_shards, key_shard
+    from clipsql.store.stats import StatsState, new_moments, update_moments
+    rec = store.register_model(model_id="test/d4", kind="clip", dim=4, logit_scale=100.0, logit_bias=None,
+                               context_length=77, spec={})
+    rng = np.random.default_rng(7)
+    units = [[f"id{int(x)}" for x in rng.integers(0, 120, size=40)] for _ in range(8)]
+    shards = [RunShard(str(store.path), rec) for _ in range(3)]
+    seen, got, want = set(), [], []
+    for u, ids in enumerate(units):
+        expect = []
+        for i in ids:                     # the reference: a row is a duplicate when its id occurred before
+            expect.append(i in seen)
+            seen.add(i)
+        want.append(expect)
+        arr = pa.array(ids, pa.string())
+        part = id_shards(arr, 3)
+        for p in range(3):
+            if (part == p).any():
+                shards[p].stage(f"u{u}", arr.filter(pa.array(part == p)))
+        found = [s.check(f"u{u}") for s in shards]
+        dup = Duplicates(frozenset().union(*(d.earlier for d in found)), frozenset().union(*(d.repeated for d in found)))
+        got.append(dup.rows(arr).tolist())
+    assert got == want and sum(map(sum, want)) > 50
+    assert len(set(units[0])) < len(units[0])       # ids new to the run repeated within a unit, too
+    assert sum(s.received for s in shards) == sum(map(len, units)) and max(s.received for s in shards) < 200
+    rows = [rng.normal(size=(n, 4)).astype(np.float32) for n in (5, 9, 3, 7)]
+    for u, X in enumerate(rows):
+        state = StatsState(rec.model_id, new_moments(4, None), 0)
+        update_moments(state, X, X[:, ::-1])
+        shards[key_shard(f"c{u}", 3)].put(f"c{u}", state.moments)
+    keys = [[f"c{u}" for u in range(4) if key_shard(f"c{u}", 3) == p] for p in range(3)]
+    merged = shards[0].merge(*[s.take(k) for s, k in zip(shards, keys)])
+    allx = np.concatenate(rows).astype(np.float64)
+    m = merged[("image", "raw")]
+    assert m.n == 24 and not any(s.partials for s in shards)
+    np.testing.assert_allclose(m.mean, allx.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(m.cov, np.cov(allx, rowvar=False, bias=True), rtol=1e-9, atol=1e-12)
