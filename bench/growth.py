@@ -315,11 +315,15 @@ def project(ing: list[dict], dedup: list[dict] | None, commits: list[dict] | Non
                      "one process)", b, lambda n, c0=c0, cf=cf: (n / commit_rows) * c0
                      + cf * (n / commit_rows) ** 2 * (commit_rows / full_rows) / 2])
     rate = compaction_rate()
-    for label, policy in (("compaction during the run", None), ("(before: size tiers on all fragments)", tiered_target)):
+    # the Ray engine rewrites a compaction's tasks on the workers (engines.ingest.compact_on_workers);
+    # before, one process rewrote every row once per size tier
+    for label, policy, spread in (("compaction during the run", None, workers),
+                                  ("(before: size tiers on all fragments)", tiered_target, 1)):
         factor = {k: rewrites_per_row(n, commit_rows, base, policy=policy, fragment_rows=shard_rows)
                   for k, n in TARGETS.items()}
+        where = "spread over the workers" if spread > 1 else "one process"
         rows.append([f"{label} ({rate:,.0f} rows/s; rewrites/row " + "/".join(f"{f:.1f}" for f in factor.values())
-                     + ", one process)", 1.0, lambda n, r=rate, f=factor: f[_target_name(n)] * n / r])
+                     + f", {where})", 1.0, lambda n, r=rate, f=factor, w=spread: f[_target_name(n)] * n / r / w])
     merge_s = merge_cost()
     rows.append([f"statistics partials merged (per unit over {shards} shards, per commit at the driver)", 1.0,
                  lambda n, m=merge_s: m * n / shard_rows / shards + m * n / CommitPolicy().rows])

@@ -21,6 +21,8 @@ take the run's state with them (a shard that dies fails the run; its re-run is e
 """
 from __future__ import annotations
 
+import functools
+
 import pickle
 from typing import Any
 
@@ -30,6 +32,7 @@ from clipsql.engines.tasks import (
     EncodeWriter,
     RunContext,
     UnitResult,
+    compact_task,
     decode_unit,
     precomputed_unit,
     shared_context,
@@ -62,6 +65,7 @@ def ingest_ray(store: Store, source_path: str, *, model: str | None = None, pret
         with ray_session(address) as ray:
             run.summary.workers = worker_count(ray)
             shards = start_shards(ray, run) if run.plan.todo else []
+            run.writer.compact_tasks = functools.partial(compact_on_workers, ray)
             try:
                 driver = _Driver(run, _context(run), shards)
                 for result in _results(ray, driver.ctx, shards, run.plan.todo, opts, actors):
@@ -91,6 +95,13 @@ def _context(run: IngestRun) -> RunContext:
 
 
 HEAD_NODE = "node:__internal_head__"     # Ray's resource of the head node
+
+
+def compact_on_workers(ray: Any, uri: str, version: int, tasks: list) -> list:
+    """A compaction plan's tasks (store.compaction), one Ray task each on the workers: the rewrite
+    of a long run's small fragments is spread like the ingest, only its commit is the driver's."""
+    remote = _ray.remote(num_cpus=1, max_retries=2)(compact_task)
+    return ray.get([remote.remote(uri, version, t) for t in tasks])
 
 
 def shard_count(ray: Any) -> int:

@@ -27,7 +27,7 @@ from clipsql.ingest.rows import samples_columns, samples_table
 from clipsql.ingest.sources import Reject
 from clipsql.kernels.arrays import as_stored, fixed_list
 from clipsql.engines.shards import Duplicates, id_shards, key_shard
-from clipsql.lazy import lance_fragment, torch
+from clipsql.lazy import lance, lance_fragment, torch
 from clipsql.lazy import ray as _ray
 from clipsql.models import loading as models
 from clipsql.store.reads import stored_ids
@@ -292,3 +292,10 @@ class EncodeWriter:
         res.seconds.update(p["seconds"])
         res.seconds["encode"] = enc_s
         return res
+
+
+def compact_task(uri: str, version: int, task: Any) -> Any:
+    """One task of a compaction plan (store.compaction), run on a worker: rewrite its fragments of
+    the table at `uri` as of `version` into new data files; the driver commits every task's result
+    as one Lance version and then moves the ledger to it."""
+    return task.execute(lance.dataset(uri, version=version))

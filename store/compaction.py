@@ -22,8 +22,9 @@ retention window.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
+from clipsql.lazy import lance_optimize
 from clipsql.store.faults import fault
 from clipsql.store.ledger import commit_versions, committed_versions
 from clipsql.store.store import Store
@@ -52,21 +53,37 @@ def merge_target(rows: list[int], max_fragments: int, base: int) -> int | None:
     return base if sum(1 for r in rows if r < base) > max_fragments else None
 
 
-def compact_to_bound(ds: Any, max_fragments: int) -> dict | None:
+# runs a compaction plan's tasks somewhere (an engine's workers) and returns their results:
+# (table uri, the version planned from, [lance.optimize.CompactionTask]) -> [RewriteResult]
+TaskRunner = Callable[[str, int, list], list]
+
+
+def compact_to_bound(ds: Any, max_fragments: int, run_tasks: TaskRunner | None = None) -> dict | None:
     """Compact the Lance dataset `ds` (its latest version) to the bound; None when within it.
-    Lance commits the compaction; the caller moves the ledger."""
+    Lance commits the compaction; the caller moves the ledger. `run_tasks`: the rewrite runs as
+    Lance's distributed compaction, a plan whose tasks `run_tasks` executes (the Ray engine: one
+    task per group of fragments, on the workers) and whose results are committed here; None: in
+    this process."""
     frags = ds.get_fragments()
     rows = [f.metadata.num_rows for f in frags]
     target = merge_target(rows, max_fragments, base_rows(ds, rows))
     if target is None:
         return None
     t0 = time.perf_counter()
-    m = ds.optimize.compact_files(target_rows_per_fragment=target)
-    return {"target_rows": target, "fragments_before": len(frags), "fragments_removed": m.fragments_removed,
-            "fragments_added": m.fragments_added, "seconds": round(time.perf_counter() - t0, 3)}
+    info: dict = {"target_rows": target, "fragments_before": len(frags)}
+    if run_tasks is None:
+        m = ds.optimize.compact_files(target_rows_per_fragment=target)
+    else:
+        plan = lance_optimize.Compaction.plan(ds, {"target_rows_per_fragment": target})
+        tasks = list(plan.tasks)
+        m = lance_optimize.Compaction.commit(ds, run_tasks(ds.uri, ds.version, tasks))
+        info["tasks"] = len(tasks)
+    return {**info, "fragments_removed": m.fragments_removed, "fragments_added": m.fragments_added,
+            "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def bound_fragments(st: Store, names: list[str], max_fragments: int = MAX_FRAGMENTS) -> dict[str, dict]:
+def bound_fragments(st: Store, names: list[str], max_fragments: int = MAX_FRAGMENTS,
+                    run_tasks: TaskRunner | None = None) -> dict[str, dict]:
     """Writers only (under the lock, with nothing pending): compact each of the tables `names`
     that holds more than `max_fragments` fragments, then move the ledger to the compacted
     versions in one catalog transaction. Returns {table: what its compaction did}."""
@@ -79,7 +96,7 @@ def bound_fragments(st: Store, names: list[str], max_fragments: int = MAX_FRAGME
         ds = st.dataset(name, recorded[name])
         if ds.latest_version != recorded[name]:      # only a table the ledger is at the head of
             continue
-        info = compact_to_bound(ds, max_fragments)
+        info = compact_to_bound(ds, max_fragments, run_tasks)
         if info is None:
             continue
         versions[name] = st.dataset(name, latest=True).version

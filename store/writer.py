@@ -32,7 +32,7 @@ from clipsql.errors import DimensionMismatch
 from clipsql.kernels.arrays import as_stored, fixed_list
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance_fragment
-from clipsql.store.compaction import MAX_FRAGMENTS, bound_fragments
+from clipsql.store.compaction import MAX_FRAGMENTS, TaskRunner, bound_fragments
 from clipsql.store import ledger
 from clipsql.store.faults import fault
 from clipsql.store.ledger import PendingCommit, merge_sql_types
@@ -178,6 +178,9 @@ class Writer:
         self.commit_seconds = 0.0
         self.commits = 0
         self.compactions: list[dict] = []   # what each compaction during the run did (store.compaction)
+        # where a compaction during the run rewrites its fragments: None in this process; an engine
+        # may set its workers (store.compaction.TaskRunner: the Ray engine does)
+        self.compact_tasks: TaskRunner | None = None
         self.added = 0
         self._new_pending()
 
@@ -306,7 +309,7 @@ class Writer:
         opened = {name: self.store.dataset(name) for name in (SAMPLES, self.model.table_name)}
         bound = self.policy.max_fragments
         if bound and commit_id is not None and any(len(ds.get_fragments()) > bound for ds in opened.values()):
-            for name, info in bound_fragments(self.store, list(opened), bound).items():
+            for name, info in bound_fragments(self.store, list(opened), bound, self.compact_tasks).items():
                 self.compactions.append({"table": name, **info})
             opened = {}
         self._new_pending(opened)

@@ -490,3 +490,23 @@ def test_ray_ingest_and_score_of_a_float16_model_equal_local(ray_cluster, tmp_pa
     assert len(got) == len(want) == 600
     np.testing.assert_allclose(np.array([g[1:] for g in got], float), np.array([w[1:] for w in want], float),
                                rtol=1e-6, atol=1e-9)
+
+
+def test_a_compaction_during_a_ray_run_rewrites_on_the_workers(ray_cluster, tmp_path):
+    """Each unit of a Ray run is a fragment of its own; past the bound on small fragments, the run's
+    compaction is planned by the driver, its tasks rewritten on the Ray workers, and committed by
+    the driver through the ledger: the store equals a local run's, statistics exact."""
+    import json
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=3, rows=700, row_group=100)
+    local, dist = Store.init(tmp_path / "local"), Store.init(tmp_path / "ray")
+    args = [str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "200",
+            "--max-fragments", "3", "--format", "json"]
+    cli("ingest", str(local.path), *args)
+    out = json.loads(ray_cli(ray_cluster, "ingest", str(dist.path), *args).stdout.decode())
+    during = out["maintenance"]["during_run"]
+    assert out["added"] == 2100 and during and all(c["tasks"] >= 1 for c in during)
+    st = Store.open(dist.path)
+    assert all(len(st.dataset(n).get_fragments()) <= 3 + 1 for n in ("samples", st.model().table_name))
+    assert_equal_stores(st, Store.open(local.path))
+    assert_stats_match_vectors(st)
