@@ -484,7 +484,8 @@ def ingest(
                                          "killed run loses at most this much work, never committed rows."),
     max_fragments: int = typer.Option(MAX_FRAGMENTS, min=2, help="Merge a table's small data files "
                                       "(under ~256 MiB) into full-size ones during the run whenever a commit "
-                                      "leaves more small files than this; full-size files are never rewritten."),
+                                      "leaves more small files than this (and merge by size tiers past 2,048 "
+                                      "files in all), so a commit's cost stays bounded."),
     allow_missing_captions: bool = typer.Option(
         False, "--allow-missing-captions", help="Keep images that have no caption (none, or empty once cleaned) "
         "with a NULL caption and text embedding: image-only scores work, text and pair scores are NULL. "

@@ -70,7 +70,7 @@ from clipsql.ingest.registry import open_source
 from clipsql.kernels.idset import FingerprintSet
 from clipsql.kernels.moments import RunningMoments
 from clipsql.lazy import lance, lance_fragment
-from clipsql.store.compaction import MAX_FRAGMENTS, merge_target
+from clipsql.store.compaction import MAX_FRAGMENTS, MAX_TOTAL_FRAGMENTS, merge_target
 from clipsql.store.ledger import PendingCommit, commit, committed_versions, done_units
 from clipsql.store.location import rmtree
 from clipsql.store.store import Store
@@ -237,9 +237,9 @@ def compaction_rate(rows: int = 200_000, pieces: int = 40, d: int = 512) -> floa
 
 
 def tiered_target(rows: list[int], max_fragments: int, base: int) -> int | None:
-    """The compaction rule before this one, for the comparison: a bound on ALL fragments, kept by
-    merging every fragment under T = base·4^k into fragments of T rows (T the smallest that brings
-    the count to half the bound), so rows climb one size tier after another."""
+    """The compaction rule before this one, for the comparison: one bound (256) on all fragments,
+    kept by merging every fragment under T = base·4^k into fragments of T rows (T the smallest that
+    brings the count to half the bound), so rows climb one size tier after another from the start."""
     if len(rows) <= max_fragments:
         return None
     goal, target = max(1, max_fragments // 2), base
@@ -266,8 +266,6 @@ def rewrites_per_row(n_rows: float, commit_rows: int, base: int, max_fragments: 
     for _ in range(int(n_rows // commit_rows)):
         frags.extend([per] * max(1, commit_rows // per))
         target = (policy or merge_target)(frags, max_fragments, base)
-        if policy is None:             # merge_target never looks at full-size fragments again:
-            frags = [r for r in frags if r < base]      # keep the list short (12.8B rows: 128k commits)
         if target is None:
             continue
         small = sum(r for r in frags if r < target)
@@ -307,13 +305,19 @@ def project(ing: list[dict], dedup: list[dict] | None, commits: list[dict] | Non
     full_rows = max(base, shard_rows)    # rows of the full-size fragments a run leaves
     if commits:
         # a commit costs c0 + cf per fragment already in the table (affine fit of the unbounded
-        # figures); the table gains commit_rows / full_rows full-size fragments a commit
+        # figures); the table gains commit_rows / full_rows full-size fragments a commit until the
+        # bound on all fragments (store.compaction.MAX_TOTAL_FRAGMENTS) holds it there
         cf, c0 = np.polyfit([r["fragments"] for r in commits], [r["unbounded_s"] for r in commits], 1)
         c0, cf = max(float(c0), 0.0), max(float(cf), 0.0)
         b, _ = law([r["fragments"] for r in commits], [r["unbounded_s"] for r in commits])
+
+        def commit_s(n: float, c0: float = c0, cf: float = cf) -> float:
+            count, grow = n / commit_rows, commit_rows / full_rows
+            knee = MAX_TOTAL_FRAGMENTS / grow         # the commit from which the table stays at the bound
+            frag_s = cf * grow * min(count, knee) ** 2 / 2 + cf * MAX_TOTAL_FRAGMENTS * max(0.0, count - knee)
+            return count * c0 + frag_s
         rows.append([f"commits ({commit_rows:,} rows each; {1e3 * c0:.0f} ms + {1e6 * cf:.0f} µs a fragment, "
-                     "one process)", b, lambda n, c0=c0, cf=cf: (n / commit_rows) * c0
-                     + cf * (n / commit_rows) ** 2 * (commit_rows / full_rows) / 2])
+                     f"≤ {MAX_TOTAL_FRAGMENTS:,} fragments; one process)", b, commit_s])
     rate = compaction_rate()
     # the Ray engine rewrites a compaction's tasks on the workers (engines.ingest.compact_on_workers);
     # before, one process rewrote every row once per size tier

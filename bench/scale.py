@@ -124,7 +124,7 @@ def step(args: argparse.Namespace, rest: list[str]) -> None:
         st = Store.open(rest[1])
         out["sidecar"] = select(st, recipe="kl-guided", output=rest[2]).to_json()
         n = count_rows(st, st.model())
-        fit_rows = latest_fit(st, st.model(), with_arrays=False)["reference_size"]
+        fit_rows = latest_fit(st, st.model(), with_arrays=False).reference_size
         out.update(gemm_rows_per_s(min(n, 50_000), fit_rows, st.model().dim))
     elif name == "fit":
         from clipsql.store.fits import fit_stats
@@ -199,7 +199,7 @@ def query_figures(store: str, exact_rows: int) -> dict:
     out["approx_rows_per_s"] = n / secs
     # exact Information Gain on a subsample, and a numpy float32 GEMM of the same shape
     rec = st.model()
-    fit_rows = latest_fit(st, rec, with_arrays=False)["reference_size"]
+    fit_rows = latest_fit(st, rec, with_arrays=False).reference_size
     # the subsample: rows of the first commit (a `seq` filter Lance applies before reading vectors,
     # and DuckDB scans in parallel; LIMIT would run on one thread, a hash filter read every vector)
     first = int(con.sql("SELECT min(seq) FROM _lance_emb_0").fetchall()[0][0])

@@ -91,7 +91,7 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *,
     rec = st.model(model)
     check_columns(rec, columns)
     fit = latest_fit(st, rec, with_arrays=False)
-    fit_id = fit["fit_id"] if fit else None
+    fit_id = fit.fit_id if fit else None
     t0 = time.perf_counter()
     with score_lock(st):
         ds = st.embeddings_table(rec)                 # the committed snapshot this job scores
@@ -103,7 +103,7 @@ def score_ray(st: Store, columns: list[str], model: str | None = None, *,
         prev = _scored_meta(st, name)
         # the own-pair rule of the Information Gain (docs/science.md §1) is part of what was scored: a
         # table written under another rule (or before rows left their own pair out) is rescored
-        own_pair = (fit["options"].get("own_pair", "exclude") if fit else None)
+        own_pair = (fit.options.get("own_pair", "exclude") if fit else None)
         append = prev is not None and prev["fit_id"] == fit_id and prev["columns"] == list(columns) \
             and prev.get("own_pair") == own_pair
         scored_version = lance.dataset(uri).version if append else None

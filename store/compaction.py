@@ -1,15 +1,22 @@
-"""A bound on the small fragments of a table, kept by compaction (long ingests and `optimize`).
+"""Bounds on the fragments of a table, kept by compaction (long ingests and `optimize`).
 
 Every Lance commit reads and rewrites the table's manifest, which lists every fragment, and every
 reader that opens the table reads it: measured (bench/growth.py) a commit's cost grows with the
-fragments already there, so a run that appends many small fragments pays a quadratic total.
-`bound_fragments` keeps at most `max_fragments` fragments smaller than a full-size fragment
-(`base_rows`: ~256 MiB of the table's rows) in a table: past the bound it merges every fragment
-smaller than that into full-size ones. A full-size fragment is never rewritten during a run: a
-row is rewritten about once (when it arrived in a small fragment), not once per tier as a
-bound on all fragments would need. Measured and simulated (bench/growth.py): a bound of 256 on
-all fragments rewrote each row 2.7 times over a 1.28B-row run (~57 h of serial rewriting here)
-to save commits ~0.4 h; full-size fragments, never rewritten, cost a commit ~20 µs each.
+fragments already there, so a run that appends fragments without end pays a quadratic total.
+Rewriting rows costs too, so `merge_target` keeps two bounds that rewrite as little as they can:
+
+* at most `max_fragments` (256) fragments smaller than a full-size one (`base_rows`: ~256 MiB of
+  the table's rows): past it, those merge into full-size fragments. A run of small commits, or a
+  Ray run (a data file per source unit), rewrites each row about once for this.
+* at most `max_total` (2,048) fragments in all: past it, every fragment under T = base·4^k merges
+  into fragments of T rows, T the smallest that halves the count. Rows climb a size tier at a
+  time, but only in tables past ~2,048 full-size fragments (~130M rows of 512-d vectors, more with
+  100k-row commits), so a commit never pays for more than 2,048 fragments.
+
+Measured and simulated (bench/growth.py): a single bound of 256 on all fragments rewrote each row
+1.4 times over a 128M-row run (as long as the ingest itself on two cores) and 2.7 times over
+1.28B; with these bounds a 128M-row run of 100k-row commits rewrites nothing. The Ray engine
+rewrites a compaction's tasks on its workers (engines.ingest), so only the commit is serial.
 
 A compaction is a Lance version that changes no row. It runs under the writer lock and, like
 every commit, becomes what readers see only by the catalog transaction that moves
@@ -30,7 +37,9 @@ from clipsql.store.ledger import commit_versions, committed_versions
 from clipsql.store.store import Store
 
 FRAGMENT_BYTES = 256 << 20       # a full-size fragment: ~this many bytes
-MAX_FRAGMENTS = 256              # the default bound on small fragments per table (≈ 10 ms a commit, measured)
+MAX_FRAGMENTS = 256              # the default bound on small fragments per table
+MAX_TOTAL_FRAGMENTS = 2048       # and on all of a table's fragments (a commit's cost is bounded by it)
+TIER = 4                         # past MAX_TOTAL_FRAGMENTS, each size tier holds this many times the rows of the one below
 
 
 def base_rows(ds: Any, rows: list[int]) -> int:
@@ -46,10 +55,19 @@ def base_rows(ds: Any, rows: list[int]) -> int:
     return int(min(1 << 20, max(1 << 16, FRAGMENT_BYTES // per_row)))
 
 
-def merge_target(rows: list[int], max_fragments: int, base: int) -> int | None:
-    """`base` when more than `max_fragments` of the fragments (`rows`: their row counts) are
-    smaller than a full-size fragment of `base` rows, so that merging them into fragments of
-    `base` rows brings the table back under the bound; None within it."""
+def merge_target(rows: list[int], max_fragments: int, base: int, max_total: int | None = None) -> int | None:
+    """The row count T to merge every fragment under into fragments of T rows (`rows`: the
+    fragments' row counts), or None within both bounds: past `max_total` fragments in all, the
+    smallest T = base·4^k that halves the count; else past `max_fragments` fragments smaller than
+    a full-size one of `base` rows, `base`."""
+    max_total = MAX_TOTAL_FRAGMENTS if max_total is None else max_total
+    if len(rows) > max_total:
+        goal, target = max(1, max_total // 2), base
+        while True:
+            small = [r for r in rows if r < target]
+            if len(rows) - len(small) + -(-sum(small) // target) <= goal or target > sum(rows):
+                return target
+            target *= TIER
     return base if sum(1 for r in rows if r < base) > max_fragments else None
 
 

@@ -534,8 +534,8 @@ def _unreadable_fit(st: Store, fit_id: int) -> str | None:
         return str(e).split(": run `")[0]
     if row is None:
         return None
-    lacks = [k for k in (*ARRAY_KEYS, "X_ref_raw", "Y_ref_raw") if k not in row["arrays"]]
-    if lacks or not isinstance(row["options"], dict):
+    lacks = [k for k in (*ARRAY_KEYS, "X_ref_raw", "Y_ref_raw") if k not in row.arrays]
+    if lacks or not isinstance(row.options, dict):
         return f"fit #{fit_id} lacks {', '.join(lacks) or 'its options'}"
     return None
 
@@ -557,7 +557,7 @@ def _drop_fit(st: Store, fit_id: int, model_id: str) -> str:
         if n:
             used = f"; {n} stored score rows were computed with it and are stale: re-run `clipsql score`"
     after = latest_fit(st, rec, with_arrays=False) if rec is not None else None
-    now = (f"; scores of {model_id} now use the older fit #{after['fit_id']}: refit with `clipsql stats fit "
+    now = (f"; scores of {model_id} now use the older fit #{after.fit_id}: refit with `clipsql stats fit "
            f"{st.path} --model {model_id}`" if after is not None else
            f"; {model_id} has no fit now: refit with `clipsql stats fit {st.path} --model {model_id}`")
     return "dropped" + used + now

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import sqlalchemy as sa
@@ -14,6 +15,27 @@ from clipsql.errors import CatalogDamaged
 from clipsql.store import catalog as cat
 from clipsql.store.records import ModelRecord
 from clipsql.store.store import Store
+
+
+@dataclass(frozen=True)
+class FitRow:
+    """One fit's catalog row (`fits`): what it was fitted on and with, and, when asked for, its
+    arrays (means, covariances, factors, priors; with the reference sample's `X_ref_raw`,
+    `Y_ref_raw`, `ref_ids` merged in when that was asked for too)."""
+    fit_id: int
+    model_id: str
+    created_at: float
+    n_rows: int                  # rows of the model when fitted
+    covered_seq: int             # the write batch its statistics covered
+    reference_size: int          # M, the reference sample's rows
+    options: dict                # seed, scale, a, b, prior, own pair, negCLIPLoss batches, …
+    arrays: dict | None = None   # name → numpy array (None: not read)
+
+    @classmethod
+    def from_row(cls, m: Mapping[str, Any], options: dict, arrays: dict | None = None) -> "FitRow":
+        return cls(fit_id=int(m["fit_id"]), model_id=m["model_id"], created_at=float(m["created_at"]),
+                   n_rows=int(m["n_rows"]), covered_seq=int(m["covered_seq"]),
+                   reference_size=int(m["reference_size"]), options=options, arrays=arrays)
 
 
 def save_fit(st: Store, model: ModelRecord, *, n_rows: int, covered_seq: int, reference_size: int,
@@ -40,7 +62,7 @@ def stale_fit_reason(st: Store, fit_id: int) -> str | None:
 
 
 def latest_fit(st: Store, model: ModelRecord, with_arrays: bool = True, with_reference: bool = False,
-               recipe: str | None = None, where: Callable[[dict], bool] | None = None) -> dict | None:
+               recipe: str | None = None, where: Callable[[dict], bool] | None = None) -> FitRow | None:
     """The newest default fit's catalog row (fits made for a recipe excluded) or, with `recipe`,
     the newest fit made for that recipe whose options satisfy `where`; `arrays` (and the
     reference sample merged into them) on request."""
@@ -57,7 +79,7 @@ def latest_fit(st: Store, model: ModelRecord, with_arrays: bool = True, with_ref
     return None if fit_id is None else get_fit(st, fit_id, with_arrays, with_reference)
 
 
-def get_fit(st: Store, fit_id: int, with_arrays: bool = True, with_reference: bool = False) -> dict | None:
+def get_fit(st: Store, fit_id: int, with_arrays: bool = True, with_reference: bool = False) -> FitRow | None:
     """One fit's catalog row by id (None if there is none); arrays and reference as in `latest_fit`."""
     cols = [c for c in cat.fits.c if with_arrays or c.name != "arrays"]
     with st.engine.connect() as conn:
@@ -66,20 +88,26 @@ def get_fit(st: Store, fit_id: int, with_arrays: bool = True, with_reference: bo
             return None
         out = dict(row._mapping)
         what = f"fit #{fit_id} of model {out['model_id']}"
+        arrays = None
         try:
             if with_arrays:
-                out["arrays"] = cat.unpack_many(out["arrays"], what)
+                arrays = cat.unpack_many(out["arrays"], what)
                 if with_reference:
                     blob = conn.execute(sa.select(cat.fit_references.c.arrays).where(
                         cat.fit_references.c.fit_id == out["fit_id"])).scalar()
                     if blob is None:
                         raise CatalogDamaged(f"{what} has lost its reference sample")
-                    out["arrays"].update(cat.unpack_many(blob, f"the reference sample of {what}"))
-            try:
-                out["options"] = json.loads(out["options"])
-            except (TypeError, ValueError, UnicodeDecodeError) as e:
-                raise cat.damaged_value(f"the options of {what}", e) from None
+                    arrays.update(cat.unpack_many(blob, f"the reference sample of {what}"))
+            options = parse_options(out["options"], what)
         except CatalogDamaged as e:
             raise CatalogDamaged(f"{e}: run `clipsql doctor {st.path} --repair` (drops it), then refit with "
                                  f"`clipsql stats fit {st.path} --model {out['model_id']}`") from None
-    return out
+    return FitRow.from_row(out, options, arrays)
+
+
+def parse_options(text: Any, what: str) -> dict:
+    """A fit's `options` JSON, or CatalogDamaged saying whose."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, UnicodeDecodeError) as e:
+        raise cat.damaged_value(f"the options of {what}", e) from None

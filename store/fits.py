@@ -20,7 +20,7 @@ from clipsql.errors import StatsError
 from clipsql.kernels import scores
 from clipsql.kernels.arrays import to_numpy
 from clipsql.store.faults import fault
-from clipsql.store.fit_rows import latest_fit, save_fit, stale_fit_reason
+from clipsql.store.fit_rows import FitRow, latest_fit, save_fit, stale_fit_reason
 from clipsql.store.reads import count_rows
 from clipsql.store.records import ModelRecord
 from clipsql.store.stats import sync_stats
@@ -161,7 +161,7 @@ def _neg_clip_overrides(given: dict[str, Any] | None, m: int) -> dict[str, Any]:
     return out
 
 
-def load_fit(st: Store, rec: ModelRecord, reference: bool = True, row: dict | None = None) -> tuple[scores.Fit, dict]:
+def load_fit(st: Store, rec: ModelRecord, reference: bool = True, row: FitRow | None = None) -> tuple[scores.Fit, FitRow]:
     """The latest fit of a model (or the fit of `row`, a `latest_fit` row with arrays and reference)
     as a `scores.Fit` (+ its catalog row); StatsError naming the fix if none.
 
@@ -171,7 +171,7 @@ def load_fit(st: Store, rec: ModelRecord, reference: bool = True, row: dict | No
     row = row if row is not None else latest_fit(st, rec, with_reference=reference)
     if row is None:
         raise no_fit_error(rec)
-    arr, opts = row["arrays"], row["options"]
+    arr, opts = row.arrays, row.options
     if reference:
         Xh, _ = scores.normalize(arr["X_ref_raw"])
         Yh, _ = scores.normalize(arr["Y_ref_raw"])
@@ -192,26 +192,26 @@ def stale_share(st: Store) -> float:
     return float(v) if v is not None else DEFAULT_STALE_SHARE
 
 
-def staleness(st: Store, rec: ModelRecord, fit: dict | None = None) -> str | None:
+def staleness(st: Store, rec: ModelRecord, fit: FitRow | None = None) -> str | None:
     """A sentence when the latest fit (or the fit row `fit`) is stale or predates more than the
     stated share of the rows, else None."""
     fit = fit if fit is not None else latest_fit(st, rec, with_arrays=False)
     if fit is None:
         return None
-    return stale_message(rec, fit, stale_fit_reason(st, int(fit["fit_id"])), count_rows(st, rec), stale_share(st))
+    return stale_message(rec, fit, stale_fit_reason(st, int(fit.fit_id)), count_rows(st, rec), stale_share(st))
 
 
-def stale_message(rec: ModelRecord, fit: dict, reason: str | None, rows: int, share: float) -> str | None:
+def stale_message(rec: ModelRecord, fit: FitRow, reason: str | None, rows: int, share: float) -> str | None:
     """`staleness` from what it reads: the fit row, why it was marked stale (or None), the model's
     rows and the stated share."""
-    if reason is None and rec.kind == "siglip" and "approx_metric" not in fit["options"]:
+    if reason is None and rec.kind == "siglip" and "approx_metric" not in fit.options:
         reason = "the SigLIP approximation's metric was corrected (the (1 − σ)-scaled Fisher metric)"
     if reason is not None:
-        return (f"the fit of {rec.model_id} (#{fit['fit_id']}) is stale: {reason} since it was computed; "
+        return (f"the fit of {rec.model_id} (#{fit.fit_id}) is stale: {reason} since it was computed; "
                 "re-run `clipsql stats fit`")
-    added = rows - int(fit["n_rows"])
+    added = rows - int(fit.n_rows)
     if rows and added > 0 and added / rows > share:
-        return (f"the fit of {rec.model_id} (#{fit['fit_id']}) predates {added} of {rows} rows "
+        return (f"the fit of {rec.model_id} (#{fit.fit_id}) predates {added} of {rows} rows "
                 f"({100 * added / rows:.0f}% > {100 * share:.0f}%): new rows still score against the "
                 f"fixed reference, but re-run `clipsql stats fit` to refresh priors and covariances")
     return None

@@ -157,8 +157,8 @@ def optimize(st: Store, *, compact: bool = True, index: bool = True, prune: bool
     """Compact, index and prune every table of the store; returns a report per table.
     `vector_index=False` leaves the vector indexes of `clipsql index` as they are (their refresh
     can take minutes) and reports the rows each does not cover as `vector_index_stale`.
-    Compaction also brings a table of more than `max_fragments` small fragments back under that
-    bound (store.compaction: small fragments merge into full-size ones, never rewritten again)."""
+    Compaction also brings a table of more than `max_fragments` small fragments (or of more than
+    2,048 in all) back under the bounds (store.compaction, which says how little it rewrites)."""
     if locked:
         return _optimize(st, compact, index, prune, retention_hours, vector_index, max_fragments)
     with st.lock():

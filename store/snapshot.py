@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from clipsql.errors import CatalogDamaged, StatsError
 from clipsql.store import catalog as cat
-from clipsql.store.fit_rows import get_fit
+from clipsql.store.fit_rows import FitRow, get_fit
 from clipsql.store.fits import DEFAULT_STALE_SHARE, stale_message
 from clipsql.store.records import ModelRecord, pick_model
 from clipsql.store.stats import StatsState, load_stats_in
@@ -98,11 +98,10 @@ class Snapshot:
             recipe = sa.select(cat.recipe_fits.c.fit_id)
             for row in conn.execute(sa.select(*cols).where(cat.fits.c.fit_id.not_in(recipe))
                                     .order_by(cat.fits.c.fit_id.desc())):
-                fit = dict(row._mapping)
-                if fit["model_id"] in snap.fits or fit["model_id"] not in {m.model_id for m in snap.models}:
+                m = row._mapping
+                if m["model_id"] in snap.fits or m["model_id"] not in {r.model_id for r in snap.models}:
                     continue
-                fit["options"] = json.loads(fit["options"])
-                snap.fits[fit["model_id"]] = fit
+                snap.fits[m["model_id"]] = FitRow.from_row(m, json.loads(m["options"]))
             snap.stale = dict(conn.execute(sa.select(cat.stale_fits.c.fit_id, cat.stale_fits.c.reason)).all())
             for r in conn.execute(sa.select(cat.targets)):
                 try:
@@ -151,17 +150,17 @@ class Snapshot:
             return self._rows[rec.model_id]
 
     # -- fits --------------------------------------------------------------------------------------
-    def fit(self, rec: ModelRecord) -> dict | None:
+    def fit(self, rec: ModelRecord) -> FitRow | None:
         """The model's latest default fit as of the snapshot (its catalog row, without arrays)."""
         self._need_models()
         return self.fits.get(rec.model_id)
 
-    def fit_with_arrays(self, rec: ModelRecord, reference: bool = True) -> dict | None:
+    def fit_with_arrays(self, rec: ModelRecord, reference: bool = True) -> FitRow | None:
         """The snapshot's fit of `rec` with its arrays (and reference sample), read by fit id."""
         row = self.fit(rec)
         if row is None:
             return None
-        key = (int(row["fit_id"]), reference)
+        key = (int(row.fit_id), reference)
         with self._lock:
             if key not in self._fit_arrays:
                 full = get_fit(self.store, key[0], with_arrays=True, with_reference=reference)
@@ -170,12 +169,12 @@ class Snapshot:
                 self._fit_arrays[key] = full
             return self._fit_arrays[key]
 
-    def staleness(self, rec: ModelRecord, fit: dict | None = None) -> str | None:
+    def staleness(self, rec: ModelRecord, fit: FitRow | None = None) -> str | None:
         """Why the model's fit (or `fit`) is stale, as `store.fits.staleness` says it, from this snapshot."""
         fit = fit if fit is not None else self.fit(rec)
         if fit is None:
             return None
-        return stale_message(rec, fit, self.stale.get(int(fit["fit_id"])), self.rows(rec), self.stale_share)
+        return stale_message(rec, fit, self.stale.get(int(fit.fit_id)), self.rows(rec), self.stale_share)
 
 
 def raise_fit_gone(st: Store, rec: ModelRecord, fit_id: int) -> None:

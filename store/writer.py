@@ -32,7 +32,7 @@ from clipsql.errors import DimensionMismatch
 from clipsql.kernels.arrays import as_stored, fixed_list
 from clipsql.kernels.moments import fold_pair
 from clipsql.lazy import lance_fragment
-from clipsql.store.compaction import MAX_FRAGMENTS, TaskRunner, bound_fragments
+from clipsql.store.compaction import MAX_FRAGMENTS, MAX_TOTAL_FRAGMENTS, TaskRunner, bound_fragments
 from clipsql.store import ledger
 from clipsql.store.faults import fault
 from clipsql.store.ledger import PendingCommit, merge_sql_types
@@ -308,7 +308,8 @@ class Writer:
             self.commits += 1
         opened = {name: self.store.dataset(name) for name in (SAMPLES, self.model.table_name)}
         bound = self.policy.max_fragments
-        if bound and commit_id is not None and any(len(ds.get_fragments()) > bound for ds in opened.values()):
+        if bound and commit_id is not None and \
+                any(len(ds.get_fragments()) > min(bound, MAX_TOTAL_FRAGMENTS) for ds in opened.values()):
             for name, info in bound_fragments(self.store, list(opened), bound, self.compact_tasks).items():
                 self.compactions.append({"table": name, **info})
             opened = {}

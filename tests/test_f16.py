@@ -109,9 +109,9 @@ def test_statistics_and_fit_are_those_of_the_stored_vectors(stores):
     ids, X, Y = raw_vectors(st)
     f, row = load_fit(st, st.model())
     where = {i: j for j, i in enumerate(ids)}
-    ref = [where[i] for i in row["arrays"]["ref_ids"].tolist()]
-    np.testing.assert_array_equal(row["arrays"]["X_ref_raw"].astype(np.float64), X[ref].astype(np.float64))
-    np.testing.assert_array_equal(row["arrays"]["Y_ref_raw"].astype(np.float64), Y[ref].astype(np.float64))
+    ref = [where[i] for i in row.arrays["ref_ids"].tolist()]
+    np.testing.assert_array_equal(row.arrays["X_ref_raw"].astype(np.float64), X[ref].astype(np.float64))
+    np.testing.assert_array_equal(row.arrays["Y_ref_raw"].astype(np.float64), Y[ref].astype(np.float64))
     for R, V in ((f.X_ref, X[ref]), (f.Y_ref, Y[ref])):       # the fit's unit rows
         V = V.astype(np.float64)
         np.testing.assert_allclose(R, V / np.sqrt((V * V).sum(axis=1))[:, None], rtol=1e-12, atol=1e-15)
@@ -166,10 +166,10 @@ def test_scores_equal_float64_brute_force_of_the_stored_vectors(stores):
     X, Y = X16.astype(np.float64), Y16.astype(np.float64)
     Xh, Yh = unit(X), unit(Y)
     _, row = load_fit(st, st.model())
-    n, a = len(X), row["options"]["a"]
-    assert row["options"]["prior"] == "posterior-mean" and row["options"]["kind"] == "clip"
+    n, a = len(X), row.options["a"]
+    assert row.options["prior"] == "posterior-mean" and row.options["kind"] == "clip"
     where = {i: j for j, i in enumerate(ids)}
-    ref = np.array([where[i] for i in row["arrays"]["ref_ids"].tolist()])
+    ref = np.array([where[i] for i in row.arrays["ref_ids"].tolist()])
     own = np.full(n, -1)
     own[ref] = np.arange(len(ref))
     exact = {

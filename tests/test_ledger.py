@@ -416,17 +416,21 @@ def test_a_table_directory_without_a_version_is_no_table(pool, tmp_path, fake):
     assert doctor(st.path).consistent, doctor(st.path).to_dict()
 
 
-def test_compaction_merges_small_fragments_and_never_rewrites_full_size_ones():
-    """The bound counts fragments smaller than a full-size one (`base` rows): past it, those merge
-    into full-size fragments; a table of any number of full-size fragments is left as it is, so
-    a row is rewritten about once over a run, however long (not once per size tier)."""
+def test_compaction_bounds_small_fragments_and_all_fragments_rewriting_little():
+    """Two bounds: past `max_fragments` fragments smaller than a full-size one (`base` rows), those
+    merge into full-size fragments; full-size ones are left as they are until the table holds
+    more than `max_total` fragments in all, then they merge by size tiers (×4), halving the count.
+    So a commit never pays for more than `max_total` fragments, and a row is rewritten about once
+    while the table is under it, however many commits the run makes."""
     from clipsql.store.compaction import merge_target
     base = 1000
-    assert merge_target([base] * 5000 + [10] * 6, 6, base) is None        # 5,000 full-size: not rewritten
-    assert merge_target([base] * 5000 + [10] * 7, 6, base) == base        # 7 small ones: merged to `base`
-    assert merge_target([2 * base, base - 1] * 4, 3, base) == base
-    # simulated runs of small commits under the rule: rows are rewritten at most twice (the first
-    # merge, and the remainder of a merge once more), whatever the length of the run
+    assert merge_target([base] * 2000 + [10] * 6, 6, base, max_total=2048) is None   # full-size: not rewritten
+    assert merge_target([base] * 2000 + [10] * 7, 6, base, max_total=2048) == base   # 7 small ones: merged
+    assert merge_target([2 * base, base - 1] * 4, 3, base, max_total=2048) == base
+    assert merge_target([base] * 3000, 6, base, max_total=2048) == 4 * base        # past the total: a tier up
+    assert merge_target([base] * 3000 + [16 * base] * 10, 6, base, max_total=2048) == 4 * base
+    # simulated runs of small commits under the default total bound: rows are rewritten at most
+    # twice (the first merge, and the remainder of a merge once more), whatever the run's length
 
     def rewrites(commits: int) -> float:
         frags, rewritten = [], 0
@@ -440,5 +444,5 @@ def test_compaction_merges_small_fragments_and_never_rewrites_full_size_ones():
                     + ([small % target] if small % target else [])
         assert sum(1 for r in frags if r < base) <= 6
         return rewritten / (commits * 100)
-    short, long = rewrites(300), rewrites(30_000)
+    short, long = rewrites(300), rewrites(18_000)        # 18k commits: 1,800 full-size fragments, under 2,048
     assert short <= 2 and long <= 2 and abs(long - short) < 0.1

@@ -127,7 +127,7 @@ def test_every_sql_function_equals_numpy_from_the_definitions(scored_store):
     Xh, Yh = unit(X), unit(Y)
     n = len(X)
     # a reference row (its id among the fit's ref_ids) leaves its own pair out (docs/science.md §1)
-    where = {r: j for j, r in enumerate(row["arrays"]["ref_ids"].tolist())}
+    where = {r: j for j, r in enumerate(row.arrays["ref_ids"].tolist())}
     ref = np.array([where.get(i, -1) for i in ids])
     assert (ref >= 0).sum() == 250
     expected = {
@@ -259,7 +259,7 @@ def test_fit_is_deterministic_and_versioned(scored_store):
     fa, ra = load_fit(st, st.model())
     rows = latest_fit(st, st.model())
     assert b.fit_id == a.fit_id + 1 == c.fit_id - 1
-    assert rows["options"]["seed"] == 12 and rows["options"]["data_version"] >= 1
+    assert rows.options["seed"] == 12 and rows.options["data_version"] >= 1
     from clipsql.store import catalog as cat
     import sqlalchemy as sa
     ids = [a.fit_id, b.fit_id, c.fit_id]
@@ -286,7 +286,7 @@ def test_approximation_tracks_exact_kl(scored_store):
     M = 250 that the approximation, fitted on the whole reference, does not follow (R² over every
     row 0.979 for text, 0.985 with the own pairs kept in)."""
     con = queries.connect(scored_store)
-    ref_ids = set(latest_fit(scored_store, scored_store.model(), with_reference=True)["arrays"]["ref_ids"].tolist())
+    ref_ids = set(latest_fit(scored_store, scored_store.model(), with_reference=True).arrays["ref_ids"].tolist())
     for m in ("image", "text"):
         rows = fetch(con, f"SELECT id, {m}_info_gain, {m}_info_gain_approx FROM scores")
         outside = np.array([r[0] not in ref_ids for r in rows])
@@ -502,7 +502,7 @@ def test_two_models_never_score_with_the_wrong_fit(tmp_path, tiny_model, tiny_si
     for m in (clip, sig):
         tbl = read_embeddings(st, m).sort_by("id")
         f, row = load_fit(st, m)
-        where = {r: j for j, r in enumerate(row["arrays"]["ref_ids"].tolist())}
+        where = {r: j for j, r in enumerate(row.arrays["ref_ids"].tolist())}
         ref = np.array([where.get(i, -1) for i in tbl.column("id").to_pylist()])     # own pairs out (§1)
         want_ig = numpy_info_gain(to_numpy(tbl.column("image_embedding")), f, "image", ref=ref)
         want_ap = numpy_info_gain_approx(to_numpy(tbl.column("text_embedding")), f, "text")

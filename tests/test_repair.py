@@ -195,7 +195,7 @@ def test_damaged_catalog_blobs_are_found_dropped_or_rebuilt_and_readers_say_so_i
     cli("target", "add", path, "t", "--query", "SELECT image_embedding FROM embeddings LIMIT 50")
     cli("score", path, "--columns", "image_info_gain")
     st = Store.open(store.path)
-    fit = latest_fit(st, st.model(), with_arrays=False)["fit_id"]
+    fit = latest_fit(st, st.model(), with_arrays=False).fit_id
     before = cli("query", path, "SELECT round(norm_sim_2(image_embedding, 't'), 9) FROM embeddings ORDER BY id "
                  "LIMIT 5", "--format", "csv").stdout
     flip_blob(st, "fits", "arrays", f"fit_id = {fit}")

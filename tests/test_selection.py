@@ -76,7 +76,7 @@ def lse(z):
 
 
 def reference(st):
-    arr = latest_fit(st, st.model(), with_reference=True)["arrays"]
+    arr = latest_fit(st, st.model(), with_reference=True).arrays
     return list(arr["ref_ids"]), unit(arr["X_ref_raw"]), unit(arr["Y_ref_raw"])
 
 
@@ -133,7 +133,7 @@ def test_neg_clip_loss_whole_reference_is_exact(sel_store):
     ids, X, Y = stored(sel_store)
     ref_ids, Xr, Yr = reference(sel_store)
     pos = {r: j for j, r in enumerate(ref_ids)}
-    assert latest_fit(sel_store, sel_store.model(), with_arrays=False)["options"]["neg_clip"]["batch_size"] == M + 1
+    assert latest_fit(sel_store, sel_store.model(), with_arrays=False).options["neg_clip"]["batch_size"] == M + 1
     con = queries.connect(sel_store)
     got = np.array([r[0] for r in fetch(con, "SELECT neg_clip_loss(image_embedding, text_embedding) "
                                              "FROM embeddings ORDER BY id")])
@@ -459,13 +459,13 @@ def test_kl_guided_is_the_papers_selection_on_its_own_fit(sel_store, tmp_path):
     rec = st.model()
     made = side.recipe_fit
     assert made.made and made.prior == "uniform" and made.a == pytest.approx(rec.logit_scale)
-    assert made.seed == 3 and made.fit_id != default_before["fit_id"]
-    assert latest_fit(st, rec, with_arrays=False)["fit_id"] == default_before["fit_id"]   # scores view unchanged
+    assert made.seed == 3 and made.fit_id != default_before.fit_id
+    assert latest_fit(st, rec, with_arrays=False).fit_id == default_before.fit_id   # scores view unchanged
     assert side.statistics["fit_id"] == made.fit_id and side.statistics["recipe"] == "kl-guided"
     ids, _, Y = stored(st)
-    ref = get_fit(st, made.fit_id, with_reference=True)["arrays"]
+    ref = get_fit(st, made.fit_id, with_reference=True).arrays
     # the recipe's reference sample is the default fit's rows (same seed and size)
-    assert list(ref["ref_ids"]) == list(latest_fit(st, rec, with_reference=True)["arrays"]["ref_ids"])
+    assert list(ref["ref_ids"]) == list(latest_fit(st, rec, with_reference=True).arrays["ref_ids"])
     want, kl = paper_kl_guided(list(ids), Y, ref["ref_ids"], ref["X_ref_raw"], rec.logit_scale, 0.25)
     tbl = pq.read_table(out)
     got = tbl.column("id").to_pylist()
@@ -554,13 +554,13 @@ def test_reference_rows_leave_their_own_pair_out_in_sql_stored_scores_and_kl_gui
     shares = {}
     for incl in (False, True):
         side = select(st, recipe="kl-guided", reference_size=75, include_own_pair=incl, output=tmp_path / f"{incl}.txt")
-        ref_ids = set(get_fit(st, side.recipe_fit.fit_id, with_reference=True)["arrays"]["ref_ids"].tolist())
+        ref_ids = set(get_fit(st, side.recipe_fit.fit_id, with_reference=True).arrays["ref_ids"].tolist())
         chosen = (tmp_path / f"{incl}.txt").read_text().split()
         shares[incl] = sum(i in ref_ids for i in chosen) / len(chosen)
     assert 0.12 < shares[False] < 0.38 and shares[True] > 0.7, shares
     # the authors' behaviour for the scores view is an explicit, recorded fit option
     fit_stats(st, reference_size=n, scale="model", prior="uniform", own_pair="include")
-    assert latest_fit(st, st.model(), with_arrays=False)["options"]["own_pair"] == "include"
+    assert latest_fit(st, st.model(), with_arrays=False).options["own_pair"] == "include"
     kept_in = np.array(fetch(queries.connect(st), "SELECT text_info_gain FROM scores ORDER BY id"))[:, 0]
     assert np.mean(np.abs(kept_in - np.log(n)) < 1e-2) > 0.9
     with pytest.raises(StatsError, match="`own_pair` must be one of"):
@@ -589,14 +589,14 @@ def test_kl_guided_refuses_without_its_fit_naming_the_command(tmp_path, tiny_mod
     assert r.exit_code == 0 and "for kl-guided" in r.output, r.output
     r = run("select", st.path, "--recipe", "kl-guided", "--no-make-fit", "-o", tmp_path / "x.txt")
     assert r.exit_code == 0 and "selected 30 of 120" in r.output, r.output
-    assert latest_fit(st, st.model(), with_arrays=False)["options"]["prior"] == "posterior-mean"
+    assert latest_fit(st, st.model(), with_arrays=False).options["prior"] == "posterior-mean"
     # a default fit that already has the recipe's settings is used as it is
     fit_stats(st, reference_size=50, seed=9, scale="model", prior="uniform")
     side = select(st, recipe="kl-guided", make_fit=False, output=tmp_path / "y.txt")
     assert side.recipe_fit.fit == "default fit"
     assert (tmp_path / "x.txt").read_text() == (tmp_path / "y.txt").read_text()
     r = run("stats", "fit", st.path, "--reference-size", 50, "--include-own-pair")
-    assert r.exit_code == 0 and latest_fit(st, st.model(), with_arrays=False)["options"]["own_pair"] == "include"
+    assert r.exit_code == 0 and latest_fit(st, st.model(), with_arrays=False).options["own_pair"] == "include"
 
 
 def test_negclip_normsim_recipe_and_determinism(sel_store, tmp_path):

@@ -125,7 +125,7 @@ def _age_drops(st, hours):
 def test_a_killed_models_rm_is_swept_by_the_next_writer_after_the_retention(two_model_store):
     st, a, b = two_model_store
     table = st.model(b).table_name
-    fit_b = latest_fit(st, st.model(b), with_arrays=False)["fit_id"]
+    fit_b = latest_fit(st, st.model(b), with_arrays=False).fit_id
     held = connect(st)
     p = cli("models", "rm", st.path, b, env={"CLIPSQL_FAULT": "models-rm:after-catalog"}, check=False)
     assert p.returncode == -9

@@ -20,6 +20,7 @@ model's semantic-dedup columns and its stored scores): fractions are of that poo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -117,7 +118,7 @@ def _kl_guided_choice(st: Store, rec: ModelRecord, seed: int | None,
     """(the current fit row the recipe would run on or None, which fit, seed, reference size, settings)."""
     want = kl_guided_settings(rec)
     default = latest_fit(st, rec, with_arrays=False)
-    d_opts = default["options"] if default else {}
+    d_opts = default.options if default else {}
     seed = int(seed if seed is not None else d_opts.get("seed", 0))
     size = int(reference_size or d_opts.get("requested_reference_size") or DEFAULT_REFERENCE_SIZE)
 
@@ -125,7 +126,7 @@ def _kl_guided_choice(st: Store, rec: ModelRecord, seed: int | None,
         """Not stale (fit.staleness), and drawn with the asked seed and reference size."""
         if row is None or staleness(st, rec, row) is not None:
             return False
-        o = row["options"]
+        o = row.options
         return int(o.get("seed", 0)) == seed and (reference_size is None or o.get("requested_reference_size") == size)
 
     if default is not None and _has_settings(d_opts, want) and current(default):
@@ -148,7 +149,7 @@ def kl_guided_fit(st: Store, rec: ModelRecord, *, make: bool, seed: int | None,
     """((scores.Fit, row), how): the fit the recipe runs on, made if needed (see the module doc)."""
     row, how, seed, size, want = _kl_guided_choice(st, rec, seed, reference_size)
     if row is not None:
-        return load_fit(st, rec, row=get_fit(st, int(row["fit_id"]), with_reference=True)), {"fit": how, "made": False}
+        return load_fit(st, rec, row=get_fit(st, int(row.fit_id), with_reference=True)), {"fit": how, "made": False}
     command = (f"clipsql stats fit STORE --model {rec.model_id} --for-recipe {KL_GUIDED} "
                f"--reference-size {size} --seed {seed}")
     if not make or st.read_only:
@@ -168,12 +169,12 @@ def kl_guided(pool: Pool, count: int | None, *, make_fit: bool, seed: int | None
     fit, how = kl_guided_fit(pool.st, pool.rec, make=make_fit, seed=seed, reference_size=reference_size)
     f, row = fit
     own_pair = "include" if include_own_pair else "exclude"
-    row = {**row, "options": {**row["options"], "own_pair": own_pair}}
+    row = dataclasses.replace(row, options={**row.options, "own_pair": own_pair})
     tbl = pool.score(["text_info_gain"], (f, row))
     chosen, nulls = top(tbl, "text_info_gain", count)
-    o = row["options"]
-    extra = {"recipe_fit": {**how, "fit_id": row["fit_id"], "a": f.a, "b": f.b, "prior": f.prior,
-                            "seed": o.get("seed"), "reference_size": row["reference_size"],
+    o = row.options
+    extra = {"recipe_fit": {**how, "fit_id": row.fit_id, "a": f.a, "b": f.b, "prior": f.prior,
+                            "seed": o.get("seed"), "reference_size": row.reference_size,
                             "data_version": o.get("data_version"), "settings": kl_guided_settings(pool.rec),
                             "own_pair": own_pair}}
     return chosen, {"null_scores": nulls}, extra

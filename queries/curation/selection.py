@@ -613,9 +613,9 @@ def _fit_info(st: Store, rec: ModelRecord, fit_id: int | None = None) -> dict | 
     fit = get_fit(st, fit_id, with_arrays=False) if fit_id is not None else latest_fit(st, rec, with_arrays=False)
     if fit is None:
         return None
-    o = fit["options"]
-    return {"fit_id": fit["fit_id"], "created_at": fit["created_at"], "n_rows": fit["n_rows"],
-            "reference_size": fit["reference_size"], "data_version": o.get("data_version"), "seed": o.get("seed"),
+    o = fit.options
+    return {"fit_id": fit.fit_id, "created_at": fit.created_at, "n_rows": fit.n_rows,
+            "reference_size": fit.reference_size, "data_version": o.get("data_version"), "seed": o.get("seed"),
             "a": o.get("a"), "b": o.get("b"), "prior": o.get("prior"), "scale": o.get("scale"),
             "neg_clip": o.get("neg_clip"), "recipe": o.get("recipe")}
 

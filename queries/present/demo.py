@@ -90,7 +90,7 @@ def run_demo(store_path: str | Path = "clipsql-demo-store", rows: int = DEMO_ROW
     t = time.perf_counter()
     rec = st.model("clipsql-demo")
     fit = latest_fit(st, rec, with_arrays=False)
-    if fit is None or fit["n_rows"] != count_rows(st, rec):
+    if fit is None or fit.n_rows != count_rows(st, rec):
         f = fit_stats(st, rec.model_id, reference_size=10_000, seed=0)
         echo(f"stats fit: reference M={f.reference_size} (scale a=1, posterior-mean prior) in {f.seconds:.2f}s")
     res.seconds["fit"] = time.perf_counter() - t

@@ -109,9 +109,9 @@ def stats_report(st: Store, model: str | None = None, top: int = 5) -> StatsRepo
             mean=[float(x) for x in mean])
     fit = snap.fit(rec)
     if fit is not None:
-        share = (rows - fit["n_rows"]) / rows if rows else 0.0
-        report.fit = StatsFitInfo(fit_id=fit["fit_id"], n_rows=fit["n_rows"], reference_size=fit["reference_size"],
-                                  options=fit["options"], rows_added_since=rows - fit["n_rows"],
+        share = (rows - fit.n_rows) / rows if rows else 0.0
+        report.fit = StatsFitInfo(fit_id=fit.fit_id, n_rows=fit.n_rows, reference_size=fit.reference_size,
+                                  options=fit.options, rows_added_since=rows - fit.n_rows,
                                   share_added_since=share, stale=snap.staleness(rec) or None)
     return report
 

@@ -45,6 +45,7 @@ from clipsql.models import device as DV
 from clipsql.models.prompts import PromptCache
 from clipsql.queries.sql import specs
 from clipsql.queries.sql.nearest import register_nearest
+from clipsql.store.fit_rows import FitRow
 from clipsql.store.fits import load_fit, no_fit_error
 from clipsql.store.records import ModelRecord
 from clipsql.store.snapshot import Snapshot
@@ -67,7 +68,7 @@ class ScoreContext:
         self._lock = threading.RLock()
         self._models: dict[str | None, ModelRecord] = {}
         self._fits: dict[str, scores.Fit] = {}
-        self._fit_rows: dict[str, dict] = {}
+        self._fit_rows: dict[str, FitRow] = {}
         self._light: dict[str, scores.Fit] = {}
         self._forms: dict[tuple, scores.QuadraticForm] = {}
         self._ref_lookup: dict[str, dict[bytes, int]] = {}
@@ -119,7 +120,7 @@ class ScoreContext:
         fit, self._fit_rows[rec.model_id] = load_fit(self.st, rec, row=self._fit_row(rec, True))
         return fit
 
-    def _fit_row(self, rec: ModelRecord, reference: bool) -> dict:
+    def _fit_row(self, rec: ModelRecord, reference: bool) -> FitRow:
         row = self.snap.fit_with_arrays(rec, reference)
         if row is None:
             raise no_fit_error(rec)
@@ -128,7 +129,7 @@ class ScoreContext:
     def fit(self, rec: ModelRecord) -> scores.Fit:
         return self._cached(self._fits, rec.model_id, lambda: self._load_fit(rec))
 
-    def preload_fit(self, model_id: str, fit: scores.Fit, row: dict) -> None:
+    def preload_fit(self, model_id: str, fit: scores.Fit, row: FitRow) -> None:
         """Use this fit (and its catalog row) for `model_id` instead of reading the catalog: a Ray
         task gets the fit the driver broadcast, so every task scores with the same one."""
         with self._lock:
@@ -150,7 +151,7 @@ class ScoreContext:
         return self._cached(self._forms, (rec.model_id, modality, centered),
                             lambda: scores.quadratic_form(self.fit_light(rec), modality, centered))
 
-    def fit_row(self, rec: ModelRecord) -> dict:
+    def fit_row(self, rec: ModelRecord) -> FitRow:
         """The catalog row of the fit `fit(rec)` returns (options, raw reference arrays)."""
         self.fit(rec)
         return self._fit_rows[rec.model_id]
@@ -158,7 +159,7 @@ class ScoreContext:
     def reference_index(self, rec: ModelRecord, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
         """Per row, its index in the reference sample (matched on float32 image+text bytes), else -1."""
         def build() -> dict[bytes, int]:
-            arr = self.fit_row(rec)["arrays"]
+            arr = self.fit_row(rec).arrays
             keys = np.concatenate([arr["X_ref_raw"].astype(np.float32), arr["Y_ref_raw"].astype(np.float32)], 1)
             lookup: dict[bytes, int] = {}
             for j, row in enumerate(keys):
@@ -171,7 +172,7 @@ class ScoreContext:
     def own_pair(self, rec: ModelRecord) -> str:
         """How the fit's Information Gain treats a reference row's own pair (docs/science.md §1):
         "exclude" (the default, and for fits that predate the option) or "include" (the authors')."""
-        return str(self.fit_row(rec)["options"].get("own_pair", scores.OWN_PAIR[0]))
+        return str(self.fit_row(rec).options.get("own_pair", scores.OWN_PAIR[0]))
 
     def reference_positions(self, rec: ModelRecord, ids: Any) -> np.ndarray | None:
         """Per row, its position in the fit's reference sample when its id is one of the sample's
@@ -181,7 +182,7 @@ class ScoreContext:
             return None
 
         def build() -> pa.Array:
-            return pa.array(np.asarray(self.fit_row(rec)["arrays"]["ref_ids"]).astype(str), pa.string())
+            return pa.array(np.asarray(self.fit_row(rec).arrays["ref_ids"]).astype(str), pa.string())
         ref_ids = self._cached(self._ref_ids, rec.model_id, build)
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks()
@@ -354,9 +355,9 @@ def _pair_scored(ctx: ScoreContext, fn: Callable[[np.ndarray, np.ndarray, ModelR
 def _neg_clip_params(ctx: ScoreContext, rec: ModelRecord) -> dict:
     """negCLIPLoss batch options recorded with the fit (defaults for fits that predate them)."""
     row = ctx.fit_row(rec)
-    opts = dict(tau=0.01, batch_size=min(32768, int(row["reference_size"]) + 1), k=10,
-                seed=int(row["options"].get("seed", 0)))
-    opts.update(row["options"].get("neg_clip") or {})
+    opts = dict(tau=0.01, batch_size=min(32768, int(row.reference_size) + 1), k=10,
+                seed=int(row.options.get("seed", 0)))
+    opts.update(row.options.get("neg_clip") or {})
     return opts
 
 

@@ -93,7 +93,7 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
             tbl, params = _pool_columns(st, rec, tbl, fit, neg_clip_loss_pool, norm_sim_d, pool_batch_size, seed,
                                         progress)
         n = tbl.num_rows
-        tbl = tbl.append_column("fit_id", pa.array([fit["fit_id"] if fit else None] * n, pa.int64()))
+        tbl = tbl.append_column("fit_id", pa.array([fit.fit_id if fit else None] * n, pa.int64()))
         now = int(time.time() * 1e6)
         tbl = tbl.append_column("computed_at", pa.array([now] * n, pa.timestamp("us", tz="UTC")))
         if params:
@@ -101,7 +101,7 @@ def materialize_scores(st: Store, columns: list[str], model: str | None = None, 
         fault("score:before-write")
         st.db.create_table(stored_table_name(rec.table_name), data=tbl, mode="overwrite")
     stored = list(columns) + [c for c, on in zip(POOL_COLUMNS, (neg_clip_loss_pool, norm_sim_d)) if on]
-    return ScoreReport(model=rec.model_id, rows=n, columns=stored, fit_id=fit["fit_id"] if fit else None,
+    return ScoreReport(model=rec.model_id, rows=n, columns=stored, fit_id=fit.fit_id if fit else None,
                        seconds=round(time.perf_counter() - t0, 3), params=params)
 
 
@@ -142,7 +142,7 @@ def _pool_columns(st: Store, rec: Any, tbl: pa.Table, fit: dict | None, pool: bo
     if pool:
         opts = {"tau": 0.01, "k": 10, "seed": 0}
         if fit:
-            opts.update({k: v for k, v in (fit["options"].get("neg_clip") or {}).items() if k in opts})
+            opts.update({k: v for k, v in (fit.options.get("neg_clip") or {}).items() if k in opts})
         if seed is not None:
             opts["seed"] = int(seed)
         n_valid = int((scores.normalize(X)[1] & scores.normalize(Y)[1]).sum())
