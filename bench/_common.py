@@ -6,12 +6,14 @@ the best (fastest) repetition of each side is kept.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,15 @@ def cli_stdout(argv: list[str]) -> str:
             if e.code:
                 raise
     return buf.getvalue()
+
+
+@contextlib.contextmanager
+def work_dir(given: str | None) -> Iterator[Path]:
+    """A bench's work directory: `given` (`--tmp`, created, kept) or a temporary one, removed after."""
+    if given is not None:
+        path = Path(given)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="clipsql-bench-") as name:
+        yield Path(name)

@@ -23,8 +23,6 @@ view is read from both. Figures (see bench/README.md):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     from clipsql import queries
     from clipsql.store.fits import fit_stats
 
-    ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)
-    with ctx as tmpname:
-        tmp = Path(tmpname)
-        tmp.mkdir(parents=True, exist_ok=True)
+    with C.work_dir(args.tmp) as tmp:
         print(f"clipsql float16 storage bench: {args.rows} x {args.dim} synthetic rows, M={args.reference_size}, "
               f"fit scale {args.scale}, "
               f"machine {C.machine()}")

@@ -27,10 +27,8 @@ holds on a loaded machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -228,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--real-arch", default="ViT-B-32",
                    help="real-size architecture whose forward (random weights) prices the d=512 stats update; "
                         "'' to skip")
-    p.add_argument("--real-rows", type=int, default=32)
+    p.add_argument("--real-rows", type=int, default=32, help="images the real architecture encodes (0: skip it)")
     p.add_argument("--random-arch", default=None,
                    help="run the pipeline with this open_clip architecture and random weights instead of "
                         "--model (a realistic forward cost without a download), e.g. ViT-B-32")
@@ -240,10 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from clipsql.models import loading as models
 
-    ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)
-    with ctx as tmpname:
-        tmp = Path(tmpname)
-        tmp.mkdir(parents=True, exist_ok=True)
+    with C.work_dir(args.tmp) as tmp:
         t0 = time.perf_counter()
         source = make_data(tmp, args.rows, args.seed)
         gen_s = time.perf_counter() - t0
@@ -318,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         main_stats = base.seconds.get("stats", 0.0)
         bg_stats = base.seconds.get("stats (background)", 0.0)
         real_per_1k = None
-        if args.real_arch:
+        if args.real_arch and args.real_rows > 0:
             real_per_1k = real_clip_encode_seconds_per_1k(args.real_arch, args.device, args.real_rows, 2)
         print()
         stat_rows = [

@@ -34,7 +34,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -305,10 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     from clipsql.kernels.arrays import to_numpy
     from clipsql.store.reads import read_embeddings
 
-    ctx = tempfile.TemporaryDirectory(prefix="clipsql-bench-") if args.tmp is None else contextlib.nullcontext(args.tmp)
-    with ctx as tmpname:
-        tmp = Path(tmpname)
-        tmp.mkdir(parents=True, exist_ok=True)
+    with C.work_dir(args.tmp) as tmp:
         print(f"clipsql scores bench: {args.rows} x {args.dim} synthetic store, M={args.reference_size}, "
               f"{args.repeats} interleaved rounds, machine {C.machine()}")
         st = _reusable(tmp / "store", args)
