@@ -1107,7 +1107,12 @@ def index_cmd(store: str = STORE_ARG,
                                                         "sample) and of the stored vectors the recall is measured "
                                                         "with: the same seed builds the same ivf_hnsw_sq index "
                                                         "(ivf_pq's quantizer is trained by Lance, unseeded)."),
-              fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json")) -> None:
+              fmt: TableFmt = typer.Option(TableFmt.table, "--format", help="table or json"),
+              engine: str = typer.Option("local", help="local (this process) or ray: the seeded IVF "
+                                                        "centroids trained here, then one index segment per "
+                                                        "group of fragments built on the workers and "
+                                                        "committed as one index."),
+              ray_address: Optional[str] = RAY_ADDRESS_OPT) -> None:
     """Build a cosine vector index on a model's vectors and print its recall@10 against exact search.
 
     Partitions ≈ √rows; tables too small for the index are refused (exact search is fast there).
@@ -1116,8 +1121,9 @@ def index_cmd(store: str = STORE_ARG,
     both recalls are recorded in the catalog and used by `nearest(...)` / `clipsql search`. Rows ingested later are
     searched flat until `clipsql optimize` folds them into the index."""
     st = _run(Store.open, store)
+    eng = _run(engines.choose, engine, ray_address)
     res = _run(build_index, st, model, modality.value, kind.value, seed=seed,
-               echo=None if fmt == TableFmt.json else typer.echo)
+               echo=None if fmt == TableFmt.json else typer.echo, engine=eng)
     if fmt == TableFmt.json:
         typer.echo(json.dumps(res, indent=1, default=str))
 

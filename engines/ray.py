@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from clipsql.engines.dedup import dedup_assign_ray, dedup_within_ray
 from clipsql.engines.engine import EngineError, ray_session
+from clipsql.engines.index import build_vector_index_ray
 from clipsql.engines.ingest import ingest_ray
 from clipsql.engines.scores import refresh_stats_ray, score_columns_ray, score_ray
 from clipsql.ingest.run import IngestOptions, IngestSummary
@@ -52,6 +53,10 @@ class RayEngine:
                       relation: str, allowed: pa.Array | None) -> pa.Table:
         """Every row of the model's committed table, one task per fragment (the pool filters them)."""
         return score_columns_ray(store, rec, columns, address=self.address, fit=fit)
+
+    def build_vector_index(self, ds: Any, column: str, options: dict) -> None:
+        """One index segment per group of fragments on the workers, committed as one index."""
+        build_vector_index_ray(ds, column, options, address=self.address)
 
     def session(self) -> ContextManager[Any]:
         """One Ray session for the calls made inside (each call joins it)."""

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lance
 import numpy as np
 import pytest
 
@@ -510,3 +511,28 @@ def test_a_compaction_during_a_ray_run_rewrites_on_the_workers(ray_cluster, tmp_
     assert all(len(st.dataset(n).get_fragments()) <= 3 + 1 for n in ("samples", st.model().table_name))
     assert_equal_stores(st, Store.open(local.path))
     assert_stats_match_vectors(st)
+
+
+def test_ray_index_builds_segments_on_the_workers_with_the_recall_of_a_local_build(ray_cluster, tmp_path):
+    """`index --engine ray`: the seeded centroids at the driver, one index segment per group of
+    fragments on the workers, one commit; the ledger records it, its recall is measured for both
+    query modalities as a local build's is, and search reads through it."""
+    import json
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=3, rows=700, row_group=200)
+    local, dist = Store.init(tmp_path / "local"), Store.init(tmp_path / "ray")
+    for st in (local, dist):
+        cli("ingest", str(st.path), str(pool), *MODEL, "--id-column", "key", "--no-progress", "--commit-rows", "400")
+    built = json.loads(cli("index", str(local.path), "--format", "json").stdout.decode())
+    made = json.loads(ray_cli(ray_cluster, "index", str(dist.path), "--format", "json").stdout.decode())
+    assert made["engine"] == "ray" and built["engine"] == "local" and made["partitions"] == built["partitions"]
+    assert min(made["recall_by_query"].values()) >= 0.95, made
+    st = Store.open(dist.path)
+    rec = st.model()
+    ds = st.dataset(rec.table_name)
+    assert ds.version == lance.dataset(st.table_uri(rec.table_name)).version     # the ledger is at the index
+    (index,) = [i for i in ds.describe_indices() if list(i.field_names) == ["image_embedding"]]
+    assert len(ds.get_fragments()) > 1 and len(index.segments) > 1 and index.num_rows_indexed == 2100
+    key = sample_ids(st)[7]
+    hits = json.loads(cli("search", str(dist.path), "--like", key, "-k", "5", "--format", "json").stdout.decode())
+    assert hits

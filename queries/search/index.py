@@ -36,6 +36,7 @@ from clipsql.errors import QueryError
 from clipsql.kernels import topk as kernels
 from clipsql.kernels.arrays import vectors
 from clipsql.kernels.kmeans import lloyd
+from clipsql.queries.sql.engine import LOCAL, Engine
 from clipsql.store import catalog as cat
 from clipsql.store import vector_cache as vcache
 from clipsql.store.ledger import recover, set_committed_version
@@ -62,8 +63,10 @@ def _sub_vectors(d: int) -> int:
 
 def build_index(st: Store, model: str | None = None, modality: str = "image", kind: str = DEFAULT_KIND, *,
                 seed: int = 0, sample: int = 100, target_recall: float = 0.95, k: int = 10,
-                echo: Any = None) -> dict:
-    """Build (or replace) the vector index; returns its recorded figures (see the module doc)."""
+                echo: Any = None, engine: Engine = LOCAL) -> dict:
+    """Build (or replace) the vector index; returns its recorded figures (see the module doc).
+    `engine`: where the index is built (the Ray engine: one segment per group of fragments on its
+    workers, from the same seeded centroids)."""
     if kind not in KINDS:
         raise QueryError(f"`kind` must be one of {', '.join(KINDS)}; got {kind!r}", param="kind")
     column = column_for(modality)
@@ -78,7 +81,7 @@ def build_index(st: Store, model: str | None = None, modality: str = "image", ki
                              f"vector index (it needs at least {MIN_PARTITIONS * TRAIN_ROWS_PER_PARTITION}, "
                              f"{TRAIN_ROWS_PER_PARTITION} training rows for each of ≥ {MIN_PARTITIONS} "
                              "partitions); exact search is fast at this size — `clipsql search` needs no index")
-        info = create_vector_index(ds, column, kind, rec.dim, parts, seed=seed)
+        info = create_vector_index(ds, column, kind, rec.dim, parts, seed=seed, engine=engine)
         ds = st.dataset(rec.table_name, latest=True)
         info.update(rows=int(n), version=int(ds.version), seed=seed, k=k)
         info.update(measure_recall(ds, column, info, seed=seed, sample=sample, k=k, target_recall=target_recall))
@@ -114,7 +117,8 @@ def ivf_centroids(ds: Any, column: str, partitions: int, seed: int) -> np.ndarra
     return (C / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
-def create_vector_index(ds: Any, column: str, kind: str, dim: int, partitions: int, *, seed: int = 0) -> dict:
+def create_vector_index(ds: Any, column: str, kind: str, dim: int, partitions: int, *, seed: int = 0,
+                        engine: Engine = LOCAL) -> dict:
     """Build the Lance index on `ds` (a new version) from seeded IVF centroids; returns its parameters
     and build seconds. ivf_hnsw_sq is then the same index for the same seed; ivf_pq's product
     quantizer is still trained by Lance from its own unseeded sample (its recall varies a little)."""
@@ -123,9 +127,9 @@ def create_vector_index(ds: Any, column: str, kind: str, dim: int, partitions: i
     if kind == "ivf_pq":
         opts["num_sub_vectors"] = _sub_vectors(dim)
     t0 = time.perf_counter()
-    ds.create_index(column, **opts)
+    engine.build_vector_index(ds, column, opts)
     info: dict[str, Any] = {"kind": kind, "metric": "cosine", "column": column, "partitions": int(partitions),
-                            "build_seconds": round(time.perf_counter() - t0, 3)}
+                            "build_seconds": round(time.perf_counter() - t0, 3), "engine": engine.name}
     if kind == "ivf_pq":
         info.update(num_sub_vectors=opts["num_sub_vectors"], refine_factor=10)
     else:

@@ -58,6 +58,10 @@ class Engine(Protocol):
         to them): the pool of a `select` recipe. `fit`: a (scores.Fit, fit row) to score with
         instead of the default fit."""
 
+    def build_vector_index(self, ds: Any, column: str, options: dict) -> None:
+        """`clipsql index`'s build: the Lance index `options` describe (IVF centroids given) on
+        `column` of `ds` (its latest version), committed by Lance as a new version."""
+
     def session(self) -> ContextManager[Any]:
         """A context in which several calls share the engine's resources (the Ray engine: one Ray
         session for the command instead of one per call)."""
@@ -113,6 +117,9 @@ class LocalEngine:
             return score_relation(own, rec, relation, columns)
         finally:
             own.close()
+
+    def build_vector_index(self, ds: Any, column: str, options: dict) -> None:
+        ds.create_index(column, **options)
 
     def session(self) -> ContextManager[Any]:
         return contextlib.nullcontext()
