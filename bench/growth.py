@@ -237,17 +237,10 @@ def compaction_rate(rows: int = 200_000, pieces: int = 40, d: int = 512) -> floa
 
 
 def tiered_target(rows: list[int], max_fragments: int, base: int) -> int | None:
-    """The compaction rule before this one, for the comparison: one bound (256) on all fragments,
-    kept by merging every fragment under T = base·4^k into fragments of T rows (T the smallest that
-    brings the count to half the bound), so rows climb one size tier after another from the start."""
-    if len(rows) <= max_fragments:
-        return None
-    goal, target = max(1, max_fragments // 2), base
-    while True:
-        small = [r for r in rows if r < target]
-        if len(rows) - len(small) + -(-sum(small) // target) <= goal or target > sum(rows):
-            return target
-        target *= 4
+    """The compaction rule before this one, for the comparison: one bound (`max_fragments`, 256)
+    on all fragments and no bound on small ones, i.e. merge_target's size tiers from the start
+    (rows climb one tier after another as the table grows)."""
+    return merge_target(rows, len(rows) + 1, base, max_total=max_fragments)
 
 
 def _target_name(n: float) -> str:
