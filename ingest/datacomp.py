@@ -67,12 +67,19 @@ def model_id(features: str) -> str:
 def pool_dir(path: Any) -> str | None:
     """The folder holding the pool's `<stem>.parquet` + `<stem>.npz` pairs: `path` itself or
     `path/metadata` (download_upstream.py's DATA_DIR); None when neither holds a pair."""
+    found = find_pool(path)
+    return None if found is None else found[0]
+
+
+def find_pool(path: Any) -> tuple[str, set, set] | None:
+    """(pool folder, parquet stems, npz stems) from one listing of the folder, or None (see
+    `pool_dir`). A source opened from it lists its folder no second time."""
     path = os.fspath(path)
     for d in (path, os.path.join(path, "metadata")):
         if os.path.isdir(d):
             pq_, npz = _stems(d)
             if pq_ & npz:
-                return os.path.abspath(d)
+                return os.path.abspath(d), pq_, npz
     return None
 
 
@@ -131,17 +138,17 @@ class DataCompSource(Source):
     precomputed = True
     image_only = False
 
-    def __init__(self, path: Any, features: str | None = None):
+    def __init__(self, path: Any, features: str | None = None, found: tuple[str, set, set] | None = None):
         self.path = os.path.abspath(os.fspath(path))
-        root = pool_dir(self.path)
-        if root is None:
+        found = found or find_pool(self.path)
+        if found is None:
             raise SourceError(f"{self.path} is not a DataComp pool: no <stem>.parquet + <stem>.npz pairs in it "
                               f"or in its metadata/ folder; {HOW}")
         if features is not None and features not in FEATURES:
             raise SourceError(f"unknown DataComp feature set {features!r}; choose b32 or l14")
+        root, parquets, npzs = found
         self.root, self.features = root, features
         self.rows_per_unit = ROWS_PER_UNIT
-        parquets, npzs = _stems(root)
         self.shards = [(s, os.path.join(root, s + ".parquet") if s in parquets else None,
                         os.path.join(root, s + ".npz") if s in npzs else None) for s in sorted(parquets | npzs)]
 

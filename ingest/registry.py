@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsql.errors import SourceError
-from clipsql.ingest.datacomp import DataCompSource, pool_dir
+from clipsql.ingest.datacomp import DataCompSource, find_pool
 from clipsql.ingest.precomputed import PrecomputedSource
 from clipsql.ingest.sources import (
     IMAGE_EXTS,
@@ -58,8 +58,9 @@ class SourceKind:
 
 # --------------------------------------------------------------------------- openers
 def _datacomp_dir(spec: str, o: dict, forced: bool) -> Source | None:
-    if forced or pool_dir(spec):
-        return DataCompSource(spec, o["datacomp_features"])
+    found = find_pool(spec)
+    if forced or found:
+        return DataCompSource(spec, o["datacomp_features"], found)
     return None
 
 

@@ -60,7 +60,8 @@ def known(engine: sa.Engine, model_id: str, variant: str) -> dict[str, list[Know
         s.c.model_id == model_id, s.c.variant == variant)
     out: dict[str, list[KnownUnit]] = {}
     with engine.connect() as conn:
-        for key, loc, size, mtime, content, parts, rows, rej in conn.execute(q):
-            out.setdefault(loc, []).append(KnownUnit(key, UnitStamp(variant, loc, int(size), mtime, content,
-                                                                    int(parts)), int(rows), int(rej)))
+        held = conn.execute(q).all()              # one fetch, not a row at a time
+    for key, loc, size, mtime, content, parts, rows, rej in held:
+        out.setdefault(loc, []).append(KnownUnit(key, UnitStamp(variant, loc, int(size), mtime, content,
+                                                                int(parts)), int(rows), int(rej)))
     return out

@@ -284,7 +284,7 @@ def test_save_uids_refuses_what_is_not_a_uid_and_load_refuses_unsorted(tmp_path)
 def test_a_stores_ids_go_out_as_the_pools_uids(store, tmp_path):
     pool = write_datacomp_pool(tmp_path / "pool", n_shards=2, rows=10)
     ingest_pool(store, tmp_path / "pool", features="b32", options=FAST)
-    ids = queries.connect(store).sql("SELECT id FROM samples WHERE original_width > 0").fetch_arrow_table().column("id")
+    ids = queries.connect(store).sql("SELECT id FROM samples WHERE original_width > 0").to_arrow_table().column("id")
     save_uids(ids, tmp_path / "all.npy")
     everything = [u for sh in pool.values() for u in sh["uid"]]
     assert resharder_lookup(tmp_path / "all.npy", everything) == [1] * 20
