@@ -149,7 +149,9 @@ def clean_captions(col: pa.Array) -> tuple[pa.Array, list[tuple[int, str, str]]]
 def vector_matrix(col: pa.Array | np.ndarray | None, n: int, dim: int) -> tuple[np.ndarray, list[str | None]]:
     """(n, dim) float32 and per row None or the reject reason + detail ("reason\\tdetail").
 
-    `col` is an (n, d) numpy array (npy rows) or an Arrow list column (parquet)."""
+    `col` is an (n, d) numpy array (npy rows) or an Arrow list column (parquet). The matrix is
+    `col` itself when that already is native, aligned, C-ordered float32 (then it may be a
+    read-only memory map: callers never write into it), else a fresh array."""
     reasons: list[str | None] = [None] * n
     out = np.zeros((n, dim), dtype=np.float32)
     if col is None:
@@ -159,11 +161,16 @@ def vector_matrix(col: pa.Array | np.ndarray | None, n: int, dim: int) -> tuple[
             return out, [f"bad_vector\texpected real numbers, got dtype {col.dtype}"] * n
         if col.shape[1] != dim:
             return out, [f"wrong_dim\texpected {dim}, got {col.shape[1]}"] * n
-        with np.errstate(over="ignore", invalid="ignore"):
-            # always a fresh, aligned, C-ordered float32 array: `col` may be a memory map of an npz
-            # member at an offset that is no multiple of 4 (Lance refuses unaligned buffers), in
-            # Fortran order, big-endian, or float16 / float64 (float64 rounds to the stored float32)
-            out = np.array(col, dtype=np.float32, order="C", copy=True)
+        if col.dtype == np.float32 and col.dtype.isnative and col.flags.c_contiguous and col.flags.aligned:
+            # already what is stored (an npy's rows, memory-mapped read-only): used as it is, so
+            # its pages are read once and shared by the checks, the fold and the write, not copied
+            out = col
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                # a fresh, aligned, C-ordered float32 array: `col` may be a memory map of an npz
+                # member at an offset that is no multiple of 4 (Lance refuses unaligned buffers), in
+                # Fortran order, big-endian, or float16 / float64 (float64 rounds to the stored float32)
+                out = np.array(col, dtype=np.float32, order="C", copy=True)
         valid = np.ones(n, dtype=bool)
     else:
         arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
