@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from clipsql.ingest.columnar import vector_matrix
 from clipsql.ingest.pipeline import IngestOptions, ingest
 from clipsql.errors import ModelError, StoreLocked
 from clipsql.store.reads import count_rows
@@ -240,6 +241,25 @@ def test_precomputed_embeddings_with_bad_vectors(store, tmp_path, fake_encoder):
     ids, got_img, _ = stored_vectors(store)
     assert len(ids) == 9
     assert_stats_match_vectors(store)
+
+
+def test_vector_matrix_reads_npy_rows_in_place_and_copies_other_layouts(tmp_path):
+    x = np.arange(24, dtype=np.float32).reshape(6, 4) + 1
+    x[2, 1], x[4] = np.inf, 0
+    np.save(tmp_path / "v.npy", x)
+    mapped = np.load(tmp_path / "v.npy", mmap_mode="r")
+    for col, in_place in ((mapped, True), (x.astype(">f4"), False), (x.astype(np.float64), False),
+                          (np.asfortranarray(x), False), (mapped[:, :2], None)):
+        dim = col.shape[1]
+        got, reasons = vector_matrix(col, 6, dim)
+        if in_place is None:          # a non-contiguous view: copied
+            assert not np.shares_memory(got, mapped)
+        else:
+            assert np.shares_memory(got, col) == in_place
+        assert got.dtype == np.float32 and got.flags.c_contiguous and got.flags.aligned
+        np.testing.assert_array_equal(got, x[:, :dim])
+        assert [r and r.split("\t")[0] for r in reasons] == \
+            [None, None, "non_finite_vector" if dim > 1 else None, None, "zero_vector", None]
 
 
 def test_precomputed_wrong_dim_is_refused(store, tmp_path, fake_encoder):

@@ -223,6 +223,25 @@ def test_a_rerun_plans_from_the_ledger_without_opening_a_file(tmp_path, monkeypa
     assert calls == {"parquet": 3, "units": 0, "hash": 0, "read": 0}
 
 
+def test_planning_pauses_the_cycle_collector_and_restores_it(tmp_path, monkeypatch, fake):
+    import gc
+    from clipsql.ingest import precomputed as pre
+    pool = tmp_path / "pool"
+    write_pool(pool, shards=1, rows=100)
+    st = Store.init(tmp_path / "s")
+    seen, real = [], pre.PrecomputedSource.groups
+    monkeypatch.setattr(pre.PrecomputedSource, "groups", lambda self: seen.append(gc.isenabled()) or real(self))
+    assert gc.isenabled()
+    assert ingest(st, str(pool), model=fake.model, options=fake.options(id_column="key")).added == 100
+    assert seen == [False] and gc.isenabled()
+    gc.disable()                     # a caller that runs with the collector off keeps it off
+    try:
+        ingest(st, str(pool), model=fake.model, options=fake.options(id_column="key"))
+        assert seen == [False, False] and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 def test_a_touched_file_with_the_same_content_is_rehashed_not_reingested(tmp_path, monkeypatch, fake):
     pool = tmp_path / "pool"
     write_pool(pool, shards=2, rows=500)
