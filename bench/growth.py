@@ -39,6 +39,9 @@ Measured (2 shared cores, d = 8 fragments of 4 rows; pool shards of 8 rows):
   (exponent 0.10: noise; the one compaction down to 8 fragments 0.16 / 1.4 / 7.2 s);
   units 100 / 300 / 1,000: planning a re-run 98 / 117 / 88 µs a unit from the ledger (exponent
   0.95) against 0.96 / 2.0 / 1.6 ms a unit opening every shard (exponent 1.23).
+  units 1,000 / 3,000 / 10,000 / 30,000 (2026-12-03, quiet, d = 512 pools): 14 / 14 / 14 / 17 µs a
+  unit from the ledger (exponent 1.06; 1.22 before the cyclic collector was paused while planning)
+  against 227 / 221 / 237 / 251 µs a unit opening every shard (exponent 1.03).
 Measured (2 shared cores, d = 512, 32-character uids):
   units 100 / 300 / 1,000: a task receives 922 / 922 / 922 bytes and deserialises them in 17 / 18 / 11 µs
   (exponents 0.00 and -0.22 per task; 1.00 and 0.78 for the run's total), against 18,036 / 52,680 /
