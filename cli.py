@@ -80,7 +80,7 @@ def _value_type(param) -> object:  # noqa: ANN001
     if desc is not None:
         return desc.annotation
     kind = type(getattr(param, "type", None)).__name__
-    return {"IntParamType": int, "IntRange": int, "Path": Path}.get(kind, str)
+    return {"IntParamType": int, "IntRange": int, "Path": Path, "TyperPath": Path}.get(kind, str)
 
 
 def _metavar(param) -> str:  # noqa: ANN001

@@ -4,7 +4,7 @@
     ds = lance.dataset(uri)          # `import lance` runs here, at the first attribute access
 
 torch, open_clip, lance, lancedb, ray, matplotlib, huggingface_hub and duckdb (and the smaller
-tqdm and threadpoolctl) each cost from a tenth of a second to several seconds to import, and most
+tqdm, threadpoolctl and Pillow) each cost from a tenth of a second to several seconds to import, and most
 commands need one or none of them:
 `clipsql --help` imports none, `clipsql query STORE "SELECT 1"` only duckdb (a statement without
 FROM opens no Lance table; one that reads a view imports lance, and pyarrow's datasets pandas). Every other module refers to them through the proxies below (module-level names,
@@ -35,6 +35,7 @@ INSTALL = {
     "lancedb": "pip install lancedb",
     "ray": "pip install -e '.[ray]' (ray[data] 2.60)",
     "matplotlib": "pip install matplotlib",
+    "PIL": "pip install pillow",
     "huggingface_hub": "pip install huggingface_hub",
     "duckdb": "pip install duckdb",
     "tqdm": "pip install tqdm",
@@ -101,6 +102,9 @@ matplotlib = LazyModule("matplotlib")
 matplotlib_agg = LazyModule("matplotlib.backends.backend_agg")
 matplotlib_figure = LazyModule("matplotlib.figure")
 open_clip = LazyModule("open_clip")
+PIL_Image = LazyModule("PIL.Image")               # Pillow: image decoding (ingest) and drawing (demo, gallery)
+PIL_ImageDraw = LazyModule("PIL.ImageDraw")
+PIL_ImageOps = LazyModule("PIL.ImageOps")
 pyarrow_dataset = LazyModule("pyarrow.dataset")       # imports pandas (~0.3 s); Lance imports it anyway
 ray = LazyModule("ray")
 ray_data = LazyModule("ray.data")

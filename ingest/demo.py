@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw
+
+from clipsql.lazy import PIL_Image as Image, PIL_ImageDraw as ImageDraw
 
 GENERATOR_VERSION = "1"
 

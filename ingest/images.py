@@ -36,7 +36,8 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from clipsql.lazy import PIL_Image as Image, PIL_ImageOps as ImageOps
 
 __all__ = [
     "ItemRejected",
@@ -117,7 +118,7 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             img = Image.open(io.BytesIO(data))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ItemRejected("decompression_bomb", str(e)) from None
-        except UnidentifiedImageError:
+        except Image.UnidentifiedImageError:
             if _looks_like_image(data):
                 raise ItemRejected(
                     "corrupt_image", "damaged header: the format is recognised but unreadable"

