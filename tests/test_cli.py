@@ -119,16 +119,55 @@ def test_query_formats(cli_store, tmp_path):
     assert pq.read_table(out).num_rows == 30
 
 
+_EXIT_PROBE = """
+import atexit, sys, threading
+from pathlib import Path
+from clipsql import cli
+mark = Path(sys.argv[1])
+atexit.register(lambda: mark.write_text(mark.read_text() + "atexit;"))
+if sys.argv[2] == "thread":        # a Python thread still running when the command returns
+    ev = threading.Event()
+    def late():
+        ev.wait()
+        mark.write_text(mark.read_text() + "thread;")
+    threading.Thread(target=late).start()
+    fast_exit = cli._exit_now
+    def released(code):
+        fast_exit(code)            # returns only where it does not end the process
+        ev.set()
+    cli._exit_now = released
+sys.argv = ["clipsql", "query", sys.argv[3], sys.argv[4], "--format", "json"]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("sql,code", [("SELECT 42 AS x", 0), ("SELECT nope", 1)])
+def test_the_console_entry_ends_with_exit_handlers_run_output_flushed_and_its_exit_code(cli_store, tmp_path, sql, code):
+    """main() skips the interpreter's finalization once the command is done, but only after the
+    atexit handlers ran and both streams were flushed, keeping the command's exit code; with a
+    Python thread still running it exits the normal way (the thread finishes first)."""
+    for mode in ("plain", "thread"):
+        mark = tmp_path / f"mark-{mode}-{code}"
+        mark.write_text("")
+        out = subprocess.run([sys.executable, "-c", _EXIT_PROBE, str(mark), mode, str(cli_store), sql],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert out.returncode == code, out.stderr[-3000:]
+        if code == 0:
+            assert json.loads(out.stdout) == [{"x": 42}]
+        else:
+            assert out.stderr.startswith("Error: ") and "Traceback" not in out.stderr, out.stderr
+        assert mark.read_text() == ("atexit;" if mode == "plain" else "thread;atexit;"), mode
+
+
 def test_a_query_that_reads_no_table_imports_nothing_heavy(cli_store):
     """`clipsql query STORE "SELECT 1"` (a fresh process's fixed cost) opens no Lance table and imports
     neither the model libraries nor Lance (nor pandas, which pyarrow's datasets import), Pillow, nor
     the pydantic that typer 0.29 imports to parse arguments; a query over
     a view still opens what it reads. What is checked: the imports, not a time."""
     heavy = ("torch", "open_clip", "ray", "matplotlib", "lance", "lancedb", "pandas", "PIL", "pydantic")
-    code = ("import runpy, sys; sys.argv = ['clipsql', 'query', sys.argv[1], sys.argv[2], '--format', 'json']\n"
-            "try:\n    runpy.run_module('clipsql', run_name='__main__')\n"
-            "except SystemExit as e:\n    assert not e.code, e.code\n"
-            f"print(sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr)")
+    code = ("import atexit, runpy, sys; sys.argv = ['clipsql', 'query', sys.argv[1], sys.argv[2], '--format', 'json']\n"
+            f"atexit.register(lambda: print(sorted(m for m in {heavy!r} if m in sys.modules), file=sys.stderr))\n"
+            "runpy.run_module('clipsql', run_name='__main__')")
     run = [sys.executable, "-c", code, str(cli_store)]
     out = subprocess.run([*run, "SELECT 1 AS one"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
