@@ -65,8 +65,8 @@ def run(argv: list[str], timeout: float | None = None, env: dict[str, str] | Non
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen(argv, stdout=out, stderr=err, cwd=ROOT, text=True, env=env)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+        while True:              # without a timeout, block: the wall clock is then not a polling step
+            pid, status, ru = os.wait4(p.pid, 0 if deadline is None else os.WNOHANG)
             if pid:
                 break
             if deadline is not None and time.monotonic() > deadline:
