@@ -42,6 +42,7 @@ from typing import Callable
 import numpy as np
 
 from clipsql.kernels.kmeans import cluster_sums
+from clipsql.kernels.parallel import blas_one_thread, cpu_threads, in_order
 from clipsql.kernels.unit import normalize
 
 INIT = "k-means++"
@@ -196,10 +197,13 @@ def cos_to_centroids(X: np.ndarray, inv: np.ndarray, rows: np.ndarray, labels: n
 
 def assign(X: np.ndarray, inv: np.ndarray, valid: np.ndarray, C32: np.ndarray, rows: np.ndarray | None = None,
            *, chunk: int | None = None, progress: Callable[[int], None] | None = None,
-           nearest: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+           nearest: Callable[[np.ndarray], np.ndarray] | None = None,
+           threads: int | None = 1) -> tuple[np.ndarray, np.ndarray]:
     """(labels, cos) of `rows` (default all): nearest centroid (max cosine, ties → lowest index) and
     the float64 cosine to it; -1 and NaN for invalid rows. `nearest(Z)`: another implementation of
-    the labels of float64 unit rows Z that gives the same ones (a device's: `models.device`)."""
+    the labels of float64 unit rows Z that gives the same ones (a device's: `models.device`; it runs
+    on one thread). `threads`: row chunks scored at once (`kernels.parallel`; None: one per CPU),
+    the same labels and cosines for any count."""
     rows = np.arange(len(X)) if rows is None else np.asarray(rows, dtype=np.int64)
     C64 = unit_centroids(C32)
     Cg = C64.astype(np.float32)
@@ -207,17 +211,24 @@ def assign(X: np.ndarray, inv: np.ndarray, valid: np.ndarray, C32: np.ndarray, r
     chunk = chunk or max(256, min(ROW_CHUNK, SCORE_BLOCK // max(1, len(C64))))
     labels = np.full(len(rows), -1, dtype=np.int64)
     cos = np.full(len(rows), np.nan)
-    for a in range(0, len(rows), chunk):
-        part = rows[a:a + chunk]
-        ok = np.flatnonzero(valid[part])
-        if ok.size:
-            idx = part[ok]
-            Z = unit64(X, inv, idx)
-            lab = nearest(Z) if nearest is not None else \
-                labels_from_scores(Z.astype(np.float32) @ Cg.T, lambda m, Z=Z: Z[m], C64, tol)
-            labels[a + ok], cos[a + ok] = lab, centroid_cos(Z, C64, lab)
-        if progress:
-            progress(len(part))
+    workers = 1 if nearest is not None else cpu_threads(threads)
+
+    def one(a: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        ok = np.flatnonzero(valid[rows[a:a + chunk]])
+        if not ok.size:
+            return ok, None, None
+        Z = unit64(X, inv, rows[a:a + chunk][ok])
+        lab = nearest(Z) if nearest is not None else \
+            labels_from_scores(Z.astype(np.float32) @ Cg.T, lambda m: Z[m], C64, tol)
+        return ok, lab, centroid_cos(Z, C64, lab)
+
+    starts = range(0, len(rows), chunk)
+    with blas_one_thread(workers):
+        for a, (ok, lab, c) in zip(starts, in_order(one, starts, workers)):
+            if lab is not None:
+                labels[a + ok], cos[a + ok] = lab, c
+            if progress:
+                progress(len(rows[a:a + chunk]))
     return labels, cos
 
 
@@ -229,42 +240,47 @@ def spherical_kmeans(X: np.ndarray, inv: np.ndarray, sample: np.ndarray, k: int,
 
 def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, *,
               progress: Callable[[int], None] | None = None,
-              label: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
+              label: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+              threads: int | None = 1) -> tuple[np.ndarray, dict]:
     """`spherical_kmeans` on the sample's float32 unit rows U (`unit32`), e.g. read in chunks.
     `label(U, C32)`: another implementation of the assignment step that gives the same labels
-    (`semdedup_assign.fit_units`: two-level, for large k)."""
+    (`semdedup_assign.fit_units`: two-level, for large k). `threads`: the assignment's row chunks
+    and the centroid sums on that many threads (`kernels.parallel`; None: one per CPU), the same
+    centroids for any count; with a `label`, one thread (its own BLAS threads)."""
     n, d = U.shape
     seeds = U if n <= PP_ROWS_PER_CLUSTER * k else U[np.sort(rng.choice(n, PP_ROWS_PER_CLUSTER * k, replace=False))]
     C = seeds[kmeans_pp(seeds, k, rng)].astype(np.float64)
     tol = 2.0 * f32_tolerance(d)
     chunk = max(256, min(ROW_CHUNK, SCORE_BLOCK // max(1, k)))
+    workers = 1 if label is not None else cpu_threads(threads)
     prev = None
     ran, converged = 0, False
-    for _ in range(max(1, iterations)):
-        C32 = C.astype(np.float32)
-        Cg = unit_centroids(C32)
-        Cg32 = Cg.astype(np.float32)
-        if label is not None:
-            lab = label(U, C32)
-        else:
-            lab = np.concatenate([labels_from_scores(U[a:a + chunk] @ Cg32.T,
-                                                     lambda m, a=a: U[a + m].astype(np.float64), Cg, tol)
-                                  for a in range(0, n, chunk)])
-        ran += 1
-        if progress:
-            progress(1)
-        if prev is not None and np.array_equal(lab, prev):
-            converged = True
-            break
-        prev = lab
-        C = _update(U, lab, Cg)
+    with blas_one_thread(workers):
+        for _ in range(max(1, iterations)):
+            C32 = C.astype(np.float32)
+            Cg = unit_centroids(C32)
+            Cg32 = Cg.astype(np.float32)
+            if label is not None:
+                lab = label(U, C32)
+            else:
+                lab = np.concatenate(list(in_order(
+                    lambda a: labels_from_scores(U[a:a + chunk] @ Cg32.T, lambda m: U[a + m].astype(np.float64),
+                                                 Cg, tol), range(0, n, chunk), workers)))
+            ran += 1
+            if progress:
+                progress(1)
+            if prev is not None and np.array_equal(lab, prev):
+                converged = True
+                break
+            prev = lab
+            C = _update(U, lab, Cg, workers)
     return C.astype(np.float32), {"iterations_run": ran, "converged": converged}
 
 
-def _update(U: np.ndarray, lab: np.ndarray, C: np.ndarray) -> np.ndarray:
+def _update(U: np.ndarray, lab: np.ndarray, C: np.ndarray, threads: int = 1) -> np.ndarray:
     """Spherical update: float64 sums of the members' unit vectors (`kmeans.cluster_sums`: one
     float64 reduce per cluster over the rows in label order), re-normalized."""
-    sums, _ = cluster_sums(U, lab, len(C))
+    sums, _ = cluster_sums(U, lab, len(C), threads)
     unit, keep = normalize(sums)
     out = C.copy()
     out[keep] = unit[keep]
@@ -360,22 +376,31 @@ def _upper(m: int) -> np.ndarray:
 
 def max_sims(X: np.ndarray, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
              clusters: np.ndarray | None = None, *, rows: int = ROW_BLOCK,
-             progress: Callable[[int], None] | None = None, gram: Gram | None = None) -> tuple[np.ndarray, dict]:
+             progress: Callable[[int], None] | None = None, gram: Gram | None = None,
+             threads: int | None = 1) -> tuple[np.ndarray, dict]:
     """semdedup_max_sim of every valid row of the given clusters (default all; NaN elsewhere),
-    with the pair count {pairs: Σ n_c(n_c−1)/2, largest: the largest cluster}."""
+    with the pair count {pairs: Σ n_c(n_c−1)/2, largest: the largest cluster}. `threads`: clusters
+    computed at once, each on a thread of its own with BLAS on one thread (`kernels.parallel`;
+    None: one per CPU); the values are the same for any count. A `gram` runs on one thread."""
     out = np.full(len(X), np.nan)
     subset = None if clusters is None else np.flatnonzero(np.isin(labels, clusters))
     o, starts = cluster_order(labels, cos, id_rank, subset)
     ends = np.r_[starts[1:], len(o)]
+    workers = 1 if gram is not None else cpu_threads(threads)
     pairs, largest = 0, 0
-    for s, e in zip(starts, ends):
-        members = o[s:e]
-        out[members] = cluster_max_sim(X, inv, members, rows=rows, gram=gram)
-        m = e - s
-        pairs += m * (m - 1) // 2
-        largest = max(largest, m)
-        if progress:
-            progress(m)
+
+    def one(span: tuple[int, int]) -> np.ndarray:
+        return cluster_max_sim(X, inv, o[span[0]:span[1]], rows=rows, gram=gram)
+
+    spans = list(zip(starts.tolist(), ends.tolist()))
+    with blas_one_thread(workers):
+        for (s, e), values in zip(spans, in_order(one, spans, workers)):
+            out[o[s:e]] = values
+            m = e - s
+            pairs += m * (m - 1) // 2
+            largest = max(largest, m)
+            if progress:
+                progress(m)
     return out, {"pairs": int(pairs), "largest_cluster": int(largest), "clusters": int(len(starts))}
 
 

@@ -193,7 +193,8 @@ class Assigner:
     labels and cosines either way). Build once per set of centroids, call `assign` per batch."""
 
     def __init__(self, C32: np.ndarray, *, threshold: int = TWO_LEVEL_MIN_CLUSTERS, k1: int | None = None,
-                 work: Work | None = None):
+                 work: Work | None = None, threads: int | None = 1):
+        self.threads = threads          # the flat kernel's (`semdedup.assign`); None: one per CPU
         self.C32 = np.asarray(C32, dtype=np.float32)
         self.two_level = len(self.C32) >= threshold
         self.cells = build_cells(self.C32, k1) if self.two_level else None
@@ -206,7 +207,7 @@ class Assigner:
         if not self.two_level:
             self.work.rows += int(np.count_nonzero(valid[rows]))
             self.work.flat += int(np.count_nonzero(valid[rows])) * len(self.C32)
-            return K.assign(X, inv, valid, self.C32, rows, progress=progress)
+            return K.assign(X, inv, valid, self.C32, rows, progress=progress, threads=self.threads)
         labels = np.full(len(rows), -1, dtype=np.int64)
         cos = np.full(len(rows), np.nan)
         for a in range(0, len(rows), CHUNK_ROWS):
@@ -248,11 +249,12 @@ def label_units(U: np.ndarray, C32: np.ndarray, *, work: Work | None = None) -> 
 
 def fit_units(U: np.ndarray, k: int, rng: np.random.Generator, iterations: int, *,
               threshold: int = TWO_LEVEL_MIN_CLUSTERS, progress: Callable[[int], None] | None = None,
-              work: Work | None = None) -> tuple[np.ndarray, dict]:
+              work: Work | None = None, threads: int | None = 1) -> tuple[np.ndarray, dict]:
     """`semdedup.fit_units` with its assignment steps two-level when k ≥ threshold (the cells are
-    rebuilt from each step's centroids): the same centroids, at ~√k instead of k products a row."""
+    rebuilt from each step's centroids): the same centroids, at ~√k instead of k products a row.
+    `threads`: the flat fit's (`semdedup.fit_units`)."""
     if k < threshold:
-        return K.fit_units(U, k, rng, iterations, progress=progress)
+        return K.fit_units(U, k, rng, iterations, progress=progress, threads=threads)
     work = work if work is not None else Work()
     state = {"two_level": True}
 

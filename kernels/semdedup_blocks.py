@@ -119,13 +119,14 @@ def big_cluster(fetch: Fetch, inv: np.ndarray, members: np.ndarray, cap: int, *,
 def within_clusters(fetch: Fetch, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
                     C32: np.ndarray, full: np.ndarray, cap: int, *, grown: np.ndarray | None = None,
                     old: np.ndarray | None = None, new: np.ndarray | None = None, rows: int = K.ROW_BLOCK,
-                    progress: Callable[[int], None] | None = None, gram: K.Gram | None = None
-                    ) -> tuple[np.ndarray, dict]:
+                    progress: Callable[[int], None] | None = None, gram: K.Gram | None = None,
+                    threads: int | None = 1) -> tuple[np.ndarray, dict]:
     """max_sim of the valid rows of the clusters `full` (computed) and `grown` (updated: clusters that
     only gained the rows `new`; `old`: the stored values of the others), NaN elsewhere, holding at
     most `cap` members at once. cos (float64 cos to the centroid; NaN where not known yet) is filled
     in place for the rows it needs. A cluster of `grown` above `cap` is computed in full (same values).
     `gram`: the candidate generator of the in-memory full passes (`semdedup.Gram`; a device's), same values.
+    `threads`: clusters of a group computed at once (`semdedup.max_sims`; None: one per CPU), same values.
     Returns (max_sim, {pairs, largest_cluster, clusters, groups, big_clusters})."""
     grown = np.zeros(0, dtype=np.int64) if grown is None else np.asarray(grown, dtype=np.int64)
     todo = np.union1d(np.asarray(full, dtype=np.int64), grown)
@@ -162,7 +163,8 @@ def within_clusters(fetch: Fetch, inv: np.ndarray, labels: np.ndarray, cos: np.n
         lab, cs, rk, iv = labels[pos], cos[pos], id_rank[pos], inv[pos]
         f = np.setdiff1d(g, grown)
         if f.size:
-            part, pinfo = K.max_sims(X, iv, lab, cs, rk, f, rows=rows, progress=progress, gram=gram)
+            part, pinfo = K.max_sims(X, iv, lab, cs, rk, f, rows=rows, progress=progress, gram=gram,
+                                     threads=threads)
             m = np.isin(lab, f)
             out[pos[m]] = part[m]
             info["pairs"] += pinfo["pairs"]

@@ -207,17 +207,18 @@ def semdedup_nearest(C32: np.ndarray, device: str | None = None) -> Callable[[np
     return nearest
 
 
-def semdedup_assigner(C32: np.ndarray, device: str | None = None
+def semdedup_assigner(C32: np.ndarray, device: str | None = None, threads: int | None = 1
                       ) -> Callable[[np.ndarray, np.ndarray, np.ndarray, Callable[[int], None] | None],
                                     tuple[np.ndarray, np.ndarray]]:
     """(X, inv, valid, progress) → (labels, cos) to the centroids C32: on the device when one is
-    chosen (flat there), else flat or two-level by K (`semdedup_assign.Assigner`); the same labels
-    and cosines (`semdedup.assign`'s) whatever the batch a row comes in."""
+    chosen (flat there), else flat or two-level by K (`semdedup_assign.Assigner`, the flat kernel on
+    `threads` threads; None: one per CPU); the same labels and cosines (`semdedup.assign`'s)
+    whatever the batch a row comes in."""
     nearest = semdedup_nearest(C32, device)
     if nearest is not None:
         return lambda X, inv, valid, progress: K.assign(X, inv, valid, C32, chunk=ASSIGN_ROWS, progress=progress,
                                                         nearest=nearest)
-    assigner = A.Assigner(C32)
+    assigner = A.Assigner(C32, threads=threads)
     return lambda X, inv, valid, progress: assigner.assign(X, inv, valid, progress=progress)
 
 

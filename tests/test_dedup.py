@@ -357,6 +357,34 @@ def test_update_after_additions_equals_a_full_pass_kernel():
     assert (full < 0).any() and np.array_equal(upd, full)
 
 
+def test_the_kernels_on_threads_equal_one_thread_bit_for_bit():
+    """The k-means fit, the assignment and the within-cluster pass on 2–4 threads (BLAS on one
+    each): the same centroids, labels, cosines, float64 max_sim values, pair counts and progress as
+    one thread."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(3000, 16)).astype(np.float32)
+    X[1500:1600] = X[:100] + rng.normal(size=(100, 16)).astype(np.float32) * 1e-4    # near copies
+    X[7] = np.nan
+    inv, valid = K.inverse_norms(X)
+    U = K.unit32(X, inv, np.flatnonzero(valid))
+    C32, info = K.fit_units(U, 12, np.random.default_rng(0), 5, threads=1)
+    labels, cos = K.assign(X, inv, valid, C32, chunk=256)
+    for threads in (2, 3):
+        C_t, info_t = K.fit_units(U, 12, np.random.default_rng(0), 5, threads=threads)
+        assert np.array_equal(C_t, C32) and info_t == info
+        lab_t, cos_t = K.assign(X, inv, valid, C32, chunk=256, threads=threads)
+        assert np.array_equal(lab_t, labels) and np.array_equal(cos_t, cos, equal_nan=True)
+    assert labels[7] == -1
+    rank = rng.permutation(3000)
+    seen: list[int] = []
+    one, info = K.max_sims(X, inv, labels, cos, rank, rows=64, threads=1, progress=seen.append)
+    for threads in (2, 3, 4):
+        got: list[int] = []
+        many, info_many = K.max_sims(X, inv, labels, cos, rank, rows=64, threads=threads, progress=got.append)
+        assert np.array_equal(many, one, equal_nan=True) and info_many == info and got == seen
+    assert (one > 0.999).sum() == 99              # the near copies (one source is NaN)
+
+
 def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch):
     """A budget of 120 members (d = 32): the scan in 256-row batches, reads in takes of 7 rows, the
     clusters in many groups, some alone and out of core (super-blocks of 60 against the earlier ones

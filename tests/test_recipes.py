@@ -225,6 +225,24 @@ def test_cli_recipes(pool_store, tmp_path):
     assert r.exit_code == 1 and "--where takes one SQL condition" in r.output and "Traceback" not in r.output
 
 
+def test_cluster_sums_on_threads_equal_per_label_float64_sums_and_one_thread_bit_for_bit():
+    """Several gathered pieces (a label spanning two of them), summed on 1–4 threads: the float64
+    sums of each label's rows within 1e-12, and every thread count the same to the last bit."""
+    from clipsql.kernels import kmeans
+    rng = np.random.default_rng(5)
+    n = 2 * kmeans.SUM_ROWS + 1234
+    X = rng.standard_normal((n, 6)).astype(np.float32)
+    labels = rng.integers(0, 7, n)             # ~19k rows a label: several labels span two pieces
+    P = X.astype(np.float64)
+    want = np.stack([P[labels == c].sum(0) for c in range(9)])
+    one, counts = kmeans.cluster_sums(X, labels, 9, 1)
+    np.testing.assert_allclose(one, want, rtol=1e-12, atol=1e-9)
+    assert counts.tolist() == np.bincount(labels, minlength=9).tolist() and not one[7:].any()
+    for threads in (2, 3, 4):
+        sums, c = kmeans.cluster_sums(X, labels, 9, threads)
+        assert np.array_equal(sums, one) and np.array_equal(c, counts)
+
+
 def test_lloyd_kmeans_equals_brute_force_and_ignores_the_chunking():
     from clipsql.kernels import kmeans
     rng = np.random.default_rng(0)
@@ -243,5 +261,8 @@ def test_lloyd_kmeans_equals_brute_force_and_ignores_the_chunking():
     for chunk in (65536, 1000, 333):
         np.testing.assert_allclose(kmeans.lloyd(X, 20, seed=1, chunk=chunk), C, atol=1e-6)
     assert (kmeans.assign(X, C) == (P @ C.T).argmax(1)).all()
+    for threads in (2, 3):            # threads change nothing, to the last bit
+        assert np.array_equal(kmeans.lloyd(X, 20, seed=1, threads=threads), kmeans.lloyd(X, 20, seed=1, threads=1))
+        assert (kmeans.assign(X, C, threads=threads) == (P @ C.T).argmax(1)).all()
     with pytest.raises(ValueError, match="k must be between"):
         kmeans.lloyd(X, 0)

@@ -420,7 +420,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             bar.set_description(f"semdedup [{rec.model_id}]: k-means (K={k}, sample {params['sample']})")
             label = DV.semdedup_fit_label(device)
             C32, info = K.fit_units(U, k, rng, params["iterations"], progress=bar.update, label=label) if label \
-                else A.fit_units(U, k, rng, params["iterations"], progress=bar.update)
+                else A.fit_units(U, k, rng, params["iterations"], progress=bar.update, threads=None)
             del U, S
             timings["fit_s"] = time.perf_counter() - t1
             t1 = time.perf_counter()

@@ -130,7 +130,7 @@ class LocalEngine:
         """One stream over the rows (`rows.scan()`), batch by batch."""
         labels = np.full(len(inv), -1, dtype=np.int64)
         cos = np.full(len(inv), np.nan)
-        assign = DV.semdedup_assigner(C32, device)
+        assign = DV.semdedup_assigner(C32, device, threads=None)      # every core of this machine
         for a, b in rows.scan():
             e = a + b.num_rows
             labels[a:e], cos[a:e] = assign(to_numpy(b.column("image_embedding")), inv[a:e], valid[a:e], progress)
@@ -141,9 +141,10 @@ class LocalEngine:
                      old: np.ndarray | None = None, new: np.ndarray | None = None, block: int = K.ROW_BLOCK,
                      device: str | None = None, progress: Callable[[int], None] | None = None
                      ) -> tuple[np.ndarray, dict]:
-        """The clusters in groups of at most `cap` members, each read by `rows.take`."""
+        """The clusters in groups of at most `cap` members, each read by `rows.take`; a group's clusters
+        on every core of this machine (one thread each)."""
         return B.within_clusters(rows.take, inv, labels, cos, id_rank, C32, full, cap, grown=grown, old=old, new=new,
-                                 rows=block, progress=progress, gram=DV.semdedup_gram(device))
+                                 rows=block, progress=progress, gram=DV.semdedup_gram(device), threads=None)
 
 
 LOCAL = LocalEngine()
