@@ -12,7 +12,7 @@ on values carrying ~1e-7 error, as in faiss); the centroid sums accumulate in fl
 
 Cost: per iteration one float32 GEMM (rows × d × k) in row chunks whose score block stays in
 cache, an argmax, and the centroid update `cluster_sums`: the rows gathered in label order and
-each cluster's run summed by one float64 `np.add.reduce` (a pass over n × d; ≈ 20× faster than
+each cluster's run gathered and summed by one float64 `np.add.reduce` (a pass over n × d; ≈ 20× faster than
 `np.add.reduceat` along axis 0 and than d weighted `bincount` passes, which numpy does not
 vectorize across columns).
 
@@ -85,11 +85,12 @@ def cluster_sums(X: np.ndarray, labels: np.ndarray, k: int, threads: int = 1) ->
     def piece(sl: slice) -> tuple[np.ndarray, np.ndarray]:
         idx = order[sl]
         lb = labels[idx]
-        G = X[idx]
         starts = np.flatnonzero(np.r_[True, lb[1:] != lb[:-1]])
         part = np.empty((len(starts), X.shape[1]))
         for j, (a, b) in enumerate(zip(starts.tolist(), np.r_[starts[1:], len(idx)].tolist())):
-            np.add.reduce(G[a:b], axis=0, dtype=np.float64, out=part[j])
+            # each run gathered alone (it stays in cache for its reduce): half the time of
+            # gathering the whole piece first, the same sums
+            np.add.reduce(X[idx[a:b]], axis=0, dtype=np.float64, out=part[j])
         return lb[starts], part
 
     for runs, part in in_order(piece, _spans(len(order), SUM_ROWS), threads):
