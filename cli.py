@@ -960,7 +960,9 @@ def dedup(store: str = STORE_ARG,
           status: bool = typer.Option(False, "--status", help="Only report what is stored and how many rows are "
                                       "pending; compute nothing."),
           memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="GiB of image vectors held at once "
-                                                    "(default $CLIPSQL_DEDUP_MEMORY_GB or 2); never changes a value."),
+                                                    "(default $CLIPSQL_DEDUP_MEMORY_GB or 2); never changes a value. "
+                                                    "A full run also copies the vectors to $TMPDIR when it has room "
+                                                    "(4·dim bytes a row), read back faster than from Lance."),
           device: Optional[str] = typer.Option(None, "--device", help="Where the k-means, the assignment and "
                                                "the within-cluster Gram blocks run: numpy, auto (a CUDA GPU if "
                                                "torch sees one), cpu, cuda[:N] (default $CLIPSQL_DEVICE or numpy); "

@@ -79,7 +79,9 @@ def hash_keys(ids: pa.Array, seed: int) -> np.ndarray:
 
 
 class StreamSample:
-    """The rows of the m_cap smallest keys of a stream, with their float32 rows (see the module doc)."""
+    """The rows of the m_cap smallest keys of a stream, with their float32 rows (see the module doc).
+    The buffer's slots are reused in place: a prune only marks the slots above the cut free and
+    later admissions fill them, so no row is moved until `take` gathers the sample."""
 
     def __init__(self, m_cap: int, d: int, slack: int | None = None):
         self.m_cap = int(m_cap)
@@ -87,6 +89,7 @@ class StreamSample:
         self.keys = np.empty(self.size, dtype=np.uint64)
         self.pos = np.empty(self.size, dtype=np.int64)
         self.rows = np.empty((self.size, d), dtype=np.float32)
+        self.live = np.zeros(self.size, dtype=bool)
         self.count = 0
         self.cut = np.uint64(0xFFFFFFFFFFFFFFFF)      # keys above it can no longer be among the m_cap smallest
         self.admitted = 0
@@ -104,27 +107,27 @@ class StreamSample:
                     self._grow()
                 continue
             take = sel[:room]
-            a, b = self.count, self.count + len(take)
-            self.keys[a:b], self.pos[a:b], self.rows[a:b] = keys[take], pos[take], rows(take)
-            self.count = b
+            slots = np.flatnonzero(~self.live)[:len(take)]
+            self.keys[slots], self.pos[slots], self.rows[slots] = keys[take], pos[take], rows(take)
+            self.live[slots] = True
+            self.count += len(take)
             self.admitted += len(take)
             sel = sel[room:]
 
     def _prune(self) -> None:
         if self.count <= self.m_cap:
             return
-        k = self.keys[:self.count]
+        k = self.keys[self.live]
         cut = np.partition(k, self.m_cap - 1)[self.m_cap - 1]
-        keep = np.flatnonzero(k <= cut)
-        n = len(keep)
-        self.keys[:n], self.pos[:n], self.rows[:n] = k[keep], self.pos[keep], self.rows[keep]
-        self.count, self.cut = n, cut
+        self.live &= self.keys <= cut
+        self.count, self.cut = int(self.live.sum()), cut
 
     def _grow(self) -> None:
         extra = max(1024, self.size // 4)
         self.keys = np.concatenate([self.keys, np.empty(extra, dtype=np.uint64)])
         self.pos = np.concatenate([self.pos, np.empty(extra, dtype=np.int64)])
         self.rows = np.concatenate([self.rows, np.empty((extra, self.rows.shape[1]), dtype=np.float32)])
+        self.live = np.concatenate([self.live, np.zeros(extra, dtype=bool)])
         self.size += extra
 
     def take(self, m: int, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -132,7 +135,8 @@ class StreamSample:
         rank of its id — in rank order (id order). m ≤ m_cap."""
         if m > self.m_cap:
             raise ValueError(f"a sample of {m} rows was asked of a stream sample of at most {self.m_cap}")
-        k, p = self.keys[:self.count], self.pos[:self.count]
+        slot = np.flatnonzero(self.live)
+        k, p = self.keys[slot], self.pos[slot]
         o = np.lexsort((rank[p], k))[:m]
         o = o[np.argsort(rank[p[o]], kind="stable")]
-        return p[o].copy(), self.rows[o]
+        return p[o].copy(), self.rows[slot[o]]

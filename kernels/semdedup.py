@@ -64,13 +64,17 @@ def f32_tolerance(d: int) -> float:
     return m / (1.0 - m)
 
 
-def inverse_norms(X: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """(inv, valid): 1/‖x‖ in float64 (0 where invalid); valid = finite and non-zero."""
+def inverse_norms(X: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(inv, valid): 1/‖x‖ in float64 (0 where invalid); valid = finite and non-zero. Rows are
+    widened `chunk` at a time into one float64 work array small enough to stay in cache (each
+    row's sum is the same whatever the chunk)."""
     n = len(X)
     inv = np.zeros(n)
     valid = np.zeros(n, dtype=bool)
+    work = np.empty((min(chunk, n), X.shape[1]))
     for a in range(0, n, chunk):
-        Z = X[a:a + chunk].astype(np.float64)
+        Z = work[:min(chunk, n - a)]
+        np.copyto(Z, X[a:a + chunk])
         fin = np.isfinite(Z).all(axis=1)
         Z[~fin] = 0.0
         sq = np.einsum("ij,ij->i", Z, Z)
@@ -80,18 +84,27 @@ def inverse_norms(X: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.nda
     return inv, valid
 
 
-def unit64(X: np.ndarray, inv: np.ndarray, rows: np.ndarray | slice) -> np.ndarray:
-    Z = X[rows].astype(np.float64)
+def unit64(X: np.ndarray, inv: np.ndarray, rows: np.ndarray | slice, out: np.ndarray | None = None) -> np.ndarray:
+    """x · (1/‖x‖) in float64 for the rows `rows` (invalid rows: zero vectors), in `out` if given."""
+    Z = X[rows]
+    if out is None:
+        Z = Z.astype(np.float64)
+    else:
+        np.copyto(out, Z)
+        Z = out
     w = inv[rows]
     Z *= w[:, None]
     Z[w == 0] = 0.0                 # invalid rows (inv = 0; NaN · 0 is NaN) become zero vectors
     return Z
 
 
-def unit32(X: np.ndarray, inv: np.ndarray, rows: np.ndarray, chunk: int = 65536) -> np.ndarray:
+def unit32(X: np.ndarray, inv: np.ndarray, rows: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """float32(unit64(…)) of the rows `rows`, through one float64 work array of `chunk` rows."""
     out = np.empty((len(rows), X.shape[1]), dtype=np.float32)
+    work = np.empty((min(chunk, len(rows)), X.shape[1]))
     for a in range(0, len(rows), chunk):
-        out[a:a + chunk] = unit64(X, inv, rows[a:a + chunk])
+        r = rows[a:a + chunk]
+        out[a:a + len(r)] = unit64(X, inv, r, out=work[:len(r)])
     return out
 
 

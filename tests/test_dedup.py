@@ -437,6 +437,56 @@ def test_a_tiny_memory_budget_gives_the_same_stored_values(tmp_path, monkeypatch
         semdedup(stores["tiny"][0], memory_gb=0)
 
 
+def test_a_full_run_spills_pass_1_rows_and_equals_reading_lance_again(tmp_path, monkeypatch):
+    """A full run writes pass 1's rows to local scratch disk and reads the assignment and the
+    within-cluster groups from there; with no room for them, or a disk that fills while pass 1
+    writes, it reads Lance again. The stored values are the same bit for bit, and no scratch file
+    stays open."""
+    from clipsql.queries.curation import dedup
+    from clipsql.kernels import scratch
+    from clipsql.kernels import semdedup_blocks as B
+    X, ids, _ = planted(seed=5)
+    X[3] = np.nan
+    small = 120 * B.BYTES_PER_DIM * D / 2 ** 30            # scan batches of 256, many groups
+    monkeypatch.setattr(scratch, "TAKE_ROWS", 7)            # many memory maps per group
+    made, lance_takes = [], []
+    real_create, real_take = scratch.ScratchRows.create, dedup.Rows.check_ids
+    monkeypatch.setattr(scratch.ScratchRows, "create",
+                        classmethod(lambda cls, *a, **k: made.append(real_create(*a, **k)) or made[-1]))
+    monkeypatch.setattr(dedup.Rows, "check_ids", lambda self, *a: lance_takes.append(1) or real_take(self, *a))
+    results, stores = {}, {}
+    for case in ("scratch", "no room", "disk full"):
+        if case == "no room":
+            monkeypatch.setattr(scratch, "has_room", lambda nbytes, folder=None: False)
+        if case == "disk full":
+            monkeypatch.setattr(scratch, "has_room", lambda nbytes, folder=None: True)
+            calls = []
+
+            def failing_append(self, X, real=scratch.ScratchRows.append):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise OSError(28, "No space left on device")
+                real(self, X)
+            monkeypatch.setattr(scratch.ScratchRows, "append", failing_append)
+        made.clear()
+        lance_takes.clear()
+        st, rec = make_store(tmp_path / case.replace(" ", "_"), X, ids)
+        res = semdedup(st, clusters=20, seed=3, memory_gb=small)
+        assert res.groups > 3
+        if case == "scratch":
+            assert res.scratch_mib == round(len(X) * D * 4 / 2 ** 20, 1) and not lance_takes
+        else:
+            assert res.scratch_mib == 0 and lance_takes                 # the groups read from Lance
+        assert made == [None] if case == "no room" else len(made) == 1 and made[0]._fh is None   # closed
+        results[case], stores[case] = stored(st, rec), (st, rec)
+    assert results["scratch"][0] == results["no room"][0] == results["disk full"][0]
+    assert all(np.array_equal(results["scratch"][1], r[1]) for r in results.values())
+    ok = [i for i in range(len(ids)) if i != 3]
+    assert_equals_brute_force(results["scratch"][0], X[ok], [ids[i] for i in ok], results["scratch"][1])
+    again = semdedup(stores["scratch"][0])                     # nothing new: no pass to spill for
+    assert again.mode == "current" and again.scratch_mib is None
+
+
 def test_out_of_core_cluster_kernel_equals_in_memory():
     """One cluster through `big_cluster` (cap 10: super-blocks of 5; odd row blocks) against `cluster_max_sim`;
     a super-block's first member with a negative max_sim (the earlier blocks' value, not 0, must win)."""
@@ -601,3 +651,18 @@ def test_device_run_stores_the_numpy_values(run1, tmp_path):
     assert np.array_equal(C_got, C_want) and got == want
     with pytest.raises(ClipsqlError, match="device must be one of"):
         semdedup(st2, clusters=12, seed=1, device="tpu", refit=True)
+
+
+def test_inverse_norms_do_not_depend_on_the_chunk_and_equal_the_float64_definition():
+    """1/‖x‖ per row, float64 of the float32 values; 0 and invalid for NULL, zero and non-finite rows."""
+    rng = np.random.default_rng(4)
+    X = (rng.standard_normal((700, 48)) * rng.lognormal(0, 4, (700, 1))).astype(np.float32)
+    X[3], X[5], X[8, 2], X[13] = np.nan, 0.0, np.inf, 1e-30
+    one, valid = K.inverse_norms(X, chunk=1)
+    for chunk in (7, 256, 700, 10_000):
+        inv, ok = K.inverse_norms(X, chunk=chunk)
+        assert np.array_equal(inv, one) and np.array_equal(ok, valid)
+    bf = [1 / math.sqrt(sum(float(v) * float(v) for v in row)) if np.isfinite(row).all() and row.any() else 0.0
+          for row in X]
+    np.testing.assert_allclose(one, bf, rtol=1e-15, atol=0)
+    assert valid.tolist() == [v > 0 for v in bf]

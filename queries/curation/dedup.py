@@ -39,7 +39,10 @@ of the smallest seeded hash of their id (`kernels.sample`: independent of the st
 kept as float32 unit rows while streaming — no read by position; pass 2 streams the batches again
 to assign every row; the within-cluster pass reads the clusters in groups of at most
 budget / (16·d) members by `take` (`kernels.semdedup_blocks`; a larger cluster alone, out of
-core). Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
+core). A full run on the local engine also writes pass 1's raw rows to local scratch disk
+(`kernels.scratch`: an unlinked temporary file, where the temporary folder has room) and passes 2
+and 3 read them from there — the same float32 values, without Lance's per-row cost of a take
+(5 µs a row locally, ~30 µs on object storage); the page cache holds that file, not the process. Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
 changes a stored value. Beyond it: O(n) per-row arrays (ids, ranks, norms, labels, cos, max_sim:
 ≈ 90 bytes a row) and the k-means sample as float32 unit rows (4·sample·d bytes, 1.25× that while
 pass 1 draws it: 0.4 GiB at 10⁷ rows with the defaults). A re-run that reuses the stored centroids
@@ -65,6 +68,7 @@ from clipsql.kernels import semdedup_assign as A
 from clipsql.kernels import semdedup_blocks as B
 from clipsql.kernels.arrays import fixed_list, to_numpy
 from clipsql.kernels.sample import StreamSample, hash_keys
+from clipsql.kernels.scratch import ScratchRows
 from clipsql.kernels.semdedup import inverse_norms, removable, unit32
 from clipsql.lazy import tqdm
 from clipsql.models import device as DV
@@ -104,13 +108,38 @@ def _schema(params: dict | None = None) -> pa.Schema:
 class Rows:
     """The image vectors of one committed version of a model's table (default: the latest), by row
     position (the scan order: Lance `take` offsets of that version), streamed or taken — never all in
-    memory. `store_path`, `rec` and `version` let another process (a Ray task) open the same rows."""
+    memory. `store_path`, `rec` and `version` let another process (a Ray task) open the same rows.
+    `scratch`: pass 1's raw rows spilled to local scratch disk (`kernels.scratch`; a full run in this
+    process, where the temporary folder has room): the later passes then read them from there, in
+    scan order or by position, instead of from Lance — the same float32 values."""
 
     def __init__(self, st: Store, rec: ModelRecord, batch: int, version: int | None = None):
         self.ds = st.embeddings_table(rec, version)
         self.version, self.dim, self.batch = int(self.ds.version), rec.dim, batch
         self.store_path, self.rec = str(st.path), rec
         self.ids: pa.Array | None = None        # every row's id, once pass 1 has read them
+        self.scratch: ScratchRows | None = None
+
+    def __enter__(self) -> "Rows":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.drop_scratch()
+
+    def drop_scratch(self) -> None:
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None
+
+    @property
+    def scratch_bytes(self) -> int:
+        s = self._spilled()
+        return 0 if s is None else s.written * s.row_bytes
+
+    def _spilled(self) -> ScratchRows | None:
+        """The scratch rows, when they hold every row pass 1 read."""
+        s = self.scratch
+        return s if s is not None and self.ids is not None and s.complete and s.written == len(self.ids) else None
 
     def scan(self, columns: tuple[str, ...] = ("image_embedding",)) -> Iterator[tuple[int, pa.RecordBatch]]:
         pos = 0
@@ -120,11 +149,26 @@ class Rows:
                 yield pos, b
                 pos += b.num_rows
 
+    def vectors(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first position, raw float32 rows) of every row in scan order: from the scratch rows when
+        pass 1 spilled them, else a scan of the version."""
+        s = self._spilled()
+        if s is not None:
+            for a in range(0, s.written, self.batch):
+                yield a, s.rows(a, min(s.written, a + self.batch))
+            return
+        for pos, b in self.scan():
+            yield pos, to_numpy(b.column("image_embedding"))
+
     def take(self, pos: np.ndarray, ids: pa.Array | None = None) -> np.ndarray:
-        """Raw float32 rows at the sorted positions `pos`, read TAKE_ROWS at a time (one large Lance
-        take holds ≈ 3× its result in buffers; 4k-row takes are faster and hold ≈ 64 MiB), checking
-        that they are the rows pass 1 read (`ids`: theirs, default from `self.ids`)."""
+        """Raw float32 rows at the sorted positions `pos`: from the scratch rows when pass 1 spilled
+        them (they are pass 1's rows), else read TAKE_ROWS at a time (one large Lance take holds ≈ 3×
+        its result in buffers; 4k-row takes are faster and hold ≈ 64 MiB), checking that they are
+        the rows pass 1 read (`ids`: theirs, default from `self.ids`)."""
         pos = np.asarray(pos, dtype=np.int64)
+        s = self._spilled()
+        if s is not None:
+            return s.take(pos)
         out = np.empty((len(pos), self.dim), dtype=np.float32)
         for a in range(0, len(pos), TAKE_ROWS):
             p = pos[a:a + TAKE_ROWS]
@@ -143,11 +187,16 @@ class Rows:
                                f"{self.version}: run `clipsql doctor`")
 
 
-def _scan_norms(rows: Rows, sampler: StreamSample | None = None, seed: int = 0
+def _scan_norms(rows: Rows, sampler: StreamSample | None = None, seed: int = 0, spill: bool = False
                 ) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """Pass 1 over the committed table: (ids, inv, valid); inv = 1/‖x‖ float64 (0 for invalid rows).
-    With `sampler`, the valid rows are offered to it (key: `hash_keys(id, seed)`), as float32 unit rows."""
+    With `sampler`, the valid rows are offered to it (key: `hash_keys(id, seed)`), as float32 unit rows.
+    With `spill`, the raw rows are also written to `rows.scratch` where the temporary folder has room
+    (a write that fails, a full disk, drops it: the later passes then read Lance)."""
     n = rows.ds.count_rows()
+    rows.drop_scratch()
+    if spill:
+        rows.scratch = ScratchRows.create(n, rows.dim)
     inv, valid = np.zeros(n), np.zeros(n, dtype=bool)
     ids = []
     end = 0
@@ -157,7 +206,12 @@ def _scan_norms(rows: Rows, sampler: StreamSample | None = None, seed: int = 0
             raise ClipsqlError(f"{rows.ds.uri}: version {rows.version} has more rows than it counts: "
                                "run `clipsql doctor`")
         X = to_numpy(b.column("image_embedding"))
-        inv[pos:end], valid[pos:end] = inverse_norms(X, chunk=8192)
+        inv[pos:end], valid[pos:end] = inverse_norms(X)
+        if rows.scratch is not None:
+            try:
+                rows.scratch.append_soon(X)            # written while the next batch is read
+            except OSError:
+                rows.drop_scratch()
         if sampler is not None:
             ok = np.flatnonzero(valid[pos:end])
             iv = inv[pos:end]
@@ -167,6 +221,13 @@ def _scan_norms(rows: Rows, sampler: StreamSample | None = None, seed: int = 0
         #                                                  decoded buffers (vectors included) alive
     ids_arr = pa.chunked_array(ids, pa.string()).combine_chunks() if ids else pa.array([], pa.string())
     rows.ids = ids_arr
+    if rows.scratch is not None:
+        try:
+            rows.scratch.wait()
+        except OSError:
+            rows.drop_scratch()
+    if rows.scratch is not None and rows.scratch.written != len(ids_arr):
+        rows.drop_scratch()
     return ids_arr, inv[:end], valid[:end]
 
 
@@ -236,7 +297,9 @@ class DedupReport:
     stored centroids, changed clusters recomputed) or current (nothing to do); the parameters used;
     `removable` rows per ε (as text) with semdedup_max_sim > 1 − ε; seconds and per-stage timings.
     A run that wrote the table also reports how the within-cluster pass was grouped
-    (`largest_cluster`, `pairs`, `groups`, `big_clusters`, `memory_budget_mib`, `group_rows`)."""
+    (`largest_cluster`, `pairs`, `groups`, `big_clusters`, `memory_budget_mib`, `group_rows`), and
+    `scratch_mib`: the raw rows a full run spilled to local scratch disk for its later passes (0: it
+    read them from Lance again: no room in the temporary folder, or another engine; None: not a full run)."""
     model: str
     table: str
     mode: str
@@ -261,6 +324,7 @@ class DedupReport:
     big_clusters: int | None = None
     memory_budget_mib: float | None = None
     group_rows: int | None = None
+    scratch_mib: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready dict (the fit as stored; the grouping keys only when present)."""
@@ -328,8 +392,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
     block = chunk or K.ROW_BLOCK
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    with st.lock(), engine.session():
-        reader = Rows(st, rec, max(256, min(SCAN_BATCH, cap)))
+    with st.lock(), engine.session(), Rows(st, rec, max(256, min(SCAN_BATCH, cap))) as reader:
         prev = _previous(st, rec)
         old = prev[0] if prev is not None and not refit else {}
         # the parameters as far as they are known before pass 1 (the pool size taken as every row:
@@ -338,7 +401,8 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
         plan = _params(rec, old, clusters, sample, seed, iterations, rows_now)
         C32 = _centroids(st, rec, old) if old and all(old.get(p) == plan[p] for p in PARAMS) else None
         sampler = None if C32 is not None else StreamSample(max(1, min(plan["sample"], rows_now)), rec.dim)
-        ids, inv, valid = _scan_norms(reader, sampler, plan["seed"])     # pass 1: ids, norms, validity, sample
+        # pass 1: ids, norms, validity, sample; a full run here spills the rows for passes 2 and 3
+        ids, inv, valid = _scan_norms(reader, sampler, plan["seed"], spill=sampler is not None and engine.in_process)
         version, n = reader.version, len(ids)
         if n == 0:
             raise SelectionError(f"model {rec.model_id} has no rows yet: ingest data first "
@@ -367,6 +431,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
         pos = None if prev is None else _id_positions(ids, prev[1].column("id").combine_chunks())
         pending_before = n if pos is None else int((pos < 0).sum())
         cos = np.full(n, np.nan)
+        scratch_mib = None
         if C32 is not None:                               # incremental: assign new rows to the stored centroids
             stored = prev[1]
             have = pos >= 0
@@ -435,6 +500,8 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
             max_sim, pinfo = engine.dedup_within(reader, inv, labels, cos, id_rank, C32, np.arange(k), cap,
                                                  block=block, device=device, progress=bar.update)
             timings["pairs_s"] = time.perf_counter() - t1
+            scratch_mib = round(reader.scratch_bytes / 2 ** 20, 1)
+            reader.drop_scratch()
             computed = np.full(n, now, dtype=np.int64)
             mode = "full"
             fit = {**info, "pool": n_valid, "rows": n, "data_version": version}
@@ -457,7 +524,7 @@ def semdedup(st: Store, model: str | None = None, *, clusters: int | None = None
     return _report(rec, params, meta, mode, n, n_valid, max_sim, t0, timings, pending_before=pending_before,
                    largest_cluster=pinfo["largest_cluster"], pairs=pinfo["pairs"], groups=pinfo["groups"],
                    big_clusters=pinfo["big_clusters"], memory_budget_mib=round(budget / 2 ** 20, 1),
-                   group_rows=cap, **extra)
+                   group_rows=cap, scratch_mib=scratch_mib, **extra)
 
 
 def _params(rec: ModelRecord, old: dict, clusters: int | None, sample: int | None, seed: int | None,

@@ -26,7 +26,6 @@ from clipsql.queries.sql.db import connect
 from clipsql.queries.sql.materialize import ScoreReport, materialize_scores, score_relation
 from clipsql.kernels import semdedup as K
 from clipsql.kernels import semdedup_blocks as B
-from clipsql.kernels.arrays import to_numpy
 from clipsql.models import device as DV
 from clipsql.store.records import ModelRecord
 from clipsql.store.stats import StatsState, refresh_stats
@@ -127,13 +126,13 @@ class LocalEngine:
     def dedup_assign(self, rows: Any, C32: np.ndarray, inv: np.ndarray, valid: np.ndarray, *,
                      device: str | None = None, progress: Callable[[int], None] | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-        """One stream over the rows (`rows.scan()`), batch by batch."""
+        """One stream over the rows (`rows.vectors()`: pass 1's scratch rows, else a scan), batch by batch."""
         labels = np.full(len(inv), -1, dtype=np.int64)
         cos = np.full(len(inv), np.nan)
         assign = DV.semdedup_assigner(C32, device, threads=None)      # every core of this machine
-        for a, b in rows.scan():
-            e = a + b.num_rows
-            labels[a:e], cos[a:e] = assign(to_numpy(b.column("image_embedding")), inv[a:e], valid[a:e], progress)
+        for a, X in rows.vectors():
+            e = a + len(X)
+            labels[a:e], cos[a:e] = assign(X, inv[a:e], valid[a:e], progress)
         return labels, cos
 
     def dedup_within(self, rows: Any, inv: np.ndarray, labels: np.ndarray, cos: np.ndarray, id_rank: np.ndarray,
@@ -141,8 +140,8 @@ class LocalEngine:
                      old: np.ndarray | None = None, new: np.ndarray | None = None, block: int = K.ROW_BLOCK,
                      device: str | None = None, progress: Callable[[int], None] | None = None
                      ) -> tuple[np.ndarray, dict]:
-        """The clusters in groups of at most `cap` members, each read by `rows.take`; a group's clusters
-        on every core of this machine (one thread each)."""
+        """The clusters in groups of at most `cap` members, each read by `rows.take` (pass 1's scratch
+        rows, else Lance); a group's clusters on every core of this machine (one thread each)."""
         return B.within_clusters(rows.take, inv, labels, cos, id_rank, C32, full, cap, grown=grown, old=old, new=new,
                                  rows=block, progress=progress, gram=DV.semdedup_gram(device), threads=None)
 
