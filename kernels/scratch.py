@@ -9,7 +9,8 @@ position: the rows of a pass kept for the passes after it without holding them i
 
 The file is created unlinked (`tempfile.TemporaryFile`: on Linux O_TMPFILE, no name in any
 folder), in $TMPDIR or the system's temporary folder: a process killed at any instant leaves
-nothing behind, and the space is free again when the file is closed. Reads go through the page
+nothing behind, and the space is free again when the file is closed. A temporary folder on tmpfs
+is not used (its files are RAM): `create` then returns None, as when the disk lacks room. Reads go through the page
 cache: `take` maps one chunk's span at a time (at most TAKE_ROWS rows), so the mapped pages the
 process holds stay bounded by a chunk instead of growing to the whole file. Any OSError (a full
 disk while appending) is the caller's to handle: it can fall back to reading its source again.
@@ -33,11 +34,35 @@ def scratch_dir() -> str:
     return tempfile.gettempdir()
 
 
-def has_room(nbytes: int, folder: str | None = None) -> bool:
-    """Whether `folder` (default: the temporary folder) can take `nbytes` and keep
-    max(1 GiB, 5 % of the file) free beside it."""
+MEMORY_FS = frozenset({"tmpfs", "ramfs"})      # file systems whose files live in RAM
+
+
+def mount_type(folder: str, mounts: str = "/proc/self/mounts") -> str | None:
+    """The file-system type of the mount holding `folder` (Linux's mount table; None elsewhere)."""
     try:
-        free = shutil.disk_usage(folder or scratch_dir()).free
+        with open(mounts, encoding="utf-8", errors="replace") as fh:
+            table = [line.split()[1:3] for line in fh if len(line.split()) >= 3]
+    except OSError:
+        return None
+    path = os.path.realpath(folder)
+    best, kind = "", None
+    for point, fstype in table:
+        point = point.replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def has_room(nbytes: int, folder: str | None = None) -> bool:
+    """Whether `folder` (default: the temporary folder) is on a disk (not tmpfs: a file there
+    would hold the rows in RAM after all) that can take `nbytes` and keep max(1 GiB, 5 % of the
+    file) free beside it."""
+    folder = folder or scratch_dir()
+    if mount_type(folder) in MEMORY_FS:
+        return False
+    try:
+        free = shutil.disk_usage(folder).free
     except OSError:
         return False
     return free >= nbytes + max(HEADROOM, nbytes // 20)

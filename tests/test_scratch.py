@@ -70,3 +70,21 @@ def test_appends_on_the_writer_thread_keep_their_order_and_report_errors(tmp_pat
         s.wait()
     s.close()
     assert s._writer is None and s._fh is None
+
+
+def test_a_temporary_folder_in_memory_is_not_used(tmp_path, monkeypatch):
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/vda / ext4 rw 0 0\n"
+                      f"tmpfs {tmp_path / 'ram'} tmpfs rw 0 0\n"
+                      f"/dev/vdb {tmp_path / 'ram' / 'disk'} ext4 rw 0 0\n")
+    assert S.mount_type(str(tmp_path / "ram" / "x"), str(mounts)) == "tmpfs"
+    assert S.mount_type(str(tmp_path / "ram"), str(mounts)) == "tmpfs"
+    assert S.mount_type(str(tmp_path / "ram" / "disk" / "y"), str(mounts)) == "ext4"    # the deepest mount
+    assert S.mount_type(str(tmp_path / "rammed"), str(mounts)) == "ext4"                 # not a path prefix
+    assert S.mount_type(str(tmp_path), str(tmp_path / "no-table")) is None
+    real = S.mount_type
+    monkeypatch.setattr(S, "mount_type", lambda folder: real(folder, str(mounts)))
+    (tmp_path / "ram").mkdir()
+    assert not S.has_room(10, str(tmp_path / "ram"))
+    assert S.ScratchRows.create(10, 4, folder=str(tmp_path / "ram")) is None
+    assert S.has_room(10, str(tmp_path))
