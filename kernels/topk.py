@@ -141,7 +141,9 @@ def block_candidates(Q32: np.ndarray, X: np.ndarray, scale: np.ndarray, m: int,
     survivors (no Python merge per block). Every row left out scores at most the lowest kept."""
     b = len(Q32)
     n = len(X) if rows is None else len(rows)
-    block = int(block or max(4096, min(65536, (1 << 23) // max(b, 1))))
+    # a score block of ≤ 2M floats (8 MiB) stays in cache for its scaling and argpartition: at 100
+    # queries 21k rows, ~20 % less CPU than 65k-row blocks (bench/README, 2026-12-04)
+    block = int(block or max(4096, min(65536, (1 << 21) // max(b, 1))))
     keep_s, keep_i = [], []
     for start in range(0, n, block):
         stop = min(n, start + block)
