@@ -10,9 +10,9 @@ position: the rows of a pass kept for the passes after it without holding them i
 The file is created unlinked (`tempfile.TemporaryFile`: on Linux O_TMPFILE, no name in any
 folder), in $TMPDIR or the system's temporary folder: a process killed at any instant leaves
 nothing behind, and the space is free again when the file is closed. A temporary folder on tmpfs
-is not used (its files are RAM): `create` then returns None, as when the disk lacks room. Reads go through the page
-cache: `take` maps one chunk's span at a time (at most TAKE_ROWS rows), so the mapped pages the
-process holds stay bounded by a chunk instead of growing to the whole file. Any OSError (a full
+is not used (its files are RAM): `create` then returns None, as when the disk lacks room. Reads
+go through the page cache: `take` maps one chunk's span at a time (at most TAKE_ROWS rows), so the
+mapped pages the process holds stay bounded by a chunk instead of growing to the whole file. Any OSError (a full
 disk while appending) is the caller's to handle: it can fall back to reading its source again.
 """
 from __future__ import annotations
@@ -28,12 +28,6 @@ import numpy as np
 
 TAKE_ROWS = 4096                 # positions gathered under one memory map
 HEADROOM = 1 << 30               # bytes left free on the scratch disk beyond the file itself
-
-
-def scratch_dir() -> str:
-    return tempfile.gettempdir()
-
-
 MEMORY_FS = frozenset({"tmpfs", "ramfs"})      # file systems whose files live in RAM
 
 
@@ -58,7 +52,7 @@ def has_room(nbytes: int, folder: str | None = None) -> bool:
     """Whether `folder` (default: the temporary folder) is on a disk (not tmpfs: a file there
     would hold the rows in RAM after all) that can take `nbytes` and keep max(1 GiB, 5 % of the
     file) free beside it."""
-    folder = folder or scratch_dir()
+    folder = folder or tempfile.gettempdir()
     if mount_type(folder) in MEMORY_FS:
         return False
     try:
@@ -84,7 +78,7 @@ class ScratchRows:
         if n_rows <= 0 or dim <= 0 or not has_room(4 * n_rows * dim, folder):
             return None
         try:
-            fh = tempfile.TemporaryFile(dir=folder or scratch_dir(), buffering=0)
+            fh = tempfile.TemporaryFile(dir=folder or tempfile.gettempdir(), buffering=0)
         except OSError:
             return None
         return cls(fh, n_rows, dim)

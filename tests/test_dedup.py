@@ -449,6 +449,7 @@ def test_a_full_run_spills_pass_1_rows_and_equals_reading_lance_again(tmp_path, 
     X[3] = np.nan
     small = 120 * B.BYTES_PER_DIM * D / 2 ** 30            # scan batches of 256, many groups
     monkeypatch.setattr(scratch, "TAKE_ROWS", 7)            # many memory maps per group
+    monkeypatch.setattr(scratch, "mount_type", lambda folder: None)   # a disk, even where /tmp is tmpfs
     made, lance_takes = [], []
     real_create, real_take = scratch.ScratchRows.create, dedup.Rows.check_ids
     monkeypatch.setattr(scratch.ScratchRows, "create",

@@ -7,6 +7,14 @@ import pytest
 
 from clipsql.kernels import scratch as S
 
+MOUNT_TYPE = S.mount_type
+
+
+@pytest.fixture(autouse=True)
+def on_disk(monkeypatch):
+    """The temporary folder counts as a disk whatever this machine mounts there (often tmpfs)."""
+    monkeypatch.setattr(S, "mount_type", lambda folder: None)
+
 
 def test_rows_and_takes_equal_numpy_indexing_and_leave_no_file(tmp_path, monkeypatch):
     rng = np.random.default_rng(3)
@@ -77,13 +85,12 @@ def test_a_temporary_folder_in_memory_is_not_used(tmp_path, monkeypatch):
     mounts.write_text("/dev/vda / ext4 rw 0 0\n"
                       f"tmpfs {tmp_path / 'ram'} tmpfs rw 0 0\n"
                       f"/dev/vdb {tmp_path / 'ram' / 'disk'} ext4 rw 0 0\n")
-    assert S.mount_type(str(tmp_path / "ram" / "x"), str(mounts)) == "tmpfs"
-    assert S.mount_type(str(tmp_path / "ram"), str(mounts)) == "tmpfs"
-    assert S.mount_type(str(tmp_path / "ram" / "disk" / "y"), str(mounts)) == "ext4"    # the deepest mount
-    assert S.mount_type(str(tmp_path / "rammed"), str(mounts)) == "ext4"                 # not a path prefix
-    assert S.mount_type(str(tmp_path), str(tmp_path / "no-table")) is None
-    real = S.mount_type
-    monkeypatch.setattr(S, "mount_type", lambda folder: real(folder, str(mounts)))
+    assert MOUNT_TYPE(str(tmp_path / "ram" / "x"), str(mounts)) == "tmpfs"
+    assert MOUNT_TYPE(str(tmp_path / "ram"), str(mounts)) == "tmpfs"
+    assert MOUNT_TYPE(str(tmp_path / "ram" / "disk" / "y"), str(mounts)) == "ext4"    # the deepest mount
+    assert MOUNT_TYPE(str(tmp_path / "rammed"), str(mounts)) == "ext4"                 # not a path prefix
+    assert MOUNT_TYPE(str(tmp_path), str(tmp_path / "no-table")) is None
+    monkeypatch.setattr(S, "mount_type", lambda folder: MOUNT_TYPE(folder, str(mounts)))
     (tmp_path / "ram").mkdir()
     assert not S.has_room(10, str(tmp_path / "ram"))
     assert S.ScratchRows.create(10, 4, folder=str(tmp_path / "ram")) is None

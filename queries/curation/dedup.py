@@ -42,7 +42,8 @@ budget / (16·d) members by `take` (`kernels.semdedup_blocks`; a larger cluster 
 core). A full run on the local engine also writes pass 1's raw rows to local scratch disk
 (`kernels.scratch`: an unlinked temporary file, where the temporary folder has room) and passes 2
 and 3 read them from there — the same float32 values, without Lance's per-row cost of a take
-(5 µs a row locally, ~30 µs on object storage); the page cache holds that file, not the process. Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
+(5 µs a row locally, ~30 µs on object storage); the page cache holds that file, not the process.
+Budget: `memory_gb` / `--memory-gb`, else $CLIPSQL_DEDUP_MEMORY_GB, else 2 GiB; it never
 changes a stored value. Beyond it: O(n) per-row arrays (ids, ranks, norms, labels, cos, max_sim:
 ≈ 90 bytes a row) and the k-means sample as float32 unit rows (4·sample·d bytes, 1.25× that while
 pass 1 draws it: 0.4 GiB at 10⁷ rows with the defaults). A re-run that reuses the stored centroids
@@ -225,9 +226,9 @@ def _scan_norms(rows: Rows, sampler: StreamSample | None = None, seed: int = 0, 
         try:
             rows.scratch.wait()
         except OSError:
+            pass                                         # a failed write: the file is short
+        if rows._spilled() is None:                      # short, or fewer rows than counted: read Lance
             rows.drop_scratch()
-    if rows.scratch is not None and rows.scratch.written != len(ids_arr):
-        rows.drop_scratch()
     return ids_arr, inv[:end], valid[:end]
 
 
